@@ -1,0 +1,234 @@
+//! Speed lives here, never in tests: each benchmark prints one JSON object with --json.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Subcommand;
+use loci_core::NoHook;
+use serde::Serialize;
+
+use super::{print_json, ModelArgs};
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// Forward passes over N tokens: tokens per second and peak memory.
+    Forward {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value_t = 128)]
+        tokens: usize,
+        /// Timed repetitions (after one warm-up).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Causal tracing of all three kinds on a ~10-token prompt: seconds, and the work done
+    /// against the reference algorithm's.
+    Trace {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value = "The Eiffel Tower is located in the city of")]
+        prompt: String,
+        #[arg(long, default_value = "Eiffel Tower")]
+        subject: String,
+        #[arg(long, default_value_t = 10)]
+        samples: usize,
+        #[arg(long, default_value_t = 10)]
+        window: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Serialize)]
+struct TraceBench {
+    bench: &'static str,
+    model: String,
+    device: String,
+    threads: usize,
+    tokens: usize,
+    samples: usize,
+    window: usize,
+    seconds: std::collections::BTreeMap<String, f64>,
+    seconds_all_kinds: f64,
+    token_layers: u64,
+    naive_token_layers: u64,
+    gflop: f64,
+    naive_gflop: f64,
+    work_ratio: f64,
+    gflop_per_second: f64,
+    peak_rss_mib: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct ForwardBench {
+    bench: &'static str,
+    model: String,
+    dtype: String,
+    device: String,
+    threads: usize,
+    tokens: usize,
+    reps: usize,
+    seconds_per_forward: f64,
+    best_seconds: f64,
+    tokens_per_second: f64,
+    load_seconds: f64,
+    peak_rss_mib: Option<f64>,
+}
+
+/// Peak resident memory of this process (Linux), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+pub fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// FLOPs of one token through one block (2 per weight of the attention and MLP matrices).
+fn flops_per_token_layer(cfg: &loci_core::ModelConfig) -> f64 {
+    let (d, q, kv) = (
+        cfg.d_model,
+        cfg.n_head * cfg.head_dim,
+        cfg.n_kv_head * cfg.head_dim,
+    );
+    let attn = d * (q + 2 * kv) + q * d;
+    let mlp = match cfg.family {
+        loci_core::Family::Llama => 3 * d * cfg.d_ff,
+        _ => 2 * d * cfg.d_ff,
+    };
+    2.0 * (attn + mlp) as f64
+}
+
+fn trace_bench(
+    model: ModelArgs,
+    prompt: String,
+    subject: String,
+    samples: usize,
+    window: usize,
+    json: bool,
+) -> Result<()> {
+    use loci_core::trace::{NoiseSpec, Quiet, TraceKind, TraceRequest};
+    let lm = model.load()?;
+    let mut req = TraceRequest::new(prompt, subject);
+    req.samples = samples;
+    req.window = window;
+    // A fixed σ keeps the benchmark independent of the subjects file; the work is the same.
+    req.noise = NoiseSpec::Fixed(0.1);
+    let workers = threads();
+    let mut seconds = std::collections::BTreeMap::new();
+    let (mut work, mut naive, mut total, mut tokens) = (0, 0, 0.0, 0);
+    for kind in TraceKind::ALL {
+        req.kinds = vec![kind];
+        let s = Instant::now();
+        let r = lm.trace(&req, None, &mut Quiet, workers)?;
+        let secs = s.elapsed().as_secs_f64();
+        seconds.insert(kind.name().to_string(), secs);
+        total += secs;
+        work += r.work.token_layers;
+        naive += r.work.naive_token_layers;
+        tokens = r.tokens.len();
+    }
+    let f = flops_per_token_layer(&lm.model.cfg);
+    let r = TraceBench {
+        bench: "trace",
+        model: lm.name.clone(),
+        device: lm.info.device.clone(),
+        threads: threads(),
+        tokens,
+        samples,
+        window,
+        seconds,
+        seconds_all_kinds: total,
+        token_layers: work,
+        naive_token_layers: naive,
+        gflop: work as f64 * f / 1e9,
+        naive_gflop: naive as f64 * f / 1e9,
+        work_ratio: naive as f64 / work as f64,
+        gflop_per_second: work as f64 * f / 1e9 / total,
+        peak_rss_mib: peak_rss_mib(),
+    };
+    if json {
+        return print_json(&r);
+    }
+    println!(
+        "{}: all kinds in {:.1} s ({:?}); {:.0} GFLOP vs {:.0} for the reference algorithm ({:.1}x less), {:.0} GFLOP/s",
+        r.model, total, r.seconds, r.gflop, r.naive_gflop, r.work_ratio, r.gflop_per_second
+    );
+    Ok(())
+}
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Trace {
+            model,
+            prompt,
+            subject,
+            samples,
+            window,
+            json,
+        } => trace_bench(model, prompt, subject, samples, window, json),
+        BenchCmd::Forward {
+            model,
+            tokens,
+            reps,
+            json,
+        } => {
+            if tokens == 0 || reps == 0 {
+                bail!("--tokens and --reps must be positive");
+            }
+            let t0 = Instant::now();
+            let lm = model.load()?;
+            let load_seconds = t0.elapsed().as_secs_f64();
+            let text = "The Eiffel Tower is located in the city of Paris, which is the capital of France. ";
+            let base = lm.tokenizer.encode_plain(text)?;
+            let ids: Vec<u32> = base.iter().copied().cycle().take(tokens).collect();
+            let t = lm.model.ids_tensor(&[ids])?;
+            lm.model
+                .run(&t, &mut NoHook, None, loci_core::LogitsAt::All)?;
+            let mut times = Vec::with_capacity(reps);
+            for _ in 0..reps {
+                let s = Instant::now();
+                lm.model
+                    .run(&t, &mut NoHook, None, loci_core::LogitsAt::All)?;
+                times.push(s.elapsed().as_secs_f64());
+            }
+            let mean = times.iter().sum::<f64>() / reps as f64;
+            let r = ForwardBench {
+                bench: "forward",
+                model: lm.name.clone(),
+                dtype: lm.info.dtype.clone(),
+                device: lm.info.device.clone(),
+                threads: threads(),
+                tokens,
+                reps,
+                seconds_per_forward: mean,
+                best_seconds: times.iter().copied().fold(f64::INFINITY, f64::min),
+                tokens_per_second: tokens as f64 / mean,
+                load_seconds,
+                peak_rss_mib: peak_rss_mib(),
+            };
+            if json {
+                print_json(&r)
+            } else {
+                println!(
+                    "{}: {} tokens in {:.1} ms ({:.0} tokens/s, {} threads, peak {:.0} MiB)",
+                    r.model,
+                    tokens,
+                    mean * 1e3,
+                    r.tokens_per_second,
+                    r.threads,
+                    r.peak_rss_mib.unwrap_or(0.0)
+                );
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Subcommands; each one loads, calls the core, and prints text or one JSON object.
+
+mod bench;
+mod predict;
+mod render;
+mod trace;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use loci_core::{DType, Device, LoadedModel};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "loci",
+    version,
+    about = "Find where a language model keeps a fact, and rewrite it."
+)]
+pub struct Cli {
+    /// CPU threads for tensor kernels (default: all cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A Hugging Face folder (config.json, safetensors, tokenizer.json) or a .gguf file.
+    /// Default: the fetched SmolLM2-135M (scripts/fetch-model.sh).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Weights and activations dtype.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub dtype: Precision,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum Precision {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<LoadedModel> {
+        let path = match &self.model {
+            Some(p) => p.clone(),
+            None => default_model()?,
+        };
+        let dtype = match self.dtype {
+            Precision::F32 => DType::F32,
+            Precision::F16 => DType::F16,
+            Precision::Bf16 => DType::BF16,
+        };
+        let device = device()?;
+        LoadedModel::load(&path, dtype, &device)
+            .with_context(|| format!("loading {}", path.display()))
+    }
+}
+
+fn device() -> Result<Device> {
+    #[cfg(feature = "cuda")]
+    {
+        return Ok(Device::new_cuda(0)?);
+    }
+    #[allow(unreachable_code)]
+    Ok(Device::Cpu)
+}
+
+/// The default model: `$LOCI_MODELS` or `./models`, as `scripts/fetch-model.sh` lays it out.
+pub fn default_model() -> Result<PathBuf> {
+    let base = std::env::var_os("LOCI_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("models"));
+    let p = base.join("smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !p.exists() {
+        bail!(
+            "no --model given and the default model is missing at {}; run scripts/fetch-model.sh",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+pub fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string(v)?);
+    Ok(())
+}
+
+pub fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(v)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// The most likely next tokens after a prompt.
+    Predict(predict::PredictArgs),
+    /// Continue a prompt.
+    Generate(predict::GenerateArgs),
+    /// Causal tracing: where in the network the answer is carried.
+    Trace(Box<trace::TraceArgs>),
+    /// Benchmarks (JSON with --json).
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Command::Predict(a) => predict::predict(a),
+        Command::Generate(a) => predict::generate(a),
+        Command::Trace(a) => trace::run(*a),
+        Command::Bench(b) => bench::run(b),
+    }
+}

@@ -1,0 +1,302 @@
+//! `loci trace`: one fact's heatmap, or the average curves over many facts.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use loci_core::plot;
+use loci_core::trace::{
+    embedding_std, AggregateCurves, NoiseSpec, TraceKind, TraceObserver, TraceRequest, TraceResult,
+};
+use loci_core::LoadedModel;
+use serde::{Deserialize, Serialize};
+
+use super::render::save_plot;
+use super::{print_json, write_json, ModelArgs};
+
+#[derive(clap::Args, Debug)]
+pub struct TraceArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt, subject included.
+    #[arg(long, required_unless_present = "facts")]
+    pub prompt: Option<String>,
+    #[arg(long, required_unless_present = "facts")]
+    pub subject: Option<String>,
+    /// hidden, mlp, attn or all.
+    #[arg(long, default_value = "all")]
+    pub kind: String,
+    #[arg(long, default_value_t = 10)]
+    pub samples: usize,
+    #[arg(long, default_value_t = 10)]
+    pub window: usize,
+    /// `3x` (3 × the subject-embedding std), a fixed σ such as `0.1`, or uniform `u0.1`.
+    #[arg(long, default_value = "3x")]
+    pub noise: String,
+    /// The traced answer token (default: the model's top-1).
+    #[arg(long)]
+    pub answer: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Write JSON here (`-` or no value: standard output).
+    #[arg(long, num_args = 0..=1, default_missing_value = "-")]
+    pub json: Option<String>,
+    /// Write the plot here (.svg or .png).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Trace many facts (known_1000.json format) and report the average curves.
+    #[arg(long, conflicts_with_all = ["prompt", "subject"])]
+    pub facts: Option<PathBuf>,
+    /// How many correctly predicted facts to trace with --facts.
+    #[arg(long, default_value_t = 100)]
+    pub n: usize,
+    /// Subjects for the noise estimate (known_1000.json format); default: the bundled copy.
+    #[arg(long)]
+    pub known: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+struct KnownFact {
+    subject: String,
+    prompt: String,
+    attribute: String,
+}
+
+fn default_known() -> PathBuf {
+    // The bundled copy in static/, found next to the binary's working directory or via LOCI_STATIC.
+    let base = std::env::var_os("LOCI_STATIC")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("static"));
+    base.join("data/known_1000.json")
+}
+
+fn read_facts(path: &Path) -> Result<Vec<KnownFact>> {
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a known_1000-style JSON list", path.display()))
+}
+
+fn cache_dir(lm: &LoadedModel) -> PathBuf {
+    let base = std::env::var_os("LOCI_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/loci")))
+        .unwrap_or_else(|| PathBuf::from(".loci-cache"));
+    base.join(format!("{}-{}", lm.name, lm.info.fingerprint))
+}
+
+#[derive(Serialize, Deserialize)]
+struct NoiseCache {
+    subjects_file: String,
+    embedding_std: f64,
+}
+
+/// The subject-embedding std of this model, computed once and cached per model.
+pub fn cached_embedding_std(lm: &LoadedModel, known: Option<&Path>) -> Result<f64> {
+    let known = known.map(Path::to_path_buf).unwrap_or_else(default_known);
+    let file = cache_dir(lm).join("embedding_std.json");
+    if let Ok(c) = std::fs::read(&file)
+        .map_err(anyhow::Error::from)
+        .and_then(|b| Ok(serde_json::from_slice::<NoiseCache>(&b)?))
+    {
+        if c.subjects_file == known.display().to_string() {
+            return Ok(c.embedding_std);
+        }
+    }
+    let subjects: Vec<String> = read_facts(&known)?.into_iter().map(|f| f.subject).collect();
+    let std = embedding_std(lm, &subjects)?;
+    std::fs::create_dir_all(file.parent().unwrap()).ok();
+    let _ = std::fs::write(
+        &file,
+        serde_json::to_string(&NoiseCache {
+            subjects_file: known.display().to_string(),
+            embedding_std: std,
+        })?,
+    );
+    Ok(std)
+}
+
+struct Bar(ProgressBar);
+
+impl TraceObserver for Bar {
+    fn on_start(&mut self, total_rows: usize) {
+        self.0.set_length(total_rows as u64);
+        self.0.set_position(0);
+    }
+    fn on_row(&mut self, kind: TraceKind, token: usize, _: &[f32]) -> bool {
+        self.0.set_message(format!("{} token {token}", kind.name()));
+        self.0.inc(1);
+        true
+    }
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let b = ProgressBar::new(len);
+    b.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what} {{bar:40}} {{pos}}/{{len}} {{msg}} [{{elapsed_precise}} < {{eta}}]"
+        ))
+        .expect("valid template"),
+    );
+    b
+}
+
+pub fn request(a: &TraceArgs, prompt: String, subject: String) -> Result<TraceRequest> {
+    let kinds = if a.kind == "all" {
+        TraceKind::ALL.to_vec()
+    } else {
+        a.kind
+            .split(',')
+            .map(|k| k.trim().parse())
+            .collect::<Result<Vec<TraceKind>, _>>()?
+    };
+    Ok(TraceRequest {
+        prompt,
+        subject,
+        answer: a.answer.clone(),
+        kinds,
+        samples: a.samples,
+        window: a.window,
+        noise: a.noise.parse::<NoiseSpec>()?,
+        seed: a.seed,
+    })
+}
+
+fn emit<T: Serialize>(json: &Option<String>, v: &T) -> Result<()> {
+    match json.as_deref() {
+        Some("-") => print_json(v),
+        Some(p) => write_json(Path::new(p), v),
+        None => Ok(()),
+    }
+}
+
+pub fn run(a: TraceArgs) -> Result<()> {
+    let lm = a.model.load()?;
+    let noise: NoiseSpec = a.noise.parse()?;
+    let std = match noise {
+        NoiseSpec::Relative(_) => Some(cached_embedding_std(&lm, a.known.as_deref())?),
+        _ => None,
+    };
+    if let Some(facts) = &a.facts {
+        return run_facts(&a, &lm, facts, std);
+    }
+    let req = request(
+        &a,
+        a.prompt.clone().unwrap_or_default(),
+        a.subject.clone().unwrap_or_default(),
+    )?;
+    let mut obs = Bar(bar(0, "tracing"));
+    let r = lm.trace(&req, std, &mut obs, super::bench::threads())?;
+    obs.0.finish_and_clear();
+    emit(&a.json, &r)?;
+    if let Some(p) = &a.plot {
+        save_plot(p, &plot::trace_heatmap_svg(&r))?;
+    }
+    if a.json.as_deref() != Some("-") {
+        summary(&r);
+    }
+    Ok(())
+}
+
+fn summary(r: &TraceResult) {
+    println!(
+        "{:?} → {:?}: clean p = {:.4}, corrupted p = {:.4} (noise σ {:.4}, {} samples) in {:.1} s",
+        r.prompt, r.answer.token, r.high, r.low, r.noise, r.samples, r.seconds
+    );
+    for (kind, eff) in &r.tracing_effect {
+        let (best, v) = eff
+            .iter()
+            .enumerate()
+            .fold((0, 0f32), |b, (l, v)| if *v > b.1 { (l, *v) } else { b });
+        println!(
+            "  {:<6} strongest tracing effect {:.2} at layer {best}",
+            kind.name(),
+            v
+        );
+    }
+}
+
+#[derive(Serialize)]
+struct FactsReport {
+    model: String,
+    facts_file: String,
+    n_requested: usize,
+    n_traced: usize,
+    n_skipped_wrong: usize,
+    aggregate: AggregateCurves,
+    traces: Vec<TraceResult>,
+}
+
+fn run_facts(a: &TraceArgs, lm: &LoadedModel, path: &Path, std: Option<f64>) -> Result<()> {
+    if a.n == 0 {
+        bail!("--n must be at least 1");
+    }
+    let facts = read_facts(path)?;
+    let pb = bar(a.n as u64, "facts");
+    let mut traces = Vec::new();
+    let mut skipped = 0;
+    for f in &facts {
+        if traces.len() >= a.n {
+            break;
+        }
+        let top = lm.predict(&f.prompt, 1)?;
+        if top.top[0].token.trim() != f.attribute.trim() {
+            skipped += 1;
+            continue;
+        }
+        let req = request(a, f.prompt.clone(), f.subject.clone())?;
+        match lm.trace(
+            &req,
+            std,
+            &mut loci_core::trace::Quiet,
+            super::bench::threads(),
+        ) {
+            Ok(r) => traces.push(r),
+            Err(e) => {
+                pb.println(format!("skipping {:?}: {e}", f.prompt));
+                skipped += 1;
+                continue;
+            }
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let aggregate = AggregateCurves::from_traces(&traces);
+    let report = FactsReport {
+        model: lm.name.clone(),
+        facts_file: path.display().to_string(),
+        n_requested: a.n,
+        n_traced: traces.len(),
+        n_skipped_wrong: skipped,
+        aggregate,
+        traces,
+    };
+    emit(&a.json, &report)?;
+    if let Some(p) = &a.plot {
+        save_plot(p, &plot::aggregate_svg(&report.aggregate))?;
+    }
+    if a.json.as_deref() != Some("-") {
+        println!(
+            "traced {} facts ({} skipped); average total effect {:.3}",
+            report.n_traced, skipped, report.aggregate.average_total_effect
+        );
+        for (kind, curve) in &report.aggregate.last_subject_token {
+            let fmt = |c: &[f32]| {
+                c.iter()
+                    .map(|v| format!("{v:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            println!(
+                "  {:<6} AIE last subject token: {}",
+                kind.name(),
+                fmt(curve)
+            );
+            println!(
+                "  {:<6} AIE last token:         {}",
+                kind.name(),
+                fmt(&report.aggregate.last_token[kind])
+            );
+        }
+    }
+    Ok(())
+}

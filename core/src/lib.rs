@@ -1,0 +1,24 @@
+//! Loci core: hookable transformer language models (GPT-2, GPT-J, LLaMA-style) on candle,
+//! with the machinery for causal tracing and model editing. No I/O assumptions beyond the
+//! optional file loaders, so it builds for wasm32 as well as natively.
+
+pub mod config;
+pub mod error;
+pub mod hooks;
+pub mod loader;
+pub mod model;
+pub mod plot;
+pub mod predict;
+pub mod rng;
+pub mod tokenizer;
+pub mod trace;
+
+pub use candle_core::{DType, Device, Tensor};
+pub use config::{Family, ModelConfig};
+pub use error::{LociError, Result};
+pub use hooks::{Capture, Hook, NoHook, Site};
+pub use loader::{LoadedModel, ModelInfo};
+pub use model::{KvCache, LogitsAt, Model};
+pub use predict::{Generation, Prediction, Sampling, TokenProb};
+pub use tokenizer::Tokenizer;
+pub use trace::{TraceKind, TraceRequest, TraceResult};

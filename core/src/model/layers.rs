@@ -1,0 +1,256 @@
+//! The per-family pieces of the transformer skeleton: linear maps, norms, attention, MLPs.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::error::{LociError, Result};
+
+/// `y = x Wᵀ + b` with `W` stored `[out, in]` (GPT-2's Conv1D weights are transposed at load).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let d_in = *dims.last().expect("activations have a last dimension");
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((rows, d_in))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.out_dim();
+        Ok(y.reshape(out)?)
+    }
+}
+
+/// Norm weights stay in f32; activations are normalised in f32 whatever their dtype.
+#[derive(Clone, Debug)]
+pub enum Norm {
+    Layer { w: Tensor, b: Tensor, eps: f32 },
+    Rms { w: Tensor, eps: f32 },
+}
+
+impl Norm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?.contiguous()?;
+        let y = match self {
+            Norm::Layer { w, b, eps } => candle_nn::ops::layer_norm(&xf, w, b, *eps)?,
+            Norm::Rms { w, eps } => candle_nn::ops::rms_norm(&xf, w, *eps)?,
+        };
+        Ok(y.to_dtype(dtype)?)
+    }
+}
+
+/// Rotary position embedding on the first `dim` dimensions of each head.
+#[derive(Clone, Debug)]
+pub struct Rotary {
+    pub dim: usize,
+    /// GPT-J rotates adjacent pairs (2i, 2i+1); LLaMA rotates halves (i, i + dim/2).
+    pub interleaved: bool,
+    pub theta: f64,
+}
+
+impl Rotary {
+    fn tables(
+        &self,
+        pos0: usize,
+        t: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let half = self.dim / 2;
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in pos0..pos0 + t {
+            for i in 0..half {
+                // Same float32 formula as transformers: inv_freq in f32, then the f32 product.
+                let inv = 1.0f32 / (self.theta as f32).powf((2 * i) as f32 / self.dim as f32);
+                let a = p as f32 * inv;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (t, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (t, half), device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// `x`: `[b, heads, t, head_dim]`, positions `pos0..pos0+t`.
+    pub fn apply(&self, x: &Tensor, pos0: usize) -> Result<Tensor> {
+        let (_, _, t, hd) = x.dims4()?;
+        let (cos, sin) = self.tables(pos0, t, x.dtype(), x.device())?;
+        let rot = |y: &Tensor| -> Result<Tensor> {
+            let y = y.contiguous()?;
+            Ok(if self.interleaved {
+                candle_nn::rotary_emb::rope_i(&y, &cos, &sin)?
+            } else {
+                candle_nn::rotary_emb::rope(&y, &cos, &sin)?
+            })
+        };
+        if self.dim == hd {
+            rot(x)
+        } else {
+            let head = rot(&x.narrow(D::Minus1, 0, self.dim)?)?;
+            let tail = x.narrow(D::Minus1, self.dim, hd - self.dim)?;
+            Ok(Tensor::cat(&[head, tail], D::Minus1)?)
+        }
+    }
+}
+
+/// Cached keys and values of one layer, `[b, kv_heads, t, head_dim]`.
+#[derive(Clone, Debug, Default)]
+pub struct LayerCache {
+    pub k: Option<Tensor>,
+    pub v: Option<Tensor>,
+}
+
+/// Multi-head attention with one fused q/k/v projection (grouped-query when `n_kv_head < n_head`).
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub qkv: Linear,
+    pub out: Linear,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub rotary: Option<Rotary>,
+}
+
+impl Attention {
+    /// `x`: `[b, t, d]` at positions `pos0..pos0+t`; `cache` holds earlier positions.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        pos0: usize,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
+        let qkv = self.qkv.forward(x)?;
+        let heads = |start: usize, n: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(D::Minus1, start * hd, n * hd)?
+                .reshape((b, t, n, hd))?
+                .transpose(1, 2)?)
+        };
+        let mut q = heads(0, nh)?;
+        let mut k = heads(nh, nkv)?;
+        let mut v = heads(nh + nkv, nkv)?.contiguous()?;
+        if let Some(r) = &self.rotary {
+            q = r.apply(&q, pos0)?;
+            k = r.apply(&k, pos0)?;
+        }
+        if let Some(c) = cache {
+            if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            c.k = Some(k.clone());
+            c.v = Some(v.clone());
+        }
+        let t_all = k.dim(2)?;
+        if nkv != nh {
+            let rep = nh / nkv;
+            let expand = |y: Tensor| -> Result<Tensor> {
+                Ok(y.unsqueeze(2)?
+                    .expand((b, nkv, rep, t_all, hd))?
+                    .reshape((b, nh, t_all, hd))?)
+            };
+            k = expand(k)?;
+            v = expand(v)?;
+        }
+        let dtype = x.dtype();
+        // Scores and softmax in f32, as the reference does for half-precision models.
+        let q = q.to_dtype(DType::F32)?.contiguous()?;
+        let k = k.to_dtype(DType::F32)?.contiguous()?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = if t > 1 {
+            scores.broadcast_add(&causal_mask(t, t_all, x.device())?)?
+        } else {
+            scores
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        let y = probs.matmul(&v.contiguous()?)?;
+        let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.out.forward(&y)
+    }
+}
+
+/// `[t, t_all]` additive mask: query i (at absolute position t_all - t + i) sees keys up to itself.
+fn causal_mask(t: usize, t_all: usize, device: &Device) -> Result<Tensor> {
+    let offset = t_all - t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..t_all).map(move |j| {
+                if j > i + offset {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, t_all), device)?)
+}
+
+/// The MLP, split into the key computation and the down-projection that ROME edits.
+#[derive(Clone, Debug)]
+pub enum Mlp {
+    /// GPT-2 / GPT-J: `proj(gelu_tanh(fc(x)))`.
+    Gelu { fc: Linear, proj: Linear },
+    /// LLaMA: `down(silu(gate(x)) * up(x))`, gate and up fused into one `[2 d_ff, d]` map.
+    SwiGlu { gate_up: Linear, down: Linear },
+}
+
+impl Mlp {
+    /// ROME's key: the down-projection's input.
+    pub fn key(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Mlp::Gelu { fc, .. } => Ok(fc.forward(x)?.gelu()?),
+            Mlp::SwiGlu { gate_up, .. } => {
+                let gu = gate_up.forward(x)?;
+                let d_ff = gate_up.out_dim() / 2;
+                let gate = gu.narrow(D::Minus1, 0, d_ff)?;
+                let up = gu.narrow(D::Minus1, d_ff, d_ff)?;
+                Ok((gate.silu()? * up)?)
+            }
+        }
+    }
+
+    pub fn down(&self) -> &Linear {
+        match self {
+            Mlp::Gelu { proj, .. } => proj,
+            Mlp::SwiGlu { down, .. } => down,
+        }
+    }
+
+    pub fn down_mut(&mut self) -> &mut Linear {
+        match self {
+            Mlp::Gelu { proj, .. } => proj,
+            Mlp::SwiGlu { down, .. } => down,
+        }
+    }
+}
+
+pub fn check_shape(name: &str, t: &Tensor, want: &[usize]) -> Result<()> {
+    if t.dims() != want {
+        return Err(LociError::model(format!(
+            "tensor {name} has shape {:?}, the config implies {want:?}",
+            t.dims()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,264 @@
+//! One transformer skeleton for every family: embed → blocks (with hook sites) → final norm → logits.
+
+pub mod layers;
+pub mod load;
+pub mod save;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::config::{Family, ModelConfig};
+use crate::error::{LociError, Result};
+use crate::hooks::{Hook, Site};
+use layers::{Attention, LayerCache, Linear, Mlp, Norm};
+
+#[derive(Clone, Debug)]
+pub struct Block {
+    pub ln1: Norm,
+    /// `None` for GPT-J, whose attention and MLP both read `ln1`'s output (parallel block).
+    pub ln2: Option<Norm>,
+    pub attn: Attention,
+    pub mlp: Mlp,
+}
+
+/// Which positions get logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsAt {
+    All,
+    Last,
+}
+
+/// Keys and values of all layers, for incremental decoding.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    pub layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|c| c.k.as_ref())
+            .map_or(0, |k| k.dims()[2])
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub cfg: ModelConfig,
+    /// `[vocab, d]` token embeddings.
+    pub wte: Tensor,
+    /// `[positions, d]` learned positions (GPT-2 only).
+    pub wpe: Option<Tensor>,
+    pub blocks: Vec<Block>,
+    pub ln_f: Norm,
+    pub lm_head: Linear,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+/// Returns early from a block when the hook asked to stop after `site`.
+macro_rules! visit {
+    ($hook:expr, $site:expr, $x:expr) => {{
+        let x = visit($hook, $site, $x)?;
+        if $hook.stop_after() == Some($site) {
+            return Ok(None);
+        }
+        x
+    }};
+}
+
+fn visit(hook: &mut dyn Hook, site: Site, x: Tensor) -> Result<Tensor> {
+    if !hook.wants(site) {
+        return Ok(x);
+    }
+    match hook.at(site, &x)? {
+        Some(y) if y.dims() != x.dims() => Err(LociError::input(format!(
+            "hook at {site:?} returned shape {:?} for an activation of shape {:?}",
+            y.dims(),
+            x.dims()
+        ))),
+        Some(y) => Ok(y.to_dtype(x.dtype())?),
+        None => Ok(x),
+    }
+}
+
+impl Block {
+    /// Runs this block (layer `l`) on `x` at positions `pos0..`; `cache` supplies (and receives)
+    /// keys and values of earlier positions. `None` when the hook stopped the pass.
+    pub fn forward(
+        &self,
+        l: usize,
+        x: &Tensor,
+        pos0: usize,
+        cache: Option<&mut LayerCache>,
+        hook: &mut dyn Hook,
+    ) -> Result<Option<Tensor>> {
+        let n1 = self.ln1.forward(x)?;
+        let a = self.attn.forward(&n1, pos0, cache)?;
+        let a = visit!(hook, Site::Attn(l), a);
+        let (mlp_in, resid) = match &self.ln2 {
+            Some(ln2) => {
+                let h = (x + &a)?;
+                (ln2.forward(&h)?, h)
+            }
+            None => (n1, x.clone()),
+        };
+        let k = self.mlp.key(&mlp_in)?;
+        let k = visit!(hook, Site::MlpKey(l), k);
+        let m = self.mlp.down().forward(&k)?;
+        let m = visit!(hook, Site::Mlp(l), m);
+        let h = match &self.ln2 {
+            Some(_) => (resid + m)?,
+            // GPT-J adds in transformers' order: (attn + mlp) + residual.
+            None => ((a + m)? + resid)?,
+        };
+        Ok(Some(visit!(hook, Site::Block(l), h)))
+    }
+}
+
+impl Model {
+    pub fn n_layer(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Token ids `[b, t]` (u32) from rows of equal length.
+    pub fn ids_tensor(&self, rows: &[Vec<u32>]) -> Result<Tensor> {
+        let t = rows.first().map_or(0, Vec::len);
+        if t == 0 || rows.iter().any(|r| r.len() != t) {
+            return Err(LociError::input(
+                "token rows must be non-empty and of equal length",
+            ));
+        }
+        let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+        Ok(Tensor::from_vec(flat, (rows.len(), t), &self.device)?)
+    }
+
+    /// The general forward pass: ids `[b, t]` at positions `cache.len()..`, every site offered to
+    /// `hook`. Returns f32 logits (`[b, t, vocab]` or `[b, vocab]`), or `None` if the hook stopped it.
+    pub fn run(
+        &self,
+        ids: &Tensor,
+        hook: &mut dyn Hook,
+        mut cache: Option<&mut KvCache>,
+        at: LogitsAt,
+    ) -> Result<Option<Tensor>> {
+        let (_, t) = ids.dims2()?;
+        let pos0 = cache.as_ref().map_or(0, |c| c.len());
+        if t == 0 {
+            return Err(LociError::input("empty input"));
+        }
+        if pos0 + t > self.cfg.max_positions {
+            return Err(LociError::input(format!(
+                "{} tokens exceed the model's context of {}",
+                pos0 + t,
+                self.cfg.max_positions
+            )));
+        }
+        let max_id = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        if max_id as usize >= self.cfg.vocab_size {
+            return Err(LociError::input(format!(
+                "token id {max_id} outside the vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        let (b, _) = ids.dims2()?;
+        let emb =
+            self.wte
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, t, self.cfg.d_model))?;
+        let emb = visit(hook, Site::Embed, emb)?;
+        if hook.stop_after() == Some(Site::Embed) {
+            return Ok(None);
+        }
+        let mut x = match &self.wpe {
+            Some(wpe) => emb.broadcast_add(&wpe.narrow(0, pos0, t)?)?,
+            None => emb,
+        };
+        if let Some(c) = cache.as_deref_mut() {
+            c.layers.resize_with(self.n_layer(), LayerCache::default);
+        }
+        for (l, block) in self.blocks.iter().enumerate() {
+            let lc = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            match block.forward(l, &x, pos0, lc, hook)? {
+                Some(h) => x = h,
+                None => return Ok(None),
+            }
+        }
+        let x = match at {
+            LogitsAt::All => x,
+            LogitsAt::Last => x.narrow(1, t - 1, 1)?,
+        };
+        let logits = self.final_logits(&x)?;
+        Ok(Some(match at {
+            LogitsAt::All => logits,
+            LogitsAt::Last => logits.squeeze(1)?,
+        }))
+    }
+
+    /// The unembedding of residual states `[.., d]`: final norm, then the head; f32 logits.
+    pub fn final_logits(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .lm_head
+            .forward(&self.ln_f.forward(x)?)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// Logits at every position, no hooks.
+    pub fn logits(&self, ids: &Tensor) -> Result<Tensor> {
+        self.run(ids, &mut crate::hooks::NoHook, None, LogitsAt::All)?
+            .ok_or_else(|| LociError::input("forward pass stopped early"))
+    }
+
+    /// Next-token probabilities after the last position of each row, `[b, vocab]` f32.
+    pub fn next_token_probs(&self, ids: &Tensor, hook: &mut dyn Hook) -> Result<Tensor> {
+        let logits = self
+            .run(ids, hook, None, LogitsAt::Last)?
+            .ok_or_else(|| LociError::input("forward pass stopped early"))?;
+        Ok(candle_nn::ops::softmax_last_dim(&logits)?)
+    }
+
+    /// The edited matrix of layer `l` (`[d_model, d_ff]`, nn.Linear orientation).
+    pub fn down_proj(&self, l: usize) -> Result<&Linear> {
+        self.blocks
+            .get(l)
+            .map(|b| b.mlp.down())
+            .ok_or_else(|| self.layer_error(l))
+    }
+
+    /// Replaces layer `l`'s down-projection weight; the shape and dtype must not change.
+    pub fn set_down_proj_weight(&mut self, l: usize, w: Tensor) -> Result<()> {
+        let err = self.layer_error(l);
+        let block = self.blocks.get_mut(l).ok_or(err)?;
+        let cur = &mut block.mlp.down_mut().weight;
+        if cur.dims() != w.dims() || cur.dtype() != w.dtype() {
+            return Err(LociError::input(format!(
+                "new weight {:?} {:?} does not match {:?} {:?}",
+                w.dims(),
+                w.dtype(),
+                cur.dims(),
+                cur.dtype()
+            )));
+        }
+        *cur = w;
+        Ok(())
+    }
+
+    fn layer_error(&self, l: usize) -> LociError {
+        LociError::input(format!(
+            "layer {l} out of range (the model has {} layers)",
+            self.n_layer()
+        ))
+    }
+
+    pub fn family(&self) -> Family {
+        self.cfg.family
+    }
+}
+
+/// Index of the largest value in a 1-D f32 tensor.
+pub fn argmax(v: &Tensor) -> Result<u32> {
+    Ok(v.argmax(D::Minus1)?.to_scalar::<u32>()?)
+}

@@ -1,0 +1,169 @@
+//! The inverse of loading: a model's tensors under Hugging Face names and its `config.json`,
+//! so an edited model can be written out as a folder that transformers (and Loci) load.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+use serde_json::json;
+
+use super::layers::{Linear, Mlp, Norm};
+use super::Model;
+use crate::config::Family;
+use crate::error::Result;
+
+fn split_rows(l: &Linear, sizes: &[usize]) -> Result<Vec<Linear>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for &n in sizes {
+        out.push(Linear::new(
+            l.weight.narrow(0, start, n)?.contiguous()?,
+            l.bias.as_ref().map(|b| b.narrow(0, start, n)).transpose()?,
+        ));
+        start += n;
+    }
+    Ok(out)
+}
+
+struct Out(HashMap<String, Tensor>);
+
+impl Out {
+    fn put(&mut self, name: String, t: &Tensor) -> Result<()> {
+        self.0.insert(name, t.contiguous()?);
+        Ok(())
+    }
+    fn linear(&mut self, prefix: &str, l: &Linear) -> Result<()> {
+        self.put(format!("{prefix}.weight"), &l.weight)?;
+        if let Some(b) = &l.bias {
+            self.put(format!("{prefix}.bias"), b)?;
+        }
+        Ok(())
+    }
+    fn conv1d(&mut self, prefix: &str, l: &Linear) -> Result<()> {
+        self.put(format!("{prefix}.weight"), &l.weight.t()?)?;
+        if let Some(b) = &l.bias {
+            self.put(format!("{prefix}.bias"), b)?;
+        }
+        Ok(())
+    }
+    fn norm(&mut self, prefix: &str, n: &Norm) -> Result<()> {
+        match n {
+            Norm::Layer { w, b, .. } => {
+                self.put(format!("{prefix}.weight"), w)?;
+                self.put(format!("{prefix}.bias"), b)?;
+            }
+            Norm::Rms { w, .. } => self.put(format!("{prefix}.weight"), w)?,
+        }
+        Ok(())
+    }
+}
+
+impl Model {
+    /// Every weight under its Hugging Face name and layout.
+    pub fn hf_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let c = &self.cfg;
+        let (q, kv) = (c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
+        let mut o = Out(HashMap::new());
+        match c.family {
+            Family::Gpt2 => {
+                o.put("transformer.wte.weight".into(), &self.wte)?;
+                if let Some(wpe) = &self.wpe {
+                    o.put("transformer.wpe.weight".into(), wpe)?;
+                }
+                for (l, b) in self.blocks.iter().enumerate() {
+                    let p = format!("transformer.h.{l}");
+                    o.norm(&format!("{p}.ln_1"), &b.ln1)?;
+                    if let Some(ln2) = &b.ln2 {
+                        o.norm(&format!("{p}.ln_2"), ln2)?;
+                    }
+                    o.conv1d(&format!("{p}.attn.c_attn"), &b.attn.qkv)?;
+                    o.conv1d(&format!("{p}.attn.c_proj"), &b.attn.out)?;
+                    if let Mlp::Gelu { fc, proj } = &b.mlp {
+                        o.conv1d(&format!("{p}.mlp.c_fc"), fc)?;
+                        o.conv1d(&format!("{p}.mlp.c_proj"), proj)?;
+                    }
+                }
+                o.norm("transformer.ln_f", &self.ln_f)?;
+            }
+            Family::Gptj => {
+                o.put("transformer.wte.weight".into(), &self.wte)?;
+                for (l, b) in self.blocks.iter().enumerate() {
+                    let p = format!("transformer.h.{l}");
+                    o.norm(&format!("{p}.ln_1"), &b.ln1)?;
+                    let parts = split_rows(&b.attn.qkv, &[q, kv, kv])?;
+                    for (n, part) in ["q_proj", "k_proj", "v_proj"].iter().zip(&parts) {
+                        o.linear(&format!("{p}.attn.{n}"), part)?;
+                    }
+                    o.linear(&format!("{p}.attn.out_proj"), &b.attn.out)?;
+                    if let Mlp::Gelu { fc, proj } = &b.mlp {
+                        o.linear(&format!("{p}.mlp.fc_in"), fc)?;
+                        o.linear(&format!("{p}.mlp.fc_out"), proj)?;
+                    }
+                }
+                o.norm("transformer.ln_f", &self.ln_f)?;
+                o.linear("lm_head", &self.lm_head)?;
+            }
+            Family::Llama => {
+                o.put("model.embed_tokens.weight".into(), &self.wte)?;
+                for (l, b) in self.blocks.iter().enumerate() {
+                    let p = format!("model.layers.{l}");
+                    o.norm(&format!("{p}.input_layernorm"), &b.ln1)?;
+                    if let Some(ln2) = &b.ln2 {
+                        o.norm(&format!("{p}.post_attention_layernorm"), ln2)?;
+                    }
+                    let parts = split_rows(&b.attn.qkv, &[q, kv, kv])?;
+                    for (n, part) in ["q_proj", "k_proj", "v_proj"].iter().zip(&parts) {
+                        o.linear(&format!("{p}.self_attn.{n}"), part)?;
+                    }
+                    o.linear(&format!("{p}.self_attn.o_proj"), &b.attn.out)?;
+                    if let Mlp::SwiGlu { gate_up, down } = &b.mlp {
+                        let gu = split_rows(gate_up, &[c.d_ff, c.d_ff])?;
+                        o.linear(&format!("{p}.mlp.gate_proj"), &gu[0])?;
+                        o.linear(&format!("{p}.mlp.up_proj"), &gu[1])?;
+                        o.linear(&format!("{p}.mlp.down_proj"), down)?;
+                    }
+                }
+                o.norm("model.norm", &self.ln_f)?;
+                if !c.tie_embeddings {
+                    o.linear("lm_head", &self.lm_head)?;
+                }
+            }
+        }
+        Ok(o.0)
+    }
+
+    /// A `config.json` that transformers and Loci both read back to this architecture.
+    pub fn hf_config(&self) -> serde_json::Value {
+        let c = &self.cfg;
+        let dtype = match self.dtype {
+            candle_core::DType::F16 => "float16",
+            candle_core::DType::BF16 => "bfloat16",
+            _ => "float32",
+        };
+        match c.family {
+            Family::Gpt2 => json!({
+                "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                "n_embd": c.d_model, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": c.d_ff,
+                "n_positions": c.max_positions, "n_ctx": c.max_positions, "vocab_size": c.vocab_size,
+                "layer_norm_epsilon": c.norm_eps, "activation_function": "gelu_new",
+                "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": dtype,
+            }),
+            Family::Gptj => json!({
+                "model_type": "gptj", "architectures": ["GPTJForCausalLM"],
+                "n_embd": c.d_model, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": c.d_ff,
+                "rotary_dim": c.rotary_dim, "n_positions": c.max_positions, "vocab_size": c.vocab_size,
+                "layer_norm_epsilon": c.norm_eps, "activation_function": "gelu_new",
+                "tie_word_embeddings": false,
+                "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": dtype,
+            }),
+            Family::Llama => json!({
+                "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                "hidden_size": c.d_model, "intermediate_size": c.d_ff, "num_hidden_layers": c.n_layer,
+                "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
+                "max_position_embeddings": c.max_positions, "vocab_size": c.vocab_size,
+                "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "hidden_act": "silu",
+                "tie_word_embeddings": c.tie_embeddings, "attention_bias": c.attn_bias,
+                "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": dtype,
+            }),
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! Plots as SVG text (no I/O): tracing heatmaps like the paper's and per-layer line charts.
+//! The CLI writes them (and rasterises PNGs); the server and the app show them as they are.
+
+use std::fmt::Write;
+
+use crate::trace::{AggregateCurves, TraceKind, TraceResult};
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The colour ramp of a kind (purple hidden, green MLP, red attention), `f` in [0, 1].
+pub fn kind_colour(kind: TraceKind, f: f32) -> String {
+    let f = f.clamp(0.0, 1.0);
+    let dark = match kind {
+        TraceKind::Hidden => (84, 39, 143),
+        TraceKind::Mlp => (0, 109, 44),
+        TraceKind::Attn => (165, 15, 21),
+    };
+    let mix = |d: u8| (255.0 + (d as f32 - 255.0) * f).round() as u8;
+    format!("#{:02x}{:02x}{:02x}", mix(dark.0), mix(dark.1), mix(dark.2))
+}
+
+fn kind_title(kind: TraceKind, window: usize) -> (String, String) {
+    match kind {
+        TraceKind::Hidden => (
+            "Restoring the hidden state".into(),
+            "single restored layer".into(),
+        ),
+        TraceKind::Mlp => (
+            "Restoring MLP outputs".into(),
+            format!("centre of {window} restored MLP layers"),
+        ),
+        TraceKind::Attn => (
+            "Restoring attention outputs".into(),
+            format!("centre of {window} restored attention layers"),
+        ),
+    }
+}
+
+fn display_token(t: &str) -> String {
+    let t = t.replace('\n', "\\n");
+    if t.trim().is_empty() {
+        format!("{t:?}")
+    } else {
+        t
+    }
+}
+
+const CELL: f32 = 14.0;
+
+/// One heatmap panel per traced kind: tokens down, layers across, subject tokens starred, colour
+/// from `low` (white) to the grid's maximum, a colour bar, and a tooltip on every cell.
+pub fn trace_heatmap_svg(r: &TraceResult) -> String {
+    let n_tok = r.tokens.len();
+    let n_layer = r
+        .scores
+        .values()
+        .next()
+        .map_or(0, |g| g.first().map_or(0, Vec::len));
+    let label_w = 8.0
+        * r.tokens
+            .iter()
+            .map(|t| display_token(t).chars().count() + 2)
+            .max()
+            .unwrap_or(4) as f32
+        + 10.0;
+    let panel_w = label_w + CELL * n_layer as f32 + 90.0;
+    let panel_h = CELL * n_tok as f32 + 90.0;
+    let width = panel_w * r.scores.len() as f32;
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{panel_h}" viewBox="0 0 {width} {panel_h}" font-family="DejaVu Sans, Arial, sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>"#
+    );
+    for (i, (kind, grid)) in r.scores.iter().enumerate() {
+        let x0 = panel_w * i as f32 + label_w;
+        let y0 = 30.0;
+        let vmax = grid.iter().flatten().cloned().fold(r.low, f32::max);
+        let span = (vmax - r.low).max(1e-9);
+        let (title, xlabel) = kind_title(*kind, r.window);
+        let _ = write!(
+            s,
+            r#"<text x="{}" y="16" font-size="12" font-weight="bold">{}</text>"#,
+            x0,
+            esc(&title)
+        );
+        for (t, row) in grid.iter().enumerate() {
+            let subj = t >= r.subject_range[0] && t < r.subject_range[1];
+            let label = format!(
+                "{}{}",
+                display_token(&r.tokens[t]),
+                if subj { "*" } else { "" }
+            );
+            let y = y0 + CELL * t as f32;
+            let _ = write!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="end"{}>{}</text>"#,
+                x0 - 4.0,
+                y + CELL * 0.75,
+                if subj { r#" font-weight="bold""# } else { "" },
+                esc(&label)
+            );
+            for (l, p) in row.iter().enumerate() {
+                let _ = write!(
+                    s,
+                    r#"<rect x="{}" y="{y}" width="{CELL}" height="{CELL}" fill="{}" data-t="{t}" data-l="{l}"><title>{} · layer {l} · p = {p:.4}</title></rect>"#,
+                    x0 + CELL * l as f32,
+                    kind_colour(*kind, (p - r.low) / span),
+                    esc(&display_token(&r.tokens[t])),
+                );
+            }
+        }
+        let yb = y0 + CELL * n_tok as f32;
+        for l in (0..n_layer).step_by(5) {
+            let _ = write!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="middle">{l}</text>"#,
+                x0 + CELL * (l as f32 + 0.5),
+                yb + 13.0
+            );
+        }
+        let _ = write!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+            x0 + CELL * n_layer as f32 / 2.0,
+            yb + 30.0,
+            esc(&xlabel)
+        );
+        // Colour bar.
+        let xc = x0 + CELL * n_layer as f32 + 12.0;
+        let steps = 20;
+        let h = CELL * n_tok as f32;
+        for k in 0..steps {
+            let f = 1.0 - k as f32 / steps as f32;
+            let _ = write!(
+                s,
+                r#"<rect x="{xc}" y="{}" width="10" height="{}" fill="{}"/>"#,
+                y0 + h * k as f32 / steps as f32,
+                h / steps as f32 + 0.5,
+                kind_colour(*kind, f)
+            );
+        }
+        let _ = write!(
+            s,
+            r#"<text x="{}" y="{}">{vmax:.3}</text><text x="{}" y="{}">{:.3}</text>"#,
+            xc + 13.0,
+            y0 + 9.0,
+            xc + 13.0,
+            y0 + h,
+            r.low
+        );
+        let _ = write!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">p({})</text>"#,
+            xc + 5.0,
+            yb + 30.0,
+            esc(r.answer.token.trim())
+        );
+    }
+    s.push_str("</svg>");
+    s
+}
+
+/// A named line: one value per layer.
+pub type Series = (String, Vec<f32>);
+/// A titled panel of lines.
+pub type Panel = (String, Vec<Series>);
+
+/// Per-layer curves (one panel per kind), e.g. average indirect effects.
+pub fn layer_curves_svg(title: &str, panels: &[Panel]) -> String {
+    let (pw, ph, m) = (320.0f32, 220.0f32, 40.0f32);
+    let width = pw * panels.len().max(1) as f32;
+    let colours = ["#54278f", "#006d2c", "#a50f15", "#08519c", "#d94801"];
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{}" font-family="DejaVu Sans, Arial, sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/><text x="8" y="16" font-size="13" font-weight="bold">{}</text>"#,
+        ph + 30.0,
+        esc(title)
+    );
+    for (i, (name, series)) in panels.iter().enumerate() {
+        let x0 = pw * i as f32 + m;
+        let (w, h, y0) = (pw - m - 10.0, ph - 60.0, 50.0);
+        let n = series.iter().map(|s| s.1.len()).max().unwrap_or(0).max(2);
+        let lo = series
+            .iter()
+            .flat_map(|s| s.1.iter())
+            .cloned()
+            .fold(0f32, f32::min);
+        let hi = series
+            .iter()
+            .flat_map(|s| s.1.iter())
+            .cloned()
+            .fold(lo + 1e-6, f32::max);
+        let px = |l: usize| x0 + w * l as f32 / (n - 1) as f32;
+        let py = |v: f32| y0 + h * (1.0 - (v - lo) / (hi - lo));
+        let _ = write!(
+            s,
+            r##"<text x="{x0}" y="38" font-weight="bold">{}</text><rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#999999"/>"##,
+            esc(name)
+        );
+        let _ = write!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="end">{hi:.3}</text><text x="{}" y="{}" text-anchor="end">{lo:.3}</text>"#,
+            x0 - 3.0,
+            y0 + 8.0,
+            x0 - 3.0,
+            y0 + h
+        );
+        for l in (0..n).step_by(5) {
+            let _ = write!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="middle">{l}</text>"#,
+                px(l),
+                y0 + h + 13.0
+            );
+        }
+        let _ = write!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">layer</text>"#,
+            x0 + w / 2.0,
+            y0 + h + 27.0
+        );
+        for (k, (label, ys)) in series.iter().enumerate() {
+            let c = colours[k % colours.len()];
+            let pts: Vec<String> = ys
+                .iter()
+                .enumerate()
+                .map(|(l, v)| format!("{:.1},{:.1}", px(l), py(*v)))
+                .collect();
+            let _ = write!(
+                s,
+                r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#,
+                pts.join(" ")
+            );
+            let _ = write!(
+                s,
+                r#"<text x="{}" y="{}" fill="{c}">{}</text>"#,
+                x0 + 6.0,
+                y0 + 12.0 + 12.0 * k as f32,
+                esc(label)
+            );
+        }
+    }
+    s.push_str("</svg>");
+    s
+}
+
+/// The paper's summary: average indirect effect per layer, one panel per kind.
+pub fn aggregate_svg(a: &AggregateCurves) -> String {
+    let panels: Vec<Panel> = a
+        .last_token
+        .keys()
+        .map(|k| {
+            (
+                format!("{} (AIE)", k.name()),
+                vec![
+                    (
+                        "last subject token".to_string(),
+                        a.last_subject_token[k].clone(),
+                    ),
+                    ("last token".to_string(), a.last_token[k].clone()),
+                ],
+            )
+        })
+        .collect();
+    layer_curves_svg(
+        &format!(
+            "Average indirect effect over {} facts (ATE {:.3})",
+            a.n_facts, a.average_total_effect
+        ),
+        &panels,
+    )
+}
+
+/// Hase et al.'s per-layer tracing effect of one trace.
+pub fn tracing_effect_svg(r: &TraceResult) -> String {
+    let panels: Vec<_> = r
+        .tracing_effect
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.name().to_string(),
+                vec![
+                    ("max over tokens".to_string(), v.clone()),
+                    (
+                        "last subject token".to_string(),
+                        r.tracing_effect_subject_last[k].clone(),
+                    ),
+                ],
+            )
+        })
+        .collect();
+    layer_curves_svg("Tracing effect (fraction restored)", &panels)
+}

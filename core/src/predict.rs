@@ -1,0 +1,156 @@
+//! Next-token prediction and generation.
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{LociError, Result};
+use crate::hooks::NoHook;
+use crate::loader::LoadedModel;
+use crate::model::{KvCache, LogitsAt};
+use crate::rng::SplitMix64;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TokenProb {
+    pub id: u32,
+    pub token: String,
+    pub prob: f32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Prediction {
+    pub model: String,
+    pub prompt: String,
+    pub tokens: Vec<String>,
+    pub top: Vec<TokenProb>,
+}
+
+/// The `k` most likely `(id, prob)` of a probability vector, most likely first.
+pub fn top_k(probs: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<u32> = (0..probs.len() as u32).collect();
+    let k = k.min(idx.len());
+    if k == 0 {
+        return vec![];
+    }
+    idx.select_nth_unstable_by(k - 1, |&a, &b| {
+        probs[b as usize].total_cmp(&probs[a as usize])
+    });
+    idx.truncate(k);
+    idx.sort_by(|&a, &b| probs[b as usize].total_cmp(&probs[a as usize]));
+    idx.into_iter().map(|i| (i, probs[i as usize])).collect()
+}
+
+fn check_finite(v: &[f32]) -> Result<()> {
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(LociError::model(
+            "the model produced NaN or infinite values (corrupt weights?)",
+        ));
+    }
+    Ok(())
+}
+
+impl LoadedModel {
+    /// Probabilities of the next token after `ids`.
+    pub fn next_probs(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let t = self.model.ids_tensor(&[ids.to_vec()])?;
+        let p = self.model.next_token_probs(&t, &mut NoHook)?;
+        let v = p.squeeze(0)?.to_vec1::<f32>()?;
+        check_finite(&v)?;
+        Ok(v)
+    }
+
+    /// The `k` most likely next tokens after `prompt`.
+    pub fn predict(&self, prompt: &str, k: usize) -> Result<Prediction> {
+        let ids = self.encode_prompt(prompt)?;
+        let probs = self.next_probs(&ids)?;
+        let top = top_k(&probs, k)
+            .into_iter()
+            .map(|(id, prob)| {
+                Ok(TokenProb {
+                    id,
+                    token: self.tokenizer.decode(&[id])?,
+                    prob,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Prediction {
+            model: self.name.clone(),
+            prompt: prompt.into(),
+            tokens: self.tokenizer.token_strings(&ids)?,
+            top,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum Sampling {
+    Greedy,
+    /// Sample among the `k` most likely tokens (ROME's generation tests use k = 5).
+    TopK {
+        k: usize,
+        seed: u64,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Generation {
+    pub prompt: String,
+    /// The prompt followed by the continuation.
+    pub text: String,
+    pub new_ids: Vec<u32>,
+}
+
+impl LoadedModel {
+    /// Continues `prompt` by up to `max_new` tokens, stopping at the end-of-text token.
+    pub fn generate(&self, prompt: &str, max_new: usize, sampling: Sampling) -> Result<Generation> {
+        let ids = self.encode_prompt(prompt)?;
+        let room = self.model.cfg.max_positions - ids.len();
+        let max_new = max_new.min(room);
+        let mut rng = match sampling {
+            Sampling::TopK { seed, .. } => SplitMix64::new(seed),
+            Sampling::Greedy => SplitMix64::new(0),
+        };
+        let mut cache = KvCache::default();
+        let mut input = self.model.ids_tensor(std::slice::from_ref(&ids))?;
+        let mut new_ids = Vec::with_capacity(max_new);
+        for _ in 0..max_new {
+            let logits = self
+                .model
+                .run(&input, &mut NoHook, Some(&mut cache), LogitsAt::Last)?
+                .ok_or_else(|| LociError::input("forward pass stopped early"))?;
+            let probs = candle_nn::ops::softmax_last_dim(&logits)?
+                .squeeze(0)?
+                .to_vec1::<f32>()?;
+            check_finite(&probs)?;
+            let next = match sampling {
+                Sampling::Greedy => top_k(&probs, 1)[0].0,
+                Sampling::TopK { k, .. } => {
+                    let cands = top_k(&probs, k.max(1));
+                    let total: f32 = cands.iter().map(|c| c.1).sum();
+                    let mut r = rng.next_f64() as f32 * total;
+                    let mut pick = cands[cands.len() - 1].0;
+                    for (id, p) in &cands {
+                        if r < *p {
+                            pick = *id;
+                            break;
+                        }
+                        r -= p;
+                    }
+                    pick
+                }
+            };
+            if Some(next) == self.tokenizer.eos {
+                break;
+            }
+            new_ids.push(next);
+            input = Tensor::new(&[[next]], &self.model.device)?;
+        }
+        let mut all = ids;
+        all.extend(&new_ids);
+        Ok(Generation {
+            prompt: prompt.into(),
+            text: self.tokenizer.decode(&all)?,
+            new_ids,
+        })
+    }
+}

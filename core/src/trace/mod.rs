@@ -1,0 +1,719 @@
+//! Causal tracing (Meng et al. 2022): corrupt the subject, restore one state from the clean run,
+//! and measure how much of the answer's probability comes back — for every token and layer.
+//!
+//! The fast path gives the same grid as the reference algorithm while doing far less work:
+//! the clean run happens once (no clean row in restore batches); a restoration at (token t,
+//! layer l) reuses the corrupted run's states below its first changed layer and its keys and
+//! values before t, so only positions t.. of the layers above are recomputed; cells of one token
+//! are batched together, joining the batch at their first changed layer; logits are computed at
+//! the last position only; tokens before the subject are never recomputed (they equal `low`).
+
+pub mod effect;
+pub mod noise;
+pub mod subject;
+
+use std::collections::BTreeMap;
+
+use candle_core::{IndexOp, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{LociError, Result};
+use crate::hooks::{Capture, Chain, FnHook, Hook, Site};
+use crate::loader::LoadedModel;
+use crate::model::layers::LayerCache;
+use crate::model::{KvCache, LogitsAt};
+pub use effect::{tracing_effect, AggregateCurves};
+pub use noise::{embedding_std, NoiseSpec};
+pub use subject::subject_range;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TraceKind {
+    /// The residual stream after a block, at one layer.
+    Hidden,
+    /// The MLP output, over a window of layers centred on the layer.
+    Mlp,
+    /// The attention output, over a window of layers.
+    Attn,
+}
+
+impl TraceKind {
+    pub const ALL: [TraceKind; 3] = [TraceKind::Hidden, TraceKind::Mlp, TraceKind::Attn];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TraceKind::Hidden => "hidden",
+            TraceKind::Mlp => "mlp",
+            TraceKind::Attn => "attn",
+        }
+    }
+
+    fn site(self, l: usize) -> Site {
+        match self {
+            TraceKind::Hidden => Site::Block(l),
+            TraceKind::Mlp => Site::Mlp(l),
+            TraceKind::Attn => Site::Attn(l),
+        }
+    }
+}
+
+impl std::str::FromStr for TraceKind {
+    type Err = LociError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "hidden" => Ok(TraceKind::Hidden),
+            "mlp" => Ok(TraceKind::Mlp),
+            "attn" => Ok(TraceKind::Attn),
+            _ => Err(LociError::input(format!(
+                "unknown trace kind {s:?} (hidden, mlp, attn)"
+            ))),
+        }
+    }
+}
+
+fn default_kinds() -> Vec<TraceKind> {
+    TraceKind::ALL.to_vec()
+}
+fn default_samples() -> usize {
+    10
+}
+fn default_window() -> usize {
+    10
+}
+fn default_seed() -> u64 {
+    1
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TraceRequest {
+    pub prompt: String,
+    pub subject: String,
+    /// The traced next token (a leading space is added unless present); default: the clean top-1.
+    #[serde(default)]
+    pub answer: Option<String>,
+    #[serde(default = "default_kinds")]
+    pub kinds: Vec<TraceKind>,
+    #[serde(default = "default_samples")]
+    pub samples: usize,
+    #[serde(default = "default_window")]
+    pub window: usize,
+    #[serde(default)]
+    pub noise: NoiseSpec,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+impl TraceRequest {
+    pub fn new(prompt: impl Into<String>, subject: impl Into<String>) -> Self {
+        Self {
+            prompt: prompt.into(),
+            subject: subject.into(),
+            answer: None,
+            kinds: default_kinds(),
+            samples: default_samples(),
+            window: default_window(),
+            noise: NoiseSpec::default(),
+            seed: default_seed(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AnswerToken {
+    pub id: u32,
+    pub token: String,
+}
+
+/// How much computation a trace did, in token-layers (one token through one block, per row).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct TraceWork {
+    pub token_layers: u64,
+    /// What the reference algorithm (full batch of samples + 1 rows per cell) would have done.
+    pub naive_token_layers: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TraceResult {
+    pub model: String,
+    pub prompt: String,
+    pub subject: String,
+    pub tokens: Vec<String>,
+    pub subject_range: [usize; 2],
+    pub answer: AnswerToken,
+    pub high: f32,
+    pub low: f32,
+    pub noise: f64,
+    pub samples: usize,
+    pub window: usize,
+    /// Per kind, `[tokens][layers]` probabilities of the answer with that state restored.
+    pub scores: BTreeMap<TraceKind, Vec<Vec<f32>>>,
+    /// Per kind, Hase et al.'s per-layer effect: max over tokens of the fraction restored.
+    pub tracing_effect: BTreeMap<TraceKind, Vec<f32>>,
+    /// The same at the last subject token only.
+    pub tracing_effect_subject_last: BTreeMap<TraceKind, Vec<f32>>,
+    pub work: TraceWork,
+    pub seconds: f64,
+}
+
+/// Receives rows of a trace as they finish; returning `false` cancels the trace.
+pub trait TraceObserver {
+    fn on_start(&mut self, _total_rows: usize) {}
+    fn on_row(&mut self, _kind: TraceKind, _token: usize, _scores: &[f32]) -> bool {
+        true
+    }
+}
+
+/// An observer that only counts.
+pub struct Quiet;
+impl TraceObserver for Quiet {}
+
+/// Everything the cells of one trace share: the clean states and the corrupted run.
+struct Prepared {
+    ids: Vec<u32>,
+    range: (usize, usize),
+    answer: u32,
+    high: f32,
+    low: f32,
+    noise: Tensor,
+    scale: f64,
+    clean: Capture,
+    /// Residual input of each layer in the corrupted run, `[samples, T, d]`; index `n_layer` is
+    /// the last block's output.
+    resid_in: Vec<Tensor>,
+    kv: KvCache,
+}
+
+fn validate(lm: &LoadedModel, req: &TraceRequest) -> Result<()> {
+    if req.samples == 0 {
+        return Err(LociError::input("samples must be at least 1"));
+    }
+    if req.window == 0 {
+        return Err(LociError::input("window must be at least 1"));
+    }
+    if req.kinds.is_empty() {
+        return Err(LociError::input("no trace kind requested"));
+    }
+    if req.samples > 64 {
+        return Err(LociError::input("at most 64 samples"));
+    }
+    let _ = lm;
+    Ok(())
+}
+
+/// Adds `noise` (`[samples, e-b, d]`) to the subject embeddings of rows `first_row..`.
+fn noise_hook(noise: &Tensor, range: (usize, usize), first_row: usize) -> impl Hook + '_ {
+    FnHook(move |site: Site, x: &Tensor| {
+        if site != Site::Embed {
+            return Ok(None);
+        }
+        let (b, t, _) = x.dims3()?;
+        let (s, e) = range;
+        let rows = noise.dim(0)?;
+        debug_assert_eq!(first_row + rows, b);
+        let target = x.narrow(0, first_row, rows)?.narrow(1, s, e - s)?;
+        let noised = (target + noise.to_dtype(x.dtype())?)?;
+        let mut parts = Vec::new();
+        if first_row > 0 {
+            parts.push(x.narrow(0, 0, first_row)?);
+        }
+        let row_block = Tensor::cat(
+            &[
+                x.narrow(0, first_row, rows)?.narrow(1, 0, s)?,
+                noised,
+                x.narrow(0, first_row, rows)?.narrow(1, e, t - e)?,
+            ],
+            1,
+        )?;
+        parts.push(row_block);
+        Ok(Some(Tensor::cat(&parts, 0)?))
+    })
+}
+
+fn prepare(lm: &LoadedModel, req: &TraceRequest, embedding_std: Option<f64>) -> Result<Prepared> {
+    validate(lm, req)?;
+    let m = &lm.model;
+    let ids = lm.encode_prompt(&req.prompt)?;
+    let range = subject_range(&lm.tokenizer, &ids, &req.subject)?;
+    let (n, d) = (m.n_layer(), m.cfg.d_model);
+    let scale = req.noise.scale(embedding_std)?;
+
+    let all_sites: Vec<Site> = (0..n)
+        .flat_map(|l| [Site::Block(l), Site::Mlp(l), Site::Attn(l)])
+        .collect();
+    let mut clean = Capture::new(all_sites);
+    let clean_ids = m.ids_tensor(std::slice::from_ref(&ids))?;
+    let clean_logits = m
+        .run(&clean_ids, &mut clean, None, LogitsAt::Last)?
+        .ok_or_else(|| LociError::input("forward pass stopped early"))?;
+    let clean_probs = candle_nn::ops::softmax_last_dim(&clean_logits)?
+        .squeeze(0)?
+        .to_vec1::<f32>()?;
+    if clean_probs.iter().any(|p| !p.is_finite()) {
+        return Err(LociError::model(
+            "the model produced NaN or infinite values",
+        ));
+    }
+    let answer = match &req.answer {
+        None => crate::predict::top_k(&clean_probs, 1)[0].0,
+        Some(a) => {
+            let a = if a.starts_with(' ') {
+                a.clone()
+            } else {
+                format!(" {a}")
+            };
+            *lm.tokenizer
+                .encode_plain(&a)?
+                .first()
+                .ok_or_else(|| LociError::input(format!("the answer {a:?} tokenizes to nothing")))?
+        }
+    };
+    let high = clean_probs[answer as usize];
+
+    let noise = Tensor::from_vec(
+        req.noise
+            .draw(scale, req.samples, range.1 - range.0, d, req.seed),
+        (req.samples, range.1 - range.0, d),
+        &m.device,
+    )?;
+    let rows: Vec<Vec<u32>> = vec![ids.clone(); req.samples];
+    let mut corrupt_cap = Capture::new((0..n).map(Site::Block));
+    let mut kv = KvCache::default();
+    let mut embed_cap = Capture::new([Site::Embed]);
+    let low_logits = {
+        let mut nh = noise_hook(&noise, range, 0);
+        let mut chain = Chain(vec![&mut nh, &mut embed_cap, &mut corrupt_cap]);
+        m.run(
+            &m.ids_tensor(&rows)?,
+            &mut chain,
+            Some(&mut kv),
+            LogitsAt::Last,
+        )?
+        .ok_or_else(|| LociError::input("forward pass stopped early"))?
+    };
+    let low = answer_prob(&low_logits, answer, 1)?[0];
+    let mut resid_in = Vec::with_capacity(n + 1);
+    let emb = embed_cap.get(Site::Embed)?.clone();
+    resid_in.push(match &m.wpe {
+        Some(wpe) => emb.broadcast_add(&wpe.narrow(0, 0, ids.len())?)?,
+        None => emb,
+    });
+    for l in 0..n {
+        resid_in.push(corrupt_cap.get(Site::Block(l))?.clone());
+    }
+    Ok(Prepared {
+        ids,
+        range,
+        answer,
+        high,
+        low,
+        noise,
+        scale,
+        clean,
+        resid_in,
+        kv,
+    })
+}
+
+/// Mean over consecutive groups of `group` rows of p(answer), from `[rows, vocab]` logits.
+fn answer_prob(logits: &Tensor, answer: u32, groups: usize) -> Result<Vec<f32>> {
+    let p = candle_nn::ops::softmax_last_dim(logits)?.i((.., answer as usize))?;
+    let rows = p.dim(0)?;
+    Ok(p.reshape((groups, rows / groups))?
+        .mean(1)?
+        .to_vec1::<f32>()?)
+}
+
+/// Layers `[lo, hi)` restored for a windowed cell at layer `l` (spec §3.5).
+pub fn window_layers(l: usize, window: usize, n_layer: usize) -> (usize, usize) {
+    (
+        l.saturating_sub(window / 2),
+        (l + window.div_ceil(2)).min(n_layer),
+    )
+}
+
+/// One restoration: which layer it enters at, and which sites it overwrites with clean values.
+struct Cell {
+    layer: usize,
+    start: usize,
+    restore: (usize, usize),
+}
+
+/// Scores of all layers' cells for one kind at token `t`, batched (the fast path).
+fn trace_token(
+    lm: &LoadedModel,
+    p: &Prepared,
+    kind: TraceKind,
+    t: usize,
+    window: usize,
+    work: &mut u64,
+) -> Result<Vec<f32>> {
+    let m = &lm.model;
+    let (n, big_t) = (m.n_layer(), p.ids.len());
+    if t < p.range.0 {
+        // Before the subject the corrupted run equals the clean one: nothing to restore.
+        return Ok(vec![p.low; n]);
+    }
+    let samples = p.noise.dim(0)?;
+    let suffix = big_t - t;
+    let mut cells: Vec<Cell> = (0..n)
+        .map(|l| match kind {
+            TraceKind::Hidden => Cell {
+                layer: l,
+                start: l + 1,
+                restore: (0, 0),
+            },
+            _ => {
+                let (lo, hi) = window_layers(l, window, n);
+                Cell {
+                    layer: l,
+                    start: lo,
+                    restore: (lo, hi),
+                }
+            }
+        })
+        .collect();
+    cells.sort_by_key(|c| c.start);
+
+    // The state a cell enters with: the corrupted residual at positions t.., and for the hidden
+    // kind the clean block output at t.
+    let entry = |c: &Cell| -> Result<Tensor> {
+        let x = p.resid_in[c.start].narrow(1, t, suffix)?;
+        if kind != TraceKind::Hidden {
+            return Ok(x);
+        }
+        let clean = p.clean.get(Site::Block(c.layer))?.narrow(1, t, 1)?;
+        let clean = clean
+            .broadcast_as((samples, 1, m.cfg.d_model))?
+            .contiguous()?;
+        Ok(Tensor::cat(&[clean, x.narrow(1, 1, suffix - 1)?], 1)?)
+    };
+
+    let mut order: Vec<usize> = Vec::with_capacity(n);
+    let mut x: Option<Tensor> = None;
+    let mut next = 0;
+    for j in 0..n {
+        let mut joining = Vec::new();
+        while next < cells.len() && cells[next].start == j {
+            joining.push(entry(&cells[next])?);
+            order.push(next);
+            next += 1;
+        }
+        if !joining.is_empty() {
+            let mut parts: Vec<Tensor> = x.take().into_iter().collect();
+            parts.extend(joining);
+            x = Some(Tensor::cat(&parts, 0)?);
+        }
+        let Some(cur) = x.take() else { continue };
+        let rows = cur.dim(0)?;
+        let groups = rows / samples;
+        let mut cache = LayerCache::default();
+        if t > 0 {
+            let prefix = |c: &Option<Tensor>| -> Result<Option<Tensor>> {
+                let c = c
+                    .as_ref()
+                    .ok_or_else(|| LociError::input("missing corrupted cache"))?;
+                let c = c.narrow(2, 0, t)?;
+                Ok(Some(if groups > 1 {
+                    c.repeat((groups, 1, 1, 1))?
+                } else {
+                    c
+                }))
+            };
+            cache.k = prefix(&p.kv.layers[j].k)?;
+            cache.v = prefix(&p.kv.layers[j].v)?;
+        }
+        // Rows whose window covers layer j get the clean module output at position t.
+        let restoring: Vec<bool> = order
+            .iter()
+            .map(|&ci| (cells[ci].restore.0..cells[ci].restore.1).contains(&j))
+            .collect();
+        let site = kind.site(j);
+        let clean_at = match kind {
+            TraceKind::Hidden => None,
+            _ => Some(p.clean.get(site)?.narrow(1, t, 1)?),
+        };
+        let mut hook = FnHook(|s: Site, a: &Tensor| -> Result<Option<Tensor>> {
+            if kind == TraceKind::Hidden || s != site || !restoring.iter().any(|r| *r) {
+                return Ok(None);
+            }
+            let clean = clean_at.clone().expect("clean state of a restored site");
+            let mask: Vec<u8> = restoring
+                .iter()
+                .flat_map(|&r| std::iter::repeat_n(r as u8, samples))
+                .collect();
+            let mask = Tensor::from_vec(mask, (rows, 1, 1), a.device())?.broadcast_as((
+                rows,
+                1,
+                a.dim(2)?,
+            ))?;
+            let first = a.narrow(1, 0, 1)?;
+            let clean = clean.to_dtype(a.dtype())?.broadcast_as(first.shape())?;
+            let first = mask.where_cond(&clean, &first)?;
+            Ok(Some(if suffix > 1 {
+                Tensor::cat(&[first, a.narrow(1, 1, suffix - 1)?], 1)?
+            } else {
+                first
+            }))
+        });
+        *work += (rows * suffix) as u64;
+        let out = m.blocks[j]
+            .forward(j, &cur, t, Some(&mut cache), &mut hook)?
+            .ok_or_else(|| LociError::input("forward pass stopped early"))?;
+        x = Some(out);
+    }
+    // Cells that change nothing inside the network (hidden kind at the last layer).
+    let mut finals: Vec<Tensor> = x.into_iter().collect();
+    while next < cells.len() {
+        finals.push(entry(&cells[next])?);
+        order.push(next);
+        next += 1;
+    }
+    let last = Tensor::cat(&finals, 0)?
+        .narrow(1, suffix - 1, 1)?
+        .squeeze(1)?;
+    let probs = answer_prob(&m.final_logits(&last)?, p.answer, order.len())?;
+    let mut scores = vec![0f32; n];
+    for (slot, &ci) in order.iter().enumerate() {
+        scores[cells[ci].layer] = probs[slot];
+    }
+    Ok(scores)
+}
+
+/// Computes the rows `(kind, token)`, handing each to `emit` as it finishes (in the calling
+/// thread); `emit` returning `false` cancels. Returns the token-layers computed.
+fn run_items(
+    lm: &LoadedModel,
+    p: &Prepared,
+    window: usize,
+    items: &[(TraceKind, usize)],
+    workers: usize,
+    emit: &mut dyn FnMut(TraceKind, usize, Vec<f32>) -> bool,
+) -> Result<u64> {
+    let mut work = 0;
+    if workers <= 1 || cfg!(target_arch = "wasm32") || items.len() < 2 {
+        for &(kind, t) in items {
+            let row = trace_token(lm, p, kind, t, window, &mut work)?;
+            if !emit(kind, t, row) {
+                return Err(LociError::Cancelled);
+            }
+        }
+        return Ok(work);
+    }
+    // Longest rows (earliest tokens) first, pulled from a shared counter: a balanced split.
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&i| items[i].1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (tx, rx) = std::sync::mpsc::channel::<Result<(TraceKind, usize, Vec<f32>, u64)>>();
+    std::thread::scope(|scope| {
+        for _ in 0..workers.min(items.len()) {
+            let tx = tx.clone();
+            let (next, stop, order) = (&next, &stop, &order);
+            let items = &items;
+            scope.spawn(move || {
+                use std::sync::atomic::Ordering::Relaxed;
+                while !stop.load(Relaxed) {
+                    let i = next.fetch_add(1, Relaxed);
+                    let Some(&k) = order.get(i) else { break };
+                    let item = items[k];
+                    let mut w = 0;
+                    let res = trace_token(lm, p, item.0, item.1, window, &mut w);
+                    let failed = res.is_err();
+                    if tx.send(res.map(|row| (item.0, item.1, row, w))).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut outcome = Ok(());
+        for msg in rx {
+            match msg {
+                Ok((kind, t, row, w)) => {
+                    work += w;
+                    if outcome.is_ok() && !emit(kind, t, row) {
+                        outcome = Err(LociError::Cancelled);
+                    }
+                }
+                Err(e) => {
+                    if outcome.is_ok() {
+                        outcome = Err(e);
+                    }
+                }
+            }
+            if outcome.is_err() {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        outcome
+    })?;
+    Ok(work)
+}
+
+impl LoadedModel {
+    /// Runs a causal trace (the fast path). `embedding_std` is needed for relative noise.
+    /// `workers` > 1 spreads the token rows over that many threads (native only): each thread
+    /// runs its own single-threaded kernels, which uses the cores better than threading inside
+    /// every matrix product.
+    pub fn trace(
+        &self,
+        req: &TraceRequest,
+        embedding_std: Option<f64>,
+        obs: &mut dyn TraceObserver,
+        workers: usize,
+    ) -> Result<TraceResult> {
+        let started = web_time_now();
+        let p = prepare(self, req, embedding_std)?;
+        let (n, big_t) = (self.model.n_layer(), p.ids.len());
+        obs.on_start(req.kinds.len() * big_t);
+        let mut grids: BTreeMap<TraceKind, Vec<Vec<f32>>> = req
+            .kinds
+            .iter()
+            .map(|k| (*k, vec![vec![]; big_t]))
+            .collect();
+        let items: Vec<(TraceKind, usize)> = req
+            .kinds
+            .iter()
+            .flat_map(|&k| (0..big_t).map(move |t| (k, t)))
+            .collect();
+        let work = run_items(
+            self,
+            &p,
+            req.window,
+            &items,
+            workers,
+            &mut |kind, t, row| {
+                let keep = obs.on_row(kind, t, &row);
+                grids.get_mut(&kind).unwrap()[t] = row;
+                keep
+            },
+        )?;
+        Ok(finish(
+            self,
+            req,
+            p,
+            grids,
+            TraceWork {
+                // The clean run and the corrupted run, then the cells.
+                token_layers: ((req.samples + 1) * big_t * n) as u64 + work,
+                naive_token_layers: naive_work(req, big_t, n),
+            },
+            started,
+        ))
+    }
+
+    pub fn trace_naive(
+        &self,
+        req: &TraceRequest,
+        embedding_std: Option<f64>,
+    ) -> Result<TraceResult> {
+        let started = web_time_now();
+        let p = prepare(self, req, embedding_std)?;
+        let m = &self.model;
+        let (n, big_t) = (m.n_layer(), p.ids.len());
+        let rows = m.ids_tensor(&vec![p.ids.clone(); req.samples + 1])?;
+        let mut scores = BTreeMap::new();
+        for &kind in &req.kinds {
+            let mut grid = vec![vec![0f32; n]; big_t];
+            for (t, row) in grid.iter_mut().enumerate() {
+                for (l, cell) in row.iter_mut().enumerate() {
+                    let sites: Vec<Site> = match kind {
+                        TraceKind::Hidden => vec![Site::Block(l)],
+                        _ => {
+                            let (lo, hi) = window_layers(l, req.window, n);
+                            (lo..hi).map(|j| kind.site(j)).collect()
+                        }
+                    };
+                    let mut restore = FnHook(|s: Site, x: &Tensor| -> Result<Option<Tensor>> {
+                        if !sites.contains(&s) {
+                            return Ok(None);
+                        }
+                        let clean = x.narrow(0, 0, 1)?.narrow(1, t, 1)?;
+                        let cells: Vec<_> = (1..=req.samples)
+                            .map(|r| (r, t, clean.squeeze(0).unwrap().squeeze(0).unwrap()))
+                            .collect();
+                        Ok(Some(crate::hooks::patch_rows(x, &cells, false)?))
+                    });
+                    let mut nh = noise_hook(&p.noise, p.range, 1);
+                    let mut chain = Chain(vec![&mut nh, &mut restore]);
+                    let logits = m
+                        .run(&rows, &mut chain, None, LogitsAt::Last)?
+                        .ok_or_else(|| LociError::input("forward pass stopped early"))?;
+                    *cell = answer_prob(&logits.narrow(0, 1, req.samples)?, p.answer, 1)?[0];
+                }
+            }
+            scores.insert(kind, grid);
+        }
+        let work = naive_work(req, big_t, n);
+        Ok(finish(
+            self,
+            req,
+            p,
+            scores,
+            TraceWork {
+                token_layers: work,
+                naive_token_layers: work,
+            },
+            started,
+        ))
+    }
+}
+
+fn naive_work(req: &TraceRequest, big_t: usize, n: usize) -> u64 {
+    (req.kinds.len() * big_t * n * (req.samples + 1) * big_t * n) as u64
+}
+
+fn finish(
+    lm: &LoadedModel,
+    req: &TraceRequest,
+    p: Prepared,
+    scores: BTreeMap<TraceKind, Vec<Vec<f32>>>,
+    work: TraceWork,
+    started: f64,
+) -> TraceResult {
+    let last_subject = p.range.1 - 1;
+    let effects = |token: Option<usize>| -> BTreeMap<TraceKind, Vec<f32>> {
+        scores
+            .iter()
+            .map(|(k, g)| (*k, tracing_effect(g, p.high, p.low, token)))
+            .collect()
+    };
+    let tracing_effect = effects(None);
+    let tracing_effect_subject_last = effects(Some(last_subject));
+    TraceResult {
+        model: lm.name.clone(),
+        prompt: req.prompt.clone(),
+        subject: req.subject.clone(),
+        tokens: lm.tokenizer.token_strings(&p.ids).unwrap_or_default(),
+        subject_range: [p.range.0, p.range.1],
+        answer: AnswerToken {
+            id: p.answer,
+            token: lm.tokenizer.decode(&[p.answer]).unwrap_or_default(),
+        },
+        high: p.high,
+        low: p.low,
+        noise: p.scale,
+        samples: req.samples,
+        window: req.window,
+        scores,
+        tracing_effect,
+        tracing_effect_subject_last,
+        work,
+        seconds: web_time_now() - started,
+    }
+}
+
+/// Seconds on a monotonic-enough clock that also exists in the browser.
+fn web_time_now() -> f64 {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use std::time::{SystemTime, UNIX_EPOCH};
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64())
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        0.0
+    }
+}

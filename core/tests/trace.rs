@@ -1,0 +1,191 @@
+//! Causal tracing: the fast path equals the reference algorithm; a real model shows the paper's
+//! pattern; bad requests are refused.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device};
+use loci_core::trace::{NoiseSpec, Quiet, TraceKind, TraceObserver, TraceRequest};
+use loci_core::LoadedModel;
+
+fn tiny(name: &str) -> LoadedModel {
+    LoadedModel::load(&common::fixtures().join(name), DType::F32, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn fast_path_equals_naive_path_for_every_kind_and_family() {
+    for name in ["tiny-gpt2", "tiny-gptj", "tiny-llama"] {
+        let lm = tiny(name);
+        for window in [1, 3, 10] {
+            let mut req =
+                TraceRequest::new("The Eiffel Tower is located in the city of", "Eiffel Tower");
+            req.samples = 3;
+            req.window = window;
+            req.noise = NoiseSpec::Fixed(0.8);
+            // Both the sequential and the threaded schedule must give the reference grid.
+            let fast = lm.trace(&req, None, &mut Quiet, 1 + window % 2).unwrap();
+            let naive = lm.trace_naive(&req, None).unwrap();
+            assert_eq!(fast.subject_range, naive.subject_range);
+            assert_eq!(fast.answer, naive.answer);
+            assert!((fast.high - naive.high).abs() < 1e-6);
+            assert!((fast.low - naive.low).abs() < 1e-5);
+            for kind in TraceKind::ALL {
+                let (f, n) = (&fast.scores[&kind], &naive.scores[&kind]);
+                assert_eq!(f.len(), n.len());
+                for (t, (fr, nr)) in f.iter().zip(n).enumerate() {
+                    for (l, (a, b)) in fr.iter().zip(nr).enumerate() {
+                        assert!(
+                            (a - b).abs() < 2e-5 * (1.0 + b.abs()),
+                            "{name} w{window} {kind:?} t{t} l{l}: fast {a} naive {b}"
+                        );
+                    }
+                }
+            }
+            assert!(
+                fast.work.token_layers * 3 < fast.work.naive_token_layers,
+                "{:?}",
+                fast.work
+            );
+            // The grid actually varies: restoration matters somewhere.
+            let hidden = &fast.scores[&TraceKind::Hidden];
+            let spread = hidden
+                .iter()
+                .flatten()
+                .fold(0f32, |m, p| m.max((p - fast.low).abs()));
+            assert!(spread > 1e-3, "{name}: restoring never changes anything");
+        }
+    }
+}
+
+#[test]
+fn bad_requests_are_refused() {
+    let lm = tiny("tiny-gpt2");
+    let ok = TraceRequest::new("The Eiffel Tower is located in", "Eiffel Tower");
+    let err = |r: &TraceRequest| {
+        lm.trace(r, Some(0.1), &mut Quiet, 1)
+            .unwrap_err()
+            .to_string()
+    };
+    let mut r = ok.clone();
+    r.subject = "Louvre".into();
+    assert!(err(&r).contains("does not occur"));
+    r = ok.clone();
+    r.prompt = "".into();
+    assert!(err(&r).contains("empty"));
+    r = ok.clone();
+    r.prompt = "The Eiffel Tower is tall. ".repeat(30);
+    assert!(err(&r).contains("context"));
+    r = ok.clone();
+    r.samples = 0;
+    assert!(err(&r).contains("samples"));
+    r = ok.clone();
+    r.window = 0;
+    assert!(err(&r).contains("window"));
+    r = ok.clone();
+    r.noise = NoiseSpec::Relative(3.0);
+    assert!(lm
+        .trace(&r, None, &mut Quiet, 1)
+        .unwrap_err()
+        .to_string()
+        .contains("standard deviation"));
+    assert!("abc".parse::<NoiseSpec>().is_err());
+    assert_eq!("3x".parse::<NoiseSpec>().unwrap(), NoiseSpec::Relative(3.0));
+    assert_eq!(
+        "u0.5".parse::<NoiseSpec>().unwrap(),
+        NoiseSpec::Uniform(0.5)
+    );
+}
+
+#[test]
+fn a_trace_can_be_cancelled_and_streams_rows() {
+    struct StopAfter(usize, Vec<(TraceKind, usize)>);
+    impl TraceObserver for StopAfter {
+        fn on_row(&mut self, kind: TraceKind, token: usize, scores: &[f32]) -> bool {
+            assert_eq!(scores.len(), 4);
+            self.1.push((kind, token));
+            self.1.len() < self.0
+        }
+    }
+    let lm = tiny("tiny-llama");
+    let mut req = TraceRequest::new("The Eiffel Tower is located in", "Eiffel Tower");
+    req.noise = NoiseSpec::Fixed(0.5);
+    let mut obs = StopAfter(3, vec![]);
+    let e = lm.trace(&req, None, &mut obs, 1).unwrap_err();
+    assert!(matches!(e, loci_core::LociError::Cancelled));
+    assert_eq!(
+        obs.1,
+        vec![
+            (TraceKind::Hidden, 0),
+            (TraceKind::Hidden, 1),
+            (TraceKind::Hidden, 2)
+        ]
+    );
+}
+
+fn smol() -> Option<&'static LoadedModel> {
+    static M: OnceLock<Option<LoadedModel>> = OnceLock::new();
+    M.get_or_init(|| {
+        common::smollm2().map(|p| LoadedModel::load(&p, DType::F32, &Device::Cpu).unwrap())
+    })
+    .as_ref()
+}
+
+#[test]
+fn smollm2_trace_shows_the_papers_pattern() {
+    let Some(lm) = smol() else { return };
+    let subjects: Vec<String> =
+        common::read_json(&common::root().join("../shared/data/known_1000.json"))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["subject"].as_str().unwrap().to_string())
+            .collect();
+    let std = loci_core::trace::embedding_std(lm, &subjects).unwrap();
+    assert!(std > 0.01 && std < 1.0, "embedding std {std}");
+    let mut req = TraceRequest::new("The Eiffel Tower is located in the city of", "Eiffel Tower");
+    req.kinds = vec![TraceKind::Hidden];
+    let r = lm.trace(&req, Some(std), &mut Quiet, 2).unwrap();
+    assert_eq!(r.answer.token, " Paris");
+    let clean = lm.predict(&req.prompt, 1).unwrap().top[0].prob;
+    assert!(
+        (r.high - clean).abs() < 1e-5,
+        "high {} vs clean {clean}",
+        r.high
+    );
+    assert!(r.low < 0.5 * r.high, "low {} high {}", r.low, r.high);
+    let grid = &r.scores[&TraceKind::Hidden];
+    let (t_last, l_last) = (grid.len() - 1, grid[0].len() - 1);
+    assert!(
+        (grid[t_last][l_last] - r.high).abs() < 1e-4,
+        "last cell {}",
+        grid[t_last][l_last]
+    );
+    let n = grid[0].len();
+    let frac = |p: f32| (p - r.low) / (r.high - r.low);
+    let subject = r.subject_range[0]..r.subject_range[1];
+    let max_over = |tokens: std::ops::Range<usize>, layers: std::ops::Range<usize>| {
+        tokens
+            .flat_map(|t| grid[t][layers.clone()].to_vec())
+            .fold(0f32, f32::max)
+    };
+    // SmolLM2 keeps "Eiffel Tower" in the subject's tokens (mostly "iffel") in early-to-middle
+    // layers; the last token carries the answer only in late layers. The paper's pattern.
+    let early_subj = max_over(subject.clone(), 0..n / 2);
+    assert!(
+        frac(early_subj) > 0.5,
+        "subject, early layers: {early_subj}"
+    );
+    let early_last = max_over(t_last..t_last + 1, 0..n / 2);
+    assert!(
+        frac(early_last) < 0.1,
+        "last token, early layers: {early_last}"
+    );
+    let late_last = max_over(t_last..t_last + 1, n - 3..n);
+    let late_subj = max_over(subject, n - 3..n);
+    assert!(
+        frac(late_last) > 0.8,
+        "last token, late layers: {late_last}"
+    );
+    assert!(frac(late_subj) < 0.2, "subject, late layers: {late_subj}");
+}

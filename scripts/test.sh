@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs every check and test of Loci on a fresh machine: installs tools, fetches the real test
+# model, then formatting, lints, native tests, the wasm32 build of the core and the web app.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/loci-target}"
+export PATH="$HOME/.cargo/bin:$PATH"
+step() { printf '\n=== %s (%s)\n' "$1" "$(date +%T)"; }
+
+step "tools"
+"$root/scripts/install-tools.sh"
+step "default model"
+"$root/scripts/fetch-model.sh"
+step "format"
+cargo fmt --all -- --check
+step "clippy (native)"
+cargo clippy --release --workspace --all-targets -- -D warnings
+step "clippy (wasm32)"
+cargo clippy --release -p loci-core -p loci-frontend --target wasm32-unknown-unknown -- -D warnings
+step "tests"
+cargo test --release --workspace
+step "web app (trunk)"
+trunk build
+test -s dist/index.html && ls dist/*.wasm >/dev/null
+step "done"
