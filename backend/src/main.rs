@@ -6,10 +6,19 @@ use clap::Parser;
 
 fn main() {
     let args = cli::Cli::parse();
-    if let Some(n) = args.threads {
-        // candle's CPU kernels size their thread pools from this, once, at first use.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    cli::WORKERS.set(threads).expect("set once");
+    // candle's CPU kernels read this at every operation. Tracing parallelises over its own
+    // workers (one per thread), which beats threading inside each small matrix product; other
+    // commands let the kernels use the threads. Set before any other thread exists.
+    let kernel_threads = if args.cmd.parallel_workers() {
+        1
+    } else {
+        threads
+    };
+    std::env::set_var("RAYON_NUM_THREADS", kernel_threads.to_string());
     if let Err(e) = cli::run(args) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

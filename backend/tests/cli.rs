@@ -182,3 +182,178 @@ fn bad_input_exits_nonzero_with_a_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("empty"));
 }
+
+#[test]
+fn trace_writes_json_and_plots() {
+    let dir = std::env::temp_dir().join(format!("loci-trace-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json_path = dir.join("t.json");
+    let svg = dir.join("t.svg");
+    let png = dir.join("t.png");
+    let cache = dir.join("cache");
+    let run = |plot: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_loci"))
+            .args([
+                "trace",
+                "--model",
+                &tiny("tiny-gptj"),
+                "--prompt",
+                "The Eiffel Tower is located in the city of",
+                "--subject",
+                "Eiffel Tower",
+                "--samples",
+                "3",
+                "--kind",
+                "hidden,mlp",
+            ])
+            .arg("--json")
+            .arg(&json_path)
+            .arg("--plot")
+            .arg(plot)
+            .env("LOCI_CACHE", &cache)
+            .output()
+            .unwrap()
+    };
+    let out = run(&svg);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+    let n_tok = v["tokens"].as_array().unwrap().len();
+    let range: Vec<usize> = v["subject_range"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
+    let subject: String = v["tokens"].as_array().unwrap()[range[0]..range[1]]
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(subject, " Eiffel Tower");
+    for kind in ["hidden", "mlp"] {
+        let grid = v["scores"][kind].as_array().unwrap();
+        assert_eq!(grid.len(), n_tok);
+        assert!(grid.iter().all(|row| row.as_array().unwrap().len() == 4));
+        assert_eq!(v["tracing_effect"][kind].as_array().unwrap().len(), 4);
+    }
+    assert!(
+        v["scores"].get("attn").is_none(),
+        "only the kinds asked for"
+    );
+    assert!(
+        v["noise"].as_f64().unwrap() > 0.0,
+        "3x noise from the bundled subjects"
+    );
+    assert!(
+        cache.read_dir().unwrap().next().is_some(),
+        "the embedding std is cached"
+    );
+    let svg_text = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg_text.starts_with("<svg") && svg_text.matches("<rect x=").count() >= 2 * n_tok * 4);
+    let out = run(&png);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
+}
+
+#[test]
+fn trace_over_facts_reports_average_curves() {
+    let facts = root()
+        .join("static/data/known_1000.json")
+        .display()
+        .to_string();
+    let v = json(&loci(&[
+        "trace",
+        "--model",
+        &tiny("tiny-llama"),
+        "--facts",
+        &facts,
+        "--n",
+        "2",
+        "--samples",
+        "2",
+        "--kind",
+        "hidden",
+        "--noise",
+        "0.5",
+        "--json",
+    ]));
+    // The random tiny model gets one fact of the file right by chance ("… native speaker of"
+    // → " French"): it scans the whole file for a second one and reports what it found.
+    let traced = v["n_traced"].as_u64().unwrap();
+    assert_eq!(traced, 1);
+    assert_eq!(traced + v["n_skipped_wrong"].as_u64().unwrap(), 1209);
+    assert_eq!(v["aggregate"]["n_facts"], 1);
+    assert_eq!(
+        v["aggregate"]["last_token"]["hidden"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    assert_eq!(v["traces"][0]["answer"]["token"], " French");
+}
+
+#[test]
+fn trace_rejects_bad_requests() {
+    let m = tiny("tiny-gpt2");
+    let out = loci(&[
+        "trace",
+        "--model",
+        &m,
+        "--prompt",
+        "The Eiffel Tower is in",
+        "--subject",
+        "Louvre",
+        "--noise",
+        "0.1",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not occur"));
+    let out = loci(&[
+        "trace",
+        "--model",
+        &m,
+        "--prompt",
+        "The Eiffel Tower is in",
+        "--subject",
+        "Eiffel",
+        "--samples",
+        "0",
+        "--noise",
+        "0.1",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("samples"));
+    let out = loci(&[
+        "trace",
+        "--model",
+        &m,
+        "--prompt",
+        "The Eiffel Tower is in",
+        "--subject",
+        "Eiffel",
+        "--noise",
+        "loud",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("noise"));
+    let out = loci(&[
+        "trace",
+        "--model",
+        &m,
+        "--prompt",
+        "The Eiffel Tower is in",
+        "--subject",
+        "Eiffel",
+        "--plot",
+        "/tmp/x.gif",
+        "--noise",
+        "0.1",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains(".svg or .png"));
+}

@@ -135,7 +135,7 @@ fn smol() -> Option<&'static LoadedModel> {
 fn smollm2_trace_shows_the_papers_pattern() {
     let Some(lm) = smol() else { return };
     let subjects: Vec<String> =
-        common::read_json(&common::root().join("../shared/data/known_1000.json"))
+        common::read_json(&common::root().join("static/data/known_1000.json"))
             .as_array()
             .unwrap()
             .iter()

@@ -86,10 +86,7 @@ pub fn peak_rss_mib() -> Option<f64> {
 }
 
 pub fn threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    super::workers()
 }
 
 /// FLOPs of one token through one block (2 per weight of the attention and MLP matrices).

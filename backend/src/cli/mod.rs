@@ -107,6 +107,23 @@ pub enum Command {
     Bench(bench::BenchCmd),
 }
 
+/// Threads this process may use (`--threads`, default all cores).
+pub static WORKERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+pub fn workers() -> usize {
+    WORKERS.get().copied().unwrap_or(1)
+}
+
+impl Command {
+    /// Commands that spread their work over their own worker threads.
+    pub fn parallel_workers(&self) -> bool {
+        matches!(
+            self,
+            Command::Trace(_) | Command::Bench(bench::BenchCmd::Trace { .. })
+        )
+    }
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Command::Predict(a) => predict::predict(a),

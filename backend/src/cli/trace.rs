@@ -62,12 +62,19 @@ struct KnownFact {
     attribute: String,
 }
 
-fn default_known() -> PathBuf {
-    // The bundled copy in static/, found next to the binary's working directory or via LOCI_STATIC.
-    let base = std::env::var_os("LOCI_STATIC")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("static"));
-    base.join("data/known_1000.json")
+/// ROME's known_1000.json (MIT), bundled so the default noise needs no data folder.
+const KNOWN_1000: &str = include_str!("../../../static/data/known_1000.json");
+
+fn known_subjects(known: Option<&Path>) -> Result<(String, Vec<String>)> {
+    let facts: Vec<KnownFact> = match known {
+        Some(p) => read_facts(p)?,
+        None => serde_json::from_str(KNOWN_1000).expect("bundled known_1000.json parses"),
+    };
+    let name = known.map_or_else(
+        || "bundled known_1000.json".to_string(),
+        |p| p.display().to_string(),
+    );
+    Ok((name, facts.into_iter().map(|f| f.subject).collect()))
 }
 
 fn read_facts(path: &Path) -> Result<Vec<KnownFact>> {
@@ -92,26 +99,23 @@ struct NoiseCache {
 
 /// The subject-embedding std of this model, computed once and cached per model.
 pub fn cached_embedding_std(lm: &LoadedModel, known: Option<&Path>) -> Result<f64> {
-    let known = known.map(Path::to_path_buf).unwrap_or_else(default_known);
+    let (name, subjects) = known_subjects(known)?;
     let file = cache_dir(lm).join("embedding_std.json");
-    if let Ok(c) = std::fs::read(&file)
-        .map_err(anyhow::Error::from)
-        .and_then(|b| Ok(serde_json::from_slice::<NoiseCache>(&b)?))
-    {
-        if c.subjects_file == known.display().to_string() {
-            return Ok(c.embedding_std);
-        }
+    let cached = std::fs::read(&file)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<NoiseCache>(&b).ok());
+    if let Some(c) = cached.filter(|c| c.subjects_file == name) {
+        return Ok(c.embedding_std);
     }
-    let subjects: Vec<String> = read_facts(&known)?.into_iter().map(|f| f.subject).collect();
     let std = embedding_std(lm, &subjects)?;
-    std::fs::create_dir_all(file.parent().unwrap()).ok();
-    let _ = std::fs::write(
-        &file,
-        serde_json::to_string(&NoiseCache {
-            subjects_file: known.display().to_string(),
+    // The cache only saves time: failing to write it is not an error.
+    if std::fs::create_dir_all(file.parent().expect("cache file has a folder")).is_ok() {
+        let cache = NoiseCache {
+            subjects_file: name,
             embedding_std: std,
-        })?,
-    );
+        };
+        let _ = std::fs::write(&file, serde_json::to_string(&cache)?);
+    }
     Ok(std)
 }
 

@@ -129,6 +129,34 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// Keys and values of block input `x` (`[b, t, d]`, already normed) at positions `pos0..`,
+    /// `[b, kv_heads, t, head_dim]` with rotary applied: all that later positions read of them.
+    pub fn keys_values(&self, x: &Tensor, pos0: usize) -> Result<(Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
+        let rows = |l: &Linear| -> Result<Linear> {
+            Ok(Linear::new(
+                l.weight.narrow(0, nh * hd, 2 * nkv * hd)?,
+                l.bias
+                    .as_ref()
+                    .map(|b| b.narrow(0, nh * hd, 2 * nkv * hd))
+                    .transpose()?,
+            ))
+        };
+        let kv = rows(&self.qkv)?.forward(x)?;
+        let heads = |start: usize| -> Result<Tensor> {
+            Ok(kv
+                .narrow(D::Minus1, start * hd, nkv * hd)?
+                .reshape((b, t, nkv, hd))?
+                .transpose(1, 2)?)
+        };
+        let mut k = heads(0)?;
+        if let Some(r) = &self.rotary {
+            k = r.apply(&k, pos0)?;
+        }
+        Ok((k.contiguous()?, heads(nkv)?.contiguous()?))
+    }
+
     /// `x`: `[b, t, d]` at positions `pos0..pos0+t`; `cache` holds earlier positions.
     pub fn forward(
         &self,
@@ -161,29 +189,31 @@ impl Attention {
             c.v = Some(v.clone());
         }
         let t_all = k.dim(2)?;
-        if nkv != nh {
-            let rep = nh / nkv;
-            let expand = |y: Tensor| -> Result<Tensor> {
-                Ok(y.unsqueeze(2)?
-                    .expand((b, nkv, rep, t_all, hd))?
-                    .reshape((b, nh, t_all, hd))?)
-            };
-            k = expand(k)?;
-            v = expand(v)?;
-        }
+        // Grouped-query attention without copying keys: the `rep` query heads that share a key
+        // head are stacked along the query axis, [b, nkv, rep·t, hd].
+        let rep = nh / nkv;
         let dtype = x.dtype();
         // Scores and softmax in f32, as the reference does for half-precision models.
-        let q = q.to_dtype(DType::F32)?.contiguous()?;
+        let q = q
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .reshape((b, nkv, rep * t, hd))?;
         let k = k.to_dtype(DType::F32)?.contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
         let scores = if t > 1 {
-            scores.broadcast_add(&causal_mask(t, t_all, x.device())?)?
+            let mask = causal_mask(t, t_all, x.device())?;
+            let mask = if rep > 1 {
+                mask.repeat((rep, 1))?
+            } else {
+                mask
+            };
+            scores.broadcast_add(&mask)?
         } else {
             scores
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        let y = probs.matmul(&v.contiguous()?)?;
+        let y = probs.matmul(&v.contiguous()?)?.reshape((b, nh, t, hd))?;
         let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.out.forward(&y)
     }

@@ -86,6 +86,24 @@ fn visit(hook: &mut dyn Hook, site: Site, x: Tensor) -> Result<Tensor> {
 }
 
 impl Block {
+    /// The block's output from its input `x`, attention output `a` and MLP output `m`.
+    pub fn combine(&self, x: &Tensor, a: &Tensor, m: &Tensor) -> Result<Tensor> {
+        Ok(match &self.ln2 {
+            Some(_) => ((x + a)? + m)?,
+            // GPT-J adds in transformers' order: (attn + mlp) + residual.
+            None => ((a + m)? + x)?,
+        })
+    }
+
+    /// The MLP's output for block input `x` and attention output `a` (no hooks).
+    pub fn mlp_output(&self, x: &Tensor, a: &Tensor) -> Result<Tensor> {
+        let mlp_in = match &self.ln2 {
+            Some(ln2) => ln2.forward(&(x + a)?)?,
+            None => self.ln1.forward(x)?,
+        };
+        self.mlp.down().forward(&self.mlp.key(&mlp_in)?)
+    }
+
     /// Runs this block (layer `l`) on `x` at positions `pos0..`; `cache` supplies (and receives)
     /// keys and values of earlier positions. `None` when the hook stopped the pass.
     pub fn forward(
@@ -99,22 +117,15 @@ impl Block {
         let n1 = self.ln1.forward(x)?;
         let a = self.attn.forward(&n1, pos0, cache)?;
         let a = visit!(hook, Site::Attn(l), a);
-        let (mlp_in, resid) = match &self.ln2 {
-            Some(ln2) => {
-                let h = (x + &a)?;
-                (ln2.forward(&h)?, h)
-            }
-            None => (n1, x.clone()),
+        let mlp_in = match &self.ln2 {
+            Some(ln2) => ln2.forward(&(x + &a)?)?,
+            None => n1,
         };
         let k = self.mlp.key(&mlp_in)?;
         let k = visit!(hook, Site::MlpKey(l), k);
         let m = self.mlp.down().forward(&k)?;
         let m = visit!(hook, Site::Mlp(l), m);
-        let h = match &self.ln2 {
-            Some(_) => (resid + m)?,
-            // GPT-J adds in transformers' order: (attn + mlp) + residual.
-            None => ((a + m)? + resid)?,
-        };
+        let h = self.combine(x, &a, &m)?;
         Ok(Some(visit!(hook, Site::Block(l), h)))
     }
 }

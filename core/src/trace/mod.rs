@@ -177,6 +177,8 @@ struct Prepared {
     noise: Tensor,
     scale: f64,
     clean: Capture,
+    /// Attention and MLP outputs of the corrupted run.
+    corrupt: Capture,
     /// Residual input of each layer in the corrupted run, `[samples, T, d]`; index `n_layer` is
     /// the last block's output.
     resid_in: Vec<Tensor>,
@@ -276,12 +278,13 @@ fn prepare(lm: &LoadedModel, req: &TraceRequest, embedding_std: Option<f64>) -> 
         &m.device,
     )?;
     let rows: Vec<Vec<u32>> = vec![ids.clone(); req.samples];
-    let mut corrupt_cap = Capture::new((0..n).map(Site::Block));
+    let mut corrupt =
+        Capture::new((0..n).flat_map(|l| [Site::Block(l), Site::Mlp(l), Site::Attn(l)]));
     let mut kv = KvCache::default();
     let mut embed_cap = Capture::new([Site::Embed]);
     let low_logits = {
         let mut nh = noise_hook(&noise, range, 0);
-        let mut chain = Chain(vec![&mut nh, &mut embed_cap, &mut corrupt_cap]);
+        let mut chain = Chain(vec![&mut nh, &mut embed_cap, &mut corrupt]);
         m.run(
             &m.ids_tensor(&rows)?,
             &mut chain,
@@ -298,7 +301,7 @@ fn prepare(lm: &LoadedModel, req: &TraceRequest, embedding_std: Option<f64>) -> 
         None => emb,
     });
     for l in 0..n {
-        resid_in.push(corrupt_cap.get(Site::Block(l))?.clone());
+        resid_in.push(corrupt.get(Site::Block(l))?.clone());
     }
     Ok(Prepared {
         ids,
@@ -309,6 +312,7 @@ fn prepare(lm: &LoadedModel, req: &TraceRequest, embedding_std: Option<f64>) -> 
         noise,
         scale,
         clean,
+        corrupt,
         resid_in,
         kv,
     })
@@ -331,21 +335,37 @@ pub fn window_layers(l: usize, window: usize, n_layer: usize) -> (usize, usize) 
     )
 }
 
-/// One restoration: which layer it enters at, and which sites it overwrites with clean values.
+/// The share of a block's FLOPs that computing only keys and values costs.
+fn kv_only_share(cfg: &crate::config::ModelConfig) -> f64 {
+    let (d, q, kv) = (
+        cfg.d_model,
+        cfg.n_head * cfg.head_dim,
+        cfg.n_kv_head * cfg.head_dim,
+    );
+    let mlp = match cfg.family {
+        crate::config::Family::Llama => 3 * d * cfg.d_ff,
+        _ => 2 * d * cfg.d_ff,
+    };
+    (2 * d * kv) as f64 / (d * (q + 2 * kv) + q * d + mlp) as f64
+}
+
+/// One restoration, as the batched pass sees it: the layer whose input it first changes, that
+/// input (positions t..), and the layers whose module output at t it still overwrites.
 struct Cell {
     layer: usize,
     start: usize,
     restore: (usize, usize),
 }
 
-/// Scores of all layers' cells for one kind at token `t`, batched (the fast path).
+/// Scores of all layers' cells for one kind at token `t`, batched (the fast path). Adds the
+/// computation done, in token-layers, to `work`.
 fn trace_token(
     lm: &LoadedModel,
     p: &Prepared,
     kind: TraceKind,
     t: usize,
     window: usize,
-    work: &mut u64,
+    work: &mut f64,
 ) -> Result<Vec<f32>> {
     let m = &lm.model;
     let (n, big_t) = (m.n_layer(), p.ids.len());
@@ -355,6 +375,9 @@ fn trace_token(
     }
     let samples = p.noise.dim(0)?;
     let suffix = big_t - t;
+    let d = m.cfg.d_model;
+    // A restored module output at layer lo changes nothing at later positions of layer lo (they
+    // read that layer's inputs), so windowed cells enter at lo + 1 with only position t changed.
     let mut cells: Vec<Cell> = (0..n)
         .map(|l| match kind {
             TraceKind::Hidden => Cell {
@@ -366,28 +389,49 @@ fn trace_token(
                 let (lo, hi) = window_layers(l, window, n);
                 Cell {
                     layer: l,
-                    start: lo,
-                    restore: (lo, hi),
+                    start: lo + 1,
+                    restore: (lo + 1, hi),
                 }
             }
         })
         .collect();
     cells.sort_by_key(|c| c.start);
 
-    // The state a cell enters with: the corrupted residual at positions t.., and for the hidden
-    // kind the clean block output at t.
+    let at_t = |x: &Tensor| x.narrow(1, t, 1);
+    let clean_at = |site: Site| -> Result<Tensor> {
+        Ok(at_t(p.clean.get(site)?)?
+            .broadcast_as((samples, 1, d))?
+            .contiguous()?)
+    };
+    // The residual entering layer `c.start` at positions t..: corrupted, except at t.
     let entry = |c: &Cell| -> Result<Tensor> {
-        let x = p.resid_in[c.start].narrow(1, t, suffix)?;
-        if kind != TraceKind::Hidden {
-            return Ok(x);
+        let changed = match kind {
+            TraceKind::Hidden => clean_at(Site::Block(c.layer))?,
+            _ => {
+                let lo = c.start - 1;
+                let block = &m.blocks[lo];
+                let x = at_t(&p.resid_in[lo])?;
+                let (a, mo) = if kind == TraceKind::Mlp {
+                    (
+                        at_t(p.corrupt.get(Site::Attn(lo))?)?,
+                        clean_at(Site::Mlp(lo))?,
+                    )
+                } else {
+                    let a = clean_at(Site::Attn(lo))?;
+                    let mo = block.mlp_output(&x, &a)?;
+                    (a, mo)
+                };
+                block.combine(&x, &a, &mo)?
+            }
+        };
+        if suffix == 1 {
+            return Ok(changed);
         }
-        let clean = p.clean.get(Site::Block(c.layer))?.narrow(1, t, 1)?;
-        let clean = clean
-            .broadcast_as((samples, 1, m.cfg.d_model))?
-            .contiguous()?;
-        Ok(Tensor::cat(&[clean, x.narrow(1, 1, suffix - 1)?], 1)?)
+        let rest = p.resid_in[c.start].narrow(1, t + 1, suffix - 1)?;
+        Ok(Tensor::cat(&[changed, rest], 1)?)
     };
 
+    let kv_only = kv_only_share(&m.cfg);
     let mut order: Vec<usize> = Vec::with_capacity(n);
     let mut x: Option<Tensor> = None;
     let mut next = 0;
@@ -422,21 +466,49 @@ fn trace_token(
             cache.k = prefix(&p.kv.layers[j].k)?;
             cache.v = prefix(&p.kv.layers[j].v)?;
         }
+        let block = &m.blocks[j];
+        if j == n - 1 && suffix > 1 {
+            // The last layer matters only at the last position; the others just lend it their
+            // keys and values (a restoration at t < last changes neither).
+            let head = cur.narrow(1, 0, suffix - 1)?;
+            let (k, v) = block.attn.keys_values(&block.ln1.forward(&head)?, t)?;
+            let join = |prev: Option<Tensor>, new: Tensor| -> Result<Option<Tensor>> {
+                Ok(Some(match prev {
+                    Some(p) => Tensor::cat(&[p, new], 2)?,
+                    None => new,
+                }))
+            };
+            cache.k = join(cache.k.take(), k)?;
+            cache.v = join(cache.v.take(), v)?;
+            *work += rows as f64 * (1.0 + (suffix - 1) as f64 * kv_only);
+            let last = cur.narrow(1, suffix - 1, 1)?;
+            let out = block
+                .forward(
+                    j,
+                    &last,
+                    big_t - 1,
+                    Some(&mut cache),
+                    &mut crate::hooks::NoHook,
+                )?
+                .ok_or_else(|| LociError::input("forward pass stopped early"))?;
+            x = Some(out);
+            break;
+        }
         // Rows whose window covers layer j get the clean module output at position t.
         let restoring: Vec<bool> = order
             .iter()
             .map(|&ci| (cells[ci].restore.0..cells[ci].restore.1).contains(&j))
             .collect();
         let site = kind.site(j);
-        let clean_at = match kind {
+        let clean = match kind {
             TraceKind::Hidden => None,
-            _ => Some(p.clean.get(site)?.narrow(1, t, 1)?),
+            _ if restoring.iter().any(|r| *r) => Some(at_t(p.clean.get(site)?)?),
+            _ => None,
         };
         let mut hook = FnHook(|s: Site, a: &Tensor| -> Result<Option<Tensor>> {
-            if kind == TraceKind::Hidden || s != site || !restoring.iter().any(|r| *r) {
+            let Some(clean) = clean.as_ref().filter(|_| s == site) else {
                 return Ok(None);
-            }
-            let clean = clean_at.clone().expect("clean state of a restored site");
+            };
             let mask: Vec<u8> = restoring
                 .iter()
                 .flat_map(|&r| std::iter::repeat_n(r as u8, samples))
@@ -455,22 +527,21 @@ fn trace_token(
                 first
             }))
         });
-        *work += (rows * suffix) as u64;
-        let out = m.blocks[j]
+        *work += (rows * suffix) as f64;
+        let out = block
             .forward(j, &cur, t, Some(&mut cache), &mut hook)?
             .ok_or_else(|| LociError::input("forward pass stopped early"))?;
         x = Some(out);
     }
-    // Cells that change nothing inside the network (hidden kind at the last layer).
-    let mut finals: Vec<Tensor> = x.into_iter().collect();
+    // Last positions of every cell; cells entering after the last layer change it directly.
+    let last_of = |y: &Tensor| -> Result<Tensor> { Ok(y.narrow(1, y.dim(1)? - 1, 1)?) };
+    let mut finals: Vec<Tensor> = x.iter().map(last_of).collect::<Result<_>>()?;
     while next < cells.len() {
-        finals.push(entry(&cells[next])?);
+        finals.push(last_of(&entry(&cells[next])?)?);
         order.push(next);
         next += 1;
     }
-    let last = Tensor::cat(&finals, 0)?
-        .narrow(1, suffix - 1, 1)?
-        .squeeze(1)?;
+    let last = Tensor::cat(&finals, 0)?.squeeze(1)?;
     let probs = answer_prob(&m.final_logits(&last)?, p.answer, order.len())?;
     let mut scores = vec![0f32; n];
     for (slot, &ci) in order.iter().enumerate() {
@@ -488,8 +559,8 @@ fn run_items(
     items: &[(TraceKind, usize)],
     workers: usize,
     emit: &mut dyn FnMut(TraceKind, usize, Vec<f32>) -> bool,
-) -> Result<u64> {
-    let mut work = 0;
+) -> Result<f64> {
+    let mut work = 0.0;
     if workers <= 1 || cfg!(target_arch = "wasm32") || items.len() < 2 {
         for &(kind, t) in items {
             let row = trace_token(lm, p, kind, t, window, &mut work)?;
@@ -504,7 +575,7 @@ fn run_items(
     order.sort_by_key(|&i| items[i].1);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let (tx, rx) = std::sync::mpsc::channel::<Result<(TraceKind, usize, Vec<f32>, u64)>>();
+    let (tx, rx) = std::sync::mpsc::channel::<Result<(TraceKind, usize, Vec<f32>, f64)>>();
     std::thread::scope(|scope| {
         for _ in 0..workers.min(items.len()) {
             let tx = tx.clone();
@@ -516,7 +587,7 @@ fn run_items(
                     let i = next.fetch_add(1, Relaxed);
                     let Some(&k) = order.get(i) else { break };
                     let item = items[k];
-                    let mut w = 0;
+                    let mut w = 0.0;
                     let res = trace_token(lm, p, item.0, item.1, window, &mut w);
                     let failed = res.is_err();
                     if tx.send(res.map(|row| (item.0, item.1, row, w))).is_err() || failed {
@@ -595,7 +666,7 @@ impl LoadedModel {
             grids,
             TraceWork {
                 // The clean run and the corrupted run, then the cells.
-                token_layers: ((req.samples + 1) * big_t * n) as u64 + work,
+                token_layers: ((req.samples + 1) * big_t * n) as u64 + work.round() as u64,
                 naive_token_layers: naive_work(req, big_t, n),
             },
             started,
