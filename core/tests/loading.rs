@@ -1,0 +1,128 @@
+//! The other ways in: sharded checkpoints, bytes (the browser), half precision.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use loci_core::LoadedModel;
+
+fn last_logits(lm: &LoadedModel, prompt: &str) -> Vec<f32> {
+    let ids = lm.tokenizer.encode(prompt).unwrap();
+    let t = lm.model.ids_tensor(&[ids]).unwrap();
+    lm.model
+        .run(&t, &mut loci_core::NoHook, None, loci_core::LogitsAt::Last)
+        .unwrap()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+const PROMPT: &str = "The Eiffel Tower is located in the city of";
+
+#[test]
+fn a_sharded_checkpoint_loads_like_a_single_file() {
+    let src = common::fixtures().join("tiny-gptj");
+    let whole = LoadedModel::load(&src, DType::F32, &Device::Cpu).unwrap();
+    let dir = std::env::temp_dir().join(format!("loci-shards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (i, chunk) in names.chunks(names.len() / 2 + 1).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+        let part: HashMap<String, Tensor> = chunk
+            .iter()
+            .map(|n| ((*n).clone(), tensors[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&part, dir.join(&file)).unwrap();
+        for n in chunk {
+            weight_map.insert((*n).clone(), serde_json::json!(file));
+        }
+    }
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
+    let sharded = LoadedModel::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(last_logits(&whole, PROMPT), last_logits(&sharded, PROMPT));
+
+    // An index that points outside the folder is refused.
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::json!({"weight_map": {"lm_head.weight": "../../etc/passwd"}}).to_string(),
+    )
+    .unwrap();
+    let e = LoadedModel::load(&dir, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bad shard name"), "{e}");
+}
+
+#[test]
+fn models_load_from_bytes_as_in_the_browser() {
+    let src = common::fixtures().join("tiny-llama");
+    let read = |f: &str| std::fs::read(src.join(f)).unwrap();
+    let from_files = LoadedModel::load(&src, DType::F32, &Device::Cpu).unwrap();
+    let from_bytes = LoadedModel::from_hf_bytes(
+        "tiny-llama",
+        &read("config.json"),
+        &read("tokenizer.json"),
+        vec![read("model.safetensors")],
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        last_logits(&from_files, PROMPT),
+        last_logits(&from_bytes, PROMPT)
+    );
+    let e = LoadedModel::from_hf_bytes(
+        "x",
+        &read("config.json"),
+        &read("tokenizer.json"),
+        vec![vec![1, 2, 3]],
+        DType::F32,
+        &Device::Cpu,
+    );
+    assert!(e.is_err());
+
+    if let Some(gguf) = common::smollm2() {
+        let bytes = std::fs::read(&gguf).unwrap();
+        let lm = LoadedModel::from_gguf_bytes("smollm2", &bytes, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(lm.predict(PROMPT, 1).unwrap().top[0].token, " Paris");
+    }
+}
+
+#[test]
+fn half_precision_stays_close_to_f32() {
+    for name in ["tiny-gpt2", "tiny-gptj", "tiny-llama"] {
+        let src = common::fixtures().join(name);
+        let full = last_logits(
+            &LoadedModel::load(&src, DType::F32, &Device::Cpu).unwrap(),
+            PROMPT,
+        );
+        let scale = full.iter().fold(0f32, |m, x| m.max(x.abs()));
+        for dtype in [DType::F16, DType::BF16] {
+            let lm = LoadedModel::load(&src, dtype, &Device::Cpu).unwrap();
+            assert_eq!(lm.model.dtype, dtype);
+            let half = last_logits(&lm, PROMPT);
+            let err = full
+                .iter()
+                .zip(&half)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max)
+                / scale;
+            let tol = if dtype == DType::F16 { 5e-3 } else { 3e-2 };
+            assert!(err < tol, "{name} {dtype:?}: relative error {err}");
+        }
+    }
+}
