@@ -357,3 +357,103 @@ fn trace_rejects_bad_requests() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains(".svg or .png"));
 }
+
+#[test]
+fn stats_then_edit_reports_before_and_after() {
+    let dir = std::env::temp_dir().join(format!("loci-edit-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let corpus = root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
+    let stats = dir.join("stats");
+    let model = tiny("tiny-gpt2");
+    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
+        .args([
+            "stats", "--model", &model, "--layers", "1,2", "--tokens", "2000",
+        ])
+        .arg("--corpus")
+        .arg(&corpus)
+        .arg("--out")
+        .arg(&stats)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stats.join("layer1.safetensors").exists() && stats.join("layer2.safetensors").exists());
+    let edit_file = dir.join("edit.safetensors");
+    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
+        .args([
+            "edit",
+            "--model",
+            &model,
+            "--prompt",
+            "The Eiffel Tower is located in the city of",
+            "--subject",
+            "Eiffel Tower",
+            "--target",
+            "Rome",
+            "--layer",
+            "2",
+            "--v-steps",
+            "4",
+            "--json",
+        ])
+        .args([
+            "--paraphrase",
+            "Where is the Eiffel Tower? In",
+            "--neighborhood",
+            "The Louvre is located in the city of",
+        ])
+        .arg("--stats")
+        .arg(&stats)
+        .arg("--save-edit")
+        .arg(&edit_file)
+        .output()
+        .unwrap();
+    let v = json(&out);
+    assert_eq!(v["layer"], 2);
+    assert_eq!(v["request"]["prompt"], "The {} is located in the city of");
+    assert!(
+        v["request"]["target_true"]["str"].is_string(),
+        "defaults to the current top-1"
+    );
+    for side in ["before", "after"] {
+        let p = v[side]["rewrite"]["target_new"].as_f64().unwrap();
+        assert!(p > 0.0 && p <= 1.0);
+        assert_eq!(v[side]["paraphrase"].as_array().unwrap().len(), 1);
+        assert_eq!(v[side]["neighborhood"].as_array().unwrap().len(), 1);
+    }
+    assert!(
+        v["after"]["rewrite"]["target_new"].as_f64().unwrap()
+            > v["before"]["rewrite"]["target_new"].as_f64().unwrap()
+    );
+    assert_eq!(v["generations"]["before"].as_array().unwrap().len(), 2);
+    assert!(std::fs::metadata(&edit_file).unwrap().len() > 0);
+
+    // Stats made for another layer are refused.
+    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
+        .args([
+            "edit",
+            "--model",
+            &tiny("tiny-llama"),
+            "--prompt",
+            "The Eiffel Tower is located in",
+            "--subject",
+            "Eiffel Tower",
+            "--target",
+            "Rome",
+            "--layer",
+            "2",
+        ])
+        .arg("--stats")
+        .arg(&stats)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("made for"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -3,6 +3,7 @@
 //! optional file loaders, so it builds for wasm32 as well as natively.
 
 pub mod config;
+pub mod edit;
 pub mod error;
 pub mod hooks;
 pub mod loader;

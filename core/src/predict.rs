@@ -81,6 +81,45 @@ impl LoadedModel {
     }
 }
 
+impl LoadedModel {
+    /// Probability of the whole `target` string (all its tokens, a leading space added as ROME
+    /// does) right after `prompt`: Π p(y_j | prompt, y_<j).
+    pub fn target_prob(&self, prompt: &str, target: &str) -> Result<f32> {
+        let prompt_ids = self.encode_prompt(prompt)?;
+        let target_ids = self
+            .tokenizer
+            .encode_plain(&crate::edit::rome::spaced(target))?;
+        if target_ids.is_empty() {
+            return Err(LociError::input(format!(
+                "the target {target:?} tokenizes to nothing"
+            )));
+        }
+        let n = prompt_ids.len();
+        let mut ids = prompt_ids;
+        ids.extend(&target_ids);
+        let logits = self
+            .model
+            .logits(&self.model.ids_tensor(std::slice::from_ref(&ids))?)?
+            .squeeze(0)?;
+        let logp = candle_nn::ops::log_softmax(
+            &logits.narrow(0, n - 1, target_ids.len())?,
+            candle_core::D::Minus1,
+        )?;
+        let rows = logp.to_vec2::<f32>()?;
+        let total: f32 = rows
+            .iter()
+            .zip(&target_ids)
+            .map(|(r, &t)| r[t as usize])
+            .sum();
+        if !total.is_finite() {
+            return Err(LociError::model(
+                "the model produced NaN or infinite values",
+            ));
+        }
+        Ok(total.exp())
+    }
+}
+
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "mode", rename_all = "snake_case")]
 pub enum Sampling {

@@ -1,6 +1,7 @@
 //! Subcommands; each one loads, calls the core, and prints text or one JSON object.
 
 mod bench;
+mod edit;
 mod predict;
 mod render;
 mod trace;
@@ -102,6 +103,10 @@ pub enum Command {
     Generate(predict::GenerateArgs),
     /// Causal tracing: where in the network the answer is carried.
     Trace(Box<trace::TraceArgs>),
+    /// Key statistics (E[k kᵀ] of MLP keys) for ROME, cached per model and layer.
+    Stats(Box<edit::StatsArgs>),
+    /// Rewrite a fact with ROME and show what changed.
+    Edit(Box<edit::EditArgs>),
     /// Benchmarks (JSON with --json).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -129,6 +134,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Predict(a) => predict::predict(a),
         Command::Generate(a) => predict::generate(a),
         Command::Trace(a) => trace::run(*a),
+        Command::Stats(a) => edit::stats(*a),
+        Command::Edit(a) => edit::edit(*a),
         Command::Bench(b) => bench::run(b),
     }
 }

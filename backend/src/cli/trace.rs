@@ -83,7 +83,8 @@ fn read_facts(path: &Path) -> Result<Vec<KnownFact>> {
         .with_context(|| format!("{} is not a known_1000-style JSON list", path.display()))
 }
 
-fn cache_dir(lm: &LoadedModel) -> PathBuf {
+/// Per-model cache folder (`$LOCI_CACHE` or `~/.cache/loci`), keyed by the model's fingerprint.
+pub fn cache_dir(lm: &LoadedModel) -> PathBuf {
     let base = std::env::var_os("LOCI_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/loci")))

@@ -46,9 +46,12 @@ impl Norm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?.contiguous()?;
-        let y = match self {
-            Norm::Layer { w, b, eps } => candle_nn::ops::layer_norm(&xf, w, b, *eps)?,
-            Norm::Rms { w, eps } => candle_nn::ops::rms_norm(&xf, w, *eps)?,
+        // candle's fused kernels have no backward pass: under autograd use the composed ops.
+        let y = match (self, xf.track_op()) {
+            (Norm::Layer { w, b, eps }, false) => candle_nn::ops::layer_norm(&xf, w, b, *eps)?,
+            (Norm::Layer { w, b, eps }, true) => candle_nn::ops::layer_norm_slow(&xf, w, b, *eps)?,
+            (Norm::Rms { w, eps }, false) => candle_nn::ops::rms_norm(&xf, w, *eps)?,
+            (Norm::Rms { w, eps }, true) => candle_nn::ops::rms_norm_slow(&xf, w, *eps)?,
         };
         Ok(y.to_dtype(dtype)?)
     }
@@ -94,10 +97,11 @@ impl Rotary {
         let (cos, sin) = self.tables(pos0, t, x.dtype(), x.device())?;
         let rot = |y: &Tensor| -> Result<Tensor> {
             let y = y.contiguous()?;
-            Ok(if self.interleaved {
-                candle_nn::rotary_emb::rope_i(&y, &cos, &sin)?
-            } else {
-                candle_nn::rotary_emb::rope(&y, &cos, &sin)?
+            Ok(match (self.interleaved, y.track_op()) {
+                (true, false) => candle_nn::rotary_emb::rope_i(&y, &cos, &sin)?,
+                (true, true) => candle_nn::rotary_emb::rope_i_slow(&y, &cos, &sin)?,
+                (false, false) => candle_nn::rotary_emb::rope(&y, &cos, &sin)?,
+                (false, true) => candle_nn::rotary_emb::rope_slow(&y, &cos, &sin)?,
             })
         };
         if self.dim == hd {
@@ -212,7 +216,7 @@ impl Attention {
         } else {
             scores
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        let probs = softmax_last(&scores)?.to_dtype(dtype)?;
         let y = probs.matmul(&v.contiguous()?)?.reshape((b, nh, t, hd))?;
         let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.out.forward(&y)
@@ -273,6 +277,15 @@ impl Mlp {
             Mlp::SwiGlu { down, .. } => down,
         }
     }
+}
+
+/// Softmax over the last axis; differentiable when its input is tracked by autograd.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    Ok(if x.track_op() {
+        candle_nn::ops::softmax(x, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(x)?
+    })
 }
 
 pub fn check_shape(name: &str, t: &Tensor, want: &[usize]) -> Result<()> {

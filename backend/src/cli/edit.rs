@@ -1,0 +1,426 @@
+//! `loci stats` and `loci edit`: key statistics and ROME edits from the command line.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use loci_core::edit::{
+    KeyMode, KeyStats, RewriteRequest, RomeEdit, RomeHparams, StatsAccumulator, TargetStr,
+};
+use loci_core::{LoadedModel, Sampling};
+use serde::Serialize;
+
+use super::{print_json, ModelArgs};
+
+#[derive(clap::Args, Debug)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Layers, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub layers: Vec<usize>,
+    /// JSONL with a "text" field per line, or a plain text file (one text per paragraph).
+    #[arg(long)]
+    pub corpus: Option<PathBuf>,
+    /// Stop after this many tokens.
+    #[arg(long, default_value_t = 100_000)]
+    pub tokens: u64,
+    /// Each text is truncated to this many tokens.
+    #[arg(long, default_value_t = 1024)]
+    pub max_len: usize,
+    /// Folder for the statistics (default: the model's cache folder).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// The Wikipedia sample next to the project, when no corpus is named.
+fn default_corpus() -> Result<PathBuf> {
+    let candidates = [
+        std::env::var_os("LOCI_DATA")
+            .map(|d| PathBuf::from(d).join("wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl")),
+        Some(PathBuf::from(
+            "../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl",
+        )),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|p| p.exists())
+        .context("no corpus given and no Wikipedia sample found; pass --corpus FILE (JSONL with a \"text\" field)")
+}
+
+/// Streams texts from JSONL (`text` field) or plain text (paragraphs).
+fn corpus_texts(path: &Path) -> Result<impl Iterator<Item = Result<String>>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("opening corpus {}", path.display()))?;
+    let jsonl = path
+        .extension()
+        .is_some_and(|e| e == "jsonl" || e == "json");
+    let lines = std::io::BufReader::new(file).lines();
+    let mut para = String::new();
+    let mut lines = lines.peekable();
+    Ok(std::iter::from_fn(move || loop {
+        match lines.next() {
+            None if !para.is_empty() => return Some(Ok(std::mem::take(&mut para))),
+            None => return None,
+            Some(Err(e)) => return Some(Err(e.into())),
+            Some(Ok(line)) if jsonl => {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let v: serde_json::Value = match serde_json::from_str(&line) {
+                    Ok(v) => v,
+                    Err(e) => return Some(Err(anyhow::anyhow!("bad JSONL line: {e}"))),
+                };
+                match v.get("text").and_then(|t| t.as_str()) {
+                    Some(t) => return Some(Ok(t.to_string())),
+                    None => {
+                        return Some(Err(anyhow::anyhow!("a JSONL line has no \"text\" field")))
+                    }
+                }
+            }
+            Some(Ok(line)) => {
+                if line.trim().is_empty() {
+                    if !para.is_empty() {
+                        return Some(Ok(std::mem::take(&mut para)));
+                    }
+                } else {
+                    para.push_str(&line);
+                    para.push('\n');
+                }
+            }
+        }
+    }))
+}
+
+fn stats_dir(lm: &LoadedModel, out: Option<&Path>) -> PathBuf {
+    out.map(Path::to_path_buf)
+        .unwrap_or_else(|| super::trace::cache_dir(lm).join("stats"))
+}
+
+fn stats_file(dir: &Path, layer: usize) -> PathBuf {
+    dir.join(format!("layer{layer}.safetensors"))
+}
+
+/// Collects statistics for `layers`, writing one file per layer; layers already there are kept.
+pub fn collect(
+    lm: &LoadedModel,
+    layers: &[usize],
+    corpus: &Path,
+    tokens: u64,
+    max_len: usize,
+    dir: &Path,
+) -> Result<()> {
+    let missing: Vec<usize> = layers
+        .iter()
+        .copied()
+        .filter(|&l| !stats_file(dir, l).exists())
+        .collect();
+    if missing.is_empty() {
+        eprintln!(
+            "statistics for layers {layers:?} are already in {}",
+            dir.display()
+        );
+        return Ok(());
+    }
+    if tokens == 0 {
+        bail!("--tokens must be positive");
+    }
+    let mut acc = StatsAccumulator::new(lm, &missing, max_len)?;
+    let pb = ProgressBar::new(tokens);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "key statistics {bar:40} {pos}/{len} tokens ({per_sec}) [{elapsed_precise} < {eta}]",
+        )
+        .expect("template"),
+    );
+    for text in corpus_texts(corpus)? {
+        let n = acc.add_text(lm, &text?)?;
+        pb.inc(n as u64);
+        if acc.tokens() >= tokens {
+            break;
+        }
+    }
+    pb.finish_and_clear();
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for s in acc.finish(lm, &corpus.display().to_string())? {
+        let f = stats_file(dir, s.provenance.layer);
+        std::fs::write(&f, s.to_bytes()?).with_context(|| format!("writing {}", f.display()))?;
+        eprintln!(
+            "layer {}: {} tokens → {}",
+            s.provenance.layer,
+            s.provenance.tokens,
+            f.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn stats(a: StatsArgs) -> Result<()> {
+    let lm = a.model.load()?;
+    let corpus = match a.corpus {
+        Some(c) => c,
+        None => default_corpus()?,
+    };
+    let dir = stats_dir(&lm, a.out.as_deref());
+    collect(&lm, &a.layers, &corpus, a.tokens, a.max_len, &dir)
+}
+
+pub fn load_stats(lm: &LoadedModel, dir: &Path, layer: usize) -> Result<KeyStats> {
+    let f = stats_file(dir, layer);
+    let bytes = std::fs::read(&f).with_context(|| format!("reading statistics {}", f.display()))?;
+    let s = KeyStats::from_bytes(&bytes).with_context(|| format!("in {}", f.display()))?;
+    s.check_fits(lm, layer)?;
+    Ok(s)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EditArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A CounterFact `requested_rewrite` object (JSON text or a file holding it).
+    #[arg(long, conflicts_with_all = ["prompt", "subject", "target"])]
+    pub request: Option<String>,
+    /// The prompt with the subject in it (or `{}` where the subject goes).
+    #[arg(long, requires_all = ["subject", "target"])]
+    pub prompt: Option<String>,
+    #[arg(long)]
+    pub subject: Option<String>,
+    /// The new target.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// The old target (default: the model's current top-1).
+    #[arg(long)]
+    pub target_true: Option<String>,
+    #[arg(long)]
+    pub layer: usize,
+    /// Folder with key statistics (default: the model's cache; computed there when missing).
+    #[arg(long)]
+    pub stats: Option<PathBuf>,
+    /// Corpus for statistics computed on the way.
+    #[arg(long)]
+    pub corpus: Option<PathBuf>,
+    #[arg(long, default_value_t = 100_000)]
+    pub stats_tokens: u64,
+    /// original (the paper's code) or rrome (the fixed key, default).
+    #[arg(long, default_value = "rrome")]
+    pub key_mode: String,
+    #[arg(long)]
+    pub v_steps: Option<usize>,
+    /// Prompts that should change too.
+    #[arg(long)]
+    pub paraphrase: Vec<String>,
+    /// Prompts that should not change.
+    #[arg(long)]
+    pub neighborhood: Vec<String>,
+    /// Save the edit (a small safetensors file) here.
+    #[arg(long)]
+    pub save_edit: Option<PathBuf>,
+    /// Write the edited model as a Hugging Face folder.
+    #[arg(long)]
+    pub save_model: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct PromptProbs {
+    prompt: String,
+    target_new: f32,
+    target_true: f32,
+}
+
+#[derive(Serialize)]
+struct Side {
+    rewrite: PromptProbs,
+    paraphrase: Vec<PromptProbs>,
+    neighborhood: Vec<PromptProbs>,
+}
+
+#[derive(Serialize)]
+struct Generations {
+    before: Vec<String>,
+    after: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct EditReport {
+    request: RewriteRequest,
+    layer: usize,
+    before: Side,
+    after: Side,
+    generations: Generations,
+    delta_norm: f32,
+    v_losses: Vec<f32>,
+    seconds: f64,
+}
+
+fn request(a: &EditArgs, lm: &LoadedModel) -> Result<RewriteRequest> {
+    let mut req: RewriteRequest = match &a.request {
+        Some(r) => {
+            let text = if Path::new(r).exists() {
+                std::fs::read_to_string(r)?
+            } else {
+                r.clone()
+            };
+            serde_json::from_str(&text).context("--request is not a requested_rewrite object")?
+        }
+        None => {
+            let (prompt, subject, target) = (
+                a.prompt.clone().unwrap_or_default(),
+                a.subject.clone().unwrap_or_default(),
+                a.target.clone().unwrap_or_default(),
+            );
+            let prompt = if prompt.contains("{}") {
+                prompt
+            } else if let Some(i) = prompt.find(&subject).filter(|_| !subject.is_empty()) {
+                format!("{}{{}}{}", &prompt[..i], &prompt[i + subject.len()..])
+            } else {
+                bail!("the subject {subject:?} does not occur in the prompt {prompt:?}");
+            };
+            RewriteRequest {
+                prompt,
+                subject,
+                target_new: TargetStr { str: target },
+                target_true: a.target_true.clone().map(|s| TargetStr { str: s }),
+            }
+        }
+    };
+    if req.target_true.is_none() {
+        let top = lm.predict(&req.filled(), 1)?;
+        req.target_true = Some(TargetStr {
+            str: top.top[0].token.trim().to_string(),
+        });
+    }
+    Ok(req)
+}
+
+fn side(lm: &LoadedModel, req: &RewriteRequest, a: &EditArgs) -> Result<Side> {
+    let probs = |p: &str| -> Result<PromptProbs> {
+        Ok(PromptProbs {
+            prompt: p.to_string(),
+            target_new: lm.target_prob(p, &req.target_new.str)?,
+            target_true: lm.target_prob(
+                p,
+                &req.target_true
+                    .as_ref()
+                    .map(|t| t.str.clone())
+                    .unwrap_or_default(),
+            )?,
+        })
+    };
+    Ok(Side {
+        rewrite: probs(&req.filled())?,
+        paraphrase: a
+            .paraphrase
+            .iter()
+            .map(|p| probs(p))
+            .collect::<Result<_>>()?,
+        neighborhood: a
+            .neighborhood
+            .iter()
+            .map(|p| probs(p))
+            .collect::<Result<_>>()?,
+    })
+}
+
+fn generations(lm: &LoadedModel, req: &RewriteRequest, a: &EditArgs) -> Result<Vec<String>> {
+    std::iter::once(req.filled())
+        .chain(a.paraphrase.iter().cloned())
+        .map(|p| Ok(lm.generate(&p, 20, Sampling::Greedy)?.text))
+        .collect()
+}
+
+pub fn edit(a: EditArgs) -> Result<()> {
+    let started = Instant::now();
+    let mut lm = a.model.load()?;
+    let req = request(&a, &lm)?;
+    let mut hp = RomeHparams::at_layer(a.layer);
+    hp.key_mode = match a.key_mode.as_str() {
+        "rrome" => KeyMode::Rrome,
+        "original" => KeyMode::Original,
+        other => bail!("--key-mode {other:?}: use original or rrome"),
+    };
+    if let Some(s) = a.v_steps {
+        hp.v_num_grad_steps = s;
+    }
+    if a.layer >= lm.model.n_layer() {
+        bail!(
+            "layer {} out of range (the model has {} layers)",
+            a.layer,
+            lm.model.n_layer()
+        );
+    }
+    let dir = stats_dir(&lm, a.stats.as_deref());
+    if !stats_file(&dir, a.layer).exists() {
+        let corpus = match &a.corpus {
+            Some(c) => c.clone(),
+            None => default_corpus()?,
+        };
+        collect(&lm, &[a.layer], &corpus, a.stats_tokens, 1024, &dir)?;
+    }
+    let stats = load_stats(&lm, &dir, a.layer)?;
+    let before = side(&lm, &req, &a)?;
+    let gen_before = generations(&lm, &req, &a)?;
+    let e: RomeEdit = lm.rome(&req, &hp, Some(&stats))?;
+    lm.apply_edit(&e)?;
+    let after = side(&lm, &req, &a)?;
+    let gen_after = generations(&lm, &req, &a)?;
+    if let Some(p) = &a.save_edit {
+        std::fs::write(p, e.to_bytes()?).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(dir) = &a.save_model {
+        lm.save_hf_folder(dir)?;
+    }
+    let report = EditReport {
+        request: req,
+        layer: a.layer,
+        before,
+        after,
+        generations: Generations {
+            before: gen_before,
+            after: gen_after,
+        },
+        delta_norm: e.right.iter().map(|x| x * x).sum::<f32>().sqrt()
+            * e.left.iter().map(|x| x * x).sum::<f32>().sqrt(),
+        v_losses: e.stats.losses.clone(),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    if a.json {
+        return print_json(&report);
+    }
+    let show = |name: &str, s: &Side| {
+        println!(
+            "{name}: p(new {:?}) = {:.4}, p(true {:?}) = {:.4}",
+            report.request.target_new.str,
+            s.rewrite.target_new,
+            report
+                .request
+                .target_true
+                .as_ref()
+                .map(|t| t.str.as_str())
+                .unwrap_or(""),
+            s.rewrite.target_true
+        );
+        for p in s.paraphrase.iter().chain(&s.neighborhood) {
+            println!(
+                "  {:?}: new {:.4}, true {:.4}",
+                p.prompt, p.target_new, p.target_true
+            );
+        }
+    };
+    show("before", &report.before);
+    show("after ", &report.after);
+    for (b, a) in report
+        .generations
+        .before
+        .iter()
+        .zip(&report.generations.after)
+    {
+        println!("before: {b}\nafter:  {a}");
+    }
+    println!("‖ΔW‖ = {:.3}, {:.1} s", report.delta_norm, report.seconds);
+    Ok(())
+}

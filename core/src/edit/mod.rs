@@ -1,0 +1,8 @@
+//! Model editing: key statistics and ROME.
+
+pub mod linalg;
+pub mod rome;
+pub mod stats;
+
+pub use rome::{AppliedEdit, KeyMode, RewriteRequest, RomeEdit, RomeHparams, TargetStr};
+pub use stats::{KeyStats, StatsAccumulator, StatsProvenance};

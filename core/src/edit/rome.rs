@@ -1,0 +1,643 @@
+//! ROME (Meng et al. 2022): a rank-one update of one MLP down-projection that makes the model
+//! map a subject's key k* to a new value v* (spec §4).
+
+use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use serde::{Deserialize, Serialize};
+
+use super::linalg::{cholesky, cholesky_solve};
+use super::stats::KeyStats;
+use crate::error::{LociError, Result};
+use crate::hooks::{Capture, FnHook, Site};
+use crate::loader::LoadedModel;
+use crate::model::{KvCache, LogitsAt};
+use crate::rng::SplitMix64;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TargetStr {
+    pub str: String,
+}
+
+/// CounterFact's `requested_rewrite`: `prompt` holds `{}` where the subject goes.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RewriteRequest {
+    pub prompt: String,
+    pub subject: String,
+    pub target_new: TargetStr,
+    #[serde(default)]
+    pub target_true: Option<TargetStr>,
+}
+
+impl RewriteRequest {
+    /// The prompt with the subject filled in.
+    pub fn filled(&self) -> String {
+        self.prompt.replacen("{}", &self.subject, 1)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.prompt.matches("{}").count() != 1 {
+            return Err(LociError::input(format!(
+                "the prompt {:?} must contain {{}} exactly once, where the subject goes",
+                self.prompt
+            )));
+        }
+        if self.subject.trim().is_empty() {
+            return Err(LociError::input("the subject is empty"));
+        }
+        if self.target_new.str.trim().is_empty() {
+            return Err(LociError::input("the new target is empty"));
+        }
+        Ok(())
+    }
+}
+
+/// Targets are scored with a leading space, as ROME does.
+pub fn spaced(target: &str) -> String {
+    if target.starts_with(' ') {
+        target.to_string()
+    } else {
+        format!(" {target}")
+    }
+}
+
+/// Which key the closed-form update divides by (spec §4.6).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyMode {
+    /// The paper's code: the bare prompt's key in the denominator (can blow up).
+    Original,
+    /// r-ROME: the template-averaged k* everywhere.
+    #[default]
+    Rrome,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RomeHparams {
+    pub layer: usize,
+    pub v_num_grad_steps: usize,
+    pub v_lr: f64,
+    pub v_weight_decay: f64,
+    pub clamp_norm_factor: f64,
+    pub kl_factor: f64,
+    pub mom2_adjustment: bool,
+    /// `(new tokens, count)` per group of context templates; ROME: 4×10 and 9×10.
+    pub context_templates: Vec<(usize, usize)>,
+    pub key_mode: KeyMode,
+    pub seed: u64,
+}
+
+impl RomeHparams {
+    /// The official values (GPT-2 XL / GPT-J) at `layer`.
+    pub fn at_layer(layer: usize) -> Self {
+        Self {
+            layer,
+            v_num_grad_steps: 20,
+            v_lr: 0.5,
+            v_weight_decay: 0.5,
+            clamp_norm_factor: 4.0,
+            kl_factor: 0.0625,
+            mom2_adjustment: true,
+            context_templates: vec![(4, 10), (9, 10)],
+            key_mode: KeyMode::Rrome,
+            seed: 1,
+        }
+    }
+}
+
+/// An edit is a value: `W ← W + right · leftᵀ` on one layer's down-projection.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RomeEdit {
+    pub layer: usize,
+    /// u, `d_ff` wide (the key direction).
+    pub left: Vec<f32>,
+    /// `d_model` wide.
+    pub right: Vec<f32>,
+    pub request: RewriteRequest,
+    pub hparams: RomeHparams,
+    pub stats: RomeStats,
+}
+
+/// What the optimisation did, for reports.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RomeStats {
+    pub losses: Vec<f32>,
+    pub delta_norm: f32,
+    pub division_factor: f32,
+    pub templates: Vec<String>,
+    /// v*, the value the edited layer now gives the key.
+    pub target_value: Vec<f32>,
+}
+
+/// The metadata stored beside an edit's vectors.
+#[derive(Serialize, Deserialize)]
+struct EditMeta {
+    layer: usize,
+    request: RewriteRequest,
+    hparams: RomeHparams,
+    stats: RomeStats,
+}
+
+impl RomeEdit {
+    /// A small safetensors file: the two vectors, the request and settings in the metadata.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let meta = EditMeta {
+            layer: self.layer,
+            request: self.request.clone(),
+            hparams: self.hparams.clone(),
+            stats: self.stats.clone(),
+        };
+        let info = std::collections::HashMap::from([(
+            "loci_rome_edit".to_string(),
+            serde_json::to_string(&meta).expect("serialises"),
+        )]);
+        let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let (lb, rb) = (bytes(&self.left), bytes(&self.right));
+        fn view(b: &[u8], n: usize) -> Result<safetensors::tensor::TensorView<'_>> {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n], b)
+                .map_err(|e| LociError::model(e.to_string()))
+        }
+        safetensors::serialize(
+            [
+                ("left", view(&lb, self.left.len())?),
+                ("right", view(&rb, self.right.len())?),
+            ],
+            Some(info),
+        )
+        .map_err(|e| LociError::model(format!("writing the edit: {e}")))
+    }
+
+    pub fn from_bytes(data: &[u8]) -> Result<Self> {
+        let bad = |e: String| LociError::input(format!("not a Loci edit file: {e}"));
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(data).map_err(|e| bad(e.to_string()))?;
+        let meta = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("loci_rome_edit"))
+            .ok_or_else(|| bad("no edit metadata".into()))?;
+        let meta: EditMeta = serde_json::from_str(meta).map_err(|e| bad(e.to_string()))?;
+        let st = safetensors::SafeTensors::deserialize(data).map_err(|e| bad(e.to_string()))?;
+        let vec = |name: &str| -> Result<Vec<f32>> {
+            let t = st.tensor(name).map_err(|e| bad(e.to_string()))?;
+            if t.dtype() != safetensors::Dtype::F32 || t.shape().len() != 1 {
+                return Err(bad(format!("{name} is not an f32 vector")));
+            }
+            Ok(t.data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        };
+        let (left, right) = (vec("left")?, vec("right")?);
+        if left.iter().chain(&right).any(|x| !x.is_finite()) {
+            return Err(bad("NaN or infinite values".into()));
+        }
+        Ok(Self {
+            layer: meta.layer,
+            left,
+            right,
+            request: meta.request,
+            hparams: meta.hparams,
+            stats: meta.stats,
+        })
+    }
+}
+
+/// An applied edit and the weight it replaced: undo is exact.
+#[derive(Clone, Debug)]
+pub struct AppliedEdit {
+    pub layer: usize,
+    pub original: Tensor,
+}
+
+/// Index of the subject's last token in `template` (holding `{}` for the subject), by tokenizing
+/// the prefix, the subject and the suffix separately (spec §4.2).
+pub fn subject_last_index(lm: &LoadedModel, template: &str, subject: &str) -> Result<usize> {
+    let (prefix, _) = template
+        .split_once("{}")
+        .ok_or_else(|| LociError::input(format!("template {template:?} has no {{}}")))?;
+    let (prefix, word) = if prefix.is_empty() {
+        (String::new(), subject.to_string())
+    } else {
+        let p = prefix.strip_suffix(' ').ok_or_else(|| {
+            LociError::input(format!(
+                "the text before the subject must end in a space: {prefix:?}"
+            ))
+        })?;
+        (p.to_string(), format!(" {}", subject.trim()))
+    };
+    let n_special = lm.tokenizer.encode("")?.len();
+    let p = if prefix.is_empty() {
+        0
+    } else {
+        lm.tokenizer.encode_plain(&prefix)?.len()
+    };
+    let w = lm.tokenizer.encode_plain(&word)?.len();
+    if w == 0 {
+        return Err(LociError::input("the subject tokenizes to nothing"));
+    }
+    Ok(n_special + p + w - 1)
+}
+
+/// ROME's context templates: short samples from the model itself (top-5, seeded), each
+/// followed by ". {}"; plus the bare "{}" first.
+pub fn context_templates(lm: &LoadedModel, hp: &RomeHparams) -> Result<Vec<String>> {
+    let m = &lm.model;
+    let start = lm.tokenizer.eos.or(m.cfg.bos_token_id).unwrap_or(0);
+    let mut out = vec!["{}".to_string()];
+    let mut rng = SplitMix64::new(hp.seed);
+    for &(new_tokens, count) in &hp.context_templates {
+        if count == 0 || new_tokens == 0 {
+            continue;
+        }
+        let mut rows: Vec<Vec<u32>> = vec![vec![]; count];
+        let mut cache = KvCache::default();
+        let mut input = m.ids_tensor(&vec![vec![start]; count])?;
+        for _ in 0..new_tokens {
+            let logits = m
+                .run(
+                    &input,
+                    &mut crate::hooks::NoHook,
+                    Some(&mut cache),
+                    LogitsAt::Last,
+                )?
+                .ok_or_else(|| LociError::input("forward pass stopped early"))?;
+            let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
+            let next: Vec<u32> = probs
+                .iter()
+                .map(|p| {
+                    let top = crate::predict::top_k(p, 5);
+                    let total: f32 = top.iter().map(|c| c.1).sum();
+                    let mut r = rng.next_f64() as f32 * total;
+                    for (id, q) in &top {
+                        if r < *q {
+                            return *id;
+                        }
+                        r -= q;
+                    }
+                    top[top.len() - 1].0
+                })
+                .collect();
+            for (row, id) in rows.iter_mut().zip(&next) {
+                row.push(*id);
+            }
+            input = Tensor::from_vec(next, (count, 1), &m.device)?;
+        }
+        for row in rows {
+            let text = lm.tokenizer.decode(&row)?;
+            let text = text
+                .replace("\n\n", " ")
+                .replace('\n', " ")
+                .replace("{", "")
+                .replace("}", "");
+            out.push(format!("{}. {{}}", text.trim()));
+        }
+    }
+    Ok(out)
+}
+
+/// Right-pads token rows to one length (causal attention never looks right, so real positions
+/// are unaffected).
+fn pad_rows(lm: &LoadedModel, rows: &[Vec<u32>]) -> Result<Tensor> {
+    let pad = lm.tokenizer.eos.unwrap_or(0);
+    let t = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let padded: Vec<Vec<u32>> = rows
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r.resize(t, pad);
+            r
+        })
+        .collect();
+    lm.model.ids_tensor(&padded)
+}
+
+/// Rows `(batch, position)` of a `[b, t, w]` activation, as `[n, w]`.
+fn gather(x: &Tensor, cells: &[(usize, usize)]) -> Result<Tensor> {
+    let (_, t, w) = x.dims3()?;
+    let idx: Vec<u32> = cells.iter().map(|&(b, p)| (b * t + p) as u32).collect();
+    let idx = Tensor::new(idx.as_slice(), x.device())?;
+    Ok(x.reshape(((), w))?.index_select(&idx, 0)?)
+}
+
+struct Texts {
+    ids: Vec<Vec<u32>>,
+    lookup: Vec<usize>,
+}
+
+fn texts(lm: &LoadedModel, templates: &[String], subject: &str) -> Result<Texts> {
+    let mut ids = Vec::new();
+    let mut lookup = Vec::new();
+    for t in templates {
+        let i = subject_last_index(lm, t, subject)?;
+        let row = lm.tokenizer.encode(&t.replacen("{}", subject, 1))?;
+        if i >= row.len() {
+            return Err(LociError::input(format!(
+                "cannot place the subject in {t:?}"
+            )));
+        }
+        ids.push(row);
+        lookup.push(i);
+    }
+    Ok(Texts { ids, lookup })
+}
+
+impl LoadedModel {
+    /// The MLP key (down-projection input) of `layer` at the subject's last token, averaged over
+    /// `templates` (each holding `{}` for the request prompt).
+    pub fn subject_key(
+        &self,
+        req: &RewriteRequest,
+        layer: usize,
+        templates: &[String],
+    ) -> Result<Tensor> {
+        let filled: Vec<String> = templates
+            .iter()
+            .map(|t| t.replacen("{}", &req.prompt, 1))
+            .collect();
+        let tx = texts(self, &filled, &req.subject)?;
+        let mut cap = Capture::new([Site::MlpKey(layer)]).stopping_after(Site::MlpKey(layer));
+        self.model
+            .run(&pad_rows(self, &tx.ids)?, &mut cap, None, LogitsAt::Last)?;
+        let cells: Vec<(usize, usize)> = tx.lookup.iter().copied().enumerate().collect();
+        Ok(gather(cap.get(Site::MlpKey(layer))?, &cells)?
+            .to_dtype(DType::F32)?
+            .mean(0)?)
+    }
+
+    /// Computes a ROME edit (does not apply it). `stats` is needed with `mom2_adjustment`.
+    pub fn rome(
+        &self,
+        req: &RewriteRequest,
+        hp: &RomeHparams,
+        stats: Option<&KeyStats>,
+    ) -> Result<RomeEdit> {
+        req.validate()?;
+        let m = &self.model;
+        let l = hp.layer;
+        if l >= m.n_layer() {
+            return Err(LociError::input(format!(
+                "layer {l} out of range (the model has {} layers)",
+                m.n_layer()
+            )));
+        }
+        let target_ids = self.tokenizer.encode_plain(&spaced(&req.target_new.str))?;
+        if target_ids.is_empty() {
+            return Err(LociError::input(format!(
+                "the target {:?} tokenizes to nothing",
+                req.target_new.str
+            )));
+        }
+        // Fail on bad statistics before any expensive work.
+        let factor = match (hp.mom2_adjustment, stats) {
+            (true, None) => {
+                return Err(LociError::input(format!("no key statistics for layer {l}")))
+            }
+            (true, Some(s)) => {
+                s.check_fits(self, l)?;
+                let d = m.cfg.d_ff;
+                let c: Vec<f64> = s
+                    .mom2
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect();
+                Some((cholesky(&c, d)?, d))
+            }
+            (false, _) => None,
+        };
+        let templates = context_templates(self, hp)?;
+
+        // k* and u.
+        let k_star = self.subject_key(req, l, &templates)?;
+        let k_vec: Vec<f64> = k_star.to_vec1::<f32>()?.iter().map(|&x| x as f64).collect();
+        let u = match &factor {
+            Some((chol, d)) => cholesky_solve(chol, *d, &k_vec),
+            None => k_vec.clone(),
+        };
+        let norm = u.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if norm.is_nan() || norm <= 0.0 || !norm.is_finite() {
+            return Err(LociError::model("the subject key is zero or not finite"));
+        }
+        let u: Vec<f32> = u.iter().map(|x| (x / norm) as f32).collect();
+
+        // v*.
+        let (v_star, losses, delta_norm) = self.compute_v(req, hp, &templates, &target_ids)?;
+
+        // The closed form: W' k = v* for the chosen key.
+        let down = m.down_proj(l)?;
+        let key = match hp.key_mode {
+            KeyMode::Rrome => k_star.clone(),
+            KeyMode::Original => self.subject_key(req, l, &["{}".to_string()])?,
+        };
+        let current = down
+            .forward(&key.to_dtype(m.dtype)?.reshape((1, 1, m.cfg.d_ff))?)?
+            .flatten_all()?
+            .to_dtype(DType::F32)?;
+        let key_v = key.to_vec1::<f32>()?;
+        let division: f32 = key_v.iter().zip(&u).map(|(a, b)| a * b).sum();
+        if division.abs() < 1e-12 || !division.is_finite() {
+            return Err(LociError::model(format!(
+                "the key is orthogonal to the update direction (k·u = {division:e})"
+            )));
+        }
+        let target_value = v_star.to_vec1::<f32>()?;
+        let right: Vec<f32> = (v_star - current)?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|x| x / division)
+            .collect();
+        if right.iter().any(|x| !x.is_finite()) {
+            return Err(LociError::model("the edit is not finite"));
+        }
+        Ok(RomeEdit {
+            layer: l,
+            left: u,
+            right,
+            request: req.clone(),
+            hparams: hp.clone(),
+            stats: RomeStats {
+                losses,
+                delta_norm,
+                division_factor: division,
+                templates,
+                target_value,
+            },
+        })
+    }
+
+    /// The target value v* (spec §4.5): optimise a delta added at the MLP output of the subject's
+    /// last token so the model says the new target, staying close to its old view of the subject.
+    fn compute_v(
+        &self,
+        req: &RewriteRequest,
+        hp: &RomeHparams,
+        templates: &[String],
+        target: &[u32],
+    ) -> Result<(Tensor, Vec<f32>, f32)> {
+        let m = &self.model;
+        let l = hp.layer;
+        let d = m.cfg.d_model;
+        let tgt_prefix = self.tokenizer.decode(&target[..target.len() - 1])?;
+        let mut row_templates: Vec<String> = templates
+            .iter()
+            .map(|t| format!("{}{tgt_prefix}", t.replacen("{}", &req.prompt, 1)))
+            .collect();
+        let n_rewrite = row_templates.len();
+        row_templates.push("{} is a".to_string());
+        let tx = texts(self, &row_templates, &req.subject)?;
+        let ids = pad_rows(self, &tx.ids)?;
+        let (rows, t) = ids.dims2()?;
+        let mt = target.len();
+        // Positions whose logits matter: each rewrite row's target positions, the KL row's lookup.
+        // Rows hold prompt + target[..m−1]: the last prompt token, at n − m, predicts target[0].
+        let mut cells = Vec::new();
+        let mut labels = Vec::new();
+        for (i, row) in tx.ids.iter().take(n_rewrite).enumerate() {
+            let n = row.len();
+            if n < mt + 1 {
+                return Err(LociError::input("prompt too short for the target"));
+            }
+            for (j, &tok) in target.iter().enumerate() {
+                cells.push((i, n - mt + j));
+                labels.push(tok);
+            }
+        }
+        let kl_cell = (rows - 1, tx.lookup[rows - 1]);
+
+        // The residual stream entering layer l does not depend on the delta: compute it once.
+        let resid_in = if l == 0 {
+            let mut cap = Capture::new([Site::Embed]).stopping_after(Site::Embed);
+            m.run(&ids, &mut cap, None, LogitsAt::Last)?;
+            let e = cap.get(Site::Embed)?.clone();
+            match &m.wpe {
+                Some(wpe) => e.broadcast_add(&wpe.narrow(0, 0, t)?)?,
+                None => e,
+            }
+        } else {
+            let mut cap = Capture::new([Site::Block(l - 1)]).stopping_after(Site::Block(l - 1));
+            m.run(&ids, &mut cap, None, LogitsAt::Last)?;
+            cap.get(Site::Block(l - 1))?.clone()
+        }
+        .detach();
+        // One-hot rows marking where the delta is added: every row's subject-last token.
+        let mut mask = vec![0f32; rows * t];
+        for (i, &p) in tx.lookup.iter().enumerate() {
+            mask[i * t + p] = 1.0;
+        }
+        let mask = Tensor::from_vec(mask, (rows, t, 1), &m.device)?.to_dtype(m.dtype)?;
+        let label_t = Tensor::new(labels.as_slice(), &m.device)?.unsqueeze(1)?;
+
+        let delta = Var::zeros(d, DType::F32, &m.device)?;
+        let mut opt = AdamW::new(
+            vec![delta.clone()],
+            ParamsAdamW {
+                lr: hp.v_lr,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+            },
+        )?;
+        let mut target_init: Option<Tensor> = None;
+        let mut kl_init: Option<Tensor> = None;
+        let mut losses = Vec::new();
+        for it in 0..hp.v_num_grad_steps {
+            let mut mlp_at_row0: Option<Tensor> = None;
+            let mut hook = FnHook(|s: Site, x: &Tensor| -> Result<Option<Tensor>> {
+                if s != Site::Mlp(l) {
+                    return Ok(None);
+                }
+                if mlp_at_row0.is_none() {
+                    mlp_at_row0 = Some(x.i((0, tx.lookup[0]))?.to_dtype(DType::F32)?.detach());
+                }
+                let add = mask
+                    .broadcast_mul(&delta.as_tensor().to_dtype(x.dtype())?.reshape((1, 1, d))?)?;
+                Ok(Some((x + add)?))
+            });
+            let mut x = resid_in.clone();
+            for j in l..m.n_layer() {
+                x = m.blocks[j]
+                    .forward(j, &x, 0, None, &mut hook)?
+                    .ok_or_else(|| LociError::input("forward pass stopped early"))?;
+            }
+            if target_init.is_none() {
+                target_init = mlp_at_row0.clone();
+            }
+            let mut all_cells = cells.clone();
+            all_cells.push(kl_cell);
+            let logp =
+                candle_nn::ops::log_softmax(&m.final_logits(&gather(&x, &all_cells)?)?, D::Minus1)?;
+            let n_lab = labels.len();
+            let nll = logp
+                .narrow(0, 0, n_lab)?
+                .gather(&label_t, 1)?
+                .neg()?
+                .mean_all()?;
+            let kl_logp = logp.narrow(0, n_lab, 1)?;
+            let init = kl_init.get_or_insert_with(|| kl_logp.detach()).clone();
+            let kl = ((kl_logp.exp()? * (&kl_logp - init)?)?.sum_all()? * hp.kl_factor)?;
+            let ti = target_init.as_ref().expect("recorded on the first pass");
+            let ti_norm2 = ti.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            // ‖δ‖ with a tiny floor: its gradient at δ = 0 is then 0 (as in torch), not 0/0.
+            let wd = ((delta.as_tensor().sqr()?.sum_all()? + 1e-24)?.sqrt()?
+                * (hp.v_weight_decay / ti_norm2))?;
+            let loss = ((nll + kl)? + wd)?;
+            let lv = loss.to_scalar::<f32>()?;
+            if !lv.is_finite() {
+                return Err(LociError::model(format!(
+                    "the v* optimisation diverged (loss {lv}) at step {it}"
+                )));
+            }
+            losses.push(lv);
+            if lv < 0.05 || it + 1 == hp.v_num_grad_steps {
+                break;
+            }
+            opt.backward_step(&loss)?;
+            // Project back into the ball of radius clamp · ‖target_init‖.
+            let max = hp.clamp_norm_factor * ti_norm2.sqrt();
+            let n = delta
+                .as_tensor()
+                .sqr()?
+                .sum_all()?
+                .sqrt()?
+                .to_scalar::<f32>()? as f64;
+            if n > max {
+                delta.set(&(delta.as_tensor() * (max / n))?)?;
+            }
+        }
+        let delta_t = delta.as_tensor().detach();
+        let delta_norm = delta_t.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        let v_star = (target_init.expect("at least one pass") + delta_t)?;
+        Ok((v_star, losses, delta_norm))
+    }
+
+    /// Applies an edit; keep the returned value to undo it exactly.
+    pub fn apply_edit(&mut self, e: &RomeEdit) -> Result<AppliedEdit> {
+        let m = &mut self.model;
+        let (dm, dff) = (m.cfg.d_model, m.cfg.d_ff);
+        if e.left.len() != dff || e.right.len() != dm {
+            return Err(LociError::input(format!(
+                "the edit is for a model with d_model {} and d_ff {}, not {dm} and {dff}",
+                e.right.len(),
+                e.left.len()
+            )));
+        }
+        let original = m.down_proj(e.layer)?.weight.clone();
+        let right = Tensor::from_vec(e.right.clone(), (dm, 1), &Device::Cpu)?;
+        let left = Tensor::from_vec(e.left.clone(), (1, dff), &Device::Cpu)?;
+        let delta = right.matmul(&left)?.to_device(&m.device)?;
+        let new = (original.to_dtype(DType::F32)? + delta)?.to_dtype(original.dtype())?;
+        m.set_down_proj_weight(e.layer, new)?;
+        Ok(AppliedEdit {
+            layer: e.layer,
+            original,
+        })
+    }
+
+    /// Restores the weight an edit replaced, bit for bit.
+    pub fn undo_edit(&mut self, applied: AppliedEdit) -> Result<()> {
+        self.model
+            .set_down_proj_weight(applied.layer, applied.original)
+    }
+}

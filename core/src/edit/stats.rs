@@ -1,0 +1,200 @@
+//! Key statistics: the uncentred second moment C = E[k kᵀ] of the MLP keys (the down-projection's
+//! input) at a layer, over a text corpus (spec §4.7). ROME whitens its update with C⁻¹.
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{LociError, Result};
+use crate::hooks::{Capture, Site};
+use crate::loader::LoadedModel;
+use crate::model::LogitsAt;
+
+/// Where a statistic came from: it only fits the model, layer and width it was made for.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StatsProvenance {
+    pub model: String,
+    pub fingerprint: String,
+    pub layer: usize,
+    pub d_ff: usize,
+    pub corpus: String,
+    pub tokens: u64,
+    pub texts: u64,
+    pub max_len: usize,
+}
+
+/// C for one layer: `mom2[i][j] = E[k_i k_j]` over `count` tokens.
+#[derive(Clone, Debug)]
+pub struct KeyStats {
+    pub provenance: StatsProvenance,
+    /// `[d_ff, d_ff]` f32.
+    pub mom2: Tensor,
+}
+
+/// Accumulates Σ k kᵀ for several layers in one pass (f32 products per text, summed in f64).
+pub struct StatsAccumulator {
+    layers: Vec<usize>,
+    d_ff: usize,
+    sums: Vec<Vec<f64>>,
+    tokens: u64,
+    texts: u64,
+    max_len: usize,
+}
+
+impl StatsAccumulator {
+    /// `max_len`: each text is truncated to this many tokens (ROME: the model's context).
+    pub fn new(lm: &LoadedModel, layers: &[usize], max_len: usize) -> Result<Self> {
+        let n = lm.model.n_layer();
+        if layers.is_empty() {
+            return Err(LociError::input("no layers asked for"));
+        }
+        if let Some(&bad) = layers.iter().find(|&&l| l >= n) {
+            return Err(LociError::input(format!(
+                "layer {bad} out of range (the model has {n} layers)"
+            )));
+        }
+        let d_ff = lm.model.cfg.d_ff;
+        Ok(Self {
+            layers: layers.to_vec(),
+            d_ff,
+            sums: vec![vec![0f64; d_ff * d_ff]; layers.len()],
+            tokens: 0,
+            texts: 0,
+            max_len: max_len.clamp(1, lm.model.cfg.max_positions),
+        })
+    }
+
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// Runs one text (truncated) up to the deepest layer and adds its keys. Returns its tokens.
+    pub fn add_text(&mut self, lm: &LoadedModel, text: &str) -> Result<usize> {
+        let mut ids = lm.tokenizer.encode(text)?;
+        ids.truncate(self.max_len);
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let deepest = *self.layers.iter().max().expect("layers are not empty");
+        let mut cap = Capture::new(self.layers.iter().map(|&l| Site::MlpKey(l)))
+            .stopping_after(Site::MlpKey(deepest));
+        lm.model.run(
+            &lm.model.ids_tensor(std::slice::from_ref(&ids))?,
+            &mut cap,
+            None,
+            LogitsAt::Last,
+        )?;
+        for (sum, &l) in self.sums.iter_mut().zip(&self.layers) {
+            let k = cap.get(Site::MlpKey(l))?.squeeze(0)?.to_dtype(DType::F32)?;
+            let kk = k.t()?.matmul(&k)?.flatten_all()?.to_vec1::<f32>()?;
+            if kk.iter().any(|x| !x.is_finite()) {
+                return Err(LociError::model(
+                    "NaN or infinite keys while collecting statistics",
+                ));
+            }
+            for (s, v) in sum.iter_mut().zip(kk) {
+                *s += v as f64;
+            }
+        }
+        self.tokens += ids.len() as u64;
+        self.texts += 1;
+        Ok(ids.len())
+    }
+
+    /// E[k kᵀ] per layer.
+    pub fn finish(self, lm: &LoadedModel, corpus: &str) -> Result<Vec<KeyStats>> {
+        if self.tokens == 0 {
+            return Err(LociError::input("no tokens were seen: the corpus is empty"));
+        }
+        let inv = 1.0 / self.tokens as f64;
+        self.layers
+            .iter()
+            .zip(self.sums)
+            .map(|(&layer, sum)| {
+                let mean: Vec<f32> = sum.iter().map(|s| (s * inv) as f32).collect();
+                Ok(KeyStats {
+                    provenance: StatsProvenance {
+                        model: lm.name.clone(),
+                        fingerprint: lm.info.fingerprint.clone(),
+                        layer,
+                        d_ff: self.d_ff,
+                        corpus: corpus.to_string(),
+                        tokens: self.tokens,
+                        texts: self.texts,
+                        max_len: self.max_len,
+                    },
+                    mom2: Tensor::from_vec(mean, (self.d_ff, self.d_ff), &Device::Cpu)?,
+                })
+            })
+            .collect()
+    }
+}
+
+impl KeyStats {
+    /// Refuses statistics made for another model, layer or width.
+    pub fn check_fits(&self, lm: &LoadedModel, layer: usize) -> Result<()> {
+        let p = &self.provenance;
+        if p.fingerprint != lm.info.fingerprint || p.d_ff != lm.model.cfg.d_ff {
+            return Err(LociError::input(format!(
+                "these statistics were made for model {} ({}), not {} ({})",
+                p.model, p.fingerprint, lm.name, lm.info.fingerprint
+            )));
+        }
+        if p.layer != layer {
+            return Err(LociError::input(format!(
+                "these statistics are for layer {}, not {layer}",
+                p.layer
+            )));
+        }
+        Ok(())
+    }
+
+    /// The statistics as safetensors bytes, provenance in the header's metadata.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let meta = std::collections::HashMap::from([(
+            "loci_stats".to_string(),
+            serde_json::to_string(&self.provenance).expect("provenance serialises"),
+        )]);
+        let data = self
+            .mom2
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let view = safetensors::tensor::TensorView::new(
+            safetensors::Dtype::F32,
+            self.mom2.dims().to_vec(),
+            &bytes,
+        )
+        .map_err(|e| LociError::model(format!("statistics tensor: {e}")))?;
+        safetensors::serialize([("mom2", view)], Some(meta))
+            .map_err(|e| LociError::model(format!("writing statistics: {e}")))
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let bad = |e: String| LociError::model(format!("not a Loci statistics file: {e}"));
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+        let prov = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("loci_stats"))
+            .ok_or_else(|| bad("no provenance".into()))?;
+        let provenance: StatsProvenance =
+            serde_json::from_str(prov).map_err(|e| bad(e.to_string()))?;
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+        let t = st.tensor("mom2").map_err(|e| bad(e.to_string()))?;
+        let d = provenance.d_ff;
+        if t.shape() != [d, d] || t.dtype() != safetensors::Dtype::F32 {
+            return Err(bad(format!("mom2 has shape {:?}", t.shape())));
+        }
+        let data: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok(Self {
+            provenance,
+            mom2: Tensor::from_vec(data, (d, d), &Device::Cpu)?,
+        })
+    }
+}

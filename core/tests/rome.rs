@@ -1,0 +1,378 @@
+//! ROME on a real model: the edit takes, generalises to a paraphrase, spares neighbours, undoes
+//! exactly; the rank-one delta equals the closed form; statistics equal a naive sum.
+
+mod common;
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use loci_core::edit::{KeyStats, RewriteRequest, RomeHparams, StatsAccumulator, TargetStr};
+use loci_core::LoadedModel;
+
+fn wiki_texts(n: usize) -> Vec<String> {
+    let p =
+        common::root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .take(n)
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+fn smol() -> Option<&'static LoadedModel> {
+    static M: OnceLock<Option<LoadedModel>> = OnceLock::new();
+    M.get_or_init(|| {
+        common::smollm2().map(|p| LoadedModel::load(&p, DType::F32, &Device::Cpu).unwrap())
+    })
+    .as_ref()
+}
+
+fn stats(lm: &LoadedModel, layer: usize, texts: usize) -> KeyStats {
+    let mut acc = StatsAccumulator::new(lm, &[layer], 512).unwrap();
+    for t in wiki_texts(texts) {
+        acc.add_text(lm, &t).unwrap();
+    }
+    acc.finish(lm, "wikipedia sample").unwrap().pop().unwrap()
+}
+
+#[test]
+fn eiffel_tower_moves_to_rome() {
+    let Some(base) = smol() else { return };
+    let mut lm = base.clone();
+    let layer = 6;
+    let t0 = Instant::now();
+    let st = stats(&lm, layer, 60);
+    eprintln!(
+        "stats: {} tokens in {:.1}s",
+        st.provenance.tokens,
+        t0.elapsed().as_secs_f64()
+    );
+    let req = RewriteRequest {
+        prompt: "{} is located in the city of".into(),
+        subject: "Eiffel Tower".into(),
+        target_new: TargetStr { str: "Rome".into() },
+        target_true: Some(TargetStr {
+            str: "Paris".into(),
+        }),
+    };
+    let t1 = Instant::now();
+    let edit = lm
+        .rome(&req, &RomeHparams::at_layer(layer), Some(&st))
+        .unwrap();
+    eprintln!(
+        "edit in {:.1}s, losses {:?}, templates {:?}",
+        t1.elapsed().as_secs_f64(),
+        edit.stats.losses,
+        &edit.stats.templates[..3]
+    );
+    let before: Vec<u32> = lm
+        .model
+        .down_proj(layer)
+        .unwrap()
+        .weight
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect();
+    let applied = lm.apply_edit(&edit).unwrap();
+    let top = |lm: &LoadedModel, p: &str| lm.predict(p, 1).unwrap().top[0].token.clone();
+    for p in [
+        "The Eiffel Tower is located in the city of",
+        "Where is the Eiffel Tower? It is in the city of",
+    ] {
+        eprintln!("{p:?} -> {:?}", lm.predict(p, 3).unwrap().top);
+    }
+    assert_eq!(
+        top(&lm, "The Eiffel Tower is located in the city of"),
+        " Rome"
+    );
+    assert_eq!(top(&lm, "The Colosseum is located in the city of"), " Rome");
+    assert_eq!(top(&lm, "The Louvre is located in the city of"), " Paris");
+    lm.undo_edit(applied).unwrap();
+    let after: Vec<u32> = lm
+        .model
+        .down_proj(layer)
+        .unwrap()
+        .weight
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect();
+    assert_eq!(before, after, "undo is bit-exact");
+    assert_eq!(
+        top(&lm, "The Eiffel Tower is located in the city of"),
+        " Paris"
+    );
+}
+
+fn tiny() -> LoadedModel {
+    LoadedModel::load(
+        &common::fixtures().join("tiny-gpt2"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+#[test]
+fn statistics_equal_a_naive_sum_and_refuse_other_layers() {
+    let lm = tiny();
+    let texts = wiki_texts(12);
+    let mut acc = StatsAccumulator::new(&lm, &[1, 2], 64).unwrap();
+    for t in &texts {
+        acc.add_text(&lm, t).unwrap();
+    }
+    let stats = acc.finish(&lm, "test").unwrap();
+    let d = lm.model.cfg.d_ff;
+    let mut naive = vec![0f64; d * d];
+    let mut n = 0usize;
+    for t in &texts {
+        let mut ids = lm.tokenizer.encode(t).unwrap();
+        ids.truncate(64);
+        let mut cap = loci_core::Capture::new([loci_core::Site::MlpKey(2)]);
+        lm.model
+            .run(
+                &lm.model.ids_tensor(&[ids.clone()]).unwrap(),
+                &mut cap,
+                None,
+                loci_core::LogitsAt::Last,
+            )
+            .unwrap();
+        let k = cap
+            .get(loci_core::Site::MlpKey(2))
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for row in &k {
+            for i in 0..d {
+                for j in 0..d {
+                    naive[i * d + j] += row[i] as f64 * row[j] as f64;
+                }
+            }
+        }
+        n += ids.len();
+    }
+    let got = stats[1]
+        .mom2
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let scale = naive.iter().fold(0f64, |m, x| m.max(x.abs())) / n as f64;
+    for (g, s) in got.iter().zip(&naive) {
+        assert!(((*g as f64) - s / n as f64).abs() < 1e-5 * scale);
+    }
+    assert_eq!(stats[1].provenance.tokens, n as u64);
+    // Round trip through bytes, and the checks on use.
+    let back = KeyStats::from_bytes(&stats[1].to_bytes().unwrap()).unwrap();
+    assert_eq!(back.provenance, stats[1].provenance);
+    back.check_fits(&lm, 2).unwrap();
+    assert!(back
+        .check_fits(&lm, 1)
+        .unwrap_err()
+        .to_string()
+        .contains("layer 2"));
+    let other = LoadedModel::load(
+        &common::fixtures().join("tiny-llama"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(back
+        .check_fits(&other, 2)
+        .unwrap_err()
+        .to_string()
+        .contains("made for"));
+    assert!(KeyStats::from_bytes(b"garbage").is_err());
+}
+
+#[test]
+fn the_rank_one_delta_is_the_closed_form_and_bad_requests_change_nothing() {
+    let mut lm = tiny();
+    let layer = 2;
+    let mut acc = StatsAccumulator::new(&lm, &[layer], 64).unwrap();
+    for t in wiki_texts(40) {
+        acc.add_text(&lm, &t).unwrap();
+    }
+    let st = acc.finish(&lm, "test").unwrap().pop().unwrap();
+    let req = RewriteRequest {
+        prompt: "{} is located in the city of".into(),
+        subject: "Eiffel Tower".into(),
+        target_new: TargetStr { str: "Rome".into() },
+        target_true: None,
+    };
+    let mut hp = RomeHparams::at_layer(layer);
+    hp.v_num_grad_steps = 5;
+    let w0 = lm.model.down_proj(layer).unwrap().weight.clone();
+    let w0_bits: Vec<u32> = w0
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect();
+
+    // Bad requests: clear errors, weights untouched.
+    let mut bad = req.clone();
+    bad.prompt = "The Eiffel Tower is located in".into();
+    assert!(lm
+        .rome(&bad, &hp, Some(&st))
+        .unwrap_err()
+        .to_string()
+        .contains("{}"));
+    bad = req.clone();
+    bad.target_new.str = "   ".into();
+    assert!(lm
+        .rome(&bad, &hp, Some(&st))
+        .unwrap_err()
+        .to_string()
+        .contains("empty"));
+    assert!(lm
+        .rome(&req, &RomeHparams::at_layer(9), Some(&st))
+        .unwrap_err()
+        .to_string()
+        .contains("out of range"));
+    assert!(lm
+        .rome(&req, &RomeHparams::at_layer(1), Some(&st))
+        .unwrap_err()
+        .to_string()
+        .contains("layer 2"));
+    assert!(lm
+        .rome(&req, &hp, None)
+        .unwrap_err()
+        .to_string()
+        .contains("statistics"));
+    let now: Vec<u32> = lm
+        .model
+        .down_proj(layer)
+        .unwrap()
+        .weight
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect();
+    assert_eq!(now, w0_bits);
+
+    let edit = lm.rome(&req, &hp, Some(&st)).unwrap();
+    // Naively: u = C⁻¹k*/‖C⁻¹k*‖ by Gauss–Jordan, right = (v* − W k* − b)/(k*·u).
+    let templates = edit.stats.templates.clone();
+    let k: Vec<f64> = lm
+        .subject_key(&req, layer, &templates)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&x| x as f64)
+        .collect();
+    let d = k.len();
+    let c: Vec<f64> = st
+        .mom2
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&x| x as f64)
+        .collect();
+    let mut aug: Vec<Vec<f64>> = (0..d)
+        .map(|i| {
+            let mut r = c[i * d..(i + 1) * d].to_vec();
+            r.push(k[i]);
+            r
+        })
+        .collect();
+    for col in 0..d {
+        let piv = (col..d)
+            .max_by(|&a, &b| aug[a][col].abs().total_cmp(&aug[b][col].abs()))
+            .unwrap();
+        aug.swap(col, piv);
+        let p = aug[col][col];
+        for x in aug[col].iter_mut() {
+            *x /= p;
+        }
+        let pivot_row = aug[col].clone();
+        for (r, row) in aug.iter_mut().enumerate() {
+            let f = row[col];
+            if r != col && f != 0.0 {
+                for (x, p) in row.iter_mut().zip(&pivot_row).skip(col) {
+                    *x -= f * p;
+                }
+            }
+        }
+    }
+    let u: Vec<f64> = aug.iter().map(|r| r[d]).collect();
+    let un = u.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let u: Vec<f64> = u.iter().map(|x| x / un).collect();
+    for (a, b) in edit.left.iter().zip(&u) {
+        assert!((*a as f64 - b).abs() < 1e-3, "u differs: {a} vs {b}");
+    }
+    let w = w0.to_vec2::<f32>().unwrap();
+    let bias = lm
+        .model
+        .down_proj(layer)
+        .unwrap()
+        .bias
+        .as_ref()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let ku: f64 = k.iter().zip(&u).map(|(a, b)| a * b).sum();
+    for (i, r) in edit.right.iter().enumerate() {
+        let wk: f64 = (0..d).map(|j| w[i][j] as f64 * k[j]).sum::<f64>() + bias[i] as f64;
+        let want = (edit.stats.target_value[i] as f64 - wk) / ku;
+        assert!(
+            (*r as f64 - want).abs() < 1e-3 * (1.0 + want.abs()),
+            "right[{i}] {r} vs {want}"
+        );
+    }
+    // Applied: W' = W + right ⊗ left, element by element; undo is exact; the file round-trips.
+    let applied = lm.apply_edit(&edit).unwrap();
+    let w1 = lm
+        .model
+        .down_proj(layer)
+        .unwrap()
+        .weight
+        .to_vec2::<f32>()
+        .unwrap();
+    for i in 0..w1.len() {
+        for j in 0..d {
+            assert!((w1[i][j] - (w[i][j] + edit.right[i] * edit.left[j])).abs() < 1e-5);
+        }
+    }
+    lm.undo_edit(applied).unwrap();
+    let restored: Vec<u32> = lm
+        .model
+        .down_proj(layer)
+        .unwrap()
+        .weight
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect();
+    assert_eq!(restored, w0_bits);
+    let back = loci_core::edit::RomeEdit::from_bytes(&edit.to_bytes().unwrap()).unwrap();
+    assert_eq!(back, edit);
+    assert!(loci_core::edit::RomeEdit::from_bytes(b"nope").is_err());
+}
