@@ -4,6 +4,11 @@ mod cli;
 
 use clap::Parser;
 
+// Tensors are allocated and freed by the thousand; glibc hands big blocks back to the kernel each
+// time (page faults, TLB shootdowns across threads), mimalloc keeps them for reuse.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let args = cli::Cli::parse();
     let threads = args

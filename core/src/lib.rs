@@ -2,6 +2,7 @@
 //! with the machinery for causal tracing and model editing. No I/O assumptions beyond the
 //! optional file loaders, so it builds for wasm32 as well as natively.
 
+pub mod clock;
 pub mod config;
 pub mod edit;
 pub mod error;

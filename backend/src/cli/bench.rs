@@ -23,6 +23,8 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Key statistics and one ROME edit (Eiffel Tower → Rome): seconds per phase.
+    Edit(EditBenchArgs),
     /// Causal tracing of all three kinds on a ~10-token prompt: seconds, and the work done
     /// against the reference algorithm's.
     Trace {
@@ -39,6 +41,22 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Serialize)]
+struct EditBench {
+    bench: &'static str,
+    model: String,
+    threads: usize,
+    layer: usize,
+    stats_tokens: u64,
+    stats_seconds: f64,
+    stats_seconds_per_100k_tokens: f64,
+    edit_seconds: f64,
+    edit_phases: std::collections::BTreeMap<String, f64>,
+    v_steps: usize,
+    p_new_after: f32,
+    peak_rss_mib: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -59,6 +77,76 @@ struct TraceBench {
     work_ratio: f64,
     gflop_per_second: f64,
     peak_rss_mib: Option<f64>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EditBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 6)]
+    layer: usize,
+    /// Tokens of key statistics to time (the edit then uses them).
+    #[arg(long, default_value_t = 20_000)]
+    stats_tokens: u64,
+    #[arg(long)]
+    corpus: Option<std::path::PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn edit_bench(a: EditBenchArgs) -> Result<()> {
+    use loci_core::edit::{RewriteRequest, RomeHparams, StatsAccumulator, TargetStr};
+    let mut lm = a.model.load()?;
+    let corpus = match a.corpus {
+        Some(c) => c,
+        None => super::edit::default_corpus()?,
+    };
+    let s = Instant::now();
+    let mut acc = StatsAccumulator::new(&lm, &[a.layer], 1024)?;
+    for text in super::edit::corpus_texts(&corpus)? {
+        acc.add_text(&lm, &text?)?;
+        if acc.tokens() >= a.stats_tokens {
+            break;
+        }
+    }
+    let tokens = acc.tokens();
+    let stats = acc.finish(&lm, &corpus.display().to_string())?.remove(0);
+    let stats_seconds = s.elapsed().as_secs_f64();
+    let req = RewriteRequest {
+        prompt: "{} is located in the city of".into(),
+        subject: "Eiffel Tower".into(),
+        target_new: TargetStr { str: "Rome".into() },
+        target_true: Some(TargetStr {
+            str: "Paris".into(),
+        }),
+    };
+    let hp = RomeHparams::at_layer(a.layer);
+    let s = Instant::now();
+    let edit = lm.rome(&req, &hp, Some(&stats))?;
+    lm.apply_edit(&edit)?;
+    let edit_seconds = s.elapsed().as_secs_f64();
+    let r = EditBench {
+        bench: "edit",
+        model: lm.name.clone(),
+        threads: threads(),
+        layer: a.layer,
+        stats_tokens: tokens,
+        stats_seconds,
+        stats_seconds_per_100k_tokens: stats_seconds * 100_000.0 / tokens.max(1) as f64,
+        edit_seconds,
+        edit_phases: edit.stats.seconds.clone(),
+        v_steps: edit.stats.losses.len(),
+        p_new_after: lm.target_prob(&req.filled(), "Rome")?,
+        peak_rss_mib: peak_rss_mib(),
+    };
+    if a.json {
+        return print_json(&r);
+    }
+    println!(
+        "{}: statistics {:.1} s per 100k tokens; one ROME edit {:.1} s {:?}; p(Rome) after = {:.3}",
+        r.model, r.stats_seconds_per_100k_tokens, r.edit_seconds, r.edit_phases, r.p_new_after
+    );
+    Ok(())
 }
 
 #[derive(Serialize)]
@@ -164,6 +252,7 @@ fn trace_bench(
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
+        BenchCmd::Edit(a) => edit_bench(a),
         BenchCmd::Trace {
             model,
             prompt,

@@ -36,7 +36,7 @@ pub struct StatsArgs {
 }
 
 /// The Wikipedia sample next to the project, when no corpus is named.
-fn default_corpus() -> Result<PathBuf> {
+pub fn default_corpus() -> Result<PathBuf> {
     let candidates = [
         std::env::var_os("LOCI_DATA")
             .map(|d| PathBuf::from(d).join("wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl")),
@@ -52,7 +52,7 @@ fn default_corpus() -> Result<PathBuf> {
 }
 
 /// Streams texts from JSONL (`text` field) or plain text (paragraphs).
-fn corpus_texts(path: &Path) -> Result<impl Iterator<Item = Result<String>>> {
+pub fn corpus_texts(path: &Path) -> Result<impl Iterator<Item = Result<String>>> {
     let file =
         std::fs::File::open(path).with_context(|| format!("opening corpus {}", path.display()))?;
     let jsonl = path

@@ -10,6 +10,7 @@ use super::stats::KeyStats;
 use crate::error::{LociError, Result};
 use crate::hooks::{Capture, FnHook, Site};
 use crate::loader::LoadedModel;
+use crate::model::layers::LayerCache;
 use crate::model::{KvCache, LogitsAt};
 use crate::rng::SplitMix64;
 
@@ -126,6 +127,8 @@ pub struct RomeStats {
     pub templates: Vec<String>,
     /// v*, the value the edited layer now gives the key.
     pub target_value: Vec<f32>,
+    /// Seconds per phase: templates, key (k* and u), value (v*), update.
+    pub seconds: std::collections::BTreeMap<String, f64>,
 }
 
 /// The metadata stored beside an edit's vectors.
@@ -387,6 +390,13 @@ impl LoadedModel {
                 req.target_new.str
             )));
         }
+        let mut seconds = std::collections::BTreeMap::new();
+        let mut clock = crate::clock::now_seconds();
+        let mut lap = |name: &str| {
+            let now = crate::clock::now_seconds();
+            seconds.insert(name.to_string(), now - clock);
+            clock = now;
+        };
         // Fail on bad statistics before any expensive work.
         let factor = match (hp.mom2_adjustment, stats) {
             (true, None) => {
@@ -406,7 +416,9 @@ impl LoadedModel {
             }
             (false, _) => None,
         };
+        lap("covariance_factor");
         let templates = context_templates(self, hp)?;
+        lap("templates");
 
         // k* and u.
         let k_star = self.subject_key(req, l, &templates)?;
@@ -421,8 +433,10 @@ impl LoadedModel {
         }
         let u: Vec<f32> = u.iter().map(|x| (x / norm) as f32).collect();
 
+        lap("key");
         // v*.
         let (v_star, losses, delta_norm) = self.compute_v(req, hp, &templates, &target_ids)?;
+        lap("value");
 
         // The closed form: W' k = v* for the chosen key.
         let down = m.down_proj(l)?;
@@ -442,6 +456,7 @@ impl LoadedModel {
             )));
         }
         let target_value = v_star.to_vec1::<f32>()?;
+        lap("update");
         let right: Vec<f32> = (v_star - current)?
             .to_vec1::<f32>()?
             .iter()
@@ -462,6 +477,7 @@ impl LoadedModel {
                 division_factor: division,
                 templates,
                 target_value,
+                seconds,
             },
         })
     }
@@ -486,46 +502,100 @@ impl LoadedModel {
         let n_rewrite = row_templates.len();
         row_templates.push("{} is a".to_string());
         let tx = texts(self, &row_templates, &req.subject)?;
-        let ids = pad_rows(self, &tx.ids)?;
-        let (rows, t) = ids.dims2()?;
+        let rows = tx.ids.len();
         let mt = target.len();
-        // Positions whose logits matter: each rewrite row's target positions, the KL row's lookup.
+        // Only positions from each row's subject-last token on depend on the delta (the
+        // "suffix"); the earlier ones are computed once, without gradients, and lend the suffix
+        // their keys and values. Every row's suffix is padded to one length.
+        let starts = tx.lookup.clone();
+        let suffix = tx
+            .ids
+            .iter()
+            .zip(&starts)
+            .map(|(r, &s)| r.len() - s)
+            .max()
+            .unwrap_or(1);
+        let t = starts.iter().map(|s| s + suffix).max().unwrap_or(suffix);
+        let pad = self.tokenizer.eos.unwrap_or(0);
+        let padded: Vec<Vec<u32>> = tx
+            .ids
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r.resize(t, pad);
+                r
+            })
+            .collect();
+        let ids = m.ids_tensor(&padded)?;
         // Rows hold prompt + target[..m−1]: the last prompt token, at n − m, predicts target[0].
         let mut cells = Vec::new();
         let mut labels = Vec::new();
         for (i, row) in tx.ids.iter().take(n_rewrite).enumerate() {
             let n = row.len();
-            if n < mt + 1 {
-                return Err(LociError::input("prompt too short for the target"));
+            if n < mt + 1 + starts[i] {
+                return Err(LociError::input(
+                    "the prompt must continue after the subject",
+                ));
             }
             for (j, &tok) in target.iter().enumerate() {
-                cells.push((i, n - mt + j));
+                cells.push((i, n - mt + j - starts[i]));
                 labels.push(tok);
             }
         }
-        let kl_cell = (rows - 1, tx.lookup[rows - 1]);
+        let kl_cell = (rows - 1, 0);
 
-        // The residual stream entering layer l does not depend on the delta: compute it once.
-        let resid_in = if l == 0 {
-            let mut cap = Capture::new([Site::Embed]).stopping_after(Site::Embed);
-            m.run(&ids, &mut cap, None, LogitsAt::Last)?;
-            let e = cap.get(Site::Embed)?.clone();
-            match &m.wpe {
-                Some(wpe) => e.broadcast_add(&wpe.narrow(0, 0, t)?)?,
-                None => e,
-            }
+        // One pass without gradients: the residual entering layer l and every layer's keys and
+        // values.
+        let entry = if l == 0 {
+            Site::Embed
         } else {
-            let mut cap = Capture::new([Site::Block(l - 1)]).stopping_after(Site::Block(l - 1));
-            m.run(&ids, &mut cap, None, LogitsAt::Last)?;
-            cap.get(Site::Block(l - 1))?.clone()
+            Site::Block(l - 1)
+        };
+        let mut cap = Capture::new([entry]);
+        let mut kv = KvCache::default();
+        m.run(&ids, &mut cap, Some(&mut kv), LogitsAt::Last)?;
+        let mut resid = cap.get(entry)?.clone();
+        if let (0, Some(wpe)) = (l, &m.wpe) {
+            resid = resid.broadcast_add(&wpe.narrow(0, 0, t)?)?;
         }
-        .detach();
-        // One-hot rows marking where the delta is added: every row's subject-last token.
-        let mut mask = vec![0f32; rows * t];
-        for (i, &p) in tx.lookup.iter().enumerate() {
-            mask[i * t + p] = 1.0;
+        let suffix_cells: Vec<(usize, usize)> = (0..rows)
+            .flat_map(|i| (0..suffix).map(move |s| (i, s)))
+            .map(|(i, s)| (i, starts[i] + s))
+            .collect();
+        let resid_in = gather(&resid, &suffix_cells)?
+            .reshape((rows, suffix, d))?
+            .detach();
+        let prefix = starts.iter().copied().max().unwrap_or(0);
+        let mut key_mask = vec![0f32; rows * (prefix + suffix)];
+        for (i, &s) in starts.iter().enumerate() {
+            for p in s..prefix {
+                key_mask[i * (prefix + suffix) + p] = f32::NEG_INFINITY;
+            }
         }
-        let mask = Tensor::from_vec(mask, (rows, t, 1), &m.device)?.to_dtype(m.dtype)?;
+        let key_mask = Tensor::from_vec(key_mask, (rows, 1, 1, prefix + suffix), &m.device)?;
+        let caches: Vec<LayerCache> = (l..m.n_layer())
+            .map(|j| -> Result<LayerCache> {
+                let c = &kv.layers[j];
+                let cut = |x: &Option<Tensor>| -> Result<Option<Tensor>> {
+                    Ok(match x {
+                        Some(x) if prefix > 0 => Some(x.narrow(2, 0, prefix)?.detach()),
+                        _ => None,
+                    })
+                };
+                Ok(LayerCache {
+                    k: cut(&c.k)?,
+                    v: cut(&c.v)?,
+                    row_starts: Some(starts.clone()),
+                    key_mask: Some(key_mask.clone()),
+                })
+            })
+            .collect::<Result<_>>()?;
+        // The delta goes in at every row's subject-last token: suffix position 0.
+        let mut mask = vec![0f32; rows * suffix];
+        for i in 0..rows {
+            mask[i * suffix] = 1.0;
+        }
+        let mask = Tensor::from_vec(mask, (rows, suffix, 1), &m.device)?.to_dtype(m.dtype)?;
         let label_t = Tensor::new(labels.as_slice(), &m.device)?.unsqueeze(1)?;
 
         let delta = Var::zeros(d, DType::F32, &m.device)?;
@@ -549,16 +619,17 @@ impl LoadedModel {
                     return Ok(None);
                 }
                 if mlp_at_row0.is_none() {
-                    mlp_at_row0 = Some(x.i((0, tx.lookup[0]))?.to_dtype(DType::F32)?.detach());
+                    mlp_at_row0 = Some(x.i((0, 0))?.to_dtype(DType::F32)?.detach());
                 }
                 let add = mask
                     .broadcast_mul(&delta.as_tensor().to_dtype(x.dtype())?.reshape((1, 1, d))?)?;
                 Ok(Some((x + add)?))
             });
             let mut x = resid_in.clone();
-            for j in l..m.n_layer() {
+            for (j, cache) in (l..m.n_layer()).zip(&caches) {
+                let mut cache = cache.clone();
                 x = m.blocks[j]
-                    .forward(j, &x, 0, None, &mut hook)?
+                    .forward(j, &x, 0, Some(&mut cache), &mut hook)?
                     .ok_or_else(|| LociError::input("forward pass stopped early"))?;
             }
             if target_init.is_none() {

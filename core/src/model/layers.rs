@@ -24,7 +24,20 @@ impl Linear {
         let dims = x.dims().to_vec();
         let d_in = *dims.last().expect("activations have a last dimension");
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, d_in))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((rows, d_in))?;
+        let frozen = x.track_op()
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32;
+        let y = if frozen {
+            // Under autograd the weights are frozen: skip candle's weight gradients (as large as
+            // the weights, allocated on every step) and backpropagate to the input only.
+            x2.contiguous()?.apply_op1(FrozenMatmul {
+                w: self.weight.clone(),
+            })?
+        } else {
+            x2.matmul(&self.weight.t()?)?
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -32,6 +45,45 @@ impl Linear {
         let mut out = dims;
         *out.last_mut().unwrap() = self.out_dim();
         Ok(y.reshape(out)?)
+    }
+}
+
+/// `x Wᵀ` whose backward pass gives the input's gradient only.
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (rows, d_in) = layout.shape().dims2()?;
+        let data = storage.as_slice::<f32>()?;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-matmul needs a contiguous input")
+        };
+        let x = Tensor::from_slice(&data[start..end], (rows, d_in), &Device::Cpu)?;
+        let y = x.matmul(&self.w.t()?)?;
+        let out = y.dims2()?;
+        Ok((
+            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
+            out.into(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.w)?))
     }
 }
 
@@ -66,42 +118,63 @@ pub struct Rotary {
     pub theta: f64,
 }
 
+/// Where a batch sits in the sequence: all rows from one position, or each row from its own.
+#[derive(Clone, Copy, Debug)]
+pub enum Positions<'a> {
+    From(usize),
+    PerRow(&'a [usize]),
+}
+
 impl Rotary {
+    /// cos and sin tables: `[t, dim/2]`, or `[b, t, dim/2]` for per-row positions.
     fn tables(
         &self,
-        pos0: usize,
+        pos: Positions,
         t: usize,
         dtype: DType,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
         let half = self.dim / 2;
-        let mut cos = Vec::with_capacity(t * half);
-        let mut sin = Vec::with_capacity(t * half);
-        for p in pos0..pos0 + t {
-            for i in 0..half {
-                // Same float32 formula as transformers: inv_freq in f32, then the f32 product.
-                let inv = 1.0f32 / (self.theta as f32).powf((2 * i) as f32 / self.dim as f32);
-                let a = p as f32 * inv;
-                cos.push(a.cos());
-                sin.push(a.sin());
+        let starts: Vec<usize> = match pos {
+            Positions::From(p) => vec![p],
+            Positions::PerRow(r) => r.to_vec(),
+        };
+        let mut cos = Vec::with_capacity(starts.len() * t * half);
+        let mut sin = Vec::with_capacity(starts.len() * t * half);
+        for &p0 in &starts {
+            for p in p0..p0 + t {
+                for i in 0..half {
+                    // Same float32 formula as transformers: inv_freq in f32, then the f32 product.
+                    let inv = 1.0f32 / (self.theta as f32).powf((2 * i) as f32 / self.dim as f32);
+                    let a = p as f32 * inv;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
             }
         }
-        let cos = Tensor::from_vec(cos, (t, half), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (t, half), device)?.to_dtype(dtype)?;
+        let shape: Vec<usize> = match pos {
+            Positions::From(_) => vec![t, half],
+            Positions::PerRow(r) => vec![r.len(), t, half],
+        };
+        let cos = Tensor::from_vec(cos, shape.clone(), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
         Ok((cos, sin))
     }
 
-    /// `x`: `[b, heads, t, head_dim]`, positions `pos0..pos0+t`.
-    pub fn apply(&self, x: &Tensor, pos0: usize) -> Result<Tensor> {
+    /// `x`: `[b, heads, t, head_dim]` at positions `pos`.
+    pub fn apply(&self, x: &Tensor, pos: Positions) -> Result<Tensor> {
         let (_, _, t, hd) = x.dims4()?;
-        let (cos, sin) = self.tables(pos0, t, x.dtype(), x.device())?;
+        let (cos, sin) = self.tables(pos, t, x.dtype(), x.device())?;
         let rot = |y: &Tensor| -> Result<Tensor> {
             let y = y.contiguous()?;
-            Ok(match (self.interleaved, y.track_op()) {
-                (true, false) => candle_nn::rotary_emb::rope_i(&y, &cos, &sin)?,
-                (true, true) => candle_nn::rotary_emb::rope_i_slow(&y, &cos, &sin)?,
-                (false, false) => candle_nn::rotary_emb::rope(&y, &cos, &sin)?,
-                (false, true) => candle_nn::rotary_emb::rope_slow(&y, &cos, &sin)?,
+            if y.track_op() {
+                // candle's fused kernels have no backward pass.
+                return rope_composed(&y, &cos, &sin, self.interleaved);
+            }
+            Ok(if self.interleaved {
+                candle_nn::rotary_emb::rope_i(&y, &cos, &sin)?
+            } else {
+                candle_nn::rotary_emb::rope(&y, &cos, &sin)?
             })
         };
         if self.dim == hd {
@@ -114,11 +187,42 @@ impl Rotary {
     }
 }
 
+/// Rotary embedding from differentiable operations; `cos`/`sin` are `[t, d/2]` or `[b, t, d/2]`.
+fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    let half = d / 2;
+    let (cos, sin) = match cos.rank() {
+        2 => (cos.reshape((1, 1, t, half))?, sin.reshape((1, 1, t, half))?),
+        _ => (cos.unsqueeze(1)?, sin.unsqueeze(1)?),
+    };
+    let (x1, x2) = if interleaved {
+        let pairs = x.reshape((b, h, t, half, 2))?;
+        (
+            pairs.narrow(4, 0, 1)?.squeeze(4)?,
+            pairs.narrow(4, 1, 1)?.squeeze(4)?,
+        )
+    } else {
+        (x.narrow(3, 0, half)?, x.narrow(3, half, half)?)
+    };
+    let o1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+    let o2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+    Ok(if interleaved {
+        Tensor::stack(&[o1, o2], 4)?.reshape((b, h, t, d))?
+    } else {
+        Tensor::cat(&[o1, o2], 3)?
+    })
+}
+
 /// Cached keys and values of one layer, `[b, kv_heads, t, head_dim]`.
 #[derive(Clone, Debug, Default)]
 pub struct LayerCache {
     pub k: Option<Tensor>,
     pub v: Option<Tensor>,
+    /// Each row's own first position (rows whose cached prefixes differ in length).
+    pub row_starts: Option<Vec<usize>>,
+    /// Additive `[b, 1, 1, keys]` mask (0 or −∞) over cached and new keys: hides the padding
+    /// inside prefixes of different lengths.
+    pub key_mask: Option<Tensor>,
 }
 
 /// Multi-head attention with one fused q/k/v projection (grouped-query when `n_kv_head < n_head`).
@@ -156,7 +260,7 @@ impl Attention {
         };
         let mut k = heads(0)?;
         if let Some(r) = &self.rotary {
-            k = r.apply(&k, pos0)?;
+            k = r.apply(&k, Positions::From(pos0))?;
         }
         Ok((k.contiguous()?, heads(nkv)?.contiguous()?))
     }
@@ -180,10 +284,16 @@ impl Attention {
         let mut q = heads(0, nh)?;
         let mut k = heads(nh, nkv)?;
         let mut v = heads(nh + nkv, nkv)?.contiguous()?;
+        let row_starts = cache.as_ref().and_then(|c| c.row_starts.clone());
+        let pos = match &row_starts {
+            Some(r) => Positions::PerRow(r),
+            None => Positions::From(pos0),
+        };
         if let Some(r) = &self.rotary {
-            q = r.apply(&q, pos0)?;
-            k = r.apply(&k, pos0)?;
+            q = r.apply(&q, pos)?;
+            k = r.apply(&k, pos)?;
         }
+        let key_mask = cache.as_ref().and_then(|c| c.key_mask.clone());
         if let Some(c) = cache {
             if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
                 k = Tensor::cat(&[pk, &k], 2)?;
@@ -215,6 +325,10 @@ impl Attention {
             scores.broadcast_add(&mask)?
         } else {
             scores
+        };
+        let scores = match key_mask {
+            Some(m) => scores.broadcast_add(&m)?,
+            None => scores,
         };
         let probs = softmax_last(&scores)?.to_dtype(dtype)?;
         let y = probs.matmul(&v.contiguous()?)?.reshape((b, nh, t, hd))?;

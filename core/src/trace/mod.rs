@@ -633,7 +633,7 @@ impl LoadedModel {
         obs: &mut dyn TraceObserver,
         workers: usize,
     ) -> Result<TraceResult> {
-        let started = web_time_now();
+        let started = crate::clock::now_seconds();
         let p = prepare(self, req, embedding_std)?;
         let (n, big_t) = (self.model.n_layer(), p.ids.len());
         obs.on_start(req.kinds.len() * big_t);
@@ -678,7 +678,7 @@ impl LoadedModel {
         req: &TraceRequest,
         embedding_std: Option<f64>,
     ) -> Result<TraceResult> {
-        let started = web_time_now();
+        let started = crate::clock::now_seconds();
         let p = prepare(self, req, embedding_std)?;
         let m = &self.model;
         let (n, big_t) = (m.n_layer(), p.ids.len());
@@ -770,21 +770,6 @@ fn finish(
         tracing_effect,
         tracing_effect_subject_last,
         work,
-        seconds: web_time_now() - started,
-    }
-}
-
-/// Seconds on a monotonic-enough clock that also exists in the browser.
-fn web_time_now() -> f64 {
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        use std::time::{SystemTime, UNIX_EPOCH};
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64())
-    }
-    #[cfg(target_arch = "wasm32")]
-    {
-        0.0
+        seconds: crate::clock::now_seconds() - started,
     }
 }
