@@ -457,3 +457,84 @@ fn stats_then_edit_reports_before_and_after() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn eval_applies_and_undoes_every_case() {
+    let dir = std::env::temp_dir().join(format!("loci-eval-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let corpus = root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
+    let data = root().join("../shared/data/counterfact/counterfact_rome_format_sample500.json");
+    let out_file = dir.join("results.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
+        .args([
+            "eval",
+            "--model",
+            &tiny("tiny-gpt2"),
+            "--layer",
+            "1",
+            "--n",
+            "2",
+            "--v-steps",
+            "3",
+            "--stats-tokens",
+            "2000",
+            "--summary",
+        ])
+        .arg("--dataset")
+        .arg(&data)
+        .arg("--corpus")
+        .arg(&corpus)
+        .arg("--stats")
+        .arg(dir.join("stats"))
+        .arg("--out")
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    let s = json(&out);
+    assert_eq!(s["cases"], 2);
+    for k in [
+        "efficacy_score",
+        "paraphrase_score",
+        "neighborhood_score",
+        "hase_target_score",
+        "score",
+    ] {
+        let v = s[k].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&v), "{k} = {v}");
+    }
+    assert!(s["fluency_post"].as_f64().unwrap() > 0.0);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        lines[0]["pre"]["neighborhood"].as_array().unwrap().len(),
+        10
+    );
+    assert_eq!(lines[0]["pre"]["paraphrase"].as_array().unwrap().len(), 2);
+    // EasyEdit's flattened format reads too.
+    let flat = root().join("../shared/data/counterfact/easyedit_counterfact-edit.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
+        .args([
+            "eval",
+            "--model",
+            &tiny("tiny-gpt2"),
+            "--layer",
+            "1",
+            "--n",
+            "1",
+            "--v-steps",
+            "2",
+            "--no-generation",
+            "--summary",
+        ])
+        .arg("--dataset")
+        .arg(&flat)
+        .arg("--stats")
+        .arg(dir.join("stats"))
+        .output()
+        .unwrap();
+    assert_eq!(json(&out)["cases"], 1);
+}

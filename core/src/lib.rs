@@ -6,6 +6,7 @@ pub mod clock;
 pub mod config;
 pub mod edit;
 pub mod error;
+pub mod eval;
 pub mod hooks;
 pub mod loader;
 pub mod model;

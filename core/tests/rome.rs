@@ -376,3 +376,70 @@ fn the_rank_one_delta_is_the_closed_form_and_bad_requests_change_nothing() {
     assert_eq!(back, edit);
     assert!(loci_core::edit::RomeEdit::from_bytes(b"nope").is_err());
 }
+
+#[test]
+fn metrics_follow_the_definitions() {
+    use loci_core::eval::{case_metrics, ngram_entropy, CaseScores, PromptScores, TargetScore};
+    let ps = |nll_new: f32, nll_true: f32| PromptScores {
+        prompt: String::new(),
+        target_new: TargetScore {
+            nll: nll_new,
+            prob: (-nll_new).exp(),
+        },
+        target_true: TargetScore {
+            nll: nll_true,
+            prob: (-nll_true).exp(),
+        },
+    };
+    let pre = CaseScores {
+        rewrite: vec![ps(3.0, 0.5)],
+        paraphrase: vec![ps(3.0, 0.5)],
+        neighborhood: vec![ps(3.0, 0.5)],
+        ..Default::default()
+    };
+    let post = CaseScores {
+        rewrite: vec![ps(0.1, 2.0)],
+        paraphrase: vec![ps(1.0, 0.5)],
+        neighborhood: vec![ps(3.0, 0.5)],
+        ..Default::default()
+    };
+    let m = case_metrics(&pre, &post);
+    assert_eq!(
+        (m.efficacy_score, m.paraphrase_score, m.neighborhood_score),
+        (1.0, 0.0, 1.0)
+    );
+    assert!((m.efficacy_magnitude - ((-0.1f32).exp() - (-2.0f32).exp())).abs() < 1e-6);
+    let (p0, p1) = ((-3.0f32).exp(), (-0.1f32).exp());
+    assert!((m.hase_rewrite - (p1 - p0) / (1.0 - p0)).abs() < 1e-5);
+    assert!(
+        (m.hase_neighborhood - 1.0).abs() < 1e-6,
+        "unchanged neighbour scores 1"
+    );
+    // A repetitive text has lower n-gram entropy than a varied one.
+    assert!(
+        ngram_entropy("the cat the cat the cat the cat")
+            < ngram_entropy("a quick brown fox jumps over the lazy dog")
+    );
+}
+
+#[test]
+fn shipped_hyperparameters_match_model_shapes() {
+    let gpt2 = loci_core::ModelConfig::from_hf_json(
+        r#"{"model_type":"gpt2","n_embd":768,"n_layer":12,"n_head":12,"n_positions":1024,"vocab_size":50257}"#,
+    )
+    .unwrap();
+    assert_eq!(RomeHparams::for_model(&gpt2).unwrap().layer, 4);
+    let gptj = loci_core::ModelConfig::from_hf_json(
+        r#"{"model_type":"gptj","n_embd":4096,"n_layer":28,"n_head":16,"rotary_dim":64,"n_positions":2048,"vocab_size":50400}"#,
+    )
+    .unwrap();
+    let hp = RomeHparams::for_model(&gptj).unwrap();
+    assert_eq!(
+        (hp.layer, hp.clamp_norm_factor, hp.v_num_grad_steps),
+        (5, 4.0, 20)
+    );
+    assert!(RomeHparams::for_model(&tiny().model.cfg).is_none());
+    if let Some(lm) = smol() {
+        assert_eq!(RomeHparams::for_model(&lm.model.cfg).unwrap().layer, 6);
+    }
+}

@@ -95,12 +95,12 @@ pub fn corpus_texts(path: &Path) -> Result<impl Iterator<Item = Result<String>>>
     }))
 }
 
-fn stats_dir(lm: &LoadedModel, out: Option<&Path>) -> PathBuf {
+pub fn stats_dir(lm: &LoadedModel, out: Option<&Path>) -> PathBuf {
     out.map(Path::to_path_buf)
         .unwrap_or_else(|| super::trace::cache_dir(lm).join("stats"))
 }
 
-fn stats_file(dir: &Path, layer: usize) -> PathBuf {
+pub fn stats_file(dir: &Path, layer: usize) -> PathBuf {
     dir.join(format!("layer{layer}.safetensors"))
 }
 
@@ -168,6 +168,19 @@ pub fn stats(a: StatsArgs) -> Result<()> {
     collect(&lm, &a.layers, &corpus, a.tokens, a.max_len, &dir)
 }
 
+/// The shipped hyper-parameters for this model, at `layer` when given.
+pub fn hparams(lm: &LoadedModel, layer: Option<usize>) -> Result<RomeHparams> {
+    match (RomeHparams::for_model(&lm.model.cfg), layer) {
+        (Some(mut hp), Some(l)) => {
+            hp.layer = l;
+            Ok(hp)
+        }
+        (Some(hp), None) => Ok(hp),
+        (None, Some(l)) => Ok(RomeHparams::at_layer(l)),
+        (None, None) => bail!("Loci has no default layer for this model; pass --layer"),
+    }
+}
+
 pub fn load_stats(lm: &LoadedModel, dir: &Path, layer: usize) -> Result<KeyStats> {
     let f = stats_file(dir, layer);
     let bytes = std::fs::read(&f).with_context(|| format!("reading statistics {}", f.display()))?;
@@ -194,8 +207,9 @@ pub struct EditArgs {
     /// The old target (default: the model's current top-1).
     #[arg(long)]
     pub target_true: Option<String>,
+    /// The edited layer (default: Loci's shipped hyper-parameters for this model).
     #[arg(long)]
-    pub layer: usize,
+    pub layer: Option<usize>,
     /// Folder with key statistics (default: the model's cache; computed there when missing).
     #[arg(long)]
     pub stats: Option<PathBuf>,
@@ -337,7 +351,7 @@ pub fn edit(a: EditArgs) -> Result<()> {
     let started = Instant::now();
     let mut lm = a.model.load()?;
     let req = request(&a, &lm)?;
-    let mut hp = RomeHparams::at_layer(a.layer);
+    let mut hp = hparams(&lm, a.layer)?;
     hp.key_mode = match a.key_mode.as_str() {
         "rrome" => KeyMode::Rrome,
         "original" => KeyMode::Original,
@@ -346,22 +360,22 @@ pub fn edit(a: EditArgs) -> Result<()> {
     if let Some(s) = a.v_steps {
         hp.v_num_grad_steps = s;
     }
-    if a.layer >= lm.model.n_layer() {
+    let layer = hp.layer;
+    if layer >= lm.model.n_layer() {
         bail!(
-            "layer {} out of range (the model has {} layers)",
-            a.layer,
+            "layer {layer} out of range (the model has {} layers)",
             lm.model.n_layer()
         );
     }
     let dir = stats_dir(&lm, a.stats.as_deref());
-    if !stats_file(&dir, a.layer).exists() {
+    if !stats_file(&dir, layer).exists() {
         let corpus = match &a.corpus {
             Some(c) => c.clone(),
             None => default_corpus()?,
         };
-        collect(&lm, &[a.layer], &corpus, a.stats_tokens, 1024, &dir)?;
+        collect(&lm, &[layer], &corpus, a.stats_tokens, 1024, &dir)?;
     }
-    let stats = load_stats(&lm, &dir, a.layer)?;
+    let stats = load_stats(&lm, &dir, layer)?;
     let before = side(&lm, &req, &a)?;
     let gen_before = generations(&lm, &req, &a)?;
     let e: RomeEdit = lm.rome(&req, &hp, Some(&stats))?;
@@ -376,7 +390,7 @@ pub fn edit(a: EditArgs) -> Result<()> {
     }
     let report = EditReport {
         request: req,
-        layer: a.layer,
+        layer,
         before,
         after,
         generations: Generations {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod edit;
+mod eval;
 mod predict;
 mod render;
 mod trace;
@@ -107,6 +108,8 @@ pub enum Command {
     Stats(Box<edit::StatsArgs>),
     /// Rewrite a fact with ROME and show what changed.
     Edit(Box<edit::EditArgs>),
+    /// Evaluate an editing method on CounterFact cases (each edit applied, measured, undone).
+    Eval(Box<eval::EvalArgs>),
     /// Benchmarks (JSON with --json).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -136,6 +139,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Trace(a) => trace::run(*a),
         Command::Stats(a) => edit::stats(*a),
         Command::Edit(a) => edit::edit(*a),
+        Command::Eval(a) => eval::eval(*a),
         Command::Bench(b) => bench::run(b),
     }
 }

@@ -87,7 +87,35 @@ pub struct RomeHparams {
     pub seed: u64,
 }
 
+/// Per-model defaults shipped with Loci (`core/hparams/rome/*.json`).
+const HPARAM_FILES: [&str; 6] = [
+    include_str!("../../hparams/rome/gpt2.json"),
+    include_str!("../../hparams/rome/gpt2-medium.json"),
+    include_str!("../../hparams/rome/gpt2-large.json"),
+    include_str!("../../hparams/rome/gpt2-xl.json"),
+    include_str!("../../hparams/rome/gpt-j-6b.json"),
+    include_str!("../../hparams/rome/smollm2-135m.json"),
+];
+
+#[derive(Deserialize)]
+struct HparamFile {
+    family: crate::config::Family,
+    n_layer: usize,
+    d_model: usize,
+    #[serde(flatten)]
+    hparams: RomeHparams,
+}
+
 impl RomeHparams {
+    /// The shipped hyper-parameters for a model of this shape, if Loci has them.
+    pub fn for_model(cfg: &crate::config::ModelConfig) -> Option<Self> {
+        HPARAM_FILES.iter().find_map(|text| {
+            let f: HparamFile = serde_json::from_str(text).expect("shipped hparams parse");
+            (f.family == cfg.family && f.n_layer == cfg.n_layer && f.d_model == cfg.d_model)
+                .then_some(f.hparams)
+        })
+    }
+
     /// The official values (GPT-2 XL / GPT-J) at `layer`.
     pub fn at_layer(layer: usize) -> Self {
         Self {

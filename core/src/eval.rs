@@ -1,0 +1,407 @@
+//! CounterFact evaluation (spec §7 and Hase et al.'s normalised scores, §8.6).
+
+use serde::{Deserialize, Serialize};
+
+use crate::edit::rome::{spaced, RewriteRequest, TargetStr};
+use crate::error::{LociError, Result};
+use crate::loader::LoadedModel;
+
+/// One CounterFact case (ROME's format; EasyEdit's flattened records convert into it).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CounterFactCase {
+    pub case_id: u64,
+    pub requested_rewrite: RewriteRequest,
+    #[serde(default)]
+    pub paraphrase_prompts: Vec<String>,
+    #[serde(default)]
+    pub neighborhood_prompts: Vec<String>,
+    #[serde(default)]
+    pub attribute_prompts: Vec<String>,
+    #[serde(default)]
+    pub generation_prompts: Vec<String>,
+    /// The neighbours' own true answer when it differs from the case's (EasyEdit's locality).
+    #[serde(default)]
+    pub neighborhood_true: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct EasyEditRecord {
+    case_id: u64,
+    prompt: String,
+    target_new: String,
+    subject: String,
+    ground_truth: String,
+    #[serde(default)]
+    rephrase_prompt: Option<String>,
+    #[serde(default)]
+    locality_prompt: Option<String>,
+    #[serde(default)]
+    locality_ground_truth: Option<String>,
+}
+
+/// Reads a JSON list of cases in ROME's or EasyEdit's flattened format.
+pub fn parse_cases(text: &str) -> Result<Vec<CounterFactCase>> {
+    let json = |e: serde_json::Error| LociError::Json {
+        what: "the CounterFact file".into(),
+        source: e,
+    };
+    let values: Vec<serde_json::Value> = serde_json::from_str(text).map_err(json)?;
+    values
+        .into_iter()
+        .map(|v| {
+            if v.get("requested_rewrite").is_some() {
+                return serde_json::from_value(v).map_err(json);
+            }
+            let r: EasyEditRecord = serde_json::from_value(v).map_err(json)?;
+            let prompt = r.prompt.replacen(&r.subject, "{}", 1);
+            if !prompt.contains("{}") {
+                return Err(LociError::input(format!(
+                    "case {}: the subject is not in the prompt",
+                    r.case_id
+                )));
+            }
+            Ok(CounterFactCase {
+                case_id: r.case_id,
+                requested_rewrite: RewriteRequest {
+                    prompt,
+                    subject: r.subject,
+                    target_new: TargetStr { str: r.target_new },
+                    target_true: Some(TargetStr {
+                        str: r.ground_truth,
+                    }),
+                },
+                paraphrase_prompts: r.rephrase_prompt.into_iter().collect(),
+                neighborhood_prompts: r.locality_prompt.into_iter().collect(),
+                attribute_prompts: vec![],
+                generation_prompts: vec![],
+                neighborhood_true: r.locality_ground_truth,
+            })
+        })
+        .collect()
+}
+
+/// Mean per-token NLL (ROME) and full-sequence probability (Hase) of a target after a prompt.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct TargetScore {
+    pub nll: f32,
+    pub prob: f32,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PromptScores {
+    pub prompt: String,
+    pub target_new: TargetScore,
+    pub target_true: TargetScore,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct CaseScores {
+    pub rewrite: Vec<PromptScores>,
+    pub paraphrase: Vec<PromptScores>,
+    pub neighborhood: Vec<PromptScores>,
+    pub attribute: Vec<PromptScores>,
+    /// Weighted bi/tri-gram entropy of generations (fluency), when generated.
+    pub fluency: Option<f32>,
+}
+
+impl LoadedModel {
+    /// Scores of `(prompt, target)` pairs, one padded batch.
+    pub fn score_targets(&self, pairs: &[(String, String)]) -> Result<Vec<TargetScore>> {
+        if pairs.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut rows = Vec::new();
+        let mut spans = Vec::new();
+        for (p, t) in pairs {
+            let prompt = self.encode_prompt(p)?;
+            let target = self.tokenizer.encode_plain(&spaced(t))?;
+            if target.is_empty() {
+                return Err(LociError::input(format!(
+                    "the target {t:?} tokenizes to nothing"
+                )));
+            }
+            spans.push((prompt.len(), target.clone()));
+            let mut row = prompt;
+            row.extend(target);
+            rows.push(row);
+        }
+        let t = rows.iter().map(Vec::len).max().unwrap_or(0);
+        if t > self.model.cfg.max_positions {
+            return Err(LociError::input(
+                "prompt and target exceed the model's context",
+            ));
+        }
+        let pad = self.tokenizer.eos.unwrap_or(0);
+        for r in rows.iter_mut() {
+            r.resize(t, pad);
+        }
+        let logits = self.model.logits(&self.model.ids_tensor(&rows)?)?;
+        let logp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
+        spans
+            .iter()
+            .enumerate()
+            .map(|(i, (n, target))| {
+                let lp = logp
+                    .get(i)?
+                    .narrow(0, n - 1, target.len())?
+                    .to_vec2::<f32>()?;
+                let total: f32 = lp.iter().zip(target).map(|(r, &id)| r[id as usize]).sum();
+                if !total.is_finite() {
+                    return Err(LociError::model(
+                        "the model produced NaN or infinite values",
+                    ));
+                }
+                Ok(TargetScore {
+                    nll: -total / target.len() as f32,
+                    prob: total.exp(),
+                })
+            })
+            .collect()
+    }
+
+    /// The probability tests of one case, as the model is now.
+    pub fn score_case(&self, case: &CounterFactCase, generate: bool) -> Result<CaseScores> {
+        let rw = &case.requested_rewrite;
+        let new = rw.target_new.str.clone();
+        let truth = rw
+            .target_true
+            .as_ref()
+            .map(|t| t.str.clone())
+            .ok_or_else(|| LociError::input("the case has no target_true"))?;
+        let groups: [(Vec<String>, String); 4] = [
+            (vec![rw.filled()], truth.clone()),
+            (case.paraphrase_prompts.clone(), truth.clone()),
+            (
+                case.neighborhood_prompts.clone(),
+                case.neighborhood_true.clone().unwrap_or(truth.clone()),
+            ),
+            (case.attribute_prompts.clone(), truth.clone()),
+        ];
+        let mut pairs = Vec::new();
+        for (prompts, t) in &groups {
+            for p in prompts {
+                pairs.push((p.clone(), new.clone()));
+                pairs.push((p.clone(), t.clone()));
+            }
+        }
+        let scores = self.score_targets(&pairs)?;
+        let mut it = scores.chunks(2);
+        let mut take = |prompts: &[String]| -> Vec<PromptScores> {
+            prompts
+                .iter()
+                .map(|p| {
+                    let s = it.next().expect("two scores per prompt");
+                    PromptScores {
+                        prompt: p.clone(),
+                        target_new: s[0].clone(),
+                        target_true: s[1].clone(),
+                    }
+                })
+                .collect()
+        };
+        let rewrite = take(&groups[0].0);
+        let paraphrase = take(&groups[1].0);
+        let neighborhood = take(&groups[2].0);
+        let attribute = take(&groups[3].0);
+        let fluency = if generate && !case.generation_prompts.is_empty() {
+            let mut texts = Vec::new();
+            for (i, p) in case.generation_prompts.iter().enumerate() {
+                let g = self.generate(
+                    p,
+                    100usize.saturating_sub(self.tokenizer.encode(p)?.len()),
+                    crate::predict::Sampling::TopK {
+                        k: 5,
+                        seed: case.case_id ^ i as u64,
+                    },
+                )?;
+                texts.push(g.text);
+            }
+            Some(texts.iter().map(|t| ngram_entropy(t)).sum::<f32>() / texts.len() as f32)
+        } else {
+            None
+        };
+        Ok(CaseScores {
+            rewrite,
+            paraphrase,
+            neighborhood,
+            attribute,
+            fluency,
+        })
+    }
+}
+
+/// ROME's fluency: 2/3·H₂ + 4/3·H₃ averaged (= H₂/3 + 2H₃/3), entropies in bits over word n-grams.
+pub fn ngram_entropy(text: &str) -> f32 {
+    let words: Vec<String> = text
+        .split(|c: char| c.is_whitespace())
+        .flat_map(|w| {
+            // A light stand-in for NLTK's word_tokenize: split off punctuation.
+            let mut out = Vec::new();
+            let mut cur = String::new();
+            for ch in w.chars() {
+                if ch.is_alphanumeric() || ch == '\'' {
+                    cur.push(ch);
+                } else {
+                    if !cur.is_empty() {
+                        out.push(std::mem::take(&mut cur));
+                    }
+                    out.push(ch.to_string());
+                }
+            }
+            if !cur.is_empty() {
+                out.push(cur);
+            }
+            out
+        })
+        .collect();
+    let entropy = |n: usize| -> f32 {
+        if words.len() < n {
+            return 0.0;
+        }
+        let mut counts = std::collections::HashMap::new();
+        for g in words.windows(n) {
+            *counts.entry(g.join(" ")).or_insert(0usize) += 1;
+        }
+        let total: usize = counts.values().sum();
+        counts
+            .values()
+            .map(|&c| {
+                let f = c as f32 / total as f32;
+                -f * f.log2()
+            })
+            .sum()
+    };
+    (2.0 / 3.0 * entropy(2) + 4.0 / 3.0 * entropy(3)) / 2.0
+}
+
+/// Per-case metrics from the scores before and after an edit.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct CaseMetrics {
+    /// ROME: efficacy, paraphrase and neighbourhood success (fractions) and magnitudes.
+    pub efficacy_score: f32,
+    pub efficacy_magnitude: f32,
+    pub paraphrase_score: f32,
+    pub paraphrase_magnitude: f32,
+    pub neighborhood_score: f32,
+    pub neighborhood_magnitude: f32,
+    /// Hase et al.: normalised rewrite, paraphrase and neighbourhood scores on the first prompt of
+    /// each type, and their per-case harmonic mean.
+    pub hase_rewrite: f32,
+    pub hase_paraphrase: f32,
+    pub hase_neighborhood: f32,
+    pub hase_target_score: f32,
+    pub fluency_pre: Option<f32>,
+    pub fluency_post: Option<f32>,
+}
+
+fn mean(v: impl Iterator<Item = f32>) -> f32 {
+    let (s, n) = v.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 {
+        f32::NAN
+    } else {
+        s / n as f32
+    }
+}
+
+fn hmean(xs: &[f32]) -> f32 {
+    if xs.iter().any(|x| *x <= 0.0 || x.is_nan()) {
+        return 0.0;
+    }
+    xs.len() as f32 / xs.iter().map(|x| 1.0 / x).sum::<f32>()
+}
+
+pub fn case_metrics(pre: &CaseScores, post: &CaseScores) -> CaseMetrics {
+    let succ = |v: &[PromptScores]| {
+        mean(
+            v.iter()
+                .map(|p| (p.target_true.nll > p.target_new.nll) as u8 as f32),
+        )
+    };
+    let diff = |v: &[PromptScores]| {
+        mean(
+            v.iter()
+                .map(|p| (-p.target_new.nll).exp() - (-p.target_true.nll).exp()),
+        )
+    };
+    let recovered = |pre: &[PromptScores], post: &[PromptScores]| -> f32 {
+        match (pre.first(), post.first()) {
+            (Some(a), Some(b)) => {
+                let (p0, p1) = (a.target_new.prob, b.target_new.prob);
+                (1.0 - (1.0 - p1) / (1.0 - p0).max(1e-12)).max(2e-8)
+            }
+            _ => f32::NAN,
+        }
+    };
+    let neigh = match (pre.neighborhood.first(), post.neighborhood.first()) {
+        (Some(a), Some(b)) => {
+            let (p0, p1) = (a.target_new.prob, b.target_new.prob);
+            1.0 - (p1 - p0).abs() / ((p0 - 0.5).abs() + 0.5)
+        }
+        _ => f32::NAN,
+    };
+    let hr = recovered(&pre.rewrite, &post.rewrite);
+    let hp = recovered(&pre.paraphrase, &post.paraphrase);
+    CaseMetrics {
+        efficacy_score: succ(&post.rewrite),
+        efficacy_magnitude: diff(&post.rewrite),
+        paraphrase_score: succ(&post.paraphrase),
+        paraphrase_magnitude: diff(&post.paraphrase),
+        neighborhood_score: 1.0 - succ(&post.neighborhood),
+        neighborhood_magnitude: -diff(&post.neighborhood),
+        hase_rewrite: hr,
+        hase_paraphrase: hp,
+        hase_neighborhood: neigh,
+        hase_target_score: hmean(&[hr, hp, neigh]),
+        fluency_pre: pre.fluency,
+        fluency_post: post.fluency,
+    }
+}
+
+/// Dataset-level summary (×100 like ROME's tables; the score is the harmonic mean of ES, PS, NS).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Summary {
+    pub cases: usize,
+    pub efficacy_score: f32,
+    pub efficacy_magnitude: f32,
+    pub paraphrase_score: f32,
+    pub paraphrase_magnitude: f32,
+    pub neighborhood_score: f32,
+    pub neighborhood_magnitude: f32,
+    pub score: f32,
+    pub hase_rewrite: f32,
+    pub hase_paraphrase: f32,
+    pub hase_neighborhood: f32,
+    pub hase_target_score: f32,
+    pub fluency_pre: Option<f32>,
+    pub fluency_post: Option<f32>,
+}
+
+pub fn summarize(ms: &[CaseMetrics]) -> Summary {
+    let avg =
+        |f: &dyn Fn(&CaseMetrics) -> f32| 100.0 * mean(ms.iter().map(f).filter(|x| !x.is_nan()));
+    let opt = |f: &dyn Fn(&CaseMetrics) -> Option<f32>| {
+        let v: Vec<f32> = ms.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| 100.0 * mean(v.into_iter()))
+    };
+    let (es, ps, ns) = (
+        avg(&|m| m.efficacy_score),
+        avg(&|m| m.paraphrase_score),
+        avg(&|m| m.neighborhood_score),
+    );
+    Summary {
+        cases: ms.len(),
+        efficacy_score: es,
+        efficacy_magnitude: avg(&|m| m.efficacy_magnitude),
+        paraphrase_score: ps,
+        paraphrase_magnitude: avg(&|m| m.paraphrase_magnitude),
+        neighborhood_score: ns,
+        neighborhood_magnitude: avg(&|m| m.neighborhood_magnitude),
+        score: hmean(&[es, ps, ns]),
+        hase_rewrite: avg(&|m| m.hase_rewrite),
+        hase_paraphrase: avg(&|m| m.hase_paraphrase),
+        hase_neighborhood: avg(&|m| m.hase_neighborhood),
+        hase_target_score: avg(&|m| m.hase_target_score),
+        fluency_pre: opt(&|m| m.fluency_pre),
+        fluency_post: opt(&|m| m.fluency_post),
+    }
+}
