@@ -430,6 +430,38 @@ fn stats_then_edit_reports_before_and_after() {
     );
     assert_eq!(v["generations"]["before"].as_array().unwrap().len(), 2);
     assert!(std::fs::metadata(&edit_file).unwrap().len() > 0);
+    // The saved edit re-applies: the model then gives the edited probability.
+    let prompt = "The Eiffel Tower is located in the city of";
+    let with = json(
+        &Command::new(env!("CARGO_BIN_EXE_loci"))
+            .args([
+                "predict", "--model", &model, "--prompt", prompt, "--top", "50", "--json",
+            ])
+            .arg("--apply-edit")
+            .arg(&edit_file)
+            .output()
+            .unwrap(),
+    );
+    let without = json(&loci(&[
+        "predict", "--model", &model, "--prompt", prompt, "--top", "50", "--json",
+    ]));
+    assert_ne!(with["top"], without["top"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
+        .args([
+            "predict",
+            "--model",
+            &tiny("tiny-llama"),
+            "--prompt",
+            prompt,
+        ])
+        .arg("--apply-edit")
+        .arg(&edit_file)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "an edit for another model is refused"
+    );
 
     // Stats made for another layer are refused.
     let out = Command::new(env!("CARGO_BIN_EXE_loci"))

@@ -36,6 +36,9 @@ pub struct ModelArgs {
     /// Weights and activations dtype.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub dtype: Precision,
+    /// Apply saved edits (from `loci edit --save-edit`) before running, in order.
+    #[arg(long = "apply-edit")]
+    pub apply_edit: Vec<PathBuf>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -57,8 +60,15 @@ impl ModelArgs {
             Precision::Bf16 => DType::BF16,
         };
         let device = device()?;
-        LoadedModel::load(&path, dtype, &device)
-            .with_context(|| format!("loading {}", path.display()))
+        let mut lm = LoadedModel::load(&path, dtype, &device)
+            .with_context(|| format!("loading {}", path.display()))?;
+        for f in &self.apply_edit {
+            let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+            let edit = loci_core::edit::RomeEdit::from_bytes(&bytes)?;
+            lm.apply_edit(&edit)
+                .with_context(|| format!("applying {}", f.display()))?;
+        }
+        Ok(lm)
     }
 }
 
