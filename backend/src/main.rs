@@ -1,6 +1,7 @@
 //! `loci`: the command-line tool (and, with `serve`, the server) over `loci-core`.
 
 mod cli;
+mod server;
 
 use clap::Parser;
 

@@ -5,7 +5,7 @@ mod edit;
 mod eval;
 mod predict;
 mod render;
-mod trace;
+pub mod trace;
 
 use std::path::{Path, PathBuf};
 
@@ -120,6 +120,8 @@ pub enum Command {
     Edit(Box<edit::EditArgs>),
     /// Evaluate an editing method on CounterFact cases (each edit applied, measured, undone).
     Eval(Box<eval::EvalArgs>),
+    /// Serve the web app and the JSON API.
+    Serve(Box<crate::server::ServeArgs>),
     /// Benchmarks (JSON with --json).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -150,6 +152,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Stats(a) => edit::stats(*a),
         Command::Edit(a) => edit::edit(*a),
         Command::Eval(a) => eval::eval(*a),
+        Command::Serve(a) => crate::server::serve(*a),
         Command::Bench(b) => bench::run(b),
     }
 }
