@@ -23,4 +23,6 @@ cargo test --release --workspace
 step "web app (trunk)"
 trunk build
 test -s dist/index.html && ls dist/*.wasm >/dev/null
+step "browser end-to-end"
+"$root/scripts/e2e.sh"
 step "done"

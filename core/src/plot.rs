@@ -68,7 +68,8 @@ pub fn trace_heatmap_svg(r: &TraceResult) -> String {
             .max()
             .unwrap_or(4) as f32
         + 10.0;
-    let panel_w = label_w + CELL * n_layer as f32 + 90.0;
+    // Wide enough for the titles and axis labels even with few layers.
+    let panel_w = (label_w + CELL * n_layer as f32 + 90.0).max(label_w + 330.0);
     let panel_h = CELL * n_tok as f32 + 90.0;
     let width = panel_w * r.scores.len() as f32;
     let mut s = String::new();
@@ -155,9 +156,9 @@ pub fn trace_heatmap_svg(r: &TraceResult) -> String {
         );
         let _ = write!(
             s,
-            r#"<text x="{}" y="{}" text-anchor="middle">p({})</text>"#,
-            xc + 5.0,
-            yb + 30.0,
+            r#"<text x="{}" y="{}" text-anchor="start">p({})</text>"#,
+            xc,
+            y0 - 6.0,
             esc(r.answer.token.trim())
         );
     }
@@ -178,9 +179,9 @@ pub fn layer_curves_svg(title: &str, panels: &[Panel]) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{}" font-family="DejaVu Sans, Arial, sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/><text x="8" y="16" font-size="13" font-weight="bold">{}</text>"#,
-        ph + 30.0,
-        esc(title)
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h}" viewBox="0 0 {width} {h}" font-family="DejaVu Sans, Arial, sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/><text x="8" y="16" font-size="13" font-weight="bold">{}</text>"#,
+        esc(title),
+        h = ph + 30.0,
     );
     for (i, (name, series)) in panels.iter().enumerate() {
         let x0 = pw * i as f32 + m;

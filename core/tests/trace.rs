@@ -189,3 +189,36 @@ fn smollm2_trace_shows_the_papers_pattern() {
     );
     assert!(frac(late_subj) < 0.2, "subject, late layers: {late_subj}");
 }
+
+#[test]
+fn rows_streamed_into_a_header_layout_rebuild_the_result() {
+    use loci_core::trace::{TraceHeader, TraceResult};
+    struct Collect(Option<TraceHeader>, Vec<(TraceKind, usize, Vec<f32>)>);
+    impl TraceObserver for Collect {
+        fn on_start(&mut self, h: &TraceHeader) {
+            self.0 = Some(h.clone());
+        }
+        fn on_row(&mut self, kind: TraceKind, token: usize, scores: &[f32]) -> bool {
+            self.1.push((kind, token, scores.to_vec()));
+            true
+        }
+    }
+    let lm = tiny("tiny-gpt2");
+    let mut req = TraceRequest::new("The Eiffel Tower is located in", "Eiffel Tower");
+    req.noise = NoiseSpec::Fixed(0.7);
+    req.samples = 2;
+    let mut c = Collect(None, vec![]);
+    let full = lm.trace(&req, None, &mut c, 2).unwrap();
+    let header = c.0.unwrap();
+    assert_eq!(header.total_rows, 3 * full.tokens.len());
+    let mut partial = TraceResult::from_header(&header, &full.model, &req);
+    for (k, t, row) in c.1 {
+        partial.set_row(k, t, row);
+    }
+    assert_eq!(partial.scores, full.scores);
+    assert_eq!(partial.tracing_effect, full.tracing_effect);
+    assert_eq!(
+        partial.tracing_effect_subject_last,
+        full.tracing_effect_subject_last
+    );
+}

@@ -123,8 +123,8 @@ pub fn cached_embedding_std(lm: &LoadedModel, known: Option<&Path>) -> Result<f6
 struct Bar(ProgressBar);
 
 impl TraceObserver for Bar {
-    fn on_start(&mut self, total_rows: usize) {
-        self.0.set_length(total_rows as u64);
+    fn on_start(&mut self, header: &loci_core::trace::TraceHeader) {
+        self.0.set_length(header.total_rows as u64);
         self.0.set_position(0);
     }
     fn on_row(&mut self, kind: TraceKind, token: usize, _: &[f32]) -> bool {

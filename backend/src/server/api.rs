@@ -185,16 +185,38 @@ pub struct TraceBody {
     request: TraceRequest,
 }
 
-/// Streams the trace: `start` {total_rows}, `row` {kind, token, scores} as rows finish, then
-/// `result` (the whole TraceResult) or `error`. Closing the stream cancels the trace.
+#[derive(Deserialize)]
+pub struct TraceQuery {
+    /// The same JSON object as the POST body (browsers' EventSource can only GET).
+    q: String,
+}
+
+pub async fn trace_get(
+    State(st): State<Arc<AppState>>,
+    query: axum::extract::Query<TraceQuery>,
+) -> Response {
+    match serde_json::from_str::<TraceBody>(&query.q) {
+        Ok(b) => trace_stream(st, b).await,
+        Err(e) => {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("bad request: {e}")).into_response()
+        }
+    }
+}
+
+/// Streams the trace: `start` (a TraceHeader: tokens, subject range, answer, high, low, …),
+/// `row` {kind, token, scores} as rows finish, then `result` (the whole TraceResult) or
+/// `error`. Closing the stream cancels the trace.
 pub async fn trace(
     State(st): State<Arc<AppState>>,
     b: Result<Json<TraceBody>, JsonRejection>,
 ) -> Response {
-    let b = match body(b) {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
+    match body(b) {
+        Ok(b) => trace_stream(st, b).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn trace_stream(st: Arc<AppState>, b: TraceBody) -> Response {
     if let Err(e) = check_prompt(&b.request.prompt) {
         return e.into_response();
     }
@@ -274,11 +296,8 @@ struct SseObserver {
 }
 
 impl TraceObserver for SseObserver {
-    fn on_start(&mut self, total_rows: usize) {
-        if let Ok(ev) = Event::default()
-            .event("start")
-            .json_data(serde_json::json!({ "total_rows": total_rows }))
-        {
+    fn on_start(&mut self, header: &loci_core::trace::TraceHeader) {
+        if let Ok(ev) = Event::default().event("start").json_data(header) {
             let _ = self.tx.blocking_send(ev);
         }
     }

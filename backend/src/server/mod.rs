@@ -54,7 +54,7 @@ pub fn router(state: Arc<AppState>, dist: PathBuf, static_dir: PathBuf) -> Route
         .route("/api/models", get(api::models))
         .route("/api/predict", post(api::predict))
         .route("/api/generate", post(api::generate))
-        .route("/api/trace", post(api::trace))
+        .route("/api/trace", post(api::trace).get(api::trace_get))
         .route("/api/openapi.json", get(api::openapi))
         .layer(DefaultBodyLimit::max(64 * 1024))
         .with_state(state)

@@ -155,9 +155,67 @@ pub struct TraceResult {
     pub seconds: f64,
 }
 
+/// What is known once the clean and corrupted runs are done, before any row: enough for a UI
+/// to lay out the grid.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TraceHeader {
+    pub tokens: Vec<String>,
+    pub subject_range: [usize; 2],
+    pub answer: AnswerToken,
+    pub high: f32,
+    pub low: f32,
+    pub noise: f64,
+    pub n_layer: usize,
+    pub kinds: Vec<TraceKind>,
+    pub total_rows: usize,
+}
+
+impl TraceResult {
+    /// A result laid out from a header, every cell at `low`: what a UI draws before rows arrive.
+    pub fn from_header(h: &TraceHeader, model: &str, req: &TraceRequest) -> Self {
+        let grid = vec![vec![h.low; h.n_layer]; h.tokens.len()];
+        let per_kind = |v: Vec<f32>| h.kinds.iter().map(|k| (*k, v.clone())).collect();
+        TraceResult {
+            model: model.to_string(),
+            prompt: req.prompt.clone(),
+            subject: req.subject.clone(),
+            tokens: h.tokens.clone(),
+            subject_range: h.subject_range,
+            answer: h.answer.clone(),
+            high: h.high,
+            low: h.low,
+            noise: h.noise,
+            samples: req.samples,
+            window: req.window,
+            scores: h.kinds.iter().map(|k| (*k, grid.clone())).collect(),
+            tracing_effect: per_kind(vec![0.0; h.n_layer]),
+            tracing_effect_subject_last: per_kind(vec![0.0; h.n_layer]),
+            work: TraceWork::default(),
+            seconds: 0.0,
+        }
+    }
+
+    /// Puts a finished row in place and refreshes that kind's tracing effects.
+    pub fn set_row(&mut self, kind: TraceKind, token: usize, scores: Vec<f32>) {
+        let Some(grid) = self.scores.get_mut(&kind) else {
+            return;
+        };
+        if token >= grid.len() {
+            return;
+        }
+        grid[token] = scores;
+        let grid = &self.scores[&kind];
+        self.tracing_effect
+            .insert(kind, tracing_effect(grid, self.high, self.low, None));
+        let last = self.subject_range[1].saturating_sub(1);
+        self.tracing_effect_subject_last
+            .insert(kind, tracing_effect(grid, self.high, self.low, Some(last)));
+    }
+}
+
 /// Receives rows of a trace as they finish; returning `false` cancels the trace.
 pub trait TraceObserver {
-    fn on_start(&mut self, _total_rows: usize) {}
+    fn on_start(&mut self, _header: &TraceHeader) {}
     fn on_row(&mut self, _kind: TraceKind, _token: usize, _scores: &[f32]) -> bool {
         true
     }
@@ -636,7 +694,20 @@ impl LoadedModel {
         let started = crate::clock::now_seconds();
         let p = prepare(self, req, embedding_std)?;
         let (n, big_t) = (self.model.n_layer(), p.ids.len());
-        obs.on_start(req.kinds.len() * big_t);
+        obs.on_start(&TraceHeader {
+            tokens: self.tokenizer.token_strings(&p.ids)?,
+            subject_range: [p.range.0, p.range.1],
+            answer: AnswerToken {
+                id: p.answer,
+                token: self.tokenizer.decode(&[p.answer])?,
+            },
+            high: p.high,
+            low: p.low,
+            noise: p.scale,
+            n_layer: n,
+            kinds: req.kinds.clone(),
+            total_rows: req.kinds.len() * big_t,
+        });
         let mut grids: BTreeMap<TraceKind, Vec<Vec<f32>>> = req
             .kinds
             .iter()
