@@ -95,12 +95,12 @@ pub fn corpus_texts(path: &Path) -> Result<impl Iterator<Item = Result<String>>>
     }))
 }
 
-pub fn stats_dir(lm: &LoadedModel, out: Option<&Path>) -> PathBuf {
+fn stats_dir(lm: &LoadedModel, out: Option<&Path>) -> PathBuf {
     out.map(Path::to_path_buf)
         .unwrap_or_else(|| super::trace::cache_dir(lm).join("stats"))
 }
 
-pub fn stats_file(dir: &Path, layer: usize) -> PathBuf {
+fn stats_file(dir: &Path, layer: usize) -> PathBuf {
     dir.join(format!("layer{layer}.safetensors"))
 }
 
@@ -168,6 +168,34 @@ pub fn stats(a: StatsArgs) -> Result<()> {
     collect(&lm, &a.layers, &corpus, a.tokens, a.max_len, &dir)
 }
 
+/// Where an edit's key statistics come from: a folder, filled from a corpus when missing.
+#[derive(clap::Args, Debug)]
+pub struct StatsSource {
+    /// Folder with key statistics (default: the model's cache; computed there when missing).
+    #[arg(long = "stats")]
+    pub dir: Option<PathBuf>,
+    /// Corpus for statistics computed on the way.
+    #[arg(long)]
+    pub corpus: Option<PathBuf>,
+    #[arg(long, default_value_t = 100_000)]
+    pub stats_tokens: u64,
+}
+
+impl StatsSource {
+    /// The statistics of `layer`, computing and caching them first if needed.
+    pub fn ensure(&self, lm: &LoadedModel, layer: usize) -> Result<KeyStats> {
+        let dir = stats_dir(lm, self.dir.as_deref());
+        if !stats_file(&dir, layer).exists() {
+            let corpus = match &self.corpus {
+                Some(c) => c.clone(),
+                None => default_corpus()?,
+            };
+            collect(lm, &[layer], &corpus, self.stats_tokens, 1024, &dir)?;
+        }
+        load_stats(lm, &dir, layer)
+    }
+}
+
 /// The shipped hyper-parameters for this model, at `layer` when given.
 pub fn hparams(lm: &LoadedModel, layer: Option<usize>) -> Result<RomeHparams> {
     match (RomeHparams::for_model(&lm.model.cfg), layer) {
@@ -210,14 +238,8 @@ pub struct EditArgs {
     /// The edited layer (default: Loci's shipped hyper-parameters for this model).
     #[arg(long)]
     pub layer: Option<usize>,
-    /// Folder with key statistics (default: the model's cache; computed there when missing).
-    #[arg(long)]
-    pub stats: Option<PathBuf>,
-    /// Corpus for statistics computed on the way.
-    #[arg(long)]
-    pub corpus: Option<PathBuf>,
-    #[arg(long, default_value_t = 100_000)]
-    pub stats_tokens: u64,
+    #[command(flatten)]
+    pub stats: StatsSource,
     /// original (the paper's code) or rrome (the fixed key, default).
     #[arg(long, default_value = "rrome")]
     pub key_mode: String,
@@ -367,15 +389,7 @@ pub fn edit(a: EditArgs) -> Result<()> {
             lm.model.n_layer()
         );
     }
-    let dir = stats_dir(&lm, a.stats.as_deref());
-    if !stats_file(&dir, layer).exists() {
-        let corpus = match &a.corpus {
-            Some(c) => c.clone(),
-            None => default_corpus()?,
-        };
-        collect(&lm, &[layer], &corpus, a.stats_tokens, 1024, &dir)?;
-    }
-    let stats = load_stats(&lm, &dir, layer)?;
+    let stats = a.stats.ensure(&lm, layer)?;
     let before = side(&lm, &req, &a)?;
     let gen_before = generations(&lm, &req, &a)?;
     let e: RomeEdit = lm.rome(&req, &hp, Some(&stats))?;

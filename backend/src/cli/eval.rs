@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use loci_core::eval::{case_metrics, parse_cases, summarize, CaseMetrics, CaseScores};
 use serde::Serialize;
 
-use super::edit::{collect, default_corpus, hparams, load_stats, stats_dir, stats_file};
+use super::edit::{hparams, StatsSource};
 use super::{print_json, ModelArgs};
 
 #[derive(clap::Args, Debug)]
@@ -34,12 +34,8 @@ pub struct EvalArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub summary: bool,
-    #[arg(long)]
-    pub stats: Option<PathBuf>,
-    #[arg(long)]
-    pub corpus: Option<PathBuf>,
-    #[arg(long, default_value_t = 100_000)]
-    pub stats_tokens: u64,
+    #[command(flatten)]
+    pub stats: StatsSource,
     /// Skip the generation (fluency) test, the slow part.
     #[arg(long)]
     pub no_generation: bool,
@@ -89,15 +85,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         hp.v_num_grad_steps = s;
     }
     let layer = hp.layer;
-    let dir = stats_dir(&lm, a.stats.as_deref());
-    if !stats_file(&dir, layer).exists() {
-        let corpus = match &a.corpus {
-            Some(c) => c.clone(),
-            None => default_corpus()?,
-        };
-        collect(&lm, &[layer], &corpus, a.stats_tokens, 1024, &dir)?;
-    }
-    let stats = load_stats(&lm, &dir, layer)?;
+    let stats = a.stats.ensure(&lm, layer)?;
     let original = bits(&lm, layer)?;
     let mut out = match &a.out {
         Some(p) => Some(std::io::BufWriter::new(
