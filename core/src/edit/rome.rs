@@ -326,11 +326,11 @@ pub fn context_templates(lm: &LoadedModel, hp: &RomeHparams) -> Result<Vec<Strin
     Ok(out)
 }
 
-/// Right-pads token rows to one length (causal attention never looks right, so real positions
-/// are unaffected).
-fn pad_rows(lm: &LoadedModel, rows: &[Vec<u32>]) -> Result<Tensor> {
+/// Right-pads token rows to one length, at least `min_len` (causal attention never looks right,
+/// so real positions are unaffected).
+fn pad_rows(lm: &LoadedModel, rows: &[Vec<u32>], min_len: usize) -> Result<Tensor> {
     let pad = lm.tokenizer.eos.unwrap_or(0);
-    let t = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let t = rows.iter().map(Vec::len).max().unwrap_or(0).max(min_len);
     let padded: Vec<Vec<u32>> = rows
         .iter()
         .map(|r| {
@@ -388,7 +388,7 @@ impl LoadedModel {
         let tx = texts(self, &filled, &req.subject)?;
         let mut cap = Capture::new([Site::MlpKey(layer)]).stopping_after(Site::MlpKey(layer));
         self.model
-            .run(&pad_rows(self, &tx.ids)?, &mut cap, None, LogitsAt::Last)?;
+            .run(&pad_rows(self, &tx.ids, 0)?, &mut cap, None, LogitsAt::Last)?;
         let cells: Vec<(usize, usize)> = tx.lookup.iter().copied().enumerate().collect();
         Ok(gather(cap.get(Site::MlpKey(layer))?, &cells)?
             .to_dtype(DType::F32)?
@@ -544,17 +544,7 @@ impl LoadedModel {
             .max()
             .unwrap_or(1);
         let t = starts.iter().map(|s| s + suffix).max().unwrap_or(suffix);
-        let pad = self.tokenizer.eos.unwrap_or(0);
-        let padded: Vec<Vec<u32>> = tx
-            .ids
-            .iter()
-            .map(|r| {
-                let mut r = r.clone();
-                r.resize(t, pad);
-                r
-            })
-            .collect();
-        let ids = m.ids_tensor(&padded)?;
+        let ids = pad_rows(self, &tx.ids, t)?;
         // Rows hold prompt + target[..m−1]: the last prompt token, at n − m, predicts target[0].
         let mut cells = Vec::new();
         let mut labels = Vec::new();
