@@ -26,6 +26,18 @@ fn wiki_texts(n: usize) -> Vec<String> {
         .collect()
 }
 
+/// The down-projection of `layer`, bit for bit.
+fn weight_bits(lm: &LoadedModel, layer: usize) -> Vec<u32> {
+    let w = &lm.model.down_proj(layer).unwrap().weight;
+    w.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect()
+}
+
 fn smol() -> Option<&'static LoadedModel> {
     static M: OnceLock<Option<LoadedModel>> = OnceLock::new();
     M.get_or_init(|| {
@@ -72,18 +84,7 @@ fn eiffel_tower_moves_to_rome() {
         edit.stats.losses,
         &edit.stats.templates[..3]
     );
-    let before: Vec<u32> = lm
-        .model
-        .down_proj(layer)
-        .unwrap()
-        .weight
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_bits())
-        .collect();
+    let before: Vec<u32> = weight_bits(&lm, layer);
     let applied = lm.apply_edit(&edit).unwrap();
     let top = |lm: &LoadedModel, p: &str| lm.predict(p, 1).unwrap().top[0].token.clone();
     for p in [
@@ -99,18 +100,7 @@ fn eiffel_tower_moves_to_rome() {
     assert_eq!(top(&lm, "The Colosseum is located in the city of"), " Rome");
     assert_eq!(top(&lm, "The Louvre is located in the city of"), " Paris");
     lm.undo_edit(applied).unwrap();
-    let after: Vec<u32> = lm
-        .model
-        .down_proj(layer)
-        .unwrap()
-        .weight
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_bits())
-        .collect();
+    let after: Vec<u32> = weight_bits(&lm, layer);
     assert_eq!(before, after, "undo is bit-exact");
     assert_eq!(
         top(&lm, "The Eiffel Tower is located in the city of"),
@@ -219,14 +209,7 @@ fn the_rank_one_delta_is_the_closed_form_and_bad_requests_change_nothing() {
     let mut hp = RomeHparams::at_layer(layer);
     hp.v_num_grad_steps = 5;
     let w0 = lm.model.down_proj(layer).unwrap().weight.clone();
-    let w0_bits: Vec<u32> = w0
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_bits())
-        .collect();
+    let w0_bits = weight_bits(&lm, layer);
 
     // Bad requests: clear errors, weights untouched.
     let mut bad = req.clone();
@@ -258,18 +241,7 @@ fn the_rank_one_delta_is_the_closed_form_and_bad_requests_change_nothing() {
         .unwrap_err()
         .to_string()
         .contains("statistics"));
-    let now: Vec<u32> = lm
-        .model
-        .down_proj(layer)
-        .unwrap()
-        .weight
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_bits())
-        .collect();
+    let now: Vec<u32> = weight_bits(&lm, layer);
     assert_eq!(now, w0_bits);
 
     let edit = lm.rome(&req, &hp, Some(&st)).unwrap();
@@ -359,18 +331,7 @@ fn the_rank_one_delta_is_the_closed_form_and_bad_requests_change_nothing() {
         }
     }
     lm.undo_edit(applied).unwrap();
-    let restored: Vec<u32> = lm
-        .model
-        .down_proj(layer)
-        .unwrap()
-        .weight
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_bits())
-        .collect();
+    let restored: Vec<u32> = weight_bits(&lm, layer);
     assert_eq!(restored, w0_bits);
     let back = loci_core::edit::RomeEdit::from_bytes(&edit.to_bytes().unwrap()).unwrap();
     assert_eq!(back, edit);
