@@ -26,6 +26,22 @@ impl Family {
     }
 }
 
+/// The matrix weights of one block, by part: one token through the block costs 2 FLOPs each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockWeights {
+    pub q: usize,
+    /// Key and value projections together.
+    pub kv: usize,
+    pub out: usize,
+    pub mlp: usize,
+}
+
+impl BlockWeights {
+    pub fn total(&self) -> usize {
+        self.q + self.kv + self.out + self.mlp
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
     pub family: Family,
@@ -197,22 +213,34 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// Weights in one block's matrices (biases and norms aside).
+    pub fn block_weights(&self) -> BlockWeights {
+        let (d, q, kv) = (
+            self.d_model,
+            self.n_head * self.head_dim,
+            self.n_kv_head * self.head_dim,
+        );
+        BlockWeights {
+            q: d * q,
+            kv: 2 * d * kv,
+            out: q * d,
+            mlp: match self.family {
+                Family::Llama => 3 * d * self.d_ff,
+                _ => 2 * d * self.d_ff,
+            },
+        }
+    }
+
     /// Number of parameters implied by the shapes (embeddings counted once when tied).
     pub fn n_params(&self) -> usize {
         let d = self.d_model;
-        let kv = self.n_kv_head * self.head_dim;
-        let attn = d * (self.n_head * self.head_dim) * 2 + d * kv * 2;
-        let mlp = match self.family {
-            Family::Llama => 3 * d * self.d_ff,
-            _ => 2 * d * self.d_ff,
-        };
         let emb = self.vocab_size * d * if self.tie_embeddings { 1 } else { 2 };
         let pos = if self.family == Family::Gpt2 {
             self.max_positions * d
         } else {
             0
         };
-        self.n_layer * (attn + mlp) + emb + pos
+        self.n_layer * self.block_weights().total() + emb + pos
     }
 }
 

@@ -39,7 +39,21 @@ pub fn top_k(probs: &[f32], k: usize) -> Vec<(u32, f32)> {
     idx.into_iter().map(|i| (i, probs[i as usize])).collect()
 }
 
-fn check_finite(v: &[f32]) -> Result<()> {
+/// Draws a token among the `k` most likely, renormalised over them (one draw from `rng`).
+pub(crate) fn sample_top_k(probs: &[f32], k: usize, rng: &mut SplitMix64) -> u32 {
+    let cands = top_k(probs, k.max(1));
+    let total: f32 = cands.iter().map(|c| c.1).sum();
+    let mut r = rng.next_f64() as f32 * total;
+    for (id, p) in &cands {
+        if r < *p {
+            return *id;
+        }
+        r -= p;
+    }
+    cands[cands.len() - 1].0
+}
+
+pub(crate) fn check_finite(v: &[f32]) -> Result<()> {
     if v.iter().any(|x| !x.is_finite()) {
         return Err(LociError::model(
             "the model produced NaN or infinite values (corrupt weights?)",
@@ -85,38 +99,8 @@ impl LoadedModel {
     /// Probability of the whole `target` string (all its tokens, a leading space added as ROME
     /// does) right after `prompt`: Π p(y_j | prompt, y_<j).
     pub fn target_prob(&self, prompt: &str, target: &str) -> Result<f32> {
-        let prompt_ids = self.encode_prompt(prompt)?;
-        let target_ids = self
-            .tokenizer
-            .encode_plain(&crate::edit::rome::spaced(target))?;
-        if target_ids.is_empty() {
-            return Err(LociError::input(format!(
-                "the target {target:?} tokenizes to nothing"
-            )));
-        }
-        let n = prompt_ids.len();
-        let mut ids = prompt_ids;
-        ids.extend(&target_ids);
-        let logits = self
-            .model
-            .logits(&self.model.ids_tensor(std::slice::from_ref(&ids))?)?
-            .squeeze(0)?;
-        let logp = candle_nn::ops::log_softmax(
-            &logits.narrow(0, n - 1, target_ids.len())?,
-            candle_core::D::Minus1,
-        )?;
-        let rows = logp.to_vec2::<f32>()?;
-        let total: f32 = rows
-            .iter()
-            .zip(&target_ids)
-            .map(|(r, &t)| r[t as usize])
-            .sum();
-        if !total.is_finite() {
-            return Err(LociError::model(
-                "the model produced NaN or infinite values",
-            ));
-        }
-        Ok(total.exp())
+        let pair = [(prompt.to_string(), target.to_string())];
+        Ok(self.score_targets(&pair)?[0].prob)
     }
 }
 
@@ -163,20 +147,7 @@ impl LoadedModel {
             check_finite(&probs)?;
             let next = match sampling {
                 Sampling::Greedy => top_k(&probs, 1)[0].0,
-                Sampling::TopK { k, .. } => {
-                    let cands = top_k(&probs, k.max(1));
-                    let total: f32 = cands.iter().map(|c| c.1).sum();
-                    let mut r = rng.next_f64() as f32 * total;
-                    let mut pick = cands[cands.len() - 1].0;
-                    for (id, p) in &cands {
-                        if r < *p {
-                            pick = *id;
-                            break;
-                        }
-                        r -= p;
-                    }
-                    pick
-                }
+                Sampling::TopK { k, .. } => sample_top_k(&probs, k, &mut rng),
             };
             if Some(next) == self.tokenizer.eos {
                 break;

@@ -179,17 +179,7 @@ pub fn threads() -> usize {
 
 /// FLOPs of one token through one block (2 per weight of the attention and MLP matrices).
 fn flops_per_token_layer(cfg: &loci_core::ModelConfig) -> f64 {
-    let (d, q, kv) = (
-        cfg.d_model,
-        cfg.n_head * cfg.head_dim,
-        cfg.n_kv_head * cfg.head_dim,
-    );
-    let attn = d * (q + 2 * kv) + q * d;
-    let mlp = match cfg.family {
-        loci_core::Family::Llama => 3 * d * cfg.d_ff,
-        _ => 2 * d * cfg.d_ff,
-    };
-    2.0 * (attn + mlp) as f64
+    2.0 * cfg.block_weights().total() as f64
 }
 
 fn trace_bench(

@@ -295,18 +295,7 @@ pub fn context_templates(lm: &LoadedModel, hp: &RomeHparams) -> Result<Vec<Strin
             let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
             let next: Vec<u32> = probs
                 .iter()
-                .map(|p| {
-                    let top = crate::predict::top_k(p, 5);
-                    let total: f32 = top.iter().map(|c| c.1).sum();
-                    let mut r = rng.next_f64() as f32 * total;
-                    for (id, q) in &top {
-                        if r < *q {
-                            return *id;
-                        }
-                        r -= q;
-                    }
-                    top[top.len() - 1].0
-                })
+                .map(|p| crate::predict::sample_top_k(p, 5, &mut rng))
                 .collect();
             for (row, id) in rows.iter_mut().zip(&next) {
                 row.push(*id);

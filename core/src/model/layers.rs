@@ -141,12 +141,14 @@ impl Rotary {
         };
         let mut cos = Vec::with_capacity(starts.len() * t * half);
         let mut sin = Vec::with_capacity(starts.len() * t * half);
+        // Same float32 formula as transformers: inv_freq in f32, then the f32 product.
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0f32 / (self.theta as f32).powf((2 * i) as f32 / self.dim as f32))
+            .collect();
         for &p0 in &starts {
             for p in p0..p0 + t {
-                for i in 0..half {
-                    // Same float32 formula as transformers: inv_freq in f32, then the f32 product.
-                    let inv = 1.0f32 / (self.theta as f32).powf((2 * i) as f32 / self.dim as f32);
-                    let a = p as f32 * inv;
+                for f in &inv {
+                    let a = p as f32 * f;
                     cos.push(a.cos());
                     sin.push(a.sin());
                 }

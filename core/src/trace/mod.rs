@@ -308,11 +308,7 @@ fn prepare(lm: &LoadedModel, req: &TraceRequest, embedding_std: Option<f64>) -> 
     let clean_probs = candle_nn::ops::softmax_last_dim(&clean_logits)?
         .squeeze(0)?
         .to_vec1::<f32>()?;
-    if clean_probs.iter().any(|p| !p.is_finite()) {
-        return Err(LociError::model(
-            "the model produced NaN or infinite values",
-        ));
-    }
+    crate::predict::check_finite(&clean_probs)?;
     let answer = match &req.answer {
         None => crate::predict::top_k(&clean_probs, 1)[0].0,
         Some(a) => {
@@ -395,16 +391,8 @@ pub fn window_layers(l: usize, window: usize, n_layer: usize) -> (usize, usize) 
 
 /// The share of a block's FLOPs that computing only keys and values costs.
 fn kv_only_share(cfg: &crate::config::ModelConfig) -> f64 {
-    let (d, q, kv) = (
-        cfg.d_model,
-        cfg.n_head * cfg.head_dim,
-        cfg.n_kv_head * cfg.head_dim,
-    );
-    let mlp = match cfg.family {
-        crate::config::Family::Llama => 3 * d * cfg.d_ff,
-        _ => 2 * d * cfg.d_ff,
-    };
-    (2 * d * kv) as f64 / (d * (q + 2 * kv) + q * d + mlp) as f64
+    let w = cfg.block_weights();
+    w.kv as f64 / w.total() as f64
 }
 
 /// One restoration, as the batched pass sees it: the layer whose input it first changes, that
