@@ -25,4 +25,6 @@ trunk build
 test -s dist/index.html && ls dist/*.wasm >/dev/null
 step "browser end-to-end"
 "$root/scripts/e2e.sh"
+step "cuda feature (type-check; no GPU here)"
+"$root/scripts/build-cuda.sh" --check
 step "done"

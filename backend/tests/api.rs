@@ -87,6 +87,10 @@ fn endpoints_answer_and_refuse_bad_requests() {
         .map(|m| m["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["tiny-gpt2", "tiny-gptj", "tiny-llama"]);
+    assert_eq!(
+        (models[0]["device"].as_str(), models[0]["dtype"].as_str()),
+        (Some("cpu"), Some("f32"))
+    );
 
     let (st, v) = post(
         &s.base,
@@ -333,5 +337,215 @@ fn a_full_queue_answers_503_and_a_dropped_stream_cancels_its_trace() {
             "the trace was not cancelled"
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn get_json(base: &str, path: &str) -> (u16, serde_json::Value) {
+    let mut r = agent().get(&format!("{base}{path}")).call().unwrap();
+    let status = r.status().as_u16();
+    (
+        status,
+        r.body_mut().read_json().unwrap_or(serde_json::Value::Null),
+    )
+}
+
+fn top_prob(base: &str, prompt: &str) -> (u64, f64) {
+    let (st, v) = post(
+        base,
+        "/api/predict",
+        &serde_json::json!({"model": "tiny-gpt2", "prompt": prompt, "top": 1}).to_string(),
+    );
+    assert_eq!(st, 200, "{v}");
+    (
+        v["top"][0]["id"].as_u64().unwrap(),
+        v["top"][0]["prob"].as_f64().unwrap(),
+    )
+}
+
+#[test]
+fn edits_apply_list_download_undo_and_reapply() {
+    let dir = std::env::temp_dir().join(format!("loci-api-edit-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let corpus = root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
+    let stats = dir.join("stats");
+    let s = serve(&[
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--stats",
+        stats.to_str().unwrap(),
+        "--stats-tokens",
+        "2000",
+    ]);
+    let prompt = "The Eiffel Tower is located in the city of";
+    let before = top_prob(&s.base, prompt);
+    let edit = serde_json::json!({
+        "model": "tiny-gpt2", "prompt": prompt, "subject": "Eiffel Tower", "target": "Rome",
+        "layer": 2, "paraphrase": ["Where is the Eiffel Tower? In"],
+        "neighborhood": ["The Louvre is located in the city of"], "generate_tokens": 5,
+    });
+    let (st, v) = post(&s.base, "/api/edit", &edit.to_string());
+    assert_eq!(st, 200, "{v}");
+    let id = v["id"].as_u64().unwrap();
+    let r = &v["report"];
+    assert_eq!(r["layer"], 2);
+    assert!(
+        r["after"]["rewrite"]["target_new"].as_f64().unwrap()
+            > r["before"]["rewrite"]["target_new"].as_f64().unwrap()
+    );
+    assert_eq!(r["after"]["paraphrase"].as_array().unwrap().len(), 1);
+    assert_eq!(r["generations"]["after"].as_array().unwrap().len(), 2);
+    assert!(
+        stats.join("layer2.safetensors").exists(),
+        "statistics computed and cached"
+    );
+    // The served model is edited: predict sees it, and the listing shows it.
+    let edited = top_prob(&s.base, prompt);
+    assert_ne!(edited, before);
+    let (st, list) = get_json(&s.base, "/api/edits?model=tiny-gpt2");
+    assert_eq!(st, 200);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["id"].as_u64(), Some(id));
+    assert_eq!(list[0]["request"]["target_new"]["str"], "Rome");
+
+    // Download the edit, undo it (the original numbers, exactly), upload it (the edited numbers).
+    let mut r = agent()
+        .get(&format!("{}/api/edits/{id}/file?model=tiny-gpt2", s.base))
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let file = r.body_mut().read_to_vec().unwrap();
+    assert!(loci_core::edit::RomeEdit::from_bytes(&file).is_ok());
+    let (st, v) = post(&s.base, "/api/undo", r#"{"model":"tiny-gpt2","id":999}"#);
+    assert_eq!(st, 409, "only the newest edit can be undone: {v}");
+    let (st, v) = post(&s.base, "/api/undo", r#"{"model":"tiny-gpt2"}"#);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["undone"][0].as_u64(), Some(id));
+    assert_eq!(top_prob(&s.base, prompt), before);
+    let (st, v) = post(&s.base, "/api/undo", r#"{"model":"tiny-gpt2"}"#);
+    assert_eq!(st, 409, "nothing left to undo: {v}");
+    let upload = |bytes: &[u8]| {
+        let mut r = agent()
+            .post(&format!("{}/api/edits/upload?model=tiny-gpt2", s.base))
+            .header("content-type", "application/octet-stream")
+            .send(bytes)
+            .unwrap();
+        let st = r.status().as_u16();
+        (
+            st,
+            r.body_mut()
+                .read_json::<serde_json::Value>()
+                .unwrap_or_default(),
+        )
+    };
+    let (st, v) = upload(&file);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(top_prob(&s.base, prompt), edited);
+    // Twice applied, then both undone at once.
+    assert_eq!(upload(&file).0, 200);
+    assert_ne!(top_prob(&s.base, prompt), edited);
+    let (st, v) = post(&s.base, "/api/undo", r#"{"model":"tiny-gpt2","all":true}"#);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["undone"].as_array().unwrap().len(), 2);
+    assert_eq!(top_prob(&s.base, prompt), before);
+
+    // Bad edits change nothing.
+    let (st, v) = upload(b"not an edit");
+    assert_eq!(st, 400, "{v}");
+    let (st, _) = agent()
+        .post(&format!("{}/api/edits/upload?model=tiny-llama", s.base))
+        .send(&file[..])
+        .map(|r| (r.status().as_u16(), ()))
+        .unwrap();
+    assert_eq!(st, 400, "an edit for another model's shape is refused");
+    for (body, want) in [
+        (
+            serde_json::json!({"model": "tiny-gpt2", "prompt": prompt, "subject": "Colosseum", "target": "Rome", "layer": 1}),
+            400,
+        ),
+        (
+            serde_json::json!({"model": "tiny-gpt2", "prompt": prompt, "subject": "Eiffel Tower", "target": "Rome", "layer": 99}),
+            400,
+        ),
+        (
+            serde_json::json!({"model": "tiny-gpt2", "prompt": prompt, "subject": "Eiffel Tower", "target": "  ", "layer": 1}),
+            400,
+        ),
+        (
+            serde_json::json!({"model": "tiny-gpt2", "prompt": prompt, "layer": 1}),
+            400,
+        ),
+        (
+            serde_json::json!({"model": "nope", "prompt": prompt, "subject": "Eiffel Tower", "target": "Rome", "layer": 1}),
+            404,
+        ),
+    ] {
+        let (st, v) = post(&s.base, "/api/edit", &body.to_string());
+        assert_eq!(st, want, "{body}: {v}");
+        assert!(v["error"].is_string());
+    }
+    assert_eq!(top_prob(&s.base, prompt), before);
+    let (st, list) = get_json(&s.base, "/api/edits?model=tiny-gpt2");
+    assert_eq!((st, list.as_array().unwrap().len()), (200, 0));
+    let (st, _) = get_json(&s.base, "/api/edits/1/file?model=tiny-gpt2");
+    assert_eq!(st, 404);
+
+    // A CounterFact case is evaluated and undone.
+    let case = serde_json::json!({"model": "tiny-gpt2", "layer": 2, "case": {
+        "case_id": 0,
+        "requested_rewrite": {"prompt": "The {} is located in the city of", "subject": "Eiffel Tower",
+            "target_new": {"str": "Rome"}, "target_true": {"str": "Paris"}},
+        "paraphrase_prompts": ["Where is the Eiffel Tower? In"],
+        "neighborhood_prompts": ["The Louvre is located in the city of"]}});
+    let (st, v) = post(&s.base, "/api/eval", &case.to_string());
+    assert_eq!(st, 200, "{v}");
+    assert!(v["metrics"]["efficacy_score"].is_number());
+    assert_eq!(top_prob(&s.base, prompt), before);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn model_files_are_served_with_ranges_and_nothing_else() {
+    let s = serve(&[]);
+    let (_, models) = get_json(&s.base, "/api/models");
+    let files: Vec<&str> = models[0]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        files,
+        ["config.json", "model.safetensors", "tokenizer.json"]
+    );
+    let path = root().join("tests/fixtures/tiny-gpt2/model.safetensors");
+    let want = std::fs::read(&path).unwrap();
+    let mut r = agent()
+        .get(&format!(
+            "{}/api/models/tiny-gpt2/files/model.safetensors",
+            s.base
+        ))
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.body_mut().read_to_vec().unwrap(), want);
+    let mut r = agent()
+        .get(&format!(
+            "{}/api/models/tiny-gpt2/files/model.safetensors",
+            s.base
+        ))
+        .header("range", "bytes=8-15")
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 206);
+    assert_eq!(r.body_mut().read_to_vec().unwrap(), want[8..16]);
+    for bad in [
+        "/api/models/tiny-gpt2/files/generation_config.json",
+        "/api/models/tiny-gpt2/files/..%2F..%2FCargo.toml",
+        "/api/models/tiny-gpt2/files/%2Fetc%2Fpasswd",
+        "/api/models/..%2Ftiny-gpt2/files/config.json",
+        "/api/models/nope/files/config.json",
+    ] {
+        let r = agent().get(&format!("{}{bad}", s.base)).call().unwrap();
+        assert_eq!(r.status().as_u16(), 404, "{bad}");
     }
 }

@@ -570,3 +570,36 @@ fn eval_applies_and_undoes_every_case() {
         .unwrap();
     assert_eq!(json(&out)["cases"], 1);
 }
+
+#[test]
+fn check_device_compares_every_test_model_and_dtype() {
+    // Here the compute device is the CPU; on a GPU machine tests/gpu/run.sh runs the same command.
+    let v = json(&loci(&["check-device"]));
+    assert_eq!(v["pass"], true);
+    let checks = v["checks"].as_array().unwrap();
+    // 3 models × (3 dtypes × 2 read-outs + the f32 edit).
+    assert_eq!(checks.len(), 3 * 7);
+    for c in checks {
+        if c["dtype"] == "f32" {
+            assert_eq!(c["max_abs_diff"], 0.0, "{c}");
+        }
+    }
+    // bf16 differs from f32 (the check can fail), within its tolerance.
+    assert!(checks
+        .iter()
+        .any(|c| c["dtype"] == "bf16" && c["max_abs_diff"].as_f64().unwrap() > 1e-4));
+    let out = loci(&["check-device", "--models", "no/such/model"]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn random_preset_models_run_the_benchmarks() {
+    let v = json(&loci(&[
+        "bench", "forward", "--random", "gpt2", "--tokens", "12", "--reps", "1", "--json",
+    ]));
+    assert_eq!(v["model"], "random-gpt2");
+    assert_eq!(v["tokens"], 12);
+    let out = loci(&["bench", "forward", "--random", "gpt5", "--json"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown preset"));
+}

@@ -405,3 +405,43 @@ pub fn summarize(ms: &[CaseMetrics]) -> Summary {
         fluency_post: opt(&|m| m.fluency_post),
     }
 }
+
+/// One evaluated case: the scores before and after the edit, and the metrics.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CaseRecord {
+    pub case_id: u64,
+    pub request: RewriteRequest,
+    pub pre: CaseScores,
+    pub post: CaseScores,
+    pub metrics: CaseMetrics,
+    pub edit_seconds: f64,
+}
+
+impl LoadedModel {
+    /// Scores a case, applies its ROME edit, scores again and undoes the edit (the model ends
+    /// bit-identical to how it started, also on error).
+    pub fn eval_case(
+        &mut self,
+        case: &CounterFactCase,
+        hp: &crate::edit::RomeHparams,
+        stats: Option<&crate::edit::KeyStats>,
+        generate: bool,
+    ) -> Result<CaseRecord> {
+        let pre = self.score_case(case, generate)?;
+        let started = crate::clock::now_seconds();
+        let edit = self.rome(&case.requested_rewrite, hp, stats)?;
+        let applied = self.apply_edit(&edit)?;
+        let edit_seconds = crate::clock::now_seconds() - started;
+        let post = self.score_case(case, generate);
+        self.undo_edit(applied)?;
+        let post = post?;
+        Ok(CaseRecord {
+            case_id: case.case_id,
+            request: case.requested_rewrite.clone(),
+            metrics: case_metrics(&pre, &post),
+            pre,
+            post,
+            edit_seconds,
+        })
+    }
+}

@@ -12,6 +12,7 @@ pub mod loader;
 pub mod model;
 pub mod plot;
 pub mod predict;
+pub mod presets;
 pub mod rng;
 pub mod tokenizer;
 pub mod trace;

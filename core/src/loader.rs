@@ -128,6 +128,34 @@ impl LoadedModel {
         ))
     }
 
+    /// A model of the given shape with random weights (N(0, 0.02²)), made on `device`: for
+    /// benchmarks of full-size models whose weights are not at hand.
+    pub fn random(
+        name: &str,
+        cfg: &ModelConfig,
+        tokenizer_json: &[u8],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let model = Model::from_source(cfg, &WeightSource::Random { std: 0.02 }, dtype, device)?;
+        let tok = Tokenizer::from_json(tokenizer_json, cfg.eos_token_id)?;
+        if tok.vocab_size() > cfg.vocab_size {
+            return Err(LociError::model(format!(
+                "the tokenizer has {} tokens, the model only {}",
+                tok.vocab_size(),
+                cfg.vocab_size
+            )));
+        }
+        Ok(Self::new(
+            name.into(),
+            "random",
+            model,
+            tok,
+            format!("random-{name}"),
+        ))
+    }
+
     /// Builds from a GGUF file held in memory.
     pub fn from_gguf_bytes(
         name: &str,

@@ -222,3 +222,72 @@ fn rows_streamed_into_a_header_layout_rebuild_the_result() {
         full.tracing_effect_subject_last
     );
 }
+
+#[test]
+fn planned_rows_computed_anywhere_equal_the_trace() {
+    // The web app's pool: every worker plans the same trace and computes some of its rows.
+    let lm = tiny("tiny-llama");
+    let mut req = TraceRequest::new("The Eiffel Tower is located in the city of", "Eiffel Tower");
+    req.samples = 3;
+    req.window = 3;
+    let std = loci_core::trace::embedding_std(&lm, &["Eiffel Tower", "Colosseum"]).unwrap();
+    let whole = lm.trace(&req, Some(std), &mut Quiet, 1).unwrap();
+    let (a, b) = (
+        lm.trace_plan(&req, Some(std)).unwrap(),
+        lm.trace_plan(&req, Some(std)).unwrap(),
+    );
+    assert_eq!(a.header, b.header);
+    let rows = a.rows();
+    assert_eq!(rows.len(), a.header.total_rows);
+    let mut rebuilt = loci_core::TraceResult::from_header(&a.header, &lm.name, &req);
+    for (i, &(kind, t)) in rows.iter().enumerate() {
+        let plan = if i % 2 == 0 { &a } else { &b };
+        rebuilt.set_row(kind, t, lm.trace_row(plan, kind, t).unwrap());
+    }
+    assert_eq!(rebuilt.scores, whole.scores);
+    assert_eq!(rebuilt.tracing_effect, whole.tracing_effect);
+    assert!(lm.trace_row(&a, TraceKind::Hidden, 99).is_err());
+    req.kinds = vec![TraceKind::Mlp];
+    let mlp_only = lm.trace_plan(&req, Some(std)).unwrap();
+    assert!(lm.trace_row(&mlp_only, TraceKind::Attn, 0).is_err());
+}
+
+#[test]
+fn random_models_have_the_preset_shapes_and_bench_prompts_their_length() {
+    let cfg = loci_core::presets::preset_config("gptj-6b").unwrap();
+    assert_eq!(
+        (
+            cfg.n_layer,
+            cfg.d_model,
+            cfg.n_head,
+            cfg.rotary_dim,
+            cfg.vocab_size,
+            cfg.d_ff
+        ),
+        (28, 4096, 16, 64, 50400, 16384)
+    );
+    assert!(cfg.n_params() > 5_800_000_000 && cfg.n_params() < 6_200_000_000);
+    let gpt2 = loci_core::presets::preset_config("gpt2").unwrap();
+    assert!(gpt2.n_params() > 120_000_000 && gpt2.n_params() < 130_000_000);
+    assert!(loci_core::presets::preset_config("gpt5").is_err());
+    // A small random model runs end to end.
+    let mut small = gpt2.clone();
+    small.n_layer = 2;
+    let lm = LoadedModel::random(
+        "r",
+        &small,
+        loci_core::presets::BENCH_TOKENIZER,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    for n in [10, 12] {
+        let (prompt, subject) = loci_core::presets::bench_prompt(&lm.tokenizer, n).unwrap();
+        assert_eq!(lm.encode_prompt(&prompt).unwrap().len(), n);
+        let mut req = TraceRequest::new(prompt, subject);
+        req.samples = 2;
+        req.noise = NoiseSpec::Fixed(0.1);
+        let r = lm.trace(&req, None, &mut Quiet, 1).unwrap();
+        assert_eq!(r.scores[&TraceKind::Hidden].len(), n);
+    }
+}

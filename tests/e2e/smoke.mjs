@@ -1,26 +1,77 @@
-// Loads the app from a running `loci serve`, predicts and traces on the server engine, and
-// saves a screenshot. Usage: node smoke.mjs URL SCREENSHOT.png [MODEL]
+// The web app end to end in headless Chromium against a running `loci serve` (tiny models):
+// predict and trace on the server engine, the same trace in the tab's workers (numbers must
+// match), then an edit (computed on the server, applied to the tab's copies: the tab's top
+// prediction changes), undo (it returns exactly), and a screenshot.
+// Usage: node smoke.mjs URL SCREENSHOT.png MODEL   — prints one JSON object.
 import { chromium } from 'playwright-core';
 const [url, shot, model] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: '/usr/bin/chromium',
   args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
 });
-const page = await browser.newPage({ viewport: { width: 1400, height: 1100 } });
+const page = await browser.newPage({ viewport: { width: 1400, height: 1600 } });
 const errors = [];
 page.on('pageerror', e => errors.push(String(e)));
-await page.goto(url);
-await page.waitForSelector('#status[data-status="ready"]', { timeout: 20000 });
-if (model) await page.selectOption('#model', model);
-await page.click('#predict');
-await page.waitForSelector('#prediction td.tok', { timeout: 30000 });
-const top = await page.textContent('#prediction td.tok');
-await page.click('#trace');
-await page.waitForSelector('#status[data-status="done"], #status[data-status="error"]', { timeout: 300000 });
-const status = await page.textContent('#status');
-const cells = await page.getAttribute('#trace-result', 'data-cells');
-const rects = await page.locator('.heatmap rect[data-t]').count();
-await page.screenshot({ path: shot, fullPage: true });
-console.log(JSON.stringify({ top, status, cells: Number(cells), rects, errors }));
+const out = { errors };
+const settled = '#status[data-status="done"], #status[data-status="error"], #status[data-status="ready"], #status[data-status="edited"], #status[data-status="undone"]';
+async function finish(timeout = 300000) {
+  // Wait for the job to start, then to end.
+  await page.waitForFunction(() => document.querySelector('#predict').disabled === false, null, { timeout });
+  await page.waitForSelector(settled, { timeout });
+  return { kind: await page.getAttribute('#status', 'data-status'), text: await page.textContent('#status') };
+}
+async function predictTop() {
+  await page.click('#predict');
+  const s = await finish();
+  if (s.kind === 'error') throw new Error('predict: ' + s.text);
+  const row = page.locator('#prediction tr').first();
+  return (await row.locator('td.tok').textContent()) + ' ' + (await row.locator('td.num').textContent());
+}
+async function trace() {
+  await page.click('#trace');
+  const s = await finish();
+  if (s.kind !== 'done') throw new Error('trace: ' + s.text);
+  return {
+    status: s.text,
+    engine: await page.getAttribute('#trace-result', 'data-engine'),
+    cells: Number(await page.getAttribute('#trace-result', 'data-cells')),
+    rects: await page.locator('.heatmap rect[data-t]').count(),
+    scores: JSON.parse(await page.getAttribute('#trace-result', 'data-scores')),
+  };
+}
+function maxDiff(a, b) {
+  let m = 0;
+  for (const k of Object.keys(a)) a[k].forEach((row, t) => row.forEach((x, l) => { m = Math.max(m, Math.abs(x - b[k][t][l])); }));
+  return m;
+}
+try {
+  await page.goto(url);
+  await page.waitForSelector('#status[data-status="ready"]', { timeout: 20000 });
+  await page.selectOption('#model', model);
+  await page.selectOption('#engine', 'server');
+  out.server_top = await predictTop();
+  const server = await trace();
+  await page.selectOption('#engine', 'tab');
+  out.tab_top = await predictTop();
+  out.engine_choice = await page.textContent('#engine-choice');
+  const tab = await trace();
+  out.server = { engine: server.engine, cells: server.cells, rects: server.rects, status: server.status };
+  out.tab = { engine: tab.engine, cells: tab.cells, rects: tab.rects, status: tab.status };
+  out.max_abs_diff = maxDiff(server.scores, tab.scores);
+  await page.fill('#edit-layer', '2');
+  await page.click('#edit');
+  const e = await finish();
+  out.edit_status = e.text;
+  out.edits_listed = Number(await page.getAttribute('#edits', 'data-count'));
+  out.edited_top = await predictTop();
+  await page.screenshot({ path: shot, fullPage: true });
+  await page.click('#undo');
+  const u = await finish();
+  out.undo_status = u.text;
+  out.undone_top = await predictTop();
+} catch (e) {
+  errors.push(String(e));
+  await page.screenshot({ path: shot, fullPage: true }).catch(() => {});
+}
+console.log(JSON.stringify(out));
 await browser.close();
-if (errors.length) process.exit(1);

@@ -38,6 +38,9 @@ pub enum BenchCmd {
         samples: usize,
         #[arg(long, default_value_t = 10)]
         window: usize,
+        /// With --random: a prompt of this many tokens.
+        #[arg(long, default_value_t = 10)]
+        prompt_tokens: usize,
         #[arg(long)]
         json: bool,
     },
@@ -188,16 +191,27 @@ fn trace_bench(
     subject: String,
     samples: usize,
     window: usize,
+    prompt_tokens: usize,
     json: bool,
 ) -> Result<()> {
     use loci_core::trace::{NoiseSpec, Quiet, TraceKind, TraceRequest};
     let lm = model.load()?;
+    let (prompt, subject) = if model.random.is_some() {
+        loci_core::presets::bench_prompt(&lm.tokenizer, prompt_tokens)?
+    } else {
+        (prompt, subject)
+    };
     let mut req = TraceRequest::new(prompt, subject);
     req.samples = samples;
     req.window = window;
     // A fixed σ keeps the benchmark independent of the subjects file; the work is the same.
     req.noise = NoiseSpec::Fixed(0.1);
-    let workers = threads();
+    let workers = super::trace_workers(&lm.model.device);
+    // Warm-up (kernel loading on a GPU, allocator pools) outside the timings.
+    req.kinds = vec![TraceKind::Hidden];
+    req.samples = samples.min(2);
+    lm.trace(&req, None, &mut Quiet, workers)?;
+    req.samples = samples;
     let mut seconds = std::collections::BTreeMap::new();
     let (mut work, mut naive, mut total, mut tokens) = (0, 0, 0.0, 0);
     for kind in TraceKind::ALL {
@@ -216,7 +230,7 @@ fn trace_bench(
         bench: "trace",
         model: lm.name.clone(),
         device: lm.info.device.clone(),
-        threads: threads(),
+        threads: workers,
         tokens,
         samples,
         window,
@@ -249,8 +263,9 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             subject,
             samples,
             window,
+            prompt_tokens,
             json,
-        } => trace_bench(model, prompt, subject, samples, window, json),
+        } => trace_bench(model, prompt, subject, samples, window, prompt_tokens, json),
         BenchCmd::Forward {
             model,
             tokens,
@@ -269,11 +284,14 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             let t = lm.model.ids_tensor(&[ids])?;
             lm.model
                 .run(&t, &mut NoHook, None, loci_core::LogitsAt::All)?;
+            lm.model.device.synchronize()?;
             let mut times = Vec::with_capacity(reps);
             for _ in 0..reps {
                 let s = Instant::now();
                 lm.model
                     .run(&t, &mut NoHook, None, loci_core::LogitsAt::All)?;
+                // GPU kernels run asynchronously: time them to the end.
+                lm.model.device.synchronize()?;
                 times.push(s.elapsed().as_secs_f64());
             }
             let mean = times.iter().sum::<f64>() / reps as f64;

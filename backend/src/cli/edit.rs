@@ -7,10 +7,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use loci_core::edit::{
-    KeyMode, KeyStats, RewriteRequest, RomeEdit, RomeHparams, StatsAccumulator, TargetStr,
+    EditSide, KeyMode, KeyStats, Probes, RewriteRequest, RomeHparams, StatsAccumulator, TargetStr,
 };
-use loci_core::{LoadedModel, Sampling};
-use serde::Serialize;
+use loci_core::LoadedModel;
 
 use super::{print_json, ModelArgs};
 
@@ -261,40 +260,8 @@ pub struct EditArgs {
     pub json: bool,
 }
 
-#[derive(Serialize)]
-struct PromptProbs {
-    prompt: String,
-    target_new: f32,
-    target_true: f32,
-}
-
-#[derive(Serialize)]
-struct Side {
-    rewrite: PromptProbs,
-    paraphrase: Vec<PromptProbs>,
-    neighborhood: Vec<PromptProbs>,
-}
-
-#[derive(Serialize)]
-struct Generations {
-    before: Vec<String>,
-    after: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct EditReport {
-    request: RewriteRequest,
-    layer: usize,
-    before: Side,
-    after: Side,
-    generations: Generations,
-    delta_norm: f32,
-    v_losses: Vec<f32>,
-    seconds: f64,
-}
-
 fn request(a: &EditArgs, lm: &LoadedModel) -> Result<RewriteRequest> {
-    let mut req: RewriteRequest = match &a.request {
+    let req: RewriteRequest = match &a.request {
         Some(r) => {
             let text = if Path::new(r).exists() {
                 std::fs::read_to_string(r)?
@@ -304,69 +271,16 @@ fn request(a: &EditArgs, lm: &LoadedModel) -> Result<RewriteRequest> {
             serde_json::from_str(&text).context("--request is not a requested_rewrite object")?
         }
         None => {
-            let (prompt, subject, target) = (
-                a.prompt.clone().unwrap_or_default(),
-                a.subject.clone().unwrap_or_default(),
-                a.target.clone().unwrap_or_default(),
-            );
-            let prompt = if prompt.contains("{}") {
-                prompt
-            } else if let Some(i) = prompt.find(&subject).filter(|_| !subject.is_empty()) {
-                format!("{}{{}}{}", &prompt[..i], &prompt[i + subject.len()..])
-            } else {
-                bail!("the subject {subject:?} does not occur in the prompt {prompt:?}");
-            };
-            RewriteRequest {
-                prompt,
-                subject,
-                target_new: TargetStr { str: target },
-                target_true: a.target_true.clone().map(|s| TargetStr { str: s }),
-            }
+            let mut req = RewriteRequest::from_prompt(
+                a.prompt.as_deref().unwrap_or_default(),
+                a.subject.as_deref().unwrap_or_default(),
+                a.target.as_deref().unwrap_or_default(),
+            )?;
+            req.target_true = a.target_true.clone().map(|s| TargetStr { str: s });
+            req
         }
     };
-    if req.target_true.is_none() {
-        let top = lm.predict(&req.filled(), 1)?;
-        req.target_true = Some(TargetStr {
-            str: top.top[0].token.trim().to_string(),
-        });
-    }
-    Ok(req)
-}
-
-fn side(lm: &LoadedModel, req: &RewriteRequest, a: &EditArgs) -> Result<Side> {
-    let probs = |p: &str| -> Result<PromptProbs> {
-        Ok(PromptProbs {
-            prompt: p.to_string(),
-            target_new: lm.target_prob(p, &req.target_new.str)?,
-            target_true: lm.target_prob(
-                p,
-                &req.target_true
-                    .as_ref()
-                    .map(|t| t.str.clone())
-                    .unwrap_or_default(),
-            )?,
-        })
-    };
-    Ok(Side {
-        rewrite: probs(&req.filled())?,
-        paraphrase: a
-            .paraphrase
-            .iter()
-            .map(|p| probs(p))
-            .collect::<Result<_>>()?,
-        neighborhood: a
-            .neighborhood
-            .iter()
-            .map(|p| probs(p))
-            .collect::<Result<_>>()?,
-    })
-}
-
-fn generations(lm: &LoadedModel, req: &RewriteRequest, a: &EditArgs) -> Result<Vec<String>> {
-    std::iter::once(req.filled())
-        .chain(a.paraphrase.iter().cloned())
-        .map(|p| Ok(lm.generate(&p, 20, Sampling::Greedy)?.text))
-        .collect()
+    Ok(lm.complete_request(req)?)
 }
 
 pub fn edit(a: EditArgs) -> Result<()> {
@@ -390,36 +304,23 @@ pub fn edit(a: EditArgs) -> Result<()> {
         );
     }
     let stats = a.stats.ensure(&lm, layer)?;
-    let before = side(&lm, &req, &a)?;
-    let gen_before = generations(&lm, &req, &a)?;
-    let e: RomeEdit = lm.rome(&req, &hp, Some(&stats))?;
-    lm.apply_edit(&e)?;
-    let after = side(&lm, &req, &a)?;
-    let gen_after = generations(&lm, &req, &a)?;
+    let probes = Probes {
+        paraphrase: a.paraphrase.clone(),
+        neighborhood: a.neighborhood.clone(),
+        generate_tokens: 20,
+    };
+    let (e, _applied, mut report) = lm.rome_with_report(req, &hp, Some(&stats), &probes)?;
     if let Some(p) = &a.save_edit {
         std::fs::write(p, e.to_bytes()?).with_context(|| format!("writing {}", p.display()))?;
     }
     if let Some(dir) = &a.save_model {
         lm.save_hf_folder(dir)?;
     }
-    let report = EditReport {
-        request: req,
-        layer,
-        before,
-        after,
-        generations: Generations {
-            before: gen_before,
-            after: gen_after,
-        },
-        delta_norm: e.right.iter().map(|x| x * x).sum::<f32>().sqrt()
-            * e.left.iter().map(|x| x * x).sum::<f32>().sqrt(),
-        v_losses: e.stats.losses.clone(),
-        seconds: started.elapsed().as_secs_f64(),
-    };
+    report.seconds = started.elapsed().as_secs_f64();
     if a.json {
         return print_json(&report);
     }
-    let show = |name: &str, s: &Side| {
+    let show = |name: &str, s: &EditSide| {
         println!(
             "{name}: p(new {:?}) = {:.4}, p(true {:?}) = {:.4}",
             report.request.target_new.str,

@@ -2,12 +2,10 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use loci_core::eval::{case_metrics, parse_cases, summarize, CaseMetrics, CaseScores};
-use serde::Serialize;
+use loci_core::eval::{parse_cases, summarize};
 
 use super::edit::{hparams, StatsSource};
 use super::{print_json, ModelArgs};
@@ -41,16 +39,6 @@ pub struct EvalArgs {
     pub no_generation: bool,
     #[arg(long)]
     pub v_steps: Option<usize>,
-}
-
-#[derive(Serialize)]
-struct CaseRecord<'a> {
-    case_id: u64,
-    request: &'a loci_core::edit::RewriteRequest,
-    pre: CaseScores,
-    post: CaseScores,
-    metrics: CaseMetrics,
-    edit_seconds: f64,
 }
 
 fn bits(lm: &loci_core::LoadedModel, layer: usize) -> Result<Vec<u32>> {
@@ -102,22 +90,15 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     );
     let mut metrics = Vec::new();
     for case in &cases {
-        let pre = lm.score_case(case, !a.no_generation)?;
-        let s = Instant::now();
-        let edit = match lm.rome(&case.requested_rewrite, &hp, Some(&stats)) {
-            Ok(e) => e,
+        let rec = match lm.eval_case(case, &hp, Some(&stats), !a.no_generation) {
+            Ok(r) => r,
             Err(e) => {
                 pb.println(format!("case {}: {e}", case.case_id));
                 pb.inc(1);
                 continue;
             }
         };
-        let applied = lm.apply_edit(&edit)?;
-        let edit_seconds = s.elapsed().as_secs_f64();
-        let post = lm.score_case(case, !a.no_generation);
-        lm.undo_edit(applied)?;
-        let post = post?;
-        let m = case_metrics(&pre, &post);
+        let m = &rec.metrics;
         pb.set_message(format!(
             "ES {:.0} PS {:.0} NS {:.0}",
             m.efficacy_score * 100.0,
@@ -125,17 +106,9 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             m.neighborhood_score * 100.0
         ));
         if let Some(w) = out.as_mut() {
-            let rec = CaseRecord {
-                case_id: case.case_id,
-                request: &case.requested_rewrite,
-                pre,
-                post,
-                metrics: m.clone(),
-                edit_seconds,
-            };
             writeln!(w, "{}", serde_json::to_string(&rec)?)?;
         }
-        metrics.push(m);
+        metrics.push(rec.metrics);
         pb.inc(1);
     }
     pb.finish_and_clear();

@@ -1,7 +1,8 @@
 //! Subcommands; each one loads, calls the core, and prints text or one JSON object.
 
 mod bench;
-mod edit;
+mod device;
+pub mod edit;
 mod eval;
 mod predict;
 mod render;
@@ -36,6 +37,10 @@ pub struct ModelArgs {
     /// Weights and activations dtype.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub dtype: Precision,
+    /// Instead of a model file: random weights in the shape of a known model (gpt2, gptj-6b),
+    /// made on the device; for benchmarks.
+    #[arg(long, conflicts_with = "model")]
+    pub random: Option<String>,
     /// Apply saved edits (from `loci edit --save-edit`) before running, in order.
     #[arg(long = "apply-edit")]
     pub apply_edit: Vec<PathBuf>,
@@ -48,17 +53,30 @@ pub enum Precision {
     Bf16,
 }
 
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::F16 => DType::F16,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
 impl ModelArgs {
     pub fn load(&self) -> Result<LoadedModel> {
+        if let Some(preset) = &self.random {
+            return Ok(loci_core::presets::random_model(
+                preset,
+                self.dtype.dtype(),
+                &device()?,
+            )?);
+        }
         let path = match &self.model {
             Some(p) => p.clone(),
             None => default_model()?,
         };
-        let dtype = match self.dtype {
-            Precision::F32 => DType::F32,
-            Precision::F16 => DType::F16,
-            Precision::Bf16 => DType::BF16,
-        };
+        let dtype = self.dtype.dtype();
         let device = device()?;
         let mut lm = LoadedModel::load(&path, dtype, &device)
             .with_context(|| format!("loading {}", path.display()))?;
@@ -72,10 +90,16 @@ impl ModelArgs {
     }
 }
 
-fn device() -> Result<Device> {
+/// The GPU when built with `cuda`, else the CPU.
+pub fn device() -> Result<Device> {
     #[cfg(feature = "cuda")]
     {
-        return Ok(Device::new_cuda(0)?);
+        return Device::new_cuda(0).map_err(|e| {
+            let first = e.to_string().lines().next().unwrap_or_default().to_string();
+            anyhow::anyhow!(
+                "cannot open CUDA device 0 ({first}); this loci is a cuda build and needs an NVIDIA GPU with the CUDA 13 libraries"
+            )
+        });
     }
     #[allow(unreachable_code)]
     Ok(Device::Cpu)
@@ -125,6 +149,8 @@ pub enum Command {
     /// Benchmarks (JSON with --json).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Compare the compute device (the GPU in a cuda build) with the CPU on the test models.
+    CheckDevice(device::CheckDeviceArgs),
 }
 
 /// Threads this process may use (`--threads`, default all cores).
@@ -132,6 +158,16 @@ pub static WORKERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
 pub fn workers() -> usize {
     WORKERS.get().copied().unwrap_or(1)
+}
+
+/// Threads a trace spreads its rows over: one per core on the CPU; one on a GPU, which runs
+/// each row's whole batch itself.
+pub fn trace_workers(device: &Device) -> usize {
+    if device.is_cpu() {
+        workers()
+    } else {
+        1
+    }
 }
 
 impl Command {
@@ -154,5 +190,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval::eval(*a),
         Command::Serve(a) => crate::server::serve(*a),
         Command::Bench(b) => bench::run(b),
+        Command::CheckDevice(a) => device::run(a),
     }
 }

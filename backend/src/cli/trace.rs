@@ -190,7 +190,7 @@ pub fn run(a: TraceArgs) -> Result<()> {
         a.subject.clone().unwrap_or_default(),
     )?;
     let mut obs = Bar(bar(0, "tracing"));
-    let r = lm.trace(&req, std, &mut obs, super::bench::threads())?;
+    let r = lm.trace(&req, std, &mut obs, super::trace_workers(&lm.model.device))?;
     obs.0.finish_and_clear();
     emit(&a.json, &r)?;
     if let Some(p) = &a.plot {
@@ -253,7 +253,7 @@ fn run_facts(a: &TraceArgs, lm: &LoadedModel, path: &Path, std: Option<f64>) -> 
             &req,
             std,
             &mut loci_core::trace::Quiet,
-            super::bench::threads(),
+            super::trace_workers(&lm.model.device),
         ) {
             Ok(r) => traces.push(r),
             Err(e) => {

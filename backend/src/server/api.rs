@@ -8,11 +8,23 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use loci_core::edit::{KeyMode, Probes, RewriteRequest, RomeEdit};
+use loci_core::eval::CounterFactCase;
 use loci_core::trace::{TraceKind, TraceObserver, TraceRequest};
-use loci_core::{LoadedModel, LociError, Sampling};
+use loci_core::{LociError, Sampling};
 use serde::{Deserialize, Serialize};
 
+use super::models::{ModelState, ServedModel};
 use super::AppState;
+
+fn read(m: &ServedModel) -> std::sync::RwLockReadGuard<'_, ModelState> {
+    // A panicked job never leaves a weight half-written (edits swap whole tensors).
+    m.state.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write(m: &ServedModel) -> std::sync::RwLockWriteGuard<'_, ModelState> {
+    m.state.write().unwrap_or_else(|p| p.into_inner())
+}
 
 const MAX_PROMPT_CHARS: usize = 2000;
 
@@ -74,7 +86,7 @@ fn check_prompt(p: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn model(st: &AppState, name: &str) -> Result<Arc<LoadedModel>, ApiError> {
+fn model(st: &AppState, name: &str) -> Result<Arc<ServedModel>, ApiError> {
     st.registry.get(name)?.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -143,7 +155,9 @@ pub async fn predict(
     };
     job(st, move |st| {
         check_prompt(&b.prompt)?;
-        Ok(model(st, &b.model)?.predict(&b.prompt, b.top.min(100))?)
+        let m = model(st, &b.model)?;
+        let p = read(&m).lm.predict(&b.prompt, b.top.min(100))?;
+        Ok(p)
     })
     .await
 }
@@ -173,7 +187,9 @@ pub async fn generate(
     job(st, move |st| {
         check_prompt(&b.prompt)?;
         let sampling = b.sampling.unwrap_or(Sampling::Greedy);
-        Ok(model(st, &b.model)?.generate(&b.prompt, b.max_new_tokens.min(200), sampling)?)
+        let m = model(st, &b.model)?;
+        let lm = &read(&m).lm;
+        Ok(lm.generate(&b.prompt, b.max_new_tokens.min(200), sampling)?)
     })
     .await
 }
@@ -257,10 +273,12 @@ async fn trace_stream(st: Arc<AppState>, b: TraceBody) -> Response {
         let st3 = st2.clone();
         let outcome =
             tokio::task::spawn_blocking(move || -> Result<loci_core::TraceResult, ApiError> {
-                let lm = model(&st3, &b.model)?;
+                let m = model(&st3, &b.model)?;
+                let guard = read(&m);
+                let lm = &guard.lm;
                 let std = match b.request.noise {
                     loci_core::trace::NoiseSpec::Relative(_) => {
-                        Some(crate::cli::trace::cached_embedding_std(&lm, None)?)
+                        Some(crate::cli::trace::cached_embedding_std(lm, None)?)
                     }
                     _ => None,
                 };
@@ -327,4 +345,323 @@ pub async fn openapi() -> Response {
         include_str!("../../../static/openapi.json"),
     )
         .into_response()
+}
+
+/// Edit files are small (two vectors and the request); GPT-J's is about 100 KB.
+pub const MAX_EDIT_FILE: usize = 4 * 1024 * 1024;
+const MAX_PROBES: usize = 20;
+
+fn default_generate_tokens() -> usize {
+    10
+}
+
+#[derive(Deserialize)]
+pub struct EditBody {
+    model: String,
+    /// A CounterFact `requested_rewrite` object…
+    #[serde(default)]
+    request: Option<RewriteRequest>,
+    /// …or a prompt holding the subject, the subject and the new target.
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    subject: Option<String>,
+    #[serde(default)]
+    target: Option<String>,
+    #[serde(default)]
+    layer: Option<usize>,
+    /// "rrome" (default) or "original".
+    #[serde(default)]
+    key_mode: Option<String>,
+    #[serde(default)]
+    paraphrase: Vec<String>,
+    #[serde(default)]
+    neighborhood: Vec<String>,
+    #[serde(default = "default_generate_tokens")]
+    generate_tokens: usize,
+}
+
+#[derive(Serialize)]
+struct EditResponse {
+    id: u64,
+    report: loci_core::edit::EditReport,
+    edits: Vec<super::models::EditListing>,
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, msg)
+}
+
+/// Computes a ROME edit, applies it on top of the model's other edits and reports before/after.
+pub async fn edit(
+    State(st): State<Arc<AppState>>,
+    b: Result<Json<EditBody>, JsonRejection>,
+) -> Response {
+    let b = match body(b) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    job(st, move |st| {
+        let req = match (&b.request, &b.prompt, &b.subject, &b.target) {
+            (Some(r), None, None, None) => r.clone(),
+            (None, Some(p), Some(s), Some(t)) => RewriteRequest::from_prompt(p, s, t)?,
+            _ => {
+                return Err(bad(
+                    "give either \"request\" (a requested_rewrite) or \"prompt\", \"subject\" and \"target\"",
+                ))
+            }
+        };
+        if b.paraphrase.len() + b.neighborhood.len() > MAX_PROBES {
+            return Err(bad(format!("at most {MAX_PROBES} paraphrase and neighborhood prompts")));
+        }
+        for p in std::iter::once(&req.prompt).chain(&b.paraphrase).chain(&b.neighborhood) {
+            check_prompt(p)?;
+        }
+        let m = model(st, &b.model)?;
+        let mut guard = write(&m);
+        let state = &mut *guard;
+        let mut hp = crate::cli::edit::hparams(&state.lm, b.layer).map_err(|e| bad(format!("{e:#}")))?;
+        hp.key_mode = match b.key_mode.as_deref() {
+            None | Some("rrome") => KeyMode::Rrome,
+            Some("original") => KeyMode::Original,
+            Some(other) => return Err(bad(format!("key_mode {other:?}: use rrome or original"))),
+        };
+        if hp.layer >= state.lm.model.n_layer() {
+            return Err(bad(format!(
+                "layer {} out of range (the model has {} layers)",
+                hp.layer,
+                state.lm.model.n_layer()
+            )));
+        }
+        let stats = st.stats.ensure(&state.lm, hp.layer)?;
+        let probes = Probes {
+            paraphrase: b.paraphrase.clone(),
+            neighborhood: b.neighborhood.clone(),
+            generate_tokens: b.generate_tokens.min(50),
+        };
+        let (e, applied, report) = state.lm.rome_with_report(req, &hp, Some(&stats), &probes)?;
+        let id = state.record(e, applied);
+        Ok(EditResponse {
+            id,
+            report,
+            edits: state.listing(),
+        })
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+pub struct ModelQuery {
+    model: String,
+}
+
+/// The edits applied to a model, oldest first.
+pub async fn edits(
+    State(st): State<Arc<AppState>>,
+    q: Result<axum::extract::Query<ModelQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(axum::extract::Query(q)) = q else {
+        return bad("add ?model=NAME").into_response();
+    };
+    job(st, move |st| {
+        let m = model(st, &q.model)?;
+        let list = read(&m).listing();
+        Ok(list)
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+pub struct UndoBody {
+    model: String,
+    /// Must name the newest edit when given (edits are undone newest first).
+    #[serde(default)]
+    id: Option<u64>,
+    /// Undo every edit: the model's original weights, bit for bit.
+    #[serde(default)]
+    all: bool,
+}
+
+pub async fn undo(
+    State(st): State<Arc<AppState>>,
+    b: Result<Json<UndoBody>, JsonRejection>,
+) -> Response {
+    let b = match body(b) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    job(st, move |st| {
+        let m = model(st, &b.model)?;
+        let mut state = write(&m);
+        if state.edits.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "the model has no edits to undo",
+            ));
+        }
+        if let Some(id) = b.id {
+            let newest = state.edits.last().map(|e| e.id);
+            if newest != Some(id) {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "edit {id} is not the newest edit ({newest:?}); undo newer edits first"
+                    ),
+                ));
+            }
+        }
+        let mut undone = vec![];
+        while let Some(id) = state.pop()? {
+            undone.push(id);
+            if !b.all {
+                break;
+            }
+        }
+        Ok(serde_json::json!({ "undone": undone, "edits": state.listing() }))
+    })
+    .await
+}
+
+/// Downloads an applied edit as a small safetensors file (re-apply it with `--apply-edit` or
+/// `/api/edits/upload`).
+pub async fn edit_file(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<u64>,
+    q: Result<axum::extract::Query<ModelQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(axum::extract::Query(q)) = q else {
+        return bad("add ?model=NAME").into_response();
+    };
+    let Ok(_queued) = st.admission.clone().try_acquire_owned() else {
+        return busy().into_response();
+    };
+    let st2 = st.clone();
+    let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
+        let m = model(&st2, &q.model)?;
+        let state = read(&m);
+        let e = state
+            .edits
+            .iter()
+            .find(|e| e.id == id)
+            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no edit {id}")))?;
+        Ok(e.edit.to_bytes()?)
+    })
+    .await;
+    match bytes {
+        Ok(Ok(b)) => (
+            [
+                (
+                    axum::http::header::CONTENT_TYPE,
+                    "application/octet-stream".to_string(),
+                ),
+                (
+                    axum::http::header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"loci-edit-{id}.safetensors\""),
+                ),
+            ],
+            b,
+        )
+            .into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(_) => {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+        }
+    }
+}
+
+/// Applies an edit file (the raw bytes of a saved edit) on top of the model's edits.
+pub async fn upload_edit(
+    State(st): State<Arc<AppState>>,
+    q: Result<axum::extract::Query<ModelQuery>, axum::extract::rejection::QueryRejection>,
+    bytes: axum::body::Bytes,
+) -> Response {
+    let Ok(axum::extract::Query(q)) = q else {
+        return bad("add ?model=NAME").into_response();
+    };
+    job(st, move |st| {
+        let e = RomeEdit::from_bytes(&bytes)?;
+        let m = model(st, &q.model)?;
+        let mut state = write(&m);
+        if e.layer >= state.lm.model.n_layer() {
+            return Err(bad(format!(
+                "the edit is for layer {}, the model has {} layers",
+                e.layer,
+                state.lm.model.n_layer()
+            )));
+        }
+        let id = state.push(e)?;
+        Ok(serde_json::json!({ "id": id, "edits": state.listing() }))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+pub struct EvalBody {
+    model: String,
+    /// A CounterFact record (ROME's format).
+    case: CounterFactCase,
+    #[serde(default)]
+    layer: Option<usize>,
+    #[serde(default)]
+    generation: bool,
+}
+
+/// Scores a CounterFact case before and after its ROME edit; the edit is undone afterwards.
+pub async fn eval_case(
+    State(st): State<Arc<AppState>>,
+    b: Result<Json<EvalBody>, JsonRejection>,
+) -> Response {
+    let b = match body(b) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    job(st, move |st| {
+        let c = &b.case;
+        if c.paraphrase_prompts.len() + c.neighborhood_prompts.len() + c.generation_prompts.len()
+            > 3 * MAX_PROBES
+        {
+            return Err(bad("the case has too many prompts"));
+        }
+        for p in std::iter::once(&c.requested_rewrite.prompt)
+            .chain(&c.paraphrase_prompts)
+            .chain(&c.neighborhood_prompts)
+            .chain(&c.generation_prompts)
+        {
+            check_prompt(p)?;
+        }
+        let m = model(st, &b.model)?;
+        let mut state = write(&m);
+        let hp =
+            crate::cli::edit::hparams(&state.lm, b.layer).map_err(|e| bad(format!("{e:#}")))?;
+        if hp.layer >= state.lm.model.n_layer() {
+            return Err(bad(format!("layer {} out of range", hp.layer)));
+        }
+        let stats = st.stats.ensure(&state.lm, hp.layer)?;
+        Ok(state.lm.eval_case(c, &hp, Some(&stats), b.generation)?)
+    })
+    .await
+}
+
+/// A model's files for the browser's own engine, with byte ranges. Only files the registry
+/// lists for that model are served; any other name is a 404.
+pub async fn model_file(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path((name, file)): axum::extract::Path<(String, String)>,
+    req: axum::extract::Request,
+) -> Response {
+    use tower::ServiceExt;
+    let Some(path) = st.registry.file_path(&name, &file) else {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("model {name:?} has no file {file:?}"),
+        )
+        .into_response();
+    };
+    match tower_http::services::ServeFile::new(path)
+        .oneshot(req)
+        .await
+    {
+        Ok(r) => r.into_response(),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }

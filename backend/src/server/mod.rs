@@ -37,6 +37,12 @@ pub struct ServeArgs {
     /// Jobs that may wait; beyond that requests get 503.
     #[arg(long, default_value_t = 8)]
     pub queue: usize,
+    /// Weights and activations dtype of the served models.
+    #[arg(long, value_enum, default_value_t = super::cli::Precision::F32)]
+    pub dtype: super::cli::Precision,
+    /// Key statistics for edits: folder, corpus and token count when computed on the way.
+    #[command(flatten)]
+    pub stats: super::cli::edit::StatsSource,
 }
 
 pub struct AppState {
@@ -47,6 +53,7 @@ pub struct AppState {
     pub running: Arc<tokio::sync::Semaphore>,
     /// Threads one trace may use.
     pub trace_workers: usize,
+    pub stats: super::cli::edit::StatsSource,
 }
 
 pub fn router(state: Arc<AppState>, dist: PathBuf, static_dir: PathBuf) -> Router {
@@ -55,8 +62,18 @@ pub fn router(state: Arc<AppState>, dist: PathBuf, static_dir: PathBuf) -> Route
         .route("/api/predict", post(api::predict))
         .route("/api/generate", post(api::generate))
         .route("/api/trace", post(api::trace).get(api::trace_get))
+        .route("/api/edit", post(api::edit))
+        .route("/api/edits", get(api::edits))
+        .route("/api/undo", post(api::undo))
+        .route("/api/edits/{id}/file", get(api::edit_file))
+        .route("/api/eval", post(api::eval_case))
+        .route("/api/models/{name}/files/{file}", get(api::model_file))
         .route("/api/openapi.json", get(api::openapi))
         .layer(DefaultBodyLimit::max(64 * 1024))
+        .route(
+            "/api/edits/upload",
+            post(api::upload_edit).layer(DefaultBodyLimit::max(api::MAX_EDIT_FILE)),
+        )
         .with_state(state)
         .nest_service("/static", ServeDir::new(static_dir))
         .fallback_service(ServeDir::new(dist))
@@ -68,12 +85,15 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     } else {
         a.models.clone()
     };
-    let registry = Registry::discover(&paths)?;
+    let device = super::cli::device()?;
+    let trace_workers = (super::cli::trace_workers(&device) / a.workers.max(1)).max(1);
+    let registry = Registry::discover(&paths, a.dtype.dtype(), device)?;
     let state = Arc::new(AppState {
         registry,
         admission: Arc::new(tokio::sync::Semaphore::new(a.workers.max(1) + a.queue)),
         running: Arc::new(tokio::sync::Semaphore::new(a.workers.max(1))),
-        trace_workers: (super::cli::workers() / a.workers.max(1)).max(1),
+        trace_workers,
+        stats: a.stats,
     });
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {

@@ -2,20 +2,90 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::{bail, Result};
+use loci_core::edit::{AppliedEdit, RomeEdit};
 use loci_core::{DType, Device, LoadedModel, ModelInfo};
 use serde::Serialize;
 
 struct Entry {
     path: PathBuf,
     size_bytes: u64,
-    loaded: Mutex<Option<Arc<LoadedModel>>>,
+    loaded: Mutex<Option<Arc<ServedModel>>>,
+}
+
+/// A loaded model and the edits applied to it, in order. Reads (predict, trace) share the lock;
+/// an edit or undo holds it alone.
+pub struct ServedModel {
+    pub state: RwLock<ModelState>,
+}
+
+pub struct ModelState {
+    pub lm: LoadedModel,
+    pub edits: Vec<ServedEdit>,
+    next_id: u64,
+}
+
+pub struct ServedEdit {
+    pub id: u64,
+    pub edit: RomeEdit,
+    pub applied: AppliedEdit,
+}
+
+/// What a client sees of an applied edit.
+#[derive(Serialize)]
+pub struct EditListing {
+    pub id: u64,
+    pub layer: usize,
+    pub request: loci_core::edit::RewriteRequest,
+    pub delta_norm: f32,
+}
+
+impl ModelState {
+    /// Applies `edit` on top of the others; returns its id.
+    pub fn push(&mut self, edit: RomeEdit) -> loci_core::Result<u64> {
+        let applied = self.lm.apply_edit(&edit)?;
+        Ok(self.record(edit, applied))
+    }
+
+    /// Records an edit already applied to the weights.
+    pub fn record(&mut self, edit: RomeEdit, applied: AppliedEdit) -> u64 {
+        self.next_id += 1;
+        self.edits.push(ServedEdit {
+            id: self.next_id,
+            edit,
+            applied,
+        });
+        self.next_id
+    }
+
+    /// Undoes the newest edit (edits stack: each one's undo restores the weights it replaced).
+    pub fn pop(&mut self) -> loci_core::Result<Option<u64>> {
+        let Some(e) = self.edits.pop() else {
+            return Ok(None);
+        };
+        self.lm.undo_edit(e.applied)?;
+        Ok(Some(e.id))
+    }
+
+    pub fn listing(&self) -> Vec<EditListing> {
+        self.edits
+            .iter()
+            .map(|e| EditListing {
+                id: e.id,
+                layer: e.edit.layer,
+                request: e.edit.request.clone(),
+                delta_norm: e.edit.delta_norm(),
+            })
+            .collect()
+    }
 }
 
 pub struct Registry {
     models: BTreeMap<String, Entry>,
+    dtype: DType,
+    device: Device,
 }
 
 #[derive(Serialize)]
@@ -23,8 +93,52 @@ pub struct ModelListing {
     pub name: String,
     pub format: &'static str,
     pub size_bytes: u64,
+    /// Where and in what precision the server runs it ("cpu"/"cuda", "f32"/"f16"/"bf16").
+    pub device: String,
+    pub dtype: String,
     pub loaded: bool,
     pub info: Option<ModelInfo>,
+    /// Edits applied on the server (0 when not loaded).
+    pub edits: usize,
+    /// The files a browser downloads to run the model itself, from `/api/models/{name}/files/`.
+    pub files: Vec<ModelFile>,
+}
+
+#[derive(Serialize)]
+pub struct ModelFile {
+    pub name: String,
+    pub size_bytes: u64,
+}
+
+/// The files of a model a client may fetch: the .gguf itself, or a folder's config, tokenizer,
+/// safetensors and shard index. Nothing else is ever served.
+fn model_files(p: &Path) -> Vec<(String, PathBuf, u64)> {
+    let entry = |q: PathBuf| {
+        let name = q.file_name()?.to_str()?.to_string();
+        let size = q.metadata().ok()?.len();
+        Some((name, q, size))
+    };
+    if p.is_file() {
+        return entry(p.to_path_buf()).into_iter().collect();
+    }
+    let mut v: Vec<_> = std::fs::read_dir(p)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|q| q.is_file())
+                .filter(|q| {
+                    let n = q.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                    n == "config.json"
+                        || n == "tokenizer.json"
+                        || n == "model.safetensors.index.json"
+                        || n.ends_with(".safetensors")
+                })
+                .filter_map(entry)
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
 }
 
 fn is_model(p: &Path) -> bool {
@@ -48,7 +162,7 @@ fn size_of(p: &Path) -> u64 {
 
 impl Registry {
     /// Each path is a model, or a folder whose entries are models.
-    pub fn discover(paths: &[PathBuf]) -> Result<Self> {
+    pub fn discover(paths: &[PathBuf], dtype: DType, device: Device) -> Result<Self> {
         let mut models = BTreeMap::new();
         for p in paths {
             if !p.exists() {
@@ -82,7 +196,11 @@ impl Registry {
         if models.is_empty() {
             bail!("no models found in {paths:?}");
         }
-        Ok(Self { models })
+        Ok(Self {
+            models,
+            dtype,
+            device,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -98,6 +216,13 @@ impl Registry {
             .iter()
             .map(|(name, e)| {
                 let loaded = e.loaded.lock().expect("registry lock").clone();
+                let (info, edits) = match &loaded {
+                    Some(m) => {
+                        let st = m.state.read().unwrap_or_else(|p| p.into_inner());
+                        (Some(st.lm.info.clone()), st.edits.len())
+                    }
+                    None => (None, 0),
+                };
                 ModelListing {
                     name: name.clone(),
                     format: if e.path.is_file() {
@@ -106,15 +231,31 @@ impl Registry {
                         "safetensors"
                     },
                     size_bytes: e.size_bytes,
+                    device: if self.device.is_cpu() { "cpu" } else { "cuda" }.to_string(),
+                    dtype: format!("{:?}", self.dtype).to_lowercase(),
                     loaded: loaded.is_some(),
-                    info: loaded.map(|m| m.info.clone()),
+                    info,
+                    edits,
+                    files: model_files(&e.path)
+                        .into_iter()
+                        .map(|(name, _, size_bytes)| ModelFile { name, size_bytes })
+                        .collect(),
                 }
             })
             .collect()
     }
 
+    /// The path of a model's downloadable file, if `file` is one of them.
+    pub fn file_path(&self, name: &str, file: &str) -> Option<PathBuf> {
+        let e = self.models.get(name)?;
+        model_files(&e.path)
+            .into_iter()
+            .find(|(n, _, _)| n == file)
+            .map(|(_, p, _)| p)
+    }
+
     /// The model called `name`, loading it on first use (blocking: call from a worker thread).
-    pub fn get(&self, name: &str) -> Result<Option<Arc<LoadedModel>>> {
+    pub fn get(&self, name: &str) -> Result<Option<Arc<ServedModel>>> {
         let Some(e) = self.models.get(name) else {
             return Ok(None);
         };
@@ -122,7 +263,14 @@ impl Registry {
         if let Some(m) = slot.as_ref() {
             return Ok(Some(m.clone()));
         }
-        let m = Arc::new(LoadedModel::load(&e.path, DType::F32, &Device::Cpu)?);
+        let lm = LoadedModel::load(&e.path, self.dtype, &self.device)?;
+        let m = Arc::new(ServedModel {
+            state: RwLock::new(ModelState {
+                lm,
+                edits: vec![],
+                next_id: 0,
+            }),
+        });
         *slot = Some(m.clone());
         Ok(Some(m))
     }

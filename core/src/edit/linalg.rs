@@ -1,4 +1,8 @@
-//! The little dense linear algebra ROME needs, in f64 on the host: Cholesky factor and solve.
+//! The little dense linear algebra ROME needs, in f64: Cholesky factor and solve. Small blocks
+//! are factored on the host; the big products of a blocked factorisation run on the device, so a
+//! GPT-J key covariance (16384²) factors in a fraction of a second on a GPU.
+
+use candle_core::{DType, Tensor};
 
 use crate::error::{LociError, Result};
 
@@ -49,9 +53,170 @@ pub fn cholesky_solve(l: &[f64], n: usize, b: &[f64]) -> Vec<f64> {
     x
 }
 
+/// The inverse of a lower-triangular row-major `l` (n × n), itself lower-triangular.
+fn invert_lower(l: &[f64], n: usize) -> Vec<f64> {
+    let mut inv = vec![0f64; n * n];
+    for j in 0..n {
+        inv[j * n + j] = 1.0 / l[j * n + j];
+        for i in j + 1..n {
+            let s: f64 = (j..i).map(|k| l[i * n + k] * inv[k * n + j]).sum();
+            inv[i * n + j] = -s / l[i * n + i];
+        }
+    }
+    inv
+}
+
+/// One block column of `L`: the inverse of its diagonal block (host) and the panel below it.
+#[derive(Debug)]
+struct BlockColumn {
+    start: usize,
+    size: usize,
+    diag_inv: Vec<f64>,
+    /// `L[start+size.., start..start+size]`, `[n - start - size, size]` f64 on the device.
+    panel: Option<Tensor>,
+}
+
+/// `A = L Lᵀ` of a symmetric positive-definite matrix, kept by block columns.
+#[derive(Debug)]
+pub struct CholeskyFactor {
+    n: usize,
+    columns: Vec<BlockColumn>,
+}
+
+/// Host-side blocks up to this size; bigger matrices are factored blockwise.
+const BLOCK: usize = 256;
+
+impl CholeskyFactor {
+    /// Right-looking blocked Cholesky: each diagonal block on the host, the panel and the
+    /// trailing update (the O(n³) part) as matrix products on `a`'s device, in f64.
+    pub fn new(a: &Tensor) -> Result<Self> {
+        let (n, n2) = a.dims2()?;
+        if n != n2 {
+            return Err(LociError::input("cholesky: matrix is not square"));
+        }
+        let dev = a.device().clone();
+        let mut rest = a.to_dtype(DType::F64)?;
+        let mut columns = vec![];
+        let mut start = 0;
+        while start < n {
+            let m = n - start;
+            let b = BLOCK.min(m);
+            let a11: Vec<f64> = rest
+                .narrow(0, 0, b)?
+                .narrow(1, 0, b)?
+                .flatten_all()?
+                .to_vec1()?;
+            let l11 = cholesky(&a11, b).map_err(|e| match e {
+                LociError::Input(msg) => LociError::input(format!("{msg} (block at {start})")),
+                e => e,
+            })?;
+            let diag_inv = invert_lower(&l11, b);
+            let panel = if m > b {
+                let inv_t = Tensor::from_vec(diag_inv.clone(), (b, b), &dev)?.t()?;
+                let below = rest.narrow(0, b, m - b)?;
+                let l21 = below
+                    .narrow(1, 0, b)?
+                    .contiguous()?
+                    .matmul(&inv_t.contiguous()?)?;
+                rest = (below.narrow(1, b, m - b)? - l21.matmul(&l21.t()?)?)?;
+                Some(l21)
+            } else {
+                None
+            };
+            columns.push(BlockColumn {
+                start,
+                size: b,
+                diag_inv,
+                panel,
+            });
+            start += b;
+        }
+        Ok(Self { n, columns })
+    }
+
+    /// Solves `L Lᵀ x = b`.
+    pub fn solve(&self, b: &[f64]) -> Result<Vec<f64>> {
+        if b.len() != self.n {
+            return Err(LociError::input(
+                "cholesky solve: vector of the wrong length",
+            ));
+        }
+        let matvec = |inv: &[f64], size: usize, v: &[f64], transpose: bool| -> Vec<f64> {
+            (0..size)
+                .map(|i| {
+                    (0..size)
+                        .map(|k| {
+                            let e = if transpose {
+                                inv[k * size + i]
+                            } else {
+                                inv[i * size + k]
+                            };
+                            e * v[k]
+                        })
+                        .sum()
+                })
+                .collect()
+        };
+        let dev_vec = |v: &[f64], panel: &Tensor| -> Result<Tensor> {
+            Ok(Tensor::from_slice(v, (v.len(), 1), panel.device())?)
+        };
+        // L y = b, one block column at a time.
+        let mut y = b.to_vec();
+        for c in &self.columns {
+            let yk = matvec(&c.diag_inv, c.size, &y[c.start..c.start + c.size], false);
+            y[c.start..c.start + c.size].copy_from_slice(&yk);
+            if let Some(p) = &c.panel {
+                let upd: Vec<f64> = p.matmul(&dev_vec(&yk, p)?)?.flatten_all()?.to_vec1()?;
+                for (yi, u) in y[c.start + c.size..].iter_mut().zip(upd) {
+                    *yi -= u;
+                }
+            }
+        }
+        // Lᵀ x = y, backwards.
+        let mut x = y;
+        for c in self.columns.iter().rev() {
+            let mut t = x[c.start..c.start + c.size].to_vec();
+            if let Some(p) = &c.panel {
+                let below = dev_vec(&x[c.start + c.size..], p)?;
+                let upd: Vec<f64> = p.t()?.matmul(&below)?.flatten_all()?.to_vec1()?;
+                for (ti, u) in t.iter_mut().zip(upd) {
+                    *ti -= u;
+                }
+            }
+            let xk = matvec(&c.diag_inv, c.size, &t, true);
+            x[c.start..c.start + c.size].copy_from_slice(&xk);
+        }
+        Ok(x)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn the_blocked_factor_solves_like_the_plain_one() {
+        // A random SPD matrix bigger than a block: B Bᵀ + n I.
+        let n = BLOCK * 2 + 37;
+        let mut rng = crate::rng::SplitMix64::new(7);
+        let bm: Vec<f64> = (0..n * n).map(|_| rng.next_f64() - 0.5).collect();
+        let mut a = vec![0f64; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                a[i * n + j] = (0..n).map(|k| bm[i * n + k] * bm[j * n + k]).sum::<f64>()
+                    + if i == j { n as f64 } else { 0.0 };
+            }
+        }
+        let rhs: Vec<f64> = (0..n).map(|i| (i as f64).sin()).collect();
+        let want = cholesky_solve(&cholesky(&a, n).unwrap(), n, &rhs);
+        let f =
+            CholeskyFactor::new(&Tensor::from_slice(&a, (n, n), &Device::Cpu).unwrap()).unwrap();
+        let got = f.solve(&rhs).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-9 * w.abs().max(1.0), "{g} vs {w}");
+        }
+    }
 
     #[test]
     fn solves_a_spd_system_and_refuses_a_singular_one() {
@@ -63,6 +228,10 @@ mod tests {
             assert!((r - [1.0, 2.0, 3.0][i]).abs() < 1e-12);
         }
         let singular = [1.0, 1.0, 1.0, 1.0];
+        assert!(
+            CholeskyFactor::new(&Tensor::from_slice(&singular, (2, 2), &Device::Cpu).unwrap())
+                .is_err()
+        );
         assert!(cholesky(&singular, 2)
             .unwrap_err()
             .to_string()

@@ -5,7 +5,6 @@ use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use serde::{Deserialize, Serialize};
 
-use super::linalg::{cholesky, cholesky_solve};
 use super::stats::KeyStats;
 use crate::error::{LociError, Result};
 use crate::hooks::{Capture, FnHook, Site};
@@ -421,15 +420,7 @@ impl LoadedModel {
             }
             (true, Some(s)) => {
                 s.check_fits(self, l)?;
-                let d = m.cfg.d_ff;
-                let c: Vec<f64> = s
-                    .mom2
-                    .flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .map(|&x| x as f64)
-                    .collect();
-                Some((cholesky(&c, d)?, d))
+                Some(s.factor(&m.device)?)
             }
             (false, _) => None,
         };
@@ -441,7 +432,7 @@ impl LoadedModel {
         let k_star = self.subject_key(req, l, &templates)?;
         let k_vec: Vec<f64> = k_star.to_vec1::<f32>()?.iter().map(|&x| x as f64).collect();
         let u = match &factor {
-            Some((chol, d)) => cholesky_solve(chol, *d, &k_vec),
+            Some(f) => f.solve(&k_vec)?,
             None => k_vec.clone(),
         };
         let norm = u.iter().map(|x| x * x).sum::<f64>().sqrt();

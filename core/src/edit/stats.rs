@@ -28,6 +28,9 @@ pub struct KeyStats {
     pub provenance: StatsProvenance,
     /// `[d_ff, d_ff]` f32.
     pub mom2: Tensor,
+    /// C's Cholesky factor, made on first use and shared by clones: a second edit at the same
+    /// layer does not factor again.
+    factor: std::sync::Arc<std::sync::OnceLock<super::linalg::CholeskyFactor>>,
 }
 
 /// Accumulates Σ k kᵀ for several layers in one pass (f32 products per text, summed in f64).
@@ -123,6 +126,7 @@ impl StatsAccumulator {
                         max_len: self.max_len,
                     },
                     mom2: Tensor::from_vec(mean, (self.d_ff, self.d_ff), &Device::Cpu)?,
+                    factor: Default::default(),
                 })
             })
             .collect()
@@ -130,6 +134,16 @@ impl StatsAccumulator {
 }
 
 impl KeyStats {
+    /// The Cholesky factor of C, computed on `device` the first time.
+    pub fn factor(&self, device: &Device) -> Result<&super::linalg::CholeskyFactor> {
+        if let Some(f) = self.factor.get() {
+            return Ok(f);
+        }
+        let f = super::linalg::CholeskyFactor::new(&self.mom2.to_device(device)?)?;
+        let _ = self.factor.set(f);
+        Ok(self.factor.get().expect("just set"))
+    }
+
     /// Refuses statistics made for another model, layer or width.
     pub fn check_fits(&self, lm: &LoadedModel, layer: usize) -> Result<()> {
         let p = &self.provenance;
@@ -195,6 +209,7 @@ impl KeyStats {
         Ok(Self {
             provenance,
             mom2: Tensor::from_vec(data, (d, d), &Device::Cpu)?,
+            factor: Default::default(),
         })
     }
 }

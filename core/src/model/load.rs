@@ -20,6 +20,11 @@ pub enum WeightSource {
     Buffers(Vec<BufferedSafetensors>),
     /// Already materialised tensors (GGUF, dequantised and renamed).
     Tensors(HashMap<String, Tensor>),
+    /// Random weights made where they are used (for timing full-size models no one can
+    /// download here): N(0, std²) matrices, unit norm scales, zero biases.
+    Random {
+        std: f64,
+    },
 }
 
 impl WeightSource {
@@ -63,6 +68,7 @@ impl WeightSource {
                     .find(|s| s.get(n).is_ok())
                     .map(|s| s.load(n, &dev)),
                 WeightSource::Tensors(m) => m.get(n).cloned().map(Ok),
+                WeightSource::Random { .. } => None,
             };
             if let Some(t) = found {
                 return t.map_err(|e| LociError::model(format!("tensor {n}: {e}")));
@@ -74,7 +80,7 @@ impl WeightSource {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.lookup(name).is_ok()
+        matches!(self, WeightSource::Random { .. }) || self.lookup(name).is_ok()
     }
 
     /// Fetches `name`, checks its shape, converts it to `dtype` on `device`.
@@ -85,6 +91,17 @@ impl WeightSource {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
+        if let WeightSource::Random { std } = self {
+            // Made on the device directly: a 6B-parameter model never passes through the host.
+            let t = if name.ends_with(".bias") || name.ends_with("_bias") {
+                Tensor::zeros(shape, dtype, device)?
+            } else if shape.len() == 1 {
+                Tensor::ones(shape, dtype, device)?
+            } else {
+                Tensor::randn(0f32, *std as f32, shape, device)?.to_dtype(dtype)?
+            };
+            return Ok(t);
+        }
         let t = self.lookup(name)?;
         check_shape(name, &t, shape)?;
         let t = t.to_dtype(dtype)?.to_device(device)?;

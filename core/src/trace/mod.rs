@@ -667,7 +667,63 @@ fn run_items(
     Ok(work)
 }
 
+/// A trace ready for its rows: the clean and corrupted runs done. Rows can be computed in any
+/// order, anywhere the same model and request are (the web app spreads them over workers, each
+/// with its own plan: the runs are deterministic given the seed).
+pub struct TracePlan {
+    p: Prepared,
+    req: TraceRequest,
+    pub header: TraceHeader,
+}
+
+impl TracePlan {
+    /// Every row of the trace, `(kind, token)`, in the order `trace` hands them out.
+    pub fn rows(&self) -> Vec<(TraceKind, usize)> {
+        let big_t = self.p.ids.len();
+        self.req
+            .kinds
+            .iter()
+            .flat_map(|&k| (0..big_t).map(move |t| (k, t)))
+            .collect()
+    }
+}
+
 impl LoadedModel {
+    pub fn trace_plan(&self, req: &TraceRequest, embedding_std: Option<f64>) -> Result<TracePlan> {
+        let p = prepare(self, req, embedding_std)?;
+        let header = TraceHeader {
+            tokens: self.tokenizer.token_strings(&p.ids)?,
+            subject_range: [p.range.0, p.range.1],
+            answer: AnswerToken {
+                id: p.answer,
+                token: self.tokenizer.decode(&[p.answer])?,
+            },
+            high: p.high,
+            low: p.low,
+            noise: p.scale,
+            n_layer: self.model.n_layer(),
+            kinds: req.kinds.clone(),
+            total_rows: req.kinds.len() * p.ids.len(),
+        };
+        Ok(TracePlan {
+            p,
+            req: req.clone(),
+            header,
+        })
+    }
+
+    /// One row of a planned trace: the answer's probability per restored layer at `token`.
+    pub fn trace_row(&self, plan: &TracePlan, kind: TraceKind, token: usize) -> Result<Vec<f32>> {
+        if token >= plan.p.ids.len() || !plan.req.kinds.contains(&kind) {
+            return Err(LociError::input(format!(
+                "the trace has no {} row at token {token}",
+                kind.name()
+            )));
+        }
+        let mut work = 0.0;
+        trace_token(self, &plan.p, kind, token, plan.req.window, &mut work)
+    }
+
     /// Runs a causal trace (the fast path). `embedding_std` is needed for relative noise.
     /// `workers` > 1 spreads the token rows over that many threads (native only): each thread
     /// runs its own single-threaded kernels, which uses the cores better than threading inside
@@ -680,31 +736,16 @@ impl LoadedModel {
         workers: usize,
     ) -> Result<TraceResult> {
         let started = crate::clock::now_seconds();
-        let p = prepare(self, req, embedding_std)?;
+        let plan = self.trace_plan(req, embedding_std)?;
+        obs.on_start(&plan.header);
+        let items = plan.rows();
+        let TracePlan { p, req, .. } = plan;
+        let req = &req;
         let (n, big_t) = (self.model.n_layer(), p.ids.len());
-        obs.on_start(&TraceHeader {
-            tokens: self.tokenizer.token_strings(&p.ids)?,
-            subject_range: [p.range.0, p.range.1],
-            answer: AnswerToken {
-                id: p.answer,
-                token: self.tokenizer.decode(&[p.answer])?,
-            },
-            high: p.high,
-            low: p.low,
-            noise: p.scale,
-            n_layer: n,
-            kinds: req.kinds.clone(),
-            total_rows: req.kinds.len() * big_t,
-        });
         let mut grids: BTreeMap<TraceKind, Vec<Vec<f32>>> = req
             .kinds
             .iter()
             .map(|k| (*k, vec![vec![]; big_t]))
-            .collect();
-        let items: Vec<(TraceKind, usize)> = req
-            .kinds
-            .iter()
-            .flat_map(|&k| (0..big_t).map(move |t| (k, t)))
             .collect();
         let work = run_items(
             self,

@@ -1,0 +1,190 @@
+//! One ROME edit with its before/after read-out: what `loci edit`, the server and the web app
+//! show. The model is left edited; the returned `AppliedEdit` undoes it exactly.
+
+use serde::{Deserialize, Serialize};
+
+use super::rome::{AppliedEdit, RewriteRequest, RomeEdit, RomeHparams, TargetStr};
+use super::stats::KeyStats;
+use crate::error::{LociError, Result};
+use crate::loader::LoadedModel;
+use crate::predict::Sampling;
+
+/// Probabilities of the new and the old target (the whole string, all its tokens) after a prompt.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PromptProbs {
+    pub prompt: String,
+    pub target_new: f32,
+    pub target_true: f32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EditSide {
+    pub rewrite: PromptProbs,
+    pub paraphrase: Vec<PromptProbs>,
+    pub neighborhood: Vec<PromptProbs>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Generations {
+    pub before: Vec<String>,
+    pub after: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EditReport {
+    pub request: RewriteRequest,
+    pub layer: usize,
+    pub before: EditSide,
+    pub after: EditSide,
+    pub generations: Generations,
+    pub delta_norm: f32,
+    pub v_losses: Vec<f32>,
+    pub seconds: f64,
+}
+
+/// Prompts to read out around an edit.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Probes {
+    #[serde(default)]
+    pub paraphrase: Vec<String>,
+    #[serde(default)]
+    pub neighborhood: Vec<String>,
+    /// Greedy tokens generated after the rewrite prompt and each paraphrase (0: none).
+    #[serde(default)]
+    pub generate_tokens: usize,
+}
+
+impl RewriteRequest {
+    /// A request from a plain prompt that contains the subject.
+    pub fn from_prompt(prompt: &str, subject: &str, target_new: &str) -> Result<Self> {
+        let template = if prompt.contains("{}") {
+            prompt.to_string()
+        } else if let Some(i) = prompt.find(subject).filter(|_| !subject.is_empty()) {
+            format!("{}{{}}{}", &prompt[..i], &prompt[i + subject.len()..])
+        } else {
+            return Err(LociError::input(format!(
+                "the subject {subject:?} does not occur in the prompt {prompt:?}"
+            )));
+        };
+        Ok(Self {
+            prompt: template,
+            subject: subject.to_string(),
+            target_new: TargetStr {
+                str: target_new.to_string(),
+            },
+            target_true: None,
+        })
+    }
+}
+
+impl LoadedModel {
+    /// Fills in `target_true` with the model's current top-1 when it is missing.
+    pub fn complete_request(&self, mut req: RewriteRequest) -> Result<RewriteRequest> {
+        if req.target_true.is_none() {
+            let top = self.predict(&req.filled(), 1)?;
+            req.target_true = Some(TargetStr {
+                str: top.top[0].token.trim().to_string(),
+            });
+        }
+        Ok(req)
+    }
+
+    pub fn edit_side(&self, req: &RewriteRequest, probes: &Probes) -> Result<EditSide> {
+        let old = req
+            .target_true
+            .as_ref()
+            .map(|t| t.str.clone())
+            .unwrap_or_default();
+        let probs = |p: &str| -> Result<PromptProbs> {
+            let pairs = [
+                (p.to_string(), req.target_new.str.clone()),
+                (p.to_string(), old.clone()),
+            ];
+            let s = self.score_targets(&pairs)?;
+            Ok(PromptProbs {
+                prompt: p.to_string(),
+                target_new: s[0].prob,
+                target_true: s[1].prob,
+            })
+        };
+        Ok(EditSide {
+            rewrite: probs(&req.filled())?,
+            paraphrase: probes
+                .paraphrase
+                .iter()
+                .map(|p| probs(p))
+                .collect::<Result<_>>()?,
+            neighborhood: probes
+                .neighborhood
+                .iter()
+                .map(|p| probs(p))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    fn probe_generations(&self, req: &RewriteRequest, probes: &Probes) -> Result<Vec<String>> {
+        if probes.generate_tokens == 0 {
+            return Ok(vec![]);
+        }
+        std::iter::once(req.filled())
+            .chain(probes.paraphrase.iter().cloned())
+            .map(|p| {
+                Ok(self
+                    .generate(&p, probes.generate_tokens, Sampling::Greedy)?
+                    .text)
+            })
+            .collect()
+    }
+
+    /// Computes a ROME edit, applies it and reads the probes before and after. On error the
+    /// model is unchanged.
+    pub fn rome_with_report(
+        &mut self,
+        req: RewriteRequest,
+        hp: &RomeHparams,
+        stats: Option<&KeyStats>,
+        probes: &Probes,
+    ) -> Result<(RomeEdit, AppliedEdit, EditReport)> {
+        let started = crate::clock::now_seconds();
+        let req = self.complete_request(req)?;
+        for p in probes.paraphrase.iter().chain(&probes.neighborhood) {
+            self.encode_prompt(p)?;
+        }
+        let before = self.edit_side(&req, probes)?;
+        let gen_before = self.probe_generations(&req, probes)?;
+        let e = self.rome(&req, hp, stats)?;
+        let applied = self.apply_edit(&e)?;
+        let after = self
+            .edit_side(&req, probes)
+            .and_then(|a| Ok((a, self.probe_generations(&req, probes)?)));
+        let (after, gen_after) = match after {
+            Ok(x) => x,
+            Err(err) => {
+                self.undo_edit(applied)?;
+                return Err(err);
+            }
+        };
+        let report = EditReport {
+            request: req,
+            layer: e.layer,
+            before,
+            after,
+            generations: Generations {
+                before: gen_before,
+                after: gen_after,
+            },
+            delta_norm: e.delta_norm(),
+            v_losses: e.stats.losses.clone(),
+            seconds: crate::clock::now_seconds() - started,
+        };
+        Ok((e, applied, report))
+    }
+}
+
+impl RomeEdit {
+    /// Frobenius norm of the rank-one update, ‖right‖·‖left‖.
+    pub fn delta_norm(&self) -> f32 {
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        norm(&self.right) * norm(&self.left)
+    }
+}

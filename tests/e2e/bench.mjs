@@ -1,0 +1,22 @@
+// The in-tab benchmark in headless Chromium: opens the app, presses "Benchmark this tab" and
+// prints the JSON the page reports. Usage: node bench.mjs URL
+import { chromium } from 'playwright-core';
+const [url] = process.argv.slice(2);
+const browser = await chromium.launch({
+  executablePath: '/usr/bin/chromium',
+  args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking'],
+});
+const page = await browser.newPage();
+const errors = [];
+page.on('pageerror', e => errors.push(String(e)));
+await page.goto(url);
+await page.waitForSelector('#status[data-status="ready"]', { timeout: 20000 });
+await page.click('#bench');
+await page.waitForSelector('#status[data-status="done"], #status[data-status="error"]', { timeout: 900000 });
+const text = await page.textContent('#bench-result');
+if (!text.trim()) {
+  console.error('benchmark failed:', await page.textContent('#status'), errors);
+  process.exit(1);
+}
+console.log(JSON.stringify({ ...JSON.parse(text), browser: browser.version() }));
+await browser.close();

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# GPU checks and benchmarks, on a machine with an NVIDIA GPU and the CUDA 13 runtime libraries.
+# From the repo root: bash tests/gpu/run.sh [BUNDLE]   (BUNDLE: made by scripts/build-cuda.sh,
+# default gpu-bundle/; or set LOCI_BIN to a cuda build of loci).
+# 1. prints the GPU; 2. `loci check-device`: the tiny test models give the CPU's answers on the
+# GPU (f32 within 1e-3, f16 5e-3, bf16 3e-2; a ROME edit's vectors in f32); 3. benchmarks on a
+# full-size GPT-J-6B with random weights made on the GPU (f16): one 12-token forward pass, a
+# trace of all kinds (12 tokens, 10 samples, window 10), one ROME edit at layer 5 (statistics
+# timed apart). Every result is one JSON line on stdout and in $OUT/gpu-results.jsonl, with the
+# GPU's peak memory during each step.
+set -uo pipefail
+bundle=${1:-gpu-bundle}
+OUT=${OUT:-/tmp/loci-gpu}
+mkdir -p "$OUT"
+results="$OUT/gpu-results.jsonl"
+: > "$results"
+log() { printf '%s\n' "$1" | tee -a "$results"; }
+
+smi=$(command -v nvidia-smi || echo /usr/local/nvidia/bin/nvidia-smi)
+"$smi" --query-gpu=name,driver_version,compute_cap,memory.total --format=csv || echo "no nvidia-smi"
+
+# The CUDA libraries: the driver's libcuda, and cublas/curand/cudart/nvrtc from wherever they are.
+dirs=()
+for d in /usr/local/nvidia/lib64 /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+         /usr/local/cuda-13*/lib64 /opt/*/.venv/lib/python3*/site-packages/nvidia/cu13/lib \
+         /usr/local/lib/python3*/dist-packages/nvidia/cu13/lib /usr/lib/x86_64-linux-gnu; do
+  [ -d "$d" ] && dirs+=("$d")
+done
+ldp=""
+for lib in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
+  found=""
+  for d in "${dirs[@]}"; do [ -e "$d/$lib" ] && { found=$d; break; }; done
+  [ -z "$found" ] && found=$(dirname "$(ldconfig -p 2>/dev/null | awk -v l="$lib" '$1==l {print $NF; exit}')" 2>/dev/null)
+  [ -z "$found" ] && found=$(dirname "$(timeout 60 find / -xdev -name "$lib" -not -path '/proc/*' 2>/dev/null | head -1)" 2>/dev/null)
+  if [ -n "$found" ] && [ "$found" != "." ]; then
+    case ":$ldp:" in *":$found:"*) ;; *) ldp="${ldp:+$ldp:}$found";; esac
+  else
+    echo "missing $lib"
+  fi
+done
+export LD_LIBRARY_PATH="$ldp${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+bin=${LOCI_BIN:-$bundle/bin/loci}
+if [ ! -x "$bin" ] && [ -s "$bin.xz" ]; then
+  xz -dc "$bin.xz" > "$bin" && chmod +x "$bin"
+fi
+[ -x "$bin" ] || { echo "no loci binary at $bin (run scripts/build-cuda.sh)"; exit 2; }
+
+# Peak GPU memory of one step: sample nvidia-smi every 50 ms while it runs.
+step() {
+  local name=$1; shift
+  local mem="$OUT/mem-$name.txt"
+  "$smi" --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$mem" 2>/dev/null &
+  local sampler=$!
+  local t0 out rc
+  t0=$(date +%s.%N)
+  out=$(timeout 300 "$bin" "$@" 2> "$OUT/stderr-$name.txt"); rc=$?
+  kill $sampler 2>/dev/null; wait $sampler 2>/dev/null
+  local peak wall
+  peak=$(sort -n "$mem" 2>/dev/null | tail -1)
+  wall=$(echo "$(date +%s.%N) - $t0" | bc)
+  [ $rc -ne 0 ] && tail -5 "$OUT/stderr-$name.txt"
+  log "{\"step\":\"$name\",\"exit\":$rc,\"wall_seconds\":$wall,\"gpu_peak_mib\":${peak:-null},\"result\":${out:-null}}"
+  return $rc
+}
+
+rc=0
+step check-device check-device || rc=1
+step forward bench forward --random gptj-6b --dtype f16 --tokens 12 --reps 20 --json || rc=1
+step trace bench trace --random gptj-6b --dtype f16 --prompt-tokens 12 --samples 10 --window 10 --json || rc=1
+corpus="$bundle/data/wiki-slice.jsonl"
+step edit bench edit --random gptj-6b --dtype f16 --layer 5 --stats-tokens 20000 --corpus "$corpus" --json || rc=1
+exit $rc
