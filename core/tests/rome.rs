@@ -404,3 +404,39 @@ fn shipped_hyperparameters_match_model_shapes() {
         assert_eq!(RomeHparams::for_model(&lm.model.cfg).unwrap().layer, 6);
     }
 }
+
+#[test]
+fn worker_threads_give_the_same_statistics_and_edit() {
+    // Statistics texts and v*'s row groups spread over threads: the statistics are summed in text
+    // order (bit-identical), and the groups' gradients add up to the one-batch gradient.
+    let lm = tiny();
+    let texts = wiki_texts(7);
+    let run = |workers: usize| {
+        loci_core::threads::set_workers(workers);
+        let mut acc = StatsAccumulator::new(&lm, &[2], 64).unwrap();
+        acc.add_texts(&lm, &texts).unwrap();
+        let st = acc.finish(&lm, "test").unwrap().pop().unwrap();
+        let req = RewriteRequest {
+            prompt: "{} is located in the city of".into(),
+            subject: "Eiffel Tower".into(),
+            target_new: TargetStr { str: "Rome".into() },
+            target_true: None,
+        };
+        let mut hp = RomeHparams::at_layer(2);
+        hp.v_num_grad_steps = 6;
+        let e = lm.rome(&req, &hp, Some(&st)).unwrap();
+        let mom2 = st.mom2.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (mom2, e)
+    };
+    let (m1, e1) = run(1);
+    let (m3, e3) = run(3);
+    loci_core::threads::set_workers(1);
+    assert_eq!(m1, m3);
+    assert_eq!(e1.stats.losses.len(), e3.stats.losses.len());
+    for (a, b) in e1.stats.losses.iter().zip(&e3.stats.losses) {
+        assert!((a - b).abs() < 1e-4 * a.abs().max(1.0), "{a} vs {b}");
+    }
+    for (a, b) in e1.right.iter().zip(&e3.right) {
+        assert!((a - b).abs() < 1e-3 * a.abs().max(1e-2), "{a} vs {b}");
+    }
+}

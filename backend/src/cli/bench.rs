@@ -106,12 +106,7 @@ fn edit_bench(a: EditBenchArgs) -> Result<()> {
     };
     let s = Instant::now();
     let mut acc = StatsAccumulator::new(&lm, &[a.layer], 1024)?;
-    for text in super::edit::corpus_texts(&corpus)? {
-        acc.add_text(&lm, &text?)?;
-        if acc.tokens() >= a.stats_tokens {
-            break;
-        }
-    }
+    super::edit::feed(&mut acc, &lm, &corpus, a.stats_tokens, |_| {})?;
     let tokens = acc.tokens();
     let stats = acc.finish(&lm, &corpus.display().to_string())?.remove(0);
     let stats_seconds = s.elapsed().as_secs_f64();

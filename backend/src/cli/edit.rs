@@ -94,6 +94,29 @@ pub fn corpus_texts(path: &Path) -> Result<impl Iterator<Item = Result<String>>>
     }))
 }
 
+/// Feeds corpus texts to `acc`, one per worker thread at a time, until it has seen `tokens`
+/// tokens (the texts computed alongside the one that crosses the mark count too).
+pub fn feed(
+    acc: &mut StatsAccumulator,
+    lm: &LoadedModel,
+    corpus: &Path,
+    tokens: u64,
+    mut progress: impl FnMut(usize),
+) -> Result<()> {
+    let mut texts = corpus_texts(corpus)?;
+    while acc.tokens() < tokens {
+        let chunk: Vec<String> = texts
+            .by_ref()
+            .take(loci_core::threads::workers())
+            .collect::<Result<_>>()?;
+        if chunk.is_empty() {
+            break;
+        }
+        progress(acc.add_texts(lm, &chunk)?);
+    }
+    Ok(())
+}
+
 fn stats_dir(lm: &LoadedModel, out: Option<&Path>) -> PathBuf {
     out.map(Path::to_path_buf)
         .unwrap_or_else(|| super::trace::cache_dir(lm).join("stats"))
@@ -135,13 +158,7 @@ pub fn collect(
         )
         .expect("template"),
     );
-    for text in corpus_texts(corpus)? {
-        let n = acc.add_text(lm, &text?)?;
-        pb.inc(n as u64);
-        if acc.tokens() >= tokens {
-            break;
-        }
-    }
+    feed(&mut acc, lm, corpus, tokens, |n| pb.inc(n as u64))?;
     pb.finish_and_clear();
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     for s in acc.finish(lm, &corpus.display().to_string())? {

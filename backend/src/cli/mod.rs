@@ -171,11 +171,17 @@ pub fn trace_workers(device: &Device) -> usize {
 }
 
 impl Command {
-    /// Commands that spread their work over their own worker threads.
+    /// Commands that spread their work over their own worker threads (trace rows, v*'s row
+    /// groups, statistics texts) rather than threading inside each matrix product.
     pub fn parallel_workers(&self) -> bool {
         matches!(
             self,
-            Command::Trace(_) | Command::Bench(bench::BenchCmd::Trace { .. })
+            Command::Trace(_)
+                | Command::Stats(_)
+                | Command::Edit(_)
+                | Command::Eval(_)
+                | Command::Serve(_)
+                | Command::Bench(bench::BenchCmd::Trace { .. } | bench::BenchCmd::Edit(_))
         )
     }
 }

@@ -8,6 +8,11 @@ use crate::error::{LociError, Result};
 
 /// Lower-triangular `L` with `A = L Lᵀ`, for a symmetric positive-definite row-major `a` (n × n).
 pub fn cholesky(a: &[f64], n: usize) -> Result<Vec<f64>> {
+    cholesky_block(a, n, 0)
+}
+
+/// `cholesky` of a diagonal block that starts at row `offset` of a bigger matrix (for messages).
+fn cholesky_block(a: &[f64], n: usize, offset: usize) -> Result<Vec<f64>> {
     if a.len() != n * n {
         return Err(LociError::input("cholesky: matrix is not n × n"));
     }
@@ -20,7 +25,8 @@ pub fn cholesky(a: &[f64], n: usize) -> Result<Vec<f64>> {
         }
         if d.is_nan() || d <= 0.0 || !d.is_finite() {
             return Err(LociError::input(format!(
-                "the key covariance is singular (pivot {j} is {d:.3e}); collect statistics over more tokens"
+                "the key covariance is singular (pivot {} is {d:.3e}); collect statistics over more tokens",
+                offset + j
             )));
         }
         let d = d.sqrt();
@@ -106,10 +112,7 @@ impl CholeskyFactor {
                 .narrow(1, 0, b)?
                 .flatten_all()?
                 .to_vec1()?;
-            let l11 = cholesky(&a11, b).map_err(|e| match e {
-                LociError::Input(msg) => LociError::input(format!("{msg} (block at {start})")),
-                e => e,
-            })?;
+            let l11 = cholesky_block(&a11, b, start)?;
             let diag_inv = invert_lower(&l11, b);
             let panel = if m > b {
                 let inv_t = Tensor::from_vec(diag_inv.clone(), (b, b), &dev)?.t()?;

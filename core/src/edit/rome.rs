@@ -232,6 +232,94 @@ impl RomeEdit {
     }
 }
 
+/// The rows of v*'s batch that one thread runs: a contiguous slice of every per-row tensor.
+struct ValueGroup {
+    first_row: bool,
+    resid_in: Tensor,
+    caches: Vec<LayerCache>,
+    mask: Tensor,
+    labels: Tensor,
+    n_labels: usize,
+    /// Label cells (row within the group, suffix position), then the KL cell when `kl`.
+    cells: Vec<(usize, usize)>,
+    kl: bool,
+}
+
+/// What one group's forward pass gives: its part of the loss (a graph to differentiate) and
+/// the read-outs the optimisation keeps from the first step.
+struct GroupOut {
+    loss: Tensor,
+    value: f32,
+    mlp_at_row0: Option<Tensor>,
+    kl_logp: Option<Tensor>,
+}
+
+/// The state one v* step shares with every group.
+struct ValueStep<'a> {
+    lm: &'a LoadedModel,
+    layer: usize,
+    delta: &'a Tensor,
+    n_labels_total: usize,
+    kl_init: Option<&'a Tensor>,
+    kl_factor: f64,
+}
+
+impl ValueStep<'_> {
+    /// The group's rows from layer `l` up with δ added at each row's subject-last token:
+    /// Σ NLL / (all labels) + the KL term when the group holds the KL row.
+    fn forward(&self, g: &ValueGroup) -> Result<GroupOut> {
+        let m = &self.lm.model;
+        let (l, d) = (self.layer, m.cfg.d_model);
+        let mut mlp_at_row0: Option<Tensor> = None;
+        let mut hook = FnHook(|s: Site, x: &Tensor| -> Result<Option<Tensor>> {
+            if s != Site::Mlp(l) {
+                return Ok(None);
+            }
+            if g.first_row && mlp_at_row0.is_none() {
+                mlp_at_row0 = Some(x.i((0, 0))?.to_dtype(DType::F32)?.detach());
+            }
+            let add = g
+                .mask
+                .broadcast_mul(&self.delta.to_dtype(x.dtype())?.reshape((1, 1, d))?)?;
+            Ok(Some((x + add)?))
+        });
+        let mut x = g.resid_in.clone();
+        for (j, cache) in (l..m.n_layer()).zip(&g.caches) {
+            let mut cache = cache.clone();
+            x = m.blocks[j]
+                .forward(j, &x, 0, Some(&mut cache), &mut hook)?
+                .ok_or_else(|| LociError::input("forward pass stopped early"))?;
+        }
+        let logp =
+            candle_nn::ops::log_softmax(&m.final_logits(&gather(&x, &g.cells)?)?, D::Minus1)?;
+        let mut loss = (logp
+            .narrow(0, 0, g.n_labels)?
+            .gather(&g.labels, 1)?
+            .neg()?
+            .sum_all()?
+            / self.n_labels_total as f64)?;
+        let mut kl_logp = None;
+        if g.kl {
+            let cur = logp.narrow(0, g.n_labels, 1)?;
+            let init = self.kl_init.cloned().unwrap_or_else(|| cur.detach());
+            let kl = ((cur.exp()? * (&cur - &init)?)?.sum_all()? * self.kl_factor)?;
+            loss = (loss + kl)?;
+            kl_logp = Some(cur.detach());
+        }
+        Ok(GroupOut {
+            value: loss.to_scalar::<f32>()?,
+            loss,
+            mlp_at_row0,
+            kl_logp,
+        })
+    }
+}
+
+/// Row groups for v*: one per worker thread, at most one per row.
+fn value_groups(rows: usize) -> usize {
+    crate::threads::workers().clamp(1, rows.max(1))
+}
+
 /// An applied edit and the weight it replaced: undo is exact.
 #[derive(Clone, Debug)]
 pub struct AppliedEdit {
@@ -594,7 +682,58 @@ impl LoadedModel {
             mask[i * suffix] = 1.0;
         }
         let mask = Tensor::from_vec(mask, (rows, suffix, 1), &m.device)?.to_dtype(m.dtype)?;
-        let label_t = Tensor::new(labels.as_slice(), &m.device)?.unsqueeze(1)?;
+        // Rows are independent until the loss: contiguous groups of rows run forward and backward
+        // on their own threads (threaded kernels barely use two cores on matrices this small:
+        // 1.4x faster here), and their gradients add up. The KL row is the last, in the last group.
+        let n_groups = value_groups(rows);
+        let per = rows.div_ceil(n_groups);
+        let mut groups = Vec::new();
+        for g in 0..n_groups {
+            let (r0, rn) = (g * per, per.min(rows - (g * per).min(rows)));
+            if rn == 0 {
+                continue;
+            }
+            let mut g_cells = Vec::new();
+            let mut g_labels = Vec::new();
+            for (&(i, p), &lab) in cells.iter().zip(&labels) {
+                if (r0..r0 + rn).contains(&i) {
+                    g_cells.push((i - r0, p));
+                    g_labels.push(lab);
+                }
+            }
+            let kl = (r0..r0 + rn).contains(&kl_cell.0);
+            if kl {
+                g_cells.push((kl_cell.0 - r0, kl_cell.1));
+            }
+            let caches = caches
+                .iter()
+                .map(|c| -> Result<LayerCache> {
+                    let rows_of = |x: &Option<Tensor>| -> Result<Option<Tensor>> {
+                        Ok(match x {
+                            Some(x) => Some(x.narrow(0, r0, rn)?),
+                            None => None,
+                        })
+                    };
+                    Ok(LayerCache {
+                        k: rows_of(&c.k)?,
+                        v: rows_of(&c.v)?,
+                        row_starts: Some(starts[r0..r0 + rn].to_vec()),
+                        key_mask: rows_of(&c.key_mask)?,
+                    })
+                })
+                .collect::<Result<_>>()?;
+            groups.push(ValueGroup {
+                first_row: r0 == 0,
+                resid_in: resid_in.narrow(0, r0, rn)?,
+                caches,
+                mask: mask.narrow(0, r0, rn)?,
+                labels: Tensor::new(g_labels.as_slice(), &m.device)?.unsqueeze(1)?,
+                n_labels: g_labels.len(),
+                cells: g_cells,
+                kl,
+            });
+        }
+        let n_lab = labels.len();
 
         let delta = Var::zeros(d, DType::F32, &m.device)?;
         let mut opt = AdamW::new(
@@ -611,48 +750,33 @@ impl LoadedModel {
         let mut kl_init: Option<Tensor> = None;
         let mut losses = Vec::new();
         for it in 0..hp.v_num_grad_steps {
-            let mut mlp_at_row0: Option<Tensor> = None;
-            let mut hook = FnHook(|s: Site, x: &Tensor| -> Result<Option<Tensor>> {
-                if s != Site::Mlp(l) {
-                    return Ok(None);
+            let step = ValueStep {
+                lm: self,
+                layer: l,
+                delta: delta.as_tensor(),
+                n_labels_total: n_lab,
+                kl_init: kl_init.as_ref(),
+                kl_factor: hp.kl_factor,
+            };
+            let outs = crate::threads::map(&groups, |g| step.forward(g))
+                .into_iter()
+                .collect::<Result<Vec<_>>>()?;
+            let mut lv = 0f32;
+            for o in &outs {
+                lv += o.value;
+                if let Some(x) = &o.mlp_at_row0 {
+                    target_init.get_or_insert_with(|| x.clone());
                 }
-                if mlp_at_row0.is_none() {
-                    mlp_at_row0 = Some(x.i((0, 0))?.to_dtype(DType::F32)?.detach());
+                if let Some(k) = &o.kl_logp {
+                    kl_init.get_or_insert_with(|| k.clone());
                 }
-                let add = mask
-                    .broadcast_mul(&delta.as_tensor().to_dtype(x.dtype())?.reshape((1, 1, d))?)?;
-                Ok(Some((x + add)?))
-            });
-            let mut x = resid_in.clone();
-            for (j, cache) in (l..m.n_layer()).zip(&caches) {
-                let mut cache = cache.clone();
-                x = m.blocks[j]
-                    .forward(j, &x, 0, Some(&mut cache), &mut hook)?
-                    .ok_or_else(|| LociError::input("forward pass stopped early"))?;
             }
-            if target_init.is_none() {
-                target_init = mlp_at_row0.clone();
-            }
-            let mut all_cells = cells.clone();
-            all_cells.push(kl_cell);
-            let logp =
-                candle_nn::ops::log_softmax(&m.final_logits(&gather(&x, &all_cells)?)?, D::Minus1)?;
-            let n_lab = labels.len();
-            let nll = logp
-                .narrow(0, 0, n_lab)?
-                .gather(&label_t, 1)?
-                .neg()?
-                .mean_all()?;
-            let kl_logp = logp.narrow(0, n_lab, 1)?;
-            let init = kl_init.get_or_insert_with(|| kl_logp.detach()).clone();
-            let kl = ((kl_logp.exp()? * (&kl_logp - init)?)?.sum_all()? * hp.kl_factor)?;
-            let ti = target_init.as_ref().expect("recorded on the first pass");
+            let ti = target_init.as_ref().expect("the first group holds row 0");
             let ti_norm2 = ti.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
             // ‖δ‖ with a tiny floor: its gradient at δ = 0 is then 0 (as in torch), not 0/0.
             let wd = ((delta.as_tensor().sqr()?.sum_all()? + 1e-24)?.sqrt()?
                 * (hp.v_weight_decay / ti_norm2))?;
-            let loss = ((nll + kl)? + wd)?;
-            let lv = loss.to_scalar::<f32>()?;
+            lv += wd.to_scalar::<f32>()?;
             if !lv.is_finite() {
                 return Err(LociError::model(format!(
                     "the v* optimisation diverged (loss {lv}) at step {it}"
@@ -662,7 +786,21 @@ impl LoadedModel {
             if lv < 0.05 || it + 1 == hp.v_num_grad_steps {
                 break;
             }
-            opt.backward_step(&loss)?;
+            let parts = crate::threads::map(&outs, |o| -> Result<Option<Tensor>> {
+                Ok(o.loss.backward()?.get(delta.as_tensor()).cloned())
+            })
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+            let mut grads = wd.backward()?;
+            let mut total = grads
+                .get(delta.as_tensor())
+                .cloned()
+                .unwrap_or(delta.as_tensor().zeros_like()?);
+            for g in parts.into_iter().flatten() {
+                total = (total + g)?;
+            }
+            grads.insert(delta.as_tensor(), total);
+            opt.step(&grads)?;
             // Project back into the ball of radius clamp · ‖target_init‖.
             let max = hp.clamp_norm_factor * ti_norm2.sqrt();
             let n = delta

@@ -72,10 +72,40 @@ impl StatsAccumulator {
 
     /// Runs one text (truncated) up to the deepest layer and adds its keys. Returns its tokens.
     pub fn add_text(&mut self, lm: &LoadedModel, text: &str) -> Result<usize> {
+        self.add_texts(lm, &[text])
+    }
+
+    /// Adds several texts, computed on `threads::workers()` threads and summed in text order
+    /// (the same sums as one text at a time). Returns their tokens.
+    pub fn add_texts<S: AsRef<str> + Sync>(
+        &mut self,
+        lm: &LoadedModel,
+        texts: &[S],
+    ) -> Result<usize> {
+        let mut added = 0;
+        for chunk in texts.chunks(crate::threads::workers()) {
+            let moments = crate::threads::map(chunk, |t| self.moments(lm, t.as_ref()));
+            for m in moments {
+                let Some((n, kks)) = m? else { continue };
+                for (sum, kk) in self.sums.iter_mut().zip(kks) {
+                    for (s, v) in sum.iter_mut().zip(kk) {
+                        *s += v as f64;
+                    }
+                }
+                self.tokens += n as u64;
+                self.texts += 1;
+                added += n;
+            }
+        }
+        Ok(added)
+    }
+
+    /// A text's token count and Σ k kᵀ per layer (f32), or None for an empty text.
+    fn moments(&self, lm: &LoadedModel, text: &str) -> Result<Option<(usize, Vec<Vec<f32>>)>> {
         let mut ids = lm.tokenizer.encode(text)?;
         ids.truncate(self.max_len);
         if ids.is_empty() {
-            return Ok(0);
+            return Ok(None);
         }
         let deepest = *self.layers.iter().max().expect("layers are not empty");
         let mut cap = Capture::new(self.layers.iter().map(|&l| Site::MlpKey(l)))
@@ -86,7 +116,8 @@ impl StatsAccumulator {
             None,
             LogitsAt::Last,
         )?;
-        for (sum, &l) in self.sums.iter_mut().zip(&self.layers) {
+        let mut out = Vec::with_capacity(self.layers.len());
+        for &l in &self.layers {
             let k = cap.get(Site::MlpKey(l))?.squeeze(0)?.to_dtype(DType::F32)?;
             let kk = k.t()?.matmul(&k)?.flatten_all()?.to_vec1::<f32>()?;
             if kk.iter().any(|x| !x.is_finite()) {
@@ -94,13 +125,9 @@ impl StatsAccumulator {
                     "NaN or infinite keys while collecting statistics",
                 ));
             }
-            for (s, v) in sum.iter_mut().zip(kk) {
-                *s += v as f64;
-            }
+            out.push(kk);
         }
-        self.tokens += ids.len() as u64;
-        self.texts += 1;
-        Ok(ids.len())
+        Ok(Some((ids.len(), out)))
     }
 
     /// E[k kᵀ] per layer.
