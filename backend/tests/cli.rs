@@ -497,6 +497,22 @@ fn eval_applies_and_undoes_every_case() {
     let corpus = root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
     let data = root().join("../shared/data/counterfact/counterfact_rome_format_sample500.json");
     let out_file = dir.join("results.jsonl");
+    // Attribute snippets (ROME's format) for the two cases: texts about each new target.
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&data).unwrap()).unwrap();
+    let snippets: Vec<serde_json::Value> = cases.as_array().unwrap()[..2]
+        .iter()
+        .map(|c| {
+            let rw = &c["requested_rewrite"];
+            let target = rw["target_new"]["str"].as_str().unwrap();
+            serde_json::json!({
+                "relation_id": rw["relation_id"], "target_id": rw["target_new"]["id"],
+                "samples": [{"name": "x", "text": format!("{target} is a place. People in {target} speak of {target}.")}],
+            })
+        })
+        .collect();
+    let snippets_file = dir.join("snippets.json");
+    std::fs::write(&snippets_file, serde_json::to_string(&snippets).unwrap()).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_loci"))
         .args([
             "eval",
@@ -520,10 +536,16 @@ fn eval_applies_and_undoes_every_case() {
         .arg(dir.join("stats"))
         .arg("--out")
         .arg(&out_file)
+        .arg("--snippets")
+        .arg(&snippets_file)
         .output()
         .unwrap();
     let s = json(&out);
     assert_eq!(s["cases"], 2);
+    for k in ["consistency_pre", "consistency_post"] {
+        let v = s[k].as_f64().unwrap_or(-1.0);
+        assert!((0.0..=100.0).contains(&v), "{k} = {v}");
+    }
     for k in [
         "efficacy_score",
         "paraphrase_score",
@@ -541,6 +563,12 @@ fn eval_applies_and_undoes_every_case() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["request"]["relation_id"], "P30");
+    assert!(lines[0]["metrics"]["consistency_post"].is_number());
+    assert!(!lines[0]["post"]["generations"]
+        .as_array()
+        .unwrap()
+        .is_empty());
     assert_eq!(
         lines[0]["pre"]["neighborhood"].as_array().unwrap().len(),
         10

@@ -65,10 +65,9 @@ pub fn parse_cases(text: &str) -> Result<Vec<CounterFactCase>> {
                 requested_rewrite: RewriteRequest {
                     prompt,
                     subject: r.subject,
-                    target_new: TargetStr { str: r.target_new },
-                    target_true: Some(TargetStr {
-                        str: r.ground_truth,
-                    }),
+                    target_new: TargetStr::new(r.target_new),
+                    target_true: Some(TargetStr::new(r.ground_truth)),
+                    relation_id: None,
                 },
                 paraphrase_prompts: r.rephrase_prompt.into_iter().collect(),
                 neighborhood_prompts: r.locality_prompt.into_iter().collect(),
@@ -102,6 +101,9 @@ pub struct CaseScores {
     pub attribute: Vec<PromptScores>,
     /// Weighted bi/tri-gram entropy of generations (fluency), when generated.
     pub fluency: Option<f32>,
+    /// The texts generated from the case's generation prompts (fluency, consistency).
+    #[serde(default)]
+    pub generations: Vec<String>,
 }
 
 impl LoadedModel {
@@ -203,8 +205,8 @@ impl LoadedModel {
         let paraphrase = take(&groups[1].0);
         let neighborhood = take(&groups[2].0);
         let attribute = take(&groups[3].0);
+        let mut texts = Vec::new();
         let fluency = if generate && !case.generation_prompts.is_empty() {
-            let mut texts = Vec::new();
             for (i, p) in case.generation_prompts.iter().enumerate() {
                 let g = self.generate(
                     p,
@@ -226,6 +228,7 @@ impl LoadedModel {
             neighborhood,
             attribute,
             fluency,
+            generations: texts,
         })
     }
 }
@@ -292,6 +295,12 @@ pub struct CaseMetrics {
     pub hase_target_score: f32,
     pub fluency_pre: Option<f32>,
     pub fluency_post: Option<f32>,
+    /// TF-IDF similarity of the generations to Wikipedia texts about the new target (ROME's
+    /// consistency), when the case's attribute snippets are known.
+    #[serde(default)]
+    pub consistency_pre: Option<f32>,
+    #[serde(default)]
+    pub consistency_post: Option<f32>,
 }
 
 fn mean(v: impl Iterator<Item = f32>) -> f32 {
@@ -354,6 +363,8 @@ pub fn case_metrics(pre: &CaseScores, post: &CaseScores) -> CaseMetrics {
         hase_target_score: hmean(&[hr, hp, neigh]),
         fluency_pre: pre.fluency,
         fluency_post: post.fluency,
+        consistency_pre: None,
+        consistency_post: None,
     }
 }
 
@@ -374,6 +385,8 @@ pub struct Summary {
     pub hase_target_score: f32,
     pub fluency_pre: Option<f32>,
     pub fluency_post: Option<f32>,
+    pub consistency_pre: Option<f32>,
+    pub consistency_post: Option<f32>,
 }
 
 pub fn summarize(ms: &[CaseMetrics]) -> Summary {
@@ -403,6 +416,71 @@ pub fn summarize(ms: &[CaseMetrics]) -> Summary {
         hase_target_score: avg(&|m| m.hase_target_score),
         fluency_pre: opt(&|m| m.fluency_pre),
         fluency_post: opt(&|m| m.fluency_post),
+        consistency_pre: opt(&|m| m.consistency_pre),
+        consistency_post: opt(&|m| m.consistency_post),
+    }
+}
+
+/// ROME's attribute snippets (`attribute_snippets.json`): Wikipedia texts about subjects that
+/// have a relation with a target, keyed by (relation id, target id).
+#[derive(Clone, Debug, Default)]
+pub struct AttributeSnippets {
+    texts: std::collections::HashMap<(String, String), Vec<String>>,
+}
+
+impl AttributeSnippets {
+    pub fn parse(text: &str) -> Result<Self> {
+        #[derive(Deserialize)]
+        struct Sample {
+            text: String,
+        }
+        #[derive(Deserialize)]
+        struct Entry {
+            relation_id: String,
+            target_id: String,
+            samples: Vec<Sample>,
+        }
+        let entries: Vec<Entry> = serde_json::from_str(text).map_err(|source| LociError::Json {
+            what: "the attribute snippets file".into(),
+            source,
+        })?;
+        let mut texts: std::collections::HashMap<(String, String), Vec<String>> =
+            Default::default();
+        for e in entries {
+            texts
+                .entry((e.relation_id, e.target_id))
+                .or_default()
+                .extend(e.samples.into_iter().map(|s| s.text));
+        }
+        Ok(Self { texts })
+    }
+
+    pub fn get(&self, relation_id: &str, target_id: &str) -> &[String] {
+        self.texts
+            .get(&(relation_id.to_string(), target_id.to_string()))
+            .map_or(&[], Vec::as_slice)
+    }
+}
+
+/// What consistency needs: IDF weights (from a Wikipedia corpus) and the reference texts.
+pub struct Consistency {
+    pub idf: crate::tfidf::Idf,
+    pub snippets: AttributeSnippets,
+}
+
+impl Consistency {
+    /// ROME's consistency of `generations` for `case`: the TF-IDF cosine between all the
+    /// generations and all the snippets about the new target, each joined into one text.
+    /// None when the case has no relation/target id or no snippets, or nothing was generated.
+    pub fn score(&self, case: &CounterFactCase, generations: &[String]) -> Option<f32> {
+        let rw = &case.requested_rewrite;
+        let refs = self
+            .snippets
+            .get(rw.relation_id.as_deref()?, rw.target_new.id.as_deref()?);
+        if refs.is_empty() || generations.is_empty() {
+            return None;
+        }
+        Some(self.idf.similarity(&generations.join(" "), &refs.join(" ")) as f32)
     }
 }
 
@@ -426,6 +504,7 @@ impl LoadedModel {
         hp: &crate::edit::RomeHparams,
         stats: Option<&crate::edit::KeyStats>,
         generate: bool,
+        consistency: Option<&Consistency>,
     ) -> Result<CaseRecord> {
         let pre = self.score_case(case, generate)?;
         let started = crate::clock::now_seconds();
@@ -435,10 +514,15 @@ impl LoadedModel {
         let post = self.score_case(case, generate);
         self.undo_edit(applied)?;
         let post = post?;
+        let mut metrics = case_metrics(&pre, &post);
+        if let Some(c) = consistency {
+            metrics.consistency_pre = c.score(case, &pre.generations);
+            metrics.consistency_post = c.score(case, &post.generations);
+        }
         Ok(CaseRecord {
             case_id: case.case_id,
             request: case.requested_rewrite.clone(),
-            metrics: case_metrics(&pre, &post),
+            metrics,
             pre,
             post,
             edit_seconds,

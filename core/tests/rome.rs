@@ -69,10 +69,9 @@ fn eiffel_tower_moves_to_rome() {
     let req = RewriteRequest {
         prompt: "{} is located in the city of".into(),
         subject: "Eiffel Tower".into(),
-        target_new: TargetStr { str: "Rome".into() },
-        target_true: Some(TargetStr {
-            str: "Paris".into(),
-        }),
+        target_new: TargetStr::new("Rome"),
+        target_true: Some(TargetStr::new("Paris")),
+        relation_id: None,
     };
     let t1 = Instant::now();
     let edit = lm
@@ -203,8 +202,9 @@ fn the_rank_one_delta_is_the_closed_form_and_bad_requests_change_nothing() {
     let req = RewriteRequest {
         prompt: "{} is located in the city of".into(),
         subject: "Eiffel Tower".into(),
-        target_new: TargetStr { str: "Rome".into() },
+        target_new: TargetStr::new("Rome"),
         target_true: None,
+        relation_id: None,
     };
     let mut hp = RomeHparams::at_layer(layer);
     hp.v_num_grad_steps = 5;
@@ -419,8 +419,9 @@ fn worker_threads_give_the_same_statistics_and_edit() {
         let req = RewriteRequest {
             prompt: "{} is located in the city of".into(),
             subject: "Eiffel Tower".into(),
-            target_new: TargetStr { str: "Rome".into() },
+            target_new: TargetStr::new("Rome"),
             target_true: None,
+            relation_id: None,
         };
         let mut hp = RomeHparams::at_layer(2);
         hp.v_num_grad_steps = 6;

@@ -113,10 +113,9 @@ fn edit_bench(a: EditBenchArgs) -> Result<()> {
     let req = RewriteRequest {
         prompt: "{} is located in the city of".into(),
         subject: "Eiffel Tower".into(),
-        target_new: TargetStr { str: "Rome".into() },
-        target_true: Some(TargetStr {
-            str: "Paris".into(),
-        }),
+        target_new: TargetStr::new("Rome"),
+        target_true: Some(TargetStr::new("Paris")),
+        relation_id: None,
     };
     let hp = RomeHparams::at_layer(a.layer);
     let s = Instant::now();

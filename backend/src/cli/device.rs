@@ -87,8 +87,9 @@ fn edit_vectors(lm: &LoadedModel) -> Result<Vec<f32>> {
     let req = RewriteRequest {
         prompt: "The {} is located in the city of".into(),
         subject: "Eiffel Tower".into(),
-        target_new: TargetStr { str: "Rome".into() },
+        target_new: TargetStr::new("Rome"),
         target_true: None,
+        relation_id: None,
     };
     let mut hp = RomeHparams::at_layer(lm.model.n_layer() / 2);
     hp.mom2_adjustment = false;

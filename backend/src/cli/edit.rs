@@ -293,7 +293,7 @@ fn request(a: &EditArgs, lm: &LoadedModel) -> Result<RewriteRequest> {
                 a.subject.as_deref().unwrap_or_default(),
                 a.target.as_deref().unwrap_or_default(),
             )?;
-            req.target_true = a.target_true.clone().map(|s| TargetStr { str: s });
+            req.target_true = a.target_true.clone().map(TargetStr::new);
             req
         }
     };

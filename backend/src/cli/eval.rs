@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use loci_core::eval::{parse_cases, summarize};
+use loci_core::eval::{parse_cases, summarize, AttributeSnippets, Consistency};
 
 use super::edit::{hparams, StatsSource};
 use super::{print_json, ModelArgs};
@@ -39,6 +39,10 @@ pub struct EvalArgs {
     pub no_generation: bool,
     #[arg(long)]
     pub v_steps: Option<usize>,
+    /// ROME's attribute_snippets.json: adds generation consistency (TF-IDF similarity of the
+    /// generations to Wikipedia texts about the new target; IDF fitted on --corpus).
+    #[arg(long)]
+    pub snippets: Option<PathBuf>,
 }
 
 fn bits(lm: &loci_core::LoadedModel, layer: usize) -> Result<Vec<u32>> {
@@ -52,6 +56,26 @@ fn bits(lm: &loci_core::LoadedModel, layer: usize) -> Result<Vec<u32>> {
         .iter()
         .map(|x| x.to_bits())
         .collect())
+}
+
+/// The snippets, and IDF weights fitted on the corpus (one document per text).
+fn consistency(snippets: &std::path::Path, src: &StatsSource) -> Result<Consistency> {
+    let text = std::fs::read_to_string(snippets)
+        .with_context(|| format!("reading {}", snippets.display()))?;
+    let snippets = AttributeSnippets::parse(&text)?;
+    let corpus = match &src.corpus {
+        Some(c) => c.clone(),
+        None => super::edit::default_corpus()?,
+    };
+    let texts = super::edit::corpus_texts(&corpus)?.collect::<Result<Vec<String>>>()?;
+    let idf = loci_core::tfidf::Idf::fit(&texts);
+    eprintln!(
+        "consistency: IDF of {} words over {} texts of {}",
+        idf.weights.len(),
+        idf.documents,
+        corpus.display()
+    );
+    Ok(Consistency { idf, snippets })
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
@@ -74,6 +98,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
     let layer = hp.layer;
     let stats = a.stats.ensure(&lm, layer)?;
+    let consistency = match &a.snippets {
+        Some(p) if !a.no_generation => Some(consistency(p, &a.stats)?),
+        Some(_) => bail!("--snippets scores generations: drop --no-generation"),
+        None => None,
+    };
     let original = bits(&lm, layer)?;
     let mut out = match &a.out {
         Some(p) => Some(std::io::BufWriter::new(
@@ -90,7 +119,13 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     );
     let mut metrics = Vec::new();
     for case in &cases {
-        let rec = match lm.eval_case(case, &hp, Some(&stats), !a.no_generation) {
+        let rec = match lm.eval_case(
+            case,
+            &hp,
+            Some(&stats),
+            !a.no_generation,
+            consistency.as_ref(),
+        ) {
             Ok(r) => r,
             Err(e) => {
                 pb.println(format!("case {}: {e}", case.case_id));
@@ -145,6 +180,9 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
     if let (Some(a), Some(b)) = (s.fluency_pre, s.fluency_post) {
         println!("| Fluency (n-gram entropy ×100) pre → post | {a:.0} → {b:.0} |");
+    }
+    if let (Some(a), Some(b)) = (s.consistency_pre, s.consistency_post) {
+        println!("| Consistency (TF-IDF ×100) pre → post | {a:.1} → {b:.1} |");
     }
     Ok(())
 }

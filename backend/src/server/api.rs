@@ -637,7 +637,9 @@ pub async fn eval_case(
             return Err(bad(format!("layer {} out of range", hp.layer)));
         }
         let stats = st.stats.ensure(&state.lm, hp.layer)?;
-        Ok(state.lm.eval_case(c, &hp, Some(&stats), b.generation)?)
+        Ok(state
+            .lm
+            .eval_case(c, &hp, Some(&stats), b.generation, None)?)
     })
     .await
 }

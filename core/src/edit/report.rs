@@ -69,10 +69,9 @@ impl RewriteRequest {
         Ok(Self {
             prompt: template,
             subject: subject.to_string(),
-            target_new: TargetStr {
-                str: target_new.to_string(),
-            },
+            target_new: TargetStr::new(target_new.to_string()),
             target_true: None,
+            relation_id: None,
         })
     }
 }
@@ -82,9 +81,7 @@ impl LoadedModel {
     pub fn complete_request(&self, mut req: RewriteRequest) -> Result<RewriteRequest> {
         if req.target_true.is_none() {
             let top = self.predict(&req.filled(), 1)?;
-            req.target_true = Some(TargetStr {
-                str: top.top[0].token.trim().to_string(),
-            });
+            req.target_true = Some(TargetStr::new(top.top[0].token.trim().to_string()));
         }
         Ok(req)
     }

@@ -13,9 +13,21 @@ use crate::model::layers::LayerCache;
 use crate::model::{KvCache, LogitsAt};
 use crate::rng::SplitMix64;
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct TargetStr {
     pub str: String,
+    /// CounterFact's Wikidata id of the target (keys the attribute snippets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+impl TargetStr {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self {
+            str: s.into(),
+            id: None,
+        }
+    }
 }
 
 /// CounterFact's `requested_rewrite`: `prompt` holds `{}` where the subject goes.
@@ -26,6 +38,9 @@ pub struct RewriteRequest {
     pub target_new: TargetStr,
     #[serde(default)]
     pub target_true: Option<TargetStr>,
+    /// CounterFact's Wikidata relation (P-id), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relation_id: Option<String>,
 }
 
 impl RewriteRequest {
