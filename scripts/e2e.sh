@@ -2,7 +2,8 @@
 # Browser end-to-end: a real `loci serve` with the tiny test models, the built web app (dist/),
 # and headless Chromium driven by Playwright (tests/e2e/smoke.mjs): predict and trace on the
 # server and in the tab's workers (every heatmap cell drawn, the same numbers), edit (the tab's
-# top prediction changes), undo (it returns), screenshot. Needs the release `loci` binary and
+# top prediction changes), undo (it returns), upload of the downloaded edit (it changes again),
+# screenshot. Needs the release `loci` binary and
 # dist/ (scripts/test.sh builds both first), and ../shared/data for the key statistics corpus.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -47,6 +48,7 @@ checks = {
     "the edit is listed and changes the tab's prediction": r.get("edits_listed") == 1
         and r.get("edited_top") != r.get("tab_top"),
     "undo restores the prediction exactly": r.get("undone_top") == r.get("tab_top"),
+    "an uploaded edit file re-applies the edit": r.get("uploaded_top") == r.get("edited_top"),
 }
 for name, ok in checks.items():
     print(("ok   " if ok else "FAIL ") + name)

@@ -208,6 +208,80 @@ async fn tab_pool(
     Ok(pool)
 }
 
+/// The engine a job runs on. Both take the same requests and give the same result types.
+enum Runner {
+    Tab(Rc<Pool>),
+    Server,
+}
+
+impl Runner {
+    /// Gets the engine for model `c` under `mode`, loading the tab's copy when needed.
+    async fn open(
+        slot: &Rc<RefCell<Option<TabModel>>>,
+        c: &Choice,
+        mode: Mode,
+        status: Status,
+        download: Download,
+    ) -> Result<Self, String> {
+        Ok(match pick_engine(c, mode)? {
+            Engine::Tab => Runner::Tab(tab_pool(slot, c, status, download).await?),
+            Engine::Server => Runner::Server,
+        })
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Runner::Tab(p) => format!("this tab, {} workers", p.workers()),
+            Runner::Server => "the server".into(),
+        }
+    }
+
+    async fn predict(&self, model: &str, prompt: &str, top: usize) -> Result<Prediction, String> {
+        match self {
+            Runner::Tab(pool) => pool.predict(prompt, top).await,
+            Runner::Server => {
+                let body = serde_json::json!({ "model": model, "prompt": prompt, "top": top });
+                post("/api/predict", &body).await
+            }
+        }
+    }
+
+    /// Streams rows to `on_row` (false cancels) and returns the whole result.
+    async fn trace(
+        &self,
+        model: &str,
+        req: &TraceRequest,
+        mut on_header: impl FnMut(&TraceHeader),
+        mut on_row: impl FnMut(TraceKind, usize, Vec<f32>) -> bool,
+    ) -> Result<TraceResult, String> {
+        match self {
+            Runner::Server => server_trace(model, req, on_header, on_row).await,
+            Runner::Tab(pool) => {
+                // The tab lays the result out from the header and fills it row by row.
+                let result = RefCell::new(None::<TraceResult>);
+                let started = files::now_ms();
+                pool.trace(
+                    req,
+                    |h| {
+                        *result.borrow_mut() = Some(TraceResult::from_header(h, model, req));
+                        on_header(h);
+                    },
+                    |kind, token, scores| {
+                        if let Some(r) = result.borrow_mut().as_mut() {
+                            r.set_row(kind, token, scores.clone());
+                        }
+                        on_row(kind, token, scores)
+                    },
+                )
+                .await?;
+                let mut r = result.into_inner().ok_or("the trace produced no rows")?;
+                r.seconds = (files::now_ms() - started) / 1e3;
+                Ok(r)
+            }
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct ErrorMsg {
     error: String,
@@ -475,21 +549,17 @@ fn App() -> impl IntoView {
         let tab = tab_p.clone();
         set_busy.set(true);
         spawn_local(async move {
-            let result = match pick_engine(&c, mode.get_untracked()) {
-                Ok(Engine::Tab) => match tab_pool(&tab, &c, set_status, set_download).await {
-                    Ok(pool) => {
-                        say(set_status, "running", "Predicting in this tab…");
-                        pool.predict(&p, 10).await
-                    }
-                    Err(e) => Err(e),
-                },
-                Ok(Engine::Server) => {
-                    say(set_status, "running", "Predicting on the server…");
-                    let body = serde_json::json!({ "model": c.name, "prompt": p, "top": 10 });
-                    post::<Prediction>("/api/predict", &body).await
-                }
-                Err(e) => Err(e),
-            };
+            let result = async {
+                let engine =
+                    Runner::open(&tab, &c, mode.get_untracked(), set_status, set_download).await?;
+                say(
+                    set_status,
+                    "running",
+                    format!("Predicting in {}…", engine.describe()),
+                );
+                engine.predict(&c.name, &p, 10).await
+            }
+            .await;
             match result {
                 Ok(pred) => {
                     set_prediction.set(Some(pred));
@@ -517,10 +587,6 @@ fn App() -> impl IntoView {
                 "Pick at least one kind of state to restore.",
             );
         }
-        let engine = match pick_engine(&c, mode.get_untracked()) {
-            Ok(e) => e,
-            Err(e) => return say(set_status, "error", e),
-        };
         set_trace.set(None);
         set_progress.set((0, 0));
         set_busy.set(true);
@@ -548,40 +614,22 @@ fn App() -> impl IntoView {
                 set_progress.update(|p| p.0 += 1);
                 !cancel2.get()
             };
-            let outcome = match engine {
-                Engine::Tab => match tab_pool(&tab, &c, set_status, set_download).await {
-                    Ok(pool) => {
-                        set_trace_engine.set(format!("this tab, {} workers", pool.workers()));
-                        say(
-                            set_status,
-                            "running",
-                            "Tracing: the clean and corrupted passes…",
-                        );
-                        pool.trace(&req, on_header, on_row).await.map(|_| None)
-                    }
-                    Err(e) => Err(e),
-                },
-                Engine::Server => {
-                    set_trace_engine.set("the server".into());
-                    say(
-                        set_status,
-                        "running",
-                        "Tracing: the clean and corrupted passes…",
-                    );
-                    server_trace(&c.name, &req, on_header, on_row)
-                        .await
-                        .map(Some)
-                }
-            };
+            let outcome = async {
+                let engine =
+                    Runner::open(&tab, &c, mode.get_untracked(), set_status, set_download).await?;
+                set_trace_engine.set(engine.describe());
+                say(
+                    set_status,
+                    "running",
+                    "Tracing: the clean and corrupted passes…",
+                );
+                engine.trace(&c.name, &req, on_header, on_row).await
+            }
+            .await;
             match outcome {
-                Ok(full) => {
-                    if let Some(r) = full {
-                        set_trace.set(Some(r));
-                    }
-                    let (hi, lo) = trace
-                        .get_untracked()
-                        .map(|t| (t.high, t.low))
-                        .unwrap_or_default();
+                Ok(r) => {
+                    let (hi, lo) = (r.high, r.low);
+                    set_trace.set(Some(r));
                     say(
                         set_status,
                         "done",

@@ -4,6 +4,9 @@
 // prediction changes), undo (it returns exactly), and a screenshot.
 // Usage: node smoke.mjs URL SCREENSHOT.png MODEL   — prints one JSON object.
 import { chromium } from 'playwright-core';
+import { writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 const [url, shot, model] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: '/usr/bin/chromium',
@@ -65,10 +68,19 @@ try {
   out.edits_listed = Number(await page.getAttribute('#edits', 'data-count'));
   out.edited_top = await predictTop();
   await page.screenshot({ path: shot, fullPage: true });
+  // Keep the edit file the page links to, for the upload below.
+  const href = await page.getAttribute('#edits a', 'href');
+  const bytes = await page.evaluate(async h => Array.from(new Uint8Array(await (await fetch(h)).arrayBuffer())), href);
+  const editFile = join(tmpdir(), `loci-e2e-edit-${process.pid}.safetensors`);
+  writeFileSync(editFile, Buffer.from(bytes));
   await page.click('#undo');
   const u = await finish();
   out.undo_status = u.text;
   out.undone_top = await predictTop();
+  await page.setInputFiles('#upload-edit', editFile);
+  const up = await finish();
+  out.upload_status = up.text;
+  out.uploaded_top = await predictTop();
 } catch (e) {
   errors.push(String(e));
   await page.screenshot({ path: shot, fullPage: true }).catch(() => {});
