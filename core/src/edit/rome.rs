@@ -1,7 +1,7 @@
 //! ROME (Meng et al. 2022): a rank-one update of one MLP down-projection that makes the model
 //! map a subject's key k* to a new value v* (spec §4).
 
-use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
+use candle_core::{DType, IndexOp, Tensor, Var, D};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use serde::{Deserialize, Serialize};
 
@@ -846,9 +846,10 @@ impl LoadedModel {
             )));
         }
         let original = m.down_proj(e.layer)?.weight.clone();
-        let right = Tensor::from_vec(e.right.clone(), (dm, 1), &Device::Cpu)?;
-        let left = Tensor::from_vec(e.left.clone(), (1, dff), &Device::Cpu)?;
-        let delta = right.matmul(&left)?.to_device(&m.device)?;
+        // The outer product is made where the weight lives: on a GPU only 2 vectors travel.
+        let right = Tensor::from_vec(e.right.clone(), (dm, 1), &m.device)?;
+        let left = Tensor::from_vec(e.left.clone(), (1, dff), &m.device)?;
+        let delta = right.matmul(&left)?;
         let new = (original.to_dtype(DType::F32)? + delta)?.to_dtype(original.dtype())?;
         m.set_down_proj_weight(e.layer, new)?;
         Ok(AppliedEdit {

@@ -33,11 +33,13 @@ pub struct KeyStats {
     factor: std::sync::Arc<std::sync::OnceLock<super::linalg::CholeskyFactor>>,
 }
 
-/// Accumulates Σ k kᵀ for several layers in one pass (f32 products per text, summed in f64).
+/// Accumulates Σ k kᵀ for several layers in one pass (f32 products per text, summed in f64 on
+/// the model's device: a GPU never ships a 16384² matrix to the host per text).
 pub struct StatsAccumulator {
     layers: Vec<usize>,
     d_ff: usize,
-    sums: Vec<Vec<f64>>,
+    /// `[d_ff, d_ff]` f64 on the model's device.
+    sums: Vec<Tensor>,
     tokens: u64,
     texts: u64,
     max_len: usize,
@@ -59,7 +61,9 @@ impl StatsAccumulator {
         Ok(Self {
             layers: layers.to_vec(),
             d_ff,
-            sums: vec![vec![0f64; d_ff * d_ff]; layers.len()],
+            sums: (0..layers.len())
+                .map(|_| Tensor::zeros((d_ff, d_ff), DType::F64, &lm.model.device))
+                .collect::<candle_core::Result<_>>()?,
             tokens: 0,
             texts: 0,
             max_len: max_len.clamp(1, lm.model.cfg.max_positions),
@@ -88,9 +92,7 @@ impl StatsAccumulator {
             for m in moments {
                 let Some((n, kks)) = m? else { continue };
                 for (sum, kk) in self.sums.iter_mut().zip(kks) {
-                    for (s, v) in sum.iter_mut().zip(kk) {
-                        *s += v as f64;
-                    }
+                    *sum = (&*sum + kk.to_dtype(DType::F64)?)?;
                 }
                 self.tokens += n as u64;
                 self.texts += 1;
@@ -100,8 +102,8 @@ impl StatsAccumulator {
         Ok(added)
     }
 
-    /// A text's token count and Σ k kᵀ per layer (f32), or None for an empty text.
-    fn moments(&self, lm: &LoadedModel, text: &str) -> Result<Option<(usize, Vec<Vec<f32>>)>> {
+    /// A text's token count and Σ k kᵀ per layer (f32, on the device), or None for an empty text.
+    fn moments(&self, lm: &LoadedModel, text: &str) -> Result<Option<(usize, Vec<Tensor>)>> {
         let mut ids = lm.tokenizer.encode(text)?;
         ids.truncate(self.max_len);
         if ids.is_empty() {
@@ -119,8 +121,9 @@ impl StatsAccumulator {
         let mut out = Vec::with_capacity(self.layers.len());
         for &l in &self.layers {
             let k = cap.get(Site::MlpKey(l))?.squeeze(0)?.to_dtype(DType::F32)?;
-            let kk = k.t()?.matmul(&k)?.flatten_all()?.to_vec1::<f32>()?;
-            if kk.iter().any(|x| !x.is_finite()) {
+            let kk = k.t()?.matmul(&k)?;
+            // Any NaN or infinity makes the sum one.
+            if !kk.sum_all()?.to_scalar::<f32>()?.is_finite() {
                 return Err(LociError::model(
                     "NaN or infinite keys while collecting statistics",
                 ));
@@ -140,7 +143,10 @@ impl StatsAccumulator {
             .iter()
             .zip(self.sums)
             .map(|(&layer, sum)| {
-                let mean: Vec<f32> = sum.iter().map(|s| (s * inv) as f32).collect();
+                let mean: Vec<f32> = (sum * inv)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
                 Ok(KeyStats {
                     provenance: StatsProvenance {
                         model: lm.name.clone(),
