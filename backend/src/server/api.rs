@@ -433,7 +433,7 @@ pub async fn edit(
                 state.lm.model.n_layer()
             )));
         }
-        let stats = st.stats.ensure(&state.lm, hp.layer)?;
+        let stats = layer_stats(st, &b.model, &state.lm, hp.layer)?;
         let probes = Probes {
             paraphrase: b.paraphrase.clone(),
             neighborhood: b.neighborhood.clone(),
@@ -448,6 +448,31 @@ pub async fn edit(
         })
     })
     .await
+}
+
+/// A layer's key statistics, kept in memory after first use with their Cholesky factor: later
+/// edits at that layer neither read the file nor factor again.
+fn layer_stats(
+    st: &AppState,
+    name: &str,
+    lm: &loci_core::LoadedModel,
+    layer: usize,
+) -> Result<loci_core::edit::KeyStats, ApiError> {
+    let key = (name.to_string(), layer);
+    if let Some(s) = st
+        .stats_cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+    {
+        return Ok(s.clone());
+    }
+    let s = st.stats.ensure(lm, layer)?;
+    st.stats_cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, s.clone());
+    Ok(s)
 }
 
 #[derive(Deserialize)]

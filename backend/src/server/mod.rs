@@ -54,6 +54,9 @@ pub struct AppState {
     /// Threads one trace may use.
     pub trace_workers: usize,
     pub stats: super::cli::edit::StatsSource,
+    /// Key statistics in use, per (model, layer).
+    pub stats_cache:
+        std::sync::Mutex<std::collections::HashMap<(String, usize), loci_core::edit::KeyStats>>,
 }
 
 pub fn router(state: Arc<AppState>, dist: PathBuf, static_dir: PathBuf) -> Router {
@@ -94,6 +97,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         running: Arc::new(tokio::sync::Semaphore::new(a.workers.max(1))),
         trace_workers,
         stats: a.stats,
+        stats_cache: Default::default(),
     });
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {

@@ -330,9 +330,10 @@ impl ValueStep<'_> {
     }
 }
 
-/// Row groups for v*: one per worker thread, at most one per row.
+/// Row groups for v*: one per worker thread, with at least two rows each (so the group that
+/// holds the KL row, the last, also holds a rewrite row and its labels).
 fn value_groups(rows: usize) -> usize {
-    crate::threads::workers().clamp(1, rows.max(1))
+    crate::threads::workers().clamp(1, (rows / 2).max(1))
 }
 
 /// An applied edit and the weight it replaced: undo is exact.
