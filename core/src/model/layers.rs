@@ -25,14 +25,14 @@ impl Linear {
         let d_in = *dims.last().expect("activations have a last dimension");
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, d_in))?;
-        let frozen = x.track_op()
-            && x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32;
-        let y = if frozen {
+        let on_cpu = x.device().is_cpu() && x.dtype() == DType::F32;
+        let on_gpu = cfg!(feature = "cuda") && x.device().is_cuda();
+        let y = if x.track_op() && (on_cpu || on_gpu) && self.weight.dtype() == x.dtype() {
             // Under autograd the weights are frozen: skip candle's weight gradients (as large as
-            // the weights, allocated on every step) and backpropagate to the input only.
-            x2.contiguous()?.apply_op1(FrozenMatmul {
+            // the weights, allocated on every step) and backpropagate to the input only. On a
+            // GPU the op needs its input in a buffer of its own (offset 0, exact size).
+            let input = if on_gpu { x2.copy()? } else { x2.contiguous()? };
+            input.apply_op1(FrozenMatmul {
                 w: self.weight.clone(),
             })?
         } else {
@@ -75,6 +75,32 @@ impl candle_core::CustomOp1 for FrozenMatmul {
             candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
             out.into(),
         ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::op::BackpropOp;
+        use candle_core::Storage;
+        if layout.start_offset() != 0 || !layout.is_contiguous() {
+            candle_core::bail!("frozen-matmul needs its input in a buffer of its own")
+        }
+        let x = Tensor::from_storage(
+            Storage::Cuda(storage.try_clone(layout)?),
+            layout.shape().clone(),
+            BackpropOp::none(),
+            false,
+        );
+        let y = x.matmul(&self.w.t()?)?;
+        let (st, l) = y.storage_and_layout();
+        match &*st {
+            Storage::Cuda(s) => Ok((s.try_clone(l)?, y.shape().clone())),
+            _ => candle_core::bail!("frozen-matmul: the product left the GPU"),
+        }
     }
 
     fn bwd(
