@@ -49,6 +49,8 @@ checks = {
         and r.get("edited_top") != r.get("tab_top"),
     "undo restores the prediction exactly": r.get("undone_top") == r.get("tab_top"),
     "an uploaded edit file re-applies the edit": r.get("uploaded_top") == r.get("edited_top"),
+    "a second visit loads the model from the browser cache": r.get("second_visit_files_fetched") == 0
+        and r.get("second_visit_status") == "Done.",
 }
 for name, ok in checks.items():
     print(("ok   " if ok else "FAIL ") + name)

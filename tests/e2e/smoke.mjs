@@ -12,7 +12,8 @@ const browser = await chromium.launch({
   executablePath: '/usr/bin/chromium',
   args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
 });
-const page = await browser.newPage({ viewport: { width: 1400, height: 1600 } });
+const context = await browser.newContext({ viewport: { width: 1400, height: 1600 } });
+const page = await context.newPage();
 const errors = [];
 page.on('pageerror', e => errors.push(String(e)));
 const out = { errors };
@@ -81,6 +82,18 @@ try {
   const up = await finish();
   out.upload_status = up.text;
   out.uploaded_top = await predictTop();
+  // A second visit runs in the tab from the browser's cache: no model file is fetched again.
+  const second = await context.newPage();
+  const fetched = [];
+  second.on('request', r => { if (r.url().includes('/files/')) fetched.push(r.url()); });
+  await second.goto(url);
+  await second.waitForSelector('#status[data-status="ready"]', { timeout: 20000 });
+  await second.selectOption('#model', model);
+  await second.selectOption('#engine', 'tab');
+  await second.click('#predict');
+  await second.waitForSelector('#prediction td.tok', { timeout: 60000 });
+  out.second_visit_files_fetched = fetched.length;
+  out.second_visit_status = await second.textContent('#status');
 } catch (e) {
   errors.push(String(e));
   await page.screenshot({ path: shot, fullPage: true }).catch(() => {});
