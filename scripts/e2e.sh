@@ -51,6 +51,7 @@ checks = {
     "an uploaded edit file re-applies the edit": r.get("uploaded_top") == r.get("edited_top"),
     "a second visit loads the model from the browser cache": r.get("second_visit_files_fetched") == 0
         and r.get("second_visit_status") == "Done.",
+    "a new page's tab copy carries the server's edits": r.get("second_visit_top") == r.get("uploaded_top"),
 }
 for name, ok in checks.items():
     print(("ok   " if ok else "FAIL ") + name)

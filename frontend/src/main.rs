@@ -133,6 +133,8 @@ fn pick_engine(c: &Choice, mode: Mode) -> Result<Engine, String> {
 struct TabModel {
     name: String,
     pool: Rc<Pool>,
+    /// The server's edits the tab's copies carry, oldest first.
+    edits: Rc<RefCell<Vec<u64>>>,
 }
 
 type Status = WriteSignal<(String, String)>;
@@ -150,8 +152,16 @@ async fn tab_pool(
     status: Status,
     download: Download,
 ) -> Result<Rc<Pool>, String> {
-    if let Some(t) = slot.borrow().as_ref().filter(|t| t.name == c.name) {
-        return Ok(t.pool.clone());
+    let reused = slot
+        .borrow()
+        .as_ref()
+        .filter(|t| t.name == c.name)
+        .map(|t| (t.pool.clone(), t.edits.clone()));
+    if let Some((pool, edits)) = reused {
+        if c.on_server {
+            sync_edits(&pool, &edits, &c.name).await?;
+        }
+        return Ok(pool);
     }
     // Dropping the old pool ends its workers and frees their memory.
     slot.borrow_mut().take();
@@ -193,19 +203,44 @@ async fn tab_pool(
     );
     let pool = Pool::new(n);
     pool.load(&c.name, c.files.clone(), SUBJECTS_URL).await?;
-    // The server's model may carry edits already: the tab's copies get the same ones.
+    let edits = Rc::new(RefCell::new(vec![]));
     if c.on_server {
-        let edits: Vec<EditListing> = get(&format!("/api/edits?model={}", c.name)).await?;
-        for e in edits {
-            let bytes = get_bytes(&format!("/api/edits/{}/file?model={}", e.id, c.name)).await?;
-            pool.apply_edit(bytes).await?;
-        }
+        sync_edits(&pool, &edits, &c.name).await?;
     }
     *slot.borrow_mut() = Some(TabModel {
         name: c.name.clone(),
         pool: pool.clone(),
+        edits,
     });
     Ok(pool)
+}
+
+/// Gives the tab's model copies exactly the edits the server's model has now (whoever made
+/// them): the missing newer ones are applied; if the histories differ, all are undone and the
+/// server's re-applied. Checked before every tab job on a server model.
+async fn sync_edits(pool: &Pool, have: &RefCell<Vec<u64>>, model: &str) -> Result<(), String> {
+    let server: Vec<u64> = get::<Vec<EditListing>>(&format!("/api/edits?model={model}"))
+        .await?
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    let mine = have.borrow().clone();
+    if server == mine {
+        return Ok(());
+    }
+    let keep = if server.starts_with(&mine) {
+        mine.len()
+    } else {
+        pool.undo_edit(true).await?;
+        have.borrow_mut().clear();
+        0
+    };
+    for &id in &server[keep..] {
+        let bytes = get_bytes(&format!("/api/edits/{id}/file?model={model}")).await?;
+        pool.apply_edit(bytes).await?;
+        have.borrow_mut().push(id);
+    }
+    Ok(())
 }
 
 /// The engine a job runs on. Both take the same requests and give the same result types.
@@ -415,7 +450,6 @@ struct EditListing {
 
 #[derive(Deserialize)]
 struct EditResponse {
-    id: u64,
     report: EditReport,
     edits: Vec<EditListing>,
 }
@@ -648,25 +682,20 @@ fn App() -> impl IntoView {
     let cancel_c = cancel.clone();
     let on_cancel = move |_| cancel_c.set(true);
 
-    // Applies what the server did to the tab's copies of the same model.
+    // After an edit, undo or upload on the server, the tab's copies of that model follow.
     let sync_tab = {
         let tab = tab.clone();
-        move |name: String, id: Option<u64>| {
+        move |name: String| {
             let tab = tab.clone();
             async move {
-                let pool = tab
+                let loaded = tab
                     .borrow()
                     .as_ref()
                     .filter(|t| t.name == name)
-                    .map(|t| t.pool.clone());
-                let Some(pool) = pool else { return Ok(()) };
-                match id {
-                    Some(id) => {
-                        let bytes =
-                            get_bytes(&format!("/api/edits/{id}/file?model={name}")).await?;
-                        pool.apply_edit(bytes).await.map(|_| ())
-                    }
-                    None => pool.undo_edit(false).await.map(|_| ()),
+                    .map(|t| (t.pool.clone(), t.edits.clone()));
+                match loaded {
+                    Some((pool, edits)) => sync_edits(&pool, &edits, &name).await,
+                    None => Ok(()),
                 }
             }
         }
@@ -701,7 +730,7 @@ fn App() -> impl IntoView {
                     let secs = r.report.seconds;
                     set_report.set(Some(r.report));
                     set_edits.set(r.edits);
-                    match sync(c.name.clone(), Some(r.id)).await {
+                    match sync(c.name.clone()).await {
                         Ok(()) => say(set_status, "edited", format!("Edited in {secs:.1} s.")),
                         Err(e) => say(
                             set_status,
@@ -727,7 +756,7 @@ fn App() -> impl IntoView {
                 Ok(r) => {
                     set_edits.set(r.edits);
                     set_report.set(None);
-                    match sync(c.name.clone(), None).await {
+                    match sync(c.name.clone()).await {
                         Ok(()) => say(
                             set_status,
                             "undone",
@@ -767,12 +796,11 @@ fn App() -> impl IntoView {
                         .map_err(|e| e.to_string())?;
                 #[derive(Deserialize)]
                 struct Uploaded {
-                    id: u64,
                     edits: Vec<EditListing>,
                 }
                 let u: Uploaded = answer(r).await?;
                 set_edits.set(u.edits);
-                sync(c.name.clone(), Some(u.id)).await
+                sync(c.name.clone()).await
             }
             .await;
             match result {

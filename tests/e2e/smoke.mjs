@@ -94,6 +94,8 @@ try {
   await second.waitForSelector('#prediction td.tok', { timeout: 60000 });
   out.second_visit_files_fetched = fetched.length;
   out.second_visit_status = await second.textContent('#status');
+  const row = second.locator('#prediction tr').first();
+  out.second_visit_top = (await row.locator('td.tok').textContent()) + ' ' + (await row.locator('td.num').textContent());
 } catch (e) {
   errors.push(String(e));
   await page.screenshot({ path: shot, fullPage: true }).catch(() => {});
