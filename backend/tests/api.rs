@@ -451,6 +451,13 @@ fn edits_apply_list_download_undo_and_reapply() {
     // Bad edits change nothing.
     let (st, v) = upload(b"not an edit");
     assert_eq!(st, 400, "{v}");
+    assert_eq!(
+        upload(&vec![0u8; 5 << 20]).0,
+        413,
+        "edit files are limited to 4 MiB"
+    );
+    let (st, _) = post(&s.base, "/api/edit", "{not json");
+    assert_eq!(st, 400);
     let (st, _) = agent()
         .post(&format!("{}/api/edits/upload?model=tiny-llama", s.base))
         .send(&file[..])
