@@ -968,7 +968,13 @@ fn App() -> impl IntoView {
                     <input id="upload-edit" type="file" accept=".safetensors" on:change=on_upload />
                 </label>
             </section>
-            <p class="hint">"ROME runs on the server (it needs the layer's key statistics); the tab's model copies get the same edit. The tracing-effect curve above shows which layers carry the fact."</p>
+            <p class="hint">"ROME runs on the server (it needs the layer's key statistics); the tab's model copies get the same edit."</p>
+            {move || trace.get().map(|t| view! {
+                <details id="edit-curves" open>
+                    <summary>{format!("Tracing effect of the last trace ({:?}), to choose the layer", t.subject)}</summary>
+                    <div class="curves" inner_html=plot::tracing_effect_svg(&t)></div>
+                </details>
+            })}
             <section id="edits" data-count=move || edits.get().len().to_string()>
                 {move || {
                     let m = model.get();
