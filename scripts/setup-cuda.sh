@@ -11,9 +11,16 @@ D=$(cd "$D" && pwd)
 if [ -x "$D/cudaroot/bin/nvcc" ] && [ -s "$D/env.sh" ] && [ -s "$D/cudaroot/lib64/stubs/libcuda.so" ]; then
   echo "ok (cached): source $D/env.sh"; exit 0
 fi
-[ -x "$D/venv/bin/pip" ] || python3 -m venv "$D/venv"
-"$D/venv/bin/pip" install -q "cuda-toolkit[nvcc,crt,nvvm,cudart,cublas,curand,nvrtc,cccl]==13.0.2"
-NV=$(echo "$D"/venv/lib/python3*/site-packages/nvidia/cu13)
+wheels="cuda-toolkit[nvcc,crt,nvvm,cudart,cublas,curand,nvrtc,cccl]==13.0.2"
+if [ -x "$D/venv/bin/pip" ] || python3 -m venv "$D/venv" 2>/dev/null; then
+  "$D/venv/bin/pip" install -q "$wheels"
+  NV=$(echo "$D"/venv/lib/python3*/site-packages/nvidia/cu13)
+else
+  # No venv module (e.g. Debian without python3-venv): a plain target folder works as well.
+  python3 -m pip install -q --target "$D/site" "$wheels"
+  NV="$D/site/nvidia/cu13"
+fi
+[ -x "$NV/bin/nvcc" ] || { echo "no nvcc in $NV after installing $wheels"; exit 1; }
 R=$D/cudaroot
 mkdir -p "$R/lib64/stubs"
 ln -sfn "$NV/bin" "$R/bin"; ln -sfn "$NV/include" "$R/include"; ln -sfn "$NV/nvvm" "$R/nvvm"
