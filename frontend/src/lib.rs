@@ -1,8 +1,12 @@
-//! Loci's web app: the leptos UI (`main.rs`), and the in-tab engine — model workers (`worker.rs`)
-//! driven from the page by a pool (`pool`), with weights downloaded once into the Cache API
-//! (`files`). Both engines speak `loci-core`'s request and result types.
+//! Loci's web app: the leptos UI (`main.rs`) over two engines (`engine`): the in-tab one — model
+//! workers (`worker`) driven from the page by a pool (`pool`), weights downloaded once into the
+//! Cache API (`files`) — and the server's API (`http`). Both speak `loci-core`'s request and
+//! result types.
 
+pub mod bench;
+pub mod engine;
 pub mod files;
+pub mod http;
 pub mod pool;
 pub mod protocol;
 pub mod worker;

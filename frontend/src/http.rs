@@ -1,0 +1,115 @@
+//! The server engine's HTTP calls: JSON in and out, errors in words, and the streamed trace.
+
+use futures_util::StreamExt;
+use gloo_net::eventsource::futures::EventSource;
+use loci_core::trace::{TraceHeader, TraceKind, TraceRequest, TraceResult};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+pub struct ErrorMsg {
+    pub error: String,
+}
+
+pub async fn answer<T: DeserializeOwned>(r: gloo_net::http::Response) -> Result<T, String> {
+    if r.ok() {
+        r.json().await.map_err(|e| e.to_string())
+    } else {
+        Err(r
+            .json::<ErrorMsg>()
+            .await
+            .map(|e| e.error)
+            .unwrap_or_else(|_| format!("HTTP {}", r.status())))
+    }
+}
+
+pub async fn post<T: DeserializeOwned>(path: &str, body: &serde_json::Value) -> Result<T, String> {
+    let r = gloo_net::http::Request::post(path)
+        .json(body)
+        .map_err(|e| e.to_string())?
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    answer(r).await
+}
+
+pub async fn get<T: DeserializeOwned>(path: &str) -> Result<T, String> {
+    let r = gloo_net::http::Request::get(path)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    answer(r).await
+}
+
+pub async fn get_bytes(path: &str) -> Result<Vec<u8>, String> {
+    let r = gloo_net::http::Request::get(path)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !r.ok() {
+        return Err(format!("HTTP {}", r.status()));
+    }
+    r.binary().await.map_err(|e| e.to_string())
+}
+
+#[derive(Deserialize)]
+pub struct RowMsg {
+    pub kind: TraceKind,
+    pub token: usize,
+    pub scores: Vec<f32>,
+}
+
+/// A trace on the server, streamed; `on_row` returning false cancels (closing the stream).
+pub async fn server_trace(
+    model: &str,
+    req: &TraceRequest,
+    mut on_header: impl FnMut(&TraceHeader),
+    mut on_row: impl FnMut(TraceKind, usize, Vec<f32>) -> bool,
+) -> Result<TraceResult, String> {
+    let mut body = serde_json::to_value(req).expect("request serialises");
+    body["model"] = serde_json::json!(model);
+    let url = format!(
+        "/api/trace?q={}",
+        js_sys::encode_uri_component(&body.to_string())
+    );
+    let mut es = EventSource::new(&url).map_err(|e| format!("cannot open the stream: {e}"))?;
+    let subs: Vec<_> = ["start", "row", "result", "error"]
+        .iter()
+        .filter_map(|n| es.subscribe(*n).ok())
+        .collect();
+    let mut events = futures_util::stream::select_all(subs);
+    let outcome = loop {
+        let Some(ev) = events.next().await else {
+            break Err("the stream ended early".to_string());
+        };
+        let Ok((name, msg)) = ev else {
+            break Err("the connection to the server was lost".into());
+        };
+        let data = msg.data().as_string().unwrap_or_default();
+        match name.as_str() {
+            "start" => {
+                if let Ok(h) = serde_json::from_str::<TraceHeader>(&data) {
+                    on_header(&h);
+                }
+            }
+            "row" => {
+                if let Ok(r) = serde_json::from_str::<RowMsg>(&data) {
+                    if !on_row(r.kind, r.token, r.scores) {
+                        break Err("cancelled".into());
+                    }
+                }
+            }
+            "result" => {
+                break serde_json::from_str::<TraceResult>(&data).map_err(|e| e.to_string());
+            }
+            _ => {
+                break Err(serde_json::from_str::<ErrorMsg>(&data)
+                    .map(|e| e.error)
+                    .unwrap_or_else(|_| "the trace failed".into()));
+            }
+        }
+    };
+    // Closing stops the browser from reconnecting (and cancels a running trace).
+    es.close();
+    outcome
+}
