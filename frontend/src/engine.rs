@@ -12,7 +12,7 @@ use loci_core::Prediction;
 use serde::Deserialize;
 
 use crate::files;
-use crate::http::{get, get_bytes, post, server_trace};
+use crate::http::{get, get_bytes, post, server_trace, url_part};
 use crate::pool::{cores, pool_size, Pool};
 use crate::protocol::FileRef;
 
@@ -72,7 +72,11 @@ pub fn choices(list: &[ModelListing]) -> Vec<Choice> {
                     .iter()
                     .map(|f| FileRef {
                         name: f.name.clone(),
-                        url: format!("/api/models/{}/files/{}", m.name, f.name),
+                        url: format!(
+                            "/api/models/{}/files/{}",
+                            url_part(&m.name),
+                            url_part(&f.name)
+                        ),
                     })
                     .collect(),
                 f32_bytes,
@@ -214,11 +218,12 @@ pub async fn tab_pool(
 /// them): the missing newer ones are applied; if the histories differ, all are undone and the
 /// server's re-applied. Checked before every tab job on a server model.
 pub async fn sync_edits(pool: &Pool, have: &RefCell<Vec<u64>>, model: &str) -> Result<(), String> {
-    let server: Vec<u64> = get::<Vec<EditListing>>(&format!("/api/edits?model={model}"))
-        .await?
-        .into_iter()
-        .map(|e| e.id)
-        .collect();
+    let server: Vec<u64> =
+        get::<Vec<EditListing>>(&format!("/api/edits?model={}", url_part(model)))
+            .await?
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
     let mine = have.borrow().clone();
     if server == mine {
         return Ok(());
@@ -231,7 +236,7 @@ pub async fn sync_edits(pool: &Pool, have: &RefCell<Vec<u64>>, model: &str) -> R
         0
     };
     for &id in &server[keep..] {
-        let bytes = get_bytes(&format!("/api/edits/{id}/file?model={model}")).await?;
+        let bytes = get_bytes(&format!("/api/edits/{id}/file?model={}", url_part(model))).await?;
         pool.apply_edit(bytes).await?;
         have.borrow_mut().push(id);
     }

@@ -113,3 +113,27 @@ pub async fn server_trace(
     es.close();
     outcome
 }
+
+/// `s` percent-encoded for a URL path segment or query value (model and file names).
+pub fn url_part(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_are_encoded_for_urls() {
+        assert_eq!(super::url_part("SmolLM2-135M.Q4_1"), "SmolLM2-135M.Q4_1");
+        assert_eq!(
+            super::url_part("my model/../x?&"),
+            "my%20model%2F..%2Fx%3F%26"
+        );
+    }
+}

@@ -15,7 +15,7 @@ use loci_frontend::engine::{
     TabModel, SUBJECTS_URL, TAB_BUDGET_BYTES,
 };
 use loci_frontend::files;
-use loci_frontend::http::{answer, get, post};
+use loci_frontend::http::{answer, get, post, url_part};
 use loci_frontend::pool::{cores, pool_size};
 use serde::Deserialize;
 use wasm_bindgen::JsCast;
@@ -137,7 +137,9 @@ fn App() -> impl IntoView {
             return;
         }
         spawn_local(async move {
-            if let Ok(e) = get::<Vec<EditListing>>(&format!("/api/edits?model={name}")).await {
+            if let Ok(e) =
+                get::<Vec<EditListing>>(&format!("/api/edits?model={}", url_part(&name))).await
+            {
                 set_edits.set(e);
             }
         });
@@ -374,14 +376,16 @@ fn App() -> impl IntoView {
                     .await
                     .map_err(|_| "cannot read the file".to_string())?;
                 let bytes = js_sys::Uint8Array::new(&buf).to_vec();
-                let r =
-                    gloo_net::http::Request::post(&format!("/api/edits/upload?model={}", c.name))
-                        .header("content-type", "application/octet-stream")
-                        .body(bytes)
-                        .map_err(|e| e.to_string())?
-                        .send()
-                        .await
-                        .map_err(|e| e.to_string())?;
+                let r = gloo_net::http::Request::post(&format!(
+                    "/api/edits/upload?model={}",
+                    url_part(&c.name)
+                ))
+                .header("content-type", "application/octet-stream")
+                .body(bytes)
+                .map_err(|e| e.to_string())?
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
                 #[derive(Deserialize)]
                 struct Uploaded {
                     edits: Vec<EditListing>,
@@ -567,7 +571,7 @@ fn App() -> impl IntoView {
                 {move || {
                     let m = model.get();
                     edits.get().into_iter().map(|e| {
-                        let href = format!("/api/edits/{}/file?model={m}", e.id);
+                        let href = format!("/api/edits/{}/file?model={}", e.id, url_part(&m));
                         let label = format!("#{} layer {}: {} → {}", e.id, e.layer, e.request.filled(), e.request.target_new.str);
                         view! { <p class="edit-item">{label}" " <a href=href download="">"download"</a></p> }
                     }).collect_view()
