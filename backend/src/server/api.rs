@@ -106,26 +106,50 @@ fn busy() -> ApiError {
 }
 
 /// Runs `f` on a blocking thread behind the queue; a panic becomes a 500, not a dead server.
+async fn run_job<T, F>(st: Arc<AppState>, f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
+{
+    let Ok(_queued) = st.admission.clone().try_acquire_owned() else {
+        return Err(busy());
+    };
+    let Ok(_running) = st.running.clone().acquire_owned().await else {
+        return Err(busy());
+    };
+    let st2 = st.clone();
+    tokio::task::spawn_blocking(move || f(&st2))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error: the job failed",
+            ))
+        })
+}
+
+/// A job whose answer is JSON.
 async fn job<T, F>(st: Arc<AppState>, f: F) -> Response
 where
     T: Serialize + Send + 'static,
     F: FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
 {
-    let Ok(_queued) = st.admission.clone().try_acquire_owned() else {
-        return busy().into_response();
-    };
-    let Ok(_running) = st.running.clone().acquire_owned().await else {
-        return busy().into_response();
-    };
-    let st2 = st.clone();
-    match tokio::task::spawn_blocking(move || f(&st2)).await {
-        Ok(Ok(v)) => Json(v).into_response(),
-        Ok(Err(e)) => e.into_response(),
-        Err(_) => ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal error: the job failed",
-        )
-        .into_response(),
+    match run_job(st, f).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A JSON job on a JSON request body (a bad body is answered before anything is queued).
+async fn json_job<B, T, F>(st: Arc<AppState>, b: Result<Json<B>, JsonRejection>, f: F) -> Response
+where
+    B: Send + 'static,
+    T: Serialize + Send + 'static,
+    F: FnOnce(&AppState, B) -> Result<T, ApiError> + Send + 'static,
+{
+    match body(b) {
+        Ok(b) => job(st, move |st| f(st, b)).await,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -149,11 +173,7 @@ pub async fn predict(
     State(st): State<Arc<AppState>>,
     b: Result<Json<PredictBody>, JsonRejection>,
 ) -> Response {
-    let b = match body(b) {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    job(st, move |st| {
+    json_job(st, b, move |st, b| {
         check_prompt(&b.prompt)?;
         let m = model(st, &b.model)?;
         let p = read(&m).lm.predict(&b.prompt, b.top.min(100))?;
@@ -180,11 +200,7 @@ pub async fn generate(
     State(st): State<Arc<AppState>>,
     b: Result<Json<GenerateBody>, JsonRejection>,
 ) -> Response {
-    let b = match body(b) {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    job(st, move |st| {
+    json_job(st, b, move |st, b| {
         check_prompt(&b.prompt)?;
         let sampling = b.sampling.unwrap_or(Sampling::Greedy);
         let m = model(st, &b.model)?;
@@ -397,11 +413,7 @@ pub async fn edit(
     State(st): State<Arc<AppState>>,
     b: Result<Json<EditBody>, JsonRejection>,
 ) -> Response {
-    let b = match body(b) {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    job(st, move |st| {
+    json_job(st, b, move |st, b| {
         let req = match (&b.request, &b.prompt, &b.subject, &b.target) {
             (Some(r), None, None, None) => r.clone(),
             (None, Some(p), Some(s), Some(t)) => RewriteRequest::from_prompt(p, s, t)?,
@@ -420,19 +432,12 @@ pub async fn edit(
         let m = model(st, &b.model)?;
         let mut guard = write(&m);
         let state = &mut *guard;
-        let mut hp = crate::cli::edit::hparams(&state.lm, b.layer).map_err(|e| bad(format!("{e:#}")))?;
+        let mut hp = edit_hparams(&state.lm, b.layer)?;
         hp.key_mode = match b.key_mode.as_deref() {
             None | Some("rrome") => KeyMode::Rrome,
             Some("original") => KeyMode::Original,
             Some(other) => return Err(bad(format!("key_mode {other:?}: use rrome or original"))),
         };
-        if hp.layer >= state.lm.model.n_layer() {
-            return Err(bad(format!(
-                "layer {} out of range (the model has {} layers)",
-                hp.layer,
-                state.lm.model.n_layer()
-            )));
-        }
         let stats = layer_stats(st, &b.model, &state.lm, hp.layer)?;
         let probes = Probes {
             paraphrase: b.paraphrase.clone(),
@@ -448,6 +453,23 @@ pub async fn edit(
         })
     })
     .await
+}
+
+/// The shipped hyper-parameters at `layer` (or the model's default layer), refused before any
+/// statistics are computed when the layer does not exist.
+fn edit_hparams(
+    lm: &loci_core::LoadedModel,
+    layer: Option<usize>,
+) -> Result<loci_core::edit::RomeHparams, ApiError> {
+    let hp = crate::cli::edit::hparams(lm, layer).map_err(|e| bad(format!("{e:#}")))?;
+    if hp.layer >= lm.model.n_layer() {
+        return Err(bad(format!(
+            "layer {} out of range (the model has {} layers)",
+            hp.layer,
+            lm.model.n_layer()
+        )));
+    }
+    Ok(hp)
 }
 
 /// A layer's key statistics, kept in memory after first use with their Cholesky factor: later
@@ -480,16 +502,23 @@ pub struct ModelQuery {
     model: String,
 }
 
+type ModelQueryArg =
+    Result<axum::extract::Query<ModelQuery>, axum::extract::rejection::QueryRejection>;
+
+/// The model a `?model=NAME` query names.
+fn model_query(q: ModelQueryArg) -> Result<String, ApiError> {
+    q.map(|axum::extract::Query(q)| q.model)
+        .map_err(|_| bad("add ?model=NAME"))
+}
+
 /// The edits applied to a model, oldest first.
-pub async fn edits(
-    State(st): State<Arc<AppState>>,
-    q: Result<axum::extract::Query<ModelQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let Ok(axum::extract::Query(q)) = q else {
-        return bad("add ?model=NAME").into_response();
+pub async fn edits(State(st): State<Arc<AppState>>, q: ModelQueryArg) -> Response {
+    let name = match model_query(q) {
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
     };
     job(st, move |st| {
-        let m = model(st, &q.model)?;
+        let m = model(st, &name)?;
         let list = read(&m).listing();
         Ok(list)
     })
@@ -511,11 +540,7 @@ pub async fn undo(
     State(st): State<Arc<AppState>>,
     b: Result<Json<UndoBody>, JsonRejection>,
 ) -> Response {
-    let b = match body(b) {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    job(st, move |st| {
+    json_job(st, b, move |st, b| {
         let m = model(st, &b.model)?;
         let mut state = write(&m);
         if state.edits.is_empty() {
@@ -552,17 +577,14 @@ pub async fn undo(
 pub async fn edit_file(
     State(st): State<Arc<AppState>>,
     axum::extract::Path(id): axum::extract::Path<u64>,
-    q: Result<axum::extract::Query<ModelQuery>, axum::extract::rejection::QueryRejection>,
+    q: ModelQueryArg,
 ) -> Response {
-    let Ok(axum::extract::Query(q)) = q else {
-        return bad("add ?model=NAME").into_response();
+    let name = match model_query(q) {
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
     };
-    let Ok(_queued) = st.admission.clone().try_acquire_owned() else {
-        return busy().into_response();
-    };
-    let st2 = st.clone();
-    let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
-        let m = model(&st2, &q.model)?;
+    let bytes = run_job(st, move |st| -> Result<Vec<u8>, ApiError> {
+        let m = model(st, &name)?;
         let state = read(&m);
         let e = state
             .edits
@@ -573,7 +595,7 @@ pub async fn edit_file(
     })
     .await;
     match bytes {
-        Ok(Ok(b)) => (
+        Ok(b) => (
             [
                 (
                     axum::http::header::CONTENT_TYPE,
@@ -587,25 +609,23 @@ pub async fn edit_file(
             b,
         )
             .into_response(),
-        Ok(Err(e)) => e.into_response(),
-        Err(_) => {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
-        }
+        Err(e) => e.into_response(),
     }
 }
 
 /// Applies an edit file (the raw bytes of a saved edit) on top of the model's edits.
 pub async fn upload_edit(
     State(st): State<Arc<AppState>>,
-    q: Result<axum::extract::Query<ModelQuery>, axum::extract::rejection::QueryRejection>,
+    q: ModelQueryArg,
     bytes: axum::body::Bytes,
 ) -> Response {
-    let Ok(axum::extract::Query(q)) = q else {
-        return bad("add ?model=NAME").into_response();
+    let name = match model_query(q) {
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
     };
     job(st, move |st| {
         let e = RomeEdit::from_bytes(&bytes)?;
-        let m = model(st, &q.model)?;
+        let m = model(st, &name)?;
         let mut state = write(&m);
         if e.layer >= state.lm.model.n_layer() {
             return Err(bad(format!(
@@ -636,11 +656,7 @@ pub async fn eval_case(
     State(st): State<Arc<AppState>>,
     b: Result<Json<EvalBody>, JsonRejection>,
 ) -> Response {
-    let b = match body(b) {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
-    job(st, move |st| {
+    json_job(st, b, move |st, b| {
         let c = &b.case;
         if c.paraphrase_prompts.len() + c.neighborhood_prompts.len() + c.generation_prompts.len()
             > 3 * MAX_PROBES
@@ -656,12 +672,8 @@ pub async fn eval_case(
         }
         let m = model(st, &b.model)?;
         let mut state = write(&m);
-        let hp =
-            crate::cli::edit::hparams(&state.lm, b.layer).map_err(|e| bad(format!("{e:#}")))?;
-        if hp.layer >= state.lm.model.n_layer() {
-            return Err(bad(format!("layer {} out of range", hp.layer)));
-        }
-        let stats = st.stats.ensure(&state.lm, hp.layer)?;
+        let hp = edit_hparams(&state.lm, b.layer)?;
+        let stats = layer_stats(st, &b.model, &state.lm, hp.layer)?;
         Ok(state
             .lm
             .eval_case(c, &hp, Some(&stats), b.generation, None)?)
