@@ -691,20 +691,7 @@ impl TracePlan {
 impl LoadedModel {
     pub fn trace_plan(&self, req: &TraceRequest, embedding_std: Option<f64>) -> Result<TracePlan> {
         let p = prepare(self, req, embedding_std)?;
-        let header = TraceHeader {
-            tokens: self.tokenizer.token_strings(&p.ids)?,
-            subject_range: [p.range.0, p.range.1],
-            answer: AnswerToken {
-                id: p.answer,
-                token: self.tokenizer.decode(&[p.answer])?,
-            },
-            high: p.high,
-            low: p.low,
-            noise: p.scale,
-            n_layer: self.model.n_layer(),
-            kinds: req.kinds.clone(),
-            total_rows: req.kinds.len() * p.ids.len(),
-        };
+        let header = header(self, req, &p)?;
         Ok(TracePlan {
             p,
             req: req.clone(),
@@ -739,7 +726,7 @@ impl LoadedModel {
         let plan = self.trace_plan(req, embedding_std)?;
         obs.on_start(&plan.header);
         let items = plan.rows();
-        let TracePlan { p, req, .. } = plan;
+        let TracePlan { p, req, header } = plan;
         let req = &req;
         let (n, big_t) = (self.model.n_layer(), p.ids.len());
         let mut grids: BTreeMap<TraceKind, Vec<Vec<f32>>> = req
@@ -762,7 +749,7 @@ impl LoadedModel {
         Ok(finish(
             self,
             req,
-            p,
+            &header,
             grids,
             TraceWork {
                 // The clean run and the corrupted run, then the cells.
@@ -819,7 +806,7 @@ impl LoadedModel {
         Ok(finish(
             self,
             req,
-            p,
+            &header(self, req, &p)?,
             scores,
             TraceWork {
                 token_layers: work,
@@ -834,42 +821,45 @@ fn naive_work(req: &TraceRequest, big_t: usize, n: usize) -> u64 {
     (req.kinds.len() * big_t * n * (req.samples + 1) * big_t * n) as u64
 }
 
-fn finish(
-    lm: &LoadedModel,
-    req: &TraceRequest,
-    p: Prepared,
-    scores: BTreeMap<TraceKind, Vec<Vec<f32>>>,
-    work: TraceWork,
-    started: f64,
-) -> TraceResult {
-    let last_subject = p.range.1 - 1;
-    let effects = |token: Option<usize>| -> BTreeMap<TraceKind, Vec<f32>> {
-        scores
-            .iter()
-            .map(|(k, g)| (*k, tracing_effect(g, p.high, p.low, token)))
-            .collect()
-    };
-    let tracing_effect = effects(None);
-    let tracing_effect_subject_last = effects(Some(last_subject));
-    TraceResult {
-        model: lm.name.clone(),
-        prompt: req.prompt.clone(),
-        subject: req.subject.clone(),
-        tokens: lm.tokenizer.token_strings(&p.ids).unwrap_or_default(),
+/// What a UI needs before any row, from the clean and corrupted runs.
+fn header(lm: &LoadedModel, req: &TraceRequest, p: &Prepared) -> Result<TraceHeader> {
+    Ok(TraceHeader {
+        tokens: lm.tokenizer.token_strings(&p.ids)?,
         subject_range: [p.range.0, p.range.1],
         answer: AnswerToken {
             id: p.answer,
-            token: lm.tokenizer.decode(&[p.answer]).unwrap_or_default(),
+            token: lm.tokenizer.decode(&[p.answer])?,
         },
         high: p.high,
         low: p.low,
         noise: p.scale,
-        samples: req.samples,
-        window: req.window,
-        scores,
-        tracing_effect,
-        tracing_effect_subject_last,
-        work,
-        seconds: crate::clock::now_seconds() - started,
-    }
+        n_layer: lm.model.n_layer(),
+        kinds: req.kinds.clone(),
+        total_rows: req.kinds.len() * p.ids.len(),
+    })
+}
+
+/// The result laid out from the header, with every row's scores and their tracing effects.
+fn finish(
+    lm: &LoadedModel,
+    req: &TraceRequest,
+    header: &TraceHeader,
+    scores: BTreeMap<TraceKind, Vec<Vec<f32>>>,
+    work: TraceWork,
+    started: f64,
+) -> TraceResult {
+    let mut r = TraceResult::from_header(header, &lm.name, req);
+    let last_subject = header.subject_range[1] - 1;
+    let effects = |token: Option<usize>| -> BTreeMap<TraceKind, Vec<f32>> {
+        scores
+            .iter()
+            .map(|(k, g)| (*k, tracing_effect(g, header.high, header.low, token)))
+            .collect()
+    };
+    r.tracing_effect = effects(None);
+    r.tracing_effect_subject_last = effects(Some(last_subject));
+    r.scores = scores;
+    r.work = work;
+    r.seconds = crate::clock::now_seconds() - started;
+    r
 }
