@@ -82,6 +82,8 @@ fn App() -> impl IntoView {
     let (busy, set_busy) = signal(false);
     let (prediction, set_prediction) = signal(None::<Prediction>);
     let (trace, set_trace) = signal(None::<TraceResult>);
+    // Drawn in the Trace and the Edit screens: rendered once per update.
+    let curves = Memo::new(move |_| trace.with(|t| t.as_ref().map(plot::tracing_effect_svg)));
     let (trace_engine, set_trace_engine) = signal(String::new());
     let (progress, set_progress) = signal((0usize, 0usize));
     let (facts, set_facts) = signal(Vec::<Fact>::new());
@@ -519,7 +521,7 @@ fn App() -> impl IntoView {
                         data-high=t.high.to_string() data-low=t.low.to_string()>
                         <p class="hint">{format!("Computed in {}.", trace_engine.get())}</p>
                         <div class="heatmap" inner_html=plot::trace_heatmap_svg(&t)></div>
-                        <div class="curves" inner_html=plot::tracing_effect_svg(&t)></div>
+                        <div class="curves" inner_html=move || curves.get().unwrap_or_default()></div>
                     </section>
                 }
             })}
@@ -564,7 +566,7 @@ fn App() -> impl IntoView {
             {move || trace.get().map(|t| view! {
                 <details id="edit-curves" open>
                     <summary>{format!("Tracing effect of the last trace ({:?}), to choose the layer", t.subject)}</summary>
-                    <div class="curves" inner_html=plot::tracing_effect_svg(&t)></div>
+                    <div class="curves" inner_html=move || curves.get().unwrap_or_default()></div>
                 </details>
             })}
             <section id="edits" data-count=move || edits.get().len().to_string()>

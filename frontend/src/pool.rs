@@ -74,21 +74,43 @@ impl Pool {
             .ok_or_else(|| "the model workers stopped".to_string())
     }
 
-    /// Sends `msg` to every worker and waits for each to load.
-    async fn load_all(&self, msg: ToWorker) -> Result<ModelInfo, String> {
+    /// Sends `msg` to every worker and waits for each one's answer (`pick` turns it into a value;
+    /// other messages are a cancelled job's late rows). The first error wins, but only once
+    /// every worker has answered, so no reply is left over for the next job.
+    async fn ask_all<T>(
+        &self,
+        msg: ToWorker,
+        pick: impl Fn(FromWorker) -> Option<T>,
+    ) -> Result<T, String> {
         for b in &self.bridges {
             b.send(msg.clone());
         }
-        let (mut info, mut replies) = (None, 0);
+        let (mut value, mut failed, mut replies) = (None, None, 0);
         while replies < self.bridges.len() {
             match self.recv().await?.1 {
-                FromWorker::Loaded { info: i, .. } => info = Some(i),
-                FromWorker::Error { message } => return Err(message),
-                _ => continue, // a cancelled job's late rows
+                FromWorker::Error { message } => {
+                    failed.get_or_insert(message);
+                }
+                other => match pick(other) {
+                    Some(v) => value = Some(v),
+                    None => continue,
+                },
             }
             replies += 1;
         }
-        info.ok_or_else(|| "no worker loaded the model".into())
+        match (failed, value) {
+            (Some(e), _) => Err(e),
+            (None, Some(v)) => Ok(v),
+            (None, None) => Err("no worker answered".into()),
+        }
+    }
+
+    async fn load_all(&self, msg: ToWorker) -> Result<ModelInfo, String> {
+        self.ask_all(msg, |m| match m {
+            FromWorker::Loaded { info, .. } => Some(info),
+            _ => None,
+        })
+        .await
     }
 
     pub async fn load(
@@ -126,21 +148,13 @@ impl Pool {
         }
     }
 
-    /// Sends `msg` to every worker; all must agree on the edit count.
+    /// Sends an edit or undo to every worker; returns the edits now applied.
     async fn edit_all(&self, msg: ToWorker) -> Result<usize, String> {
-        for b in &self.bridges {
-            b.send(msg.clone());
-        }
-        let (mut count, mut failed, mut replies) = (0, None, 0);
-        while replies < self.bridges.len() {
-            match self.recv().await?.1 {
-                FromWorker::Edits { count: c } => count = c,
-                FromWorker::Error { message } => failed = Some(message),
-                _ => continue,
-            }
-            replies += 1;
-        }
-        failed.map_or(Ok(count), Err)
+        self.ask_all(msg, |m| match m {
+            FromWorker::Edits { count } => Some(count),
+            _ => None,
+        })
+        .await
     }
 
     /// Applies an edit file in every worker; returns the number of edits applied.
