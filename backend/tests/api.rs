@@ -73,13 +73,8 @@ fn post(base: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
 #[test]
 fn endpoints_answer_and_refuse_bad_requests() {
     let s = serve(&[]);
-    let models: serde_json::Value = agent()
-        .get(&format!("{}/api/models", s.base))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_json()
-        .unwrap();
+    let (status, models) = get_json(&s.base, "/api/models");
+    assert_eq!(status, 200);
     let names: Vec<&str> = models
         .as_array()
         .unwrap()
@@ -110,13 +105,8 @@ fn endpoints_answer_and_refuse_bad_requests() {
     assert_eq!(v["top"][0]["id"], want.top[0].id);
     assert!((v["top"][0]["prob"].as_f64().unwrap() - want.top[0].prob as f64).abs() < 1e-6);
     // Loaded models report their details.
-    let models: serde_json::Value = agent()
-        .get(&format!("{}/api/models", s.base))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_json()
-        .unwrap();
+    let (status, models) = get_json(&s.base, "/api/models");
+    assert_eq!(status, 200);
     assert_eq!(models[0]["info"]["n_layer"], 4);
 
     let (st, v) = post(
@@ -188,13 +178,8 @@ fn endpoints_answer_and_refuse_bad_requests() {
     );
     assert_eq!(st, 400);
 
-    let spec: serde_json::Value = agent()
-        .get(&format!("{}/api/openapi.json", s.base))
-        .call()
-        .unwrap()
-        .body_mut()
-        .read_json()
-        .unwrap();
+    let (status, spec) = get_json(&s.base, "/api/openapi.json");
+    assert_eq!(status, 200);
     assert!(spec["paths"]["/api/trace"].is_object());
     assert_eq!(
         agent()

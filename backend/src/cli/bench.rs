@@ -110,13 +110,9 @@ fn edit_bench(a: EditBenchArgs) -> Result<()> {
     let tokens = acc.tokens();
     let stats = acc.finish(&lm, &corpus.display().to_string())?.remove(0);
     let stats_seconds = s.elapsed().as_secs_f64();
-    let req = RewriteRequest {
-        prompt: "{} is located in the city of".into(),
-        subject: "Eiffel Tower".into(),
-        target_new: TargetStr::new("Rome"),
-        target_true: Some(TargetStr::new("Paris")),
-        relation_id: None,
-    };
+    let mut req =
+        RewriteRequest::from_prompt("{} is located in the city of", "Eiffel Tower", "Rome")?;
+    req.target_true = Some(TargetStr::new("Paris"));
     let hp = RomeHparams::at_layer(a.layer);
     let s = Instant::now();
     let edit = lm.rome(&req, &hp, Some(&stats))?;

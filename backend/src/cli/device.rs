@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use loci_core::edit::{RewriteRequest, RomeHparams, TargetStr};
+use loci_core::edit::{RewriteRequest, RomeHparams};
 use loci_core::trace::{NoiseSpec, Quiet, TraceKind, TraceRequest};
 use loci_core::{DType, Device, LoadedModel};
 use serde::Serialize;
@@ -84,13 +84,8 @@ fn trace_grid(lm: &LoadedModel) -> Result<Vec<f32>> {
 /// A ROME edit without key statistics (identity covariance): its two vectors, each scaled to a
 /// largest entry of 1, so the comparison is relative.
 fn edit_vectors(lm: &LoadedModel) -> Result<Vec<f32>> {
-    let req = RewriteRequest {
-        prompt: "The {} is located in the city of".into(),
-        subject: "Eiffel Tower".into(),
-        target_new: TargetStr::new("Rome"),
-        target_true: None,
-        relation_id: None,
-    };
+    let req =
+        RewriteRequest::from_prompt("The {} is located in the city of", "Eiffel Tower", "Rome")?;
     let mut hp = RomeHparams::at_layer(lm.model.n_layer() / 2);
     hp.mom2_adjustment = false;
     hp.v_num_grad_steps = 5;
