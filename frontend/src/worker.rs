@@ -75,7 +75,9 @@ impl ModelWorker {
             .as_ref()
             .ok_or_else(|| "no model is loaded in this worker".to_string());
         match msg {
-            ToWorker::Load { .. } => unreachable!("handled asynchronously"),
+            ToWorker::Load { .. } | ToWorker::TraceDrop { .. } => {
+                unreachable!("handled in `received`")
+            }
             ToWorker::Random { preset } => {
                 let started = now_ms();
                 self.model = None;
@@ -118,10 +120,6 @@ impl ModelWorker {
                     scores,
                     seconds: (now_ms() - started) / 1e3,
                 })
-            }
-            ToWorker::TraceDrop { job } => {
-                self.plans.remove(&job);
-                Err(String::new())
             }
             ToWorker::ApplyEdit { bytes } => {
                 let e = RomeEdit::from_bytes(&bytes).map_err(|e| e.to_string())?;
@@ -219,10 +217,13 @@ impl Worker for ModelWorker {
             });
             return;
         }
-        let quiet = matches!(msg, ToWorker::TraceDrop { .. });
+        if let ToWorker::TraceDrop { job } = msg {
+            // Nothing to answer: the page has stopped listening to this trace.
+            self.plans.remove(&job);
+            return;
+        }
         match self.run(msg) {
             Ok(out) => scope.respond(id, out),
-            Err(_) if quiet => {}
             Err(message) => scope.respond(id, FromWorker::Error { message }),
         }
     }
