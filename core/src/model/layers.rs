@@ -25,14 +25,11 @@ impl Linear {
         let d_in = *dims.last().expect("activations have a last dimension");
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, d_in))?;
-        let on_cpu = x.device().is_cpu() && x.dtype() == DType::F32;
-        let on_gpu = cfg!(feature = "cuda") && x.device().is_cuda();
-        let y = if x.track_op() && (on_cpu || on_gpu) && self.weight.dtype() == x.dtype() {
+        let backend = x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda());
+        let y = if x.track_op() && backend && self.weight.dtype() == x.dtype() {
             // Under autograd the weights are frozen: skip candle's weight gradients (as large as
-            // the weights, allocated on every step) and backpropagate to the input only. On a
-            // GPU the op needs its input in a buffer of its own (offset 0, exact size).
-            let input = if on_gpu { x2.copy()? } else { x2.contiguous()? };
-            input.apply_op1(FrozenMatmul {
+            // the weights, allocated on every step) and backpropagate to the input only.
+            x2.contiguous()?.apply_op1(FrozenMatmul {
                 w: self.weight.clone(),
             })?
         } else {
@@ -53,6 +50,31 @@ struct FrozenMatmul {
     w: Tensor,
 }
 
+impl FrozenMatmul {
+    /// The product straight from the two storages (the input's may start at an offset): the
+    /// same GEMM as `Tensor::matmul`, with no copy of the input or the output.
+    fn product<S: candle_core::backend::BackendStorage>(
+        &self,
+        x: &S,
+        x_layout: &candle_core::Layout,
+        w: &S,
+        w_layout: &candle_core::Layout,
+    ) -> candle_core::Result<(S, candle_core::Shape)> {
+        let (rows, d_in) = x_layout.shape().dims2()?;
+        let (d_out, w_in) = w_layout.shape().dims2()?;
+        if w_in != d_in {
+            candle_core::bail!("frozen-matmul: input width {d_in}, weights [{d_out}, {w_in}]")
+        }
+        let y = x.matmul(
+            w,
+            (1, rows, d_out, d_in),
+            x_layout,
+            &w_layout.transpose(0, 1)?,
+        )?;
+        Ok((y, (rows, d_out).into()))
+    }
+}
+
 impl candle_core::CustomOp1 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-matmul"
@@ -63,18 +85,11 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (rows, d_in) = layout.shape().dims2()?;
-        let data = storage.as_slice::<f32>()?;
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("frozen-matmul needs a contiguous input")
-        };
-        let x = Tensor::from_slice(&data[start..end], (rows, d_in), &Device::Cpu)?;
-        let y = x.matmul(&self.w.t()?)?;
-        let out = y.dims2()?;
-        Ok((
-            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
-            out.into(),
-        ))
+        let (w, w_layout) = self.w.storage_and_layout();
+        match &*w {
+            candle_core::Storage::Cpu(w) => self.product(storage, layout, w, w_layout),
+            _ => candle_core::bail!("frozen-matmul: the weights are not on the CPU"),
+        }
     }
 
     #[cfg(feature = "cuda")]
@@ -83,23 +98,10 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         storage: &candle_core::CudaStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        use candle_core::op::BackpropOp;
-        use candle_core::Storage;
-        if layout.start_offset() != 0 || !layout.is_contiguous() {
-            candle_core::bail!("frozen-matmul needs its input in a buffer of its own")
-        }
-        let x = Tensor::from_storage(
-            Storage::Cuda(storage.try_clone(layout)?),
-            layout.shape().clone(),
-            BackpropOp::none(),
-            false,
-        );
-        let y = x.matmul(&self.w.t()?)?;
-        let (st, l) = y.storage_and_layout();
-        match &*st {
-            Storage::Cuda(s) => Ok((s.try_clone(l)?, y.shape().clone())),
-            _ => candle_core::bail!("frozen-matmul: the product left the GPU"),
+        let (w, w_layout) = self.w.storage_and_layout();
+        match &*w {
+            candle_core::Storage::Cuda(w) => self.product(storage, layout, w, w_layout),
+            _ => candle_core::bail!("frozen-matmul: the weights are not on the GPU"),
         }
     }
 
@@ -138,10 +140,16 @@ impl Norm {
 /// Rotary position embedding on the first `dim` dimensions of each head.
 #[derive(Clone, Debug)]
 pub struct Rotary {
-    pub dim: usize,
+    /// How many leading dimensions of a head the tables turn: `dim`, or the whole head when
+    /// pairs are interleaved — pairs past `dim` turn by angle 0 (cos 1, sin 0: exactly the
+    /// identity), which spares GPT-J a split and a concatenation of q and k in every layer.
+    span: usize,
     /// GPT-J rotates adjacent pairs (2i, 2i+1); LLaMA rotates halves (i, i + dim/2).
     pub interleaved: bool,
-    pub theta: f64,
+    /// cos and sin of every position's angles, `[positions, span/2]`, in the activations' dtype
+    /// on the model's device: made once (shared by all layers) so a pass uploads nothing.
+    cos: Tensor,
+    sin: Tensor,
 }
 
 /// Where a batch sits in the sequence: all rows from one position, or each row from its own.
@@ -152,47 +160,76 @@ pub enum Positions<'a> {
 }
 
 impl Rotary {
-    /// cos and sin tables: `[t, dim/2]`, or `[b, t, dim/2]` for per-row positions.
-    fn tables(
-        &self,
-        pos: Positions,
-        t: usize,
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        dim: usize,
+        head_dim: usize,
+        interleaved: bool,
+        theta: f64,
+        positions: usize,
         dtype: DType,
         device: &Device,
-    ) -> Result<(Tensor, Tensor)> {
-        let half = self.dim / 2;
-        let starts: Vec<usize> = match pos {
-            Positions::From(p) => vec![p],
-            Positions::PerRow(r) => r.to_vec(),
-        };
-        let mut cos = Vec::with_capacity(starts.len() * t * half);
-        let mut sin = Vec::with_capacity(starts.len() * t * half);
+    ) -> Result<Self> {
+        let span = if interleaved { head_dim } else { dim };
         // Same float32 formula as transformers: inv_freq in f32, then the f32 product.
-        let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0f32 / (self.theta as f32).powf((2 * i) as f32 / self.dim as f32))
+        let inv: Vec<f32> = (0..dim / 2)
+            .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / dim as f32))
+            .chain(std::iter::repeat_n(0.0, (span - dim) / 2))
             .collect();
-        for &p0 in &starts {
-            for p in p0..p0 + t {
-                for f in &inv {
-                    let a = p as f32 * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
+        let angles: Vec<f32> = (0..positions)
+            .flat_map(|p| inv.iter().map(move |f| p as f32 * f))
+            .collect();
+        let table = |f: fn(f32) -> f32| -> Result<Tensor> {
+            let v: Vec<f32> = angles.iter().map(|&a| f(a)).collect();
+            Ok(Tensor::from_vec(v, (positions, span / 2), device)?.to_dtype(dtype)?)
+        };
+        Ok(Self {
+            span,
+            interleaved,
+            cos: table(f32::cos)?,
+            sin: table(f32::sin)?,
+        })
+    }
+
+    /// cos and sin tables: `[t, span/2]`, or `[b, t, span/2]` for per-row positions.
+    fn tables(&self, pos: Positions, t: usize) -> Result<(Tensor, Tensor)> {
+        let positions = self.cos.dim(0)?;
+        let beyond = |p: usize| {
+            LociError::input(format!(
+                "position {} is beyond the model's {positions} rotary positions",
+                p + t
+            ))
+        };
+        match pos {
+            Positions::From(p) => {
+                if p + t > positions {
+                    return Err(beyond(p));
                 }
+                Ok((self.cos.narrow(0, p, t)?, self.sin.narrow(0, p, t)?))
+            }
+            Positions::PerRow(rows) => {
+                let mut idx = Vec::with_capacity(rows.len() * t);
+                for &p in rows {
+                    if p + t > positions {
+                        return Err(beyond(p));
+                    }
+                    idx.extend((p..p + t).map(|q| q as u32));
+                }
+                let idx = Tensor::from_vec(idx, rows.len() * t, self.cos.device())?;
+                let half = self.span / 2;
+                let pick = |tab: &Tensor| -> Result<Tensor> {
+                    Ok(tab.index_select(&idx, 0)?.reshape((rows.len(), t, half))?)
+                };
+                Ok((pick(&self.cos)?, pick(&self.sin)?))
             }
         }
-        let shape: Vec<usize> = match pos {
-            Positions::From(_) => vec![t, half],
-            Positions::PerRow(r) => vec![r.len(), t, half],
-        };
-        let cos = Tensor::from_vec(cos, shape.clone(), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
-        Ok((cos, sin))
     }
 
     /// `x`: `[b, heads, t, head_dim]` at positions `pos`.
     pub fn apply(&self, x: &Tensor, pos: Positions) -> Result<Tensor> {
         let (_, _, t, hd) = x.dims4()?;
-        let (cos, sin) = self.tables(pos, t, x.dtype(), x.device())?;
+        let (cos, sin) = self.tables(pos, t)?;
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
         let rot = |y: &Tensor| -> Result<Tensor> {
             let y = y.contiguous()?;
             if y.track_op() {
@@ -205,11 +242,11 @@ impl Rotary {
                 candle_nn::rotary_emb::rope(&y, &cos, &sin)?
             })
         };
-        if self.dim == hd {
+        if self.span == hd {
             rot(x)
         } else {
-            let head = rot(&x.narrow(D::Minus1, 0, self.dim)?)?;
-            let tail = x.narrow(D::Minus1, self.dim, hd - self.dim)?;
+            let head = rot(&x.narrow(D::Minus1, 0, self.span)?)?;
+            let tail = x.narrow(D::Minus1, self.span, hd - self.span)?;
             Ok(Tensor::cat(&[head, tail], D::Minus1)?)
         }
     }
@@ -262,6 +299,7 @@ pub struct Attention {
     pub n_kv_head: usize,
     pub head_dim: usize,
     pub rotary: Option<Rotary>,
+    pub masks: CausalMasks,
 }
 
 impl Attention {
@@ -344,13 +382,7 @@ impl Attention {
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
         let scores = if t > 1 {
-            let mask = causal_mask(t, t_all, x.device())?;
-            let mask = if rep > 1 {
-                mask.repeat((rep, 1))?
-            } else {
-                mask
-            };
-            scores.broadcast_add(&mask)?
+            scores.broadcast_add(&self.masks.get(t, t_all, rep, x.device())?)?
         } else {
             scores
         };
@@ -365,11 +397,32 @@ impl Attention {
     }
 }
 
-/// `[t, t_all]` additive mask: query i (at absolute position t_all - t + i) sees keys up to itself.
-fn causal_mask(t: usize, t_all: usize, device: &Device) -> Result<Tensor> {
-    let offset = t_all - t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| {
+/// Additive causal masks, `[rep·t, t_all]` (0 or −∞): query i, at absolute position
+/// t_all − t + i, sees keys up to itself. Made once per shape and shared by all layers of a
+/// model (a GPU pass would otherwise upload one per layer).
+#[derive(Clone, Debug, Default)]
+pub struct CausalMasks {
+    made: std::sync::Arc<std::sync::Mutex<Vec<(MaskShape, Tensor)>>>,
+}
+
+/// `(t, t_all, rep)`.
+type MaskShape = (usize, usize, usize);
+
+impl CausalMasks {
+    /// Shapes kept; the oldest goes first (a trace uses a dozen, an edit two).
+    const KEEP: usize = 64;
+
+    pub fn get(&self, t: usize, t_all: usize, rep: usize, device: &Device) -> Result<Tensor> {
+        let key = (t, t_all, rep);
+        let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, m)) = made
+            .iter()
+            .find(|(k, m)| *k == key && m.device().same_device(device))
+        {
+            return Ok(m.clone());
+        }
+        let offset = t_all - t;
+        let row = |i: usize| {
             (0..t_all).map(move |j| {
                 if j > i + offset {
                     f32::NEG_INFINITY
@@ -377,9 +430,15 @@ fn causal_mask(t: usize, t_all: usize, device: &Device) -> Result<Tensor> {
                     0.0
                 }
             })
-        })
-        .collect();
-    Ok(Tensor::from_vec(mask, (t, t_all), device)?)
+        };
+        let mask: Vec<f32> = (0..rep).flat_map(|_| (0..t).flat_map(row)).collect();
+        let mask = Tensor::from_vec(mask, (rep * t, t_all), device)?;
+        if made.len() >= Self::KEEP {
+            made.remove(0);
+        }
+        made.push((key, mask.clone()));
+        Ok(mask)
+    }
 }
 
 /// The MLP, split into the key computation and the down-projection that ROME edits.

@@ -7,7 +7,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::safetensors::BufferedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
-use super::layers::{check_shape, Attention, Linear, Mlp, Norm, Rotary};
+use super::layers::{check_shape, Attention, CausalMasks, Linear, Mlp, Norm, Rotary};
 use super::{Block, Model};
 use crate::config::{Family, ModelConfig};
 use crate::error::{LociError, Result};
@@ -198,6 +198,18 @@ impl Model {
         let eps = cfg.norm_eps;
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         let (wte, wpe, ln_f, lm_head);
+        let masks = CausalMasks::default();
+        let rotary_of = |dim: usize, interleaved: bool| {
+            Rotary::new(
+                dim,
+                hd,
+                interleaved,
+                cfg.rope_theta,
+                cfg.max_positions,
+                dtype,
+                device,
+            )
+        };
         match cfg.family {
             Family::Gpt2 => {
                 wte = b.w("transformer.wte.weight", &[cfg.vocab_size, d])?;
@@ -214,6 +226,7 @@ impl Model {
                             n_kv_head: nh,
                             head_dim: hd,
                             rotary: None,
+                            masks: masks.clone(),
                         },
                         mlp: Mlp::Gelu {
                             fc: b.conv1d(&format!("{p}.mlp.c_fc"), d, ff)?,
@@ -225,6 +238,7 @@ impl Model {
                 lm_head = Linear::new(wte.clone(), None);
             }
             Family::Gptj => {
+                let rotary = rotary_of(cfg.rotary_dim, true)?;
                 wte = b.w("transformer.wte.weight", &[cfg.vocab_size, d])?;
                 wpe = None;
                 for l in 0..cfg.n_layer {
@@ -239,11 +253,8 @@ impl Model {
                             n_head: nh,
                             n_kv_head: nh,
                             head_dim: hd,
-                            rotary: Some(Rotary {
-                                dim: cfg.rotary_dim,
-                                interleaved: true,
-                                theta: cfg.rope_theta,
-                            }),
+                            rotary: Some(rotary.clone()),
+                            masks: masks.clone(),
                         },
                         mlp: Mlp::Gelu {
                             fc: b.linear(&format!("{p}.mlp.fc_in"), ff, d, true)?,
@@ -255,6 +266,7 @@ impl Model {
                 lm_head = b.linear("lm_head", cfg.vocab_size, d, true)?;
             }
             Family::Llama => {
+                let rotary = rotary_of(hd, false)?;
                 wte = b.w("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
                 wpe = None;
                 for l in 0..cfg.n_layer {
@@ -279,11 +291,8 @@ impl Model {
                             n_head: nh,
                             n_kv_head: nkv,
                             head_dim: hd,
-                            rotary: Some(Rotary {
-                                dim: hd,
-                                interleaved: false,
-                                theta: cfg.rope_theta,
-                            }),
+                            rotary: Some(rotary.clone()),
+                            masks: masks.clone(),
                         },
                         mlp: Mlp::SwiGlu {
                             gate_up: cat_linears(&[m("gate_proj", ff, d)?, m("up_proj", ff, d)?])?,
