@@ -764,6 +764,8 @@ impl LoadedModel {
         )?;
         let mut target_init: Option<Tensor> = None;
         let mut kl_init: Option<Tensor> = None;
+        // ‖target_init‖², read back once (each read waits for the device).
+        let mut ti_norm2: Option<f64> = None;
         let mut losses = Vec::new();
         for it in 0..hp.v_num_grad_steps {
             let step = ValueStep {
@@ -787,8 +789,13 @@ impl LoadedModel {
                     kl_init.get_or_insert_with(|| k.clone());
                 }
             }
-            let ti = target_init.as_ref().expect("the first group holds row 0");
-            let ti_norm2 = ti.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            let ti_norm2 = match ti_norm2 {
+                Some(n) => n,
+                None => {
+                    let ti = target_init.as_ref().expect("the first group holds row 0");
+                    *ti_norm2.insert(ti.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)
+                }
+            };
             // ‖δ‖ with a tiny floor: its gradient at δ = 0 is then 0 (as in torch), not 0/0.
             let wd = ((delta.as_tensor().sqr()?.sum_all()? + 1e-24)?.sqrt()?
                 * (hp.v_weight_decay / ti_norm2))?;
