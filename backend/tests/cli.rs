@@ -605,17 +605,17 @@ fn check_device_compares_every_test_model_and_dtype() {
     let v = json(&loci(&["check-device"]));
     assert_eq!(v["pass"], true);
     let checks = v["checks"].as_array().unwrap();
-    // 3 models × (3 dtypes × 2 read-outs + the f32 edit).
-    assert_eq!(checks.len(), 3 * 7);
+    // 3 models × (3 dtypes × 3 read-outs + the f32 edit).
+    assert_eq!(checks.len(), 3 * 10);
     for c in checks {
         if c["dtype"] == "f32" {
-            assert_eq!(c["max_abs_diff"], 0.0, "{c}");
+            assert_eq!(c["value"], 0.0, "{c}");
         }
     }
     // bf16 differs from f32 (the check can fail), within its tolerance.
     assert!(checks
         .iter()
-        .any(|c| c["dtype"] == "bf16" && c["max_abs_diff"].as_f64().unwrap() > 1e-4));
+        .any(|c| c["dtype"] == "bf16" && c["value"].as_f64().unwrap() > 1e-4));
     let out = loci(&["check-device", "--models", "no/such/model"]);
     assert!(!out.status.success());
 }

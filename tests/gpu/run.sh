@@ -2,8 +2,10 @@
 # GPU checks and benchmarks, on a machine with an NVIDIA GPU and the CUDA 13 runtime libraries.
 # From the repo root: bash tests/gpu/run.sh [BUNDLE]   (BUNDLE: made by scripts/build-cuda.sh,
 # default gpu-bundle/; or set LOCI_BIN to a cuda build of loci).
-# 1. prints the GPU; 2. `loci check-device`: the tiny test models give the CPU's answers on the
-# GPU (f32 within 1e-3, f16 5e-3, bf16 3e-2; a ROME edit's vectors in f32); 3. benchmarks on a
+# 1. prints the GPU; 2. `loci check-device`: the tiny test models, and SmolLM2 when both parts
+# of its GGUF are here (gpu-model-a/, gpu-model-b/ from scripts/build-cuda.sh), give the CPU's
+# answers on the GPU (f32 within 1e-3, f16 1e-2, bf16 5e-2; top-1 tokens; a ROME edit's vectors
+# in f32); 3. benchmarks on a
 # full-size GPT-J-6B with random weights made on the GPU (f16): one 12-token forward pass, a
 # trace of all kinds (12 tokens, 10 samples, window 10), one ROME edit at layer 5 (statistics
 # timed apart). Every result is one JSON line on stdout and in $OUT/gpu-results.jsonl, with the
@@ -13,6 +15,8 @@ bundle=${1:-gpu-bundle}
 OUT=${OUT:-/tmp/loci-gpu}
 mkdir -p "$OUT"
 results="$OUT/gpu-results.jsonl"
+# Seconds one step may take (a device call has 600 in all).
+step_timeout=${STEP_TIMEOUT:-200}
 : > "$results"
 log() { printf '%s\n' "$1" | tee -a "$results"; }
 
@@ -54,7 +58,7 @@ step() {
   local sampler=$!
   local t0 out rc
   t0=$(date +%s.%N)
-  out=$(timeout 300 "$bin" "$@" 2> "$OUT/stderr-$name.txt"); rc=$?
+  out=$(timeout "$step_timeout" "$bin" "$@" 2> "$OUT/stderr-$name.txt"); rc=$?
   kill $sampler 2>/dev/null; wait $sampler 2>/dev/null
   local peak wall
   peak=$(sort -n "$mem" 2>/dev/null | tail -1)
@@ -64,8 +68,22 @@ step() {
   return $rc
 }
 
+models=(--models tests/fixtures/tiny-gpt2 --models tests/fixtures/tiny-gptj --models tests/fixtures/tiny-llama)
+if [ -s gpu-model-a/smollm2.gguf.part ] && [ -s gpu-model-b/smollm2.gguf.part ]; then
+  gguf="$(mktemp -d)/SmolLM2-135M-Instruct.Q4_1.gguf"
+  cat gpu-model-a/smollm2.gguf.part gpu-model-b/smollm2.gguf.part > "$gguf"
+  if [ "$(sha256sum "$gguf" | cut -d' ' -f1)" = "$(cat gpu-model-b/smollm2.gguf.sha256 2>/dev/null)" ]; then
+    models+=(--models "$gguf")
+  else
+    echo "SmolLM2's parts do not join into the original file: checking the tiny models only"
+  fi
+else
+  echo "no SmolLM2 parts (gpu-model-a/, gpu-model-b/): checking the tiny models only"
+fi
+
 rc=0
-step check-device check-device || rc=1
+step check-device check-device "${models[@]}" || rc=1
+[ -n "${gguf:-}" ] && rm -rf "$(dirname "$gguf")"
 step forward bench forward --random gptj-6b --dtype f16 --tokens 12 --reps 20 --json || rc=1
 step trace bench trace --random gptj-6b --dtype f16 --prompt-tokens 12 --samples 10 --window 10 --json || rc=1
 corpus="$bundle/data/wiki-slice.jsonl"

@@ -99,11 +99,13 @@ pub struct EditBenchArgs {
 
 fn edit_bench(a: EditBenchArgs) -> Result<()> {
     use loci_core::edit::{RewriteRequest, RomeHparams, StatsAccumulator, TargetStr};
-    let mut lm = a.model.load()?;
+    // The corpus is checked before the (possibly 6B-parameter) model is made.
     let corpus = match a.corpus {
-        Some(c) => c,
+        Some(c) if c.is_file() => c,
+        Some(c) => anyhow::bail!("no corpus file at {}", c.display()),
         None => super::edit::default_corpus()?,
     };
+    let mut lm = a.model.load()?;
     let s = Instant::now();
     let mut acc = StatsAccumulator::new(&lm, &[a.layer], 1024)?;
     super::edit::feed(&mut acc, &lm, &corpus, a.stats_tokens, |_| {})?;
