@@ -436,10 +436,21 @@ fn edits_apply_list_download_undo_and_reapply() {
     // Bad edits change nothing.
     let (st, v) = upload(b"not an edit");
     assert_eq!(st, 400, "{v}");
+    // Edit files are limited to 4 MiB. The server answers 413 as soon as it has read past the
+    // limit and closes the connection: a client still sending sees either the 413 or, when the
+    // rest of its body no longer fits the socket buffers, a broken connection. Nothing applies.
+    match agent()
+        .post(&format!("{}/api/edits/upload?model=tiny-gpt2", s.base))
+        .send(&vec![0u8; 5 << 20][..])
+    {
+        Ok(r) => assert_eq!(r.status().as_u16(), 413),
+        Err(e) => assert!(matches!(e, ureq::Error::Io(_)), "{e}"),
+    }
+    let (_, list) = get_json(&s.base, "/api/edits?model=tiny-gpt2");
     assert_eq!(
-        upload(&vec![0u8; 5 << 20]).0,
-        413,
-        "edit files are limited to 4 MiB"
+        list.as_array().unwrap().len(),
+        0,
+        "the oversize upload changed nothing"
     );
     let (st, _) = post(&s.base, "/api/edit", "{not json");
     assert_eq!(st, 400);
