@@ -23,30 +23,43 @@ log() { printf '%s\n' "$1" | tee -a "$results"; }
 smi=$(command -v nvidia-smi || echo /usr/local/nvidia/bin/nvidia-smi)
 "$smi" --query-gpu=name,driver_version,compute_cap,memory.total --format=csv || echo "no nvidia-smi"
 
-# The CUDA libraries: the driver's libcuda, and cublas/curand/cudart/nvrtc from wherever they are.
+# The CUDA libraries: the driver's libcuda, and cublas/curand/cudart/nvrtc from wherever they are
+# (the GPU machines have them in a torch virtualenv's nvidia/cu13/lib).
+py=$(command -v python3 || echo /opt/torch/.venv/bin/python3)
+[ -x /opt/torch/.venv/bin/python3 ] && py=/opt/torch/.venv/bin/python3
 dirs=()
-for d in /usr/local/nvidia/lib64 /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
-         /usr/local/cuda-13*/lib64 /opt/*/.venv/lib/python3*/site-packages/nvidia/cu13/lib \
-         /usr/local/lib/python3*/dist-packages/nvidia/cu13/lib /usr/lib/x86_64-linux-gnu; do
+for d in /opt/*/.venv/lib/python3*/site-packages/nvidia/cu13/lib \
+         /usr/local/lib/python3*/dist-packages/nvidia/cu13/lib \
+         $("$py" -c 'import glob,os,site
+for sp in site.getsitepackages(): print(*glob.glob(os.path.join(sp, "nvidia", "*", "lib")))' 2>/dev/null) \
+         /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/local/cuda/lib64 \
+         /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-13*/lib64 \
+         /usr/lib/x86_64-linux-gnu /usr/lib64 /lib/x86_64-linux-gnu; do
   [ -d "$d" ] && dirs+=("$d")
 done
 ldp=""
 for lib in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
   found=""
   for d in "${dirs[@]}"; do [ -e "$d/$lib" ] && { found=$d; break; }; done
-  [ -z "$found" ] && found=$(dirname "$(ldconfig -p 2>/dev/null | awk -v l="$lib" '$1==l {print $NF; exit}')" 2>/dev/null)
-  [ -z "$found" ] && found=$(dirname "$(timeout 60 find / -xdev -name "$lib" -not -path '/proc/*' 2>/dev/null | head -1)" 2>/dev/null)
-  if [ -n "$found" ] && [ "$found" != "." ]; then
+  if [ -z "$found" ]; then   # last resort: the ldconfig cache, then a bounded search
+    p=$(ldconfig -p 2>/dev/null | awk -v l="$lib" '$1==l {print $NF; exit}')
+    [ -z "$p" ] && p=$(timeout 60 find / -xdev -name "$lib" -not -path '/proc/*' 2>/dev/null | head -1)
+    [ -n "$p" ] && found=$(dirname "$p")
+  fi
+  if [ -n "$found" ]; then
     case ":$ldp:" in *":$found:"*) ;; *) ldp="${ldp:+$ldp:}$found";; esac
   else
     echo "missing $lib"
   fi
 done
 export LD_LIBRARY_PATH="$ldp${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 
 bin=${LOCI_BIN:-$bundle/bin/loci}
 if [ ! -x "$bin" ] && [ -s "$bin.xz" ]; then
-  xz -dc "$bin.xz" > "$bin" && chmod +x "$bin"
+  # xz may be missing there; Python's lzma reads the same file.
+  { xz -dc "$bin.xz" 2>/dev/null || "$py" -c 'import lzma,sys; sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())' "$bin.xz"; } > "$bin" \
+    && chmod +x "$bin"
 fi
 [ -x "$bin" ] || { echo "no loci binary at $bin (run scripts/build-cuda.sh)"; exit 2; }
 
@@ -62,7 +75,7 @@ step() {
   kill $sampler 2>/dev/null; wait $sampler 2>/dev/null
   local peak wall
   peak=$(sort -n "$mem" 2>/dev/null | tail -1)
-  wall=$(echo "$(date +%s.%N) - $t0" | bc)
+  wall=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {printf "%.3f", b - a}')
   [ $rc -ne 0 ] && tail -5 "$OUT/stderr-$name.txt"
   log "{\"step\":\"$name\",\"exit\":$rc,\"wall_seconds\":$wall,\"gpu_peak_mib\":${peak:-null},\"result\":${out:-null}}"
   return $rc
