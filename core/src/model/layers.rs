@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
+use super::fused;
 use crate::error::{LociError, Result};
 
 /// `y = x Wᵀ + b` with `W` stored `[out, in]` (GPT-2's Conv1D weights are transposed at load).
@@ -126,12 +127,17 @@ impl Norm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?.contiguous()?;
-        // candle's fused kernels have no backward pass: under autograd use the composed ops.
-        let y = match (self, xf.track_op()) {
+        // candle's fused kernels have no backward pass: under autograd they get one (fused.rs).
+        let grad = xf.track_op();
+        let y = match (self, grad && fused::supported(&xf)) {
+            (Norm::Layer { w, b, eps }, true) => fused::layer_norm(&xf, w, b, *eps)?,
+            (Norm::Rms { w, eps }, true) => fused::rms_norm(&xf, w, *eps)?,
+            (Norm::Layer { w, b, eps }, false) if grad => {
+                candle_nn::ops::layer_norm_slow(&xf, w, b, *eps)?
+            }
+            (Norm::Rms { w, eps }, false) if grad => candle_nn::ops::rms_norm_slow(&xf, w, *eps)?,
             (Norm::Layer { w, b, eps }, false) => candle_nn::ops::layer_norm(&xf, w, b, *eps)?,
-            (Norm::Layer { w, b, eps }, true) => candle_nn::ops::layer_norm_slow(&xf, w, b, *eps)?,
             (Norm::Rms { w, eps }, false) => candle_nn::ops::rms_norm(&xf, w, *eps)?,
-            (Norm::Rms { w, eps }, true) => candle_nn::ops::rms_norm_slow(&xf, w, *eps)?,
         };
         Ok(y.to_dtype(dtype)?)
     }
@@ -233,8 +239,12 @@ impl Rotary {
         let rot = |y: &Tensor| -> Result<Tensor> {
             let y = y.contiguous()?;
             if y.track_op() {
-                // candle's fused kernels have no backward pass.
-                return rope_composed(&y, &cos, &sin, self.interleaved);
+                // candle's fused kernels have no backward pass: fused.rs gives them one.
+                return if fused::supported(&y) {
+                    Ok(fused::rope(&y, &cos, &sin, self.interleaved)?)
+                } else {
+                    rope_composed(&y, &cos, &sin, self.interleaved)
+                };
             }
             Ok(if self.interleaved {
                 candle_nn::rotary_emb::rope_i(&y, &cos, &sin)?
@@ -253,7 +263,12 @@ impl Rotary {
 }
 
 /// Rotary embedding from differentiable operations; `cos`/`sin` are `[t, d/2]` or `[b, t, d/2]`.
-fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+pub(crate) fn rope_composed(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    interleaved: bool,
+) -> Result<Tensor> {
     let (b, h, t, d) = x.dims4()?;
     let half = d / 2;
     let (cos, sin) = match cos.rank() {
@@ -482,7 +497,9 @@ impl Mlp {
 
 /// Softmax over the last axis; differentiable when its input is tracked by autograd.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    Ok(if x.track_op() {
+    Ok(if x.track_op() && fused::supported(x) {
+        fused::softmax_last(x)?
+    } else if x.track_op() {
         candle_nn::ops::softmax(x, D::Minus1)?
     } else {
         candle_nn::ops::softmax_last_dim(x)?

@@ -1,5 +1,6 @@
 //! One transformer skeleton for every family: embed → blocks (with hook sites) → final norm → logits.
 
+pub mod fused;
 pub mod layers;
 pub mod load;
 pub mod save;
