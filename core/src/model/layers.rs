@@ -116,7 +116,9 @@ impl candle_core::CustomOp1 for FrozenMatmul {
     }
 }
 
-/// Norm weights stay in f32; activations are normalised in f32 whatever their dtype.
+/// LayerNorm / RMSNorm, computed in f32 whatever the activations' dtype (candle's fused kernels
+/// work in f32 inside); the weights are in the model's dtype, as the reference's are after
+/// `.half()`, so a half-precision pass normalises without casting its activations twice.
 #[derive(Clone, Debug)]
 pub enum Norm {
     Layer { w: Tensor, b: Tensor, eps: f32 },
@@ -125,19 +127,28 @@ pub enum Norm {
 
 impl Norm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        if !x.track_op() {
+            let like = |t: &Tensor| t.to_dtype(x.dtype());
+            return Ok(match self {
+                Norm::Layer { w, b, eps } => {
+                    candle_nn::ops::layer_norm(&x, &like(w)?, &like(b)?, *eps)?
+                }
+                Norm::Rms { w, eps } => candle_nn::ops::rms_norm(&x, &like(w)?, *eps)?,
+            });
+        }
+        // Under autograd, in f32; candle's fused kernels get a backward pass from fused.rs.
         let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?.contiguous()?;
-        // candle's fused kernels have no backward pass: under autograd they get one (fused.rs).
-        let grad = xf.track_op();
-        let y = match (self, grad && fused::supported(&xf)) {
-            (Norm::Layer { w, b, eps }, true) => fused::layer_norm(&xf, w, b, *eps)?,
-            (Norm::Rms { w, eps }, true) => fused::rms_norm(&xf, w, *eps)?,
-            (Norm::Layer { w, b, eps }, false) if grad => {
-                candle_nn::ops::layer_norm_slow(&xf, w, b, *eps)?
+        let xf = x.to_dtype(DType::F32)?;
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let fast = fused::supported(&xf);
+        let y = match self {
+            Norm::Layer { w, b, eps } if fast => fused::layer_norm(&xf, &f32(w)?, &f32(b)?, *eps)?,
+            Norm::Layer { w, b, eps } => {
+                candle_nn::ops::layer_norm_slow(&xf, &f32(w)?, &f32(b)?, *eps)?
             }
-            (Norm::Rms { w, eps }, false) if grad => candle_nn::ops::rms_norm_slow(&xf, w, *eps)?,
-            (Norm::Layer { w, b, eps }, false) => candle_nn::ops::layer_norm(&xf, w, b, *eps)?,
-            (Norm::Rms { w, eps }, false) => candle_nn::ops::rms_norm(&xf, w, *eps)?,
+            Norm::Rms { w, eps } if fast => fused::rms_norm(&xf, &f32(w)?, *eps)?,
+            Norm::Rms { w, eps } => candle_nn::ops::rms_norm_slow(&xf, &f32(w)?, *eps)?,
         };
         Ok(y.to_dtype(dtype)?)
     }

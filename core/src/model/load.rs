@@ -119,9 +119,6 @@ impl Builder<'_> {
     fn w(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.src.get(name, shape, self.dtype, self.device)
     }
-    fn f32(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.src.get(name, shape, DType::F32, self.device)
-    }
     fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
         let b = if bias {
             Some(self.w(&format!("{prefix}.bias"), &[out])?)
@@ -146,14 +143,14 @@ impl Builder<'_> {
     }
     fn layer_norm(&self, prefix: &str, d: usize, eps: f64) -> Result<Norm> {
         Ok(Norm::Layer {
-            w: self.f32(&format!("{prefix}.weight"), &[d])?,
-            b: self.f32(&format!("{prefix}.bias"), &[d])?,
+            w: self.w(&format!("{prefix}.weight"), &[d])?,
+            b: self.w(&format!("{prefix}.bias"), &[d])?,
             eps: eps as f32,
         })
     }
     fn rms_norm(&self, prefix: &str, d: usize, eps: f64) -> Result<Norm> {
         Ok(Norm::Rms {
-            w: self.f32(&format!("{prefix}.weight"), &[d])?,
+            w: self.w(&format!("{prefix}.weight"), &[d])?,
             eps: eps as f32,
         })
     }
