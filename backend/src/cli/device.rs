@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use loci_core::edit::{RewriteRequest, RomeHparams};
+use loci_core::predict::top_k;
 use loci_core::trace::{NoiseSpec, Quiet, TraceKind, TraceRequest};
 use loci_core::{DType, Device, LoadedModel};
 use serde::Serialize;
@@ -72,26 +73,17 @@ fn probs(lm: &LoadedModel) -> Result<Vec<Vec<f32>>> {
         .collect()
 }
 
-fn top2(p: &[f32]) -> (usize, f32, f32) {
-    let (mut i1, mut p1, mut p2) = (0, f32::NEG_INFINITY, f32::NEG_INFINITY);
-    for (i, &x) in p.iter().enumerate() {
-        if x > p1 {
-            (i1, p2, p1) = (i, p1, x);
-        } else if x > p2 {
-            p2 = x;
-        }
-    }
-    (i1, p1, p2)
-}
-
 /// Prompts whose top-1 token differs from the CPU's, among those where the CPU's top-1 leads by
 /// more than twice the tolerance (a near tie may flip in reduced precision without any fault).
 fn top1_mismatches(want: &[Vec<f32>], got: &[Vec<f32>], tol: f32) -> f32 {
     want.iter()
         .zip(got)
         .filter(|(w, g)| {
-            let (i, p1, p2) = top2(w);
-            p1 - p2 > 2.0 * tol && top2(g).0 != i
+            let (best, lead) = match top_k(w, 2)[..] {
+                [(i, p1), (_, p2)] => (i, p1 - p2),
+                _ => return false,
+            };
+            lead > 2.0 * tol && top_k(g, 1).first().map(|t| t.0) != Some(best)
         })
         .count() as f32
 }
