@@ -1,5 +1,6 @@
 //! Model editing: key statistics and ROME.
 
+mod file;
 pub mod linalg;
 pub mod report;
 pub mod rome;

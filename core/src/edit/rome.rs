@@ -191,50 +191,29 @@ impl RomeEdit {
             hparams: self.hparams.clone(),
             stats: self.stats.clone(),
         };
-        let info = std::collections::HashMap::from([(
-            "loci_rome_edit".to_string(),
-            serde_json::to_string(&meta).expect("serialises"),
-        )]);
-        let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
-        let (lb, rb) = (bytes(&self.left), bytes(&self.right));
-        fn view(b: &[u8], n: usize) -> Result<safetensors::tensor::TensorView<'_>> {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n], b)
-                .map_err(|e| LociError::model(e.to_string()))
-        }
-        safetensors::serialize(
-            [
-                ("left", view(&lb, self.left.len())?),
-                ("right", view(&rb, self.right.len())?),
+        super::file::write(
+            "loci_rome_edit",
+            &meta,
+            &[
+                ("left", &[self.left.len()], &self.left),
+                ("right", &[self.right.len()], &self.right),
             ],
-            Some(info),
         )
-        .map_err(|e| LociError::model(format!("writing the edit: {e}")))
     }
 
     pub fn from_bytes(data: &[u8]) -> Result<Self> {
         let bad = |e: String| LociError::input(format!("not a Loci edit file: {e}"));
-        let (_, header) =
-            safetensors::SafeTensors::read_metadata(data).map_err(|e| bad(e.to_string()))?;
-        let meta = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("loci_rome_edit"))
-            .ok_or_else(|| bad("no edit metadata".into()))?;
-        let meta: EditMeta = serde_json::from_str(meta).map_err(|e| bad(e.to_string()))?;
-        let st = safetensors::SafeTensors::deserialize(data).map_err(|e| bad(e.to_string()))?;
+        let (meta, file): (EditMeta, _) =
+            super::file::read(data, "loci_rome_edit", "no edit metadata", bad)?;
         let vec = |name: &str| -> Result<Vec<f32>> {
-            let t = st.tensor(name).map_err(|e| bad(e.to_string()))?;
-            if t.dtype() != safetensors::Dtype::F32 || t.shape().len() != 1 {
-                return Err(bad(format!("{name} is not an f32 vector")));
+            match file.f32(name)? {
+                (v, shape) if shape.len() == 1 => Ok(v),
+                _ => Err(file.bad(format!("{name} is not an f32 vector"))),
             }
-            Ok(t.data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect())
         };
         let (left, right) = (vec("left")?, vec("right")?);
         if left.iter().chain(&right).any(|x| !x.is_finite()) {
-            return Err(bad("NaN or infinite values".into()));
+            return Err(file.bad("NaN or infinite values".into()));
         }
         Ok(Self {
             layer: meta.layer,

@@ -197,48 +197,27 @@ impl KeyStats {
 
     /// The statistics as safetensors bytes, provenance in the header's metadata.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let meta = std::collections::HashMap::from([(
-            "loci_stats".to_string(),
-            serde_json::to_string(&self.provenance).expect("provenance serialises"),
-        )]);
         let data = self
             .mom2
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let view = safetensors::tensor::TensorView::new(
-            safetensors::Dtype::F32,
-            self.mom2.dims().to_vec(),
-            &bytes,
+        super::file::write(
+            "loci_stats",
+            &self.provenance,
+            &[("mom2", self.mom2.dims(), &data)],
         )
-        .map_err(|e| LociError::model(format!("statistics tensor: {e}")))?;
-        safetensors::serialize([("mom2", view)], Some(meta))
-            .map_err(|e| LociError::model(format!("writing statistics: {e}")))
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let bad = |e: String| LociError::model(format!("not a Loci statistics file: {e}"));
-        let (_, meta) =
-            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
-        let prov = meta
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("loci_stats"))
-            .ok_or_else(|| bad("no provenance".into()))?;
-        let provenance: StatsProvenance =
-            serde_json::from_str(prov).map_err(|e| bad(e.to_string()))?;
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
-        let t = st.tensor("mom2").map_err(|e| bad(e.to_string()))?;
+        let (provenance, file): (StatsProvenance, _) =
+            super::file::read(bytes, "loci_stats", "no provenance", bad)?;
         let d = provenance.d_ff;
-        if t.shape() != [d, d] || t.dtype() != safetensors::Dtype::F32 {
-            return Err(bad(format!("mom2 has shape {:?}", t.shape())));
+        let (data, shape) = file.f32("mom2")?;
+        if shape != [d, d] {
+            return Err(file.bad(format!("mom2 has shape {shape:?}")));
         }
-        let data: Vec<f32> = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
         Ok(Self {
             provenance,
             mom2: Tensor::from_vec(data, (d, d), &Device::Cpu)?,
