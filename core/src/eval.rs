@@ -53,22 +53,12 @@ pub fn parse_cases(text: &str) -> Result<Vec<CounterFactCase>> {
                 return serde_json::from_value(v).map_err(json);
             }
             let r: EasyEditRecord = serde_json::from_value(v).map_err(json)?;
-            let prompt = r.prompt.replacen(&r.subject, "{}", 1);
-            if !prompt.contains("{}") {
-                return Err(LociError::input(format!(
-                    "case {}: the subject is not in the prompt",
-                    r.case_id
-                )));
-            }
+            let mut rewrite = RewriteRequest::from_prompt(&r.prompt, &r.subject, &r.target_new)
+                .map_err(|e| LociError::input(format!("case {}: {e}", r.case_id)))?;
+            rewrite.target_true = Some(TargetStr::new(r.ground_truth));
             Ok(CounterFactCase {
                 case_id: r.case_id,
-                requested_rewrite: RewriteRequest {
-                    prompt,
-                    subject: r.subject,
-                    target_new: TargetStr::new(r.target_new),
-                    target_true: Some(TargetStr::new(r.ground_truth)),
-                    relation_id: None,
-                },
+                requested_rewrite: rewrite,
                 paraphrase_prompts: r.rephrase_prompt.into_iter().collect(),
                 neighborhood_prompts: r.locality_prompt.into_iter().collect(),
                 attribute_prompts: vec![],

@@ -66,13 +66,10 @@ fn eiffel_tower_moves_to_rome() {
         st.provenance.tokens,
         t0.elapsed().as_secs_f64()
     );
-    let req = RewriteRequest {
-        prompt: "{} is located in the city of".into(),
-        subject: "Eiffel Tower".into(),
-        target_new: TargetStr::new("Rome"),
-        target_true: Some(TargetStr::new("Paris")),
-        relation_id: None,
-    };
+    let mut req =
+        RewriteRequest::from_prompt("{} is located in the city of", "Eiffel Tower", "Rome")
+            .unwrap();
+    req.target_true = Some(TargetStr::new("Paris"));
     let t1 = Instant::now();
     let edit = lm
         .rome(&req, &RomeHparams::at_layer(layer), Some(&st))
@@ -199,13 +196,8 @@ fn the_rank_one_delta_is_the_closed_form_and_bad_requests_change_nothing() {
         acc.add_text(&lm, &t).unwrap();
     }
     let st = acc.finish(&lm, "test").unwrap().pop().unwrap();
-    let req = RewriteRequest {
-        prompt: "{} is located in the city of".into(),
-        subject: "Eiffel Tower".into(),
-        target_new: TargetStr::new("Rome"),
-        target_true: None,
-        relation_id: None,
-    };
+    let req = RewriteRequest::from_prompt("{} is located in the city of", "Eiffel Tower", "Rome")
+        .unwrap();
     let mut hp = RomeHparams::at_layer(layer);
     hp.v_num_grad_steps = 5;
     let w0 = lm.model.down_proj(layer).unwrap().weight.clone();
@@ -416,13 +408,9 @@ fn worker_threads_give_the_same_statistics_and_edit() {
         let mut acc = StatsAccumulator::new(&lm, &[2], 64).unwrap();
         acc.add_texts(&lm, &texts).unwrap();
         let st = acc.finish(&lm, "test").unwrap().pop().unwrap();
-        let req = RewriteRequest {
-            prompt: "{} is located in the city of".into(),
-            subject: "Eiffel Tower".into(),
-            target_new: TargetStr::new("Rome"),
-            target_true: None,
-            relation_id: None,
-        };
+        let req =
+            RewriteRequest::from_prompt("{} is located in the city of", "Eiffel Tower", "Rome")
+                .unwrap();
         let mut hp = RomeHparams::at_layer(2);
         hp.v_num_grad_steps = 6;
         let e = lm.rome(&req, &hp, Some(&st)).unwrap();
