@@ -491,6 +491,137 @@ fn stats_then_edit_reports_before_and_after() {
 }
 
 #[test]
+fn memit_edits_several_facts_at_once_and_its_file_reapplies() {
+    let dir = std::env::temp_dir().join(format!("loci-memit-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let corpus = root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
+    let model = tiny("tiny-gpt2");
+    let requests = dir.join("requests.json");
+    std::fs::write(
+        &requests,
+        r#"[{"prompt": "{} is located in the city of", "subject": "Eiffel Tower",
+             "target_new": {"str": "Rome"}, "target_true": {"str": "Paris"}},
+            {"prompt": "{} plays the sport of", "subject": "Michael Jordan",
+             "target_new": {"str": "soccer"}}]"#,
+    )
+    .unwrap();
+    let edit_file = dir.join("memit.safetensors");
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_loci"))
+            .args(["edit", "--model", &model, "--v-steps", "4"])
+            .args(extra)
+            .arg("--request")
+            .arg(&requests)
+            .arg("--stats")
+            .arg(dir.join("stats"))
+            .arg("--corpus")
+            .arg(&corpus)
+            .args(["--stats-tokens", "2000"])
+            .output()
+            .unwrap()
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
+        .args([
+            "edit", "--model", &model, "--method", "memit", "--layers", "1,2",
+        ])
+        .args(["--v-steps", "4", "--json", "--stats-tokens", "2000"])
+        .arg("--request")
+        .arg(&requests)
+        .arg("--stats")
+        .arg(dir.join("stats"))
+        .arg("--corpus")
+        .arg(&corpus)
+        .arg("--save-edit")
+        .arg(&edit_file)
+        .args(["--neighborhood", "The Louvre is located in the city of"])
+        .output()
+        .unwrap();
+    let v = json(&out);
+    assert_eq!(v["layers"], serde_json::json!([1, 2]));
+    let reqs = v["requests"].as_array().unwrap();
+    assert_eq!(reqs.len(), 2);
+    assert!(
+        reqs[1]["request"]["target_true"]["str"].is_string(),
+        "defaults to the current top-1"
+    );
+    for r in reqs {
+        let p = |side: &str| r[side]["rewrite"]["target_new"].as_f64().unwrap();
+        assert!(p("after") > p("before"), "{r}");
+        assert_eq!(r["after"]["neighborhood"].as_array().unwrap().len(), 1);
+        assert_eq!(r["generations"]["after"].as_array().unwrap().len(), 1);
+    }
+    assert_eq!(v["delta_norms"].as_array().unwrap().len(), 2);
+    assert!(dir.join("stats/layer1.safetensors").exists());
+
+    // The saved edit re-applies (both facts move); MEMIT and ROME edits stack.
+    let prompt = "Michael Jordan plays the sport of";
+    let top = |extra: &[&std::path::Path]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_loci"));
+        c.args([
+            "predict", "--model", &model, "--prompt", prompt, "--top", "50", "--json",
+        ]);
+        for f in extra {
+            c.arg("--apply-edit").arg(f);
+        }
+        json(&c.output().unwrap())["top"].clone()
+    };
+    assert_ne!(top(&[&edit_file]), top(&[]));
+    assert_ne!(top(&[&edit_file, &edit_file]), top(&[&edit_file]));
+
+    // ROME takes one fact; the layer options belong to their methods.
+    let out = run(&["--layer", "2"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("one fact at a time"));
+    let out = run(&["--method", "memit", "--layer", "2"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--layers"));
+    let out = run(&["--method", "memit", "--layers", "1,9"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("out of range"));
+    let out = run(&["--method", "memit", "--layers", "2,1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ascending"));
+
+    // CounterFact cases, several per MEMIT edit.
+    let data = root().join("../shared/data/counterfact/counterfact_rome_format_sample500.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
+        .args([
+            "eval", "--model", &model, "--method", "memit", "--layers", "1,2",
+        ])
+        .args([
+            "--n",
+            "3",
+            "--batch",
+            "2",
+            "--v-steps",
+            "2",
+            "--no-generation",
+        ])
+        .args(["--summary", "--out"])
+        .arg(dir.join("memit.jsonl"))
+        .arg("--dataset")
+        .arg(&data)
+        .arg("--stats")
+        .arg(dir.join("stats"))
+        .output()
+        .unwrap();
+    let s = json(&out);
+    // The third case does not fit the tiny model's context: reported, and skipped.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("case 819: the prompt has"));
+    assert_eq!(s["cases"], 2);
+    let v = s["efficacy_score"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&v));
+    let lines = std::fs::read_to_string(dir.join("memit.jsonl")).unwrap();
+    let secs: Vec<f64> = lines
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["edit_seconds"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(secs.len(), 2);
+    assert_eq!(secs[0], secs[1], "the two cases share one edit");
+}
+
+#[test]
 fn eval_applies_and_undoes_every_case() {
     let dir = std::env::temp_dir().join(format!("loci-eval-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -503,19 +503,63 @@ impl LoadedModel {
         let edit_seconds = crate::clock::now_seconds() - started;
         let post = self.score_case(case, generate);
         self.undo_edit(applied)?;
-        let post = post?;
-        let mut metrics = case_metrics(&pre, &post);
-        if let Some(c) = consistency {
-            metrics.consistency_pre = c.score(case, &pre.generations);
-            metrics.consistency_post = c.score(case, &post.generations);
-        }
-        Ok(CaseRecord {
-            case_id: case.case_id,
-            request: case.requested_rewrite.clone(),
-            metrics,
-            pre,
-            post,
-            edit_seconds,
-        })
+        Ok(record(case, pre, post?, edit_seconds, consistency))
+    }
+
+    /// Scores a batch of cases, applies one MEMIT edit of all their rewrites, scores each again
+    /// and undoes the edit (the model ends bit-identical to how it started, also on error).
+    /// `edit_seconds` is the batch's edit time shared over its cases.
+    pub fn eval_memit_batch(
+        &mut self,
+        cases: &[CounterFactCase],
+        hp: &crate::edit::MemitHparams,
+        stats: &[crate::edit::KeyStats],
+        generate: bool,
+        consistency: Option<&Consistency>,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Vec<CaseRecord>> {
+        let pre = cases
+            .iter()
+            .map(|c| self.score_case(c, generate))
+            .collect::<Result<Vec<_>>>()?;
+        let started = crate::clock::now_seconds();
+        let reqs: Vec<RewriteRequest> = cases.iter().map(|c| c.requested_rewrite.clone()).collect();
+        let edit = self.memit(&reqs, hp, stats, progress)?;
+        let applied = self.apply(&crate::edit::Edit::Memit(edit))?;
+        let edit_seconds = (crate::clock::now_seconds() - started) / cases.len() as f64;
+        let post = cases
+            .iter()
+            .map(|c| self.score_case(c, generate))
+            .collect::<Result<Vec<_>>>();
+        self.undo_edit(applied)?;
+        Ok(cases
+            .iter()
+            .zip(pre)
+            .zip(post?)
+            .map(|((case, pre), post)| record(case, pre, post, edit_seconds, consistency))
+            .collect())
+    }
+}
+
+/// A case's record from its scores before and after.
+fn record(
+    case: &CounterFactCase,
+    pre: CaseScores,
+    post: CaseScores,
+    edit_seconds: f64,
+    consistency: Option<&Consistency>,
+) -> CaseRecord {
+    let mut metrics = case_metrics(&pre, &post);
+    if let Some(c) = consistency {
+        metrics.consistency_pre = c.score(case, &pre.generations);
+        metrics.consistency_post = c.score(case, &post.generations);
+    }
+    CaseRecord {
+        case_id: case.case_id,
+        request: case.requested_rewrite.clone(),
+        metrics,
+        pre,
+        post,
+        edit_seconds,
     }
 }

@@ -1,4 +1,4 @@
-//! `loci stats` and `loci edit`: key statistics and ROME edits from the command line.
+//! `loci stats` and `loci edit`: key statistics and ROME / MEMIT edits from the command line.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -7,8 +7,10 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use loci_core::edit::{
-    EditSide, KeyMode, KeyStats, Probes, RewriteRequest, RomeHparams, StatsAccumulator, TargetStr,
+    EditSide, KeyMode, KeyStats, MemitHparams, Probes, RewriteRequest, RomeHparams,
+    StatsAccumulator, TargetStr,
 };
+use loci_core::eval::parse_cases;
 use loci_core::LoadedModel;
 
 use super::{print_json, ModelArgs};
@@ -210,6 +212,19 @@ impl StatsSource {
         }
         load_stats(lm, &dir, layer)
     }
+
+    /// The statistics of several layers; the missing ones are collected in one pass.
+    pub fn ensure_layers(&self, lm: &LoadedModel, layers: &[usize]) -> Result<Vec<KeyStats>> {
+        let dir = stats_dir(lm, self.dir.as_deref());
+        if layers.iter().any(|&l| !stats_file(&dir, l).exists()) {
+            let corpus = match &self.corpus {
+                Some(c) => c.clone(),
+                None => default_corpus()?,
+            };
+            collect(lm, layers, &corpus, self.stats_tokens, 1024, &dir)?;
+        }
+        layers.iter().map(|&l| load_stats(lm, &dir, l)).collect()
+    }
 }
 
 /// The shipped hyper-parameters for this model, at `layer` when given.
@@ -225,6 +240,23 @@ pub fn hparams(lm: &LoadedModel, layer: Option<usize>) -> Result<RomeHparams> {
     }
 }
 
+/// MEMIT's shipped hyper-parameters for this model, at `layers` when given.
+pub fn memit_hparams(lm: &LoadedModel, layers: &[usize]) -> Result<MemitHparams> {
+    let n = lm.model.n_layer();
+    if let Some(l) = layers.iter().find(|&&l| l >= n) {
+        bail!("layer {l} out of range (the model has {n} layers)");
+    }
+    match (MemitHparams::for_model(&lm.model.cfg), layers.is_empty()) {
+        (Some(hp), true) => Ok(hp),
+        (Some(mut hp), false) => {
+            hp.layers = layers.to_vec();
+            Ok(hp)
+        }
+        (None, false) => Ok(MemitHparams::at_layers(layers.to_vec())),
+        (None, true) => bail!("Loci has no default MEMIT layers for this model; pass --layers"),
+    }
+}
+
 pub fn load_stats(lm: &LoadedModel, dir: &Path, layer: usize) -> Result<KeyStats> {
     let f = stats_file(dir, layer);
     let bytes = std::fs::read(&f).with_context(|| format!("reading statistics {}", f.display()))?;
@@ -237,9 +269,10 @@ pub fn load_stats(lm: &LoadedModel, dir: &Path, layer: usize) -> Result<KeyStats
 pub struct EditArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// A CounterFact `requested_rewrite` object (JSON text or a file holding it).
+    /// A CounterFact `requested_rewrite` object, a list of them, or CounterFact records (JSON
+    /// text or a file holding it); repeatable. MEMIT edits them all at once.
     #[arg(long, conflicts_with_all = ["prompt", "subject", "target"])]
-    pub request: Option<String>,
+    pub request: Vec<String>,
     /// The prompt with the subject in it (or `{}` where the subject goes).
     #[arg(long, requires_all = ["subject", "target"])]
     pub prompt: Option<String>,
@@ -251,9 +284,15 @@ pub struct EditArgs {
     /// The old target (default: the model's current top-1).
     #[arg(long)]
     pub target_true: Option<String>,
-    /// The edited layer (default: Loci's shipped hyper-parameters for this model).
+    /// rome (one fact, one layer) or memit (many facts, several layers).
+    #[arg(long, default_value = "rome")]
+    pub method: String,
+    /// ROME's edited layer (default: Loci's shipped hyper-parameters for this model).
     #[arg(long)]
     pub layer: Option<usize>,
+    /// MEMIT's edited layers, e.g. 3,4,5,6,7,8 (default: the shipped hyper-parameters).
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Vec<usize>,
     #[command(flatten)]
     pub stats: StatsSource,
     /// original (the paper's code) or rrome (the fixed key, default).
@@ -277,33 +316,76 @@ pub struct EditArgs {
     pub json: bool,
 }
 
-fn request(a: &EditArgs, lm: &LoadedModel) -> Result<RewriteRequest> {
-    let req: RewriteRequest = match &a.request {
-        Some(r) => {
-            let text = if Path::new(r).exists() {
-                std::fs::read_to_string(r)?
-            } else {
-                r.clone()
-            };
-            serde_json::from_str(&text).context("--request is not a requested_rewrite object")?
-        }
-        None => {
-            let mut req = RewriteRequest::from_prompt(
-                a.prompt.as_deref().unwrap_or_default(),
-                a.subject.as_deref().unwrap_or_default(),
-                a.target.as_deref().unwrap_or_default(),
-            )?;
-            req.target_true = a.target_true.clone().map(TargetStr::new);
-            req
-        }
-    };
-    Ok(lm.complete_request(req)?)
+/// Requests from JSON: one `requested_rewrite`, a list of them, or CounterFact records.
+pub fn parse_requests(text: &str) -> Result<Vec<RewriteRequest>> {
+    if let Ok(r) = serde_json::from_str::<RewriteRequest>(text) {
+        return Ok(vec![r]);
+    }
+    if let Ok(rs) = serde_json::from_str::<Vec<RewriteRequest>>(text) {
+        return Ok(rs);
+    }
+    let cases = parse_cases(text)
+        .context("not a requested_rewrite object, a list of them, or CounterFact records")?;
+    Ok(cases.into_iter().map(|c| c.requested_rewrite).collect())
+}
+
+fn requests(a: &EditArgs, lm: &LoadedModel) -> Result<Vec<RewriteRequest>> {
+    let mut reqs = vec![];
+    for r in &a.request {
+        let text = if Path::new(r).exists() {
+            std::fs::read_to_string(r).with_context(|| format!("reading {r}"))?
+        } else {
+            r.clone()
+        };
+        reqs.extend(parse_requests(&text).context("--request")?);
+    }
+    if a.request.is_empty() {
+        let mut req = RewriteRequest::from_prompt(
+            a.prompt.as_deref().unwrap_or_default(),
+            a.subject.as_deref().unwrap_or_default(),
+            a.target.as_deref().unwrap_or_default(),
+        )?;
+        req.target_true = a.target_true.clone().map(TargetStr::new);
+        reqs.push(req);
+    }
+    if reqs.is_empty() {
+        bail!("no request to edit");
+    }
+    reqs.into_iter()
+        .map(|r| Ok(lm.complete_request(r)?))
+        .collect()
 }
 
 pub fn edit(a: EditArgs) -> Result<()> {
+    match a.method.as_str() {
+        "rome" => rome(a),
+        "memit" => memit(a),
+        other => bail!("--method {other:?}: use rome or memit"),
+    }
+}
+
+fn probes(a: &EditArgs) -> Probes {
+    Probes {
+        paraphrase: a.paraphrase.clone(),
+        neighborhood: a.neighborhood.clone(),
+        generate_tokens: 20,
+    }
+}
+
+fn rome(a: EditArgs) -> Result<()> {
     let started = Instant::now();
+    if !a.layers.is_empty() {
+        bail!("--layers is for --method memit; ROME edits one --layer");
+    }
     let mut lm = a.model.load()?;
-    let req = request(&a, &lm)?;
+    let mut reqs = requests(&a, &lm)?;
+    if reqs.len() != 1 {
+        bail!(
+            "ROME edits one fact at a time ({} given); use --method memit to edit them together",
+            reqs.len()
+        );
+    }
+    let req = reqs.remove(0);
     let mut hp = hparams(&lm, a.layer)?;
     hp.key_mode = match a.key_mode.as_str() {
         "rrome" => KeyMode::Rrome,
@@ -321,12 +403,7 @@ pub fn edit(a: EditArgs) -> Result<()> {
         );
     }
     let stats = a.stats.ensure(&lm, layer)?;
-    let probes = Probes {
-        paraphrase: a.paraphrase.clone(),
-        neighborhood: a.neighborhood.clone(),
-        generate_tokens: 20,
-    };
-    let (e, _applied, mut report) = lm.rome_with_report(req, &hp, Some(&stats), &probes)?;
+    let (e, _applied, mut report) = lm.rome_with_report(req, &hp, Some(&stats), &probes(&a))?;
     if let Some(p) = &a.save_edit {
         std::fs::write(p, e.to_bytes()?).with_context(|| format!("writing {}", p.display()))?;
     }
@@ -368,5 +445,78 @@ pub fn edit(a: EditArgs) -> Result<()> {
         println!("before: {b}\nafter:  {a}");
     }
     println!("‖ΔW‖ = {:.3}, {:.1} s", report.delta_norm, report.seconds);
+    Ok(())
+}
+
+fn memit(a: EditArgs) -> Result<()> {
+    let started = Instant::now();
+    if a.layer.is_some() {
+        bail!("--layer is for ROME; MEMIT edits --layers L1,L2,...");
+    }
+    let mut lm = a.model.load()?;
+    let reqs = requests(&a, &lm)?;
+    let mut hp = memit_hparams(&lm, &a.layers)?;
+    if let Some(s) = a.v_steps {
+        hp.v_num_grad_steps = s;
+    }
+    let stats = a.stats.ensure_layers(&lm, &hp.layers)?;
+    let pb = ProgressBar::new_spinner();
+    pb.enable_steady_tick(std::time::Duration::from_millis(200));
+    let (e, _applied, mut report) =
+        lm.memit_with_report(reqs, &hp, &stats, &probes(&a), &mut |m| {
+            pb.set_message(format!("MEMIT: {m}"))
+        })?;
+    pb.finish_and_clear();
+    if let Some(p) = &a.save_edit {
+        std::fs::write(p, e.to_bytes()?).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(dir) = &a.save_model {
+        lm.save_hf_folder(dir)?;
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    if a.json {
+        return print_json(&report);
+    }
+    println!(
+        "MEMIT: {} facts over layers {:?}",
+        report.requests.len(),
+        report.layers
+    );
+    for r in &report.requests {
+        let old = r
+            .request
+            .target_true
+            .as_ref()
+            .map(|t| t.str.as_str())
+            .unwrap_or("");
+        println!(
+            "{:?}: p(new {:?}) {:.4} → {:.4}, p(true {old:?}) {:.4} → {:.4}",
+            r.request.filled(),
+            r.request.target_new.str,
+            r.before.rewrite.target_new,
+            r.after.rewrite.target_new,
+            r.before.rewrite.target_true,
+            r.after.rewrite.target_true
+        );
+        for (b, af) in r.before.neighborhood.iter().zip(&r.after.neighborhood) {
+            println!(
+                "  {:?}: new {:.4} → {:.4}, true {:.4} → {:.4}",
+                b.prompt, b.target_new, af.target_new, b.target_true, af.target_true
+            );
+        }
+        for g in &r.generations.after {
+            println!("  after: {g}");
+        }
+    }
+    let norms: Vec<String> = report
+        .delta_norms
+        .iter()
+        .map(|n| format!("{n:.3}"))
+        .collect();
+    println!(
+        "‖ΔW‖ per layer: {}, {:.1} s",
+        norms.join(", "),
+        report.seconds
+    );
     Ok(())
 }

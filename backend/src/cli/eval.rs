@@ -1,13 +1,15 @@
-//! `loci eval`: ROME on CounterFact cases, each applied and undone, with ROME's and Hase's metrics.
+//! `loci eval`: ROME or MEMIT on CounterFact cases, each edit applied and undone, with ROME's and
+//! Hase's metrics.
 
 use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use loci_core::eval::{parse_cases, summarize, AttributeSnippets, Consistency};
+use loci_core::edit::{KeyStats, MemitHparams, RomeHparams};
+use loci_core::eval::{parse_cases, summarize, AttributeSnippets, CaseRecord, Consistency};
 
-use super::edit::{hparams, StatsSource};
+use super::edit::{hparams, memit_hparams, StatsSource};
 use super::{print_json, ModelArgs};
 
 #[derive(clap::Args, Debug)]
@@ -17,12 +19,18 @@ pub struct EvalArgs {
     /// CounterFact cases: ROME's format or EasyEdit's flattened records.
     #[arg(long)]
     pub dataset: PathBuf,
-    /// Editing method (rome).
+    /// Editing method: rome (one case at a time) or memit (`--batch` cases per edit).
     #[arg(long, default_value = "rome")]
     pub method: String,
-    /// The edited layer (default: Loci's shipped hyper-parameters for this model).
+    /// ROME's edited layer (default: Loci's shipped hyper-parameters for this model).
     #[arg(long)]
     pub layer: Option<usize>,
+    /// MEMIT's edited layers, e.g. 3,4,5,6,7,8 (default: the shipped hyper-parameters).
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Vec<usize>,
+    /// MEMIT: cases written by one edit (each batch is applied, scored and undone).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     /// Evaluate the first N cases.
     #[arg(long)]
     pub n: Option<usize>,
@@ -45,17 +53,45 @@ pub struct EvalArgs {
     pub snippets: Option<PathBuf>,
 }
 
-fn bits(lm: &loci_core::LoadedModel, layer: usize) -> Result<Vec<u32>> {
-    let w = lm
-        .model
-        .down_proj(layer)?
-        .weight
-        .to_dtype(loci_core::DType::F32)?;
-    Ok(w.flatten_all()?
-        .to_vec1::<f32>()?
-        .iter()
-        .map(|x| x.to_bits())
-        .collect())
+/// The edited layers' weights, bit for bit.
+fn bits(lm: &loci_core::LoadedModel, layers: &[usize]) -> Result<Vec<u32>> {
+    let mut out = vec![];
+    for &layer in layers {
+        let w = lm
+            .model
+            .down_proj(layer)?
+            .weight
+            .to_dtype(loci_core::DType::F32)?;
+        out.extend(
+            w.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|x| x.to_bits()),
+        );
+    }
+    Ok(out)
+}
+
+/// The configured method with its hyper-parameters and statistics.
+enum Method {
+    Rome(RomeHparams, KeyStats),
+    Memit(MemitHparams, Vec<KeyStats>),
+}
+
+impl Method {
+    fn layers(&self) -> Vec<usize> {
+        match self {
+            Method::Rome(hp, _) => vec![hp.layer],
+            Method::Memit(hp, _) => hp.layers.clone(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Method::Rome(hp, _) => format!("ROME at layer {}", hp.layer),
+            Method::Memit(hp, _) => format!("MEMIT at layers {:?}", hp.layers),
+        }
+    }
 }
 
 /// The snippets, and IDF weights fitted on the corpus (one document per text).
@@ -79,8 +115,8 @@ fn consistency(snippets: &std::path::Path, src: &StatsSource) -> Result<Consiste
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
-    if a.method != "rome" {
-        bail!("--method {:?}: only rome is implemented so far", a.method);
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
     }
     let mut lm = a.model.load()?;
     let text = std::fs::read_to_string(&a.dataset)
@@ -92,18 +128,38 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     if cases.is_empty() {
         bail!("no cases in {}", a.dataset.display());
     }
-    let mut hp = hparams(&lm, a.layer)?;
-    if let Some(s) = a.v_steps {
-        hp.v_num_grad_steps = s;
-    }
-    let layer = hp.layer;
-    let stats = a.stats.ensure(&lm, layer)?;
+    let method = match a.method.as_str() {
+        "rome" => {
+            if !a.layers.is_empty() || a.batch != 1 {
+                bail!("--layers and --batch are for --method memit");
+            }
+            let mut hp = hparams(&lm, a.layer)?;
+            if let Some(s) = a.v_steps {
+                hp.v_num_grad_steps = s;
+            }
+            let stats = a.stats.ensure(&lm, hp.layer)?;
+            Method::Rome(hp, stats)
+        }
+        "memit" => {
+            if a.layer.is_some() {
+                bail!("--layer is for ROME; MEMIT edits --layers L1,L2,...");
+            }
+            let mut hp = memit_hparams(&lm, &a.layers)?;
+            if let Some(s) = a.v_steps {
+                hp.v_num_grad_steps = s;
+            }
+            let stats = a.stats.ensure_layers(&lm, &hp.layers)?;
+            Method::Memit(hp, stats)
+        }
+        other => bail!("--method {other:?}: use rome or memit"),
+    };
     let consistency = match &a.snippets {
         Some(p) if !a.no_generation => Some(consistency(p, &a.stats)?),
         Some(_) => bail!("--snippets scores generations: drop --no-generation"),
         None => None,
     };
-    let original = bits(&lm, layer)?;
+    let layers = method.layers();
+    let original = bits(&lm, &layers)?;
     let mut out = match &a.out {
         Some(p) => Some(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
@@ -118,47 +174,62 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         .expect("template"),
     );
     let mut metrics = Vec::new();
-    for case in &cases {
-        let rec = match lm.eval_case(
-            case,
-            &hp,
-            Some(&stats),
-            !a.no_generation,
-            consistency.as_ref(),
-        ) {
+    for chunk in cases.chunks(a.batch) {
+        let generate = !a.no_generation;
+        let records: Result<Vec<CaseRecord>> = match &method {
+            Method::Rome(hp, stats) => lm
+                .eval_case(&chunk[0], hp, Some(stats), generate, consistency.as_ref())
+                .map(|r| vec![r])
+                .map_err(Into::into),
+            Method::Memit(hp, stats) => lm
+                .eval_memit_batch(chunk, hp, stats, generate, consistency.as_ref(), &mut |m| {
+                    pb.set_message(m.to_string())
+                })
+                .map_err(Into::into),
+        };
+        let records = match records {
             Ok(r) => r,
             Err(e) => {
-                pb.println(format!("case {}: {e}", case.case_id));
-                pb.inc(1);
+                let ids: Vec<String> = chunk.iter().map(|c| c.case_id.to_string()).collect();
+                // Through `suspend`: `println` is silent when stderr is not a terminal.
+                pb.suspend(|| eprintln!("case {}: {e}", ids.join(", ")));
+                pb.inc(chunk.len() as u64);
                 continue;
             }
         };
-        let m = &rec.metrics;
-        pb.set_message(format!(
-            "ES {:.0} PS {:.0} NS {:.0}",
-            m.efficacy_score * 100.0,
-            m.paraphrase_score * 100.0,
-            m.neighborhood_score * 100.0
-        ));
-        if let Some(w) = out.as_mut() {
-            writeln!(w, "{}", serde_json::to_string(&rec)?)?;
+        for rec in records {
+            let m = &rec.metrics;
+            pb.set_message(format!(
+                "ES {:.0} PS {:.0} NS {:.0}",
+                m.efficacy_score * 100.0,
+                m.paraphrase_score * 100.0,
+                m.neighborhood_score * 100.0
+            ));
+            if let Some(w) = out.as_mut() {
+                writeln!(w, "{}", serde_json::to_string(&rec)?)?;
+            }
+            metrics.push(rec.metrics);
+            pb.inc(1);
         }
-        metrics.push(rec.metrics);
-        pb.inc(1);
     }
     pb.finish_and_clear();
     if let Some(mut w) = out {
         w.flush()?;
     }
-    if bits(&lm, layer)? != original {
+    if bits(&lm, &layers)? != original {
         bail!("internal error: the model differs from the original after the evaluation");
     }
     let s = summarize(&metrics);
     if a.summary {
         return print_json(&s);
     }
+    let batch = match &method {
+        Method::Memit(..) => format!(", {} per edit", a.batch),
+        Method::Rome(..) => String::new(),
+    };
     println!(
-        "ROME at layer {layer} on {} cases of {}",
+        "{} on {} cases of {}{batch}",
+        method.describe(),
         s.cases,
         a.dataset.display()
     );

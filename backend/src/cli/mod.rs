@@ -82,8 +82,8 @@ impl ModelArgs {
             .with_context(|| format!("loading {}", path.display()))?;
         for f in &self.apply_edit {
             let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-            let edit = loci_core::edit::RomeEdit::from_bytes(&bytes)?;
-            lm.apply_edit(&edit)
+            let edit = loci_core::edit::Edit::from_bytes(&bytes)?;
+            lm.apply(&edit)
                 .with_context(|| format!("applying {}", f.display()))?;
         }
         Ok(lm)

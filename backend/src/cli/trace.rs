@@ -257,7 +257,8 @@ fn run_facts(a: &TraceArgs, lm: &LoadedModel, path: &Path, std: Option<f64>) -> 
         ) {
             Ok(r) => traces.push(r),
             Err(e) => {
-                pb.println(format!("skipping {:?}: {e}", f.prompt));
+                // Through `suspend`: `println` is silent when stderr is not a terminal.
+                pb.suspend(|| eprintln!("skipping {:?}: {e}", f.prompt));
                 skipped += 1;
                 continue;
             }

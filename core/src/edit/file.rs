@@ -83,3 +83,11 @@ impl<B: Fn(String) -> LociError> Read<'_, B> {
         (self.bad)(what)
     }
 }
+
+/// Whether `data` is a safetensors file with `key` in its metadata.
+pub fn has_key(data: &[u8], key: &str) -> bool {
+    SafeTensors::read_metadata(data)
+        .ok()
+        .and_then(|(_, h)| h.metadata().as_ref().map(|m| m.contains_key(key)))
+        .unwrap_or(false)
+}

@@ -1,9 +1,11 @@
-//! One ROME edit with its before/after read-out: what `loci edit`, the server and the web app
-//! show. The model is left edited; the returned `AppliedEdit` undoes it exactly.
+//! An edit with its before/after read-out: what `loci edit`, the server and the web app show.
+//! The model is left edited; the returned `AppliedEdit` undoes it exactly.
 
 use serde::{Deserialize, Serialize};
 
-use super::rome::{AppliedEdit, RewriteRequest, RomeEdit, RomeHparams, TargetStr};
+use super::delta::AppliedEdit;
+use super::memit::{Edit, MemitEdit, MemitHparams};
+use super::rome::{RewriteRequest, RomeEdit, RomeHparams, TargetStr};
 use super::stats::KeyStats;
 use crate::error::{LociError, Result};
 use crate::loader::LoadedModel;
@@ -39,6 +41,26 @@ pub struct EditReport {
     pub generations: Generations,
     pub delta_norm: f32,
     pub v_losses: Vec<f32>,
+    pub seconds: f64,
+}
+
+/// One request of a MEMIT edit, read out before and after.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RequestReport {
+    pub request: RewriteRequest,
+    pub before: EditSide,
+    pub after: EditSide,
+    pub generations: Generations,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MemitReport {
+    pub layers: Vec<usize>,
+    pub requests: Vec<RequestReport>,
+    /// Per layer, ‖ΔW‖.
+    pub delta_norms: Vec<f32>,
+    /// Per request, the z optimisation's losses.
+    pub z_losses: Vec<Vec<f32>>,
     pub seconds: f64,
 }
 
@@ -172,6 +194,64 @@ impl LoadedModel {
             },
             delta_norm: e.delta_norm(),
             v_losses: e.stats.losses.clone(),
+            seconds: crate::clock::now_seconds() - started,
+        };
+        Ok((e, applied, report))
+    }
+}
+
+impl LoadedModel {
+    /// Computes a MEMIT edit of all `reqs`, applies it and reads each request's probes before
+    /// and after (`probes` are read for every request). On error the model is unchanged.
+    pub fn memit_with_report(
+        &mut self,
+        reqs: Vec<RewriteRequest>,
+        hp: &MemitHparams,
+        stats: &[KeyStats],
+        probes: &Probes,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<(MemitEdit, AppliedEdit, MemitReport)> {
+        let started = crate::clock::now_seconds();
+        let reqs = reqs
+            .into_iter()
+            .map(|r| self.complete_request(r))
+            .collect::<Result<Vec<_>>>()?;
+        for p in probes.paraphrase.iter().chain(&probes.neighborhood) {
+            self.encode_prompt(p)?;
+        }
+        let read = |lm: &LoadedModel| -> Result<Vec<(EditSide, Vec<String>)>> {
+            reqs.iter()
+                .map(|r| Ok((lm.edit_side(r, probes)?, lm.probe_generations(r, probes)?)))
+                .collect()
+        };
+        let before = read(self)?;
+        let e = self.memit(&reqs, hp, stats, progress)?;
+        let applied = self.apply(&Edit::Memit(e.clone()))?;
+        let after = match read(self) {
+            Ok(x) => x,
+            Err(err) => {
+                self.undo_edit(applied)?;
+                return Err(err);
+            }
+        };
+        let requests = reqs
+            .into_iter()
+            .zip(before.into_iter().zip(after))
+            .map(|(request, ((before, gb), (after, ga)))| RequestReport {
+                request,
+                before,
+                after,
+                generations: Generations {
+                    before: gb,
+                    after: ga,
+                },
+            })
+            .collect();
+        let report = MemitReport {
+            layers: e.layers.iter().map(|l| l.layer).collect(),
+            requests,
+            delta_norms: e.stats.delta_norms.clone(),
+            z_losses: e.stats.z_losses.clone(),
             seconds: crate::clock::now_seconds() - started,
         };
         Ok((e, applied, report))

@@ -5,6 +5,7 @@ use candle_core::{DType, IndexOp, Tensor, Var, D};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use serde::{Deserialize, Serialize};
 
+use super::delta::{AppliedEdit, LayerDelta};
 use super::stats::KeyStats;
 use crate::error::{LociError, Result};
 use crate::hooks::{Capture, FnHook, Site};
@@ -49,7 +50,7 @@ impl RewriteRequest {
         self.prompt.replacen("{}", &self.subject, 1)
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         if self.prompt.matches("{}").count() != 1 {
             return Err(LociError::input(format!(
                 "the prompt {:?} must contain {{}} exactly once, where the subject goes",
@@ -147,6 +148,31 @@ impl RomeHparams {
     }
 }
 
+/// What v*'s optimisation needs to know: where δ goes and how it is optimised.
+#[derive(Clone, Debug)]
+pub(crate) struct ValueSpec {
+    /// ROME: the MLP output of its layer; MEMIT: the block output of its last layer.
+    pub site: Site,
+    pub steps: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub clamp_norm_factor: f64,
+    pub kl_factor: f64,
+}
+
+impl RomeHparams {
+    pub(crate) fn value_spec(&self) -> ValueSpec {
+        ValueSpec {
+            site: Site::Mlp(self.layer),
+            steps: self.v_num_grad_steps,
+            lr: self.v_lr,
+            weight_decay: self.v_weight_decay,
+            clamp_norm_factor: self.clamp_norm_factor,
+            kl_factor: self.kl_factor,
+        }
+    }
+}
+
 /// An edit is a value: `W ← W + right · leftᵀ` on one layer's down-projection.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct RomeEdit {
@@ -183,6 +209,16 @@ struct EditMeta {
 }
 
 impl RomeEdit {
+    /// The rank-one change to the layer's weights.
+    pub fn delta(&self) -> LayerDelta<'_> {
+        LayerDelta {
+            layer: self.layer,
+            rank: 1,
+            right: &self.right,
+            left: &self.left,
+        }
+    }
+
     /// A small safetensors file: the two vectors, the request and settings in the metadata.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let meta = EditMeta {
@@ -244,14 +280,15 @@ struct ValueGroup {
 struct GroupOut {
     loss: Tensor,
     value: f32,
-    mlp_at_row0: Option<Tensor>,
+    /// The optimised site's activation at row 0's subject-last token, before δ.
+    value_at_row0: Option<Tensor>,
     kl_logp: Option<Tensor>,
 }
 
 /// The state one v* step shares with every group.
 struct ValueStep<'a> {
     lm: &'a LoadedModel,
-    layer: usize,
+    site: Site,
     delta: &'a Tensor,
     n_labels_total: usize,
     kl_init: Option<&'a Tensor>,
@@ -259,18 +296,19 @@ struct ValueStep<'a> {
 }
 
 impl ValueStep<'_> {
-    /// The group's rows from layer `l` up with δ added at each row's subject-last token:
-    /// Σ NLL / (all labels) + the KL term when the group holds the KL row.
+    /// The group's rows from the site's layer up with δ added at the site at each row's
+    /// subject-last token: Σ NLL / (all labels) + the KL term when the group holds the KL row.
     fn forward(&self, g: &ValueGroup) -> Result<GroupOut> {
         let m = &self.lm.model;
-        let (l, d) = (self.layer, m.cfg.d_model);
-        let mut mlp_at_row0: Option<Tensor> = None;
+        let (site, d) = (self.site, m.cfg.d_model);
+        let l = site.layer().expect("v* sites are in a layer");
+        let mut value_at_row0: Option<Tensor> = None;
         let mut hook = FnHook(|s: Site, x: &Tensor| -> Result<Option<Tensor>> {
-            if s != Site::Mlp(l) {
+            if s != site {
                 return Ok(None);
             }
-            if g.first_row && mlp_at_row0.is_none() {
-                mlp_at_row0 = Some(x.i((0, 0))?.to_dtype(DType::F32)?.detach());
+            if g.first_row && value_at_row0.is_none() {
+                value_at_row0 = Some(x.i((0, 0))?.to_dtype(DType::F32)?.detach());
             }
             let add = g
                 .mask
@@ -303,7 +341,7 @@ impl ValueStep<'_> {
         Ok(GroupOut {
             value: loss.to_scalar::<f32>()?,
             loss,
-            mlp_at_row0,
+            value_at_row0,
             kl_logp,
         })
     }
@@ -313,13 +351,6 @@ impl ValueStep<'_> {
 /// holds the KL row, the last, also holds a rewrite row and its labels).
 fn value_groups(rows: usize) -> usize {
     crate::threads::workers().clamp(1, (rows / 2).max(1))
-}
-
-/// An applied edit and the weight it replaced: undo is exact.
-#[derive(Clone, Debug)]
-pub struct AppliedEdit {
-    pub layer: usize,
-    pub original: Tensor,
 }
 
 /// Index of the subject's last token in `template` (holding `{}` for the subject), by tokenizing
@@ -421,6 +452,17 @@ fn gather(x: &Tensor, cells: &[(usize, usize)]) -> Result<Tensor> {
     Ok(x.reshape(((), w))?.index_select(&idx, 0)?)
 }
 
+/// Where a site comes within its layer's forward pass.
+fn site_order(s: Site) -> u8 {
+    match s {
+        Site::Embed => 0,
+        Site::Attn(_) => 1,
+        Site::MlpKey(_) => 2,
+        Site::Mlp(_) => 3,
+        Site::Block(_) => 4,
+    }
+}
+
 struct Texts {
     ids: Vec<Vec<u32>>,
     lookup: Vec<usize>,
@@ -452,18 +494,36 @@ impl LoadedModel {
         layer: usize,
         templates: &[String],
     ) -> Result<Tensor> {
+        Ok(self
+            .subject_states(req, &[Site::MlpKey(layer)], templates)?
+            .remove(0))
+    }
+
+    /// The activations at `sites` at the subject's last token, each averaged over `templates`
+    /// (holding `{}` for the request prompt), in f32; one pass that stops after the last site.
+    pub fn subject_states(
+        &self,
+        req: &RewriteRequest,
+        sites: &[Site],
+        templates: &[String],
+    ) -> Result<Vec<Tensor>> {
         let filled: Vec<String> = templates
             .iter()
             .map(|t| t.replacen("{}", &req.prompt, 1))
             .collect();
         let tx = texts(self, &filled, &req.subject)?;
-        let mut cap = Capture::new([Site::MlpKey(layer)]).stopping_after(Site::MlpKey(layer));
+        let last = *sites
+            .iter()
+            .max_by_key(|s| (s.layer(), site_order(**s)))
+            .ok_or_else(|| LociError::input("no site to read"))?;
+        let mut cap = Capture::new(sites.iter().copied()).stopping_after(last);
         self.model
             .run(&pad_rows(self, &tx.ids, 0)?, &mut cap, None, LogitsAt::Last)?;
         let cells: Vec<(usize, usize)> = tx.lookup.iter().copied().enumerate().collect();
-        Ok(gather(cap.get(Site::MlpKey(layer))?, &cells)?
-            .to_dtype(DType::F32)?
-            .mean(0)?)
+        sites
+            .iter()
+            .map(|&s| Ok(gather(cap.get(s)?, &cells)?.to_dtype(DType::F32)?.mean(0)?))
+            .collect()
     }
 
     /// Computes a ROME edit (does not apply it). `stats` is needed with `mom2_adjustment`.
@@ -526,7 +586,8 @@ impl LoadedModel {
 
         lap("key");
         // v*.
-        let (v_star, losses, delta_norm) = self.compute_v(req, hp, &templates, &target_ids)?;
+        let (v_star, losses, delta_norm) =
+            self.compute_v(req, &hp.value_spec(), &templates, &target_ids)?;
         lap("value");
 
         // The closed form: W' k = v* for the chosen key.
@@ -573,17 +634,24 @@ impl LoadedModel {
         })
     }
 
-    /// The target value v* (spec §4.5): optimise a delta added at the MLP output of the subject's
-    /// last token so the model says the new target, staying close to its old view of the subject.
-    fn compute_v(
+    /// The target value v* (spec §4.5; MEMIT's z, §5.3, at a block's output): optimise a delta
+    /// added at `spec.site` at the subject's last token so the model says the new target,
+    /// staying close to its old view of the subject. Returns (value + δ, losses, ‖δ‖).
+    pub(crate) fn compute_v(
         &self,
         req: &RewriteRequest,
-        hp: &RomeHparams,
+        spec: &ValueSpec,
         templates: &[String],
         target: &[u32],
     ) -> Result<(Tensor, Vec<f32>, f32)> {
         let m = &self.model;
-        let l = hp.layer;
+        let l = spec
+            .site
+            .layer()
+            .filter(|&l| l < m.n_layer())
+            .ok_or_else(|| {
+                LociError::input(format!("v* cannot be optimised at {:?}", spec.site))
+            })?;
         let d = m.cfg.d_model;
         let tgt_prefix = self.tokenizer.decode(&target[..target.len() - 1])?;
         let mut row_templates: Vec<String> = templates
@@ -734,7 +802,7 @@ impl LoadedModel {
         let mut opt = AdamW::new(
             vec![delta.clone()],
             ParamsAdamW {
-                lr: hp.v_lr,
+                lr: spec.lr,
                 beta1: 0.9,
                 beta2: 0.999,
                 eps: 1e-8,
@@ -746,14 +814,14 @@ impl LoadedModel {
         // ‖target_init‖², read back once (each read waits for the device).
         let mut ti_norm2: Option<f64> = None;
         let mut losses = Vec::new();
-        for it in 0..hp.v_num_grad_steps {
+        for it in 0..spec.steps {
             let step = ValueStep {
                 lm: self,
-                layer: l,
+                site: spec.site,
                 delta: delta.as_tensor(),
                 n_labels_total: n_lab,
                 kl_init: kl_init.as_ref(),
-                kl_factor: hp.kl_factor,
+                kl_factor: spec.kl_factor,
             };
             let outs = crate::threads::map(&groups, |g| step.forward(g))
                 .into_iter()
@@ -761,7 +829,7 @@ impl LoadedModel {
             let mut lv = 0f32;
             for o in &outs {
                 lv += o.value;
-                if let Some(x) = &o.mlp_at_row0 {
+                if let Some(x) = &o.value_at_row0 {
                     target_init.get_or_insert_with(|| x.clone());
                 }
                 if let Some(k) = &o.kl_logp {
@@ -777,7 +845,7 @@ impl LoadedModel {
             };
             // ‖δ‖ with a tiny floor: its gradient at δ = 0 is then 0 (as in torch), not 0/0.
             let wd = ((delta.as_tensor().sqr()?.sum_all()? + 1e-24)?.sqrt()?
-                * (hp.v_weight_decay / ti_norm2))?;
+                * (spec.weight_decay / ti_norm2))?;
             lv += wd.to_scalar::<f32>()?;
             if !lv.is_finite() {
                 return Err(LociError::model(format!(
@@ -785,7 +853,7 @@ impl LoadedModel {
                 )));
             }
             losses.push(lv);
-            if lv < 0.05 || it + 1 == hp.v_num_grad_steps {
+            if lv < 0.05 || it + 1 == spec.steps {
                 break;
             }
             let parts = crate::threads::map(&outs, |o| -> Result<Option<Tensor>> {
@@ -804,7 +872,7 @@ impl LoadedModel {
             grads.insert(delta.as_tensor(), total);
             opt.step(&grads)?;
             // Project back into the ball of radius clamp · ‖target_init‖.
-            let max = hp.clamp_norm_factor * ti_norm2.sqrt();
+            let max = spec.clamp_norm_factor * ti_norm2.sqrt();
             let n = delta
                 .as_tensor()
                 .sqr()?
@@ -823,31 +891,6 @@ impl LoadedModel {
 
     /// Applies an edit; keep the returned value to undo it exactly.
     pub fn apply_edit(&mut self, e: &RomeEdit) -> Result<AppliedEdit> {
-        let m = &mut self.model;
-        let (dm, dff) = (m.cfg.d_model, m.cfg.d_ff);
-        if e.left.len() != dff || e.right.len() != dm {
-            return Err(LociError::input(format!(
-                "the edit is for a model with d_model {} and d_ff {}, not {dm} and {dff}",
-                e.right.len(),
-                e.left.len()
-            )));
-        }
-        let original = m.down_proj(e.layer)?.weight.clone();
-        // The outer product is made where the weight lives: on a GPU only 2 vectors travel.
-        let right = Tensor::from_vec(e.right.clone(), (dm, 1), &m.device)?;
-        let left = Tensor::from_vec(e.left.clone(), (1, dff), &m.device)?;
-        let delta = right.matmul(&left)?;
-        let new = (original.to_dtype(DType::F32)? + delta)?.to_dtype(original.dtype())?;
-        m.set_down_proj_weight(e.layer, new)?;
-        Ok(AppliedEdit {
-            layer: e.layer,
-            original,
-        })
-    }
-
-    /// Restores the weight an edit replaced, bit for bit.
-    pub fn undo_edit(&mut self, applied: AppliedEdit) -> Result<()> {
-        self.model
-            .set_down_proj_weight(applied.layer, applied.original)
+        self.apply_deltas(&[e.delta()])
     }
 }

@@ -1,0 +1,569 @@
+//! MEMIT (Meng et al. 2023): many facts at once, the change spread over several layers (spec §5).
+//!
+//! Each request gets a target z for the residual stream after the last edited layer (ROME's v*
+//! optimisation, at the block output); then, layer by layer from the lowest, the remaining gap
+//! `z − h` is split evenly over the layers left and written into that layer's down-projection
+//! with the least-squares update `ΔW = R Kᵀ (λC + K Kᵀ)⁻¹` that keeps other keys' outputs.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::delta::{AppliedEdit, LayerDelta};
+use super::linalg;
+use super::rome::{spaced, RewriteRequest, RomeEdit, ValueSpec};
+use super::stats::KeyStats;
+use crate::error::{LociError, Result};
+use crate::hooks::Site;
+use crate::loader::LoadedModel;
+use crate::predict::Sampling;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MemitHparams {
+    /// The edited layers R, ascending; z is optimised after the last.
+    pub layers: Vec<usize>,
+    pub v_num_grad_steps: usize,
+    pub v_lr: f64,
+    pub v_weight_decay: f64,
+    pub clamp_norm_factor: f64,
+    pub kl_factor: f64,
+    /// λ: how strongly the keys of the statistics corpus keep their outputs.
+    pub mom2_update_weight: f64,
+    /// Context templates are continuations of these words (MEMIT: one each).
+    pub context_seeds: Vec<String>,
+    /// Length of each continuation in tokens, the seed word included (MEMIT: 10).
+    pub context_length: usize,
+    pub seed: u64,
+}
+
+/// Per-model defaults shipped with Loci (`core/hparams/memit/*.json`).
+const HPARAM_FILES: [&str; 3] = [
+    include_str!("../../hparams/memit/gpt2-xl.json"),
+    include_str!("../../hparams/memit/gpt-j-6b.json"),
+    include_str!("../../hparams/memit/smollm2-135m.json"),
+];
+
+#[derive(Deserialize)]
+struct HparamFile {
+    family: crate::config::Family,
+    n_layer: usize,
+    d_model: usize,
+    #[serde(flatten)]
+    hparams: MemitHparams,
+}
+
+impl MemitHparams {
+    /// The shipped hyper-parameters for a model of this shape, if Loci has them.
+    pub fn for_model(cfg: &crate::config::ModelConfig) -> Option<Self> {
+        HPARAM_FILES.iter().find_map(|text| {
+            let f: HparamFile = serde_json::from_str(text).expect("shipped hparams parse");
+            (f.family == cfg.family && f.n_layer == cfg.n_layer && f.d_model == cfg.d_model)
+                .then_some(f.hparams)
+        })
+    }
+
+    /// GPT-J's official values at other layers.
+    pub fn at_layers(layers: Vec<usize>) -> Self {
+        Self {
+            layers,
+            v_num_grad_steps: 25,
+            v_lr: 0.5,
+            v_weight_decay: 0.5,
+            clamp_norm_factor: 0.75,
+            kl_factor: 0.0625,
+            mom2_update_weight: 15000.0,
+            context_seeds: ["The", "Therefore", "Because", "I", "You"]
+                .map(String::from)
+                .to_vec(),
+            context_length: 10,
+            seed: 1,
+        }
+    }
+
+    fn z_spec(&self) -> Result<ValueSpec> {
+        let z_layer = *self
+            .layers
+            .last()
+            .ok_or_else(|| LociError::input("MEMIT needs at least one layer"))?;
+        Ok(ValueSpec {
+            site: Site::Block(z_layer),
+            steps: self.v_num_grad_steps,
+            lr: self.v_lr,
+            weight_decay: self.v_weight_decay,
+            clamp_norm_factor: self.clamp_norm_factor,
+            kl_factor: self.kl_factor,
+        })
+    }
+}
+
+/// One layer's share of a MEMIT edit: `ΔW = Σᵢ rightᵢ leftᵢᵀ`, one term per request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemitLayer {
+    pub layer: usize,
+    /// `[requests, d_ff]`: `(λC + K Kᵀ)⁻¹ kᵢ`.
+    pub left: Vec<f32>,
+    /// `[requests, d_model]`: this layer's share of `zᵢ − hᵢ`.
+    pub right: Vec<f32>,
+}
+
+/// What the computation did, for reports.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct MemitStats {
+    /// Per request, the z optimisation's losses.
+    pub z_losses: Vec<Vec<f32>>,
+    /// Per request, the target z for the residual after the last layer.
+    pub z: Vec<Vec<f32>>,
+    /// Per request, ‖z − h‖ before any layer was changed.
+    pub z_gap: Vec<f32>,
+    /// Per layer, ‖ΔW‖ (Frobenius).
+    pub delta_norms: Vec<f32>,
+    pub templates: Vec<String>,
+    /// Seconds per phase: templates, targets (z), spread (keys, solves, updates).
+    pub seconds: BTreeMap<String, f64>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemitEdit {
+    pub layers: Vec<MemitLayer>,
+    pub requests: Vec<RewriteRequest>,
+    pub hparams: MemitHparams,
+    pub stats: MemitStats,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EditMeta {
+    layers: Vec<usize>,
+    requests: Vec<RewriteRequest>,
+    hparams: MemitHparams,
+    stats: MemitStats,
+}
+
+const FILE_KEY: &str = "loci_memit_edit";
+
+impl MemitEdit {
+    pub fn deltas(&self) -> Vec<LayerDelta<'_>> {
+        self.layers
+            .iter()
+            .map(|l| LayerDelta {
+                layer: l.layer,
+                rank: self.requests.len(),
+                right: &l.right,
+                left: &l.left,
+            })
+            .collect()
+    }
+
+    /// A safetensors file: two `[requests, width]` matrices per layer, the rest in the metadata.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let n = self.requests.len();
+        let meta = EditMeta {
+            layers: self.layers.iter().map(|l| l.layer).collect(),
+            requests: self.requests.clone(),
+            hparams: self.hparams.clone(),
+            stats: self.stats.clone(),
+        };
+        let names: Vec<(String, String)> = self
+            .layers
+            .iter()
+            .map(|l| (format!("left.{}", l.layer), format!("right.{}", l.layer)))
+            .collect();
+        let shapes: Vec<([usize; 2], [usize; 2])> = self
+            .layers
+            .iter()
+            .map(|l| ([n, l.left.len() / n], [n, l.right.len() / n]))
+            .collect();
+        let mut tensors: Vec<(&str, &[usize], &[f32])> = vec![];
+        for ((l, (ln, rn)), (ls, rs)) in self.layers.iter().zip(&names).zip(&shapes) {
+            tensors.push((ln, ls, &l.left));
+            tensors.push((rn, rs, &l.right));
+        }
+        super::file::write(FILE_KEY, &meta, &tensors)
+    }
+
+    pub fn from_bytes(data: &[u8]) -> Result<Self> {
+        let bad = |e: String| LociError::input(format!("not a Loci MEMIT edit file: {e}"));
+        let (meta, file): (EditMeta, _) =
+            super::file::read(data, FILE_KEY, "no MEMIT metadata", bad)?;
+        let n = meta.requests.len();
+        if n == 0 || meta.layers.is_empty() {
+            return Err(file.bad("no requests or no layers".into()));
+        }
+        let mut layers = vec![];
+        for &layer in &meta.layers {
+            let matrix = |name: String| -> Result<Vec<f32>> {
+                match file.f32(&name)? {
+                    (v, shape) if shape.len() == 2 && shape[0] == n => Ok(v),
+                    _ => Err(file.bad(format!("{name} is not a [{n}, width] f32 matrix"))),
+                }
+            };
+            let left = matrix(format!("left.{layer}"))?;
+            let right = matrix(format!("right.{layer}"))?;
+            if left.iter().chain(&right).any(|x| !x.is_finite()) {
+                return Err(file.bad("NaN or infinite values".into()));
+            }
+            layers.push(MemitLayer { layer, left, right });
+        }
+        Ok(Self {
+            layers,
+            requests: meta.requests,
+            hparams: meta.hparams,
+            stats: meta.stats,
+        })
+    }
+}
+
+/// A saved edit of either kind, as `--apply-edit` and uploads take them.
+#[derive(Clone, Debug)]
+pub enum Edit {
+    Rome(RomeEdit),
+    Memit(MemitEdit),
+}
+
+impl Edit {
+    pub fn from_bytes(data: &[u8]) -> Result<Self> {
+        if super::file::has_key(data, FILE_KEY) {
+            Ok(Edit::Memit(MemitEdit::from_bytes(data)?))
+        } else {
+            Ok(Edit::Rome(RomeEdit::from_bytes(data)?))
+        }
+    }
+
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        match self {
+            Edit::Rome(e) => e.to_bytes(),
+            Edit::Memit(e) => e.to_bytes(),
+        }
+    }
+
+    pub fn deltas(&self) -> Vec<LayerDelta<'_>> {
+        match self {
+            Edit::Rome(e) => vec![e.delta()],
+            Edit::Memit(e) => e.deltas(),
+        }
+    }
+
+    pub fn requests(&self) -> Vec<&RewriteRequest> {
+        match self {
+            Edit::Rome(e) => vec![&e.request],
+            Edit::Memit(e) => e.requests.iter().collect(),
+        }
+    }
+}
+
+/// MEMIT's context templates: "{}" and a short continuation of each seed word followed by
+/// ". {}" (top-5 sampling, seeded; braces become spaces).
+pub fn memit_context_templates(lm: &LoadedModel, hp: &MemitHparams) -> Result<Vec<String>> {
+    let mut out = vec!["{}".to_string()];
+    for (i, word) in hp.context_seeds.iter().enumerate() {
+        let prompt_len = lm.encode_prompt(word)?.len();
+        let new = hp.context_length.saturating_sub(prompt_len);
+        let seed = hp.seed.wrapping_add(i as u64);
+        let g = lm.generate(word, new, Sampling::TopK { k: 5, seed })?;
+        let text = g
+            .text
+            .replace("\n\n", " ")
+            .replace('\n', " ")
+            .replace(['{', '}'], " ");
+        out.push(format!("{}. {{}}", text.trim()));
+    }
+    Ok(out)
+}
+
+/// `(λC + K Kᵀ)⁻¹ K` for keys `K` (rows of `keys`, each `d_ff`) from C's Cholesky factor, by the
+/// push-through identity `(λC + KKᵀ)⁻¹K = C⁻¹K (λI + KᵀC⁻¹K)⁻¹`: n solves with the cached factor
+/// and one n × n system, instead of factoring a fresh d_ff² matrix per layer and batch.
+pub fn spread_keys(
+    factor: &linalg::CholeskyFactor,
+    keys: &[Vec<f64>],
+    lambda: f64,
+) -> Result<Vec<Vec<f64>>> {
+    let n = keys.len();
+    let p: Vec<Vec<f64>> = keys
+        .iter()
+        .map(|k| factor.solve(k))
+        .collect::<Result<_>>()?;
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let mut m = vec![0f64; n * n];
+    for i in 0..n {
+        for j in 0..n {
+            // Symmetric in exact arithmetic; averaging keeps it so in floating point.
+            let v = 0.5 * (dot(&keys[i], &p[j]) + dot(&keys[j], &p[i]));
+            m[i * n + j] = v + if i == j { lambda } else { 0.0 };
+        }
+    }
+    let l = linalg::cholesky(&m, n)?;
+    // Column j of M⁻¹, then a_j = Σᵢ pᵢ (M⁻¹)ᵢⱼ.
+    (0..n)
+        .map(|j| {
+            let mut e = vec![0f64; n];
+            e[j] = 1.0;
+            let col = linalg::cholesky_solve(&l, n, &e);
+            let mut a = vec![0f64; p[0].len()];
+            for (pi, c) in p.iter().zip(&col) {
+                for (ak, pk) in a.iter_mut().zip(pi) {
+                    *ak += c * pk;
+                }
+            }
+            Ok(a)
+        })
+        .collect()
+}
+
+fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
+}
+
+impl LoadedModel {
+    /// Computes a MEMIT edit of all `reqs` at once (does not apply it); `stats[i]` are the key
+    /// statistics of `hp.layers[i]`. `progress` hears each phase. The weights are changed
+    /// while it runs (each layer's update shapes the next layer's keys) and restored after,
+    /// also on error.
+    pub fn memit(
+        &mut self,
+        reqs: &[RewriteRequest],
+        hp: &MemitHparams,
+        stats: &[KeyStats],
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<MemitEdit> {
+        let n_layer = self.model.n_layer();
+        if reqs.is_empty() {
+            return Err(LociError::input("MEMIT needs at least one request"));
+        }
+        if hp.layers.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(LociError::input(
+                "MEMIT's layers must be ascending and distinct",
+            ));
+        }
+        let spec = hp.z_spec()?;
+        if let Some(&l) = hp.layers.iter().find(|&&l| l >= n_layer) {
+            return Err(LociError::input(format!(
+                "layer {l} out of range (the model has {n_layer} layers)"
+            )));
+        }
+        if hp.mom2_update_weight.is_nan() || hp.mom2_update_weight <= 0.0 {
+            return Err(LociError::input("mom2_update_weight must be positive"));
+        }
+        if stats.len() != hp.layers.len() {
+            return Err(LociError::input(format!(
+                "{} layers but key statistics for {}",
+                hp.layers.len(),
+                stats.len()
+            )));
+        }
+        let mut targets = vec![];
+        for r in reqs {
+            r.validate()?;
+            let t = self.tokenizer.encode_plain(&spaced(&r.target_new.str))?;
+            if t.is_empty() {
+                return Err(LociError::input(format!(
+                    "the target {:?} tokenizes to nothing",
+                    r.target_new.str
+                )));
+            }
+            targets.push(t);
+        }
+        let mut seconds = BTreeMap::new();
+        let mut clock = crate::clock::now_seconds();
+        let mut lap = |name: &str| {
+            let now = crate::clock::now_seconds();
+            seconds.insert(name.to_string(), now - clock);
+            clock = now;
+        };
+        let mut factors = vec![];
+        for (s, &l) in stats.iter().zip(&hp.layers) {
+            s.check_fits(self, l)?;
+            factors.push(s.factor(&self.model.device)?);
+        }
+        lap("covariance_factor");
+        let templates = memit_context_templates(self, hp)?;
+        lap("templates");
+
+        let z_site = spec.site;
+        let mut zs = vec![];
+        let mut z_losses = vec![];
+        for (i, (r, t)) in reqs.iter().zip(&targets).enumerate() {
+            progress(&format!("target z for request {}/{}", i + 1, reqs.len()));
+            let (z, losses, _) = self.compute_v(r, &spec, &templates, t)?;
+            zs.push(to_f64(&z)?);
+            z_losses.push(losses);
+        }
+        lap("targets");
+
+        let mut z_gap = vec![];
+        let mut layers = vec![];
+        let mut changed = AppliedEdit { originals: vec![] };
+        let mut spread = |lm: &mut LoadedModel| -> Result<()> {
+            for (i, (&l, factor)) in hp.layers.iter().zip(&factors).enumerate() {
+                progress(&format!("layer {l} ({}/{})", i + 1, hp.layers.len()));
+                let share = (hp.layers.len() - i) as f64;
+                let mut keys = vec![];
+                let mut residuals = vec![];
+                for (r, z) in reqs.iter().zip(&zs) {
+                    // The bare prompt's key and current output, then the contexts' keys.
+                    let bare = lm.subject_states(r, &[Site::MlpKey(l), z_site], &templates[..1])?;
+                    let key = if templates.len() > 1 {
+                        let ctx = lm.subject_key(r, l, &templates[1..])?;
+                        ((&bare[0] + ctx)? * 0.5)?
+                    } else {
+                        bare[0].clone()
+                    };
+                    keys.push(to_f64(&key)?);
+                    let h = to_f64(&bare[1])?;
+                    let gap: Vec<f64> = z.iter().zip(&h).map(|(z, h)| z - h).collect();
+                    if i == 0 {
+                        z_gap.push(gap.iter().map(|x| x * x).sum::<f64>().sqrt() as f32);
+                    }
+                    residuals.push(gap.iter().map(|x| x / share).collect::<Vec<f64>>());
+                }
+                let left = spread_keys(factor, &keys, hp.mom2_update_weight)?;
+                let flat = |v: &[Vec<f64>]| -> Vec<f32> {
+                    v.iter().flatten().map(|&x| x as f32).collect()
+                };
+                let layer = MemitLayer {
+                    layer: l,
+                    left: flat(&left),
+                    right: flat(&residuals),
+                };
+                if layer
+                    .left
+                    .iter()
+                    .chain(&layer.right)
+                    .any(|x| !x.is_finite())
+                {
+                    return Err(LociError::model(format!(
+                        "the update of layer {l} is not finite"
+                    )));
+                }
+                let w = lm.add_layer_delta(&LayerDelta {
+                    layer: l,
+                    rank: reqs.len(),
+                    right: &layer.right,
+                    left: &layer.left,
+                })?;
+                changed.originals.push((l, w));
+                layers.push(layer);
+            }
+            Ok(())
+        };
+        let result = spread(self);
+        self.undo_edit(changed)?;
+        result?;
+        lap("spread");
+
+        let edit = MemitEdit {
+            stats: MemitStats {
+                z: zs
+                    .iter()
+                    .map(|z| z.iter().map(|&x| x as f32).collect())
+                    .collect(),
+                z_losses,
+                z_gap,
+                delta_norms: vec![],
+                templates,
+                seconds,
+            },
+            layers,
+            requests: reqs.to_vec(),
+            hparams: hp.clone(),
+        };
+        let norms = edit.deltas().iter().map(delta_norm).collect();
+        Ok(MemitEdit {
+            stats: MemitStats {
+                delta_norms: norms,
+                ..edit.stats
+            },
+            ..edit
+        })
+    }
+
+    /// Applies a saved edit of either kind; keep the result to undo it exactly.
+    pub fn apply(&mut self, e: &Edit) -> Result<AppliedEdit> {
+        self.apply_deltas(&e.deltas())
+    }
+}
+
+/// ‖Σᵢ rightᵢ leftᵢᵀ‖_F, from the two Gram matrices (no d_model × d_ff product).
+pub fn delta_norm(d: &LayerDelta) -> f32 {
+    let n = d.rank;
+    let (wr, wl) = (d.right.len() / n, d.left.len() / n);
+    let gram = |v: &[f32], w: usize, i: usize, j: usize| -> f64 {
+        v[i * w..(i + 1) * w]
+            .iter()
+            .zip(&v[j * w..(j + 1) * w])
+            .map(|(a, b)| *a as f64 * *b as f64)
+            .sum()
+    };
+    let mut s = 0f64;
+    for i in 0..n {
+        for j in 0..n {
+            s += gram(d.right, wr, i, j) * gram(d.left, wl, i, j);
+        }
+    }
+    s.max(0.0).sqrt() as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn spread_keys_solves_the_regularised_system() {
+        // A random SPD C and three keys: (λC + KKᵀ) A = K must hold for the returned A.
+        let (d, n, lambda) = (12, 3, 7.5);
+        let mut rng = crate::rng::SplitMix64::new(3);
+        let mut g = || rng.next_f64() * 2.0 - 1.0;
+        let b: Vec<f64> = (0..d * d).map(|_| g()).collect();
+        let mut c = vec![0f64; d * d];
+        for i in 0..d {
+            for j in 0..d {
+                c[i * d + j] = (0..d).map(|k| b[i * d + k] * b[j * d + k]).sum::<f64>()
+                    + if i == j { 0.5 } else { 0.0 };
+            }
+        }
+        let keys: Vec<Vec<f64>> = (0..n)
+            .map(|_| (0..d).map(|_| g() * 3.0).collect())
+            .collect();
+        let ct = Tensor::from_vec(c.clone(), (d, d), &Device::Cpu).unwrap();
+        let f = linalg::CholeskyFactor::new(&ct).unwrap();
+        let a = spread_keys(&f, &keys, lambda).unwrap();
+        for j in 0..n {
+            for row in 0..d {
+                let lhs: f64 = (0..d)
+                    .map(|k| {
+                        let kk: f64 = keys.iter().map(|key| key[row] * key[k]).sum();
+                        (lambda * c[row * d + k] + kk) * a[j][k]
+                    })
+                    .sum();
+                assert!(
+                    (lhs - keys[j][row]).abs() < 1e-9 * (1.0 + keys[j][row].abs()),
+                    "row {row} of key {j}: {lhs} vs {}",
+                    keys[j][row]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn delta_norm_equals_the_dense_frobenius_norm() {
+        let right = [1.0f32, 2.0, -1.0, 0.5, 0.0, 3.0];
+        let left = [0.5f32, -2.0, 1.0, 4.0];
+        let d = LayerDelta {
+            layer: 0,
+            rank: 2,
+            right: &right,
+            left: &left,
+        };
+        let mut dense = 0f64;
+        for r in 0..3 {
+            for c in 0..2 {
+                let v: f64 = (0..2)
+                    .map(|i| right[i * 3 + r] as f64 * left[i * 2 + c] as f64)
+                    .sum();
+                dense += v * v;
+            }
+        }
+        assert!((delta_norm(&d) as f64 - dense.sqrt()).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,318 @@
+//! MEMIT: several facts written at once over several layers; the update is the regularised
+//! least-squares solution of the spec; the edit undoes exactly and survives a file round trip.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device};
+use loci_core::edit::{Edit, KeyStats, MemitHparams, RewriteRequest, StatsAccumulator, TargetStr};
+use loci_core::hooks::Site;
+use loci_core::LoadedModel;
+
+fn wiki_texts(n: usize) -> Vec<String> {
+    let p =
+        common::root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .take(n)
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+fn stats(lm: &LoadedModel, layers: &[usize], texts: usize, max_len: usize) -> Vec<KeyStats> {
+    let mut acc = StatsAccumulator::new(lm, layers, max_len).unwrap();
+    for t in wiki_texts(texts) {
+        acc.add_text(lm, &t).unwrap();
+    }
+    acc.finish(lm, "wikipedia sample").unwrap()
+}
+
+/// Every down-projection, bit for bit.
+fn all_weight_bits(lm: &LoadedModel) -> Vec<Vec<u32>> {
+    (0..lm.model.n_layer())
+        .map(|l| {
+            let w = &lm.model.down_proj(l).unwrap().weight;
+            w.flatten_all()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        })
+        .collect()
+}
+
+fn request(prompt: &str, subject: &str, new: &str, old: &str) -> RewriteRequest {
+    let mut r = RewriteRequest::from_prompt(prompt, subject, new).unwrap();
+    r.target_true = Some(TargetStr::new(old));
+    r
+}
+
+fn f64s(t: &candle_core::Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn the_update_is_the_regularised_least_squares_solution_and_undoes_exactly() {
+    let mut lm = LoadedModel::load(
+        &common::fixtures().join("tiny-gpt2"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let layers = vec![1, 2];
+    let st = stats(&lm, &layers, 40, 64);
+    let reqs = vec![
+        request(
+            "{} is located in the city of",
+            "Eiffel Tower",
+            "Rome",
+            "Paris",
+        ),
+        request(
+            "{} plays the sport of",
+            "Michael Jordan",
+            "soccer",
+            "basketball",
+        ),
+    ];
+    let mut hp = MemitHparams::at_layers(layers.clone());
+    hp.v_num_grad_steps = 6;
+    hp.mom2_update_weight = 50.0;
+    let w0 = all_weight_bits(&lm);
+
+    // Bad input: clear errors, weights untouched.
+    let err =
+        |lm: &mut LoadedModel, reqs: &[RewriteRequest], hp: &MemitHparams, st: &[KeyStats]| {
+            lm.memit(reqs, hp, st, &mut |_| {}).unwrap_err().to_string()
+        };
+    assert!(err(&mut lm, &[], &hp, &st).contains("at least one request"));
+    let mut bad = hp.clone();
+    bad.layers = vec![2, 1];
+    assert!(err(&mut lm, &reqs, &bad, &st).contains("ascending"));
+    bad.layers = vec![1, 9];
+    assert!(err(&mut lm, &reqs, &bad, &st).contains("out of range"));
+    assert!(err(&mut lm, &reqs, &hp, &st[..1]).contains("statistics for 1"));
+    let swapped = vec![st[1].clone(), st[0].clone()];
+    assert!(err(&mut lm, &reqs, &hp, &swapped).contains("layer 2, not 1"));
+    let mut bad_req = reqs.clone();
+    bad_req[1].target_new.str = "  ".into();
+    assert!(err(&mut lm, &bad_req, &hp, &st).contains("empty"));
+    bad_req[1] = reqs[1].clone();
+    bad_req[1].prompt = "Michael Jordan plays".into();
+    assert!(err(&mut lm, &bad_req, &hp, &st).contains("{}"));
+    assert_eq!(all_weight_bits(&lm), w0);
+
+    let mut heard = vec![];
+    let edit = lm
+        .memit(&reqs, &hp, &st, &mut |p| heard.push(p.to_string()))
+        .unwrap();
+    assert_eq!(
+        all_weight_bits(&lm),
+        w0,
+        "computing an edit leaves the model as it was"
+    );
+    assert!(heard.iter().any(|p| p.contains("layer 2")), "{heard:?}");
+    assert_eq!(edit.layers.len(), 2);
+    assert_eq!(edit.stats.templates.len(), 6, "{:?}", edit.stats.templates);
+    let (dm, dff) = (lm.model.cfg.d_model, lm.model.cfg.d_ff);
+
+    // Layer 1 sees the unedited model: its keys and gaps can be recomputed here, and the spec's
+    // formula solved densely: (λC + K Kᵀ) aᵢ = kᵢ, rightᵢ = (zᵢ − hᵢ) / |R|.
+    let ctx = &edit.stats.templates[1..];
+    let keys: Vec<Vec<f64>> = reqs
+        .iter()
+        .map(|r| {
+            let bare = f64s(&lm.subject_key(r, 1, &["{}".to_string()]).unwrap());
+            let c = f64s(&lm.subject_key(r, 1, ctx).unwrap());
+            bare.iter().zip(&c).map(|(a, b)| 0.5 * (a + b)).collect()
+        })
+        .collect();
+    let c = f64s(&st[0].mom2);
+    let first = &edit.layers[0];
+    assert_eq!(first.layer, 1);
+    for (j, key) in keys.iter().enumerate() {
+        let a = &first.left[j * dff..(j + 1) * dff];
+        for row in 0..dff {
+            let lhs: f64 = (0..dff)
+                .map(|k| {
+                    let kk: f64 = keys.iter().map(|q| q[row] * q[k]).sum();
+                    (hp.mom2_update_weight * c[row * dff + k] + kk) * a[k] as f64
+                })
+                .sum();
+            assert!(
+                (lhs - key[row]).abs() < 1e-3 * (1.0 + key[row].abs()),
+                "key {j} row {row}: {lhs} vs {}",
+                key[row]
+            );
+        }
+        let h = f64s(
+            &lm.subject_states(&reqs[j], &[Site::Block(2)], &["{}".to_string()])
+                .unwrap()[0],
+        );
+        let z = &edit.stats.z[j];
+        for i in 0..dm {
+            let want = (z[i] as f64 - h[i]) / 2.0;
+            let got = first.right[j * dm + i] as f64;
+            assert!(
+                (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                "{got} vs {want}"
+            );
+        }
+    }
+
+    // Applied, the residual after the last layer moves most of the way to z.
+    let gap = |lm: &LoadedModel, j: usize| -> f64 {
+        let h = f64s(
+            &lm.subject_states(&reqs[j], &[Site::Block(2)], &["{}".to_string()])
+                .unwrap()[0],
+        );
+        h.iter()
+            .zip(&edit.stats.z[j])
+            .map(|(h, z)| (h - *z as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let before: Vec<f64> = (0..2).map(|j| gap(&lm, j)).collect();
+    let applied = lm.apply(&Edit::Memit(edit.clone())).unwrap();
+    for (j, b) in before.iter().enumerate() {
+        let after = gap(&lm, j);
+        assert!(after < 0.5 * b, "request {j}: gap {b} -> {after}");
+        assert!((*b as f32 - edit.stats.z_gap[j]).abs() < 1e-3 * b.max(1.0) as f32);
+    }
+    assert_ne!(all_weight_bits(&lm), w0);
+    let edited = all_weight_bits(&lm);
+    lm.undo_edit(applied).unwrap();
+    assert_eq!(all_weight_bits(&lm), w0, "undo is bit-exact");
+
+    // A file round trip gives the same edit, and the same weights once applied.
+    let back = match Edit::from_bytes(&edit.to_bytes().unwrap()).unwrap() {
+        Edit::Memit(e) => e,
+        Edit::Rome(_) => panic!("a MEMIT file read as ROME"),
+    };
+    assert_eq!(back, edit);
+    let applied = lm.apply(&Edit::Memit(back)).unwrap();
+    assert_eq!(all_weight_bits(&lm), edited);
+    lm.undo_edit(applied).unwrap();
+    assert!(Edit::from_bytes(b"garbage").is_err());
+
+    // An edit made for another shape is refused whole.
+    let mut wrong = edit.clone();
+    wrong.layers[1].right.pop();
+    assert!(lm.apply(&Edit::Memit(wrong)).is_err());
+    assert_eq!(all_weight_bits(&lm), w0);
+}
+
+#[test]
+fn shipped_hyperparameters_match_the_papers() {
+    let cfg = |json: &str| loci_core::ModelConfig::from_hf_json(json).unwrap();
+    let gptj = cfg(
+        r#"{"model_type":"gptj","n_embd":4096,"n_layer":28,"n_head":16,"rotary_dim":64,"n_positions":2048,"vocab_size":50400}"#,
+    );
+    let hp = MemitHparams::for_model(&gptj).unwrap();
+    assert_eq!(hp.layers, vec![3, 4, 5, 6, 7, 8]);
+    assert_eq!(
+        (
+            hp.mom2_update_weight,
+            hp.clamp_norm_factor,
+            hp.v_num_grad_steps
+        ),
+        (15000.0, 0.75, 25)
+    );
+    assert_eq!(hp, MemitHparams::at_layers(vec![3, 4, 5, 6, 7, 8]));
+    let xl = cfg(
+        r#"{"model_type":"gpt2","n_embd":1600,"n_layer":48,"n_head":25,"n_positions":1024,"vocab_size":50257}"#,
+    );
+    let hp = MemitHparams::for_model(&xl).unwrap();
+    assert_eq!(hp.layers, vec![13, 14, 15, 16, 17]);
+    assert_eq!((hp.mom2_update_weight, hp.v_num_grad_steps), (20000.0, 20));
+    let tiny = LoadedModel::load(
+        &common::fixtures().join("tiny-gpt2"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(MemitHparams::for_model(&tiny.model.cfg).is_none());
+}
+
+fn smol() -> Option<&'static LoadedModel> {
+    static M: OnceLock<Option<LoadedModel>> = OnceLock::new();
+    M.get_or_init(|| {
+        common::smollm2().map(|p| LoadedModel::load(&p, DType::F32, &Device::Cpu).unwrap())
+    })
+    .as_ref()
+}
+
+#[test]
+fn two_facts_move_at_once_on_smollm2_and_neighbours_stay() {
+    let Some(base) = smol() else { return };
+    let mut lm = base.clone();
+    let hp = MemitHparams::for_model(&lm.model.cfg).expect("shipped MEMIT hparams for SmolLM2");
+    let st = stats(&lm, &hp.layers, 60, 512);
+    let reqs = vec![
+        request(
+            "{} is located in the city of",
+            "Eiffel Tower",
+            "Rome",
+            "Paris",
+        ),
+        request(
+            "The capital of {} is the city of",
+            "Germany",
+            "Madrid",
+            "Berlin",
+        ),
+    ];
+    let t = std::time::Instant::now();
+    let edit = lm
+        .memit(&reqs, &hp, &st, &mut |p| eprintln!("{p}"))
+        .unwrap();
+    eprintln!(
+        "MEMIT of 2 facts in {:.1}s: {:?}, z losses {:?}, ‖ΔW‖ {:?}",
+        t.elapsed().as_secs_f64(),
+        edit.stats.seconds,
+        edit.stats.z_losses,
+        edit.stats.delta_norms
+    );
+    let w0 = all_weight_bits(&lm);
+    let top = |lm: &LoadedModel, p: &str| lm.predict(p, 1).unwrap().top[0].token.clone();
+    let probes = [
+        (
+            "The Eiffel Tower is located in the city of",
+            " Paris",
+            " Rome",
+        ),
+        (
+            "The capital of Germany is the city of",
+            " Berlin",
+            " Madrid",
+        ),
+        ("The Louvre is located in the city of", " Paris", " Paris"),
+        ("The capital of France is the city of", " Paris", " Paris"),
+    ];
+    for (p, before, _) in probes {
+        assert_eq!(top(&lm, p), before, "{p}");
+    }
+    let applied = lm.apply(&Edit::Memit(edit)).unwrap();
+    for (p, _, after) in probes {
+        eprintln!("{p:?} -> {:?}", lm.predict(p, 3).unwrap().top);
+        assert_eq!(top(&lm, p), after, "{p}");
+    }
+    lm.undo_edit(applied).unwrap();
+    assert_eq!(all_weight_bits(&lm), w0);
+}
