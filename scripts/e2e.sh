@@ -2,7 +2,8 @@
 # Browser end-to-end: a real `loci serve` with the tiny test models, the built web app (dist/),
 # and headless Chromium driven by Playwright (tests/e2e/smoke.mjs): predict and trace on the
 # server and in the tab's workers (every heatmap cell drawn, the same numbers), edit (the tab's
-# top prediction changes), undo (it returns), upload of the downloaded edit (it changes again),
+# top prediction changes), undo (it returns), upload of the downloaded edit (it changes again), a
+# MEMIT edit of two facts made from the page (listed, then undone exactly),
 # screenshot. Needs the release `loci` binary and
 # dist/ (scripts/test.sh builds both first), and ../shared/data for the key statistics corpus.
 set -euo pipefail
@@ -49,6 +50,10 @@ checks = {
         and r.get("edited_top") != r.get("tab_top"),
     "undo restores the prediction exactly": r.get("undone_top") == r.get("tab_top"),
     "an uploaded edit file re-applies the edit": r.get("uploaded_top") == r.get("edited_top"),
+    "a MEMIT edit of two facts is made from the page, listed, and undone exactly":
+        r.get("memit_status", "").startswith("Edited") and r.get("memit_facts") == 2
+        and r.get("memit_listed") == 2 and "MEMIT layers 1,2" in r.get("memit_label", "")
+        and r.get("memit_undone_top") == r.get("uploaded_top"),
     "a second visit loads the model from the browser cache": r.get("second_visit_files_fetched") == 0
         and r.get("second_visit_status") == "Done.",
     "a new page's tab copy carries the server's edits": r.get("second_visit_top") == r.get("uploaded_top"),

@@ -390,7 +390,9 @@ fn edits_apply_list_download_undo_and_reapply() {
     assert_eq!(st, 200);
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["id"].as_u64(), Some(id));
-    assert_eq!(list[0]["request"]["target_new"]["str"], "Rome");
+    assert_eq!(list[0]["method"], "rome");
+    assert_eq!(list[0]["layers"], serde_json::json!([2]));
+    assert_eq!(list[0]["requests"][0]["target_new"]["str"], "Rome");
 
     // Download the edit, undo it (the original numbers, exactly), upload it (the edited numbers).
     let mut r = agent()
@@ -502,6 +504,80 @@ fn edits_apply_list_download_undo_and_reapply() {
     let (st, v) = post(&s.base, "/api/eval", &case.to_string());
     assert_eq!(st, 200, "{v}");
     assert!(v["metrics"]["efficacy_score"].is_number());
+    assert_eq!(top_prob(&s.base, prompt), before);
+
+    // MEMIT: two facts at once over two layers; listed, downloadable, undone exactly.
+    let memit = serde_json::json!({
+        "model": "tiny-gpt2", "method": "memit", "layers": [1, 2],
+        "prompt": prompt, "subject": "Eiffel Tower", "target": "Rome",
+        "requests": [{"prompt": "{} plays the sport of", "subject": "Michael Jordan",
+                      "target_new": {"str": "soccer"}}],
+        "neighborhood": ["The Louvre is located in the city of"], "generate_tokens": 3,
+    });
+    let (st, v) = post(&s.base, "/api/edit", &memit.to_string());
+    assert_eq!(st, 200, "{v}");
+    let r = &v["memit"];
+    assert!(v["report"].is_null());
+    assert_eq!(r["layers"], serde_json::json!([1, 2]));
+    assert_eq!(r["requests"].as_array().unwrap().len(), 2);
+    // (How far the facts move is the core tests' business: this tiny model has no tuned λ.)
+    for q in r["requests"].as_array().unwrap() {
+        let p = |side: &str| q[side]["rewrite"]["target_new"].as_f64().unwrap();
+        assert!(
+            (0.0..=1.0).contains(&p("after")) && p("after") != p("before"),
+            "{q}"
+        );
+        assert_eq!(q["after"]["neighborhood"].as_array().unwrap().len(), 1);
+    }
+    assert!(stats.join("layer1.safetensors").exists());
+    assert_ne!(top_prob(&s.base, prompt), before);
+    let (_, list) = get_json(&s.base, "/api/edits?model=tiny-gpt2");
+    assert_eq!(list[0]["method"], "memit");
+    assert_eq!(list[0]["requests"].as_array().unwrap().len(), 2);
+    assert_eq!(list[0]["delta_norms"].as_array().unwrap().len(), 2);
+    let id = list[0]["id"].as_u64().unwrap();
+    let file = agent()
+        .get(&format!("{}/api/edits/{id}/file?model=tiny-gpt2", s.base))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_vec()
+        .unwrap();
+    assert!(loci_core::edit::MemitEdit::from_bytes(&file).is_ok());
+    let edited = top_prob(&s.base, prompt);
+    let (st, _) = post(&s.base, "/api/undo", r#"{"model":"tiny-gpt2"}"#);
+    assert_eq!(st, 200);
+    assert_eq!(top_prob(&s.base, prompt), before);
+    let st = agent()
+        .post(&format!("{}/api/edits/upload?model=tiny-gpt2", s.base))
+        .send(&file[..])
+        .unwrap()
+        .status()
+        .as_u16();
+    assert_eq!(st, 200);
+    assert_eq!(top_prob(&s.base, prompt), edited);
+    let (st, _) = post(&s.base, "/api/undo", r#"{"model":"tiny-gpt2","all":true}"#);
+    assert_eq!(st, 200);
+    let fact = serde_json::json!({"prompt": "{} is in", "subject": "Rome", "target_new": {"str": "Paris"}});
+    for (patch, want) in [
+        (serde_json::json!({"layers": [1, 99]}), "out of range"),
+        (serde_json::json!({"layers": [2, 1]}), "ascending"),
+        (serde_json::json!({"layer": 1}), "at most 16"),
+        (
+            serde_json::json!({"requests": vec![fact; 16]}),
+            "at most 16",
+        ),
+        (serde_json::json!({"method": "ft"}), "use rome or memit"),
+        (serde_json::json!({"method": "rome"}), "one fact"),
+    ] {
+        let mut body = memit.clone();
+        for (k, v) in patch.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (st, v) = post(&s.base, "/api/edit", &body.to_string());
+        assert_eq!(st, 400, "{patch}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(want), "{patch}: {v}");
+    }
     assert_eq!(top_prob(&s.base, prompt), before);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -325,8 +325,10 @@ impl Runner {
 #[derive(Clone, Debug, Deserialize)]
 pub struct EditListing {
     pub id: u64,
-    pub layer: usize,
-    pub request: loci_core::edit::RewriteRequest,
+    /// "rome" or "memit".
+    pub method: String,
+    pub layers: Vec<usize>,
+    pub requests: Vec<loci_core::edit::RewriteRequest>,
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
-use loci_core::edit::EditReport;
+use loci_core::edit::{EditReport, MemitReport, PromptProbs, RewriteRequest};
 use loci_core::trace::{TraceHeader, TraceKind, TraceRequest, TraceResult};
 use loci_core::{plot, Prediction};
 use loci_frontend::bench::tab_benchmark;
@@ -38,8 +38,62 @@ struct RewriteCase {
 
 #[derive(Deserialize)]
 struct EditResponse {
-    report: EditReport,
+    #[serde(default)]
+    report: Option<EditReport>,
+    #[serde(default)]
+    memit: Option<MemitReport>,
     edits: Vec<EditListing>,
+}
+
+/// MEMIT's extra facts, one per line: `prompt | subject | new target`.
+fn more_facts(text: &str) -> Result<Vec<RewriteRequest>, String> {
+    lines(text)
+        .iter()
+        .map(
+            |l| match l.split('|').map(str::trim).collect::<Vec<_>>()[..] {
+                [p, s, t] => RewriteRequest::from_prompt(p, s, t).map_err(|e| e.to_string()),
+                _ => Err(format!("{l:?}: write prompt | subject | new target")),
+            },
+        )
+        .collect()
+}
+
+/// Layers typed as "6" or "2,3,4" (empty: the model's defaults).
+fn layer_list(text: &str) -> Result<Vec<usize>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| {
+            x.parse()
+                .map_err(|_| format!("layer {x:?} is not a number"))
+        })
+        .collect()
+}
+
+/// A table row of before → after probabilities.
+fn prob_row(label: &str, b: &PromptProbs, a: &PromptProbs) -> impl IntoView {
+    let p = |x: f32| {
+        if x >= 1e-3 || x == 0.0 {
+            format!("{x:.4}")
+        } else {
+            format!("{x:.1e}")
+        }
+    };
+    let label = label.to_string();
+    let prompt = b.prompt.clone();
+    view! { <tr><td>{label}</td><td>{prompt}</td>
+    <td class="num">{p(b.target_new)}</td><td class="num">{p(a.target_new)}</td>
+    <td class="num">{p(b.target_true)}</td><td class="num">{p(a.target_true)}</td></tr> }
+}
+
+/// The header row of a probability table for one request.
+fn prob_header(r: &RewriteRequest) -> impl IntoView {
+    let old = r
+        .target_true
+        .as_ref()
+        .map(|t| t.str.clone())
+        .unwrap_or_default();
+    view! { <tr><th></th><th>"prompt"</th><th colspan="2">{format!("p({:?}) before → after", r.target_new.str)}</th><th colspan="2">{format!("p({old:?}) before → after")}</th></tr> }
 }
 
 #[derive(Deserialize)]
@@ -101,7 +155,11 @@ fn App() -> impl IntoView {
     let (e_neigh, set_e_neigh) = signal(
         "The Colosseum is located in the city of\nThe Louvre is located in the city of".to_string(),
     );
+    let (e_method, set_e_method) = signal("rome".to_string());
+    let (e_more, set_e_more) =
+        signal("The capital of Germany is the city of | Germany | Madrid".to_string());
     let (report, set_report) = signal(None::<EditReport>);
+    let (memit_report, set_memit_report) = signal(None::<MemitReport>);
     let (edits, set_edits) = signal(Vec::<EditListing>::new());
     let (bench, set_bench) = signal(String::new());
     let (download, set_download) = signal(None::<(u64, u64)>);
@@ -303,24 +361,59 @@ fn App() -> impl IntoView {
                 "Edits need the server's key statistics: pick a model the server has.",
             );
         }
-        let layer = e_layer.get_untracked().trim().parse::<usize>().ok();
-        let body = serde_json::json!({
+        let layers = match layer_list(&e_layer.get_untracked()) {
+            Ok(l) => l,
+            Err(e) => return say(set_status, "error", e),
+        };
+        let memit = e_method.get_untracked() == "memit";
+        let mut body = serde_json::json!({
             "model": c.name, "prompt": e_prompt.get_untracked(), "subject": e_subject.get_untracked(),
-            "target": e_target.get_untracked(), "layer": layer,
+            "target": e_target.get_untracked(),
             "paraphrase": lines(&e_para.get_untracked()), "neighborhood": lines(&e_neigh.get_untracked()),
         });
+        if memit {
+            let more = match more_facts(&e_more.get_untracked()) {
+                Ok(m) => m,
+                Err(e) => return say(set_status, "error", e),
+            };
+            body["method"] = "memit".into();
+            body["requests"] = serde_json::to_value(more).expect("requests serialise");
+            body["layers"] = layers.into();
+        } else {
+            match layers[..] {
+                [] => {}
+                [l] => body["layer"] = l.into(),
+                _ => {
+                    return say(
+                        set_status,
+                        "error",
+                        "ROME edits one layer; MEMIT takes several",
+                    )
+                }
+            }
+        }
         set_busy.set(true);
         say(
             set_status,
             "running",
-            "Editing on the server (ROME: k*, v*, rank-one update)…",
+            if memit {
+                "Editing on the server (MEMIT: a target per fact, then the update spread over the layers)…"
+            } else {
+                "Editing on the server (ROME: k*, v*, rank-one update)…"
+            },
         );
         let sync = sync_e.clone();
         spawn_local(async move {
             match post::<EditResponse>("/api/edit", &body).await {
                 Ok(r) => {
-                    let secs = r.report.seconds;
-                    set_report.set(Some(r.report));
+                    let secs = r
+                        .report
+                        .as_ref()
+                        .map(|x| x.seconds)
+                        .or(r.memit.as_ref().map(|x| x.seconds))
+                        .unwrap_or_default();
+                    set_report.set(r.report);
+                    set_memit_report.set(r.memit);
                     set_edits.set(r.edits);
                     match sync(c.name.clone()).await {
                         Ok(()) => say(set_status, "edited", format!("Edited in {secs:.1} s.")),
@@ -348,6 +441,7 @@ fn App() -> impl IntoView {
                 Ok(r) => {
                     set_edits.set(r.edits);
                     set_report.set(None);
+                    set_memit_report.set(None);
                     match sync(c.name.clone()).await {
                         Ok(()) => say(
                             set_status,
@@ -547,8 +641,17 @@ fn App() -> impl IntoView {
                 <label>"New target "
                     <input id="edit-target" size="12" prop:value=e_target on:input=move |ev| set_e_target.set(event_target_value(&ev)) />
                 </label>
-                <label>"Layer "
-                    <input id="edit-layer" size="4" placeholder="default" prop:value=e_layer on:input=move |ev| set_e_layer.set(event_target_value(&ev)) />
+                <label>"Method "
+                    <select id="edit-method" on:change=move |ev| set_e_method.set(event_target_value(&ev))>
+                        <option value="rome" selected=true>"ROME (one fact, one layer)"</option>
+                        <option value="memit">"MEMIT (several facts and layers)"</option>
+                    </select>
+                </label>
+                <label>{move || if e_method.get() == "memit" { "Layers " } else { "Layer " }}
+                    <input id="edit-layer" size="8" placeholder="default" prop:value=e_layer on:input=move |ev| set_e_layer.set(event_target_value(&ev)) />
+                </label>
+                <label class="wide" class:hidden=move || e_method.get() != "memit">"More facts for MEMIT (one per line: prompt | subject | new target) "
+                    <textarea id="edit-more" rows="2" prop:value=e_more on:input=move |ev| set_e_more.set(event_target_value(&ev))></textarea>
                 </label>
                 <label class="wide">"Paraphrases (one per line) "
                     <textarea id="edit-paraphrase" rows="2" prop:value=e_para on:input=move |ev| set_e_para.set(event_target_value(&ev))></textarea>
@@ -556,13 +659,13 @@ fn App() -> impl IntoView {
                 <label class="wide">"Neighbourhood (should not change) "
                     <textarea id="edit-neighborhood" rows="2" prop:value=e_neigh on:input=move |ev| set_e_neigh.set(event_target_value(&ev))></textarea>
                 </label>
-                <button id="edit" on:click=on_edit prop:disabled=busy>"Edit (ROME)"</button>
+                <button id="edit" on:click=on_edit prop:disabled=busy>"Edit"</button>
                 <button id="undo" on:click=on_undo prop:disabled=move || busy.get() || edits.get().is_empty()>"Undo"</button>
                 <label class="upload">"Upload an edit "
                     <input id="upload-edit" type="file" accept=".safetensors" on:change=on_upload />
                 </label>
             </section>
-            <p class="hint">"ROME runs on the server (it needs the layer's key statistics); the tab's model copies get the same edit."</p>
+            <p class="hint">"Edits run on the server (they need the layers' key statistics); the tab's model copies get the same edit."</p>
             {move || trace.get().map(|t| view! {
                 <details id="edit-curves" open>
                     <summary>{format!("Tracing effect of the last trace ({:?}), to choose the layer", t.subject)}</summary>
@@ -574,36 +677,49 @@ fn App() -> impl IntoView {
                     let m = model.get();
                     edits.get().into_iter().map(|e| {
                         let href = format!("/api/edits/{}/file?model={}", e.id, url_part(&m));
-                        let label = format!("#{} layer {}: {} → {}", e.id, e.layer, e.request.filled(), e.request.target_new.str);
+                        let facts: Vec<String> = e.requests.iter().map(|r| format!("{} → {}", r.filled(), r.target_new.str)).collect();
+                        let layers = match &e.layers[..] {
+                            [l] => format!("layer {l}"),
+                            ls => format!("layers {}", ls.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(",")),
+                        };
+                        let label = format!("#{} {} {layers}: {}", e.id, e.method.to_uppercase(), facts.join("; "));
                         view! { <p class="edit-item">{label}" " <a href=href download="">"download"</a></p> }
                     }).collect_view()
                 }}
             </section>
             {move || report.get().map(|r| {
-                let row = |label: &str, b: &loci_core::edit::PromptProbs, a: &loci_core::edit::PromptProbs| {
-                    let p = |x: f32| if x >= 1e-3 || x == 0.0 { format!("{x:.4}") } else { format!("{x:.1e}") };
-                    let label = label.to_string();
-                    let prompt = b.prompt.clone();
-                    view! { <tr><td>{label}</td><td>{prompt}</td>
-                        <td class="num">{p(b.target_new)}</td><td class="num">{p(a.target_new)}</td>
-                        <td class="num">{p(b.target_true)}</td><td class="num">{p(a.target_true)}</td></tr> }
-                };
-                let old = r.request.target_true.as_ref().map(|t| t.str.clone()).unwrap_or_default();
-                let mut rows = vec![row("rewrite", &r.before.rewrite, &r.after.rewrite)];
-                rows.extend(r.before.paraphrase.iter().zip(&r.after.paraphrase).map(|(b, a)| row("paraphrase", b, a)));
-                rows.extend(r.before.neighborhood.iter().zip(&r.after.neighborhood).map(|(b, a)| row("neighbourhood", b, a)));
+                let mut rows = vec![prob_row("rewrite", &r.before.rewrite, &r.after.rewrite).into_any()];
+                rows.extend(r.before.paraphrase.iter().zip(&r.after.paraphrase).map(|(b, a)| prob_row("paraphrase", b, a).into_any()));
+                rows.extend(r.before.neighborhood.iter().zip(&r.after.neighborhood).map(|(b, a)| prob_row("neighbourhood", b, a).into_any()));
                 let gens: Vec<_> = r.generations.before.iter().zip(&r.generations.after).map(|(b, a)| {
                     view! { <tr><td>{b.clone()}</td><td>{a.clone()}</td></tr> }
                 }).collect();
                 view! {
                     <section id="edit-result" data-p-new-after=r.after.rewrite.target_new.to_string()>
                         <h3>{format!("{} → {} at layer {} (‖ΔW‖ = {:.2}, {:.1} s)", r.request.filled(), r.request.target_new.str, r.layer, r.delta_norm, r.seconds)}</h3>
-                        <table class="probs">
-                            <tr><th></th><th>"prompt"</th><th colspan="2">{format!("p({:?}) before → after", r.request.target_new.str)}</th><th colspan="2">{format!("p({old:?}) before → after")}</th></tr>
-                            {rows}
-                        </table>
+                        <table class="probs">{prob_header(&r.request)}{rows}</table>
                         <h3>"Generations"</h3>
                         <table class="gens"><tr><th>"before"</th><th>"after"</th></tr>{gens}</table>
+                    </section>
+                }
+            })}
+            {move || memit_report.get().map(|r| {
+                let norms: Vec<String> = r.delta_norms.iter().map(|n| format!("{n:.2}")).collect();
+                let facts: Vec<_> = r.requests.iter().map(|q| {
+                    let mut rows = vec![prob_row("rewrite", &q.before.rewrite, &q.after.rewrite).into_any()];
+                    rows.extend(q.before.paraphrase.iter().zip(&q.after.paraphrase).map(|(b, a)| prob_row("paraphrase", b, a).into_any()));
+                    rows.extend(q.before.neighborhood.iter().zip(&q.after.neighborhood).map(|(b, a)| prob_row("neighbourhood", b, a).into_any()));
+                    let gens: Vec<_> = q.generations.after.iter().map(|g| view! { <li>{g.clone()}</li> }).collect();
+                    view! {
+                        <h4>{format!("{} → {}", q.request.filled(), q.request.target_new.str)}</h4>
+                        <table class="probs">{prob_header(&q.request)}{rows}</table>
+                        <ul class="gens">{gens}</ul>
+                    }
+                }).collect();
+                view! {
+                    <section id="memit-result" data-facts=r.requests.len().to_string()>
+                        <h3>{format!("MEMIT: {} facts at layers {:?} (‖ΔW‖ per layer {}, {:.1} s)", r.requests.len(), r.layers, norms.join(", "), r.seconds)}</h3>
+                        {facts}
                     </section>
                 }
             })}

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use gloo_worker::{HandlerId, Worker, WorkerScope};
-use loci_core::edit::{AppliedEdit, RomeEdit};
+use loci_core::edit::{AppliedEdit, Edit};
 use loci_core::trace::TracePlan;
 use loci_core::{DType, Device, LoadedModel};
 
@@ -122,19 +122,12 @@ impl ModelWorker {
                 })
             }
             ToWorker::ApplyEdit { bytes } => {
-                let e = RomeEdit::from_bytes(&bytes).map_err(|e| e.to_string())?;
+                let e = Edit::from_bytes(&bytes).map_err(|e| e.to_string())?;
                 let m = self
                     .model
                     .as_mut()
                     .ok_or("no model is loaded in this worker")?;
-                if e.layer >= m.model.n_layer() {
-                    return Err(format!(
-                        "the edit is for layer {}, the model has {}",
-                        e.layer,
-                        m.model.n_layer()
-                    ));
-                }
-                let applied = m.apply_edit(&e).map_err(|e| e.to_string())?;
+                let applied = m.apply(&e).map_err(|e| e.to_string())?;
                 self.edits.push(applied);
                 self.plans.clear();
                 Ok(FromWorker::Edits {

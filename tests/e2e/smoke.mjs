@@ -1,7 +1,8 @@
 // The web app end to end in headless Chromium against a running `loci serve` (tiny models):
 // predict and trace on the server engine, the same trace in the tab's workers (numbers must
 // match), then an edit (computed on the server, applied to the tab's copies: the tab's top
-// prediction changes), undo (it returns exactly), and a screenshot.
+// prediction changes), undo (it returns exactly), an uploaded edit file, a MEMIT edit of two
+// facts from the page (listed, then undone), and a screenshot.
 // Usage: node smoke.mjs URL SCREENSHOT.png MODEL   — prints one JSON object.
 import { chromium } from 'playwright-core';
 import { writeFileSync } from 'node:fs';
@@ -68,7 +69,6 @@ try {
   out.edit_status = e.text;
   out.edits_listed = Number(await page.getAttribute('#edits', 'data-count'));
   out.edited_top = await predictTop();
-  await page.screenshot({ path: shot, fullPage: true });
   // Keep the edit file the page links to, for the upload below.
   const href = await page.getAttribute('#edits a', 'href');
   const bytes = await page.evaluate(async h => Array.from(new Uint8Array(await (await fetch(h)).arrayBuffer())), href);
@@ -82,6 +82,20 @@ try {
   const up = await finish();
   out.upload_status = up.text;
   out.uploaded_top = await predictTop();
+  // MEMIT: the form's fact and one more line, over two layers, on top of the uploaded edit.
+  await page.selectOption('#edit-method', 'memit');
+  await page.fill('#edit-layer', '1,2');
+  await page.fill('#edit-more', 'Michael Jordan plays the sport of | Michael Jordan | soccer');
+  await page.click('#edit');
+  const me = await finish();
+  out.memit_status = me.text;
+  out.memit_facts = Number(await page.getAttribute('#memit-result', 'data-facts'));
+  out.memit_listed = Number(await page.getAttribute('#edits', 'data-count'));
+  out.memit_label = await page.textContent('#edits p:last-child');
+  await page.screenshot({ path: shot, fullPage: true });
+  await page.click('#undo');
+  await finish();
+  out.memit_undone_top = await predictTop();
   // A second visit runs in the tab from the browser's cache: no model file is fetched again.
   const second = await context.newPage();
   const fetched = [];

@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use loci_core::edit::{KeyMode, Probes, RewriteRequest, RomeEdit};
+use loci_core::edit::{Edit, KeyMode, KeyStats, Probes, RewriteRequest};
 use loci_core::eval::CounterFactCase;
 use loci_core::trace::{TraceKind, TraceObserver, TraceRequest};
 use loci_core::{LociError, Sampling};
@@ -363,9 +363,11 @@ pub async fn openapi() -> Response {
         .into_response()
 }
 
-/// Edit files are small (two vectors and the request); GPT-J's is about 100 KB.
+/// Edit files are small (two vectors per fact and layer); a GPT-J ROME edit is about 100 KB.
 pub const MAX_EDIT_FILE: usize = 4 * 1024 * 1024;
 const MAX_PROBES: usize = 20;
+/// Facts one MEMIT request may write (each costs a v* optimisation).
+const MAX_MEMIT_REQUESTS: usize = 16;
 
 fn default_generate_tokens() -> usize {
     10
@@ -384,8 +386,16 @@ pub struct EditBody {
     subject: Option<String>,
     #[serde(default)]
     target: Option<String>,
+    /// "rome" (default: one fact at `layer`) or "memit" (all facts at once over `layers`).
+    #[serde(default)]
+    method: Option<String>,
+    /// MEMIT: more facts, written with the one above (if any).
+    #[serde(default)]
+    requests: Vec<RewriteRequest>,
     #[serde(default)]
     layer: Option<usize>,
+    #[serde(default)]
+    layers: Vec<usize>,
     /// "rrome" (default) or "original".
     #[serde(default)]
     key_mode: Option<String>,
@@ -400,7 +410,12 @@ pub struct EditBody {
 #[derive(Serialize)]
 struct EditResponse {
     id: u64,
-    report: loci_core::edit::EditReport,
+    /// ROME's read-out…
+    #[serde(skip_serializing_if = "Option::is_none")]
+    report: Option<loci_core::edit::EditReport>,
+    /// …or MEMIT's, one per fact.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memit: Option<loci_core::edit::MemitReport>,
     edits: Vec<super::models::EditListing>,
 }
 
@@ -408,47 +423,81 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, msg)
 }
 
-/// Computes a ROME edit, applies it on top of the model's other edits and reports before/after.
+/// Computes a ROME or MEMIT edit, applies it on top of the model's other edits and reports
+/// before/after.
 pub async fn edit(
     State(st): State<Arc<AppState>>,
     b: Result<Json<EditBody>, JsonRejection>,
 ) -> Response {
     json_job(st, b, move |st, b| {
-        let req = match (&b.request, &b.prompt, &b.subject, &b.target) {
-            (Some(r), None, None, None) => r.clone(),
-            (None, Some(p), Some(s), Some(t)) => RewriteRequest::from_prompt(p, s, t)?,
+        let single = match (&b.request, &b.prompt, &b.subject, &b.target) {
+            (Some(r), None, None, None) => Some(r.clone()),
+            (None, Some(p), Some(s), Some(t)) => Some(RewriteRequest::from_prompt(p, s, t)?),
+            (None, None, None, None) if !b.requests.is_empty() => None,
             _ => {
                 return Err(bad(
                     "give either \"request\" (a requested_rewrite) or \"prompt\", \"subject\" and \"target\"",
                 ))
             }
         };
+        let memit = match b.method.as_deref() {
+            None | Some("rome") => false,
+            Some("memit") => true,
+            Some(other) => return Err(bad(format!("method {other:?}: use rome or memit"))),
+        };
+        let reqs: Vec<RewriteRequest> = single.into_iter().chain(b.requests.clone()).collect();
+        if !memit && (reqs.len() != 1 || !b.layers.is_empty()) {
+            return Err(bad("ROME edits one fact at one \"layer\"; use \"method\": \"memit\" for \"requests\" and \"layers\""));
+        }
+        if memit && (reqs.len() > MAX_MEMIT_REQUESTS || b.layer.is_some()) {
+            return Err(bad(format!(
+                "MEMIT writes at most {MAX_MEMIT_REQUESTS} facts at its \"layers\""
+            )));
+        }
         if b.paraphrase.len() + b.neighborhood.len() > MAX_PROBES {
             return Err(bad(format!("at most {MAX_PROBES} paraphrase and neighborhood prompts")));
         }
-        for p in std::iter::once(&req.prompt).chain(&b.paraphrase).chain(&b.neighborhood) {
+        for p in reqs.iter().map(|r| &r.prompt).chain(&b.paraphrase).chain(&b.neighborhood) {
             check_prompt(p)?;
         }
         let m = model(st, &b.model)?;
         let mut guard = write(&m);
         let state = &mut *guard;
+        let probes = Probes {
+            paraphrase: b.paraphrase.clone(),
+            neighborhood: b.neighborhood.clone(),
+            generate_tokens: b.generate_tokens.min(50),
+        };
+        if memit {
+            let hp = crate::cli::edit::memit_hparams(&state.lm, &b.layers)
+                .map_err(|e| bad(format!("{e:#}")))?;
+            let stats = layers_stats(st, &b.model, &state.lm, &hp.layers)?;
+            let (e, applied, report) =
+                state
+                    .lm
+                    .memit_with_report(reqs, &hp, &stats, &probes, &mut |_| {})?;
+            let id = state.record(Edit::Memit(e), applied);
+            return Ok(EditResponse {
+                id,
+                report: None,
+                memit: Some(report),
+                edits: state.listing(),
+            });
+        }
         let mut hp = edit_hparams(&state.lm, b.layer)?;
         hp.key_mode = match b.key_mode.as_deref() {
             None | Some("rrome") => KeyMode::Rrome,
             Some("original") => KeyMode::Original,
             Some(other) => return Err(bad(format!("key_mode {other:?}: use rrome or original"))),
         };
-        let stats = layer_stats(st, &b.model, &state.lm, hp.layer)?;
-        let probes = Probes {
-            paraphrase: b.paraphrase.clone(),
-            neighborhood: b.neighborhood.clone(),
-            generate_tokens: b.generate_tokens.min(50),
-        };
+        let stats = layers_stats(st, &b.model, &state.lm, &[hp.layer])?.remove(0);
+        let req = reqs.into_iter().next().expect("one request");
         let (e, applied, report) = state.lm.rome_with_report(req, &hp, Some(&stats), &probes)?;
-        let id = state.record(e, applied);
+        let id = state.record(Edit::Rome(e), applied);
         Ok(EditResponse {
             id,
-            report,
+            report: Some(report),
+            memit: None,
             edits: state.listing(),
         })
     })
@@ -472,29 +521,39 @@ fn edit_hparams(
     Ok(hp)
 }
 
-/// A layer's key statistics, kept in memory after first use with their Cholesky factor: later
-/// edits at that layer neither read the file nor factor again.
-fn layer_stats(
+/// Layers' key statistics, kept in memory after first use with their Cholesky factors: later
+/// edits at those layers neither read the files nor factor again. Missing files are computed in
+/// one pass over the corpus.
+fn layers_stats(
     st: &AppState,
     name: &str,
     lm: &loci_core::LoadedModel,
-    layer: usize,
-) -> Result<loci_core::edit::KeyStats, ApiError> {
-    let key = (name.to_string(), layer);
-    if let Some(s) = st
-        .stats_cache
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&key)
-    {
-        return Ok(s.clone());
+    layers: &[usize],
+) -> Result<Vec<KeyStats>, ApiError> {
+    let cached = |l: usize| {
+        st.stats_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(name.to_string(), l))
+            .cloned()
+    };
+    let missing: Vec<usize> = layers
+        .iter()
+        .copied()
+        .filter(|&l| cached(l).is_none())
+        .collect();
+    if !missing.is_empty() {
+        for s in st.stats.ensure_layers(lm, &missing)? {
+            st.stats_cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((name.to_string(), s.provenance.layer), s);
+        }
     }
-    let s = st.stats.ensure(lm, layer)?;
-    st.stats_cache
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(key, s.clone());
-    Ok(s)
+    layers
+        .iter()
+        .map(|&l| cached(l).ok_or_else(|| bad(format!("no key statistics for layer {l}"))))
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -624,16 +683,9 @@ pub async fn upload_edit(
         Err(e) => return e.into_response(),
     };
     job(st, move |st| {
-        let e = RomeEdit::from_bytes(&bytes)?;
+        let e = Edit::from_bytes(&bytes)?;
         let m = model(st, &name)?;
         let mut state = write(&m);
-        if e.layer >= state.lm.model.n_layer() {
-            return Err(bad(format!(
-                "the edit is for layer {}, the model has {} layers",
-                e.layer,
-                state.lm.model.n_layer()
-            )));
-        }
         let id = state.push(e)?;
         Ok(serde_json::json!({ "id": id, "edits": state.listing() }))
     })
@@ -673,7 +725,7 @@ pub async fn eval_case(
         let m = model(st, &b.model)?;
         let mut state = write(&m);
         let hp = edit_hparams(&state.lm, b.layer)?;
-        let stats = layer_stats(st, &b.model, &state.lm, hp.layer)?;
+        let stats = layers_stats(st, &b.model, &state.lm, &[hp.layer])?.remove(0);
         Ok(state
             .lm
             .eval_case(c, &hp, Some(&stats), b.generation, None)?)

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::{bail, Result};
-use loci_core::edit::{AppliedEdit, RomeEdit};
+use loci_core::edit::{AppliedEdit, Edit};
 use loci_core::{DType, Device, LoadedModel, ModelInfo};
 use serde::Serialize;
 
@@ -29,7 +29,7 @@ pub struct ModelState {
 
 pub struct ServedEdit {
     pub id: u64,
-    pub edit: RomeEdit,
+    pub edit: Edit,
     pub applied: AppliedEdit,
 }
 
@@ -37,20 +37,23 @@ pub struct ServedEdit {
 #[derive(Serialize)]
 pub struct EditListing {
     pub id: u64,
-    pub layer: usize,
-    pub request: loci_core::edit::RewriteRequest,
-    pub delta_norm: f32,
+    /// "rome" or "memit".
+    pub method: &'static str,
+    pub layers: Vec<usize>,
+    pub requests: Vec<loci_core::edit::RewriteRequest>,
+    /// ‖ΔW‖ per layer.
+    pub delta_norms: Vec<f32>,
 }
 
 impl ModelState {
     /// Applies `edit` on top of the others; returns its id.
-    pub fn push(&mut self, edit: RomeEdit) -> loci_core::Result<u64> {
-        let applied = self.lm.apply_edit(&edit)?;
+    pub fn push(&mut self, edit: Edit) -> loci_core::Result<u64> {
+        let applied = self.lm.apply(&edit)?;
         Ok(self.record(edit, applied))
     }
 
     /// Records an edit already applied to the weights.
-    pub fn record(&mut self, edit: RomeEdit, applied: AppliedEdit) -> u64 {
+    pub fn record(&mut self, edit: Edit, applied: AppliedEdit) -> u64 {
         self.next_id += 1;
         self.edits.push(ServedEdit {
             id: self.next_id,
@@ -74,9 +77,10 @@ impl ModelState {
             .iter()
             .map(|e| EditListing {
                 id: e.id,
-                layer: e.edit.layer,
-                request: e.edit.request.clone(),
-                delta_norm: e.edit.delta_norm(),
+                method: e.edit.method(),
+                layers: e.edit.layers(),
+                requests: e.edit.requests().into_iter().cloned().collect(),
+                delta_norms: e.edit.delta_norms(),
             })
             .collect()
     }

@@ -249,6 +249,23 @@ impl Edit {
             Edit::Memit(e) => e.requests.iter().collect(),
         }
     }
+
+    /// "rome" or "memit".
+    pub fn method(&self) -> &'static str {
+        match self {
+            Edit::Rome(_) => "rome",
+            Edit::Memit(_) => "memit",
+        }
+    }
+
+    pub fn layers(&self) -> Vec<usize> {
+        self.deltas().iter().map(|d| d.layer).collect()
+    }
+
+    /// ‖ΔW‖ per changed layer.
+    pub fn delta_norms(&self) -> Vec<f32> {
+        self.deltas().iter().map(delta_norm).collect()
+    }
 }
 
 /// MEMIT's context templates: "{}" and a short continuation of each seed word followed by
