@@ -3,7 +3,7 @@
 # and headless Chromium driven by Playwright (tests/e2e/smoke.mjs): predict and trace on the
 # server and in the tab's workers (every heatmap cell drawn, the same numbers), edit (the tab's
 # top prediction changes), undo (it returns), upload of the downloaded edit (it changes again), a
-# MEMIT edit of two facts made from the page (listed, then undone exactly),
+# MEMIT edit of two facts and a fine-tuning edit made from the page (listed, then undone exactly),
 # screenshot. Needs the release `loci` binary and
 # dist/ (scripts/test.sh builds both first), and ../shared/data for the key statistics corpus.
 set -euo pipefail
@@ -54,6 +54,9 @@ checks = {
         r.get("memit_status", "").startswith("Edited") and r.get("memit_facts") == 2
         and r.get("memit_listed") == 2 and "MEMIT layers 1,2" in r.get("memit_label", "")
         and r.get("memit_undone_top") == r.get("uploaded_top"),
+    "a fine-tuning edit is made from the page, reported, listed, and undone exactly":
+        r.get("ft_status", "").startswith("Edited") and r.get("ft_result") == 1
+        and "FT layer 1" in r.get("ft_label", "") and r.get("ft_undone_top") == r.get("uploaded_top"),
     "a second visit loads the model from the browser cache": r.get("second_visit_files_fetched") == 0
         and r.get("second_visit_status") == "Done.",
     "a new page's tab copy carries the server's edits": r.get("second_visit_top") == r.get("uploaded_top"),

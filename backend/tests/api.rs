@@ -558,6 +558,18 @@ fn edits_apply_list_download_undo_and_reapply() {
     assert_eq!(top_prob(&s.base, prompt), edited);
     let (st, _) = post(&s.base, "/api/undo", r#"{"model":"tiny-gpt2","all":true}"#);
     assert_eq!(st, 200);
+    // Constrained fine-tuning: one fact at its layers, listed as "ft", undone exactly.
+    let ft = serde_json::json!({
+        "model": "tiny-gpt2", "method": "ft", "layers": [1],
+        "prompt": prompt, "subject": "Eiffel Tower", "target": "Rome",
+    });
+    let (st, v) = post(&s.base, "/api/edit", &ft.to_string());
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["report"]["layer"], 1);
+    assert_eq!(v["edits"][0]["method"], "ft");
+    let (st, _) = post(&s.base, "/api/undo", r#"{"model":"tiny-gpt2"}"#);
+    assert_eq!(st, 200);
+    assert_eq!(top_prob(&s.base, prompt), before);
     let fact = serde_json::json!({"prompt": "{} is in", "subject": "Rome", "target_new": {"str": "Paris"}});
     for (patch, want) in [
         (serde_json::json!({"layers": [1, 99]}), "out of range"),
@@ -567,8 +579,9 @@ fn edits_apply_list_download_undo_and_reapply() {
             serde_json::json!({"requests": vec![fact; 16]}),
             "at most 16",
         ),
-        (serde_json::json!({"method": "ft"}), "use rome or memit"),
+        (serde_json::json!({"method": "kn"}), "use rome, memit or ft"),
         (serde_json::json!({"method": "rome"}), "one fact"),
+        (serde_json::json!({"method": "ft"}), "one fact"),
     ] {
         let mut body = memit.clone();
         for (k, v) in patch.as_object().unwrap() {

@@ -520,23 +520,17 @@ fn memit_edits_several_facts_at_once_and_its_file_reapplies() {
             .output()
             .unwrap()
     };
-    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
-        .args([
-            "edit", "--model", &model, "--method", "memit", "--layers", "1,2",
-        ])
-        .args(["--v-steps", "4", "--json", "--stats-tokens", "2000"])
-        .arg("--request")
-        .arg(&requests)
-        .arg("--stats")
-        .arg(dir.join("stats"))
-        .arg("--corpus")
-        .arg(&corpus)
-        .arg("--save-edit")
-        .arg(&edit_file)
-        .args(["--neighborhood", "The Louvre is located in the city of"])
-        .output()
-        .unwrap();
-    let v = json(&out);
+    let v = json(&run(&[
+        "--method",
+        "memit",
+        "--layers",
+        "1,2",
+        "--json",
+        "--save-edit",
+        edit_file.to_str().unwrap(),
+        "--neighborhood",
+        "The Louvre is located in the city of",
+    ]));
     assert_eq!(v["layers"], serde_json::json!([1, 2]));
     let reqs = v["requests"].as_array().unwrap();
     assert_eq!(reqs.len(), 2);
@@ -619,6 +613,80 @@ fn memit_edits_several_facts_at_once_and_its_file_reapplies() {
         .collect();
     assert_eq!(secs.len(), 2);
     assert_eq!(secs[0], secs[1], "the two cases share one edit");
+}
+
+#[test]
+fn fine_tuning_edits_one_fact_and_its_file_reapplies() {
+    let dir = std::env::temp_dir().join(format!("loci-ft-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = tiny("tiny-gpt2");
+    let prompt = "The Eiffel Tower is located in the city of";
+    let edit_file = dir.join("ft.safetensors");
+    let edit = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_loci"))
+            .args([
+                "edit", "--model", &model, "--method", "ft", "--prompt", prompt,
+            ])
+            .args(["--subject", "Eiffel Tower", "--target", "Rome"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let v = json(&edit(&[
+        "--layers",
+        "1,2",
+        "--norm-constraint",
+        "0.01",
+        "--ft-objective",
+        "sequence",
+        "--json",
+        "--save-edit",
+        edit_file.to_str().unwrap(),
+    ]));
+    assert_eq!(v["layer"], 1);
+    let p = |side: &str| v[side]["rewrite"]["target_new"].as_f64().unwrap();
+    assert!(p("after") > p("before"), "{v}");
+    let losses = v["v_losses"].as_array().unwrap();
+    assert!(!losses.is_empty() && losses.len() <= 25);
+    let top = |extra: &[&std::path::Path]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_loci"));
+        c.args([
+            "predict", "--model", &model, "--prompt", prompt, "--top", "50", "--json",
+        ]);
+        for f in extra {
+            c.arg("--apply-edit").arg(f);
+        }
+        json(&c.output().unwrap())["top"].clone()
+    };
+    assert_ne!(top(&[&edit_file]), top(&[]));
+    for (args, want) in [
+        (
+            vec!["--layers", "1", "--norm-constraint", "x"],
+            "a number or none",
+        ),
+        (vec!["--layers", "9"], "out of range"),
+        (vec!["--layer", "1"], "--layers"),
+        (
+            vec!["--layers", "1", "--ft-objective", "kl"],
+            "last_token or sequence",
+        ),
+    ] {
+        let out = edit(&args);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(want),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let data = root().join("../shared/data/counterfact/counterfact_rome_format_sample500.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
+        .args(["eval", "--model", &model, "--method", "ft", "--layers", "1"])
+        .args(["--n", "2", "--no-generation", "--summary", "--dataset"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(json(&out)["cases"], 2);
 }
 
 #[test]

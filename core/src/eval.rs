@@ -496,10 +496,23 @@ impl LoadedModel {
         generate: bool,
         consistency: Option<&Consistency>,
     ) -> Result<CaseRecord> {
+        self.eval_case_with(case, generate, consistency, |lm, r| {
+            Ok(crate::edit::Edit::Rome(lm.rome(r, hp, stats)?))
+        })
+    }
+
+    /// The same for any one-fact edit that `make` computes from the case's rewrite.
+    pub fn eval_case_with(
+        &mut self,
+        case: &CounterFactCase,
+        generate: bool,
+        consistency: Option<&Consistency>,
+        make: impl FnOnce(&mut LoadedModel, &RewriteRequest) -> Result<crate::edit::Edit>,
+    ) -> Result<CaseRecord> {
         let pre = self.score_case(case, generate)?;
         let started = crate::clock::now_seconds();
-        let edit = self.rome(&case.requested_rewrite, hp, stats)?;
-        let applied = self.apply_edit(&edit)?;
+        let edit = make(self, &case.requested_rewrite)?;
+        let applied = self.apply(&edit)?;
         let edit_seconds = crate::clock::now_seconds() - started;
         let post = self.score_case(case, generate);
         self.undo_edit(applied)?;

@@ -33,6 +33,18 @@ impl Site {
             Site::Attn(l) | Site::MlpKey(l) | Site::Mlp(l) | Site::Block(l) => Some(l),
         }
     }
+
+    /// Where the site comes in a forward pass: sites compare as the pass reaches them.
+    pub fn order(self) -> (usize, u8) {
+        let within = match self {
+            Site::Embed => 0,
+            Site::Attn(_) => 1,
+            Site::MlpKey(_) => 2,
+            Site::Mlp(_) => 3,
+            Site::Block(_) => 4,
+        };
+        (self.layer().map_or(0, |l| l + 1), within)
+    }
 }
 
 /// Something that watches or changes a forward pass.
@@ -134,18 +146,7 @@ impl Hook for Chain<'_> {
         self.0
             .iter()
             .filter_map(|h| h.stop_after())
-            .min_by_key(|s| {
-                (
-                    s.layer().map_or(0, |l| l + 1),
-                    match s {
-                        Site::Embed => 0,
-                        Site::Attn(_) => 1,
-                        Site::MlpKey(_) => 2,
-                        Site::Mlp(_) => 3,
-                        Site::Block(_) => 4,
-                    },
-                )
-            })
+            .min_by_key(|s| s.order())
     }
 }
 

@@ -3,32 +3,14 @@
 
 mod common;
 
-use std::sync::OnceLock;
-
 use candle_core::{DType, Device};
 use loci_core::edit::{Edit, KeyStats, MemitHparams, RewriteRequest, StatsAccumulator, TargetStr};
 use loci_core::hooks::Site;
 use loci_core::LoadedModel;
 
-fn wiki_texts(n: usize) -> Vec<String> {
-    let p =
-        common::root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
-    std::fs::read_to_string(p)
-        .unwrap()
-        .lines()
-        .take(n)
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect()
-}
-
 fn stats(lm: &LoadedModel, layers: &[usize], texts: usize, max_len: usize) -> Vec<KeyStats> {
     let mut acc = StatsAccumulator::new(lm, layers, max_len).unwrap();
-    for t in wiki_texts(texts) {
+    for t in common::wiki_texts(texts) {
         acc.add_text(lm, &t).unwrap();
     }
     acc.finish(lm, "wikipedia sample").unwrap()
@@ -203,7 +185,7 @@ fn the_update_is_the_regularised_least_squares_solution_and_undoes_exactly() {
     // A file round trip gives the same edit, and the same weights once applied.
     let back = match Edit::from_bytes(&edit.to_bytes().unwrap()).unwrap() {
         Edit::Memit(e) => e,
-        Edit::Rome(_) => panic!("a MEMIT file read as ROME"),
+        other => panic!("a MEMIT file read as {}", other.method()),
     };
     assert_eq!(back, edit);
     let applied = lm.apply(&Edit::Memit(back)).unwrap();
@@ -250,17 +232,9 @@ fn shipped_hyperparameters_match_the_papers() {
     assert!(MemitHparams::for_model(&tiny.model.cfg).is_none());
 }
 
-fn smol() -> Option<&'static LoadedModel> {
-    static M: OnceLock<Option<LoadedModel>> = OnceLock::new();
-    M.get_or_init(|| {
-        common::smollm2().map(|p| LoadedModel::load(&p, DType::F32, &Device::Cpu).unwrap())
-    })
-    .as_ref()
-}
-
 #[test]
 fn two_facts_move_at_once_on_smollm2_and_neighbours_stay() {
-    let Some(base) = smol() else { return };
+    let Some(base) = common::smol() else { return };
     let mut lm = base.clone();
     let hp = MemitHparams::for_model(&lm.model.cfg).expect("shipped MEMIT hparams for SmolLM2");
     let st = stats(&lm, &hp.layers, 60, 512);

@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::sync::OnceLock;
-
 use candle_core::{DType, Device};
 use loci_core::hooks::Capture;
 use loci_core::{LoadedModel, LogitsAt, Site};
@@ -147,14 +145,6 @@ fn batched_rows_equal_single_runs_and_cache_equals_full_pass() {
     assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
 }
 
-fn smol() -> Option<&'static LoadedModel> {
-    static M: OnceLock<Option<LoadedModel>> = OnceLock::new();
-    M.get_or_init(|| {
-        common::smollm2().map(|p| LoadedModel::load(&p, DType::F32, &Device::Cpu).unwrap())
-    })
-    .as_ref()
-}
-
 fn check_smol(lm: &LoadedModel) {
     let exp = common::read_json(&common::fixtures().join("smollm2.expected.json"));
     for rec in exp["prompts"].as_array().unwrap() {
@@ -215,7 +205,7 @@ fn check_smol(lm: &LoadedModel) {
 
 #[test]
 fn smollm2_gguf_matches_transformers() {
-    let Some(lm) = smol() else { return };
+    let Some(lm) = common::smol() else { return };
     check_smol(lm);
     let p = lm
         .predict("The Eiffel Tower is located in the city of", 1)
@@ -225,7 +215,7 @@ fn smollm2_gguf_matches_transformers() {
 
 #[test]
 fn smollm2_hf_folder_round_trip_matches_transformers() {
-    let Some(lm) = smol() else { return };
+    let Some(lm) = common::smol() else { return };
     let dir = std::env::temp_dir().join(format!("loci-smol-hf-{}", std::process::id()));
     lm.save_hf_folder(&dir).unwrap();
     let back = LoadedModel::load(&dir, DType::F32, &Device::Cpu).unwrap();

@@ -3,28 +3,11 @@
 
 mod common;
 
-use std::sync::OnceLock;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
 use loci_core::edit::{KeyStats, RewriteRequest, RomeHparams, StatsAccumulator, TargetStr};
 use loci_core::LoadedModel;
-
-fn wiki_texts(n: usize) -> Vec<String> {
-    let p =
-        common::root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
-    std::fs::read_to_string(p)
-        .unwrap()
-        .lines()
-        .take(n)
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect()
-}
 
 /// The down-projection of `layer`, bit for bit.
 fn weight_bits(lm: &LoadedModel, layer: usize) -> Vec<u32> {
@@ -38,17 +21,9 @@ fn weight_bits(lm: &LoadedModel, layer: usize) -> Vec<u32> {
         .collect()
 }
 
-fn smol() -> Option<&'static LoadedModel> {
-    static M: OnceLock<Option<LoadedModel>> = OnceLock::new();
-    M.get_or_init(|| {
-        common::smollm2().map(|p| LoadedModel::load(&p, DType::F32, &Device::Cpu).unwrap())
-    })
-    .as_ref()
-}
-
 fn stats(lm: &LoadedModel, layer: usize, texts: usize) -> KeyStats {
     let mut acc = StatsAccumulator::new(lm, &[layer], 512).unwrap();
-    for t in wiki_texts(texts) {
+    for t in common::wiki_texts(texts) {
         acc.add_text(lm, &t).unwrap();
     }
     acc.finish(lm, "wikipedia sample").unwrap().pop().unwrap()
@@ -56,7 +31,7 @@ fn stats(lm: &LoadedModel, layer: usize, texts: usize) -> KeyStats {
 
 #[test]
 fn eiffel_tower_moves_to_rome() {
-    let Some(base) = smol() else { return };
+    let Some(base) = common::smol() else { return };
     let mut lm = base.clone();
     let layer = 6;
     let t0 = Instant::now();
@@ -116,7 +91,7 @@ fn tiny() -> LoadedModel {
 #[test]
 fn statistics_equal_a_naive_sum_and_refuse_other_layers() {
     let lm = tiny();
-    let texts = wiki_texts(12);
+    let texts = common::wiki_texts(12);
     let mut acc = StatsAccumulator::new(&lm, &[1, 2], 64).unwrap();
     for t in &texts {
         acc.add_text(&lm, t).unwrap();
@@ -192,7 +167,7 @@ fn the_rank_one_delta_is_the_closed_form_and_bad_requests_change_nothing() {
     let mut lm = tiny();
     let layer = 2;
     let mut acc = StatsAccumulator::new(&lm, &[layer], 64).unwrap();
-    for t in wiki_texts(40) {
+    for t in common::wiki_texts(40) {
         acc.add_text(&lm, &t).unwrap();
     }
     let st = acc.finish(&lm, "test").unwrap().pop().unwrap();
@@ -392,7 +367,7 @@ fn shipped_hyperparameters_match_model_shapes() {
         (5, 4.0, 20)
     );
     assert!(RomeHparams::for_model(&tiny().model.cfg).is_none());
-    if let Some(lm) = smol() {
+    if let Some(lm) = common::smol() {
         assert_eq!(RomeHparams::for_model(&lm.model.cfg).unwrap().layer, 6);
     }
 }
@@ -402,7 +377,7 @@ fn worker_threads_give_the_same_statistics_and_edit() {
     // Statistics texts and v*'s row groups spread over threads: the statistics are summed in text
     // order (bit-identical), and the groups' gradients add up to the one-batch gradient.
     let lm = tiny();
-    let texts = wiki_texts(7);
+    let texts = common::wiki_texts(7);
     let run = |workers: usize| {
         loci_core::threads::set_workers(workers);
         let mut acc = StatsAccumulator::new(&lm, &[2], 64).unwrap();

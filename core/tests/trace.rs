@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::sync::OnceLock;
-
 use candle_core::{DType, Device};
 use loci_core::trace::{NoiseSpec, Quiet, TraceKind, TraceObserver, TraceRequest};
 use loci_core::LoadedModel;
@@ -123,17 +121,9 @@ fn a_trace_can_be_cancelled_and_streams_rows() {
     );
 }
 
-fn smol() -> Option<&'static LoadedModel> {
-    static M: OnceLock<Option<LoadedModel>> = OnceLock::new();
-    M.get_or_init(|| {
-        common::smollm2().map(|p| LoadedModel::load(&p, DType::F32, &Device::Cpu).unwrap())
-    })
-    .as_ref()
-}
-
 #[test]
 fn smollm2_trace_shows_the_papers_pattern() {
-    let Some(lm) = smol() else { return };
+    let Some(lm) = common::smol() else { return };
     let subjects: Vec<String> =
         common::read_json(&common::root().join("static/data/known_1000.json"))
             .as_array()

@@ -365,7 +365,8 @@ fn App() -> impl IntoView {
             Ok(l) => l,
             Err(e) => return say(set_status, "error", e),
         };
-        let memit = e_method.get_untracked() == "memit";
+        let method = e_method.get_untracked();
+        let memit = method == "memit";
         let mut body = serde_json::json!({
             "model": c.name, "prompt": e_prompt.get_untracked(), "subject": e_subject.get_untracked(),
             "target": e_target.get_untracked(),
@@ -378,6 +379,9 @@ fn App() -> impl IntoView {
             };
             body["method"] = "memit".into();
             body["requests"] = serde_json::to_value(more).expect("requests serialise");
+            body["layers"] = layers.into();
+        } else if method == "ft" {
+            body["method"] = "ft".into();
             body["layers"] = layers.into();
         } else {
             match layers[..] {
@@ -396,10 +400,10 @@ fn App() -> impl IntoView {
         say(
             set_status,
             "running",
-            if memit {
-                "Editing on the server (MEMIT: a target per fact, then the update spread over the layers)…"
-            } else {
-                "Editing on the server (ROME: k*, v*, rank-one update)…"
+            match method.as_str() {
+                "memit" => "Editing on the server (MEMIT: a target per fact, then the update spread over the layers)…",
+                "ft" => "Editing on the server (fine-tuning the layers within an L∞ bound)…",
+                _ => "Editing on the server (ROME: k*, v*, rank-one update)…",
             },
         );
         let sync = sync_e.clone();
@@ -645,9 +649,10 @@ fn App() -> impl IntoView {
                     <select id="edit-method" on:change=move |ev| set_e_method.set(event_target_value(&ev))>
                         <option value="rome" selected=true>"ROME (one fact, one layer)"</option>
                         <option value="memit">"MEMIT (several facts and layers)"</option>
+                        <option value="ft">"FT (constrained fine-tuning)"</option>
                     </select>
                 </label>
-                <label>{move || if e_method.get() == "memit" { "Layers " } else { "Layer " }}
+                <label>{move || if e_method.get() == "rome" { "Layer " } else { "Layers " }}
                     <input id="edit-layer" size="8" placeholder="default" prop:value=e_layer on:input=move |ev| set_e_layer.set(event_target_value(&ev)) />
                 </label>
                 <label class="wide" class:hidden=move || e_method.get() != "memit">"More facts for MEMIT (one per line: prompt | subject | new target) "

@@ -2,7 +2,7 @@
 // predict and trace on the server engine, the same trace in the tab's workers (numbers must
 // match), then an edit (computed on the server, applied to the tab's copies: the tab's top
 // prediction changes), undo (it returns exactly), an uploaded edit file, a MEMIT edit of two
-// facts from the page (listed, then undone), and a screenshot.
+// facts and a fine-tuning edit from the page (each listed, then undone), and a screenshot.
 // Usage: node smoke.mjs URL SCREENSHOT.png MODEL   — prints one JSON object.
 import { chromium } from 'playwright-core';
 import { writeFileSync } from 'node:fs';
@@ -96,6 +96,17 @@ try {
   await page.click('#undo');
   await finish();
   out.memit_undone_top = await predictTop();
+  // Constrained fine-tuning of the form's fact at layer 1, then undone.
+  await page.selectOption('#edit-method', 'ft');
+  await page.fill('#edit-layer', '1');
+  await page.click('#edit');
+  const fe = await finish();
+  out.ft_status = fe.text;
+  out.ft_label = await page.textContent('#edits p:last-child');
+  out.ft_result = await page.locator('#edit-result').count();
+  await page.click('#undo');
+  await finish();
+  out.ft_undone_top = await predictTop();
   // A second visit runs in the tab from the browser's cache: no model file is fetched again.
   const second = await context.newPage();
   const fetched = [];

@@ -7,8 +7,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use loci_core::edit::{
-    EditSide, KeyMode, KeyStats, MemitHparams, Probes, RewriteRequest, RomeHparams,
-    StatsAccumulator, TargetStr,
+    Edit, EditReport, EditSide, FtHparams, FtObjective, KeyMode, KeyStats, MemitHparams, Probes,
+    RewriteRequest, RomeHparams, StatsAccumulator, TargetStr,
 };
 use loci_core::eval::parse_cases;
 use loci_core::LoadedModel;
@@ -240,6 +240,53 @@ pub fn hparams(lm: &LoadedModel, layer: Option<usize>) -> Result<RomeHparams> {
     }
 }
 
+/// Fine-tuning's settings beyond the layers.
+#[derive(clap::Args, Debug)]
+pub struct FtArgs {
+    /// Fine-tuning: ε of the L∞ constraint around the original weights, or "none".
+    #[arg(long)]
+    pub norm_constraint: Option<String>,
+    /// Fine-tuning: last_token (ROME's baseline) or sequence (Hase et al.'s).
+    #[arg(long)]
+    pub ft_objective: Option<String>,
+}
+
+/// Fine-tuning's shipped hyper-parameters for this model, with the command line's changes.
+pub fn ft_hparams(lm: &LoadedModel, layers: &[usize], a: &FtArgs) -> Result<FtHparams> {
+    let n = lm.model.n_layer();
+    if let Some(l) = layers.iter().find(|&&l| l >= n) {
+        bail!("layer {l} out of range (the model has {n} layers)");
+    }
+    let mut hp = match (FtHparams::for_model(&lm.model.cfg), layers.is_empty()) {
+        (Some(hp), true) => hp,
+        (Some(mut hp), false) => {
+            hp.layers = layers.to_vec();
+            hp
+        }
+        (None, false) => FtHparams::at_layers(layers.to_vec(), Some(5e-4)),
+        (None, true) => {
+            bail!("Loci has no default fine-tuning layers for this model; pass --layers")
+        }
+    };
+    match a.norm_constraint.as_deref() {
+        None => {}
+        Some("none") => hp.norm_constraint = None,
+        Some(e) => {
+            hp.norm_constraint = Some(
+                e.parse()
+                    .map_err(|_| anyhow::anyhow!("--norm-constraint {e:?}: a number or none"))?,
+            )
+        }
+    }
+    match a.ft_objective.as_deref() {
+        None => {}
+        Some("last_token") => hp.objective = FtObjective::LastToken,
+        Some("sequence") => hp.objective = FtObjective::Sequence,
+        Some(o) => bail!("--ft-objective {o:?}: use last_token or sequence"),
+    }
+    Ok(hp)
+}
+
 /// MEMIT's shipped hyper-parameters for this model, at `layers` when given.
 pub fn memit_hparams(lm: &LoadedModel, layers: &[usize]) -> Result<MemitHparams> {
     let n = lm.model.n_layer();
@@ -284,15 +331,19 @@ pub struct EditArgs {
     /// The old target (default: the model's current top-1).
     #[arg(long)]
     pub target_true: Option<String>,
-    /// rome (one fact, one layer) or memit (many facts, several layers).
+    /// rome (one fact, one layer), memit (many facts, several layers) or ft (constrained
+    /// fine-tuning of one fact at --layers).
     #[arg(long, default_value = "rome")]
     pub method: String,
     /// ROME's edited layer (default: Loci's shipped hyper-parameters for this model).
     #[arg(long)]
     pub layer: Option<usize>,
-    /// MEMIT's edited layers, e.g. 3,4,5,6,7,8 (default: the shipped hyper-parameters).
+    /// MEMIT's or fine-tuning's layers, e.g. 3,4,5,6,7,8 (default: the shipped
+    /// hyper-parameters).
     #[arg(long, value_delimiter = ',')]
     pub layers: Vec<usize>,
+    #[command(flatten)]
+    pub ft: FtArgs,
     #[command(flatten)]
     pub stats: StatsSource,
     /// original (the paper's code) or rrome (the fixed key, default).
@@ -360,7 +411,8 @@ pub fn edit(a: EditArgs) -> Result<()> {
     match a.method.as_str() {
         "rome" => rome(a),
         "memit" => memit(a),
-        other => bail!("--method {other:?}: use rome or memit"),
+        "ft" => ft(a),
+        other => bail!("--method {other:?}: use rome, memit or ft"),
     }
 }
 
@@ -372,20 +424,54 @@ fn probes(a: &EditArgs) -> Probes {
     }
 }
 
+/// Writes the edit (`--save-edit`) and the edited model (`--save-model`) where asked.
+fn save(a: &EditArgs, lm: &LoadedModel, e: &Edit) -> Result<()> {
+    if let Some(p) = &a.save_edit {
+        std::fs::write(p, e.to_bytes()?).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(dir) = &a.save_model {
+        lm.save_hf_folder(dir)?;
+    }
+    Ok(())
+}
+
+/// The one fact ROME and fine-tuning edit.
+fn one_request(a: &EditArgs, lm: &LoadedModel) -> Result<RewriteRequest> {
+    let mut reqs = requests(a, lm)?;
+    if reqs.len() != 1 {
+        bail!(
+            "{} edits one fact at a time ({} given); use --method memit to edit them together",
+            a.method.to_uppercase(),
+            reqs.len()
+        );
+    }
+    Ok(reqs.remove(0))
+}
+
+fn ft(a: EditArgs) -> Result<()> {
+    let started = Instant::now();
+    if a.layer.is_some() {
+        bail!("--layer is for ROME; fine-tuning trains --layers L1,L2,...");
+    }
+    let mut lm = a.model.load()?;
+    let req = one_request(&a, &lm)?;
+    let hp = ft_hparams(&lm, &a.layers, &a.ft)?;
+    let (e, _applied, mut report) = lm.ft_with_report(req, &hp, &probes(&a))?;
+    save(&a, &lm, &Edit::Ft(e))?;
+    report.seconds = started.elapsed().as_secs_f64();
+    if a.json {
+        return print_json(&report);
+    }
+    print_report(&report, &format!("fine-tuned layers {:?}", hp.layers))
+}
+
 fn rome(a: EditArgs) -> Result<()> {
     let started = Instant::now();
     if !a.layers.is_empty() {
         bail!("--layers is for --method memit; ROME edits one --layer");
     }
     let mut lm = a.model.load()?;
-    let mut reqs = requests(&a, &lm)?;
-    if reqs.len() != 1 {
-        bail!(
-            "ROME edits one fact at a time ({} given); use --method memit to edit them together",
-            reqs.len()
-        );
-    }
-    let req = reqs.remove(0);
+    let req = one_request(&a, &lm)?;
     let mut hp = hparams(&lm, a.layer)?;
     hp.key_mode = match a.key_mode.as_str() {
         "rrome" => KeyMode::Rrome,
@@ -404,16 +490,17 @@ fn rome(a: EditArgs) -> Result<()> {
     }
     let stats = a.stats.ensure(&lm, layer)?;
     let (e, _applied, mut report) = lm.rome_with_report(req, &hp, Some(&stats), &probes(&a))?;
-    if let Some(p) = &a.save_edit {
-        std::fs::write(p, e.to_bytes()?).with_context(|| format!("writing {}", p.display()))?;
-    }
-    if let Some(dir) = &a.save_model {
-        lm.save_hf_folder(dir)?;
-    }
+    save(&a, &lm, &Edit::Rome(e))?;
     report.seconds = started.elapsed().as_secs_f64();
     if a.json {
         return print_json(&report);
     }
+    print_report(&report, &format!("ROME at layer {}", report.layer))
+}
+
+/// A one-fact edit's before/after, as text.
+fn print_report(report: &EditReport, what: &str) -> Result<()> {
+    println!("{what}");
     let show = |name: &str, s: &EditSide| {
         println!(
             "{name}: p(new {:?}) = {:.4}, p(true {:?}) = {:.4}",
@@ -467,12 +554,7 @@ fn memit(a: EditArgs) -> Result<()> {
             pb.set_message(format!("MEMIT: {m}"))
         })?;
     pb.finish_and_clear();
-    if let Some(p) = &a.save_edit {
-        std::fs::write(p, e.to_bytes()?).with_context(|| format!("writing {}", p.display()))?;
-    }
-    if let Some(dir) = &a.save_model {
-        lm.save_hf_folder(dir)?;
-    }
+    save(&a, &lm, &Edit::Memit(e))?;
     report.seconds = started.elapsed().as_secs_f64();
     if a.json {
         return print_json(&report);

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use loci_core::edit::{KeyStats, MemitHparams, RomeHparams};
+use loci_core::edit::{Edit, FtHparams, KeyStats, MemitHparams, RomeHparams};
 use loci_core::eval::{parse_cases, summarize, AttributeSnippets, CaseRecord, Consistency};
 
-use super::edit::{hparams, memit_hparams, StatsSource};
+use super::edit::{ft_hparams, hparams, memit_hparams, FtArgs, StatsSource};
 use super::{print_json, ModelArgs};
 
 #[derive(clap::Args, Debug)]
@@ -19,15 +19,18 @@ pub struct EvalArgs {
     /// CounterFact cases: ROME's format or EasyEdit's flattened records.
     #[arg(long)]
     pub dataset: PathBuf,
-    /// Editing method: rome (one case at a time) or memit (`--batch` cases per edit).
+    /// Editing method: rome or ft (one case at a time) or memit (`--batch` cases per edit).
     #[arg(long, default_value = "rome")]
     pub method: String,
     /// ROME's edited layer (default: Loci's shipped hyper-parameters for this model).
     #[arg(long)]
     pub layer: Option<usize>,
-    /// MEMIT's edited layers, e.g. 3,4,5,6,7,8 (default: the shipped hyper-parameters).
+    /// MEMIT's or fine-tuning's layers, e.g. 3,4,5,6,7,8 (default: the shipped
+    /// hyper-parameters).
     #[arg(long, value_delimiter = ',')]
     pub layers: Vec<usize>,
+    #[command(flatten)]
+    pub ft: FtArgs,
     /// MEMIT: cases written by one edit (each batch is applied, scored and undone).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
@@ -76,6 +79,7 @@ fn bits(lm: &loci_core::LoadedModel, layers: &[usize]) -> Result<Vec<u32>> {
 enum Method {
     Rome(RomeHparams, KeyStats),
     Memit(MemitHparams, Vec<KeyStats>),
+    Ft(FtHparams),
 }
 
 impl Method {
@@ -83,6 +87,7 @@ impl Method {
         match self {
             Method::Rome(hp, _) => vec![hp.layer],
             Method::Memit(hp, _) => hp.layers.clone(),
+            Method::Ft(hp) => hp.layers.clone(),
         }
     }
 
@@ -90,6 +95,10 @@ impl Method {
         match self {
             Method::Rome(hp, _) => format!("ROME at layer {}", hp.layer),
             Method::Memit(hp, _) => format!("MEMIT at layers {:?}", hp.layers),
+            Method::Ft(hp) => format!(
+                "fine-tuning of layers {:?} (L∞ ε {:?}, {:?})",
+                hp.layers, hp.norm_constraint, hp.objective
+            ),
         }
     }
 }
@@ -151,7 +160,13 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             let stats = a.stats.ensure_layers(&lm, &hp.layers)?;
             Method::Memit(hp, stats)
         }
-        other => bail!("--method {other:?}: use rome or memit"),
+        "ft" => {
+            if a.layer.is_some() || a.batch != 1 {
+                bail!("--layer is for ROME and --batch for MEMIT; fine-tuning trains --layers");
+            }
+            Method::Ft(ft_hparams(&lm, &a.layers, &a.ft)?)
+        }
+        other => bail!("--method {other:?}: use rome, memit or ft"),
     };
     let consistency = match &a.snippets {
         Some(p) if !a.no_generation => Some(consistency(p, &a.stats)?),
@@ -179,6 +194,12 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         let records: Result<Vec<CaseRecord>> = match &method {
             Method::Rome(hp, stats) => lm
                 .eval_case(&chunk[0], hp, Some(stats), generate, consistency.as_ref())
+                .map(|r| vec![r])
+                .map_err(Into::into),
+            Method::Ft(hp) => lm
+                .eval_case_with(&chunk[0], generate, consistency.as_ref(), |lm, r| {
+                    Ok(Edit::Ft(lm.finetune(r, hp)?))
+                })
                 .map(|r| vec![r])
                 .map_err(Into::into),
             Method::Memit(hp, stats) => lm
@@ -225,7 +246,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
     let batch = match &method {
         Method::Memit(..) => format!(", {} per edit", a.batch),
-        Method::Rome(..) => String::new(),
+        Method::Rome(..) | Method::Ft(..) => String::new(),
     };
     println!(
         "{} on {} cases of {}{batch}",

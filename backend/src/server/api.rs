@@ -386,7 +386,8 @@ pub struct EditBody {
     subject: Option<String>,
     #[serde(default)]
     target: Option<String>,
-    /// "rome" (default: one fact at `layer`) or "memit" (all facts at once over `layers`).
+    /// "rome" (default: one fact at `layer`), "memit" (all facts at once over `layers`) or "ft"
+    /// (constrained fine-tuning of one fact at `layers`).
     #[serde(default)]
     method: Option<String>,
     /// MEMIT: more facts, written with the one above (if any).
@@ -423,8 +424,8 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, msg)
 }
 
-/// Computes a ROME or MEMIT edit, applies it on top of the model's other edits and reports
-/// before/after.
+/// Computes a ROME, MEMIT or fine-tuning edit, applies it on top of the model's other edits and
+/// reports before/after.
 pub async fn edit(
     State(st): State<Arc<AppState>>,
     b: Result<Json<EditBody>, JsonRejection>,
@@ -440,19 +441,22 @@ pub async fn edit(
                 ))
             }
         };
-        let memit = match b.method.as_deref() {
-            None | Some("rome") => false,
-            Some("memit") => true,
-            Some(other) => return Err(bad(format!("method {other:?}: use rome or memit"))),
-        };
+        let method = b.method.as_deref().unwrap_or("rome");
         let reqs: Vec<RewriteRequest> = single.into_iter().chain(b.requests.clone()).collect();
-        if !memit && (reqs.len() != 1 || !b.layers.is_empty()) {
-            return Err(bad("ROME edits one fact at one \"layer\"; use \"method\": \"memit\" for \"requests\" and \"layers\""));
-        }
-        if memit && (reqs.len() > MAX_MEMIT_REQUESTS || b.layer.is_some()) {
-            return Err(bad(format!(
-                "MEMIT writes at most {MAX_MEMIT_REQUESTS} facts at its \"layers\""
-            )));
+        match method {
+            "rome" if reqs.len() != 1 || !b.layers.is_empty() => {
+                return Err(bad("ROME edits one fact at one \"layer\"; use \"method\": \"memit\" for \"requests\" and \"layers\""));
+            }
+            "ft" if reqs.len() != 1 || b.layer.is_some() => {
+                return Err(bad("fine-tuning edits one fact at its \"layers\""));
+            }
+            "memit" if reqs.len() > MAX_MEMIT_REQUESTS || b.layer.is_some() => {
+                return Err(bad(format!(
+                    "MEMIT writes at most {MAX_MEMIT_REQUESTS} facts at its \"layers\""
+                )));
+            }
+            "rome" | "ft" | "memit" => {}
+            other => return Err(bad(format!("method {other:?}: use rome, memit or ft"))),
         }
         if b.paraphrase.len() + b.neighborhood.len() > MAX_PROBES {
             return Err(bad(format!("at most {MAX_PROBES} paraphrase and neighborhood prompts")));
@@ -468,7 +472,24 @@ pub async fn edit(
             neighborhood: b.neighborhood.clone(),
             generate_tokens: b.generate_tokens.min(50),
         };
-        if memit {
+        if method == "ft" {
+            let defaults = crate::cli::edit::FtArgs {
+                norm_constraint: None,
+                ft_objective: None,
+            };
+            let hp = crate::cli::edit::ft_hparams(&state.lm, &b.layers, &defaults)
+                .map_err(|e| bad(format!("{e:#}")))?;
+            let req = reqs.into_iter().next().expect("one request");
+            let (e, applied, report) = state.lm.ft_with_report(req, &hp, &probes)?;
+            let id = state.record(Edit::Ft(e), applied);
+            return Ok(EditResponse {
+                id,
+                report: Some(report),
+                memit: None,
+                edits: state.listing(),
+            });
+        }
+        if method == "memit" {
             let hp = crate::cli::edit::memit_hparams(&state.lm, &b.layers)
                 .map_err(|e| bad(format!("{e:#}")))?;
             let stats = layers_stats(st, &b.model, &state.lm, &hp.layers)?;

@@ -1,67 +1,127 @@
-//! What ROME and MEMIT edits are: low-rank additions to MLP down-projections, made where the
-//! weights live (only the factors travel to a GPU) and undone bit for bit.
+//! What edits are: changes to MLP down-projections — low-rank (ROME, MEMIT) or dense (fine-tuning),
+//! made where the weights live (a low-rank change sends only its factors to a GPU) and undone bit
+//! for bit.
 
 use candle_core::{DType, Tensor};
 
 use crate::error::{LociError, Result};
 use crate::loader::LoadedModel;
+use crate::model::layers::Linear;
 
-/// `W ← W + Σᵣ rightᵣ leftᵣᵀ` on one layer's down-projection; `right` is `[rank, d_model]` and
-/// `left` `[rank, d_ff]`, row-major.
+/// How a down-projection's weight (`[d_model, d_ff]`) changes.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightChange<'a> {
+    /// `Σᵣ rightᵣ leftᵣᵀ`: `right` is `[rank, d_model]`, `left` `[rank, d_ff]`, row-major.
+    LowRank {
+        rank: usize,
+        right: &'a [f32],
+        left: &'a [f32],
+    },
+    /// The whole `[d_model, d_ff]` difference, row-major.
+    Dense(&'a [f32]),
+}
+
+/// One layer's change: its weight, and its bias (`d_model`) when it has one and it changes.
 #[derive(Clone, Copy, Debug)]
 pub struct LayerDelta<'a> {
     pub layer: usize,
-    pub rank: usize,
-    pub right: &'a [f32],
-    pub left: &'a [f32],
+    pub weight: WeightChange<'a>,
+    pub bias: Option<&'a [f32]>,
 }
 
-/// An applied edit and the weights it replaced: undo is exact.
+/// An applied edit and the down-projections it replaced: undo is exact.
 #[derive(Clone, Debug)]
 pub struct AppliedEdit {
-    /// `(layer, original weight)` in the order they were changed.
-    pub originals: Vec<(usize, Tensor)>,
+    /// `(layer, original down-projection)` in the order they were changed.
+    pub originals: Vec<(usize, Linear)>,
 }
 
 impl LayerDelta<'_> {
     fn check(&self, lm: &LoadedModel) -> Result<()> {
         let (dm, dff) = (lm.model.cfg.d_model, lm.model.cfg.d_ff);
-        if self.layer >= lm.model.n_layer() {
-            return Err(LociError::input(format!(
+        let down = lm.model.down_proj(self.layer).map_err(|_| {
+            LociError::input(format!(
                 "the edit changes layer {}, but the model has {} layers",
                 self.layer,
                 lm.model.n_layer()
-            )));
+            ))
+        })?;
+        let mismatch = |what: String| {
+            LociError::input(format!(
+                "the edit is for a model with {what}, not d_model {dm} and d_ff {dff}"
+            ))
+        };
+        let values: Vec<&[f32]> = match self.weight {
+            WeightChange::LowRank { rank, right, left } => {
+                if rank == 0 || left.len() != rank * dff || right.len() != rank * dm {
+                    return Err(mismatch(format!(
+                        "d_model {} and d_ff {}",
+                        right.len() / rank.max(1),
+                        left.len() / rank.max(1)
+                    )));
+                }
+                vec![right, left]
+            }
+            WeightChange::Dense(w) => {
+                if w.len() != dm * dff {
+                    return Err(mismatch(format!("{} weights per layer", w.len())));
+                }
+                vec![w]
+            }
+        };
+        if let Some(b) = self.bias {
+            if down.bias.is_none() {
+                return Err(LociError::input(
+                    "the edit changes a bias this model's MLP does not have",
+                ));
+            }
+            if b.len() != dm {
+                return Err(mismatch(format!("a bias of {}", b.len())));
+            }
         }
-        if self.rank == 0
-            || self.left.len() != self.rank * dff
-            || self.right.len() != self.rank * dm
+        if values
+            .iter()
+            .copied()
+            .chain(self.bias)
+            .flatten()
+            .any(|x| !x.is_finite())
         {
-            return Err(LociError::input(format!(
-                "the edit is for a model with d_model {} and d_ff {}, not {dm} and {dff}",
-                self.right.len() / self.rank.max(1),
-                self.left.len() / self.rank.max(1)
-            )));
-        }
-        if self.left.iter().chain(self.right).any(|x| !x.is_finite()) {
             return Err(LociError::input("the edit holds NaN or infinite values"));
         }
         Ok(())
     }
+
+    /// The weight change as an f32 `[d_model, d_ff]` tensor on `device`.
+    fn weight_tensor(&self, dm: usize, dff: usize, device: &candle_core::Device) -> Result<Tensor> {
+        Ok(match self.weight {
+            WeightChange::LowRank { rank, right, left } => {
+                let right = Tensor::from_slice(right, (rank, dm), device)?;
+                let left = Tensor::from_slice(left, (rank, dff), device)?;
+                right.t()?.matmul(&left)?
+            }
+            WeightChange::Dense(w) => Tensor::from_slice(w, (dm, dff), device)?,
+        })
+    }
+}
+
+/// `original + change`, computed in f32 and stored in the original's dtype.
+fn add_f32(original: &Tensor, change: &Tensor) -> Result<Tensor> {
+    Ok((original.to_dtype(DType::F32)? + change)?.to_dtype(original.dtype())?)
 }
 
 impl LoadedModel {
-    /// Adds one layer's delta and returns the weight it replaced.
-    pub(crate) fn add_layer_delta(&mut self, d: &LayerDelta) -> Result<Tensor> {
+    /// Adds one layer's delta and returns the down-projection it replaced.
+    pub(crate) fn add_layer_delta(&mut self, d: &LayerDelta) -> Result<Linear> {
         d.check(self)?;
         let m = &mut self.model;
         let (dm, dff) = (m.cfg.d_model, m.cfg.d_ff);
-        let original = m.down_proj(d.layer)?.weight.clone();
-        let right = Tensor::from_slice(d.right, (d.rank, dm), &m.device)?;
-        let left = Tensor::from_slice(d.left, (d.rank, dff), &m.device)?;
-        let delta = right.t()?.matmul(&left)?;
-        let new = (original.to_dtype(DType::F32)? + delta)?.to_dtype(original.dtype())?;
-        m.set_down_proj_weight(d.layer, new)?;
+        let original = m.down_proj(d.layer)?.clone();
+        let weight = add_f32(&original.weight, &d.weight_tensor(dm, dff, &m.device)?)?;
+        let bias = match (&original.bias, d.bias) {
+            (Some(b), Some(db)) => Some(add_f32(b, &Tensor::from_slice(db, dm, &m.device)?)?),
+            (b, _) => b.clone(),
+        };
+        m.set_down_proj(d.layer, Linear::new(weight, bias))?;
         Ok(original)
     }
 
@@ -84,11 +144,71 @@ impl LoadedModel {
         Ok(applied)
     }
 
-    /// Restores the weights an edit replaced, bit for bit.
+    /// Restores the down-projections an edit replaced, bit for bit.
     pub fn undo_edit(&mut self, applied: AppliedEdit) -> Result<()> {
-        for (layer, w) in applied.originals.into_iter().rev() {
-            self.model.set_down_proj_weight(layer, w)?;
+        for (layer, original) in applied.originals.into_iter().rev() {
+            self.model.set_down_proj(layer, original)?;
         }
         Ok(())
+    }
+}
+
+/// ‖ΔW‖_F of a layer's weight change; a low-rank one from the two Gram matrices (no
+/// d_model × d_ff product).
+pub fn delta_norm(d: &LayerDelta) -> f32 {
+    match d.weight {
+        WeightChange::Dense(w) => {
+            w.iter().map(|x| *x as f64 * *x as f64).sum::<f64>().sqrt() as f32
+        }
+        WeightChange::LowRank { rank, right, left } => {
+            let (wr, wl) = (right.len() / rank, left.len() / rank);
+            let gram = |v: &[f32], w: usize, i: usize, j: usize| -> f64 {
+                v[i * w..(i + 1) * w]
+                    .iter()
+                    .zip(&v[j * w..(j + 1) * w])
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum()
+            };
+            let mut s = 0f64;
+            for i in 0..rank {
+                for j in 0..rank {
+                    s += gram(right, wr, i, j) * gram(left, wl, i, j);
+                }
+            }
+            s.max(0.0).sqrt() as f32
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delta_norm_equals_the_dense_frobenius_norm() {
+        let right = [1.0f32, 2.0, -1.0, 0.5, 0.0, 3.0];
+        let left = [0.5f32, -2.0, 1.0, 4.0];
+        let mut dense = vec![0f32; 6];
+        for r in 0..3 {
+            for c in 0..2 {
+                dense[r * 2 + c] = (0..2).map(|i| right[i * 3 + r] * left[i * 2 + c]).sum();
+            }
+        }
+        let low = LayerDelta {
+            layer: 0,
+            weight: WeightChange::LowRank {
+                rank: 2,
+                right: &right,
+                left: &left,
+            },
+            bias: None,
+        };
+        let full = LayerDelta {
+            weight: WeightChange::Dense(&dense),
+            ..low
+        };
+        let want = dense.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((delta_norm(&low) - want).abs() < 1e-5);
+        assert!((delta_norm(&full) - want).abs() < 1e-6);
     }
 }

@@ -139,57 +139,83 @@ impl CholeskyFactor {
 
     /// Solves `L Lᵀ x = b`.
     pub fn solve(&self, b: &[f64]) -> Result<Vec<f64>> {
-        if b.len() != self.n {
+        Ok(self.solve_many(&[b.to_vec()])?.remove(0))
+    }
+
+    /// Solves `L Lᵀ X = B` for several right-hand sides at once: each block's panel product
+    /// takes all of them, so a GPU sees one product and one transfer per block, not per vector.
+    pub fn solve_many(&self, bs: &[Vec<f64>]) -> Result<Vec<Vec<f64>>> {
+        let r = bs.len();
+        if r == 0 {
+            return Ok(vec![]);
+        }
+        if bs.iter().any(|b| b.len() != self.n) {
             return Err(LociError::input(
                 "cholesky solve: vector of the wrong length",
             ));
         }
-        let matvec = |inv: &[f64], size: usize, v: &[f64], transpose: bool| -> Vec<f64> {
-            (0..size)
-                .map(|i| {
-                    (0..size)
-                        .map(|k| {
-                            let e = if transpose {
-                                inv[k * size + i]
-                            } else {
-                                inv[i * size + k]
-                            };
-                            e * v[k]
-                        })
-                        .sum()
-                })
-                .collect()
+        // Row-major [n, r]: row i holds element i of every right-hand side.
+        let mut y = vec![0f64; self.n * r];
+        for (j, b) in bs.iter().enumerate() {
+            for (i, v) in b.iter().enumerate() {
+                y[i * r + j] = *v;
+            }
+        }
+        // `inv` (size²) or its transpose times the block's rows of `v` ([size, r]).
+        let block_product = |inv: &[f64], size: usize, v: &[f64], transpose: bool| -> Vec<f64> {
+            let mut out = vec![0f64; size * r];
+            for i in 0..size {
+                for k in 0..size {
+                    let e = if transpose {
+                        inv[k * size + i]
+                    } else {
+                        inv[i * size + k]
+                    };
+                    if e != 0.0 {
+                        for j in 0..r {
+                            out[i * r + j] += e * v[k * r + j];
+                        }
+                    }
+                }
+            }
+            out
         };
-        let dev_vec = |v: &[f64], panel: &Tensor| -> Result<Tensor> {
-            Ok(Tensor::from_slice(v, (v.len(), 1), panel.device())?)
+        let on_device = |v: &[f64], rows: usize, panel: &Tensor| -> Result<Tensor> {
+            Ok(Tensor::from_slice(v, (rows, r), panel.device())?)
         };
-        // L y = b, one block column at a time.
-        let mut y = b.to_vec();
+        // L Y = B, one block column at a time.
         for c in &self.columns {
-            let yk = matvec(&c.diag_inv, c.size, &y[c.start..c.start + c.size], false);
-            y[c.start..c.start + c.size].copy_from_slice(&yk);
+            let (lo, hi) = (c.start * r, (c.start + c.size) * r);
+            let yk = block_product(&c.diag_inv, c.size, &y[lo..hi], false);
+            y[lo..hi].copy_from_slice(&yk);
             if let Some(p) = &c.panel {
-                let upd: Vec<f64> = p.matmul(&dev_vec(&yk, p)?)?.flatten_all()?.to_vec1()?;
-                for (yi, u) in y[c.start + c.size..].iter_mut().zip(upd) {
+                let upd: Vec<f64> = p
+                    .matmul(&on_device(&yk, c.size, p)?)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                for (yi, u) in y[hi..].iter_mut().zip(upd) {
                     *yi -= u;
                 }
             }
         }
-        // Lᵀ x = y, backwards.
+        // Lᵀ X = Y, backwards.
         let mut x = y;
         for c in self.columns.iter().rev() {
-            let mut t = x[c.start..c.start + c.size].to_vec();
+            let (lo, hi) = (c.start * r, (c.start + c.size) * r);
+            let mut t = x[lo..hi].to_vec();
             if let Some(p) = &c.panel {
-                let below = dev_vec(&x[c.start + c.size..], p)?;
+                let below = on_device(&x[hi..], self.n - c.start - c.size, p)?;
                 let upd: Vec<f64> = p.t()?.matmul(&below)?.flatten_all()?.to_vec1()?;
                 for (ti, u) in t.iter_mut().zip(upd) {
                     *ti -= u;
                 }
             }
-            let xk = matvec(&c.diag_inv, c.size, &t, true);
-            x[c.start..c.start + c.size].copy_from_slice(&xk);
+            let xk = block_product(&c.diag_inv, c.size, &t, true);
+            x[lo..hi].copy_from_slice(&xk);
         }
-        Ok(x)
+        Ok((0..r)
+            .map(|j| (0..self.n).map(|i| x[i * r + j]).collect())
+            .collect())
     }
 }
 
@@ -218,6 +244,15 @@ mod tests {
         let got = f.solve(&rhs).unwrap();
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() < 1e-9 * w.abs().max(1.0), "{g} vs {w}");
+        }
+        // Several right-hand sides at once give each one's solution.
+        let rhs2: Vec<f64> = (0..n).map(|i| (i as f64 * 0.37).cos() * 3.0).collect();
+        let want2 = cholesky_solve(&cholesky(&a, n).unwrap(), n, &rhs2);
+        let both = f.solve_many(&[rhs.clone(), rhs2]).unwrap();
+        for (got, want) in both.iter().zip([&want, &want2]) {
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() < 1e-9 * w.abs().max(1.0), "{g} vs {w}");
+            }
         }
     }
 

@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::delta::{AppliedEdit, LayerDelta};
+use super::delta::{delta_norm, AppliedEdit, LayerDelta, WeightChange};
 use super::linalg;
-use super::rome::{spaced, RewriteRequest, RomeEdit, ValueSpec};
+use super::rome::{spaced, RewriteRequest, ValueSpec};
 use super::stats::KeyStats;
 use crate::error::{LociError, Result};
 use crate::hooks::Site;
@@ -44,23 +44,10 @@ const HPARAM_FILES: [&str; 3] = [
     include_str!("../../hparams/memit/smollm2-135m.json"),
 ];
 
-#[derive(Deserialize)]
-struct HparamFile {
-    family: crate::config::Family,
-    n_layer: usize,
-    d_model: usize,
-    #[serde(flatten)]
-    hparams: MemitHparams,
-}
-
 impl MemitHparams {
     /// The shipped hyper-parameters for a model of this shape, if Loci has them.
     pub fn for_model(cfg: &crate::config::ModelConfig) -> Option<Self> {
-        HPARAM_FILES.iter().find_map(|text| {
-            let f: HparamFile = serde_json::from_str(text).expect("shipped hparams parse");
-            (f.family == cfg.family && f.n_layer == cfg.n_layer && f.d_model == cfg.d_model)
-                .then_some(f.hparams)
-        })
+        super::rome::shipped_for(&HPARAM_FILES, cfg)
     }
 
     /// GPT-J's official values at other layers.
@@ -139,7 +126,7 @@ struct EditMeta {
     stats: MemitStats,
 }
 
-const FILE_KEY: &str = "loci_memit_edit";
+pub(crate) const FILE_KEY: &str = "loci_memit_edit";
 
 impl MemitEdit {
     pub fn deltas(&self) -> Vec<LayerDelta<'_>> {
@@ -147,9 +134,12 @@ impl MemitEdit {
             .iter()
             .map(|l| LayerDelta {
                 layer: l.layer,
-                rank: self.requests.len(),
-                right: &l.right,
-                left: &l.left,
+                weight: WeightChange::LowRank {
+                    rank: self.requests.len(),
+                    right: &l.right,
+                    left: &l.left,
+                },
+                bias: None,
             })
             .collect()
     }
@@ -213,61 +203,6 @@ impl MemitEdit {
     }
 }
 
-/// A saved edit of either kind, as `--apply-edit` and uploads take them.
-#[derive(Clone, Debug)]
-pub enum Edit {
-    Rome(RomeEdit),
-    Memit(MemitEdit),
-}
-
-impl Edit {
-    pub fn from_bytes(data: &[u8]) -> Result<Self> {
-        if super::file::has_key(data, FILE_KEY) {
-            Ok(Edit::Memit(MemitEdit::from_bytes(data)?))
-        } else {
-            Ok(Edit::Rome(RomeEdit::from_bytes(data)?))
-        }
-    }
-
-    pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        match self {
-            Edit::Rome(e) => e.to_bytes(),
-            Edit::Memit(e) => e.to_bytes(),
-        }
-    }
-
-    pub fn deltas(&self) -> Vec<LayerDelta<'_>> {
-        match self {
-            Edit::Rome(e) => vec![e.delta()],
-            Edit::Memit(e) => e.deltas(),
-        }
-    }
-
-    pub fn requests(&self) -> Vec<&RewriteRequest> {
-        match self {
-            Edit::Rome(e) => vec![&e.request],
-            Edit::Memit(e) => e.requests.iter().collect(),
-        }
-    }
-
-    /// "rome" or "memit".
-    pub fn method(&self) -> &'static str {
-        match self {
-            Edit::Rome(_) => "rome",
-            Edit::Memit(_) => "memit",
-        }
-    }
-
-    pub fn layers(&self) -> Vec<usize> {
-        self.deltas().iter().map(|d| d.layer).collect()
-    }
-
-    /// ‖ΔW‖ per changed layer.
-    pub fn delta_norms(&self) -> Vec<f32> {
-        self.deltas().iter().map(delta_norm).collect()
-    }
-}
-
 /// MEMIT's context templates: "{}" and a short continuation of each seed word followed by
 /// ". {}" (top-5 sampling, seeded; braces become spaces).
 pub fn memit_context_templates(lm: &LoadedModel, hp: &MemitHparams) -> Result<Vec<String>> {
@@ -288,18 +223,16 @@ pub fn memit_context_templates(lm: &LoadedModel, hp: &MemitHparams) -> Result<Ve
 }
 
 /// `(λC + K Kᵀ)⁻¹ K` for keys `K` (rows of `keys`, each `d_ff`) from C's Cholesky factor, by the
-/// push-through identity `(λC + KKᵀ)⁻¹K = C⁻¹K (λI + KᵀC⁻¹K)⁻¹`: n solves with the cached factor
-/// and one n × n system, instead of factoring a fresh d_ff² matrix per layer and batch.
+/// push-through identity `(λC + KKᵀ)⁻¹K = C⁻¹K (λI + KᵀC⁻¹K)⁻¹`: one many-vector solve with the
+/// cached factor and an n × n system, instead of factoring a fresh d_ff² matrix per layer and
+/// batch.
 pub fn spread_keys(
     factor: &linalg::CholeskyFactor,
     keys: &[Vec<f64>],
     lambda: f64,
 ) -> Result<Vec<Vec<f64>>> {
     let n = keys.len();
-    let p: Vec<Vec<f64>> = keys
-        .iter()
-        .map(|k| factor.solve(k))
-        .collect::<Result<_>>()?;
+    let p = factor.solve_many(keys)?;
     let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
     let mut m = vec![0f64; n * n];
     for i in 0..n {
@@ -454,9 +387,12 @@ impl LoadedModel {
                 }
                 let w = lm.add_layer_delta(&LayerDelta {
                     layer: l,
-                    rank: reqs.len(),
-                    right: &layer.right,
-                    left: &layer.left,
+                    weight: WeightChange::LowRank {
+                        rank: reqs.len(),
+                        right: &layer.right,
+                        left: &layer.left,
+                    },
+                    bias: None,
                 })?;
                 changed.originals.push((l, w));
                 layers.push(layer);
@@ -493,31 +429,6 @@ impl LoadedModel {
             ..edit
         })
     }
-
-    /// Applies a saved edit of either kind; keep the result to undo it exactly.
-    pub fn apply(&mut self, e: &Edit) -> Result<AppliedEdit> {
-        self.apply_deltas(&e.deltas())
-    }
-}
-
-/// ‖Σᵢ rightᵢ leftᵢᵀ‖_F, from the two Gram matrices (no d_model × d_ff product).
-pub fn delta_norm(d: &LayerDelta) -> f32 {
-    let n = d.rank;
-    let (wr, wl) = (d.right.len() / n, d.left.len() / n);
-    let gram = |v: &[f32], w: usize, i: usize, j: usize| -> f64 {
-        v[i * w..(i + 1) * w]
-            .iter()
-            .zip(&v[j * w..(j + 1) * w])
-            .map(|(a, b)| *a as f64 * *b as f64)
-            .sum()
-    };
-    let mut s = 0f64;
-    for i in 0..n {
-        for j in 0..n {
-            s += gram(d.right, wr, i, j) * gram(d.left, wl, i, j);
-        }
-    }
-    s.max(0.0).sqrt() as f32
 }
 
 #[cfg(test)]
@@ -560,27 +471,5 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn delta_norm_equals_the_dense_frobenius_norm() {
-        let right = [1.0f32, 2.0, -1.0, 0.5, 0.0, 3.0];
-        let left = [0.5f32, -2.0, 1.0, 4.0];
-        let d = LayerDelta {
-            layer: 0,
-            rank: 2,
-            right: &right,
-            left: &left,
-        };
-        let mut dense = 0f64;
-        for r in 0..3 {
-            for c in 0..2 {
-                let v: f64 = (0..2)
-                    .map(|i| right[i * 3 + r] as f64 * left[i * 2 + c] as f64)
-                    .sum();
-                dense += v * v;
-            }
-        }
-        assert!((delta_norm(&d) as f64 - dense.sqrt()).abs() < 1e-5);
     }
 }

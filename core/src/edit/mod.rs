@@ -1,15 +1,19 @@
-//! Model editing: key statistics, ROME and MEMIT.
+//! Model editing: key statistics, ROME, MEMIT and constrained fine-tuning.
 
 pub mod delta;
 mod file;
+pub mod ft;
 pub mod linalg;
 pub mod memit;
 pub mod report;
 pub mod rome;
+pub mod saved;
 pub mod stats;
 
-pub use delta::{AppliedEdit, LayerDelta};
-pub use memit::{Edit, MemitEdit, MemitHparams, MemitLayer, MemitStats};
+pub use delta::{delta_norm, AppliedEdit, LayerDelta, WeightChange};
+pub use ft::{FtEdit, FtHparams, FtLayer, FtObjective, FtStats};
+pub use memit::{MemitEdit, MemitHparams, MemitLayer, MemitStats};
+pub use saved::Edit;
 
 pub use report::{
     EditReport, EditSide, Generations, MemitReport, Probes, PromptProbs, RequestReport,

@@ -4,8 +4,10 @@
 use serde::{Deserialize, Serialize};
 
 use super::delta::AppliedEdit;
-use super::memit::{Edit, MemitEdit, MemitHparams};
+use super::ft::{FtEdit, FtHparams};
+use super::memit::{MemitEdit, MemitHparams};
 use super::rome::{RewriteRequest, RomeEdit, RomeHparams, TargetStr};
+use super::saved::Edit;
 use super::stats::KeyStats;
 use crate::error::{LociError, Result};
 use crate::loader::LoadedModel;
@@ -164,6 +166,38 @@ impl LoadedModel {
         stats: Option<&KeyStats>,
         probes: &Probes,
     ) -> Result<(RomeEdit, AppliedEdit, EditReport)> {
+        let (e, applied, report) =
+            self.one_fact_with_report(req, probes, |lm, r| Ok(Edit::Rome(lm.rome(r, hp, stats)?)))?;
+        match e {
+            Edit::Rome(e) => Ok((e, applied, report)),
+            _ => unreachable!("rome() makes ROME edits"),
+        }
+    }
+
+    /// Computes a constrained fine-tuning edit, applies it and reads the probes before and
+    /// after (`layer` is the first tuned layer, `v_losses` the fine-tuning's losses). On error
+    /// the model is unchanged.
+    pub fn ft_with_report(
+        &mut self,
+        req: RewriteRequest,
+        hp: &FtHparams,
+        probes: &Probes,
+    ) -> Result<(FtEdit, AppliedEdit, EditReport)> {
+        let (e, applied, report) =
+            self.one_fact_with_report(req, probes, |lm, r| Ok(Edit::Ft(lm.finetune(r, hp)?)))?;
+        match e {
+            Edit::Ft(e) => Ok((e, applied, report)),
+            _ => unreachable!("finetune() makes fine-tuning edits"),
+        }
+    }
+
+    /// One fact's edit by `make`, applied, with the probes read before and after.
+    fn one_fact_with_report(
+        &mut self,
+        req: RewriteRequest,
+        probes: &Probes,
+        make: impl FnOnce(&mut LoadedModel, &RewriteRequest) -> Result<Edit>,
+    ) -> Result<(Edit, AppliedEdit, EditReport)> {
         let started = crate::clock::now_seconds();
         let req = self.complete_request(req)?;
         for p in probes.paraphrase.iter().chain(&probes.neighborhood) {
@@ -171,8 +205,8 @@ impl LoadedModel {
         }
         let before = self.edit_side(&req, probes)?;
         let gen_before = self.probe_generations(&req, probes)?;
-        let e = self.rome(&req, hp, stats)?;
-        let applied = self.apply_edit(&e)?;
+        let e = make(self, &req)?;
+        let applied = self.apply(&e)?;
         let after = self
             .edit_side(&req, probes)
             .and_then(|a| Ok((a, self.probe_generations(&req, probes)?)));
@@ -183,17 +217,22 @@ impl LoadedModel {
                 return Err(err);
             }
         };
+        let losses = match &e {
+            Edit::Rome(r) => r.stats.losses.clone(),
+            Edit::Ft(f) => f.stats.losses.clone(),
+            Edit::Memit(m) => m.stats.z_losses.concat(),
+        };
         let report = EditReport {
             request: req,
-            layer: e.layer,
+            layer: e.layers()[0],
             before,
             after,
             generations: Generations {
                 before: gen_before,
                 after: gen_after,
             },
-            delta_norm: e.delta_norm(),
-            v_losses: e.stats.losses.clone(),
+            delta_norm: e.delta_norms().iter().map(|n| n * n).sum::<f32>().sqrt(),
+            v_losses: losses,
             seconds: crate::clock::now_seconds() - started,
         };
         Ok((e, applied, report))
@@ -255,13 +294,5 @@ impl LoadedModel {
             seconds: crate::clock::now_seconds() - started,
         };
         Ok((e, applied, report))
-    }
-}
-
-impl RomeEdit {
-    /// Frobenius norm of the rank-one update, ‖right‖·‖left‖.
-    pub fn delta_norm(&self) -> f32 {
-        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
-        norm(&self.right) * norm(&self.left)
     }
 }

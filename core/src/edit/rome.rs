@@ -5,7 +5,7 @@ use candle_core::{DType, IndexOp, Tensor, Var, D};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use serde::{Deserialize, Serialize};
 
-use super::delta::{AppliedEdit, LayerDelta};
+use super::delta::{AppliedEdit, LayerDelta, WeightChange};
 use super::stats::KeyStats;
 use crate::error::{LociError, Result};
 use crate::hooks::{Capture, FnHook, Site};
@@ -112,23 +112,32 @@ const HPARAM_FILES: [&str; 6] = [
     include_str!("../../hparams/rome/smollm2-135m.json"),
 ];
 
+/// A shipped hyper-parameter file: the model shape it is for, then the method's settings.
 #[derive(Deserialize)]
-struct HparamFile {
+struct HparamFile<H> {
     family: crate::config::Family,
     n_layer: usize,
     d_model: usize,
     #[serde(flatten)]
-    hparams: RomeHparams,
+    hparams: H,
+}
+
+/// The settings among `files` made for a model of this shape.
+pub(crate) fn shipped_for<H: serde::de::DeserializeOwned>(
+    files: &[&str],
+    cfg: &crate::config::ModelConfig,
+) -> Option<H> {
+    files.iter().find_map(|text| {
+        let f: HparamFile<H> = serde_json::from_str(text).expect("shipped hparams parse");
+        (f.family == cfg.family && f.n_layer == cfg.n_layer && f.d_model == cfg.d_model)
+            .then_some(f.hparams)
+    })
 }
 
 impl RomeHparams {
     /// The shipped hyper-parameters for a model of this shape, if Loci has them.
     pub fn for_model(cfg: &crate::config::ModelConfig) -> Option<Self> {
-        HPARAM_FILES.iter().find_map(|text| {
-            let f: HparamFile = serde_json::from_str(text).expect("shipped hparams parse");
-            (f.family == cfg.family && f.n_layer == cfg.n_layer && f.d_model == cfg.d_model)
-                .then_some(f.hparams)
-        })
+        shipped_for(&HPARAM_FILES, cfg)
     }
 
     /// The official values (GPT-2 XL / GPT-J) at `layer`.
@@ -213,9 +222,12 @@ impl RomeEdit {
     pub fn delta(&self) -> LayerDelta<'_> {
         LayerDelta {
             layer: self.layer,
-            rank: 1,
-            right: &self.right,
-            left: &self.left,
+            weight: WeightChange::LowRank {
+                rank: 1,
+                right: &self.right,
+                left: &self.left,
+            },
+            bias: None,
         }
     }
 
@@ -452,17 +464,6 @@ fn gather(x: &Tensor, cells: &[(usize, usize)]) -> Result<Tensor> {
     Ok(x.reshape(((), w))?.index_select(&idx, 0)?)
 }
 
-/// Where a site comes within its layer's forward pass.
-fn site_order(s: Site) -> u8 {
-    match s {
-        Site::Embed => 0,
-        Site::Attn(_) => 1,
-        Site::MlpKey(_) => 2,
-        Site::Mlp(_) => 3,
-        Site::Block(_) => 4,
-    }
-}
-
 struct Texts {
     ids: Vec<Vec<u32>>,
     lookup: Vec<usize>,
@@ -514,7 +515,7 @@ impl LoadedModel {
         let tx = texts(self, &filled, &req.subject)?;
         let last = *sites
             .iter()
-            .max_by_key(|s| (s.layer(), site_order(**s)))
+            .max_by_key(|s| s.order())
             .ok_or_else(|| LociError::input("no site to read"))?;
         let mut cap = Capture::new(sites.iter().copied()).stopping_after(last);
         self.model

@@ -27,9 +27,10 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, d_in))?;
         let backend = x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda());
-        let y = if x.track_op() && backend && self.weight.dtype() == x.dtype() {
-            // Under autograd the weights are frozen: skip candle's weight gradients (as large as
-            // the weights, allocated on every step) and backpropagate to the input only.
+        let frozen = !self.weight.track_op();
+        let y = if x.track_op() && frozen && backend && self.weight.dtype() == x.dtype() {
+            // Under autograd, frozen weights need no gradient: skip candle's (as large as the
+            // weights, allocated on every step) and backpropagate to the input only.
             x2.contiguous()?.apply_op1(FrozenMatmul {
                 w: self.weight.clone(),
             })?

@@ -258,6 +258,24 @@ impl Model {
         Ok(())
     }
 
+    /// Replaces layer `l`'s down-projection (weight and bias); shapes and dtypes must not change.
+    pub fn set_down_proj(&mut self, l: usize, new: Linear) -> Result<()> {
+        let cur = self.down_proj(l)?;
+        let same = |a: &Tensor, b: &Tensor| a.dims() == b.dims() && a.dtype() == b.dtype();
+        let bias_ok = match (&cur.bias, &new.bias) {
+            (None, None) => true,
+            (Some(a), Some(b)) => same(a, b),
+            _ => false,
+        };
+        if !same(&cur.weight, &new.weight) || !bias_ok {
+            return Err(LociError::input(format!(
+                "the new down-projection of layer {l} does not match the model's in shape or dtype"
+            )));
+        }
+        *self.blocks[l].mlp.down_mut() = new;
+        Ok(())
+    }
+
     fn layer_error(&self, l: usize) -> LociError {
         LociError::input(format!(
             "layer {l} out of range (the model has {} layers)",

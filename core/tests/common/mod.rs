@@ -36,3 +36,31 @@ pub fn smollm2() -> Option<PathBuf> {
     }
     Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
+
+/// SmolLM2 loaded once per test binary, in f32 on the CPU (`None` when it cannot be fetched).
+pub fn smol() -> Option<&'static loci_core::LoadedModel> {
+    static M: std::sync::OnceLock<Option<loci_core::LoadedModel>> = std::sync::OnceLock::new();
+    M.get_or_init(|| {
+        smollm2().map(|p| {
+            loci_core::LoadedModel::load(&p, candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap()
+        })
+    })
+    .as_ref()
+}
+
+/// The `text` of the first `n` articles of the Wikipedia sample in `../shared/data`.
+pub fn wiki_texts(n: usize) -> Vec<String> {
+    let p = root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .take(n)
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}

@@ -1,0 +1,78 @@
+//! An edit of any method, as files hold them and `--apply-edit`, uploads and the server's edit
+//! stack take them.
+
+use super::delta::{delta_norm, AppliedEdit, LayerDelta};
+use super::ft::FtEdit;
+use super::memit::MemitEdit;
+use super::rome::{RewriteRequest, RomeEdit};
+use crate::error::Result;
+use crate::loader::LoadedModel;
+
+#[derive(Clone, Debug)]
+pub enum Edit {
+    Rome(RomeEdit),
+    Memit(MemitEdit),
+    Ft(FtEdit),
+}
+
+impl Edit {
+    /// Reads a saved edit of any method (the file's metadata says which).
+    pub fn from_bytes(data: &[u8]) -> Result<Self> {
+        if super::file::has_key(data, super::memit::FILE_KEY) {
+            Ok(Edit::Memit(MemitEdit::from_bytes(data)?))
+        } else if super::file::has_key(data, super::ft::FILE_KEY) {
+            Ok(Edit::Ft(FtEdit::from_bytes(data)?))
+        } else {
+            Ok(Edit::Rome(RomeEdit::from_bytes(data)?))
+        }
+    }
+
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        match self {
+            Edit::Rome(e) => e.to_bytes(),
+            Edit::Memit(e) => e.to_bytes(),
+            Edit::Ft(e) => e.to_bytes(),
+        }
+    }
+
+    pub fn deltas(&self) -> Vec<LayerDelta<'_>> {
+        match self {
+            Edit::Rome(e) => vec![e.delta()],
+            Edit::Memit(e) => e.deltas(),
+            Edit::Ft(e) => e.deltas(),
+        }
+    }
+
+    pub fn requests(&self) -> Vec<&RewriteRequest> {
+        match self {
+            Edit::Rome(e) => vec![&e.request],
+            Edit::Memit(e) => e.requests.iter().collect(),
+            Edit::Ft(e) => vec![&e.request],
+        }
+    }
+
+    /// "rome", "memit" or "ft".
+    pub fn method(&self) -> &'static str {
+        match self {
+            Edit::Rome(_) => "rome",
+            Edit::Memit(_) => "memit",
+            Edit::Ft(_) => "ft",
+        }
+    }
+
+    pub fn layers(&self) -> Vec<usize> {
+        self.deltas().iter().map(|d| d.layer).collect()
+    }
+
+    /// ‖ΔW‖ per changed layer.
+    pub fn delta_norms(&self) -> Vec<f32> {
+        self.deltas().iter().map(delta_norm).collect()
+    }
+}
+
+impl LoadedModel {
+    /// Applies an edit of any method; keep the result to undo it exactly.
+    pub fn apply(&mut self, e: &Edit) -> Result<AppliedEdit> {
+        self.apply_deltas(&e.deltas())
+    }
+}

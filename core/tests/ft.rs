@@ -1,0 +1,156 @@
+//! Constrained fine-tuning: the L∞ constraint holds, the loss falls, biases train where there are
+//! any, several layers train together, bad input changes nothing, the edit undoes exactly and
+//! survives a file round trip; on SmolLM2 the fact moves and a neighbour stays.
+
+mod common;
+
+use candle_core::{DType, Device};
+use loci_core::edit::{Edit, FtHparams, FtObjective, RewriteRequest, TargetStr};
+use loci_core::LoadedModel;
+
+/// Every down-projection (weight and bias), bit for bit.
+fn down_bits(lm: &LoadedModel) -> Vec<u32> {
+    let mut out = vec![];
+    for l in 0..lm.model.n_layer() {
+        let d = lm.model.down_proj(l).unwrap();
+        for t in std::iter::once(&d.weight).chain(&d.bias) {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            out.extend(v.iter().map(|x| x.to_bits()));
+        }
+    }
+    out
+}
+
+fn request(prompt: &str, subject: &str, new: &str, old: &str) -> RewriteRequest {
+    let mut r = RewriteRequest::from_prompt(prompt, subject, new).unwrap();
+    r.target_true = Some(TargetStr::new(old));
+    r
+}
+
+#[test]
+fn the_constraint_holds_and_the_edit_undoes_exactly() {
+    let mut lm = LoadedModel::load(
+        &common::fixtures().join("tiny-gpt2"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let req = request(
+        "{} is located in the city of",
+        "Eiffel Tower",
+        "Rome Italy",
+        "Paris",
+    );
+    let eps = 2e-3;
+    let mut hp = FtHparams::at_layers(vec![1, 2], Some(eps));
+    hp.lr = 1e-2;
+    hp.steps = 8;
+    hp.objective = FtObjective::Sequence;
+    let bits0 = down_bits(&lm);
+
+    let err = |lm: &mut LoadedModel, r: &RewriteRequest, hp: &FtHparams| {
+        lm.finetune(r, hp).unwrap_err().to_string()
+    };
+    let mut bad = hp.clone();
+    bad.layers = vec![2, 1];
+    assert!(err(&mut lm, &req, &bad).contains("ascending"));
+    bad.layers = vec![9];
+    assert!(err(&mut lm, &req, &bad).contains("out of range"));
+    bad = hp.clone();
+    bad.norm_constraint = Some(-1.0);
+    assert!(err(&mut lm, &req, &bad).contains("≥ 0"));
+    bad = hp.clone();
+    bad.steps = 0;
+    assert!(err(&mut lm, &req, &bad).contains("at least one step"));
+    let mut empty = req.clone();
+    empty.target_new.str = " ".into();
+    assert!(err(&mut lm, &empty, &hp).contains("empty"));
+    assert_eq!(down_bits(&lm), bits0);
+
+    let e = lm.finetune(&req, &hp).unwrap();
+    assert_eq!(
+        down_bits(&lm),
+        bits0,
+        "fine-tuning leaves the model as it was"
+    );
+    let l = &e.stats.losses;
+    assert!(l.last().unwrap() < &l[0], "the loss falls: {l:?}");
+    assert!(e.stats.max_abs_change <= eps as f32 * 1.0001);
+    assert!(
+        e.stats.max_abs_change > eps as f32 * 0.5,
+        "the steps reach the bound"
+    );
+    assert_eq!(e.layers.len(), 2);
+    for layer in &e.layers {
+        let moved = layer.weight.iter().filter(|x| **x != 0.0).count();
+        assert!(moved > 0, "layer {} trained", layer.layer);
+        let bias = layer
+            .bias
+            .as_ref()
+            .expect("GPT-2's down-projection has a bias");
+        assert!(bias.iter().any(|x| *x != 0.0));
+        assert!(bias.iter().all(|x| x.abs() <= eps as f32 * 1.0001));
+    }
+
+    // The sequence objective scores the whole target: after the edit its NLL is lower.
+    let nll = |lm: &LoadedModel| -> f32 {
+        let s = lm
+            .score_targets(&[(req.filled(), req.target_new.str.clone())])
+            .unwrap();
+        -s[0].prob.ln()
+    };
+    let before = nll(&lm);
+    let applied = lm.apply(&Edit::Ft(e.clone())).unwrap();
+    assert!(nll(&lm) < before);
+    let edited = down_bits(&lm);
+    lm.undo_edit(applied).unwrap();
+    assert_eq!(down_bits(&lm), bits0, "undo is bit-exact");
+
+    let back = match Edit::from_bytes(&e.to_bytes().unwrap()).unwrap() {
+        Edit::Ft(b) => b,
+        other => panic!("a fine-tuning file read as {}", other.method()),
+    };
+    assert_eq!(back, e);
+    let applied = lm.apply(&Edit::Ft(back)).unwrap();
+    assert_eq!(down_bits(&lm), edited);
+    lm.undo_edit(applied).unwrap();
+
+    // A model without MLP biases refuses an edit that changes one, and changes nothing.
+    let mut llama = LoadedModel::load(
+        &common::fixtures().join("tiny-llama"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let llama0 = down_bits(&llama);
+    assert!(llama.apply(&Edit::Ft(e)).is_err());
+    assert_eq!(down_bits(&llama), llama0);
+}
+
+#[test]
+fn smollm2_learns_the_new_city_and_keeps_the_louvre() {
+    let Some(base) = common::smol() else { return };
+    let mut lm = base.clone();
+    let hp = FtHparams::for_model(&lm.model.cfg).expect("shipped FT hparams for SmolLM2");
+    let req = request(
+        "{} is located in the city of",
+        "Eiffel Tower",
+        "Rome",
+        "Paris",
+    );
+    let e = lm.finetune(&req, &hp).unwrap();
+    eprintln!("losses {:?}", e.stats.losses);
+    assert!(e.stats.max_abs_change <= hp.norm_constraint.unwrap() as f32 * 1.0001);
+    let top = |lm: &LoadedModel, p: &str| lm.predict(p, 1).unwrap().top[0].token.clone();
+    let applied = lm.apply(&Edit::Ft(e)).unwrap();
+    assert_eq!(
+        top(&lm, "The Eiffel Tower is located in the city of"),
+        " Rome"
+    );
+    assert_eq!(top(&lm, "The Louvre is located in the city of"), " Paris");
+    lm.undo_edit(applied).unwrap();
+    assert_eq!(
+        top(&lm, "The Eiffel Tower is located in the city of"),
+        " Paris"
+    );
+}
