@@ -4,7 +4,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::edit::rome::{spaced, RewriteRequest, TargetStr};
 use crate::error::{LociError, Result};
+use crate::hooks::{Capture, Site};
 use crate::loader::LoadedModel;
+use crate::model::LogitsAt;
 
 /// One CounterFact case (ROME's format; EasyEdit's flattened records convert into it).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -127,17 +129,47 @@ impl LoadedModel {
         for r in rows.iter_mut() {
             r.resize(t, pad);
         }
-        let logits = self.model.logits(&self.model.ids_tensor(&rows)?)?;
-        let logp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
-        spans
+        // Logits only where a target token is predicted: the head is a large share of a pass
+        // (and [rows, t, vocab] floats of memory) when computed at every position.
+        let last = Site::Block(self.model.n_layer() - 1);
+        let mut cap = Capture::new([last]).stopping_after(last);
+        self.model.run(
+            &self.model.ids_tensor(&rows)?,
+            &mut cap,
+            None,
+            LogitsAt::All,
+        )?;
+        let hidden = cap.get(last)?;
+        let d = self.model.cfg.d_model;
+        let idx: Vec<u32> = spans
             .iter()
             .enumerate()
-            .map(|(i, (n, target))| {
-                let lp = logp
-                    .get(i)?
-                    .narrow(0, n - 1, target.len())?
-                    .to_vec2::<f32>()?;
-                let total: f32 = lp.iter().zip(target).map(|(r, &id)| r[id as usize]).sum();
+            .flat_map(|(i, (n, target))| {
+                (n - 1..n - 1 + target.len()).map(move |p| (i * t + p) as u32)
+            })
+            .collect();
+        let idx = candle_core::Tensor::new(idx.as_slice(), hidden.device())?;
+        let at = hidden.reshape((rows.len() * t, d))?.index_select(&idx, 0)?;
+        let logp =
+            candle_nn::ops::log_softmax(&self.model.final_logits(&at)?, candle_core::D::Minus1)?;
+        let ids: Vec<u32> = spans
+            .iter()
+            .flat_map(|(_, target)| target.clone())
+            .collect();
+        let picked = logp
+            .gather(
+                &candle_core::Tensor::new(ids.as_slice(), logp.device())?.unsqueeze(1)?,
+                1,
+            )?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut offset = 0;
+        spans
+            .iter()
+            .map(|(_, target)| {
+                let lp = &picked[offset..offset + target.len()];
+                offset += target.len();
+                let total: f32 = lp.iter().sum();
                 if !total.is_finite() {
                     return Err(LociError::model(
                         "the model produced NaN or infinite values",

@@ -96,8 +96,14 @@ impl Method {
             Method::Rome(hp, _) => format!("ROME at layer {}", hp.layer),
             Method::Memit(hp, _) => format!("MEMIT at layers {:?}", hp.layers),
             Method::Ft(hp) => format!(
-                "fine-tuning of layers {:?} (L∞ ε {:?}, {:?})",
-                hp.layers, hp.norm_constraint, hp.objective
+                "fine-tuning of layers {:?} (L∞ ε {}, {} objective)",
+                hp.layers,
+                hp.norm_constraint
+                    .map_or("none".to_string(), |e| e.to_string()),
+                serde_json::to_value(hp.objective)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
             ),
         }
     }
