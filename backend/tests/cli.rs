@@ -260,6 +260,7 @@ fn trace_writes_json_and_plots() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -488,6 +489,19 @@ fn stats_then_edit_reports_before_and_after() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `predict --top 50`'s list with the saved `edits` applied.
+fn top50(model: &str, prompt: &str, edits: &[&std::path::Path]) -> serde_json::Value {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_loci"));
+    c.args([
+        "predict", "--model", model, "--prompt", prompt, "--top", "50", "--json",
+    ]);
+    for f in edits {
+        c.arg("--apply-edit").arg(f);
+    }
+    json(&c.output().unwrap())["top"].clone()
 }
 
 #[test]
@@ -549,16 +563,7 @@ fn memit_edits_several_facts_at_once_and_its_file_reapplies() {
 
     // The saved edit re-applies (both facts move); MEMIT and ROME edits stack.
     let prompt = "Michael Jordan plays the sport of";
-    let top = |extra: &[&std::path::Path]| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_loci"));
-        c.args([
-            "predict", "--model", &model, "--prompt", prompt, "--top", "50", "--json",
-        ]);
-        for f in extra {
-            c.arg("--apply-edit").arg(f);
-        }
-        json(&c.output().unwrap())["top"].clone()
-    };
+    let top = |edits: &[&std::path::Path]| top50(&model, prompt, edits);
     assert_ne!(top(&[&edit_file]), top(&[]));
     assert_ne!(top(&[&edit_file, &edit_file]), top(&[&edit_file]));
 
@@ -613,6 +618,7 @@ fn memit_edits_several_facts_at_once_and_its_file_reapplies() {
         .collect();
     assert_eq!(secs.len(), 2);
     assert_eq!(secs[0], secs[1], "the two cases share one edit");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -648,16 +654,7 @@ fn fine_tuning_edits_one_fact_and_its_file_reapplies() {
     assert!(p("after") > p("before"), "{v}");
     let losses = v["v_losses"].as_array().unwrap();
     assert!(!losses.is_empty() && losses.len() <= 25);
-    let top = |extra: &[&std::path::Path]| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_loci"));
-        c.args([
-            "predict", "--model", &model, "--prompt", prompt, "--top", "50", "--json",
-        ]);
-        for f in extra {
-            c.arg("--apply-edit").arg(f);
-        }
-        json(&c.output().unwrap())["top"].clone()
-    };
+    let top = |edits: &[&std::path::Path]| top50(&model, prompt, edits);
     assert_ne!(top(&[&edit_file]), top(&[]));
     for (args, want) in [
         (
@@ -687,6 +684,7 @@ fn fine_tuning_edits_one_fact_and_its_file_reapplies() {
         .output()
         .unwrap();
     assert_eq!(json(&out)["cases"], 2);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -796,6 +794,7 @@ fn eval_applies_and_undoes_every_case() {
         .output()
         .unwrap();
     assert_eq!(json(&out)["cases"], 1);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -8,19 +8,6 @@ use candle_core::{DType, Device};
 use loci_core::edit::{Edit, FtHparams, FtObjective, RewriteRequest, TargetStr};
 use loci_core::LoadedModel;
 
-/// Every down-projection (weight and bias), bit for bit.
-fn down_bits(lm: &LoadedModel) -> Vec<u32> {
-    let mut out = vec![];
-    for l in 0..lm.model.n_layer() {
-        let d = lm.model.down_proj(l).unwrap();
-        for t in std::iter::once(&d.weight).chain(&d.bias) {
-            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            out.extend(v.iter().map(|x| x.to_bits()));
-        }
-    }
-    out
-}
-
 fn request(prompt: &str, subject: &str, new: &str, old: &str) -> RewriteRequest {
     let mut r = RewriteRequest::from_prompt(prompt, subject, new).unwrap();
     r.target_true = Some(TargetStr::new(old));
@@ -46,7 +33,7 @@ fn the_constraint_holds_and_the_edit_undoes_exactly() {
     hp.lr = 1e-2;
     hp.steps = 8;
     hp.objective = FtObjective::Sequence;
-    let bits0 = down_bits(&lm);
+    let bits0 = common::down_bits(&lm);
 
     let err = |lm: &mut LoadedModel, r: &RewriteRequest, hp: &FtHparams| {
         lm.finetune(r, hp).unwrap_err().to_string()
@@ -65,11 +52,11 @@ fn the_constraint_holds_and_the_edit_undoes_exactly() {
     let mut empty = req.clone();
     empty.target_new.str = " ".into();
     assert!(err(&mut lm, &empty, &hp).contains("empty"));
-    assert_eq!(down_bits(&lm), bits0);
+    assert_eq!(common::down_bits(&lm), bits0);
 
     let e = lm.finetune(&req, &hp).unwrap();
     assert_eq!(
-        down_bits(&lm),
+        common::down_bits(&lm),
         bits0,
         "fine-tuning leaves the model as it was"
     );
@@ -102,9 +89,9 @@ fn the_constraint_holds_and_the_edit_undoes_exactly() {
     let before = nll(&lm);
     let applied = lm.apply(&Edit::Ft(e.clone())).unwrap();
     assert!(nll(&lm) < before);
-    let edited = down_bits(&lm);
+    let edited = common::down_bits(&lm);
     lm.undo_edit(applied).unwrap();
-    assert_eq!(down_bits(&lm), bits0, "undo is bit-exact");
+    assert_eq!(common::down_bits(&lm), bits0, "undo is bit-exact");
 
     let back = match Edit::from_bytes(&e.to_bytes().unwrap()).unwrap() {
         Edit::Ft(b) => b,
@@ -112,7 +99,7 @@ fn the_constraint_holds_and_the_edit_undoes_exactly() {
     };
     assert_eq!(back, e);
     let applied = lm.apply(&Edit::Ft(back)).unwrap();
-    assert_eq!(down_bits(&lm), edited);
+    assert_eq!(common::down_bits(&lm), edited);
     lm.undo_edit(applied).unwrap();
 
     // A model without MLP biases refuses an edit that changes one, and changes nothing.
@@ -122,9 +109,9 @@ fn the_constraint_holds_and_the_edit_undoes_exactly() {
         &Device::Cpu,
     )
     .unwrap();
-    let llama0 = down_bits(&llama);
+    let llama0 = common::down_bits(&llama);
     assert!(llama.apply(&Edit::Ft(e)).is_err());
-    assert_eq!(down_bits(&llama), llama0);
+    assert_eq!(common::down_bits(&llama), llama0);
 }
 
 #[test]

@@ -16,24 +16,6 @@ fn stats(lm: &LoadedModel, layers: &[usize], texts: usize, max_len: usize) -> Ve
     acc.finish(lm, "wikipedia sample").unwrap()
 }
 
-/// Every down-projection, bit for bit.
-fn all_weight_bits(lm: &LoadedModel) -> Vec<Vec<u32>> {
-    (0..lm.model.n_layer())
-        .map(|l| {
-            let w = &lm.model.down_proj(l).unwrap().weight;
-            w.flatten_all()
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|x| x.to_bits())
-                .collect()
-        })
-        .collect()
-}
-
 fn request(prompt: &str, subject: &str, new: &str, old: &str) -> RewriteRequest {
     let mut r = RewriteRequest::from_prompt(prompt, subject, new).unwrap();
     r.target_true = Some(TargetStr::new(old));
@@ -76,7 +58,7 @@ fn the_update_is_the_regularised_least_squares_solution_and_undoes_exactly() {
     let mut hp = MemitHparams::at_layers(layers.clone());
     hp.v_num_grad_steps = 6;
     hp.mom2_update_weight = 50.0;
-    let w0 = all_weight_bits(&lm);
+    let w0 = common::down_bits(&lm);
 
     // Bad input: clear errors, weights untouched.
     let err =
@@ -98,14 +80,14 @@ fn the_update_is_the_regularised_least_squares_solution_and_undoes_exactly() {
     bad_req[1] = reqs[1].clone();
     bad_req[1].prompt = "Michael Jordan plays".into();
     assert!(err(&mut lm, &bad_req, &hp, &st).contains("{}"));
-    assert_eq!(all_weight_bits(&lm), w0);
+    assert_eq!(common::down_bits(&lm), w0);
 
     let mut heard = vec![];
     let edit = lm
         .memit(&reqs, &hp, &st, &mut |p| heard.push(p.to_string()))
         .unwrap();
     assert_eq!(
-        all_weight_bits(&lm),
+        common::down_bits(&lm),
         w0,
         "computing an edit leaves the model as it was"
     );
@@ -177,10 +159,10 @@ fn the_update_is_the_regularised_least_squares_solution_and_undoes_exactly() {
         assert!(after < 0.5 * b, "request {j}: gap {b} -> {after}");
         assert!((*b as f32 - edit.stats.z_gap[j]).abs() < 1e-3 * b.max(1.0) as f32);
     }
-    assert_ne!(all_weight_bits(&lm), w0);
-    let edited = all_weight_bits(&lm);
+    assert_ne!(common::down_bits(&lm), w0);
+    let edited = common::down_bits(&lm);
     lm.undo_edit(applied).unwrap();
-    assert_eq!(all_weight_bits(&lm), w0, "undo is bit-exact");
+    assert_eq!(common::down_bits(&lm), w0, "undo is bit-exact");
 
     // A file round trip gives the same edit, and the same weights once applied.
     let back = match Edit::from_bytes(&edit.to_bytes().unwrap()).unwrap() {
@@ -189,7 +171,7 @@ fn the_update_is_the_regularised_least_squares_solution_and_undoes_exactly() {
     };
     assert_eq!(back, edit);
     let applied = lm.apply(&Edit::Memit(back)).unwrap();
-    assert_eq!(all_weight_bits(&lm), edited);
+    assert_eq!(common::down_bits(&lm), edited);
     lm.undo_edit(applied).unwrap();
     assert!(Edit::from_bytes(b"garbage").is_err());
 
@@ -197,7 +179,7 @@ fn the_update_is_the_regularised_least_squares_solution_and_undoes_exactly() {
     let mut wrong = edit.clone();
     wrong.layers[1].right.pop();
     assert!(lm.apply(&Edit::Memit(wrong)).is_err());
-    assert_eq!(all_weight_bits(&lm), w0);
+    assert_eq!(common::down_bits(&lm), w0);
 }
 
 #[test]
@@ -263,7 +245,7 @@ fn two_facts_move_at_once_on_smollm2_and_neighbours_stay() {
         edit.stats.z_losses,
         edit.stats.delta_norms
     );
-    let w0 = all_weight_bits(&lm);
+    let w0 = common::down_bits(&lm);
     let top = |lm: &LoadedModel, p: &str| lm.predict(p, 1).unwrap().top[0].token.clone();
     let probes = [
         (
@@ -288,5 +270,5 @@ fn two_facts_move_at_once_on_smollm2_and_neighbours_stay() {
         assert_eq!(top(&lm, p), after, "{p}");
     }
     lm.undo_edit(applied).unwrap();
-    assert_eq!(all_weight_bits(&lm), w0);
+    assert_eq!(common::down_bits(&lm), w0);
 }

@@ -64,3 +64,22 @@ pub fn wiki_texts(n: usize) -> Vec<String> {
         })
         .collect()
 }
+
+/// Every down-projection (weight and bias) of `lm`, bit for bit.
+pub fn down_bits(lm: &loci_core::LoadedModel) -> Vec<u32> {
+    let mut out = vec![];
+    for l in 0..lm.model.n_layer() {
+        let d = lm.model.down_proj(l).unwrap();
+        for t in std::iter::once(&d.weight).chain(&d.bias) {
+            let v = t
+                .flatten_all()
+                .unwrap()
+                .to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            out.extend(v.iter().map(|x| x.to_bits()));
+        }
+    }
+    out
+}
