@@ -574,7 +574,7 @@ fn edits_apply_list_download_undo_and_reapply() {
     for (patch, want) in [
         (serde_json::json!({"layers": [1, 99]}), "out of range"),
         (serde_json::json!({"layers": [2, 1]}), "ascending"),
-        (serde_json::json!({"layer": 1}), "at most 16"),
+        (serde_json::json!({"layer": 1}), "not one \"layer\""),
         (
             serde_json::json!({"requests": vec![fact; 16]}),
             "at most 16",

@@ -450,9 +450,12 @@ pub async fn edit(
             "ft" if reqs.len() != 1 || b.layer.is_some() => {
                 return Err(bad("fine-tuning edits one fact at its \"layers\""));
             }
-            "memit" if reqs.len() > MAX_MEMIT_REQUESTS || b.layer.is_some() => {
+            "memit" if b.layer.is_some() => {
+                return Err(bad("MEMIT edits its \"layers\", not one \"layer\""));
+            }
+            "memit" if reqs.len() > MAX_MEMIT_REQUESTS => {
                 return Err(bad(format!(
-                    "MEMIT writes at most {MAX_MEMIT_REQUESTS} facts at its \"layers\""
+                    "MEMIT writes at most {MAX_MEMIT_REQUESTS} facts at once"
                 )));
             }
             "rome" | "ft" | "memit" => {}
