@@ -528,32 +528,17 @@ impl LoadedModel {
         generate: bool,
         consistency: Option<&Consistency>,
     ) -> Result<CaseRecord> {
-        self.eval_case_with(case, generate, consistency, |lm, r| {
-            Ok(crate::edit::Edit::Rome(lm.rome(r, hp, stats)?))
-        })
-    }
-
-    /// The same for any one-fact edit that `make` computes from the case's rewrite.
-    pub fn eval_case_with(
-        &mut self,
-        case: &CounterFactCase,
-        generate: bool,
-        consistency: Option<&Consistency>,
-        make: impl FnOnce(&mut LoadedModel, &RewriteRequest) -> Result<crate::edit::Edit>,
-    ) -> Result<CaseRecord> {
-        let pre = self.score_case(case, generate)?;
-        let started = crate::clock::now_seconds();
-        let edit = make(self, &case.requested_rewrite)?;
-        let applied = self.apply(&edit)?;
-        let edit_seconds = crate::clock::now_seconds() - started;
-        let post = self.score_case(case, generate);
-        self.undo_edit(applied)?;
-        Ok(record(case, pre, post?, edit_seconds, consistency))
+        let one = self.eval_cases_with(
+            std::slice::from_ref(case),
+            generate,
+            consistency,
+            |lm, r| Ok(crate::edit::Edit::Rome(lm.rome(&r[0], hp, stats)?)),
+        )?;
+        Ok(one.into_iter().next().expect("one case, one record"))
     }
 
     /// Scores a batch of cases, applies one MEMIT edit of all their rewrites, scores each again
     /// and undoes the edit (the model ends bit-identical to how it started, also on error).
-    /// `edit_seconds` is the batch's edit time shared over its cases.
     pub fn eval_memit_batch(
         &mut self,
         cases: &[CounterFactCase],
@@ -563,14 +548,31 @@ impl LoadedModel {
         consistency: Option<&Consistency>,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Vec<CaseRecord>> {
+        self.eval_cases_with(cases, generate, consistency, |lm, reqs| {
+            Ok(crate::edit::Edit::Memit(
+                lm.memit(reqs, hp, stats, progress)?,
+            ))
+        })
+    }
+
+    /// Scores the cases, applies the one edit `make` computes from their rewrites, scores each
+    /// again and undoes the edit (the model ends bit-identical to how it started, also on
+    /// error). `edit_seconds` is the edit's time shared over the cases.
+    pub fn eval_cases_with(
+        &mut self,
+        cases: &[CounterFactCase],
+        generate: bool,
+        consistency: Option<&Consistency>,
+        make: impl FnOnce(&mut LoadedModel, &[RewriteRequest]) -> Result<crate::edit::Edit>,
+    ) -> Result<Vec<CaseRecord>> {
         let pre = cases
             .iter()
             .map(|c| self.score_case(c, generate))
             .collect::<Result<Vec<_>>>()?;
         let started = crate::clock::now_seconds();
         let reqs: Vec<RewriteRequest> = cases.iter().map(|c| c.requested_rewrite.clone()).collect();
-        let edit = self.memit(&reqs, hp, stats, progress)?;
-        let applied = self.apply(&crate::edit::Edit::Memit(edit))?;
+        let edit = make(self, &reqs)?;
+        let applied = self.apply(&edit)?;
         let edit_seconds = (crate::clock::now_seconds() - started) / cases.len() as f64;
         let post = cases
             .iter()

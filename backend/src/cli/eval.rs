@@ -203,10 +203,9 @@ pub fn eval(a: EvalArgs) -> Result<()> {
                 .map(|r| vec![r])
                 .map_err(Into::into),
             Method::Ft(hp) => lm
-                .eval_case_with(&chunk[0], generate, consistency.as_ref(), |lm, r| {
-                    Ok(Edit::Ft(lm.finetune(r, hp)?))
+                .eval_cases_with(chunk, generate, consistency.as_ref(), |lm, r| {
+                    Ok(Edit::Ft(lm.finetune(&r[0], hp)?))
                 })
-                .map(|r| vec![r])
                 .map_err(Into::into),
             Method::Memit(hp, stats) => lm
                 .eval_memit_batch(chunk, hp, stats, generate, consistency.as_ref(), &mut |m| {

@@ -168,10 +168,10 @@ impl LoadedModel {
     ) -> Result<(RomeEdit, AppliedEdit, EditReport)> {
         let (e, applied, report) =
             self.one_fact_with_report(req, probes, |lm, r| Ok(Edit::Rome(lm.rome(r, hp, stats)?)))?;
-        match e {
-            Edit::Rome(e) => Ok((e, applied, report)),
-            _ => unreachable!("rome() makes ROME edits"),
-        }
+        let Edit::Rome(e) = e else {
+            unreachable!("rome() makes ROME edits")
+        };
+        Ok((e, applied, report))
     }
 
     /// Computes a constrained fine-tuning edit, applies it and reads the probes before and
@@ -185,10 +185,10 @@ impl LoadedModel {
     ) -> Result<(FtEdit, AppliedEdit, EditReport)> {
         let (e, applied, report) =
             self.one_fact_with_report(req, probes, |lm, r| Ok(Edit::Ft(lm.finetune(r, hp)?)))?;
-        match e {
-            Edit::Ft(e) => Ok((e, applied, report)),
-            _ => unreachable!("finetune() makes fine-tuning edits"),
-        }
+        let Edit::Ft(e) = e else {
+            unreachable!("finetune() makes fine-tuning edits")
+        };
+        Ok((e, applied, report))
     }
 
     /// One fact's edit by `make`, applied, with the probes read before and after.
@@ -199,58 +199,35 @@ impl LoadedModel {
         make: impl FnOnce(&mut LoadedModel, &RewriteRequest) -> Result<Edit>,
     ) -> Result<(Edit, AppliedEdit, EditReport)> {
         let started = crate::clock::now_seconds();
-        let req = self.complete_request(req)?;
-        for p in probes.paraphrase.iter().chain(&probes.neighborhood) {
-            self.encode_prompt(p)?;
-        }
-        let before = self.edit_side(&req, probes)?;
-        let gen_before = self.probe_generations(&req, probes)?;
-        let e = make(self, &req)?;
-        let applied = self.apply(&e)?;
-        let after = self
-            .edit_side(&req, probes)
-            .and_then(|a| Ok((a, self.probe_generations(&req, probes)?)));
-        let (after, gen_after) = match after {
-            Ok(x) => x,
-            Err(err) => {
-                self.undo_edit(applied)?;
-                return Err(err);
-            }
-        };
+        let (e, applied, mut read) =
+            self.read_around(vec![req], probes, |lm, reqs| make(lm, &reqs[0]))?;
+        let r = read.remove(0);
         let losses = match &e {
             Edit::Rome(r) => r.stats.losses.clone(),
             Edit::Ft(f) => f.stats.losses.clone(),
             Edit::Memit(m) => m.stats.z_losses.concat(),
         };
         let report = EditReport {
-            request: req,
+            request: r.request,
             layer: e.layers()[0],
-            before,
-            after,
-            generations: Generations {
-                before: gen_before,
-                after: gen_after,
-            },
+            before: r.before,
+            after: r.after,
+            generations: r.generations,
             delta_norm: e.delta_norms().iter().map(|n| n * n).sum::<f32>().sqrt(),
             v_losses: losses,
             seconds: crate::clock::now_seconds() - started,
         };
         Ok((e, applied, report))
     }
-}
 
-impl LoadedModel {
-    /// Computes a MEMIT edit of all `reqs`, applies it and reads each request's probes before
-    /// and after (`probes` are read for every request). On error the model is unchanged.
-    pub fn memit_with_report(
+    /// Completes `reqs` (missing old targets), reads their probes, applies the edit `make`
+    /// computes for them and reads the probes again; on error the model is unchanged.
+    fn read_around(
         &mut self,
         reqs: Vec<RewriteRequest>,
-        hp: &MemitHparams,
-        stats: &[KeyStats],
         probes: &Probes,
-        progress: &mut dyn FnMut(&str),
-    ) -> Result<(MemitEdit, AppliedEdit, MemitReport)> {
-        let started = crate::clock::now_seconds();
+        make: impl FnOnce(&mut LoadedModel, &[RewriteRequest]) -> Result<Edit>,
+    ) -> Result<(Edit, AppliedEdit, Vec<RequestReport>)> {
         let reqs = reqs
             .into_iter()
             .map(|r| self.complete_request(r))
@@ -264,8 +241,8 @@ impl LoadedModel {
                 .collect()
         };
         let before = read(self)?;
-        let e = self.memit(&reqs, hp, stats, progress)?;
-        let applied = self.apply(&Edit::Memit(e.clone()))?;
+        let e = make(self, &reqs)?;
+        let applied = self.apply(&e)?;
         let after = match read(self) {
             Ok(x) => x,
             Err(err) => {
@@ -273,7 +250,7 @@ impl LoadedModel {
                 return Err(err);
             }
         };
-        let requests = reqs
+        let reports = reqs
             .into_iter()
             .zip(before.into_iter().zip(after))
             .map(|(request, ((before, gb), (after, ga)))| RequestReport {
@@ -286,6 +263,26 @@ impl LoadedModel {
                 },
             })
             .collect();
+        Ok((e, applied, reports))
+    }
+
+    /// Computes a MEMIT edit of all `reqs`, applies it and reads each request's probes before
+    /// and after (`probes` are read for every request). On error the model is unchanged.
+    pub fn memit_with_report(
+        &mut self,
+        reqs: Vec<RewriteRequest>,
+        hp: &MemitHparams,
+        stats: &[KeyStats],
+        probes: &Probes,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<(MemitEdit, AppliedEdit, MemitReport)> {
+        let started = crate::clock::now_seconds();
+        let (e, applied, requests) = self.read_around(reqs, probes, |lm, reqs| {
+            Ok(Edit::Memit(lm.memit(reqs, hp, stats, progress)?))
+        })?;
+        let Edit::Memit(e) = e else {
+            unreachable!("memit() makes MEMIT edits")
+        };
         let report = MemitReport {
             layers: e.layers.iter().map(|l| l.layer).collect(),
             requests,
