@@ -243,7 +243,7 @@ fn two_facts_move_at_once_on_smollm2_and_neighbours_stay() {
         t.elapsed().as_secs_f64(),
         edit.stats.seconds,
         edit.stats.z_losses,
-        edit.stats.delta_norms
+        Edit::Memit(edit.clone()).delta_norms()
     );
     let w0 = common::down_bits(&lm);
     let top = |lm: &LoadedModel, p: &str| lm.predict(p, 1).unwrap().top[0].token.clone();

@@ -202,15 +202,7 @@ pub struct StatsSource {
 impl StatsSource {
     /// The statistics of `layer`, computing and caching them first if needed.
     pub fn ensure(&self, lm: &LoadedModel, layer: usize) -> Result<KeyStats> {
-        let dir = stats_dir(lm, self.dir.as_deref());
-        if !stats_file(&dir, layer).exists() {
-            let corpus = match &self.corpus {
-                Some(c) => c.clone(),
-                None => default_corpus()?,
-            };
-            collect(lm, &[layer], &corpus, self.stats_tokens, 1024, &dir)?;
-        }
-        load_stats(lm, &dir, layer)
+        Ok(self.ensure_layers(lm, &[layer])?.remove(0))
     }
 
     /// The statistics of several layers; the missing ones are collected in one pass.

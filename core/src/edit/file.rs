@@ -8,11 +8,11 @@ use serde::Serialize;
 
 use crate::error::{LociError, Result};
 
-/// The file's bytes: `meta` as JSON under `key`, then the named tensors.
+/// The file's bytes: `meta` as JSON under `key`, then the tensors `(name, shape, values)`.
 pub fn write(
     key: &str,
     meta: &impl Serialize,
-    tensors: &[(&str, &[usize], &[f32])],
+    tensors: &[(String, Vec<usize>, &[f32])],
 ) -> Result<Vec<u8>> {
     let meta = std::collections::HashMap::from([(
         key.to_string(),
@@ -28,8 +28,8 @@ pub fn write(
         .zip(&bytes)
         .map(|((name, shape, _), b)| {
             Ok((
-                *name,
-                TensorView::new(Dtype::F32, shape.to_vec(), b).map_err(failed)?,
+                name.as_str(),
+                TensorView::new(Dtype::F32, shape.clone(), b).map_err(failed)?,
             ))
         })
         .collect::<Result<Vec<_>>>()?;

@@ -127,22 +127,16 @@ impl FtEdit {
             hparams: self.hparams.clone(),
             stats: self.stats.clone(),
         };
-        let names: Vec<(String, String)> = self
-            .layers
-            .iter()
-            .map(|l| (format!("weight.{}", l.layer), format!("bias.{}", l.layer)))
-            .collect();
-        let shapes: Vec<[usize; 2]> = self
-            .layers
-            .iter()
-            .map(|l| [d_model, l.weight.len() / d_model.max(1)])
-            .collect();
-        let bias_shape = [d_model];
-        let mut tensors: Vec<(&str, &[usize], &[f32])> = vec![];
-        for ((l, (wn, bn)), ws) in self.layers.iter().zip(&names).zip(&shapes) {
-            tensors.push((wn, ws, &l.weight));
+        let mut tensors: Vec<(String, Vec<usize>, &[f32])> = vec![];
+        for l in &self.layers {
+            let d_ff = l.weight.len() / d_model.max(1);
+            tensors.push((
+                format!("weight.{}", l.layer),
+                vec![d_model, d_ff],
+                &l.weight,
+            ));
             if let Some(b) = &l.bias {
-                tensors.push((bn, &bias_shape, b));
+                tensors.push((format!("bias.{}", l.layer), vec![d_model], b));
             }
         }
         super::file::write(FILE_KEY, &meta, &tensors)

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::delta::{delta_norm, AppliedEdit, LayerDelta, WeightChange};
+use super::delta::{AppliedEdit, LayerDelta, WeightChange};
 use super::linalg;
 use super::rome::{spaced, RewriteRequest, ValueSpec};
 use super::stats::KeyStats;
@@ -103,8 +103,6 @@ pub struct MemitStats {
     pub z: Vec<Vec<f32>>,
     /// Per request, ‖z − h‖ before any layer was changed.
     pub z_gap: Vec<f32>,
-    /// Per layer, ‖ΔW‖ (Frobenius).
-    pub delta_norms: Vec<f32>,
     pub templates: Vec<String>,
     /// Seconds per phase: templates, targets (z), spread (keys, solves, updates).
     pub seconds: BTreeMap<String, f64>,
@@ -153,21 +151,24 @@ impl MemitEdit {
             hparams: self.hparams.clone(),
             stats: self.stats.clone(),
         };
-        let names: Vec<(String, String)> = self
+        let tensors: Vec<(String, Vec<usize>, &[f32])> = self
             .layers
             .iter()
-            .map(|l| (format!("left.{}", l.layer), format!("right.{}", l.layer)))
+            .flat_map(|l| {
+                [
+                    (
+                        format!("left.{}", l.layer),
+                        vec![n, l.left.len() / n],
+                        &l.left[..],
+                    ),
+                    (
+                        format!("right.{}", l.layer),
+                        vec![n, l.right.len() / n],
+                        &l.right[..],
+                    ),
+                ]
+            })
             .collect();
-        let shapes: Vec<([usize; 2], [usize; 2])> = self
-            .layers
-            .iter()
-            .map(|l| ([n, l.left.len() / n], [n, l.right.len() / n]))
-            .collect();
-        let mut tensors: Vec<(&str, &[usize], &[f32])> = vec![];
-        for ((l, (ln, rn)), (ls, rs)) in self.layers.iter().zip(&names).zip(&shapes) {
-            tensors.push((ln, ls, &l.left));
-            tensors.push((rn, rs, &l.right));
-        }
         super::file::write(FILE_KEY, &meta, &tensors)
     }
 
@@ -404,7 +405,7 @@ impl LoadedModel {
         result?;
         lap("spread");
 
-        let edit = MemitEdit {
+        Ok(MemitEdit {
             stats: MemitStats {
                 z: zs
                     .iter()
@@ -412,21 +413,12 @@ impl LoadedModel {
                     .collect(),
                 z_losses,
                 z_gap,
-                delta_norms: vec![],
                 templates,
                 seconds,
             },
             layers,
             requests: reqs.to_vec(),
             hparams: hp.clone(),
-        };
-        let norms = edit.deltas().iter().map(delta_norm).collect();
-        Ok(MemitEdit {
-            stats: MemitStats {
-                delta_norms: norms,
-                ..edit.stats
-            },
-            ..edit
         })
     }
 }

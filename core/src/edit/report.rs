@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::delta::AppliedEdit;
+use super::delta::{delta_norm, AppliedEdit};
 use super::ft::{FtEdit, FtHparams};
 use super::memit::{MemitEdit, MemitHparams};
 use super::rome::{RewriteRequest, RomeEdit, RomeHparams, TargetStr};
@@ -286,7 +286,7 @@ impl LoadedModel {
         let report = MemitReport {
             layers: e.layers.iter().map(|l| l.layer).collect(),
             requests,
-            delta_norms: e.stats.delta_norms.clone(),
+            delta_norms: e.deltas().iter().map(delta_norm).collect(),
             z_losses: e.stats.z_losses.clone(),
             seconds: crate::clock::now_seconds() - started,
         };

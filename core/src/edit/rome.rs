@@ -243,8 +243,8 @@ impl RomeEdit {
             "loci_rome_edit",
             &meta,
             &[
-                ("left", &[self.left.len()], &self.left),
-                ("right", &[self.right.len()], &self.right),
+                ("left".into(), vec![self.left.len()], &self.left),
+                ("right".into(), vec![self.right.len()], &self.right),
             ],
         )
     }

@@ -205,7 +205,7 @@ impl KeyStats {
         super::file::write(
             "loci_stats",
             &self.provenance,
-            &[("mom2", self.mom2.dims(), &data)],
+            &[("mom2".into(), self.mom2.dims().to_vec(), &data)],
         )
     }
 
