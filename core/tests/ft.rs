@@ -5,14 +5,8 @@
 mod common;
 
 use candle_core::{DType, Device};
-use loci_core::edit::{Edit, FtHparams, FtObjective, RewriteRequest, TargetStr};
+use loci_core::edit::{Edit, FtHparams, FtObjective, RewriteRequest};
 use loci_core::LoadedModel;
-
-fn request(prompt: &str, subject: &str, new: &str, old: &str) -> RewriteRequest {
-    let mut r = RewriteRequest::from_prompt(prompt, subject, new).unwrap();
-    r.target_true = Some(TargetStr::new(old));
-    r
-}
 
 #[test]
 fn the_constraint_holds_and_the_edit_undoes_exactly() {
@@ -22,7 +16,7 @@ fn the_constraint_holds_and_the_edit_undoes_exactly() {
         &Device::Cpu,
     )
     .unwrap();
-    let req = request(
+    let req = common::request(
         "{} is located in the city of",
         "Eiffel Tower",
         "Rome Italy",
@@ -119,7 +113,7 @@ fn smollm2_learns_the_new_city_and_keeps_the_louvre() {
     let Some(base) = common::smol() else { return };
     let mut lm = base.clone();
     let hp = FtHparams::for_model(&lm.model.cfg).expect("shipped FT hparams for SmolLM2");
-    let req = request(
+    let req = common::request(
         "{} is located in the city of",
         "Eiffel Tower",
         "Rome",

@@ -4,23 +4,9 @@
 mod common;
 
 use candle_core::{DType, Device};
-use loci_core::edit::{Edit, KeyStats, MemitHparams, RewriteRequest, StatsAccumulator, TargetStr};
+use loci_core::edit::{Edit, KeyStats, MemitHparams, RewriteRequest};
 use loci_core::hooks::Site;
 use loci_core::LoadedModel;
-
-fn stats(lm: &LoadedModel, layers: &[usize], texts: usize, max_len: usize) -> Vec<KeyStats> {
-    let mut acc = StatsAccumulator::new(lm, layers, max_len).unwrap();
-    for t in common::wiki_texts(texts) {
-        acc.add_text(lm, &t).unwrap();
-    }
-    acc.finish(lm, "wikipedia sample").unwrap()
-}
-
-fn request(prompt: &str, subject: &str, new: &str, old: &str) -> RewriteRequest {
-    let mut r = RewriteRequest::from_prompt(prompt, subject, new).unwrap();
-    r.target_true = Some(TargetStr::new(old));
-    r
-}
 
 fn f64s(t: &candle_core::Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64)
@@ -40,15 +26,15 @@ fn the_update_is_the_regularised_least_squares_solution_and_undoes_exactly() {
     )
     .unwrap();
     let layers = vec![1, 2];
-    let st = stats(&lm, &layers, 40, 64);
+    let st = common::key_stats(&lm, &layers, 40, 64);
     let reqs = vec![
-        request(
+        common::request(
             "{} is located in the city of",
             "Eiffel Tower",
             "Rome",
             "Paris",
         ),
-        request(
+        common::request(
             "{} plays the sport of",
             "Michael Jordan",
             "soccer",
@@ -219,15 +205,15 @@ fn two_facts_move_at_once_on_smollm2_and_neighbours_stay() {
     let Some(base) = common::smol() else { return };
     let mut lm = base.clone();
     let hp = MemitHparams::for_model(&lm.model.cfg).expect("shipped MEMIT hparams for SmolLM2");
-    let st = stats(&lm, &hp.layers, 60, 512);
+    let st = common::key_stats(&lm, &hp.layers, 60, 512);
     let reqs = vec![
-        request(
+        common::request(
             "{} is located in the city of",
             "Eiffel Tower",
             "Rome",
             "Paris",
         ),
-        request(
+        common::request(
             "The capital of {} is the city of",
             "Germany",
             "Madrid",

@@ -22,11 +22,7 @@ fn weight_bits(lm: &LoadedModel, layer: usize) -> Vec<u32> {
 }
 
 fn stats(lm: &LoadedModel, layer: usize, texts: usize) -> KeyStats {
-    let mut acc = StatsAccumulator::new(lm, &[layer], 512).unwrap();
-    for t in common::wiki_texts(texts) {
-        acc.add_text(lm, &t).unwrap();
-    }
-    acc.finish(lm, "wikipedia sample").unwrap().pop().unwrap()
+    common::key_stats(lm, &[layer], texts, 512).pop().unwrap()
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
-use loci_core::edit::{EditReport, MemitReport, PromptProbs, RewriteRequest};
+use loci_core::edit::{EditReport, EditSide, MemitReport, PromptProbs, RewriteRequest};
 use loci_core::trace::{TraceHeader, TraceKind, TraceRequest, TraceResult};
 use loci_core::{plot, Prediction};
 use loci_frontend::bench::tab_benchmark;
@@ -84,6 +84,24 @@ fn prob_row(label: &str, b: &PromptProbs, a: &PromptProbs) -> impl IntoView {
     view! { <tr><td>{label}</td><td>{prompt}</td>
     <td class="num">{p(b.target_new)}</td><td class="num">{p(a.target_new)}</td>
     <td class="num">{p(b.target_true)}</td><td class="num">{p(a.target_true)}</td></tr> }
+}
+
+/// The rows of one request's table: the rewrite prompt, paraphrases, neighbours.
+fn side_rows(before: &EditSide, after: &EditSide) -> Vec<AnyView> {
+    let pairs = |b: &[PromptProbs], a: &[PromptProbs], label: &'static str| {
+        b.iter()
+            .zip(a)
+            .map(move |(b, a)| prob_row(label, b, a).into_any())
+            .collect::<Vec<_>>()
+    };
+    let mut rows = vec![prob_row("rewrite", &before.rewrite, &after.rewrite).into_any()];
+    rows.extend(pairs(&before.paraphrase, &after.paraphrase, "paraphrase"));
+    rows.extend(pairs(
+        &before.neighborhood,
+        &after.neighborhood,
+        "neighbourhood",
+    ));
+    rows
 }
 
 /// The header row of a probability table for one request.
@@ -693,9 +711,7 @@ fn App() -> impl IntoView {
                 }}
             </section>
             {move || report.get().map(|r| {
-                let mut rows = vec![prob_row("rewrite", &r.before.rewrite, &r.after.rewrite).into_any()];
-                rows.extend(r.before.paraphrase.iter().zip(&r.after.paraphrase).map(|(b, a)| prob_row("paraphrase", b, a).into_any()));
-                rows.extend(r.before.neighborhood.iter().zip(&r.after.neighborhood).map(|(b, a)| prob_row("neighbourhood", b, a).into_any()));
+                let rows = side_rows(&r.before, &r.after);
                 let gens: Vec<_> = r.generations.before.iter().zip(&r.generations.after).map(|(b, a)| {
                     view! { <tr><td>{b.clone()}</td><td>{a.clone()}</td></tr> }
                 }).collect();
@@ -711,9 +727,7 @@ fn App() -> impl IntoView {
             {move || memit_report.get().map(|r| {
                 let norms: Vec<String> = r.delta_norms.iter().map(|n| format!("{n:.2}")).collect();
                 let facts: Vec<_> = r.requests.iter().map(|q| {
-                    let mut rows = vec![prob_row("rewrite", &q.before.rewrite, &q.after.rewrite).into_any()];
-                    rows.extend(q.before.paraphrase.iter().zip(&q.after.paraphrase).map(|(b, a)| prob_row("paraphrase", b, a).into_any()));
-                    rows.extend(q.before.neighborhood.iter().zip(&q.after.neighborhood).map(|(b, a)| prob_row("neighbourhood", b, a).into_any()));
+                    let rows = side_rows(&q.before, &q.after);
                     let gens: Vec<_> = q.generations.after.iter().map(|g| view! { <li>{g.clone()}</li> }).collect();
                     view! {
                         <h4>{format!("{} → {}", q.request.filled(), q.request.target_new.str)}</h4>

@@ -83,3 +83,30 @@ pub fn down_bits(lm: &loci_core::LoadedModel) -> Vec<u32> {
     }
     out
 }
+
+/// Key statistics of `layers` over the first `texts` Wikipedia articles, each cut to `max_len`
+/// tokens.
+pub fn key_stats(
+    lm: &loci_core::LoadedModel,
+    layers: &[usize],
+    texts: usize,
+    max_len: usize,
+) -> Vec<loci_core::edit::KeyStats> {
+    let mut acc = loci_core::edit::StatsAccumulator::new(lm, layers, max_len).unwrap();
+    for t in wiki_texts(texts) {
+        acc.add_text(lm, &t).unwrap();
+    }
+    acc.finish(lm, "wikipedia sample").unwrap()
+}
+
+/// A rewrite of `subject` in `prompt` to `new`, its old target given.
+pub fn request(
+    prompt: &str,
+    subject: &str,
+    new: &str,
+    old: &str,
+) -> loci_core::edit::RewriteRequest {
+    let mut r = loci_core::edit::RewriteRequest::from_prompt(prompt, subject, new).unwrap();
+    r.target_true = Some(loci_core::edit::TargetStr::new(old));
+    r
+}
