@@ -829,3 +829,123 @@ fn random_preset_models_run_the_benchmarks() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown preset"));
 }
+
+#[test]
+fn study_sweeps_every_method_and_problem_resumes_and_analyses() {
+    let dir = std::env::temp_dir().join(format!("loci-study-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let corpus = root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
+    let data = root().join("../shared/data/counterfact/counterfact_rome_format_sample500.json");
+    let out_file = dir.join("study.jsonl");
+    let plot = dir.join("study.svg");
+    // Every method, problem and layer unless `extra` names its own.
+    let run = |extra: &[&str]| {
+        let mut sweep = vec![];
+        for (flag, all) in [
+            ("--methods", "all"),
+            ("--problems", "all"),
+            ("--layers", "0,2"),
+        ] {
+            if !extra.contains(&flag) {
+                sweep.extend([flag, all]);
+            }
+        }
+        Command::new(env!("CARGO_BIN_EXE_loci"))
+            .args(["study", "run", "--model", &tiny("tiny-gpt2"), "--n", "2"])
+            .args(sweep)
+            // The tiny model knows no facts: study every case.
+            .args(["--all-cases", "--min-prob", "0", "--samples", "3"])
+            .args(["--v-steps", "2", "--stats-tokens", "2000"])
+            .args(extra)
+            .arg("--dataset")
+            .arg(&data)
+            .arg("--corpus")
+            .arg(&corpus)
+            .arg("--stats")
+            .arg(dir.join("stats"))
+            .arg("--out")
+            .arg(&out_file)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--plot", plot.to_str().unwrap(), "--json"]);
+    let an = json(&out);
+    let text = std::fs::read_to_string(&out_file).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Per case: its line, then 4 methods × 5 problems × 2 layers edits.
+    assert_eq!(lines.len(), 2 * (1 + 40));
+    assert_eq!(lines[0]["record"], "case");
+    let trace = &lines[0]["trace"];
+    assert_eq!(trace["max_fraction_restored"].as_array().unwrap().len(), 4);
+    assert!(lines[0]["essence_ppl"].as_f64().unwrap() > 1.0);
+    let edits: Vec<&serde_json::Value> = lines.iter().filter(|l| l["record"] == "edit").collect();
+    for e in &edits {
+        assert!(e["error"].is_null(), "{e}");
+        let layer = e["layer"].as_u64().unwrap() as usize;
+        let case = lines
+            .iter()
+            .find(|l| l["record"] == "case" && l["case_id"] == e["case_id"])
+            .unwrap();
+        assert_eq!(
+            e["tracing_effect"], case["trace"]["max_fraction_restored"][layer],
+            "joined at the central layer"
+        );
+        let w = e["edited_layers"].as_array().unwrap().len();
+        match e["method"].as_str().unwrap() {
+            "rome" | "ft-1" => assert_eq!(w, 1),
+            // The window of 5 around layer 0 or 2 of a 4-layer model.
+            _ => assert_eq!(w, if layer == 0 { 3 } else { 4 }),
+        }
+        let target = e["target"].as_str().unwrap();
+        let truth = case["target_true"].as_str().unwrap();
+        match e["problem"].as_str().unwrap() {
+            "fact_erasure" | "fact_amplification" | "fact_forcing" => assert_eq!(target, truth),
+            "error_injection" => assert_ne!(target, truth),
+            _ => assert!(!target.trim().is_empty()),
+        }
+        assert!(e["essence_score"].as_f64().is_some());
+    }
+    assert_eq!(an["cases_used"], 2);
+    assert_eq!(an["edits"], 80);
+    // 4 methods × 5 problems × 4 scores, each fitted on 2 cases × 2 layers.
+    let conds = an["conditions"].as_array().unwrap();
+    assert_eq!(conds.len(), 80);
+    assert!(conds.iter().all(|c| c["n"] == 4));
+    assert!(std::fs::read_to_string(&plot).unwrap().contains("<svg"));
+
+    // A second run finds both cases done and adds nothing.
+    let out = run(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&out_file).unwrap(), text);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 already in"));
+    // The analysis reads the file on its own too.
+    let out = loci(&["study", "analyze", out_file.to_str().unwrap(), "--json"]);
+    assert_eq!(json(&out), an);
+    let out = loci(&["study", "analyze", out_file.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("R²layer"));
+    // Bad settings fail with a message and write nothing.
+    for (flag, value, msg) in [
+        ("--methods", "rome,knn", "unknown method"),
+        ("--problems", "fact_guessing", "unknown editing problem"),
+        ("--layers", "9", "out of range"),
+    ] {
+        let out = run(&[flag, value]);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(msg),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&out_file).unwrap(), text);
+    let out = loci(&["study", "analyze", data.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -101,6 +101,15 @@ pub struct CaseScores {
 impl LoadedModel {
     /// Scores of `(prompt, target)` pairs, one padded batch.
     pub fn score_targets(&self, pairs: &[(String, String)]) -> Result<Vec<TargetScore>> {
+        self.score_targets_with(pairs, &mut crate::hooks::NoHook)
+    }
+
+    /// `score_targets` with `hook` on the pass (row i of the batch is pair i, right-padded).
+    pub fn score_targets_with(
+        &self,
+        pairs: &[(String, String)],
+        hook: &mut dyn crate::hooks::Hook,
+    ) -> Result<Vec<TargetScore>> {
         if pairs.is_empty() {
             return Ok(vec![]);
         }
@@ -135,7 +144,7 @@ impl LoadedModel {
         let mut cap = Capture::new([last]).stopping_after(last);
         self.model.run(
             &self.model.ids_tensor(&rows)?,
-            &mut cap,
+            &mut crate::hooks::Chain(vec![hook, &mut cap]),
             None,
             LogitsAt::All,
         )?;

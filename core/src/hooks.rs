@@ -158,9 +158,20 @@ pub struct Patch {
     pub add: bool,
 }
 
+impl Patch {
+    /// A patch that changes nothing.
+    pub fn empty(site: Site) -> Self {
+        Self {
+            site,
+            cells: vec![],
+            add: true,
+        }
+    }
+}
+
 impl Hook for Patch {
     fn wants(&self, site: Site) -> bool {
-        site == self.site
+        site == self.site && !self.cells.is_empty()
     }
     fn at(&mut self, _site: Site, x: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(patch_rows(x, &self.cells, self.add)?))

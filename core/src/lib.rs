@@ -14,6 +14,7 @@ pub mod plot;
 pub mod predict;
 pub mod presets;
 pub mod rng;
+pub mod study;
 pub mod tfidf;
 pub mod threads;
 pub mod tokenizer;

@@ -298,3 +298,149 @@ pub fn tracing_effect_svg(r: &TraceResult) -> String {
         .collect();
     layer_curves_svg("Tracing effect (fraction restored)", &panels)
 }
+
+/// Hase et al.'s summary of a study: left, the variance in rewrite score explained by the
+/// layer and what the tracing effect adds (stacked bars per method and problem); right, the
+/// mean rewrite score per edited layer beside the mean tracing effect.
+pub fn study_svg(a: &crate::study::analysis::StudyAnalysis) -> String {
+    use crate::study::analysis::Metric;
+    let colours = [
+        "#08519c", "#d94801", "#006d2c", "#a50f15", "#54278f", "#636363", "#e7298a",
+    ];
+    let conds: Vec<_> = a
+        .conditions
+        .iter()
+        .filter(|c| c.metric == Metric::Rewrite)
+        .collect();
+    let bar_h = 18.0f32;
+    let (lw, label_w) = (430.0f32, 190.0f32);
+    let plot_h = (conds.len().max(1) as f32 * (bar_h + 6.0)).max(220.0);
+    let (rw, h) = (420.0f32, plot_h + 110.0);
+    let width = lw + rw;
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h}" viewBox="0 0 {width} {h}" font-family="DejaVu Sans, Arial, sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/><text x="8" y="18" font-size="13" font-weight="bold">Does localization inform editing? {} cases, {} edits</text>"#,
+        a.cases_used, a.edits
+    );
+    // Left: R² bars.
+    let (x0, y0, bw) = (label_w, 60.0f32, lw - label_w - 40.0);
+    let _ = write!(
+        s,
+        r##"<text x="8" y="42" font-weight="bold">Rewrite score variance explained (R²)</text><rect x="{x0}" y="{y0}" width="{bw}" height="{plot_h}" fill="none" stroke="#999999"/>"##
+    );
+    for (i, c) in conds.iter().enumerate() {
+        let y = y0 + 4.0 + i as f32 * (bar_h + 6.0);
+        let layer = c.r2_layer.unwrap_or(0.0).clamp(0.0, 1.0) as f32;
+        let both = c.r2_both.unwrap_or(0.0).clamp(0.0, 1.0) as f32;
+        let added = (both - layer).max(0.0);
+        let _ = write!(
+            s,
+            r##"<text x="{}" y="{}" text-anchor="end">{} · {}</text><rect x="{x0}" y="{y}" width="{}" height="{bar_h}" fill="#6baed6"/><rect x="{}" y="{y}" width="{}" height="{bar_h}" fill="#fd8d3c"/><text x="{}" y="{}">{:.3} +{:.3}</text>"##,
+            x0 - 4.0,
+            y + 13.0,
+            c.method.name(),
+            esc(c.problem.name()),
+            bw * layer,
+            x0 + bw * layer,
+            bw * added,
+            x0 + 3.0,
+            y + 13.0,
+            layer,
+            c.added_by_trace.unwrap_or(0.0),
+        );
+    }
+    let ly = y0 + plot_h + 18.0;
+    let _ = write!(
+        s,
+        r##"<rect x="{x0}" y="{}" width="10" height="10" fill="#6baed6"/><text x="{}" y="{ly}">layer</text><rect x="{}" y="{}" width="10" height="10" fill="#fd8d3c"/><text x="{}" y="{ly}">+ tracing effect</text><text x="{x0}" y="{}">0</text><text x="{}" y="{}" text-anchor="end">1</text>"##,
+        ly - 9.0,
+        x0 + 14.0,
+        x0 + 60.0,
+        ly - 9.0,
+        x0 + 74.0,
+        ly + 16.0,
+        x0 + bw,
+        ly + 16.0,
+    );
+    // Right: per-layer means.
+    let (px0, py0, pw, ph) = (lw + 30.0, 60.0f32, rw - 60.0, plot_h);
+    let n_layer = a
+        .mean_tracing_effect
+        .len()
+        .max(
+            a.layers
+                .iter()
+                .flat_map(|m| m.layers.iter().map(|l| l + 1))
+                .max()
+                .unwrap_or(2),
+        )
+        .max(2);
+    let px = |l: f32| px0 + pw * l / (n_layer - 1) as f32;
+    let py = |v: f64| py0 + ph * (1.0 - v.clamp(0.0, 1.0) as f32);
+    let _ = write!(
+        s,
+        r##"<text x="{px0}" y="42" font-weight="bold">Mean rewrite score and tracing effect by layer</text><rect x="{px0}" y="{py0}" width="{pw}" height="{ph}" fill="none" stroke="#999999"/><text x="{}" y="{}" text-anchor="end">1</text><text x="{}" y="{}" text-anchor="end">0</text>"##,
+        px0 - 3.0,
+        py0 + 8.0,
+        px0 - 3.0,
+        py0 + ph
+    );
+    for l in (0..n_layer).step_by(5.max(n_layer / 6)) {
+        let _ = write!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="middle">{l}</text>"#,
+            px(l as f32),
+            py0 + ph + 13.0
+        );
+    }
+    let _ = write!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">layer</text>"#,
+        px0 + pw / 2.0,
+        py0 + ph + 27.0
+    );
+    let trace_pts: Vec<String> = a
+        .mean_tracing_effect
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.is_finite())
+        .map(|(l, v)| format!("{:.1},{:.1}", px(l as f32), py(*v)))
+        .collect();
+    let _ = write!(
+        s,
+        r##"<polyline fill="none" stroke="#000000" stroke-dasharray="4 3" stroke-width="1.5" points="{}"/><text x="{}" y="{}">tracing effect (MLP, window 5)</text>"##,
+        trace_pts.join(" "),
+        px0 + 6.0,
+        py0 + ph - 6.0
+    );
+    for (k, m) in a.layers.iter().enumerate() {
+        let c = colours[k % colours.len()];
+        let pts: Vec<(f32, f32)> = m
+            .layers
+            .iter()
+            .zip(&m.rewrite)
+            .filter(|(_, v)| v.is_finite())
+            .map(|(l, v)| (px(*l as f32), py(*v)))
+            .collect();
+        let line: Vec<String> = pts.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
+        let _ = write!(
+            s,
+            r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#,
+            line.join(" ")
+        );
+        for (x, y) in &pts {
+            let _ = write!(s, r#"<circle cx="{x:.1}" cy="{y:.1}" r="2.5" fill="{c}"/>"#);
+        }
+        let _ = write!(
+            s,
+            r#"<text x="{}" y="{}" fill="{c}">{} · {}</text>"#,
+            px0 + 6.0,
+            py0 + 12.0 + 12.0 * k as f32,
+            m.method.name(),
+            esc(m.problem.name())
+        );
+    }
+    s.push_str("</svg>");
+    s
+}

@@ -126,6 +126,18 @@ pub struct Generation {
 impl LoadedModel {
     /// Continues `prompt` by up to `max_new` tokens, stopping at the end-of-text token.
     pub fn generate(&self, prompt: &str, max_new: usize, sampling: Sampling) -> Result<Generation> {
+        self.generate_with(prompt, max_new, sampling, &mut NoHook)
+    }
+
+    /// `generate` with `prompt_hook` on the pass over the prompt (the continuation then sees
+    /// its changes through the cached keys and values).
+    pub fn generate_with(
+        &self,
+        prompt: &str,
+        max_new: usize,
+        sampling: Sampling,
+        prompt_hook: &mut dyn crate::hooks::Hook,
+    ) -> Result<Generation> {
         let ids = self.encode_prompt(prompt)?;
         let room = self.model.cfg.max_positions - ids.len();
         let max_new = max_new.min(room);
@@ -136,10 +148,15 @@ impl LoadedModel {
         let mut cache = KvCache::default();
         let mut input = self.model.ids_tensor(std::slice::from_ref(&ids))?;
         let mut new_ids = Vec::with_capacity(max_new);
-        for _ in 0..max_new {
+        for i in 0..max_new {
+            let hook: &mut dyn crate::hooks::Hook = if i == 0 {
+                &mut *prompt_hook
+            } else {
+                &mut NoHook
+            };
             let logits = self
                 .model
-                .run(&input, &mut NoHook, Some(&mut cache), LogitsAt::Last)?
+                .run(&input, hook, Some(&mut cache), LogitsAt::Last)?
                 .ok_or_else(|| LociError::input("forward pass stopped early"))?;
             let probs = candle_nn::ops::softmax_last_dim(&logits)?
                 .squeeze(0)?

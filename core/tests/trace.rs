@@ -57,6 +57,67 @@ fn fast_path_equals_naive_path_for_every_kind_and_family() {
 }
 
 #[test]
+fn full_answer_traces_explain_the_whole_answer_and_the_fast_path_equals_naive() {
+    for name in ["tiny-gpt2", "tiny-gptj", "tiny-llama"] {
+        let lm = tiny(name);
+        let mut req =
+            TraceRequest::new("The Eiffel Tower is located in the city of", "Eiffel Tower");
+        req.samples = 3;
+        req.window = 3;
+        req.noise = NoiseSpec::Fixed(0.8);
+        req.kinds = vec![TraceKind::Mlp, TraceKind::Hidden];
+        req.answer = Some("Paris, France".into());
+        req.full_answer = true;
+        let fast = lm.trace(&req, None, &mut Quiet, 2).unwrap();
+        let naive = lm.trace_naive(&req, None).unwrap();
+        let answer_ids = lm.tokenizer.encode_plain(" Paris, France").unwrap();
+        assert!(answer_ids.len() > 1, "{name}: the answer must span tokens");
+        assert_eq!(fast.answer.ids, answer_ids);
+        assert_eq!(fast.answer.token, " Paris, France");
+        // Rows are the prompt's tokens only, and the clean score is the whole answer's
+        // probability as the CounterFact scorer computes it.
+        let prompt_len = lm.encode_prompt(&req.prompt).unwrap().len();
+        assert_eq!(fast.tokens.len(), prompt_len);
+        let p = lm.target_prob(&req.prompt, "Paris, France").unwrap();
+        assert!(
+            (fast.high - p).abs() < 1e-5 * (1.0 + p),
+            "{name}: {} vs {p}",
+            fast.high
+        );
+        assert!((fast.high - naive.high).abs() < 1e-6);
+        assert!((fast.low - naive.low).abs() < 1e-5 * (1.0 + naive.low));
+        for kind in [TraceKind::Mlp, TraceKind::Hidden] {
+            let (f, n) = (&fast.scores[&kind], &naive.scores[&kind]);
+            assert_eq!(f.len(), prompt_len);
+            for (t, (fr, nr)) in f.iter().zip(n).enumerate() {
+                for (l, (a, b)) in fr.iter().zip(nr).enumerate() {
+                    assert!(
+                        (a - b).abs() < 2e-5 * (1.0 + b.abs()),
+                        "{name} {kind:?} t{t} l{l}: fast {a} naive {b}"
+                    );
+                }
+            }
+        }
+        // Restoring every layer's state at the last prompt token gives the clean run back at
+        // the first answer token only, not the whole answer: the full score differs from the
+        // first token's.
+        let mut first = req.clone();
+        first.full_answer = false;
+        let one = lm.trace(&first, None, &mut Quiet, 1).unwrap();
+        assert_eq!(one.answer.id, answer_ids[0]);
+        assert!(one.answer.ids.is_empty());
+        assert!(fast.high < one.high);
+    }
+    let lm = tiny("tiny-gpt2");
+    let mut req = TraceRequest::new("The Eiffel Tower is located in the city of", "Eiffel Tower");
+    req.full_answer = true;
+    assert!(
+        lm.trace(&req, None, &mut Quiet, 1).is_err(),
+        "no answer given"
+    );
+}
+
+#[test]
 fn bad_requests_are_refused() {
     let lm = tiny("tiny-gpt2");
     let ok = TraceRequest::new("The Eiffel Tower is located in", "Eiffel Tower");

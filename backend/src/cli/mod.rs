@@ -6,6 +6,7 @@ pub mod edit;
 mod eval;
 mod predict;
 mod render;
+mod study;
 pub mod trace;
 
 use std::path::{Path, PathBuf};
@@ -146,6 +147,9 @@ pub enum Command {
     Eval(Box<eval::EvalArgs>),
     /// Serve the web app and the JSON API.
     Serve(Box<crate::server::ServeArgs>),
+    /// Hase et al.'s study: edit at many layers and ask whether tracing predicts success.
+    #[command(subcommand)]
+    Study(study::StudyCmd),
     /// Benchmarks (JSON with --json).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -180,6 +184,7 @@ impl Command {
                 | Command::Stats(_)
                 | Command::Edit(_)
                 | Command::Eval(_)
+                | Command::Study(study::StudyCmd::Run(_))
                 | Command::Serve(_)
                 | Command::Bench(bench::BenchCmd::Trace { .. } | bench::BenchCmd::Edit(_))
         )
@@ -195,6 +200,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Edit(a) => edit::edit(*a),
         Command::Eval(a) => eval::eval(*a),
         Command::Serve(a) => crate::server::serve(*a),
+        Command::Study(s) => study::study(s),
         Command::Bench(b) => bench::run(b),
         Command::CheckDevice(a) => device::run(a),
     }

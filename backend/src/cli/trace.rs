@@ -36,6 +36,9 @@ pub struct TraceArgs {
     /// The traced answer token (default: the model's top-1).
     #[arg(long)]
     pub answer: Option<String>,
+    /// Trace the probability of the whole --answer, all its tokens (Hase et al.'s variant).
+    #[arg(long, requires = "answer")]
+    pub full_answer: bool,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Write JSON here (`-` or no value: standard output).
@@ -163,6 +166,7 @@ pub fn request(a: &TraceArgs, prompt: String, subject: String) -> Result<TraceRe
         window: a.window,
         noise: a.noise.parse::<NoiseSpec>()?,
         seed: a.seed,
+        full_answer: a.full_answer,
     })
 }
 

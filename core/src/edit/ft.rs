@@ -34,6 +34,19 @@ pub struct FtHparams {
     pub norm_constraint: Option<f64>,
     #[serde(default)]
     pub objective: FtObjective,
+    /// Lower: minimise p(target) itself (Hase et al.'s fact erasure), without early stop.
+    #[serde(default)]
+    pub direction: super::Direction,
+    /// Fact forcing: σ of noise on the subject's embeddings; each step trains on a batch of
+    /// `noise_samples` fresh draws.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_noise: Option<f64>,
+    #[serde(default = "default_noise_samples")]
+    pub noise_samples: usize,
+}
+
+fn default_noise_samples() -> usize {
+    10
 }
 
 /// Per-model defaults shipped with Loci (`core/hparams/ft/*.json`).
@@ -59,6 +72,9 @@ impl FtHparams {
             steps: 25,
             norm_constraint: eps,
             objective: FtObjective::LastToken,
+            direction: super::Direction::Raise,
+            subject_noise: None,
+            noise_samples: default_noise_samples(),
         }
     }
 }
@@ -234,6 +250,11 @@ impl LoadedModel {
         if hp.norm_constraint.is_some_and(|e| e.is_nan() || e < 0.0) {
             return Err(LociError::input("the norm constraint must be ≥ 0"));
         }
+        if hp.subject_noise.is_some_and(|s| !s.is_finite() || s <= 0.0) || hp.noise_samples == 0 {
+            return Err(LociError::input(
+                "subject noise needs a positive σ and at least one sample",
+            ));
+        }
         let target = self.tokenizer.encode_plain(&spaced(&req.target_new.str))?;
         if target.is_empty() {
             return Err(LociError::input(format!(
@@ -262,7 +283,16 @@ impl LoadedModel {
                 m.cfg.max_positions
             )));
         }
-        let input = m.ids_tensor(&[ids])?;
+        let rows = if hp.subject_noise.is_some() {
+            hp.noise_samples
+        } else {
+            1
+        };
+        let subject = match hp.subject_noise {
+            Some(_) => super::rome::subject_span(self, &req.prompt, &req.subject)?,
+            None => (0, 0),
+        };
+        let input = m.ids_tensor(&vec![ids; rows])?;
         let pos = Tensor::new(
             positions
                 .iter()
@@ -271,7 +301,9 @@ impl LoadedModel {
                 .as_slice(),
             &m.device,
         )?;
-        let labels = Tensor::new(target.as_slice(), &m.device)?.unsqueeze(1)?;
+        let labels = Tensor::new(target.as_slice(), &m.device)?
+            .reshape((1, target.len(), 1))?
+            .repeat((rows, 1, 1))?;
 
         let mut trained = vec![];
         for &l in &hp.layers {
@@ -305,9 +337,10 @@ impl LoadedModel {
             },
         )?;
         let dtype = m.dtype;
+        let (m_d, device) = (m.cfg.d_model, m.device.clone());
         let mut losses = vec![];
         let result = (|| -> Result<()> {
-            for _ in 0..hp.steps {
+            for step in 0..hp.steps {
                 // The model computes with the trainable copies (cast to its dtype: the cast is
                 // differentiable, so gradients reach the f32 values).
                 for t in &trained {
@@ -318,16 +351,34 @@ impl LoadedModel {
                     };
                     self.model.set_down_proj(t.layer, Linear::new(w, b))?;
                 }
+                // Fresh noise every step, as the reference draws it.
+                let mut noise = match hp.subject_noise {
+                    Some(sigma) => crate::trace::noise::subject_noise(
+                        &(0..rows)
+                            .map(|r| (r, subject.0, subject.1))
+                            .collect::<Vec<_>>(),
+                        sigma,
+                        m_d,
+                        &device,
+                        step as u64 + 1,
+                    )?,
+                    None => crate::hooks::Patch::empty(crate::hooks::Site::Embed),
+                };
                 let logits = self
                     .model
-                    .run(&input, &mut crate::hooks::NoHook, None, LogitsAt::All)?
-                    .ok_or_else(|| LociError::input("forward pass stopped early"))?
-                    .squeeze(0)?;
-                let logp = candle_nn::ops::log_softmax(&logits.index_select(&pos, 0)?, D::Minus1)?;
-                let picked = logp.gather(&labels, 1)?.neg()?;
-                let loss = match hp.objective {
-                    FtObjective::LastToken => picked.mean_all()?,
-                    FtObjective::Sequence => picked.sum_all()?,
+                    .run(&input, &mut noise, None, LogitsAt::All)?
+                    .ok_or_else(|| LociError::input("forward pass stopped early"))?;
+                let logp = candle_nn::ops::log_softmax(&logits.index_select(&pos, 1)?, D::Minus1)?;
+                // Per row: the objective's NLL; the loss averages rows.
+                let picked = logp.gather(&labels, 2)?.neg()?.squeeze(2)?;
+                let nll = match hp.objective {
+                    FtObjective::LastToken => picked.mean(1)?,
+                    FtObjective::Sequence => picked.sum(1)?,
+                };
+                let loss = if hp.direction.is_raise() {
+                    nll.mean_all()?
+                } else {
+                    nll.neg()?.exp()?.mean_all()?
                 };
                 let value = loss.to_scalar::<f32>()?;
                 if !value.is_finite() {
@@ -336,7 +387,7 @@ impl LoadedModel {
                     )));
                 }
                 losses.push(value);
-                if value < 1e-2 {
+                if hp.direction.is_raise() && value < 1e-2 {
                     break;
                 }
                 opt.step(&loss.backward()?)?;

@@ -20,3 +20,21 @@ pub use report::{
 };
 pub use rome::{KeyMode, RewriteRequest, RomeEdit, RomeHparams, TargetStr};
 pub use stats::{KeyStats, StatsAccumulator, StatsProvenance};
+
+use serde::{Deserialize, Serialize};
+
+/// Which way an edit pushes the target's probability: up (the usual edit) or down (Hase et
+/// al.'s fact erasure, which minimises p(target) itself and never stops early).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    #[default]
+    Raise,
+    Lower,
+}
+
+impl Direction {
+    pub fn is_raise(&self) -> bool {
+        *self == Direction::Raise
+    }
+}

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::delta::{AppliedEdit, LayerDelta, WeightChange};
 use super::stats::KeyStats;
 use crate::error::{LociError, Result};
-use crate::hooks::{Capture, FnHook, Site};
+use crate::hooks::{Capture, Chain, FnHook, Site};
 use crate::loader::LoadedModel;
 use crate::model::layers::LayerCache;
 use crate::model::{KvCache, LogitsAt};
@@ -100,6 +100,12 @@ pub struct RomeHparams {
     pub context_templates: Vec<(usize, usize)>,
     pub key_mode: KeyMode,
     pub seed: u64,
+    #[serde(default)]
+    pub direction: super::Direction,
+    /// σ of Gaussian noise on the subject's embeddings while v* is optimised (Hase et al.'s
+    /// fact forcing): the edit must hold when the subject is unreadable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_noise: Option<f64>,
 }
 
 /// Per-model defaults shipped with Loci (`core/hparams/rome/*.json`).
@@ -153,6 +159,8 @@ impl RomeHparams {
             context_templates: vec![(4, 10), (9, 10)],
             key_mode: KeyMode::Rrome,
             seed: 1,
+            direction: super::Direction::Raise,
+            subject_noise: None,
         }
     }
 }
@@ -167,6 +175,9 @@ pub(crate) struct ValueSpec {
     pub weight_decay: f64,
     pub clamp_norm_factor: f64,
     pub kl_factor: f64,
+    pub direction: super::Direction,
+    /// (σ, seed) of the noise on the rewrite rows' subject embeddings.
+    pub subject_noise: Option<(f64, u64)>,
 }
 
 impl RomeHparams {
@@ -178,6 +189,8 @@ impl RomeHparams {
             weight_decay: self.v_weight_decay,
             clamp_norm_factor: self.clamp_norm_factor,
             kl_factor: self.kl_factor,
+            direction: self.direction,
+            subject_noise: self.subject_noise.map(|s| (s, self.seed)),
         }
     }
 }
@@ -290,8 +303,12 @@ struct ValueGroup {
 /// What one group's forward pass gives: its part of the loss (a graph to differentiate) and
 /// the read-outs the optimisation keeps from the first step.
 struct GroupOut {
-    loss: Tensor,
-    value: f32,
+    /// The group's share of the mean NLL (a graph).
+    nll: Tensor,
+    nll_value: f32,
+    /// The KL term, scaled, when the group holds the KL row (a graph).
+    kl: Option<Tensor>,
+    kl_value: f32,
     /// The optimised site's activation at row 0's subject-last token, before δ.
     value_at_row0: Option<Tensor>,
     kl_logp: Option<Tensor>,
@@ -336,23 +353,28 @@ impl ValueStep<'_> {
         }
         let logp =
             candle_nn::ops::log_softmax(&m.final_logits(&gather(&x, &g.cells)?)?, D::Minus1)?;
-        let mut loss = (logp
+        let nll = (logp
             .narrow(0, 0, g.n_labels)?
             .gather(&g.labels, 1)?
             .neg()?
             .sum_all()?
             / self.n_labels_total as f64)?;
         let mut kl_logp = None;
+        let mut kl = None;
         if g.kl {
             let cur = logp.narrow(0, g.n_labels, 1)?;
             let init = self.kl_init.cloned().unwrap_or_else(|| cur.detach());
-            let kl = ((cur.exp()? * (&cur - &init)?)?.sum_all()? * self.kl_factor)?;
-            loss = (loss + kl)?;
+            kl = Some(((cur.exp()? * (&cur - &init)?)?.sum_all()? * self.kl_factor)?);
             kl_logp = Some(cur.detach());
         }
         Ok(GroupOut {
-            value: loss.to_scalar::<f32>()?,
-            loss,
+            nll_value: nll.to_scalar::<f32>()?,
+            nll,
+            kl_value: match &kl {
+                Some(k) => k.to_scalar::<f32>()?,
+                None => 0.0,
+            },
+            kl,
             value_at_row0,
             kl_logp,
         })
@@ -368,6 +390,11 @@ fn value_groups(rows: usize) -> usize {
 /// Index of the subject's last token in `template` (holding `{}` for the subject), by tokenizing
 /// the prefix, the subject and the suffix separately (spec §4.2).
 pub fn subject_last_index(lm: &LoadedModel, template: &str, subject: &str) -> Result<usize> {
+    Ok(subject_span(lm, template, subject)?.1 - 1)
+}
+
+/// The subject's tokens `[first, end)` in `template`, located as `subject_last_index` does.
+pub fn subject_span(lm: &LoadedModel, template: &str, subject: &str) -> Result<(usize, usize)> {
     let (prefix, _) = template
         .split_once("{}")
         .ok_or_else(|| LociError::input(format!("template {template:?} has no {{}}")))?;
@@ -391,7 +418,7 @@ pub fn subject_last_index(lm: &LoadedModel, template: &str, subject: &str) -> Re
     if w == 0 {
         return Err(LociError::input("the subject tokenizes to nothing"));
     }
-    Ok(n_special + p + w - 1)
+    Ok((n_special + p, n_special + p + w))
 }
 
 /// ROME's context templates: short samples from the model itself (top-5, seeded), each
@@ -464,26 +491,40 @@ fn gather(x: &Tensor, cells: &[(usize, usize)]) -> Result<Tensor> {
     Ok(x.reshape(((), w))?.index_select(&idx, 0)?)
 }
 
+/// `(row, first, end)` of each row's span.
+fn rows_spans(spans: &[(usize, usize)]) -> Vec<(usize, usize, usize)> {
+    spans
+        .iter()
+        .enumerate()
+        .map(|(i, &(a, b))| (i, a, b))
+        .collect()
+}
+
 struct Texts {
     ids: Vec<Vec<u32>>,
+    /// Each row's subject-last token.
     lookup: Vec<usize>,
+    /// Each row's subject tokens `[first, end)`.
+    spans: Vec<(usize, usize)>,
 }
 
 fn texts(lm: &LoadedModel, templates: &[String], subject: &str) -> Result<Texts> {
     let mut ids = Vec::new();
     let mut lookup = Vec::new();
+    let mut spans = Vec::new();
     for t in templates {
-        let i = subject_last_index(lm, t, subject)?;
+        let span = subject_span(lm, t, subject)?;
         let row = lm.tokenizer.encode(&t.replacen("{}", subject, 1))?;
-        if i >= row.len() {
+        if span.1 > row.len() {
             return Err(LociError::input(format!(
                 "cannot place the subject in {t:?}"
             )));
         }
         ids.push(row);
-        lookup.push(i);
+        lookup.push(span.1 - 1);
+        spans.push(span);
     }
-    Ok(Texts { ids, lookup })
+    Ok(Texts { ids, lookup, spans })
 }
 
 impl LoadedModel {
@@ -703,7 +744,24 @@ impl LoadedModel {
         };
         let mut cap = Capture::new([entry]);
         let mut kv = KvCache::default();
-        m.run(&ids, &mut cap, Some(&mut kv), LogitsAt::Last)?;
+        // Noise on the subject changes this pass only: the positions after the subject-last
+        // token see it through the keys and values and the residual entering layer l.
+        let mut noise = match spec.subject_noise {
+            Some((sigma, seed)) => crate::trace::noise::subject_noise(
+                &rows_spans(&tx.spans[..n_rewrite]),
+                sigma,
+                d,
+                &m.device,
+                seed,
+            )?,
+            None => crate::hooks::Patch::empty(Site::Embed),
+        };
+        m.run(
+            &ids,
+            &mut Chain(vec![&mut noise, &mut cap]),
+            Some(&mut kv),
+            LogitsAt::Last,
+        )?;
         let mut resid = cap.get(entry)?.clone();
         if let (0, Some(wpe)) = (l, &m.wpe) {
             resid = resid.broadcast_add(&wpe.narrow(0, 0, t)?)?;
@@ -827,9 +885,17 @@ impl LoadedModel {
             let outs = crate::threads::map(&groups, |g| step.forward(g))
                 .into_iter()
                 .collect::<Result<Vec<_>>>()?;
-            let mut lv = 0f32;
+            let nll: f32 = outs.iter().map(|o| o.nll_value).sum();
+            // Raising: the NLL itself; lowering: p = exp(−NLL), whose gradient is the NLL's
+            // times −p (a constant of this step), so each group's graph only gets a factor.
+            let (mut lv, nll_factor) = if spec.direction.is_raise() {
+                (nll, 1.0)
+            } else {
+                let p = (-nll).exp();
+                (p, -(p as f64))
+            };
             for o in &outs {
-                lv += o.value;
+                lv += o.kl_value;
                 if let Some(x) = &o.value_at_row0 {
                     target_init.get_or_insert_with(|| x.clone());
                 }
@@ -854,11 +920,15 @@ impl LoadedModel {
                 )));
             }
             losses.push(lv);
-            if lv < 0.05 || it + 1 == spec.steps {
+            if (spec.direction.is_raise() && lv < 0.05) || it + 1 == spec.steps {
                 break;
             }
             let parts = crate::threads::map(&outs, |o| -> Result<Option<Tensor>> {
-                Ok(o.loss.backward()?.get(delta.as_tensor()).cloned())
+                let mut loss = (&o.nll * nll_factor)?;
+                if let Some(kl) = &o.kl {
+                    loss = (loss + kl)?;
+                }
+                Ok(loss.backward()?.get(delta.as_tensor()).cloned())
             })
             .into_iter()
             .collect::<Result<Vec<_>>>()?;

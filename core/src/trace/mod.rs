@@ -7,6 +7,10 @@
 //! values before t, so only positions t.. of the layers above are recomputed; cells of one token
 //! are batched together, joining the batch at their first changed layer; logits are computed at
 //! the last position only; tokens before the subject are never recomputed (they equal `low`).
+//!
+//! With `full_answer` (Hase et al.'s variant, spec §8.2) the explained quantity is the
+//! probability of the whole answer, teacher-forced after the prompt; only the prompt's tokens
+//! are restored, and logits are computed at the answer's positions only.
 
 pub mod effect;
 pub mod noise;
@@ -101,6 +105,10 @@ pub struct TraceRequest {
     pub noise: NoiseSpec,
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Explain p(the whole answer) = Π p(y_j | prompt, y_<j) instead of its first token's
+    /// probability (needs `answer`).
+    #[serde(default)]
+    pub full_answer: bool,
 }
 
 impl TraceRequest {
@@ -114,14 +122,20 @@ impl TraceRequest {
             window: default_window(),
             noise: NoiseSpec::default(),
             seed: default_seed(),
+            full_answer: false,
         }
     }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct AnswerToken {
+    /// The (first) answer token.
     pub id: u32,
+    /// Its text; with `full_answer`, the whole answer's.
     pub token: String,
+    /// With `full_answer`, every token of the answer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<u32>,
 }
 
 /// How much computation a trace did, in token-layers (one token through one block, per row).
@@ -227,9 +241,12 @@ impl TraceObserver for Quiet {}
 
 /// Everything the cells of one trace share: the clean states and the corrupted run.
 struct Prepared {
+    /// The prompt, then (with `full_answer`) all answer tokens but the last.
     ids: Vec<u32>,
+    prompt_len: usize,
     range: (usize, usize),
-    answer: u32,
+    /// The explained tokens: read out at the last `answer.len()` positions.
+    answer: Vec<u32>,
     high: f32,
     low: f32,
     noise: Tensor,
@@ -255,6 +272,9 @@ fn validate(lm: &LoadedModel, req: &TraceRequest) -> Result<()> {
     }
     if req.samples > 64 {
         return Err(LociError::input("at most 64 samples"));
+    }
+    if req.full_answer && req.answer.is_none() {
+        return Err(LociError::input("a full-answer trace needs the answer"));
     }
     let _ = lm;
     Ok(())
@@ -292,38 +312,54 @@ fn noise_hook(noise: &Tensor, range: (usize, usize), first_row: usize) -> impl H
 fn prepare(lm: &LoadedModel, req: &TraceRequest, embedding_std: Option<f64>) -> Result<Prepared> {
     validate(lm, req)?;
     let m = &lm.model;
-    let ids = lm.encode_prompt(&req.prompt)?;
+    let mut ids = lm.encode_prompt(&req.prompt)?;
+    let prompt_len = ids.len();
     let range = subject_range(&lm.tokenizer, &ids, &req.subject)?;
     let (n, d) = (m.n_layer(), m.cfg.d_model);
     let scale = req.noise.scale(embedding_std)?;
+    let answer_ids = match &req.answer {
+        None => None,
+        Some(a) => {
+            let ids = lm.tokenizer.encode_plain(&crate::edit::rome::spaced(a))?;
+            if ids.is_empty() {
+                return Err(LociError::input(format!(
+                    "the answer {a:?} tokenizes to nothing"
+                )));
+            }
+            Some(ids)
+        }
+    };
+    if req.full_answer {
+        let a = answer_ids.as_ref().expect("validated");
+        ids.extend(&a[..a.len() - 1]);
+        if ids.len() > m.cfg.max_positions {
+            return Err(LociError::input(
+                "prompt and answer exceed the model's context",
+            ));
+        }
+    }
 
     let all_sites: Vec<Site> = (0..n)
         .flat_map(|l| [Site::Block(l), Site::Mlp(l), Site::Attn(l)])
         .collect();
     let mut clean = Capture::new(all_sites);
     let clean_ids = m.ids_tensor(std::slice::from_ref(&ids))?;
-    let clean_logits = m
-        .run(&clean_ids, &mut clean, None, LogitsAt::Last)?
-        .ok_or_else(|| LociError::input("forward pass stopped early"))?;
-    let clean_probs = candle_nn::ops::softmax_last_dim(&clean_logits)?
-        .squeeze(0)?
-        .to_vec1::<f32>()?;
-    crate::predict::check_finite(&clean_probs)?;
-    let answer = match &req.answer {
-        None => crate::predict::top_k(&clean_probs, 1)[0].0,
-        Some(a) => {
-            let a = if a.starts_with(' ') {
-                a.clone()
-            } else {
-                format!(" {a}")
-            };
-            *lm.tokenizer
-                .encode_plain(&a)?
-                .first()
-                .ok_or_else(|| LociError::input(format!("the answer {a:?} tokenizes to nothing")))?
-        }
+    let answer: Vec<u32> = match (&answer_ids, req.full_answer) {
+        (Some(a), true) => a.clone(),
+        (Some(a), false) => vec![a[0]],
+        (None, _) => vec![],
     };
-    let high = clean_probs[answer as usize];
+    let reads = answer.len().max(1);
+    let clean_logits = readout_logits(m, &clean_ids, &mut clean, None, reads)?;
+    let first = clean_logits.i((0, reads - 1))?;
+    crate::predict::check_finite(&first.to_vec1::<f32>()?)?;
+    let answer = if answer.is_empty() {
+        let probs = candle_nn::ops::softmax_last_dim(&first)?.to_vec1::<f32>()?;
+        vec![crate::predict::top_k(&probs, 1)[0].0]
+    } else {
+        answer
+    };
+    let high = answer_prob(&clean_logits, &answer, 1)?[0];
 
     let noise = Tensor::from_vec(
         req.noise
@@ -339,15 +375,9 @@ fn prepare(lm: &LoadedModel, req: &TraceRequest, embedding_std: Option<f64>) -> 
     let low_logits = {
         let mut nh = noise_hook(&noise, range, 0);
         let mut chain = Chain(vec![&mut nh, &mut embed_cap, &mut corrupt]);
-        m.run(
-            &m.ids_tensor(&rows)?,
-            &mut chain,
-            Some(&mut kv),
-            LogitsAt::Last,
-        )?
-        .ok_or_else(|| LociError::input("forward pass stopped early"))?
+        readout_logits(m, &m.ids_tensor(&rows)?, &mut chain, Some(&mut kv), reads)?
     };
-    let low = answer_prob(&low_logits, answer, 1)?[0];
+    let low = answer_prob(&low_logits, &answer, 1)?[0];
     let mut resid_in = Vec::with_capacity(n + 1);
     let emb = embed_cap.get(Site::Embed)?.clone();
     resid_in.push(match &m.wpe {
@@ -359,6 +389,7 @@ fn prepare(lm: &LoadedModel, req: &TraceRequest, embedding_std: Option<f64>) -> 
     }
     Ok(Prepared {
         ids,
+        prompt_len,
         range,
         answer,
         high,
@@ -372,9 +403,44 @@ fn prepare(lm: &LoadedModel, req: &TraceRequest, embedding_std: Option<f64>) -> 
     })
 }
 
-/// Mean over consecutive groups of `group` rows of p(answer), from `[rows, vocab]` logits.
-fn answer_prob(logits: &Tensor, answer: u32, groups: usize) -> Result<Vec<f32>> {
-    let p = candle_nn::ops::softmax_last_dim(logits)?.i((.., answer as usize))?;
+/// f32 logits `[rows, reads, vocab]` at the last `reads` positions of `ids`.
+fn readout_logits(
+    m: &crate::model::Model,
+    ids: &Tensor,
+    hook: &mut dyn Hook,
+    kv: Option<&mut KvCache>,
+    reads: usize,
+) -> Result<Tensor> {
+    let at = if reads == 1 {
+        LogitsAt::Last
+    } else {
+        LogitsAt::All
+    };
+    let logits = m
+        .run(ids, hook, kv, at)?
+        .ok_or_else(|| LociError::input("forward pass stopped early"))?;
+    Ok(if reads == 1 {
+        logits.unsqueeze(1)?
+    } else {
+        let t = logits.dim(1)?;
+        logits.narrow(1, t - reads, reads)?
+    })
+}
+
+/// Mean over consecutive groups of rows of p(answer), from `[rows, reads, vocab]` logits whose
+/// position j predicts `answer[j]`: the answer token's probability, or with several the whole
+/// sequence's, Π_j p(answer[j]) (probabilities are averaged over a group, not log-probabilities).
+fn answer_prob(logits: &Tensor, answer: &[u32], groups: usize) -> Result<Vec<f32>> {
+    let p = if let [id] = answer {
+        candle_nn::ops::softmax_last_dim(&logits.squeeze(1)?)?.i((.., *id as usize))?
+    } else {
+        let logp = candle_nn::ops::log_softmax(logits, candle_core::D::Minus1)?;
+        let rows = logp.dim(0)?;
+        let idx = Tensor::new(answer, logp.device())?
+            .reshape((1, answer.len(), 1))?
+            .repeat((rows, 1, 1))?;
+        logp.gather(&idx, 2)?.sum((1, 2))?.exp()?
+    };
     let rows = p.dim(0)?;
     Ok(p.reshape((groups, rows / groups))?
         .mean(1)?
@@ -415,6 +481,8 @@ fn trace_token(
 ) -> Result<Vec<f32>> {
     let m = &lm.model;
     let (n, big_t) = (m.n_layer(), p.ids.len());
+    // Positions read out: the last `reads` (t < prompt_len keeps them inside the suffix).
+    let reads = p.answer.len();
     if t < p.range.0 {
         // Before the subject the corrupted run equals the clean one: nothing to restore.
         return Ok(vec![p.low; n]);
@@ -513,10 +581,10 @@ fn trace_token(
             cache.v = prefix(&p.kv.layers[j].v)?;
         }
         let block = &m.blocks[j];
-        if j == n - 1 && suffix > 1 {
-            // The last layer matters only at the last position; the others just lend it their
-            // keys and values (a restoration at t < last changes neither).
-            let head = cur.narrow(1, 0, suffix - 1)?;
+        if j == n - 1 && suffix > reads {
+            // The last layer matters only at the read-out positions; the others just lend them
+            // their keys and values (a restoration at t before them changes neither).
+            let head = cur.narrow(1, 0, suffix - reads)?;
             let (k, v) = block.attn.keys_values(&block.ln1.forward(&head)?, t)?;
             let join = |prev: Option<Tensor>, new: Tensor| -> Result<Option<Tensor>> {
                 Ok(Some(match prev {
@@ -526,13 +594,13 @@ fn trace_token(
             };
             cache.k = join(cache.k.take(), k)?;
             cache.v = join(cache.v.take(), v)?;
-            *work += rows as f64 * (1.0 + (suffix - 1) as f64 * kv_only);
-            let last = cur.narrow(1, suffix - 1, 1)?;
+            *work += rows as f64 * (reads as f64 + (suffix - reads) as f64 * kv_only);
+            let last = cur.narrow(1, suffix - reads, reads)?;
             let out = block
                 .forward(
                     j,
                     &last,
-                    big_t - 1,
+                    big_t - reads,
                     Some(&mut cache),
                     &mut crate::hooks::NoHook,
                 )?
@@ -579,16 +647,16 @@ fn trace_token(
             .ok_or_else(|| LociError::input("forward pass stopped early"))?;
         x = Some(out);
     }
-    // Last positions of every cell; cells entering after the last layer change it directly.
-    let last_of = |y: &Tensor| -> Result<Tensor> { Ok(y.narrow(1, y.dim(1)? - 1, 1)?) };
+    // Read-out positions of every cell; cells entering after the last layer change them directly.
+    let last_of = |y: &Tensor| -> Result<Tensor> { Ok(y.narrow(1, y.dim(1)? - reads, reads)?) };
     let mut finals: Vec<Tensor> = x.iter().map(last_of).collect::<Result<_>>()?;
     while next < cells.len() {
         finals.push(last_of(&entry(&cells[next])?)?);
         order.push(next);
         next += 1;
     }
-    let last = Tensor::cat(&finals, 0)?.squeeze(1)?;
-    let probs = answer_prob(&m.final_logits(&last)?, p.answer, order.len())?;
+    let last = Tensor::cat(&finals, 0)?;
+    let probs = answer_prob(&m.final_logits(&last)?, &p.answer, order.len())?;
     let mut scores = vec![0f32; n];
     for (slot, &ci) in order.iter().enumerate() {
         scores[cells[ci].layer] = probs[slot];
@@ -679,7 +747,7 @@ pub struct TracePlan {
 impl TracePlan {
     /// Every row of the trace, `(kind, token)`, in the order `trace` hands them out.
     pub fn rows(&self) -> Vec<(TraceKind, usize)> {
-        let big_t = self.p.ids.len();
+        let big_t = self.p.prompt_len;
         self.req
             .kinds
             .iter()
@@ -701,7 +769,7 @@ impl LoadedModel {
 
     /// One row of a planned trace: the answer's probability per restored layer at `token`.
     pub fn trace_row(&self, plan: &TracePlan, kind: TraceKind, token: usize) -> Result<Vec<f32>> {
-        if token >= plan.p.ids.len() || !plan.req.kinds.contains(&kind) {
+        if token >= plan.p.prompt_len || !plan.req.kinds.contains(&kind) {
             return Err(LociError::input(format!(
                 "the trace has no {} row at token {token}",
                 kind.name()
@@ -728,7 +796,7 @@ impl LoadedModel {
         let items = plan.rows();
         let TracePlan { p, req, header } = plan;
         let req = &req;
-        let (n, big_t) = (self.model.n_layer(), p.ids.len());
+        let (n, big_t) = (self.model.n_layer(), p.prompt_len);
         let mut grids: BTreeMap<TraceKind, Vec<Vec<f32>>> = req
             .kinds
             .iter()
@@ -753,7 +821,7 @@ impl LoadedModel {
             grids,
             TraceWork {
                 // The clean run and the corrupted run, then the cells.
-                token_layers: ((req.samples + 1) * big_t * n) as u64 + work.round() as u64,
+                token_layers: ((req.samples + 1) * p.ids.len() * n) as u64 + work.round() as u64,
                 naive_token_layers: naive_work(req, big_t, n),
             },
             started,
@@ -768,7 +836,7 @@ impl LoadedModel {
         let started = crate::clock::now_seconds();
         let p = prepare(self, req, embedding_std)?;
         let m = &self.model;
-        let (n, big_t) = (m.n_layer(), p.ids.len());
+        let (n, big_t) = (m.n_layer(), p.prompt_len);
         let rows = m.ids_tensor(&vec![p.ids.clone(); req.samples + 1])?;
         let mut scores = BTreeMap::new();
         for &kind in &req.kinds {
@@ -794,10 +862,8 @@ impl LoadedModel {
                     });
                     let mut nh = noise_hook(&p.noise, p.range, 1);
                     let mut chain = Chain(vec![&mut nh, &mut restore]);
-                    let logits = m
-                        .run(&rows, &mut chain, None, LogitsAt::Last)?
-                        .ok_or_else(|| LociError::input("forward pass stopped early"))?;
-                    *cell = answer_prob(&logits.narrow(0, 1, req.samples)?, p.answer, 1)?[0];
+                    let logits = readout_logits(m, &rows, &mut chain, None, p.answer.len())?;
+                    *cell = answer_prob(&logits.narrow(0, 1, req.samples)?, &p.answer, 1)?[0];
                 }
             }
             scores.insert(kind, grid);
@@ -824,18 +890,23 @@ fn naive_work(req: &TraceRequest, big_t: usize, n: usize) -> u64 {
 /// What a UI needs before any row, from the clean and corrupted runs.
 fn header(lm: &LoadedModel, req: &TraceRequest, p: &Prepared) -> Result<TraceHeader> {
     Ok(TraceHeader {
-        tokens: lm.tokenizer.token_strings(&p.ids)?,
+        tokens: lm.tokenizer.token_strings(&p.ids[..p.prompt_len])?,
         subject_range: [p.range.0, p.range.1],
         answer: AnswerToken {
-            id: p.answer,
-            token: lm.tokenizer.decode(&[p.answer])?,
+            id: p.answer[0],
+            token: lm.tokenizer.decode(&p.answer)?,
+            ids: if req.full_answer {
+                p.answer.clone()
+            } else {
+                vec![]
+            },
         },
         high: p.high,
         low: p.low,
         noise: p.scale,
         n_layer: lm.model.n_layer(),
         kinds: req.kinds.clone(),
-        total_rows: req.kinds.len() * p.ids.len(),
+        total_rows: req.kinds.len() * p.prompt_len,
     })
 }
 

@@ -4,6 +4,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LociError, Result};
+use crate::hooks::{Patch, Site};
 use crate::loader::LoadedModel;
 use crate::rng::SplitMix64;
 
@@ -79,6 +80,33 @@ impl NoiseSpec {
                 .collect(),
         }
     }
+}
+
+/// Gaussian noise of std `sigma` added to the token embeddings of `spans` (`(row, first, end)`:
+/// positions `[first, end)` of a batch row), drawn from a generator seeded with `seed` — the
+/// corruption of Hase et al.'s fact forcing and tracing reversal, as a hook.
+pub fn subject_noise(
+    spans: &[(usize, usize, usize)],
+    sigma: f64,
+    d: usize,
+    device: &candle_core::Device,
+    seed: u64,
+) -> Result<Patch> {
+    let mut rng = SplitMix64::new(seed);
+    let mut cells = Vec::new();
+    for &(row, first, end) in spans {
+        for pos in first..end {
+            let v: Vec<f32> = (0..d)
+                .map(|_| (sigma * rng.next_gaussian()) as f32)
+                .collect();
+            cells.push((row, pos, Tensor::from_vec(v, d, device)?));
+        }
+    }
+    Ok(Patch {
+        site: Site::Embed,
+        cells,
+        add: true,
+    })
 }
 
 /// The standard deviation (unbiased) of all elements of the token embeddings of `subjects`, each

@@ -1,0 +1,385 @@
+//! `loci study`: Hase et al.'s layer sweep on CounterFact (`run`, resumable JSONL) and its
+//! regressions and charts (`analyze`).
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use loci_core::edit::KeyStats;
+use loci_core::eval::parse_cases;
+use loci_core::study::{
+    analyze, default_layers, EditProblem, StudyAnalysis, StudyConfig, StudyLine, StudyMethod,
+};
+use loci_core::trace::NoiseSpec;
+use loci_core::LoadedModel;
+
+use super::edit::{ft_hparams, hparams, memit_hparams, FtArgs, StatsSource};
+use super::render::save_plot;
+use super::{print_json, ModelArgs};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum StudyCmd {
+    /// Trace and edit CounterFact cases at many layers; one JSON line per case and per edit.
+    Run(Box<StudyRunArgs>),
+    /// Regressions and charts from the JSONL of one or more runs.
+    Analyze(StudyAnalyzeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StudyRunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// CounterFact cases (ROME's format: paraphrase and neighbourhood prompts are scored).
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// Study the first N cases of the dataset.
+    #[arg(long)]
+    pub n: Option<usize>,
+    /// Results (JSONL). Cases already in it are skipped, so an interrupted run continues.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Editing methods: rome, memit, ft-1, ft-5 (comma-separated, or all).
+    #[arg(long, default_value = "rome")]
+    pub methods: String,
+    /// Problems: error_injection, tracing_reversal, fact_erasure, fact_amplification,
+    /// fact_forcing (comma-separated, or all).
+    #[arg(long, default_value = "error_injection")]
+    pub problems: String,
+    /// Central layers (default: every fourth, ROME's layer and the last).
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Vec<usize>,
+    /// Subject noise for tracing, tracing reversal and fact forcing: `3x` (3 × the subject
+    /// embeddings' std, as the paper's 0.094 is for GPT-J) or a fixed σ.
+    #[arg(long, default_value = "3x")]
+    pub noise: String,
+    /// Noise samples of the trace.
+    #[arg(long, default_value_t = 10)]
+    pub samples: usize,
+    /// Leave out cases whose true object is less likely than this.
+    #[arg(long, default_value_t = 0.02)]
+    pub min_prob: f32,
+    /// Keep cases the model gets wrong too (by default only those whose greedy continuation
+    /// contains the true object are studied, as in the paper's analysis).
+    #[arg(long)]
+    pub all_cases: bool,
+    /// Skip the essence-drift score (5 generated texts per case, rescored after every edit).
+    #[arg(long)]
+    pub no_essence: bool,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// ROME / MEMIT: v* optimisation steps (default: the model's settings).
+    #[arg(long)]
+    pub v_steps: Option<usize>,
+    #[command(flatten)]
+    pub ft: FtArgs,
+    #[command(flatten)]
+    pub stats: StatsSource,
+    /// When done, write the analysis chart here (.svg or .png).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// When done, print the analysis as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StudyAnalyzeArgs {
+    /// JSONL files written by `loci study run`.
+    #[arg(required = true)]
+    pub results: Vec<PathBuf>,
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn study(cmd: StudyCmd) -> Result<()> {
+    match cmd {
+        StudyCmd::Run(a) => run(*a),
+        StudyCmd::Analyze(a) => {
+            let lines = read_lines(&a.results)?;
+            report(&analyze(&lines), a.plot.as_deref(), a.json)
+        }
+    }
+}
+
+/// A comma-separated list of names, or `all`.
+fn list<T>(s: &str, all: &[T]) -> Result<Vec<T>>
+where
+    T: Clone + std::str::FromStr<Err = loci_core::LociError>,
+{
+    if s.trim() == "all" {
+        return Ok(all.to_vec());
+    }
+    Ok(s.split(',')
+        .map(|x| x.parse())
+        .collect::<Result<Vec<T>, _>>()?)
+}
+
+/// Every line of the given result files.
+fn read_lines(paths: &[PathBuf]) -> Result<Vec<StudyLine>> {
+    let mut out = vec![];
+    for p in paths {
+        let f = std::fs::File::open(p).with_context(|| format!("reading {}", p.display()))?;
+        for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            out.push(
+                serde_json::from_str(&line).with_context(|| {
+                    format!("{} line {}: not a study record", p.display(), i + 1)
+                })?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Key statistics, loaded once per layer and kept while they fit a memory budget.
+struct StatsCache<'a> {
+    src: &'a StatsSource,
+    kept: HashMap<usize, KeyStats>,
+    max_kept: usize,
+}
+
+impl StatsCache<'_> {
+    fn get(&mut self, lm: &LoadedModel, layers: &[usize]) -> Result<Vec<KeyStats>> {
+        let missing: Vec<usize> = layers
+            .iter()
+            .copied()
+            .filter(|l| !self.kept.contains_key(l))
+            .collect();
+        if !missing.is_empty() {
+            if self.kept.len() + missing.len() > self.max_kept {
+                self.kept.clear();
+            }
+            for (l, s) in missing.iter().zip(self.src.ensure_layers(lm, &missing)?) {
+                self.kept.insert(*l, s);
+            }
+        }
+        Ok(layers.iter().map(|l| self.kept[l].clone()).collect())
+    }
+}
+
+fn run(a: StudyRunArgs) -> Result<()> {
+    let mut lm = a.model.load()?;
+    let n_layer = lm.model.n_layer();
+    let text = std::fs::read_to_string(&a.dataset)
+        .with_context(|| format!("reading {}", a.dataset.display()))?;
+    let mut cases = parse_cases(&text)?;
+    if let Some(n) = a.n {
+        cases.truncate(n);
+    }
+    if cases.is_empty() {
+        bail!("no cases in {}", a.dataset.display());
+    }
+    let methods: Vec<StudyMethod> = list(&a.methods, &StudyMethod::ALL)?;
+    let problems: Vec<EditProblem> = list(&a.problems, &EditProblem::ALL)?;
+    let mut rome = hparams(&lm, None).or_else(|_| hparams(&lm, Some(n_layer / 2)))?;
+    let mut memit = memit_hparams(&lm, &[])
+        .or_else(|_| memit_hparams(&lm, &StudyMethod::Memit.layers(rome.layer, n_layer)))?;
+    if let Some(s) = a.v_steps {
+        rome.v_num_grad_steps = s;
+        memit.v_num_grad_steps = s;
+    }
+    let ft = ft_hparams(&lm, &[rome.layer], &a.ft)?;
+    let noise = match a.noise.parse::<NoiseSpec>()? {
+        NoiseSpec::Relative(f) => f * super::trace::cached_embedding_std(&lm, None)?,
+        NoiseSpec::Fixed(s) => s,
+        NoiseSpec::Uniform(_) => bail!("the study's noise is Gaussian: 3x or a σ"),
+    };
+    let layers = if a.layers.is_empty() {
+        default_layers(n_layer, rome.layer)
+    } else {
+        a.layers.clone()
+    };
+    let cfg = StudyConfig {
+        methods,
+        problems,
+        layers,
+        noise,
+        trace_samples: a.samples,
+        min_prob: a.min_prob,
+        correct_only: !a.all_cases,
+        essence: !a.no_essence,
+        noised_samples: 10,
+        seed: a.seed,
+        rome,
+        memit,
+        ft,
+    };
+    cfg.validate(n_layer)?;
+
+    let done: BTreeSet<u64> = if a.out.exists() {
+        read_lines(std::slice::from_ref(&a.out))?
+            .into_iter()
+            .filter_map(|l| match l {
+                StudyLine::Case(c) => Some(c.case_id),
+                StudyLine::Edit(_) => None,
+            })
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    let todo: Vec<_> = cases
+        .iter()
+        .filter(|c| !done.contains(&c.case_id))
+        .collect();
+    eprintln!(
+        "study: {} cases ({} already in {}), {} edits each: {} × {} at layers {:?}; noise σ {:.4}",
+        todo.len(),
+        cases.len() - todo.len(),
+        a.out.display(),
+        cfg.cells().len(),
+        cfg.methods
+            .iter()
+            .map(|m| m.name())
+            .collect::<Vec<_>>()
+            .join(","),
+        cfg.problems
+            .iter()
+            .map(|p| p.name())
+            .collect::<Vec<_>>()
+            .join(","),
+        cfg.layers,
+        cfg.noise
+    );
+    // Statistics of every layer a ROME or MEMIT edit will touch, computed up front in one pass.
+    let stat_layers: BTreeSet<usize> = cfg
+        .methods
+        .iter()
+        .filter(|m| m.needs_stats())
+        .flat_map(|m| cfg.layers.iter().flat_map(|&c| m.layers(c, n_layer)))
+        .collect();
+    let stat_layers: Vec<usize> = stat_layers.into_iter().collect();
+    let d_ff = lm.model.cfg.d_ff as u64;
+    let mut stats = StatsCache {
+        src: &a.stats,
+        kept: HashMap::new(),
+        // Two d_ff² f64 matrices per layer (the sums and the factor); keep ≤ 4 GiB.
+        max_kept: ((4u64 << 30) / (16 * d_ff * d_ff)).max(5) as usize,
+    };
+    if !stat_layers.is_empty() && !todo.is_empty() {
+        a.stats.ensure_layers(&lm, &stat_layers)?;
+    }
+
+    let mut out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&a.out)
+        .with_context(|| format!("opening {}", a.out.display()))?;
+    let pb = ProgressBar::new((todo.len() * cfg.cells().len()) as u64);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "edits {bar:40} {pos}/{len} [{elapsed_precise} < {eta}] {msg}",
+        )
+        .expect("template"),
+    );
+    let (mut kept, mut skipped) = (0, 0);
+    for case in todo {
+        pb.set_message(format!("case {}", case.case_id));
+        let result = lm.study_case(
+            case,
+            &cfg,
+            &mut |lm, layers| {
+                stats
+                    .get(lm, layers)
+                    .map_err(|e| loci_core::LociError::input(format!("{e:#}")))
+            },
+            &mut |e| {
+                pb.inc(1);
+                pb.set_message(format!(
+                    "case {} {} {} layer {}: rewrite {:.2}",
+                    e.case_id,
+                    e.method.name(),
+                    e.problem.name(),
+                    e.layer,
+                    e.scores.rewrite
+                ));
+                true
+            },
+        )?;
+        if result.case.skipped.is_some() {
+            skipped += 1;
+            pb.inc(cfg.cells().len() as u64);
+        } else {
+            kept += 1;
+        }
+        // A case's lines are written together, so a resumed run never sees half a case.
+        let mut buf = String::new();
+        for line in result.lines() {
+            buf.push_str(&serde_json::to_string(&line)?);
+            buf.push('\n');
+        }
+        out.write_all(buf.as_bytes())?;
+        out.flush()?;
+    }
+    pb.finish_and_clear();
+    eprintln!(
+        "study: {kept} cases studied, {skipped} left out; results in {}",
+        a.out.display()
+    );
+    let lines = read_lines(std::slice::from_ref(&a.out))?;
+    report(&analyze(&lines), a.plot.as_deref(), a.json)
+}
+
+fn fmt(v: Option<f64>) -> String {
+    v.map_or("—".into(), |x| format!("{x:.3}"))
+}
+
+fn report(an: &StudyAnalysis, plot: Option<&Path>, json: bool) -> Result<()> {
+    if let Some(p) = plot {
+        save_plot(p, &loci_core::plot::study_svg(an))?;
+    }
+    if json {
+        return print_json(an);
+    }
+    println!(
+        "{} cases ({} studied), {} edits ({} failed)",
+        an.cases, an.cases_used, an.edits, an.failed_edits
+    );
+    println!(
+        "{:<6} {:<18} {:<12} {:>5} {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "method", "problem", "score", "n", "R²layer", "R²trace", "R²both", "added", "p(F)"
+    );
+    for c in &an.conditions {
+        println!(
+            "{:<6} {:<18} {:<12} {:>5} {:>8} {:>8} {:>8} {:>8} {:>9}",
+            c.method.name(),
+            c.problem.name(),
+            c.metric.name(),
+            c.n,
+            fmt(c.r2_layer),
+            fmt(c.r2_trace),
+            fmt(c.r2_both),
+            fmt(c.added_by_trace),
+            c.f_test
+                .as_ref()
+                .map_or("—".into(), |f| format!("{:.2e}", f.p)),
+        );
+    }
+    for m in &an.layers {
+        println!(
+            "\n{} {}: layer, edits, mean rewrite score, mean target score, mean tracing effect, r(rewrite, trace)",
+            m.method.name(),
+            m.problem.name()
+        );
+        for i in 0..m.layers.len() {
+            println!(
+                "  {:>3} {:>4} {:>7.3} {:>7.3} {:>7.3} {:>7}",
+                m.layers[i],
+                m.n[i],
+                m.rewrite[i],
+                m.target_score[i],
+                m.tracing_effect[i],
+                m.correlation[i]
+                    .as_ref()
+                    .map_or("—".into(), |c| format!("{:.2}", c.r))
+            );
+        }
+    }
+    Ok(())
+}

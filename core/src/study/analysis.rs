@@ -1,0 +1,229 @@
+//! From a study's lines to Hase et al.'s findings (spec §8.7): per method, problem and score,
+//! the variance explained by the layer, by the tracing effect, and added by tracing to the
+//! layer (with its F-test); per layer, the mean edit score beside the mean tracing effect.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::problem::EditProblem;
+use super::regress::{f_test, fit_group_lines, fit_groups, fit_line, pearson, Correlation, FTest};
+use super::sweep::{EditLine, StudyLine, StudyMethod};
+
+/// The scores regressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    Rewrite,
+    Paraphrase,
+    Neighborhood,
+    Essence,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 4] = [
+        Metric::Rewrite,
+        Metric::Paraphrase,
+        Metric::Neighborhood,
+        Metric::Essence,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Rewrite => "rewrite",
+            Metric::Paraphrase => "paraphrase",
+            Metric::Neighborhood => "neighborhood",
+            Metric::Essence => "essence",
+        }
+    }
+
+    fn of(self, e: &EditLine) -> Option<f32> {
+        match self {
+            Metric::Rewrite => Some(e.scores.rewrite),
+            Metric::Paraphrase => e.scores.paraphrase,
+            Metric::Neighborhood => e.scores.neighborhood,
+            Metric::Essence => e.essence_score,
+        }
+    }
+}
+
+/// The three regressions of one (method, problem, metric).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Condition {
+    pub method: StudyMethod,
+    pub problem: EditProblem,
+    pub metric: Metric,
+    pub n: usize,
+    /// score ~ factor(layer)
+    pub r2_layer: Option<f64>,
+    /// score ~ tracing effect
+    pub r2_trace: Option<f64>,
+    /// score ~ factor(layer) × tracing effect
+    pub r2_both: Option<f64>,
+    /// R²_both − R²_layer: what tracing adds to knowing the layer.
+    pub added_by_trace: Option<f64>,
+    /// The nested-model test of that addition.
+    pub f_test: Option<FTest>,
+}
+
+/// Means per central layer of one (method, problem).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LayerMeans {
+    pub method: StudyMethod,
+    pub problem: EditProblem,
+    pub layers: Vec<usize>,
+    pub n: Vec<usize>,
+    pub rewrite: Vec<f64>,
+    pub target_score: Vec<f64>,
+    pub tracing_effect: Vec<f64>,
+    /// Pearson's r of rewrite score and tracing effect among the edits at each layer.
+    pub correlation: Vec<Option<Correlation>>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StudyAnalysis {
+    pub cases: usize,
+    /// Cases kept (the model knows the fact).
+    pub cases_used: usize,
+    pub edits: usize,
+    /// Edits that could not be made (their optimisation diverged), left out of the fits.
+    pub failed_edits: usize,
+    pub conditions: Vec<Condition>,
+    pub layers: Vec<LayerMeans>,
+    /// The mean tracing effect per layer over the kept cases (all layers).
+    pub mean_tracing_effect: Vec<f64>,
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+/// Analyses the lines of one or more study runs (later lines of a case replace earlier ones).
+pub fn analyze(lines: &[StudyLine]) -> StudyAnalysis {
+    let mut cases = BTreeMap::new();
+    let mut edits: BTreeMap<(u64, StudyMethod, EditProblem, usize), &EditLine> = BTreeMap::new();
+    for l in lines {
+        match l {
+            StudyLine::Case(c) => {
+                cases.insert(c.case_id, c);
+            }
+            StudyLine::Edit(e) => {
+                edits.insert((e.case_id, e.method, e.problem, e.layer), e);
+            }
+        }
+    }
+    let kept: BTreeSet<u64> = cases
+        .values()
+        .filter(|c| c.skipped.is_none() && c.trace.is_some())
+        .map(|c| c.case_id)
+        .collect();
+    let used: Vec<&EditLine> = edits
+        .values()
+        .filter(|e| kept.contains(&e.case_id))
+        .copied()
+        .collect();
+    let failed = used.iter().filter(|e| e.error.is_some()).count();
+    let ok: Vec<&EditLine> = used.into_iter().filter(|e| e.error.is_none()).collect();
+
+    let mut by_cond: BTreeMap<(StudyMethod, EditProblem), Vec<&EditLine>> = BTreeMap::new();
+    for e in &ok {
+        by_cond.entry((e.method, e.problem)).or_default().push(e);
+    }
+    let mut conditions = vec![];
+    let mut layers = vec![];
+    for ((method, problem), es) in &by_cond {
+        for metric in Metric::ALL {
+            let pts: Vec<(f64, f64, usize)> = es
+                .iter()
+                .filter_map(|e| {
+                    metric
+                        .of(e)
+                        .map(|y| (y as f64, e.tracing_effect as f64, e.layer))
+                })
+                .collect();
+            if pts.is_empty() {
+                continue;
+            }
+            let y: Vec<f64> = pts.iter().map(|p| p.0).collect();
+            let x: Vec<f64> = pts.iter().map(|p| p.1).collect();
+            let g: Vec<usize> = pts.iter().map(|p| p.2).collect();
+            let (fl, ft, fb) = (
+                fit_groups(&y, &g),
+                fit_line(&y, &x),
+                fit_group_lines(&y, &x, &g),
+            );
+            conditions.push(Condition {
+                method: *method,
+                problem: *problem,
+                metric,
+                n: y.len(),
+                // A saturated interaction model (a line through every layer's points) fits
+                // anything: it says nothing about tracing.
+                added_by_trace: fb
+                    .r2
+                    .zip(fl.r2)
+                    .filter(|_| fb.df_resid > 0)
+                    .map(|(b, l)| b - l),
+                f_test: f_test(&fl, &fb),
+                r2_layer: fl.r2,
+                r2_trace: ft.r2,
+                r2_both: fb.r2,
+            });
+        }
+        let mut per: BTreeMap<usize, Vec<&EditLine>> = BTreeMap::new();
+        for e in es {
+            per.entry(e.layer).or_default().push(e);
+        }
+        let col = |f: &dyn Fn(&EditLine) -> f64| -> Vec<f64> {
+            per.values()
+                .map(|v| mean(&v.iter().map(|e| f(e)).collect::<Vec<_>>()))
+                .collect()
+        };
+        layers.push(LayerMeans {
+            method: *method,
+            problem: *problem,
+            layers: per.keys().copied().collect(),
+            n: per.values().map(Vec::len).collect(),
+            rewrite: col(&|e| e.scores.rewrite as f64),
+            target_score: col(&|e| e.scores.target_score as f64),
+            tracing_effect: col(&|e| e.tracing_effect as f64),
+            correlation: per
+                .values()
+                .map(|v| {
+                    let x: Vec<f64> = v.iter().map(|e| e.tracing_effect as f64).collect();
+                    let y: Vec<f64> = v.iter().map(|e| e.scores.rewrite as f64).collect();
+                    pearson(&x, &y)
+                })
+                .collect(),
+        });
+    }
+    let traces: Vec<&Vec<f32>> = cases
+        .values()
+        .filter(|c| kept.contains(&c.case_id))
+        .filter_map(|c| c.trace.as_ref().map(|t| &t.max_fraction_restored))
+        .collect();
+    let n_layer = traces.iter().map(|t| t.len()).max().unwrap_or(0);
+    let mean_tracing_effect = (0..n_layer)
+        .map(|l| {
+            mean(
+                &traces
+                    .iter()
+                    .filter_map(|t| t.get(l).map(|&v| v as f64))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    StudyAnalysis {
+        cases: cases.len(),
+        cases_used: kept.len(),
+        edits: ok.len() + failed,
+        failed_edits: failed,
+        conditions,
+        layers,
+        mean_tracing_effect,
+    }
+}

@@ -1,0 +1,16 @@
+//! "Does localization inform editing?" (Hase et al. 2023): edit at every layer, compare each
+//! edit's success with the tracing effect at its layer, and fit the regressions that show
+//! whether tracing predicts success beyond the layer itself.
+
+pub mod problem;
+pub mod regress;
+pub mod score;
+
+pub use problem::{EditProblem, ProblemCase, SubjectNoise};
+pub use score::{hase_scores, HaseScores, NoisedScoring, ProblemProbs};
+pub mod sweep;
+pub use sweep::{
+    default_layers, CaseLine, CaseResult, CaseTrace, EditLine, StudyConfig, StudyLine, StudyMethod,
+};
+pub mod analysis;
+pub use analysis::{analyze, Condition, LayerMeans, Metric, StudyAnalysis};

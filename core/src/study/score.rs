@@ -1,0 +1,290 @@
+//! Hase et al.'s per-case scores (spec §8.6): full-sequence probabilities of the problem's
+//! target on the first prompt of each kind, normalised by what the edit could have changed, and
+//! the essence drift (perplexity on texts the unedited model wrote about the subject).
+
+use candle_core::{Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use super::problem::SubjectNoise;
+use crate::edit::Direction;
+use crate::error::{LociError, Result};
+use crate::eval::CounterFactCase;
+use crate::loader::LoadedModel;
+use crate::model::LogitsAt;
+use crate::predict::Sampling;
+
+/// p(target) after a case's first rewrite, paraphrase and neighbourhood prompts.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ProblemProbs {
+    pub rewrite: f32,
+    pub paraphrase: Option<f32>,
+    pub neighborhood: Option<f32>,
+}
+
+/// How fact forcing corrupts the prompts it scores: `samples` noise draws per prompt, whose
+/// probabilities are averaged.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct NoisedScoring {
+    pub noise: SubjectNoise,
+    pub samples: usize,
+}
+
+impl LoadedModel {
+    /// The probabilities Hase et al. score, as the model is now. With `noised`, prompts that
+    /// contain the subject are scored with it corrupted (its span found in each prompt, not
+    /// copied from the first); neighbourhood prompts are about other subjects and stay clean.
+    pub fn problem_probs(
+        &self,
+        case: &CounterFactCase,
+        target: &str,
+        noised: Option<NoisedScoring>,
+    ) -> Result<ProblemProbs> {
+        let rw = &case.requested_rewrite;
+        let mut prompts = vec![(rw.filled(), true)];
+        let para = case.paraphrase_prompts.first();
+        let neigh = case.neighborhood_prompts.first();
+        prompts.extend(para.map(|p| (p.clone(), true)));
+        prompts.extend(neigh.map(|p| (p.clone(), false)));
+        let mut pairs = vec![];
+        let mut spans = vec![];
+        let mut groups = vec![];
+        for (prompt, has_subject) in &prompts {
+            let span = match noised {
+                Some(_) if *has_subject => {
+                    let ids = self.encode_prompt(prompt)?;
+                    Some(crate::trace::subject_range(
+                        &self.tokenizer,
+                        &ids,
+                        &rw.subject,
+                    )?)
+                }
+                _ => None,
+            };
+            let copies = match (span, noised) {
+                (Some(_), Some(n)) => n.samples.max(1),
+                _ => 1,
+            };
+            for _ in 0..copies {
+                if let Some((a, b)) = span {
+                    spans.push((pairs.len(), a, b));
+                }
+                pairs.push((prompt.clone(), target.to_string()));
+            }
+            groups.push(copies);
+        }
+        let mut hook = match noised {
+            Some(n) => crate::trace::noise::subject_noise(
+                &spans,
+                n.noise.sigma,
+                self.model.cfg.d_model,
+                &self.model.device,
+                n.noise.seed,
+            )?,
+            None => crate::hooks::Patch::empty(crate::hooks::Site::Embed),
+        };
+        let scores = self.score_targets_with(&pairs, &mut hook)?;
+        let mut at = 0;
+        let mut probs = groups.iter().map(|&g| {
+            let p = scores[at..at + g].iter().map(|s| s.prob).sum::<f32>() / g as f32;
+            at += g;
+            p
+        });
+        let rewrite = probs.next().expect("the rewrite prompt is scored");
+        Ok(ProblemProbs {
+            rewrite,
+            paraphrase: para.and_then(|_| probs.next()),
+            neighborhood: neigh.and_then(|_| probs.next()),
+        })
+    }
+
+    /// Texts the model writes about `subject` ("{subject} is a", top-5 sampling, `max_len`
+    /// tokens in all), the reference for essence drift.
+    pub fn essence_texts(
+        &self,
+        subject: &str,
+        n: usize,
+        max_len: usize,
+        seed: u64,
+    ) -> Result<Vec<String>> {
+        let prompt = format!("{subject} is a");
+        let room = max_len
+            .saturating_sub(self.encode_prompt(&prompt)?.len())
+            .max(1);
+        (0..n)
+            .map(|i| {
+                let sampling = Sampling::TopK {
+                    k: 5,
+                    seed: seed.wrapping_add(i as u64),
+                };
+                Ok(self.generate(&prompt, room, sampling)?.text)
+            })
+            .collect()
+    }
+
+    /// The mean over `texts` of each one's perplexity (its first `max_len` tokens).
+    pub fn perplexity(&self, texts: &[String], max_len: usize) -> Result<f32> {
+        if texts.is_empty() {
+            return Err(LociError::input("no texts to score"));
+        }
+        let mut rows: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| {
+                let mut ids = self.tokenizer.encode(t)?;
+                ids.truncate(max_len.min(self.model.cfg.max_positions).max(2));
+                if ids.len() < 2 {
+                    return Err(LociError::input(format!("{t:?} is too short to score")));
+                }
+                Ok(ids)
+            })
+            .collect::<Result<_>>()?;
+        let lens: Vec<usize> = rows.iter().map(Vec::len).collect();
+        let t = *lens.iter().max().expect("texts");
+        let pad = self.tokenizer.eos.unwrap_or(0);
+        let mut next = vec![];
+        for r in rows.iter_mut() {
+            next.extend(r[1..].iter().copied());
+            next.extend(std::iter::repeat_n(pad, t - r.len()));
+            next.push(pad);
+            r.resize(t, pad);
+        }
+        let logits = self
+            .model
+            .run(
+                &self.model.ids_tensor(&rows)?,
+                &mut crate::hooks::NoHook,
+                None,
+                LogitsAt::All,
+            )?
+            .ok_or_else(|| LociError::input("forward pass stopped early"))?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let next = Tensor::from_vec(next, (rows.len(), t, 1), logp.device())?;
+        let picked = logp.gather(&next, 2)?.squeeze(2)?.to_vec2::<f32>()?;
+        let mut total = 0.0;
+        for (row, &n) in picked.iter().zip(&lens) {
+            let nll = -row[..n - 1].iter().map(|&x| x as f64).sum::<f64>() / (n - 1) as f64;
+            if !nll.is_finite() {
+                return Err(LociError::model(
+                    "the model produced NaN or infinite values",
+                ));
+            }
+            total += nll.exp();
+        }
+        Ok((total / texts.len() as f64) as f32)
+    }
+}
+
+/// Hase et al.'s normalised scores of one edit, each in [0, 1] (1: the best possible).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct HaseScores {
+    /// How much of the possible change toward the goal the edit made on the rewrite prompt:
+    /// (p_post − p_pre)/(1 − p_pre) when raising, (p_pre − p_post)/p_pre when lowering.
+    pub rewrite: f32,
+    pub paraphrase: Option<f32>,
+    /// 1 − |Δp| / (the largest change possible) on the neighbour prompt.
+    pub neighborhood: Option<f32>,
+    /// The per-case harmonic mean of the three (the paper's).
+    pub target_score: f32,
+    /// Their arithmetic mean (the R analysis').
+    pub target_score_mean: f32,
+}
+
+/// The share of the possible change toward `direction`, floored as the reference does.
+pub fn change_score(pre: f32, post: f32, direction: Direction) -> f32 {
+    let (pre, post) = (pre as f64, post as f64);
+    let s = match direction {
+        Direction::Raise if pre >= 1.0 => {
+            if post >= pre {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        Direction::Raise => (1.0 - (1.0 - post) / (1.0 - pre)).max(2e-8),
+        Direction::Lower if pre <= 0.0 => 0.0,
+        Direction::Lower => ((pre - post) / pre).max(0.0),
+    };
+    s as f32
+}
+
+/// How little the neighbour's probability moved, relative to the most it could move.
+pub fn neighborhood_score(pre: f32, post: f32) -> f32 {
+    let (pre, post) = (pre as f64, post as f64);
+    (1.0 - (post - pre).abs() / ((pre - 0.5).abs() + 0.5)) as f32
+}
+
+pub fn hase_scores(pre: &ProblemProbs, post: &ProblemProbs, direction: Direction) -> HaseScores {
+    let rewrite = change_score(pre.rewrite, post.rewrite, direction);
+    let paraphrase = pre
+        .paraphrase
+        .zip(post.paraphrase)
+        .map(|(a, b)| change_score(a, b, direction));
+    let neighborhood = pre
+        .neighborhood
+        .zip(post.neighborhood)
+        .map(|(a, b)| neighborhood_score(a, b));
+    let parts: Vec<f32> = std::iter::once(rewrite)
+        .chain(paraphrase)
+        .chain(neighborhood)
+        .collect();
+    let target_score = if parts.iter().any(|x| *x <= 0.0) {
+        0.0
+    } else {
+        parts.len() as f32 / parts.iter().map(|x| 1.0 / x).sum::<f32>()
+    };
+    HaseScores {
+        rewrite,
+        paraphrase,
+        neighborhood,
+        target_score,
+        target_score_mean: parts.iter().sum::<f32>() / parts.len() as f32,
+    }
+}
+
+/// Essence drift normalised as the R analysis does: 1 − clip(ppl_post − ppl_pre, 0, 5)/5.
+pub fn essence_score(ppl_pre: f32, ppl_post: f32) -> f32 {
+    1.0 - (ppl_post - ppl_pre).clamp(0.0, 5.0) / 5.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalised_scores_follow_the_reference_formulas() {
+        // Raising from 0.2 to 0.6 makes half of the possible change.
+        assert!((change_score(0.2, 0.6, Direction::Raise) - 0.5).abs() < 1e-6);
+        // Moving the wrong way is floored at 2e-8, not negative.
+        assert!((change_score(0.5, 0.1, Direction::Raise) - 2e-8).abs() < 1e-12);
+        // Erasing 0.8 → 0.2 removes three quarters.
+        assert!((change_score(0.8, 0.2, Direction::Lower) - 0.75).abs() < 1e-6);
+        assert_eq!(change_score(0.2, 0.3, Direction::Lower), 0.0);
+        // A neighbour at 0.5 can move by 0.5 at most; at 0.9 by 0.9.
+        assert!((neighborhood_score(0.5, 0.75) - 0.5).abs() < 1e-6);
+        assert!((neighborhood_score(0.9, 0.0) - 0.0).abs() < 1e-6);
+        assert_eq!(neighborhood_score(0.3, 0.3), 1.0);
+        let pre = ProblemProbs {
+            rewrite: 0.2,
+            paraphrase: Some(0.2),
+            neighborhood: Some(0.5),
+        };
+        let post = ProblemProbs {
+            rewrite: 0.6,
+            paraphrase: Some(0.6),
+            neighborhood: Some(0.75),
+        };
+        let s = hase_scores(&pre, &post, Direction::Raise);
+        assert!((s.target_score - 0.5).abs() < 1e-6);
+        assert!((s.target_score_mean - 0.5).abs() < 1e-6);
+        let post = ProblemProbs {
+            neighborhood: Some(0.5),
+            ..post
+        };
+        let s = hase_scores(&pre, &post, Direction::Raise);
+        // hmean(0.5, 0.5, 1) = 3 / (2 + 2 + 1) = 0.6; mean 2/3.
+        assert!((s.target_score - 0.6).abs() < 1e-6);
+        assert!((s.target_score_mean - 2.0 / 3.0).abs() < 1e-6);
+        assert_eq!(essence_score(10.0, 8.0), 1.0);
+        assert!((essence_score(10.0, 12.5) - 0.5).abs() < 1e-6);
+        assert_eq!(essence_score(10.0, 30.0), 0.0);
+    }
+}

@@ -1,0 +1,445 @@
+//! The layer sweep of Hase et al. (spec §8.1–8.5): for each CounterFact case the model gets
+//! right, trace the true answer (MLP, window 5, the whole answer's probability), then edit at
+//! every chosen layer with every method and problem, score each edit and undo it.
+
+use serde::{Deserialize, Serialize};
+
+use super::problem::{EditProblem, SubjectNoise};
+use super::score::{essence_score, hase_scores, HaseScores, NoisedScoring, ProblemProbs};
+use crate::edit::{Edit, FtHparams, FtObjective, KeyStats, MemitHparams, RomeHparams};
+use crate::error::{LociError, Result};
+use crate::eval::CounterFactCase;
+use crate::loader::LoadedModel;
+use crate::predict::Sampling;
+use crate::trace::{window_layers, NoiseSpec, TraceKind, TraceRequest};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum StudyMethod {
+    /// Constrained fine-tuning of the central layer.
+    #[serde(rename = "ft-1")]
+    Ft1,
+    /// Constrained fine-tuning of the 5-layer window around it.
+    #[serde(rename = "ft-5")]
+    Ft5,
+    #[serde(rename = "rome")]
+    Rome,
+    /// MEMIT over the 5-layer window.
+    #[serde(rename = "memit")]
+    Memit,
+}
+
+/// The window of the multi-layer methods (and of the trace the edits are compared with).
+pub const STUDY_WINDOW: usize = 5;
+
+impl StudyMethod {
+    pub const ALL: [StudyMethod; 4] = [
+        StudyMethod::Ft1,
+        StudyMethod::Ft5,
+        StudyMethod::Rome,
+        StudyMethod::Memit,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StudyMethod::Ft1 => "ft-1",
+            StudyMethod::Ft5 => "ft-5",
+            StudyMethod::Rome => "rome",
+            StudyMethod::Memit => "memit",
+        }
+    }
+
+    /// The layers edited around `central`: the layer, or the same window tracing restores.
+    pub fn layers(self, central: usize, n_layer: usize) -> Vec<usize> {
+        match self {
+            StudyMethod::Ft1 | StudyMethod::Rome => vec![central],
+            StudyMethod::Ft5 | StudyMethod::Memit => {
+                let (lo, hi) = window_layers(central, STUDY_WINDOW, n_layer);
+                (lo..hi).collect()
+            }
+        }
+    }
+
+    /// ROME and MEMIT need key statistics of their layers.
+    pub fn needs_stats(self) -> bool {
+        matches!(self, StudyMethod::Rome | StudyMethod::Memit)
+    }
+}
+
+impl std::str::FromStr for StudyMethod {
+    type Err = LociError;
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim().to_ascii_lowercase().replace('_', "-");
+        StudyMethod::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                LociError::input(format!("unknown method {s:?} (ft-1, ft-5, rome, memit)"))
+            })
+    }
+}
+
+/// Hase et al.'s central layers scaled to a model: every fourth layer, the base ROME layer
+/// and the last.
+pub fn default_layers(n_layer: usize, rome_layer: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..n_layer).step_by(4).collect();
+    v.push(rome_layer.min(n_layer - 1));
+    v.push(n_layer - 1);
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Everything a study run is set to.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StudyConfig {
+    pub methods: Vec<StudyMethod>,
+    pub problems: Vec<EditProblem>,
+    /// Central layers.
+    pub layers: Vec<usize>,
+    /// σ of the subject noise of tracing, tracing reversal and fact forcing.
+    pub noise: f64,
+    pub trace_samples: usize,
+    /// Cases whose true object has a lower probability are left out (the reference's 0.02).
+    pub min_prob: f32,
+    /// Keep only cases whose greedy continuation (36 tokens) contains the true object.
+    pub correct_only: bool,
+    /// Measure essence drift (5 texts of 100 tokens per case, rescored after each edit).
+    pub essence: bool,
+    /// Noise draws averaged when scoring a fact-forcing edit.
+    pub noised_samples: usize,
+    pub seed: u64,
+    /// The base settings of each method; the study sets their layers (and §8.5's overrides).
+    pub rome: RomeHparams,
+    pub memit: MemitHparams,
+    pub ft: FtHparams,
+}
+
+impl StudyConfig {
+    pub fn validate(&self, n_layer: usize) -> Result<()> {
+        if self.methods.is_empty() || self.problems.is_empty() || self.layers.is_empty() {
+            return Err(LociError::input(
+                "a study needs at least one method, problem and layer",
+            ));
+        }
+        if let Some(l) = self.layers.iter().find(|&&l| l >= n_layer) {
+            return Err(LociError::input(format!(
+                "layer {l} out of range (the model has {n_layer} layers)"
+            )));
+        }
+        if !self.noise.is_finite() || self.noise <= 0.0 {
+            return Err(LociError::input("the noise σ must be positive"));
+        }
+        if self.trace_samples == 0 || self.noised_samples == 0 {
+            return Err(LociError::input("noise samples must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The edits of one case, in the order they run.
+    pub fn cells(&self) -> Vec<(StudyMethod, EditProblem, usize)> {
+        let mut out = vec![];
+        for &m in &self.methods {
+            for &p in &self.problems {
+                for &l in &self.layers {
+                    out.push((m, p, l));
+                }
+            }
+        }
+        out
+    }
+
+    /// The edit computed for `method` at `central` for `problem` (spec §8.5 overrides).
+    fn edit(
+        &self,
+        lm: &mut LoadedModel,
+        method: StudyMethod,
+        problem: EditProblem,
+        layers: &[usize],
+        request: &crate::edit::RewriteRequest,
+        stats: &[KeyStats],
+    ) -> Result<Edit> {
+        let noise = problem.noised().then_some(self.noise);
+        Ok(match method {
+            StudyMethod::Rome => {
+                let mut hp = self.rome.clone();
+                hp.layer = layers[0];
+                hp.v_lr = if problem.noised() { 5e-2 } else { 0.5 };
+                if problem.noised() {
+                    hp.v_num_grad_steps = 25;
+                }
+                hp.direction = problem.direction();
+                hp.subject_noise = noise;
+                Edit::Rome(lm.rome(request, &hp, stats.first())?)
+            }
+            StudyMethod::Memit => {
+                let mut hp = self.memit.clone();
+                hp.layers = layers.to_vec();
+                hp.v_lr = 0.5;
+                hp.direction = problem.direction();
+                hp.subject_noise = noise;
+                Edit::Memit(lm.memit(std::slice::from_ref(request), &hp, stats, &mut |_| {})?)
+            }
+            StudyMethod::Ft1 | StudyMethod::Ft5 => {
+                let mut hp = self.ft.clone();
+                hp.layers = layers.to_vec();
+                hp.objective = FtObjective::Sequence;
+                hp.direction = problem.direction();
+                hp.subject_noise = noise;
+                if problem.noised() {
+                    hp.steps = 50;
+                }
+                Edit::Ft(lm.finetune(request, &hp)?)
+            }
+        })
+    }
+}
+
+/// A case's tracing result, as the analysis uses it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CaseTrace {
+    pub tokens: Vec<String>,
+    pub subject_range: [usize; 2],
+    /// p(true object) clean and with the subject corrupted.
+    pub high: f32,
+    pub low: f32,
+    /// Per layer: the largest fraction of the corrupted-away probability that restoring the
+    /// MLP window at that layer brings back, over tokens (`max_fraction_restored`).
+    pub max_fraction_restored: Vec<f32>,
+    /// The same at the last subject token.
+    pub subject_last_fraction: Vec<f32>,
+    /// `[tokens][layers]` restored probabilities.
+    pub scores: Vec<Vec<f32>>,
+}
+
+/// One case: whether it is in the study, and its trace.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CaseLine {
+    pub case_id: u64,
+    pub prompt: String,
+    pub subject: String,
+    pub target_true: String,
+    pub p_true: f32,
+    pub is_correct: bool,
+    /// Why the case is left out, if it is.
+    pub skipped: Option<String>,
+    pub trace: Option<CaseTrace>,
+    pub essence_ppl: Option<f32>,
+}
+
+/// One edit of the sweep and its scores.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EditLine {
+    pub case_id: u64,
+    pub method: StudyMethod,
+    pub problem: EditProblem,
+    /// The central layer (the regressions' layer).
+    pub layer: usize,
+    pub edited_layers: Vec<usize>,
+    pub target: String,
+    /// The tracing effect at the central layer (`max_fraction_restored`).
+    pub tracing_effect: f32,
+    pub subject_last_effect: f32,
+    pub pre: ProblemProbs,
+    pub post: ProblemProbs,
+    pub scores: HaseScores,
+    pub essence_ppl_post: Option<f32>,
+    pub essence_score: Option<f32>,
+    pub seconds: f64,
+    /// Set when the edit could not be made (then there are no post scores).
+    pub error: Option<String>,
+}
+
+/// A line of a study's JSONL output.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "record", rename_all = "snake_case")]
+pub enum StudyLine {
+    Case(CaseLine),
+    Edit(EditLine),
+}
+
+/// A case's results, complete.
+pub struct CaseResult {
+    pub case: CaseLine,
+    pub edits: Vec<EditLine>,
+}
+
+impl CaseResult {
+    pub fn lines(self) -> Vec<StudyLine> {
+        std::iter::once(StudyLine::Case(self.case))
+            .chain(self.edits.into_iter().map(StudyLine::Edit))
+            .collect()
+    }
+}
+
+/// Key statistics of the asked layers of the (unedited) model handed over.
+pub type StatsFor<'a> = dyn FnMut(&LoadedModel, &[usize]) -> Result<Vec<KeyStats>> + 'a;
+
+/// Greedy new tokens the correctness check reads (the reference's 36).
+const CORRECTNESS_TOKENS: usize = 36;
+const ESSENCE_TEXTS: usize = 5;
+const ESSENCE_LEN: usize = 100;
+
+impl LoadedModel {
+    /// Runs the study on one case: filter, trace, then every (method, problem, layer) edit —
+    /// each applied, scored and undone, so the model ends as it began. `stats` gives the key
+    /// statistics of the layers asked (of the unedited model it is handed); `on_edit` sees each
+    /// edit as it is scored and returns `false` to cancel.
+    pub fn study_case(
+        &mut self,
+        case: &CounterFactCase,
+        cfg: &StudyConfig,
+        stats: &mut StatsFor,
+        on_edit: &mut dyn FnMut(&EditLine) -> bool,
+    ) -> Result<CaseResult> {
+        let n_layer = self.model.n_layer();
+        cfg.validate(n_layer)?;
+        let rw = &case.requested_rewrite;
+        rw.validate()?;
+        let truth = rw
+            .target_true
+            .as_ref()
+            .ok_or_else(|| LociError::input(format!("case {} has no true target", case.case_id)))?
+            .str
+            .clone();
+        let p_true = self.target_prob(&rw.filled(), &truth)?;
+        let generated = self.generate(&rw.filled(), CORRECTNESS_TOKENS, Sampling::Greedy)?;
+        let continuation = self.tokenizer.decode(&generated.new_ids)?;
+        let is_correct = continuation
+            .to_lowercase()
+            .contains(&truth.trim().to_lowercase());
+        let mut line = CaseLine {
+            case_id: case.case_id,
+            prompt: rw.prompt.clone(),
+            subject: rw.subject.clone(),
+            target_true: truth.clone(),
+            p_true,
+            is_correct,
+            skipped: None,
+            trace: None,
+            essence_ppl: None,
+        };
+        if p_true <= cfg.min_prob {
+            line.skipped = Some(format!("p(true object) {p_true:.4} ≤ {}", cfg.min_prob));
+        } else if cfg.correct_only && !is_correct {
+            line.skipped = Some("the model's continuation lacks the true object".into());
+        }
+        if line.skipped.is_some() {
+            return Ok(CaseResult {
+                case: line,
+                edits: vec![],
+            });
+        }
+
+        let mut req = TraceRequest::new(rw.filled(), rw.subject.clone());
+        req.answer = Some(truth.clone());
+        req.full_answer = true;
+        req.kinds = vec![TraceKind::Mlp];
+        req.window = STUDY_WINDOW;
+        req.samples = cfg.trace_samples;
+        req.noise = NoiseSpec::Fixed(cfg.noise);
+        req.seed = cfg.seed;
+        let tr = self.trace(
+            &req,
+            None,
+            &mut crate::trace::Quiet,
+            // Rows spread over threads on the CPU; a GPU runs each row's batch itself.
+            if self.model.device.is_cpu() {
+                crate::threads::workers()
+            } else {
+                1
+            },
+        )?;
+        let trace = CaseTrace {
+            tokens: tr.tokens.clone(),
+            subject_range: tr.subject_range,
+            high: tr.high,
+            low: tr.low,
+            max_fraction_restored: tr.tracing_effect[&TraceKind::Mlp].clone(),
+            subject_last_fraction: tr.tracing_effect_subject_last[&TraceKind::Mlp].clone(),
+            scores: tr.scores[&TraceKind::Mlp].clone(),
+        };
+
+        let essence = if cfg.essence {
+            let texts = self.essence_texts(&rw.subject, ESSENCE_TEXTS, ESSENCE_LEN, cfg.seed)?;
+            let ppl = self.perplexity(&texts, ESSENCE_LEN)?;
+            line.essence_ppl = Some(ppl);
+            Some((texts, ppl))
+        } else {
+            None
+        };
+
+        let noise = SubjectNoise {
+            sigma: cfg.noise,
+            seed: cfg.seed,
+        };
+        let mut edits = vec![];
+        for &problem in &cfg.problems {
+            let pc = self.problem_case(case, problem, noise)?;
+            let scoring = problem.noised().then_some(NoisedScoring {
+                noise,
+                samples: cfg.noised_samples,
+            });
+            let pre = self.problem_probs(case, pc.target(), scoring)?;
+            for &method in &cfg.methods {
+                for &central in &cfg.layers {
+                    let started = crate::clock::now_seconds();
+                    let layers = method.layers(central, n_layer);
+                    let st = if method.needs_stats() {
+                        stats(self, &layers)?
+                    } else {
+                        vec![]
+                    };
+                    let mut e = EditLine {
+                        case_id: case.case_id,
+                        method,
+                        problem,
+                        layer: central,
+                        edited_layers: layers.clone(),
+                        target: pc.target().to_string(),
+                        tracing_effect: trace.max_fraction_restored[central],
+                        subject_last_effect: trace.subject_last_fraction[central],
+                        pre: pre.clone(),
+                        post: ProblemProbs::default(),
+                        scores: HaseScores::default(),
+                        essence_ppl_post: None,
+                        essence_score: None,
+                        seconds: 0.0,
+                        error: None,
+                    };
+                    match cfg.edit(self, method, problem, &layers, &pc.request, &st) {
+                        // A diverged optimisation is a result of the sweep, not its end.
+                        Err(LociError::Model(msg)) => e.error = Some(msg),
+                        Err(other) => return Err(other),
+                        Ok(edit) => {
+                            let applied = self.apply(&edit)?;
+                            let scored = (|| -> Result<_> {
+                                let post = self.problem_probs(case, pc.target(), scoring)?;
+                                let ppl = match &essence {
+                                    Some((texts, _)) => Some(self.perplexity(texts, ESSENCE_LEN)?),
+                                    None => None,
+                                };
+                                Ok((post, ppl))
+                            })();
+                            self.undo_edit(applied)?;
+                            let (post, ppl) = scored?;
+                            e.scores = hase_scores(&pre, &post, problem.direction());
+                            e.post = post;
+                            e.essence_ppl_post = ppl;
+                            e.essence_score = essence
+                                .as_ref()
+                                .zip(ppl)
+                                .map(|((_, before), after)| essence_score(*before, after));
+                        }
+                    }
+                    e.seconds = crate::clock::now_seconds() - started;
+                    if !on_edit(&e) {
+                        return Err(LociError::Cancelled);
+                    }
+                    edits.push(e);
+                }
+            }
+        }
+        line.trace = Some(trace);
+        Ok(CaseResult { case: line, edits })
+    }
+}
