@@ -4,7 +4,7 @@
 # server and in the tab's workers (every heatmap cell drawn, the same numbers), edit (the tab's
 # top prediction changes), undo (it returns), upload of the downloaded edit (it changes again), a
 # MEMIT edit of two facts and a fine-tuning edit made from the page (listed, then undone exactly),
-# screenshot. Needs the release `loci` binary and
+# a study of the fact (its edits streamed and charted, the model unchanged after), screenshot. Needs the release `loci` binary and
 # dist/ (scripts/test.sh builds both first), and ../shared/data for the key statistics corpus.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -57,6 +57,10 @@ checks = {
     "a fine-tuning edit is made from the page, reported, listed, and undone exactly":
         r.get("ft_status", "").startswith("Edited") and r.get("ft_result") == 1
         and "FT layer 1" in r.get("ft_label", "") and r.get("ft_undone_top") == r.get("uploaded_top"),
+    "a study runs from the page: 8 edits streamed, charted, and the model left as it was":
+        r.get("study_status", "").startswith("Study done") and r.get("study_edits") == 8
+        and r.get("study_rows") == 9 and r.get("study_chart") == 8
+        and r.get("study_after_top") == r.get("uploaded_top"),
     "a second visit loads the model from the browser cache": r.get("second_visit_files_fetched") == 0
         and r.get("second_visit_status") == "Done.",
     "a new page's tab copy carries the server's edits": r.get("second_visit_top") == r.get("uploaded_top"),

@@ -641,3 +641,117 @@ fn model_files_are_served_with_ranges_and_nothing_else() {
         assert_eq!(r.status().as_u16(), 404, "{bad}");
     }
 }
+
+#[test]
+fn a_study_streams_its_case_and_edits_and_leaves_the_model_as_it_was() {
+    let dir = std::env::temp_dir().join(format!("loci-api-study-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let corpus = root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
+    let stats = dir.join("stats");
+    let s = serve(&[
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--stats",
+        stats.to_str().unwrap(),
+        "--stats-tokens",
+        "2000",
+    ]);
+    let prompt = "The Eiffel Tower is located in the city of";
+    let before = top_prob(&s.base, prompt);
+    let case = serde_json::json!({
+        "case_id": 0,
+        "requested_rewrite": {
+            "prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
+            "target_new": {"str": "Rome"}, "target_true": {"str": "Paris"},
+        },
+        "paraphrase_prompts": ["Where is the Eiffel Tower? It is in"],
+        "neighborhood_prompts": ["The Louvre is located in the city of"],
+    });
+    let body = serde_json::json!({
+        "model": "tiny-gpt2", "case": case, "methods": ["rome", "ft-5"],
+        "problems": ["error_injection", "fact_forcing"], "layers": [1, 3], "samples": 3,
+        "all_cases": true,
+    });
+    let r = agent()
+        .post(&format!("{}/api/study", s.base))
+        .header("content-type", "application/json")
+        .send(body.to_string())
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let events = read_events(r.into_body().into_reader(), |e, _| {
+        e == "result" || e == "error"
+    });
+    let (last, result) = events.last().unwrap();
+    assert_eq!(last, "result", "{result}");
+    assert_eq!(events[0].0, "case");
+    let trace = &events[0].1["trace"];
+    assert_eq!(trace["max_fraction_restored"].as_array().unwrap().len(), 4);
+    let edits: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e.0 == "edit")
+        .map(|e| &e.1)
+        .collect();
+    assert_eq!(edits.len(), 8);
+    assert_eq!(result["edits"].as_array().unwrap().len(), 8);
+    for e in &edits {
+        assert!(e["error"].is_null(), "{e}");
+        let layer = e["layer"].as_u64().unwrap() as usize;
+        assert_eq!(e["tracing_effect"], trace["max_fraction_restored"][layer]);
+    }
+    // Fact forcing cannot corrupt a paraphrase that spells the subject differently ("the
+    // Eiffel Tower"): it leaves it unscored rather than scoring it clean.
+    for e in &edits {
+        let forcing = e["problem"] == "fact_forcing";
+        assert_eq!(e["scores"]["paraphrase"].is_null(), forcing, "{e}");
+    }
+    assert_eq!(result["analysis"]["edits"], 8);
+    assert!(!result["analysis"]["layers"].as_array().unwrap().is_empty());
+    // Every edit was undone: the model answers exactly as before, and holds no edit.
+    assert_eq!(top_prob(&s.base, prompt), before);
+    let (_, listed) = get_json(&s.base, "/api/edits?model=tiny-gpt2");
+    assert_eq!(listed.as_array().unwrap().len(), 0);
+
+    // Refused before any work.
+    for (body, status, msg) in [
+        (
+            serde_json::json!({"model": "tiny-gpt2", "case": case, "methods": ["knn"]}),
+            422,
+            "",
+        ),
+        (
+            serde_json::json!({"model": "tiny-gpt2", "case": case, "methods": ["rome", "memit", "ft-1", "ft-5"],
+                "problems": ["error_injection", "fact_erasure", "fact_forcing"], "layers": [0, 1, 2, 3, 0]}),
+            400,
+            "at most 48 edits",
+        ),
+        (
+            serde_json::json!({"model": "nope", "case": case}),
+            404,
+            "unknown model",
+        ),
+        (
+            serde_json::json!({"model": "tiny-gpt2", "case": case, "samples": 0}),
+            400,
+            "samples",
+        ),
+    ] {
+        let (st, v) = post(&s.base, "/api/study", &body.to_string());
+        assert_eq!(st, status, "{v}");
+        assert!(v["error"].as_str().unwrap().contains(msg), "{v}");
+    }
+    // A layer the model lacks fails inside the stream, with a message.
+    let body =
+        serde_json::json!({"model": "tiny-gpt2", "case": case, "layers": [9], "all_cases": true});
+    let r = agent()
+        .post(&format!("{}/api/study", s.base))
+        .header("content-type", "application/json")
+        .send(body.to_string())
+        .unwrap();
+    let events = read_events(r.into_body().into_reader(), |e, _| {
+        e == "result" || e == "error"
+    });
+    let (last, v) = events.last().unwrap();
+    assert_eq!(last, "error");
+    assert!(v["error"].as_str().unwrap().contains("out of range"), "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

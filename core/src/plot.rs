@@ -332,11 +332,10 @@ pub fn study_svg(a: &crate::study::analysis::StudyAnalysis) -> String {
     for (i, c) in conds.iter().enumerate() {
         let y = y0 + 4.0 + i as f32 * (bar_h + 6.0);
         let layer = c.r2_layer.unwrap_or(0.0).clamp(0.0, 1.0) as f32;
-        let both = c.r2_both.unwrap_or(0.0).clamp(0.0, 1.0) as f32;
-        let added = (both - layer).max(0.0);
+        let added = (c.added_by_trace.unwrap_or(0.0).max(0.0) as f32).min(1.0 - layer);
         let _ = write!(
             s,
-            r##"<text x="{}" y="{}" text-anchor="end">{} · {}</text><rect x="{x0}" y="{y}" width="{}" height="{bar_h}" fill="#6baed6"/><rect x="{}" y="{y}" width="{}" height="{bar_h}" fill="#fd8d3c"/><text x="{}" y="{}">{:.3} +{:.3}</text>"##,
+            r##"<text x="{}" y="{}" text-anchor="end">{} · {}</text><rect x="{x0}" y="{y}" width="{}" height="{bar_h}" fill="#6baed6"/><rect x="{}" y="{y}" width="{}" height="{bar_h}" fill="#fd8d3c"/><text x="{}" y="{}">{} {}</text>"##,
             x0 - 4.0,
             y + 13.0,
             c.method.name(),
@@ -346,8 +345,9 @@ pub fn study_svg(a: &crate::study::analysis::StudyAnalysis) -> String {
             bw * added,
             x0 + 3.0,
             y + 13.0,
-            layer,
-            c.added_by_trace.unwrap_or(0.0),
+            // "—": the scores do not vary, or too few points per layer to fit tracing on.
+            c.r2_layer.map_or("—".into(), |v| format!("{v:.3}")),
+            c.added_by_trace.map_or("+—".into(), |v| format!("{v:+.3}")),
         );
     }
     let ly = y0 + plot_h + 18.0;

@@ -8,7 +8,8 @@ use candle_core::{DType, Device};
 use loci_core::edit::{Direction, Edit, FtHparams, FtObjective, RomeHparams};
 use loci_core::eval::CounterFactCase;
 use loci_core::study::{
-    analyze, EditProblem, Metric, NoisedScoring, StudyConfig, StudyLine, StudyMethod, SubjectNoise,
+    analyze, EditProblem, Metric, NoisedScoring, Quietly, StudyConfig, StudyLine, StudyMethod,
+    StudyObserver, SubjectNoise,
 };
 use loci_core::LoadedModel;
 
@@ -233,7 +234,22 @@ fn smollm2_layer_sweep_traces_edits_scores_and_restores_the_model() {
     let bits0 = common::down_bits(&lm);
     let mut case = eiffel();
     case.requested_rewrite.subject = "The Eiffel Tower".into();
-    let mut seen = 0;
+    struct Seen(Vec<u64>, usize);
+    impl StudyObserver for Seen {
+        fn on_case(&mut self, c: &loci_core::study::CaseLine) {
+            assert!(
+                c.trace.is_some(),
+                "the case arrives traced, before its edits"
+            );
+            self.0.push(c.case_id);
+        }
+        fn on_edit(&mut self, _: &loci_core::study::EditLine) -> bool {
+            assert_eq!(self.0.len(), 1);
+            self.1 += 1;
+            true
+        }
+    }
+    let mut seen = Seen(vec![], 0);
     let result = lm
         .study_case(
             &case,
@@ -244,10 +260,7 @@ fn smollm2_layer_sweep_traces_edits_scores_and_restores_the_model() {
                     .map(|l| stats[layers.iter().position(|x| x == l).unwrap()].clone())
                     .collect())
             },
-            &mut |_| {
-                seen += 1;
-                true
-            },
+            &mut seen,
         )
         .unwrap();
     assert_eq!(
@@ -268,7 +281,7 @@ fn smollm2_layer_sweep_traces_edits_scores_and_restores_the_model() {
     assert!(trace.low < trace.high);
     assert_eq!(trace.max_fraction_restored.len(), n_layer);
     assert_eq!(result.edits.len(), 8);
-    assert_eq!(seen, 8);
+    assert_eq!(seen.1, 8);
     for e in &result.edits {
         assert!(e.error.is_none(), "{e:?}");
         assert_eq!(e.tracing_effect, trace.max_fraction_restored[e.layer]);
@@ -330,13 +343,13 @@ fn smollm2_layer_sweep_traces_edits_scores_and_restores_the_model() {
         "Ulaanbaatar",
     );
     let r = lm
-        .study_case(&unknown, &cfg, &mut |_, _| unreachable!(), &mut |_| true)
+        .study_case(&unknown, &cfg, &mut |_, _| unreachable!(), &mut Quietly)
         .unwrap();
     assert!(r.case.skipped.is_some() && r.edits.is_empty());
     // Bad settings are refused.
     let mut bad = cfg.clone();
     bad.layers = vec![n_layer];
     assert!(lm
-        .study_case(&case, &bad, &mut |_, _| unreachable!(), &mut |_| true)
+        .study_case(&case, &bad, &mut |_, _| unreachable!(), &mut Quietly)
         .is_err());
 }

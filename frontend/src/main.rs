@@ -1,12 +1,13 @@
-//! Loci's web app (leptos, client-side rendered): the Trace, Edit and Benchmark screens. Jobs
-//! run on the engine `loci_frontend::engine` picks: this tab's workers or the server.
+//! Loci's web app (leptos, client-side rendered): the Trace, Edit, Study and Benchmark screens.
+//! Jobs run on the engine `loci_frontend::engine` picks: this tab's workers or the server.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
-use loci_core::edit::{EditReport, EditSide, MemitReport, PromptProbs, RewriteRequest};
+use loci_core::edit::{EditReport, EditSide, MemitReport, PromptProbs, RewriteRequest, TargetStr};
+use loci_core::study::{analyze, StudyLine};
 use loci_core::trace::{TraceHeader, TraceKind, TraceRequest, TraceResult};
 use loci_core::{plot, Prediction};
 use loci_frontend::bench::tab_benchmark;
@@ -15,7 +16,7 @@ use loci_frontend::engine::{
     TabModel, SUBJECTS_URL, TAB_BUDGET_BYTES,
 };
 use loci_frontend::files;
-use loci_frontend::http::{answer, get, post, url_part};
+use loci_frontend::http::{answer, get, post, server_study, url_part};
 use loci_frontend::pool::{cores, pool_size};
 use serde::Deserialize;
 use wasm_bindgen::JsCast;
@@ -44,6 +45,21 @@ struct EditResponse {
     memit: Option<MemitReport>,
     edits: Vec<EditListing>,
 }
+
+/// The study's methods and problems: API name, label.
+const STUDY_METHODS: [(&str, &str); 4] = [
+    ("rome", "ROME"),
+    ("memit", "MEMIT (window 5)"),
+    ("ft-1", "FT-1"),
+    ("ft-5", "FT-5"),
+];
+const STUDY_PROBLEMS: [(&str, &str); 5] = [
+    ("error_injection", "error injection"),
+    ("tracing_reversal", "tracing reversal"),
+    ("fact_erasure", "fact erasure"),
+    ("fact_amplification", "fact amplification"),
+    ("fact_forcing", "fact forcing"),
+];
 
 /// MEMIT's extra facts, one per line: `prompt | subject | new target`.
 fn more_facts(text: &str) -> Result<Vec<RewriteRequest>, String> {
@@ -179,6 +195,20 @@ fn App() -> impl IntoView {
     let (report, set_report) = signal(None::<EditReport>);
     let (memit_report, set_memit_report) = signal(None::<MemitReport>);
     let (edits, set_edits) = signal(Vec::<EditListing>::new());
+    // Study screen (the fact comes from the Edit screen).
+    let (s_true, set_s_true) = signal("Paris".to_string());
+    let (s_methods, set_s_methods) = signal([true, false, false, false]);
+    let (s_problems, set_s_problems) = signal([true, false, false, false, false]);
+    let (s_layers, set_s_layers) = signal(String::new());
+    let (s_all, set_s_all) = signal(false);
+    let (study, set_study) = signal(Vec::<StudyLine>::new());
+    let study_chart = Memo::new(move |_| {
+        study.with(|l| {
+            l.iter()
+                .any(|x| matches!(x, StudyLine::Edit(_)))
+                .then(|| plot::study_svg(&analyze(l)))
+        })
+    });
     let (bench, set_bench) = signal(String::new());
     let (download, set_download) = signal(None::<(u64, u64)>);
 
@@ -521,6 +551,102 @@ fn App() -> impl IntoView {
         });
     };
 
+    let cancel_st = cancel.clone();
+    let on_study_cancel = move |_| cancel_st.set(true);
+    let cancel_s = cancel.clone();
+    let on_study = move |_| {
+        let Some(c) = choice() else { return };
+        if !c.on_server {
+            return say(
+                set_status,
+                "error",
+                "The study edits with the server's key statistics: pick a model the server has.",
+            );
+        }
+        let layers = match layer_list(&s_layers.get_untracked()) {
+            Ok(l) => l,
+            Err(e) => return say(set_status, "error", e),
+        };
+        let mut request = match RewriteRequest::from_prompt(
+            &e_prompt.get_untracked(),
+            &e_subject.get_untracked(),
+            &e_target.get_untracked(),
+        ) {
+            Ok(r) => r,
+            Err(e) => return say(set_status, "error", e.to_string()),
+        };
+        request.target_true = Some(TargetStr::new(s_true.get_untracked()));
+        let pick = |on: &[bool], names: &[&str]| -> Vec<String> {
+            on.iter()
+                .zip(names)
+                .filter(|(b, _)| **b)
+                .map(|(_, n)| n.to_string())
+                .collect()
+        };
+        let methods = pick(&s_methods.get_untracked(), &STUDY_METHODS.map(|m| m.0));
+        let problems = pick(&s_problems.get_untracked(), &STUDY_PROBLEMS.map(|p| p.0));
+        let body = serde_json::json!({
+            "model": c.name,
+            "case": {
+                "case_id": 0, "requested_rewrite": request,
+                "paraphrase_prompts": lines(&e_para.get_untracked()),
+                "neighborhood_prompts": lines(&e_neigh.get_untracked()),
+            },
+            "methods": methods, "problems": problems, "layers": layers,
+            "all_cases": s_all.get_untracked(),
+        });
+        set_study.set(vec![]);
+        set_busy.set(true);
+        cancel_s.set(false);
+        say(
+            set_status,
+            "running",
+            "Studying on the server: tracing the true object…",
+        );
+        let cancel = cancel_s.clone();
+        spawn_local(async move {
+            let outcome = server_study(&body, |line| {
+                let msg = match &line {
+                    StudyLine::Case(c) => match &c.skipped {
+                        Some(why) => format!("Left out: {why}."),
+                        None => "Traced; editing at every layer…".to_string(),
+                    },
+                    StudyLine::Edit(e) => format!(
+                        "{} {} at layer {}: rewrite score {:.2}…",
+                        e.method.name(),
+                        e.problem.name(),
+                        e.layer,
+                        e.scores.rewrite
+                    ),
+                };
+                say(set_status, "running", msg);
+                set_study.update(|l| l.push(line));
+                !cancel.get()
+            })
+            .await;
+            match outcome {
+                Ok(()) => {
+                    let skipped = study.with_untracked(|l| {
+                        l.iter().find_map(|x| match x {
+                            StudyLine::Case(c) => c.skipped.clone(),
+                            _ => None,
+                        })
+                    });
+                    match skipped {
+                        Some(why) => say(
+                            set_status,
+                            "done",
+                            format!("Left out of the study: {why} (tick \"study it anyway\")."),
+                        ),
+                        None => say(set_status, "done", "Study done; every edit was undone."),
+                    }
+                }
+                Err(e) => say(set_status, "error", e),
+            }
+            set_busy.set(false);
+        });
+    };
+
     let on_bench = move |_| {
         set_busy.set(true);
         set_bench.set(String::new());
@@ -552,6 +678,9 @@ fn App() -> impl IntoView {
             set_e_target.set(r.target_new.str.clone());
             set_e_para.set(c.paraphrase_prompts.join("\n"));
             set_e_neigh.set(c.neighborhood_prompts.join("\n"));
+            if let Some(t) = &r.target_true {
+                set_s_true.set(t.str.clone());
+            }
         }
     };
 
@@ -742,6 +871,63 @@ fn App() -> impl IntoView {
                     </section>
                 }
             })}
+
+            <h2>"Study"</h2>
+            <p class="hint">"Does localization inform editing? (Hase et al. 2023). The fact of the Edit screen is traced (its true object's whole probability, MLP window 5), then edited at every chosen layer by every method for every problem; each edit is scored and undone on the server."</p>
+            <section class="controls" aria-label="Study">
+                <label>"True object "
+                    <input id="study-true" size="12" prop:value=s_true on:input=move |ev| set_s_true.set(event_target_value(&ev)) />
+                </label>
+                <fieldset class="kinds">
+                    <legend>"Methods"</legend>
+                    {STUDY_METHODS.iter().enumerate().map(|(i, (name, label))| view! {
+                        <label><input type="checkbox" id=format!("study-method-{name}") prop:checked=move || s_methods.get()[i]
+                            on:change=move |ev| set_s_methods.update(|m| m[i] = event_target_checked(&ev)) />{*label}</label>
+                    }).collect_view()}
+                </fieldset>
+                <fieldset class="kinds">
+                    <legend>"Problems"</legend>
+                    {STUDY_PROBLEMS.iter().enumerate().map(|(i, (name, label))| view! {
+                        <label><input type="checkbox" id=format!("study-problem-{name}") prop:checked=move || s_problems.get()[i]
+                            on:change=move |ev| set_s_problems.update(|p| p[i] = event_target_checked(&ev)) />{*label}</label>
+                    }).collect_view()}
+                </fieldset>
+                <label>"Layers "
+                    <input id="study-layers" size="14" placeholder="every 4th" prop:value=s_layers on:input=move |ev| set_s_layers.set(event_target_value(&ev)) />
+                </label>
+                <label><input type="checkbox" id="study-all" prop:checked=s_all on:change=move |ev| set_s_all.set(event_target_checked(&ev)) />"study it anyway if the model does not know it"</label>
+                <button id="study" on:click=on_study prop:disabled=busy>"Run study"</button>
+                <button id="study-cancel" on:click=on_study_cancel prop:disabled=move || !busy.get()>"Stop"</button>
+            </section>
+            {move || {
+                let l = study.get();
+                let edits: Vec<_> = l.iter().filter_map(|x| match x { StudyLine::Edit(e) => Some(e.clone()), _ => None }).collect();
+                let case = l.iter().find_map(|x| match x { StudyLine::Case(c) => Some(c.clone()), _ => None });
+                case.map(|c| {
+                    let fmt = |v: Option<f32>| v.map_or("—".to_string(), |x| format!("{x:.3}"));
+                    let rows: Vec<_> = edits.iter().map(|e| view! {
+                        <tr><td>{e.method.name()}</td><td>{e.problem.name()}</td><td class="num">{e.layer}</td>
+                            <td class="num">{format!("{:.3}", e.tracing_effect)}</td>
+                            <td class="num">{format!("{:.3}", e.scores.rewrite)}</td>
+                            <td class="num">{fmt(e.scores.paraphrase)}</td>
+                            <td class="num">{fmt(e.scores.neighborhood)}</td>
+                            <td class="num">{format!("{:.1} s", e.seconds)}</td></tr>
+                    }).collect();
+                    view! {
+                        <section id="study-result" data-edits=edits.len().to_string() data-skipped=c.skipped.is_some().to_string()
+                            data-high=c.trace.as_ref().map_or(String::new(), |t| t.high.to_string())>
+                            <p class="hint">{match (&c.skipped, &c.trace) {
+                                (Some(why), _) => format!("Left out: {why}."),
+                                (None, Some(t)) => format!("p({:?}) = {:.3} clean, {:.3} with the subject corrupted.", c.target_true, t.high, t.low),
+                                _ => String::new(),
+                            }}</p>
+                            <div class="curves" inner_html=move || study_chart.get().unwrap_or_default()></div>
+                            <table class="probs"><tr><th>"method"</th><th>"problem"</th><th>"layer"</th><th>"tracing effect"</th>
+                                <th>"rewrite"</th><th>"paraphrase"</th><th>"neighbourhood"</th><th>"time"</th></tr>{rows}</table>
+                        </section>
+                    }
+                })
+            }}
 
             <h2>"Benchmark"</h2>
             <section class="controls">

@@ -2,7 +2,8 @@
 // predict and trace on the server engine, the same trace in the tab's workers (numbers must
 // match), then an edit (computed on the server, applied to the tab's copies: the tab's top
 // prediction changes), undo (it returns exactly), an uploaded edit file, a MEMIT edit of two
-// facts and a fine-tuning edit from the page (each listed, then undone), and a screenshot.
+// facts and a fine-tuning edit from the page (each listed, then undone), a study of the fact
+// (streamed edits, its chart, the model unchanged after), and a screenshot.
 // Usage: node smoke.mjs URL SCREENSHOT.png MODEL   — prints one JSON object.
 import { chromium } from 'playwright-core';
 import { writeFileSync } from 'node:fs';
@@ -92,7 +93,6 @@ try {
   out.memit_facts = Number(await page.getAttribute('#memit-result', 'data-facts'));
   out.memit_listed = Number(await page.getAttribute('#edits', 'data-count'));
   out.memit_label = await page.textContent('#edits p:last-child');
-  await page.screenshot({ path: shot, fullPage: true });
   await page.click('#undo');
   await finish();
   out.memit_undone_top = await predictTop();
@@ -107,6 +107,21 @@ try {
   await page.click('#undo');
   await finish();
   out.ft_undone_top = await predictTop();
+  // Hase et al.'s study of the form's fact (the tiny model does not know it: study it anyway):
+  // ROME and FT-1, error injection and fact erasure, at layers 1 and 2.
+  await page.fill('#study-true', 'Paris');
+  await page.check('#study-all');
+  await page.check('#study-method-ft-1');
+  await page.check('#study-problem-fact_erasure');
+  await page.fill('#study-layers', '1,2');
+  await page.click('#study');
+  const st = await finish();
+  out.study_status = st.text;
+  out.study_edits = Number(await page.getAttribute('#study-result', 'data-edits'));
+  out.study_rows = await page.locator('#study-result table tr').count();
+  out.study_chart = await page.locator('#study-result .curves svg circle').count();
+  await page.screenshot({ path: shot, fullPage: true });
+  out.study_after_top = await predictTop();
   // A second visit runs in the tab from the browser's cache: no model file is fetched again.
   const second = await context.newPage();
   const fetched = [];

@@ -6,7 +6,7 @@ pub mod edit;
 mod eval;
 mod predict;
 mod render;
-mod study;
+pub mod study;
 pub mod trace;
 
 use std::path::{Path, PathBuf};

@@ -10,7 +10,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use loci_core::edit::KeyStats;
 use loci_core::eval::parse_cases;
 use loci_core::study::{
-    analyze, default_layers, EditProblem, StudyAnalysis, StudyConfig, StudyLine, StudyMethod,
+    analyze, default_layers, EditLine, EditProblem, StudyAnalysis, StudyConfig, StudyLine,
+    StudyMethod, StudyObserver,
 };
 use loci_core::trace::NoiseSpec;
 use loci_core::LoadedModel;
@@ -164,6 +165,70 @@ impl StatsCache<'_> {
     }
 }
 
+/// A study of `lm` with the paper's defaults: the model's shipped settings of each method
+/// (ROME's layer, or the middle one, and the window around it where Loci has none), every fourth
+/// layer, ROME's and the last unless `layers` are given, 10 trace samples, the 0.02 and
+/// correctness filters, essence drift.
+pub fn study_config(
+    lm: &LoadedModel,
+    methods: Vec<StudyMethod>,
+    problems: Vec<EditProblem>,
+    layers: &[usize],
+    noise: NoiseSpec,
+    ft: &FtArgs,
+) -> Result<StudyConfig> {
+    let n_layer = lm.model.n_layer();
+    let rome = hparams(lm, None).or_else(|_| hparams(lm, Some(n_layer / 2)))?;
+    let memit = memit_hparams(lm, &[])
+        .or_else(|_| memit_hparams(lm, &StudyMethod::Memit.layers(rome.layer, n_layer)))?;
+    let ft = ft_hparams(lm, &[rome.layer], ft)?;
+    let noise = match noise {
+        NoiseSpec::Relative(f) => f * super::trace::cached_embedding_std(lm, None)?,
+        NoiseSpec::Fixed(s) => s,
+        NoiseSpec::Uniform(_) => bail!("the study's noise is Gaussian: 3x or a σ"),
+    };
+    let layers = if layers.is_empty() {
+        default_layers(n_layer, rome.layer)
+    } else {
+        layers.to_vec()
+    };
+    let cfg = StudyConfig {
+        methods,
+        problems,
+        layers,
+        noise,
+        trace_samples: 10,
+        min_prob: 0.02,
+        correct_only: true,
+        essence: true,
+        noised_samples: 10,
+        seed: 1,
+        rome,
+        memit,
+        ft,
+    };
+    cfg.validate(n_layer)?;
+    Ok(cfg)
+}
+
+/// The progress bar follows the edits.
+struct Progress<'a>(&'a ProgressBar);
+
+impl StudyObserver for Progress<'_> {
+    fn on_edit(&mut self, e: &EditLine) -> bool {
+        self.0.inc(1);
+        self.0.set_message(format!(
+            "case {} {} {} layer {}: rewrite {:.2}",
+            e.case_id,
+            e.method.name(),
+            e.problem.name(),
+            e.layer,
+            e.scores.rewrite
+        ));
+        true
+    }
+}
+
 fn run(a: StudyRunArgs) -> Result<()> {
     let mut lm = a.model.load()?;
     let n_layer = lm.model.n_layer();
@@ -176,41 +241,23 @@ fn run(a: StudyRunArgs) -> Result<()> {
     if cases.is_empty() {
         bail!("no cases in {}", a.dataset.display());
     }
-    let methods: Vec<StudyMethod> = list(&a.methods, &StudyMethod::ALL)?;
-    let problems: Vec<EditProblem> = list(&a.problems, &EditProblem::ALL)?;
-    let mut rome = hparams(&lm, None).or_else(|_| hparams(&lm, Some(n_layer / 2)))?;
-    let mut memit = memit_hparams(&lm, &[])
-        .or_else(|_| memit_hparams(&lm, &StudyMethod::Memit.layers(rome.layer, n_layer)))?;
+    let mut cfg = study_config(
+        &lm,
+        list(&a.methods, &StudyMethod::ALL)?,
+        list(&a.problems, &EditProblem::ALL)?,
+        &a.layers,
+        a.noise.parse()?,
+        &a.ft,
+    )?;
     if let Some(s) = a.v_steps {
-        rome.v_num_grad_steps = s;
-        memit.v_num_grad_steps = s;
+        cfg.rome.v_num_grad_steps = s;
+        cfg.memit.v_num_grad_steps = s;
     }
-    let ft = ft_hparams(&lm, &[rome.layer], &a.ft)?;
-    let noise = match a.noise.parse::<NoiseSpec>()? {
-        NoiseSpec::Relative(f) => f * super::trace::cached_embedding_std(&lm, None)?,
-        NoiseSpec::Fixed(s) => s,
-        NoiseSpec::Uniform(_) => bail!("the study's noise is Gaussian: 3x or a σ"),
-    };
-    let layers = if a.layers.is_empty() {
-        default_layers(n_layer, rome.layer)
-    } else {
-        a.layers.clone()
-    };
-    let cfg = StudyConfig {
-        methods,
-        problems,
-        layers,
-        noise,
-        trace_samples: a.samples,
-        min_prob: a.min_prob,
-        correct_only: !a.all_cases,
-        essence: !a.no_essence,
-        noised_samples: 10,
-        seed: a.seed,
-        rome,
-        memit,
-        ft,
-    };
+    cfg.trace_samples = a.samples;
+    cfg.min_prob = a.min_prob;
+    cfg.correct_only = !a.all_cases;
+    cfg.essence = !a.no_essence;
+    cfg.seed = a.seed;
     cfg.validate(n_layer)?;
 
     let done: BTreeSet<u64> = if a.out.exists() {
@@ -289,18 +336,7 @@ fn run(a: StudyRunArgs) -> Result<()> {
                     .get(lm, layers)
                     .map_err(|e| loci_core::LociError::input(format!("{e:#}")))
             },
-            &mut |e| {
-                pb.inc(1);
-                pb.set_message(format!(
-                    "case {} {} {} layer {}: rewrite {:.2}",
-                    e.case_id,
-                    e.method.name(),
-                    e.problem.name(),
-                    e.layer,
-                    e.scores.rewrite
-                ));
-                true
-            },
+            &mut Progress(&pb),
         )?;
         if result.case.skipped.is_some() {
             skipped += 1;

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use loci_core::edit::{Edit, KeyMode, KeyStats, Probes, RewriteRequest};
 use loci_core::eval::CounterFactCase;
+use loci_core::study::{EditProblem, StudyMethod, StudyObserver};
 use loci_core::trace::{TraceKind, TraceObserver, TraceRequest};
 use loci_core::{LociError, Sampling};
 use serde::{Deserialize, Serialize};
@@ -275,33 +276,50 @@ async fn trace_stream(st: Arc<AppState>, b: TraceBody) -> Response {
         )
         .into_response();
     }
+    sse_job(st, move |st, tx| {
+        let m = model(st, &b.model)?;
+        let guard = read(&m);
+        let lm = &guard.lm;
+        let std = match b.request.noise {
+            loci_core::trace::NoiseSpec::Relative(_) => {
+                Some(crate::cli::trace::cached_embedding_std(lm, None)?)
+            }
+            _ => None,
+        };
+        let mut obs = SseObserver { tx: tx.clone() };
+        Ok(lm.trace(&b.request, std, &mut obs, st.trace_workers)?)
+    })
+    .await
+}
+
+/// Sends `data` as the event `name`; `false` once the client has gone.
+fn send_event<T: Serialize>(tx: &tokio::sync::mpsc::Sender<Event>, name: &str, data: &T) -> bool {
+    match Event::default().event(name).json_data(data) {
+        Ok(ev) => tx.blocking_send(ev).is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// A streamed job: `f` runs behind the queue on a blocking thread and sends its progress events;
+/// its value becomes the final `result` event, its error an `error` event. A client that closes
+/// the stream makes the next send fail, which is how `f` learns to stop.
+async fn sse_job<T, F>(st: Arc<AppState>, f: F) -> Response
+where
+    T: Serialize + Send + 'static,
+    F: FnOnce(&AppState, &tokio::sync::mpsc::Sender<Event>) -> Result<T, ApiError> + Send + 'static,
+{
     let Ok(queued) = st.admission.clone().try_acquire_owned() else {
         return busy().into_response();
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(256);
-    let st2 = st.clone();
     tokio::spawn(async move {
         let _queued = queued;
-        let Ok(_running) = st2.running.clone().acquire_owned().await else {
+        let Ok(_running) = st.running.clone().acquire_owned().await else {
             return;
         };
         let tx2 = tx.clone();
-        let st3 = st2.clone();
-        let outcome =
-            tokio::task::spawn_blocking(move || -> Result<loci_core::TraceResult, ApiError> {
-                let m = model(&st3, &b.model)?;
-                let guard = read(&m);
-                let lm = &guard.lm;
-                let std = match b.request.noise {
-                    loci_core::trace::NoiseSpec::Relative(_) => {
-                        Some(crate::cli::trace::cached_embedding_std(lm, None)?)
-                    }
-                    _ => None,
-                };
-                let mut obs = SseObserver { tx: tx2 };
-                Ok(lm.trace(&b.request, std, &mut obs, st3.trace_workers)?)
-            })
-            .await;
+        let st2 = st.clone();
+        let outcome = tokio::task::spawn_blocking(move || f(&st2, &tx2)).await;
         let event = match outcome {
             Ok(Ok(r)) => Event::default().event("result").json_data(&r),
             Ok(Err(e)) => Event::default()
@@ -331,9 +349,7 @@ struct SseObserver {
 
 impl TraceObserver for SseObserver {
     fn on_start(&mut self, header: &loci_core::trace::TraceHeader) {
-        if let Ok(ev) = Event::default().event("start").json_data(header) {
-            let _ = self.tx.blocking_send(ev);
-        }
+        send_event(&self.tx, "start", header);
     }
     fn on_row(&mut self, kind: TraceKind, token: usize, scores: &[f32]) -> bool {
         // A closed stream (the client left) cancels the trace.
@@ -344,14 +360,15 @@ impl TraceObserver for SseObserver {
             scores: &'a [f32],
         }
         // Serialised as f32, exactly as the final result's grid.
-        match Event::default().event("row").json_data(Row {
-            kind,
-            token,
-            scores,
-        }) {
-            Ok(ev) => self.tx.blocking_send(ev).is_ok(),
-            Err(_) => false,
-        }
+        send_event(
+            &self.tx,
+            "row",
+            &Row {
+                kind,
+                token,
+                scores,
+            },
+        )
     }
 }
 
@@ -779,4 +796,173 @@ pub async fn model_file(
         Ok(r) => r.into_response(),
         Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
+}
+
+/// Edits one study request may make (each a full edit, scored and undone).
+const MAX_STUDY_EDITS: usize = 48;
+
+fn default_study_methods() -> Vec<StudyMethod> {
+    vec![StudyMethod::Rome]
+}
+
+fn default_study_problems() -> Vec<EditProblem> {
+    vec![EditProblem::ErrorInjection]
+}
+
+fn default_study_samples() -> usize {
+    10
+}
+
+#[derive(Deserialize)]
+pub struct StudyBody {
+    model: String,
+    /// A CounterFact case: its rewrite (with `target_true`), first paraphrase and neighbour
+    /// prompts are scored.
+    case: CounterFactCase,
+    #[serde(default = "default_study_methods")]
+    methods: Vec<StudyMethod>,
+    #[serde(default = "default_study_problems")]
+    problems: Vec<EditProblem>,
+    /// Central layers; default: every fourth, ROME's layer and the last.
+    #[serde(default)]
+    layers: Vec<usize>,
+    #[serde(default = "default_study_samples")]
+    samples: usize,
+    /// Study the fact even if the model does not know it.
+    #[serde(default)]
+    all_cases: bool,
+    /// Measure essence drift (5 generated texts, rescored after each edit).
+    #[serde(default)]
+    essence: bool,
+}
+
+#[derive(Serialize)]
+struct StudyResult {
+    case: loci_core::study::CaseLine,
+    edits: Vec<loci_core::study::EditLine>,
+    analysis: loci_core::study::StudyAnalysis,
+}
+
+struct SseStudy {
+    tx: tokio::sync::mpsc::Sender<Event>,
+}
+
+impl StudyObserver for SseStudy {
+    fn on_case(&mut self, case: &loci_core::study::CaseLine) {
+        send_event(&self.tx, "case", case);
+    }
+    fn on_edit(&mut self, edit: &loci_core::study::EditLine) -> bool {
+        send_event(&self.tx, "edit", edit)
+    }
+}
+
+pub async fn study_get(
+    State(st): State<Arc<AppState>>,
+    query: axum::extract::Query<TraceQuery>,
+) -> Response {
+    match serde_json::from_str::<StudyBody>(&query.q) {
+        Ok(b) => study_stream(st, b).await,
+        Err(e) => bad(format!("bad request: {e}")).into_response(),
+    }
+}
+
+/// Hase et al.'s layer sweep on one fact, streamed: `case` (the fact traced, or why it is left
+/// out), an `edit` per scored edit, then `result` (the case, its edits and their analysis) or
+/// `error`. Every edit is undone; closing the stream stops the sweep after the current edit.
+pub async fn study(
+    State(st): State<Arc<AppState>>,
+    b: Result<Json<StudyBody>, JsonRejection>,
+) -> Response {
+    match body(b) {
+        Ok(b) => study_stream(st, b).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn study_stream(st: Arc<AppState>, b: StudyBody) -> Response {
+    let c = &b.case;
+    let cells = b.methods.len() * b.problems.len() * b.layers.len().max(1);
+    let refusal = if b.methods.is_empty() || b.problems.is_empty() {
+        Some(bad("a study needs at least one method and one problem"))
+    } else if cells > MAX_STUDY_EDITS {
+        Some(bad(format!(
+            "a study request makes at most {MAX_STUDY_EDITS} edits (methods × problems × layers)"
+        )))
+    } else if b.samples == 0 || b.samples > 64 {
+        Some(bad("samples must be 1..=64"))
+    } else if c.requested_rewrite.target_true.is_none() {
+        Some(bad(
+            "the case needs its true target (requested_rewrite.target_true)",
+        ))
+    } else if c.paraphrase_prompts.len() + c.neighborhood_prompts.len() > MAX_PROBES {
+        Some(bad("the case has too many prompts"))
+    } else if st.registry.names().iter().all(|n| n != &b.model) {
+        Some(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("unknown model {:?}", b.model),
+        ))
+    } else {
+        std::iter::once(&c.requested_rewrite.prompt)
+            .chain(&c.paraphrase_prompts)
+            .chain(&c.neighborhood_prompts)
+            .find_map(|p| check_prompt(p).err())
+    };
+    if let Some(e) = refusal {
+        return e.into_response();
+    }
+    sse_job(st, move |st, tx| {
+        let m = model(st, &b.model)?;
+        // The sweep applies and undoes edits: no one else may see the model meanwhile.
+        let mut state = write(&m);
+        let defaults = crate::cli::edit::FtArgs {
+            norm_constraint: None,
+            ft_objective: None,
+        };
+        let mut cfg = crate::cli::study::study_config(
+            &state.lm,
+            b.methods.clone(),
+            b.problems.clone(),
+            &b.layers,
+            loci_core::trace::NoiseSpec::Relative(3.0),
+            &defaults,
+        )
+        .map_err(|e| bad(format!("{e:#}")))?;
+        cfg.trace_samples = b.samples;
+        cfg.correct_only = !b.all_cases;
+        if b.all_cases {
+            cfg.min_prob = 0.0;
+        }
+        cfg.essence = b.essence;
+        if cfg.cells().len() > MAX_STUDY_EDITS {
+            return Err(bad(format!(
+                "a study request makes at most {MAX_STUDY_EDITS} edits; the default layers make {} here: name fewer \"layers\"",
+                cfg.cells().len()
+            )));
+        }
+        let mut obs = SseStudy { tx: tx.clone() };
+        let result = state.lm.study_case(
+            &b.case,
+            &cfg,
+            &mut |lm, layers| {
+                layers_stats(st, &b.model, lm, layers).map_err(|e| LociError::input(e.message))
+            },
+            &mut obs,
+        )?;
+        let lines = [loci_core::study::StudyLine::Case(result.case.clone())]
+            .into_iter()
+            .chain(
+                result
+                    .edits
+                    .iter()
+                    .cloned()
+                    .map(loci_core::study::StudyLine::Edit),
+            )
+            .collect::<Vec<_>>();
+        Ok(StudyResult {
+            analysis: loci_core::study::analyze(&lines),
+            case: result.case,
+            edits: result.edits,
+        })
+    })
+    .await
 }

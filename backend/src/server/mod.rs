@@ -70,6 +70,7 @@ pub fn router(state: Arc<AppState>, dist: PathBuf, static_dir: PathBuf) -> Route
         .route("/api/undo", post(api::undo))
         .route("/api/edits/{id}/file", get(api::edit_file))
         .route("/api/eval", post(api::eval_case))
+        .route("/api/study", post(api::study).get(api::study_get))
         .route("/api/models/{name}/files/{file}", get(api::model_file))
         .route("/api/openapi.json", get(api::openapi))
         .layer(DefaultBodyLimit::max(64 * 1024))

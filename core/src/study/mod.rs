@@ -2,15 +2,16 @@
 //! edit's success with the tracing effect at its layer, and fit the regressions that show
 //! whether tracing predicts success beyond the layer itself.
 
+pub mod analysis;
 pub mod problem;
 pub mod regress;
 pub mod score;
+pub mod sweep;
 
+pub use analysis::{analyze, Condition, LayerMeans, Metric, StudyAnalysis};
 pub use problem::{EditProblem, ProblemCase, SubjectNoise};
 pub use score::{hase_scores, HaseScores, NoisedScoring, ProblemProbs};
-pub mod sweep;
 pub use sweep::{
-    default_layers, CaseLine, CaseResult, CaseTrace, EditLine, StudyConfig, StudyLine, StudyMethod,
+    default_layers, CaseLine, CaseResult, CaseTrace, EditLine, Quietly, StudyConfig, StudyLine,
+    StudyMethod, StudyObserver,
 };
-pub mod analysis;
-pub use analysis::{analyze, Condition, LayerMeans, Metric, StudyAnalysis};

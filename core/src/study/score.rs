@@ -32,7 +32,9 @@ pub struct NoisedScoring {
 impl LoadedModel {
     /// The probabilities Hase et al. score, as the model is now. With `noised`, prompts that
     /// contain the subject are scored with it corrupted (its span found in each prompt, not
-    /// copied from the first); neighbourhood prompts are about other subjects and stay clean.
+    /// copied from the first); a paraphrase that does not spell the subject as the request does
+    /// cannot be corrupted and is not scored. Neighbourhood prompts are about other subjects and
+    /// stay clean.
     pub fn problem_probs(
         &self,
         case: &CounterFactCase,
@@ -41,7 +43,10 @@ impl LoadedModel {
     ) -> Result<ProblemProbs> {
         let rw = &case.requested_rewrite;
         let mut prompts = vec![(rw.filled(), true)];
-        let para = case.paraphrase_prompts.first();
+        let para = case
+            .paraphrase_prompts
+            .first()
+            .filter(|p| noised.is_none() || p.contains(rw.subject.trim()));
         let neigh = case.neighborhood_prompts.first();
         prompts.extend(para.map(|p| (p.clone(), true)));
         prompts.extend(neigh.map(|p| (p.clone(), false)));

@@ -271,6 +271,20 @@ impl CaseResult {
     }
 }
 
+/// What a study run reports as it goes.
+pub trait StudyObserver {
+    /// The case is in the study (or left out, with the reason) and traced.
+    fn on_case(&mut self, _case: &CaseLine) {}
+    /// One edit is scored (and undone); `false` cancels the run.
+    fn on_edit(&mut self, _edit: &EditLine) -> bool {
+        true
+    }
+}
+
+/// Reports nothing.
+pub struct Quietly;
+impl StudyObserver for Quietly {}
+
 /// Key statistics of the asked layers of the (unedited) model handed over.
 pub type StatsFor<'a> = dyn FnMut(&LoadedModel, &[usize]) -> Result<Vec<KeyStats>> + 'a;
 
@@ -282,14 +296,14 @@ const ESSENCE_LEN: usize = 100;
 impl LoadedModel {
     /// Runs the study on one case: filter, trace, then every (method, problem, layer) edit —
     /// each applied, scored and undone, so the model ends as it began. `stats` gives the key
-    /// statistics of the layers asked (of the unedited model it is handed); `on_edit` sees each
-    /// edit as it is scored and returns `false` to cancel.
+    /// statistics of the layers asked (of the unedited model it is handed); `obs` sees the case
+    /// once it is traced and each edit as it is scored, and may cancel.
     pub fn study_case(
         &mut self,
         case: &CounterFactCase,
         cfg: &StudyConfig,
         stats: &mut StatsFor,
-        on_edit: &mut dyn FnMut(&EditLine) -> bool,
+        obs: &mut dyn StudyObserver,
     ) -> Result<CaseResult> {
         let n_layer = self.model.n_layer();
         cfg.validate(n_layer)?;
@@ -324,6 +338,7 @@ impl LoadedModel {
             line.skipped = Some("the model's continuation lacks the true object".into());
         }
         if line.skipped.is_some() {
+            obs.on_case(&line);
             return Ok(CaseResult {
                 case: line,
                 edits: vec![],
@@ -368,6 +383,8 @@ impl LoadedModel {
             None
         };
 
+        line.trace = Some(trace.clone());
+        obs.on_case(&line);
         let noise = SubjectNoise {
             sigma: cfg.noise,
             seed: cfg.seed,
@@ -432,14 +449,13 @@ impl LoadedModel {
                         }
                     }
                     e.seconds = crate::clock::now_seconds() - started;
-                    if !on_edit(&e) {
+                    if !obs.on_edit(&e) {
                         return Err(LociError::Cancelled);
                     }
                     edits.push(e);
                 }
             }
         }
-        line.trace = Some(trace);
         Ok(CaseResult { case: line, edits })
     }
 }
