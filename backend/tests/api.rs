@@ -52,6 +52,24 @@ fn serve(extra: &[&str]) -> Server {
     Server { child, base }
 }
 
+/// A server that can edit: key statistics from 2000 tokens of the Wikipedia sample, kept in a
+/// fresh temporary folder (returned, for the test to remove).
+fn serve_editing(name: &str) -> (Server, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("loci-api-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let corpus = root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
+    let stats = dir.join("stats");
+    let s = serve(&[
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--stats",
+        stats.to_str().unwrap(),
+        "--stats-tokens",
+        "2000",
+    ]);
+    (s, dir)
+}
+
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -349,18 +367,7 @@ fn top_prob(base: &str, prompt: &str) -> (u64, f64) {
 
 #[test]
 fn edits_apply_list_download_undo_and_reapply() {
-    let dir = std::env::temp_dir().join(format!("loci-api-edit-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let corpus = root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
-    let stats = dir.join("stats");
-    let s = serve(&[
-        "--corpus",
-        corpus.to_str().unwrap(),
-        "--stats",
-        stats.to_str().unwrap(),
-        "--stats-tokens",
-        "2000",
-    ]);
+    let (s, dir) = serve_editing("edit");
     let prompt = "The Eiffel Tower is located in the city of";
     let before = top_prob(&s.base, prompt);
     let edit = serde_json::json!({
@@ -380,7 +387,7 @@ fn edits_apply_list_download_undo_and_reapply() {
     assert_eq!(r["after"]["paraphrase"].as_array().unwrap().len(), 1);
     assert_eq!(r["generations"]["after"].as_array().unwrap().len(), 2);
     assert!(
-        stats.join("layer2.safetensors").exists(),
+        dir.join("stats/layer2.safetensors").exists(),
         "statistics computed and cached"
     );
     // The served model is edited: predict sees it, and the listing shows it.
@@ -529,7 +536,7 @@ fn edits_apply_list_download_undo_and_reapply() {
         );
         assert_eq!(q["after"]["neighborhood"].as_array().unwrap().len(), 1);
     }
-    assert!(stats.join("layer1.safetensors").exists());
+    assert!(dir.join("stats/layer1.safetensors").exists());
     assert_ne!(top_prob(&s.base, prompt), before);
     let (_, list) = get_json(&s.base, "/api/edits?model=tiny-gpt2");
     assert_eq!(list[0]["method"], "memit");
@@ -644,18 +651,7 @@ fn model_files_are_served_with_ranges_and_nothing_else() {
 
 #[test]
 fn a_study_streams_its_case_and_edits_and_leaves_the_model_as_it_was() {
-    let dir = std::env::temp_dir().join(format!("loci-api-study-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let corpus = root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
-    let stats = dir.join("stats");
-    let s = serve(&[
-        "--corpus",
-        corpus.to_str().unwrap(),
-        "--stats",
-        stats.to_str().unwrap(),
-        "--stats-tokens",
-        "2000",
-    ]);
+    let (s, dir) = serve_editing("study");
     let prompt = "The Eiffel Tower is located in the city of";
     let before = top_prob(&s.base, prompt);
     let case = serde_json::json!({

@@ -4,18 +4,12 @@
 
 mod common;
 
-use candle_core::{DType, Device};
 use loci_core::edit::{Edit, FtHparams, FtObjective, RewriteRequest};
 use loci_core::LoadedModel;
 
 #[test]
 fn the_constraint_holds_and_the_edit_undoes_exactly() {
-    let mut lm = LoadedModel::load(
-        &common::fixtures().join("tiny-gpt2"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut lm = common::tiny("tiny-gpt2");
     let req = common::request(
         "{} is located in the city of",
         "Eiffel Tower",
@@ -97,12 +91,7 @@ fn the_constraint_holds_and_the_edit_undoes_exactly() {
     lm.undo_edit(applied).unwrap();
 
     // A model without MLP biases refuses an edit that changes one, and changes nothing.
-    let mut llama = LoadedModel::load(
-        &common::fixtures().join("tiny-llama"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut llama = common::tiny("tiny-llama");
     let llama0 = common::down_bits(&llama);
     assert!(llama.apply(&Edit::Ft(e)).is_err());
     assert_eq!(common::down_bits(&llama), llama0);

@@ -2,13 +2,11 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use loci_core::hooks::{patch_rows, Capture, Chain, FnHook, Patch};
-use loci_core::{LoadedModel, LogitsAt, NoHook, Site};
+use loci_core::{LogitsAt, NoHook, Site};
 
-fn tiny(name: &str) -> LoadedModel {
-    LoadedModel::load(&common::fixtures().join(name), DType::F32, &Device::Cpu).unwrap()
-}
+use common::tiny;
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)

@@ -3,7 +3,7 @@
 
 mod common;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use loci_core::edit::{Edit, KeyStats, MemitHparams, RewriteRequest};
 use loci_core::hooks::Site;
 use loci_core::LoadedModel;
@@ -19,12 +19,7 @@ fn f64s(t: &candle_core::Tensor) -> Vec<f64> {
 
 #[test]
 fn the_update_is_the_regularised_least_squares_solution_and_undoes_exactly() {
-    let mut lm = LoadedModel::load(
-        &common::fixtures().join("tiny-gpt2"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut lm = common::tiny("tiny-gpt2");
     let layers = vec![1, 2];
     let st = common::key_stats(&lm, &layers, 40, 64);
     let reqs = vec![
@@ -191,12 +186,7 @@ fn shipped_hyperparameters_match_the_papers() {
     let hp = MemitHparams::for_model(&xl).unwrap();
     assert_eq!(hp.layers, vec![13, 14, 15, 16, 17]);
     assert_eq!((hp.mom2_update_weight, hp.v_num_grad_steps), (20000.0, 20));
-    let tiny = LoadedModel::load(
-        &common::fixtures().join("tiny-gpt2"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let tiny = common::tiny("tiny-gpt2");
     assert!(MemitHparams::for_model(&tiny.model.cfg).is_none());
 }
 

@@ -76,12 +76,7 @@ fn eiffel_tower_moves_to_rome() {
 }
 
 fn tiny() -> LoadedModel {
-    LoadedModel::load(
-        &common::fixtures().join("tiny-gpt2"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
+    common::tiny("tiny-gpt2")
 }
 
 #[test]

@@ -7,9 +7,7 @@ use candle_core::{DType, Device};
 use loci_core::trace::{NoiseSpec, Quiet, TraceKind, TraceObserver, TraceRequest};
 use loci_core::LoadedModel;
 
-fn tiny(name: &str) -> LoadedModel {
-    LoadedModel::load(&common::fixtures().join(name), DType::F32, &Device::Cpu).unwrap()
-}
+use common::tiny;
 
 #[test]
 fn fast_path_equals_naive_path_for_every_kind_and_family() {

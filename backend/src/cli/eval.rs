@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use loci_core::edit::{Edit, FtHparams, KeyStats, MemitHparams, RomeHparams};
-use loci_core::eval::{parse_cases, summarize, AttributeSnippets, CaseRecord, Consistency};
+use loci_core::eval::{
+    parse_cases, summarize, AttributeSnippets, CaseRecord, Consistency, CounterFactCase,
+};
 
 use super::edit::{ft_hparams, hparams, memit_hparams, FtArgs, StatsSource};
 use super::{print_json, ModelArgs};
@@ -129,20 +131,26 @@ fn consistency(snippets: &std::path::Path, src: &StatsSource) -> Result<Consiste
     Ok(Consistency { idf, snippets })
 }
 
+/// The first `n` (default: all) CounterFact cases of a file; none is an error.
+pub fn read_cases(path: &std::path::Path, n: Option<usize>) -> Result<Vec<CounterFactCase>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut cases = parse_cases(&text)?;
+    if let Some(n) = n {
+        cases.truncate(n);
+    }
+    if cases.is_empty() {
+        bail!("no cases in {}", path.display());
+    }
+    Ok(cases)
+}
+
 pub fn eval(a: EvalArgs) -> Result<()> {
     if a.batch == 0 {
         bail!("--batch must be at least 1");
     }
     let mut lm = a.model.load()?;
-    let text = std::fs::read_to_string(&a.dataset)
-        .with_context(|| format!("reading {}", a.dataset.display()))?;
-    let mut cases = parse_cases(&text)?;
-    if let Some(n) = a.n {
-        cases.truncate(n);
-    }
-    if cases.is_empty() {
-        bail!("no cases in {}", a.dataset.display());
-    }
+    let cases = read_cases(&a.dataset, a.n)?;
     let method = match a.method.as_str() {
         "rome" => {
             if !a.layers.is_empty() || a.batch != 1 {

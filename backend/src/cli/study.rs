@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use loci_core::edit::KeyStats;
-use loci_core::eval::parse_cases;
 use loci_core::study::{
     analyze, default_layers, EditLine, EditProblem, StudyAnalysis, StudyConfig, StudyLine,
     StudyMethod, StudyObserver,
@@ -68,6 +67,7 @@ pub struct StudyRunArgs {
     /// Skip the essence-drift score (5 generated texts per case, rescored after every edit).
     #[arg(long)]
     pub no_essence: bool,
+    /// Seed of the subject noise and of the essence texts.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// ROME / MEMIT: v* optimisation steps (default: the model's settings).
@@ -168,7 +168,8 @@ impl StatsCache<'_> {
 /// A study of `lm` with the paper's defaults: the model's shipped settings of each method
 /// (ROME's layer, or the middle one, and the window around it where Loci has none), every fourth
 /// layer, ROME's and the last unless `layers` are given, 10 trace samples, the 0.02 and
-/// correctness filters, essence drift.
+/// correctness filters, essence drift, and fine-tuning with Hase et al.'s sequence objective
+/// unless `ft` names another.
 pub fn study_config(
     lm: &LoadedModel,
     methods: Vec<StudyMethod>,
@@ -181,7 +182,11 @@ pub fn study_config(
     let rome = hparams(lm, None).or_else(|_| hparams(lm, Some(n_layer / 2)))?;
     let memit = memit_hparams(lm, &[])
         .or_else(|_| memit_hparams(lm, &StudyMethod::Memit.layers(rome.layer, n_layer)))?;
-    let ft = ft_hparams(lm, &[rome.layer], ft)?;
+    let mut ft_hp = ft_hparams(lm, &[rome.layer], ft)?;
+    if ft.ft_objective.is_none() {
+        // Hase et al.'s FT: the target sequence's NLL, teacher-forced.
+        ft_hp.objective = loci_core::edit::FtObjective::Sequence;
+    }
     let noise = match noise {
         NoiseSpec::Relative(f) => f * super::trace::cached_embedding_std(lm, None)?,
         NoiseSpec::Fixed(s) => s,
@@ -205,7 +210,7 @@ pub fn study_config(
         seed: 1,
         rome,
         memit,
-        ft,
+        ft: ft_hp,
     };
     cfg.validate(n_layer)?;
     Ok(cfg)
@@ -232,15 +237,7 @@ impl StudyObserver for Progress<'_> {
 fn run(a: StudyRunArgs) -> Result<()> {
     let mut lm = a.model.load()?;
     let n_layer = lm.model.n_layer();
-    let text = std::fs::read_to_string(&a.dataset)
-        .with_context(|| format!("reading {}", a.dataset.display()))?;
-    let mut cases = parse_cases(&text)?;
-    if let Some(n) = a.n {
-        cases.truncate(n);
-    }
-    if cases.is_empty() {
-        bail!("no cases in {}", a.dataset.display());
-    }
+    let cases = super::eval::read_cases(&a.dataset, a.n)?;
     let mut cfg = study_config(
         &lm,
         list(&a.methods, &StudyMethod::ALL)?,

@@ -37,7 +37,8 @@ pub struct MemitHparams {
     pub seed: u64,
     #[serde(default)]
     pub direction: super::Direction,
-    /// σ of noise on the subject's embeddings while each z is optimised (fact forcing).
+    /// σ of noise on the subject's embeddings while each z is optimised and the keys are read
+    /// (fact forcing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject_noise: Option<f64>,
 }
@@ -340,6 +341,7 @@ impl LoadedModel {
         lap("templates");
 
         let z_site = spec.site;
+        let noise = spec.subject_noise;
         let mut zs = vec![];
         let mut z_losses = vec![];
         for (i, (r, t)) in reqs.iter().zip(&targets).enumerate() {
@@ -361,9 +363,16 @@ impl LoadedModel {
                 let mut residuals = vec![];
                 for (r, z) in reqs.iter().zip(&zs) {
                     // The bare prompt's key and current output, then the contexts' keys.
-                    let bare = lm.subject_states(r, &[Site::MlpKey(l), z_site], &templates[..1])?;
+                    let bare = lm.subject_states_noised(
+                        r,
+                        &[Site::MlpKey(l), z_site],
+                        &templates[..1],
+                        noise,
+                    )?;
                     let key = if templates.len() > 1 {
-                        let ctx = lm.subject_key(r, l, &templates[1..])?;
+                        let ctx = lm
+                            .subject_states_noised(r, &[Site::MlpKey(l)], &templates[1..], noise)?
+                            .remove(0);
                         ((&bare[0] + ctx)? * 0.5)?
                     } else {
                         bare[0].clone()

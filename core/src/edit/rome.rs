@@ -102,8 +102,8 @@ pub struct RomeHparams {
     pub seed: u64,
     #[serde(default)]
     pub direction: super::Direction,
-    /// σ of Gaussian noise on the subject's embeddings while v* is optimised (Hase et al.'s
-    /// fact forcing): the edit must hold when the subject is unreadable.
+    /// σ of Gaussian noise on the subject's embeddings while k* is read and v* optimised (Hase
+    /// et al.'s fact forcing): the edit must hold when the subject is unreadable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject_noise: Option<f64>,
 }
@@ -549,6 +549,18 @@ impl LoadedModel {
         sites: &[Site],
         templates: &[String],
     ) -> Result<Vec<Tensor>> {
+        self.subject_states_noised(req, sites, templates, None)
+    }
+
+    /// `subject_states` with the subject's embeddings noised (σ, seed) in every row: what the
+    /// layers see of a corrupted subject (fact forcing edits keys as the noised model reads them).
+    pub fn subject_states_noised(
+        &self,
+        req: &RewriteRequest,
+        sites: &[Site],
+        templates: &[String],
+        noise: Option<(f64, u64)>,
+    ) -> Result<Vec<Tensor>> {
         let filled: Vec<String> = templates
             .iter()
             .map(|t| t.replacen("{}", &req.prompt, 1))
@@ -559,8 +571,22 @@ impl LoadedModel {
             .max_by_key(|s| s.order())
             .ok_or_else(|| LociError::input("no site to read"))?;
         let mut cap = Capture::new(sites.iter().copied()).stopping_after(last);
-        self.model
-            .run(&pad_rows(self, &tx.ids, 0)?, &mut cap, None, LogitsAt::Last)?;
+        let mut noise = match noise {
+            Some((sigma, seed)) => crate::trace::noise::subject_noise(
+                &rows_spans(&tx.spans),
+                sigma,
+                self.model.cfg.d_model,
+                &self.model.device,
+                seed,
+            )?,
+            None => crate::hooks::Patch::empty(Site::Embed),
+        };
+        self.model.run(
+            &pad_rows(self, &tx.ids, 0)?,
+            &mut Chain(vec![&mut noise, &mut cap]),
+            None,
+            LogitsAt::Last,
+        )?;
         let cells: Vec<(usize, usize)> = tx.lookup.iter().copied().enumerate().collect();
         sites
             .iter()
@@ -614,7 +640,13 @@ impl LoadedModel {
         lap("templates");
 
         // k* and u.
-        let k_star = self.subject_key(req, l, &templates)?;
+        let noise = hp.subject_noise.map(|s| (s, hp.seed));
+        let key_of = |templates: &[String]| -> Result<Tensor> {
+            Ok(self
+                .subject_states_noised(req, &[Site::MlpKey(l)], templates, noise)?
+                .remove(0))
+        };
+        let k_star = key_of(&templates)?;
         let k_vec: Vec<f64> = k_star.to_vec1::<f32>()?.iter().map(|&x| x as f64).collect();
         let u = match &factor {
             Some(f) => f.solve(&k_vec)?,
@@ -636,7 +668,7 @@ impl LoadedModel {
         let down = m.down_proj(l)?;
         let key = match hp.key_mode {
             KeyMode::Rrome => k_star.clone(),
-            KeyMode::Original => self.subject_key(req, l, &["{}".to_string()])?,
+            KeyMode::Original => key_of(&["{}".to_string()])?,
         };
         let current = down
             .forward(&key.to_dtype(m.dtype)?.reshape((1, 1, m.cfg.d_ff))?)?

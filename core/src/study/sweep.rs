@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::problem::{EditProblem, SubjectNoise};
 use super::score::{essence_score, hase_scores, HaseScores, NoisedScoring, ProblemProbs};
-use crate::edit::{Edit, FtHparams, FtObjective, KeyStats, MemitHparams, RomeHparams};
+use crate::edit::{Edit, FtHparams, KeyStats, MemitHparams, RomeHparams};
 use crate::error::{LociError, Result};
 use crate::eval::CounterFactCase;
 use crate::loader::LoadedModel;
@@ -109,6 +109,7 @@ pub struct StudyConfig {
     pub noised_samples: usize,
     pub seed: u64,
     /// The base settings of each method; the study sets their layers (and §8.5's overrides).
+    /// Hase et al.'s FT uses the `sequence` objective.
     pub rome: RomeHparams,
     pub memit: MemitHparams,
     pub ft: FtHparams,
@@ -182,7 +183,6 @@ impl StudyConfig {
             StudyMethod::Ft1 | StudyMethod::Ft5 => {
                 let mut hp = self.ft.clone();
                 hp.layers = layers.to_vec();
-                hp.objective = FtObjective::Sequence;
                 hp.direction = problem.direction();
                 hp.subject_noise = noise;
                 if problem.noised() {

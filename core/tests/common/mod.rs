@@ -13,6 +13,16 @@ pub fn fixtures() -> PathBuf {
     root().join("tests/fixtures")
 }
 
+/// A test model of `tests/fixtures` (`tiny-gpt2`, `tiny-gptj`, `tiny-llama`), f32 on the CPU.
+pub fn tiny(name: &str) -> loci_core::LoadedModel {
+    loci_core::LoadedModel::load(
+        &fixtures().join(name),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+}
+
 pub fn read_json(p: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
 }
