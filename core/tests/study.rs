@@ -348,3 +348,49 @@ fn smollm2_layer_sweep_traces_edits_scores_and_restores_the_model() {
         .study_case(&case, &bad, &mut |_, _| unreachable!(), &mut Quietly)
         .is_err());
 }
+
+#[test]
+fn an_edit_that_cannot_be_made_is_recorded_and_the_sweep_goes_on() {
+    let mut lm = tiny();
+    let stats = common::key_stats(&lm, &[1], 10, 64);
+    let mut case = eiffel();
+    // ROME needs the prompt to go on after the subject; fine-tuning does not.
+    case.requested_rewrite = common::request("We visited {}", "the Eiffel Tower", "Rome", "Paris");
+    let mut rome = RomeHparams::at_layer(1);
+    rome.context_templates = vec![];
+    let mut ft = FtHparams::at_layers(vec![1], Some(1e-2));
+    ft.steps = 3;
+    let cfg = StudyConfig {
+        methods: vec![StudyMethod::Rome, StudyMethod::Ft1],
+        problems: vec![EditProblem::ErrorInjection],
+        layers: vec![1],
+        noise: 0.5,
+        trace_samples: 2,
+        min_prob: 0.0,
+        correct_only: false,
+        essence: false,
+        noised_samples: 2,
+        seed: 1,
+        rome,
+        memit: loci_core::edit::MemitHparams::at_layers(vec![1]),
+        ft,
+    };
+    let bits0 = common::down_bits(&lm);
+    let r = lm
+        .study_case(&case, &cfg, &mut |_, _| Ok(stats.clone()), &mut Quietly)
+        .unwrap();
+    assert_eq!(r.edits.len(), 2);
+    let (rome, ft) = (&r.edits[0], &r.edits[1]);
+    assert!(
+        rome.error
+            .as_deref()
+            .unwrap()
+            .contains("continue after the subject"),
+        "{rome:?}"
+    );
+    assert!(ft.error.is_none() && ft.post.rewrite > 0.0, "{ft:?}");
+    assert_eq!(common::down_bits(&lm), bits0);
+    // The analysis leaves the failed edit out and counts it.
+    let an = analyze(&r.lines());
+    assert_eq!((an.edits, an.failed_edits), (2, 1));
+}

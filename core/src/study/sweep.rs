@@ -249,6 +249,41 @@ pub struct EditLine {
     pub error: Option<String>,
 }
 
+impl EditLine {
+    /// The line of an edit not (yet) scored.
+    fn unscored(
+        case_id: u64,
+        method: StudyMethod,
+        problem: EditProblem,
+        layer: usize,
+        n_layer: usize,
+    ) -> Self {
+        Self {
+            case_id,
+            method,
+            problem,
+            layer,
+            edited_layers: method.layers(layer, n_layer),
+            target: String::new(),
+            tracing_effect: 0.0,
+            subject_last_effect: 0.0,
+            pre: ProblemProbs::default(),
+            post: ProblemProbs::default(),
+            scores: HaseScores::default(),
+            essence_ppl_post: None,
+            essence_score: None,
+            seconds: 0.0,
+            error: None,
+        }
+    }
+
+    /// Joins the case's tracing effects at the edit's central layer.
+    fn note_trace(&mut self, trace: &CaseTrace) {
+        self.tracing_effect = trace.max_fraction_restored[self.layer];
+        self.subject_last_effect = trace.subject_last_fraction[self.layer];
+    }
+}
+
 /// A line of a study's JSONL output.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "record", rename_all = "snake_case")]
@@ -391,12 +426,35 @@ impl LoadedModel {
         };
         let mut edits = vec![];
         for &problem in &cfg.problems {
-            let pc = self.problem_case(case, problem, noise)?;
             let scoring = problem.noised().then_some(NoisedScoring {
                 noise,
                 samples: cfg.noised_samples,
             });
-            let pre = self.problem_probs(case, pc.target(), scoring)?;
+            // A case this problem cannot pose (the noised model says nothing, a prompt without
+            // room for the target…) gets its edits' lines with the reason, not the run's end.
+            let posed = self.problem_case(case, problem, noise).and_then(|pc| {
+                let pre = self.problem_probs(case, pc.target(), scoring)?;
+                Ok((pc, pre))
+            });
+            let (pc, pre) = match posed {
+                Ok(p) => p,
+                Err(LociError::Cancelled) => return Err(LociError::Cancelled),
+                Err(err) => {
+                    for &method in &cfg.methods {
+                        for &central in &cfg.layers {
+                            let mut e =
+                                EditLine::unscored(case.case_id, method, problem, central, n_layer);
+                            e.note_trace(&trace);
+                            e.error = Some(err.to_string());
+                            if !obs.on_edit(&e) {
+                                return Err(LociError::Cancelled);
+                            }
+                            edits.push(e);
+                        }
+                    }
+                    continue;
+                }
+            };
             for &method in &cfg.methods {
                 for &central in &cfg.layers {
                     let started = crate::clock::now_seconds();
@@ -406,27 +464,15 @@ impl LoadedModel {
                     } else {
                         vec![]
                     };
-                    let mut e = EditLine {
-                        case_id: case.case_id,
-                        method,
-                        problem,
-                        layer: central,
-                        edited_layers: layers.clone(),
-                        target: pc.target().to_string(),
-                        tracing_effect: trace.max_fraction_restored[central],
-                        subject_last_effect: trace.subject_last_fraction[central],
-                        pre: pre.clone(),
-                        post: ProblemProbs::default(),
-                        scores: HaseScores::default(),
-                        essence_ppl_post: None,
-                        essence_score: None,
-                        seconds: 0.0,
-                        error: None,
-                    };
+                    let mut e = EditLine::unscored(case.case_id, method, problem, central, n_layer);
+                    e.note_trace(&trace);
+                    e.target = pc.target().to_string();
+                    e.pre = pre.clone();
                     match cfg.edit(self, method, problem, &layers, &pc.request, &st) {
-                        // A diverged optimisation is a result of the sweep, not its end.
-                        Err(LociError::Model(msg)) => e.error = Some(msg),
-                        Err(other) => return Err(other),
+                        // An edit that cannot be made (a diverged optimisation, a request this
+                        // method refuses) is a result of the sweep, not its end.
+                        Err(LociError::Cancelled) => return Err(LociError::Cancelled),
+                        Err(err) => e.error = Some(err.to_string()),
                         Ok(edit) => {
                             let applied = self.apply(&edit)?;
                             let scored = (|| -> Result<_> {
