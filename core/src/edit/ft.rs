@@ -337,7 +337,6 @@ impl LoadedModel {
             },
         )?;
         let dtype = m.dtype;
-        let (m_d, device) = (m.cfg.d_model, m.device.clone());
         let mut losses = vec![];
         let result = (|| -> Result<()> {
             for step in 0..hp.steps {
@@ -352,18 +351,17 @@ impl LoadedModel {
                     self.model.set_down_proj(t.layer, Linear::new(w, b))?;
                 }
                 // Fresh noise every step, as the reference draws it.
-                let mut noise = match hp.subject_noise {
-                    Some(sigma) => crate::trace::noise::subject_noise(
-                        &(0..rows)
-                            .map(|r| (r, subject.0, subject.1))
-                            .collect::<Vec<_>>(),
-                        sigma,
-                        m_d,
-                        &device,
-                        step as u64 + 1,
-                    )?,
-                    None => crate::hooks::Patch::empty(crate::hooks::Site::Embed),
-                };
+                let mut noise = crate::trace::noise::subject_noise(
+                    &(0..rows)
+                        .map(|r| (r, subject.0, subject.1))
+                        .collect::<Vec<_>>(),
+                    hp.subject_noise
+                        .map(|sigma| crate::trace::noise::SubjectNoise {
+                            sigma,
+                            seed: step as u64 + 1,
+                        }),
+                    &self.model,
+                )?;
                 let logits = self
                     .model
                     .run(&input, &mut noise, None, LogitsAt::All)?

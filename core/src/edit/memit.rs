@@ -89,7 +89,12 @@ impl MemitHparams {
             clamp_norm_factor: self.clamp_norm_factor,
             kl_factor: self.kl_factor,
             direction: self.direction,
-            subject_noise: self.subject_noise.map(|s| (s, self.seed)),
+            subject_noise: self
+                .subject_noise
+                .map(|sigma| crate::trace::noise::SubjectNoise {
+                    sigma,
+                    seed: self.seed,
+                }),
         })
     }
 }

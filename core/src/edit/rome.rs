@@ -13,6 +13,7 @@ use crate::loader::LoadedModel;
 use crate::model::layers::LayerCache;
 use crate::model::{KvCache, LogitsAt};
 use crate::rng::SplitMix64;
+use crate::trace::noise::{subject_noise, SubjectNoise};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct TargetStr {
@@ -176,8 +177,8 @@ pub(crate) struct ValueSpec {
     pub clamp_norm_factor: f64,
     pub kl_factor: f64,
     pub direction: super::Direction,
-    /// (σ, seed) of the noise on the rewrite rows' subject embeddings.
-    pub subject_noise: Option<(f64, u64)>,
+    /// The noise on the rewrite rows' subject embeddings.
+    pub subject_noise: Option<SubjectNoise>,
 }
 
 impl RomeHparams {
@@ -190,7 +191,10 @@ impl RomeHparams {
             clamp_norm_factor: self.clamp_norm_factor,
             kl_factor: self.kl_factor,
             direction: self.direction,
-            subject_noise: self.subject_noise.map(|s| (s, self.seed)),
+            subject_noise: self.subject_noise.map(|sigma| SubjectNoise {
+                sigma,
+                seed: self.seed,
+            }),
         }
     }
 }
@@ -552,14 +556,14 @@ impl LoadedModel {
         self.subject_states_noised(req, sites, templates, None)
     }
 
-    /// `subject_states` with the subject's embeddings noised (σ, seed) in every row: what the
+    /// `subject_states` with the subject's embeddings noised in every row: what the
     /// layers see of a corrupted subject (fact forcing edits keys as the noised model reads them).
     pub fn subject_states_noised(
         &self,
         req: &RewriteRequest,
         sites: &[Site],
         templates: &[String],
-        noise: Option<(f64, u64)>,
+        noise: Option<SubjectNoise>,
     ) -> Result<Vec<Tensor>> {
         let filled: Vec<String> = templates
             .iter()
@@ -571,16 +575,7 @@ impl LoadedModel {
             .max_by_key(|s| s.order())
             .ok_or_else(|| LociError::input("no site to read"))?;
         let mut cap = Capture::new(sites.iter().copied()).stopping_after(last);
-        let mut noise = match noise {
-            Some((sigma, seed)) => crate::trace::noise::subject_noise(
-                &rows_spans(&tx.spans),
-                sigma,
-                self.model.cfg.d_model,
-                &self.model.device,
-                seed,
-            )?,
-            None => crate::hooks::Patch::empty(Site::Embed),
-        };
+        let mut noise = subject_noise(&rows_spans(&tx.spans), noise, &self.model)?;
         self.model.run(
             &pad_rows(self, &tx.ids, 0)?,
             &mut Chain(vec![&mut noise, &mut cap]),
@@ -640,7 +635,7 @@ impl LoadedModel {
         lap("templates");
 
         // k* and u.
-        let noise = hp.subject_noise.map(|s| (s, hp.seed));
+        let noise = hp.value_spec().subject_noise;
         let key_of = |templates: &[String]| -> Result<Tensor> {
             Ok(self
                 .subject_states_noised(req, &[Site::MlpKey(l)], templates, noise)?
@@ -778,16 +773,7 @@ impl LoadedModel {
         let mut kv = KvCache::default();
         // Noise on the subject changes this pass only: the positions after the subject-last
         // token see it through the keys and values and the residual entering layer l.
-        let mut noise = match spec.subject_noise {
-            Some((sigma, seed)) => crate::trace::noise::subject_noise(
-                &rows_spans(&tx.spans[..n_rewrite]),
-                sigma,
-                d,
-                &m.device,
-                seed,
-            )?,
-            None => crate::hooks::Patch::empty(Site::Embed),
-        };
+        let mut noise = subject_noise(&rows_spans(&tx.spans[..n_rewrite]), spec.subject_noise, m)?;
         m.run(
             &ids,
             &mut Chain(vec![&mut noise, &mut cap]),

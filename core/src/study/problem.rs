@@ -9,6 +9,7 @@ use crate::error::{LociError, Result};
 use crate::eval::CounterFactCase;
 use crate::loader::LoadedModel;
 use crate::predict::Sampling;
+pub use crate::trace::noise::SubjectNoise;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -87,13 +88,6 @@ impl ProblemCase {
     }
 }
 
-/// The subject noise of a study: its scale and seed.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
-pub struct SubjectNoise {
-    pub sigma: f64,
-    pub seed: u64,
-}
-
 /// Tokens generated for tracing reversal: the reference budget of 12 tokens, prompt included
 /// (at least one new token).
 const REVERSAL_TOTAL_TOKENS: usize = 12;
@@ -109,13 +103,8 @@ impl LoadedModel {
         max_new: usize,
     ) -> Result<String> {
         let span = crate::edit::rome::subject_span(self, &req.prompt, &req.subject)?;
-        let mut hook = crate::trace::noise::subject_noise(
-            &[(0, span.0, span.1)],
-            noise.sigma,
-            self.model.cfg.d_model,
-            &self.model.device,
-            noise.seed,
-        )?;
+        let mut hook =
+            crate::trace::noise::subject_noise(&[(0, span.0, span.1)], Some(noise), &self.model)?;
         let g = self.generate_with(&req.filled(), max_new, Sampling::Greedy, &mut hook)?;
         self.tokenizer.decode(&g.new_ids)
     }

@@ -77,16 +77,8 @@ impl LoadedModel {
             }
             groups.push(copies);
         }
-        let mut hook = match noised {
-            Some(n) => crate::trace::noise::subject_noise(
-                &spans,
-                n.noise.sigma,
-                self.model.cfg.d_model,
-                &self.model.device,
-                n.noise.seed,
-            )?,
-            None => crate::hooks::Patch::empty(crate::hooks::Site::Embed),
-        };
+        let mut hook =
+            crate::trace::noise::subject_noise(&spans, noised.map(|n| n.noise), &self.model)?;
         let scores = self.score_targets_with(&pairs, &mut hook)?;
         let mut at = 0;
         let mut probs = groups.iter().map(|&g| {

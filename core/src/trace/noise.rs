@@ -82,16 +82,26 @@ impl NoiseSpec {
     }
 }
 
-/// Gaussian noise of std `sigma` added to the token embeddings of `spans` (`(row, first, end)`:
-/// positions `[first, end)` of a batch row), drawn from a generator seeded with `seed` — the
-/// corruption of Hase et al.'s fact forcing and tracing reversal, as a hook.
+/// Gaussian noise on a subject's embeddings: its scale and seed.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SubjectNoise {
+    pub sigma: f64,
+    pub seed: u64,
+}
+
+/// Noise added to the token embeddings of `spans` (`(row, first, end)`: positions
+/// `[first, end)` of a batch row), drawn in order from a generator seeded with the noise's seed
+/// — the corruption of Hase et al.'s fact forcing and tracing reversal, as a hook; without
+/// noise, a hook that changes nothing.
 pub fn subject_noise(
     spans: &[(usize, usize, usize)],
-    sigma: f64,
-    d: usize,
-    device: &candle_core::Device,
-    seed: u64,
+    noise: Option<SubjectNoise>,
+    model: &crate::model::Model,
 ) -> Result<Patch> {
+    let Some(SubjectNoise { sigma, seed }) = noise else {
+        return Ok(Patch::empty(Site::Embed));
+    };
+    let (d, device) = (model.cfg.d_model, &model.device);
     let mut rng = SplitMix64::new(seed);
     let mut cells = Vec::new();
     for &(row, first, end) in spans {
