@@ -207,6 +207,13 @@ impl StatsSource {
 
     /// The statistics of several layers; the missing ones are collected in one pass.
     pub fn ensure_layers(&self, lm: &LoadedModel, layers: &[usize]) -> Result<Vec<KeyStats>> {
+        let dir = self.collect_missing(lm, layers)?;
+        layers.iter().map(|&l| load_stats(lm, &dir, l)).collect()
+    }
+
+    /// Collects the statistics of the layers that have none yet, in one pass, without loading
+    /// any; returns their folder.
+    pub fn collect_missing(&self, lm: &LoadedModel, layers: &[usize]) -> Result<PathBuf> {
         let dir = stats_dir(lm, self.dir.as_deref());
         if layers.iter().any(|&l| !stats_file(&dir, l).exists()) {
             let corpus = match &self.corpus {
@@ -215,7 +222,7 @@ impl StatsSource {
             };
             collect(lm, layers, &corpus, self.stats_tokens, 1024, &dir)?;
         }
-        layers.iter().map(|&l| load_stats(lm, &dir, l)).collect()
+        Ok(dir)
     }
 }
 

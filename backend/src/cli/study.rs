@@ -307,7 +307,7 @@ fn run(a: StudyRunArgs) -> Result<()> {
         max_kept: ((4u64 << 30) / (16 * d_ff * d_ff)).max(5) as usize,
     };
     if !stat_layers.is_empty() && !todo.is_empty() {
-        a.stats.ensure_layers(&lm, &stat_layers)?;
+        a.stats.collect_missing(&lm, &stat_layers)?;
     }
 
     let mut out = std::fs::OpenOptions::new()
