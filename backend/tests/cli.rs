@@ -798,13 +798,206 @@ fn eval_applies_and_undoes_every_case() {
 }
 
 #[test]
+fn eval_scores_zsre_questions_by_token_accuracy() {
+    let dir = std::env::temp_dir().join(format!("loci-zsre-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = root().join("../shared/data/zsre/zsre_mend_train-1k.json");
+    let corpus = root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
+    let out_file = dir.join("zsre.jsonl");
+    // Two questions written by one MEMIT edit, then a third alone.
+    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
+        .args(["eval", "--model", &tiny("tiny-gpt2"), "--method", "memit"])
+        .args([
+            "--layers",
+            "1,2",
+            "--n",
+            "3",
+            "--batch",
+            "2",
+            "--v-steps",
+            "2",
+        ])
+        .args([
+            "--stats-tokens",
+            "2000",
+            "--zsre-target",
+            "alt",
+            "--summary",
+        ])
+        .arg("--dataset")
+        .arg(&data)
+        .arg("--corpus")
+        .arg(&corpus)
+        .arg("--stats")
+        .arg(dir.join("stats"))
+        .arg("--out")
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    let s = json(&out);
+    assert_eq!(s["cases"], 3);
+    for k in [
+        "efficacy_pre",
+        "efficacy",
+        "paraphrase_pre",
+        "paraphrase",
+        "specificity_pre",
+        "specificity",
+        "locality",
+    ] {
+        let v = s[k].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&v), "{k} = {v}");
+    }
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    let first = &lines[0];
+    assert_eq!(first["request"]["target_new"]["str"], "unmanned aircraft");
+    assert_eq!(
+        first["request"]["prompt"],
+        "What is the product made by {}?"
+    );
+    let n = &first["post"]["neighborhood"];
+    assert!(n["prompt"].as_str().unwrap().ends_with('?'));
+    assert_eq!(
+        n["target"].as_array().unwrap().len(),
+        n["predicted"].as_array().unwrap().len()
+    );
+    assert_eq!(
+        lines[0]["edit_seconds"], lines[1]["edit_seconds"],
+        "one edit shared by the batch"
+    );
+    // A stopped evaluation continues: the first three cases are kept, the fourth is added,
+    // after a last line cut short by the stop is dropped.
+    let text = std::fs::read_to_string(&out_file).unwrap();
+    std::fs::write(&out_file, format!("{text}{{\"case_id\": 9")).unwrap();
+    let more = |n: &str, extra: &[&str], out: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_loci"))
+            .args(["eval", "--model", &tiny("tiny-gpt2")])
+            .args(["--n", n, "--v-steps", "2", "--summary"])
+            .args(extra)
+            .arg("--dataset")
+            .arg(&data)
+            .arg("--stats")
+            .arg(dir.join("stats"))
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let memit = [
+        "--method",
+        "memit",
+        "--layers",
+        "1,2",
+        "--batch",
+        "2",
+        "--zsre-target",
+        "alt",
+    ];
+    let out = more("4", &memit, &out_file);
+    assert_eq!(json(&out)["cases"], 4);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("3 cases already in"));
+    let again = std::fs::read_to_string(&out_file).unwrap();
+    assert!(again.starts_with(&text), "the kept lines are untouched");
+    assert_eq!(again.lines().count(), 4);
+    assert!(again.ends_with('\n'));
+    // A sequence cannot continue one: it starts from the unedited model.
+    let out = more("4", &["--layer", "1", "--sequential"], &out_file);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unedited model"));
+
+    // In sequence: every record is scored after its own edit and after the last.
+    let out_file = dir.join("sequence.jsonl");
+    let out = more("3", &["--layer", "1", "--sequential"], &out_file);
+    let s = json(&out);
+    assert_eq!(s["after_own_edit"]["cases"], 3);
+    assert_eq!(s["after_all_edits"]["cases"], 3);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert!(lines
+        .iter()
+        .all(|l| l["last_metrics"]["locality"].is_number()));
+    assert_eq!(
+        lines[2]["post"], lines[2]["last"],
+        "nothing after the last edit"
+    );
+
+    // The study poses zsRE as Hase et al. do: a wrapped question, another record's answer.
+    let study = dir.join("study.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
+        .args(["study", "run", "--model", &tiny("tiny-gpt2"), "--n", "1"])
+        .args([
+            "--methods",
+            "rome",
+            "--problems",
+            "error_injection,fact_amplification",
+        ])
+        .args([
+            "--layers",
+            "1",
+            "--all-cases",
+            "--min-prob",
+            "0",
+            "--samples",
+            "2",
+        ])
+        .args(["--v-steps", "2", "--no-essence", "--json", "--dataset"])
+        .arg(&data)
+        .arg("--stats")
+        .arg(dir.join("stats"))
+        .arg("--out")
+        .arg(&study)
+        .output()
+        .unwrap();
+    json(&out);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&study)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "the case and its two edits");
+    let case = &lines[0];
+    assert_eq!(case["record"], "case");
+    assert_eq!(case["target_true"], "uniform");
+    assert!(case["prompt"]
+        .as_str()
+        .unwrap()
+        .starts_with("Question: What is"));
+    let edit = lines
+        .iter()
+        .find(|l| l["problem"] == "error_injection")
+        .unwrap();
+    assert!(edit["error"].is_null(), "{edit}");
+    let new = edit["target"].as_str().unwrap();
+    assert!(!new.is_empty() && new != "uniform", "{new}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn check_device_compares_every_test_model_and_dtype() {
     // Here the compute device is the CPU; on a GPU machine tests/gpu/run.sh runs the same command.
     let v = json(&loci(&["check-device"]));
     assert_eq!(v["pass"], true);
     let checks = v["checks"].as_array().unwrap();
-    // 3 models × (3 dtypes × 3 read-outs + the f32 edit).
-    assert_eq!(checks.len(), 3 * 10);
+    // 3 models × (3 dtypes × 3 read-outs + 5 more in f32: the whole-answer trace, ROME's
+    // vectors, key statistics, and the probabilities after a MEMIT and a fine-tuning edit).
+    assert_eq!(checks.len(), 3 * 14);
+    for what in [
+        "whole-answer trace grid (relative)",
+        "key statistics (relative)",
+        "probabilities after a MEMIT edit",
+        "probabilities after a fine-tuning edit",
+    ] {
+        assert_eq!(checks.iter().filter(|c| c["what"] == what).count(), 3);
+    }
     for c in checks {
         if c["dtype"] == "f32" {
             assert_eq!(c["value"], 0.0, "{c}");
@@ -855,7 +1048,14 @@ fn study_sweeps_every_method_and_problem_resumes_and_analyses() {
             .args(sweep)
             // The tiny model knows no facts: study every case.
             .args(["--all-cases", "--min-prob", "0", "--samples", "3"])
-            .args(["--v-steps", "2", "--stats-tokens", "2000"])
+            .args([
+                "--v-steps",
+                "2",
+                "--stats-tokens",
+                "2000",
+                "--trace-windows",
+                "5,1",
+            ])
             .args(extra)
             .arg("--dataset")
             .arg(&data)
@@ -880,6 +1080,15 @@ fn study_sweeps_every_method_and_problem_resumes_and_analyses() {
     assert_eq!(lines[0]["record"], "case");
     let trace = &lines[0]["trace"];
     assert_eq!(trace["max_fraction_restored"].as_array().unwrap().len(), 4);
+    assert_eq!(trace["window"], 5);
+    assert_eq!(trace["other_windows"][0]["window"], 1);
+    assert_eq!(
+        trace["other_windows"][0]["max_fraction_restored"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
     assert!(lines[0]["essence_ppl"].as_f64().unwrap() > 1.0);
     let edits: Vec<&serde_json::Value> = lines.iter().filter(|l| l["record"] == "edit").collect();
     for e in &edits {
@@ -930,6 +1139,27 @@ fn study_sweeps_every_method_and_problem_resumes_and_analyses() {
     assert_eq!(json(&out), an);
     let out = loci(&["study", "analyze", out_file.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("R²layer"));
+    // Window 1 was traced too: its effects can be regressed instead; window 3 was not.
+    let out = loci(&[
+        "study",
+        "analyze",
+        out_file.to_str().unwrap(),
+        "--window",
+        "1",
+        "--json",
+    ]);
+    let an1 = json(&out);
+    assert_eq!(an1["window"], 1);
+    assert_eq!(an1["edits"], an["edits"]);
+    let out = loci(&[
+        "study",
+        "analyze",
+        out_file.to_str().unwrap(),
+        "--window",
+        "3",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("window 3"));
     // Bad settings fail with a message and write nothing.
     for (flag, value, msg) in [
         ("--methods", "rome,knn", "unknown method"),

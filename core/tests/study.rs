@@ -216,6 +216,7 @@ fn smollm2_layer_sweep_traces_edits_scores_and_restores_the_model() {
         problems: vec![EditProblem::ErrorInjection, EditProblem::FactErasure],
         layers: layers.clone(),
         noise: 0.35,
+        trace_windows: vec![5, 1],
         trace_samples: 5,
         min_prob: 0.02,
         correct_only: true,
@@ -275,6 +276,16 @@ fn smollm2_layer_sweep_traces_edits_scores_and_restores_the_model() {
     );
     assert!(trace.low < trace.high);
     assert_eq!(trace.max_fraction_restored.len(), n_layer);
+    // Window 1 is traced too, for re-analysis: one layer restores less than five.
+    assert_eq!(trace.window, 5);
+    let w1 = trace.at_window(1).unwrap();
+    assert_eq!(w1.max_fraction_restored.len(), n_layer);
+    assert!(trace.at_window(3).is_none());
+    let sum = |v: &[f32]| v.iter().sum::<f32>();
+    assert!(
+        sum(&w1.max_fraction_restored) < sum(&trace.max_fraction_restored),
+        "{w1:?} {trace:?}"
+    );
     assert_eq!(result.edits.len(), 8);
     assert_eq!(seen.1, 8);
     for e in &result.edits {
@@ -328,6 +339,29 @@ fn smollm2_layer_sweep_traces_edits_scores_and_restores_the_model() {
     assert!(cond.added_by_trace.is_none() && cond.f_test.is_none());
     let svg = loci_core::plot::study_svg(&an);
     assert!(svg.contains("rome · error_injection") && svg.contains("ft-1 · fact_erasure"));
+    // Re-analysed with window 1's effects joined to the edits.
+    assert_eq!(an.window, None);
+    let an1 = loci_core::study::analyze_window(&lines, 1).unwrap();
+    assert_eq!(an1.window, Some(1));
+    let rome1 = an1
+        .layers
+        .iter()
+        .find(|m| m.method == StudyMethod::Rome && m.problem == EditProblem::ErrorInjection)
+        .unwrap();
+    let want: Vec<f64> = layers
+        .iter()
+        .map(|&l| w1.max_fraction_restored[l] as f64)
+        .collect();
+    assert_eq!(rome1.tracing_effect, want);
+    assert_eq!(
+        an1.mean_tracing_effect,
+        w1.max_fraction_restored
+            .iter()
+            .map(|&x| x as f64)
+            .collect::<Vec<_>>()
+    );
+    let e = loci_core::study::analyze_window(&lines, 3).unwrap_err();
+    assert!(e.contains("window 3"), "{e}");
 
     // A case the model does not know is left out before any work.
     let mut unknown = eiffel();
@@ -344,6 +378,11 @@ fn smollm2_layer_sweep_traces_edits_scores_and_restores_the_model() {
     // Bad settings are refused.
     let mut bad = cfg.clone();
     bad.layers = vec![n_layer];
+    assert!(lm
+        .study_case(&case, &bad, &mut |_, _| unreachable!(), &mut Quietly)
+        .is_err());
+    let mut bad = cfg.clone();
+    bad.trace_windows = vec![];
     assert!(lm
         .study_case(&case, &bad, &mut |_, _| unreachable!(), &mut Quietly)
         .is_err());
@@ -365,6 +404,7 @@ fn an_edit_that_cannot_be_made_is_recorded_and_the_sweep_goes_on() {
         problems: vec![EditProblem::ErrorInjection],
         layers: vec![1],
         noise: 0.5,
+        trace_windows: vec![5],
         trace_samples: 2,
         min_prob: 0.0,
         correct_only: false,

@@ -4,8 +4,8 @@
 # default gpu-bundle/; or set LOCI_BIN to a cuda build of loci).
 # 1. prints the GPU; 2. `loci check-device`: the tiny test models, and SmolLM2 when both parts
 # of its GGUF are here (gpu-model-a/, gpu-model-b/ from scripts/build-cuda.sh), give the CPU's
-# answers on the GPU (f32 within 1e-3, f16 1e-2, bf16 5e-2; top-1 tokens; a ROME edit's vectors
-# in f32); 3. benchmarks on a
+# answers on the GPU (f32 within 1e-3, f16 1e-2, bf16 5e-2; top-1 tokens; in f32 also a
+# whole-answer trace, a ROME edit's vectors, key statistics, MEMIT and fine-tuning edits); 3. benchmarks on a
 # full-size GPT-J-6B with random weights made on the GPU (f16): one 12-token forward pass, a
 # trace of all kinds (12 tokens, 10 samples, window 10), one ROME edit at layer 5 (statistics
 # timed apart). Every result is one JSON line on stdout and in $OUT/gpu-results.jsonl, with the

@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use loci_core::edit::{RewriteRequest, RomeHparams};
+use loci_core::edit::{
+    Edit, FtHparams, KeyStats, MemitHparams, RewriteRequest, RomeHparams, StatsAccumulator,
+};
 use loci_core::predict::top_k;
 use loci_core::trace::{NoiseSpec, Quiet, TraceKind, TraceRequest};
 use loci_core::{DType, Device, LoadedModel};
@@ -88,33 +90,86 @@ fn top1_mismatches(want: &[Vec<f32>], got: &[Vec<f32>], tol: f32) -> f32 {
         .count() as f32
 }
 
-fn trace_grid(lm: &LoadedModel) -> Result<Vec<f32>> {
+fn trace_grid(lm: &LoadedModel, full_answer: bool) -> Result<Vec<f32>> {
     let mut req = TraceRequest::new(PROMPTS[0], "Eiffel Tower");
     req.samples = 3;
     req.window = 2;
     req.noise = NoiseSpec::Fixed(0.1);
-    req.kinds = vec![TraceKind::Hidden, TraceKind::Mlp];
+    if full_answer {
+        // The study's quantity: a two-word answer, teacher-forced, MLP restored.
+        req.answer = Some(" Paris, France".into());
+        req.full_answer = true;
+        req.kinds = vec![TraceKind::Mlp];
+    } else {
+        req.kinds = vec![TraceKind::Hidden, TraceKind::Mlp];
+    }
     let r = lm.trace(&req, None, &mut Quiet, 1)?;
     Ok(r.scores.values().flatten().flatten().copied().collect())
 }
 
-/// A ROME edit without key statistics (identity covariance): its two vectors, each scaled to a
-/// largest entry of 1, so the comparison is relative.
+/// Scaled to a largest entry of 1, so a comparison is relative.
+fn unit(v: &[f32]) -> Vec<f32> {
+    let m = v
+        .iter()
+        .fold(0f32, |m, x| m.max(x.abs()))
+        .max(f32::MIN_POSITIVE);
+    v.iter().map(|x| x / m).collect()
+}
+
+fn eiffel() -> Result<RewriteRequest> {
+    Ok(RewriteRequest::from_prompt(
+        "The {} is located in the city of",
+        "Eiffel Tower",
+        "Rome",
+    )?)
+}
+
+/// A ROME edit without key statistics (identity covariance): its two vectors, relative.
 fn edit_vectors(lm: &LoadedModel) -> Result<Vec<f32>> {
-    let req =
-        RewriteRequest::from_prompt("The {} is located in the city of", "Eiffel Tower", "Rome")?;
     let mut hp = RomeHparams::at_layer(lm.model.n_layer() / 2);
     hp.mom2_adjustment = false;
     hp.v_num_grad_steps = 5;
-    let e = lm.rome(&req, &hp, None)?;
-    let unit = |v: &[f32]| {
-        let m = v
-            .iter()
-            .fold(0f32, |m, x| m.max(x.abs()))
-            .max(f32::MIN_POSITIVE);
-        v.iter().map(|x| x / m).collect::<Vec<f32>>()
-    };
+    let e = lm.rome(&eiffel()?, &hp, None)?;
     Ok([unit(&e.left), unit(&e.right)].concat())
+}
+
+/// The two layers MEMIT edits here, around the middle.
+fn memit_layers(lm: &LoadedModel) -> Vec<usize> {
+    let mid = lm.model.n_layer() / 2;
+    vec![mid.saturating_sub(1), mid]
+}
+
+/// Key statistics of MEMIT's layers over 400 bundled facts (in 10 texts: a sum per text costs
+/// as much as a pass), made on the model's device.
+fn key_stats(lm: &LoadedModel) -> Result<Vec<KeyStats>> {
+    let max_len = lm.model.cfg.max_positions.min(1024);
+    let mut acc = StatsAccumulator::new(lm, &memit_layers(lm), max_len)?;
+    let facts = super::trace::bundled_fact_texts();
+    let texts: Vec<String> = facts[..400].chunks(40).map(|c| c.join(" ")).collect();
+    acc.add_texts(lm, &texts)?;
+    Ok(acc.finish(lm, "bundled known_1000 facts")?)
+}
+
+/// The prompts' next-token probabilities with `edit` applied (then undone).
+fn probs_after(lm: &mut LoadedModel, edit: &Edit) -> Result<Vec<f32>> {
+    let applied = lm.apply(edit)?;
+    let p = probs(lm);
+    lm.undo_edit(applied)?;
+    Ok(p?.concat())
+}
+
+/// MEMIT (two facts, two layers, 5 steps, with `stats`) and constrained fine-tuning (one fact,
+/// 5 steps): the prompts' probabilities after each edit.
+fn edited_probs(lm: &mut LoadedModel, stats: &[KeyStats]) -> Result<(Vec<f32>, Vec<f32>)> {
+    let darrieux =
+        RewriteRequest::from_prompt("The mother tongue of {} is", "Danielle Darrieux", "English")?;
+    let mut hp = MemitHparams::at_layers(memit_layers(lm));
+    hp.v_num_grad_steps = 5;
+    let memit = Edit::Memit(lm.memit(&[eiffel()?, darrieux], &hp, stats, &mut |_| {})?);
+    let mut ft = FtHparams::at_layers(vec![lm.model.n_layer() / 2], Some(5e-3));
+    ft.steps = 5;
+    let ft = Edit::Ft(lm.finetune(&eiffel()?, &ft)?);
+    Ok((probs_after(lm, &memit)?, probs_after(lm, &ft)?))
 }
 
 fn default_models() -> Vec<PathBuf> {
@@ -137,10 +192,17 @@ pub fn run(a: CheckDeviceArgs) -> Result<()> {
             LoadedModel::load(path, dtype, dev)
                 .with_context(|| format!("loading {}", path.display()))
         };
-        let cpu = load(DType::F32, &Device::Cpu)?;
-        let want = (probs(&cpu)?, trace_grid(&cpu)?, edit_vectors(&cpu)?);
+        let mut cpu = load(DType::F32, &Device::Cpu)?;
+        let cpu_stats = key_stats(&cpu)?;
+        let want = (
+            probs(&cpu)?,
+            trace_grid(&cpu, false)?,
+            edit_vectors(&cpu)?,
+            trace_grid(&cpu, true)?,
+            edited_probs(&mut cpu, &cpu_stats)?,
+        );
         for dtype in [DType::F32, DType::BF16, DType::F16] {
-            let lm = load(dtype, &device)?;
+            let mut lm = load(dtype, &device)?;
             let tol = tolerance(dtype);
             let got = probs(&lm)?;
             let mut found = vec![
@@ -154,14 +216,49 @@ pub fn run(a: CheckDeviceArgs) -> Result<()> {
                     top1_mismatches(&want.0, &got, tol),
                     0.0,
                 ),
-                ("trace grid", max_diff(&want.1, &trace_grid(&lm)?), tol),
+                (
+                    "trace grid",
+                    max_diff(&want.1, &trace_grid(&lm, false)?),
+                    tol,
+                ),
             ];
-            // Half-precision activations move v*'s optimisation (also on the CPU): the edit is
-            // compared in f32, where the device must reproduce the CPU.
+            // Half-precision activations move the edits' optimisations (also on the CPU): the
+            // edits are compared in f32, where the device must reproduce the CPU.
             if dtype == DType::F32 {
+                // A whole answer's probability is a product of token probabilities (1e-20 on a
+                // random model): compared relative to the grid's largest.
+                found.push((
+                    "whole-answer trace grid (relative)",
+                    max_diff(&unit(&want.3), &unit(&trace_grid(&lm, true)?)),
+                    tol,
+                ));
                 found.push((
                     "ROME edit vectors (relative)",
                     max_diff(&want.2, &edit_vectors(&lm)?),
+                    tol,
+                ));
+                let stats = key_stats(&lm)?;
+                let mom2 = |s: &[KeyStats]| -> Result<Vec<f32>> {
+                    let mut v = vec![];
+                    for k in s {
+                        v.extend(unit(&k.mom2.flatten_all()?.to_vec1::<f32>()?));
+                    }
+                    Ok(v)
+                };
+                found.push((
+                    "key statistics (relative)",
+                    max_diff(&mom2(&cpu_stats)?, &mom2(&stats)?),
+                    tol,
+                ));
+                let (memit, ft) = edited_probs(&mut lm, &stats)?;
+                found.push((
+                    "probabilities after a MEMIT edit",
+                    max_diff(&want.4 .0, &memit),
+                    tol,
+                ));
+                found.push((
+                    "probabilities after a fine-tuning edit",
+                    max_diff(&want.4 .1, &ft),
                     tol,
                 ));
             }

@@ -464,6 +464,15 @@ fn ft(a: EditArgs) -> Result<()> {
     print_report(&report, &format!("fine-tuned layers {:?}", hp.layers))
 }
 
+/// ROME's `--key-mode`.
+pub fn key_mode(name: &str) -> Result<KeyMode> {
+    Ok(match name {
+        "rrome" => KeyMode::Rrome,
+        "original" => KeyMode::Original,
+        other => bail!("--key-mode {other:?}: use original or rrome"),
+    })
+}
+
 fn rome(a: EditArgs) -> Result<()> {
     let started = Instant::now();
     if !a.layers.is_empty() {
@@ -472,11 +481,7 @@ fn rome(a: EditArgs) -> Result<()> {
     let mut lm = a.model.load()?;
     let req = one_request(&a, &lm)?;
     let mut hp = hparams(&lm, a.layer)?;
-    hp.key_mode = match a.key_mode.as_str() {
-        "rrome" => KeyMode::Rrome,
-        "original" => KeyMode::Original,
-        other => bail!("--key-mode {other:?}: use original or rrome"),
-    };
+    hp.key_mode = key_mode(&a.key_mode)?;
     if let Some(s) = a.v_steps {
         hp.v_num_grad_steps = s;
     }

@@ -1,14 +1,15 @@
-//! `loci eval`: ROME or MEMIT on CounterFact cases, each edit applied and undone, with ROME's and
-//! Hase's metrics.
+//! `loci eval`: ROME, MEMIT or fine-tuning on CounterFact cases (ROME's and Hase's metrics) or
+//! zsRE questions (token accuracy), each edit applied and undone — or kept, in sequence.
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use loci_core::edit::{Edit, FtHparams, KeyStats, MemitHparams, RomeHparams};
+use loci_core::eval::zsre::{summarize_zsre, ZsreCaseRecord, ZsreSummary, ZsreTarget};
 use loci_core::eval::{
-    parse_cases, summarize, AttributeSnippets, CaseRecord, Consistency, CounterFactCase,
+    parse_dataset, summarize, AttributeSnippets, CaseRecord, Consistency, CounterFactCase, Dataset,
+    SequenceRecord,
 };
 
 use super::edit::{ft_hparams, hparams, memit_hparams, FtArgs, StatsSource};
@@ -18,9 +19,14 @@ use super::{print_json, ModelArgs};
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// CounterFact cases: ROME's format or EasyEdit's flattened records.
+    /// CounterFact cases (ROME's format or EasyEdit's flattened records) or zsRE records
+    /// (MEND's schema, as ROME's `zsre_mem_eval.json`).
     #[arg(long)]
     pub dataset: PathBuf,
+    /// zsRE: write `answers[0]` (`answer`, ROME's and MEMIT's evaluation) or `alt` (MEND's and
+    /// EasyEdit's).
+    #[arg(long, default_value = "answer")]
+    pub zsre_target: ZsreTarget,
     /// Editing method: rome or ft (one case at a time) or memit (`--batch` cases per edit).
     #[arg(long, default_value = "rome")]
     pub method: String,
@@ -33,13 +39,15 @@ pub struct EvalArgs {
     pub layers: Vec<usize>,
     #[command(flatten)]
     pub ft: FtArgs,
-    /// MEMIT: cases written by one edit (each batch is applied, scored and undone).
+    /// MEMIT: cases written by one edit (each batch is applied, scored and undone, or kept with
+    /// --sequential).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
     /// Evaluate the first N cases.
     #[arg(long)]
     pub n: Option<usize>,
-    /// Write one JSON line per case here.
+    /// Write one JSON line per case here; cases already in it are kept and skipped, so a
+    /// stopped evaluation continues.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Print the summary as JSON.
@@ -47,11 +55,21 @@ pub struct EvalArgs {
     pub summary: bool,
     #[command(flatten)]
     pub stats: StatsSource,
+    /// Sequential editing: keep every edit (each computed on the model the earlier ones left) and
+    /// score each case right after its own edit and again after the last one; all are undone
+    /// at the end.
+    #[arg(long)]
+    pub sequential: bool,
     /// Skip the generation (fluency) test, the slow part.
     #[arg(long)]
     pub no_generation: bool,
     #[arg(long)]
     pub v_steps: Option<usize>,
+    /// ROME's key in the update's denominator: `rrome` (the template-averaged key, r-ROME's
+    /// fix) or `original` (the bare prompt's, as the paper's code; collapses in long
+    /// sequences).
+    #[arg(long, default_value = "rrome")]
+    pub key_mode: String,
     /// ROME's attribute_snippets.json: adds generation consistency (TF-IDF similarity of the
     /// generations to Wikipedia texts about the new target; IDF fitted on --corpus).
     #[arg(long)]
@@ -93,9 +111,30 @@ impl Method {
         }
     }
 
+    /// The edit of `reqs` (one request for ROME and fine-tuning).
+    fn make(
+        &self,
+        lm: &mut loci_core::LoadedModel,
+        reqs: &[loci_core::edit::RewriteRequest],
+        progress: &mut dyn FnMut(&str),
+    ) -> loci_core::Result<Edit> {
+        Ok(match self {
+            Method::Rome(hp, stats) => Edit::Rome(lm.rome(&reqs[0], hp, Some(stats))?),
+            Method::Memit(hp, stats) => Edit::Memit(lm.memit(reqs, hp, stats, progress)?),
+            Method::Ft(hp) => Edit::Ft(lm.finetune(&reqs[0], hp)?),
+        })
+    }
+
     fn describe(&self) -> String {
         match self {
-            Method::Rome(hp, _) => format!("ROME at layer {}", hp.layer),
+            Method::Rome(hp, _) => format!(
+                "ROME{} at layer {}",
+                match hp.key_mode {
+                    loci_core::edit::KeyMode::Original => " (the paper's key)",
+                    loci_core::edit::KeyMode::Rrome => "",
+                },
+                hp.layer
+            ),
             Method::Memit(hp, _) => format!("MEMIT at layers {:?}", hp.layers),
             Method::Ft(hp) => format!(
                 "fine-tuning of layers {:?} (L∞ ε {}, {} objective)",
@@ -131,11 +170,36 @@ fn consistency(snippets: &std::path::Path, src: &StatsSource) -> Result<Consiste
     Ok(Consistency { idf, snippets })
 }
 
-/// The first `n` (default: all) CounterFact cases of a file; none is an error.
-pub fn read_cases(path: &std::path::Path, n: Option<usize>) -> Result<Vec<CounterFactCase>> {
+/// The first `n` (default: all) cases of a CounterFact file, or of a zsRE file as Hase et al.
+/// pose it (a new answer drawn with `seed`: `ZsreSet::hase_cases`); none is an error.
+pub fn read_study_cases(
+    path: &std::path::Path,
+    n: Option<usize>,
+    seed: u64,
+) -> Result<Vec<CounterFactCase>> {
+    let mut cases = match read_dataset(path, None, ZsreTarget::Answer)? {
+        Dataset::CounterFact(c) => c,
+        Dataset::Zsre(set) => {
+            eprintln!(
+                "zsRE: {} questions posed as \"Question: … Answer:\", each with a new answer \
+                 drawn from the others' ({} records skipped)",
+                set.cases.len(),
+                set.skipped.len()
+            );
+            set.hase_cases(seed)
+        }
+    };
+    if let Some(n) = n {
+        cases.truncate(n);
+    }
+    Ok(cases)
+}
+
+/// A benchmark file's first `n` (default: all) cases; none is an error.
+fn read_dataset(path: &std::path::Path, n: Option<usize>, target: ZsreTarget) -> Result<Dataset> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut cases = parse_cases(&text)?;
+    let mut cases = parse_dataset(&text, target)?;
     if let Some(n) = n {
         cases.truncate(n);
     }
@@ -150,7 +214,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         bail!("--batch must be at least 1");
     }
     let mut lm = a.model.load()?;
-    let cases = read_cases(&a.dataset, a.n)?;
+    let dataset = read_dataset(&a.dataset, a.n, a.zsre_target)?;
     let method = match a.method.as_str() {
         "rome" => {
             if !a.layers.is_empty() || a.batch != 1 {
@@ -160,6 +224,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             if let Some(s) = a.v_steps {
                 hp.v_num_grad_steps = s;
             }
+            hp.key_mode = super::edit::key_mode(&a.key_mode)?;
             let stats = a.stats.ensure(&lm, hp.layer)?;
             Method::Rome(hp, stats)
         }
@@ -182,112 +247,352 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         }
         other => bail!("--method {other:?}: use rome, memit or ft"),
     };
-    let consistency = match &a.snippets {
-        Some(p) if !a.no_generation => Some(consistency(p, &a.stats)?),
-        Some(_) => bail!("--snippets scores generations: drop --no-generation"),
-        None => None,
-    };
     let layers = method.layers();
     let original = bits(&lm, &layers)?;
-    let mut out = match &a.out {
-        Some(p) => Some(std::io::BufWriter::new(
-            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
-        )),
-        None => None,
-    };
-    let pb = ProgressBar::new(cases.len() as u64);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "cases {bar:40} {pos}/{len} [{elapsed_precise} < {eta}] {msg}",
-        )
-        .expect("template"),
-    );
-    let mut metrics = Vec::new();
-    for chunk in cases.chunks(a.batch) {
-        let generate = !a.no_generation;
-        let records: Result<Vec<CaseRecord>> = match &method {
-            Method::Rome(hp, stats) => lm
-                .eval_case(&chunk[0], hp, Some(stats), generate, consistency.as_ref())
-                .map(|r| vec![r])
-                .map_err(Into::into),
-            Method::Ft(hp) => lm
-                .eval_cases_with(chunk, generate, consistency.as_ref(), |lm, r| {
-                    Ok(Edit::Ft(lm.finetune(&r[0], hp)?))
-                })
-                .map_err(Into::into),
-            Method::Memit(hp, stats) => lm
-                .eval_memit_batch(chunk, hp, stats, generate, consistency.as_ref(), &mut |m| {
-                    pb.set_message(m.to_string())
-                })
-                .map_err(Into::into),
-        };
-        let records = match records {
-            Ok(r) => r,
-            Err(e) => {
-                let ids: Vec<String> = chunk.iter().map(|c| c.case_id.to_string()).collect();
-                // Through `suspend`: `println` is silent when stderr is not a terminal.
-                pb.suspend(|| eprintln!("case {}: {e}", ids.join(", ")));
-                pb.inc(chunk.len() as u64);
-                continue;
-            }
-        };
-        for rec in records {
-            let m = &rec.metrics;
-            pb.set_message(format!(
-                "ES {:.0} PS {:.0} NS {:.0}",
-                m.efficacy_score * 100.0,
-                m.paraphrase_score * 100.0,
-                m.neighborhood_score * 100.0
-            ));
-            if let Some(w) = out.as_mut() {
-                writeln!(w, "{}", serde_json::to_string(&rec)?)?;
-            }
-            metrics.push(rec.metrics);
-            pb.inc(1);
-        }
-    }
-    pb.finish_and_clear();
-    if let Some(mut w) = out {
-        w.flush()?;
-    }
-    if bits(&lm, &layers)? != original {
-        bail!("internal error: the model differs from the original after the evaluation");
-    }
-    let s = summarize(&metrics);
-    if a.summary {
-        return print_json(&s);
-    }
     let batch = match &method {
         Method::Memit(..) => format!(", {} per edit", a.batch),
         Method::Rome(..) | Method::Ft(..) => String::new(),
     };
-    println!(
-        "{} on {} cases of {}{batch}",
-        method.describe(),
-        s.cases,
-        a.dataset.display()
-    );
-    println!("| metric | value |\n|---|---|");
-    for (name, v) in [
-        ("Score S (hmean ES, PS, NS)", s.score),
-        ("Efficacy score ES", s.efficacy_score),
-        ("Efficacy magnitude EM", s.efficacy_magnitude),
-        ("Paraphrase score PS", s.paraphrase_score),
-        ("Paraphrase magnitude PM", s.paraphrase_magnitude),
-        ("Neighborhood score NS", s.neighborhood_score),
-        ("Neighborhood magnitude NM", s.neighborhood_magnitude),
-        ("Hase rewrite score", s.hase_rewrite),
-        ("Hase paraphrase score", s.hase_paraphrase),
-        ("Hase neighborhood score", s.hase_neighborhood),
-        ("Hase target score (per-case hmean)", s.hase_target_score),
-    ] {
-        println!("| {name} | {v:.1} |");
+    let title = |cases: usize| {
+        format!(
+            "{} on {cases} cases of {}{batch}",
+            method.describe(),
+            a.dataset.display()
+        )
+    };
+    let bar = |n: usize| {
+        let pb = ProgressBar::new(n as u64);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "cases {bar:40} {pos}/{len} [{elapsed_precise} < {eta}] {msg}",
+            )
+            .expect("template"),
+        );
+        pb
+    };
+    let sequence = if a.sequential {
+        " (in sequence: each edit kept, scored after its own and after the last)"
+    } else {
+        ""
+    };
+    match &dataset {
+        Dataset::CounterFact(cases) => {
+            let before: Vec<CaseRecord> = previous(&a, "a CounterFact record")?;
+            let cases = &not_done(cases, &before, |c| c.case_id, |r| r.case_id);
+            let consistency = match &a.snippets {
+                Some(p) if !a.no_generation => Some(consistency(p, &a.stats)?),
+                Some(_) => bail!("--snippets scores generations: drop --no-generation"),
+                None => None,
+            };
+            let generate = !a.no_generation;
+            let pb = bar(cases.len());
+            let mut sink = Records::new(a.out.as_deref(), before)?;
+            if a.sequential {
+                let records = lm.eval_sequence(
+                    cases,
+                    a.batch,
+                    generate,
+                    consistency.as_ref(),
+                    |lm, reqs| method.make(lm, reqs, &mut |m| pb.set_message(m.to_string())),
+                    &mut |done, _| pb.set_position(done as u64),
+                )?;
+                pb.suspend(|| sink.take_all(cases, records, |c| c.case_id))?;
+            } else {
+                independently(
+                    cases,
+                    a.batch,
+                    &pb,
+                    &mut sink,
+                    |c| c.case_id,
+                    |chunk| {
+                        lm.eval_cases_with(chunk, generate, consistency.as_ref(), |lm, reqs| {
+                            method.make(lm, reqs, &mut |m| pb.set_message(m.to_string()))
+                        })
+                    },
+                    |r: &CaseRecord| {
+                        let m = &r.metrics;
+                        format!(
+                            "ES {:.0} PS {:.0} NS {:.0}",
+                            m.efficacy_score * 100.0,
+                            m.paraphrase_score * 100.0,
+                            m.neighborhood_score * 100.0
+                        )
+                    },
+                )?;
+            }
+            pb.finish_and_clear();
+            let records = sink.kept;
+            let post = summarize(
+                &records
+                    .iter()
+                    .map(|r| r.metrics.clone())
+                    .collect::<Vec<_>>(),
+            );
+            let last: Option<Vec<_>> = records.iter().map(|r| r.last_metrics.clone()).collect();
+            let last = a.sequential.then(|| summarize(&last.unwrap_or_default()));
+            let title = format!("{}{sequence}", title(post.cases));
+            match (a.summary, last) {
+                (true, None) => print_json(&post)?,
+                (true, Some(last)) => print_json(&serde_json::json!({
+                    "after_own_edit": post, "after_all_edits": last
+                }))?,
+                (false, None) => print_counterfact(&title, &[("value", &post)]),
+                (false, Some(last)) => print_counterfact(
+                    &title,
+                    &[("after its edit", &post), ("after all edits", &last)],
+                ),
+            }
+        }
+        Dataset::Zsre(set) => {
+            if a.snippets.is_some() {
+                bail!("--snippets is for CounterFact: zsRE has no generation test");
+            }
+            if !set.skipped.is_empty() {
+                eprintln!(
+                    "skipped {} zsRE records that are no edit: {}",
+                    set.skipped.len(),
+                    set.skipped.join("; ")
+                );
+            }
+            let before: Vec<ZsreCaseRecord> = previous(&a, "a zsRE record")?;
+            let cases = &not_done(&set.cases, &before, |c| c.case_id, |r| r.case_id);
+            let pb = bar(cases.len());
+            let mut sink = Records::new(a.out.as_deref(), before)?;
+            if a.sequential {
+                let records = lm.eval_zsre_sequence(
+                    cases,
+                    a.batch,
+                    |lm, reqs| method.make(lm, reqs, &mut |m| pb.set_message(m.to_string())),
+                    &mut |done, _| pb.set_position(done as u64),
+                )?;
+                pb.suspend(|| sink.take_all(cases, records, |c| c.case_id))?;
+            } else {
+                independently(
+                    cases,
+                    a.batch,
+                    &pb,
+                    &mut sink,
+                    |c| c.case_id,
+                    |chunk| {
+                        lm.eval_zsre_with(chunk, |lm, reqs| {
+                            method.make(lm, reqs, &mut |m| pb.set_message(m.to_string()))
+                        })
+                    },
+                    |r: &ZsreCaseRecord| {
+                        let m = &r.metrics;
+                        format!(
+                            "efficacy {:.0} paraphrase {:.0} specificity {:.0}",
+                            m.efficacy * 100.0,
+                            m.paraphrase * 100.0,
+                            m.specificity * 100.0
+                        )
+                    },
+                )?;
+            }
+            pb.finish_and_clear();
+            let records = sink.kept;
+            let post = summarize_zsre(
+                &records
+                    .iter()
+                    .map(|r| r.metrics.clone())
+                    .collect::<Vec<_>>(),
+            );
+            let last: Option<Vec<_>> = records.iter().map(|r| r.last_metrics.clone()).collect();
+            let last = a
+                .sequential
+                .then(|| summarize_zsre(&last.unwrap_or_default()));
+            let title = format!("{}{sequence}", title(post.cases));
+            match (a.summary, last) {
+                (true, None) => print_json(&post)?,
+                (true, Some(last)) => print_json(&serde_json::json!({
+                    "after_own_edit": post, "after_all_edits": last
+                }))?,
+                (false, None) => print_zsre(&title, &post, None),
+                (false, Some(last)) => print_zsre(&title, &post, Some(&last)),
+            }
+        }
     }
-    if let (Some(a), Some(b)) = (s.fluency_pre, s.fluency_post) {
-        println!("| Fluency (n-gram entropy ×100) pre → post | {a:.0} → {b:.0} |");
-    }
-    if let (Some(a), Some(b)) = (s.consistency_pre, s.consistency_post) {
-        println!("| Consistency (TF-IDF ×100) pre → post | {a:.1} → {b:.1} |");
+    if bits(&lm, &layers)? != original {
+        bail!("internal error: the model differs from the original after the evaluation");
     }
     Ok(())
+}
+
+/// `batch` cases per edit, each edit undone before the next, under the progress bar (`describe`
+/// words its message); each record goes to `sink` as it is made, and a failed edit fails its
+/// cases.
+fn independently<C, R: serde::Serialize>(
+    cases: &[C],
+    batch: usize,
+    pb: &ProgressBar,
+    sink: &mut Records<R>,
+    id: impl Fn(&C) -> u64,
+    mut eval: impl FnMut(&[C]) -> loci_core::Result<Vec<R>>,
+    describe: impl Fn(&R) -> String,
+) -> Result<()> {
+    for chunk in cases.chunks(batch) {
+        let records: Vec<SequenceRecord<R>> = match eval(chunk) {
+            Ok(records) => records.into_iter().map(Ok).collect(),
+            Err(e) => chunk.iter().map(|_| Err(e.to_string())).collect(),
+        };
+        if let Some(Ok(r)) = records.last() {
+            pb.set_message(describe(r));
+        }
+        pb.suspend(|| sink.take_all(chunk, records, &id))?;
+        pb.inc(chunk.len() as u64);
+    }
+    Ok(())
+}
+
+/// Where an evaluation's records go: appended to `--out` as they are made (whole, flushed
+/// lines: a stopped run continues after them) and kept, after those already there, for the
+/// summary. A case without a record is reported on stderr.
+struct Records<R> {
+    file: Option<std::fs::File>,
+    kept: Vec<R>,
+}
+
+impl<R: serde::Serialize> Records<R> {
+    fn new(out: Option<&Path>, before: Vec<R>) -> Result<Self> {
+        Ok(Self {
+            file: out.map(super::results::open_for_append).transpose()?,
+            kept: before,
+        })
+    }
+
+    fn take_all<C>(
+        &mut self,
+        cases: &[C],
+        records: Vec<SequenceRecord<R>>,
+        id: impl Fn(&C) -> u64,
+    ) -> Result<()> {
+        for (case, r) in cases.iter().zip(records) {
+            match r {
+                Ok(r) => {
+                    if let Some(f) = self.file.as_mut() {
+                        super::results::append_lines(f, &[serde_json::to_string(&r)?])?;
+                    }
+                    self.kept.push(r);
+                }
+                Err(e) => eprintln!("case {}: {e}", id(case)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The records already in `--out`: a stopped evaluation continues after them (a sequence of
+/// edits cannot: it starts from the unedited model).
+fn previous<R: serde::de::DeserializeOwned>(a: &EvalArgs, what: &str) -> Result<Vec<R>> {
+    let Some(p) = &a.out else {
+        return Ok(vec![]);
+    };
+    let records: Vec<R> = super::results::read_records(p, what)?;
+    if !records.is_empty() {
+        if a.sequential {
+            bail!(
+                "{} already holds results, and a sequence of edits starts from the unedited \
+                 model: remove it or choose another --out",
+                p.display()
+            );
+        }
+        eprintln!(
+            "{} cases already in {} are kept (delete it to start over)",
+            records.len(),
+            p.display()
+        );
+    }
+    Ok(records)
+}
+
+/// The cases without a record yet.
+fn not_done<C: Clone, R>(
+    cases: &[C],
+    done: &[R],
+    case_id: impl Fn(&C) -> u64,
+    record_id: impl Fn(&R) -> u64,
+) -> Vec<C> {
+    let done: std::collections::HashSet<u64> = done.iter().map(record_id).collect();
+    cases
+        .iter()
+        .filter(|c| !done.contains(&case_id(c)))
+        .cloned()
+        .collect()
+}
+
+type CfField = fn(&loci_core::eval::Summary) -> f32;
+
+fn print_counterfact(title: &str, columns: &[(&str, &loci_core::eval::Summary)]) {
+    println!("{title}");
+    let heads: Vec<&str> = columns.iter().map(|c| c.0).collect();
+    println!(
+        "| metric | {} |\n|---|{}",
+        heads.join(" | "),
+        "---|".repeat(columns.len())
+    );
+    let row = |name: &str, f: &dyn Fn(&loci_core::eval::Summary) -> String| {
+        let cells: Vec<String> = columns.iter().map(|c| f(c.1)).collect();
+        println!("| {name} | {} |", cells.join(" | "));
+    };
+    let fields: [(&str, CfField); 11] = [
+        ("Score S (hmean ES, PS, NS)", |s| s.score),
+        ("Efficacy score ES", |s| s.efficacy_score),
+        ("Efficacy magnitude EM", |s| s.efficacy_magnitude),
+        ("Paraphrase score PS", |s| s.paraphrase_score),
+        ("Paraphrase magnitude PM", |s| s.paraphrase_magnitude),
+        ("Neighborhood score NS", |s| s.neighborhood_score),
+        ("Neighborhood magnitude NM", |s| s.neighborhood_magnitude),
+        ("Hase rewrite score", |s| s.hase_rewrite),
+        ("Hase paraphrase score", |s| s.hase_paraphrase),
+        ("Hase neighborhood score", |s| s.hase_neighborhood),
+        ("Hase target score (per-case hmean)", |s| {
+            s.hase_target_score
+        }),
+    ];
+    for (name, v) in fields {
+        row(name, &|s| format!("{:.1}", v(s)));
+    }
+    let pair = |a: Option<f32>, b: Option<f32>, digits: usize| match (a, b) {
+        (Some(a), Some(b)) => format!("{a:.digits$} → {b:.digits$}"),
+        _ => "—".into(),
+    };
+    if columns.iter().any(|c| c.1.fluency_post.is_some()) {
+        row("Fluency (n-gram entropy ×100) pre → post", &|s| {
+            pair(s.fluency_pre, s.fluency_post, 0)
+        });
+    }
+    if columns.iter().any(|c| c.1.consistency_post.is_some()) {
+        row("Consistency (TF-IDF ×100) pre → post", &|s| {
+            pair(s.consistency_pre, s.consistency_post, 1)
+        });
+    }
+}
+
+type ZsreField = fn(&ZsreSummary) -> f32;
+
+fn print_zsre(title: &str, s: &ZsreSummary, last: Option<&ZsreSummary>) {
+    println!("{title}");
+    let (head, rule) = match last {
+        Some(_) => ("before | after its edit | after all edits", "---|---|---|"),
+        None => ("before | after", "---|---|"),
+    };
+    println!("| metric (token accuracy ×100) | {head} |\n|---|{rule}");
+    let after_all = |f: ZsreField| last.map_or(String::new(), |l| format!(" {:.1} |", f(l)));
+    let fields: [(&str, f32, ZsreField); 3] = [
+        ("Efficacy (new answer)", s.efficacy_pre, |s| s.efficacy),
+        ("Paraphrase (new answer)", s.paraphrase_pre, |s| {
+            s.paraphrase
+        }),
+        ("Specificity (NQ answer)", s.specificity_pre, |s| {
+            s.specificity
+        }),
+    ];
+    for (name, pre, post) in fields {
+        println!("| {name} | {pre:.1} | {:.1} |{}", post(s), after_all(post));
+    }
+    println!(
+        "| Locality (NQ top-1 unchanged) | | {:.1} |{}",
+        s.locality,
+        after_all(|s| s.locality)
+    );
 }

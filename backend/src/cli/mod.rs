@@ -6,6 +6,7 @@ pub mod edit;
 mod eval;
 mod predict;
 mod render;
+mod results;
 pub mod study;
 pub mod trace;
 

@@ -2,15 +2,14 @@
 //! regressions and charts (`analyze`).
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use loci_core::edit::KeyStats;
 use loci_core::study::{
-    analyze, default_layers, EditLine, EditProblem, StudyAnalysis, StudyConfig, StudyLine,
-    StudyMethod, StudyObserver,
+    analyze, analyze_window, default_layers, EditLine, EditProblem, StudyAnalysis, StudyConfig,
+    StudyLine, StudyMethod, StudyObserver,
 };
 use loci_core::trace::NoiseSpec;
 use loci_core::LoadedModel;
@@ -31,7 +30,9 @@ pub enum StudyCmd {
 pub struct StudyRunArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// CounterFact cases (ROME's format: paraphrase and neighbourhood prompts are scored).
+    /// CounterFact cases (ROME's format: paraphrase and neighbourhood prompts are scored), or
+    /// zsRE records (posed as Hase et al. pose them: "Question: … Answer:", a new answer drawn
+    /// from the other records').
     #[arg(long)]
     pub dataset: PathBuf,
     /// Study the first N cases of the dataset.
@@ -54,6 +55,10 @@ pub struct StudyRunArgs {
     /// embeddings' std, as the paper's 0.094 is for GPT-J) or a fixed σ.
     #[arg(long, default_value = "3x")]
     pub noise: String,
+    /// Tracing windows (Hase et al. trace 10,5,3,1): the first is joined to the edits, the
+    /// others are recorded for `study analyze --window`.
+    #[arg(long, value_delimiter = ',', default_value = "5")]
+    pub trace_windows: Vec<usize>,
     /// Noise samples of the trace.
     #[arg(long, default_value_t = 10)]
     pub samples: usize,
@@ -67,7 +72,7 @@ pub struct StudyRunArgs {
     /// Skip the essence-drift score (5 generated texts per case, rescored after every edit).
     #[arg(long)]
     pub no_essence: bool,
-    /// Seed of the subject noise and of the essence texts.
+    /// Seed of the subject noise, of the essence texts and of zsRE's drawn answers.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// ROME / MEMIT: v* optimisation steps (default: the model's settings).
@@ -90,6 +95,10 @@ pub struct StudyAnalyzeArgs {
     /// JSONL files written by `loci study run`.
     #[arg(required = true)]
     pub results: Vec<PathBuf>,
+    /// Regress the effects of this tracing window (one the run traced: `--trace-windows`)
+    /// instead of the one joined to the edits.
+    #[arg(long)]
+    pub window: Option<usize>,
     #[arg(long)]
     pub plot: Option<PathBuf>,
     #[arg(long)]
@@ -101,7 +110,11 @@ pub fn study(cmd: StudyCmd) -> Result<()> {
         StudyCmd::Run(a) => run(*a),
         StudyCmd::Analyze(a) => {
             let lines = read_lines(&a.results)?;
-            report(&analyze(&lines), a.plot.as_deref(), a.json)
+            let an = match a.window {
+                Some(w) => analyze_window(&lines, w).map_err(anyhow::Error::msg)?,
+                None => analyze(&lines),
+            };
+            report(&an, a.plot.as_deref(), a.json)
         }
     }
 }
@@ -123,18 +136,10 @@ where
 fn read_lines(paths: &[PathBuf]) -> Result<Vec<StudyLine>> {
     let mut out = vec![];
     for p in paths {
-        let f = std::fs::File::open(p).with_context(|| format!("reading {}", p.display()))?;
-        for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-            let line = line?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            out.push(
-                serde_json::from_str(&line).with_context(|| {
-                    format!("{} line {}: not a study record", p.display(), i + 1)
-                })?,
-            );
+        if !p.exists() {
+            bail!("{} does not exist", p.display());
         }
+        out.extend(super::results::read_records(p, "a study record")?);
     }
     Ok(out)
 }
@@ -203,6 +208,7 @@ pub fn study_config(
         layers,
         noise,
         trace_samples: 10,
+        trace_windows: vec![5],
         min_prob: 0.02,
         correct_only: true,
         essence: true,
@@ -237,7 +243,7 @@ impl StudyObserver for Progress<'_> {
 fn run(a: StudyRunArgs) -> Result<()> {
     let mut lm = a.model.load()?;
     let n_layer = lm.model.n_layer();
-    let cases = super::eval::read_cases(&a.dataset, a.n)?;
+    let cases = super::eval::read_study_cases(&a.dataset, a.n, a.seed)?;
     let mut cfg = study_config(
         &lm,
         list(&a.methods, &StudyMethod::ALL)?,
@@ -251,23 +257,20 @@ fn run(a: StudyRunArgs) -> Result<()> {
         cfg.memit.v_num_grad_steps = s;
     }
     cfg.trace_samples = a.samples;
+    cfg.trace_windows = a.trace_windows.clone();
     cfg.min_prob = a.min_prob;
     cfg.correct_only = !a.all_cases;
     cfg.essence = !a.no_essence;
     cfg.seed = a.seed;
     cfg.validate(n_layer)?;
 
-    let done: BTreeSet<u64> = if a.out.exists() {
-        read_lines(std::slice::from_ref(&a.out))?
-            .into_iter()
-            .filter_map(|l| match l {
-                StudyLine::Case(c) => Some(c.case_id),
-                StudyLine::Edit(_) => None,
-            })
-            .collect()
-    } else {
-        BTreeSet::new()
-    };
+    let done: BTreeSet<u64> = super::results::read_records(&a.out, "a study record")?
+        .into_iter()
+        .filter_map(|l| match l {
+            StudyLine::Case(c) => Some(c.case_id),
+            StudyLine::Edit(_) => None,
+        })
+        .collect();
     let todo: Vec<_> = cases
         .iter()
         .filter(|c| !done.contains(&c.case_id))
@@ -310,11 +313,7 @@ fn run(a: StudyRunArgs) -> Result<()> {
         a.stats.collect_missing(&lm, &stat_layers)?;
     }
 
-    let mut out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&a.out)
-        .with_context(|| format!("opening {}", a.out.display()))?;
+    let mut out = super::results::open_for_append(&a.out)?;
     let pb = ProgressBar::new((todo.len() * cfg.cells().len()) as u64);
     pb.set_style(
         ProgressStyle::with_template(
@@ -342,13 +341,12 @@ fn run(a: StudyRunArgs) -> Result<()> {
             kept += 1;
         }
         // A case's lines are written together, so a resumed run never sees half a case.
-        let mut buf = String::new();
-        for line in result.lines() {
-            buf.push_str(&serde_json::to_string(&line)?);
-            buf.push('\n');
-        }
-        out.write_all(buf.as_bytes())?;
-        out.flush()?;
+        let lines = result
+            .lines()
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<Result<Vec<_>, _>>()?;
+        super::results::append_lines(&mut out, &lines)?;
     }
     pb.finish_and_clear();
     eprintln!(
@@ -371,8 +369,14 @@ fn report(an: &StudyAnalysis, plot: Option<&Path>, json: bool) -> Result<()> {
         return print_json(an);
     }
     println!(
-        "{} cases ({} studied), {} edits ({} failed)",
-        an.cases, an.cases_used, an.edits, an.failed_edits
+        "{} cases ({} studied), {} edits ({} failed){}",
+        an.cases,
+        an.cases_used,
+        an.edits,
+        an.failed_edits,
+        an.window.map_or(String::new(), |w| format!(
+            "; tracing effects of window {w}"
+        ))
     );
     println!(
         "{:<6} {:<18} {:<12} {:>5} {:>8} {:>8} {:>8} {:>8} {:>9}",

@@ -80,6 +80,16 @@ fn known_subjects(known: Option<&Path>) -> Result<(String, Vec<String>)> {
     Ok((name, facts.into_iter().map(|f| f.subject).collect()))
 }
 
+/// The bundled facts as sentences ("prompt attribute"): a corpus that needs no data folder.
+pub(crate) fn bundled_fact_texts() -> Vec<String> {
+    let facts: Vec<KnownFact> =
+        serde_json::from_str(KNOWN_1000).expect("bundled known_1000.json parses");
+    facts
+        .into_iter()
+        .map(|f| format!("{}{}.", f.prompt, f.attribute))
+        .collect()
+}
+
 fn read_facts(path: &Path) -> Result<Vec<KnownFact>> {
     let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_slice(&text)

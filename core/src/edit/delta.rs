@@ -30,10 +30,24 @@ pub struct LayerDelta<'a> {
 }
 
 /// An applied edit and the down-projections it replaced: undo is exact.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct AppliedEdit {
     /// `(layer, original down-projection)` in the order they were changed.
     pub originals: Vec<(usize, Linear)>,
+}
+
+impl AppliedEdit {
+    /// This edit followed by `later` (applied on top of it), as one: undoing it restores what
+    /// was there before this one. Only the first original of a layer is kept, so a long
+    /// sequence of edits holds one copy of each layer it changed, not one per edit.
+    pub fn then(mut self, later: AppliedEdit) -> AppliedEdit {
+        for (layer, w) in later.originals {
+            if !self.originals.iter().any(|(l, _)| *l == layer) {
+                self.originals.push((layer, w));
+            }
+        }
+        self
+    }
 }
 
 impl LayerDelta<'_> {

@@ -82,6 +82,10 @@ pub struct LayerMeans {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StudyAnalysis {
+    /// The tracing window whose effects were regressed (None: the one each case was joined
+    /// with when it ran).
+    #[serde(default)]
+    pub window: Option<usize>,
     pub cases: usize,
     /// Cases kept (the model knows the fact).
     pub cases_used: usize,
@@ -104,6 +108,67 @@ fn mean(v: &[f64]) -> f64 {
 
 /// Analyses the lines of one or more study runs (later lines of a case replace earlier ones).
 pub fn analyze(lines: &[StudyLine]) -> StudyAnalysis {
+    analyze_at(lines, None)
+}
+
+/// `analyze` with the tracing effects of another traced window (`--trace-windows`) joined to
+/// the edits; an error names a kept case that was not traced at that window.
+pub fn analyze_window(lines: &[StudyLine], window: usize) -> Result<StudyAnalysis, String> {
+    for l in lines {
+        if let StudyLine::Case(c) = l {
+            if let Some(t) = &c.trace {
+                if c.skipped.is_none() && t.at_window(window).is_none() {
+                    return Err(format!(
+                        "case {} was not traced at window {window} (run the study with \
+                         --trace-windows {},{window})",
+                        c.case_id, t.window
+                    ));
+                }
+            }
+        }
+    }
+    Ok(analyze_at(lines, Some(window)))
+}
+
+fn analyze_at(lines: &[StudyLine], window: Option<usize>) -> StudyAnalysis {
+    // The lines with the window's effects in place of the joined ones.
+    let moved: Vec<StudyLine>;
+    let lines = match window {
+        None => lines,
+        Some(w) => {
+            let mut effects = BTreeMap::new();
+            for l in lines {
+                if let StudyLine::Case(c) = l {
+                    if let Some(e) = c.trace.as_ref().and_then(|t| t.at_window(w)) {
+                        effects.insert(c.case_id, e);
+                    }
+                }
+            }
+            moved = lines
+                .iter()
+                .cloned()
+                .map(|mut l| {
+                    match &mut l {
+                        StudyLine::Case(c) => {
+                            if let (Some(t), Some(e)) = (&mut c.trace, effects.get(&c.case_id)) {
+                                t.max_fraction_restored = e.max_fraction_restored.clone();
+                                t.subject_last_fraction = e.subject_last_fraction.clone();
+                            }
+                        }
+                        StudyLine::Edit(ed) => {
+                            if let Some(e) = effects.get(&ed.case_id) {
+                                let at = |v: &[f32]| v.get(ed.layer).copied().unwrap_or(f32::NAN);
+                                ed.tracing_effect = at(&e.max_fraction_restored);
+                                ed.subject_last_effect = at(&e.subject_last_fraction);
+                            }
+                        }
+                    }
+                    l
+                })
+                .collect();
+            &moved
+        }
+    };
     let mut cases = BTreeMap::new();
     let mut edits: BTreeMap<(u64, StudyMethod, EditProblem, usize), &EditLine> = BTreeMap::new();
     for l in lines {
@@ -218,6 +283,7 @@ pub fn analyze(lines: &[StudyLine]) -> StudyAnalysis {
         })
         .collect();
     StudyAnalysis {
+        window,
         cases: cases.len(),
         cases_used: kept.len(),
         edits: ok.len() + failed,

@@ -8,7 +8,7 @@ pub mod regress;
 pub mod score;
 pub mod sweep;
 
-pub use analysis::{analyze, Condition, LayerMeans, Metric, StudyAnalysis};
+pub use analysis::{analyze, analyze_window, Condition, LayerMeans, Metric, StudyAnalysis};
 pub use problem::{EditProblem, ProblemCase, SubjectNoise};
 pub use score::{hase_scores, HaseScores, NoisedScoring, ProblemProbs};
 pub use sweep::{

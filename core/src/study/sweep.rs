@@ -28,7 +28,8 @@ pub enum StudyMethod {
     Memit,
 }
 
-/// The window of the multi-layer methods (and of the trace the edits are compared with).
+/// The window of the multi-layer methods (and of the trace the edits are compared with, unless
+/// `StudyConfig::trace_windows` says otherwise).
 pub const STUDY_WINDOW: usize = 5;
 
 impl StudyMethod {
@@ -89,6 +90,10 @@ pub fn default_layers(n_layer: usize, rome_layer: usize) -> Vec<usize> {
     v
 }
 
+fn default_trace_windows() -> Vec<usize> {
+    vec![STUDY_WINDOW]
+}
+
 /// Everything a study run is set to.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StudyConfig {
@@ -99,6 +104,10 @@ pub struct StudyConfig {
     /// σ of the subject noise of tracing, tracing reversal and fact forcing.
     pub noise: f64,
     pub trace_samples: usize,
+    /// Tracing windows (Hase et al. trace 10, 5, 3 and 1): the first is joined to the edits,
+    /// the others are kept for `analyze_window`.
+    #[serde(default = "default_trace_windows")]
+    pub trace_windows: Vec<usize>,
     /// Cases whose true object has a lower probability are left out (the reference's 0.02).
     pub min_prob: f32,
     /// Keep only cases whose greedy continuation (36 tokens) contains the true object.
@@ -129,6 +138,11 @@ impl StudyConfig {
         }
         if !self.noise.is_finite() || self.noise <= 0.0 {
             return Err(LociError::input("the noise σ must be positive"));
+        }
+        if self.trace_windows.is_empty() || self.trace_windows.contains(&0) {
+            return Err(LociError::input(
+                "tracing needs one or more windows of at least one layer",
+            ));
         }
         if self.trace_samples == 0 || self.noised_samples == 0 {
             return Err(LociError::input("noise samples must be at least 1"));
@@ -194,9 +208,20 @@ impl StudyConfig {
     }
 }
 
+/// A case's per-layer tracing effects at one window.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct WindowEffect {
+    pub window: usize,
+    pub max_fraction_restored: Vec<f32>,
+    pub subject_last_fraction: Vec<f32>,
+}
+
 /// A case's tracing result, as the analysis uses it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct CaseTrace {
+    /// The window of the effects below (and of the edits' tracing effect).
+    #[serde(default = "study_window")]
+    pub window: usize,
     pub tokens: Vec<String>,
     pub subject_range: [usize; 2],
     /// p(true object) clean and with the subject corrupted.
@@ -209,6 +234,30 @@ pub struct CaseTrace {
     pub subject_last_fraction: Vec<f32>,
     /// `[tokens][layers]` restored probabilities.
     pub scores: Vec<Vec<f32>>,
+    /// The effects at the other windows traced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_windows: Vec<WindowEffect>,
+}
+
+fn study_window() -> usize {
+    STUDY_WINDOW
+}
+
+impl CaseTrace {
+    /// The per-layer effects at `window`, if it was traced.
+    pub fn at_window(&self, window: usize) -> Option<WindowEffect> {
+        if window == self.window {
+            return Some(WindowEffect {
+                window,
+                max_fraction_restored: self.max_fraction_restored.clone(),
+                subject_last_fraction: self.subject_last_fraction.clone(),
+            });
+        }
+        self.other_windows
+            .iter()
+            .find(|e| e.window == window)
+            .cloned()
+    }
 }
 
 /// One case: whether it is in the study, and its trace.
@@ -329,6 +378,37 @@ const ESSENCE_TEXTS: usize = 5;
 const ESSENCE_LEN: usize = 100;
 
 impl LoadedModel {
+    /// Hase et al.'s trace of a case: the whole true answer's probability, MLP restored over
+    /// `window` layers.
+    fn study_trace(
+        &self,
+        case: &CounterFactCase,
+        truth: &str,
+        window: usize,
+        cfg: &StudyConfig,
+    ) -> Result<crate::trace::TraceResult> {
+        let rw = &case.requested_rewrite;
+        let mut req = TraceRequest::new(rw.filled(), rw.subject.clone());
+        req.answer = Some(truth.to_string());
+        req.full_answer = true;
+        req.kinds = vec![TraceKind::Mlp];
+        req.window = window;
+        req.samples = cfg.trace_samples;
+        req.noise = NoiseSpec::Fixed(cfg.noise);
+        req.seed = cfg.seed;
+        self.trace(
+            &req,
+            None,
+            &mut crate::trace::Quiet,
+            // Rows spread over threads on the CPU; a GPU runs each row's batch itself.
+            if self.model.device.is_cpu() {
+                crate::threads::workers()
+            } else {
+                1
+            },
+        )
+    }
+
     /// Runs the study on one case: filter, trace, then every (method, problem, layer) edit —
     /// each applied, scored and undone, so the model ends as it began. `stats` gives the key
     /// statistics of the layers asked (of the unedited model it is handed); `obs` sees the case
@@ -380,26 +460,11 @@ impl LoadedModel {
             });
         }
 
-        let mut req = TraceRequest::new(rw.filled(), rw.subject.clone());
-        req.answer = Some(truth.clone());
-        req.full_answer = true;
-        req.kinds = vec![TraceKind::Mlp];
-        req.window = STUDY_WINDOW;
-        req.samples = cfg.trace_samples;
-        req.noise = NoiseSpec::Fixed(cfg.noise);
-        req.seed = cfg.seed;
-        let tr = self.trace(
-            &req,
-            None,
-            &mut crate::trace::Quiet,
-            // Rows spread over threads on the CPU; a GPU runs each row's batch itself.
-            if self.model.device.is_cpu() {
-                crate::threads::workers()
-            } else {
-                1
-            },
-        )?;
-        let trace = CaseTrace {
+        let mut windows = cfg.trace_windows.iter();
+        let main = *windows.next().expect("validated: at least one window");
+        let tr = self.study_trace(case, &truth, main, cfg)?;
+        let mut trace = CaseTrace {
+            window: main,
             tokens: tr.tokens.clone(),
             subject_range: tr.subject_range,
             high: tr.high,
@@ -407,7 +472,19 @@ impl LoadedModel {
             max_fraction_restored: tr.tracing_effect[&TraceKind::Mlp].clone(),
             subject_last_fraction: tr.tracing_effect_subject_last[&TraceKind::Mlp].clone(),
             scores: tr.scores[&TraceKind::Mlp].clone(),
+            other_windows: vec![],
         };
+        for &w in windows {
+            if trace.at_window(w).is_some() {
+                continue;
+            }
+            let tr = self.study_trace(case, &truth, w, cfg)?;
+            trace.other_windows.push(WindowEffect {
+                window: w,
+                max_fraction_restored: tr.tracing_effect[&TraceKind::Mlp].clone(),
+                subject_last_fraction: tr.tracing_effect_subject_last[&TraceKind::Mlp].clone(),
+            });
+        }
 
         let essence = if cfg.essence {
             let texts = self.essence_texts(&rw.subject, ESSENCE_TEXTS, ESSENCE_LEN, cfg.seed)?;

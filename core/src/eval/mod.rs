@@ -1,4 +1,6 @@
-//! CounterFact evaluation (spec §7 and Hase et al.'s normalised scores, §8.6).
+//! CounterFact evaluation (spec §7 and Hase et al.'s normalised scores, §8.6); zsRE in `zsre`.
+
+pub mod zsre;
 
 use serde::{Deserialize, Serialize};
 
@@ -41,18 +43,74 @@ struct EasyEditRecord {
     locality_ground_truth: Option<String>,
 }
 
+/// A benchmark file's cases.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Dataset {
+    CounterFact(Vec<CounterFactCase>),
+    Zsre(zsre::ZsreSet),
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        match self {
+            Dataset::CounterFact(c) => c.len(),
+            Dataset::Zsre(c) => c.cases.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The first `n` cases.
+    pub fn truncate(&mut self, n: usize) {
+        match self {
+            Dataset::CounterFact(c) => c.truncate(n),
+            Dataset::Zsre(c) => c.cases.truncate(n),
+        }
+    }
+}
+
+/// Reads CounterFact (ROME's format or EasyEdit's flattened records) or zsRE (MEND's schema,
+/// told apart by its `src` and `answers` fields), writing `zsre_target` for zsRE.
+pub fn parse_dataset(text: &str, zsre_target: zsre::ZsreTarget) -> Result<Dataset> {
+    let values: Vec<serde_json::Value> =
+        serde_json::from_str(text).map_err(|e| LociError::Json {
+            what: "the dataset file".into(),
+            source: e,
+        })?;
+    if values.first().is_some_and(zsre::is_record) {
+        Ok(Dataset::Zsre(zsre::from_values(values, zsre_target)?))
+    } else {
+        Ok(Dataset::CounterFact(counterfact_from_values(values)?))
+    }
+}
+
 /// Reads a JSON list of cases in ROME's or EasyEdit's flattened format.
 pub fn parse_cases(text: &str) -> Result<Vec<CounterFactCase>> {
+    let values: Vec<serde_json::Value> =
+        serde_json::from_str(text).map_err(|e| LociError::Json {
+            what: "the CounterFact file".into(),
+            source: e,
+        })?;
+    counterfact_from_values(values)
+}
+
+fn counterfact_from_values(values: Vec<serde_json::Value>) -> Result<Vec<CounterFactCase>> {
     let json = |e: serde_json::Error| LociError::Json {
         what: "the CounterFact file".into(),
         source: e,
     };
-    let values: Vec<serde_json::Value> = serde_json::from_str(text).map_err(json)?;
     values
         .into_iter()
         .map(|v| {
             if v.get("requested_rewrite").is_some() {
                 return serde_json::from_value(v).map_err(json);
+            }
+            if zsre::is_record(&v) {
+                return Err(LociError::input(
+                    "this is a zsRE file, not CounterFact (`loci eval` and `loci study run` read zsRE)",
+                ));
             }
             let r: EasyEditRecord = serde_json::from_value(v).map_err(json)?;
             let mut rewrite = RewriteRequest::from_prompt(&r.prompt, &r.subject, &r.target_new)
@@ -69,6 +127,27 @@ pub fn parse_cases(text: &str) -> Result<Vec<CounterFactCase>> {
             })
         })
         .collect()
+}
+
+/// A target's token ids and the model's top-1 prediction at each of their positions (teacher
+/// forcing).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct TokenPredictions {
+    pub target: Vec<u32>,
+    pub predicted: Vec<u32>,
+}
+
+impl TokenPredictions {
+    /// The share of target tokens predicted (0 for an empty target).
+    pub fn accuracy(&self) -> f32 {
+        let hits = self
+            .target
+            .iter()
+            .zip(&self.predicted)
+            .filter(|(a, b)| a == b)
+            .count();
+        hits as f32 / self.target.len().max(1) as f32
+    }
 }
 
 /// Mean per-token NLL (ROME) and full-sequence probability (Hase) of a target after a prompt.
@@ -110,8 +189,66 @@ impl LoadedModel {
         pairs: &[(String, String)],
         hook: &mut dyn crate::hooks::Hook,
     ) -> Result<Vec<TargetScore>> {
-        if pairs.is_empty() {
+        let Some((logp, targets)) = self.target_log_probs(pairs, hook)? else {
             return Ok(vec![]);
+        };
+        let ids: Vec<u32> = targets.iter().flatten().copied().collect();
+        let picked = logp
+            .gather(
+                &candle_core::Tensor::new(ids.as_slice(), logp.device())?.unsqueeze(1)?,
+                1,
+            )?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut offset = 0;
+        targets
+            .iter()
+            .map(|target| {
+                let lp = &picked[offset..offset + target.len()];
+                offset += target.len();
+                let total: f32 = lp.iter().sum();
+                if !total.is_finite() {
+                    return Err(LociError::model(
+                        "the model produced NaN or infinite values",
+                    ));
+                }
+                Ok(TargetScore {
+                    nll: -total / target.len() as f32,
+                    prob: total.exp(),
+                })
+            })
+            .collect()
+    }
+
+    /// Teacher-forced predictions of `(prompt, target)` pairs (one padded batch): for each pair,
+    /// the target's token ids and the model's top-1 token at each of their positions (zsRE's and
+    /// MEMIT's token accuracy).
+    pub fn target_predictions(&self, pairs: &[(String, String)]) -> Result<Vec<TokenPredictions>> {
+        let Some((logp, targets)) = self.target_log_probs(pairs, &mut crate::hooks::NoHook)? else {
+            return Ok(vec![]);
+        };
+        let top = logp.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+        let mut offset = 0;
+        Ok(targets
+            .into_iter()
+            .map(|target| {
+                let predicted = top[offset..offset + target.len()].to_vec();
+                offset += target.len();
+                TokenPredictions { target, predicted }
+            })
+            .collect())
+    }
+
+    /// Log-probabilities `[Σ target lengths, vocab]` at the positions that predict each pair's
+    /// target tokens (the prompt, then the spaced target, right-padded into one batch), with
+    /// each pair's target ids; None for no pairs.
+    fn target_log_probs(
+        &self,
+        pairs: &[(String, String)],
+        hook: &mut dyn crate::hooks::Hook,
+    ) -> Result<Option<(candle_core::Tensor, Vec<Vec<u32>>)>> {
+        if pairs.is_empty() {
+            return Ok(None);
         }
         let mut rows = Vec::new();
         let mut spans = Vec::new();
@@ -161,35 +298,7 @@ impl LoadedModel {
         let at = hidden.reshape((rows.len() * t, d))?.index_select(&idx, 0)?;
         let logp =
             candle_nn::ops::log_softmax(&self.model.final_logits(&at)?, candle_core::D::Minus1)?;
-        let ids: Vec<u32> = spans
-            .iter()
-            .flat_map(|(_, target)| target.clone())
-            .collect();
-        let picked = logp
-            .gather(
-                &candle_core::Tensor::new(ids.as_slice(), logp.device())?.unsqueeze(1)?,
-                1,
-            )?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let mut offset = 0;
-        spans
-            .iter()
-            .map(|(_, target)| {
-                let lp = &picked[offset..offset + target.len()];
-                offset += target.len();
-                let total: f32 = lp.iter().sum();
-                if !total.is_finite() {
-                    return Err(LociError::model(
-                        "the model produced NaN or infinite values",
-                    ));
-                }
-                Ok(TargetScore {
-                    nll: -total / target.len() as f32,
-                    prob: total.exp(),
-                })
-            })
-            .collect()
+        Ok(Some((logp, spans.into_iter().map(|(_, t)| t).collect())))
     }
 
     /// The probability tests of one case, as the model is now.
@@ -524,6 +633,11 @@ pub struct CaseRecord {
     pub post: CaseScores,
     pub metrics: CaseMetrics,
     pub edit_seconds: f64,
+    /// Sequential editing: the scores and metrics after the last edit of the sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<CaseScores>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_metrics: Option<CaseMetrics>,
 }
 
 impl LoadedModel {
@@ -546,24 +660,6 @@ impl LoadedModel {
         Ok(one.into_iter().next().expect("one case, one record"))
     }
 
-    /// Scores a batch of cases, applies one MEMIT edit of all their rewrites, scores each again
-    /// and undoes the edit (the model ends bit-identical to how it started, also on error).
-    pub fn eval_memit_batch(
-        &mut self,
-        cases: &[CounterFactCase],
-        hp: &crate::edit::MemitHparams,
-        stats: &[crate::edit::KeyStats],
-        generate: bool,
-        consistency: Option<&Consistency>,
-        progress: &mut dyn FnMut(&str),
-    ) -> Result<Vec<CaseRecord>> {
-        self.eval_cases_with(cases, generate, consistency, |lm, reqs| {
-            Ok(crate::edit::Edit::Memit(
-                lm.memit(reqs, hp, stats, progress)?,
-            ))
-        })
-    }
-
     /// Scores the cases, applies the one edit `make` computes from their rewrites, scores each
     /// again and undoes the edit (the model ends bit-identical to how it started, also on
     /// error). `edit_seconds` is the edit's time shared over the cases.
@@ -574,26 +670,137 @@ impl LoadedModel {
         consistency: Option<&Consistency>,
         make: impl FnOnce(&mut LoadedModel, &[RewriteRequest]) -> Result<crate::edit::Edit>,
     ) -> Result<Vec<CaseRecord>> {
-        let pre = cases
-            .iter()
-            .map(|c| self.score_case(c, generate))
-            .collect::<Result<Vec<_>>>()?;
-        let started = crate::clock::now_seconds();
-        let reqs: Vec<RewriteRequest> = cases.iter().map(|c| c.requested_rewrite.clone()).collect();
-        let edit = make(self, &reqs)?;
-        let applied = self.apply(&edit)?;
-        let edit_seconds = (crate::clock::now_seconds() - started) / cases.len() as f64;
-        let post = cases
-            .iter()
-            .map(|c| self.score_case(c, generate))
-            .collect::<Result<Vec<_>>>();
-        self.undo_edit(applied)?;
+        let (pre, post, edit_seconds) = self.edit_and_rescore(
+            cases,
+            |c| &c.requested_rewrite,
+            |lm, c| lm.score_case(c, generate),
+            make,
+        )?;
         Ok(cases
             .iter()
             .zip(pre)
-            .zip(post?)
+            .zip(post)
             .map(|((case, pre), post)| record(case, pre, post, edit_seconds, consistency))
             .collect())
+    }
+
+    /// Any benchmark's edit loop: scores the cases, applies the one edit `make` computes from
+    /// their rewrites, scores each again and undoes the edit (the model ends bit-identical to
+    /// how it started, also on error). Returns the scores before and after, and the edit's
+    /// seconds per case.
+    pub fn edit_and_rescore<C, S>(
+        &mut self,
+        cases: &[C],
+        request: impl Fn(&C) -> &RewriteRequest,
+        score: impl Fn(&LoadedModel, &C) -> Result<S>,
+        make: impl FnOnce(&mut LoadedModel, &[RewriteRequest]) -> Result<crate::edit::Edit>,
+    ) -> Result<(Vec<S>, Vec<S>, f64)> {
+        let pre = cases
+            .iter()
+            .map(|c| score(self, c))
+            .collect::<Result<Vec<_>>>()?;
+        let started = crate::clock::now_seconds();
+        let reqs: Vec<RewriteRequest> = cases.iter().map(|c| request(c).clone()).collect();
+        let edit = make(self, &reqs)?;
+        let applied = self.apply(&edit)?;
+        let edit_seconds = (crate::clock::now_seconds() - started) / cases.len().max(1) as f64;
+        let post = cases
+            .iter()
+            .map(|c| score(self, c))
+            .collect::<Result<Vec<_>>>();
+        self.undo_edit(applied)?;
+        Ok((pre, post?, edit_seconds))
+    }
+}
+
+/// How one case fared in a sequence of edits.
+#[derive(Clone, Debug)]
+pub struct InSequence<S> {
+    /// Before any edit of the sequence.
+    pub pre: Option<S>,
+    /// Right after its own edit.
+    pub post: Option<S>,
+    /// After the last edit of the sequence.
+    pub last: Option<S>,
+    /// Its edit's seconds, shared over the cases it wrote.
+    pub edit_seconds: f64,
+    /// Why the case has no scores (it could not be scored, or its edit failed).
+    pub error: Option<String>,
+}
+
+impl LoadedModel {
+    /// Sequential editing: `batch` cases per edit, each edit computed on the model as the
+    /// earlier ones left it and kept. Every case is scored before the first edit, right after
+    /// its own and after the last; then the whole sequence is undone (the model ends
+    /// bit-identical to how it started, also on error). A case that cannot be scored or whose
+    /// edit fails gets an `error` and the sequence goes on without it. `progress` hears the
+    /// cases done so far.
+    pub fn edit_in_sequence<C, S>(
+        &mut self,
+        cases: &[C],
+        batch: usize,
+        request: impl Fn(&C) -> &RewriteRequest,
+        score: impl Fn(&LoadedModel, &C) -> Result<S>,
+        mut make: impl FnMut(&mut LoadedModel, &[RewriteRequest]) -> Result<crate::edit::Edit>,
+        progress: &mut dyn FnMut(usize, Option<&S>),
+    ) -> Result<Vec<InSequence<S>>> {
+        let mut out: Vec<InSequence<S>> = cases
+            .iter()
+            .map(|c| {
+                let pre = score(self, c);
+                InSequence {
+                    error: pre.as_ref().err().map(|e| e.to_string()),
+                    pre: pre.ok(),
+                    post: None,
+                    last: None,
+                    edit_seconds: 0.0,
+                }
+            })
+            .collect();
+        let mut applied = crate::edit::AppliedEdit::default();
+        let mut done = 0;
+        for (chunk, results) in cases.chunks(batch.max(1)).zip(out.chunks_mut(batch.max(1))) {
+            let (ok, failed): (Vec<_>, Vec<_>) = chunk
+                .iter()
+                .zip(results.iter_mut())
+                .partition(|(_, r)| r.error.is_none());
+            for _ in failed {
+                done += 1;
+                progress(done, None);
+            }
+            if ok.is_empty() {
+                continue;
+            }
+            let started = crate::clock::now_seconds();
+            let reqs: Vec<RewriteRequest> = ok.iter().map(|(c, _)| request(c).clone()).collect();
+            let edit = make(self, &reqs).and_then(|e| self.apply(&e));
+            let seconds = (crate::clock::now_seconds() - started) / ok.len() as f64;
+            if let Ok(a) = &edit {
+                applied = applied.then(a.clone());
+            }
+            for (c, r) in ok {
+                r.edit_seconds = seconds;
+                match &edit {
+                    Ok(_) => match score(self, c) {
+                        Ok(s) => r.post = Some(s),
+                        Err(e) => r.error = Some(e.to_string()),
+                    },
+                    Err(e) => r.error = Some(e.to_string()),
+                }
+                done += 1;
+                progress(done, r.post.as_ref());
+            }
+        }
+        for (c, r) in cases.iter().zip(out.iter_mut()) {
+            if r.error.is_none() {
+                match score(self, c) {
+                    Ok(s) => r.last = Some(s),
+                    Err(e) => r.error = Some(e.to_string()),
+                }
+            }
+        }
+        self.undo_edit(applied)?;
+        Ok(out)
     }
 }
 
@@ -605,11 +812,7 @@ fn record(
     edit_seconds: f64,
     consistency: Option<&Consistency>,
 ) -> CaseRecord {
-    let mut metrics = case_metrics(&pre, &post);
-    if let Some(c) = consistency {
-        metrics.consistency_pre = c.score(case, &pre.generations);
-        metrics.consistency_post = c.score(case, &post.generations);
-    }
+    let metrics = metrics_of(case, &pre, &post, consistency);
     CaseRecord {
         case_id: case.case_id,
         request: case.requested_rewrite.clone(),
@@ -617,5 +820,60 @@ fn record(
         pre,
         post,
         edit_seconds,
+        last: None,
+        last_metrics: None,
+    }
+}
+
+fn metrics_of(
+    case: &CounterFactCase,
+    pre: &CaseScores,
+    post: &CaseScores,
+    consistency: Option<&Consistency>,
+) -> CaseMetrics {
+    let mut metrics = case_metrics(pre, post);
+    if let Some(c) = consistency {
+        metrics.consistency_pre = c.score(case, &pre.generations);
+        metrics.consistency_post = c.score(case, &post.generations);
+    }
+    metrics
+}
+
+/// A case of a sequence: its record, or why its edit failed.
+pub type SequenceRecord<R> = std::result::Result<R, String>;
+
+impl LoadedModel {
+    /// CounterFact cases edited in sequence (`edit_in_sequence`): each record's `post` is right
+    /// after its own edit and `last` after the whole sequence.
+    pub fn eval_sequence(
+        &mut self,
+        cases: &[CounterFactCase],
+        batch: usize,
+        generate: bool,
+        consistency: Option<&Consistency>,
+        make: impl FnMut(&mut LoadedModel, &[RewriteRequest]) -> Result<crate::edit::Edit>,
+        progress: &mut dyn FnMut(usize, Option<&CaseScores>),
+    ) -> Result<Vec<SequenceRecord<CaseRecord>>> {
+        let outcomes = self.edit_in_sequence(
+            cases,
+            batch,
+            |c| &c.requested_rewrite,
+            |lm, c| lm.score_case(c, generate),
+            make,
+            progress,
+        )?;
+        Ok(cases
+            .iter()
+            .zip(outcomes)
+            .map(|(case, o)| match (o.pre, o.post, o.last, o.error) {
+                (Some(pre), Some(post), Some(last), None) => {
+                    let mut r = record(case, pre, post, o.edit_seconds, consistency);
+                    r.last_metrics = Some(metrics_of(case, &r.pre, &last, consistency));
+                    r.last = Some(last);
+                    Ok(r)
+                }
+                (.., e) => Err(e.unwrap_or_else(|| "not scored".into())),
+            })
+            .collect())
     }
 }

@@ -1,0 +1,372 @@
+//! zsRE question-answering edits, ROME's and MEMIT's second benchmark (spec §7.2): each edit
+//! makes the model answer a question about its subject, scored by top-1 token accuracy under
+//! teacher forcing on the question, its rephrasing and an unrelated Natural Questions prompt.
+
+use serde::{Deserialize, Serialize};
+
+use super::TokenPredictions;
+use crate::edit::rome::RewriteRequest;
+use crate::error::{LociError, Result};
+use crate::loader::LoadedModel;
+
+/// Which answer a zsRE edit writes.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ZsreTarget {
+    /// `answers[0]`, as ROME's and MEMIT's evaluation (`dsets/zsre.py`) does.
+    #[default]
+    Answer,
+    /// `alt`, the alternative answer that MEND and EasyEdit write.
+    Alt,
+}
+
+impl std::str::FromStr for ZsreTarget {
+    type Err = LociError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "answer" => Ok(ZsreTarget::Answer),
+            "alt" => Ok(ZsreTarget::Alt),
+            _ => Err(LociError::input(format!(
+                "zsRE target {s:?}: use answer or alt"
+            ))),
+        }
+    }
+}
+
+/// One zsRE record (MEND's `zsre_mend_eval.json` schema, which ROME and EasyEdit read).
+#[derive(Deserialize)]
+struct Record {
+    subject: String,
+    src: String,
+    answers: Vec<String>,
+    #[serde(default)]
+    alt: Option<String>,
+    rephrase: String,
+    loc: String,
+    loc_ans: String,
+}
+
+/// A question and the answer scored after it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct QaPrompt {
+    pub prompt: String,
+    pub answer: String,
+}
+
+/// One zsRE edit: the question (with `{}` where the subject is) and its new answer, the
+/// question rephrased, and an unrelated question the edit should leave alone.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ZsreCase {
+    pub case_id: u64,
+    pub requested_rewrite: RewriteRequest,
+    /// The record's own answer (`answers[0]`), whichever answer the edit writes.
+    pub answer: String,
+    pub paraphrase_prompts: Vec<String>,
+    pub neighborhood: QaPrompt,
+}
+
+/// Whether a JSON record is a zsRE one.
+pub(crate) fn is_record(v: &serde_json::Value) -> bool {
+    v.get("src").is_some() && v.get("answers").is_some()
+}
+
+/// A zsRE file's cases, and the records that cannot be posed as an edit.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ZsreSet {
+    pub cases: Vec<ZsreCase>,
+    /// Why each skipped record was skipped (e.g. an empty `alt`: 2 of MEND's train sample).
+    pub skipped: Vec<String>,
+}
+
+/// Reads a JSON list of zsRE records; case ids are their positions, as in ROME.
+pub fn parse_zsre(text: &str, target: ZsreTarget) -> Result<ZsreSet> {
+    let values: Vec<serde_json::Value> =
+        serde_json::from_str(text).map_err(|e| LociError::Json {
+            what: "the zsRE file".into(),
+            source: e,
+        })?;
+    from_values(values, target)
+}
+
+pub(crate) fn from_values(values: Vec<serde_json::Value>, target: ZsreTarget) -> Result<ZsreSet> {
+    let mut set = ZsreSet::default();
+    for (i, v) in values.into_iter().enumerate() {
+        let r: Record = serde_json::from_value(v).map_err(|e| LociError::Json {
+            what: format!("zsRE record {i}"),
+            source: e,
+        })?;
+        match case(i, r, target) {
+            Ok(c) => set.cases.push(c),
+            Err(why) => set.skipped.push(format!("record {i}: {why}")),
+        }
+    }
+    Ok(set)
+}
+
+fn case(i: usize, r: Record, target: ZsreTarget) -> std::result::Result<ZsreCase, String> {
+    let answer = match target {
+        ZsreTarget::Answer => r.answers.first().ok_or("no answers")?,
+        ZsreTarget::Alt => r.alt.as_ref().ok_or("no alt answer")?,
+    };
+    if answer.trim().is_empty() || r.loc_ans.trim().is_empty() {
+        return Err("an empty answer".into());
+    }
+    let rewrite =
+        RewriteRequest::from_prompt(&r.src, &r.subject, answer).map_err(|e| e.to_string())?;
+    Ok(ZsreCase {
+        case_id: i as u64,
+        requested_rewrite: rewrite,
+        answer: r.answers.first().cloned().unwrap_or_default(),
+        paraphrase_prompts: vec![r.rephrase],
+        // ROME asks the NQ question with its "nq question: " prefix and a "?".
+        neighborhood: QaPrompt {
+            prompt: format!("{}?", r.loc),
+            answer: r.loc_ans,
+        },
+    })
+}
+
+impl ZsreSet {
+    /// The cases as Hase et al. pose zsRE for their study (belief-localization's
+    /// `dsets/zsre.py`): the question wrapped as "Question: … Answer:", the record's answer as
+    /// the true object, a new object drawn from the other records' answers (SplitMix64 seeded
+    /// by `seed` and the case id, so a case's draw does not depend on which cases are kept), the
+    /// rephrasing wrapped alike, and the NQ question as the neighbour with its own answer.
+    pub fn hase_cases(&self, seed: u64) -> Vec<super::CounterFactCase> {
+        let wrap = |q: &str| format!("Question: {q} Answer:");
+        let pool: Vec<&str> = self.cases.iter().map(|c| c.answer.as_str()).collect();
+        self.cases
+            .iter()
+            .filter(|c| !c.answer.trim().is_empty())
+            .filter_map(|c| {
+                let others: Vec<&str> = pool
+                    .iter()
+                    .copied()
+                    .filter(|a| *a != c.answer && !a.trim().is_empty())
+                    .collect();
+                let mut rng = crate::rng::SplitMix64::new(seed ^ c.case_id.wrapping_mul(0x9E37));
+                let new = others.get((rng.next_u64() % others.len().max(1) as u64) as usize)?;
+                let rw = &c.requested_rewrite;
+                let mut request =
+                    RewriteRequest::from_prompt(&wrap(&rw.prompt), &rw.subject, new).ok()?;
+                request.target_true = Some(crate::edit::rome::TargetStr::new(c.answer.clone()));
+                Some(super::CounterFactCase {
+                    case_id: c.case_id,
+                    requested_rewrite: request,
+                    paraphrase_prompts: c.paraphrase_prompts.iter().map(|p| wrap(p)).collect(),
+                    neighborhood_prompts: vec![c.neighborhood.prompt.clone()],
+                    attribute_prompts: vec![],
+                    generation_prompts: vec![],
+                    neighborhood_true: Some(c.neighborhood.answer.clone()),
+                })
+            })
+            .collect()
+    }
+}
+
+/// The model's teacher-forced predictions of one answer after one prompt.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct QaScore {
+    pub prompt: String,
+    pub answer: String,
+    #[serde(flatten)]
+    pub tokens: TokenPredictions,
+}
+
+/// A zsRE case's tests as the model is now.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ZsreScores {
+    /// The new answer after the question.
+    pub rewrite: QaScore,
+    /// The new answer after each rephrasing.
+    pub paraphrase: Vec<QaScore>,
+    /// The NQ answer after the unrelated question.
+    pub neighborhood: QaScore,
+}
+
+/// A case's accuracies (fractions of answer tokens predicted) before and after its edit.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ZsreMetrics {
+    pub efficacy_pre: f32,
+    /// ROME's efficacy: the new answer's token accuracy after the question.
+    pub efficacy: f32,
+    pub paraphrase_pre: f32,
+    pub paraphrase: f32,
+    pub specificity_pre: f32,
+    /// ROME's specificity: the NQ answer's token accuracy after the edit.
+    pub specificity: f32,
+    /// EasyEdit's locality: the share of the NQ answer's positions whose top-1 token the edit
+    /// left unchanged (right or wrong).
+    pub locality: f32,
+}
+
+/// One evaluated zsRE case.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ZsreCaseRecord {
+    pub case_id: u64,
+    pub request: RewriteRequest,
+    pub pre: ZsreScores,
+    pub post: ZsreScores,
+    pub metrics: ZsreMetrics,
+    pub edit_seconds: f64,
+    /// Sequential editing: the scores and metrics after the last edit of the sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<ZsreScores>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_metrics: Option<ZsreMetrics>,
+}
+
+/// Dataset means, ×100 like ROME's tables.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ZsreSummary {
+    pub cases: usize,
+    pub efficacy_pre: f32,
+    pub efficacy: f32,
+    pub paraphrase_pre: f32,
+    pub paraphrase: f32,
+    pub specificity_pre: f32,
+    pub specificity: f32,
+    pub locality: f32,
+}
+
+fn mean_accuracy(v: &[QaScore]) -> f32 {
+    super::mean(v.iter().map(|s| s.tokens.accuracy()))
+}
+
+pub fn zsre_metrics(pre: &ZsreScores, post: &ZsreScores) -> ZsreMetrics {
+    let (a, b) = (&pre.neighborhood.tokens, &post.neighborhood.tokens);
+    let kept = a
+        .predicted
+        .iter()
+        .zip(&b.predicted)
+        .filter(|(x, y)| x == y)
+        .count();
+    ZsreMetrics {
+        efficacy_pre: pre.rewrite.tokens.accuracy(),
+        efficacy: post.rewrite.tokens.accuracy(),
+        paraphrase_pre: mean_accuracy(&pre.paraphrase),
+        paraphrase: mean_accuracy(&post.paraphrase),
+        specificity_pre: a.accuracy(),
+        specificity: b.accuracy(),
+        locality: kept as f32 / a.predicted.len().max(1) as f32,
+    }
+}
+
+pub fn summarize_zsre(ms: &[ZsreMetrics]) -> ZsreSummary {
+    let avg = |f: &dyn Fn(&ZsreMetrics) -> f32| {
+        100.0 * super::mean(ms.iter().map(f).filter(|x| !x.is_nan()))
+    };
+    ZsreSummary {
+        cases: ms.len(),
+        efficacy_pre: avg(&|m| m.efficacy_pre),
+        efficacy: avg(&|m| m.efficacy),
+        paraphrase_pre: avg(&|m| m.paraphrase_pre),
+        paraphrase: avg(&|m| m.paraphrase),
+        specificity_pre: avg(&|m| m.specificity_pre),
+        specificity: avg(&|m| m.specificity),
+        locality: avg(&|m| m.locality),
+    }
+}
+
+impl LoadedModel {
+    /// A zsRE case's tests as the model is now (one batch).
+    pub fn score_zsre(&self, case: &ZsreCase) -> Result<ZsreScores> {
+        let rw = &case.requested_rewrite;
+        let new = &rw.target_new.str;
+        let mut asked: Vec<QaPrompt> = std::iter::once(rw.filled())
+            .chain(case.paraphrase_prompts.iter().cloned())
+            .map(|prompt| QaPrompt {
+                prompt,
+                answer: new.clone(),
+            })
+            .collect();
+        asked.push(case.neighborhood.clone());
+        let pairs: Vec<(String, String)> = asked
+            .iter()
+            .map(|q| (q.prompt.clone(), q.answer.clone()))
+            .collect();
+        let mut scores: Vec<QaScore> = asked
+            .into_iter()
+            .zip(self.target_predictions(&pairs)?)
+            .map(|(q, tokens)| QaScore {
+                prompt: q.prompt,
+                answer: q.answer,
+                tokens,
+            })
+            .collect();
+        let neighborhood = scores.pop().expect("the neighbourhood question");
+        let rewrite = scores.remove(0);
+        Ok(ZsreScores {
+            rewrite,
+            paraphrase: scores,
+            neighborhood,
+        })
+    }
+
+    /// Scores the cases, applies the one edit `make` computes from their rewrites, scores each
+    /// again and undoes the edit (the model ends bit-identical, also on error).
+    pub fn eval_zsre_with(
+        &mut self,
+        cases: &[ZsreCase],
+        make: impl FnOnce(&mut LoadedModel, &[RewriteRequest]) -> Result<crate::edit::Edit>,
+    ) -> Result<Vec<ZsreCaseRecord>> {
+        let (pre, post, edit_seconds) = self.edit_and_rescore(
+            cases,
+            |c| &c.requested_rewrite,
+            |lm, c| lm.score_zsre(c),
+            make,
+        )?;
+        Ok(cases
+            .iter()
+            .zip(pre)
+            .zip(post)
+            .map(|((case, pre), post)| ZsreCaseRecord {
+                case_id: case.case_id,
+                request: case.requested_rewrite.clone(),
+                metrics: zsre_metrics(&pre, &post),
+                pre,
+                post,
+                edit_seconds,
+                last: None,
+                last_metrics: None,
+            })
+            .collect())
+    }
+
+    /// zsRE cases edited in sequence (`edit_in_sequence`): each record's `post` is right after
+    /// its own edit and `last` after the whole sequence.
+    pub fn eval_zsre_sequence(
+        &mut self,
+        cases: &[ZsreCase],
+        batch: usize,
+        make: impl FnMut(&mut LoadedModel, &[RewriteRequest]) -> Result<crate::edit::Edit>,
+        progress: &mut dyn FnMut(usize, Option<&ZsreScores>),
+    ) -> Result<Vec<super::SequenceRecord<ZsreCaseRecord>>> {
+        let outcomes = self.edit_in_sequence(
+            cases,
+            batch,
+            |c| &c.requested_rewrite,
+            |lm, c| lm.score_zsre(c),
+            make,
+            progress,
+        )?;
+        Ok(cases
+            .iter()
+            .zip(outcomes)
+            .map(|(case, o)| match (o.pre, o.post, o.last, o.error) {
+                (Some(pre), Some(post), Some(last), None) => Ok(ZsreCaseRecord {
+                    case_id: case.case_id,
+                    request: case.requested_rewrite.clone(),
+                    metrics: zsre_metrics(&pre, &post),
+                    last_metrics: Some(zsre_metrics(&pre, &last)),
+                    pre,
+                    post,
+                    edit_seconds: o.edit_seconds,
+                    last: Some(last),
+                }),
+                (.., e) => Err(e.unwrap_or_else(|| "not scored".into())),
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,114 @@
+//! Sequential editing: each edit is made on the model the earlier ones left and kept, every
+//! case is scored before, right after its edit and after the last, a failing edit is recorded
+//! and skipped, and the whole sequence is undone bit for bit.
+
+mod common;
+
+use loci_core::edit::{Edit, RewriteRequest, RomeHparams};
+use loci_core::LoadedModel;
+
+fn bits(lm: &LoadedModel) -> Vec<u32> {
+    (0..lm.model.n_layer())
+        .flat_map(|l| {
+            lm.model
+                .down_proj(l)
+                .unwrap()
+                .weight
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .map(f32::to_bits)
+        .collect()
+}
+
+/// p(new target | prompt) as the model is now.
+fn p_new(lm: &LoadedModel, r: &RewriteRequest) -> loci_core::Result<f32> {
+    Ok(lm.score_targets(&[(r.filled(), r.target_new.str.clone())])?[0].prob)
+}
+
+#[test]
+fn edits_in_sequence_stay_applied_until_the_end_and_then_undo_exactly() {
+    let mut lm = common::tiny("tiny-gpt2");
+    let original = bits(&lm);
+    let mut hp = RomeHparams::at_layer(1);
+    hp.mom2_adjustment = false;
+    hp.v_num_grad_steps = 8;
+    let req = |p: &str, s: &str, t: &str| RewriteRequest::from_prompt(p, s, t).unwrap();
+    let mut bad = req("{} plays the", "Miles Davis", "piano");
+    bad.target_new.str = " ".into();
+    let cases = vec![
+        req("{} is located in the city of", "Eiffel Tower", "Rome"),
+        req("The mother tongue of {} is", "Danielle Darrieux", "English"),
+        bad,
+        req("{} is a citizen of", "Toko Yasuda", "Canada"),
+    ];
+    let mut heard = vec![];
+    let out = lm
+        .edit_in_sequence(
+            &cases,
+            1,
+            |r| r,
+            p_new,
+            |lm, reqs| Ok(Edit::Rome(lm.rome(&reqs[0], &hp, None)?)),
+            &mut |done, scored| heard.push((done, scored.is_some())),
+        )
+        .unwrap();
+    assert_eq!(bits(&lm), original, "the sequence is undone bit for bit");
+    // A blank target is no edit: recorded, and the sequence goes on without it.
+    let why = out[2].error.as_deref().unwrap();
+    assert!(why.contains("empty"), "{why}");
+    assert!(out[2].pre.is_some() && out[2].post.is_none() && out[2].last.is_none());
+    assert_eq!(
+        heard,
+        [(1, true), (2, true), (3, false), (4, true)],
+        "progress in case order"
+    );
+    for (i, o) in out.iter().enumerate().filter(|(i, _)| *i != 2) {
+        let (pre, post, last) = (o.pre.unwrap(), o.post.unwrap(), o.last.unwrap());
+        assert!(o.error.is_none());
+        assert!(
+            post > pre,
+            "case {i}: its edit raises its target ({pre} → {post})"
+        );
+        assert!(o.edit_seconds > 0.0);
+        assert!(last.is_finite());
+    }
+    // The last edit is the last change: its scores after it and after the sequence agree.
+    assert_eq!(out[3].post, out[3].last);
+    // Later edits of the same layer move the first case's score: the edits were kept.
+    assert_ne!(out[0].post, out[0].last);
+
+    // Each edit was made on the model the earlier ones left: the second edit alone, on the
+    // unedited model, is a different edit.
+    let first = lm.rome(&cases[0], &hp, None).unwrap();
+    let applied = lm.apply(&Edit::Rome(first)).unwrap();
+    let after_first = lm.rome(&cases[1], &hp, None).unwrap();
+    lm.undo_edit(applied).unwrap();
+    let alone = lm.rome(&cases[1], &hp, None).unwrap();
+    assert_ne!(after_first.right, alone.right);
+}
+
+#[test]
+fn chained_applied_edits_keep_one_original_per_layer() {
+    let mut lm = common::tiny("tiny-gpt2");
+    let original = bits(&lm);
+    let mut hp = RomeHparams::at_layer(1);
+    hp.mom2_adjustment = false;
+    hp.v_num_grad_steps = 3;
+    let r = RewriteRequest::from_prompt("{} is located in", "Eiffel Tower", "Rome").unwrap();
+    let e = Edit::Rome(lm.rome(&r, &hp, None).unwrap());
+    let a = lm.apply(&e).unwrap();
+    let b = lm.apply(&e).unwrap();
+    hp.layer = 2;
+    let c = lm
+        .apply(&Edit::Rome(lm.rome(&r, &hp, None).unwrap()))
+        .unwrap();
+    let all = a.then(b).then(c);
+    let layers: Vec<usize> = all.originals.iter().map(|(l, _)| *l).collect();
+    assert_eq!(layers, [1, 2]);
+    assert_ne!(bits(&lm), original);
+    lm.undo_edit(all).unwrap();
+    assert_eq!(bits(&lm), original);
+}
