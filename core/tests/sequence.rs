@@ -7,22 +7,6 @@ mod common;
 use loci_core::edit::{Edit, RewriteRequest, RomeHparams};
 use loci_core::LoadedModel;
 
-fn bits(lm: &LoadedModel) -> Vec<u32> {
-    (0..lm.model.n_layer())
-        .flat_map(|l| {
-            lm.model
-                .down_proj(l)
-                .unwrap()
-                .weight
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        })
-        .map(f32::to_bits)
-        .collect()
-}
-
 /// p(new target | prompt) as the model is now.
 fn p_new(lm: &LoadedModel, r: &RewriteRequest) -> loci_core::Result<f32> {
     Ok(lm.score_targets(&[(r.filled(), r.target_new.str.clone())])?[0].prob)
@@ -31,7 +15,7 @@ fn p_new(lm: &LoadedModel, r: &RewriteRequest) -> loci_core::Result<f32> {
 #[test]
 fn edits_in_sequence_stay_applied_until_the_end_and_then_undo_exactly() {
     let mut lm = common::tiny("tiny-gpt2");
-    let original = bits(&lm);
+    let original = common::down_bits(&lm);
     let mut hp = RomeHparams::at_layer(1);
     hp.mom2_adjustment = false;
     hp.v_num_grad_steps = 8;
@@ -55,7 +39,11 @@ fn edits_in_sequence_stay_applied_until_the_end_and_then_undo_exactly() {
             &mut |done, scored| heard.push((done, scored.is_some())),
         )
         .unwrap();
-    assert_eq!(bits(&lm), original, "the sequence is undone bit for bit");
+    assert_eq!(
+        common::down_bits(&lm),
+        original,
+        "the sequence is undone bit for bit"
+    );
     // A blank target is no edit: recorded, and the sequence goes on without it.
     let why = out[2].error.as_deref().unwrap();
     assert!(why.contains("empty"), "{why}");
@@ -93,7 +81,7 @@ fn edits_in_sequence_stay_applied_until_the_end_and_then_undo_exactly() {
 #[test]
 fn chained_applied_edits_keep_one_original_per_layer() {
     let mut lm = common::tiny("tiny-gpt2");
-    let original = bits(&lm);
+    let original = common::down_bits(&lm);
     let mut hp = RomeHparams::at_layer(1);
     hp.mom2_adjustment = false;
     hp.v_num_grad_steps = 3;
@@ -108,7 +96,7 @@ fn chained_applied_edits_keep_one_original_per_layer() {
     let all = a.then(b).then(c);
     let layers: Vec<usize> = all.originals.iter().map(|(l, _)| *l).collect();
     assert_eq!(layers, [1, 2]);
-    assert_ne!(bits(&lm), original);
+    assert_ne!(common::down_bits(&lm), original);
     lm.undo_edit(all).unwrap();
-    assert_eq!(bits(&lm), original);
+    assert_eq!(common::down_bits(&lm), original);
 }

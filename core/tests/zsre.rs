@@ -160,7 +160,7 @@ fn rome_teaches_smollm2_a_zsre_answer() {
         .unwrap()
         .cases
         .remove(0);
-    let before = lm.model.down_proj(layer).unwrap().weight.clone();
+    let before = common::down_bits(&lm);
     let records = lm
         .eval_zsre_with(std::slice::from_ref(&case), |lm, reqs| {
             Ok(Edit::Rome(lm.rome(
@@ -179,15 +179,5 @@ fn rome_teaches_smollm2_a_zsre_answer() {
     assert_eq!(m.locality, 1.0);
     assert_eq!(m.specificity, m.specificity_pre);
     assert_eq!(*m, zsre_metrics(&records[0].pre, &records[0].post));
-    let after = &lm.model.down_proj(layer).unwrap().weight;
-    let bits = |t: &candle_core::Tensor| -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|x| x.to_bits())
-            .collect()
-    };
-    assert_eq!(bits(&before), bits(after), "the edit is undone exactly");
+    assert_eq!(common::down_bits(&lm), before, "the edit is undone exactly");
 }

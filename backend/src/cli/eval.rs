@@ -5,12 +5,15 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use loci_core::edit::{Edit, FtHparams, KeyStats, MemitHparams, RomeHparams};
-use loci_core::eval::zsre::{summarize_zsre, ZsreCaseRecord, ZsreSummary, ZsreTarget};
-use loci_core::eval::{
-    parse_dataset, summarize, AttributeSnippets, CaseRecord, Consistency, CounterFactCase, Dataset,
-    SequenceRecord,
+use loci_core::edit::{Edit, FtHparams, KeyStats, MemitHparams, RewriteRequest, RomeHparams};
+use loci_core::eval::zsre::{
+    summarize_zsre, ZsreCase, ZsreCaseRecord, ZsreMetrics, ZsreSummary, ZsreTarget,
 };
+use loci_core::eval::{
+    parse_dataset, summarize, AttributeSnippets, CaseMetrics, CaseRecord, Consistency,
+    CounterFactCase, Dataset, SequenceRecord, Summary,
+};
+use loci_core::LoadedModel;
 
 use super::edit::{ft_hparams, hparams, memit_hparams, FtArgs, StatsSource};
 use super::{print_json, ModelArgs};
@@ -249,99 +252,18 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     };
     let layers = method.layers();
     let original = bits(&lm, &layers)?;
-    let batch = match &method {
-        Method::Memit(..) => format!(", {} per edit", a.batch),
-        Method::Rome(..) | Method::Ft(..) => String::new(),
-    };
-    let title = |cases: usize| {
-        format!(
-            "{} on {cases} cases of {}{batch}",
-            method.describe(),
-            a.dataset.display()
-        )
-    };
-    let bar = |n: usize| {
-        let pb = ProgressBar::new(n as u64);
-        pb.set_style(
-            ProgressStyle::with_template(
-                "cases {bar:40} {pos}/{len} [{elapsed_precise} < {eta}] {msg}",
-            )
-            .expect("template"),
-        );
-        pb
-    };
-    let sequence = if a.sequential {
-        " (in sequence: each edit kept, scored after its own and after the last)"
-    } else {
-        ""
-    };
     match &dataset {
         Dataset::CounterFact(cases) => {
-            let before: Vec<CaseRecord> = previous(&a, "a CounterFact record")?;
-            let cases = &not_done(cases, &before, |c| c.case_id, |r| r.case_id);
             let consistency = match &a.snippets {
                 Some(p) if !a.no_generation => Some(consistency(p, &a.stats)?),
                 Some(_) => bail!("--snippets scores generations: drop --no-generation"),
                 None => None,
             };
-            let generate = !a.no_generation;
-            let pb = bar(cases.len());
-            let mut sink = Records::new(a.out.as_deref(), before)?;
-            if a.sequential {
-                let records = lm.eval_sequence(
-                    cases,
-                    a.batch,
-                    generate,
-                    consistency.as_ref(),
-                    |lm, reqs| method.make(lm, reqs, &mut |m| pb.set_message(m.to_string())),
-                    &mut |done, _| pb.set_position(done as u64),
-                )?;
-                pb.suspend(|| sink.take_all(cases, records, |c| c.case_id))?;
-            } else {
-                independently(
-                    cases,
-                    a.batch,
-                    &pb,
-                    &mut sink,
-                    |c| c.case_id,
-                    |chunk| {
-                        lm.eval_cases_with(chunk, generate, consistency.as_ref(), |lm, reqs| {
-                            method.make(lm, reqs, &mut |m| pb.set_message(m.to_string()))
-                        })
-                    },
-                    |r: &CaseRecord| {
-                        let m = &r.metrics;
-                        format!(
-                            "ES {:.0} PS {:.0} NS {:.0}",
-                            m.efficacy_score * 100.0,
-                            m.paraphrase_score * 100.0,
-                            m.neighborhood_score * 100.0
-                        )
-                    },
-                )?;
-            }
-            pb.finish_and_clear();
-            let records = sink.kept;
-            let post = summarize(
-                &records
-                    .iter()
-                    .map(|r| r.metrics.clone())
-                    .collect::<Vec<_>>(),
-            );
-            let last: Option<Vec<_>> = records.iter().map(|r| r.last_metrics.clone()).collect();
-            let last = a.sequential.then(|| summarize(&last.unwrap_or_default()));
-            let title = format!("{}{sequence}", title(post.cases));
-            match (a.summary, last) {
-                (true, None) => print_json(&post)?,
-                (true, Some(last)) => print_json(&serde_json::json!({
-                    "after_own_edit": post, "after_all_edits": last
-                }))?,
-                (false, None) => print_counterfact(&title, &[("value", &post)]),
-                (false, Some(last)) => print_counterfact(
-                    &title,
-                    &[("after its edit", &post), ("after all edits", &last)],
-                ),
-            }
+            let bench = CounterFact {
+                generate: !a.no_generation,
+                consistency,
+            };
+            run(&bench, &mut lm, cases, &a, &method)?;
         }
         Dataset::Zsre(set) => {
             if a.snippets.is_some() {
@@ -354,62 +276,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
                     set.skipped.join("; ")
                 );
             }
-            let before: Vec<ZsreCaseRecord> = previous(&a, "a zsRE record")?;
-            let cases = &not_done(&set.cases, &before, |c| c.case_id, |r| r.case_id);
-            let pb = bar(cases.len());
-            let mut sink = Records::new(a.out.as_deref(), before)?;
-            if a.sequential {
-                let records = lm.eval_zsre_sequence(
-                    cases,
-                    a.batch,
-                    |lm, reqs| method.make(lm, reqs, &mut |m| pb.set_message(m.to_string())),
-                    &mut |done, _| pb.set_position(done as u64),
-                )?;
-                pb.suspend(|| sink.take_all(cases, records, |c| c.case_id))?;
-            } else {
-                independently(
-                    cases,
-                    a.batch,
-                    &pb,
-                    &mut sink,
-                    |c| c.case_id,
-                    |chunk| {
-                        lm.eval_zsre_with(chunk, |lm, reqs| {
-                            method.make(lm, reqs, &mut |m| pb.set_message(m.to_string()))
-                        })
-                    },
-                    |r: &ZsreCaseRecord| {
-                        let m = &r.metrics;
-                        format!(
-                            "efficacy {:.0} paraphrase {:.0} specificity {:.0}",
-                            m.efficacy * 100.0,
-                            m.paraphrase * 100.0,
-                            m.specificity * 100.0
-                        )
-                    },
-                )?;
-            }
-            pb.finish_and_clear();
-            let records = sink.kept;
-            let post = summarize_zsre(
-                &records
-                    .iter()
-                    .map(|r| r.metrics.clone())
-                    .collect::<Vec<_>>(),
-            );
-            let last: Option<Vec<_>> = records.iter().map(|r| r.last_metrics.clone()).collect();
-            let last = a
-                .sequential
-                .then(|| summarize_zsre(&last.unwrap_or_default()));
-            let title = format!("{}{sequence}", title(post.cases));
-            match (a.summary, last) {
-                (true, None) => print_json(&post)?,
-                (true, Some(last)) => print_json(&serde_json::json!({
-                    "after_own_edit": post, "after_all_edits": last
-                }))?,
-                (false, None) => print_zsre(&title, &post, None),
-                (false, Some(last)) => print_zsre(&title, &post, Some(&last)),
-            }
+            run(&Zsre, &mut lm, &set.cases, &a, &method)?;
         }
     }
     if bits(&lm, &layers)? != original {
@@ -418,29 +285,239 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// `batch` cases per edit, each edit undone before the next, under the progress bar (`describe`
-/// words its message); each record goes to `sink` as it is made, and a failed edit fails its
-/// cases.
-fn independently<C, R: serde::Serialize>(
-    cases: &[C],
-    batch: usize,
-    pb: &ProgressBar,
-    sink: &mut Records<R>,
-    id: impl Fn(&C) -> u64,
-    mut eval: impl FnMut(&[C]) -> loci_core::Result<Vec<R>>,
-    describe: impl Fn(&R) -> String,
-) -> Result<()> {
-    for chunk in cases.chunks(batch) {
-        let records: Vec<SequenceRecord<R>> = match eval(chunk) {
-            Ok(records) => records.into_iter().map(Ok).collect(),
-            Err(e) => chunk.iter().map(|_| Err(e.to_string())).collect(),
-        };
-        if let Some(Ok(r)) = records.last() {
-            pb.set_message(describe(r));
-        }
-        pb.suspend(|| sink.take_all(chunk, records, &id))?;
-        pb.inc(chunk.len() as u64);
+type Make<'a> = dyn FnMut(&mut LoadedModel, &[RewriteRequest]) -> loci_core::Result<Edit> + 'a;
+
+/// A benchmark's side of `eval`: how its cases are scored around an edit, and how its records
+/// are summarised.
+trait Benchmark {
+    type Case: Clone;
+    type Record: serde::Serialize + serde::de::DeserializeOwned;
+    type Metrics: Clone;
+    type Summary: serde::Serialize;
+    /// What a record is, for messages.
+    const RECORD: &'static str;
+    fn case_id(c: &Self::Case) -> u64;
+    fn record_id(r: &Self::Record) -> u64;
+    /// A record's metrics after its own edit and, in a sequence, after the last.
+    fn metrics(r: &Self::Record) -> (&Self::Metrics, Option<&Self::Metrics>);
+    fn summarize(ms: &[Self::Metrics]) -> Self::Summary;
+    /// The progress bar's message after a case.
+    fn describe(m: &Self::Metrics) -> String;
+    fn print(title: &str, post: &Self::Summary, last: Option<&Self::Summary>);
+    /// One edit of `cases`, scored before and after, then undone.
+    fn undone(
+        &self,
+        lm: &mut LoadedModel,
+        cases: &[Self::Case],
+        make: &mut Make,
+    ) -> loci_core::Result<Vec<Self::Record>>;
+    /// Edits kept in sequence, `batch` cases each (`edit_in_sequence`).
+    fn in_sequence(
+        &self,
+        lm: &mut LoadedModel,
+        cases: &[Self::Case],
+        batch: usize,
+        make: &mut Make,
+        progress: &mut dyn FnMut(usize),
+    ) -> loci_core::Result<Vec<SequenceRecord<Self::Record>>>;
+}
+
+struct CounterFact {
+    generate: bool,
+    consistency: Option<Consistency>,
+}
+
+impl Benchmark for CounterFact {
+    type Case = CounterFactCase;
+    type Record = CaseRecord;
+    type Metrics = CaseMetrics;
+    type Summary = Summary;
+    const RECORD: &'static str = "a CounterFact record";
+
+    fn case_id(c: &CounterFactCase) -> u64 {
+        c.case_id
     }
+    fn record_id(r: &CaseRecord) -> u64 {
+        r.case_id
+    }
+    fn metrics(r: &CaseRecord) -> (&CaseMetrics, Option<&CaseMetrics>) {
+        (&r.metrics, r.last_metrics.as_ref())
+    }
+    fn summarize(ms: &[CaseMetrics]) -> Summary {
+        summarize(ms)
+    }
+    fn describe(m: &CaseMetrics) -> String {
+        format!(
+            "ES {:.0} PS {:.0} NS {:.0}",
+            m.efficacy_score * 100.0,
+            m.paraphrase_score * 100.0,
+            m.neighborhood_score * 100.0
+        )
+    }
+    fn print(title: &str, post: &Summary, last: Option<&Summary>) {
+        match last {
+            None => print_counterfact(title, &[("value", post)]),
+            Some(last) => print_counterfact(
+                title,
+                &[("after its edit", post), ("after all edits", last)],
+            ),
+        }
+    }
+    fn undone(
+        &self,
+        lm: &mut LoadedModel,
+        cases: &[CounterFactCase],
+        make: &mut Make,
+    ) -> loci_core::Result<Vec<CaseRecord>> {
+        lm.eval_cases_with(cases, self.generate, self.consistency.as_ref(), make)
+    }
+    fn in_sequence(
+        &self,
+        lm: &mut LoadedModel,
+        cases: &[CounterFactCase],
+        batch: usize,
+        make: &mut Make,
+        progress: &mut dyn FnMut(usize),
+    ) -> loci_core::Result<Vec<SequenceRecord<CaseRecord>>> {
+        lm.eval_sequence(
+            cases,
+            batch,
+            self.generate,
+            self.consistency.as_ref(),
+            make,
+            &mut |done, _| progress(done),
+        )
+    }
+}
+
+struct Zsre;
+
+impl Benchmark for Zsre {
+    type Case = ZsreCase;
+    type Record = ZsreCaseRecord;
+    type Metrics = ZsreMetrics;
+    type Summary = ZsreSummary;
+    const RECORD: &'static str = "a zsRE record";
+
+    fn case_id(c: &ZsreCase) -> u64 {
+        c.case_id
+    }
+    fn record_id(r: &ZsreCaseRecord) -> u64 {
+        r.case_id
+    }
+    fn metrics(r: &ZsreCaseRecord) -> (&ZsreMetrics, Option<&ZsreMetrics>) {
+        (&r.metrics, r.last_metrics.as_ref())
+    }
+    fn summarize(ms: &[ZsreMetrics]) -> ZsreSummary {
+        summarize_zsre(ms)
+    }
+    fn describe(m: &ZsreMetrics) -> String {
+        format!(
+            "efficacy {:.0} paraphrase {:.0} specificity {:.0}",
+            m.efficacy * 100.0,
+            m.paraphrase * 100.0,
+            m.specificity * 100.0
+        )
+    }
+    fn print(title: &str, post: &ZsreSummary, last: Option<&ZsreSummary>) {
+        print_zsre(title, post, last)
+    }
+    fn undone(
+        &self,
+        lm: &mut LoadedModel,
+        cases: &[ZsreCase],
+        make: &mut Make,
+    ) -> loci_core::Result<Vec<ZsreCaseRecord>> {
+        lm.eval_zsre_with(cases, make)
+    }
+    fn in_sequence(
+        &self,
+        lm: &mut LoadedModel,
+        cases: &[ZsreCase],
+        batch: usize,
+        make: &mut Make,
+        progress: &mut dyn FnMut(usize),
+    ) -> loci_core::Result<Vec<SequenceRecord<ZsreCaseRecord>>> {
+        lm.eval_zsre_sequence(cases, batch, make, &mut |done, _| progress(done))
+    }
+}
+
+/// Evaluates the cases not yet in `--out` (`--batch` per edit; each edit undone, or all kept
+/// with `--sequential`) under a progress bar, appending each record as it is made, then prints
+/// the summary of every record in `--out`.
+fn run<B: Benchmark>(
+    bench: &B,
+    lm: &mut LoadedModel,
+    cases: &[B::Case],
+    a: &EvalArgs,
+    method: &Method,
+) -> Result<()> {
+    let before: Vec<B::Record> = previous(a, B::RECORD)?;
+    let cases = not_done(cases, &before, B::case_id, B::record_id);
+    let pb = ProgressBar::new(cases.len() as u64);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "cases {bar:40} {pos}/{len} [{elapsed_precise} < {eta}] {msg}",
+        )
+        .expect("template"),
+    );
+    let mut sink = Records::new(a.out.as_deref(), before)?;
+    let mut make = |lm: &mut LoadedModel, reqs: &[RewriteRequest]| {
+        method.make(lm, reqs, &mut |m| pb.set_message(m.to_string()))
+    };
+    if a.sequential {
+        let records = bench.in_sequence(lm, &cases, a.batch, &mut make, &mut |done| {
+            pb.set_position(done as u64)
+        })?;
+        pb.suspend(|| sink.take_all(&cases, records, B::case_id))?;
+    } else {
+        for chunk in cases.chunks(a.batch) {
+            let records: Vec<SequenceRecord<B::Record>> = match bench.undone(lm, chunk, &mut make) {
+                Ok(records) => records.into_iter().map(Ok).collect(),
+                Err(e) => chunk.iter().map(|_| Err(e.to_string())).collect(),
+            };
+            if let Some(Ok(r)) = records.last() {
+                pb.set_message(B::describe(B::metrics(r).0));
+            }
+            pb.suspend(|| sink.take_all(chunk, records, B::case_id))?;
+            pb.inc(chunk.len() as u64);
+        }
+    }
+    pb.finish_and_clear();
+    let post: Vec<B::Metrics> = sink.kept.iter().map(|r| B::metrics(r).0.clone()).collect();
+    let last = a.sequential.then(|| {
+        let last: Vec<B::Metrics> = sink
+            .kept
+            .iter()
+            .filter_map(|r| B::metrics(r).1.cloned())
+            .collect();
+        B::summarize(&last)
+    });
+    let post = B::summarize(&post);
+    if a.summary {
+        return match last {
+            None => print_json(&post),
+            Some(last) => print_json(&serde_json::json!({
+                "after_own_edit": post, "after_all_edits": last
+            })),
+        };
+    }
+    let title = format!(
+        "{} on {} cases of {}{}{}",
+        method.describe(),
+        sink.kept.len(),
+        a.dataset.display(),
+        match method {
+            Method::Memit(..) => format!(", {} per edit", a.batch),
+            Method::Rome(..) | Method::Ft(..) => String::new(),
+        },
+        if a.sequential {
+            " (in sequence: each edit kept, scored after its own and after the last)"
+        } else {
+            ""
+        }
+    );
+    B::print(&title, &post, last.as_ref());
     Ok(())
 }
 
