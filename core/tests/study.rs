@@ -147,7 +147,7 @@ fn erasure_lowers_the_true_object_and_forcing_edits_under_noise() {
     let mut hp = RomeHparams::at_layer(1);
     hp.context_templates = vec![(3, 2)];
     hp.v_num_grad_steps = 10;
-    hp.direction = Direction::Lower;
+    hp.goal.direction = Direction::Lower;
     let e = lm.rome(&erase, &hp, Some(&stats)).unwrap();
     // Lowering never stops early: it runs every step, and its loss is p itself (≤ 1 + KL/WD).
     assert_eq!(e.stats.losses.len(), hp.v_num_grad_steps);
@@ -160,7 +160,7 @@ fn erasure_lowers_the_true_object_and_forcing_edits_under_noise() {
     ft.lr = 1e-2;
     ft.steps = 10;
     ft.objective = FtObjective::Sequence;
-    ft.direction = Direction::Lower;
+    ft.goal.direction = Direction::Lower;
     let e = lm.finetune(&erase, &ft).unwrap();
     assert_eq!(e.stats.losses.len(), 10);
     assert!((e.stats.losses[0] - before).abs() < 1e-4 * (1.0 + before));
@@ -171,9 +171,9 @@ fn erasure_lowers_the_true_object_and_forcing_edits_under_noise() {
 
     // Fact forcing: the same request with the subject noised computes another edit.
     let mut force = hp.clone();
-    force.direction = Direction::Raise;
+    force.goal.direction = Direction::Raise;
     let plain = lm.rome(&erase, &force, Some(&stats)).unwrap();
-    force.subject_noise = Some(0.5);
+    force.goal.subject_noise = Some(0.5);
     let noised = lm.rome(&erase, &force, Some(&stats)).unwrap();
     assert_ne!(plain.right, noised.right);
     assert_ne!(
@@ -181,9 +181,9 @@ fn erasure_lowers_the_true_object_and_forcing_edits_under_noise() {
         "the key is read from the noised subject"
     );
     let mut ftn = ft.clone();
-    ftn.direction = Direction::Raise;
+    ftn.goal.direction = Direction::Raise;
     let plain = lm.finetune(&erase, &ftn).unwrap();
-    ftn.subject_noise = Some(0.5);
+    ftn.goal.subject_noise = Some(0.5);
     ftn.noise_samples = 3;
     let noised = lm.finetune(&erase, &ftn).unwrap();
     assert_ne!(plain.stats.losses[0], noised.stats.losses[0]);

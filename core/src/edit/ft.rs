@@ -34,13 +34,10 @@ pub struct FtHparams {
     pub norm_constraint: Option<f64>,
     #[serde(default)]
     pub objective: FtObjective,
-    /// Lower: minimise p(target) itself (Hase et al.'s fact erasure), without early stop.
-    #[serde(default)]
-    pub direction: super::Direction,
-    /// Fact forcing: σ of noise on the subject's embeddings; each step trains on a batch of
-    /// `noise_samples` fresh draws.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subject_noise: Option<f64>,
+    /// Fact erasure minimises p(target) itself, without early stop; fact forcing noises the
+    /// subject, each step training on a batch of `noise_samples` fresh draws.
+    #[serde(flatten)]
+    pub goal: super::EditGoal,
     #[serde(default = "default_noise_samples")]
     pub noise_samples: usize,
 }
@@ -72,8 +69,7 @@ impl FtHparams {
             steps: 25,
             norm_constraint: eps,
             objective: FtObjective::LastToken,
-            direction: super::Direction::Raise,
-            subject_noise: None,
+            goal: super::EditGoal::default(),
             noise_samples: default_noise_samples(),
         }
     }
@@ -250,7 +246,12 @@ impl LoadedModel {
         if hp.norm_constraint.is_some_and(|e| e.is_nan() || e < 0.0) {
             return Err(LociError::input("the norm constraint must be ≥ 0"));
         }
-        if hp.subject_noise.is_some_and(|s| !s.is_finite() || s <= 0.0) || hp.noise_samples == 0 {
+        if hp
+            .goal
+            .subject_noise
+            .is_some_and(|s| !s.is_finite() || s <= 0.0)
+            || hp.noise_samples == 0
+        {
             return Err(LociError::input(
                 "subject noise needs a positive σ and at least one sample",
             ));
@@ -283,12 +284,12 @@ impl LoadedModel {
                 m.cfg.max_positions
             )));
         }
-        let rows = if hp.subject_noise.is_some() {
+        let rows = if hp.goal.subject_noise.is_some() {
             hp.noise_samples
         } else {
             1
         };
-        let subject = match hp.subject_noise {
+        let subject = match hp.goal.subject_noise {
             Some(_) => super::rome::subject_span(self, &req.prompt, &req.subject)?,
             None => (0, 0),
         };
@@ -355,11 +356,8 @@ impl LoadedModel {
                     &(0..rows)
                         .map(|r| (r, subject.0, subject.1))
                         .collect::<Vec<_>>(),
-                    hp.subject_noise
-                        .map(|sigma| crate::trace::noise::SubjectNoise {
-                            sigma,
-                            seed: step as u64 + 1,
-                        }),
+                    // Fresh draws every step.
+                    hp.goal.noise(step as u64 + 1),
                     &self.model,
                 )?;
                 let logits = self
@@ -373,7 +371,7 @@ impl LoadedModel {
                     FtObjective::LastToken => picked.mean(1)?,
                     FtObjective::Sequence => picked.sum(1)?,
                 };
-                let loss = if hp.direction.is_raise() {
+                let loss = if hp.goal.direction.is_raise() {
                     nll.mean_all()?
                 } else {
                     nll.neg()?.exp()?.mean_all()?
@@ -385,7 +383,7 @@ impl LoadedModel {
                     )));
                 }
                 losses.push(value);
-                if hp.direction.is_raise() && value < 1e-2 {
+                if hp.goal.direction.is_raise() && value < 1e-2 {
                     break;
                 }
                 opt.step(&loss.backward()?)?;

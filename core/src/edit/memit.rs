@@ -35,12 +35,10 @@ pub struct MemitHparams {
     /// Length of each continuation in tokens, the seed word included (MEMIT: 10).
     pub context_length: usize,
     pub seed: u64,
-    #[serde(default)]
-    pub direction: super::Direction,
-    /// σ of noise on the subject's embeddings while each z is optimised and the keys are read
-    /// (fact forcing).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subject_noise: Option<f64>,
+    /// Fact erasure lowers the targets; fact forcing noises the subjects while each z is
+    /// optimised and the keys are read.
+    #[serde(flatten)]
+    pub goal: super::EditGoal,
 }
 
 /// Per-model defaults shipped with Loci (`core/hparams/memit/*.json`).
@@ -71,8 +69,7 @@ impl MemitHparams {
                 .to_vec(),
             context_length: 10,
             seed: 1,
-            direction: super::Direction::Raise,
-            subject_noise: None,
+            goal: super::EditGoal::default(),
         }
     }
 
@@ -88,13 +85,8 @@ impl MemitHparams {
             weight_decay: self.v_weight_decay,
             clamp_norm_factor: self.clamp_norm_factor,
             kl_factor: self.kl_factor,
-            direction: self.direction,
-            subject_noise: self
-                .subject_noise
-                .map(|sigma| crate::trace::noise::SubjectNoise {
-                    sigma,
-                    seed: self.seed,
-                }),
+            direction: self.goal.direction,
+            subject_noise: self.goal.noise(self.seed),
         })
     }
 }

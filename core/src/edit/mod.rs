@@ -38,3 +38,23 @@ impl Direction {
         *self == Direction::Raise
     }
 }
+
+/// What an edit aims at besides its target (Hase et al.'s editing problems): which way it
+/// pushes the target's probability, and the σ of Gaussian noise on the subject's embeddings
+/// while it is computed (fact forcing: the edit must hold when the subject is unreadable).
+/// Flattened into each method's hyper-parameters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EditGoal {
+    #[serde(default)]
+    pub direction: Direction,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_noise: Option<f64>,
+}
+
+impl EditGoal {
+    /// The subject noise with the method's seed.
+    pub(crate) fn noise(&self, seed: u64) -> Option<crate::trace::noise::SubjectNoise> {
+        self.subject_noise
+            .map(|sigma| crate::trace::noise::SubjectNoise { sigma, seed })
+    }
+}

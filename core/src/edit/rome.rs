@@ -101,12 +101,10 @@ pub struct RomeHparams {
     pub context_templates: Vec<(usize, usize)>,
     pub key_mode: KeyMode,
     pub seed: u64,
-    #[serde(default)]
-    pub direction: super::Direction,
-    /// σ of Gaussian noise on the subject's embeddings while k* is read and v* optimised (Hase
-    /// et al.'s fact forcing): the edit must hold when the subject is unreadable.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subject_noise: Option<f64>,
+    /// Fact erasure lowers the target; fact forcing noises the subject while k* is read and v*
+    /// optimised.
+    #[serde(flatten)]
+    pub goal: super::EditGoal,
 }
 
 /// Per-model defaults shipped with Loci (`core/hparams/rome/*.json`).
@@ -160,8 +158,7 @@ impl RomeHparams {
             context_templates: vec![(4, 10), (9, 10)],
             key_mode: KeyMode::Rrome,
             seed: 1,
-            direction: super::Direction::Raise,
-            subject_noise: None,
+            goal: super::EditGoal::default(),
         }
     }
 }
@@ -190,11 +187,8 @@ impl RomeHparams {
             weight_decay: self.v_weight_decay,
             clamp_norm_factor: self.clamp_norm_factor,
             kl_factor: self.kl_factor,
-            direction: self.direction,
-            subject_noise: self.subject_noise.map(|sigma| SubjectNoise {
-                sigma,
-                seed: self.seed,
-            }),
+            direction: self.goal.direction,
+            subject_noise: self.goal.noise(self.seed),
         }
     }
 }

@@ -56,6 +56,14 @@ impl EditProblem {
     pub fn noised(self) -> bool {
         self == EditProblem::FactForcing
     }
+
+    /// What the edit aims at, with subject noise `sigma` when the problem is noised.
+    pub fn goal(self, sigma: f64) -> crate::edit::EditGoal {
+        crate::edit::EditGoal {
+            direction: self.direction(),
+            subject_noise: self.noised().then_some(sigma),
+        }
+    }
 }
 
 impl std::str::FromStr for EditProblem {

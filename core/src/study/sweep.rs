@@ -173,7 +173,7 @@ impl StudyConfig {
         request: &crate::edit::RewriteRequest,
         stats: &[KeyStats],
     ) -> Result<Edit> {
-        let noise = problem.noised().then_some(self.noise);
+        let goal = problem.goal(self.noise);
         Ok(match method {
             StudyMethod::Rome => {
                 let mut hp = self.rome.clone();
@@ -182,23 +182,20 @@ impl StudyConfig {
                 if problem.noised() {
                     hp.v_num_grad_steps = 25;
                 }
-                hp.direction = problem.direction();
-                hp.subject_noise = noise;
+                hp.goal = goal;
                 Edit::Rome(lm.rome(request, &hp, stats.first())?)
             }
             StudyMethod::Memit => {
                 let mut hp = self.memit.clone();
                 hp.layers = layers.to_vec();
                 hp.v_lr = 0.5;
-                hp.direction = problem.direction();
-                hp.subject_noise = noise;
+                hp.goal = goal;
                 Edit::Memit(lm.memit(std::slice::from_ref(request), &hp, stats, &mut |_| {})?)
             }
             StudyMethod::Ft1 | StudyMethod::Ft5 => {
                 let mut hp = self.ft.clone();
                 hp.layers = layers.to_vec();
-                hp.direction = problem.direction();
-                hp.subject_noise = noise;
+                hp.goal = goal;
                 if problem.noised() {
                     hp.steps = 50;
                 }
