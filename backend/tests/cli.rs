@@ -910,9 +910,23 @@ fn eval_scores_zsre_questions_by_token_accuracy() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unedited model"));
 
-    // In sequence: every record is scored after its own edit and after the last.
+    // In sequence: every record is scored after its own edit and after the last, and every
+    // case edited so far after each checkpoint (the retention curve, drawn).
     let out_file = dir.join("sequence.jsonl");
-    let out = more("3", &["--layer", "1", "--sequential"], &out_file);
+    let curve = dir.join("curve.svg");
+    let out = more(
+        "3",
+        &[
+            "--layer",
+            "1",
+            "--sequential",
+            "--checkpoint-every",
+            "1",
+            "--plot",
+            curve.to_str().unwrap(),
+        ],
+        &out_file,
+    );
     let s = json(&out);
     assert_eq!(s["after_own_edit"]["cases"], 3);
     assert_eq!(s["after_all_edits"]["cases"], 3);
@@ -929,6 +943,27 @@ fn eval_scores_zsre_questions_by_token_accuracy() {
         lines[2]["post"], lines[2]["last"],
         "nothing after the last edit"
     );
+    let cps: Vec<(u64, u64)> = s["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["cases_done"].as_u64().unwrap(),
+                c["summary"]["cases"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(cps, [(1, 1), (2, 2), (3, 3)]);
+    assert_eq!(s["checkpoints"][2]["summary"], s["after_all_edits"]);
+    let svg = std::fs::read_to_string(&curve).unwrap();
+    assert!(svg.contains("cases edited") && svg.contains("locality"));
+    let out = more(
+        "3",
+        &["--layer", "1", "--checkpoint-every", "1"],
+        &dir.join("x.jsonl"),
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is for --sequential"));
 
     // The study poses zsRE as Hase et al. do: a wrapped question, another record's answer.
     let study = dir.join("study.jsonl");

@@ -173,6 +173,31 @@ pub type Panel = (String, Vec<Series>);
 
 /// Per-layer curves (one panel per kind), e.g. average indirect effects.
 pub fn layer_curves_svg(title: &str, panels: &[Panel]) -> String {
+    let n = panels
+        .iter()
+        .flat_map(|p| p.1.iter().map(|s| s.1.len()))
+        .max()
+        .unwrap_or(0);
+    curves_svg(title, "layer", &(0..n).collect::<Vec<_>>(), 5, panels)
+}
+
+/// An axis bound in four or five characters: 0.123, 12.3, 123.
+fn axis_value(v: f32) -> String {
+    match v.abs() {
+        a if a >= 100.0 => format!("{v:.0}"),
+        a if a >= 10.0 => format!("{v:.1}"),
+        _ => format!("{v:.3}"),
+    }
+}
+
+/// Curves over `xs` (one value per x, labelled every `tick_step` points), one panel each.
+pub fn curves_svg(
+    title: &str,
+    x_label: &str,
+    xs: &[usize],
+    tick_step: usize,
+    panels: &[Panel],
+) -> String {
     let (pw, ph, m) = (320.0f32, 220.0f32, 40.0f32);
     let width = pw * panels.len().max(1) as f32;
     let colours = ["#54278f", "#006d2c", "#a50f15", "#08519c", "#d94801"];
@@ -197,7 +222,10 @@ pub fn layer_curves_svg(title: &str, panels: &[Panel]) -> String {
             .flat_map(|s| s.1.iter())
             .cloned()
             .fold(lo + 1e-6, f32::max);
-        let px = |l: usize| x0 + w * l as f32 / (n - 1) as f32;
+        // At its x value (layers: the index), spread over the panel's width.
+        let at = |l: usize| xs.get(l).copied().unwrap_or(l) as f32;
+        let (first, span) = (at(0), (at(n - 1) - at(0)).max(1.0));
+        let px = |l: usize| x0 + w * (at(l) - first) / span;
         let py = |v: f32| y0 + h * (1.0 - (v - lo) / (hi - lo));
         let _ = write!(
             s,
@@ -206,25 +234,28 @@ pub fn layer_curves_svg(title: &str, panels: &[Panel]) -> String {
         );
         let _ = write!(
             s,
-            r#"<text x="{}" y="{}" text-anchor="end">{hi:.3}</text><text x="{}" y="{}" text-anchor="end">{lo:.3}</text>"#,
+            r#"<text x="{}" y="{}" text-anchor="end">{}</text><text x="{}" y="{}" text-anchor="end">{}</text>"#,
             x0 - 3.0,
             y0 + 8.0,
+            axis_value(hi),
             x0 - 3.0,
-            y0 + h
+            y0 + h,
+            axis_value(lo)
         );
-        for l in (0..n).step_by(5) {
+        for (l, x) in xs.iter().enumerate().step_by(tick_step.max(1)) {
             let _ = write!(
                 s,
-                r#"<text x="{}" y="{}" text-anchor="middle">{l}</text>"#,
+                r#"<text x="{}" y="{}" text-anchor="middle">{x}</text>"#,
                 px(l),
                 y0 + h + 13.0
             );
         }
         let _ = write!(
             s,
-            r#"<text x="{}" y="{}" text-anchor="middle">layer</text>"#,
+            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
             x0 + w / 2.0,
-            y0 + h + 27.0
+            y0 + h + 27.0,
+            esc(x_label)
         );
         for (k, (label, ys)) in series.iter().enumerate() {
             let c = colours[k % colours.len()];

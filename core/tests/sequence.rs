@@ -5,6 +5,7 @@
 mod common;
 
 use loci_core::edit::{Edit, RewriteRequest, RomeHparams};
+use loci_core::eval::SequenceOptions;
 use loci_core::LoadedModel;
 
 /// p(new target | prompt) as the model is now.
@@ -29,16 +30,21 @@ fn edits_in_sequence_stay_applied_until_the_end_and_then_undo_exactly() {
         req("{} is a citizen of", "Toko Yasuda", "Canada"),
     ];
     let mut heard = vec![];
-    let out = lm
+    let opts = SequenceOptions {
+        batch: 1,
+        checkpoint_every: 2,
+    };
+    let seq = lm
         .edit_in_sequence(
             &cases,
-            1,
+            opts,
             |r| r,
             p_new,
             |lm, reqs| Ok(Edit::Rome(lm.rome(&reqs[0], &hp, None)?)),
             &mut |done, scored| heard.push((done, scored.is_some())),
         )
         .unwrap();
+    let out = &seq.cases;
     assert_eq!(
         common::down_bits(&lm),
         original,
@@ -67,6 +73,24 @@ fn edits_in_sequence_stay_applied_until_the_end_and_then_undo_exactly() {
     assert_eq!(out[3].post, out[3].last);
     // Later edits of the same layer move the first case's score: the edits were kept.
     assert_ne!(out[0].post, out[0].last);
+    // A checkpoint after two cases rescored both: the second was the last change by then.
+    assert_eq!(
+        seq.checkpoints.len(),
+        1,
+        "the end of the sequence is `last`"
+    );
+    let cp = &seq.checkpoints[0];
+    assert_eq!(cp.cases_done, 2);
+    assert_eq!(
+        cp.scores.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        [0, 1]
+    );
+    assert_eq!(Some(cp.scores[1].1), out[1].post);
+    assert_ne!(
+        Some(cp.scores[0].1),
+        out[0].post,
+        "case 0 rescored after edit 1"
+    );
 
     // Each edit was made on the model the earlier ones left: the second edit alone, on the
     // unedited model, is a different edit.

@@ -11,11 +11,12 @@ use loci_core::eval::zsre::{
 };
 use loci_core::eval::{
     parse_dataset, summarize, AttributeSnippets, CaseMetrics, CaseRecord, Consistency,
-    CounterFactCase, Dataset, SequenceRecord, Summary,
+    CounterFactCase, Dataset, SequenceEval, SequenceOptions, SequenceRecord, Summary,
 };
 use loci_core::LoadedModel;
 
 use super::edit::{ft_hparams, hparams, memit_hparams, FtArgs, StatsSource};
+use super::render::save_plot;
 use super::{print_json, ModelArgs};
 
 #[derive(clap::Args, Debug)]
@@ -63,6 +64,13 @@ pub struct EvalArgs {
     /// at the end.
     #[arg(long)]
     pub sequential: bool,
+    /// With --sequential: every K cases, score every case edited so far again (the retention
+    /// curve: how earlier edits hold up as later ones arrive).
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// With --checkpoint-every: draw the retention curve here (.svg or .png).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
     /// Skip the generation (fluency) test, the slow part.
     #[arg(long)]
     pub no_generation: bool,
@@ -216,6 +224,12 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     if a.batch == 0 {
         bail!("--batch must be at least 1");
     }
+    match (a.checkpoint_every, a.sequential, &a.plot) {
+        (Some(0), ..) => bail!("--checkpoint-every must be at least 1"),
+        (Some(_), false, _) => bail!("--checkpoint-every is for --sequential"),
+        (None, _, Some(_)) => bail!("--plot draws the checkpoints: add --checkpoint-every"),
+        _ => {}
+    }
     let mut lm = a.model.load()?;
     let dataset = read_dataset(&a.dataset, a.n, a.zsre_target)?;
     let method = match a.method.as_str() {
@@ -304,6 +318,8 @@ trait Benchmark {
     /// The progress bar's message after a case.
     fn describe(m: &Self::Metrics) -> String;
     fn print(title: &str, post: &Self::Summary, last: Option<&Self::Summary>);
+    /// The summary's main numbers (×100), for the retention curve.
+    fn headline(s: &Self::Summary) -> Vec<(&'static str, f32)>;
     /// One edit of `cases`, scored before and after, then undone.
     fn undone(
         &self,
@@ -311,15 +327,15 @@ trait Benchmark {
         cases: &[Self::Case],
         make: &mut Make,
     ) -> loci_core::Result<Vec<Self::Record>>;
-    /// Edits kept in sequence, `batch` cases each (`edit_in_sequence`).
+    /// Edits kept in sequence (`edit_in_sequence`).
     fn in_sequence(
         &self,
         lm: &mut LoadedModel,
         cases: &[Self::Case],
-        batch: usize,
+        opts: SequenceOptions,
         make: &mut Make,
         progress: &mut dyn FnMut(usize),
-    ) -> loci_core::Result<Vec<SequenceRecord<Self::Record>>>;
+    ) -> loci_core::Result<SequenceEval<Self::Record, Self::Metrics>>;
 }
 
 struct CounterFact {
@@ -371,17 +387,24 @@ impl Benchmark for CounterFact {
     ) -> loci_core::Result<Vec<CaseRecord>> {
         lm.eval_cases_with(cases, self.generate, self.consistency.as_ref(), make)
     }
+    fn headline(s: &Summary) -> Vec<(&'static str, f32)> {
+        vec![
+            ("efficacy score", s.efficacy_score),
+            ("paraphrase score", s.paraphrase_score),
+            ("neighborhood score", s.neighborhood_score),
+        ]
+    }
     fn in_sequence(
         &self,
         lm: &mut LoadedModel,
         cases: &[CounterFactCase],
-        batch: usize,
+        opts: SequenceOptions,
         make: &mut Make,
         progress: &mut dyn FnMut(usize),
-    ) -> loci_core::Result<Vec<SequenceRecord<CaseRecord>>> {
+    ) -> loci_core::Result<SequenceEval<CaseRecord, CaseMetrics>> {
         lm.eval_sequence(
             cases,
-            batch,
+            opts,
             self.generate,
             self.consistency.as_ref(),
             make,
@@ -430,15 +453,23 @@ impl Benchmark for Zsre {
     ) -> loci_core::Result<Vec<ZsreCaseRecord>> {
         lm.eval_zsre_with(cases, make)
     }
+    fn headline(s: &ZsreSummary) -> Vec<(&'static str, f32)> {
+        vec![
+            ("efficacy", s.efficacy),
+            ("paraphrase", s.paraphrase),
+            ("specificity", s.specificity),
+            ("locality", s.locality),
+        ]
+    }
     fn in_sequence(
         &self,
         lm: &mut LoadedModel,
         cases: &[ZsreCase],
-        batch: usize,
+        opts: SequenceOptions,
         make: &mut Make,
         progress: &mut dyn FnMut(usize),
-    ) -> loci_core::Result<Vec<SequenceRecord<ZsreCaseRecord>>> {
-        lm.eval_zsre_sequence(cases, batch, make, &mut |done, _| progress(done))
+    ) -> loci_core::Result<SequenceEval<ZsreCaseRecord, ZsreMetrics>> {
+        lm.eval_zsre_sequence(cases, opts, make, &mut |done, _| progress(done))
     }
 }
 
@@ -465,11 +496,17 @@ fn run<B: Benchmark>(
     let mut make = |lm: &mut LoadedModel, reqs: &[RewriteRequest]| {
         method.make(lm, reqs, &mut |m| pb.set_message(m.to_string()))
     };
+    let mut checkpoints = vec![];
     if a.sequential {
-        let records = bench.in_sequence(lm, &cases, a.batch, &mut make, &mut |done| {
+        let opts = SequenceOptions {
+            batch: a.batch,
+            checkpoint_every: a.checkpoint_every.unwrap_or(0),
+        };
+        let seq = bench.in_sequence(lm, &cases, opts, &mut make, &mut |done| {
             pb.set_position(done as u64)
         })?;
-        pb.suspend(|| sink.take_all(&cases, records, B::case_id))?;
+        pb.suspend(|| sink.take_all(&cases, seq.records, B::case_id))?;
+        checkpoints = seq.checkpoints;
     } else {
         for chunk in cases.chunks(a.batch) {
             let records: Vec<SequenceRecord<B::Record>> = match bench.undone(lm, chunk, &mut make) {
@@ -494,11 +531,32 @@ fn run<B: Benchmark>(
         B::summarize(&last)
     });
     let post = B::summarize(&post);
+    // The retention curve: the checkpoints, then the end of the sequence.
+    let mut curve: Vec<(usize, B::Summary)> = checkpoints
+        .iter()
+        .map(|(done, ms)| (*done, B::summarize(ms)))
+        .collect();
+    if a.sequential && a.checkpoint_every.is_some() {
+        let end: Vec<B::Metrics> = sink
+            .kept
+            .iter()
+            .filter_map(|r| B::metrics(r).1.cloned())
+            .collect();
+        curve.push((cases.len(), B::summarize(&end)));
+    }
+    if let Some(p) = &a.plot {
+        save_plot(p, &retention_svg::<B>(&curve, &method.describe()))?;
+    }
     if a.summary {
         return match last {
             None => print_json(&post),
             Some(last) => print_json(&serde_json::json!({
-                "after_own_edit": post, "after_all_edits": last
+                "after_own_edit": post,
+                "after_all_edits": last,
+                "checkpoints": curve
+                    .iter()
+                    .map(|(done, s)| serde_json::json!({"cases_done": done, "summary": s}))
+                    .collect::<Vec<_>>(),
             })),
         };
     }
@@ -518,7 +576,47 @@ fn run<B: Benchmark>(
         }
     );
     B::print(&title, &post, last.as_ref());
+    if !curve.is_empty() {
+        let names: Vec<&str> = B::headline(&curve[0].1).iter().map(|h| h.0).collect();
+        println!(
+            "\nCases edited so far, scored after N cases (×100):\n| N | {} |\n|---|{}",
+            names.join(" | "),
+            "---|".repeat(names.len())
+        );
+        for (done, s) in &curve {
+            let cells: Vec<String> = B::headline(s)
+                .iter()
+                .map(|(_, v)| format!("{v:.1}"))
+                .collect();
+            println!("| {done} | {} |", cells.join(" | "));
+        }
+    }
     Ok(())
+}
+
+/// The retention curve: each headline number of the cases edited so far, over the cases the
+/// sequence has reached.
+fn retention_svg<B: Benchmark>(curve: &[(usize, B::Summary)], method: &str) -> String {
+    let xs: Vec<usize> = curve.iter().map(|c| c.0).collect();
+    let names: Vec<&str> = curve
+        .first()
+        .map(|c| B::headline(&c.1).iter().map(|h| h.0).collect())
+        .unwrap_or_default();
+    let series = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let ys = curve.iter().map(|c| B::headline(&c.1)[i].1).collect();
+            (name.to_string(), ys)
+        })
+        .collect();
+    loci_core::plot::curves_svg(
+        &format!("{method}: sequential edits (×100)"),
+        "cases edited",
+        &xs,
+        (xs.len() / 8).max(1),
+        &[("cases edited so far".to_string(), series)],
+    )
 }
 
 /// Where an evaluation's records go: appended to `--out` as they are made (whole, flushed

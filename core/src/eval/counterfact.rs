@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{hmean, mean, SequenceRecord, TargetScore};
+use super::{hmean, mean, TargetScore};
 use crate::edit::rome::{RewriteRequest, TargetStr};
 use crate::error::{LociError, Result};
 use crate::loader::LoadedModel;
@@ -477,33 +477,30 @@ impl LoadedModel {
     pub fn eval_sequence(
         &mut self,
         cases: &[CounterFactCase],
-        batch: usize,
+        opts: super::SequenceOptions,
         generate: bool,
         consistency: Option<&Consistency>,
         make: impl FnMut(&mut LoadedModel, &[RewriteRequest]) -> Result<crate::edit::Edit>,
         progress: &mut dyn FnMut(usize, Option<&CaseScores>),
-    ) -> Result<Vec<SequenceRecord<CaseRecord>>> {
-        let outcomes = self.edit_in_sequence(
+    ) -> Result<super::SequenceEval<CaseRecord, CaseMetrics>> {
+        let seq = self.edit_in_sequence(
             cases,
-            batch,
+            opts,
             |c| &c.requested_rewrite,
             |lm, c| lm.score_case(c, generate),
             make,
             progress,
         )?;
-        Ok(cases
-            .iter()
-            .zip(outcomes)
-            .map(|(case, o)| match (o.pre, o.post, o.last, o.error) {
-                (Some(pre), Some(post), Some(last), None) => {
-                    let mut r = record(case, pre, post, o.edit_seconds, consistency);
-                    r.last_metrics = Some(metrics_of(case, &r.pre, &last, consistency));
-                    r.last = Some(last);
-                    Ok(r)
-                }
-                (.., e) => Err(e.unwrap_or_else(|| "not scored".into())),
-            })
-            .collect())
+        Ok(seq.evaluate(
+            cases,
+            |case, pre, post, last, seconds| {
+                let mut r = record(case, pre, post, seconds, consistency);
+                r.last_metrics = Some(metrics_of(case, &r.pre, &last, consistency));
+                r.last = Some(last);
+                r
+            },
+            |case, pre, s| metrics_of(case, pre, s, consistency),
+        ))
     }
 }
 

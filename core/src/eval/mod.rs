@@ -272,22 +272,48 @@ pub struct InSequence<S> {
     pub error: Option<String>,
 }
 
+/// How a sequence of edits runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SequenceOptions {
+    /// Cases written by one edit.
+    pub batch: usize,
+    /// After every this many cases, every case edited so far is scored again: the sequence's
+    /// retention curve (0: only after the last edit).
+    pub checkpoint_every: usize,
+}
+
+/// The scores, part-way through a sequence, of every case edited so far.
+#[derive(Clone, Debug)]
+pub struct Checkpoint<S> {
+    /// Cases the sequence had reached (edited, or failed).
+    pub cases_done: usize,
+    /// `(case index, scores)` of each case edited by then.
+    pub scores: Vec<(usize, S)>,
+}
+
+/// What a sequence of edits gives: each case's scores, and the checkpoints on the way.
+#[derive(Clone, Debug)]
+pub struct Sequence<S> {
+    pub cases: Vec<InSequence<S>>,
+    pub checkpoints: Vec<Checkpoint<S>>,
+}
+
 impl LoadedModel {
-    /// Sequential editing: `batch` cases per edit, each edit computed on the model as the
+    /// Sequential editing: `opts.batch` cases per edit, each edit computed on the model as the
     /// earlier ones left it and kept. Every case is scored before the first edit, right after
-    /// its own and after the last; then the whole sequence is undone (the model ends
-    /// bit-identical to how it started, also on error). A case that cannot be scored or whose
-    /// edit fails gets an `error` and the sequence goes on without it. `progress` hears the
-    /// cases done so far.
+    /// its own and after the last (and every case edited so far at each checkpoint); then the
+    /// whole sequence is undone (the model ends bit-identical to how it started, also on
+    /// error). A case that cannot be scored or whose edit fails gets an `error` and the
+    /// sequence goes on without it. `progress` hears the cases done so far.
     pub fn edit_in_sequence<C, S>(
         &mut self,
         cases: &[C],
-        batch: usize,
+        opts: SequenceOptions,
         request: impl Fn(&C) -> &RewriteRequest,
         score: impl Fn(&LoadedModel, &C) -> Result<S>,
         mut make: impl FnMut(&mut LoadedModel, &[RewriteRequest]) -> Result<crate::edit::Edit>,
         progress: &mut dyn FnMut(usize, Option<&S>),
-    ) -> Result<Vec<InSequence<S>>> {
+    ) -> Result<Sequence<S>> {
         let mut out: Vec<InSequence<S>> = cases
             .iter()
             .map(|c| {
@@ -302,8 +328,12 @@ impl LoadedModel {
             })
             .collect();
         let mut applied = crate::edit::AppliedEdit::default();
+        let mut checkpoints = vec![];
         let mut done = 0;
-        for (chunk, results) in cases.chunks(batch.max(1)).zip(out.chunks_mut(batch.max(1))) {
+        let batch = opts.batch.max(1);
+        for start in (0..cases.len()).step_by(batch) {
+            let end = (start + batch).min(cases.len());
+            let (chunk, results) = (&cases[start..end], &mut out[start..end]);
             let (ok, failed): (Vec<_>, Vec<_>) = chunk
                 .iter()
                 .zip(results.iter_mut())
@@ -312,27 +342,44 @@ impl LoadedModel {
                 done += 1;
                 progress(done, None);
             }
-            if ok.is_empty() {
-                continue;
-            }
-            let started = crate::clock::now_seconds();
-            let reqs: Vec<RewriteRequest> = ok.iter().map(|(c, _)| request(c).clone()).collect();
-            let edit = make(self, &reqs).and_then(|e| self.apply(&e));
-            let seconds = (crate::clock::now_seconds() - started) / ok.len() as f64;
-            if let Ok(a) = &edit {
-                applied = applied.then(a.clone());
-            }
-            for (c, r) in ok {
-                r.edit_seconds = seconds;
-                match &edit {
-                    Ok(_) => match score(self, c) {
-                        Ok(s) => r.post = Some(s),
-                        Err(e) => r.error = Some(e.to_string()),
-                    },
-                    Err(e) => r.error = Some(e.to_string()),
+            if !ok.is_empty() {
+                let started = crate::clock::now_seconds();
+                let reqs: Vec<RewriteRequest> =
+                    ok.iter().map(|(c, _)| request(c).clone()).collect();
+                let edit = make(self, &reqs).and_then(|e| self.apply(&e));
+                let seconds = (crate::clock::now_seconds() - started) / ok.len() as f64;
+                if let Ok(a) = &edit {
+                    applied = applied.then(a.clone());
                 }
-                done += 1;
-                progress(done, r.post.as_ref());
+                for (c, r) in ok {
+                    r.edit_seconds = seconds;
+                    match &edit {
+                        Ok(_) => match score(self, c) {
+                            Ok(s) => r.post = Some(s),
+                            Err(e) => r.error = Some(e.to_string()),
+                        },
+                        Err(e) => r.error = Some(e.to_string()),
+                    }
+                    done += 1;
+                    progress(done, r.post.as_ref());
+                }
+            }
+            let every = opts.checkpoint_every;
+            if every > 0 && done < cases.len() && done / every > start / every {
+                let mut scores = vec![];
+                for (i, (c, r)) in cases.iter().zip(&out).take(done).enumerate() {
+                    if r.error.is_none() {
+                        scores.push((i, score(self, c)));
+                    }
+                }
+                let scores = scores
+                    .into_iter()
+                    .filter_map(|(i, s)| s.ok().map(|s| (i, s)))
+                    .collect();
+                checkpoints.push(Checkpoint {
+                    cases_done: done,
+                    scores,
+                });
             }
         }
         for (c, r) in cases.iter().zip(out.iter_mut()) {
@@ -344,7 +391,59 @@ impl LoadedModel {
             }
         }
         self.undo_edit(applied)?;
-        Ok(out)
+        Ok(Sequence {
+            cases: out,
+            checkpoints,
+        })
+    }
+}
+
+/// A benchmark's sequence of edits: each case's record (or why it has none), and the metrics
+/// of the cases edited so far at each checkpoint.
+#[derive(Clone, Debug)]
+pub struct SequenceEval<R, M> {
+    pub records: Vec<SequenceRecord<R>>,
+    pub checkpoints: Vec<(usize, Vec<M>)>,
+}
+
+impl<S> Sequence<S> {
+    /// Records and checkpoint metrics from each case's scores: `record(case, pre, post, last,
+    /// seconds)` and `metrics(case, pre, scores)`.
+    pub(crate) fn evaluate<C, R, M>(
+        self,
+        cases: &[C],
+        record: impl Fn(&C, S, S, S, f64) -> R,
+        metrics: impl Fn(&C, &S, &S) -> M,
+    ) -> SequenceEval<R, M> {
+        let checkpoints = self
+            .checkpoints
+            .into_iter()
+            .map(|cp| {
+                let ms = cp
+                    .scores
+                    .iter()
+                    .filter_map(|(i, s)| {
+                        let pre = self.cases[*i].pre.as_ref()?;
+                        Some(metrics(&cases[*i], pre, s))
+                    })
+                    .collect();
+                (cp.cases_done, ms)
+            })
+            .collect();
+        let records = cases
+            .iter()
+            .zip(self.cases)
+            .map(|(case, o)| match (o.pre, o.post, o.last, o.error) {
+                (Some(pre), Some(post), Some(last), None) => {
+                    Ok(record(case, pre, post, last, o.edit_seconds))
+                }
+                (.., e) => Err(e.unwrap_or_else(|| "not scored".into())),
+            })
+            .collect();
+        SequenceEval {
+            records,
+            checkpoints,
+        }
     }
 }
 

@@ -339,34 +339,31 @@ impl LoadedModel {
     pub fn eval_zsre_sequence(
         &mut self,
         cases: &[ZsreCase],
-        batch: usize,
+        opts: super::SequenceOptions,
         make: impl FnMut(&mut LoadedModel, &[RewriteRequest]) -> Result<crate::edit::Edit>,
         progress: &mut dyn FnMut(usize, Option<&ZsreScores>),
-    ) -> Result<Vec<super::SequenceRecord<ZsreCaseRecord>>> {
-        let outcomes = self.edit_in_sequence(
+    ) -> Result<super::SequenceEval<ZsreCaseRecord, ZsreMetrics>> {
+        let seq = self.edit_in_sequence(
             cases,
-            batch,
+            opts,
             |c| &c.requested_rewrite,
             |lm, c| lm.score_zsre(c),
             make,
             progress,
         )?;
-        Ok(cases
-            .iter()
-            .zip(outcomes)
-            .map(|(case, o)| match (o.pre, o.post, o.last, o.error) {
-                (Some(pre), Some(post), Some(last), None) => Ok(ZsreCaseRecord {
-                    case_id: case.case_id,
-                    request: case.requested_rewrite.clone(),
-                    metrics: zsre_metrics(&pre, &post),
-                    last_metrics: Some(zsre_metrics(&pre, &last)),
-                    pre,
-                    post,
-                    edit_seconds: o.edit_seconds,
-                    last: Some(last),
-                }),
-                (.., e) => Err(e.unwrap_or_else(|| "not scored".into())),
-            })
-            .collect())
+        Ok(seq.evaluate(
+            cases,
+            |case, pre, post, last, seconds| ZsreCaseRecord {
+                case_id: case.case_id,
+                request: case.requested_rewrite.clone(),
+                metrics: zsre_metrics(&pre, &post),
+                last_metrics: Some(zsre_metrics(&pre, &last)),
+                pre,
+                post,
+                edit_seconds: seconds,
+                last: Some(last),
+            },
+            |_, pre, s| zsre_metrics(pre, s),
+        ))
     }
 }
