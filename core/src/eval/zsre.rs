@@ -130,26 +130,37 @@ fn case(i: usize, r: Record, target: ZsreTarget) -> std::result::Result<ZsreCase
 impl ZsreSet {
     /// The cases as Hase et al. pose zsRE for their study (belief-localization's
     /// `dsets/zsre.py`): the question wrapped as "Question: … Answer:", the record's answer as
-    /// the true object, a new object drawn from the other records' answers (SplitMix64 seeded
-    /// by `seed` and the case id, so a case's draw does not depend on which cases are kept), the
-    /// rephrasing wrapped alike, and the NQ question as the neighbour with its own answer.
+    /// the true object, a new object drawn uniformly from the file's other distinct answers
+    /// (numpy's `setdiff1d`; SplitMix64 seeded by `seed` and the case id, so a case's draw does
+    /// not depend on which cases are kept), the rephrasing wrapped alike, and the NQ question as
+    /// the neighbour with its own answer.
     pub fn hase_cases(&self, seed: u64) -> Vec<super::CounterFactCase> {
         let wrap = |q: &str| format!("Question: {q} Answer:");
-        let pool: Vec<&str> = self.cases.iter().map(|c| c.answer.as_str()).collect();
+        let mut pool: Vec<&str> = self
+            .cases
+            .iter()
+            .map(|c| c.answer.as_str())
+            .filter(|a| !a.trim().is_empty())
+            .collect();
+        pool.sort_unstable();
+        pool.dedup();
         self.cases
             .iter()
-            .filter(|c| !c.answer.trim().is_empty())
             .filter_map(|c| {
-                let others: Vec<&str> = pool
-                    .iter()
-                    .copied()
-                    .filter(|a| *a != c.answer && !a.trim().is_empty())
-                    .collect();
+                // Uniform over the pool without the true answer: skip its slot.
+                let own = pool.binary_search(&c.answer.as_str()).ok();
+                let choices = pool.len() - own.is_some() as usize;
+                if choices == 0 || c.answer.trim().is_empty() {
+                    return None;
+                }
                 let mut rng = crate::rng::SplitMix64::new(seed ^ c.case_id.wrapping_mul(0x9E37));
-                let new = others.get((rng.next_u64() % others.len().max(1) as u64) as usize)?;
+                let mut k = (rng.next_u64() % choices as u64) as usize;
+                if own.is_some_and(|o| k >= o) {
+                    k += 1;
+                }
                 let rw = &c.requested_rewrite;
                 let mut request =
-                    RewriteRequest::from_prompt(&wrap(&rw.prompt), &rw.subject, new).ok()?;
+                    RewriteRequest::from_prompt(&wrap(&rw.prompt), &rw.subject, pool[k]).ok()?;
                 request.target_true = Some(crate::edit::rome::TargetStr::new(c.answer.clone()));
                 Some(super::CounterFactCase {
                     case_id: c.case_id,
