@@ -199,7 +199,14 @@ pub fn curves_svg(
     panels: &[Panel],
 ) -> String {
     let (pw, ph, m) = (320.0f32, 220.0f32, 40.0f32);
-    let width = pw * panels.len().max(1) as f32;
+    // The legend stands right of each panel, clear of the curves.
+    let longest = panels
+        .iter()
+        .flat_map(|p| p.1.iter().map(|s| s.0.chars().count()))
+        .max()
+        .unwrap_or(0);
+    let legend = 6.5 * longest as f32 + 12.0;
+    let width = (pw + legend) * panels.len().max(1) as f32;
     let colours = ["#54278f", "#006d2c", "#a50f15", "#08519c", "#d94801"];
     let mut s = String::new();
     let _ = write!(
@@ -209,7 +216,7 @@ pub fn curves_svg(
         h = ph + 30.0,
     );
     for (i, (name, series)) in panels.iter().enumerate() {
-        let x0 = pw * i as f32 + m;
+        let x0 = (pw + legend) * i as f32 + m;
         let (w, h, y0) = (pw - m - 10.0, ph - 60.0, 50.0);
         let n = series.iter().map(|s| s.1.len()).max().unwrap_or(0).max(2);
         let lo = series
@@ -272,8 +279,8 @@ pub fn curves_svg(
             let _ = write!(
                 s,
                 r#"<text x="{}" y="{}" fill="{c}">{}</text>"#,
-                x0 + 6.0,
-                y0 + 12.0 + 12.0 * k as f32,
+                x0 + w + 8.0,
+                y0 + 12.0 + 14.0 * k as f32,
                 esc(label)
             );
         }
