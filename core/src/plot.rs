@@ -353,7 +353,12 @@ pub fn study_svg(a: &crate::study::analysis::StudyAnalysis) -> String {
     let bar_h = 18.0f32;
     let (lw, label_w) = (430.0f32, 190.0f32);
     let plot_h = (conds.len().max(1) as f32 * (bar_h + 6.0)).max(220.0);
-    let (rw, h) = (420.0f32, plot_h + 110.0);
+    // The right panel's legend: a row under its axis for the tracing effect and each line.
+    let legend_rows = a.layers.len() + 1;
+    let (rw, h) = (
+        420.0f32,
+        (plot_h + 110.0).max(plot_h + 112.0 + 14.0 * (legend_rows - 1) as f32),
+    );
     let width = lw + rw;
     let mut s = String::new();
     let _ = write!(
@@ -445,12 +450,16 @@ pub fn study_svg(a: &crate::study::analysis::StudyAnalysis) -> String {
         .filter(|(_, v)| v.is_finite())
         .map(|(l, v)| format!("{:.1},{:.1}", px(l as f32), py(*v)))
         .collect();
+    let legend_y = |k: usize| py0 + ph + 44.0 + 14.0 * k as f32;
+    let window = a.window.map_or(String::new(), |w| format!(", window {w}"));
     let _ = write!(
         s,
-        r##"<polyline fill="none" stroke="#000000" stroke-dasharray="4 3" stroke-width="1.5" points="{}"/><text x="{}" y="{}">tracing effect (MLP, window 5)</text>"##,
+        r##"<polyline fill="none" stroke="#000000" stroke-dasharray="4 3" stroke-width="1.5" points="{}"/><line x1="{px0}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#000000" stroke-dasharray="4 3" stroke-width="1.5"/><text x="{}" y="{}">mean tracing effect (MLP{window})</text>"##,
         trace_pts.join(" "),
-        px0 + 6.0,
-        py0 + ph - 6.0
+        px0 + 18.0,
+        px0 + 24.0,
+        legend_y(0),
+        y = legend_y(0) - 4.0,
     );
     for (k, m) in a.layers.iter().enumerate() {
         let c = colours[k % colours.len()];
@@ -472,11 +481,13 @@ pub fn study_svg(a: &crate::study::analysis::StudyAnalysis) -> String {
         }
         let _ = write!(
             s,
-            r#"<text x="{}" y="{}" fill="{c}">{} · {}</text>"#,
-            px0 + 6.0,
-            py0 + 12.0 + 12.0 * k as f32,
+            r#"<line x1="{px0}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="{c}" stroke-width="2"/><text x="{}" y="{}" fill="{c}">{} · {}: mean rewrite score</text>"#,
+            px0 + 18.0,
+            px0 + 24.0,
+            legend_y(k + 1),
             m.method.name(),
-            esc(m.problem.name())
+            esc(m.problem.name()),
+            y = legend_y(k + 1) - 4.0,
         );
     }
     s.push_str("</svg>");

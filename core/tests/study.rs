@@ -340,7 +340,7 @@ fn smollm2_layer_sweep_traces_edits_scores_and_restores_the_model() {
     let svg = loci_core::plot::study_svg(&an);
     assert!(svg.contains("rome · error_injection") && svg.contains("ft-1 · fact_erasure"));
     // Re-analysed with window 1's effects joined to the edits.
-    assert_eq!(an.window, None);
+    assert_eq!(an.window, Some(5), "the window every case was joined with");
     let an1 = loci_core::study::analyze_window(&lines, 1).unwrap();
     assert_eq!(an1.window, Some(1));
     let rome1 = an1

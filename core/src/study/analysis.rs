@@ -82,8 +82,8 @@ pub struct LayerMeans {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StudyAnalysis {
-    /// The tracing window whose effects were regressed (None: the one each case was joined
-    /// with when it ran).
+    /// The tracing window whose effects were regressed (None: the cases were traced at
+    /// different windows, each regressed at its own).
     #[serde(default)]
     pub window: Option<usize>,
     pub cases: usize,
@@ -282,6 +282,16 @@ fn analyze_at(lines: &[StudyLine], window: Option<usize>) -> StudyAnalysis {
             )
         })
         .collect();
+    // Without a window asked for, the one every kept case was joined with, if they agree.
+    let joined: BTreeSet<usize> = cases
+        .values()
+        .filter(|c| kept.contains(&c.case_id))
+        .filter_map(|c| c.trace.as_ref().map(|t| t.window))
+        .collect();
+    let window = window.or_else(|| match joined.len() {
+        1 => joined.first().copied(),
+        _ => None,
+    });
     StudyAnalysis {
         window,
         cases: cases.len(),
