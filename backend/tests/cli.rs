@@ -905,6 +905,14 @@ fn eval_scores_zsre_questions_by_token_accuracy() {
     assert!(again.starts_with(&text), "the kept lines are untouched");
     assert_eq!(again.lines().count(), 4);
     assert!(again.ends_with('\n'));
+    // Nor can another run continue it: each line names the model and settings that made it.
+    assert!(again.lines().all(
+        |l| l.contains(r#""run":"tiny-gpt2: MEMIT at layers [1, 2], 2 per edit, writing alt""#)
+    ));
+    let out = more("5", &["--layer", "1"], &out_file);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another run"));
+    assert_eq!(std::fs::read_to_string(&out_file).unwrap(), again);
     // A sequence cannot continue one: it starts from the unedited model.
     let out = more("4", &["--layer", "1", "--sequential"], &out_file);
     assert!(!out.status.success());

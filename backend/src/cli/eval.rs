@@ -290,7 +290,10 @@ pub fn eval(a: EvalArgs) -> Result<()> {
                     set.skipped.join("; ")
                 );
             }
-            run(&Zsre, &mut lm, &set.cases, &a, &method)?;
+            let bench = Zsre {
+                target: a.zsre_target,
+            };
+            run(&bench, &mut lm, &set.cases, &a, &method)?;
         }
     }
     if bits(&lm, &layers)? != original {
@@ -310,6 +313,10 @@ trait Benchmark {
     type Summary: serde::Serialize;
     /// What a record is, for messages.
     const RECORD: &'static str;
+    /// Settings of the benchmark itself that a record depends on (for `run`).
+    fn settings(&self) -> String {
+        String::new()
+    }
     fn case_id(c: &Self::Case) -> u64;
     fn record_id(r: &Self::Record) -> u64;
     /// A record's metrics after its own edit and, in a sequence, after the last.
@@ -413,7 +420,9 @@ impl Benchmark for CounterFact {
     }
 }
 
-struct Zsre;
+struct Zsre {
+    target: ZsreTarget,
+}
 
 impl Benchmark for Zsre {
     type Case = ZsreCase;
@@ -421,6 +430,13 @@ impl Benchmark for Zsre {
     type Metrics = ZsreMetrics;
     type Summary = ZsreSummary;
     const RECORD: &'static str = "a zsRE record";
+
+    fn settings(&self) -> String {
+        match self.target {
+            ZsreTarget::Answer => ", writing answers[0]".into(),
+            ZsreTarget::Alt => ", writing alt".into(),
+        }
+    }
 
     fn case_id(c: &ZsreCase) -> u64 {
         c.case_id
@@ -483,7 +499,17 @@ fn run<B: Benchmark>(
     a: &EvalArgs,
     method: &Method,
 ) -> Result<()> {
-    let before: Vec<B::Record> = previous(a, B::RECORD)?;
+    let batch = match method {
+        Method::Memit(..) => format!(", {} per edit", a.batch),
+        Method::Rome(..) | Method::Ft(..) => String::new(),
+    };
+    let run_label = format!(
+        "{}: {}{batch}{}",
+        lm.name,
+        method.describe(),
+        bench.settings()
+    );
+    let before: Vec<B::Record> = previous(a, B::RECORD, &run_label)?;
     let cases = not_done(cases, &before, B::case_id, B::record_id);
     let pb = ProgressBar::new(cases.len() as u64);
     pb.set_style(
@@ -492,7 +518,7 @@ fn run<B: Benchmark>(
         )
         .expect("template"),
     );
-    let mut sink = Records::new(a.out.as_deref(), before)?;
+    let mut sink = Records::new(a.out.as_deref(), before, run_label)?;
     let mut make = |lm: &mut LoadedModel, reqs: &[RewriteRequest]| {
         method.make(lm, reqs, &mut |m| pb.set_message(m.to_string()))
     };
@@ -561,14 +587,10 @@ fn run<B: Benchmark>(
         };
     }
     let title = format!(
-        "{} on {} cases of {}{}{}",
+        "{} on {} cases of {}{batch}{}",
         method.describe(),
         sink.kept.len(),
         a.dataset.display(),
-        match method {
-            Method::Memit(..) => format!(", {} per edit", a.batch),
-            Method::Rome(..) | Method::Ft(..) => String::new(),
-        },
         if a.sequential {
             " (in sequence: each edit kept, scored after its own and after the last)"
         } else {
@@ -625,13 +647,16 @@ fn retention_svg<B: Benchmark>(curve: &[(usize, B::Summary)], method: &str) -> S
 struct Records<R> {
     file: Option<std::fs::File>,
     kept: Vec<R>,
+    /// The model and settings, stamped on each line (`run`) so a continuation can check them.
+    run: String,
 }
 
 impl<R: serde::Serialize> Records<R> {
-    fn new(out: Option<&Path>, before: Vec<R>) -> Result<Self> {
+    fn new(out: Option<&Path>, before: Vec<R>, run: String) -> Result<Self> {
         Ok(Self {
             file: out.map(super::results::open_for_append).transpose()?,
             kept: before,
+            run,
         })
     }
 
@@ -645,7 +670,9 @@ impl<R: serde::Serialize> Records<R> {
             match r {
                 Ok(r) => {
                     if let Some(f) = self.file.as_mut() {
-                        super::results::append_lines(f, &[serde_json::to_string(&r)?])?;
+                        let mut line = serde_json::to_value(&r)?;
+                        line["run"] = self.run.clone().into();
+                        super::results::append_lines(f, &[line.to_string()])?;
                     }
                     self.kept.push(r);
                 }
@@ -656,28 +683,48 @@ impl<R: serde::Serialize> Records<R> {
     }
 }
 
-/// The records already in `--out`: a stopped evaluation continues after them (a sequence of
-/// edits cannot: it starts from the unedited model).
-fn previous<R: serde::de::DeserializeOwned>(a: &EvalArgs, what: &str) -> Result<Vec<R>> {
+/// The records already in `--out`: a stopped evaluation continues after them, if they were
+/// made by the same model and settings (`run`; a sequence of edits cannot continue: it starts
+/// from the unedited model).
+fn previous<R: serde::de::DeserializeOwned>(a: &EvalArgs, what: &str, run: &str) -> Result<Vec<R>> {
     let Some(p) = &a.out else {
         return Ok(vec![]);
     };
-    let records: Vec<R> = super::results::read_records(p, what)?;
-    if !records.is_empty() {
-        if a.sequential {
-            bail!(
-                "{} already holds results, and a sequence of edits starts from the unedited \
-                 model: remove it or choose another --out",
-                p.display()
-            );
-        }
-        eprintln!(
-            "{} cases already in {} are kept (delete it to start over)",
-            records.len(),
+    let lines: Vec<serde_json::Value> = super::results::read_records(p, what)?;
+    if lines.is_empty() {
+        return Ok(vec![]);
+    }
+    if a.sequential {
+        bail!(
+            "{} already holds results, and a sequence of edits starts from the unedited model: \
+             remove it or choose another --out",
             p.display()
         );
     }
-    Ok(records)
+    if let Some(other) = lines
+        .iter()
+        .filter_map(|l| l["run"].as_str())
+        .find(|r| *r != run)
+    {
+        bail!(
+            "{} holds results of another run ({other}), not of this one ({run}): remove it or \
+             choose another --out",
+            p.display()
+        );
+    }
+    eprintln!(
+        "{} cases already in {} are kept (delete it to start over)",
+        lines.len(),
+        p.display()
+    );
+    lines
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_value(l)
+                .with_context(|| format!("{} record {}: not {what}", p.display(), i + 1))
+        })
+        .collect()
 }
 
 /// The cases without a record yet.
