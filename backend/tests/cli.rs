@@ -1208,6 +1208,8 @@ fn study_sweeps_every_method_and_problem_resumes_and_analyses() {
         ("--methods", "rome,knn", "unknown method"),
         ("--problems", "fact_guessing", "unknown editing problem"),
         ("--layers", "9", "out of range"),
+        // A continuation must keep the settings the file was made with.
+        ("--layers", "0", "other settings"),
     ] {
         let out = run(&[flag, value]);
         assert!(!out.status.success());

@@ -264,13 +264,26 @@ fn run(a: StudyRunArgs) -> Result<()> {
     cfg.seed = a.seed;
     cfg.validate(n_layer)?;
 
-    let done: BTreeSet<u64> = super::results::read_records(&a.out, "a study record")?
-        .into_iter()
-        .filter_map(|l| match l {
-            StudyLine::Case(c) => Some(c.case_id),
-            StudyLine::Edit(_) => None,
-        })
-        .collect();
+    // Each case line names the run that made it, so a continuation with other settings is
+    // refused instead of mixing results.
+    let run = serde_json::json!({ "model": lm.name, "config": cfg });
+    let mut done = BTreeSet::new();
+    for line in super::results::read_records::<serde_json::Value>(&a.out, "a study record")? {
+        if line["record"] != "case" {
+            continue;
+        }
+        if !line["run"].is_null() && line["run"] != run {
+            bail!(
+                "{} holds a study run with other settings (case {}): remove it or choose \
+                 another --out",
+                a.out.display(),
+                line["case_id"]
+            );
+        }
+        if let Some(id) = line["case_id"].as_u64() {
+            done.insert(id);
+        }
+    }
     let todo: Vec<_> = cases
         .iter()
         .filter(|c| !done.contains(&c.case_id))
@@ -344,8 +357,14 @@ fn run(a: StudyRunArgs) -> Result<()> {
         let lines = result
             .lines()
             .iter()
-            .map(serde_json::to_string)
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|l| {
+                let mut v = serde_json::to_value(l)?;
+                if let StudyLine::Case(_) = l {
+                    v["run"] = run.clone();
+                }
+                Ok(v.to_string())
+            })
+            .collect::<Result<Vec<_>, serde_json::Error>>()?;
         super::results::append_lines(&mut out, &lines)?;
     }
     pb.finish_and_clear();
