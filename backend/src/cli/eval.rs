@@ -74,6 +74,7 @@ pub struct EvalArgs {
     /// Skip the generation (fluency) test, the slow part.
     #[arg(long)]
     pub no_generation: bool,
+    /// ROME / MEMIT: v* optimisation steps (default: the model's settings).
     #[arg(long)]
     pub v_steps: Option<usize>,
     /// ROME's key in the update's denominator: `rrome` (the template-averaged key, r-ROME's

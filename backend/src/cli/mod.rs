@@ -144,7 +144,7 @@ pub enum Command {
     Stats(Box<edit::StatsArgs>),
     /// Rewrite a fact with ROME and show what changed.
     Edit(Box<edit::EditArgs>),
-    /// Evaluate an editing method on CounterFact cases (each edit applied, measured, undone).
+    /// Evaluate an editing method on CounterFact or zsRE cases (each edit applied, measured, undone; or kept, in sequence).
     Eval(Box<eval::EvalArgs>),
     /// Serve the web app and the JSON API.
     Serve(Box<crate::server::ServeArgs>),
