@@ -1113,6 +1113,35 @@ fn study_sweeps_every_method_and_problem_resumes_and_analyses() {
     };
     let out = run(&["--plot", plot.to_str().unwrap(), "--json"]);
     let an = json(&out);
+    // Every method and problem was edited at two layers per case: each gets a peak comparison.
+    let peak = an["peak"].as_array().unwrap();
+    assert_eq!(peak.len(), 4 * 5, "{peak:?}");
+    for p in peak {
+        assert_eq!(p["cases"], 2);
+        for k in ["at_peak", "elsewhere", "at_best_layer"] {
+            assert!((0.0..=1.0).contains(&p[k].as_f64().unwrap()), "{p}");
+        }
+        // Two edits per case, one at its peak: peak and elsewhere split the mean of them all.
+        let means = an["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["method"] == p["method"] && m["problem"] == p["problem"])
+            .unwrap()["rewrite"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect::<Vec<_>>();
+        let all = means.iter().sum::<f64>() / means.len() as f64;
+        let split = (p["at_peak"].as_f64().unwrap() + p["elsewhere"].as_f64().unwrap()) / 2.0;
+        assert!((all - split).abs() < 1e-6, "{p} {means:?}");
+        let best = means.iter().cloned().fold(f64::MIN, f64::max);
+        assert!(
+            (p["at_best_layer"].as_f64().unwrap() - best).abs() < 1e-9,
+            "{p}"
+        );
+    }
     let text = std::fs::read_to_string(&out_file).unwrap();
     let lines: Vec<serde_json::Value> = text
         .lines()

@@ -437,5 +437,21 @@ fn report(an: &StudyAnalysis, plot: Option<&Path>, json: bool) -> Result<()> {
             );
         }
     }
+    if !an.peak.is_empty() {
+        println!("\nEditing where tracing peaks (mean rewrite score):");
+        for p in &an.peak {
+            println!(
+                "  {} {}: at each case's peak layer {:.3}, at its other layers {:.3}; \
+                 best single layer {} {:.3} ({} cases)",
+                p.method.name(),
+                p.problem.name(),
+                p.at_peak,
+                p.elsewhere,
+                p.best_layer,
+                p.at_best_layer,
+                p.cases
+            );
+        }
+    }
     Ok(())
 }

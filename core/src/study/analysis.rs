@@ -96,6 +96,87 @@ pub struct StudyAnalysis {
     pub layers: Vec<LayerMeans>,
     /// The mean tracing effect per layer over the kept cases (all layers).
     pub mean_tracing_effect: Vec<f64>,
+    /// Per method and problem: does editing where tracing peaks do better?
+    #[serde(default)]
+    pub peak: Vec<PeakComparison>,
+}
+
+/// Does editing where tracing peaks do better (the paper's question, asked directly)? Each
+/// case's edit at the swept layer with its largest tracing effect against its edits at the
+/// other layers, beside the single layer that is best on average.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PeakComparison {
+    pub method: StudyMethod,
+    pub problem: EditProblem,
+    /// Cases edited at two or more layers.
+    pub cases: usize,
+    /// Mean rewrite score of each case's edit at its peak layer.
+    pub at_peak: f64,
+    /// Mean rewrite score of the cases' edits at the other layers.
+    pub elsewhere: f64,
+    /// The layer with the best mean rewrite score, and that mean: what choosing by layer alone
+    /// gives.
+    pub best_layer: usize,
+    pub at_best_layer: f64,
+}
+
+/// `PeakComparison` of one method and problem's edits (None without a case edited at two
+/// layers). Ties in tracing effect go to the lowest layer.
+fn peak_comparison(
+    method: StudyMethod,
+    problem: EditProblem,
+    edits: &[&EditLine],
+) -> Option<PeakComparison> {
+    let mut by_case: BTreeMap<u64, Vec<&EditLine>> = BTreeMap::new();
+    for e in edits {
+        by_case.entry(e.case_id).or_default().push(e);
+    }
+    let (mut peak, mut other) = (vec![], vec![]);
+    let mut cases = 0;
+    for es in by_case.values().filter(|es| es.len() >= 2) {
+        cases += 1;
+        let top = es.iter().enumerate().fold(0, |best, (i, e)| {
+            let b = es[best];
+            if e.tracing_effect > b.tracing_effect
+                || (e.tracing_effect == b.tracing_effect && e.layer < b.layer)
+            {
+                i
+            } else {
+                best
+            }
+        });
+        for (i, e) in es.iter().enumerate() {
+            let v = e.scores.rewrite as f64;
+            if i == top {
+                peak.push(v);
+            } else {
+                other.push(v);
+            }
+        }
+    }
+    if cases == 0 {
+        return None;
+    }
+    let mut per_layer: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    for e in edits {
+        per_layer
+            .entry(e.layer)
+            .or_default()
+            .push(e.scores.rewrite as f64);
+    }
+    let (best_layer, at_best_layer) = per_layer
+        .iter()
+        .map(|(l, v)| (*l, mean(v)))
+        .fold((0, f64::NEG_INFINITY), |b, x| if x.1 > b.1 { x } else { b });
+    Some(PeakComparison {
+        method,
+        problem,
+        cases,
+        at_peak: mean(&peak),
+        elsewhere: mean(&other),
+        best_layer,
+        at_best_layer,
+    })
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -301,5 +382,64 @@ fn analyze_at(lines: &[StudyLine], window: Option<usize>) -> StudyAnalysis {
         conditions,
         layers,
         mean_tracing_effect,
+        peak: by_cond
+            .iter()
+            .filter_map(|((m, p), es)| peak_comparison(*m, *p, es))
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::study::score::HaseScores;
+
+    fn edit(case_id: u64, layer: usize, tracing_effect: f32, rewrite: f32) -> EditLine {
+        EditLine {
+            case_id,
+            method: StudyMethod::Rome,
+            problem: EditProblem::ErrorInjection,
+            layer,
+            edited_layers: vec![layer],
+            target: "Rome".into(),
+            tracing_effect,
+            subject_last_effect: 0.0,
+            pre: Default::default(),
+            post: Default::default(),
+            scores: HaseScores {
+                rewrite,
+                ..Default::default()
+            },
+            essence_ppl_post: None,
+            essence_score: None,
+            seconds: 0.0,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn editing_at_the_tracing_peak_is_set_against_elsewhere_and_the_best_layer() {
+        let edits = [
+            // Case 1 peaks at layer 4, where its edit does worst.
+            edit(1, 0, 0.1, 0.9),
+            edit(1, 4, 0.7, 0.2),
+            edit(1, 8, 0.3, 0.8),
+            // Case 2 ties at layers 0 and 4: the lower one is its peak.
+            edit(2, 0, 0.5, 0.6),
+            edit(2, 4, 0.5, 0.4),
+            // Case 3 has one edit: no comparison within it, but it counts for its layer.
+            edit(3, 8, 0.9, 1.0),
+        ];
+        let refs: Vec<&EditLine> = edits.iter().collect();
+        let p = peak_comparison(StudyMethod::Rome, EditProblem::ErrorInjection, &refs).unwrap();
+        assert_eq!(p.cases, 2);
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+        assert!(close(p.at_peak, (0.2 + 0.6) / 2.0), "{p:?}");
+        assert!(close(p.elsewhere, (0.9 + 0.8 + 0.4) / 3.0), "{p:?}");
+        assert_eq!(p.best_layer, 8);
+        assert!(close(p.at_best_layer, (0.8 + 1.0) / 2.0), "{p:?}");
+        assert!(
+            peak_comparison(StudyMethod::Rome, EditProblem::ErrorInjection, &refs[5..]).is_none()
+        );
     }
 }
