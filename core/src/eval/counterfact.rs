@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{hmean, mean, TargetScore};
+use super::{hmean, mean, percent, TargetScore};
 use crate::edit::rome::{RewriteRequest, TargetStr};
 use crate::error::{LociError, Result};
 use crate::loader::LoadedModel;
@@ -318,8 +318,7 @@ pub struct Summary {
 }
 
 pub fn summarize(ms: &[CaseMetrics]) -> Summary {
-    let avg =
-        |f: &dyn Fn(&CaseMetrics) -> f32| 100.0 * mean(ms.iter().map(f).filter(|x| !x.is_nan()));
+    let avg = |f: &dyn Fn(&CaseMetrics) -> f32| percent(ms, f);
     let opt = |f: &dyn Fn(&CaseMetrics) -> Option<f32>| {
         let v: Vec<f32> = ms.iter().filter_map(f).collect();
         (!v.is_empty()).then(|| 100.0 * mean(v.into_iter()))

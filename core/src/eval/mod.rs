@@ -69,14 +69,14 @@ pub struct TokenPredictions {
 impl TokenPredictions {
     /// The share of target tokens predicted (0 for an empty target).
     pub fn accuracy(&self) -> f32 {
-        let hits = self
-            .target
-            .iter()
-            .zip(&self.predicted)
-            .filter(|(a, b)| a == b)
-            .count();
-        hits as f32 / self.target.len().max(1) as f32
+        share_same(&self.target, &self.predicted)
     }
+}
+
+/// The share of `a`'s positions where `b` holds the same token (0 for an empty `a`).
+pub(crate) fn share_same(a: &[u32], b: &[u32]) -> f32 {
+    let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+    same as f32 / a.len().max(1) as f32
 }
 
 /// Mean per-token NLL (ROME) and full-sequence probability (Hase) of a target after a prompt.
@@ -220,6 +220,11 @@ pub(crate) fn mean(v: impl Iterator<Item = f32>) -> f32 {
     }
 }
 
+/// 100 × the mean of a metric over the cases that have it (NaN: the case has no such prompt).
+pub(crate) fn percent<M>(ms: &[M], f: impl Fn(&M) -> f32) -> f32 {
+    100.0 * mean(ms.iter().map(f).filter(|x| !x.is_nan()))
+}
+
 pub(crate) fn hmean(xs: &[f32]) -> f32 {
     if xs.iter().any(|x| *x <= 0.0 || x.is_nan()) {
         return 0.0;
@@ -346,19 +351,22 @@ impl LoadedModel {
                 let started = crate::clock::now_seconds();
                 let reqs: Vec<RewriteRequest> =
                     ok.iter().map(|(c, _)| request(c).clone()).collect();
-                let edit = make(self, &reqs).and_then(|e| self.apply(&e));
+                let edited = match make(self, &reqs).and_then(|e| self.apply(&e)) {
+                    Ok(a) => {
+                        applied = applied.then(a);
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
                 let seconds = (crate::clock::now_seconds() - started) / ok.len() as f64;
-                if let Ok(a) = &edit {
-                    applied = applied.then(a.clone());
-                }
                 for (c, r) in ok {
                     r.edit_seconds = seconds;
-                    match &edit {
-                        Ok(_) => match score(self, c) {
+                    match &edited {
+                        Ok(()) => match score(self, c) {
                             Ok(s) => r.post = Some(s),
                             Err(e) => r.error = Some(e.to_string()),
                         },
-                        Err(e) => r.error = Some(e.to_string()),
+                        Err(e) => r.error = Some(e.clone()),
                     }
                     done += 1;
                     progress(done, r.post.as_ref());

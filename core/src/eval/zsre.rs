@@ -247,12 +247,6 @@ fn mean_accuracy(v: &[QaScore]) -> f32 {
 
 pub fn zsre_metrics(pre: &ZsreScores, post: &ZsreScores) -> ZsreMetrics {
     let (a, b) = (&pre.neighborhood.tokens, &post.neighborhood.tokens);
-    let kept = a
-        .predicted
-        .iter()
-        .zip(&b.predicted)
-        .filter(|(x, y)| x == y)
-        .count();
     ZsreMetrics {
         efficacy_pre: pre.rewrite.tokens.accuracy(),
         efficacy: post.rewrite.tokens.accuracy(),
@@ -260,14 +254,12 @@ pub fn zsre_metrics(pre: &ZsreScores, post: &ZsreScores) -> ZsreMetrics {
         paraphrase: mean_accuracy(&post.paraphrase),
         specificity_pre: a.accuracy(),
         specificity: b.accuracy(),
-        locality: kept as f32 / a.predicted.len().max(1) as f32,
+        locality: super::share_same(&a.predicted, &b.predicted),
     }
 }
 
 pub fn summarize_zsre(ms: &[ZsreMetrics]) -> ZsreSummary {
-    let avg = |f: &dyn Fn(&ZsreMetrics) -> f32| {
-        100.0 * super::mean(ms.iter().map(f).filter(|x| !x.is_nan()))
-    };
+    let avg = |f: &dyn Fn(&ZsreMetrics) -> f32| super::percent(ms, f);
     ZsreSummary {
         cases: ms.len(),
         efficacy_pre: avg(&|m| m.efficacy_pre),

@@ -195,61 +195,53 @@ pub fn analyze(lines: &[StudyLine]) -> StudyAnalysis {
 /// `analyze` with the tracing effects of another traced window (`--trace-windows`) joined to
 /// the edits; an error names a kept case that was not traced at that window.
 pub fn analyze_window(lines: &[StudyLine], window: usize) -> Result<StudyAnalysis, String> {
+    let mut effects = BTreeMap::new();
     for l in lines {
-        if let StudyLine::Case(c) = l {
-            if let Some(t) = &c.trace {
-                if c.skipped.is_none() && t.at_window(window).is_none() {
-                    return Err(format!(
-                        "case {} was not traced at window {window} (run the study with \
-                         --trace-windows {},{window})",
-                        c.case_id, t.window
-                    ));
-                }
+        let StudyLine::Case(c) = l else { continue };
+        let Some(t) = &c.trace else { continue };
+        match t.at_window(window) {
+            Some(e) => {
+                effects.insert(c.case_id, e);
             }
+            None if c.skipped.is_none() => {
+                return Err(format!(
+                    "case {} was not traced at window {window} (run the study with \
+                     --trace-windows {},{window})",
+                    c.case_id, t.window
+                ))
+            }
+            None => {}
         }
     }
-    Ok(analyze_at(lines, Some(window)))
-}
-
-fn analyze_at(lines: &[StudyLine], window: Option<usize>) -> StudyAnalysis {
     // The lines with the window's effects in place of the joined ones.
-    let moved: Vec<StudyLine>;
-    let lines = match window {
-        None => lines,
-        Some(w) => {
-            let mut effects = BTreeMap::new();
-            for l in lines {
-                if let StudyLine::Case(c) = l {
-                    if let Some(e) = c.trace.as_ref().and_then(|t| t.at_window(w)) {
-                        effects.insert(c.case_id, e);
+    let moved: Vec<StudyLine> = lines
+        .iter()
+        .cloned()
+        .map(|mut l| {
+            match &mut l {
+                StudyLine::Case(c) => {
+                    if let (Some(t), Some(e)) = (&mut c.trace, effects.get(&c.case_id)) {
+                        t.max_fraction_restored = e.max_fraction_restored.clone();
+                        t.subject_last_fraction = e.subject_last_fraction.clone();
+                    }
+                }
+                StudyLine::Edit(ed) => {
+                    if let Some(e) = effects.get(&ed.case_id) {
+                        let at = |v: &[f32]| v.get(ed.layer).copied().unwrap_or(f32::NAN);
+                        ed.tracing_effect = at(&e.max_fraction_restored);
+                        ed.subject_last_effect = at(&e.subject_last_fraction);
                     }
                 }
             }
-            moved = lines
-                .iter()
-                .cloned()
-                .map(|mut l| {
-                    match &mut l {
-                        StudyLine::Case(c) => {
-                            if let (Some(t), Some(e)) = (&mut c.trace, effects.get(&c.case_id)) {
-                                t.max_fraction_restored = e.max_fraction_restored.clone();
-                                t.subject_last_fraction = e.subject_last_fraction.clone();
-                            }
-                        }
-                        StudyLine::Edit(ed) => {
-                            if let Some(e) = effects.get(&ed.case_id) {
-                                let at = |v: &[f32]| v.get(ed.layer).copied().unwrap_or(f32::NAN);
-                                ed.tracing_effect = at(&e.max_fraction_restored);
-                                ed.subject_last_effect = at(&e.subject_last_fraction);
-                            }
-                        }
-                    }
-                    l
-                })
-                .collect();
-            &moved
-        }
-    };
+            l
+        })
+        .collect();
+    Ok(analyze_at(&moved, Some(window)))
+}
+
+/// The analysis of `lines`, whose edits carry the tracing effects of `window` (None: each
+/// case's joined window).
+fn analyze_at(lines: &[StudyLine], window: Option<usize>) -> StudyAnalysis {
     let mut cases = BTreeMap::new();
     let mut edits: BTreeMap<(u64, StudyMethod, EditProblem, usize), &EditLine> = BTreeMap::new();
     for l in lines {
