@@ -281,8 +281,10 @@ fn traces_stream_rows_then_the_same_result_as_the_core() {
     )
     .unwrap();
     let req: loci_core::TraceRequest = serde_json::from_str(body).unwrap();
+    // With the server's thread count (one per core), which decides how rows are batched.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let want = lm
-        .trace(&req, None, &mut loci_core::trace::Quiet, 1)
+        .trace(&req, None, &mut loci_core::trace::Quiet, threads)
         .unwrap();
     let want: serde_json::Value =
         serde_json::from_str(&serde_json::to_string(&want.scores).unwrap()).unwrap();

@@ -172,10 +172,11 @@ fn a_trace_can_be_cancelled_and_streams_rows() {
     assert!(matches!(e, loci_core::LociError::Cancelled));
     assert_eq!(
         obs.1,
+        // One worker goes token by token, every kind of a token in one batched pass.
         vec![
             (TraceKind::Hidden, 0),
-            (TraceKind::Hidden, 1),
-            (TraceKind::Hidden, 2)
+            (TraceKind::Mlp, 0),
+            (TraceKind::Attn, 0)
         ]
     );
 }
@@ -293,8 +294,24 @@ fn planned_rows_computed_anywhere_equal_the_trace() {
         let plan = if i % 2 == 0 { &a } else { &b };
         rebuilt.set_row(kind, t, lm.trace_row(plan, kind, t).unwrap());
     }
-    assert_eq!(rebuilt.scores, whole.scores);
-    assert_eq!(rebuilt.tracing_effect, whole.tracing_effect);
+    // The trace batches all kinds of a token in one pass, a planned row only its own kind: the
+    // same arithmetic in other batch shapes, equal up to rounding.
+    let close = |a: &[f32], b: &[f32]| {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-6 * x.abs().max(1e-3), "{x} vs {y}");
+        }
+    };
+    assert_eq!(
+        rebuilt.scores.keys().collect::<Vec<_>>(),
+        whole.scores.keys().collect::<Vec<_>>()
+    );
+    for (kind, grid) in &whole.scores {
+        for (row, want) in rebuilt.scores[kind].iter().zip(grid) {
+            close(row, want);
+        }
+        close(&rebuilt.tracing_effect[kind], &whole.tracing_effect[kind]);
+    }
     assert!(lm.trace_row(&a, TraceKind::Hidden, 99).is_err());
     req.kinds = vec![TraceKind::Mlp];
     let mlp_only = lm.trace_plan(&req, Some(std)).unwrap();

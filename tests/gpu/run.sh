@@ -5,10 +5,11 @@
 # 1. prints the GPU; 2. `loci check-device`: the tiny test models, and SmolLM2 when both parts
 # of its GGUF are here (gpu-model-a/, gpu-model-b/ from scripts/build-cuda.sh), give the CPU's
 # answers on the GPU (f32 within 1e-3, f16 1e-2, bf16 5e-2; top-1 tokens; in f32 also a
-# whole-answer trace, a ROME edit's vectors, key statistics, MEMIT and fine-tuning edits); 3. benchmarks on a
-# full-size GPT-J-6B with random weights made on the GPU (f16): one 12-token forward pass, a
-# trace of all kinds (12 tokens, 10 samples, window 10), one ROME edit at layer 5 (statistics
-# timed apart). Every result is one JSON line on stdout and in $OUT/gpu-results.jsonl, with the
+# whole-answer trace, a ROME edit's vectors, key statistics, MEMIT and fine-tuning edits); 3. the
+# server's API on the GPU (tests/gpu/serve_check.py: model list, predict, trace, edit, undo);
+# 4. benchmarks on a full-size GPT-J-6B with random weights made on the GPU (f16): one 12-token
+# forward pass, a trace of all kinds (12 tokens, 10 samples, window 10), one ROME edit at layer 5
+# (statistics timed apart). Every result is one JSON line on stdout and in $OUT/gpu-results.jsonl, with the
 # GPU's peak memory during each step.
 set -uo pipefail
 bundle=${1:-gpu-bundle}
@@ -94,11 +95,35 @@ else
   echo "no SmolLM2 parts (gpu-model-a/, gpu-model-b/): checking the tiny models only"
 fi
 
-rc=0
-step check-device check-device "${models[@]}" || rc=1
-[ -n "${gguf:-}" ] && rm -rf "$(dirname "$gguf")"
-step forward bench forward --random gptj-6b --dtype f16 --tokens 12 --reps 20 --json || rc=1
-step trace bench trace --random gptj-6b --dtype f16 --prompt-tokens 12 --samples 10 --window 10 --json || rc=1
+# The API of `loci serve` on the GPU: SmolLM2 when it is here, else the tiny GPT-J (f16).
+serve_step() {
+  local model=$1 name=$2 layer=$3 port=18080 out rc
+  "$bin" serve --addr 127.0.0.1:$port --models "$model" --dtype f16 --dist "$OUT/no-dist" \
+    --stats "$OUT/serve-stats" --corpus "$corpus" --stats-tokens 20000 > "$OUT/stderr-serve.txt" 2>&1 &
+  local pid=$!
+  out=$(timeout "$step_timeout" "$py" tests/gpu/serve_check.py "http://127.0.0.1:$port" "$name" "$layer"); rc=$?
+  kill $pid 2>/dev/null; wait $pid 2>/dev/null
+  [ $rc -ne 0 ] && tail -5 "$OUT/stderr-serve.txt"
+  log "{\"step\":\"serve\",\"exit\":$rc,\"result\":${out:-null}}"
+  return $rc
+}
+
+# STEPS picks some of them (e.g. STEPS="check-device serve" when a second call brings SmolLM2's
+# other part).
+steps=" ${STEPS:-check-device serve forward trace edit} "
+want() { [[ "$steps" == *" $1 "* ]]; }
 corpus="$bundle/data/wiki-slice.jsonl"
-step edit bench edit --random gptj-6b --dtype f16 --layer 5 --stats-tokens 20000 --corpus "$corpus" --json || rc=1
+rc=0
+want check-device && { step check-device check-device "${models[@]}" || rc=1; }
+if want serve; then
+  if [ -n "${gguf:-}" ]; then
+    serve_step "$gguf" SmolLM2-135M-Instruct.Q4_1 6 || rc=1
+  else
+    serve_step tests/fixtures/tiny-gptj tiny-gptj 2 || rc=1
+  fi
+fi
+[ -n "${gguf:-}" ] && rm -rf "$(dirname "$gguf")"
+want forward && { step forward bench forward --random gptj-6b --dtype f16 --tokens 12 --reps 20 --json || rc=1; }
+want trace && { step trace bench trace --random gptj-6b --dtype f16 --prompt-tokens 12 --samples 10 --window 10 --json || rc=1; }
+want edit && { step edit bench edit --random gptj-6b --dtype f16 --layer 5 --stats-tokens 20000 --corpus "$corpus" --json || rc=1; }
 exit $rc

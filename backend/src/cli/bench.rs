@@ -25,8 +25,8 @@ pub enum BenchCmd {
     },
     /// Key statistics and one ROME edit (Eiffel Tower → Rome): seconds per phase.
     Edit(EditBenchArgs),
-    /// Causal tracing of all three kinds on a ~10-token prompt: seconds, and the work done
-    /// against the reference algorithm's.
+    /// Causal tracing on a ~10-token prompt, each kind alone and all three in one trace:
+    /// seconds, and the work done against the reference algorithm's.
     Trace {
         #[command(flatten)]
         model: ModelArgs,
@@ -71,7 +71,9 @@ struct TraceBench {
     tokens: usize,
     samples: usize,
     window: usize,
+    /// Each kind traced alone.
     seconds: std::collections::BTreeMap<String, f64>,
+    /// All kinds in one trace.
     seconds_all_kinds: f64,
     token_layers: u64,
     naive_token_layers: u64,
@@ -204,19 +206,23 @@ fn trace_bench(
     req.samples = samples.min(2);
     lm.trace(&req, None, &mut Quiet, workers)?;
     req.samples = samples;
+    // Each kind alone, then all of them in one trace (their cells share every layer's passes).
     let mut seconds = std::collections::BTreeMap::new();
-    let (mut work, mut naive, mut total, mut tokens) = (0, 0, 0.0, 0);
     for kind in TraceKind::ALL {
         req.kinds = vec![kind];
         let s = Instant::now();
-        let r = lm.trace(&req, None, &mut Quiet, workers)?;
-        let secs = s.elapsed().as_secs_f64();
-        seconds.insert(kind.name().to_string(), secs);
-        total += secs;
-        work += r.work.token_layers;
-        naive += r.work.naive_token_layers;
-        tokens = r.tokens.len();
+        lm.trace(&req, None, &mut Quiet, workers)?;
+        seconds.insert(kind.name().to_string(), s.elapsed().as_secs_f64());
     }
+    req.kinds = TraceKind::ALL.to_vec();
+    let s = Instant::now();
+    let r = lm.trace(&req, None, &mut Quiet, workers)?;
+    let total = s.elapsed().as_secs_f64();
+    let (work, naive, tokens) = (
+        r.work.token_layers,
+        r.work.naive_token_layers,
+        r.tokens.len(),
+    );
     let f = flops_per_token_layer(&lm.model.cfg);
     let r = TraceBench {
         bench: "trace",

@@ -1,6 +1,6 @@
 //! The little dense linear algebra ROME needs, in f64: Cholesky factor and solve. Small blocks
-//! are factored on the host; the big products of a blocked factorisation run on the device, so a
-//! GPT-J key covariance (16384²) factors in a fraction of a second on a GPU.
+//! are factored on the host; the big products of a recursive factorisation run on the device, so
+//! a GPT-J key covariance (16384²) factors in a fraction of a second on a GPU.
 
 use candle_core::{DType, Tensor};
 
@@ -59,82 +59,67 @@ pub fn cholesky_solve(l: &[f64], n: usize, b: &[f64]) -> Vec<f64> {
     x
 }
 
-/// The inverse of a lower-triangular row-major `l` (n × n), itself lower-triangular.
+/// `a · b` with four running sums, so the compiler can keep them in vector lanes.
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0f64; 4];
+    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..4 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+}
+
+/// The inverse of a lower-triangular row-major `l` (n × n), itself lower-triangular: column j
+/// by forward substitution, reading rows of `l` and the column so far contiguously.
 fn invert_lower(l: &[f64], n: usize) -> Vec<f64> {
     let mut inv = vec![0f64; n * n];
+    let mut col = vec![0f64; n];
     for j in 0..n {
-        inv[j * n + j] = 1.0 / l[j * n + j];
+        // col[i - j] holds inv[i, j].
+        col[0] = 1.0 / l[j * n + j];
         for i in j + 1..n {
-            let s: f64 = (j..i).map(|k| l[i * n + k] * inv[k * n + j]).sum();
-            inv[i * n + j] = -s / l[i * n + i];
+            col[i - j] = -dot(&l[i * n + j..i * n + i], &col[..i - j]) / l[i * n + i];
+        }
+        for i in j..n {
+            inv[i * n + j] = col[i - j];
         }
     }
     inv
 }
 
-/// One block column of `L`: the inverse of its diagonal block (host) and the panel below it.
-#[derive(Debug)]
-struct BlockColumn {
-    start: usize,
-    size: usize,
-    diag_inv: Vec<f64>,
-    /// `L[start+size.., start..start+size]`, `[n - start - size, size]` f64 on the device.
-    panel: Option<Tensor>,
-}
+/// Blocks up to this size are factored on the host; above it, the factor recurses on halves
+/// whose products run on the matrix's device.
+const LEAF: usize = 64;
 
-/// `A = L Lᵀ` of a symmetric positive-definite matrix, kept by block columns.
+/// `A = L Lᵀ` of a symmetric positive-definite matrix, kept as `L⁻¹` on `A`'s device: a solve is
+/// two matrix products there, for any number of right-hand sides at once.
 #[derive(Debug)]
 pub struct CholeskyFactor {
     n: usize,
-    columns: Vec<BlockColumn>,
+    /// `L⁻¹`, `[n, n]` f64, lower-triangular.
+    inv: Tensor,
 }
 
-/// Host-side blocks up to this size; bigger matrices are factored blockwise.
-const BLOCK: usize = 256;
-
 impl CholeskyFactor {
-    /// Right-looking blocked Cholesky: each diagonal block on the host, the panel and the
-    /// trailing update (the O(n³) part) as matrix products on `a`'s device, in f64.
+    /// Recursive Cholesky that yields `L⁻¹` directly: with `A = [A₁₁ ·; A₂₁ A₂₂]`,
+    /// `L₂₁ = A₂₁ L₁₁⁻ᵀ`, `L₂₂` from `A₂₂ − L₂₁ L₂₁ᵀ`, and `(L⁻¹)₂₁ = −L₂₂⁻¹ L₂₁ L₁₁⁻¹`. All the
+    /// O(n³) work is matrix products on the device (a GPT-J covariance, 16384², in f64 on a GPU:
+    /// a few large GEMMs); only 64² leaves visit the host.
     pub fn new(a: &Tensor) -> Result<Self> {
         let (n, n2) = a.dims2()?;
         if n != n2 {
             return Err(LociError::input("cholesky: matrix is not square"));
         }
-        let dev = a.device().clone();
-        let mut rest = a.to_dtype(DType::F64)?;
-        let mut columns = vec![];
-        let mut start = 0;
-        while start < n {
-            let m = n - start;
-            let b = BLOCK.min(m);
-            let a11: Vec<f64> = rest
-                .narrow(0, 0, b)?
-                .narrow(1, 0, b)?
-                .flatten_all()?
-                .to_vec1()?;
-            let l11 = cholesky_block(&a11, b, start)?;
-            let diag_inv = invert_lower(&l11, b);
-            let panel = if m > b {
-                let inv_t = Tensor::from_vec(diag_inv.clone(), (b, b), &dev)?.t()?;
-                let below = rest.narrow(0, b, m - b)?;
-                let l21 = below
-                    .narrow(1, 0, b)?
-                    .contiguous()?
-                    .matmul(&inv_t.contiguous()?)?;
-                rest = (below.narrow(1, b, m - b)? - l21.matmul(&l21.t()?)?)?;
-                Some(l21)
-            } else {
-                None
-            };
-            columns.push(BlockColumn {
-                start,
-                size: b,
-                diag_inv,
-                panel,
-            });
-            start += b;
-        }
-        Ok(Self { n, columns })
+        let inv = factor_inverse(&a.to_dtype(DType::F64)?, 0)?;
+        Ok(Self { n, inv })
     }
 
     /// Solves `L Lᵀ x = b`.
@@ -142,8 +127,8 @@ impl CholeskyFactor {
         Ok(self.solve_many(&[b.to_vec()])?.remove(0))
     }
 
-    /// Solves `L Lᵀ X = B` for several right-hand sides at once: each block's panel product
-    /// takes all of them, so a GPU sees one product and one transfer per block, not per vector.
+    /// Solves `L Lᵀ X = B` for several right-hand sides at once: `X = L⁻ᵀ (L⁻¹ B)`, one upload and
+    /// one read-back for all of them.
     pub fn solve_many(&self, bs: &[Vec<f64>]) -> Result<Vec<Vec<f64>>> {
         let r = bs.len();
         if r == 0 {
@@ -154,69 +139,41 @@ impl CholeskyFactor {
                 "cholesky solve: vector of the wrong length",
             ));
         }
-        // Row-major [n, r]: row i holds element i of every right-hand side.
-        let mut y = vec![0f64; self.n * r];
-        for (j, b) in bs.iter().enumerate() {
-            for (i, v) in b.iter().enumerate() {
-                y[i * r + j] = *v;
-            }
-        }
-        // `inv` (size²) or its transpose times the block's rows of `v` ([size, r]).
-        let block_product = |inv: &[f64], size: usize, v: &[f64], transpose: bool| -> Vec<f64> {
-            let mut out = vec![0f64; size * r];
-            for i in 0..size {
-                for k in 0..size {
-                    let e = if transpose {
-                        inv[k * size + i]
-                    } else {
-                        inv[i * size + k]
-                    };
-                    if e != 0.0 {
-                        for j in 0..r {
-                            out[i * r + j] += e * v[k * r + j];
-                        }
-                    }
-                }
-            }
-            out
-        };
-        let on_device = |v: &[f64], rows: usize, panel: &Tensor| -> Result<Tensor> {
-            Ok(Tensor::from_slice(v, (rows, r), panel.device())?)
-        };
-        // L Y = B, one block column at a time.
-        for c in &self.columns {
-            let (lo, hi) = (c.start * r, (c.start + c.size) * r);
-            let yk = block_product(&c.diag_inv, c.size, &y[lo..hi], false);
-            y[lo..hi].copy_from_slice(&yk);
-            if let Some(p) = &c.panel {
-                let upd: Vec<f64> = p
-                    .matmul(&on_device(&yk, c.size, p)?)?
-                    .flatten_all()?
-                    .to_vec1()?;
-                for (yi, u) in y[hi..].iter_mut().zip(upd) {
-                    *yi -= u;
-                }
-            }
-        }
-        // Lᵀ X = Y, backwards.
-        let mut x = y;
-        for c in self.columns.iter().rev() {
-            let (lo, hi) = (c.start * r, (c.start + c.size) * r);
-            let mut t = x[lo..hi].to_vec();
-            if let Some(p) = &c.panel {
-                let below = on_device(&x[hi..], self.n - c.start - c.size, p)?;
-                let upd: Vec<f64> = p.t()?.matmul(&below)?.flatten_all()?.to_vec1()?;
-                for (ti, u) in t.iter_mut().zip(upd) {
-                    *ti -= u;
-                }
-            }
-            let xk = block_product(&c.diag_inv, c.size, &t, true);
-            x[lo..hi].copy_from_slice(&xk);
-        }
-        Ok((0..r)
-            .map(|j| (0..self.n).map(|i| x[i * r + j]).collect())
-            .collect())
+        let flat: Vec<f64> = bs.iter().flatten().copied().collect();
+        let b = Tensor::from_vec(flat, (r, self.n), self.inv.device())?.t()?;
+        let x = self.inv.t()?.matmul(&self.inv.matmul(&b)?)?;
+        let x: Vec<f64> = x.t()?.contiguous()?.flatten_all()?.to_vec1()?;
+        Ok(x.chunks_exact(self.n).map(<[f64]>::to_vec).collect())
     }
+}
+
+/// `L⁻¹` of SPD `a` (f64, `[n, n]`), whose first row is row `offset` of the whole matrix (for
+/// the message that names a failing pivot).
+fn factor_inverse(a: &Tensor, offset: usize) -> Result<Tensor> {
+    let n = a.dim(0)?;
+    let dev = a.device();
+    if n <= LEAF {
+        let host: Vec<f64> = a.flatten_all()?.to_vec1()?;
+        let l = cholesky_block(&host, n, offset)?;
+        return Ok(Tensor::from_vec(invert_lower(&l, n), (n, n), dev)?);
+    }
+    // A leaf-aligned split keeps every leaf full-sized but the last.
+    let h = (n / 2).div_ceil(LEAF) * LEAF;
+    let m = n - h;
+    let block = |r: usize, c: usize, rows: usize, cols: usize| -> Result<Tensor> {
+        Ok(a.narrow(0, r, rows)?.narrow(1, c, cols)?.contiguous()?)
+    };
+    let i11 = factor_inverse(&block(0, 0, h, h)?, offset)?;
+    let l21 = block(h, 0, m, h)?.matmul(&i11.t()?)?;
+    let schur = (block(h, h, m, m)? - l21.matmul(&l21.t()?)?)?;
+    let i22 = factor_inverse(&schur, offset + h)?;
+    drop(schur);
+    let i21 = i22.matmul(&l21.matmul(&i11)?)?.neg()?;
+    drop(l21);
+    let top = Tensor::cat(&[&i11, &Tensor::zeros((h, m), DType::F64, dev)?], 1)?;
+    drop(i11);
+    let bottom = Tensor::cat(&[&i21, &i22], 1)?;
+    Ok(Tensor::cat(&[&top, &bottom], 0)?)
 }
 
 #[cfg(test)]
@@ -225,9 +182,9 @@ mod tests {
     use candle_core::Device;
 
     #[test]
-    fn the_blocked_factor_solves_like_the_plain_one() {
+    fn the_recursive_factor_solves_like_the_plain_one() {
         // A random SPD matrix bigger than a block: B Bᵀ + n I.
-        let n = BLOCK * 2 + 37;
+        let n = LEAF * 5 + 37;
         let mut rng = crate::rng::SplitMix64::new(7);
         let bm: Vec<f64> = (0..n * n).map(|_| rng.next_f64() - 0.5).collect();
         let mut a = vec![0f64; n * n];
@@ -274,5 +231,42 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("singular"));
+        // Deep in the recursion, the message names the pivot in the whole matrix.
+        let n = LEAF * 2 + 5;
+        let mut a = vec![0f64; n * n];
+        for i in 0..n {
+            a[i * n + i] = if i == LEAF + 3 { 0.0 } else { 1.0 };
+        }
+        let err = CholeskyFactor::new(&Tensor::from_slice(&a, (n, n), &Device::Cpu).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("pivot {}", LEAF + 3)), "{err}");
+    }
+
+    #[test]
+    fn the_inverse_of_a_lower_triangle_undoes_it() {
+        let n = 37;
+        let mut rng = crate::rng::SplitMix64::new(3);
+        let mut l = vec![0f64; n * n];
+        for i in 0..n {
+            for j in 0..=i {
+                l[i * n + j] = if i == j {
+                    1.0 + rng.next_f64()
+                } else {
+                    rng.next_f64() - 0.5
+                };
+            }
+        }
+        let inv = invert_lower(&l, n);
+        for i in 0..n {
+            for j in 0..n {
+                let p: f64 = (0..n).map(|k| l[i * n + k] * inv[k * n + j]).sum();
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((p - want).abs() < 1e-12, "({i},{j}): {p}");
+                if j > i {
+                    assert_eq!(inv[i * n + j], 0.0);
+                }
+            }
+        }
     }
 }

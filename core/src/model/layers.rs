@@ -155,7 +155,8 @@ impl Norm {
     }
 }
 
-/// Rotary position embedding on the first `dim` dimensions of each head.
+/// Rotary position embedding on the first `dim` dimensions of each head, in f32 (as GPT-J's
+/// reference computes it: its f32 tables promote half-precision keys and queries).
 #[derive(Clone, Debug)]
 pub struct Rotary {
     /// How many leading dimensions of a head the tables turn: `dim`, or the whole head when
@@ -164,10 +165,15 @@ pub struct Rotary {
     span: usize,
     /// GPT-J rotates adjacent pairs (2i, 2i+1); LLaMA rotates halves (i, i + dim/2).
     pub interleaved: bool,
-    /// cos and sin of every position's angles, `[positions, span/2]`, in the activations' dtype
-    /// on the model's device: made once (shared by all layers) so a pass uploads nothing.
+    /// cos and sin of every position's angles, `[positions, span/2]` f32 on the model's device:
+    /// made once (shared by all layers) so a pass uploads nothing.
     cos: Tensor,
     sin: Tensor,
+    /// The same tables times the attention's score scale `q_scale` (1/√head_dim), for queries:
+    /// rotating and scaling them is then one kernel.
+    cos_q: Tensor,
+    sin_q: Tensor,
+    q_scale: f64,
 }
 
 /// Where a batch sits in the sequence: all rows from one position, or each row from its own.
@@ -178,14 +184,12 @@ pub enum Positions<'a> {
 }
 
 impl Rotary {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         dim: usize,
         head_dim: usize,
         interleaved: bool,
         theta: f64,
         positions: usize,
-        dtype: DType,
         device: &Device,
     ) -> Result<Self> {
         let span = if interleaved { head_dim } else { dim };
@@ -199,19 +203,29 @@ impl Rotary {
             .collect();
         let table = |f: fn(f32) -> f32| -> Result<Tensor> {
             let v: Vec<f32> = angles.iter().map(|&a| f(a)).collect();
-            Ok(Tensor::from_vec(v, (positions, span / 2), device)?.to_dtype(dtype)?)
+            Ok(Tensor::from_vec(v, (positions, span / 2), device)?)
         };
+        let (cos, sin) = (table(f32::cos)?, table(f32::sin)?);
+        let q_scale = 1.0 / (head_dim as f64).sqrt();
         Ok(Self {
             span,
             interleaved,
-            cos: table(f32::cos)?,
-            sin: table(f32::sin)?,
+            cos_q: (&cos * q_scale)?,
+            sin_q: (&sin * q_scale)?,
+            cos,
+            sin,
+            q_scale,
         })
     }
 
-    /// cos and sin tables: `[t, span/2]`, or `[b, t, span/2]` for per-row positions.
-    fn tables(&self, pos: Positions, t: usize) -> Result<(Tensor, Tensor)> {
-        let positions = self.cos.dim(0)?;
+    /// `(cos, sin)` `[t, span/2]` of positions `p..p+t`, or `[b, t, span/2]` per row.
+    fn tables(&self, pos: Positions, t: usize, scaled: bool) -> Result<(Tensor, Tensor)> {
+        let (cos, sin) = if scaled {
+            (&self.cos_q, &self.sin_q)
+        } else {
+            (&self.cos, &self.sin)
+        };
+        let positions = cos.dim(0)?;
         let beyond = |p: usize| {
             LociError::input(format!(
                 "position {} is beyond the model's {positions} rotary positions",
@@ -223,7 +237,7 @@ impl Rotary {
                 if p + t > positions {
                     return Err(beyond(p));
                 }
-                Ok((self.cos.narrow(0, p, t)?, self.sin.narrow(0, p, t)?))
+                Ok((cos.narrow(0, p, t)?, sin.narrow(0, p, t)?))
             }
             Positions::PerRow(rows) => {
                 let mut idx = Vec::with_capacity(rows.len() * t);
@@ -233,35 +247,33 @@ impl Rotary {
                     }
                     idx.extend((p..p + t).map(|q| q as u32));
                 }
-                let idx = Tensor::from_vec(idx, rows.len() * t, self.cos.device())?;
+                let idx = Tensor::from_vec(idx, rows.len() * t, cos.device())?;
                 let half = self.span / 2;
                 let pick = |tab: &Tensor| -> Result<Tensor> {
                     Ok(tab.index_select(&idx, 0)?.reshape((rows.len(), t, half))?)
                 };
-                Ok((pick(&self.cos)?, pick(&self.sin)?))
+                Ok((pick(cos)?, pick(sin)?))
             }
         }
     }
 
-    /// `x`: `[b, heads, t, head_dim]` at positions `pos`.
-    pub fn apply(&self, x: &Tensor, pos: Positions) -> Result<Tensor> {
-        let (_, _, t, hd) = x.dims4()?;
-        let (cos, sin) = self.tables(pos, t)?;
-        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+    /// Turns `x` (`[b, heads, t, head_dim]`, f32) by the tables' angles.
+    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let hd = x.dim(3)?;
         let rot = |y: &Tensor| -> Result<Tensor> {
             let y = y.contiguous()?;
             if y.track_op() {
                 // candle's fused kernels have no backward pass: fused.rs gives them one.
                 return if fused::supported(&y) {
-                    Ok(fused::rope(&y, &cos, &sin, self.interleaved)?)
+                    Ok(fused::rope(&y, cos, sin, self.interleaved)?)
                 } else {
-                    rope_composed(&y, &cos, &sin, self.interleaved)
+                    rope_composed(&y, cos, sin, self.interleaved)
                 };
             }
             Ok(if self.interleaved {
-                candle_nn::rotary_emb::rope_i(&y, &cos, &sin)?
+                candle_nn::rotary_emb::rope_i(&y, cos, sin)?
             } else {
-                candle_nn::rotary_emb::rope(&y, &cos, &sin)?
+                candle_nn::rotary_emb::rope(&y, cos, sin)?
             })
         };
         if self.span == hd {
@@ -271,6 +283,29 @@ impl Rotary {
             let tail = x.narrow(D::Minus1, self.span, hd - self.span)?;
             Ok(Tensor::cat(&[head, tail], D::Minus1)?)
         }
+    }
+
+    /// Keys `[b, heads, t, head_dim]` at positions `pos`, rotated in f32.
+    pub fn apply(&self, k: &Tensor, pos: Positions) -> Result<Tensor> {
+        let (cos, sin) = self.tables(pos, k.dim(2)?, false)?;
+        self.rotate(&k.to_dtype(DType::F32)?, &cos, &sin)
+    }
+
+    /// Queries and keys (f32) at positions `pos`, rotated; the queries also scaled by
+    /// 1/√head_dim, which the scores then need no more.
+    pub fn apply_qk(&self, q: &Tensor, k: &Tensor, pos: Positions) -> Result<(Tensor, Tensor)> {
+        let t = q.dim(2)?;
+        let (cos, sin) = self.tables(pos, t, false)?;
+        let k = self.rotate(k, &cos, &sin)?;
+        // Scaled tables where they cover the whole head and cost no gather; else one product.
+        let q = match pos {
+            Positions::From(_) if self.span == q.dim(3)? => {
+                let (cq, sq) = self.tables(pos, t, true)?;
+                self.rotate(q, &cq, &sq)?
+            }
+            _ => (self.rotate(q, &cos, &sin)? * self.q_scale)?,
+        };
+        Ok((q, k))
     }
 }
 
@@ -305,7 +340,7 @@ pub(crate) fn rope_composed(
     })
 }
 
-/// Cached keys and values of one layer, `[b, kv_heads, t, head_dim]`.
+/// Cached keys (f32) and values (the model's dtype) of one layer, `[b, kv_heads, t, head_dim]`.
 #[derive(Clone, Debug, Default)]
 pub struct LayerCache {
     pub k: Option<Tensor>,
@@ -330,8 +365,9 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Keys and values of block input `x` (`[b, t, d]`, already normed) at positions `pos0..`,
-    /// `[b, kv_heads, t, head_dim]` with rotary applied: all that later positions read of them.
+    /// Keys (f32, as the cache keeps them) and values of block input `x` (`[b, t, d]`, already
+    /// normed) at positions `pos0..`, `[b, kv_heads, t, head_dim]` with rotary applied: all that
+    /// later positions read of them.
     pub fn keys_values(&self, x: &Tensor, pos0: usize) -> Result<(Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
@@ -351,10 +387,10 @@ impl Attention {
                 .reshape((b, t, nkv, hd))?
                 .transpose(1, 2)?)
         };
-        let mut k = heads(0)?;
-        if let Some(r) = &self.rotary {
-            k = r.apply(&k, Positions::From(pos0))?;
-        }
+        let k = match &self.rotary {
+            Some(r) => r.apply(&heads(0)?, Positions::From(pos0))?,
+            None => heads(0)?.to_dtype(DType::F32)?,
+        };
         Ok((k.contiguous()?, heads(nkv)?.contiguous()?))
     }
 
@@ -374,18 +410,20 @@ impl Attention {
                 .reshape((b, t, n, hd))?
                 .transpose(1, 2)?)
         };
-        let mut q = heads(0, nh)?;
-        let mut k = heads(nh, nkv)?;
+        // Scores in f32, as the reference computes them for half-precision models: q and k are
+        // cast first (the cast also lays them out), rotated and scaled in f32.
+        let q = heads(0, nh)?.to_dtype(DType::F32)?;
+        let k = heads(nh, nkv)?.to_dtype(DType::F32)?;
         let mut v = heads(nh + nkv, nkv)?.contiguous()?;
         let row_starts = cache.as_ref().and_then(|c| c.row_starts.clone());
         let pos = match &row_starts {
             Some(r) => Positions::PerRow(r),
             None => Positions::From(pos0),
         };
-        if let Some(r) = &self.rotary {
-            q = r.apply(&q, pos)?;
-            k = r.apply(&k, pos)?;
-        }
+        let (q, mut k) = match &self.rotary {
+            Some(r) => r.apply_qk(&q, &k, pos)?,
+            None => ((q * (1.0 / (hd as f64).sqrt()))?, k),
+        };
         let key_mask = cache.as_ref().and_then(|c| c.key_mask.clone());
         if let Some(c) = cache {
             if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
@@ -400,14 +438,8 @@ impl Attention {
         // head are stacked along the query axis, [b, nkv, rep·t, hd].
         let rep = nh / nkv;
         let dtype = x.dtype();
-        // Scores and softmax in f32, as the reference does for half-precision models.
-        let q = q
-            .to_dtype(DType::F32)?
-            .contiguous()?
-            .reshape((b, nkv, rep * t, hd))?;
-        let k = k.to_dtype(DType::F32)?.contiguous()?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
+        let scores = q.matmul(&k.contiguous()?.t()?)?;
         let scores = if t > 1 {
             scores.broadcast_add(&self.masks.get(t, t_all, rep, x.device())?)?
         } else {

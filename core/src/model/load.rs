@@ -203,7 +203,6 @@ impl Model {
                 interleaved,
                 cfg.rope_theta,
                 cfg.max_positions,
-                dtype,
                 device,
             )
         };

@@ -4,9 +4,10 @@
 //! The fast path gives the same grid as the reference algorithm while doing far less work:
 //! the clean run happens once (no clean row in restore batches); a restoration at (token t,
 //! layer l) reuses the corrupted run's states below its first changed layer and its keys and
-//! values before t, so only positions t.. of the layers above are recomputed; cells of one token
-//! are batched together, joining the batch at their first changed layer; logits are computed at
-//! the last position only; tokens before the subject are never recomputed (they equal `low`).
+//! values before t, so only positions t.. of the layers above are recomputed; the cells of one
+//! token (and, with one worker, of every requested kind) are batched together, joining the batch
+//! at their first changed layer; logits are computed at the last position only; tokens before the subject are
+//! never recomputed (they equal `low`).
 //!
 //! With `full_answer` (Hase et al.'s variant, spec §8.2) the explained quantity is the
 //! probability of the whole answer, teacher-forced after the prompt; only the prompt's tokens
@@ -461,40 +462,46 @@ fn kv_only_share(cfg: &crate::config::ModelConfig) -> f64 {
     w.kv as f64 / w.total() as f64
 }
 
-/// One restoration, as the batched pass sees it: the layer whose input it first changes, that
-/// input (positions t..), and the layers whose module output at t it still overwrites.
+/// One restoration, as the batched pass sees it: its kind, the layer whose input it first
+/// changes, that input (positions t..), and the layers whose module output at t it still
+/// overwrites.
 struct Cell {
+    kind: TraceKind,
     layer: usize,
     start: usize,
     restore: (usize, usize),
 }
 
-/// Scores of all layers' cells for one kind at token `t`, batched (the fast path). Adds the
+/// Scores of all layers' cells at token `t` for each of `kinds` (in that order), batched in one
+/// pass (the fast path): the kinds' cells share every layer's matrix products. Adds the
 /// computation done, in token-layers, to `work`.
 fn trace_token(
     lm: &LoadedModel,
     p: &Prepared,
-    kind: TraceKind,
+    kinds: &[TraceKind],
     t: usize,
     window: usize,
     work: &mut f64,
-) -> Result<Vec<f32>> {
+) -> Result<Vec<Vec<f32>>> {
     let m = &lm.model;
     let (n, big_t) = (m.n_layer(), p.ids.len());
     // Positions read out: the last `reads` (t < prompt_len keeps them inside the suffix).
     let reads = p.answer.len();
     if t < p.range.0 {
         // Before the subject the corrupted run equals the clean one: nothing to restore.
-        return Ok(vec![p.low; n]);
+        return Ok(vec![vec![p.low; n]; kinds.len()]);
     }
     let samples = p.noise.dim(0)?;
     let suffix = big_t - t;
     let d = m.cfg.d_model;
     // A restored module output at layer lo changes nothing at later positions of layer lo (they
     // read that layer's inputs), so windowed cells enter at lo + 1 with only position t changed.
-    let mut cells: Vec<Cell> = (0..n)
-        .map(|l| match kind {
+    let mut cells: Vec<Cell> = kinds
+        .iter()
+        .flat_map(|&kind| (0..n).map(move |l| (kind, l)))
+        .map(|(kind, l)| match kind {
             TraceKind::Hidden => Cell {
+                kind,
                 layer: l,
                 start: l + 1,
                 restore: (0, 0),
@@ -502,6 +509,7 @@ fn trace_token(
             _ => {
                 let (lo, hi) = window_layers(l, window, n);
                 Cell {
+                    kind,
                     layer: l,
                     start: lo + 1,
                     restore: (lo + 1, hi),
@@ -519,9 +527,9 @@ fn trace_token(
     };
     // The residual entering layer `c.start` at positions t..: corrupted, except at t.
     let entry = |c: &Cell| -> Result<Tensor> {
-        let changed = match kind {
+        let changed = match c.kind {
             TraceKind::Hidden => clean_at(Site::Block(c.layer))?,
-            _ => {
+            kind => {
                 let lo = c.start - 1;
                 let block = &m.blocks[lo];
                 let x = at_t(&p.resid_in[lo])?;
@@ -546,7 +554,7 @@ fn trace_token(
     };
 
     let kv_only = kv_only_share(&m.cfg);
-    let mut order: Vec<usize> = Vec::with_capacity(n);
+    let mut order: Vec<usize> = Vec::with_capacity(cells.len());
     let mut x: Option<Tensor> = None;
     let mut next = 0;
     for j in 0..n {
@@ -608,19 +616,29 @@ fn trace_token(
             x = Some(out);
             break;
         }
-        // Rows whose window covers layer j get the clean module output at position t.
-        let restoring: Vec<bool> = order
-            .iter()
-            .map(|&ci| (cells[ci].restore.0..cells[ci].restore.1).contains(&j))
-            .collect();
-        let site = kind.site(j);
-        let clean = match kind {
-            TraceKind::Hidden => None,
-            _ if restoring.iter().any(|r| *r) => Some(at_t(p.clean.get(site)?)?),
-            _ => None,
-        };
+        // Rows of windowed cells that cover layer j get the clean module output (of their kind)
+        // at position t.
+        let restores: Vec<(Site, Vec<bool>, Tensor)> = [TraceKind::Attn, TraceKind::Mlp]
+            .into_iter()
+            .filter(|k| kinds.contains(k))
+            .map(|kind| -> Result<Option<(Site, Vec<bool>, Tensor)>> {
+                let rows: Vec<bool> = order
+                    .iter()
+                    .map(|&ci| {
+                        let c = &cells[ci];
+                        c.kind == kind && (c.restore.0..c.restore.1).contains(&j)
+                    })
+                    .collect();
+                if !rows.iter().any(|r| *r) {
+                    return Ok(None);
+                }
+                let site = kind.site(j);
+                Ok(Some((site, rows, at_t(p.clean.get(site)?)?)))
+            })
+            .filter_map(Result::transpose)
+            .collect::<Result<_>>()?;
         let mut hook = FnHook(|s: Site, a: &Tensor| -> Result<Option<Tensor>> {
-            let Some(clean) = clean.as_ref().filter(|_| s == site) else {
+            let Some((_, restoring, clean)) = restores.iter().find(|(site, ..)| *site == s) else {
                 return Ok(None);
             };
             let mask: Vec<u8> = restoring
@@ -657,54 +675,67 @@ fn trace_token(
     }
     let last = Tensor::cat(&finals, 0)?;
     let probs = answer_prob(&m.final_logits(&last)?, &p.answer, order.len())?;
-    let mut scores = vec![0f32; n];
+    let mut scores = vec![vec![0f32; n]; kinds.len()];
     for (slot, &ci) in order.iter().enumerate() {
-        scores[cells[ci].layer] = probs[slot];
+        let c = &cells[ci];
+        let k = kinds
+            .iter()
+            .position(|&k| k == c.kind)
+            .expect("a requested kind");
+        scores[k][c.layer] = probs[slot];
     }
     Ok(scores)
 }
 
-/// Computes the rows `(kind, token)`, handing each to `emit` as it finishes (in the calling
-/// thread); `emit` returning `false` cancels. Returns the token-layers computed.
+/// Computes trace rows unit by unit — a unit is some kinds at one token, computed in one pass —
+/// handing each row to `emit` as it finishes (in the calling thread); `emit` returning `false`
+/// cancels. Returns the token-layers computed.
 fn run_items(
     lm: &LoadedModel,
     p: &Prepared,
     window: usize,
-    items: &[(TraceKind, usize)],
+    units: &[(&[TraceKind], usize)],
     workers: usize,
     emit: &mut dyn FnMut(TraceKind, usize, Vec<f32>) -> bool,
 ) -> Result<f64> {
     let mut work = 0.0;
-    if workers <= 1 || cfg!(target_arch = "wasm32") || items.len() < 2 {
-        for &(kind, t) in items {
-            let row = trace_token(lm, p, kind, t, window, &mut work)?;
+    let mut emit_all = |kinds: &[TraceKind], t: usize, rows: Vec<Vec<f32>>| -> Result<()> {
+        for (&kind, row) in kinds.iter().zip(rows) {
             if !emit(kind, t, row) {
                 return Err(LociError::Cancelled);
             }
         }
+        Ok(())
+    };
+    if workers <= 1 || cfg!(target_arch = "wasm32") || units.len() < 2 {
+        for &(kinds, t) in units {
+            let rows = trace_token(lm, p, kinds, t, window, &mut work)?;
+            emit_all(kinds, t, rows)?;
+        }
         return Ok(work);
     }
     // Longest rows (earliest tokens) first, pulled from a shared counter: a balanced split.
-    let mut order: Vec<usize> = (0..items.len()).collect();
-    order.sort_by_key(|&i| items[i].1);
+    let mut order = units.to_vec();
+    order.sort_by_key(|u| u.1);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let (tx, rx) = std::sync::mpsc::channel::<Result<(TraceKind, usize, Vec<f32>, f64)>>();
+    type Done<'k> = (&'k [TraceKind], usize, Vec<Vec<f32>>, f64);
+    let (tx, rx) = std::sync::mpsc::channel::<Result<Done>>();
     std::thread::scope(|scope| {
-        for _ in 0..workers.min(items.len()) {
+        for _ in 0..workers.min(units.len()) {
             let tx = tx.clone();
             let (next, stop, order) = (&next, &stop, &order);
-            let items = &items;
             scope.spawn(move || {
                 use std::sync::atomic::Ordering::Relaxed;
                 while !stop.load(Relaxed) {
                     let i = next.fetch_add(1, Relaxed);
-                    let Some(&k) = order.get(i) else { break };
-                    let item = items[k];
+                    let Some(&(kinds, t)) = order.get(i) else {
+                        break;
+                    };
                     let mut w = 0.0;
-                    let res = trace_token(lm, p, item.0, item.1, window, &mut w);
+                    let res = trace_token(lm, p, kinds, t, window, &mut w);
                     let failed = res.is_err();
-                    if tx.send(res.map(|row| (item.0, item.1, row, w))).is_err() || failed {
+                    if tx.send(res.map(|rows| (kinds, t, rows, w))).is_err() || failed {
                         break;
                     }
                 }
@@ -714,10 +745,10 @@ fn run_items(
         let mut outcome = Ok(());
         for msg in rx {
             match msg {
-                Ok((kind, t, row, w)) => {
+                Ok((kinds, t, rows, w)) => {
                     work += w;
-                    if outcome.is_ok() && !emit(kind, t, row) {
-                        outcome = Err(LociError::Cancelled);
+                    if outcome.is_ok() {
+                        outcome = emit_all(kinds, t, rows);
                     }
                 }
                 Err(e) => {
@@ -745,7 +776,7 @@ pub struct TracePlan {
 }
 
 impl TracePlan {
-    /// Every row of the trace, `(kind, token)`, in the order `trace` hands them out.
+    /// Every row of the trace, `(kind, token)`, kind by kind.
     pub fn rows(&self) -> Vec<(TraceKind, usize)> {
         let big_t = self.p.prompt_len;
         self.req
@@ -776,7 +807,7 @@ impl LoadedModel {
             )));
         }
         let mut work = 0.0;
-        trace_token(self, &plan.p, kind, token, plan.req.window, &mut work)
+        Ok(trace_token(self, &plan.p, &[kind], token, plan.req.window, &mut work)?.remove(0))
     }
 
     /// Runs a causal trace (the fast path). `embedding_std` is needed for relative noise.
@@ -793,7 +824,6 @@ impl LoadedModel {
         let started = crate::clock::now_seconds();
         let plan = self.trace_plan(req, embedding_std)?;
         obs.on_start(&plan.header);
-        let items = plan.rows();
         let TracePlan { p, req, header } = plan;
         let req = &req;
         let (n, big_t) = (self.model.n_layer(), p.prompt_len);
@@ -802,11 +832,22 @@ impl LoadedModel {
             .iter()
             .map(|k| (*k, vec![vec![]; big_t]))
             .collect();
+        // One worker (a GPU's case) takes every kind of a token in one pass: bigger batches,
+        // fewer passes. Several share out single rows: an even split, steady progress, and a
+        // cancellation that waits for one row only.
+        let units: Vec<(&[TraceKind], usize)> = if workers <= 1 {
+            (0..big_t).map(|t| (&req.kinds[..], t)).collect()
+        } else {
+            req.kinds
+                .iter()
+                .flat_map(|k| (0..big_t).map(move |t| (std::slice::from_ref(k), t)))
+                .collect()
+        };
         let work = run_items(
             self,
             &p,
             req.window,
-            &items,
+            &units,
             workers,
             &mut |kind, t, row| {
                 let keep = obs.on_row(kind, t, &row);
