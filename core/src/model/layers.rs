@@ -174,7 +174,13 @@ pub struct Rotary {
     cos_q: Tensor,
     sin_q: Tensor,
     q_scale: f64,
+    /// Per-row tables gathered before (cos, sin, cos_q, sin_q), by row positions and length: a
+    /// v* optimisation asks for the same ones in every layer of every step. Shared by all layers.
+    gathered: std::sync::Arc<std::sync::Mutex<Vec<Gathered>>>,
 }
+
+/// `((each row's first position, positions per row), [cos, sin, cos_q, sin_q])`.
+type Gathered = ((Vec<usize>, usize), [Tensor; 4]);
 
 /// Where a batch sits in the sequence: all rows from one position, or each row from its own.
 #[derive(Clone, Copy, Debug)]
@@ -215,31 +221,44 @@ impl Rotary {
             cos,
             sin,
             q_scale,
+            gathered: Default::default(),
         })
     }
 
-    /// `(cos, sin)` `[t, span/2]` of positions `p..p+t`, or `[b, t, span/2]` per row.
+    /// Gatherings kept; the oldest goes first.
+    const KEEP: usize = 8;
+
+    /// `(cos, sin)` `[t, span/2]` of positions `p..p+t`, or `[b, t, span/2]` per row; `scaled`:
+    /// the queries' tables.
     fn tables(&self, pos: Positions, t: usize, scaled: bool) -> Result<(Tensor, Tensor)> {
-        let (cos, sin) = if scaled {
-            (&self.cos_q, &self.sin_q)
-        } else {
-            (&self.cos, &self.sin)
-        };
-        let positions = cos.dim(0)?;
+        let positions = self.cos.dim(0)?;
         let beyond = |p: usize| {
             LociError::input(format!(
                 "position {} is beyond the model's {positions} rotary positions",
                 p + t
             ))
         };
+        let pick = |all: &[Tensor; 4]| {
+            let i = if scaled { 2 } else { 0 };
+            (all[i].clone(), all[i + 1].clone())
+        };
         match pos {
             Positions::From(p) => {
                 if p + t > positions {
                     return Err(beyond(p));
                 }
+                let (cos, sin) = if scaled {
+                    (&self.cos_q, &self.sin_q)
+                } else {
+                    (&self.cos, &self.sin)
+                };
                 Ok((cos.narrow(0, p, t)?, sin.narrow(0, p, t)?))
             }
             Positions::PerRow(rows) => {
+                let mut kept = self.gathered.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some((_, all)) = kept.iter().find(|((r, n), _)| *n == t && r == rows) {
+                    return Ok(pick(all));
+                }
                 let mut idx = Vec::with_capacity(rows.len() * t);
                 for &p in rows {
                     if p + t > positions {
@@ -247,12 +266,23 @@ impl Rotary {
                     }
                     idx.extend((p..p + t).map(|q| q as u32));
                 }
-                let idx = Tensor::from_vec(idx, rows.len() * t, cos.device())?;
+                let idx = Tensor::from_vec(idx, rows.len() * t, self.cos.device())?;
                 let half = self.span / 2;
-                let pick = |tab: &Tensor| -> Result<Tensor> {
+                let gather = |tab: &Tensor| -> Result<Tensor> {
                     Ok(tab.index_select(&idx, 0)?.reshape((rows.len(), t, half))?)
                 };
-                Ok((pick(cos)?, pick(sin)?))
+                let all = [
+                    gather(&self.cos)?,
+                    gather(&self.sin)?,
+                    gather(&self.cos_q)?,
+                    gather(&self.sin_q)?,
+                ];
+                let out = pick(&all);
+                if kept.len() >= Self::KEEP {
+                    kept.remove(0);
+                }
+                kept.push(((rows.to_vec(), t), all));
+                Ok(out)
             }
         }
     }
@@ -297,13 +327,12 @@ impl Rotary {
         let t = q.dim(2)?;
         let (cos, sin) = self.tables(pos, t, false)?;
         let k = self.rotate(k, &cos, &sin)?;
-        // Scaled tables where they cover the whole head and cost no gather; else one product.
-        let q = match pos {
-            Positions::From(_) if self.span == q.dim(3)? => {
-                let (cq, sq) = self.tables(pos, t, true)?;
-                self.rotate(q, &cq, &sq)?
-            }
-            _ => (self.rotate(q, &cos, &sin)? * self.q_scale)?,
+        // Scaled tables where they cover the whole head; else one product.
+        let q = if self.span == q.dim(3)? {
+            let (cq, sq) = self.tables(pos, t, true)?;
+            self.rotate(q, &cq, &sq)?
+        } else {
+            (self.rotate(q, &cos, &sin)? * self.q_scale)?
         };
         Ok((q, k))
     }
