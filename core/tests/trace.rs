@@ -140,6 +140,9 @@ fn bad_requests_are_refused() {
     r.window = 0;
     assert!(err(&r).contains("window"));
     r = ok.clone();
+    r.kinds = vec![TraceKind::Mlp, TraceKind::Hidden, TraceKind::Mlp];
+    assert!(err(&r).contains("mlp requested twice"));
+    r = ok.clone();
     r.noise = NoiseSpec::Relative(3.0);
     assert!(lm
         .trace(&r, None, &mut Quiet, 1)
@@ -307,6 +310,7 @@ fn planned_rows_computed_anywhere_equal_the_trace() {
         whole.scores.keys().collect::<Vec<_>>()
     );
     for (kind, grid) in &whole.scores {
+        assert_eq!(rebuilt.scores[kind].len(), grid.len());
         for (row, want) in rebuilt.scores[kind].iter().zip(grid) {
             close(row, want);
         }

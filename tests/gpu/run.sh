@@ -9,8 +9,8 @@
 # server's API on the GPU (tests/gpu/serve_check.py: model list, predict, trace, edit, undo);
 # 4. benchmarks on a full-size GPT-J-6B with random weights made on the GPU (f16): one 12-token
 # forward pass, a trace of all kinds (12 tokens, 10 samples, window 10), one ROME edit at layer 5
-# (statistics timed apart). Every result is one JSON line on stdout and in $OUT/gpu-results.jsonl, with the
-# GPU's peak memory during each step.
+# (statistics timed apart). Every result is one JSON line on stdout and in
+# $OUT/gpu-results.jsonl, with the GPU's peak memory during each step.
 set -uo pipefail
 bundle=${1:-gpu-bundle}
 OUT=${OUT:-/tmp/loci-gpu}

@@ -271,6 +271,17 @@ fn validate(lm: &LoadedModel, req: &TraceRequest) -> Result<()> {
     if req.kinds.is_empty() {
         return Err(LociError::input("no trace kind requested"));
     }
+    if let Some(k) = req
+        .kinds
+        .iter()
+        .enumerate()
+        .find_map(|(i, k)| req.kinds[..i].contains(k).then_some(k))
+    {
+        return Err(LociError::input(format!(
+            "trace kind {} requested twice",
+            k.name()
+        )));
+    }
     if req.samples > 64 {
         return Err(LociError::input("at most 64 samples"));
     }
