@@ -1142,6 +1142,18 @@ fn study_sweeps_every_method_and_problem_resumes_and_analyses() {
             "{p}"
         );
     }
+    // The large-effect flag splits each method and problem's 4 edits at one cutoff.
+    let le = &an["large_effect"];
+    assert!(le["cutoff"].as_f64().unwrap().is_finite(), "{le}");
+    let comparisons = le["comparisons"].as_array().unwrap();
+    assert_eq!(comparisons.len(), 4 * 5);
+    for c in comparisons {
+        assert_eq!(
+            c["large"].as_u64().unwrap() + c["rest"].as_u64().unwrap(),
+            4,
+            "{c}"
+        );
+    }
     let text = std::fs::read_to_string(&out_file).unwrap();
     let lines: Vec<serde_json::Value> = text
         .lines()
@@ -1211,6 +1223,7 @@ fn study_sweeps_every_method_and_problem_resumes_and_analyses() {
     assert_eq!(json(&out), an);
     let out = loci(&["study", "analyze", out_file.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("R²layer"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("above the 95th percentile"));
     // Window 1 was traced too: its effects can be regressed instead; window 3 was not.
     let out = loci(&[
         "study",
@@ -1223,6 +1236,8 @@ fn study_sweeps_every_method_and_problem_resumes_and_analyses() {
     let an1 = json(&out);
     assert_eq!(an1["window"], 1);
     assert_eq!(an1["edits"], an["edits"]);
+    // The grids are window 5's: no large-effect flag at window 1.
+    assert!(an1["large_effect"].is_null(), "{}", an1["large_effect"]);
     let out = loci(&[
         "study",
         "analyze",

@@ -453,5 +453,24 @@ fn report(an: &StudyAnalysis, plot: Option<&Path>, json: bool) -> Result<()> {
             );
         }
     }
+    if let Some(le) = &an.large_effect {
+        println!(
+            "\nEdits where tracing's raw effect is large (above the 95th percentile, {:.3}), \
+             mean rewrite score:",
+            le.cutoff
+        );
+        for c in &le.comparisons {
+            let score = |m: Option<f64>| m.map_or("—".into(), |v| format!("{v:.3}"));
+            println!(
+                "  {} {}: large {} ({} edits), the rest {} ({} edits)",
+                c.method.name(),
+                c.problem.name(),
+                score(c.rewrite_large),
+                c.large,
+                score(c.rewrite_rest),
+                c.rest
+            );
+        }
+    }
     Ok(())
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::problem::EditProblem;
 use super::regress::{f_test, fit_group_lines, fit_groups, fit_line, pearson, Correlation, FTest};
-use super::sweep::{EditLine, StudyLine, StudyMethod};
+use super::sweep::{CaseTrace, EditLine, StudyLine, StudyMethod};
 
 /// The scores regressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -99,6 +99,97 @@ pub struct StudyAnalysis {
     /// Per method and problem: does editing where tracing peaks do better?
     #[serde(default)]
     pub peak: Vec<PeakComparison>,
+    /// Hase et al.'s large-effect flag: do edits where tracing's raw effect is in the top 5%
+    /// do better? (None when no kept case has a grid at the analysed window.)
+    #[serde(default)]
+    pub large_effect: Option<LargeEffect>,
+}
+
+/// Hase et al.'s `large_tracing_effect` (spec §8.3): an edit is flagged when the largest raw
+/// restoration effect at its central layer, max over tokens of p(restored) − p(corrupted),
+/// exceeds the 95th percentile of every cell's raw effect (the kept cases' grids, all tokens
+/// and layers, at the traced window; rows before the subject count with their effect of 0).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LargeEffect {
+    /// The 95th percentile (linear interpolation, R's default `quantile`).
+    pub cutoff: f64,
+    pub comparisons: Vec<LargeEffectComparison>,
+}
+
+/// Flagged edits against the others, of one method and problem.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LargeEffectComparison {
+    pub method: StudyMethod,
+    pub problem: EditProblem,
+    pub large: usize,
+    pub rest: usize,
+    /// Mean rewrite scores (None for an empty group).
+    pub rewrite_large: Option<f64>,
+    pub rewrite_rest: Option<f64>,
+}
+
+/// The `p`-quantile of `v` by linear interpolation between order statistics (R's type 7).
+fn quantile(v: &[f64], p: f64) -> Option<f64> {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let h = (v.len() - 1) as f64 * p;
+    let lo = h.floor() as usize;
+    let hi = (lo + 1).min(v.len() - 1);
+    Some(v[lo] + (h - lo as f64) * (v[hi] - v[lo]))
+}
+
+/// `LargeEffect` of the edits `by_cond`, from the grids of `traces` (case id → trace).
+fn large_effect(
+    traces: &BTreeMap<u64, &CaseTrace>,
+    by_cond: &BTreeMap<(StudyMethod, EditProblem), Vec<&EditLine>>,
+) -> Option<LargeEffect> {
+    let raw = |t: &CaseTrace, row: &[f32], l: usize| row.get(l).map(|p| (p - t.low) as f64);
+    let cells: Vec<f64> = traces
+        .values()
+        .flat_map(|t| {
+            t.scores
+                .iter()
+                .flat_map(move |row| (0..row.len()).filter_map(move |l| raw(t, row, l)))
+        })
+        .collect();
+    let cutoff = quantile(&cells, 0.95)?;
+    let comparisons = by_cond
+        .iter()
+        .map(|((method, problem), es)| {
+            let (mut large, mut rest) = (vec![], vec![]);
+            for e in es {
+                let Some(t) = traces.get(&e.case_id) else {
+                    continue;
+                };
+                let max_token_effect = t
+                    .scores
+                    .iter()
+                    .filter_map(|row| raw(t, row, e.layer))
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let v = e.scores.rewrite as f64;
+                if max_token_effect > cutoff {
+                    large.push(v);
+                } else {
+                    rest.push(v);
+                }
+            }
+            LargeEffectComparison {
+                method: *method,
+                problem: *problem,
+                large: large.len(),
+                rest: rest.len(),
+                rewrite_large: (!large.is_empty()).then(|| mean(&large)),
+                rewrite_rest: (!rest.is_empty()).then(|| mean(&rest)),
+            }
+        })
+        .collect();
+    Some(LargeEffect {
+        cutoff,
+        comparisons,
+    })
 }
 
 /// Does editing where tracing peaks do better (the paper's question, asked directly)? Each
@@ -361,6 +452,13 @@ fn analyze_at(lines: &[StudyLine], window: Option<usize>) -> StudyAnalysis {
         .filter(|c| kept.contains(&c.case_id))
         .filter_map(|c| c.trace.as_ref().map(|t| t.window))
         .collect();
+    // The grids are of each case's traced window: they serve an analysis at that window.
+    let grids: BTreeMap<u64, &CaseTrace> = cases
+        .values()
+        .filter(|c| kept.contains(&c.case_id))
+        .filter_map(|c| c.trace.as_ref().map(|t| (c.case_id, t)))
+        .filter(|(_, t)| window.is_none_or(|w| w == t.window))
+        .collect();
     let window = window.or_else(|| match joined.len() {
         1 => joined.first().copied(),
         _ => None,
@@ -378,6 +476,7 @@ fn analyze_at(lines: &[StudyLine], window: Option<usize>) -> StudyAnalysis {
             .iter()
             .filter_map(|((m, p), es)| peak_comparison(*m, *p, es))
             .collect(),
+        large_effect: large_effect(&grids, &by_cond),
     }
 }
 
@@ -433,5 +532,54 @@ mod tests {
         assert!(
             peak_comparison(StudyMethod::Rome, EditProblem::ErrorInjection, &refs[5..]).is_none()
         );
+    }
+
+    #[test]
+    fn quantiles_interpolate_like_r() {
+        // R: quantile(c(3, 1, 2, 10), .95) = 8.95; quantile(1:5, .5) = 3.
+        assert!((quantile(&[3.0, 1.0, 2.0, 10.0], 0.95).unwrap() - 8.95).abs() < 1e-12);
+        assert_eq!(quantile(&[5.0, 4.0, 3.0, 2.0, 1.0], 0.5), Some(3.0));
+        assert_eq!(quantile(&[7.0], 0.95), Some(7.0));
+        assert_eq!(quantile(&[f64::NAN], 0.95), None);
+    }
+
+    #[test]
+    fn edits_at_large_raw_effects_are_flagged_against_the_cutoff() {
+        // Two cases, 2 tokens × 3 layers each; raw effects are scores − low.
+        let trace = |low: f32, scores: Vec<Vec<f32>>| CaseTrace {
+            window: 5,
+            tokens: vec!["a".into(), "b".into()],
+            subject_range: [0, 1],
+            high: 1.0,
+            low,
+            max_fraction_restored: vec![0.0; 3],
+            subject_last_fraction: vec![0.0; 3],
+            scores,
+            other_windows: vec![],
+        };
+        let t1 = trace(0.1, vec![vec![0.1, 0.2, 0.1], vec![0.1, 0.9, 0.3]]);
+        let t2 = trace(0.0, vec![vec![0.0, 0.0, 0.1], vec![0.0, 0.0, 0.2]]);
+        // Effects: 0, .1, 0, 0, .8, .2 and 0, 0, .1, 0, 0, .2 → sorted, the 95th percentile
+        // lies between .2 and .8: .2 + (11·.95 − 10)·.6 = .47.
+        let traces: BTreeMap<u64, &CaseTrace> = [(1, &t1), (2, &t2)].into_iter().collect();
+        let edits = [
+            edit(1, 1, 0.0, 0.9),
+            edit(1, 2, 0.0, 0.5),
+            edit(2, 2, 0.0, 0.3),
+        ];
+        let by_cond: BTreeMap<(StudyMethod, EditProblem), Vec<&EditLine>> = [(
+            (StudyMethod::Rome, EditProblem::ErrorInjection),
+            edits.iter().collect(),
+        )]
+        .into_iter()
+        .collect();
+        let le = large_effect(&traces, &by_cond).unwrap();
+        assert!((le.cutoff - 0.47).abs() < 1e-6, "{le:?}");
+        let c = &le.comparisons[0];
+        // Only case 1's layer 1 (max raw effect .8) is large.
+        assert_eq!((c.large, c.rest), (1, 2));
+        assert!((c.rewrite_large.unwrap() - 0.9).abs() < 1e-6);
+        assert!((c.rewrite_rest.unwrap() - 0.4).abs() < 1e-6);
+        assert!(large_effect(&BTreeMap::new(), &by_cond).is_none());
     }
 }
