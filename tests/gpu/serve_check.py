@@ -20,7 +20,7 @@ def call(path, body=None):
 
 for _ in range(120):  # the server loads before it listens
     try:
-        listing = json.loads(call("/api/models"))
+        json.loads(call("/api/models"))
         break
     except OSError:
         time.sleep(0.5)
