@@ -311,7 +311,7 @@ trait Benchmark {
     type Case: Clone;
     type Record: serde::Serialize + serde::de::DeserializeOwned;
     type Metrics: Clone;
-    type Summary: serde::Serialize;
+    type Summary: serde::Serialize + Clone;
     /// What a record is, for messages.
     const RECORD: &'static str;
     /// Settings of the benchmark itself that a record depends on (for `run`).
@@ -563,13 +563,8 @@ fn run<B: Benchmark>(
         .iter()
         .map(|(done, ms)| (*done, B::summarize(ms)))
         .collect();
-    if a.sequential && a.checkpoint_every.is_some() {
-        let end: Vec<B::Metrics> = sink
-            .kept
-            .iter()
-            .filter_map(|r| B::metrics(r).1.cloned())
-            .collect();
-        curve.push((cases.len(), B::summarize(&end)));
+    if let (Some(last), Some(_)) = (&last, a.checkpoint_every) {
+        curve.push((cases.len(), last.clone()));
     }
     if let Some(p) = &a.plot {
         save_plot(p, &retention_svg::<B>(&curve, &method.describe()))?;

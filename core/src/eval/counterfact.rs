@@ -43,12 +43,7 @@ struct EasyEditRecord {
 
 /// Reads a JSON list of cases in ROME's or EasyEdit's flattened format.
 pub fn parse_cases(text: &str) -> Result<Vec<CounterFactCase>> {
-    let values: Vec<serde_json::Value> =
-        serde_json::from_str(text).map_err(|e| LociError::Json {
-            what: "the CounterFact file".into(),
-            source: e,
-        })?;
-    from_values(values)
+    from_values(super::json_values(text, "the CounterFact file")?)
 }
 
 pub(super) fn from_values(values: Vec<serde_json::Value>) -> Result<Vec<CounterFactCase>> {

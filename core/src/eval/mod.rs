@@ -46,16 +46,20 @@ impl Dataset {
 /// Reads CounterFact (ROME's format or EasyEdit's flattened records) or zsRE (MEND's schema,
 /// told apart by its `src` and `answers` fields), writing `zsre_target` for zsRE.
 pub fn parse_dataset(text: &str, zsre_target: zsre::ZsreTarget) -> Result<Dataset> {
-    let values: Vec<serde_json::Value> =
-        serde_json::from_str(text).map_err(|e| LociError::Json {
-            what: "the dataset file".into(),
-            source: e,
-        })?;
+    let values = json_values(text, "the dataset file")?;
     if values.first().is_some_and(zsre::is_record) {
         Ok(Dataset::Zsre(zsre::from_values(values, zsre_target)?))
     } else {
         Ok(Dataset::CounterFact(counterfact::from_values(values)?))
     }
+}
+
+/// The records of a JSON list; an error names `what` was being read.
+pub(crate) fn json_values(text: &str, what: &str) -> Result<Vec<serde_json::Value>> {
+    serde_json::from_str(text).map_err(|e| LociError::Json {
+        what: what.into(),
+        source: e,
+    })
 }
 
 /// A target's token ids and the model's top-1 prediction at each of their positions (teacher
@@ -374,15 +378,13 @@ impl LoadedModel {
             }
             let every = opts.checkpoint_every;
             if every > 0 && done < cases.len() && done / every > start / every {
-                let mut scores = vec![];
-                for (i, (c, r)) in cases.iter().zip(&out).take(done).enumerate() {
-                    if r.error.is_none() {
-                        scores.push((i, score(self, c)));
-                    }
-                }
-                let scores = scores
-                    .into_iter()
-                    .filter_map(|(i, s)| s.ok().map(|s| (i, s)))
+                let scores = cases
+                    .iter()
+                    .zip(&out)
+                    .take(done)
+                    .enumerate()
+                    .filter(|(_, (_, r))| r.error.is_none())
+                    .filter_map(|(i, (c, _))| score(self, c).ok().map(|s| (i, s)))
                     .collect();
                 checkpoints.push(Checkpoint {
                     cases_done: done,

@@ -81,12 +81,7 @@ pub struct ZsreSet {
 
 /// Reads a JSON list of zsRE records; case ids are their positions, as in ROME.
 pub fn parse_zsre(text: &str, target: ZsreTarget) -> Result<ZsreSet> {
-    let values: Vec<serde_json::Value> =
-        serde_json::from_str(text).map_err(|e| LociError::Json {
-            what: "the zsRE file".into(),
-            source: e,
-        })?;
-    from_values(values, target)
+    from_values(super::json_values(text, "the zsRE file")?, target)
 }
 
 pub(crate) fn from_values(values: Vec<serde_json::Value>, target: ZsreTarget) -> Result<ZsreSet> {
@@ -324,16 +319,7 @@ impl LoadedModel {
             .iter()
             .zip(pre)
             .zip(post)
-            .map(|((case, pre), post)| ZsreCaseRecord {
-                case_id: case.case_id,
-                request: case.requested_rewrite.clone(),
-                metrics: zsre_metrics(&pre, &post),
-                pre,
-                post,
-                edit_seconds,
-                last: None,
-                last_metrics: None,
-            })
+            .map(|((case, pre), post)| record(case, pre, post, edit_seconds))
             .collect())
     }
 
@@ -356,17 +342,27 @@ impl LoadedModel {
         )?;
         Ok(seq.evaluate(
             cases,
-            |case, pre, post, last, seconds| ZsreCaseRecord {
-                case_id: case.case_id,
-                request: case.requested_rewrite.clone(),
-                metrics: zsre_metrics(&pre, &post),
-                last_metrics: Some(zsre_metrics(&pre, &last)),
-                pre,
-                post,
-                edit_seconds: seconds,
-                last: Some(last),
+            |case, pre, post, last, seconds| {
+                let mut r = record(case, pre, post, seconds);
+                r.last_metrics = Some(zsre_metrics(&r.pre, &last));
+                r.last = Some(last);
+                r
             },
             |_, pre, s| zsre_metrics(pre, s),
         ))
+    }
+}
+
+/// A case's record from its scores before and after its edit.
+fn record(case: &ZsreCase, pre: ZsreScores, post: ZsreScores, edit_seconds: f64) -> ZsreCaseRecord {
+    ZsreCaseRecord {
+        case_id: case.case_id,
+        request: case.requested_rewrite.clone(),
+        metrics: zsre_metrics(&pre, &post),
+        pre,
+        post,
+        edit_seconds,
+        last: None,
+        last_metrics: None,
     }
 }
