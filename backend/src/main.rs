@@ -1,21 +1,56 @@
-//! `loci`: the command-line tool (and, with `serve`, the server) over `loci-core`.
+//! `loci`: the command-line tool and the server over `loci-core`. Both stand on `workspace`
+//! (what they share); neither imports the other.
 
 mod cli;
 mod server;
+mod workspace;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 // Tensors are allocated and freed by the thousand; glibc hands big blocks back to the kernel each
 // time (page faults, TLB shootdowns across threads), mimalloc keeps them for reuse.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+#[derive(Parser, Debug)]
+#[command(
+    name = "loci",
+    version,
+    about = "Find where a language model keeps a fact, and rewrite it."
+)]
+struct Loci {
+    /// CPU threads for tensor kernels (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    #[command(flatten)]
+    Tool(cli::Command),
+    /// Serve the web app and the JSON API.
+    Serve(Box<server::ServeArgs>),
+}
+
+impl Command {
+    /// Commands that spread their work over their own worker threads rather than threading
+    /// inside each matrix product (the server runs traces and edits).
+    fn parallel_workers(&self) -> bool {
+        match self {
+            Command::Tool(c) => c.parallel_workers(),
+            Command::Serve(_) => true,
+        }
+    }
+}
+
 fn main() {
-    let args = cli::Cli::parse();
+    let args = Loci::parse();
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    cli::WORKERS.set(threads).expect("set once");
+    workspace::WORKERS.set(threads).expect("set once");
     // candle's CPU kernels read this at every operation. Tracing, editing and statistics
     // parallelise over their own workers (one per thread), which beats threading inside each
     // small matrix product; other commands let the kernels use the threads. Set before any other
@@ -27,7 +62,11 @@ fn main() {
     };
     std::env::set_var("RAYON_NUM_THREADS", kernel_threads.to_string());
     loci_core::threads::set_workers(core_workers);
-    if let Err(e) = cli::run(args) {
+    let outcome = match args.cmd {
+        Command::Tool(c) => cli::run(c),
+        Command::Serve(a) => server::serve(*a),
+    };
+    if let Err(e) = outcome {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -5,6 +5,7 @@ use serde_json::Value;
 
 use crate::error::{LociError, Result};
 
+/// The architecture family: how the weights are named and the blocks built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Family {
@@ -17,6 +18,7 @@ pub enum Family {
 }
 
 impl Family {
+    /// The family's lowercase name (`gpt2`, `gptj`, `llama`).
     pub fn name(self) -> &'static str {
         match self {
             Family::Gpt2 => "gpt2",
@@ -29,39 +31,57 @@ impl Family {
 /// The matrix weights of one block, by part: one token through the block costs 2 FLOPs each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockWeights {
+    /// The query projection.
     pub q: usize,
     /// Key and value projections together.
     pub kv: usize,
+    /// The attention's output projection.
     pub out: usize,
+    /// The MLP's matrices (two; three with SwiGLU).
     pub mlp: usize,
 }
 
 impl BlockWeights {
+    /// All of them.
     pub fn total(&self) -> usize {
         self.q + self.kv + self.out + self.mlp
     }
 }
 
+/// A model's architecture: everything the skeleton needs to lay out and check its weights.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
+    /// Which family's layout the weights follow.
     pub family: Family,
+    /// Transformer blocks.
     pub n_layer: usize,
+    /// Width of the residual stream.
     pub d_model: usize,
+    /// Attention (query) heads.
     pub n_head: usize,
+    /// Key/value heads (fewer than `n_head` with grouped-query attention).
     pub n_kv_head: usize,
+    /// Width of each attention head.
     pub head_dim: usize,
     /// Width of the MLP hidden layer: the dimension of ROME's keys.
     pub d_ff: usize,
+    /// Tokens in the vocabulary: rows of the embedding and the head.
     pub vocab_size: usize,
+    /// The context length: the most positions one sequence may have.
     pub max_positions: usize,
+    /// The norms' epsilon.
     pub norm_eps: f64,
     /// Rotary dimensions per head (0: learned absolute positions).
     pub rotary_dim: usize,
+    /// Base of the rotary frequencies.
     pub rope_theta: f64,
+    /// Whether the head reuses the token embeddings.
     pub tie_embeddings: bool,
     /// Biases on the q/k/v projections (GPT-2 always; some LLaMA-style models).
     pub attn_bias: bool,
+    /// The beginning-of-sequence token, if the config names one.
     pub bos_token_id: Option<u32>,
+    /// The end-of-sequence token, if any (the first when several are listed).
     pub eos_token_id: Option<u32>,
 }
 

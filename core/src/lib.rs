@@ -2,6 +2,8 @@
 //! with the machinery for causal tracing and model editing. No I/O assumptions beyond the
 //! optional file loaders, so it builds for wasm32 as well as natively.
 
+#![warn(missing_docs)]
+
 pub mod clock;
 pub mod config;
 pub mod edit;
@@ -13,6 +15,7 @@ pub mod model;
 pub mod plot;
 pub mod predict;
 pub mod presets;
+pub mod request;
 pub mod rng;
 pub mod study;
 pub mod tfidf;
@@ -27,5 +30,6 @@ pub use hooks::{Capture, Hook, NoHook, Site};
 pub use loader::{LoadedModel, ModelInfo};
 pub use model::{KvCache, LogitsAt, Model};
 pub use predict::{Generation, Prediction, Sampling, TokenProb};
+pub use request::{RewriteRequest, TargetStr};
 pub use tokenizer::Tokenizer;
 pub use trace::{TraceKind, TraceRequest, TraceResult};

@@ -15,23 +15,38 @@ use crate::tokenizer::Tokenizer;
 /// A model ready to run: weights, tokenizer and where they came from.
 #[derive(Clone)]
 pub struct LoadedModel {
+    /// Display name: the name given, or the file/folder stem when loaded from disk.
     pub name: String,
+    /// The transformer with its weights (edits are applied here, in place).
     pub model: Model,
+    /// The tokenizer that came with the weights.
     pub tokenizer: Tokenizer,
+    /// Summary of the model's shape and origin, for display and cache keys.
     pub info: ModelInfo,
 }
 
+/// A serializable summary of a loaded model: architecture, size, format and where it runs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ModelInfo {
+    /// The model's display name (copied from [`LoadedModel::name`]).
     pub name: String,
+    /// Architecture family (GPT-2, GPT-J, LLaMA-style).
     pub family: Family,
+    /// Where the weights came from: `"safetensors"`, `"gguf"` or `"random"`.
     pub format: String,
+    /// Number of transformer blocks.
     pub n_layer: usize,
+    /// Width of the residual stream.
     pub d_model: usize,
+    /// Width of the MLP's hidden layer.
     pub d_ff: usize,
+    /// Parameter count estimated from the config (blocks, embeddings, learned positions).
     pub n_params: usize,
+    /// Context length in tokens: the longest prompt the model accepts.
     pub max_positions: usize,
+    /// The weights' dtype in lower case, as candle's `Debug` names it (`"f32"`, `"bf16"`, ...).
     pub dtype: String,
+    /// `"cpu"` or `"cuda"`.
     pub device: String,
     /// Short content hash of the configuration and source files: ties caches to the model.
     pub fingerprint: String,

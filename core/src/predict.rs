@@ -9,18 +9,27 @@ use crate::loader::LoadedModel;
 use crate::model::{KvCache, LogitsAt};
 use crate::rng::SplitMix64;
 
+/// One candidate next token and its probability.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TokenProb {
+    /// Token id in the model's vocabulary.
     pub id: u32,
+    /// The token decoded to text (e.g. `" Paris"`).
     pub token: String,
+    /// Probability of this token as the next one, in [0, 1].
     pub prob: f32,
 }
 
+/// The most likely next tokens after a prompt, from [`LoadedModel::predict`].
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Prediction {
+    /// Name of the model that made the prediction.
     pub model: String,
+    /// The prompt as given.
     pub prompt: String,
+    /// The prompt's tokens, each decoded to text.
     pub tokens: Vec<String>,
+    /// The `k` most likely next tokens, most likely first.
     pub top: Vec<TokenProb>,
 }
 
@@ -104,22 +113,29 @@ impl LoadedModel {
     }
 }
 
+/// How [`LoadedModel::generate`] picks each new token.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "mode", rename_all = "snake_case")]
 pub enum Sampling {
+    /// Always the most likely token (deterministic).
     Greedy,
     /// Sample among the `k` most likely tokens (ROME's generation tests use k = 5).
     TopK {
+        /// How many of the most likely tokens to draw from (renormalised over them).
         k: usize,
+        /// Seed of the [`SplitMix64`] generator: the same seed gives the same text.
         seed: u64,
     },
 }
 
+/// A prompt and the model's continuation of it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Generation {
+    /// The prompt as given.
     pub prompt: String,
     /// The prompt followed by the continuation.
     pub text: String,
+    /// Token ids of the continuation alone (the end-of-text token not included).
     pub new_ids: Vec<u32>,
 }
 

@@ -1,5 +1,5 @@
-//! Shapes of well-known models (their Hugging Face configs), for random-weight benchmarks of
-//! models whose weights are not at hand: GPT-2 small (the browser's model) and GPT-J-6B (the GPU's).
+//! Shapes of well-known models (their Hugging Face configs), for random-weight benchmarks of models
+//! whose weights are not at hand: GPT-2 small (the browser's model) and GPT-J-6B (the GPU's).
 
 use candle_core::{DType, Device};
 
@@ -18,6 +18,7 @@ pub const PRESETS: [(&str, &str); 2] = [
 /// a forward pass does not depend on which ids they are.
 pub const BENCH_TOKENIZER: &[u8] = include_bytes!("../presets/bench-tokenizer.json");
 
+/// The config of preset `name` (one of [`PRESETS`]); an error names the known presets.
 pub fn preset_config(name: &str) -> Result<ModelConfig> {
     let (_, json) = PRESETS.iter().find(|(n, _)| *n == name).ok_or_else(|| {
         let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();

@@ -1,13 +1,16 @@
 //! A small seeded generator, identical on native and wasm, so a seed gives the same run everywhere.
 
+/// SplitMix64 (Steele et al.): a 64-bit state advanced by a fixed odd increment and mixed.
 #[derive(Clone, Debug)]
 pub struct SplitMix64(u64);
 
 impl SplitMix64 {
+    /// A generator whose state starts at `seed`.
     pub fn new(seed: u64) -> Self {
         Self(seed)
     }
 
+    /// The next 64 uniformly distributed bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;

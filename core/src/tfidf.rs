@@ -16,13 +16,17 @@ pub fn words(text: &str) -> impl Iterator<Item = String> + '_ {
         .map(str::to_lowercase)
 }
 
+/// Smoothed IDF weights fitted on a corpus: the vocabulary of a TF-IDF vectoriser.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Idf {
+    /// Number of documents the weights were fitted on.
     pub documents: usize,
+    /// Each word seen in the corpus → `ln((1 + n) / (1 + df)) + 1`.
     pub weights: HashMap<String, f64>,
 }
 
 impl Idf {
+    /// Fits the IDF weights on `documents`, counting each word once per document.
     pub fn fit<S: AsRef<str>>(documents: impl IntoIterator<Item = S>) -> Self {
         let mut df: HashMap<String, usize> = HashMap::new();
         let mut n = 0usize;

@@ -8,10 +8,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 static WORKERS: AtomicUsize = AtomicUsize::new(1);
 
+/// Sets how many threads Loci's own parallel loops use (at least 1; ignored on wasm32).
 pub fn set_workers(n: usize) {
     WORKERS.store(n.max(1), Ordering::Relaxed);
 }
 
+/// The thread count set by [`set_workers`] (default 1); always 1 on wasm32.
 pub fn workers() -> usize {
     if cfg!(target_arch = "wasm32") {
         1

@@ -13,9 +13,11 @@ use tokenizers::{AddedToken, PreTokenizerWrapper};
 
 use crate::error::{LociError, Result};
 
+/// A Hugging Face `tokenizers` tokenizer plus the model's end-of-text id.
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The end-of-text token id, where the model has one: generation stops on it.
     pub eos: Option<u32>,
 }
 
@@ -149,6 +151,7 @@ impl Tokenizer {
             .to_vec())
     }
 
+    /// The text of `ids`, special tokens included (byte-level pieces joined back into UTF-8).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(tok_err)
     }
@@ -158,6 +161,7 @@ impl Tokenizer {
         ids.iter().map(|&i| self.decode(&[i])).collect()
     }
 
+    /// Number of tokens in the vocabulary, added (special) tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

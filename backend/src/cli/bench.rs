@@ -105,12 +105,12 @@ fn edit_bench(a: EditBenchArgs) -> Result<()> {
     let corpus = match a.corpus {
         Some(c) if c.is_file() => c,
         Some(c) => anyhow::bail!("no corpus file at {}", c.display()),
-        None => super::edit::default_corpus()?,
+        None => crate::workspace::default_corpus()?,
     };
     let mut lm = a.model.load()?;
     let s = Instant::now();
     let mut acc = StatsAccumulator::new(&lm, &[a.layer], 1024)?;
-    super::edit::feed(&mut acc, &lm, &corpus, a.stats_tokens, |_| {})?;
+    crate::workspace::feed(&mut acc, &lm, &corpus, a.stats_tokens, |_| {})?;
     let tokens = acc.tokens();
     let stats = acc.finish(&lm, &corpus.display().to_string())?.remove(0);
     let stats_seconds = s.elapsed().as_secs_f64();
@@ -171,7 +171,7 @@ pub fn peak_rss_mib() -> Option<f64> {
 }
 
 pub fn threads() -> usize {
-    super::workers()
+    crate::workspace::workers()
 }
 
 /// FLOPs of one token through one block (2 per weight of the attention and MLP matrices).
@@ -200,7 +200,7 @@ fn trace_bench(
     req.window = window;
     // A fixed σ keeps the benchmark independent of the subjects file; the work is the same.
     req.noise = NoiseSpec::Fixed(0.1);
-    let workers = super::trace_workers(&lm.model.device);
+    let workers = crate::workspace::trace_workers(&lm.model.device);
     // Warm-up (kernel loading on a GPU, allocator pools) outside the timings.
     req.kinds = vec![TraceKind::Hidden];
     req.samples = samples.min(2);

@@ -144,7 +144,7 @@ fn memit_layers(lm: &LoadedModel) -> Vec<usize> {
 fn key_stats(lm: &LoadedModel) -> Result<Vec<KeyStats>> {
     let max_len = lm.model.cfg.max_positions.min(1024);
     let mut acc = StatsAccumulator::new(lm, &memit_layers(lm), max_len)?;
-    let facts = super::trace::bundled_fact_texts();
+    let facts = crate::workspace::bundled_fact_texts();
     let texts: Vec<String> = facts[..400].chunks(40).map(|c| c.join(" ")).collect();
     acc.add_texts(lm, &texts)?;
     Ok(acc.finish(lm, "bundled known_1000 facts")?)

@@ -1,19 +1,19 @@
 //! `loci stats` and `loci edit`: key statistics and ROME / MEMIT edits from the command line.
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
-use loci_core::edit::{
-    Edit, EditReport, EditSide, FtHparams, FtObjective, KeyMode, KeyStats, MemitHparams, Probes,
-    RewriteRequest, RomeHparams, StatsAccumulator, TargetStr,
-};
+use indicatif::ProgressBar;
+use loci_core::edit::{Edit, EditReport, EditSide, Probes, RewriteRequest, TargetStr};
 use loci_core::eval::parse_cases;
 use loci_core::LoadedModel;
 
 use super::{print_json, ModelArgs};
+use crate::workspace::{
+    collect, default_corpus, ft_hparams, key_mode, memit_hparams, rome_hparams, stats_dir,
+    FtSettings, StatsSource,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct StatsArgs {
@@ -36,146 +36,6 @@ pub struct StatsArgs {
     pub out: Option<PathBuf>,
 }
 
-/// The Wikipedia sample next to the project, when no corpus is named.
-pub fn default_corpus() -> Result<PathBuf> {
-    let candidates = [
-        std::env::var_os("LOCI_DATA")
-            .map(|d| PathBuf::from(d).join("wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl")),
-        Some(PathBuf::from(
-            "../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl",
-        )),
-    ];
-    candidates
-        .into_iter()
-        .flatten()
-        .find(|p| p.exists())
-        .context("no corpus given and no Wikipedia sample found; pass --corpus FILE (JSONL with a \"text\" field)")
-}
-
-/// Streams texts from JSONL (`text` field) or plain text (paragraphs).
-pub fn corpus_texts(path: &Path) -> Result<impl Iterator<Item = Result<String>>> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("opening corpus {}", path.display()))?;
-    let jsonl = path
-        .extension()
-        .is_some_and(|e| e == "jsonl" || e == "json");
-    let lines = std::io::BufReader::new(file).lines();
-    let mut para = String::new();
-    let mut lines = lines.peekable();
-    Ok(std::iter::from_fn(move || loop {
-        match lines.next() {
-            None if !para.is_empty() => return Some(Ok(std::mem::take(&mut para))),
-            None => return None,
-            Some(Err(e)) => return Some(Err(e.into())),
-            Some(Ok(line)) if jsonl => {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let v: serde_json::Value = match serde_json::from_str(&line) {
-                    Ok(v) => v,
-                    Err(e) => return Some(Err(anyhow::anyhow!("bad JSONL line: {e}"))),
-                };
-                match v.get("text").and_then(|t| t.as_str()) {
-                    Some(t) => return Some(Ok(t.to_string())),
-                    None => {
-                        return Some(Err(anyhow::anyhow!("a JSONL line has no \"text\" field")))
-                    }
-                }
-            }
-            Some(Ok(line)) => {
-                if line.trim().is_empty() {
-                    if !para.is_empty() {
-                        return Some(Ok(std::mem::take(&mut para)));
-                    }
-                } else {
-                    para.push_str(&line);
-                    para.push('\n');
-                }
-            }
-        }
-    }))
-}
-
-/// Feeds corpus texts to `acc`, one per worker thread at a time, until it has seen `tokens`
-/// tokens (the texts computed alongside the one that crosses the mark count too).
-pub fn feed(
-    acc: &mut StatsAccumulator,
-    lm: &LoadedModel,
-    corpus: &Path,
-    tokens: u64,
-    mut progress: impl FnMut(usize),
-) -> Result<()> {
-    let mut texts = corpus_texts(corpus)?;
-    while acc.tokens() < tokens {
-        let chunk: Vec<String> = texts
-            .by_ref()
-            .take(loci_core::threads::workers())
-            .collect::<Result<_>>()?;
-        if chunk.is_empty() {
-            break;
-        }
-        progress(acc.add_texts(lm, &chunk)?);
-    }
-    Ok(())
-}
-
-fn stats_dir(lm: &LoadedModel, out: Option<&Path>) -> PathBuf {
-    out.map(Path::to_path_buf)
-        .unwrap_or_else(|| super::trace::cache_dir(lm).join("stats"))
-}
-
-fn stats_file(dir: &Path, layer: usize) -> PathBuf {
-    dir.join(format!("layer{layer}.safetensors"))
-}
-
-/// Collects statistics for `layers`, writing one file per layer; layers already there are kept.
-pub fn collect(
-    lm: &LoadedModel,
-    layers: &[usize],
-    corpus: &Path,
-    tokens: u64,
-    max_len: usize,
-    dir: &Path,
-) -> Result<()> {
-    let missing: Vec<usize> = layers
-        .iter()
-        .copied()
-        .filter(|&l| !stats_file(dir, l).exists())
-        .collect();
-    if missing.is_empty() {
-        eprintln!(
-            "statistics for layers {layers:?} are already in {}",
-            dir.display()
-        );
-        return Ok(());
-    }
-    if tokens == 0 {
-        bail!("--tokens must be positive");
-    }
-    let mut acc = StatsAccumulator::new(lm, &missing, max_len)?;
-    let pb = ProgressBar::new(tokens);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "key statistics {bar:40} {pos}/{len} tokens ({per_sec}) [{elapsed_precise} < {eta}]",
-        )
-        .expect("template"),
-    );
-    feed(&mut acc, lm, corpus, tokens, |n| pb.inc(n as u64))?;
-    pb.finish_and_clear();
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    for s in acc.finish(lm, &corpus.display().to_string())? {
-        let f = stats_file(dir, s.provenance.layer);
-        std::fs::write(&f, s.to_bytes()?).with_context(|| format!("writing {}", f.display()))?;
-        eprintln!(
-            "layer {}: {} tokens → {}",
-            s.provenance.layer,
-            s.provenance.tokens,
-            f.display()
-        );
-    }
-    Ok(())
-}
-
 pub fn stats(a: StatsArgs) -> Result<()> {
     let lm = a.model.load()?;
     let corpus = match a.corpus {
@@ -184,131 +44,6 @@ pub fn stats(a: StatsArgs) -> Result<()> {
     };
     let dir = stats_dir(&lm, a.out.as_deref());
     collect(&lm, &a.layers, &corpus, a.tokens, a.max_len, &dir)
-}
-
-/// Where an edit's key statistics come from: a folder, filled from a corpus when missing.
-#[derive(clap::Args, Debug)]
-pub struct StatsSource {
-    /// Folder with key statistics (default: the model's cache; computed there when missing).
-    #[arg(long = "stats")]
-    pub dir: Option<PathBuf>,
-    /// Corpus for statistics computed on the way.
-    #[arg(long)]
-    pub corpus: Option<PathBuf>,
-    #[arg(long, default_value_t = 100_000)]
-    pub stats_tokens: u64,
-}
-
-impl StatsSource {
-    /// The statistics of `layer`, computing and caching them first if needed.
-    pub fn ensure(&self, lm: &LoadedModel, layer: usize) -> Result<KeyStats> {
-        Ok(self.ensure_layers(lm, &[layer])?.remove(0))
-    }
-
-    /// The statistics of several layers; the missing ones are collected in one pass.
-    pub fn ensure_layers(&self, lm: &LoadedModel, layers: &[usize]) -> Result<Vec<KeyStats>> {
-        let dir = self.collect_missing(lm, layers)?;
-        layers.iter().map(|&l| load_stats(lm, &dir, l)).collect()
-    }
-
-    /// Collects the statistics of the layers that have none yet, in one pass, without loading
-    /// any; returns their folder.
-    pub fn collect_missing(&self, lm: &LoadedModel, layers: &[usize]) -> Result<PathBuf> {
-        let dir = stats_dir(lm, self.dir.as_deref());
-        if layers.iter().any(|&l| !stats_file(&dir, l).exists()) {
-            let corpus = match &self.corpus {
-                Some(c) => c.clone(),
-                None => default_corpus()?,
-            };
-            collect(lm, layers, &corpus, self.stats_tokens, 1024, &dir)?;
-        }
-        Ok(dir)
-    }
-}
-
-/// The shipped hyper-parameters for this model, at `layer` when given.
-pub fn hparams(lm: &LoadedModel, layer: Option<usize>) -> Result<RomeHparams> {
-    match (RomeHparams::for_model(&lm.model.cfg), layer) {
-        (Some(mut hp), Some(l)) => {
-            hp.layer = l;
-            Ok(hp)
-        }
-        (Some(hp), None) => Ok(hp),
-        (None, Some(l)) => Ok(RomeHparams::at_layer(l)),
-        (None, None) => bail!("Loci has no default layer for this model; pass --layer"),
-    }
-}
-
-/// Fine-tuning's settings beyond the layers.
-#[derive(clap::Args, Debug)]
-pub struct FtArgs {
-    /// Fine-tuning: ε of the L∞ constraint around the original weights, or "none".
-    #[arg(long)]
-    pub norm_constraint: Option<String>,
-    /// Fine-tuning: last_token (ROME's baseline) or sequence (Hase et al.'s).
-    #[arg(long)]
-    pub ft_objective: Option<String>,
-}
-
-/// Fine-tuning's shipped hyper-parameters for this model, with the command line's changes.
-pub fn ft_hparams(lm: &LoadedModel, layers: &[usize], a: &FtArgs) -> Result<FtHparams> {
-    let n = lm.model.n_layer();
-    if let Some(l) = layers.iter().find(|&&l| l >= n) {
-        bail!("layer {l} out of range (the model has {n} layers)");
-    }
-    let mut hp = match (FtHparams::for_model(&lm.model.cfg), layers.is_empty()) {
-        (Some(hp), true) => hp,
-        (Some(mut hp), false) => {
-            hp.layers = layers.to_vec();
-            hp
-        }
-        (None, false) => FtHparams::at_layers(layers.to_vec(), Some(5e-4)),
-        (None, true) => {
-            bail!("Loci has no default fine-tuning layers for this model; pass --layers")
-        }
-    };
-    match a.norm_constraint.as_deref() {
-        None => {}
-        Some("none") => hp.norm_constraint = None,
-        Some(e) => {
-            hp.norm_constraint = Some(
-                e.parse()
-                    .map_err(|_| anyhow::anyhow!("--norm-constraint {e:?}: a number or none"))?,
-            )
-        }
-    }
-    match a.ft_objective.as_deref() {
-        None => {}
-        Some("last_token") => hp.objective = FtObjective::LastToken,
-        Some("sequence") => hp.objective = FtObjective::Sequence,
-        Some(o) => bail!("--ft-objective {o:?}: use last_token or sequence"),
-    }
-    Ok(hp)
-}
-
-/// MEMIT's shipped hyper-parameters for this model, at `layers` when given.
-pub fn memit_hparams(lm: &LoadedModel, layers: &[usize]) -> Result<MemitHparams> {
-    let n = lm.model.n_layer();
-    if let Some(l) = layers.iter().find(|&&l| l >= n) {
-        bail!("layer {l} out of range (the model has {n} layers)");
-    }
-    match (MemitHparams::for_model(&lm.model.cfg), layers.is_empty()) {
-        (Some(hp), true) => Ok(hp),
-        (Some(mut hp), false) => {
-            hp.layers = layers.to_vec();
-            Ok(hp)
-        }
-        (None, false) => Ok(MemitHparams::at_layers(layers.to_vec())),
-        (None, true) => bail!("Loci has no default MEMIT layers for this model; pass --layers"),
-    }
-}
-
-pub fn load_stats(lm: &LoadedModel, dir: &Path, layer: usize) -> Result<KeyStats> {
-    let f = stats_file(dir, layer);
-    let bytes = std::fs::read(&f).with_context(|| format!("reading statistics {}", f.display()))?;
-    let s = KeyStats::from_bytes(&bytes).with_context(|| format!("in {}", f.display()))?;
-    s.check_fits(lm, layer)?;
-    Ok(s)
 }
 
 #[derive(clap::Args, Debug)]
@@ -342,7 +77,7 @@ pub struct EditArgs {
     #[arg(long, value_delimiter = ',')]
     pub layers: Vec<usize>,
     #[command(flatten)]
-    pub ft: FtArgs,
+    pub ft: FtSettings,
     #[command(flatten)]
     pub stats: StatsSource,
     /// original (the paper's code) or rrome (the fixed key, default).
@@ -464,15 +199,6 @@ fn ft(a: EditArgs) -> Result<()> {
     print_report(&report, &format!("fine-tuned layers {:?}", hp.layers))
 }
 
-/// ROME's `--key-mode`.
-pub fn key_mode(name: &str) -> Result<KeyMode> {
-    Ok(match name {
-        "rrome" => KeyMode::Rrome,
-        "original" => KeyMode::Original,
-        other => bail!("--key-mode {other:?}: use original or rrome"),
-    })
-}
-
 fn rome(a: EditArgs) -> Result<()> {
     let started = Instant::now();
     if !a.layers.is_empty() {
@@ -480,7 +206,7 @@ fn rome(a: EditArgs) -> Result<()> {
     }
     let mut lm = a.model.load()?;
     let req = one_request(&a, &lm)?;
-    let mut hp = hparams(&lm, a.layer)?;
+    let mut hp = rome_hparams(&lm, a.layer)?;
     hp.key_mode = key_mode(&a.key_mode)?;
     if let Some(s) = a.v_steps {
         hp.v_num_grad_steps = s;

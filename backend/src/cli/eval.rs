@@ -15,9 +15,9 @@ use loci_core::eval::{
 };
 use loci_core::LoadedModel;
 
-use super::edit::{ft_hparams, hparams, memit_hparams, FtArgs, StatsSource};
 use super::render::save_plot;
 use super::{print_json, ModelArgs};
+use crate::workspace::{ft_hparams, memit_hparams, rome_hparams, FtSettings, StatsSource};
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
@@ -42,7 +42,7 @@ pub struct EvalArgs {
     #[arg(long, value_delimiter = ',')]
     pub layers: Vec<usize>,
     #[command(flatten)]
-    pub ft: FtArgs,
+    pub ft: FtSettings,
     /// MEMIT: cases written by one edit (each batch is applied, scored and undone, or kept with
     /// --sequential).
     #[arg(long, default_value_t = 1)]
@@ -169,9 +169,9 @@ fn consistency(snippets: &std::path::Path, src: &StatsSource) -> Result<Consiste
     let snippets = AttributeSnippets::parse(&text)?;
     let corpus = match &src.corpus {
         Some(c) => c.clone(),
-        None => super::edit::default_corpus()?,
+        None => crate::workspace::default_corpus()?,
     };
-    let texts = super::edit::corpus_texts(&corpus)?.collect::<Result<Vec<String>>>()?;
+    let texts = crate::workspace::corpus_texts(&corpus)?.collect::<Result<Vec<String>>>()?;
     let idf = loci_core::tfidf::Idf::fit(&texts);
     eprintln!(
         "consistency: IDF of {} words over {} texts of {}",
@@ -238,11 +238,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             if !a.layers.is_empty() || a.batch != 1 {
                 bail!("--layers and --batch are for --method memit");
             }
-            let mut hp = hparams(&lm, a.layer)?;
+            let mut hp = rome_hparams(&lm, a.layer)?;
             if let Some(s) = a.v_steps {
                 hp.v_num_grad_steps = s;
             }
-            hp.key_mode = super::edit::key_mode(&a.key_mode)?;
+            hp.key_mode = crate::workspace::key_mode(&a.key_mode)?;
             let stats = a.stats.ensure(&lm, hp.layer)?;
             Method::Rome(hp, stats)
         }

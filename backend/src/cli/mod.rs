@@ -12,23 +12,11 @@ pub mod trace;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
-use loci_core::{DType, Device, LoadedModel};
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use loci_core::LoadedModel;
 
-#[derive(Parser, Debug)]
-#[command(
-    name = "loci",
-    version,
-    about = "Find where a language model keeps a fact, and rewrite it."
-)]
-pub struct Cli {
-    /// CPU threads for tensor kernels (default: all cores).
-    #[arg(long, global = true)]
-    pub threads: Option<usize>,
-    #[command(subcommand)]
-    pub cmd: Command,
-}
+use crate::workspace::{default_model, device, open_model, Precision};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -48,24 +36,8 @@ pub struct ModelArgs {
     pub apply_edit: Vec<PathBuf>,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug)]
-pub enum Precision {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl Precision {
-    pub fn dtype(self) -> DType {
-        match self {
-            Precision::F32 => DType::F32,
-            Precision::F16 => DType::F16,
-            Precision::Bf16 => DType::BF16,
-        }
-    }
-}
-
 impl ModelArgs {
+    /// Opens the model these arguments name, with their edits applied.
     pub fn load(&self) -> Result<LoadedModel> {
         if let Some(preset) = &self.random {
             return Ok(loci_core::presets::random_model(
@@ -78,48 +50,8 @@ impl ModelArgs {
             Some(p) => p.clone(),
             None => default_model()?,
         };
-        let dtype = self.dtype.dtype();
-        let device = device()?;
-        let mut lm = LoadedModel::load(&path, dtype, &device)
-            .with_context(|| format!("loading {}", path.display()))?;
-        for f in &self.apply_edit {
-            let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-            let edit = loci_core::edit::Edit::from_bytes(&bytes)?;
-            lm.apply(&edit)
-                .with_context(|| format!("applying {}", f.display()))?;
-        }
-        Ok(lm)
+        open_model(&path, self.dtype.dtype(), &device()?, &self.apply_edit)
     }
-}
-
-/// The GPU when built with `cuda`, else the CPU.
-pub fn device() -> Result<Device> {
-    #[cfg(feature = "cuda")]
-    {
-        return Device::new_cuda(0).map_err(|e| {
-            let first = e.to_string().lines().next().unwrap_or_default().to_string();
-            anyhow::anyhow!(
-                "cannot open CUDA device 0 ({first}); this loci is a cuda build and needs an NVIDIA GPU with the CUDA 13 libraries"
-            )
-        });
-    }
-    #[allow(unreachable_code)]
-    Ok(Device::Cpu)
-}
-
-/// The default model: `$LOCI_MODELS` or `./models`, as `scripts/fetch-model.sh` lays it out.
-pub fn default_model() -> Result<PathBuf> {
-    let base = std::env::var_os("LOCI_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("models"));
-    let p = base.join("smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !p.exists() {
-        bail!(
-            "no --model given and the default model is missing at {}; run scripts/fetch-model.sh",
-            p.display()
-        );
-    }
-    Ok(p)
 }
 
 pub fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
@@ -144,10 +76,9 @@ pub enum Command {
     Stats(Box<edit::StatsArgs>),
     /// Rewrite a fact with ROME and show what changed.
     Edit(Box<edit::EditArgs>),
-    /// Evaluate an editing method on CounterFact or zsRE cases (each edit applied, measured, undone; or kept, in sequence).
+    /// Evaluate an editing method on CounterFact or zsRE cases (each edit applied, measured,
+    /// undone; or kept, in sequence).
     Eval(Box<eval::EvalArgs>),
-    /// Serve the web app and the JSON API.
-    Serve(Box<crate::server::ServeArgs>),
     /// Hase et al.'s study: edit at many layers and ask whether tracing predicts success.
     #[command(subcommand)]
     Study(study::StudyCmd),
@@ -156,23 +87,6 @@ pub enum Command {
     Bench(bench::BenchCmd),
     /// Compare the compute device (the GPU in a cuda build) with the CPU on the test models.
     CheckDevice(device::CheckDeviceArgs),
-}
-
-/// Threads this process may use (`--threads`, default all cores).
-pub static WORKERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-
-pub fn workers() -> usize {
-    WORKERS.get().copied().unwrap_or(1)
-}
-
-/// Threads a trace spreads its rows over: one per core on the CPU; one on a GPU, which runs
-/// each row's whole batch itself.
-pub fn trace_workers(device: &Device) -> usize {
-    if device.is_cpu() {
-        workers()
-    } else {
-        1
-    }
 }
 
 impl Command {
@@ -186,21 +100,20 @@ impl Command {
                 | Command::Edit(_)
                 | Command::Eval(_)
                 | Command::Study(study::StudyCmd::Run(_))
-                | Command::Serve(_)
                 | Command::Bench(bench::BenchCmd::Trace { .. } | bench::BenchCmd::Edit(_))
         )
     }
 }
 
-pub fn run(cli: Cli) -> Result<()> {
-    match cli.cmd {
+/// Runs one subcommand.
+pub fn run(cmd: Command) -> Result<()> {
+    match cmd {
         Command::Predict(a) => predict::predict(a),
         Command::Generate(a) => predict::generate(a),
         Command::Trace(a) => trace::run(*a),
         Command::Stats(a) => edit::stats(*a),
         Command::Edit(a) => edit::edit(*a),
         Command::Eval(a) => eval::eval(*a),
-        Command::Serve(a) => crate::server::serve(*a),
         Command::Study(s) => study::study(s),
         Command::Bench(b) => bench::run(b),
         Command::CheckDevice(a) => device::run(a),

@@ -1,22 +1,19 @@
 //! `loci study`: Hase et al.'s layer sweep on CounterFact (`run`, resumable JSONL) and its
 //! regressions and charts (`analyze`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use loci_core::edit::KeyStats;
 use loci_core::study::{
-    analyze, analyze_window, default_layers, EditLine, EditProblem, StudyAnalysis, StudyConfig,
-    StudyLine, StudyMethod, StudyObserver,
+    analyze, analyze_window, EditLine, EditProblem, StudyAnalysis, StudyLine, StudyMethod,
+    StudyObserver,
 };
-use loci_core::trace::NoiseSpec;
-use loci_core::LoadedModel;
 
-use super::edit::{ft_hparams, hparams, memit_hparams, FtArgs, StatsSource};
 use super::render::save_plot;
 use super::{print_json, ModelArgs};
+use crate::workspace::{study_config, FtSettings, StatsCache, StatsSource};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum StudyCmd {
@@ -79,7 +76,7 @@ pub struct StudyRunArgs {
     #[arg(long)]
     pub v_steps: Option<usize>,
     #[command(flatten)]
-    pub ft: FtArgs,
+    pub ft: FtSettings,
     #[command(flatten)]
     pub stats: StatsSource,
     /// When done, write the analysis chart here (.svg or .png).
@@ -142,84 +139,6 @@ fn read_lines(paths: &[PathBuf]) -> Result<Vec<StudyLine>> {
         out.extend(super::results::read_records(p, "a study record")?);
     }
     Ok(out)
-}
-
-/// Key statistics, loaded once per layer and kept while they fit a memory budget.
-struct StatsCache<'a> {
-    src: &'a StatsSource,
-    kept: HashMap<usize, KeyStats>,
-    max_kept: usize,
-}
-
-impl StatsCache<'_> {
-    fn get(&mut self, lm: &LoadedModel, layers: &[usize]) -> Result<Vec<KeyStats>> {
-        let missing: Vec<usize> = layers
-            .iter()
-            .copied()
-            .filter(|l| !self.kept.contains_key(l))
-            .collect();
-        if !missing.is_empty() {
-            if self.kept.len() + missing.len() > self.max_kept {
-                self.kept.clear();
-            }
-            for (l, s) in missing.iter().zip(self.src.ensure_layers(lm, &missing)?) {
-                self.kept.insert(*l, s);
-            }
-        }
-        Ok(layers.iter().map(|l| self.kept[l].clone()).collect())
-    }
-}
-
-/// A study of `lm` with the paper's defaults: the model's shipped settings of each method
-/// (ROME's layer, or the middle one, and the window around it where Loci has none), every fourth
-/// layer, ROME's and the last unless `layers` are given, 10 trace samples, the 0.02 and
-/// correctness filters, essence drift, and fine-tuning with Hase et al.'s sequence objective
-/// unless `ft` names another.
-pub fn study_config(
-    lm: &LoadedModel,
-    methods: Vec<StudyMethod>,
-    problems: Vec<EditProblem>,
-    layers: &[usize],
-    noise: NoiseSpec,
-    ft: &FtArgs,
-) -> Result<StudyConfig> {
-    let n_layer = lm.model.n_layer();
-    let rome = hparams(lm, None).or_else(|_| hparams(lm, Some(n_layer / 2)))?;
-    let memit = memit_hparams(lm, &[])
-        .or_else(|_| memit_hparams(lm, &StudyMethod::Memit.layers(rome.layer, n_layer)))?;
-    let mut ft_hp = ft_hparams(lm, &[rome.layer], ft)?;
-    if ft.ft_objective.is_none() {
-        // Hase et al.'s FT: the target sequence's NLL, teacher-forced.
-        ft_hp.objective = loci_core::edit::FtObjective::Sequence;
-    }
-    let noise = match noise {
-        NoiseSpec::Relative(f) => f * super::trace::cached_embedding_std(lm, None)?,
-        NoiseSpec::Fixed(s) => s,
-        NoiseSpec::Uniform(_) => bail!("the study's noise is Gaussian: 3x or a σ"),
-    };
-    let layers = if layers.is_empty() {
-        default_layers(n_layer, rome.layer)
-    } else {
-        layers.to_vec()
-    };
-    let cfg = StudyConfig {
-        methods,
-        problems,
-        layers,
-        noise,
-        trace_samples: 10,
-        trace_windows: vec![5],
-        min_prob: 0.02,
-        correct_only: true,
-        essence: true,
-        noised_samples: 10,
-        seed: 1,
-        rome,
-        memit,
-        ft: ft_hp,
-    };
-    cfg.validate(n_layer)?;
-    Ok(cfg)
 }
 
 /// The progress bar follows the edits.
@@ -315,13 +234,7 @@ fn run(a: StudyRunArgs) -> Result<()> {
         .flat_map(|m| cfg.layers.iter().flat_map(|&c| m.layers(c, n_layer)))
         .collect();
     let stat_layers: Vec<usize> = stat_layers.into_iter().collect();
-    let d_ff = lm.model.cfg.d_ff as u64;
-    let mut stats = StatsCache {
-        src: &a.stats,
-        kept: HashMap::new(),
-        // Two d_ff² f64 matrices per layer (the sums and the factor); keep ≤ 4 GiB.
-        max_kept: ((4u64 << 30) / (16 * d_ff * d_ff)).max(5) as usize,
-    };
+    let stats = StatsCache::new(a.stats.clone());
     if !stat_layers.is_empty() && !todo.is_empty() {
         a.stats.collect_missing(&lm, &stat_layers)?;
     }

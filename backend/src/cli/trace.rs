@@ -2,17 +2,18 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use loci_core::plot;
 use loci_core::trace::{
-    embedding_std, AggregateCurves, NoiseSpec, TraceKind, TraceObserver, TraceRequest, TraceResult,
+    AggregateCurves, NoiseSpec, TraceKind, TraceObserver, TraceRequest, TraceResult,
 };
 use loci_core::LoadedModel;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::render::save_plot;
 use super::{print_json, write_json, ModelArgs};
+use crate::workspace::{cached_embedding_std, read_facts};
 
 #[derive(clap::Args, Debug)]
 pub struct TraceArgs {
@@ -56,81 +57,6 @@ pub struct TraceArgs {
     /// Subjects for the noise estimate (known_1000.json format); default: the bundled copy.
     #[arg(long)]
     pub known: Option<PathBuf>,
-}
-
-#[derive(Deserialize)]
-struct KnownFact {
-    subject: String,
-    prompt: String,
-    attribute: String,
-}
-
-/// ROME's known_1000.json (MIT), bundled so the default noise needs no data folder.
-const KNOWN_1000: &str = include_str!("../../../static/data/known_1000.json");
-
-fn known_subjects(known: Option<&Path>) -> Result<(String, Vec<String>)> {
-    let facts: Vec<KnownFact> = match known {
-        Some(p) => read_facts(p)?,
-        None => serde_json::from_str(KNOWN_1000).expect("bundled known_1000.json parses"),
-    };
-    let name = known.map_or_else(
-        || "bundled known_1000.json".to_string(),
-        |p| p.display().to_string(),
-    );
-    Ok((name, facts.into_iter().map(|f| f.subject).collect()))
-}
-
-/// The bundled facts as sentences ("prompt attribute"): a corpus that needs no data folder.
-pub(crate) fn bundled_fact_texts() -> Vec<String> {
-    let facts: Vec<KnownFact> =
-        serde_json::from_str(KNOWN_1000).expect("bundled known_1000.json parses");
-    facts
-        .into_iter()
-        .map(|f| format!("{}{}.", f.prompt, f.attribute))
-        .collect()
-}
-
-fn read_facts(path: &Path) -> Result<Vec<KnownFact>> {
-    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_slice(&text)
-        .with_context(|| format!("{} is not a known_1000-style JSON list", path.display()))
-}
-
-/// Per-model cache folder (`$LOCI_CACHE` or `~/.cache/loci`), keyed by the model's fingerprint.
-pub fn cache_dir(lm: &LoadedModel) -> PathBuf {
-    let base = std::env::var_os("LOCI_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/loci")))
-        .unwrap_or_else(|| PathBuf::from(".loci-cache"));
-    base.join(format!("{}-{}", lm.name, lm.info.fingerprint))
-}
-
-#[derive(Serialize, Deserialize)]
-struct NoiseCache {
-    subjects_file: String,
-    embedding_std: f64,
-}
-
-/// The subject-embedding std of this model, computed once and cached per model.
-pub fn cached_embedding_std(lm: &LoadedModel, known: Option<&Path>) -> Result<f64> {
-    let (name, subjects) = known_subjects(known)?;
-    let file = cache_dir(lm).join("embedding_std.json");
-    let cached = std::fs::read(&file)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<NoiseCache>(&b).ok());
-    if let Some(c) = cached.filter(|c| c.subjects_file == name) {
-        return Ok(c.embedding_std);
-    }
-    let std = embedding_std(lm, &subjects)?;
-    // The cache only saves time: failing to write it is not an error.
-    if std::fs::create_dir_all(file.parent().expect("cache file has a folder")).is_ok() {
-        let cache = NoiseCache {
-            subjects_file: name,
-            embedding_std: std,
-        };
-        let _ = std::fs::write(&file, serde_json::to_string(&cache)?);
-    }
-    Ok(std)
 }
 
 struct Bar(ProgressBar);
@@ -204,7 +130,12 @@ pub fn run(a: TraceArgs) -> Result<()> {
         a.subject.clone().unwrap_or_default(),
     )?;
     let mut obs = Bar(bar(0, "tracing"));
-    let r = lm.trace(&req, std, &mut obs, super::trace_workers(&lm.model.device))?;
+    let r = lm.trace(
+        &req,
+        std,
+        &mut obs,
+        crate::workspace::trace_workers(&lm.model.device),
+    )?;
     obs.0.finish_and_clear();
     emit(&a.json, &r)?;
     if let Some(p) = &a.plot {
@@ -267,7 +198,7 @@ fn run_facts(a: &TraceArgs, lm: &LoadedModel, path: &Path, std: Option<f64>) -> 
             &req,
             std,
             &mut loci_core::trace::Quiet,
-            super::trace_workers(&lm.model.device),
+            crate::workspace::trace_workers(&lm.model.device),
         ) {
             Ok(r) => traces.push(r),
             Err(e) => {

@@ -3,8 +3,13 @@
 //! Models are named by the server (never by paths from requests), loaded lazily and shared; work
 //! runs on blocking threads behind a bounded queue; a panic in one request becomes a 500.
 
-mod api;
+mod edit;
+mod files;
+mod jobs;
 mod models;
+mod predict;
+mod study;
+mod trace;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,11 +43,11 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 8)]
     pub queue: usize,
     /// Weights and activations dtype of the served models.
-    #[arg(long, value_enum, default_value_t = super::cli::Precision::F32)]
-    pub dtype: super::cli::Precision,
+    #[arg(long, value_enum, default_value_t = crate::workspace::Precision::F32)]
+    pub dtype: crate::workspace::Precision,
     /// Key statistics for edits: folder, corpus and token count when computed on the way.
     #[command(flatten)]
-    pub stats: super::cli::edit::StatsSource,
+    pub stats: crate::workspace::StatsSource,
 }
 
 pub struct AppState {
@@ -53,30 +58,28 @@ pub struct AppState {
     pub running: Arc<tokio::sync::Semaphore>,
     /// Threads one trace may use.
     pub trace_workers: usize,
-    pub stats: super::cli::edit::StatsSource,
-    /// Key statistics in use, per (model, layer).
-    pub stats_cache:
-        std::sync::Mutex<std::collections::HashMap<(String, usize), loci_core::edit::KeyStats>>,
+    /// Key statistics, kept in memory after first use.
+    pub stats: crate::workspace::StatsCache,
 }
 
 pub fn router(state: Arc<AppState>, dist: PathBuf, static_dir: PathBuf) -> Router {
     Router::new()
-        .route("/api/models", get(api::models))
-        .route("/api/predict", post(api::predict))
-        .route("/api/generate", post(api::generate))
-        .route("/api/trace", post(api::trace).get(api::trace_get))
-        .route("/api/edit", post(api::edit))
-        .route("/api/edits", get(api::edits))
-        .route("/api/undo", post(api::undo))
-        .route("/api/edits/{id}/file", get(api::edit_file))
-        .route("/api/eval", post(api::eval_case))
-        .route("/api/study", post(api::study).get(api::study_get))
-        .route("/api/models/{name}/files/{file}", get(api::model_file))
-        .route("/api/openapi.json", get(api::openapi))
+        .route("/api/models", get(predict::models))
+        .route("/api/predict", post(predict::predict))
+        .route("/api/generate", post(predict::generate))
+        .route("/api/trace", post(trace::trace).get(trace::trace_get))
+        .route("/api/edit", post(edit::edit))
+        .route("/api/edits", get(edit::edits))
+        .route("/api/undo", post(edit::undo))
+        .route("/api/edits/{id}/file", get(edit::edit_file))
+        .route("/api/eval", post(study::eval_case))
+        .route("/api/study", post(study::study).get(study::study_get))
+        .route("/api/models/{name}/files/{file}", get(files::model_file))
+        .route("/api/openapi.json", get(files::openapi))
         .layer(DefaultBodyLimit::max(64 * 1024))
         .route(
             "/api/edits/upload",
-            post(api::upload_edit).layer(DefaultBodyLimit::max(api::MAX_EDIT_FILE)),
+            post(edit::upload_edit).layer(DefaultBodyLimit::max(edit::MAX_EDIT_FILE)),
         )
         .with_state(state)
         .nest_service("/static", ServeDir::new(static_dir))
@@ -85,20 +88,19 @@ pub fn router(state: Arc<AppState>, dist: PathBuf, static_dir: PathBuf) -> Route
 
 pub fn serve(a: ServeArgs) -> Result<()> {
     let paths = if a.models.is_empty() {
-        vec![super::cli::default_model()?]
+        vec![crate::workspace::default_model()?]
     } else {
         a.models.clone()
     };
-    let device = super::cli::device()?;
-    let trace_workers = (super::cli::trace_workers(&device) / a.workers.max(1)).max(1);
+    let device = crate::workspace::device()?;
+    let trace_workers = (crate::workspace::trace_workers(&device) / a.workers.max(1)).max(1);
     let registry = Registry::discover(&paths, a.dtype.dtype(), device)?;
     let state = Arc::new(AppState {
         registry,
         admission: Arc::new(tokio::sync::Semaphore::new(a.workers.max(1) + a.queue)),
         running: Arc::new(tokio::sync::Semaphore::new(a.workers.max(1))),
         trace_workers,
-        stats: a.stats,
-        stats_cache: Default::default(),
+        stats: crate::workspace::StatsCache::new(a.stats),
     });
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {

@@ -13,8 +13,11 @@ use crate::model::layers::Linear;
 pub enum WeightChange<'a> {
     /// `Σᵣ rightᵣ leftᵣᵀ`: `right` is `[rank, d_model]`, `left` `[rank, d_ff]`, row-major.
     LowRank {
+        /// Number of rank-one terms (1 for ROME).
         rank: usize,
+        /// The `rank` output-side vectors, `[rank, d_model]` f32.
         right: &'a [f32],
+        /// The `rank` input-side (key-side) vectors, `[rank, d_ff]` f32.
         left: &'a [f32],
     },
     /// The whole `[d_model, d_ff]` difference, row-major.
@@ -24,8 +27,11 @@ pub enum WeightChange<'a> {
 /// One layer's change: its weight, and its bias (`d_model`) when it has one and it changes.
 #[derive(Clone, Copy, Debug)]
 pub struct LayerDelta<'a> {
+    /// Index of the transformer block whose MLP down-projection changes.
     pub layer: usize,
+    /// The change added to the down-projection's weight.
     pub weight: WeightChange<'a>,
+    /// The change added to its bias (`d_model` f32); `None` leaves the bias as it is.
     pub bias: Option<&'a [f32]>,
 }
 

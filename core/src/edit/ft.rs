@@ -1,5 +1,5 @@
-//! Constrained fine-tuning, the editing baseline of ROME and Hase et al. (spec §6): Adam on the
-//! down-projection weight and bias of chosen layers, every step clamped into an L∞ ball of
+//! Constrained fine-tuning, the editing baseline of ROME and Hase et al. (docs/finetune.md): Adam
+//! on the down-projection weight and bias of chosen layers, every step clamped into an L∞ ball of
 //! radius ε around the original values (Zhu et al.'s FT-L).
 
 use candle_core::{DType, Tensor, Var, D};
@@ -7,11 +7,11 @@ use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use serde::{Deserialize, Serialize};
 
 use super::delta::{LayerDelta, WeightChange};
-use super::rome::{spaced, RewriteRequest};
 use crate::error::{LociError, Result};
 use crate::loader::LoadedModel;
 use crate::model::layers::Linear;
 use crate::model::LogitsAt;
+use crate::request::{spaced, RewriteRequest};
 
 /// What the fine-tuning minimises.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -58,7 +58,24 @@ const HPARAM_FILES: [&str; 5] = [
 impl FtHparams {
     /// The shipped hyper-parameters for a model of this shape, if Loci has them.
     pub fn for_model(cfg: &crate::config::ModelConfig) -> Option<Self> {
-        super::rome::shipped_for(&HPARAM_FILES, cfg)
+        super::method::shipped_for(&HPARAM_FILES, cfg)
+    }
+
+    /// The defaults for this model: its shipped settings (at `layers` when given), else ROME's
+    /// constrained FT (ε = 5e-4) at `layers`; without either, an error asking for layers.
+    pub fn defaults(cfg: &crate::config::ModelConfig, layers: &[usize]) -> Result<Self> {
+        super::method::check_layers(layers, cfg.n_layer)?;
+        match (Self::for_model(cfg), layers.is_empty()) {
+            (Some(hp), true) => Ok(hp),
+            (Some(mut hp), false) => {
+                hp.layers = layers.to_vec();
+                Ok(hp)
+            }
+            (None, false) => Ok(Self::at_layers(layers.to_vec(), Some(5e-4))),
+            (None, true) => Err(LociError::input(
+                "Loci has no default fine-tuning layers for this model; pass --layers",
+            )),
+        }
     }
 
     /// ROME's constrained FT (FT-L: lr 5e-4, 25 steps) at `layers` with L∞ radius `eps`.
@@ -290,7 +307,7 @@ impl LoadedModel {
             1
         };
         let subject = match hp.goal.subject_noise {
-            Some(_) => super::rome::subject_span(self, &req.prompt, &req.subject)?,
+            Some(_) => crate::request::subject_span(self, &req.prompt, &req.subject)?,
             None => (0, 0),
         };
         let input = m.ids_tensor(&vec![ids; rows])?;
@@ -352,7 +369,7 @@ impl LoadedModel {
                     self.model.set_down_proj(t.layer, Linear::new(w, b))?;
                 }
                 // Fresh noise every step, as the reference draws it.
-                let mut noise = crate::trace::noise::subject_noise(
+                let mut noise = crate::hooks::noise::subject_noise(
                     &(0..rows)
                         .map(|r| (r, subject.0, subject.1))
                         .collect::<Vec<_>>(),

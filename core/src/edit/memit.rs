@@ -1,4 +1,5 @@
-//! MEMIT (Meng et al. 2023): many facts at once, the change spread over several layers (spec §5).
+//! MEMIT (Meng et al. 2023): many facts at once, the change spread over several layers
+//! (docs/memit.md).
 //!
 //! Each request gets a target z for the residual stream after the last edited layer (ROME's v*
 //! optimisation, at the block output); then, layer by layer from the lowest, the remaining gap
@@ -12,12 +13,13 @@ use serde::{Deserialize, Serialize};
 
 use super::delta::{AppliedEdit, LayerDelta, WeightChange};
 use super::linalg;
-use super::rome::{spaced, RewriteRequest, ValueSpec};
+use super::rome::ValueSpec;
 use super::stats::KeyStats;
 use crate::error::{LociError, Result};
 use crate::hooks::Site;
 use crate::loader::LoadedModel;
 use crate::predict::Sampling;
+use crate::request::{spaced, RewriteRequest};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct MemitHparams {
@@ -51,7 +53,24 @@ const HPARAM_FILES: [&str; 3] = [
 impl MemitHparams {
     /// The shipped hyper-parameters for a model of this shape, if Loci has them.
     pub fn for_model(cfg: &crate::config::ModelConfig) -> Option<Self> {
-        super::rome::shipped_for(&HPARAM_FILES, cfg)
+        super::method::shipped_for(&HPARAM_FILES, cfg)
+    }
+
+    /// The defaults for this model: its shipped settings (at `layers` when given), else the
+    /// paper's values at `layers`; without either, an error asking for layers.
+    pub fn defaults(cfg: &crate::config::ModelConfig, layers: &[usize]) -> Result<Self> {
+        super::method::check_layers(layers, cfg.n_layer)?;
+        match (Self::for_model(cfg), layers.is_empty()) {
+            (Some(hp), true) => Ok(hp),
+            (Some(mut hp), false) => {
+                hp.layers = layers.to_vec();
+                Ok(hp)
+            }
+            (None, false) => Ok(Self::at_layers(layers.to_vec())),
+            (None, true) => Err(LociError::input(
+                "Loci has no default MEMIT layers for this model; pass --layers",
+            )),
+        }
     }
 
     /// GPT-J's official values at other layers.

@@ -5,6 +5,7 @@ mod file;
 pub mod ft;
 pub mod linalg;
 pub mod memit;
+pub mod method;
 pub mod report;
 pub mod rome;
 pub mod saved;
@@ -13,12 +14,14 @@ pub mod stats;
 pub use delta::{delta_norm, AppliedEdit, LayerDelta, WeightChange};
 pub use ft::{FtEdit, FtHparams, FtLayer, FtObjective, FtStats};
 pub use memit::{MemitEdit, MemitHparams, MemitLayer, MemitStats};
+pub use method::EditMethod;
 pub use saved::Edit;
 
+pub use crate::request::{RewriteRequest, TargetStr};
 pub use report::{
     EditReport, EditSide, Generations, MemitReport, Probes, PromptProbs, RequestReport,
 };
-pub use rome::{KeyMode, RewriteRequest, RomeEdit, RomeHparams, TargetStr};
+pub use rome::{KeyMode, RomeEdit, RomeHparams};
 pub use stats::{KeyStats, StatsAccumulator, StatsProvenance};
 
 use serde::{Deserialize, Serialize};
@@ -28,12 +31,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
+    /// Raise p(target): the usual edit.
     #[default]
     Raise,
+    /// Lower p(target): fact erasure.
     Lower,
 }
 
 impl Direction {
+    /// Whether the edit raises the target's probability.
     pub fn is_raise(&self) -> bool {
         *self == Direction::Raise
     }
@@ -45,16 +51,19 @@ impl Direction {
 /// Flattened into each method's hyper-parameters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EditGoal {
+    /// Which way the target's probability is pushed (default: up).
     #[serde(default)]
     pub direction: Direction,
+    /// σ of the noise on the subject's embeddings while the edit is computed (fact forcing);
+    /// `None`: no noise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject_noise: Option<f64>,
 }
 
 impl EditGoal {
     /// The subject noise with the method's seed.
-    pub(crate) fn noise(&self, seed: u64) -> Option<crate::trace::noise::SubjectNoise> {
+    pub(crate) fn noise(&self, seed: u64) -> Option<crate::hooks::noise::SubjectNoise> {
         self.subject_noise
-            .map(|sigma| crate::trace::noise::SubjectNoise { sigma, seed })
+            .map(|sigma| crate::hooks::noise::SubjectNoise { sigma, seed })
     }
 }

@@ -6,71 +6,102 @@ use serde::{Deserialize, Serialize};
 use super::delta::{delta_norm, AppliedEdit};
 use super::ft::{FtEdit, FtHparams};
 use super::memit::{MemitEdit, MemitHparams};
-use super::rome::{RewriteRequest, RomeEdit, RomeHparams, TargetStr};
+use super::rome::{RomeEdit, RomeHparams};
 use super::saved::Edit;
 use super::stats::KeyStats;
 use crate::error::{LociError, Result};
 use crate::loader::LoadedModel;
 use crate::predict::Sampling;
+use crate::request::{RewriteRequest, TargetStr};
 
 /// Probabilities of the new and the old target (the whole string, all its tokens) after a prompt.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct PromptProbs {
+    /// The prompt, with the subject filled in.
     pub prompt: String,
+    /// p(new target | prompt).
     pub target_new: f32,
+    /// p(old target | prompt): the model's answer before the edit (`target_true`).
     pub target_true: f32,
 }
 
+/// One read-out of an edit's probes, taken before or after it is applied.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct EditSide {
+    /// The request's own prompt.
     pub rewrite: PromptProbs,
+    /// Each paraphrase prompt (the edit should generalise to them), in [`Probes`] order.
     pub paraphrase: Vec<PromptProbs>,
+    /// Each neighbourhood prompt (other subjects the edit should leave alone), in order.
     pub neighborhood: Vec<PromptProbs>,
 }
 
+/// Greedy continuations of the rewrite prompt and then each paraphrase, before and after the
+/// edit; both empty when [`Probes::generate_tokens`] is 0.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Generations {
+    /// Texts (prompt and continuation) from the unedited model.
     pub before: Vec<String>,
+    /// Texts (prompt and continuation) from the edited model.
     pub after: Vec<String>,
 }
 
+/// A one-fact edit (ROME or fine-tuning) with its probes read before and after.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct EditReport {
+    /// The request as edited, `target_true` filled in.
     pub request: RewriteRequest,
+    /// The edited layer (for fine-tuning, the first tuned layer).
     pub layer: usize,
+    /// The probes on the unedited model.
     pub before: EditSide,
+    /// The probes on the edited model.
     pub after: EditSide,
+    /// Greedy generations before and after.
     pub generations: Generations,
+    /// ‖ΔW‖_F over every changed layer together.
     pub delta_norm: f32,
+    /// The optimisation's loss at each step (ROME's v*, or the fine-tuning loss).
     pub v_losses: Vec<f32>,
+    /// Wall-clock seconds for the whole edit, read-outs included (0 on wasm32).
     pub seconds: f64,
 }
 
 /// One request of a MEMIT edit, read out before and after.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct RequestReport {
+    /// The request, `target_true` filled in.
     pub request: RewriteRequest,
+    /// Its probes on the unedited model.
     pub before: EditSide,
+    /// Its probes on the edited model.
     pub after: EditSide,
+    /// Greedy generations before and after.
     pub generations: Generations,
 }
 
+/// A MEMIT edit of several facts with each one's probes read before and after.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct MemitReport {
+    /// The changed layers, in the edit's order.
     pub layers: Vec<usize>,
+    /// One read-out per request, in request order.
     pub requests: Vec<RequestReport>,
     /// Per layer, ‖ΔW‖.
     pub delta_norms: Vec<f32>,
     /// Per request, the z optimisation's losses.
     pub z_losses: Vec<Vec<f32>>,
+    /// Wall-clock seconds for the whole edit, read-outs included (0 on wasm32).
     pub seconds: f64,
 }
 
 /// Prompts to read out around an edit.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Probes {
+    /// Rephrasings of the request's prompt (subject included) that should now give the new target.
     #[serde(default)]
     pub paraphrase: Vec<String>,
+    /// Prompts about other subjects whose answers the edit should not change.
     #[serde(default)]
     pub neighborhood: Vec<String>,
     /// Greedy tokens generated after the rewrite prompt and each paraphrase (0: none).
@@ -110,6 +141,7 @@ impl LoadedModel {
         Ok(req)
     }
 
+    /// p(new target) and p(old target) after the request's prompt and each probe prompt.
     pub fn edit_side(&self, req: &RewriteRequest, probes: &Probes) -> Result<EditSide> {
         let old = req
             .target_true

@@ -4,14 +4,19 @@
 use super::delta::{delta_norm, AppliedEdit, LayerDelta};
 use super::ft::FtEdit;
 use super::memit::MemitEdit;
-use super::rome::{RewriteRequest, RomeEdit};
+use super::rome::RomeEdit;
 use crate::error::Result;
 use crate::loader::LoadedModel;
+use crate::request::RewriteRequest;
 
+/// A computed edit of any method: what can be saved, loaded, applied and listed.
 #[derive(Clone, Debug)]
 pub enum Edit {
+    /// A rank-one ROME edit of one fact at one layer.
     Rome(RomeEdit),
+    /// A MEMIT edit of several facts spread over several layers.
     Memit(MemitEdit),
+    /// A (constrained) fine-tuning edit: dense changes to one or more layers.
     Ft(FtEdit),
 }
 
@@ -27,6 +32,7 @@ impl Edit {
         }
     }
 
+    /// The edit as its method's safetensors file, which [`Edit::from_bytes`] reads back.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         match self {
             Edit::Rome(e) => e.to_bytes(),
@@ -35,6 +41,7 @@ impl Edit {
         }
     }
 
+    /// The per-layer weight changes, borrowing the edit's vectors.
     pub fn deltas(&self) -> Vec<LayerDelta<'_>> {
         match self {
             Edit::Rome(e) => vec![e.delta()],
@@ -43,6 +50,7 @@ impl Edit {
         }
     }
 
+    /// The facts the edit rewrites: one for ROME and fine-tuning, every request for MEMIT.
     pub fn requests(&self) -> Vec<&RewriteRequest> {
         match self {
             Edit::Rome(e) => vec![&e.request],
@@ -60,6 +68,7 @@ impl Edit {
         }
     }
 
+    /// The changed layers, in the order their deltas are applied.
     pub fn layers(&self) -> Vec<usize> {
         self.deltas().iter().map(|d| d.layer).collect()
     }

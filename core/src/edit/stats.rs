@@ -1,5 +1,6 @@
 //! Key statistics: the uncentred second moment C = E[k kᵀ] of the MLP keys (the down-projection's
-//! input) at a layer, over a text corpus (spec §4.7). ROME whitens its update with C⁻¹.
+//! input) at a layer, over a text corpus (docs/rome.md#key-statistics). ROME whitens its update
+//! with C⁻¹.
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -12,19 +13,29 @@ use crate::model::LogitsAt;
 /// Where a statistic came from: it only fits the model, layer and width it was made for.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StatsProvenance {
+    /// Name of the model the keys came from (for messages).
     pub model: String,
+    /// That model's [`ModelInfo::fingerprint`](crate::loader::ModelInfo::fingerprint): what
+    /// [`KeyStats::check_fits`] compares.
     pub fingerprint: String,
+    /// The layer whose MLP keys were collected.
     pub layer: usize,
+    /// Width of the keys: C is `[d_ff, d_ff]`.
     pub d_ff: usize,
+    /// Name of the text corpus, as the caller gave it.
     pub corpus: String,
+    /// Number of key vectors (tokens) averaged.
     pub tokens: u64,
+    /// Number of non-empty texts that contributed.
     pub texts: u64,
+    /// The length each text was truncated to, in tokens.
     pub max_len: usize,
 }
 
 /// C for one layer: `mom2[i][j] = E[k_i k_j]` over `count` tokens.
 #[derive(Clone, Debug)]
 pub struct KeyStats {
+    /// Which model, layer and corpus C was made from.
     pub provenance: StatsProvenance,
     /// `[d_ff, d_ff]` f32.
     pub mom2: Tensor,
@@ -70,6 +81,7 @@ impl StatsAccumulator {
         })
     }
 
+    /// Tokens (key vectors) summed so far.
     pub fn tokens(&self) -> u64 {
         self.tokens
     }
@@ -209,6 +221,7 @@ impl KeyStats {
         )
     }
 
+    /// Reads statistics written by [`KeyStats::to_bytes`] (C lands on the CPU).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let bad = |e: String| LociError::model(format!("not a Loci statistics file: {e}"));
         let (provenance, file): (StatsProvenance, _) =

@@ -1,24 +1,32 @@
-//! CounterFact: ROME's probability tests (efficacy, paraphrase, neighbourhood, generation
-//! fluency and consistency, spec §7) and Hase et al.'s normalised scores (§8.6).
+//! CounterFact: ROME's probability tests (efficacy, paraphrase, neighbourhood, generation fluency
+//! and consistency, docs/evaluation.md#counterfact-metrics) and Hase et al.'s normalised scores
+//! (docs/evaluation.md#hase-et-als-normalised-scores).
 
 use serde::{Deserialize, Serialize};
 
 use super::{hmean, mean, percent, TargetScore};
-use crate::edit::rome::{RewriteRequest, TargetStr};
 use crate::error::{LociError, Result};
 use crate::loader::LoadedModel;
+use crate::request::{RewriteRequest, TargetStr};
 
 /// One CounterFact case (ROME's format; EasyEdit's flattened records convert into it).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct CounterFactCase {
+    /// The case's id in the data set (also seeds its generations).
     pub case_id: u64,
+    /// The fact to rewrite: prompt template, subject, new and true targets.
     pub requested_rewrite: RewriteRequest,
+    /// Rephrasings of the rewrite prompt that should now give the new target.
     #[serde(default)]
     pub paraphrase_prompts: Vec<String>,
+    /// Prompts about other subjects with the same true answer, which the edit should keep.
     #[serde(default)]
     pub neighborhood_prompts: Vec<String>,
+    /// Prompts about subjects whose true answer is the new target (ROME's attribute prompts);
+    /// scored, but not used by the metrics.
     #[serde(default)]
     pub attribute_prompts: Vec<String>,
+    /// Prompts to generate from for fluency and consistency.
     #[serde(default)]
     pub generation_prompts: Vec<String>,
     /// The neighbours' own true answer when it differs from the case's (EasyEdit's locality).
@@ -79,18 +87,28 @@ pub(super) fn from_values(values: Vec<serde_json::Value>) -> Result<Vec<CounterF
         .collect()
 }
 
+/// The new and the true target's scores after one prompt.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct PromptScores {
+    /// The prompt scored.
     pub prompt: String,
+    /// The score of the requested new target.
     pub target_new: TargetScore,
+    /// The score of the true target (for neighbourhood prompts, the neighbours' own answer when
+    /// the case gives one).
     pub target_true: TargetScore,
 }
 
+/// A case's probability tests (and optional generations) on the model as it is.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct CaseScores {
+    /// The rewrite prompt itself, subject filled in (one entry).
     pub rewrite: Vec<PromptScores>,
+    /// One per paraphrase prompt.
     pub paraphrase: Vec<PromptScores>,
+    /// One per neighbourhood prompt.
     pub neighborhood: Vec<PromptScores>,
+    /// One per attribute prompt.
     pub attribute: Vec<PromptScores>,
     /// Weighted bi/tri-gram entropy of generations (fluency), when generated.
     pub fluency: Option<f32>,
@@ -220,28 +238,45 @@ pub fn ngram_entropy(text: &str) -> f32 {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct CaseMetrics {
     /// ROME: efficacy, paraphrase and neighbourhood success (fractions) and magnitudes.
+    /// Efficacy success: share of rewrite prompts where, after the edit, the new target's mean
+    /// token NLL is below the true one's (NaN without prompts, as for each score below).
     pub efficacy_score: f32,
+    /// Mean over rewrite prompts of p̄(new) − p̄(true) after the edit, p̄ = exp(−mean NLL).
     pub efficacy_magnitude: f32,
+    /// As `efficacy_score`, over the paraphrase prompts.
     pub paraphrase_score: f32,
+    /// As `efficacy_magnitude`, over the paraphrase prompts.
     pub paraphrase_magnitude: f32,
+    /// Share of neighbourhood prompts where the new target does not beat the true answer.
     pub neighborhood_score: f32,
+    /// Mean over neighbourhood prompts of p̄(true) − p̄(new) after the edit.
     pub neighborhood_magnitude: f32,
     /// Hase et al.: normalised rewrite, paraphrase and neighbourhood scores on the first prompt of
     /// each type, and their per-case harmonic mean.
+    /// Rewrite: `1 − (1 − p_post) / (1 − p_pre)` with p = p(new target), floored at 2e-8.
     pub hase_rewrite: f32,
+    /// The same normalised score on the first paraphrase prompt.
     pub hase_paraphrase: f32,
+    /// `1 − |p_post − p_pre| / (|p_pre − 0.5| + 0.5)` of p(new target) on the first
+    /// neighbourhood prompt: 1 when the edit left it unchanged.
     pub hase_neighborhood: f32,
+    /// Harmonic mean of the three Hase scores (0 when any is ≤ 0 or missing).
     pub hase_target_score: f32,
+    /// Generation fluency (n-gram entropy) before the edit, when generated.
     pub fluency_pre: Option<f32>,
+    /// Generation fluency after the edit, when generated.
     pub fluency_post: Option<f32>,
     /// TF-IDF similarity of the generations to Wikipedia texts about the new target (ROME's
     /// consistency), when the case's attribute snippets are known.
     #[serde(default)]
     pub consistency_pre: Option<f32>,
+    /// The same consistency, of the generations after the edit.
     #[serde(default)]
     pub consistency_post: Option<f32>,
 }
 
+/// ROME's and Hase et al.'s metrics of one case from its scores before and after the edit
+/// (consistency is left `None`: it needs the reference texts).
 pub fn case_metrics(pre: &CaseScores, post: &CaseScores) -> CaseMetrics {
     let succ = |v: &[PromptScores]| {
         mean(
@@ -294,24 +329,41 @@ pub fn case_metrics(pre: &CaseScores, post: &CaseScores) -> CaseMetrics {
 /// Dataset-level summary (×100 like ROME's tables; the score is the harmonic mean of ES, PS, NS).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Summary {
+    /// Number of cases summarised.
     pub cases: usize,
+    /// ES: mean [`CaseMetrics::efficacy_score`] × 100 (each mean skips cases without the metric).
     pub efficacy_score: f32,
+    /// EM: mean efficacy magnitude × 100.
     pub efficacy_magnitude: f32,
+    /// PS: mean paraphrase success × 100.
     pub paraphrase_score: f32,
+    /// PM: mean paraphrase magnitude × 100.
     pub paraphrase_magnitude: f32,
+    /// NS: mean neighbourhood success × 100.
     pub neighborhood_score: f32,
+    /// NM: mean neighbourhood magnitude × 100.
     pub neighborhood_magnitude: f32,
+    /// S: harmonic mean of ES, PS and NS.
     pub score: f32,
+    /// Mean Hase rewrite score × 100.
     pub hase_rewrite: f32,
+    /// Mean Hase paraphrase score × 100.
     pub hase_paraphrase: f32,
+    /// Mean Hase neighbourhood score × 100.
     pub hase_neighborhood: f32,
+    /// Mean of the per-case Hase harmonic means × 100.
     pub hase_target_score: f32,
+    /// Mean fluency before the edits × 100, over the cases that generated (None if none did).
     pub fluency_pre: Option<f32>,
+    /// Mean fluency after the edits × 100, over the cases that generated.
     pub fluency_post: Option<f32>,
+    /// Mean consistency before the edits × 100, over the cases that have it.
     pub consistency_pre: Option<f32>,
+    /// Mean consistency after the edits × 100, over the cases that have it.
     pub consistency_post: Option<f32>,
 }
 
+/// Averages per-case metrics into the data set's summary (see [`Summary`]).
 pub fn summarize(ms: &[CaseMetrics]) -> Summary {
     let avg = |f: &dyn Fn(&CaseMetrics) -> f32| percent(ms, f);
     let opt = |f: &dyn Fn(&CaseMetrics) -> Option<f32>| {
@@ -351,6 +403,7 @@ pub struct AttributeSnippets {
 }
 
 impl AttributeSnippets {
+    /// Reads `attribute_snippets.json`, gathering each (relation, target)'s sample texts.
     pub fn parse(text: &str) -> Result<Self> {
         #[derive(Deserialize)]
         struct Sample {
@@ -377,6 +430,7 @@ impl AttributeSnippets {
         Ok(Self { texts })
     }
 
+    /// The texts for a Wikidata relation id and target id (empty when there are none).
     pub fn get(&self, relation_id: &str, target_id: &str) -> &[String] {
         self.texts
             .get(&(relation_id.to_string(), target_id.to_string()))
@@ -386,7 +440,9 @@ impl AttributeSnippets {
 
 /// What consistency needs: IDF weights (from a Wikipedia corpus) and the reference texts.
 pub struct Consistency {
+    /// IDF weights fitted on the Wikipedia corpus.
     pub idf: crate::tfidf::Idf,
+    /// The reference texts about each target.
     pub snippets: AttributeSnippets,
 }
 
@@ -409,15 +465,22 @@ impl Consistency {
 /// One evaluated case: the scores before and after the edit, and the metrics.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct CaseRecord {
+    /// The case's id in the data set.
     pub case_id: u64,
+    /// The case's rewrite, as edited.
     pub request: RewriteRequest,
+    /// Scores before the edit.
     pub pre: CaseScores,
+    /// Scores right after the edit.
     pub post: CaseScores,
+    /// Metrics of `pre` → `post`.
     pub metrics: CaseMetrics,
+    /// Wall-clock seconds to compute and apply the edit, shared over the cases it wrote.
     pub edit_seconds: f64,
     /// Sequential editing: the scores and metrics after the last edit of the sequence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last: Option<CaseScores>,
+    /// Sequential editing: metrics of `pre` → `last`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_metrics: Option<CaseMetrics>,
 }

@@ -9,20 +9,23 @@ pub use counterfact::*;
 
 use serde::{Deserialize, Serialize};
 
-use crate::edit::rome::{spaced, RewriteRequest};
 use crate::error::{LociError, Result};
 use crate::hooks::{Capture, Site};
 use crate::loader::LoadedModel;
 use crate::model::LogitsAt;
+use crate::request::{spaced, RewriteRequest};
 
 /// A benchmark file's cases.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Dataset {
+    /// CounterFact cases (counterfactual rewrites with paraphrase and neighbourhood prompts).
     CounterFact(Vec<CounterFactCase>),
+    /// zsRE cases (question answering with paraphrased questions and unrelated ones).
     Zsre(zsre::ZsreSet),
 }
 
 impl Dataset {
+    /// Number of cases.
     pub fn len(&self) -> usize {
         match self {
             Dataset::CounterFact(c) => c.len(),
@@ -30,6 +33,7 @@ impl Dataset {
         }
     }
 
+    /// Whether there are no cases.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -66,7 +70,10 @@ pub(crate) fn json_values(text: &str, what: &str) -> Result<Vec<serde_json::Valu
 /// forcing).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct TokenPredictions {
+    /// The target's token ids (with the leading space it gets after a prompt).
     pub target: Vec<u32>,
+    /// The model's top-1 token at each target position, given the prompt and the target
+    /// tokens before it; as long as `target`.
     pub predicted: Vec<u32>,
 }
 
@@ -86,7 +93,9 @@ pub(crate) fn share_same(a: &[u32], b: &[u32]) -> f32 {
 /// Mean per-token NLL (ROME) and full-sequence probability (Hase) of a target after a prompt.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct TargetScore {
+    /// Mean over the target's tokens of −ln p(token | prompt, earlier target tokens).
     pub nll: f32,
+    /// p(whole target | prompt): the product of the per-token probabilities.
     pub prob: f32,
 }
 
@@ -303,7 +312,10 @@ pub struct Checkpoint<S> {
 /// What a sequence of edits gives: each case's scores, and the checkpoints on the way.
 #[derive(Clone, Debug)]
 pub struct Sequence<S> {
+    /// One entry per case, in the cases' order.
     pub cases: Vec<InSequence<S>>,
+    /// The checkpoints' scores, in the order they were taken (none when `checkpoint_every`
+    /// is 0).
     pub checkpoints: Vec<Checkpoint<S>>,
 }
 
@@ -412,7 +424,9 @@ impl LoadedModel {
 /// of the cases edited so far at each checkpoint.
 #[derive(Clone, Debug)]
 pub struct SequenceEval<R, M> {
+    /// One per case, in the cases' order.
     pub records: Vec<SequenceRecord<R>>,
+    /// `(cases done, metrics of each case edited and scored by then)` per checkpoint.
     pub checkpoints: Vec<(usize, Vec<M>)>,
 }
 

@@ -1,13 +1,14 @@
-//! zsRE question-answering edits, ROME's and MEMIT's second benchmark (spec §7.2): each edit
-//! makes the model answer a question about its subject, scored by top-1 token accuracy under
-//! teacher forcing on the question, its rephrasing and an unrelated Natural Questions prompt.
+//! zsRE question-answering edits, ROME's and MEMIT's second benchmark
+//! (docs/evaluation.md#zsre-metrics): each edit makes the model answer a question about its
+//! subject, scored by top-1 token accuracy under teacher forcing on the question, its rephrasing
+//! and an unrelated Natural Questions prompt.
 
 use serde::{Deserialize, Serialize};
 
 use super::TokenPredictions;
-use crate::edit::rome::RewriteRequest;
 use crate::error::{LociError, Result};
 use crate::loader::LoadedModel;
+use crate::request::RewriteRequest;
 
 /// Which answer a zsRE edit writes.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -50,7 +51,9 @@ struct Record {
 /// A question and the answer scored after it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct QaPrompt {
+    /// The question, as the model reads it.
     pub prompt: String,
+    /// The answer whose tokens are scored after it.
     pub answer: String,
 }
 
@@ -58,11 +61,15 @@ pub struct QaPrompt {
 /// question rephrased, and an unrelated question the edit should leave alone.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ZsreCase {
+    /// The record's position in the file.
     pub case_id: u64,
+    /// The question as a template (`{}` for the subject), the subject and the answer to write.
     pub requested_rewrite: RewriteRequest,
     /// The record's own answer (`answers[0]`), whichever answer the edit writes.
     pub answer: String,
+    /// The question rephrased (the record's `rephrase`), subject included.
     pub paraphrase_prompts: Vec<String>,
+    /// The unrelated Natural Questions prompt (`loc` with a `?`) and its answer (`loc_ans`).
     pub neighborhood: QaPrompt,
 }
 
@@ -74,6 +81,7 @@ pub(crate) fn is_record(v: &serde_json::Value) -> bool {
 /// A zsRE file's cases, and the records that cannot be posed as an edit.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ZsreSet {
+    /// The records that make an edit, in file order.
     pub cases: Vec<ZsreCase>,
     /// Why each skipped record was skipped (e.g. an empty `alt`: 2 of MEND's train sample).
     pub skipped: Vec<String>,
@@ -156,7 +164,7 @@ impl ZsreSet {
                 let rw = &c.requested_rewrite;
                 let mut request =
                     RewriteRequest::from_prompt(&wrap(&rw.prompt), &rw.subject, pool[k]).ok()?;
-                request.target_true = Some(crate::edit::rome::TargetStr::new(c.answer.clone()));
+                request.target_true = Some(crate::request::TargetStr::new(c.answer.clone()));
                 Some(super::CounterFactCase {
                     case_id: c.case_id,
                     requested_rewrite: request,
@@ -174,8 +182,11 @@ impl ZsreSet {
 /// The model's teacher-forced predictions of one answer after one prompt.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct QaScore {
+    /// The question scored.
     pub prompt: String,
+    /// The answer scored after it.
     pub answer: String,
+    /// The answer's token ids and the model's top-1 at each (serialised inline).
     #[serde(flatten)]
     pub tokens: TokenPredictions,
 }
@@ -194,11 +205,16 @@ pub struct ZsreScores {
 /// A case's accuracies (fractions of answer tokens predicted) before and after its edit.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct ZsreMetrics {
+    /// The new answer's token accuracy after the question, before the edit.
     pub efficacy_pre: f32,
     /// ROME's efficacy: the new answer's token accuracy after the question.
     pub efficacy: f32,
+    /// The new answer's mean token accuracy over the rephrasings, before the edit (NaN
+    /// without any).
     pub paraphrase_pre: f32,
+    /// The same after the edit (ROME's paraphrase accuracy).
     pub paraphrase: f32,
+    /// The NQ answer's token accuracy before the edit.
     pub specificity_pre: f32,
     /// ROME's specificity: the NQ answer's token accuracy after the edit.
     pub specificity: f32,
@@ -210,15 +226,22 @@ pub struct ZsreMetrics {
 /// One evaluated zsRE case.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ZsreCaseRecord {
+    /// The case's position in the file.
     pub case_id: u64,
+    /// The case's rewrite, as edited.
     pub request: RewriteRequest,
+    /// Scores before the edit.
     pub pre: ZsreScores,
+    /// Scores right after the edit.
     pub post: ZsreScores,
+    /// Metrics of `pre` → `post`.
     pub metrics: ZsreMetrics,
+    /// Wall-clock seconds to compute and apply the edit, shared over the cases it wrote.
     pub edit_seconds: f64,
     /// Sequential editing: the scores and metrics after the last edit of the sequence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last: Option<ZsreScores>,
+    /// Sequential editing: metrics of `pre` → `last`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_metrics: Option<ZsreMetrics>,
 }
@@ -226,13 +249,21 @@ pub struct ZsreCaseRecord {
 /// Dataset means, ×100 like ROME's tables.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct ZsreSummary {
+    /// Number of cases summarised.
     pub cases: usize,
+    /// Mean efficacy before the edits (each mean skips cases without the metric).
     pub efficacy_pre: f32,
+    /// Mean efficacy after the edits.
     pub efficacy: f32,
+    /// Mean paraphrase accuracy before the edits.
     pub paraphrase_pre: f32,
+    /// Mean paraphrase accuracy after the edits.
     pub paraphrase: f32,
+    /// Mean specificity before the edits.
     pub specificity_pre: f32,
+    /// Mean specificity after the edits.
     pub specificity: f32,
+    /// Mean locality (EasyEdit's).
     pub locality: f32,
 }
 
@@ -240,6 +271,7 @@ fn mean_accuracy(v: &[QaScore]) -> f32 {
     super::mean(v.iter().map(|s| s.tokens.accuracy()))
 }
 
+/// A case's [`ZsreMetrics`] from its scores before and after the edit.
 pub fn zsre_metrics(pre: &ZsreScores, post: &ZsreScores) -> ZsreMetrics {
     let (a, b) = (&pre.neighborhood.tokens, &post.neighborhood.tokens);
     ZsreMetrics {
@@ -253,6 +285,7 @@ pub fn zsre_metrics(pre: &ZsreScores, post: &ZsreScores) -> ZsreMetrics {
     }
 }
 
+/// Averages per-case metrics into the data set's summary (×100).
 pub fn summarize_zsre(ms: &[ZsreMetrics]) -> ZsreSummary {
     let avg = |f: &dyn Fn(&ZsreMetrics) -> f32| super::percent(ms, f);
     ZsreSummary {

@@ -122,6 +122,7 @@ fn norm_grad(
     inner.broadcast_mul(&r)
 }
 
+/// LayerNorm over the last axis (`w`, `b`: `[d]`), with the input's gradient by formula.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
     let (w, b, wg) = (w.clone(), b.clone(), w.clone());
     x.apply_op1(WithGrad {
@@ -131,6 +132,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> candle_core::
     })
 }
 
+/// RMSNorm over the last axis (`w`: `[d]`), with the input's gradient by formula.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
     let (w, wg) = (w.clone(), w.clone());
     x.apply_op1(WithGrad {
@@ -235,7 +237,7 @@ mod tests {
                 name,
                 Box::new(move |x| rope(x, &c1, &s1, interleaved)),
                 Box::new(move |x| {
-                    super::super::layers::rope_composed(x, &c2, &s2, interleaved)
+                    crate::model::layers::rope_composed(x, &c2, &s2, interleaved)
                         .map_err(candle_core::Error::wrap)
                 }),
             ));

@@ -1,4 +1,5 @@
-//! Building a `Model` from named tensors: Hugging Face safetensors (files, shards or bytes) or GGUF.
+//! Building a `Model` from named tensors: Hugging Face safetensors (files, shards or bytes) or
+//! GGUF.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek};
@@ -7,8 +8,8 @@ use candle_core::quantized::gguf_file;
 use candle_core::safetensors::BufferedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
-use super::layers::{check_shape, Attention, CausalMasks, Linear, Mlp, Norm, Rotary};
-use super::{Block, Model};
+use super::layers::check_shape;
+use super::Model;
 use crate::config::{Family, ModelConfig};
 use crate::error::{LociError, Result};
 
@@ -17,12 +18,14 @@ pub enum WeightSource {
     /// One or more safetensors files (a sharded checkpoint is several).
     #[cfg(not(target_arch = "wasm32"))]
     Mmap(candle_core::safetensors::MmapedSafetensors),
+    /// Safetensors files already in memory, one per shard.
     Buffers(Vec<BufferedSafetensors>),
     /// Already materialised tensors (GGUF, dequantised and renamed).
     Tensors(HashMap<String, Tensor>),
     /// Random weights made where they are used (for timing full-size models no one can
     /// download here): N(0, std²) matrices, unit norm scales, zero biases.
     Random {
+        /// Standard deviation of the random matrices.
         std: f64,
     },
 }
@@ -79,6 +82,8 @@ impl WeightSource {
         )))
     }
 
+    /// Whether tensor `name` (or its name without `transformer.`) is there; random weights
+    /// have every name.
     pub fn contains(&self, name: &str) -> bool {
         matches!(self, WeightSource::Random { .. }) || self.lookup(name).is_ok()
     }
@@ -109,74 +114,29 @@ impl WeightSource {
     }
 }
 
-struct Builder<'a> {
-    src: &'a WeightSource,
-    dtype: DType,
-    device: &'a Device,
+/// Named weights, fetched in the model's dtype onto its device: what every piece's `load` takes.
+pub struct Weights<'a> {
+    pub(crate) src: &'a WeightSource,
+    pub(crate) dtype: DType,
+    pub(crate) device: &'a Device,
 }
 
-impl Builder<'_> {
-    fn w(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+impl Weights<'_> {
+    /// The tensor `name`, checked to have `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.src.get(name, shape, self.dtype, self.device)
     }
-    fn linear(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let b = if bias {
-            Some(self.w(&format!("{prefix}.bias"), &[out])?)
-        } else {
-            None
-        };
-        Ok(Linear::new(
-            self.w(&format!("{prefix}.weight"), &[out, inp])?,
-            b,
-        ))
-    }
-    /// GPT-2's Conv1D stores `[in, out]`.
-    fn conv1d(&self, prefix: &str, inp: usize, out: usize) -> Result<Linear> {
-        let w = self
-            .w(&format!("{prefix}.weight"), &[inp, out])?
-            .t()?
-            .contiguous()?;
-        Ok(Linear::new(
-            w,
-            Some(self.w(&format!("{prefix}.bias"), &[out])?),
-        ))
-    }
-    fn layer_norm(&self, prefix: &str, d: usize, eps: f64) -> Result<Norm> {
-        Ok(Norm::Layer {
-            w: self.w(&format!("{prefix}.weight"), &[d])?,
-            b: self.w(&format!("{prefix}.bias"), &[d])?,
-            eps: eps as f32,
-        })
-    }
-    fn rms_norm(&self, prefix: &str, d: usize, eps: f64) -> Result<Norm> {
-        Ok(Norm::Rms {
-            w: self.w(&format!("{prefix}.weight"), &[d])?,
-            eps: eps as f32,
-        })
-    }
-}
 
-fn cat_linears(parts: &[Linear]) -> Result<Linear> {
-    let w = Tensor::cat(
-        &parts.iter().map(|l| l.weight.clone()).collect::<Vec<_>>(),
-        0,
-    )?;
-    let b = if parts.iter().all(|l| l.bias.is_some()) {
-        Some(Tensor::cat(
-            &parts
-                .iter()
-                .map(|l| l.bias.clone().unwrap())
-                .collect::<Vec<_>>(),
-            0,
-        )?)
-    } else {
-        None
-    };
-    Ok(Linear::new(w, b))
+    /// Whether the weights hold `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.src.contains(name)
+    }
 }
 
 impl Model {
-    /// Builds the model from Hugging Face-named tensors, checking every shape against `cfg`.
+    /// Builds the model from Hugging Face-named tensors, checking every shape against `cfg`:
+    /// each family's file (`gpt2.rs`, `gptj.rs`, `llama.rs`) names its weights and assembles
+    /// its blocks.
     pub fn from_source(
         cfg: &ModelConfig,
         src: &WeightSource,
@@ -184,143 +144,23 @@ impl Model {
         device: &Device,
     ) -> Result<Self> {
         cfg.validate()?;
-        let b = Builder { src, dtype, device };
-        let (d, ff, nh, nkv, hd) = (
-            cfg.d_model,
-            cfg.d_ff,
-            cfg.n_head,
-            cfg.n_kv_head,
-            cfg.head_dim,
-        );
-        let eps = cfg.norm_eps;
-        let mut blocks = Vec::with_capacity(cfg.n_layer);
-        let (wte, wpe, ln_f, lm_head);
-        let masks = CausalMasks::default();
-        let rotary_of = |dim: usize, interleaved: bool| {
-            Rotary::new(
-                dim,
-                hd,
-                interleaved,
-                cfg.rope_theta,
-                cfg.max_positions,
-                device,
-            )
-        };
+        let w = Weights { src, dtype, device };
         match cfg.family {
-            Family::Gpt2 => {
-                wte = b.w("transformer.wte.weight", &[cfg.vocab_size, d])?;
-                wpe = Some(b.w("transformer.wpe.weight", &[cfg.max_positions, d])?);
-                for l in 0..cfg.n_layer {
-                    let p = format!("transformer.h.{l}");
-                    blocks.push(Block {
-                        ln1: b.layer_norm(&format!("{p}.ln_1"), d, eps)?,
-                        ln2: Some(b.layer_norm(&format!("{p}.ln_2"), d, eps)?),
-                        attn: Attention {
-                            qkv: b.conv1d(&format!("{p}.attn.c_attn"), d, 3 * d)?,
-                            out: b.conv1d(&format!("{p}.attn.c_proj"), d, d)?,
-                            n_head: nh,
-                            n_kv_head: nh,
-                            head_dim: hd,
-                            rotary: None,
-                            masks: masks.clone(),
-                        },
-                        mlp: Mlp::Gelu {
-                            fc: b.conv1d(&format!("{p}.mlp.c_fc"), d, ff)?,
-                            proj: b.conv1d(&format!("{p}.mlp.c_proj"), ff, d)?,
-                        },
-                    });
-                }
-                ln_f = b.layer_norm("transformer.ln_f", d, eps)?;
-                lm_head = Linear::new(wte.clone(), None);
-            }
-            Family::Gptj => {
-                let rotary = rotary_of(cfg.rotary_dim, true)?;
-                wte = b.w("transformer.wte.weight", &[cfg.vocab_size, d])?;
-                wpe = None;
-                for l in 0..cfg.n_layer {
-                    let p = format!("transformer.h.{l}");
-                    let proj = |n: &str| b.linear(&format!("{p}.attn.{n}"), d, d, false);
-                    blocks.push(Block {
-                        ln1: b.layer_norm(&format!("{p}.ln_1"), d, eps)?,
-                        ln2: None,
-                        attn: Attention {
-                            qkv: cat_linears(&[proj("q_proj")?, proj("k_proj")?, proj("v_proj")?])?,
-                            out: proj("out_proj")?,
-                            n_head: nh,
-                            n_kv_head: nh,
-                            head_dim: hd,
-                            rotary: Some(rotary.clone()),
-                            masks: masks.clone(),
-                        },
-                        mlp: Mlp::Gelu {
-                            fc: b.linear(&format!("{p}.mlp.fc_in"), ff, d, true)?,
-                            proj: b.linear(&format!("{p}.mlp.fc_out"), d, ff, true)?,
-                        },
-                    });
-                }
-                ln_f = b.layer_norm("transformer.ln_f", d, eps)?;
-                lm_head = b.linear("lm_head", cfg.vocab_size, d, true)?;
-            }
-            Family::Llama => {
-                let rotary = rotary_of(hd, false)?;
-                wte = b.w("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
-                wpe = None;
-                for l in 0..cfg.n_layer {
-                    let p = format!("model.layers.{l}");
-                    let ab = cfg.attn_bias;
-                    let a = |n: &str, out: usize, inp: usize, bias: bool| {
-                        b.linear(&format!("{p}.self_attn.{n}"), out, inp, bias)
-                    };
-                    let m = |n: &str, out: usize, inp: usize| {
-                        b.linear(&format!("{p}.mlp.{n}"), out, inp, false)
-                    };
-                    blocks.push(Block {
-                        ln1: b.rms_norm(&format!("{p}.input_layernorm"), d, eps)?,
-                        ln2: Some(b.rms_norm(&format!("{p}.post_attention_layernorm"), d, eps)?),
-                        attn: Attention {
-                            qkv: cat_linears(&[
-                                a("q_proj", nh * hd, d, ab)?,
-                                a("k_proj", nkv * hd, d, ab)?,
-                                a("v_proj", nkv * hd, d, ab)?,
-                            ])?,
-                            out: a("o_proj", d, nh * hd, false)?,
-                            n_head: nh,
-                            n_kv_head: nkv,
-                            head_dim: hd,
-                            rotary: Some(rotary.clone()),
-                            masks: masks.clone(),
-                        },
-                        mlp: Mlp::SwiGlu {
-                            gate_up: cat_linears(&[m("gate_proj", ff, d)?, m("up_proj", ff, d)?])?,
-                            down: m("down_proj", d, ff)?,
-                        },
-                    });
-                }
-                ln_f = b.rms_norm("model.norm", d, eps)?;
-                lm_head = if cfg.tie_embeddings && !src.contains("lm_head.weight") {
-                    Linear::new(wte.clone(), None)
-                } else {
-                    b.linear("lm_head", cfg.vocab_size, d, false)?
-                };
-            }
+            Family::Gpt2 => super::gpt2::load(&w, cfg),
+            Family::Gptj => super::gptj::load(&w, cfg),
+            Family::Llama => super::llama::load(&w, cfg),
         }
-        Ok(Model {
-            cfg: cfg.clone(),
-            wte,
-            wpe,
-            blocks,
-            ln_f,
-            lm_head,
-            dtype,
-            device: device.clone(),
-        })
     }
 }
 
-/// A parsed GGUF file: config, tensors under Hugging Face names, and its metadata (for the tokenizer).
+/// A parsed GGUF file: config, tensors under Hugging Face names, and its metadata (for the
+/// tokenizer).
 pub struct GgufModel {
+    /// The architecture, from the file's metadata.
     pub cfg: ModelConfig,
+    /// Every tensor, dequantised to f32 on the CPU, under its Hugging Face name.
     pub tensors: HashMap<String, Tensor>,
+    /// The file's metadata, where the tokenizer is read from.
     pub metadata: HashMap<String, gguf_file::Value>,
 }
 
@@ -340,7 +180,8 @@ fn meta_f(md: &HashMap<String, gguf_file::Value>, key: &str) -> Option<f64> {
     v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok()
 }
 
-/// llama.cpp stores q/k rows permuted for its interleaved rotary; transformers' layout rotates halves.
+/// llama.cpp stores q/k rows permuted for its interleaved rotary; transformers' layout rotates
+/// halves.
 fn unpermute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
     let hd = out / n_head;

@@ -1,7 +1,11 @@
-//! One transformer skeleton for every family: embed → blocks (with hook sites) → final norm → logits.
+//! One transformer skeleton for every family: embed → blocks (with hook sites) → final norm →
+//! logits.
 
 pub mod fused;
+mod gpt2;
+mod gptj;
 pub mod layers;
+mod llama;
 pub mod load;
 pub mod save;
 
@@ -12,51 +16,69 @@ use crate::error::{LociError, Result};
 use crate::hooks::{Hook, Site};
 use layers::{Attention, LayerCache, Linear, Mlp, Norm};
 
+/// One transformer block: its norms, attention and MLP (hook sites `Attn`, `MlpKey`, `Mlp`,
+/// `Block` at its layer).
 #[derive(Clone, Debug)]
 pub struct Block {
+    /// The norm before attention (in GPT-J, before the MLP too).
     pub ln1: Norm,
     /// `None` for GPT-J, whose attention and MLP both read `ln1`'s output (parallel block).
     pub ln2: Option<Norm>,
+    /// Self-attention.
     pub attn: Attention,
+    /// The MLP; its down-projection is what edits rewrite.
     pub mlp: Mlp,
 }
 
 /// Which positions get logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogitsAt {
+    /// Every position: `[b, t, vocab]`.
     All,
+    /// The last position only: `[b, vocab]`.
     Last,
 }
 
 /// Keys and values of all layers, for incremental decoding.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
+    /// One cache per layer, in layer order (empty until a pass fills it).
     pub layers: Vec<LayerCache>,
 }
 
 impl KvCache {
+    /// Positions cached so far (0 when empty).
     pub fn len(&self) -> usize {
         self.layers
             .first()
             .and_then(|c| c.k.as_ref())
             .map_or(0, |k| k.dims()[2])
     }
+    /// Whether no position is cached yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
 
+/// A transformer language model of any family: embeddings, blocks, final norm and head, on one
+/// device in one dtype.
 #[derive(Clone, Debug)]
 pub struct Model {
+    /// The architecture.
     pub cfg: ModelConfig,
     /// `[vocab, d]` token embeddings.
     pub wte: Tensor,
     /// `[positions, d]` learned positions (GPT-2 only).
     pub wpe: Option<Tensor>,
+    /// The transformer blocks, first to last.
     pub blocks: Vec<Block>,
+    /// The final norm, before the head.
     pub ln_f: Norm,
+    /// The unembedding, `[vocab, d]` (the token embeddings when tied).
     pub lm_head: Linear,
+    /// The dtype of the weights and activations.
     pub dtype: DType,
+    /// The device the weights live on.
     pub device: Device,
 }
 
@@ -96,6 +118,12 @@ impl Block {
         })
     }
 
+    /// Keys and values this block's attention makes of block input `x` at positions `pos0..`
+    /// (what later positions read of `x`), without computing the block's output.
+    pub fn keys_values(&self, x: &Tensor, pos0: usize) -> Result<(Tensor, Tensor)> {
+        self.attn.keys_values(&self.ln1.forward(x)?, pos0)
+    }
+
     /// The MLP's output for block input `x` and attention output `a` (no hooks).
     pub fn mlp_output(&self, x: &Tensor, a: &Tensor) -> Result<Tensor> {
         let mlp_in = match &self.ln2 {
@@ -132,6 +160,7 @@ impl Block {
 }
 
 impl Model {
+    /// Number of blocks.
     pub fn n_layer(&self) -> usize {
         self.blocks.len()
     }
@@ -149,7 +178,8 @@ impl Model {
     }
 
     /// The general forward pass: ids `[b, t]` at positions `cache.len()..`, every site offered to
-    /// `hook`. Returns f32 logits (`[b, t, vocab]` or `[b, vocab]`), or `None` if the hook stopped it.
+    /// `hook`. Returns f32 logits (`[b, t, vocab]` or `[b, vocab]`), or `None` if the hook stopped
+    /// it.
     pub fn run(
         &self,
         ids: &Tensor,
@@ -185,20 +215,17 @@ impl Model {
         if hook.stop_after() == Some(Site::Embed) {
             return Ok(None);
         }
-        let mut x = match &self.wpe {
+        let x = match &self.wpe {
             Some(wpe) => emb.broadcast_add(&wpe.narrow(0, pos0, t)?)?,
             None => emb,
         };
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(self.n_layer(), LayerCache::default);
         }
-        for (l, block) in self.blocks.iter().enumerate() {
-            let lc = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            match block.forward(l, &x, pos0, lc, hook)? {
-                Some(h) => x = h,
-                None => return Ok(None),
-            }
-        }
+        let caches = cache.map(|c| &mut c.layers[..]);
+        let Some(x) = self.run_layers(x, 0..self.n_layer(), pos0, caches, hook)? else {
+            return Ok(None);
+        };
         let x = match at {
             LogitsAt::All => x,
             LogitsAt::Last => x.narrow(1, t - 1, 1)?,
@@ -208,6 +235,42 @@ impl Model {
             LogitsAt::All => logits,
             LogitsAt::Last => logits.squeeze(1)?,
         }))
+    }
+
+    /// Runs the blocks `layers` on `x`, the residual stream entering the first of them
+    /// (`[b, t, d]` at positions `pos0..`): the one entry point for every partial pass, as
+    /// TransformerLens's `forward(start_at_layer, stop_at_layer)`. `caches` holds one slot per
+    /// layer of the span (earlier positions' keys and values, and they receive the new ones);
+    /// every site of those layers is offered to `hook`. Returns the residual after the last
+    /// block, or `None` when the hook stopped the pass.
+    pub fn run_layers(
+        &self,
+        mut x: Tensor,
+        layers: std::ops::Range<usize>,
+        pos0: usize,
+        mut caches: Option<&mut [LayerCache]>,
+        hook: &mut dyn Hook,
+    ) -> Result<Option<Tensor>> {
+        if layers.end > self.n_layer() {
+            return Err(self.layer_error(layers.end - 1));
+        }
+        if let Some(c) = &caches {
+            if c.len() != layers.len() {
+                return Err(LociError::input(format!(
+                    "{} cache slots for a span of {} layers",
+                    c.len(),
+                    layers.len()
+                )));
+            }
+        }
+        for (i, l) in layers.enumerate() {
+            let slot = caches.as_deref_mut().map(|c| &mut c[i]);
+            match self.blocks[l].forward(l, &x, pos0, slot, hook)? {
+                Some(h) => x = h,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(x))
     }
 
     /// The unembedding of residual states `[.., d]`: final norm, then the head; f32 logits.
@@ -283,6 +346,7 @@ impl Model {
         ))
     }
 
+    /// The architecture family.
     pub fn family(&self) -> Family {
         self.cfg.family
     }

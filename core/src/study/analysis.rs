@@ -1,6 +1,7 @@
-//! From a study's lines to Hase et al.'s findings (spec §8.7): per method, problem and score,
-//! the variance explained by the layer, by the tracing effect, and added by tracing to the
-//! layer (with its F-test); per layer, the mean edit score beside the mean tracing effect.
+//! From a study's lines to Hase et al.'s findings (docs/study.md#the-regressions-and-f-tests): per
+//! method, problem and score, the variance explained by the layer, by the tracing effect, and added
+//! by tracing to the layer (with its F-test); per layer, the mean edit score beside the mean
+//! tracing effect.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -14,13 +15,18 @@ use super::sweep::{CaseTrace, EditLine, StudyLine, StudyMethod};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Metric {
+    /// Hase et al.'s normalised rewrite score (`HaseScores::rewrite`).
     Rewrite,
+    /// The normalised paraphrase score (edits without one are left out).
     Paraphrase,
+    /// The neighbourhood score (edits without one are left out).
     Neighborhood,
+    /// The essence score from perplexity drift (edits without one are left out).
     Essence,
 }
 
 impl Metric {
+    /// Every metric, in the order the analysis reports them.
     pub const ALL: [Metric; 4] = [
         Metric::Rewrite,
         Metric::Paraphrase,
@@ -28,6 +34,7 @@ impl Metric {
         Metric::Essence,
     ];
 
+    /// The snake_case name, as serialised.
     pub fn name(self) -> &'static str {
         match self {
             Metric::Rewrite => "rewrite",
@@ -50,9 +57,13 @@ impl Metric {
 /// The three regressions of one (method, problem, metric).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Condition {
+    /// The method whose edits are regressed.
     pub method: StudyMethod,
+    /// The problem those edits were posed as.
     pub problem: EditProblem,
+    /// The score regressed.
     pub metric: Metric,
+    /// Number of edits (points) in the regressions.
     pub n: usize,
     /// score ~ factor(layer)
     pub r2_layer: Option<f64>,
@@ -69,30 +80,43 @@ pub struct Condition {
 /// Means per central layer of one (method, problem).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LayerMeans {
+    /// The method whose edits are averaged.
     pub method: StudyMethod,
+    /// The problem those edits were posed as.
     pub problem: EditProblem,
+    /// The central layers edited, ascending; the vectors below are indexed alike.
     pub layers: Vec<usize>,
+    /// Number of successful edits at each layer.
     pub n: Vec<usize>,
+    /// Mean rewrite score at each layer.
     pub rewrite: Vec<f64>,
+    /// Mean per-case harmonic target score at each layer.
     pub target_score: Vec<f64>,
+    /// Mean tracing effect (at the central layer) of the edits at each layer.
     pub tracing_effect: Vec<f64>,
     /// Pearson's r of rewrite score and tracing effect among the edits at each layer.
     pub correlation: Vec<Option<Correlation>>,
 }
 
+/// Everything the analysis of a study's lines finds: the regressions, per-layer means, the
+/// peak and large-effect comparisons.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StudyAnalysis {
     /// The tracing window whose effects were regressed (None: the cases were traced at
     /// different windows, each regressed at its own).
     #[serde(default)]
     pub window: Option<usize>,
+    /// Distinct cases in the lines.
     pub cases: usize,
     /// Cases kept (the model knows the fact).
     pub cases_used: usize,
+    /// Edits of the kept cases, failed ones included.
     pub edits: usize,
     /// Edits that could not be made (their optimisation diverged), left out of the fits.
     pub failed_edits: usize,
+    /// The regressions of each (method, problem, metric) with data.
     pub conditions: Vec<Condition>,
+    /// The per-layer means of each (method, problem).
     pub layers: Vec<LayerMeans>,
     /// The mean tracing effect per layer over the kept cases (all layers).
     pub mean_tracing_effect: Vec<f64>,
@@ -105,26 +129,32 @@ pub struct StudyAnalysis {
     pub large_effect: Option<LargeEffect>,
 }
 
-/// Hase et al.'s `large_tracing_effect` (spec §8.3): an edit is flagged when the largest raw
-/// restoration effect at its central layer, max over tokens of p(restored) − p(corrupted),
-/// exceeds the 95th percentile of every cell's raw effect (the kept cases' grids, all tokens
-/// and layers, at the traced window; rows before the subject count with their effect of 0).
+/// Hase et al.'s `large_tracing_effect` (docs/study.md#the-large-effect-flag): an edit is flagged
+/// when the largest raw restoration effect at its central layer, max over tokens of p(restored) −
+/// p(corrupted), exceeds the 95th percentile of every cell's raw effect (the kept cases' grids, all
+/// tokens and layers, at the traced window; rows before the subject count with their effect of 0).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LargeEffect {
     /// The 95th percentile (linear interpolation, R's default `quantile`).
     pub cutoff: f64,
+    /// One comparison per (method, problem).
     pub comparisons: Vec<LargeEffectComparison>,
 }
 
 /// Flagged edits against the others, of one method and problem.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct LargeEffectComparison {
+    /// The method whose edits are compared.
     pub method: StudyMethod,
+    /// The problem those edits were posed as.
     pub problem: EditProblem,
+    /// Number of flagged edits (raw effect above the cutoff).
     pub large: usize,
+    /// Number of the other edits.
     pub rest: usize,
     /// Mean rewrite scores (None for an empty group).
     pub rewrite_large: Option<f64>,
+    /// Mean rewrite score of the other edits.
     pub rewrite_rest: Option<f64>,
 }
 
@@ -197,7 +227,9 @@ fn large_effect(
 /// other layers, beside the single layer that is best on average.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct PeakComparison {
+    /// The method whose edits are compared.
     pub method: StudyMethod,
+    /// The problem those edits were posed as.
     pub problem: EditProblem,
     /// Cases edited at two or more layers.
     pub cases: usize,
@@ -208,6 +240,7 @@ pub struct PeakComparison {
     /// The layer with the best mean rewrite score, and that mean: what choosing by layer alone
     /// gives.
     pub best_layer: usize,
+    /// The mean rewrite score at `best_layer`.
     pub at_best_layer: f64,
 }
 

@@ -1,16 +1,17 @@
-//! Hase et al.'s five editing problems (spec §8.4): what an edit pushes toward, which way, and
-//! whether the subject is noised while editing and scoring.
+//! Hase et al.'s five editing problems (docs/study.md#the-five-editing-problems): what an edit
+//! pushes toward, which way, and whether the subject is noised while editing and scoring.
 
 use serde::{Deserialize, Serialize};
 
-use crate::edit::rome::{RewriteRequest, TargetStr};
 use crate::edit::Direction;
 use crate::error::{LociError, Result};
 use crate::eval::CounterFactCase;
+pub use crate::hooks::noise::SubjectNoise;
 use crate::loader::LoadedModel;
 use crate::predict::Sampling;
-pub use crate::trace::noise::SubjectNoise;
+use crate::request::{RewriteRequest, TargetStr};
 
+/// Which of Hase et al.'s editing problems a case is posed as (serialised in snake_case).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EditProblem {
@@ -27,6 +28,7 @@ pub enum EditProblem {
 }
 
 impl EditProblem {
+    /// Every problem, in the paper's order.
     pub const ALL: [EditProblem; 5] = [
         EditProblem::ErrorInjection,
         EditProblem::TracingReversal,
@@ -35,6 +37,7 @@ impl EditProblem {
         EditProblem::FactForcing,
     ];
 
+    /// The snake_case name, as serialised and as `FromStr` accepts it (`-` also allowed).
     pub fn name(self) -> &'static str {
         match self {
             EditProblem::ErrorInjection => "error_injection",
@@ -45,6 +48,7 @@ impl EditProblem {
         }
     }
 
+    /// Which way the edit pushes the target's probability: down for fact erasure, else up.
     pub fn direction(self) -> Direction {
         match self {
             EditProblem::FactErasure => Direction::Lower,
@@ -85,7 +89,9 @@ impl std::str::FromStr for EditProblem {
 /// One case posed as one problem: the rewrite request whose `target_new` is the problem's target.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ProblemCase {
+    /// The problem the case is posed as.
     pub problem: EditProblem,
+    /// The case's rewrite with `target_new` replaced by the problem's target.
     pub request: RewriteRequest,
 }
 
@@ -103,16 +109,16 @@ const REVERSAL_TOTAL_TOKENS: usize = 12;
 impl LoadedModel {
     /// What the model continues `prompt` with (greedily) when the subject's embeddings are
     /// noised — the target of tracing reversal, without the prompt (the reference keeps the
-    /// prompt in it, which looks unintended: spec §8.4).
+    /// prompt in it, which looks unintended: docs/study.md#the-five-editing-problems).
     pub fn noised_continuation(
         &self,
         req: &RewriteRequest,
         noise: SubjectNoise,
         max_new: usize,
     ) -> Result<String> {
-        let span = crate::edit::rome::subject_span(self, &req.prompt, &req.subject)?;
+        let span = crate::request::subject_span(self, &req.prompt, &req.subject)?;
         let mut hook =
-            crate::trace::noise::subject_noise(&[(0, span.0, span.1)], Some(noise), &self.model)?;
+            crate::hooks::noise::subject_noise(&[(0, span.0, span.1)], Some(noise), &self.model)?;
         let g = self.generate_with(&req.filled(), max_new, Sampling::Greedy, &mut hook)?;
         self.tokenizer.decode(&g.new_ids)
     }

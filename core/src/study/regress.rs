@@ -1,7 +1,7 @@
-//! The regressions of Hase et al.'s analysis (spec §8.7): how much of an edit score's variance
-//! the edited layer explains, how much the tracing effect explains, and how much the tracing
-//! effect adds to the layer (a nested-model F-test) — least squares in closed form, since every
-//! model here is a mean or a line per group.
+//! The regressions of Hase et al.'s analysis (docs/study.md#the-regressions-and-f-tests): how much
+//! of an edit score's variance the edited layer explains, how much the tracing effect explains, and
+//! how much the tracing effect adds to the layer (a nested-model F-test) — least squares in closed
+//! form, since every model here is a mean or a line per group.
 
 use serde::{Deserialize, Serialize};
 
@@ -10,9 +10,11 @@ use serde::{Deserialize, Serialize};
 pub struct Fit {
     /// 1 − RSS/TSS; `None` when the scores do not vary.
     pub r2: Option<f64>,
+    /// Residual sum of squares.
     pub rss: f64,
     /// Identifiable parameters (R's rank).
     pub params: usize,
+    /// Residual degrees of freedom: observations − `params` (floored at 0).
     pub df_resid: usize,
 }
 
@@ -96,12 +98,18 @@ pub fn fit_group_lines(y: &[f64], x: &[f64], g: &[usize]) -> Fit {
 /// The nested-model F-test of `small` inside `big` (R's `anova(small, big)`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FTest {
+    /// The F statistic: (ΔRSS / df1) / (RSS_big / df2); infinite when `big` fits exactly.
     pub f: f64,
+    /// Numerator degrees of freedom: the extra parameters of `big`.
     pub df1: usize,
+    /// Denominator degrees of freedom: `big`'s residual degrees of freedom.
     pub df2: usize,
+    /// P(F(df1, df2) ≥ f): the upper-tail p-value.
     pub p: f64,
 }
 
+/// Tests whether `big` explains significantly more than the `small` model nested in it; `None`
+/// when `big` has no extra parameters or no residual degrees of freedom.
 pub fn f_test(small: &Fit, big: &Fit) -> Option<FTest> {
     let df1 = small.df_resid.checked_sub(big.df_resid)?;
     let df2 = big.df_resid;
@@ -125,11 +133,16 @@ pub fn f_test(small: &Fit, big: &Fit) -> Option<FTest> {
 /// Pearson's correlation with its two-sided t-test p-value (R's `cor.test`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Correlation {
+    /// Pearson's r, in [−1, 1].
     pub r: f64,
+    /// Number of pairs.
     pub n: usize,
+    /// Two-sided p-value of r = 0 (t-test with n − 2 degrees of freedom).
     pub p: f64,
 }
 
+/// Pearson's correlation of `x` and `y`; `None` with fewer than 3 pairs, unequal lengths or
+/// either variable constant.
 pub fn pearson(x: &[f64], y: &[f64]) -> Option<Correlation> {
     let n = x.len();
     if n < 3 || y.len() != n {

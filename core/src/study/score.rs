@@ -1,6 +1,6 @@
-//! Hase et al.'s per-case scores (spec §8.6): full-sequence probabilities of the problem's
-//! target on the first prompt of each kind, normalised by what the edit could have changed, and
-//! the essence drift (perplexity on texts the unedited model wrote about the subject).
+//! Hase et al.'s per-case scores (docs/study.md#scores): full-sequence probabilities of the
+//! problem's target on the first prompt of each kind, normalised by what the edit could have
+//! changed, and the essence drift (perplexity on texts the unedited model wrote about the subject).
 
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
@@ -16,8 +16,12 @@ use crate::predict::Sampling;
 /// p(target) after a case's first rewrite, paraphrase and neighbourhood prompts.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct ProblemProbs {
+    /// p(whole target) after the rewrite prompt (mean over noise draws when noised).
     pub rewrite: f32,
+    /// The same after the first paraphrase; `None` without one, or when noised scoring cannot
+    /// find the subject in it.
     pub paraphrase: Option<f32>,
+    /// The same after the first neighbourhood prompt (never noised); `None` without one.
     pub neighborhood: Option<f32>,
 }
 
@@ -25,7 +29,9 @@ pub struct ProblemProbs {
 /// probabilities are averaged.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct NoisedScoring {
+    /// The σ and seed of the Gaussian noise added to the subject's token embeddings.
     pub noise: SubjectNoise,
+    /// Noise draws per prompt (at least 1 is used).
     pub samples: usize,
 }
 
@@ -57,7 +63,7 @@ impl LoadedModel {
             let span = match noised {
                 Some(_) if *has_subject => {
                     let ids = self.encode_prompt(prompt)?;
-                    Some(crate::trace::subject_range(
+                    Some(crate::request::subject_range(
                         &self.tokenizer,
                         &ids,
                         &rw.subject,
@@ -78,7 +84,7 @@ impl LoadedModel {
             groups.push(copies);
         }
         let mut hook =
-            crate::trace::noise::subject_noise(&spans, noised.map(|n| n.noise), &self.model)?;
+            crate::hooks::noise::subject_noise(&spans, noised.map(|n| n.noise), &self.model)?;
         let scores = self.score_targets_with(&pairs, &mut hook)?;
         let mut at = 0;
         let mut probs = groups.iter().map(|&g| {
@@ -176,6 +182,7 @@ pub struct HaseScores {
     /// How much of the possible change toward the goal the edit made on the rewrite prompt:
     /// (p_post − p_pre)/(1 − p_pre) when raising, (p_pre − p_post)/p_pre when lowering.
     pub rewrite: f32,
+    /// The same change score on the first paraphrase prompt, when it was scored before and after.
     pub paraphrase: Option<f32>,
     /// 1 − |Δp| / (the largest change possible) on the neighbour prompt.
     pub neighborhood: Option<f32>,
@@ -209,6 +216,8 @@ pub fn neighborhood_score(pre: f32, post: f32) -> f32 {
     (1.0 - (post - pre).abs() / ((pre - 0.5).abs() + 0.5)) as f32
 }
 
+/// The normalised scores of one edit from p(target) before and after it, pushing `direction`;
+/// the means cover the parts that were scored (0 harmonic mean if any part is ≤ 0).
 pub fn hase_scores(pre: &ProblemProbs, post: &ProblemProbs, direction: Direction) -> HaseScores {
     let rewrite = change_score(pre.rewrite, post.rewrite, direction);
     let paraphrase = pre

@@ -1,4 +1,4 @@
-//! The layer sweep of Hase et al. (spec §8.1–8.5): for each CounterFact case the model gets
+//! The layer sweep of Hase et al. (docs/study.md): for each CounterFact case the model gets
 //! right, trace the true answer (MLP, window 5, the whole answer's probability), then edit at
 //! every chosen layer with every method and problem, score each edit and undo it.
 
@@ -13,6 +13,7 @@ use crate::loader::LoadedModel;
 use crate::predict::Sampling;
 use crate::trace::{window_layers, NoiseSpec, TraceKind, TraceRequest};
 
+/// An editing method of the sweep (serialised as `ft-1`, `ft-5`, `rome`, `memit`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum StudyMethod {
     /// Constrained fine-tuning of the central layer.
@@ -21,6 +22,7 @@ pub enum StudyMethod {
     /// Constrained fine-tuning of the 5-layer window around it.
     #[serde(rename = "ft-5")]
     Ft5,
+    /// ROME's rank-one edit of the central layer.
     #[serde(rename = "rome")]
     Rome,
     /// MEMIT over the 5-layer window.
@@ -33,6 +35,7 @@ pub enum StudyMethod {
 pub const STUDY_WINDOW: usize = 5;
 
 impl StudyMethod {
+    /// Every method, in the order reports list them.
     pub const ALL: [StudyMethod; 4] = [
         StudyMethod::Ft1,
         StudyMethod::Ft5,
@@ -40,6 +43,7 @@ impl StudyMethod {
         StudyMethod::Memit,
     ];
 
+    /// The method's name, as serialised and as `FromStr` accepts it (`_` also allowed).
     pub fn name(self) -> &'static str {
         match self {
             StudyMethod::Ft1 => "ft-1",
@@ -97,12 +101,15 @@ fn default_trace_windows() -> Vec<usize> {
 /// Everything a study run is set to.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StudyConfig {
+    /// The editing methods swept.
     pub methods: Vec<StudyMethod>,
+    /// The editing problems each case is posed as.
     pub problems: Vec<EditProblem>,
     /// Central layers.
     pub layers: Vec<usize>,
     /// σ of the subject noise of tracing, tracing reversal and fact forcing.
     pub noise: f64,
+    /// Noise samples per trace (the corrupted runs averaged).
     pub trace_samples: usize,
     /// Tracing windows (Hase et al. trace 10, 5, 3 and 1): the first is joined to the edits,
     /// the others are kept for `analyze_window`.
@@ -116,15 +123,20 @@ pub struct StudyConfig {
     pub essence: bool,
     /// Noise draws averaged when scoring a fact-forcing edit.
     pub noised_samples: usize,
+    /// Seed of the tracing noise, the problems' subject noise and the essence texts' sampling.
     pub seed: u64,
-    /// The base settings of each method; the study sets their layers (and §8.5's overrides).
-    /// Hase et al.'s FT uses the `sequence` objective.
+    /// The base settings of each method; the study sets their layers (and the overrides of
+    /// docs/study.md#methods-and-the-layer-sweep). Hase et al.'s FT uses the `sequence` objective.
     pub rome: RomeHparams,
+    /// MEMIT's base settings.
     pub memit: MemitHparams,
+    /// Fine-tuning's base settings (both `ft-1` and `ft-5`).
     pub ft: FtHparams,
 }
 
 impl StudyConfig {
+    /// Refuses a configuration a model of `n_layer` layers cannot run: no method, problem or
+    /// layer, a layer out of range, a non-positive σ, an empty or zero window, zero samples.
     pub fn validate(&self, n_layer: usize) -> Result<()> {
         if self.methods.is_empty() || self.problems.is_empty() || self.layers.is_empty() {
             return Err(LociError::input(
@@ -163,7 +175,8 @@ impl StudyConfig {
         out
     }
 
-    /// The edit computed for `method` at `central` for `problem` (spec §8.5 overrides).
+    /// The edit computed for `method` at `central` for `problem` (the overrides of
+    /// docs/study.md#methods-and-the-layer-sweep).
     fn edit(
         &self,
         lm: &mut LoadedModel,
@@ -208,8 +221,11 @@ impl StudyConfig {
 /// A case's per-layer tracing effects at one window.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct WindowEffect {
+    /// The number of MLP layers restored together.
     pub window: usize,
+    /// Per layer, as [`CaseTrace::max_fraction_restored`].
     pub max_fraction_restored: Vec<f32>,
+    /// Per layer, as [`CaseTrace::subject_last_fraction`].
     pub subject_last_fraction: Vec<f32>,
 }
 
@@ -219,10 +235,13 @@ pub struct CaseTrace {
     /// The window of the effects below (and of the edits' tracing effect).
     #[serde(default = "study_window")]
     pub window: usize,
+    /// The prompt's tokens, each decoded to text.
     pub tokens: Vec<String>,
+    /// The subject's tokens, `[start, end)`.
     pub subject_range: [usize; 2],
     /// p(true object) clean and with the subject corrupted.
     pub high: f32,
+    /// p(true object) with the subject corrupted (averaged over the noise samples).
     pub low: f32,
     /// Per layer: the largest fraction of the corrupted-away probability that restoring the
     /// MLP window at that layer brings back, over tokens (`max_fraction_restored`).
@@ -260,36 +279,56 @@ impl CaseTrace {
 /// One case: whether it is in the study, and its trace.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct CaseLine {
+    /// The CounterFact case id.
     pub case_id: u64,
+    /// The prompt template, `{}` where the subject goes.
     pub prompt: String,
+    /// The subject as the prompt spells it: what tracing and noised problems corrupt.
     pub subject: String,
+    /// The true object: the traced answer, and the target of amplification and erasure.
     pub target_true: String,
+    /// p(whole true object) after the filled prompt, on the unedited model.
     pub p_true: f32,
+    /// Whether the greedy continuation (36 tokens) contains the true object (ignoring case).
     pub is_correct: bool,
     /// Why the case is left out, if it is.
     pub skipped: Option<String>,
+    /// The case's trace; `None` when it was skipped.
     pub trace: Option<CaseTrace>,
+    /// Mean perplexity of the essence texts on the unedited model, when essence is measured.
     pub essence_ppl: Option<f32>,
 }
 
 /// One edit of the sweep and its scores.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct EditLine {
+    /// The CounterFact case id.
     pub case_id: u64,
+    /// The method that made the edit.
     pub method: StudyMethod,
+    /// The problem the case was posed as for this edit.
     pub problem: EditProblem,
     /// The central layer (the regressions' layer).
     pub layer: usize,
+    /// Every layer the method changed around `layer`.
     pub edited_layers: Vec<usize>,
+    /// The problem's target string (empty when the case could not be posed as the problem).
     pub target: String,
     /// The tracing effect at the central layer (`max_fraction_restored`).
     pub tracing_effect: f32,
+    /// The tracing effect at the central layer, at the last subject token only.
     pub subject_last_effect: f32,
+    /// p(target) on the unedited model (default when the case could not be posed).
     pub pre: ProblemProbs,
+    /// p(target) on the edited model (default when the edit failed).
     pub post: ProblemProbs,
+    /// The normalised scores of `pre` → `post` (default when the edit failed).
     pub scores: HaseScores,
+    /// Perplexity of the case's essence texts on the edited model, when measured.
     pub essence_ppl_post: Option<f32>,
+    /// The essence score of the perplexity drift, when measured.
     pub essence_score: Option<f32>,
+    /// Wall-clock seconds to compute (key statistics included), apply, score and undo the edit.
     pub seconds: f64,
     /// Set when the edit could not be made (then there are no post scores).
     pub error: Option<String>,
@@ -334,17 +373,22 @@ impl EditLine {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "record", rename_all = "snake_case")]
 pub enum StudyLine {
+    /// A case's line (`"record": "case"`).
     Case(CaseLine),
+    /// An edit's line (`"record": "edit"`).
     Edit(EditLine),
 }
 
 /// A case's results, complete.
 pub struct CaseResult {
+    /// The case's line.
     pub case: CaseLine,
+    /// Its edits' lines, in the order they ran (empty when the case was skipped).
     pub edits: Vec<EditLine>,
 }
 
 impl CaseResult {
+    /// The case's line followed by its edits', as the JSONL output writes them.
     pub fn lines(self) -> Vec<StudyLine> {
         std::iter::once(StudyLine::Case(self.case))
             .chain(self.edits.into_iter().map(StudyLine::Edit))

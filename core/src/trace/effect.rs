@@ -1,5 +1,6 @@
-//! From grids to numbers: Hase et al.'s per-layer tracing effect (spec §8.3) and the average
-//! indirect effects over many facts (Meng et al., spec §3.6).
+//! From grids to numbers: Hase et al.'s per-layer tracing effect
+//! (docs/tracing.md#the-grid-and-the-effects) and the average indirect effects over many facts
+//! (Meng et al.; docs/tracing.md#many-facts-known_1000-runs).
 
 use std::collections::BTreeMap;
 
@@ -29,13 +30,18 @@ pub fn tracing_effect(grid: &[Vec<f32>], high: f32, low: f32, token: Option<usiz
 /// token and at the last token, per kind; and the average total effect (`high − low`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct AggregateCurves {
+    /// How many traces were averaged.
     pub n_facts: usize,
+    /// Mean of `high − low` over the traces: how much the corruption lowered the answer.
     pub average_total_effect: f32,
+    /// Per kind, the mean `p_restored − low` per layer when the last subject token is restored.
     pub last_subject_token: BTreeMap<TraceKind, Vec<f32>>,
+    /// The same when the prompt's last token is restored.
     pub last_token: BTreeMap<TraceKind, Vec<f32>>,
 }
 
 impl AggregateCurves {
+    /// Averages the curves of `traces` (empty curves and `n_facts` 0 when there are none).
     pub fn from_traces(traces: &[TraceResult]) -> Self {
         let mut out = AggregateCurves {
             n_facts: traces.len(),

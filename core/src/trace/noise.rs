@@ -1,10 +1,11 @@
-//! The corruption of causal tracing: noise added to the subject tokens' embeddings (spec §3.3).
+//! How strong tracing's corruption is: the noise spec of a trace request, and the subject
+//! embeddings' standard deviation that relative noise is measured in (docs/tracing.md#the-noise).
+//! The noise hooks themselves are `hooks::noise`.
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LociError, Result};
-use crate::hooks::{Patch, Site};
 use crate::loader::LoadedModel;
 use crate::rng::SplitMix64;
 
@@ -80,43 +81,6 @@ impl NoiseSpec {
                 .collect(),
         }
     }
-}
-
-/// Gaussian noise on a subject's embeddings: its scale and seed.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
-pub struct SubjectNoise {
-    pub sigma: f64,
-    pub seed: u64,
-}
-
-/// Noise added to the token embeddings of `spans` (`(row, first, end)`: positions
-/// `[first, end)` of a batch row), drawn in order from a generator seeded with the noise's seed
-/// — the corruption of Hase et al.'s fact forcing and tracing reversal, as a hook; without
-/// noise, a hook that changes nothing.
-pub fn subject_noise(
-    spans: &[(usize, usize, usize)],
-    noise: Option<SubjectNoise>,
-    model: &crate::model::Model,
-) -> Result<Patch> {
-    let Some(SubjectNoise { sigma, seed }) = noise else {
-        return Ok(Patch::empty(Site::Embed));
-    };
-    let (d, device) = (model.cfg.d_model, &model.device);
-    let mut rng = SplitMix64::new(seed);
-    let mut cells = Vec::new();
-    for &(row, first, end) in spans {
-        for pos in first..end {
-            let v: Vec<f32> = (0..d)
-                .map(|_| (sigma * rng.next_gaussian()) as f32)
-                .collect();
-            cells.push((row, pos, Tensor::from_vec(v, d, device)?));
-        }
-    }
-    Ok(Patch {
-        site: Site::Embed,
-        cells,
-        add: true,
-    })
 }
 
 /// The standard deviation (unbiased) of all elements of the token embeddings of `subjects`, each

@@ -4,6 +4,8 @@
 //! (ROME's k) and adds a delta at `Mlp` (ROME's v); statistics read `MlpKey` and stop there.
 //! Every site carries a `[batch, tokens, width]` tensor.
 
+pub mod noise;
+
 use std::collections::HashMap;
 
 use candle_core::Tensor;
@@ -11,6 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{LociError, Result};
 
+/// A named point of the forward pass where hooks see, and may replace, the activation
+/// (`[batch, tokens, width]`); layer sites carry their layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(tag = "site", content = "layer", rename_all = "snake_case")]
 pub enum Site {
@@ -27,6 +31,7 @@ pub enum Site {
 }
 
 impl Site {
+    /// The site's layer; `None` for `Embed`.
     pub fn layer(self) -> Option<usize> {
         match self {
             Site::Embed => None,
@@ -85,12 +90,16 @@ impl<F: FnMut(Site, &Tensor) -> Result<Option<Tensor>>> Hook for FnHook<F> {
 /// Records the activations at chosen sites, optionally ending the pass after the last one.
 #[derive(Default)]
 pub struct Capture {
+    /// The sites recorded.
     pub sites: Vec<Site>,
+    /// Where the pass ends, if before the logits (see [`Capture::stopping_after`]).
     pub stop_after: Option<Site>,
+    /// The recorded activations by site, `[batch, tokens, width]` each, filled as the pass runs.
     pub captured: HashMap<Site, Tensor>,
 }
 
 impl Capture {
+    /// Records the activations at `sites`; the pass runs to the end.
     pub fn new(sites: impl IntoIterator<Item = Site>) -> Self {
         Self {
             sites: sites.into_iter().collect(),
@@ -102,6 +111,8 @@ impl Capture {
         self.stop_after = Some(site);
         self
     }
+    /// The activation recorded at `site`; an error when the pass did not reach it or it was not
+    /// asked for.
     pub fn get(&self, site: Site) -> Result<&Tensor> {
         self.captured
             .get(&site)
@@ -152,9 +163,11 @@ impl Hook for Chain<'_> {
 
 /// Replaces rows `(batch, position)` at one site with given vectors, or adds them as deltas.
 pub struct Patch {
+    /// The site whose activation is patched.
     pub site: Site,
     /// `(batch row, token position, vector [width])`.
     pub cells: Vec<(usize, usize, Tensor)>,
+    /// Adds the vectors to the activation's rows (`true`) instead of replacing them.
     pub add: bool,
 }
 

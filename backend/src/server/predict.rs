@@ -1,0 +1,70 @@
+//! `GET /api/models`, `POST /api/predict` and `POST /api/generate`.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use loci_core::Sampling;
+use serde::Deserialize;
+
+use super::jobs::*;
+use super::AppState;
+
+pub async fn models(State(st): State<Arc<AppState>>) -> Response {
+    Json(st.registry.listing()).into_response()
+}
+
+fn default_top() -> usize {
+    10
+}
+
+#[derive(Deserialize)]
+pub struct PredictBody {
+    model: String,
+    prompt: String,
+    #[serde(default = "default_top")]
+    top: usize,
+}
+
+pub async fn predict(
+    State(st): State<Arc<AppState>>,
+    b: Result<Json<PredictBody>, JsonRejection>,
+) -> Response {
+    json_job(st, b, move |st, b| {
+        check_prompt(&b.prompt)?;
+        let m = model(st, &b.model)?;
+        let p = read(&m).lm.predict(&b.prompt, b.top.min(100))?;
+        Ok(p)
+    })
+    .await
+}
+
+fn default_new_tokens() -> usize {
+    30
+}
+
+#[derive(Deserialize)]
+pub struct GenerateBody {
+    model: String,
+    prompt: String,
+    #[serde(default = "default_new_tokens")]
+    max_new_tokens: usize,
+    #[serde(default)]
+    sampling: Option<Sampling>,
+}
+
+pub async fn generate(
+    State(st): State<Arc<AppState>>,
+    b: Result<Json<GenerateBody>, JsonRejection>,
+) -> Response {
+    json_job(st, b, move |st, b| {
+        check_prompt(&b.prompt)?;
+        let sampling = b.sampling.unwrap_or(Sampling::Greedy);
+        let m = model(st, &b.model)?;
+        let lm = &read(&m).lm;
+        Ok(lm.generate(&b.prompt, b.max_new_tokens.min(200), sampling)?)
+    })
+    .await
+}

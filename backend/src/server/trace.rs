@@ -1,0 +1,127 @@
+//! `POST /api/trace` (and its GET form for EventSource): a causal trace, streamed row by row.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::Event;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use loci_core::trace::{TraceKind, TraceObserver, TraceRequest};
+use serde::{Deserialize, Serialize};
+
+use super::jobs::*;
+use super::AppState;
+
+#[derive(Deserialize)]
+pub struct TraceBody {
+    model: String,
+    #[serde(flatten)]
+    request: TraceRequest,
+}
+
+#[derive(Deserialize)]
+pub struct TraceQuery {
+    /// The same JSON object as the POST body (browsers' EventSource can only GET).
+    pub(super) q: String,
+}
+
+pub async fn trace_get(
+    State(st): State<Arc<AppState>>,
+    query: axum::extract::Query<TraceQuery>,
+) -> Response {
+    match serde_json::from_str::<TraceBody>(&query.q) {
+        Ok(b) => trace_stream(st, b).await,
+        Err(e) => {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("bad request: {e}")).into_response()
+        }
+    }
+}
+
+/// Streams the trace: `start` (a TraceHeader: tokens, subject range, answer, high, low, …),
+/// `row` {kind, token, scores} as rows finish, then `result` (the whole TraceResult) or
+/// `error`. Closing the stream cancels the trace.
+pub async fn trace(
+    State(st): State<Arc<AppState>>,
+    b: Result<Json<TraceBody>, JsonRejection>,
+) -> Response {
+    match body(b) {
+        Ok(b) => trace_stream(st, b).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn trace_stream(st: Arc<AppState>, b: TraceBody) -> Response {
+    if let Err(e) = check_prompt(&b.request.prompt) {
+        return e.into_response();
+    }
+    // Refuse what is sure to fail before opening a stream.
+    let r = &b.request;
+    if r.subject.trim().is_empty() || !r.prompt.contains(r.subject.trim()) {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the subject {:?} does not occur in the prompt", r.subject),
+        )
+        .into_response();
+    }
+    if r.samples == 0 || r.samples > 64 || r.window == 0 || r.kinds.is_empty() {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "samples must be 1..=64, window at least 1, and at least one kind",
+        )
+        .into_response();
+    }
+    if st.registry.names().iter().all(|n| n != &b.model) {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("unknown model {:?}", b.model),
+        )
+        .into_response();
+    }
+    sse_job(st, move |st, tx| {
+        let m = model(st, &b.model)?;
+        let guard = read(&m);
+        let lm = &guard.lm;
+        let std = match b.request.noise {
+            loci_core::trace::NoiseSpec::Relative(_) => {
+                Some(crate::workspace::cached_embedding_std(lm, None)?)
+            }
+            _ => None,
+        };
+        let mut obs = SseObserver { tx: tx.clone() };
+        Ok(lm.trace(&b.request, std, &mut obs, st.trace_workers)?)
+    })
+    .await
+}
+
+/// Sends `data` as the event `name`; `false` once the client has gone.
+
+struct SseObserver {
+    tx: tokio::sync::mpsc::Sender<Event>,
+}
+
+impl TraceObserver for SseObserver {
+    fn on_start(&mut self, header: &loci_core::trace::TraceHeader) {
+        send_event(&self.tx, "start", header);
+    }
+    fn on_row(&mut self, kind: TraceKind, token: usize, scores: &[f32]) -> bool {
+        // A closed stream (the client left) cancels the trace.
+        #[derive(Serialize)]
+        struct Row<'a> {
+            kind: TraceKind,
+            token: usize,
+            scores: &'a [f32],
+        }
+        // Serialised as f32, exactly as the final result's grid.
+        send_event(
+            &self.tx,
+            "row",
+            &Row {
+                kind,
+                token,
+                scores,
+            },
+        )
+    }
+}

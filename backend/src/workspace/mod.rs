@@ -1,0 +1,14 @@
+//! What the command line and the server share, so neither imports the other: opening models
+//! (device, precision, the default model, threads), key statistics and their one cache, the
+//! bundled known facts and the noise estimate, and each method's and the study's defaults.
+//! The CLI is argument parsing and printing over this; the server is routing and JSON over it.
+
+mod defaults;
+mod known;
+mod models;
+mod stats;
+
+pub use defaults::{ft_hparams, key_mode, memit_hparams, rome_hparams, study_config, FtSettings};
+pub use known::{bundled_fact_texts, cached_embedding_std, read_facts};
+pub use models::{default_model, device, open_model, trace_workers, workers, Precision, WORKERS};
+pub use stats::{collect, corpus_texts, default_corpus, feed, stats_dir, StatsCache, StatsSource};

@@ -1,0 +1,266 @@
+//! Key statistics as the CLI and the server get them: read from a folder (one safetensors file
+//! per layer), collected from a text corpus when missing (with a progress bar), and kept in
+//! memory in one cache while they fit a budget.
+
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use loci_core::edit::{KeyStats, StatsAccumulator};
+use loci_core::LoadedModel;
+
+use super::known::cache_dir;
+
+/// The Wikipedia sample next to the project, when no corpus is named.
+pub fn default_corpus() -> Result<PathBuf> {
+    let candidates = [
+        std::env::var_os("LOCI_DATA")
+            .map(|d| PathBuf::from(d).join("wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl")),
+        Some(PathBuf::from(
+            "../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl",
+        )),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|p| p.exists())
+        .context("no corpus given and no Wikipedia sample found; pass --corpus FILE (JSONL with a \"text\" field)")
+}
+
+/// Streams texts from JSONL (`text` field) or plain text (paragraphs).
+pub fn corpus_texts(path: &Path) -> Result<impl Iterator<Item = Result<String>>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("opening corpus {}", path.display()))?;
+    let jsonl = path
+        .extension()
+        .is_some_and(|e| e == "jsonl" || e == "json");
+    let lines = std::io::BufReader::new(file).lines();
+    let mut para = String::new();
+    let mut lines = lines.peekable();
+    Ok(std::iter::from_fn(move || loop {
+        match lines.next() {
+            None if !para.is_empty() => return Some(Ok(std::mem::take(&mut para))),
+            None => return None,
+            Some(Err(e)) => return Some(Err(e.into())),
+            Some(Ok(line)) if jsonl => {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let v: serde_json::Value = match serde_json::from_str(&line) {
+                    Ok(v) => v,
+                    Err(e) => return Some(Err(anyhow::anyhow!("bad JSONL line: {e}"))),
+                };
+                match v.get("text").and_then(|t| t.as_str()) {
+                    Some(t) => return Some(Ok(t.to_string())),
+                    None => {
+                        return Some(Err(anyhow::anyhow!("a JSONL line has no \"text\" field")))
+                    }
+                }
+            }
+            Some(Ok(line)) => {
+                if line.trim().is_empty() {
+                    if !para.is_empty() {
+                        return Some(Ok(std::mem::take(&mut para)));
+                    }
+                } else {
+                    para.push_str(&line);
+                    para.push('\n');
+                }
+            }
+        }
+    }))
+}
+
+/// Feeds corpus texts to `acc`, one per worker thread at a time, until it has seen `tokens`
+/// tokens (the texts computed alongside the one that crosses the mark count too).
+pub fn feed(
+    acc: &mut StatsAccumulator,
+    lm: &LoadedModel,
+    corpus: &Path,
+    tokens: u64,
+    mut progress: impl FnMut(usize),
+) -> Result<()> {
+    let mut texts = corpus_texts(corpus)?;
+    while acc.tokens() < tokens {
+        let chunk: Vec<String> = texts
+            .by_ref()
+            .take(loci_core::threads::workers())
+            .collect::<Result<_>>()?;
+        if chunk.is_empty() {
+            break;
+        }
+        progress(acc.add_texts(lm, &chunk)?);
+    }
+    Ok(())
+}
+
+/// The statistics folder: `out`, or the model's cache folder.
+pub fn stats_dir(lm: &LoadedModel, out: Option<&Path>) -> PathBuf {
+    out.map(Path::to_path_buf)
+        .unwrap_or_else(|| cache_dir(lm).join("stats"))
+}
+
+fn stats_file(dir: &Path, layer: usize) -> PathBuf {
+    dir.join(format!("layer{layer}.safetensors"))
+}
+
+/// Collects statistics for `layers`, writing one file per layer; layers already there are kept.
+pub fn collect(
+    lm: &LoadedModel,
+    layers: &[usize],
+    corpus: &Path,
+    tokens: u64,
+    max_len: usize,
+    dir: &Path,
+) -> Result<()> {
+    let missing: Vec<usize> = layers
+        .iter()
+        .copied()
+        .filter(|&l| !stats_file(dir, l).exists())
+        .collect();
+    if missing.is_empty() {
+        eprintln!(
+            "statistics for layers {layers:?} are already in {}",
+            dir.display()
+        );
+        return Ok(());
+    }
+    if tokens == 0 {
+        bail!("--tokens must be positive");
+    }
+    let mut acc = StatsAccumulator::new(lm, &missing, max_len)?;
+    let pb = ProgressBar::new(tokens);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "key statistics {bar:40} {pos}/{len} tokens ({per_sec}) [{elapsed_precise} < {eta}]",
+        )
+        .expect("template"),
+    );
+    feed(&mut acc, lm, corpus, tokens, |n| pb.inc(n as u64))?;
+    pb.finish_and_clear();
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for s in acc.finish(lm, &corpus.display().to_string())? {
+        let f = stats_file(dir, s.provenance.layer);
+        std::fs::write(&f, s.to_bytes()?).with_context(|| format!("writing {}", f.display()))?;
+        eprintln!(
+            "layer {}: {} tokens → {}",
+            s.provenance.layer,
+            s.provenance.tokens,
+            f.display()
+        );
+    }
+    Ok(())
+}
+
+/// Where an edit's key statistics come from: a folder, filled from a corpus when missing.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StatsSource {
+    /// Folder with key statistics (default: the model's cache; computed there when missing).
+    #[arg(long = "stats")]
+    pub dir: Option<PathBuf>,
+    /// Corpus for statistics computed on the way.
+    #[arg(long)]
+    pub corpus: Option<PathBuf>,
+    #[arg(long, default_value_t = 100_000)]
+    pub stats_tokens: u64,
+}
+
+impl StatsSource {
+    /// The statistics of `layer`, computing and caching them first if needed.
+    pub fn ensure(&self, lm: &LoadedModel, layer: usize) -> Result<KeyStats> {
+        Ok(self.ensure_layers(lm, &[layer])?.remove(0))
+    }
+
+    /// The statistics of several layers; the missing ones are collected in one pass.
+    pub fn ensure_layers(&self, lm: &LoadedModel, layers: &[usize]) -> Result<Vec<KeyStats>> {
+        let dir = self.collect_missing(lm, layers)?;
+        layers.iter().map(|&l| load_stats(lm, &dir, l)).collect()
+    }
+
+    /// Collects the statistics of the layers that have none yet, in one pass, without loading
+    /// any; returns their folder.
+    pub fn collect_missing(&self, lm: &LoadedModel, layers: &[usize]) -> Result<PathBuf> {
+        let dir = stats_dir(lm, self.dir.as_deref());
+        if layers.iter().any(|&l| !stats_file(&dir, l).exists()) {
+            let corpus = match &self.corpus {
+                Some(c) => c.clone(),
+                None => default_corpus()?,
+            };
+            collect(lm, layers, &corpus, self.stats_tokens, 1024, &dir)?;
+        }
+        Ok(dir)
+    }
+}
+
+pub fn load_stats(lm: &LoadedModel, dir: &Path, layer: usize) -> Result<KeyStats> {
+    let f = stats_file(dir, layer);
+    let bytes = std::fs::read(&f).with_context(|| format!("reading statistics {}", f.display()))?;
+    let s = KeyStats::from_bytes(&bytes).with_context(|| format!("in {}", f.display()))?;
+    s.check_fits(lm, layer)?;
+    Ok(s)
+}
+
+/// Key statistics kept in memory after first use (with their Cholesky factors: later edits at
+/// those layers neither read the files nor factor again), per model and layer: the one cache of
+/// the CLI's study and the server. Missing ones come from the source, computed in one pass over
+/// the corpus when their files are missing too.
+pub struct StatsCache {
+    /// Where statistics come from.
+    pub source: StatsSource,
+    kept: std::sync::Mutex<HashMap<(String, usize), KeyStats>>,
+}
+
+/// Memory the kept statistics may take: two d_ff² f64 matrices per layer (sums and factor).
+const BUDGET_BYTES: u64 = 4 << 30;
+
+impl StatsCache {
+    /// An empty cache over `source`.
+    pub fn new(source: StatsSource) -> Self {
+        Self {
+            source,
+            kept: Default::default(),
+        }
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<(String, usize), KeyStats>> {
+        self.kept.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The statistics of `layers` of `lm`. The lock is not held while statistics are read or
+    /// computed; when the new ones would exceed the memory budget, the kept ones are dropped.
+    pub fn get(&self, lm: &LoadedModel, layers: &[usize]) -> Result<Vec<KeyStats>> {
+        let model = lm.info.fingerprint.clone();
+        let key = |l: usize| (model.clone(), l);
+        let missing: Vec<usize> = {
+            let kept = self.kept();
+            layers
+                .iter()
+                .copied()
+                .filter(|&l| !kept.contains_key(&key(l)))
+                .collect()
+        };
+        if !missing.is_empty() {
+            let loaded = self.source.ensure_layers(lm, &missing)?;
+            let d_ff = lm.model.cfg.d_ff as u64;
+            let max_kept = (BUDGET_BYTES / (16 * d_ff * d_ff)).max(5) as usize;
+            let mut kept = self.kept();
+            if kept.len() + missing.len() > max_kept {
+                kept.clear();
+            }
+            for (l, s) in missing.iter().zip(loaded) {
+                kept.insert(key(*l), s);
+            }
+        }
+        let kept = self.kept();
+        layers
+            .iter()
+            .map(|&l| {
+                kept.get(&key(l))
+                    .cloned()
+                    .with_context(|| format!("no key statistics for layer {l}"))
+            })
+            .collect()
+    }
+}

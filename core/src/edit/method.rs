@@ -1,0 +1,96 @@
+//! The editing methods by name, and where each one's default hyper-parameters come from: the
+//! paper's values in code, and per-model files shipped in `core/hparams/<method>/`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{LociError, Result};
+
+/// An editing method, as the CLI, the server, the study and the web app name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EditMethod {
+    /// ROME (Meng et al. 2022): one fact, a rank-one update of one layer's down-projection.
+    Rome,
+    /// MEMIT (Meng et al. 2023): many facts, the update spread over several layers.
+    Memit,
+    /// Constrained fine-tuning (Zhu et al. 2020, as ROME's FT-L baseline).
+    Ft,
+}
+
+impl EditMethod {
+    /// Every method, in the order menus list them.
+    pub const ALL: [EditMethod; 3] = [EditMethod::Rome, EditMethod::Memit, EditMethod::Ft];
+
+    /// The method's name on the command line and in the API: `rome`, `memit` or `ft`.
+    pub fn name(self) -> &'static str {
+        match self {
+            EditMethod::Rome => "rome",
+            EditMethod::Memit => "memit",
+            EditMethod::Ft => "ft",
+        }
+    }
+
+    /// A short human label.
+    pub fn label(self) -> &'static str {
+        match self {
+            EditMethod::Rome => "ROME",
+            EditMethod::Memit => "MEMIT",
+            EditMethod::Ft => "fine-tuning",
+        }
+    }
+
+    /// Whether the method edits many facts in one update (the others take one fact).
+    pub fn takes_many_facts(self) -> bool {
+        self == EditMethod::Memit
+    }
+}
+
+impl std::fmt::Display for EditMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for EditMethod {
+    type Err = LociError;
+    fn from_str(s: &str) -> Result<Self> {
+        EditMethod::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                LociError::input(format!("unknown editing method {s:?} (rome, memit, ft)"))
+            })
+    }
+}
+
+/// A shipped hyper-parameter file: the model shape it is for, then the method's settings.
+#[derive(Deserialize)]
+struct HparamFile<H> {
+    family: crate::config::Family,
+    n_layer: usize,
+    d_model: usize,
+    #[serde(flatten)]
+    hparams: H,
+}
+
+/// The settings among `files` (a method's shipped JSON files) made for a model of this shape.
+pub(crate) fn shipped_for<H: serde::de::DeserializeOwned>(
+    files: &[&str],
+    cfg: &crate::config::ModelConfig,
+) -> Option<H> {
+    files.iter().find_map(|text| {
+        let f: HparamFile<H> = serde_json::from_str(text).expect("shipped hparams parse");
+        (f.family == cfg.family && f.n_layer == cfg.n_layer && f.d_model == cfg.d_model)
+            .then_some(f.hparams)
+    })
+}
+
+/// Layers out of range for a model of `n` layers, as an error naming the first.
+pub(crate) fn check_layers(layers: &[usize], n: usize) -> Result<()> {
+    match layers.iter().find(|&&l| l >= n) {
+        Some(l) => Err(LociError::input(format!(
+            "layer {l} out of range (the model has {n} layers)"
+        ))),
+        None => Ok(()),
+    }
+}

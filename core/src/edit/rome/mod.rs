@@ -1,0 +1,196 @@
+//! ROME (Meng et al. 2022): a rank-one update of one MLP down-projection that makes the model
+//! map a subject's key k* to a new value v* (docs/rome.md).
+//!
+//! An edit runs in four steps, one module each: the context templates (`templates`), the key k*
+//! and its direction u = C⁻¹k* (`key`, with the key statistics C), the value v* (`value`, one
+//! optimisation step in `step`), and the closed-form rank-one update (here; the edit as a value
+//! and its file in `update`).
+
+mod hparams;
+mod key;
+mod step;
+mod templates;
+mod update;
+mod value;
+
+pub(crate) use hparams::ValueSpec;
+pub use hparams::{KeyMode, RomeHparams};
+pub use templates::context_templates;
+pub use update::{RomeEdit, RomeStats};
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor};
+
+use super::delta::AppliedEdit;
+use super::linalg::CholeskyFactor;
+use super::stats::KeyStats;
+use crate::error::{LociError, Result};
+use crate::hooks::Site;
+use crate::loader::LoadedModel;
+use crate::request::{spaced, RewriteRequest};
+
+/// Seconds per phase of an edit, measured as it goes.
+struct Laps {
+    seconds: BTreeMap<String, f64>,
+    clock: f64,
+}
+
+impl Laps {
+    fn start() -> Self {
+        Self {
+            seconds: BTreeMap::new(),
+            clock: crate::clock::now_seconds(),
+        }
+    }
+
+    fn lap(&mut self, name: &str) {
+        let now = crate::clock::now_seconds();
+        self.seconds.insert(name.to_string(), now - self.clock);
+        self.clock = now;
+    }
+}
+
+impl LoadedModel {
+    /// Computes a ROME edit (does not apply it). `stats` is needed with `mom2_adjustment`.
+    pub fn rome(
+        &self,
+        req: &RewriteRequest,
+        hp: &RomeHparams,
+        stats: Option<&KeyStats>,
+    ) -> Result<RomeEdit> {
+        req.validate()?;
+        let l = hp.layer;
+        if l >= self.model.n_layer() {
+            return Err(LociError::input(format!(
+                "layer {l} out of range (the model has {} layers)",
+                self.model.n_layer()
+            )));
+        }
+        let target_ids = self.tokenizer.encode_plain(&spaced(&req.target_new.str))?;
+        if target_ids.is_empty() {
+            return Err(LociError::input(format!(
+                "the target {:?} tokenizes to nothing",
+                req.target_new.str
+            )));
+        }
+        let mut laps = Laps::start();
+        // Fail on bad statistics before any expensive work.
+        let factor = self.covariance_factor(hp, stats)?;
+        laps.lap("covariance_factor");
+        let templates = context_templates(self, hp)?;
+        laps.lap("templates");
+        let k_star = self.rome_key(req, hp, &templates)?;
+        let u = update_direction(&k_star, factor)?;
+        laps.lap("key");
+        let (v_star, losses, delta_norm) =
+            self.compute_v(req, &hp.value_spec(), &templates, &target_ids)?;
+        laps.lap("value");
+        let key = match hp.key_mode {
+            KeyMode::Rrome => k_star,
+            KeyMode::Original => self.rome_key(req, hp, &["{}".to_string()])?,
+        };
+        let target_value = v_star.to_vec1::<f32>()?;
+        let (right, division) = self.rank_one(l, &key, &u, v_star, &mut laps)?;
+        Ok(RomeEdit {
+            layer: l,
+            left: u,
+            right,
+            request: req.clone(),
+            hparams: hp.clone(),
+            stats: RomeStats {
+                losses,
+                delta_norm,
+                division_factor: division,
+                templates,
+                target_value,
+                seconds: laps.seconds,
+            },
+        })
+    }
+
+    /// The key statistics' Cholesky factor when the update uses them, checked against the model.
+    fn covariance_factor<'s>(
+        &self,
+        hp: &RomeHparams,
+        stats: Option<&'s KeyStats>,
+    ) -> Result<Option<&'s CholeskyFactor>> {
+        let l = hp.layer;
+        match (hp.mom2_adjustment, stats) {
+            (true, None) => Err(LociError::input(format!("no key statistics for layer {l}"))),
+            (true, Some(s)) => {
+                s.check_fits(self, l)?;
+                Ok(Some(s.factor(&self.model.device)?))
+            }
+            (false, _) => Ok(None),
+        }
+    }
+
+    /// The MLP key at the subject's last token averaged over `templates` (noised as the edit's
+    /// goal asks).
+    fn rome_key(
+        &self,
+        req: &RewriteRequest,
+        hp: &RomeHparams,
+        templates: &[String],
+    ) -> Result<Tensor> {
+        let noise = hp.value_spec().subject_noise;
+        Ok(self
+            .subject_states_noised(req, &[Site::MlpKey(hp.layer)], templates, noise)?
+            .remove(0))
+    }
+
+    /// The closed form: W' k = v* for the chosen key, `W' = W + right · uᵀ` with
+    /// `right = (v* − W k) / (k · u)`. Returns `right` and `k · u`.
+    fn rank_one(
+        &self,
+        l: usize,
+        key: &Tensor,
+        u: &[f32],
+        v_star: Tensor,
+        laps: &mut Laps,
+    ) -> Result<(Vec<f32>, f32)> {
+        let m = &self.model;
+        let current = m
+            .down_proj(l)?
+            .forward(&key.to_dtype(m.dtype)?.reshape((1, 1, m.cfg.d_ff))?)?
+            .flatten_all()?
+            .to_dtype(DType::F32)?;
+        let key_v = key.to_vec1::<f32>()?;
+        let division: f32 = key_v.iter().zip(u).map(|(a, b)| a * b).sum();
+        if division.abs() < 1e-12 || !division.is_finite() {
+            return Err(LociError::model(format!(
+                "the key is orthogonal to the update direction (k·u = {division:e})"
+            )));
+        }
+        laps.lap("update");
+        let right: Vec<f32> = (v_star - current)?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|x| x / division)
+            .collect();
+        if right.iter().any(|x| !x.is_finite()) {
+            return Err(LociError::model("the edit is not finite"));
+        }
+        Ok((right, division))
+    }
+
+    /// Applies an edit; keep the returned value to undo it exactly.
+    pub fn apply_edit(&mut self, e: &RomeEdit) -> Result<AppliedEdit> {
+        self.apply_deltas(&[e.delta()])
+    }
+}
+
+/// u: the key's direction under the statistics, `C⁻¹ k*` (or k* itself without them), unit norm.
+fn update_direction(k_star: &Tensor, factor: Option<&CholeskyFactor>) -> Result<Vec<f32>> {
+    let k_vec: Vec<f64> = k_star.to_vec1::<f32>()?.iter().map(|&x| x as f64).collect();
+    let u = match factor {
+        Some(f) => f.solve(&k_vec)?,
+        None => k_vec,
+    };
+    let norm = u.iter().map(|x| x * x).sum::<f64>().sqrt();
+    if norm.is_nan() || norm <= 0.0 || !norm.is_finite() {
+        return Err(LociError::model("the subject key is zero or not finite"));
+    }
+    Ok(u.iter().map(|x| (x / norm) as f32).collect())
+}

@@ -1,0 +1,190 @@
+//! Multi-head (and grouped-query) attention with a key/value cache, its causal masks, and
+//! softmax.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::super::fused;
+use super::{Linear, Positions, Rotary};
+use crate::error::Result;
+
+/// Cached keys (f32) and values (the model's dtype) of one layer, `[b, kv_heads, t, head_dim]`.
+#[derive(Clone, Debug, Default)]
+pub struct LayerCache {
+    /// Keys, f32 with rotary applied, `[b, kv_heads, t, head_dim]`.
+    pub k: Option<Tensor>,
+    /// Values in the model's dtype, `[b, kv_heads, t, head_dim]`.
+    pub v: Option<Tensor>,
+    /// Each row's own first position (rows whose cached prefixes differ in length).
+    pub row_starts: Option<Vec<usize>>,
+    /// Additive `[b, 1, 1, keys]` mask (0 or −∞) over cached and new keys: hides the padding
+    /// inside prefixes of different lengths.
+    pub key_mask: Option<Tensor>,
+}
+
+/// Multi-head attention with one fused q/k/v projection (grouped-query when `n_kv_head < n_head`).
+#[derive(Clone, Debug)]
+pub struct Attention {
+    /// The fused query, key and value projection, `[(n_head + 2·n_kv_head)·head_dim, d]`.
+    pub qkv: Linear,
+    /// The output projection, `[d, n_head·head_dim]`.
+    pub out: Linear,
+    /// Query heads.
+    pub n_head: usize,
+    /// Key/value heads (fewer than `n_head` with grouped-query attention).
+    pub n_kv_head: usize,
+    /// Width of each head.
+    pub head_dim: usize,
+    /// Rotary embedding of queries and keys; `None` with learned positions (GPT-2).
+    pub rotary: Option<Rotary>,
+    /// Causal masks, shared by all layers of the model.
+    pub masks: CausalMasks,
+}
+
+impl Attention {
+    /// Keys (f32, as the cache keeps them) and values of block input `x` (`[b, t, d]`, already
+    /// normed) at positions `pos0..`, `[b, kv_heads, t, head_dim]` with rotary applied: all that
+    /// later positions read of them.
+    pub fn keys_values(&self, x: &Tensor, pos0: usize) -> Result<(Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
+        let rows = |l: &Linear| -> Result<Linear> {
+            Ok(Linear::new(
+                l.weight.narrow(0, nh * hd, 2 * nkv * hd)?,
+                l.bias
+                    .as_ref()
+                    .map(|b| b.narrow(0, nh * hd, 2 * nkv * hd))
+                    .transpose()?,
+            ))
+        };
+        let kv = rows(&self.qkv)?.forward(x)?;
+        let heads = |start: usize| -> Result<Tensor> {
+            Ok(kv
+                .narrow(D::Minus1, start * hd, nkv * hd)?
+                .reshape((b, t, nkv, hd))?
+                .transpose(1, 2)?)
+        };
+        let k = match &self.rotary {
+            Some(r) => r.apply(&heads(0)?, Positions::From(pos0))?,
+            None => heads(0)?.to_dtype(DType::F32)?,
+        };
+        Ok((k.contiguous()?, heads(nkv)?.contiguous()?))
+    }
+
+    /// `x`: `[b, t, d]` at positions `pos0..pos0+t`; `cache` holds earlier positions.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        pos0: usize,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
+        let qkv = self.qkv.forward(x)?;
+        let heads = |start: usize, n: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(D::Minus1, start * hd, n * hd)?
+                .reshape((b, t, n, hd))?
+                .transpose(1, 2)?)
+        };
+        // Scores in f32, as the reference computes them for half-precision models: q and k are
+        // cast first (the cast also lays them out), rotated and scaled in f32.
+        let q = heads(0, nh)?.to_dtype(DType::F32)?;
+        let k = heads(nh, nkv)?.to_dtype(DType::F32)?;
+        let mut v = heads(nh + nkv, nkv)?.contiguous()?;
+        let row_starts = cache.as_ref().and_then(|c| c.row_starts.clone());
+        let pos = match &row_starts {
+            Some(r) => Positions::PerRow(r),
+            None => Positions::From(pos0),
+        };
+        let (q, mut k) = match &self.rotary {
+            Some(r) => r.apply_qk(&q, &k, pos)?,
+            None => ((q * (1.0 / (hd as f64).sqrt()))?, k),
+        };
+        let key_mask = cache.as_ref().and_then(|c| c.key_mask.clone());
+        if let Some(c) = cache {
+            if let (Some(pk), Some(pv)) = (&c.k, &c.v) {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            c.k = Some(k.clone());
+            c.v = Some(v.clone());
+        }
+        let t_all = k.dim(2)?;
+        // Grouped-query attention without copying keys: the `rep` query heads that share a key
+        // head are stacked along the query axis, [b, nkv, rep·t, hd].
+        let rep = nh / nkv;
+        let dtype = x.dtype();
+        let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
+        let scores = q.matmul(&k.contiguous()?.t()?)?;
+        let scores = if t > 1 {
+            scores.broadcast_add(&self.masks.get(t, t_all, rep, x.device())?)?
+        } else {
+            scores
+        };
+        let scores = match key_mask {
+            Some(m) => scores.broadcast_add(&m)?,
+            None => scores,
+        };
+        let probs = softmax_last(&scores)?.to_dtype(dtype)?;
+        let y = probs.matmul(&v.contiguous()?)?.reshape((b, nh, t, hd))?;
+        let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.out.forward(&y)
+    }
+}
+
+/// Additive causal masks, `[rep·t, t_all]` (0 or −∞): query i, at absolute position
+/// t_all − t + i, sees keys up to itself. Made once per shape and shared by all layers of a
+/// model (a GPU pass would otherwise upload one per layer).
+#[derive(Clone, Debug, Default)]
+pub struct CausalMasks {
+    made: std::sync::Arc<std::sync::Mutex<Vec<(MaskShape, Tensor)>>>,
+}
+
+/// `(t, t_all, rep)`.
+type MaskShape = (usize, usize, usize);
+
+impl CausalMasks {
+    /// Shapes kept; the oldest goes first (a trace uses a dozen, an edit two).
+    const KEEP: usize = 64;
+
+    /// The mask of `t` new queries (each repeated `rep` times) over `t_all` keys, `[rep·t, t_all]`,
+    /// made once per shape and device.
+    pub fn get(&self, t: usize, t_all: usize, rep: usize, device: &Device) -> Result<Tensor> {
+        let key = (t, t_all, rep);
+        let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, m)) = made
+            .iter()
+            .find(|(k, m)| *k == key && m.device().same_device(device))
+        {
+            return Ok(m.clone());
+        }
+        let offset = t_all - t;
+        let row = |i: usize| {
+            (0..t_all).map(move |j| {
+                if j > i + offset {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        };
+        let mask: Vec<f32> = (0..rep).flat_map(|_| (0..t).flat_map(row)).collect();
+        let mask = Tensor::from_vec(mask, (rep * t, t_all), device)?;
+        if made.len() >= Self::KEEP {
+            made.remove(0);
+        }
+        made.push((key, mask.clone()));
+        Ok(mask)
+    }
+}
+
+/// Softmax over the last axis; differentiable when its input is tracked by autograd.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    Ok(if x.track_op() && fused::supported(x) {
+        fused::softmax_last(x)?
+    } else if x.track_op() {
+        candle_nn::ops::softmax(x, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(x)?
+    })
+}

@@ -1,0 +1,157 @@
+//! The linear map `y = x Wᵀ + b`, with a frozen-weights product for autograd, and how it loads.
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+use crate::model::load::Weights;
+
+/// `y = x Wᵀ + b` with `W` stored `[out, in]` (GPT-2's Conv1D weights are transposed at load).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// `W`, `[out, in]`.
+    pub weight: Tensor,
+    /// `b`, `[out]`, when the map has one.
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// A map from its weight `[out, in]` and optional bias `[out]`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// The output width: the weight's rows.
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    /// `x Wᵀ + b` over the last axis: `[.., in]` → `[.., out]`. Under autograd with frozen
+    /// weights, only the input gets a gradient.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let d_in = *dims.last().expect("activations have a last dimension");
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((rows, d_in))?;
+        let backend = x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda());
+        let frozen = !self.weight.track_op();
+        let y = if x.track_op() && frozen && backend && self.weight.dtype() == x.dtype() {
+            // Under autograd, frozen weights need no gradient: skip candle's (as large as the
+            // weights, allocated on every step) and backpropagate to the input only.
+            x2.contiguous()?.apply_op1(FrozenMatmul {
+                w: self.weight.clone(),
+            })?
+        } else {
+            x2.matmul(&self.weight.t()?)?
+        };
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.out_dim();
+        Ok(y.reshape(out)?)
+    }
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` (`[out, inp]`) and, with `bias`, `{prefix}.bias`.
+    pub fn load(w: &Weights, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
+        let b = if bias {
+            Some(w.get(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear::new(
+            w.get(&format!("{prefix}.weight"), &[out, inp])?,
+            b,
+        ))
+    }
+
+    /// Loads GPT-2's Conv1D, which stores its weight `[inp, out]`, as a linear map.
+    pub fn load_conv1d(w: &Weights, prefix: &str, inp: usize, out: usize) -> Result<Self> {
+        let weight = w
+            .get(&format!("{prefix}.weight"), &[inp, out])?
+            .t()?
+            .contiguous()?;
+        let bias = w.get(&format!("{prefix}.bias"), &[out])?;
+        Ok(Linear::new(weight, Some(bias)))
+    }
+
+    /// One map whose outputs are the parts' outputs stacked (a fused q/k/v or gate/up).
+    pub fn cat(parts: &[Linear]) -> Result<Self> {
+        let weights: Vec<Tensor> = parts.iter().map(|l| l.weight.clone()).collect();
+        let biases: Option<Vec<Tensor>> = parts.iter().map(|l| l.bias.clone()).collect();
+        let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
+        Ok(Linear::new(Tensor::cat(&weights, 0)?, bias))
+    }
+}
+
+/// `x Wᵀ` whose backward pass gives the input's gradient only.
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl FrozenMatmul {
+    /// The product straight from the two storages (the input's may start at an offset): the
+    /// same GEMM as `Tensor::matmul`, with no copy of the input or the output.
+    fn product<S: candle_core::backend::BackendStorage>(
+        &self,
+        x: &S,
+        x_layout: &candle_core::Layout,
+        w: &S,
+        w_layout: &candle_core::Layout,
+    ) -> candle_core::Result<(S, candle_core::Shape)> {
+        let (rows, d_in) = x_layout.shape().dims2()?;
+        let (d_out, w_in) = w_layout.shape().dims2()?;
+        if w_in != d_in {
+            candle_core::bail!("frozen-matmul: input width {d_in}, weights [{d_out}, {w_in}]")
+        }
+        let y = x.matmul(
+            w,
+            (1, rows, d_out, d_in),
+            x_layout,
+            &w_layout.transpose(0, 1)?,
+        )?;
+        Ok((y, (rows, d_out).into()))
+    }
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (w, w_layout) = self.w.storage_and_layout();
+        match &*w {
+            candle_core::Storage::Cpu(w) => self.product(storage, layout, w, w_layout),
+            _ => candle_core::bail!("frozen-matmul: the weights are not on the CPU"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let (w, w_layout) = self.w.storage_and_layout();
+        match &*w {
+            candle_core::Storage::Cuda(w) => self.product(storage, layout, w, w_layout),
+            _ => candle_core::bail!("frozen-matmul: the weights are not on the GPU"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.w)?))
+    }
+}

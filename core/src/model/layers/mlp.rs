@@ -1,0 +1,58 @@
+//! The MLP, split at ROME's key: the key computation, then the down-projection that edits
+//! rewrite.
+
+use candle_core::{Tensor, D};
+
+use super::Linear;
+use crate::error::Result;
+
+/// The MLP, split into the key computation and the down-projection that ROME edits.
+#[derive(Clone, Debug)]
+pub enum Mlp {
+    /// GPT-2 / GPT-J: `proj(gelu_tanh(fc(x)))`.
+    Gelu {
+        /// The up-projection, `[d_ff, d]`.
+        fc: Linear,
+        /// The down-projection, `[d, d_ff]`.
+        proj: Linear,
+    },
+    /// LLaMA: `down(silu(gate(x)) * up(x))`, gate and up fused into one `[2 d_ff, d]` map.
+    SwiGlu {
+        /// Gate and up projections stacked, `[2 d_ff, d]`.
+        gate_up: Linear,
+        /// The down-projection, `[d, d_ff]`.
+        down: Linear,
+    },
+}
+
+impl Mlp {
+    /// ROME's key: the down-projection's input.
+    pub fn key(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Mlp::Gelu { fc, .. } => Ok(fc.forward(x)?.gelu()?),
+            Mlp::SwiGlu { gate_up, .. } => {
+                let gu = gate_up.forward(x)?;
+                let d_ff = gate_up.out_dim() / 2;
+                let gate = gu.narrow(D::Minus1, 0, d_ff)?;
+                let up = gu.narrow(D::Minus1, d_ff, d_ff)?;
+                Ok((gate.silu()? * up)?)
+            }
+        }
+    }
+
+    /// The down-projection, `[d_model, d_ff]`: the matrix edits rewrite.
+    pub fn down(&self) -> &Linear {
+        match self {
+            Mlp::Gelu { proj, .. } => proj,
+            Mlp::SwiGlu { down, .. } => down,
+        }
+    }
+
+    /// The down-projection, to replace (edits and their undo).
+    pub fn down_mut(&mut self) -> &mut Linear {
+        match self {
+            Mlp::Gelu { proj, .. } => proj,
+            Mlp::SwiGlu { down, .. } => down,
+        }
+    }
+}

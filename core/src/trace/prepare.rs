@@ -1,0 +1,268 @@
+//! The runs every cell of a trace shares: the clean run (its states to restore from), the
+//! corrupted run (its residual stream, module outputs, keys and values), the answer and its
+//! probability before and after the corruption; and reading an answer's probability out of
+//! logits.
+
+use std::collections::BTreeMap;
+
+use candle_core::{IndexOp, Tensor};
+
+use super::effect::tracing_effect;
+use super::types::{AnswerToken, TraceHeader, TraceKind, TraceRequest, TraceResult, TraceWork};
+use crate::error::{LociError, Result};
+use crate::hooks::noise::embed_noise;
+use crate::hooks::{Capture, Chain, Hook, Site};
+use crate::loader::LoadedModel;
+use crate::model::{KvCache, LogitsAt};
+use crate::request::{spaced, subject_range};
+
+/// Everything the cells of one trace share: the clean states and the corrupted run.
+pub(super) struct Prepared {
+    /// The prompt, then (with `full_answer`) all answer tokens but the last.
+    pub(super) ids: Vec<u32>,
+    pub(super) prompt_len: usize,
+    pub(super) range: (usize, usize),
+    /// The explained tokens: read out at the last `answer.len()` positions.
+    pub(super) answer: Vec<u32>,
+    pub(super) high: f32,
+    pub(super) low: f32,
+    pub(super) noise: Tensor,
+    pub(super) scale: f64,
+    pub(super) clean: Capture,
+    /// Attention and MLP outputs of the corrupted run.
+    pub(super) corrupt: Capture,
+    /// Residual input of each layer in the corrupted run, `[samples, T, d]`; index `n_layer` is
+    /// the last block's output.
+    pub(super) resid_in: Vec<Tensor>,
+    pub(super) kv: KvCache,
+}
+
+fn validate(lm: &LoadedModel, req: &TraceRequest) -> Result<()> {
+    if req.samples == 0 {
+        return Err(LociError::input("samples must be at least 1"));
+    }
+    if req.window == 0 {
+        return Err(LociError::input("window must be at least 1"));
+    }
+    if req.kinds.is_empty() {
+        return Err(LociError::input("no trace kind requested"));
+    }
+    if let Some(k) = req
+        .kinds
+        .iter()
+        .enumerate()
+        .find_map(|(i, k)| req.kinds[..i].contains(k).then_some(k))
+    {
+        return Err(LociError::input(format!(
+            "trace kind {} requested twice",
+            k.name()
+        )));
+    }
+    if req.samples > 64 {
+        return Err(LociError::input("at most 64 samples"));
+    }
+    if req.full_answer && req.answer.is_none() {
+        return Err(LociError::input("a full-answer trace needs the answer"));
+    }
+    let _ = lm;
+    Ok(())
+}
+
+pub(super) fn prepare(
+    lm: &LoadedModel,
+    req: &TraceRequest,
+    embedding_std: Option<f64>,
+) -> Result<Prepared> {
+    validate(lm, req)?;
+    let m = &lm.model;
+    let mut ids = lm.encode_prompt(&req.prompt)?;
+    let prompt_len = ids.len();
+    let range = subject_range(&lm.tokenizer, &ids, &req.subject)?;
+    let (n, d) = (m.n_layer(), m.cfg.d_model);
+    let scale = req.noise.scale(embedding_std)?;
+    let answer_ids = match &req.answer {
+        None => None,
+        Some(a) => {
+            let ids = lm.tokenizer.encode_plain(&spaced(a))?;
+            if ids.is_empty() {
+                return Err(LociError::input(format!(
+                    "the answer {a:?} tokenizes to nothing"
+                )));
+            }
+            Some(ids)
+        }
+    };
+    if req.full_answer {
+        let a = answer_ids.as_ref().expect("validated");
+        ids.extend(&a[..a.len() - 1]);
+        if ids.len() > m.cfg.max_positions {
+            return Err(LociError::input(
+                "prompt and answer exceed the model's context",
+            ));
+        }
+    }
+
+    let all_sites: Vec<Site> = (0..n)
+        .flat_map(|l| [Site::Block(l), Site::Mlp(l), Site::Attn(l)])
+        .collect();
+    let mut clean = Capture::new(all_sites);
+    let clean_ids = m.ids_tensor(std::slice::from_ref(&ids))?;
+    let answer: Vec<u32> = match (&answer_ids, req.full_answer) {
+        (Some(a), true) => a.clone(),
+        (Some(a), false) => vec![a[0]],
+        (None, _) => vec![],
+    };
+    let reads = answer.len().max(1);
+    let clean_logits = readout_logits(m, &clean_ids, &mut clean, None, reads)?;
+    let first = clean_logits.i((0, reads - 1))?;
+    crate::predict::check_finite(&first.to_vec1::<f32>()?)?;
+    let answer = if answer.is_empty() {
+        let probs = candle_nn::ops::softmax_last_dim(&first)?.to_vec1::<f32>()?;
+        vec![crate::predict::top_k(&probs, 1)[0].0]
+    } else {
+        answer
+    };
+    let high = answer_prob(&clean_logits, &answer, 1)?[0];
+
+    let noise = Tensor::from_vec(
+        req.noise
+            .draw(scale, req.samples, range.1 - range.0, d, req.seed),
+        (req.samples, range.1 - range.0, d),
+        &m.device,
+    )?;
+    let rows: Vec<Vec<u32>> = vec![ids.clone(); req.samples];
+    let mut corrupt =
+        Capture::new((0..n).flat_map(|l| [Site::Block(l), Site::Mlp(l), Site::Attn(l)]));
+    let mut kv = KvCache::default();
+    let mut embed_cap = Capture::new([Site::Embed]);
+    let low_logits = {
+        let mut nh = embed_noise(&noise, range, 0);
+        let mut chain = Chain(vec![&mut nh, &mut embed_cap, &mut corrupt]);
+        readout_logits(m, &m.ids_tensor(&rows)?, &mut chain, Some(&mut kv), reads)?
+    };
+    let low = answer_prob(&low_logits, &answer, 1)?[0];
+    let mut resid_in = Vec::with_capacity(n + 1);
+    let emb = embed_cap.get(Site::Embed)?.clone();
+    resid_in.push(match &m.wpe {
+        Some(wpe) => emb.broadcast_add(&wpe.narrow(0, 0, ids.len())?)?,
+        None => emb,
+    });
+    for l in 0..n {
+        resid_in.push(corrupt.get(Site::Block(l))?.clone());
+    }
+    Ok(Prepared {
+        ids,
+        prompt_len,
+        range,
+        answer,
+        high,
+        low,
+        noise,
+        scale,
+        clean,
+        corrupt,
+        resid_in,
+        kv,
+    })
+}
+
+/// f32 logits `[rows, reads, vocab]` at the last `reads` positions of `ids`.
+pub(super) fn readout_logits(
+    m: &crate::model::Model,
+    ids: &Tensor,
+    hook: &mut dyn Hook,
+    kv: Option<&mut KvCache>,
+    reads: usize,
+) -> Result<Tensor> {
+    let at = if reads == 1 {
+        LogitsAt::Last
+    } else {
+        LogitsAt::All
+    };
+    let logits = m
+        .run(ids, hook, kv, at)?
+        .ok_or_else(|| LociError::input("forward pass stopped early"))?;
+    Ok(if reads == 1 {
+        logits.unsqueeze(1)?
+    } else {
+        let t = logits.dim(1)?;
+        logits.narrow(1, t - reads, reads)?
+    })
+}
+
+/// Mean over consecutive groups of rows of p(answer), from `[rows, reads, vocab]` logits whose
+/// position j predicts `answer[j]`: the answer token's probability, or with several the whole
+/// sequence's, Π_j p(answer[j]) (probabilities are averaged over a group, not log-probabilities).
+pub(super) fn answer_prob(logits: &Tensor, answer: &[u32], groups: usize) -> Result<Vec<f32>> {
+    let p = if let [id] = answer {
+        candle_nn::ops::softmax_last_dim(&logits.squeeze(1)?)?.i((.., *id as usize))?
+    } else {
+        let logp = candle_nn::ops::log_softmax(logits, candle_core::D::Minus1)?;
+        let rows = logp.dim(0)?;
+        let idx = Tensor::new(answer, logp.device())?
+            .reshape((1, answer.len(), 1))?
+            .repeat((rows, 1, 1))?;
+        logp.gather(&idx, 2)?.sum((1, 2))?.exp()?
+    };
+    let rows = p.dim(0)?;
+    Ok(p.reshape((groups, rows / groups))?
+        .mean(1)?
+        .to_vec1::<f32>()?)
+}
+
+/// Layers `[lo, hi)` restored for a windowed cell at layer `l`
+/// (docs/tracing.md#restoring-states-kinds-and-windows).
+pub fn window_layers(l: usize, window: usize, n_layer: usize) -> (usize, usize) {
+    (
+        l.saturating_sub(window / 2),
+        (l + window.div_ceil(2)).min(n_layer),
+    )
+}
+
+/// What a UI needs before any row, from the clean and corrupted runs.
+pub(super) fn header(lm: &LoadedModel, req: &TraceRequest, p: &Prepared) -> Result<TraceHeader> {
+    Ok(TraceHeader {
+        tokens: lm.tokenizer.token_strings(&p.ids[..p.prompt_len])?,
+        subject_range: [p.range.0, p.range.1],
+        answer: AnswerToken {
+            id: p.answer[0],
+            token: lm.tokenizer.decode(&p.answer)?,
+            ids: if req.full_answer {
+                p.answer.clone()
+            } else {
+                vec![]
+            },
+        },
+        high: p.high,
+        low: p.low,
+        noise: p.scale,
+        n_layer: lm.model.n_layer(),
+        kinds: req.kinds.clone(),
+        total_rows: req.kinds.len() * p.prompt_len,
+    })
+}
+
+/// The result laid out from the header, with every row's scores and their tracing effects.
+pub(super) fn finish(
+    lm: &LoadedModel,
+    req: &TraceRequest,
+    header: &TraceHeader,
+    scores: BTreeMap<TraceKind, Vec<Vec<f32>>>,
+    work: TraceWork,
+    started: f64,
+) -> TraceResult {
+    let mut r = TraceResult::from_header(header, &lm.name, req);
+    let last_subject = header.subject_range[1] - 1;
+    let effects = |token: Option<usize>| -> BTreeMap<TraceKind, Vec<f32>> {
+        scores
+            .iter()
+            .map(|(k, g)| (*k, tracing_effect(g, header.high, header.low, token)))
+            .collect()
+    };
+    r.tracing_effect = effects(None);
+    r.tracing_effect_subject_last = effects(Some(last_subject));
+    r.scores = scores;
+    r.work = work;
+    r.seconds = crate::clock::now_seconds() - started;
+    r
+}
