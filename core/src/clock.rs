@@ -14,3 +14,27 @@ pub fn now_seconds() -> f64 {
         0.0
     }
 }
+
+/// Seconds per phase of a computation, measured as it goes.
+pub struct Laps {
+    /// Seconds each named phase took.
+    pub seconds: std::collections::BTreeMap<String, f64>,
+    clock: f64,
+}
+
+impl Laps {
+    /// Starts the clock.
+    pub fn start() -> Self {
+        Self {
+            seconds: Default::default(),
+            clock: now_seconds(),
+        }
+    }
+
+    /// Ends the phase `name` now and starts the next.
+    pub fn lap(&mut self, name: &str) {
+        let now = now_seconds();
+        self.seconds.insert(name.to_string(), now - self.clock);
+        self.clock = now;
+    }
+}

@@ -42,7 +42,7 @@ pub struct BlockWeights {
 }
 
 impl BlockWeights {
-    /// All of them.
+    /// Every matrix weight of the block: a token through it costs twice this in FLOPs.
     pub fn total(&self) -> usize {
         self.q + self.kv + self.out + self.mlp
     }

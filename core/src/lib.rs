@@ -2,7 +2,7 @@
 //! with the machinery for causal tracing and model editing. No I/O assumptions beyond the
 //! optional file loaders, so it builds for wasm32 as well as natively.
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod clock;
 pub mod config;

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
-use loci_core::edit::{Edit, EditReport, EditSide, Probes, RewriteRequest, TargetStr};
+use loci_core::edit::{Edit, EditMethod, EditReport, EditSide, Probes, RewriteRequest, TargetStr};
 use loci_core::eval::parse_cases;
 use loci_core::LoadedModel;
 
@@ -68,7 +68,7 @@ pub struct EditArgs {
     /// rome (one fact, one layer), memit (many facts, several layers) or ft (constrained
     /// fine-tuning of one fact at --layers).
     #[arg(long, default_value = "rome")]
-    pub method: String,
+    pub method: EditMethod,
     /// ROME's edited layer (default: Loci's shipped hyper-parameters for this model).
     #[arg(long)]
     pub layer: Option<usize>,
@@ -142,11 +142,10 @@ fn requests(a: &EditArgs, lm: &LoadedModel) -> Result<Vec<RewriteRequest>> {
 }
 
 pub fn edit(a: EditArgs) -> Result<()> {
-    match a.method.as_str() {
-        "rome" => rome(a),
-        "memit" => memit(a),
-        "ft" => ft(a),
-        other => bail!("--method {other:?}: use rome, memit or ft"),
+    match a.method {
+        EditMethod::Rome => rome(a),
+        EditMethod::Memit => memit(a),
+        EditMethod::Ft => ft(a),
     }
 }
 
@@ -175,7 +174,7 @@ fn one_request(a: &EditArgs, lm: &LoadedModel) -> Result<RewriteRequest> {
     if reqs.len() != 1 {
         bail!(
             "{} edits one fact at a time ({} given); use --method memit to edit them together",
-            a.method.to_uppercase(),
+            a.method.name().to_uppercase(),
             reqs.len()
         );
     }

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use loci_core::edit::{Edit, FtHparams, KeyStats, MemitHparams, RewriteRequest, RomeHparams};
+use loci_core::edit::{
+    Edit, EditMethod, FtHparams, KeyStats, MemitHparams, RewriteRequest, RomeHparams,
+};
 use loci_core::eval::zsre::{
     summarize_zsre, ZsreCase, ZsreCaseRecord, ZsreMetrics, ZsreSummary, ZsreTarget,
 };
@@ -33,7 +35,7 @@ pub struct EvalArgs {
     pub zsre_target: ZsreTarget,
     /// Editing method: rome or ft (one case at a time) or memit (`--batch` cases per edit).
     #[arg(long, default_value = "rome")]
-    pub method: String,
+    pub method: EditMethod,
     /// ROME's edited layer (default: Loci's shipped hyper-parameters for this model).
     #[arg(long)]
     pub layer: Option<usize>,
@@ -233,8 +235,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
     let mut lm = a.model.load()?;
     let dataset = read_dataset(&a.dataset, a.n, a.zsre_target)?;
-    let method = match a.method.as_str() {
-        "rome" => {
+    let method = match a.method {
+        EditMethod::Rome => {
             if !a.layers.is_empty() || a.batch != 1 {
                 bail!("--layers and --batch are for --method memit");
             }
@@ -246,7 +248,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             let stats = a.stats.ensure(&lm, hp.layer)?;
             Method::Rome(hp, stats)
         }
-        "memit" => {
+        EditMethod::Memit => {
             if a.layer.is_some() {
                 bail!("--layer is for ROME; MEMIT edits --layers L1,L2,...");
             }
@@ -257,13 +259,12 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             let stats = a.stats.ensure_layers(&lm, &hp.layers)?;
             Method::Memit(hp, stats)
         }
-        "ft" => {
+        EditMethod::Ft => {
             if a.layer.is_some() || a.batch != 1 {
                 bail!("--layer is for ROME and --batch for MEMIT; fine-tuning trains --layers");
             }
             Method::Ft(ft_hparams(&lm, &a.layers, &a.ft)?)
         }
-        other => bail!("--method {other:?}: use rome, memit or ft"),
     };
     let layers = method.layers();
     let original = bits(&lm, &layers)?;

@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use loci_core::edit::{Edit, KeyMode, KeyStats, Probes, RewriteRequest};
+use loci_core::edit::{Edit, EditMethod, KeyMode, KeyStats, Probes, RewriteRequest};
 use serde::{Deserialize, Serialize};
 
 use super::jobs::*;
@@ -78,42 +78,7 @@ pub async fn edit(
     b: Result<Json<EditBody>, JsonRejection>,
 ) -> Response {
     json_job(st, b, move |st, b| {
-        let single = match (&b.request, &b.prompt, &b.subject, &b.target) {
-            (Some(r), None, None, None) => Some(r.clone()),
-            (None, Some(p), Some(s), Some(t)) => Some(RewriteRequest::from_prompt(p, s, t)?),
-            (None, None, None, None) if !b.requests.is_empty() => None,
-            _ => {
-                return Err(bad(
-                    "give either \"request\" (a requested_rewrite) or \"prompt\", \"subject\" and \"target\"",
-                ))
-            }
-        };
-        let method = b.method.as_deref().unwrap_or("rome");
-        let reqs: Vec<RewriteRequest> = single.into_iter().chain(b.requests.clone()).collect();
-        match method {
-            "rome" if reqs.len() != 1 || !b.layers.is_empty() => {
-                return Err(bad("ROME edits one fact at one \"layer\"; use \"method\": \"memit\" for \"requests\" and \"layers\""));
-            }
-            "ft" if reqs.len() != 1 || b.layer.is_some() => {
-                return Err(bad("fine-tuning edits one fact at its \"layers\""));
-            }
-            "memit" if b.layer.is_some() => {
-                return Err(bad("MEMIT edits its \"layers\", not one \"layer\""));
-            }
-            "memit" if reqs.len() > MAX_MEMIT_REQUESTS => {
-                return Err(bad(format!(
-                    "MEMIT writes at most {MAX_MEMIT_REQUESTS} facts at once"
-                )));
-            }
-            "rome" | "ft" | "memit" => {}
-            other => return Err(bad(format!("method {other:?}: use rome, memit or ft"))),
-        }
-        if b.paraphrase.len() + b.neighborhood.len() > MAX_PROBES {
-            return Err(bad(format!("at most {MAX_PROBES} paraphrase and neighborhood prompts")));
-        }
-        for p in reqs.iter().map(|r| &r.prompt).chain(&b.paraphrase).chain(&b.neighborhood) {
-            check_prompt(p)?;
-        }
+        let (method, reqs) = edit_requests(&b)?;
         let m = model(st, &b.model)?;
         let mut guard = write(&m);
         let state = &mut *guard;
@@ -122,57 +87,97 @@ pub async fn edit(
             neighborhood: b.neighborhood.clone(),
             generate_tokens: b.generate_tokens.min(50),
         };
-        if method == "ft" {
-            let defaults = crate::workspace::FtSettings {
-                norm_constraint: None,
-                ft_objective: None,
-            };
-            let hp = crate::workspace::ft_hparams(&state.lm, &b.layers, &defaults)
-                .map_err(|e| bad(format!("{e:#}")))?;
-            let req = reqs.into_iter().next().expect("one request");
-            let (e, applied, report) = state.lm.ft_with_report(req, &hp, &probes)?;
-            let id = state.record(Edit::Ft(e), applied);
-            return Ok(EditResponse {
-                id,
-                report: Some(report),
-                memit: None,
-                edits: state.listing(),
-            });
-        }
-        if method == "memit" {
-            let hp = crate::workspace::memit_hparams(&state.lm, &b.layers)
-                .map_err(|e| bad(format!("{e:#}")))?;
-            let stats = layers_stats(st, &state.lm, &hp.layers)?;
-            let (e, applied, report) =
-                state
-                    .lm
-                    .memit_with_report(reqs, &hp, &stats, &probes, &mut |_| {})?;
-            let id = state.record(Edit::Memit(e), applied);
-            return Ok(EditResponse {
-                id,
-                report: None,
-                memit: Some(report),
-                edits: state.listing(),
-            });
-        }
-        let mut hp = edit_hparams(&state.lm, b.layer)?;
-        hp.key_mode = match b.key_mode.as_deref() {
-            None | Some("rrome") => KeyMode::Rrome,
-            Some("original") => KeyMode::Original,
-            Some(other) => return Err(bad(format!("key_mode {other:?}: use rrome or original"))),
+        let (edit, applied, report, memit) = match method {
+            EditMethod::Ft => {
+                let hp = crate::workspace::ft_hparams(&state.lm, &b.layers, &Default::default())
+                    .map_err(|e| bad(format!("{e:#}")))?;
+                let req = reqs.into_iter().next().expect("one request");
+                let (e, applied, report) = state.lm.ft_with_report(req, &hp, &probes)?;
+                (Edit::Ft(e), applied, Some(report), None)
+            }
+            EditMethod::Memit => {
+                let hp = crate::workspace::memit_hparams(&state.lm, &b.layers)
+                    .map_err(|e| bad(format!("{e:#}")))?;
+                let stats = layers_stats(st, &state.lm, &hp.layers)?;
+                let (e, applied, report) =
+                    (state.lm).memit_with_report(reqs, &hp, &stats, &probes, &mut |_| {})?;
+                (Edit::Memit(e), applied, None, Some(report))
+            }
+            EditMethod::Rome => {
+                let mut hp = edit_hparams(&state.lm, b.layer)?;
+                hp.key_mode = key_mode(b.key_mode.as_deref())?;
+                let stats = layers_stats(st, &state.lm, &[hp.layer])?.remove(0);
+                let req = reqs.into_iter().next().expect("one request");
+                let (e, applied, report) =
+                    (state.lm).rome_with_report(req, &hp, Some(&stats), &probes)?;
+                (Edit::Rome(e), applied, Some(report), None)
+            }
         };
-        let stats = layers_stats(st, &state.lm, &[hp.layer])?.remove(0);
-        let req = reqs.into_iter().next().expect("one request");
-        let (e, applied, report) = state.lm.rome_with_report(req, &hp, Some(&stats), &probes)?;
-        let id = state.record(Edit::Rome(e), applied);
+        let id = state.record(edit, applied);
         Ok(EditResponse {
             id,
-            report: Some(report),
-            memit: None,
+            report,
+            memit,
             edits: state.listing(),
         })
     })
     .await
+}
+
+/// The method and the facts of an edit request, checked against what the method takes and
+/// against the server's bounds before any work.
+fn edit_requests(b: &EditBody) -> Result<(EditMethod, Vec<RewriteRequest>), ApiError> {
+    let single = match (&b.request, &b.prompt, &b.subject, &b.target) {
+        (Some(r), None, None, None) => Some(r.clone()),
+        (None, Some(p), Some(s), Some(t)) => Some(RewriteRequest::from_prompt(p, s, t)?),
+        (None, None, None, None) if !b.requests.is_empty() => None,
+        _ => return Err(bad(
+            "give either \"request\" (a requested_rewrite) or \"prompt\", \"subject\" and \"target\"",
+        )),
+    };
+    let method: EditMethod = b.method.as_deref().unwrap_or("rome").parse()?;
+    let reqs: Vec<RewriteRequest> = single.into_iter().chain(b.requests.clone()).collect();
+    let refusal = match method {
+        EditMethod::Rome if reqs.len() != 1 || !b.layers.is_empty() => Some(
+            "ROME edits one fact at one \"layer\"; use \"method\": \"memit\" for \"requests\" and \"layers\"".to_string(),
+        ),
+        EditMethod::Ft if reqs.len() != 1 || b.layer.is_some() => {
+            Some("fine-tuning edits one fact at its \"layers\"".to_string())
+        }
+        EditMethod::Memit if b.layer.is_some() => {
+            Some("MEMIT edits its \"layers\", not one \"layer\"".to_string())
+        }
+        EditMethod::Memit if reqs.len() > MAX_MEMIT_REQUESTS => Some(format!(
+            "MEMIT writes at most {MAX_MEMIT_REQUESTS} facts at once"
+        )),
+        _ => None,
+    };
+    if let Some(r) = refusal {
+        return Err(bad(r));
+    }
+    if b.paraphrase.len() + b.neighborhood.len() > MAX_PROBES {
+        return Err(bad(format!(
+            "at most {MAX_PROBES} paraphrase and neighborhood prompts"
+        )));
+    }
+    for p in reqs
+        .iter()
+        .map(|r| &r.prompt)
+        .chain(&b.paraphrase)
+        .chain(&b.neighborhood)
+    {
+        check_prompt(p)?;
+    }
+    Ok((method, reqs))
+}
+
+/// ROME's key mode by its API name (default: r-ROME's).
+fn key_mode(name: Option<&str>) -> Result<KeyMode, ApiError> {
+    match name {
+        None | Some("rrome") => Ok(KeyMode::Rrome),
+        Some("original") => Ok(KeyMode::Original),
+        Some(other) => Err(bad(format!("key_mode {other:?}: use rrome or original"))),
+    }
 }
 
 /// The shipped hyper-parameters at `layer` (or the model's default layer), refused before any

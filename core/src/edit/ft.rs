@@ -25,19 +25,25 @@ pub enum FtObjective {
     Sequence,
 }
 
+/// Constrained fine-tuning's settings (docs/finetune.md#hyper-parameters).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FtHparams {
+    /// The trained down-projections' layers, ascending.
     pub layers: Vec<usize>,
+    /// Adam's learning rate.
     pub lr: f64,
+    /// The most optimisation steps (fewer when the loss falls below 0.01).
     pub steps: usize,
     /// ε of the L∞ constraint around the original weights; `None`: unconstrained.
     pub norm_constraint: Option<f64>,
+    /// What the loss reads: the prompt's last position or the whole target.
     #[serde(default)]
     pub objective: FtObjective,
     /// Fact erasure minimises p(target) itself, without early stop; fact forcing noises the
     /// subject, each step training on a batch of `noise_samples` fresh draws.
     #[serde(flatten)]
     pub goal: super::EditGoal,
+    /// Rows per step under subject noise, each with its own draw.
     #[serde(default = "default_noise_samples")]
     pub noise_samples: usize,
 }
@@ -95,26 +101,37 @@ impl FtHparams {
 /// One layer's change: the whole weight difference and the bias difference.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FtLayer {
+    /// The layer whose down-projection changed.
     pub layer: usize,
     /// `[d_model, d_ff]`, row-major.
     pub weight: Vec<f32>,
+    /// The bias difference, `d_model` wide, when the layer has a bias.
     pub bias: Option<Vec<f32>>,
 }
 
+/// What the fine-tuning did, for reports.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct FtStats {
+    /// The loss after each step.
     pub losses: Vec<f32>,
     /// Largest |Δw| over the trained weights (≤ ε when constrained).
     pub max_abs_change: f32,
+    /// Wall-clock seconds it took.
     pub seconds: f64,
 }
 
+/// A fine-tuning edit: dense weight (and bias) differences of its layers, undone exactly.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FtEdit {
+    /// The model's width (each weight difference is `[d_model, d_ff]`).
     pub d_model: usize,
+    /// Each trained layer's change.
     pub layers: Vec<FtLayer>,
+    /// The fact it teaches.
     pub request: RewriteRequest,
+    /// The settings it was trained with.
     pub hparams: FtHparams,
+    /// What the training did.
     pub stats: FtStats,
 }
 
@@ -130,6 +147,7 @@ struct EditMeta {
 pub(crate) const FILE_KEY: &str = "loci_ft_edit";
 
 impl FtEdit {
+    /// The changes to apply, one per layer.
     pub fn deltas(&self) -> Vec<LayerDelta<'_>> {
         self.layers
             .iter()
@@ -171,6 +189,7 @@ impl FtEdit {
         super::file::write(FILE_KEY, &meta, &tensors)
     }
 
+    /// Reads a file written by `to_bytes`, refusing anything else or non-finite values.
     pub fn from_bytes(data: &[u8]) -> Result<Self> {
         let bad = |e: String| LociError::input(format!("not a Loci fine-tuning edit file: {e}"));
         let (meta, file): (EditMeta, _) =
@@ -223,6 +242,36 @@ struct Trained {
 }
 
 impl Trained {
+    /// An f32 trainable copy of layer `l`'s down-projection, beside the original.
+    fn new(m: &crate::model::Model, l: usize) -> Result<Self> {
+        let original = m.down_proj(l)?.clone();
+        let w0 = original.weight.to_dtype(DType::F32)?;
+        let b0 = original
+            .bias
+            .as_ref()
+            .map(|b| b.to_dtype(DType::F32))
+            .transpose()?;
+        Ok(Trained {
+            layer: l,
+            w: Var::from_tensor(&w0)?,
+            b: b0.as_ref().map(Var::from_tensor).transpose()?,
+            w0,
+            b0,
+            original,
+        })
+    }
+
+    /// The trainable values as a layer of the model's `dtype`.
+    fn current(&self, dtype: DType) -> Result<Linear> {
+        let w = self.w.as_tensor().to_dtype(dtype)?;
+        let b = self
+            .b
+            .as_ref()
+            .map(|b| b.as_tensor().to_dtype(dtype))
+            .transpose()?;
+        Ok(Linear::new(w, b))
+    }
+
     /// Pulls the parameters back into `[x₀ − ε, x₀ + ε]`.
     fn clamp(&self, eps: f64) -> Result<()> {
         let pull = |v: &Var, x0: &Tensor| -> Result<()> {
@@ -239,40 +288,85 @@ impl Trained {
     }
 }
 
+impl FtHparams {
+    /// Refuses settings that cannot train: no layers or unordered ones, layers past the model,
+    /// a bad learning rate, constraint or noise.
+    fn validate(&self, n_layer: usize) -> Result<()> {
+        if self.layers.is_empty() || self.layers.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(LociError::input(
+                "fine-tuning needs one or more layers, ascending and distinct",
+            ));
+        }
+        super::method::check_layers(&self.layers, n_layer)?;
+        if self.lr.is_nan() || self.lr <= 0.0 || self.steps == 0 {
+            return Err(LociError::input(
+                "fine-tuning needs a positive learning rate and at least one step",
+            ));
+        }
+        if self.norm_constraint.is_some_and(|e| e.is_nan() || e < 0.0) {
+            return Err(LociError::input("the norm constraint must be ≥ 0"));
+        }
+        let bad_noise = self
+            .goal
+            .subject_noise
+            .is_some_and(|s| !s.is_finite() || s <= 0.0);
+        if bad_noise || self.noise_samples == 0 {
+            return Err(LociError::input(
+                "subject noise needs a positive σ and at least one sample",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What every step trains on: the rows (one, or one per noise draw), the positions read out
+/// and the labels there.
+struct FtBatch {
+    input: Tensor,
+    /// Positions whose next-token distributions the loss reads.
+    pos: Tensor,
+    /// The target's tokens, `[rows, targets, 1]`.
+    labels: Tensor,
+    rows: usize,
+    /// The subject's tokens, noised when the goal asks.
+    subject: (usize, usize),
+}
+
 impl LoadedModel {
     /// Fine-tunes the chosen down-projections towards the request's new target and returns the
     /// change (the model is left as it was, also on error).
     pub fn finetune(&mut self, req: &RewriteRequest, hp: &FtHparams) -> Result<FtEdit> {
         req.validate()?;
-        let n_layer = self.model.n_layer();
-        if hp.layers.is_empty() || hp.layers.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(LociError::input(
-                "fine-tuning needs one or more layers, ascending and distinct",
-            ));
+        hp.validate(self.model.n_layer())?;
+        let started = crate::clock::now_seconds();
+        let batch = self.ft_batch(req, hp)?;
+        let trained = hp
+            .layers
+            .iter()
+            .map(|&l| Trained::new(&self.model, l))
+            .collect::<Result<Vec<_>>>()?;
+        let result = self.ft_train(hp, &batch, &trained);
+        for t in &trained {
+            self.model.set_down_proj(t.layer, t.original.clone())?;
         }
-        if let Some(&l) = hp.layers.iter().find(|&&l| l >= n_layer) {
-            return Err(LociError::input(format!(
-                "layer {l} out of range (the model has {n_layer} layers)"
-            )));
-        }
-        if hp.lr.is_nan() || hp.lr <= 0.0 || hp.steps == 0 {
-            return Err(LociError::input(
-                "fine-tuning needs a positive learning rate and at least one step",
-            ));
-        }
-        if hp.norm_constraint.is_some_and(|e| e.is_nan() || e < 0.0) {
-            return Err(LociError::input("the norm constraint must be ≥ 0"));
-        }
-        if hp
-            .goal
-            .subject_noise
-            .is_some_and(|s| !s.is_finite() || s <= 0.0)
-            || hp.noise_samples == 0
-        {
-            return Err(LociError::input(
-                "subject noise needs a positive σ and at least one sample",
-            ));
-        }
+        let losses = result?;
+        let (layers, max_abs_change) = changes(&trained)?;
+        Ok(FtEdit {
+            d_model: self.model.cfg.d_model,
+            layers,
+            request: req.clone(),
+            hparams: hp.clone(),
+            stats: FtStats {
+                losses,
+                max_abs_change,
+                seconds: crate::clock::now_seconds() - started,
+            },
+        })
+    }
+
+    /// The rows the objective reads: teacher forcing feeds the target but its last token; the
+    /// last-token objective reads the prompt's last position only.
+    fn ft_batch(&self, req: &RewriteRequest, hp: &FtHparams) -> Result<FtBatch> {
         let target = self.tokenizer.encode_plain(&spaced(&req.target_new.str))?;
         if target.is_empty() {
             return Err(LociError::input(format!(
@@ -280,11 +374,8 @@ impl LoadedModel {
                 req.target_new.str
             )));
         }
-        let started = crate::clock::now_seconds();
         let prompt = self.encode_prompt(&req.filled())?;
         let m = &self.model;
-        // Teacher forcing feeds the target but its last token; the last-token objective reads
-        // the prompt's last position only.
         let (ids, positions): (Vec<u32>, Vec<usize>) = match hp.objective {
             FtObjective::LastToken => (prompt.clone(), vec![prompt.len() - 1; target.len()]),
             FtObjective::Sequence => {
@@ -301,147 +392,119 @@ impl LoadedModel {
                 m.cfg.max_positions
             )));
         }
-        let rows = if hp.goal.subject_noise.is_some() {
-            hp.noise_samples
-        } else {
-            1
+        let rows = match hp.goal.subject_noise {
+            Some(_) => hp.noise_samples,
+            None => 1,
         };
         let subject = match hp.goal.subject_noise {
             Some(_) => crate::request::subject_span(self, &req.prompt, &req.subject)?,
             None => (0, 0),
         };
-        let input = m.ids_tensor(&vec![ids; rows])?;
-        let pos = Tensor::new(
-            positions
-                .iter()
-                .map(|&p| p as u32)
-                .collect::<Vec<_>>()
-                .as_slice(),
-            &m.device,
-        )?;
+        let pos: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
         let labels = Tensor::new(target.as_slice(), &m.device)?
             .reshape((1, target.len(), 1))?
             .repeat((rows, 1, 1))?;
+        Ok(FtBatch {
+            input: m.ids_tensor(&vec![ids; rows])?,
+            pos: Tensor::new(pos.as_slice(), &m.device)?,
+            labels,
+            rows,
+            subject,
+        })
+    }
 
-        let mut trained = vec![];
-        for &l in &hp.layers {
-            let original = m.down_proj(l)?.clone();
-            let w0 = original.weight.to_dtype(DType::F32)?;
-            let b0 = match &original.bias {
-                Some(b) => Some(b.to_dtype(DType::F32)?),
-                None => None,
-            };
-            trained.push(Trained {
-                layer: l,
-                w: Var::from_tensor(&w0)?,
-                b: b0.as_ref().map(Var::from_tensor).transpose()?,
-                w0,
-                b0,
-                original,
-            });
-        }
+    /// Adam on the trainable copies, each step clamped into the L∞ ball; returns the losses.
+    /// The model computes with the copies and is not restored here.
+    fn ft_train(
+        &mut self,
+        hp: &FtHparams,
+        batch: &FtBatch,
+        trained: &[Trained],
+    ) -> Result<Vec<f32>> {
         let params: Vec<Var> = trained
             .iter()
             .flat_map(|t| std::iter::once(t.w.clone()).chain(t.b.clone()))
             .collect();
-        let mut opt = AdamW::new(
-            params,
-            ParamsAdamW {
-                lr: hp.lr,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.0,
-            },
-        )?;
-        let dtype = m.dtype;
+        let adam = ParamsAdamW {
+            lr: hp.lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let mut opt = AdamW::new(params, adam)?;
         let mut losses = vec![];
-        let result = (|| -> Result<()> {
-            for step in 0..hp.steps {
-                // The model computes with the trainable copies (cast to its dtype: the cast is
-                // differentiable, so gradients reach the f32 values).
-                for t in &trained {
-                    let w = t.w.as_tensor().to_dtype(dtype)?;
-                    let b = match &t.b {
-                        Some(b) => Some(b.as_tensor().to_dtype(dtype)?),
-                        None => None,
-                    };
-                    self.model.set_down_proj(t.layer, Linear::new(w, b))?;
-                }
-                // Fresh noise every step, as the reference draws it.
-                let mut noise = crate::hooks::noise::subject_noise(
-                    &(0..rows)
-                        .map(|r| (r, subject.0, subject.1))
-                        .collect::<Vec<_>>(),
-                    // Fresh draws every step.
-                    hp.goal.noise(step as u64 + 1),
-                    &self.model,
-                )?;
-                let logits = self
-                    .model
-                    .run(&input, &mut noise, None, LogitsAt::All)?
-                    .ok_or_else(|| LociError::input("forward pass stopped early"))?;
-                let logp = candle_nn::ops::log_softmax(&logits.index_select(&pos, 1)?, D::Minus1)?;
-                // Per row: the objective's NLL; the loss averages rows.
-                let picked = logp.gather(&labels, 2)?.neg()?.squeeze(2)?;
-                let nll = match hp.objective {
-                    FtObjective::LastToken => picked.mean(1)?,
-                    FtObjective::Sequence => picked.sum(1)?,
-                };
-                let loss = if hp.goal.direction.is_raise() {
-                    nll.mean_all()?
-                } else {
-                    nll.neg()?.exp()?.mean_all()?
-                };
-                let value = loss.to_scalar::<f32>()?;
-                if !value.is_finite() {
-                    return Err(LociError::model(format!(
-                        "fine-tuning diverged (loss {value})"
-                    )));
-                }
-                losses.push(value);
-                if hp.goal.direction.is_raise() && value < 1e-2 {
-                    break;
-                }
-                opt.step(&loss.backward()?)?;
-                if let Some(eps) = hp.norm_constraint {
-                    for t in &trained {
-                        t.clamp(eps)?;
-                    }
+        for step in 0..hp.steps {
+            for t in trained {
+                // Cast to the model's dtype: the cast is differentiable, so gradients reach the
+                // f32 values.
+                self.model
+                    .set_down_proj(t.layer, t.current(self.model.dtype)?)?;
+            }
+            let loss = self.ft_loss(hp, batch, step)?;
+            let value = loss.to_scalar::<f32>()?;
+            if !value.is_finite() {
+                return Err(LociError::model(format!(
+                    "fine-tuning diverged (loss {value})"
+                )));
+            }
+            losses.push(value);
+            if hp.goal.direction.is_raise() && value < 1e-2 {
+                break;
+            }
+            opt.step(&loss.backward()?)?;
+            if let Some(eps) = hp.norm_constraint {
+                for t in trained {
+                    t.clamp(eps)?;
                 }
             }
-            Ok(())
-        })();
-        for t in &trained {
-            self.model.set_down_proj(t.layer, t.original.clone())?;
         }
-        result?;
+        Ok(losses)
+    }
 
-        let mut layers = vec![];
-        let mut max_abs_change = 0f32;
-        for t in &trained {
-            let dw = (t.w.as_tensor() - &t.w0)?;
-            max_abs_change = max_abs_change.max(dw.abs()?.max_all()?.to_scalar::<f32>()?);
-            let bias = match (&t.b, &t.b0) {
-                (Some(b), Some(b0)) => Some((b.as_tensor() - b0)?.to_vec1::<f32>()?),
-                _ => None,
-            };
-            layers.push(FtLayer {
-                layer: t.layer,
-                weight: dw.flatten_all()?.to_vec1::<f32>()?,
-                bias,
-            });
-        }
-        Ok(FtEdit {
-            d_model: self.model.cfg.d_model,
-            layers,
-            request: req.clone(),
-            hparams: hp.clone(),
-            stats: FtStats {
-                losses,
-                max_abs_change,
-                seconds: crate::clock::now_seconds() - started,
-            },
+    /// One step's loss (a graph): per row the objective's NLL, averaged over rows; erasure
+    /// minimises p = exp(−NLL) instead. The subject gets fresh noise every step, as the
+    /// reference draws it.
+    fn ft_loss(&self, hp: &FtHparams, batch: &FtBatch, step: usize) -> Result<Tensor> {
+        let spans: Vec<(usize, usize, usize)> = (0..batch.rows)
+            .map(|r| (r, batch.subject.0, batch.subject.1))
+            .collect();
+        let noise = hp.goal.noise(step as u64 + 1);
+        let mut noise = crate::hooks::noise::subject_noise(&spans, noise, &self.model)?;
+        let logits = self
+            .model
+            .run(&batch.input, &mut noise, None, LogitsAt::All)?
+            .ok_or_else(|| LociError::input("forward pass stopped early"))?;
+        let logp = candle_nn::ops::log_softmax(&logits.index_select(&batch.pos, 1)?, D::Minus1)?;
+        let picked = logp.gather(&batch.labels, 2)?.neg()?.squeeze(2)?;
+        let nll = match hp.objective {
+            FtObjective::LastToken => picked.mean(1)?,
+            FtObjective::Sequence => picked.sum(1)?,
+        };
+        Ok(if hp.goal.direction.is_raise() {
+            nll.mean_all()?
+        } else {
+            nll.neg()?.exp()?.mean_all()?
         })
     }
+}
+
+/// Each trained layer's change from its original values, and the largest |Δw|.
+fn changes(trained: &[Trained]) -> Result<(Vec<FtLayer>, f32)> {
+    let mut layers = vec![];
+    let mut max_abs_change = 0f32;
+    for t in trained {
+        let dw = (t.w.as_tensor() - &t.w0)?;
+        max_abs_change = max_abs_change.max(dw.abs()?.max_all()?.to_scalar::<f32>()?);
+        let bias = match (&t.b, &t.b0) {
+            (Some(b), Some(b0)) => Some((b.as_tensor() - b0)?.to_vec1::<f32>()?),
+            _ => None,
+        };
+        layers.push(FtLayer {
+            layer: t.layer,
+            weight: dw.flatten_all()?.to_vec1::<f32>()?,
+            bias,
+        });
+    }
+    Ok((layers, max_abs_change))
 }

@@ -15,20 +15,27 @@ use super::delta::{AppliedEdit, LayerDelta, WeightChange};
 use super::linalg;
 use super::rome::ValueSpec;
 use super::stats::KeyStats;
+use crate::clock::Laps;
 use crate::error::{LociError, Result};
 use crate::hooks::Site;
 use crate::loader::LoadedModel;
 use crate::predict::Sampling;
 use crate::request::{spaced, RewriteRequest};
 
+/// MEMIT's settings (docs/memit.md#hyper-parameters).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct MemitHparams {
     /// The edited layers R, ascending; z is optimised after the last.
     pub layers: Vec<usize>,
+    /// Steps of each target z's optimisation.
     pub v_num_grad_steps: usize,
+    /// Adam's learning rate for z.
     pub v_lr: f64,
+    /// Weight of ‖δ‖ / ‖z₀‖² in z's loss.
     pub v_weight_decay: f64,
+    /// δ is kept within this factor of ‖z₀‖.
     pub clamp_norm_factor: f64,
+    /// Weight of the KL term that keeps "{subject} is a" as it was.
     pub kl_factor: f64,
     /// λ: how strongly the keys of the statistics corpus keep their outputs.
     pub mom2_update_weight: f64,
@@ -36,6 +43,7 @@ pub struct MemitHparams {
     pub context_seeds: Vec<String>,
     /// Length of each continuation in tokens, the seed word included (MEMIT: 10).
     pub context_length: usize,
+    /// Seeds the context templates' sampling and the subject noise.
     pub seed: u64,
     /// Fact erasure lowers the targets; fact forcing noises the subjects while each z is
     /// optimised and the keys are read.
@@ -113,6 +121,7 @@ impl MemitHparams {
 /// One layer's share of a MEMIT edit: `ΔW = Σᵢ rightᵢ leftᵢᵀ`, one term per request.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MemitLayer {
+    /// The edited layer.
     pub layer: usize,
     /// `[requests, d_ff]`: `(λC + K Kᵀ)⁻¹ kᵢ`.
     pub left: Vec<f32>,
@@ -129,16 +138,22 @@ pub struct MemitStats {
     pub z: Vec<Vec<f32>>,
     /// Per request, ‖z − h‖ before any layer was changed.
     pub z_gap: Vec<f32>,
+    /// The context templates the keys and targets averaged over.
     pub templates: Vec<String>,
     /// Seconds per phase: templates, targets (z), spread (keys, solves, updates).
     pub seconds: BTreeMap<String, f64>,
 }
 
+/// A MEMIT edit: a low-rank update of each of its layers, undone exactly.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MemitEdit {
+    /// Each layer's update.
     pub layers: Vec<MemitLayer>,
+    /// The facts it writes.
     pub requests: Vec<RewriteRequest>,
+    /// The settings it was computed with.
     pub hparams: MemitHparams,
+    /// What the computation did.
     pub stats: MemitStats,
 }
 
@@ -153,6 +168,7 @@ struct EditMeta {
 pub(crate) const FILE_KEY: &str = "loci_memit_edit";
 
 impl MemitEdit {
+    /// The changes to apply, one per layer.
     pub fn deltas(&self) -> Vec<LayerDelta<'_>> {
         self.layers
             .iter()
@@ -198,6 +214,7 @@ impl MemitEdit {
         super::file::write(FILE_KEY, &meta, &tensors)
     }
 
+    /// Reads a file written by `to_bytes`, refusing anything else or non-finite values.
     pub fn from_bytes(data: &[u8]) -> Result<Self> {
         let bad = |e: String| LociError::input(format!("not a Loci MEMIT edit file: {e}"));
         let (meta, file): (EditMeta, _) =
@@ -291,6 +308,47 @@ fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
 }
 
+impl MemitHparams {
+    /// Refuses settings and inputs MEMIT cannot use; returns z's optimisation settings.
+    fn check(
+        &self,
+        reqs: &[RewriteRequest],
+        stats: &[KeyStats],
+        n_layer: usize,
+    ) -> Result<ValueSpec> {
+        if reqs.is_empty() {
+            return Err(LociError::input("MEMIT needs at least one request"));
+        }
+        if self.layers.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(LociError::input(
+                "MEMIT's layers must be ascending and distinct",
+            ));
+        }
+        let spec = self.z_spec()?;
+        super::method::check_layers(&self.layers, n_layer)?;
+        if self.mom2_update_weight.is_nan() || self.mom2_update_weight <= 0.0 {
+            return Err(LociError::input("mom2_update_weight must be positive"));
+        }
+        if stats.len() != self.layers.len() {
+            return Err(LociError::input(format!(
+                "{} layers but key statistics for {}",
+                self.layers.len(),
+                stats.len()
+            )));
+        }
+        Ok(spec)
+    }
+}
+
+/// What the spread over the layers works from: the requests, their targets z, the templates
+/// their keys average over, and how z's site and the subject noise were set.
+struct Spread<'a> {
+    reqs: &'a [RewriteRequest],
+    zs: &'a [Vec<f64>],
+    templates: &'a [String],
+    spec: &'a ValueSpec,
+}
+
 impl LoadedModel {
     /// Computes a MEMIT edit of all `reqs` at once (does not apply it); `stats[i]` are the key
     /// statistics of `hp.layers[i]`. `progress` hears each phase. The weights are changed
@@ -303,61 +361,17 @@ impl LoadedModel {
         stats: &[KeyStats],
         progress: &mut dyn FnMut(&str),
     ) -> Result<MemitEdit> {
-        let n_layer = self.model.n_layer();
-        if reqs.is_empty() {
-            return Err(LociError::input("MEMIT needs at least one request"));
-        }
-        if hp.layers.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(LociError::input(
-                "MEMIT's layers must be ascending and distinct",
-            ));
-        }
-        let spec = hp.z_spec()?;
-        if let Some(&l) = hp.layers.iter().find(|&&l| l >= n_layer) {
-            return Err(LociError::input(format!(
-                "layer {l} out of range (the model has {n_layer} layers)"
-            )));
-        }
-        if hp.mom2_update_weight.is_nan() || hp.mom2_update_weight <= 0.0 {
-            return Err(LociError::input("mom2_update_weight must be positive"));
-        }
-        if stats.len() != hp.layers.len() {
-            return Err(LociError::input(format!(
-                "{} layers but key statistics for {}",
-                hp.layers.len(),
-                stats.len()
-            )));
-        }
-        let mut targets = vec![];
-        for r in reqs {
-            r.validate()?;
-            let t = self.tokenizer.encode_plain(&spaced(&r.target_new.str))?;
-            if t.is_empty() {
-                return Err(LociError::input(format!(
-                    "the target {:?} tokenizes to nothing",
-                    r.target_new.str
-                )));
-            }
-            targets.push(t);
-        }
-        let mut seconds = BTreeMap::new();
-        let mut clock = crate::clock::now_seconds();
-        let mut lap = |name: &str| {
-            let now = crate::clock::now_seconds();
-            seconds.insert(name.to_string(), now - clock);
-            clock = now;
-        };
+        let spec = hp.check(reqs, stats, self.model.n_layer())?;
+        let targets = self.memit_targets(reqs)?;
+        let mut laps = Laps::start();
         let mut factors = vec![];
         for (s, &l) in stats.iter().zip(&hp.layers) {
             s.check_fits(self, l)?;
             factors.push(s.factor(&self.model.device)?);
         }
-        lap("covariance_factor");
+        laps.lap("covariance_factor");
         let templates = memit_context_templates(self, hp)?;
-        lap("templates");
-
-        let z_site = spec.site;
-        let noise = spec.subject_noise;
+        laps.lap("templates");
         let mut zs = vec![];
         let mut z_losses = vec![];
         for (i, (r, t)) in reqs.iter().zip(&targets).enumerate() {
@@ -366,79 +380,18 @@ impl LoadedModel {
             zs.push(to_f64(&z)?);
             z_losses.push(losses);
         }
-        lap("targets");
-
-        let mut z_gap = vec![];
-        let mut layers = vec![];
-        let mut changed = AppliedEdit { originals: vec![] };
-        let mut spread = |lm: &mut LoadedModel| -> Result<()> {
-            for (i, (&l, factor)) in hp.layers.iter().zip(&factors).enumerate() {
-                progress(&format!("layer {l} ({}/{})", i + 1, hp.layers.len()));
-                let share = (hp.layers.len() - i) as f64;
-                let mut keys = vec![];
-                let mut residuals = vec![];
-                for (r, z) in reqs.iter().zip(&zs) {
-                    // The bare prompt's key and current output, then the contexts' keys.
-                    let bare = lm.subject_states_noised(
-                        r,
-                        &[Site::MlpKey(l), z_site],
-                        &templates[..1],
-                        noise,
-                    )?;
-                    let key = if templates.len() > 1 {
-                        let ctx = lm
-                            .subject_states_noised(r, &[Site::MlpKey(l)], &templates[1..], noise)?
-                            .remove(0);
-                        ((&bare[0] + ctx)? * 0.5)?
-                    } else {
-                        bare[0].clone()
-                    };
-                    keys.push(to_f64(&key)?);
-                    let h = to_f64(&bare[1])?;
-                    let gap: Vec<f64> = z.iter().zip(&h).map(|(z, h)| z - h).collect();
-                    if i == 0 {
-                        z_gap.push(gap.iter().map(|x| x * x).sum::<f64>().sqrt() as f32);
-                    }
-                    residuals.push(gap.iter().map(|x| x / share).collect::<Vec<f64>>());
-                }
-                let left = spread_keys(factor, &keys, hp.mom2_update_weight)?;
-                let flat = |v: &[Vec<f64>]| -> Vec<f32> {
-                    v.iter().flatten().map(|&x| x as f32).collect()
-                };
-                let layer = MemitLayer {
-                    layer: l,
-                    left: flat(&left),
-                    right: flat(&residuals),
-                };
-                if layer
-                    .left
-                    .iter()
-                    .chain(&layer.right)
-                    .any(|x| !x.is_finite())
-                {
-                    return Err(LociError::model(format!(
-                        "the update of layer {l} is not finite"
-                    )));
-                }
-                let w = lm.add_layer_delta(&LayerDelta {
-                    layer: l,
-                    weight: WeightChange::LowRank {
-                        rank: reqs.len(),
-                        right: &layer.right,
-                        left: &layer.left,
-                    },
-                    bias: None,
-                })?;
-                changed.originals.push((l, w));
-                layers.push(layer);
-            }
-            Ok(())
+        laps.lap("targets");
+        let plan = Spread {
+            reqs,
+            zs: &zs,
+            templates: &templates,
+            spec: &spec,
         };
-        let result = spread(self);
+        let mut changed = AppliedEdit { originals: vec![] };
+        let result = self.memit_spread(hp, &plan, &factors, &mut changed, progress);
         self.undo_edit(changed)?;
-        result?;
-        lap("spread");
-
+        let (layers, z_gap) = result?;
+        laps.lap("spread");
         Ok(MemitEdit {
             stats: MemitStats {
                 z: zs
@@ -448,12 +401,113 @@ impl LoadedModel {
                 z_losses,
                 z_gap,
                 templates,
-                seconds,
+                seconds: laps.seconds,
             },
             layers,
             requests: reqs.to_vec(),
             hparams: hp.clone(),
         })
+    }
+
+    /// Each request's new target, tokenized (refused when it tokenizes to nothing).
+    fn memit_targets(&self, reqs: &[RewriteRequest]) -> Result<Vec<Vec<u32>>> {
+        reqs.iter()
+            .map(|r| {
+                r.validate()?;
+                let t = self.tokenizer.encode_plain(&spaced(&r.target_new.str))?;
+                if t.is_empty() {
+                    return Err(LociError::input(format!(
+                        "the target {:?} tokenizes to nothing",
+                        r.target_new.str
+                    )));
+                }
+                Ok(t)
+            })
+            .collect()
+    }
+
+    /// Layer by layer from the lowest: the remaining gap `z − h` split evenly over the layers
+    /// left, written with the least-squares update and applied (recorded in `changed`), so the
+    /// next layer's keys see it. Returns the layers' updates and each request's first gap.
+    fn memit_spread(
+        &mut self,
+        hp: &MemitHparams,
+        plan: &Spread,
+        factors: &[&linalg::CholeskyFactor],
+        changed: &mut AppliedEdit,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<(Vec<MemitLayer>, Vec<f32>)> {
+        let mut z_gap = vec![];
+        let mut layers = vec![];
+        for (i, (&l, factor)) in hp.layers.iter().zip(factors).enumerate() {
+            progress(&format!("layer {l} ({}/{})", i + 1, hp.layers.len()));
+            let share = (hp.layers.len() - i) as f64;
+            let (keys, gaps) = self.memit_keys_gaps(l, plan)?;
+            if i == 0 {
+                z_gap = gaps
+                    .iter()
+                    .map(|g| g.iter().map(|x| x * x).sum::<f64>().sqrt() as f32)
+                    .collect();
+            }
+            let residuals: Vec<Vec<f64>> = gaps
+                .iter()
+                .map(|g| g.iter().map(|x| x / share).collect())
+                .collect();
+            let left = spread_keys(factor, &keys, hp.mom2_update_weight)?;
+            let flat =
+                |v: &[Vec<f64>]| -> Vec<f32> { v.iter().flatten().map(|&x| x as f32).collect() };
+            let layer = MemitLayer {
+                layer: l,
+                left: flat(&left),
+                right: flat(&residuals),
+            };
+            if layer
+                .left
+                .iter()
+                .chain(&layer.right)
+                .any(|x| !x.is_finite())
+            {
+                return Err(LociError::model(format!(
+                    "the update of layer {l} is not finite"
+                )));
+            }
+            let w = self.add_layer_delta(&LayerDelta {
+                layer: l,
+                weight: WeightChange::LowRank {
+                    rank: plan.reqs.len(),
+                    right: &layer.right,
+                    left: &layer.left,
+                },
+                bias: None,
+            })?;
+            changed.originals.push((l, w));
+            layers.push(layer);
+        }
+        Ok((layers, z_gap))
+    }
+
+    /// Per request at layer `l`: the key (half the bare prompt's, half the contexts' mean) and
+    /// the gap `z − h` between the target and the current output at z's site.
+    fn memit_keys_gaps(&self, l: usize, plan: &Spread) -> Result<(Vec<Vec<f64>>, Vec<Vec<f64>>)> {
+        let (templates, noise) = (plan.templates, plan.spec.subject_noise);
+        let mut keys = vec![];
+        let mut gaps = vec![];
+        for (r, z) in plan.reqs.iter().zip(plan.zs) {
+            let sites = [Site::MlpKey(l), plan.spec.site];
+            let bare = self.subject_states_noised(r, &sites, &templates[..1], noise)?;
+            let key = if templates.len() > 1 {
+                let ctx = self
+                    .subject_states_noised(r, &[Site::MlpKey(l)], &templates[1..], noise)?
+                    .remove(0);
+                ((&bare[0] + ctx)? * 0.5)?
+            } else {
+                bare[0].clone()
+            };
+            keys.push(to_f64(&key)?);
+            let h = to_f64(&bare[1])?;
+            gaps.push(z.iter().zip(&h).map(|(z, h)| z - h).collect());
+        }
+        Ok((keys, gaps))
     }
 }
 

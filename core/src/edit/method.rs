@@ -57,9 +57,7 @@ impl std::str::FromStr for EditMethod {
         EditMethod::ALL
             .into_iter()
             .find(|m| m.name() == s)
-            .ok_or_else(|| {
-                LociError::input(format!("unknown editing method {s:?} (rome, memit, ft)"))
-            })
+            .ok_or_else(|| LociError::input(format!("method {s:?}: use rome, memit or ft")))
     }
 }
 

@@ -158,7 +158,7 @@ impl Model {
 pub struct GgufModel {
     /// The architecture, from the file's metadata.
     pub cfg: ModelConfig,
-    /// Every tensor, dequantised to f32 on the CPU, under its Hugging Face name.
+    /// The model's tensors, dequantised to f32 on the CPU, under Hugging Face names.
     pub tensors: HashMap<String, Tensor>,
     /// The file's metadata, where the tokenizer is read from.
     pub metadata: HashMap<String, gguf_file::Value>,

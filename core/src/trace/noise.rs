@@ -17,7 +17,7 @@ pub enum NoiseSpec {
     Relative(f64),
     /// Gaussian with a fixed σ (ROME's figures: GPT-2 XL 0.1, GPT-J 0.025).
     Fixed(f64),
-    /// Uniform in [−x, x] (ROME's "u<x>").
+    /// Uniform in [−x, x] (ROME's `u<x>`).
     Uniform(f64),
 }
 

@@ -18,38 +18,16 @@ pub use hparams::{KeyMode, RomeHparams};
 pub use templates::context_templates;
 pub use update::{RomeEdit, RomeStats};
 
-use std::collections::BTreeMap;
-
 use candle_core::{DType, Tensor};
 
 use super::delta::AppliedEdit;
 use super::linalg::CholeskyFactor;
 use super::stats::KeyStats;
+use crate::clock::Laps;
 use crate::error::{LociError, Result};
 use crate::hooks::Site;
 use crate::loader::LoadedModel;
 use crate::request::{spaced, RewriteRequest};
-
-/// Seconds per phase of an edit, measured as it goes.
-struct Laps {
-    seconds: BTreeMap<String, f64>,
-    clock: f64,
-}
-
-impl Laps {
-    fn start() -> Self {
-        Self {
-            seconds: BTreeMap::new(),
-            clock: crate::clock::now_seconds(),
-        }
-    }
-
-    fn lap(&mut self, name: &str) {
-        let now = crate::clock::now_seconds();
-        self.seconds.insert(name.to_string(), now - self.clock);
-        self.clock = now;
-    }
-}
 
 impl LoadedModel {
     /// Computes a ROME edit (does not apply it). `stats` is needed with `mom2_adjustment`.
