@@ -104,6 +104,12 @@ fn token_id(v: &Value, key: &str) -> Option<u32> {
     }
 }
 
+/// The first of `keys` that `config.json` holds as an integer, or an error naming them all.
+fn need(v: &Value, keys: &[&str]) -> Result<usize> {
+    get_usize(v, keys)
+        .ok_or_else(|| LociError::model(format!("config.json lacks \"{}\"", keys.join("\" or \""))))
+}
+
 impl ModelConfig {
     /// Parses a Hugging Face `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self> {
@@ -115,82 +121,9 @@ impl ModelConfig {
             .get("model_type")
             .and_then(Value::as_str)
             .ok_or_else(|| LociError::model("config.json has no \"model_type\""))?;
-        let need = |keys: &[&str]| {
-            get_usize(&v, keys).ok_or_else(|| {
-                LociError::model(format!("config.json lacks \"{}\"", keys.join("\" or \"")))
-            })
-        };
         let cfg = match model_type {
-            "gpt2" | "gptj" => {
-                let family = if model_type == "gpt2" {
-                    Family::Gpt2
-                } else {
-                    Family::Gptj
-                };
-                let d_model = need(&["n_embd", "hidden_size"])?;
-                let n_head = need(&["n_head", "num_attention_heads"])?;
-                let act = v
-                    .get("activation_function")
-                    .and_then(Value::as_str)
-                    .unwrap_or("gelu_new");
-                if act != "gelu_new" && act != "gelu_pytorch_tanh" {
-                    return Err(LociError::Unsupported(format!(
-                        "activation_function {act:?} (only gelu_new)"
-                    )));
-                }
-                ModelConfig {
-                    family,
-                    n_layer: need(&["n_layer", "num_hidden_layers"])?,
-                    d_model,
-                    n_head,
-                    n_kv_head: n_head,
-                    head_dim: d_model / n_head.max(1),
-                    d_ff: get_usize(&v, &["n_inner"]).unwrap_or(4 * d_model),
-                    vocab_size: need(&["vocab_size"])?,
-                    max_positions: need(&["n_positions", "n_ctx"])?,
-                    norm_eps: get_f64(&v, &["layer_norm_epsilon"]).unwrap_or(1e-5),
-                    rotary_dim: if family == Family::Gptj {
-                        get_usize(&v, &["rotary_dim"]).unwrap_or(d_model / n_head.max(1))
-                    } else {
-                        0
-                    },
-                    rope_theta: 10000.0,
-                    tie_embeddings: family == Family::Gpt2,
-                    attn_bias: family == Family::Gpt2,
-                    bos_token_id: token_id(&v, "bos_token_id"),
-                    eos_token_id: token_id(&v, "eos_token_id"),
-                }
-            }
-            "llama" | "mistral" | "qwen2" => {
-                let d_model = need(&["hidden_size"])?;
-                let n_head = need(&["num_attention_heads"])?;
-                if v.get("rope_scaling").is_some_and(|r| !r.is_null()) {
-                    return Err(LociError::Unsupported("rope_scaling".into()));
-                }
-                ModelConfig {
-                    family: Family::Llama,
-                    n_layer: need(&["num_hidden_layers"])?,
-                    d_model,
-                    n_head,
-                    n_kv_head: get_usize(&v, &["num_key_value_heads"]).unwrap_or(n_head),
-                    head_dim: get_usize(&v, &["head_dim"]).unwrap_or(d_model / n_head.max(1)),
-                    d_ff: need(&["intermediate_size"])?,
-                    vocab_size: need(&["vocab_size"])?,
-                    max_positions: need(&["max_position_embeddings"])?,
-                    norm_eps: get_f64(&v, &["rms_norm_eps"]).unwrap_or(1e-6),
-                    rotary_dim: 0,
-                    rope_theta: get_f64(&v, &["rope_theta"]).unwrap_or(10000.0),
-                    tie_embeddings: v
-                        .get("tie_word_embeddings")
-                        .and_then(Value::as_bool)
-                        .unwrap_or(false),
-                    attn_bias: model_type == "qwen2"
-                        || v.get("attention_bias").and_then(Value::as_bool) == Some(true),
-                    bos_token_id: token_id(&v, "bos_token_id"),
-                    eos_token_id: token_id(&v, "eos_token_id"),
-                }
-                .with_full_rotary()
-            }
+            "gpt2" | "gptj" => Self::gpt_from_hf(&v, model_type)?,
+            "llama" | "mistral" | "qwen2" => Self::llama_from_hf(&v, model_type)?,
             other => {
                 return Err(LociError::Unsupported(format!(
                     "model_type {other:?} (supported: gpt2, gptj, llama)"
@@ -199,6 +132,81 @@ impl ModelConfig {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The GPT-2 or GPT-J (`model_type`) fields of a parsed `config.json`, not yet validated.
+    fn gpt_from_hf(v: &Value, model_type: &str) -> Result<Self> {
+        let family = if model_type == "gpt2" {
+            Family::Gpt2
+        } else {
+            Family::Gptj
+        };
+        let d_model = need(v, &["n_embd", "hidden_size"])?;
+        let n_head = need(v, &["n_head", "num_attention_heads"])?;
+        let act = v
+            .get("activation_function")
+            .and_then(Value::as_str)
+            .unwrap_or("gelu_new");
+        if act != "gelu_new" && act != "gelu_pytorch_tanh" {
+            return Err(LociError::Unsupported(format!(
+                "activation_function {act:?} (only gelu_new)"
+            )));
+        }
+        Ok(ModelConfig {
+            family,
+            n_layer: need(v, &["n_layer", "num_hidden_layers"])?,
+            d_model,
+            n_head,
+            n_kv_head: n_head,
+            head_dim: d_model / n_head.max(1),
+            d_ff: get_usize(v, &["n_inner"]).unwrap_or(4 * d_model),
+            vocab_size: need(v, &["vocab_size"])?,
+            max_positions: need(v, &["n_positions", "n_ctx"])?,
+            norm_eps: get_f64(v, &["layer_norm_epsilon"]).unwrap_or(1e-5),
+            rotary_dim: if family == Family::Gptj {
+                get_usize(v, &["rotary_dim"]).unwrap_or(d_model / n_head.max(1))
+            } else {
+                0
+            },
+            rope_theta: 10000.0,
+            tie_embeddings: family == Family::Gpt2,
+            attn_bias: family == Family::Gpt2,
+            bos_token_id: token_id(v, "bos_token_id"),
+            eos_token_id: token_id(v, "eos_token_id"),
+        })
+    }
+
+    /// The LLaMA-style (`llama`, `mistral`, `qwen2`) fields of a parsed `config.json`, not yet
+    /// validated.
+    fn llama_from_hf(v: &Value, model_type: &str) -> Result<Self> {
+        let d_model = need(v, &["hidden_size"])?;
+        let n_head = need(v, &["num_attention_heads"])?;
+        if v.get("rope_scaling").is_some_and(|r| !r.is_null()) {
+            return Err(LociError::Unsupported("rope_scaling".into()));
+        }
+        Ok(ModelConfig {
+            family: Family::Llama,
+            n_layer: need(v, &["num_hidden_layers"])?,
+            d_model,
+            n_head,
+            n_kv_head: get_usize(v, &["num_key_value_heads"]).unwrap_or(n_head),
+            head_dim: get_usize(v, &["head_dim"]).unwrap_or(d_model / n_head.max(1)),
+            d_ff: need(v, &["intermediate_size"])?,
+            vocab_size: need(v, &["vocab_size"])?,
+            max_positions: need(v, &["max_position_embeddings"])?,
+            norm_eps: get_f64(v, &["rms_norm_eps"]).unwrap_or(1e-6),
+            rotary_dim: 0,
+            rope_theta: get_f64(v, &["rope_theta"]).unwrap_or(10000.0),
+            tie_embeddings: v
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            attn_bias: model_type == "qwen2"
+                || v.get("attention_bias").and_then(Value::as_bool) == Some(true),
+            bos_token_id: token_id(v, "bos_token_id"),
+            eos_token_id: token_id(v, "eos_token_id"),
+        }
+        .with_full_rotary())
     }
 
     pub(crate) fn with_full_rotary(mut self) -> Self {

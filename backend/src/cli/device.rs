@@ -1,7 +1,7 @@
 //! `loci check-device`: the same models on the CPU and on the compute device (the GPU in a
 //! `cuda` build) must give the same answers. Run by tests/gpu/run.sh on a GPU machine.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use loci_core::edit::{
@@ -179,6 +179,8 @@ fn default_models() -> Vec<PathBuf> {
         .collect()
 }
 
+/// Compares every model on the device with the CPU and prints the report as JSON; any check
+/// beyond its tolerance is an error.
 pub fn run(a: CheckDeviceArgs) -> Result<()> {
     let device = super::device()?;
     let models = if a.models.is_empty() {
@@ -188,91 +190,7 @@ pub fn run(a: CheckDeviceArgs) -> Result<()> {
     };
     let mut checks = vec![];
     for path in &models {
-        let load = |dtype: DType, dev: &Device| {
-            LoadedModel::load(path, dtype, dev)
-                .with_context(|| format!("loading {}", path.display()))
-        };
-        let mut cpu = load(DType::F32, &Device::Cpu)?;
-        let cpu_stats = key_stats(&cpu)?;
-        let want = (
-            probs(&cpu)?,
-            trace_grid(&cpu, false)?,
-            edit_vectors(&cpu)?,
-            trace_grid(&cpu, true)?,
-            edited_probs(&mut cpu, &cpu_stats)?,
-        );
-        for dtype in [DType::F32, DType::BF16, DType::F16] {
-            let mut lm = load(dtype, &device)?;
-            let tol = tolerance(dtype);
-            let got = probs(&lm)?;
-            let mut found = vec![
-                (
-                    "next-token probabilities",
-                    max_diff(&want.0.concat(), &got.concat()),
-                    tol,
-                ),
-                (
-                    "top-1 tokens differing",
-                    top1_mismatches(&want.0, &got, tol),
-                    0.0,
-                ),
-                (
-                    "trace grid",
-                    max_diff(&want.1, &trace_grid(&lm, false)?),
-                    tol,
-                ),
-            ];
-            // Half-precision activations move the edits' optimisations (also on the CPU): the
-            // edits are compared in f32, where the device must reproduce the CPU.
-            if dtype == DType::F32 {
-                // A whole answer's probability is a product of token probabilities (1e-20 on a
-                // random model): compared relative to the grid's largest.
-                found.push((
-                    "whole-answer trace grid (relative)",
-                    max_diff(&unit(&want.3), &unit(&trace_grid(&lm, true)?)),
-                    tol,
-                ));
-                found.push((
-                    "ROME edit vectors (relative)",
-                    max_diff(&want.2, &edit_vectors(&lm)?),
-                    tol,
-                ));
-                let stats = key_stats(&lm)?;
-                let mom2 = |s: &[KeyStats]| -> Result<Vec<f32>> {
-                    let mut v = vec![];
-                    for k in s {
-                        v.extend(unit(&k.mom2.flatten_all()?.to_vec1::<f32>()?));
-                    }
-                    Ok(v)
-                };
-                found.push((
-                    "key statistics (relative)",
-                    max_diff(&mom2(&cpu_stats)?, &mom2(&stats)?),
-                    tol,
-                ));
-                let (memit, ft) = edited_probs(&mut lm, &stats)?;
-                found.push((
-                    "probabilities after a MEMIT edit",
-                    max_diff(&want.4 .0, &memit),
-                    tol,
-                ));
-                found.push((
-                    "probabilities after a fine-tuning edit",
-                    max_diff(&want.4 .1, &ft),
-                    tol,
-                ));
-            }
-            for (what, d, tolerance) in found {
-                checks.push(Check {
-                    model: cpu.name.clone(),
-                    dtype: format!("{dtype:?}").to_lowercase(),
-                    what,
-                    value: d,
-                    tolerance,
-                    pass: d <= tolerance,
-                });
-            }
-        }
+        checks.extend(check_model(path, &device)?);
     }
     let pass = checks.iter().all(|c| c.pass);
     let report = Report {
@@ -285,6 +203,130 @@ pub fn run(a: CheckDeviceArgs) -> Result<()> {
         anyhow::bail!("the device disagrees with the CPU beyond the tolerances");
     }
     Ok(())
+}
+
+/// The CPU's answers in f32, which the device must reproduce.
+struct CpuAnswers {
+    probs: Vec<Vec<f32>>,
+    trace_grid: Vec<f32>,
+    edit_vectors: Vec<f32>,
+    whole_answer_grid: Vec<f32>,
+    /// After a MEMIT edit and after a fine-tuning edit.
+    edited_probs: (Vec<f32>, Vec<f32>),
+}
+
+/// One model's checks: the CPU's answers in f32 against the device's in f32, bf16 and f16.
+fn check_model(path: &Path, device: &Device) -> Result<Vec<Check>> {
+    let load = |dtype: DType, dev: &Device| {
+        LoadedModel::load(path, dtype, dev).with_context(|| format!("loading {}", path.display()))
+    };
+    let mut cpu = load(DType::F32, &Device::Cpu)?;
+    let cpu_stats = key_stats(&cpu)?;
+    let want = CpuAnswers {
+        probs: probs(&cpu)?,
+        trace_grid: trace_grid(&cpu, false)?,
+        edit_vectors: edit_vectors(&cpu)?,
+        whole_answer_grid: trace_grid(&cpu, true)?,
+        edited_probs: edited_probs(&mut cpu, &cpu_stats)?,
+    };
+    let mut checks = vec![];
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let mut lm = load(dtype, device)?;
+        let tol = tolerance(dtype);
+        let mut found = forward_checks(&lm, &want, tol)?;
+        // Half-precision activations move the edits' optimisations (also on the CPU): the
+        // edits are compared in f32, where the device must reproduce the CPU.
+        if dtype == DType::F32 {
+            found.extend(edit_checks(&mut lm, &want, &cpu_stats, tol)?);
+        }
+        for (what, d, tolerance) in found {
+            checks.push(Check {
+                model: cpu.name.clone(),
+                dtype: format!("{dtype:?}").to_lowercase(),
+                what,
+                value: d,
+                tolerance,
+                pass: d <= tolerance,
+            });
+        }
+    }
+    Ok(checks)
+}
+
+/// A check's name, its difference from the CPU and its tolerance.
+type Found = (&'static str, f32, f32);
+
+/// The forward passes' checks: next-token probabilities, top-1 tokens and the trace grid.
+fn forward_checks(lm: &LoadedModel, want: &CpuAnswers, tol: f32) -> Result<Vec<Found>> {
+    let got = probs(lm)?;
+    Ok(vec![
+        (
+            "next-token probabilities",
+            max_diff(&want.probs.concat(), &got.concat()),
+            tol,
+        ),
+        (
+            "top-1 tokens differing",
+            top1_mismatches(&want.probs, &got, tol),
+            0.0,
+        ),
+        (
+            "trace grid",
+            max_diff(&want.trace_grid, &trace_grid(lm, false)?),
+            tol,
+        ),
+    ])
+}
+
+/// The edits' checks (in f32): the whole-answer trace grid, ROME's vectors, the key statistics
+/// and the probabilities after a MEMIT and a fine-tuning edit.
+fn edit_checks(
+    lm: &mut LoadedModel,
+    want: &CpuAnswers,
+    cpu_stats: &[KeyStats],
+    tol: f32,
+) -> Result<Vec<Found>> {
+    let mut found = vec![];
+    // A whole answer's probability is a product of token probabilities (1e-20 on a
+    // random model): compared relative to the grid's largest.
+    found.push((
+        "whole-answer trace grid (relative)",
+        max_diff(
+            &unit(&want.whole_answer_grid),
+            &unit(&trace_grid(lm, true)?),
+        ),
+        tol,
+    ));
+    found.push((
+        "ROME edit vectors (relative)",
+        max_diff(&want.edit_vectors, &edit_vectors(lm)?),
+        tol,
+    ));
+    let stats = key_stats(lm)?;
+    let mom2 = |s: &[KeyStats]| -> Result<Vec<f32>> {
+        let mut v = vec![];
+        for k in s {
+            v.extend(unit(&k.mom2.flatten_all()?.to_vec1::<f32>()?));
+        }
+        Ok(v)
+    };
+    found.push((
+        "key statistics (relative)",
+        max_diff(&mom2(cpu_stats)?, &mom2(&stats)?),
+        tol,
+    ));
+    let (memit, ft) = edited_probs(lm, &stats)?;
+    found.push((
+        "probabilities after a MEMIT edit",
+        max_diff(&want.edited_probs.0, &memit),
+        tol,
+    ));
+    found.push((
+        "probabilities after a fine-tuning edit",
+        max_diff(&want.edited_probs.1, &ft),
+        tol,
+    ));
+    Ok(found)
 }
 
 #[cfg(test)]

@@ -1,18 +1,22 @@
 //! `loci study`: Hase et al.'s layer sweep on CounterFact (`run`, resumable JSONL) and its
 //! regressions and charts (`analyze`).
 
+mod report;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use loci_core::eval::CounterFactCase;
 use loci_core::study::{
-    analyze, analyze_window, EditLine, EditProblem, StudyAnalysis, StudyLine, StudyMethod,
-    StudyObserver,
+    analyze, analyze_window, CaseResult, EditLine, EditProblem, StudyConfig, StudyLine,
+    StudyMethod, StudyObserver,
 };
+use loci_core::LoadedModel;
 
-use super::render::save_plot;
-use super::{print_json, ModelArgs};
+use self::report::report;
+use super::ModelArgs;
 use crate::workspace::{study_config, FtSettings, StatsCache, StatsSource};
 
 #[derive(clap::Subcommand, Debug)]
@@ -159,12 +163,38 @@ impl StudyObserver for Progress<'_> {
     }
 }
 
+/// Studies the cases not yet in `--out`, appending each case's lines, then reports the
+/// analysis of every line there.
 fn run(a: StudyRunArgs) -> Result<()> {
     let mut lm = a.model.load()?;
     let n_layer = lm.model.n_layer();
     let cases = super::eval::read_study_cases(&a.dataset, a.n, a.seed)?;
+    let cfg = config(&a, &lm, n_layer)?;
+
+    // Each case line names the run that made it, so a continuation with other settings is
+    // refused instead of mixing results.
+    let run = serde_json::json!({ "model": lm.name, "config": cfg });
+    let done = done_cases(&a.out, &run)?;
+    let todo: Vec<_> = cases
+        .iter()
+        .filter(|c| !done.contains(&c.case_id))
+        .collect();
+    print_plan(&a.out, &cfg, cases.len(), todo.len());
+    let stats = prepare_stats(&a, &lm, &cfg, n_layer, !todo.is_empty())?;
+    let (kept, skipped) = study_cases(&mut lm, &todo, &cfg, &stats, &run, &a.out)?;
+    eprintln!(
+        "study: {kept} cases studied, {skipped} left out; results in {}",
+        a.out.display()
+    );
+    let lines = read_lines(std::slice::from_ref(&a.out))?;
+    report(&analyze(&lines), a.plot.as_deref(), a.json)
+}
+
+/// The study's configuration: the shipped defaults for the model, with the arguments'
+/// methods, problems, layers, noise and settings; validated for `n_layer` layers.
+fn config(a: &StudyRunArgs, lm: &LoadedModel, n_layer: usize) -> Result<StudyConfig> {
     let mut cfg = study_config(
-        &lm,
+        lm,
         list(&a.methods, &StudyMethod::ALL)?,
         list(&a.problems, &EditProblem::ALL)?,
         &a.layers,
@@ -182,20 +212,21 @@ fn run(a: StudyRunArgs) -> Result<()> {
     cfg.essence = !a.no_essence;
     cfg.seed = a.seed;
     cfg.validate(n_layer)?;
+    Ok(cfg)
+}
 
-    // Each case line names the run that made it, so a continuation with other settings is
-    // refused instead of mixing results.
-    let run = serde_json::json!({ "model": lm.name, "config": cfg });
+/// The cases already in `out`; a case line of another `run` is an error.
+fn done_cases(out: &Path, run: &serde_json::Value) -> Result<BTreeSet<u64>> {
     let mut done = BTreeSet::new();
-    for line in super::results::read_records::<serde_json::Value>(&a.out, "a study record")? {
+    for line in super::results::read_records::<serde_json::Value>(out, "a study record")? {
         if line["record"] != "case" {
             continue;
         }
-        if !line["run"].is_null() && line["run"] != run {
+        if !line["run"].is_null() && line["run"] != *run {
             bail!(
                 "{} holds a study run with other settings (case {}): remove it or choose \
                  another --out",
-                a.out.display(),
+                out.display(),
                 line["case_id"]
             );
         }
@@ -203,15 +234,16 @@ fn run(a: StudyRunArgs) -> Result<()> {
             done.insert(id);
         }
     }
-    let todo: Vec<_> = cases
-        .iter()
-        .filter(|c| !done.contains(&c.case_id))
-        .collect();
+    Ok(done)
+}
+
+/// Says on stderr how many cases are to do and which edits each gets.
+fn print_plan(out: &Path, cfg: &StudyConfig, n_cases: usize, n_todo: usize) {
     eprintln!(
         "study: {} cases ({} already in {}), {} edits each: {} × {} at layers {:?}; noise σ {:.4}",
-        todo.len(),
-        cases.len() - todo.len(),
-        a.out.display(),
+        n_todo,
+        n_cases - n_todo,
+        out.display(),
         cfg.cells().len(),
         cfg.methods
             .iter()
@@ -226,7 +258,17 @@ fn run(a: StudyRunArgs) -> Result<()> {
         cfg.layers,
         cfg.noise
     );
-    // Statistics of every layer a ROME or MEMIT edit will touch, computed up front in one pass.
+}
+
+/// The key statistics' cache; with cases to do, the statistics of every layer a ROME or MEMIT
+/// edit will touch are computed up front in one pass.
+fn prepare_stats(
+    a: &StudyRunArgs,
+    lm: &LoadedModel,
+    cfg: &StudyConfig,
+    n_layer: usize,
+    any_todo: bool,
+) -> Result<StatsCache> {
     let stat_layers: BTreeSet<usize> = cfg
         .methods
         .iter()
@@ -235,11 +277,23 @@ fn run(a: StudyRunArgs) -> Result<()> {
         .collect();
     let stat_layers: Vec<usize> = stat_layers.into_iter().collect();
     let stats = StatsCache::new(a.stats.clone());
-    if !stat_layers.is_empty() && !todo.is_empty() {
-        a.stats.collect_missing(&lm, &stat_layers)?;
+    if !stat_layers.is_empty() && any_todo {
+        a.stats.collect_missing(lm, &stat_layers)?;
     }
+    Ok(stats)
+}
 
-    let mut out = super::results::open_for_append(&a.out)?;
+/// Studies each case under a progress bar, appending its lines to `out_path`; returns how many
+/// cases were studied and how many left out.
+fn study_cases(
+    lm: &mut LoadedModel,
+    todo: &[&CounterFactCase],
+    cfg: &StudyConfig,
+    stats: &StatsCache,
+    run: &serde_json::Value,
+    out_path: &Path,
+) -> Result<(usize, usize)> {
+    let mut out = super::results::open_for_append(out_path)?;
     let pb = ProgressBar::new((todo.len() * cfg.cells().len()) as u64);
     pb.set_style(
         ProgressStyle::with_template(
@@ -248,11 +302,11 @@ fn run(a: StudyRunArgs) -> Result<()> {
         .expect("template"),
     );
     let (mut kept, mut skipped) = (0, 0);
-    for case in todo {
+    for &case in todo {
         pb.set_message(format!("case {}", case.case_id));
         let result = lm.study_case(
             case,
-            &cfg,
+            cfg,
             &mut |lm, layers| {
                 stats
                     .get(lm, layers)
@@ -267,123 +321,24 @@ fn run(a: StudyRunArgs) -> Result<()> {
             kept += 1;
         }
         // A case's lines are written together, so a resumed run never sees half a case.
-        let lines = result
-            .lines()
-            .iter()
-            .map(|l| {
-                let mut v = serde_json::to_value(l)?;
-                if let StudyLine::Case(_) = l {
-                    v["run"] = run.clone();
-                }
-                Ok(v.to_string())
-            })
-            .collect::<Result<Vec<_>, serde_json::Error>>()?;
+        let lines = case_lines(result, run)?;
         super::results::append_lines(&mut out, &lines)?;
     }
     pb.finish_and_clear();
-    eprintln!(
-        "study: {kept} cases studied, {skipped} left out; results in {}",
-        a.out.display()
-    );
-    let lines = read_lines(std::slice::from_ref(&a.out))?;
-    report(&analyze(&lines), a.plot.as_deref(), a.json)
+    Ok((kept, skipped))
 }
 
-fn fmt(v: Option<f64>) -> String {
-    v.map_or("—".into(), |x| format!("{x:.3}"))
-}
-
-fn report(an: &StudyAnalysis, plot: Option<&Path>, json: bool) -> Result<()> {
-    if let Some(p) = plot {
-        save_plot(p, &loci_core::plot::study_svg(an))?;
-    }
-    if json {
-        return print_json(an);
-    }
-    println!(
-        "{} cases ({} studied), {} edits ({} failed){}",
-        an.cases,
-        an.cases_used,
-        an.edits,
-        an.failed_edits,
-        an.window.map_or(String::new(), |w| format!(
-            "; tracing effects of window {w}"
-        ))
-    );
-    println!(
-        "{:<6} {:<18} {:<12} {:>5} {:>8} {:>8} {:>8} {:>8} {:>9}",
-        "method", "problem", "score", "n", "R²layer", "R²trace", "R²both", "added", "p(F)"
-    );
-    for c in &an.conditions {
-        println!(
-            "{:<6} {:<18} {:<12} {:>5} {:>8} {:>8} {:>8} {:>8} {:>9}",
-            c.method.name(),
-            c.problem.name(),
-            c.metric.name(),
-            c.n,
-            fmt(c.r2_layer),
-            fmt(c.r2_trace),
-            fmt(c.r2_both),
-            fmt(c.added_by_trace),
-            c.f_test
-                .as_ref()
-                .map_or("—".into(), |f| format!("{:.2e}", f.p)),
-        );
-    }
-    for m in &an.layers {
-        println!(
-            "\n{} {}: layer, edits, mean rewrite score, mean target score, mean tracing effect, r(rewrite, trace)",
-            m.method.name(),
-            m.problem.name()
-        );
-        for i in 0..m.layers.len() {
-            println!(
-                "  {:>3} {:>4} {:>7.3} {:>7.3} {:>7.3} {:>7}",
-                m.layers[i],
-                m.n[i],
-                m.rewrite[i],
-                m.target_score[i],
-                m.tracing_effect[i],
-                m.correlation[i]
-                    .as_ref()
-                    .map_or("—".into(), |c| format!("{:.2}", c.r))
-            );
-        }
-    }
-    if !an.peak.is_empty() {
-        println!("\nEditing where tracing peaks (mean rewrite score):");
-        for p in &an.peak {
-            println!(
-                "  {} {}: at each case's peak layer {:.3}, at its other layers {:.3}; \
-                 best single layer {} {:.3} ({} cases)",
-                p.method.name(),
-                p.problem.name(),
-                p.at_peak,
-                p.elsewhere,
-                p.best_layer,
-                p.at_best_layer,
-                p.cases
-            );
-        }
-    }
-    if let Some(le) = &an.large_effect {
-        println!(
-            "\nEdits where tracing's raw effect is large (above the 95th percentile, {:.3}), \
-             mean rewrite score:",
-            le.cutoff
-        );
-        for c in &le.comparisons {
-            let score = |m: Option<f64>| m.map_or("—".into(), |v| format!("{v:.3}"));
-            println!(
-                "  {} {}: large {} ({} edits), the rest {} ({} edits)",
-                c.method.name(),
-                c.problem.name(),
-                score(c.rewrite_large),
-                c.large,
-                score(c.rewrite_rest),
-                c.rest
-            );
-        }
-    }
-    Ok(())
+/// A studied case's lines as JSON text, its case line stamped with `run`.
+fn case_lines(result: CaseResult, run: &serde_json::Value) -> Result<Vec<String>> {
+    Ok(result
+        .lines()
+        .iter()
+        .map(|l| {
+            let mut v = serde_json::to_value(l)?;
+            if let StudyLine::Case(_) = l {
+                v["run"] = run.clone();
+            }
+            Ok(v.to_string())
+        })
+        .collect::<Result<Vec<_>, serde_json::Error>>()?)
 }

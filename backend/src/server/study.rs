@@ -146,9 +146,45 @@ pub async fn study(
 }
 
 async fn study_stream(st: Arc<AppState>, b: StudyBody) -> Response {
+    if let Some(e) = study_refusal(&st, &b) {
+        return e.into_response();
+    }
+    sse_job(st, move |st, tx| {
+        let m = model(st, &b.model)?;
+        // The sweep applies and undoes edits: no one else may see the model meanwhile.
+        let mut state = write(&m);
+        let cfg = study_settings(&state.lm, &b)?;
+        let mut obs = SseStudy { tx: tx.clone() };
+        let result = state.lm.study_case(
+            &b.case,
+            &cfg,
+            &mut |lm, layers| layers_stats(st, lm, layers).map_err(|e| LociError::input(e.message)),
+            &mut obs,
+        )?;
+        let lines = [loci_core::study::StudyLine::Case(result.case.clone())]
+            .into_iter()
+            .chain(
+                result
+                    .edits
+                    .iter()
+                    .cloned()
+                    .map(loci_core::study::StudyLine::Edit),
+            )
+            .collect::<Vec<_>>();
+        Ok(StudyResult {
+            analysis: loci_core::study::analyze(&lines),
+            case: result.case,
+            edits: result.edits,
+        })
+    })
+    .await
+}
+
+/// Why a study request is refused before any work, if it is.
+fn study_refusal(st: &AppState, b: &StudyBody) -> Option<ApiError> {
     let c = &b.case;
     let cells = b.methods.len() * b.problems.len() * b.layers.len().max(1);
-    let refusal = if b.methods.is_empty() || b.problems.is_empty() {
+    if b.methods.is_empty() || b.problems.is_empty() {
         Some(bad("a study needs at least one method and one problem"))
     } else if cells > MAX_STUDY_EDITS {
         Some(bad(format!(
@@ -172,63 +208,35 @@ async fn study_stream(st: Arc<AppState>, b: StudyBody) -> Response {
             .chain(&c.paraphrase_prompts)
             .chain(&c.neighborhood_prompts)
             .find_map(|p| check_prompt(p).err())
-    };
-    if let Some(e) = refusal {
-        return e.into_response();
     }
-    sse_job(st, move |st, tx| {
-        let m = model(st, &b.model)?;
-        // The sweep applies and undoes edits: no one else may see the model meanwhile.
-        let mut state = write(&m);
-        let defaults = crate::workspace::FtSettings {
-            norm_constraint: None,
-            ft_objective: None,
-        };
-        let mut cfg = crate::workspace::study_config(
-            &state.lm,
-            b.methods.clone(),
-            b.problems.clone(),
-            &b.layers,
-            loci_core::trace::NoiseSpec::Relative(3.0),
-            &defaults,
-        )
-        .map_err(|e| bad(format!("{e:#}")))?;
-        cfg.trace_samples = b.samples;
-        cfg.correct_only = !b.all_cases;
-        if b.all_cases {
-            cfg.min_prob = 0.0;
-        }
-        cfg.essence = b.essence;
-        if cfg.cells().len() > MAX_STUDY_EDITS {
-            return Err(bad(format!(
-                "a study request makes at most {MAX_STUDY_EDITS} edits; the default layers make {} here: name fewer \"layers\"",
-                cfg.cells().len()
-            )));
-        }
-        let mut obs = SseStudy { tx: tx.clone() };
-        let result = state.lm.study_case(
-            &b.case,
-            &cfg,
-            &mut |lm, layers| {
-                layers_stats(st, lm, layers).map_err(|e| LociError::input(e.message))
-            },
-            &mut obs,
-        )?;
-        let lines = [loci_core::study::StudyLine::Case(result.case.clone())]
-            .into_iter()
-            .chain(
-                result
-                    .edits
-                    .iter()
-                    .cloned()
-                    .map(loci_core::study::StudyLine::Edit),
-            )
-            .collect::<Vec<_>>();
-        Ok(StudyResult {
-            analysis: loci_core::study::analyze(&lines),
-            case: result.case,
-            edits: result.edits,
-        })
-    })
-    .await
+}
+
+/// The study's defaults for this model with the request's choices; refused when the default
+/// layers would make too many edits.
+fn study_settings(
+    lm: &loci_core::LoadedModel,
+    b: &StudyBody,
+) -> Result<loci_core::study::StudyConfig, ApiError> {
+    let mut cfg = crate::workspace::study_config(
+        lm,
+        b.methods.clone(),
+        b.problems.clone(),
+        &b.layers,
+        loci_core::trace::NoiseSpec::Relative(3.0),
+        &Default::default(),
+    )
+    .map_err(|e| bad(format!("{e:#}")))?;
+    cfg.trace_samples = b.samples;
+    cfg.correct_only = !b.all_cases;
+    if b.all_cases {
+        cfg.min_prob = 0.0;
+    }
+    cfg.essence = b.essence;
+    if cfg.cells().len() > MAX_STUDY_EDITS {
+        return Err(bad(format!(
+            "a study request makes at most {MAX_STUDY_EDITS} edits; the default layers make {} here: name fewer \"layers\"",
+            cfg.cells().len()
+        )));
+    }
+    Ok(cfg)
 }

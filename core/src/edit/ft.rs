@@ -470,7 +470,8 @@ impl LoadedModel {
             .map(|r| (r, batch.subject.0, batch.subject.1))
             .collect();
         let noise = hp.goal.noise(step as u64 + 1);
-        let mut noise = crate::hooks::noise::subject_noise(&spans, noise, &self.model)?;
+        let mut noise =
+            crate::hooks::noise::subject_noise(&spans, noise, self.model.width_on_device())?;
         let logits = self
             .model
             .run(&batch.input, &mut noise, None, LogitsAt::All)?

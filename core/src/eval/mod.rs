@@ -354,39 +354,16 @@ impl LoadedModel {
         let batch = opts.batch.max(1);
         for start in (0..cases.len()).step_by(batch) {
             let end = (start + batch).min(cases.len());
-            let (chunk, results) = (&cases[start..end], &mut out[start..end]);
-            let (ok, failed): (Vec<_>, Vec<_>) = chunk
-                .iter()
-                .zip(results.iter_mut())
-                .partition(|(_, r)| r.error.is_none());
-            for _ in failed {
-                done += 1;
-                progress(done, None);
-            }
-            if !ok.is_empty() {
-                let started = crate::clock::now_seconds();
-                let reqs: Vec<RewriteRequest> =
-                    ok.iter().map(|(c, _)| request(c).clone()).collect();
-                let edited = match make(self, &reqs).and_then(|e| self.apply(&e)) {
-                    Ok(a) => {
-                        applied = applied.then(a);
-                        Ok(())
-                    }
-                    Err(e) => Err(e.to_string()),
-                };
-                let seconds = (crate::clock::now_seconds() - started) / ok.len() as f64;
-                for (c, r) in ok {
-                    r.edit_seconds = seconds;
-                    match &edited {
-                        Ok(()) => match score(self, c) {
-                            Ok(s) => r.post = Some(s),
-                            Err(e) => r.error = Some(e.to_string()),
-                        },
-                        Err(e) => r.error = Some(e.clone()),
-                    }
-                    done += 1;
-                    progress(done, r.post.as_ref());
-                }
+            let step = BatchStep {
+                request: &request,
+                score: &score,
+                progress: &mut *progress,
+                done: &mut done,
+            };
+            let made =
+                self.sequence_batch(&cases[start..end], &mut out[start..end], &mut make, step);
+            if let Some(a) = made {
+                applied = applied.then(a);
             }
             let every = opts.checkpoint_every;
             if every > 0 && done < cases.len() && done / every > start / every {
@@ -418,6 +395,59 @@ impl LoadedModel {
             checkpoints,
         })
     }
+
+    /// One batch of a sequence: the cases that could be scored are edited together and the
+    /// edit kept (returned to be undone at the end); each is scored right after. A failed edit
+    /// is each case's error.
+    fn sequence_batch<C, S, R, F>(
+        &mut self,
+        chunk: &[C],
+        results: &mut [InSequence<S>],
+        make: &mut impl FnMut(&mut LoadedModel, &[RewriteRequest]) -> Result<crate::edit::Edit>,
+        step: BatchStep<'_, R, F, S>,
+    ) -> Option<crate::edit::AppliedEdit>
+    where
+        R: Fn(&C) -> &RewriteRequest,
+        F: Fn(&LoadedModel, &C) -> Result<S>,
+    {
+        let (ok, failed): (Vec<_>, Vec<_>) = chunk
+            .iter()
+            .zip(results.iter_mut())
+            .partition(|(_, r)| r.error.is_none());
+        for _ in failed {
+            *step.done += 1;
+            (step.progress)(*step.done, None);
+        }
+        if ok.is_empty() {
+            return None;
+        }
+        let started = crate::clock::now_seconds();
+        let reqs: Vec<RewriteRequest> = ok.iter().map(|(c, _)| (step.request)(c).clone()).collect();
+        let edited = make(self, &reqs).and_then(|e| self.apply(&e));
+        let seconds = (crate::clock::now_seconds() - started) / ok.len() as f64;
+        for (c, r) in ok {
+            r.edit_seconds = seconds;
+            match &edited {
+                Ok(_) => match (step.score)(self, c) {
+                    Ok(s) => r.post = Some(s),
+                    Err(e) => r.error = Some(e.to_string()),
+                },
+                Err(e) => r.error = Some(e.to_string()),
+            }
+            *step.done += 1;
+            (step.progress)(*step.done, r.post.as_ref());
+        }
+        edited.ok()
+    }
+}
+
+/// What each batch of a sequence uses: how a case's request is read and scored, who hears the
+/// progress, and the count of cases done.
+struct BatchStep<'a, R, F, S> {
+    request: &'a R,
+    score: &'a F,
+    progress: &'a mut dyn FnMut(usize, Option<&S>),
+    done: &'a mut usize,
 }
 
 /// A benchmark's sequence of edits: each case's record (or why it has none), and the metrics

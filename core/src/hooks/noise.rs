@@ -25,12 +25,11 @@ pub struct SubjectNoise {
 pub fn subject_noise(
     spans: &[(usize, usize, usize)],
     noise: Option<SubjectNoise>,
-    model: &crate::model::Model,
+    (d, device): (usize, &candle_core::Device),
 ) -> Result<Patch> {
     let Some(SubjectNoise { sigma, seed }) = noise else {
         return Ok(Patch::empty(Site::Embed));
     };
-    let (d, device) = (model.cfg.d_model, &model.device);
     let mut rng = SplitMix64::new(seed);
     let mut cells = Vec::new();
     for &(row, first, end) in spans {

@@ -9,7 +9,6 @@ use candle_core::safetensors::BufferedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use super::layers::check_shape;
-use super::Model;
 use crate::config::{Family, ModelConfig};
 use crate::error::{LociError, Result};
 
@@ -130,26 +129,6 @@ impl Weights<'_> {
     /// Whether the weights hold `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.src.contains(name)
-    }
-}
-
-impl Model {
-    /// Builds the model from Hugging Face-named tensors, checking every shape against `cfg`:
-    /// each family's file (`gpt2.rs`, `gptj.rs`, `llama.rs`) names its weights and assembles
-    /// its blocks.
-    pub fn from_source(
-        cfg: &ModelConfig,
-        src: &WeightSource,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        cfg.validate()?;
-        let w = Weights { src, dtype, device };
-        match cfg.family {
-            Family::Gpt2 => super::gpt2::load(&w, cfg),
-            Family::Gptj => super::gptj::load(&w, cfg),
-            Family::Llama => super::llama::load(&w, cfg),
-        }
     }
 }
 

@@ -15,6 +15,7 @@ use crate::config::{Family, ModelConfig};
 use crate::error::{LociError, Result};
 use crate::hooks::{Hook, Site};
 use layers::{Attention, LayerCache, Linear, Mlp, Norm};
+use load::{WeightSource, Weights};
 
 /// One transformer block: its norms, attention and MLP (hook sites `Attn`, `MlpKey`, `Mlp`,
 /// `Block` at its layer).
@@ -295,6 +296,12 @@ impl Model {
         Ok(candle_nn::ops::softmax_last_dim(&logits)?)
     }
 
+    /// The residual stream's width and the model's device: what a hook needs to make vectors
+    /// that fit it.
+    pub fn width_on_device(&self) -> (usize, &Device) {
+        (self.cfg.d_model, &self.device)
+    }
+
     /// The edited matrix of layer `l` (`[d_model, d_ff]`, nn.Linear orientation).
     pub fn down_proj(&self, l: usize) -> Result<&Linear> {
         self.blocks
@@ -355,4 +362,24 @@ impl Model {
 /// Index of the largest value in a 1-D f32 tensor.
 pub fn argmax(v: &Tensor) -> Result<u32> {
     Ok(v.argmax(D::Minus1)?.to_scalar::<u32>()?)
+}
+
+impl Model {
+    /// Builds the model from Hugging Face-named tensors, checking every shape against `cfg`:
+    /// each family's file (`gpt2.rs`, `gptj.rs`, `llama.rs`) names its weights and assembles
+    /// its blocks.
+    pub fn from_source(
+        cfg: &ModelConfig,
+        src: &WeightSource,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let w = Weights { src, dtype, device };
+        match cfg.family {
+            Family::Gpt2 => gpt2::load(&w, cfg),
+            Family::Gptj => gptj::load(&w, cfg),
+            Family::Llama => llama::load(&w, cfg),
+        }
+    }
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::problem::EditProblem;
 use super::regress::{f_test, fit_group_lines, fit_groups, fit_line, pearson, Correlation, FTest};
-use super::sweep::{CaseTrace, EditLine, StudyLine, StudyMethod};
+use super::sweep::{CaseLine, CaseTrace, EditLine, StudyLine, StudyMethod};
 
 /// The scores regressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -363,133 +363,99 @@ pub fn analyze_window(lines: &[StudyLine], window: usize) -> Result<StudyAnalysi
     Ok(analyze_at(&moved, Some(window)))
 }
 
+/// The edits of one method and problem, by (method, problem).
+type ByCondition<'a> = BTreeMap<(StudyMethod, EditProblem), Vec<&'a EditLine>>;
+
+/// The lines of a study, sorted out: cases by id, the cases kept (traced, not skipped), and
+/// the kept cases' edits (the last line of each edit wins, as a resumed run rewrites it).
+struct Sorted<'a> {
+    cases: BTreeMap<u64, &'a CaseLine>,
+    kept: BTreeSet<u64>,
+    /// Edits of kept cases that were made.
+    ok: Vec<&'a EditLine>,
+    /// Edits of kept cases that could not be made.
+    failed: usize,
+}
+
+impl<'a> Sorted<'a> {
+    fn new(lines: &'a [StudyLine]) -> Self {
+        let mut cases = BTreeMap::new();
+        let mut edits: BTreeMap<(u64, StudyMethod, EditProblem, usize), &EditLine> =
+            BTreeMap::new();
+        for l in lines {
+            match l {
+                StudyLine::Case(c) => {
+                    cases.insert(c.case_id, c);
+                }
+                StudyLine::Edit(e) => {
+                    edits.insert((e.case_id, e.method, e.problem, e.layer), e);
+                }
+            }
+        }
+        let kept: BTreeSet<u64> = cases
+            .values()
+            .filter(|c| c.skipped.is_none() && c.trace.is_some())
+            .map(|c| c.case_id)
+            .collect();
+        let used: Vec<&EditLine> = edits
+            .values()
+            .filter(|e| kept.contains(&e.case_id))
+            .copied()
+            .collect();
+        let failed = used.iter().filter(|e| e.error.is_some()).count();
+        let ok = used.into_iter().filter(|e| e.error.is_none()).collect();
+        Self {
+            cases,
+            kept,
+            ok,
+            failed,
+        }
+    }
+
+    /// The kept cases' traces.
+    fn traces(&self) -> impl Iterator<Item = (u64, &'a CaseTrace)> + '_ {
+        self.cases
+            .values()
+            .filter(|c| self.kept.contains(&c.case_id))
+            .filter_map(|c| c.trace.as_ref().map(|t| (c.case_id, t)))
+    }
+}
+
 /// The analysis of `lines`, whose edits carry the tracing effects of `window` (None: each
 /// case's joined window).
 fn analyze_at(lines: &[StudyLine], window: Option<usize>) -> StudyAnalysis {
-    let mut cases = BTreeMap::new();
-    let mut edits: BTreeMap<(u64, StudyMethod, EditProblem, usize), &EditLine> = BTreeMap::new();
-    for l in lines {
-        match l {
-            StudyLine::Case(c) => {
-                cases.insert(c.case_id, c);
-            }
-            StudyLine::Edit(e) => {
-                edits.insert((e.case_id, e.method, e.problem, e.layer), e);
-            }
-        }
-    }
-    let kept: BTreeSet<u64> = cases
-        .values()
-        .filter(|c| c.skipped.is_none() && c.trace.is_some())
-        .map(|c| c.case_id)
-        .collect();
-    let used: Vec<&EditLine> = edits
-        .values()
-        .filter(|e| kept.contains(&e.case_id))
-        .copied()
-        .collect();
-    let failed = used.iter().filter(|e| e.error.is_some()).count();
-    let ok: Vec<&EditLine> = used.into_iter().filter(|e| e.error.is_none()).collect();
-
-    let mut by_cond: BTreeMap<(StudyMethod, EditProblem), Vec<&EditLine>> = BTreeMap::new();
-    for e in &ok {
+    let sorted = Sorted::new(lines);
+    let mut by_cond: ByCondition = BTreeMap::new();
+    for e in &sorted.ok {
         by_cond.entry((e.method, e.problem)).or_default().push(e);
     }
     let mut conditions = vec![];
     let mut layers = vec![];
     for ((method, problem), es) in &by_cond {
         for metric in Metric::ALL {
-            let pts: Vec<(f64, f64, usize)> = es
-                .iter()
-                .filter_map(|e| {
-                    metric
-                        .of(e)
-                        .map(|y| (y as f64, e.tracing_effect as f64, e.layer))
-                })
-                .collect();
-            if pts.is_empty() {
-                continue;
-            }
-            let y: Vec<f64> = pts.iter().map(|p| p.0).collect();
-            let x: Vec<f64> = pts.iter().map(|p| p.1).collect();
-            let g: Vec<usize> = pts.iter().map(|p| p.2).collect();
-            let (fl, ft, fb) = (
-                fit_groups(&y, &g),
-                fit_line(&y, &x),
-                fit_group_lines(&y, &x, &g),
-            );
-            conditions.push(Condition {
-                method: *method,
-                problem: *problem,
-                metric,
-                n: y.len(),
-                // A saturated interaction model (a line through every layer's points) fits
-                // anything: it says nothing about tracing.
-                added_by_trace: fb
-                    .r2
-                    .zip(fl.r2)
-                    .filter(|_| fb.df_resid > 0)
-                    .map(|(b, l)| b - l),
-                f_test: f_test(&fl, &fb),
-                r2_layer: fl.r2,
-                r2_trace: ft.r2,
-                r2_both: fb.r2,
-            });
+            conditions.extend(condition(*method, *problem, metric, es));
         }
-        let mut per: BTreeMap<usize, Vec<&EditLine>> = BTreeMap::new();
-        for e in es {
-            per.entry(e.layer).or_default().push(e);
-        }
-        let col = |f: &dyn Fn(&EditLine) -> f64| -> Vec<f64> {
-            per.values()
-                .map(|v| mean(&v.iter().map(|e| f(e)).collect::<Vec<_>>()))
-                .collect()
-        };
-        layers.push(LayerMeans {
-            method: *method,
-            problem: *problem,
-            layers: per.keys().copied().collect(),
-            n: per.values().map(Vec::len).collect(),
-            rewrite: col(&|e| e.scores.rewrite as f64),
-            target_score: col(&|e| e.scores.target_score as f64),
-            tracing_effect: col(&|e| e.tracing_effect as f64),
-            correlation: per
-                .values()
-                .map(|v| {
-                    let x: Vec<f64> = v.iter().map(|e| e.tracing_effect as f64).collect();
-                    let y: Vec<f64> = v.iter().map(|e| e.scores.rewrite as f64).collect();
-                    pearson(&x, &y)
-                })
-                .collect(),
-        });
+        layers.push(layer_means(*method, *problem, es));
     }
-    let traces: Vec<&Vec<f32>> = cases
-        .values()
-        .filter(|c| kept.contains(&c.case_id))
-        .filter_map(|c| c.trace.as_ref().map(|t| &t.max_fraction_restored))
+    let traces: Vec<&Vec<f32>> = sorted
+        .traces()
+        .map(|(_, t)| &t.max_fraction_restored)
         .collect();
     let n_layer = traces.iter().map(|t| t.len()).max().unwrap_or(0);
     let mean_tracing_effect = (0..n_layer)
         .map(|l| {
-            mean(
-                &traces
-                    .iter()
-                    .filter_map(|t| t.get(l).map(|&v| v as f64))
-                    .collect::<Vec<_>>(),
-            )
+            let at: Vec<f64> = traces
+                .iter()
+                .filter_map(|t| t.get(l).map(|&v| v as f64))
+                .collect();
+            mean(&at)
         })
         .collect();
     // Without a window asked for, the one every kept case was joined with, if they agree.
-    let joined: BTreeSet<usize> = cases
-        .values()
-        .filter(|c| kept.contains(&c.case_id))
-        .filter_map(|c| c.trace.as_ref().map(|t| t.window))
-        .collect();
+    let joined: BTreeSet<usize> = sorted.traces().map(|(_, t)| t.window).collect();
     // The grids are of each case's traced window: they serve an analysis at that window.
-    let grids: BTreeMap<u64, &CaseTrace> = cases
-        .values()
-        .filter(|c| kept.contains(&c.case_id))
-        .filter_map(|c| c.trace.as_ref().map(|t| (c.case_id, t)))
+    let grids: BTreeMap<u64, &CaseTrace> = sorted
+        .traces()
         .filter(|(_, t)| window.is_none_or(|w| w == t.window))
         .collect();
     let window = window.or_else(|| match joined.len() {
@@ -498,10 +464,10 @@ fn analyze_at(lines: &[StudyLine], window: Option<usize>) -> StudyAnalysis {
     });
     StudyAnalysis {
         window,
-        cases: cases.len(),
-        cases_used: kept.len(),
-        edits: ok.len() + failed,
-        failed_edits: failed,
+        cases: sorted.cases.len(),
+        cases_used: sorted.kept.len(),
+        edits: sorted.ok.len() + sorted.failed,
+        failed_edits: sorted.failed,
         conditions,
         layers,
         mean_tracing_effect,
@@ -510,6 +476,82 @@ fn analyze_at(lines: &[StudyLine], window: Option<usize>) -> StudyAnalysis {
             .filter_map(|((m, p), es)| peak_comparison(*m, *p, es))
             .collect(),
         large_effect: large_effect(&grids, &by_cond),
+    }
+}
+
+/// The regressions of one metric of one method and problem, if any edit has the metric.
+fn condition(
+    method: StudyMethod,
+    problem: EditProblem,
+    metric: Metric,
+    es: &[&EditLine],
+) -> Option<Condition> {
+    let pts: Vec<(f64, f64, usize)> = es
+        .iter()
+        .filter_map(|e| {
+            metric
+                .of(e)
+                .map(|y| (y as f64, e.tracing_effect as f64, e.layer))
+        })
+        .collect();
+    if pts.is_empty() {
+        return None;
+    }
+    let y: Vec<f64> = pts.iter().map(|p| p.0).collect();
+    let x: Vec<f64> = pts.iter().map(|p| p.1).collect();
+    let g: Vec<usize> = pts.iter().map(|p| p.2).collect();
+    let (fl, ft, fb) = (
+        fit_groups(&y, &g),
+        fit_line(&y, &x),
+        fit_group_lines(&y, &x, &g),
+    );
+    Some(Condition {
+        method,
+        problem,
+        metric,
+        n: y.len(),
+        // A saturated interaction model (a line through every layer's points) fits anything:
+        // it says nothing about tracing.
+        added_by_trace: fb
+            .r2
+            .zip(fl.r2)
+            .filter(|_| fb.df_resid > 0)
+            .map(|(b, l)| b - l),
+        f_test: f_test(&fl, &fb),
+        r2_layer: fl.r2,
+        r2_trace: ft.r2,
+        r2_both: fb.r2,
+    })
+}
+
+/// Per edited layer of one method and problem: the mean scores and tracing effect, and the
+/// correlation of effect and rewrite score.
+fn layer_means(method: StudyMethod, problem: EditProblem, es: &[&EditLine]) -> LayerMeans {
+    let mut per: BTreeMap<usize, Vec<&EditLine>> = BTreeMap::new();
+    for e in es {
+        per.entry(e.layer).or_default().push(e);
+    }
+    let col = |f: &dyn Fn(&EditLine) -> f64| -> Vec<f64> {
+        per.values()
+            .map(|v| mean(&v.iter().map(|e| f(e)).collect::<Vec<_>>()))
+            .collect()
+    };
+    LayerMeans {
+        method,
+        problem,
+        layers: per.keys().copied().collect(),
+        n: per.values().map(Vec::len).collect(),
+        rewrite: col(&|e| e.scores.rewrite as f64),
+        target_score: col(&|e| e.scores.target_score as f64),
+        tracing_effect: col(&|e| e.tracing_effect as f64),
+        correlation: per
+            .values()
+            .map(|v| {
+                let x: Vec<f64> = v.iter().map(|e| e.tracing_effect as f64).collect();
+                let y: Vec<f64> = v.iter().map(|e| e.scores.rewrite as f64).collect();
+                pearson(&x, &y)
+            })
+            .collect(),
     }
 }
 

@@ -117,8 +117,11 @@ impl LoadedModel {
         max_new: usize,
     ) -> Result<String> {
         let span = crate::request::subject_span(self, &req.prompt, &req.subject)?;
-        let mut hook =
-            crate::hooks::noise::subject_noise(&[(0, span.0, span.1)], Some(noise), &self.model)?;
+        let mut hook = crate::hooks::noise::subject_noise(
+            &[(0, span.0, span.1)],
+            Some(noise),
+            self.model.width_on_device(),
+        )?;
         let g = self.generate_with(&req.filled(), max_new, Sampling::Greedy, &mut hook)?;
         self.tokenizer.decode(&g.new_ids)
     }

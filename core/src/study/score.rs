@@ -83,8 +83,11 @@ impl LoadedModel {
             }
             groups.push(copies);
         }
-        let mut hook =
-            crate::hooks::noise::subject_noise(&spans, noised.map(|n| n.noise), &self.model)?;
+        let mut hook = crate::hooks::noise::subject_noise(
+            &spans,
+            noised.map(|n| n.noise),
+            self.model.width_on_device(),
+        )?;
         let scores = self.score_targets_with(&pairs, &mut hook)?;
         let mut at = 0;
         let mut probs = groups.iter().map(|&g| {

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::problem::{EditProblem, SubjectNoise};
+use super::problem::{EditProblem, ProblemCase, SubjectNoise};
 use super::score::{essence_score, hase_scores, HaseScores, NoisedScoring, ProblemProbs};
 use crate::edit::{Edit, FtHparams, KeyStats, MemitHparams, RomeHparams};
 use crate::error::{LociError, Result};
@@ -461,8 +461,47 @@ impl LoadedModel {
         stats: &mut StatsFor,
         obs: &mut dyn StudyObserver,
     ) -> Result<CaseResult> {
-        let n_layer = self.model.n_layer();
-        cfg.validate(n_layer)?;
+        cfg.validate(self.model.n_layer())?;
+        let mut line = self.case_line(case, cfg)?;
+        if line.skipped.is_some() {
+            obs.on_case(&line);
+            return Ok(CaseResult {
+                case: line,
+                edits: vec![],
+            });
+        }
+        let trace = self.case_trace(case, &line.target_true, cfg)?;
+        let essence = if cfg.essence {
+            let subject = &case.requested_rewrite.subject;
+            let texts = self.essence_texts(subject, ESSENCE_TEXTS, ESSENCE_LEN, cfg.seed)?;
+            let ppl = self.perplexity(&texts, ESSENCE_LEN)?;
+            line.essence_ppl = Some(ppl);
+            Some((texts, ppl))
+        } else {
+            None
+        };
+        line.trace = Some(trace.clone());
+        obs.on_case(&line);
+        let run = CaseRun {
+            case,
+            cfg,
+            trace: &trace,
+            essence: essence.as_ref(),
+            noise: SubjectNoise {
+                sigma: cfg.noise,
+                seed: cfg.seed,
+            },
+        };
+        let mut edits = vec![];
+        for &problem in &cfg.problems {
+            self.problem_edits(&run, problem, stats, obs, &mut edits)?;
+        }
+        Ok(CaseResult { case: line, edits })
+    }
+
+    /// The case's line before tracing: the true object's probability, whether the model's
+    /// greedy continuation names it, and why the case is skipped, if it is.
+    fn case_line(&self, case: &CounterFactCase, cfg: &StudyConfig) -> Result<CaseLine> {
         let rw = &case.requested_rewrite;
         rw.validate()?;
         let truth = rw
@@ -477,33 +516,36 @@ impl LoadedModel {
         let is_correct = continuation
             .to_lowercase()
             .contains(&truth.trim().to_lowercase());
-        let mut line = CaseLine {
+        let skipped = if p_true <= cfg.min_prob {
+            Some(format!("p(true object) {p_true:.4} ≤ {}", cfg.min_prob))
+        } else if cfg.correct_only && !is_correct {
+            Some("the model's continuation lacks the true object".into())
+        } else {
+            None
+        };
+        Ok(CaseLine {
             case_id: case.case_id,
             prompt: rw.prompt.clone(),
             subject: rw.subject.clone(),
-            target_true: truth.clone(),
+            target_true: truth,
             p_true,
             is_correct,
-            skipped: None,
+            skipped,
             trace: None,
             essence_ppl: None,
-        };
-        if p_true <= cfg.min_prob {
-            line.skipped = Some(format!("p(true object) {p_true:.4} ≤ {}", cfg.min_prob));
-        } else if cfg.correct_only && !is_correct {
-            line.skipped = Some("the model's continuation lacks the true object".into());
-        }
-        if line.skipped.is_some() {
-            obs.on_case(&line);
-            return Ok(CaseResult {
-                case: line,
-                edits: vec![],
-            });
-        }
+        })
+    }
 
+    /// The case's whole-answer MLP trace at the first window, and the effects at the others.
+    fn case_trace(
+        &self,
+        case: &CounterFactCase,
+        truth: &str,
+        cfg: &StudyConfig,
+    ) -> Result<CaseTrace> {
         let mut windows = cfg.trace_windows.iter();
         let main = *windows.next().expect("validated: at least one window");
-        let tr = self.study_trace(case, &truth, main, cfg)?;
+        let tr = self.study_trace(case, truth, main, cfg)?;
         let mut trace = CaseTrace {
             window: main,
             tokens: tr.tokens.clone(),
@@ -519,107 +561,132 @@ impl LoadedModel {
             if trace.at_window(w).is_some() {
                 continue;
             }
-            let tr = self.study_trace(case, &truth, w, cfg)?;
+            let tr = self.study_trace(case, truth, w, cfg)?;
             trace.other_windows.push(WindowEffect {
                 window: w,
                 max_fraction_restored: tr.tracing_effect[&TraceKind::Mlp].clone(),
                 subject_last_fraction: tr.tracing_effect_subject_last[&TraceKind::Mlp].clone(),
             });
         }
+        Ok(trace)
+    }
 
-        let essence = if cfg.essence {
-            let texts = self.essence_texts(&rw.subject, ESSENCE_TEXTS, ESSENCE_LEN, cfg.seed)?;
-            let ppl = self.perplexity(&texts, ESSENCE_LEN)?;
-            line.essence_ppl = Some(ppl);
-            Some((texts, ppl))
-        } else {
-            None
+    /// Every (method, layer) edit of one problem, appended to `edits` as `obs` sees them. A case
+    /// this problem cannot pose (the noised model says nothing, a prompt without room for the
+    /// target…) gets its edits' lines with the reason, not the run's end.
+    fn problem_edits(
+        &mut self,
+        run: &CaseRun,
+        problem: EditProblem,
+        stats: &mut StatsFor,
+        obs: &mut dyn StudyObserver,
+        edits: &mut Vec<EditLine>,
+    ) -> Result<()> {
+        let (case, cfg) = (run.case, run.cfg);
+        let n_layer = self.model.n_layer();
+        let scoring = run.scoring(problem);
+        let posed = self.problem_case(case, problem, run.noise).and_then(|pc| {
+            let pre = self.problem_probs(case, pc.target(), scoring)?;
+            Ok((pc, pre))
+        });
+        let posed = match posed {
+            Err(LociError::Cancelled) => return Err(LociError::Cancelled),
+            other => other,
         };
-
-        line.trace = Some(trace.clone());
-        obs.on_case(&line);
-        let noise = SubjectNoise {
-            sigma: cfg.noise,
-            seed: cfg.seed,
-        };
-        let mut edits = vec![];
-        for &problem in &cfg.problems {
-            let scoring = problem.noised().then_some(NoisedScoring {
-                noise,
-                samples: cfg.noised_samples,
-            });
-            // A case this problem cannot pose (the noised model says nothing, a prompt without
-            // room for the target…) gets its edits' lines with the reason, not the run's end.
-            let posed = self.problem_case(case, problem, noise).and_then(|pc| {
-                let pre = self.problem_probs(case, pc.target(), scoring)?;
-                Ok((pc, pre))
-            });
-            let (pc, pre) = match posed {
-                Ok(p) => p,
-                Err(LociError::Cancelled) => return Err(LociError::Cancelled),
-                Err(err) => {
-                    for &method in &cfg.methods {
-                        for &central in &cfg.layers {
-                            let mut e =
-                                EditLine::unscored(case.case_id, method, problem, central, n_layer);
-                            e.note_trace(&trace);
-                            e.error = Some(err.to_string());
-                            if !obs.on_edit(&e) {
-                                return Err(LociError::Cancelled);
-                            }
-                            edits.push(e);
-                        }
-                    }
-                    continue;
+        for &method in &cfg.methods {
+            for &central in &cfg.layers {
+                let mut e = EditLine::unscored(case.case_id, method, problem, central, n_layer);
+                e.note_trace(run.trace);
+                match &posed {
+                    Ok((pc, pre)) => self.edit_and_score(run, pc, pre, stats, &mut e)?,
+                    Err(err) => e.error = Some(err.to_string()),
                 }
-            };
-            for &method in &cfg.methods {
-                for &central in &cfg.layers {
-                    let started = crate::clock::now_seconds();
-                    let layers = method.layers(central, n_layer);
-                    let st = if method.needs_stats() {
-                        stats(self, &layers)?
-                    } else {
-                        vec![]
-                    };
-                    let mut e = EditLine::unscored(case.case_id, method, problem, central, n_layer);
-                    e.note_trace(&trace);
-                    e.target = pc.target().to_string();
-                    e.pre = pre.clone();
-                    match cfg.edit(self, method, problem, &layers, &pc.request, &st) {
-                        // An edit that cannot be made (a diverged optimisation, a request this
-                        // method refuses) is a result of the sweep, not its end.
-                        Err(LociError::Cancelled) => return Err(LociError::Cancelled),
-                        Err(err) => e.error = Some(err.to_string()),
-                        Ok(edit) => {
-                            let applied = self.apply(&edit)?;
-                            let scored = (|| -> Result<_> {
-                                let post = self.problem_probs(case, pc.target(), scoring)?;
-                                let ppl = match &essence {
-                                    Some((texts, _)) => Some(self.perplexity(texts, ESSENCE_LEN)?),
-                                    None => None,
-                                };
-                                Ok((post, ppl))
-                            })();
-                            self.undo_edit(applied)?;
-                            let (post, ppl) = scored?;
-                            e.scores = hase_scores(&pre, &post, problem.direction());
-                            e.post = post;
-                            e.essence_ppl_post = ppl;
-                            e.essence_score = essence
-                                .as_ref()
-                                .zip(ppl)
-                                .map(|((_, before), after)| essence_score(*before, after));
-                        }
-                    }
-                    e.seconds = crate::clock::now_seconds() - started;
-                    if !obs.on_edit(&e) {
-                        return Err(LociError::Cancelled);
-                    }
-                    edits.push(e);
+                if !obs.on_edit(&e) {
+                    return Err(LociError::Cancelled);
                 }
+                edits.push(e);
             }
         }
-        Ok(CaseResult { case: line, edits })
+        Ok(())
+    }
+
+    /// One edit of the sweep: made at `e`'s method and layer, applied, scored and undone. An
+    /// edit that cannot be made (a diverged optimisation, a request this method refuses) is a
+    /// result of the sweep, noted in `e`, not its end.
+    fn edit_and_score(
+        &mut self,
+        run: &CaseRun,
+        pc: &ProblemCase,
+        pre: &ProblemProbs,
+        stats: &mut StatsFor,
+        e: &mut EditLine,
+    ) -> Result<()> {
+        let started = crate::clock::now_seconds();
+        let (method, problem) = (e.method, e.problem);
+        let layers = method.layers(e.layer, self.model.n_layer());
+        let st = if method.needs_stats() {
+            stats(self, &layers)?
+        } else {
+            vec![]
+        };
+        e.target = pc.target().to_string();
+        e.pre = pre.clone();
+        match run
+            .cfg
+            .edit(self, method, problem, &layers, &pc.request, &st)
+        {
+            Err(LociError::Cancelled) => return Err(LociError::Cancelled),
+            Err(err) => e.error = Some(err.to_string()),
+            Ok(edit) => {
+                let applied = self.apply(&edit)?;
+                let scored = self.score_edited(run, pc, problem);
+                self.undo_edit(applied)?;
+                let (post, ppl) = scored?;
+                e.scores = hase_scores(pre, &post, problem.direction());
+                e.post = post;
+                e.essence_ppl_post = ppl;
+                e.essence_score = run
+                    .essence
+                    .zip(ppl)
+                    .map(|((_, before), after)| essence_score(*before, after));
+            }
+        }
+        e.seconds = crate::clock::now_seconds() - started;
+        Ok(())
+    }
+
+    /// The edited model's probabilities of the problem's target, and its essence perplexity.
+    fn score_edited(
+        &self,
+        run: &CaseRun,
+        pc: &ProblemCase,
+        problem: EditProblem,
+    ) -> Result<(ProblemProbs, Option<f32>)> {
+        let post = self.problem_probs(run.case, pc.target(), run.scoring(problem))?;
+        let ppl = match run.essence {
+            Some((texts, _)) => Some(self.perplexity(texts, ESSENCE_LEN)?),
+            None => None,
+        };
+        Ok((post, ppl))
+    }
+}
+
+/// What every edit of one case shares: the case, the settings, its trace, the essence texts and
+/// their perplexity before any edit, and the subject noise of the noised problems.
+struct CaseRun<'a> {
+    case: &'a CounterFactCase,
+    cfg: &'a StudyConfig,
+    trace: &'a CaseTrace,
+    essence: Option<&'a (Vec<String>, f32)>,
+    noise: SubjectNoise,
+}
+
+impl CaseRun<'_> {
+    /// How `problem`'s probabilities are read: under the subject noise when it is noised.
+    fn scoring(&self, problem: EditProblem) -> Option<NoisedScoring> {
+        problem.noised().then_some(NoisedScoring {
+            noise: self.noise,
+            samples: self.cfg.noised_samples,
+        })
     }
 }

@@ -68,6 +68,7 @@ fn validate(lm: &LoadedModel, req: &TraceRequest) -> Result<()> {
     Ok(())
 }
 
+/// The clean and corrupted runs of a trace: everything its cells share.
 pub(super) fn prepare(
     lm: &LoadedModel,
     req: &TraceRequest,
@@ -78,20 +79,8 @@ pub(super) fn prepare(
     let mut ids = lm.encode_prompt(&req.prompt)?;
     let prompt_len = ids.len();
     let range = subject_range(&lm.tokenizer, &ids, &req.subject)?;
-    let (n, d) = (m.n_layer(), m.cfg.d_model);
     let scale = req.noise.scale(embedding_std)?;
-    let answer_ids = match &req.answer {
-        None => None,
-        Some(a) => {
-            let ids = lm.tokenizer.encode_plain(&spaced(a))?;
-            if ids.is_empty() {
-                return Err(LociError::input(format!(
-                    "the answer {a:?} tokenizes to nothing"
-                )));
-            }
-            Some(ids)
-        }
-    };
+    let answer_ids = answer_ids(lm, req)?;
     if req.full_answer {
         let a = answer_ids.as_ref().expect("validated");
         ids.extend(&a[..a.len() - 1]);
@@ -101,17 +90,58 @@ pub(super) fn prepare(
             ));
         }
     }
-
-    let all_sites: Vec<Site> = (0..n)
-        .flat_map(|l| [Site::Block(l), Site::Mlp(l), Site::Attn(l)])
-        .collect();
-    let mut clean = Capture::new(all_sites);
-    let clean_ids = m.ids_tensor(std::slice::from_ref(&ids))?;
     let answer: Vec<u32> = match (&answer_ids, req.full_answer) {
         (Some(a), true) => a.clone(),
         (Some(a), false) => vec![a[0]],
         (None, _) => vec![],
     };
+    let (clean, answer, high) = clean_run(lm, &ids, answer)?;
+    let d = m.cfg.d_model;
+    let draw = req
+        .noise
+        .draw(scale, req.samples, range.1 - range.0, d, req.seed);
+    let noise = Tensor::from_vec(draw, (req.samples, range.1 - range.0, d), &m.device)?;
+    let corrupted = corrupted_run(lm, &ids, &noise, range, &answer)?;
+    Ok(Prepared {
+        ids,
+        prompt_len,
+        range,
+        answer,
+        high,
+        low: corrupted.low,
+        noise,
+        scale,
+        clean,
+        corrupt: corrupted.states,
+        resid_in: corrupted.resid_in,
+        kv: corrupted.kv,
+    })
+}
+
+/// The requested answer's tokens, with the leading space targets get (none: the clean top-1).
+fn answer_ids(lm: &LoadedModel, req: &TraceRequest) -> Result<Option<Vec<u32>>> {
+    let Some(a) = &req.answer else {
+        return Ok(None);
+    };
+    let ids = lm.tokenizer.encode_plain(&spaced(a))?;
+    if ids.is_empty() {
+        return Err(LociError::input(format!(
+            "the answer {a:?} tokenizes to nothing"
+        )));
+    }
+    Ok(Some(ids))
+}
+
+/// The clean run: every layer's states, the answer (the top-1 when none was asked for) and its
+/// probability `high`.
+fn clean_run(lm: &LoadedModel, ids: &[u32], answer: Vec<u32>) -> Result<(Capture, Vec<u32>, f32)> {
+    let m = &lm.model;
+    let n = m.n_layer();
+    let all_sites: Vec<Site> = (0..n)
+        .flat_map(|l| [Site::Block(l), Site::Mlp(l), Site::Attn(l)])
+        .collect();
+    let mut clean = Capture::new(all_sites);
+    let clean_ids = m.ids_tensor(&[ids.to_vec()])?;
     let reads = answer.len().max(1);
     let clean_logits = readout_logits(m, &clean_ids, &mut clean, None, reads)?;
     let first = clean_logits.i((0, reads - 1))?;
@@ -123,24 +153,40 @@ pub(super) fn prepare(
         answer
     };
     let high = answer_prob(&clean_logits, &answer, 1)?[0];
+    Ok((clean, answer, high))
+}
 
-    let noise = Tensor::from_vec(
-        req.noise
-            .draw(scale, req.samples, range.1 - range.0, d, req.seed),
-        (req.samples, range.1 - range.0, d),
-        &m.device,
-    )?;
-    let rows: Vec<Vec<u32>> = vec![ids.clone(); req.samples];
-    let mut corrupt =
+/// What the corrupted run leaves for the cells.
+struct Corrupted {
+    low: f32,
+    states: Capture,
+    resid_in: Vec<Tensor>,
+    kv: KvCache,
+}
+
+/// The corrupted run, one row per noise sample: the answer's probability `low`, every layer's
+/// module outputs, residual inputs, keys and values.
+fn corrupted_run(
+    lm: &LoadedModel,
+    ids: &[u32],
+    noise: &Tensor,
+    range: (usize, usize),
+    answer: &[u32],
+) -> Result<Corrupted> {
+    let m = &lm.model;
+    let n = m.n_layer();
+    let rows: Vec<Vec<u32>> = vec![ids.to_vec(); noise.dim(0)?];
+    let mut states =
         Capture::new((0..n).flat_map(|l| [Site::Block(l), Site::Mlp(l), Site::Attn(l)]));
     let mut kv = KvCache::default();
     let mut embed_cap = Capture::new([Site::Embed]);
     let low_logits = {
-        let mut nh = embed_noise(&noise, range, 0);
-        let mut chain = Chain(vec![&mut nh, &mut embed_cap, &mut corrupt]);
+        let mut nh = embed_noise(noise, range, 0);
+        let mut chain = Chain(vec![&mut nh, &mut embed_cap, &mut states]);
+        let reads = answer.len().max(1);
         readout_logits(m, &m.ids_tensor(&rows)?, &mut chain, Some(&mut kv), reads)?
     };
-    let low = answer_prob(&low_logits, &answer, 1)?[0];
+    let low = answer_prob(&low_logits, answer, 1)?[0];
     let mut resid_in = Vec::with_capacity(n + 1);
     let emb = embed_cap.get(Site::Embed)?.clone();
     resid_in.push(match &m.wpe {
@@ -148,19 +194,11 @@ pub(super) fn prepare(
         None => emb,
     });
     for l in 0..n {
-        resid_in.push(corrupt.get(Site::Block(l))?.clone());
+        resid_in.push(states.get(Site::Block(l))?.clone());
     }
-    Ok(Prepared {
-        ids,
-        prompt_len,
-        range,
-        answer,
-        high,
+    Ok(Corrupted {
         low,
-        noise,
-        scale,
-        clean,
-        corrupt,
+        states,
         resid_in,
         kv,
     })

@@ -115,7 +115,7 @@ impl LoadedModel {
             .max_by_key(|s| s.order())
             .ok_or_else(|| LociError::input("no site to read"))?;
         let mut cap = Capture::new(sites.iter().copied()).stopping_after(last);
-        let mut noise = subject_noise(&rows_spans(&tx.spans), noise, &self.model)?;
+        let mut noise = subject_noise(&rows_spans(&tx.spans), noise, self.model.width_on_device())?;
         self.model.run(
             &pad_rows(self, &tx.ids, 0)?,
             &mut Chain(vec![&mut noise, &mut cap]),

@@ -141,7 +141,7 @@ impl LoadedModel {
         let mut cap = Capture::new([entry]);
         let mut kv = KvCache::default();
         let spans = rows_spans(&r.tx.spans[..r.n_rewrite]);
-        let mut noise = subject_noise(&spans, spec.subject_noise, m)?;
+        let mut noise = subject_noise(&spans, spec.subject_noise, m.width_on_device())?;
         let mut hook = Chain(vec![&mut noise, &mut cap]);
         m.run(&r.ids, &mut hook, Some(&mut kv), LogitsAt::Last)?;
         let mut resid = cap.get(entry)?.clone();
