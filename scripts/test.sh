@@ -14,12 +14,16 @@ step "default model"
 "$root/scripts/fetch-model.sh"
 step "format"
 cargo fmt --all -- --check
+step "core floors (imports run only downward)"
+python3 "$root/scripts/check-floors.py"
 step "clippy (native)"
 cargo clippy --release --workspace --all-targets -- -D warnings
 step "clippy (wasm32)"
 cargo clippy --release -p loci-core -p loci-frontend --target wasm32-unknown-unknown -- -D warnings
-step "tests"
+step "tests (and the core examples' build)"
 cargo test --release --workspace
+step "core API docs (missing docs denied, warnings denied)"
+RUSTDOCFLAGS="-D warnings" cargo doc --release -p loci-core --no-deps
 step "web app (trunk)"
 trunk build
 test -s dist/index.html && ls dist/*.wasm >/dev/null

@@ -12,6 +12,11 @@
 //! With `full_answer` (Hase et al.'s variant, docs/tracing.md#whole-answer-tracing) the explained
 //! quantity is the probability of the whole answer, teacher-forced after the prompt; only the
 //! prompt's tokens are restored, and logits are computed at the answer's positions only.
+//!
+//! One job per file: `types` (requests, results, the header, observers), `noise` (the noise's
+//! strength), `prepare` (the clean and corrupted runs every cell shares), `fast` (one token's
+//! cells in one batched pass), `naive` (the reference algorithm), `effect` (grids to per-layer
+//! effects); here, planning a trace and streaming its rows over worker threads.
 
 pub mod effect;
 mod fast;
