@@ -83,9 +83,9 @@ checks = {
         and r.get("bench_kinds") == 3,
     "screens are routes: back, forward and a deep link work": r.get("back_screen") == "nav-trace"
         and r.get("forward_screen") == "nav-bench" and r.get("deep_link") is True,
-    "axe-core: no serious or critical violation on any screen (desktop and phone)":
-        len(r.get("axe", {})) == 10 and not any(r["axe"].values()),
-    "screenshots of the five screens on a desktop and a phone": len(r.get("shots", [])) == 10,
+    "axe-core: no serious or critical violation on any screen (desktop, phone, dark theme)":
+        len(r.get("axe", {})) == 11 and not any(r["axe"].values()),
+    "screenshots of the five screens on a desktop and a phone": len(r.get("shots", [])) == 11,
     "a second visit loads the model from the browser cache": r.get("second_visit_files_fetched") == 0
         and r.get("second_visit_status") == "Done.",
     "a new page's tab copy carries the server's edits": r.get("second_visit_top") == r.get("uploaded_top"),

@@ -7,8 +7,8 @@
 // CounterFact case evaluated on the server (metrics shown, the model unchanged after), the
 // in-tab benchmark, the screens as URL routes (links, back, forward, reload of a deep link).
 // Every screen is checked with axe-core (no serious or critical violation) and photographed at
-// 1440×900 and 390×844 into SHOTS/<screen>-desktop.png and -phone.png; any console error or
-// page error fails the run.
+// 1440×900 and 390×844 into SHOTS/<screen>-desktop.png and -phone.png (the trace screen in the
+// dark theme too); any console error or page error fails the run.
 // Usage: node smoke.mjs URL SHOTS_DIR MODEL   — prints one JSON object.
 import { chromium } from 'playwright-core';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
@@ -129,6 +129,14 @@ try {
   out.save_png = await saved('.panel[data-kind="hidden"] button[data-save="png"]');
   out.save_chart_png = await saved('#trace-result figure.chart button[data-save="png"]');
   await shoot('trace', '#trace-result');
+  // The dark theme (the system's preference) passes axe too.
+  await page.emulateMedia({ colorScheme: 'dark' });
+  await axe('trace-dark');
+  await page.setViewportSize({ width: 1440, height: 900 });
+  await page.screenshot({ path: join(shots, 'trace-dark-desktop.png') });
+  out.shots.push(join(shots, 'trace-dark-desktop.png'));
+  await page.setViewportSize({ width: 1400, height: 1600 });
+  await page.emulateMedia({ colorScheme: 'light' });
   await go('edit');
   out.edit_badge = await page.getAttribute('.badge', 'data-engine');
   await page.fill('#edit-layer', '2');
@@ -136,7 +144,7 @@ try {
   const e = await finish();
   out.edit_status = e.text;
   out.edits_listed = Number(await page.getAttribute('#edits', 'data-count'));
-  await shoot('edit', '#edit-result');
+  await shoot('edit');
   out.edited_top = await predictTop();
   // Keep the edit file the page links to, for the upload below.
   await go('edit');

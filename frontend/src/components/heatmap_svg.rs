@@ -77,7 +77,7 @@ pub fn panel_svg(r: &TraceResult, kind: TraceKind, selected: Option<Cell>) -> St
     let grid = r.scores.get(&kind).unwrap_or(&empty);
     let n_tok = r.tokens.len();
     let n_layer = grid.first().map_or(0, Vec::len);
-    let col_w = (264.0 / n_layer.max(1) as f32).clamp(6.0, 24.0);
+    let col_w = (240.0 / n_layer.max(1) as f32).clamp(6.0, 24.0);
     let label_w = 7.0
         * r.tokens
             .iter()
@@ -87,7 +87,7 @@ pub fn panel_svg(r: &TraceResult, kind: TraceKind, selected: Option<Cell>) -> St
         + 14.0;
     let (x0, grid_w, grid_h) = (label_w, col_w * n_layer as f32, ROW_H * n_tok as f32);
     let xc = x0 + grid_w + 16.0;
-    let width = (xc + 64.0).max(x0 + 250.0);
+    let width = (xc + 60.0).max(240.0);
     let height = TOP + grid_h + 44.0;
     let (low, vmax) = scale(r, kind);
     let span = (vmax - low).max(1e-9);

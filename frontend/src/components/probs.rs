@@ -6,9 +6,9 @@ use leptos::prelude::*;
 use loci_core::edit::{EditSide, PromptProbs, RewriteRequest};
 use loci_core::Prediction;
 
-/// A probability: four decimals, or scientific when tiny.
+/// A probability (or a difference of two): four decimals, or scientific when tiny.
 pub fn prob(x: f32) -> String {
-    if x >= 1e-3 || x == 0.0 {
+    if x.abs() >= 1e-3 || x == 0.0 {
         format!("{x:.4}")
     } else {
         format!("{x:.1e}")

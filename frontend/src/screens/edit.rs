@@ -142,7 +142,12 @@ pub fn EditScreen() -> impl IntoView {
                 <EditList />
                 {move || st.report.get().map(|r| view! { <RomeReport r=r /> })}
                 {move || st.memit.get().map(|r| view! { <MemitReportView r=r /> })}
-                <Chart svg=curves stem="tracing-effect" title="Tracing effect of the last trace, to choose the layer" />
+                <Show when=move || curves.with(Option::is_some)>
+                    <section class="card" aria-labelledby="curves-h">
+                        <h3 id="curves-h">"The last trace, to choose the layer"</h3>
+                        <Chart svg=curves stem="tracing-effect" title="Tracing effect per layer" />
+                    </section>
+                </Show>
             </div>
         </div>
     }

@@ -8,7 +8,7 @@ use loci_core::eval::{CaseRecord, CaseScores, PromptScores};
 use loci_frontend::http::post;
 
 use super::edit::CasePicker;
-use crate::components::probs::{prob_header, prob_row};
+use crate::components::probs::{prob, prob_header, prob_row};
 use crate::state::{layer_list, shared, Shared};
 
 #[derive(Clone, Copy)]
@@ -129,7 +129,7 @@ fn pct(x: f32) -> String {
 }
 
 fn opt(x: Option<f32>) -> String {
-    x.map_or("—".into(), |v| format!("{v:.3}"))
+    x.map_or("—".into(), prob)
 }
 
 /// Every prompt's probabilities before → after.
@@ -174,7 +174,7 @@ fn EvalResult(r: CaseRecord) -> impl IntoView {
         metric(
             "efficacy magnitude",
             "p(new) − p(true)",
-            format!("{:.3}", m.efficacy_magnitude),
+            prob(m.efficacy_magnitude),
             "efficacy_magnitude",
         ),
         metric(
@@ -186,7 +186,7 @@ fn EvalResult(r: CaseRecord) -> impl IntoView {
         metric(
             "paraphrase magnitude",
             "mean p(new) − p(true)",
-            format!("{:.3}", m.paraphrase_magnitude),
+            prob(m.paraphrase_magnitude),
             "paraphrase_magnitude",
         ),
         metric(
@@ -198,31 +198,31 @@ fn EvalResult(r: CaseRecord) -> impl IntoView {
         metric(
             "neighbourhood magnitude",
             "mean p(true) − p(new)",
-            format!("{:.3}", m.neighborhood_magnitude),
+            prob(m.neighborhood_magnitude),
             "neighborhood_magnitude",
         ),
         metric(
             "Hase rewrite",
             "normalised rewrite score",
-            format!("{:.3}", m.hase_rewrite),
+            prob(m.hase_rewrite),
             "hase_rewrite",
         ),
         metric(
             "Hase paraphrase",
             "normalised paraphrase score",
-            format!("{:.3}", m.hase_paraphrase),
+            prob(m.hase_paraphrase),
             "hase_paraphrase",
         ),
         metric(
             "Hase neighbourhood",
             "normalised neighbourhood score",
-            format!("{:.3}", m.hase_neighborhood),
+            prob(m.hase_neighborhood),
             "hase_neighborhood",
         ),
         metric(
             "Hase target score",
             "their harmonic mean",
-            format!("{:.3}", m.hase_target_score),
+            prob(m.hase_target_score),
             "hase_target_score",
         ),
         metric(

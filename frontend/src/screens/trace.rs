@@ -163,12 +163,12 @@ pub fn TraceScreen() -> impl IntoView {
                 <Progress done=st.progress running=st.tracing id="cancel" unit="rows" />
             </section>
             <div class="results">
+                <TraceResultView st=st />
                 {move || match st.prediction.get() {
                     Some(p) => view! { <PredictionTable p=p /> }.into_any(),
                     None => view! { <section class="card"><h3>"Prediction"</h3><p class="hint">"Press Predict to see the model's next tokens for the prompt."</p></section> }.into_any(),
                 }}
             </div>
-            <TraceResultView st=st />
         </div>
     }
 }
@@ -243,7 +243,7 @@ fn TraceResultView(st: TraceState) -> impl IntoView {
         (false, e) => format!("Computed in {e}."),
     };
     view! {
-        <section id="trace-result" class="card wide" aria-label="Trace result"
+        <section id="trace-result" class="card" aria-label="Trace result"
             data-cells=attr(|a| a.0.to_string()) data-scores=attr(|a| a.1.clone())
             data-high=attr(|a| a.2.to_string()) data-low=attr(|a| a.3.to_string())
             data-rows-done=move || st.progress.get().0.to_string()
