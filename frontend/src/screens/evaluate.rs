@@ -4,7 +4,7 @@
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
-use loci_core::eval::{CaseRecord, CaseScores, PromptScores};
+use loci_core::eval::{CaseMetrics, CaseRecord, CaseScores, PromptScores};
 use loci_frontend::http::post;
 
 use super::edit::CasePicker;
@@ -158,80 +158,84 @@ fn score_rows(pre: &CaseScores, post: &CaseScores) -> Vec<AnyView> {
     .collect()
 }
 
+/// The metrics table's rows: id (as in `CaseMetrics`), name, value, meaning.
+fn metric_rows(m: &CaseMetrics) -> [(&'static str, &'static str, String, &'static str); 11] {
+    [
+        (
+            "efficacy_score",
+            "efficacy",
+            pct(m.efficacy_score),
+            "p(new) > p(true) on the rewrite prompt",
+        ),
+        (
+            "efficacy_magnitude",
+            "efficacy magnitude",
+            prob(m.efficacy_magnitude),
+            "p(new) − p(true)",
+        ),
+        (
+            "paraphrase_score",
+            "paraphrase",
+            pct(m.paraphrase_score),
+            "share of paraphrases where p(new) > p(true)",
+        ),
+        (
+            "paraphrase_magnitude",
+            "paraphrase magnitude",
+            prob(m.paraphrase_magnitude),
+            "mean p(new) − p(true)",
+        ),
+        (
+            "neighborhood_score",
+            "neighbourhood",
+            pct(m.neighborhood_score),
+            "share of neighbours still preferring the true object",
+        ),
+        (
+            "neighborhood_magnitude",
+            "neighbourhood magnitude",
+            prob(m.neighborhood_magnitude),
+            "mean p(true) − p(new)",
+        ),
+        (
+            "hase_rewrite",
+            "Hase rewrite",
+            prob(m.hase_rewrite),
+            "normalised rewrite score",
+        ),
+        (
+            "hase_paraphrase",
+            "Hase paraphrase",
+            prob(m.hase_paraphrase),
+            "normalised paraphrase score",
+        ),
+        (
+            "hase_neighborhood",
+            "Hase neighbourhood",
+            prob(m.hase_neighborhood),
+            "normalised neighbourhood score",
+        ),
+        (
+            "hase_target_score",
+            "Hase target score",
+            prob(m.hase_target_score),
+            "their harmonic mean",
+        ),
+        (
+            "fluency",
+            "fluency before → after",
+            format!("{} → {}", opt(m.fluency_pre), opt(m.fluency_post)),
+            "bi/tri-gram entropy of generations",
+        ),
+    ]
+}
+
 #[component]
 fn EvalResult(r: CaseRecord) -> impl IntoView {
     let m = &r.metrics;
-    let metric = |name: &'static str, what: &'static str, v: String, id: &'static str| {
+    let rows = metric_rows(m).map(|(id, name, v, what)| {
         view! { <tr data-metric=id><th scope="row">{name}</th><td class="num">{v}</td><td class="hint">{what}</td></tr> }
-    };
-    let rows = vec![
-        metric(
-            "efficacy",
-            "p(new) > p(true) on the rewrite prompt",
-            pct(m.efficacy_score),
-            "efficacy_score",
-        ),
-        metric(
-            "efficacy magnitude",
-            "p(new) − p(true)",
-            prob(m.efficacy_magnitude),
-            "efficacy_magnitude",
-        ),
-        metric(
-            "paraphrase",
-            "share of paraphrases where p(new) > p(true)",
-            pct(m.paraphrase_score),
-            "paraphrase_score",
-        ),
-        metric(
-            "paraphrase magnitude",
-            "mean p(new) − p(true)",
-            prob(m.paraphrase_magnitude),
-            "paraphrase_magnitude",
-        ),
-        metric(
-            "neighbourhood",
-            "share of neighbours still preferring the true object",
-            pct(m.neighborhood_score),
-            "neighborhood_score",
-        ),
-        metric(
-            "neighbourhood magnitude",
-            "mean p(true) − p(new)",
-            prob(m.neighborhood_magnitude),
-            "neighborhood_magnitude",
-        ),
-        metric(
-            "Hase rewrite",
-            "normalised rewrite score",
-            prob(m.hase_rewrite),
-            "hase_rewrite",
-        ),
-        metric(
-            "Hase paraphrase",
-            "normalised paraphrase score",
-            prob(m.hase_paraphrase),
-            "hase_paraphrase",
-        ),
-        metric(
-            "Hase neighbourhood",
-            "normalised neighbourhood score",
-            prob(m.hase_neighborhood),
-            "hase_neighborhood",
-        ),
-        metric(
-            "Hase target score",
-            "their harmonic mean",
-            prob(m.hase_target_score),
-            "hase_target_score",
-        ),
-        metric(
-            "fluency before → after",
-            "bi/tri-gram entropy of generations",
-            format!("{} → {}", opt(m.fluency_pre), opt(m.fluency_post)),
-            "fluency",
-        ),
-    ];
+    });
     let req = &r.request;
     let old = req
         .target_true
