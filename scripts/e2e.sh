@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Browser end-to-end: a real `loci serve` with the tiny test models, the built web app (dist/),
 # and headless Chromium driven by Playwright (tests/e2e/smoke.mjs): predict and trace on the
-# server and in the tab's workers (every heatmap cell drawn, the same numbers), edit (the tab's
-# top prediction changes), undo (it returns), upload of the downloaded edit (it changes again), a
-# MEMIT edit of two facts and a fine-tuning edit made from the page (listed, then undone exactly),
-# a study of the fact (its edits streamed and charted, the model unchanged after), screenshot. Needs the release `loci` binary and
-# dist/ (scripts/test.sh builds both first), and ../shared/data for the key statistics corpus.
+# server and in the tab's workers (every heatmap cell drawn, the same numbers, no layout shift
+# while rows stream, the heatmaps read out and saved as SVG and PNG), edit (the tab's top
+# prediction changes), undo (it returns), upload of the downloaded edit (it changes again), a
+# MEMIT edit of two facts and a fine-tuning edit made from the page (listed, then undone
+# exactly), a study of the fact (its edits streamed and charted, the model unchanged after), a
+# CounterFact case evaluated on the server (its metrics shown, the model unchanged after), the
+# in-tab benchmark, the screens as URL routes (back, forward, a deep link), axe-core on every
+# screen (no serious or critical violation), no console error, and screenshots of every screen
+# at 1440×900 and 390×844 into docs/screenshots/ (LOCI_SHOTS overrides). Needs the release
+# `loci` binary and dist/ (scripts/test.sh builds both first), and ../shared/data for the key
+# statistics corpus.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -32,14 +38,14 @@ for _ in range(150):
         time.sleep(0.2)
 sys.exit("the server did not start")
 PY
-shot="$CARGO_TARGET_DIR/e2e-screenshot.png"
-out="$(node tests/e2e/smoke.mjs "http://127.0.0.1:$port/" "$shot" tiny-gptj)"
+shots="${LOCI_SHOTS:-$root/docs/screenshots}"
+out="$(node tests/e2e/smoke.mjs "http://127.0.0.1:$port/" "$shots" tiny-gptj)"
 echo "$out"
 python3 - "$out" <<'PY'
 import json, sys
 r = json.loads(sys.argv[1])
 checks = {
-    "no page errors": not r["errors"],
+    "no page errors and no console errors": not r["errors"],
     "server trace drew every cell": r.get("server", {}).get("cells", 0) > 0
         and r["server"]["rects"] == r["server"]["cells"] and r["server"]["engine"] == "the server",
     "tab trace drew every cell, in workers": r.get("tab", {}).get("cells", 0) == r.get("server", {}).get("cells")
@@ -61,6 +67,25 @@ checks = {
         r.get("study_status", "").startswith("Study done") and r.get("study_edits") == 8
         and r.get("study_rows") == 9 and r.get("study_chart") == 8
         and r.get("study_after_top") == r.get("uploaded_top"),
+    "the heatmaps: three kinds side by side, a cell read out, saved as SVG and PNG; the curves as PNG":
+        r.get("heatmap_panels") == 3 and "layer 1" in r.get("readout", "")
+        and r.get("save_svg", {}).get("name") == "trace-hidden.svg" and r["save_svg"]["head"].startswith("<svg")
+        and r.get("save_png", {}).get("name") == "trace-hidden.png" and r["save_png"]["head"] == "\x89PNG\r\n\x1a\n"
+        and r.get("save_chart_png", {}).get("head") == "\x89PNG\r\n\x1a\n",
+    "no layout shift while the trace's rows stream": r.get("trace_layout_shift", 1) < 0.01,
+    "the engine badge: the tab for the trace, the server for edit, study and evaluate":
+        r.get("engine_badge") == "tab" and r.get("edit_badge") == "server"
+        and r.get("study_badge") == "server" and r.get("eval_badge") == "server",
+    "a CounterFact case is evaluated on the server: metrics shown, the model left as it was":
+        r.get("eval_status", "").startswith("Evaluated") and r.get("eval_metrics") == 11
+        and r.get("eval_prompts", 0) >= 3 and r.get("eval_after_top") == r.get("uploaded_top"),
+    "the in-tab benchmark runs from its screen": r.get("bench_status") == "Benchmark done."
+        and r.get("bench_kinds") == 3,
+    "screens are routes: back, forward and a deep link work": r.get("back_screen") == "nav-trace"
+        and r.get("forward_screen") == "nav-bench" and r.get("deep_link") is True,
+    "axe-core: no serious or critical violation on any screen (desktop, phone, dark theme)":
+        len(r.get("axe", {})) == 11 and not any(r["axe"].values()),
+    "screenshots of the five screens on a desktop and a phone": len(r.get("shots", [])) == 11,
     "a second visit loads the model from the browser cache": r.get("second_visit_files_fetched") == 0
         and r.get("second_visit_status") == "Done.",
     "a new page's tab copy carries the server's edits": r.get("second_visit_top") == r.get("uploaded_top"),
@@ -71,4 +96,4 @@ failed = sum(not ok for ok in checks.values())
 print(f"e2e: {len(checks) - failed} passed, {failed} failed")
 sys.exit(1 if failed else 0)
 PY
-echo "screenshot: $shot"
+echo "screenshots: $shots"

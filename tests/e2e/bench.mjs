@@ -1,5 +1,5 @@
-// The in-tab benchmark in headless Chromium: opens the app, presses "Benchmark this tab" and
-// prints the JSON the page reports. Usage: node bench.mjs URL
+// The in-tab benchmark in headless Chromium: opens the app's Benchmark screen, presses "Run
+// benchmark" and prints the JSON the page reports. Usage: node bench.mjs URL
 import { chromium } from 'playwright-core';
 const [url] = process.argv.slice(2);
 const browser = await chromium.launch({
@@ -9,7 +9,7 @@ const browser = await chromium.launch({
 const page = await browser.newPage();
 const errors = [];
 page.on('pageerror', e => errors.push(String(e)));
-await page.goto(url);
+await page.goto(new URL('?screen=bench', url).href);
 await page.waitForSelector('#status[data-status="ready"]', { timeout: 20000 });
 await page.click('#bench');
 await page.waitForSelector('#status[data-status="done"], #status[data-status="error"]', { timeout: 900000 });
