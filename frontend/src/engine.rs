@@ -325,8 +325,8 @@ impl Runner {
 #[derive(Clone, Debug, Deserialize)]
 pub struct EditListing {
     pub id: u64,
-    /// "rome" or "memit".
-    pub method: String,
+    /// The method that made the edit.
+    pub method: loci_core::edit::EditMethod,
     pub layers: Vec<usize>,
     pub requests: Vec<loci_core::edit::RewriteRequest>,
 }

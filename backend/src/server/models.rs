@@ -37,8 +37,8 @@ pub struct ServedEdit {
 #[derive(Serialize)]
 pub struct EditListing {
     pub id: u64,
-    /// "rome" or "memit".
-    pub method: &'static str,
+    /// The method that made the edit (`rome`, `memit` or `ft` in JSON).
+    pub method: loci_core::edit::EditMethod,
     pub layers: Vec<usize>,
     pub requests: Vec<loci_core::edit::RewriteRequest>,
     /// ‖ΔW‖ per layer.

@@ -59,12 +59,12 @@ impl Edit {
         }
     }
 
-    /// "rome", "memit" or "ft".
-    pub fn method(&self) -> &'static str {
+    /// The method that made the edit.
+    pub fn method(&self) -> super::EditMethod {
         match self {
-            Edit::Rome(_) => "rome",
-            Edit::Memit(_) => "memit",
-            Edit::Ft(_) => "ft",
+            Edit::Rome(_) => super::EditMethod::Rome,
+            Edit::Memit(_) => super::EditMethod::Memit,
+            Edit::Ft(_) => super::EditMethod::Ft,
         }
     }
 

@@ -4,7 +4,7 @@
 //! choose the layer.
 
 use leptos::prelude::*;
-use loci_core::edit::{EditReport, MemitReport};
+use loci_core::edit::{EditMethod, EditReport, MemitReport};
 
 use super::edit_actions::{edit, undo, upload};
 use super::trace::TraceState;
@@ -25,7 +25,7 @@ pub struct EditState {
     pub paraphrase: RwSignal<String>,
     pub neighborhood: RwSignal<String>,
     /// rome, memit or ft.
-    pub method: RwSignal<String>,
+    pub method: RwSignal<EditMethod>,
     /// MEMIT's further facts, one per line: prompt | subject | new target.
     pub more: RwSignal<String>,
     pub report: RwSignal<Option<EditReport>>,
@@ -45,7 +45,7 @@ impl EditState {
                 "The Colosseum is located in the city of\nThe Louvre is located in the city of"
                     .into(),
             ),
-            method: RwSignal::new("rome".into()),
+            method: RwSignal::new(EditMethod::Rome),
             more: RwSignal::new("The capital of Germany is the city of | Germany | Madrid".into()),
             report: RwSignal::new(None),
             memit: RwSignal::new(None),
@@ -102,12 +102,21 @@ pub fn CasePicker(id: &'static str, on_pick: impl Fn(usize) + 'static) -> impl I
     }
 }
 
+/// How the method menu offers `m`.
+fn method_choice(m: EditMethod) -> &'static str {
+    match m {
+        EditMethod::Rome => "ROME (one fact, one layer)",
+        EditMethod::Memit => "MEMIT (several facts and layers)",
+        EditMethod::Ft => "FT (constrained fine-tuning)",
+    }
+}
+
 #[component]
 pub fn EditScreen() -> impl IntoView {
     let s = shared();
     let st = expect_context::<EditState>();
     let curves = expect_context::<TraceState>().curves;
-    let memit = move || st.method.get() == "memit";
+    let memit = move || st.method.get() == EditMethod::Memit;
     view! {
         <div class="screen">
             <section class="form card" aria-labelledby="edit-h">
@@ -119,12 +128,15 @@ pub fn EditScreen() -> impl IntoView {
                     {text_field("edit-subject", "Subject", st.subject)}
                     {text_field("edit-target", "New target", st.target)}
                     <label for="edit-method">"Method"</label>
-                    <select id="edit-method" on:change=move |ev| st.method.set(event_target_value(&ev)) prop:value=st.method>
-                        <option value="rome">"ROME (one fact, one layer)"</option>
-                        <option value="memit">"MEMIT (several facts and layers)"</option>
-                        <option value="ft">"FT (constrained fine-tuning)"</option>
+                    <select id="edit-method" prop:value=move || st.method.get().name()
+                        on:change=move |ev| {
+                            if let Ok(m) = event_target_value(&ev).parse() {
+                                st.method.set(m);
+                            }
+                        }>
+                        {EditMethod::ALL.map(|m| view! { <option value=m.name()>{method_choice(m)}</option> }).to_vec()}
                     </select>
-                    <label for="edit-layer">{move || if st.method.get() == "rome" { "Layer" } else { "Layers" }}</label>
+                    <label for="edit-layer">{move || if st.method.get() == EditMethod::Rome { "Layer" } else { "Layers" }}</label>
                     <input id="edit-layer" placeholder="default" prop:value=st.layer on:input=move |ev| st.layer.set(event_target_value(&ev)) />
                     <label for="edit-more" class:hidden=move || !memit()>"More facts for MEMIT (prompt | subject | new target, one per line)"</label>
                     <textarea id="edit-more" rows="2" class:hidden=move || !memit() prop:value=st.more on:input=move |ev| st.more.set(event_target_value(&ev))></textarea>
@@ -174,7 +186,7 @@ fn EditList() -> impl IntoView {
                             [l] => format!("layer {l}"),
                             ls => format!("layers {}", ls.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(",")),
                         };
-                        let label = format!("#{} {} {layers}: {}", e.id, e.method.to_uppercase(), facts.join("; "));
+                        let label = format!("#{} {} {layers}: {}", e.id, e.method.name().to_uppercase(), facts.join("; "));
                         view! { <p class="edit-item">{label}" " <a href=href download="" aria-label=format!("download edit #{}", e.id)>"download"</a></p> }
                     }).collect_view().into_any()
                 }}

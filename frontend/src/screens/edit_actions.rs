@@ -3,7 +3,7 @@
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
-use loci_core::edit::{EditReport, MemitReport, RewriteRequest};
+use loci_core::edit::{EditMethod, EditReport, MemitReport, RewriteRequest};
 use loci_frontend::engine::EditListing;
 use loci_frontend::http::{answer, post, url_part};
 use serde::Deserialize;
@@ -48,18 +48,19 @@ fn edit_body(model: &str, st: &EditState) -> Result<serde_json::Value, String> {
         "paraphrase": lines(&st.paraphrase.get_untracked()),
         "neighborhood": lines(&st.neighborhood.get_untracked()),
     });
-    match st.method.get_untracked().as_str() {
-        "memit" => {
+    let method = st.method.get_untracked();
+    match method {
+        EditMethod::Memit => {
             let more = more_facts(&st.more.get_untracked())?;
-            body["method"] = "memit".into();
+            body["method"] = method.name().into();
             body["requests"] = serde_json::to_value(more).expect("requests serialise");
             body["layers"] = layers.into();
         }
-        "ft" => {
-            body["method"] = "ft".into();
+        EditMethod::Ft => {
+            body["method"] = method.name().into();
             body["layers"] = layers.into();
         }
-        _ => match layers[..] {
+        EditMethod::Rome => match layers[..] {
             [] => {}
             [l] => body["layer"] = l.into(),
             _ => return Err("ROME edits one layer; MEMIT takes several".into()),
@@ -90,10 +91,10 @@ pub fn edit(s: Shared, st: EditState) {
     s.set_running(true);
     s.say(
         "running",
-        match st.method.get_untracked().as_str() {
-            "memit" => "Editing on the server (MEMIT: a target per fact, then the update spread over the layers)…",
-            "ft" => "Editing on the server (fine-tuning the layers within an L∞ bound)…",
-            _ => "Editing on the server (ROME: k*, v*, rank-one update)…",
+        match st.method.get_untracked() {
+            EditMethod::Memit => "Editing on the server (MEMIT: a target per fact, then the update spread over the layers)…",
+            EditMethod::Ft => "Editing on the server (fine-tuning the layers within an L∞ bound)…",
+            EditMethod::Rome => "Editing on the server (ROME: k*, v*, rank-one update)…",
         },
     );
     spawn_local(async move {
