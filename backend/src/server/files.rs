@@ -18,6 +18,8 @@ pub async fn openapi() -> Response {
         .into_response()
 }
 
+/// A model's files for the browser's own engine, with byte ranges. Only files the registry
+/// lists for that model are served; any other name is a 404.
 pub async fn model_file(
     State(st): State<Arc<AppState>>,
     axum::extract::Path((name, file)): axum::extract::Path<(String, String)>,

@@ -155,6 +155,7 @@ where
     }
 }
 
+/// Sends `data` as the event `name`; `false` once the client has gone.
 pub(super) fn send_event<T: Serialize>(
     tx: &tokio::sync::mpsc::Sender<Event>,
     name: &str,

@@ -61,9 +61,6 @@ pub async fn eval_case(
     .await
 }
 
-/// A model's files for the browser's own engine, with byte ranges. Only files the registry
-/// lists for that model are served; any other name is a 404.
-
 /// Edits one study request may make (each a full edit, scored and undone).
 const MAX_STUDY_EDITS: usize = 48;
 

@@ -95,8 +95,8 @@ async fn trace_stream(st: Arc<AppState>, b: TraceBody) -> Response {
     .await
 }
 
-/// Sends `data` as the event `name`; `false` once the client has gone.
-
+/// Streams a trace's header and rows as server-sent events; stops the trace once the client has
+/// gone.
 struct SseObserver {
     tx: tokio::sync::mpsc::Sender<Event>,
 }

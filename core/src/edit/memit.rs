@@ -340,6 +340,9 @@ impl MemitHparams {
     }
 }
 
+/// One f64 vector per request.
+type Vectors = Vec<Vec<f64>>;
+
 /// What the spread over the layers works from: the requests, their targets z, the templates
 /// their keys average over, and how z's site and the subject noise were set.
 struct Spread<'a> {
@@ -488,7 +491,7 @@ impl LoadedModel {
 
     /// Per request at layer `l`: the key (half the bare prompt's, half the contexts' mean) and
     /// the gap `z − h` between the target and the current output at z's site.
-    fn memit_keys_gaps(&self, l: usize, plan: &Spread) -> Result<(Vec<Vec<f64>>, Vec<Vec<f64>>)> {
+    fn memit_keys_gaps(&self, l: usize, plan: &Spread) -> Result<(Vectors, Vectors)> {
         let (templates, noise) = (plan.templates, plan.spec.subject_noise);
         let mut keys = vec![];
         let mut gaps = vec![];

@@ -199,7 +199,7 @@ fn run_dataset(
                 generate: !a.no_generation,
                 consistency,
             };
-            run(&bench, lm, cases, &a, &method)?;
+            run(&bench, lm, cases, a, method)?;
         }
         Dataset::Zsre(set) => {
             if a.snippets.is_some() {
@@ -215,7 +215,7 @@ fn run_dataset(
             let bench = Zsre {
                 target: a.zsre_target,
             };
-            run(&bench, lm, &set.cases, &a, &method)?;
+            run(&bench, lm, &set.cases, a, method)?;
         }
     }
     Ok(())
