@@ -246,6 +246,8 @@ pub struct UndoBody {
     all: bool,
 }
 
+/// Undoes the model's last edit, or the one named, with every edit made after it, restoring the
+/// weights bit for bit.
 pub async fn undo(
     State(st): State<Arc<AppState>>,
     b: Result<Json<UndoBody>, JsonRejection>,

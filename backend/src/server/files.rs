@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use super::jobs::*;
 use super::AppState;
 
+/// The API's OpenAPI 3 description.
 pub async fn openapi() -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],

@@ -15,17 +15,20 @@ use serde::Serialize;
 use super::models::{ModelState, ServedModel};
 use super::AppState;
 
+/// The model for reading (a poisoned lock is still the model: a panic never half-changes it).
 pub(super) fn read(m: &ServedModel) -> std::sync::RwLockReadGuard<'_, ModelState> {
     // A panicked job never leaves a weight half-written (edits swap whole tensors).
     m.state.read().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The model for changing (edits, undo, the study).
 pub(super) fn write(m: &ServedModel) -> std::sync::RwLockWriteGuard<'_, ModelState> {
     m.state.write().unwrap_or_else(|p| p.into_inner())
 }
 
 pub(super) const MAX_PROMPT_CHARS: usize = 2000;
 
+/// An error as the client sees it: a status and `{"error": message}`.
 pub struct ApiError {
     pub(super) status: StatusCode,
     pub(super) message: String,
@@ -69,11 +72,13 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
+/// A JSON body, or a 400 that says what is wrong with it.
 pub(super) fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     b.map(|Json(v)| v)
         .map_err(|r| ApiError::new(r.status(), format!("bad request body: {}", r.body_text())))
 }
 
+/// Refuses an empty prompt or one over the server's length bound.
 pub(super) fn check_prompt(p: &str) -> Result<(), ApiError> {
     if p.chars().count() > MAX_PROMPT_CHARS {
         return Err(ApiError::new(
@@ -84,6 +89,7 @@ pub(super) fn check_prompt(p: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The served model of this name (loaded on first use), or a 404.
 pub(super) fn model(st: &AppState, name: &str) -> Result<Arc<ServedModel>, ApiError> {
     st.registry.get(name)?.ok_or_else(|| {
         ApiError::new(
@@ -96,6 +102,7 @@ pub(super) fn model(st: &AppState, name: &str) -> Result<Arc<ServedModel>, ApiEr
     })
 }
 
+/// The 503 of a full queue.
 pub(super) fn busy() -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -210,6 +217,7 @@ where
         .into_response()
 }
 
+/// A 400 with this message.
 pub(super) fn bad(msg: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, msg)
 }

@@ -50,6 +50,8 @@ pub struct ServeArgs {
     pub stats: crate::workspace::StatsSource,
 }
 
+/// What every request shares: the models, the job queue's permits, the threads a trace may use
+/// and the key statistics.
 pub struct AppState {
     pub registry: Registry,
     /// Permits for running and waiting jobs together.
@@ -62,6 +64,7 @@ pub struct AppState {
     pub stats: crate::workspace::StatsCache,
 }
 
+/// The API's routes, the shared assets under `/static` and the built app everywhere else.
 pub fn router(state: Arc<AppState>, dist: PathBuf, static_dir: PathBuf) -> Router {
     Router::new()
         .route("/api/models", get(predict::models))
@@ -86,6 +89,7 @@ pub fn router(state: Arc<AppState>, dist: PathBuf, static_dir: PathBuf) -> Route
         .fallback_service(ServeDir::new(dist))
 }
 
+/// `loci serve`: discovers the models, binds the address and serves until Ctrl-C.
 pub fn serve(a: ServeArgs) -> Result<()> {
     let paths = if a.models.is_empty() {
         vec![crate::workspace::default_model()?]

@@ -21,12 +21,14 @@ pub struct ServedModel {
     pub state: RwLock<ModelState>,
 }
 
+/// A served model with its applied edits, newest last.
 pub struct ModelState {
     pub lm: LoadedModel,
     pub edits: Vec<ServedEdit>,
     next_id: u64,
 }
 
+/// An applied edit: its id, the edit (for its file and listing) and what undoes it.
 pub struct ServedEdit {
     pub id: u64,
     pub edit: Edit,
@@ -86,6 +88,7 @@ impl ModelState {
     }
 }
 
+/// The models the server names, each loaded on first use; requests name models, never paths.
 pub struct Registry {
     models: BTreeMap<String, Entry>,
     dtype: DType,

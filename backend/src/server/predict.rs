@@ -12,6 +12,7 @@ use serde::Deserialize;
 use super::jobs::*;
 use super::AppState;
 
+/// The served models: names, families, sizes, device and dtype, and their files for the tab.
 pub async fn models(State(st): State<Arc<AppState>>) -> Response {
     Json(st.registry.listing()).into_response()
 }
@@ -28,6 +29,7 @@ pub struct PredictBody {
     top: usize,
 }
 
+/// The most likely next tokens after a prompt.
 pub async fn predict(
     State(st): State<Arc<AppState>>,
     b: Result<Json<PredictBody>, JsonRejection>,
@@ -55,6 +57,7 @@ pub struct GenerateBody {
     sampling: Option<Sampling>,
 }
 
+/// A continuation of a prompt (greedy or top-k sampled).
 pub async fn generate(
     State(st): State<Arc<AppState>>,
     b: Result<Json<GenerateBody>, JsonRejection>,

@@ -119,6 +119,7 @@ impl StudyObserver for SseStudy {
     }
 }
 
+/// The study's GET form (the request JSON in `q`), for browsers' EventSource.
 pub async fn study_get(
     State(st): State<Arc<AppState>>,
     query: axum::extract::Query<TraceQuery>,

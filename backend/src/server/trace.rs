@@ -27,6 +27,7 @@ pub struct TraceQuery {
     pub(super) q: String,
 }
 
+/// The trace's GET form (the request JSON in `q`), for browsers' EventSource.
 pub async fn trace_get(
     State(st): State<Arc<AppState>>,
     query: axum::extract::Query<TraceQuery>,
