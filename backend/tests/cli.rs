@@ -1159,10 +1159,12 @@ fn study_sweeps_every_method_and_problem_resumes_and_analyses() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    // Per case: its line, then 4 methods × 5 problems × 2 layers edits.
-    assert_eq!(lines.len(), 2 * (1 + 40));
-    assert_eq!(lines[0]["record"], "case");
-    let trace = &lines[0]["trace"];
+    // Per case: 4 methods × 5 problems × 2 layers edits, then its line (last, so a case cut
+    // short by a stop has none and is studied again).
+    assert_eq!(lines.len(), 2 * (40 + 1));
+    assert!(lines[..40].iter().all(|l| l["record"] == "edit"));
+    assert_eq!(lines[40]["record"], "case");
+    let trace = &lines[40]["trace"];
     assert_eq!(trace["max_fraction_restored"].as_array().unwrap().len(), 4);
     assert_eq!(trace["window"], 5);
     assert_eq!(trace["other_windows"][0]["window"], 1);
@@ -1173,7 +1175,7 @@ fn study_sweeps_every_method_and_problem_resumes_and_analyses() {
             .len(),
         4
     );
-    assert!(lines[0]["essence_ppl"].as_f64().unwrap() > 1.0);
+    assert!(lines[40]["essence_ppl"].as_f64().unwrap() > 1.0);
     let edits: Vec<&serde_json::Value> = lines.iter().filter(|l| l["record"] == "edit").collect();
     for e in &edits {
         assert!(e["error"].is_null(), "{e}");
@@ -1266,5 +1268,108 @@ fn study_sweeps_every_method_and_problem_resumes_and_analyses() {
     assert_eq!(std::fs::read_to_string(&out_file).unwrap(), text);
     let out = loci(&["study", "analyze", data.to_str().unwrap()]);
     assert!(!out.status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn study_shards_analyse_as_one_run_and_a_cut_case_is_redone() {
+    let dir = std::env::temp_dir().join(format!("loci-study-shards-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let shards = dir.join("shards");
+    std::fs::create_dir_all(&shards).unwrap();
+    let corpus = root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
+    let data = root().join("../shared/data/counterfact/counterfact_rome_format_sample500.json");
+    let run = |out: &std::path::Path, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_loci"))
+            .args(["study", "run", "--model", &tiny("tiny-gpt2"), "--n", "4"])
+            .args(["--methods", "rome,ft-1", "--layers", "0,2", "--all-cases"])
+            .args(["--min-prob", "0", "--samples", "2", "--v-steps", "2"])
+            .args(["--stats-tokens", "2000", "--no-essence"])
+            .args(extra)
+            .arg("--dataset")
+            .arg(&data)
+            .arg("--corpus")
+            .arg(&corpus)
+            .arg("--stats")
+            .arg(dir.join("stats"))
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let ok = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let whole = dir.join("whole.jsonl");
+    ok(run(&whole, &[]));
+    for i in 1..=3 {
+        let part = shards.join(format!("part{i}.jsonl"));
+        ok(run(&part, &["--shard", &format!("{i}/3")]));
+    }
+    let analysis = |paths: &[&std::path::Path]| {
+        let mut args = vec!["study", "analyze", "--json"];
+        args.extend(paths.iter().map(|p| p.to_str().unwrap()));
+        loci(&args)
+    };
+    let one = json(&analysis(&[&whole]));
+    assert_eq!(one["cases"], 4);
+    // The folder of shards, or the shard files named one by one: the same analysis.
+    assert_eq!(json(&analysis(&[&shards])), one);
+    let parts: Vec<std::path::PathBuf> = (1..=3)
+        .map(|i| shards.join(format!("part{i}.jsonl")))
+        .collect();
+    let named: Vec<&std::path::Path> = parts.iter().map(|p| p.as_path()).collect();
+    assert_eq!(json(&analysis(&named)), one);
+    // Cases 1 and 4 of the list are shard 1's.
+    let part1 = std::fs::read_to_string(&parts[0]).unwrap();
+    assert_eq!(
+        part1
+            .lines()
+            .filter(|l| l.contains("\"record\":\"case\""))
+            .count(),
+        2
+    );
+
+    // A task killed while writing its last case leaves that case without its line: the
+    // analysis leaves the case out, and the resumed task studies it again.
+    std::fs::write(&parts[0], &part1.as_bytes()[..part1.len() - 40]).unwrap();
+    let cut = json(&analysis(&[&shards]));
+    assert_eq!(cut["cases"], 3);
+    ok(run(&parts[0], &["--shard", "1/3"]));
+    assert_eq!(json(&analysis(&[&shards])), one);
+
+    // Refused, naming the files: a case given twice, and shards of different settings.
+    let out = analysis(&[&whole, &shards]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is in both") && err.contains("whole.jsonl"),
+        "{err}"
+    );
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    ok(run(&other.join("a.jsonl"), &["--shard", "1/2"]));
+    ok(run(
+        &other.join("b.jsonl"),
+        &["--shard", "2/2", "--seed", "2"],
+    ));
+    let out = analysis(&[&other]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("different runs") && err.contains("b.jsonl"),
+        "{err}"
+    );
+    // Shard specs out of range.
+    for spec in ["0/3", "4/3", "1/0"] {
+        let out = run(&dir.join("bad.jsonl"), &["--shard", spec]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(spec));
+    }
+    assert!(!dir.join("bad.jsonl").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -74,7 +74,7 @@ pub enum Command {
     Trace(Box<trace::TraceArgs>),
     /// Key statistics (E[k kᵀ] of MLP keys) for ROME, cached per model and layer.
     Stats(Box<edit::StatsArgs>),
-    /// Rewrite a fact with ROME and show what changed.
+    /// Rewrite facts (ROME, MEMIT or fine-tuning) and show what changed.
     Edit(Box<edit::EditArgs>),
     /// Evaluate an editing method on CounterFact or zsRE cases (each edit applied, measured,
     /// undone; or kept, in sequence).

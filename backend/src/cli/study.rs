@@ -2,6 +2,7 @@
 //! regressions and charts (`analyze`).
 
 mod report;
+mod shards;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -10,12 +11,13 @@ use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use loci_core::eval::CounterFactCase;
 use loci_core::study::{
-    analyze, analyze_window, CaseResult, EditLine, EditProblem, StudyConfig, StudyLine,
+    analyze, analyze_window, CaseResult, EditLine, EditProblem, Shard, StudyConfig, StudyLine,
     StudyMethod, StudyObserver,
 };
 use loci_core::LoadedModel;
 
 use self::report::report;
+use self::shards::read_results;
 use super::ModelArgs;
 use crate::workspace::{study_config, FtSettings, StatsCache, StatsSource};
 
@@ -39,6 +41,11 @@ pub struct StudyRunArgs {
     /// Study the first N cases of the dataset.
     #[arg(long)]
     pub n: Option<usize>,
+    /// Study only part I of N of those cases (I/N: every Nth case from the Ith), for array
+    /// jobs; each part writes its own --out, and `study analyze` takes them all (or their
+    /// folder).
+    #[arg(long)]
+    pub shard: Option<Shard>,
     /// Results (JSONL). Cases already in it are skipped, so an interrupted run continues.
     #[arg(long)]
     pub out: PathBuf,
@@ -93,7 +100,7 @@ pub struct StudyRunArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct StudyAnalyzeArgs {
-    /// JSONL files written by `loci study run`.
+    /// JSONL files written by `loci study run`, or folders of them (the shards of one run).
     #[arg(required = true)]
     pub results: Vec<PathBuf>,
     /// Regress the effects of this tracing window (one the run traced: `--trace-windows`)
@@ -110,7 +117,7 @@ pub fn study(cmd: StudyCmd) -> Result<()> {
     match cmd {
         StudyCmd::Run(a) => run(*a),
         StudyCmd::Analyze(a) => {
-            let lines = read_lines(&a.results)?;
+            let lines = read_results(&a.results)?;
             let an = match a.window {
                 Some(w) => analyze_window(&lines, w).map_err(anyhow::Error::msg)?,
                 None => analyze(&lines),
@@ -131,18 +138,6 @@ where
     Ok(s.split(',')
         .map(|x| x.parse())
         .collect::<Result<Vec<T>, _>>()?)
-}
-
-/// Every line of the given result files.
-fn read_lines(paths: &[PathBuf]) -> Result<Vec<StudyLine>> {
-    let mut out = vec![];
-    for p in paths {
-        if !p.exists() {
-            bail!("{} does not exist", p.display());
-        }
-        out.extend(super::results::read_records(p, "a study record")?);
-    }
-    Ok(out)
 }
 
 /// The progress bar follows the edits.
@@ -168,7 +163,8 @@ impl StudyObserver for Progress<'_> {
 fn run(a: StudyRunArgs) -> Result<()> {
     let mut lm = a.model.load()?;
     let n_layer = lm.model.n_layer();
-    let cases = super::eval::read_study_cases(&a.dataset, a.n, a.seed)?;
+    let all = super::eval::read_study_cases(&a.dataset, a.n, a.seed)?;
+    let cases = a.shard.unwrap_or(Shard::WHOLE).of(&all);
     let cfg = config(&a, &lm, n_layer)?;
 
     // Each case line names the run that made it, so a continuation with other settings is
@@ -177,6 +173,7 @@ fn run(a: StudyRunArgs) -> Result<()> {
     let done = done_cases(&a.out, &run)?;
     let todo: Vec<_> = cases
         .iter()
+        .copied()
         .filter(|c| !done.contains(&c.case_id))
         .collect();
     print_plan(&a.out, &cfg, cases.len(), todo.len());
@@ -186,7 +183,7 @@ fn run(a: StudyRunArgs) -> Result<()> {
         "study: {kept} cases studied, {skipped} left out; results in {}",
         a.out.display()
     );
-    let lines = read_lines(std::slice::from_ref(&a.out))?;
+    let lines = read_results(std::slice::from_ref(&a.out))?;
     report(&analyze(&lines), a.plot.as_deref(), a.json)
 }
 
@@ -328,10 +325,13 @@ fn study_cases(
     Ok((kept, skipped))
 }
 
-/// A studied case's lines as JSON text, its case line stamped with `run`.
+/// A studied case's lines as JSON text: its edits, then its case line stamped with `run`. The
+/// case line goes last: a stop in the middle of writing leaves the case without it, so a
+/// resumed run studies the case again and no analysis counts half of it.
 fn case_lines(result: CaseResult, run: &serde_json::Value) -> Result<Vec<String>> {
-    Ok(result
-        .lines()
+    let mut lines = result.lines();
+    lines.rotate_left(1);
+    Ok(lines
         .iter()
         .map(|l| {
             let mut v = serde_json::to_value(l)?;

@@ -209,8 +209,11 @@ pub fn load_stats(lm: &LoadedModel, dir: &Path, layer: usize) -> Result<KeyStats
 pub struct StatsCache {
     /// Where statistics come from.
     pub source: StatsSource,
-    kept: std::sync::Mutex<HashMap<(String, usize), KeyStats>>,
+    kept: std::sync::Mutex<HashMap<StatsKey, KeyStats>>,
 }
+
+/// A model's name and fingerprint, and a layer.
+type StatsKey = (String, String, usize);
 
 /// Memory the kept statistics may take: two d_ff² f64 matrices per layer (sums and factor).
 const BUDGET_BYTES: u64 = 4 << 30;
@@ -224,43 +227,45 @@ impl StatsCache {
         }
     }
 
-    fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<(String, usize), KeyStats>> {
+    fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<StatsKey, KeyStats>> {
         self.kept.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The statistics of `layers` of `lm`. The lock is not held while statistics are read or
-    /// computed; when the new ones would exceed the memory budget, the kept ones are dropped.
+    /// The statistics of `layers` of `lm` (kept per model name and fingerprint). The lock is
+    /// not held while statistics are read or computed; when the new ones would exceed the
+    /// memory budget, the kept ones are dropped first (the ones asked for stay in hand:
+    /// statistics share their data between clones).
     pub fn get(&self, lm: &LoadedModel, layers: &[usize]) -> Result<Vec<KeyStats>> {
-        let model = lm.info.fingerprint.clone();
-        let key = |l: usize| (model.clone(), l);
-        let missing: Vec<usize> = {
+        let key = |l: usize| (lm.name.clone(), lm.info.fingerprint.clone(), l);
+        let mut found: HashMap<usize, KeyStats> = HashMap::new();
+        let mut missing = vec![];
+        {
             let kept = self.kept();
-            layers
-                .iter()
-                .copied()
-                .filter(|&l| !kept.contains_key(&key(l)))
-                .collect()
-        };
-        if !missing.is_empty() {
-            let loaded = self.source.ensure_layers(lm, &missing)?;
-            let d_ff = lm.model.cfg.d_ff as u64;
-            let max_kept = (BUDGET_BYTES / (16 * d_ff * d_ff)).max(5) as usize;
-            let mut kept = self.kept();
-            if kept.len() + missing.len() > max_kept {
-                kept.clear();
-            }
-            for (l, s) in missing.iter().zip(loaded) {
-                kept.insert(key(*l), s);
+            for &l in layers {
+                match kept.get(&key(l)) {
+                    Some(s) => {
+                        found.insert(l, s.clone());
+                    }
+                    None => missing.push(l),
+                }
             }
         }
-        let kept = self.kept();
-        layers
-            .iter()
-            .map(|&l| {
-                kept.get(&key(l))
-                    .cloned()
-                    .with_context(|| format!("no key statistics for layer {l}"))
-            })
-            .collect()
+        if !missing.is_empty() {
+            let d_ff = lm.model.cfg.d_ff as u64;
+            let max_kept = (BUDGET_BYTES / (16 * d_ff * d_ff)).max(5) as usize;
+            {
+                let mut kept = self.kept();
+                if kept.len() + missing.len() > max_kept {
+                    kept.clear();
+                }
+            }
+            let loaded = self.source.ensure_layers(lm, &missing)?;
+            let mut kept = self.kept();
+            for (&l, s) in missing.iter().zip(loaded) {
+                kept.insert(key(l), s.clone());
+                found.insert(l, s);
+            }
+        }
+        Ok(layers.iter().map(|l| found[l].clone()).collect())
     }
 }

@@ -6,11 +6,13 @@ pub mod analysis;
 pub mod problem;
 pub mod regress;
 pub mod score;
+pub mod shard;
 pub mod sweep;
 
 pub use analysis::{analyze, analyze_window, Condition, LayerMeans, Metric, StudyAnalysis};
 pub use problem::{EditProblem, ProblemCase, SubjectNoise};
 pub use score::{hase_scores, HaseScores, NoisedScoring, ProblemProbs};
+pub use shard::Shard;
 pub use sweep::{
     default_layers, CaseLine, CaseResult, CaseTrace, EditLine, Quietly, StudyConfig, StudyLine,
     StudyMethod, StudyObserver,
