@@ -1006,8 +1006,8 @@ fn eval_scores_zsre_questions_by_token_accuracy() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 3, "the case and its two edits");
-    let case = &lines[0];
+    assert_eq!(lines.len(), 3, "the case's two edits, then the case");
+    let case = &lines[2];
     assert_eq!(case["record"], "case");
     assert_eq!(case["target_true"], "uniform");
     assert!(case["prompt"]
