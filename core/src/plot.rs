@@ -42,7 +42,8 @@ fn kind_title(kind: TraceKind, window: usize) -> (String, String) {
     }
 }
 
-fn display_token(t: &str) -> String {
+/// A token as a label: newlines shown as `\n`, a blank token quoted.
+pub fn display_token(t: &str) -> String {
     let t = t.replace('\n', "\\n");
     if t.trim().is_empty() {
         format!("{t:?}")

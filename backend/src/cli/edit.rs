@@ -9,10 +9,9 @@ use loci_core::edit::{Edit, EditMethod, EditReport, EditSide, Probes, RewriteReq
 use loci_core::eval::parse_cases;
 use loci_core::LoadedModel;
 
-use super::{print_json, ModelArgs};
+use super::{print_json, MethodArgs, ModelArgs};
 use crate::workspace::{
     collect, default_corpus, ft_hparams, key_mode, memit_hparams, rome_hparams, stats_dir,
-    FtSettings, StatsSource,
 };
 
 #[derive(clap::Args, Debug)]
@@ -65,26 +64,8 @@ pub struct EditArgs {
     /// The old target (default: the model's current top-1).
     #[arg(long)]
     pub target_true: Option<String>,
-    /// rome (one fact, one layer), memit (many facts, several layers) or ft (constrained
-    /// fine-tuning of one fact at --layers).
-    #[arg(long, default_value = "rome")]
-    pub method: EditMethod,
-    /// ROME's edited layer (default: Loci's shipped hyper-parameters for this model).
-    #[arg(long)]
-    pub layer: Option<usize>,
-    /// MEMIT's or fine-tuning's layers, e.g. 3,4,5,6,7,8 (default: the shipped
-    /// hyper-parameters).
-    #[arg(long, value_delimiter = ',')]
-    pub layers: Vec<usize>,
     #[command(flatten)]
-    pub ft: FtSettings,
-    #[command(flatten)]
-    pub stats: StatsSource,
-    /// original (the paper's code) or rrome (the fixed key, default).
-    #[arg(long, default_value = "rrome")]
-    pub key_mode: String,
-    #[arg(long)]
-    pub v_steps: Option<usize>,
+    pub edit: MethodArgs,
     /// Prompts that should change too.
     #[arg(long)]
     pub paraphrase: Vec<String>,
@@ -142,7 +123,7 @@ fn requests(a: &EditArgs, lm: &LoadedModel) -> Result<Vec<RewriteRequest>> {
 }
 
 pub fn edit(a: EditArgs) -> Result<()> {
-    match a.method {
+    match a.edit.method {
         EditMethod::Rome => rome(a),
         EditMethod::Memit => memit(a),
         EditMethod::Ft => ft(a),
@@ -174,7 +155,7 @@ fn one_request(a: &EditArgs, lm: &LoadedModel) -> Result<RewriteRequest> {
     if reqs.len() != 1 {
         bail!(
             "{} edits one fact at a time ({} given); use --method memit to edit them together",
-            a.method.name().to_uppercase(),
+            a.edit.method.name().to_uppercase(),
             reqs.len()
         );
     }
@@ -183,12 +164,12 @@ fn one_request(a: &EditArgs, lm: &LoadedModel) -> Result<RewriteRequest> {
 
 fn ft(a: EditArgs) -> Result<()> {
     let started = Instant::now();
-    if a.layer.is_some() {
+    if a.edit.layer.is_some() {
         bail!("--layer is for ROME; fine-tuning trains --layers L1,L2,...");
     }
     let mut lm = a.model.load()?;
     let req = one_request(&a, &lm)?;
-    let hp = ft_hparams(&lm, &a.layers, &a.ft)?;
+    let hp = ft_hparams(&lm, &a.edit.layers, &a.edit.ft)?;
     let (e, _applied, mut report) = lm.ft_with_report(req, &hp, &probes(&a))?;
     save(&a, &lm, &Edit::Ft(e))?;
     report.seconds = started.elapsed().as_secs_f64();
@@ -200,14 +181,14 @@ fn ft(a: EditArgs) -> Result<()> {
 
 fn rome(a: EditArgs) -> Result<()> {
     let started = Instant::now();
-    if !a.layers.is_empty() {
+    if !a.edit.layers.is_empty() {
         bail!("--layers is for --method memit; ROME edits one --layer");
     }
     let mut lm = a.model.load()?;
     let req = one_request(&a, &lm)?;
-    let mut hp = rome_hparams(&lm, a.layer)?;
-    hp.key_mode = key_mode(&a.key_mode)?;
-    if let Some(s) = a.v_steps {
+    let mut hp = rome_hparams(&lm, a.edit.layer)?;
+    hp.key_mode = key_mode(&a.edit.key_mode)?;
+    if let Some(s) = a.edit.v_steps {
         hp.v_num_grad_steps = s;
     }
     let layer = hp.layer;
@@ -217,7 +198,7 @@ fn rome(a: EditArgs) -> Result<()> {
             lm.model.n_layer()
         );
     }
-    let stats = a.stats.ensure(&lm, layer)?;
+    let stats = a.edit.stats.ensure(&lm, layer)?;
     let (e, _applied, mut report) = lm.rome_with_report(req, &hp, Some(&stats), &probes(&a))?;
     save(&a, &lm, &Edit::Rome(e))?;
     report.seconds = started.elapsed().as_secs_f64();
@@ -266,16 +247,16 @@ fn print_report(report: &EditReport, what: &str) -> Result<()> {
 
 fn memit(a: EditArgs) -> Result<()> {
     let started = Instant::now();
-    if a.layer.is_some() {
+    if a.edit.layer.is_some() {
         bail!("--layer is for ROME; MEMIT edits --layers L1,L2,...");
     }
     let mut lm = a.model.load()?;
     let reqs = requests(&a, &lm)?;
-    let mut hp = memit_hparams(&lm, &a.layers)?;
-    if let Some(s) = a.v_steps {
+    let mut hp = memit_hparams(&lm, &a.edit.layers)?;
+    if let Some(s) = a.edit.v_steps {
         hp.v_num_grad_steps = s;
     }
-    let stats = a.stats.ensure_layers(&lm, &hp.layers)?;
+    let stats = a.edit.stats.ensure_layers(&lm, &hp.layers)?;
     let pb = ProgressBar::new_spinner();
     pb.enable_steady_tick(std::time::Duration::from_millis(200));
     let (e, _applied, mut report) =

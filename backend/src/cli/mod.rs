@@ -16,7 +16,9 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 use loci_core::LoadedModel;
 
-use crate::workspace::{default_model, device, open_model, Precision};
+use loci_core::edit::EditMethod;
+
+use crate::workspace::{default_model, device, open_model, FtSettings, Precision, StatsSource};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -34,6 +36,34 @@ pub struct ModelArgs {
     /// Apply saved edits (from `loci edit --save-edit`) before running, in order.
     #[arg(long = "apply-edit")]
     pub apply_edit: Vec<PathBuf>,
+}
+
+/// The editing method and its settings, as `edit` and `eval` take them.
+#[derive(clap::Args, Debug)]
+pub struct MethodArgs {
+    /// rome (one fact, one layer), memit (many facts over several layers; `eval` writes
+    /// `--batch` cases per edit) or ft (constrained fine-tuning of one fact at --layers).
+    #[arg(long, default_value = "rome")]
+    pub method: EditMethod,
+    /// ROME's edited layer (default: Loci's shipped hyper-parameters for this model).
+    #[arg(long)]
+    pub layer: Option<usize>,
+    /// MEMIT's or fine-tuning's layers, e.g. 3,4,5,6,7,8 (default: the shipped
+    /// hyper-parameters).
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Vec<usize>,
+    #[command(flatten)]
+    pub ft: FtSettings,
+    #[command(flatten)]
+    pub stats: StatsSource,
+    /// ROME's key in the update's denominator: `rrome` (the template-averaged key, r-ROME's
+    /// fix; default) or `original` (the bare prompt's, as the paper's code; collapses in long
+    /// sequences).
+    #[arg(long, default_value = "rrome")]
+    pub key_mode: String,
+    /// ROME / MEMIT: v* optimisation steps (default: the model's settings).
+    #[arg(long)]
+    pub v_steps: Option<usize>,
 }
 
 impl ModelArgs {

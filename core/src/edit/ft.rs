@@ -70,18 +70,14 @@ impl FtHparams {
     /// The defaults for this model: its shipped settings (at `layers` when given), else ROME's
     /// constrained FT (ε = 5e-4) at `layers`; without either, an error asking for layers.
     pub fn defaults(cfg: &crate::config::ModelConfig, layers: &[usize]) -> Result<Self> {
-        super::method::check_layers(layers, cfg.n_layer)?;
-        match (Self::for_model(cfg), layers.is_empty()) {
-            (Some(hp), true) => Ok(hp),
-            (Some(mut hp), false) => {
-                hp.layers = layers.to_vec();
-                Ok(hp)
-            }
-            (None, false) => Ok(Self::at_layers(layers.to_vec(), Some(5e-4))),
-            (None, true) => Err(LociError::input(
-                "Loci has no default fine-tuning layers for this model; pass --layers",
-            )),
-        }
+        super::method::layered_defaults(
+            Self::for_model(cfg),
+            layers,
+            cfg.n_layer,
+            "fine-tuning",
+            |l| Self::at_layers(l, Some(5e-4)),
+            |hp, l| hp.layers = l,
+        )
     }
 
     /// ROME's constrained FT (FT-L: lr 5e-4, 25 steps) at `layers` with L∞ radius `eps`.

@@ -67,18 +67,14 @@ impl MemitHparams {
     /// The defaults for this model: its shipped settings (at `layers` when given), else the
     /// paper's values at `layers`; without either, an error asking for layers.
     pub fn defaults(cfg: &crate::config::ModelConfig, layers: &[usize]) -> Result<Self> {
-        super::method::check_layers(layers, cfg.n_layer)?;
-        match (Self::for_model(cfg), layers.is_empty()) {
-            (Some(hp), true) => Ok(hp),
-            (Some(mut hp), false) => {
-                hp.layers = layers.to_vec();
-                Ok(hp)
-            }
-            (None, false) => Ok(Self::at_layers(layers.to_vec())),
-            (None, true) => Err(LociError::input(
-                "Loci has no default MEMIT layers for this model; pass --layers",
-            )),
-        }
+        super::method::layered_defaults(
+            Self::for_model(cfg),
+            layers,
+            cfg.n_layer,
+            "MEMIT",
+            Self::at_layers,
+            |hp, l| hp.layers = l,
+        )
     }
 
     /// GPT-J's official values at other layers.

@@ -83,6 +83,31 @@ pub(crate) fn shipped_for<H: serde::de::DeserializeOwned>(
     })
 }
 
+/// The defaults of a method that edits several layers, for a model of `n_layer` layers: its
+/// `shipped` settings (moved to `layers` when given), else `paper`'s at `layers`; with neither,
+/// an error asking for layers, naming the method (`what`).
+pub(crate) fn layered_defaults<H>(
+    shipped: Option<H>,
+    layers: &[usize],
+    n_layer: usize,
+    what: &str,
+    paper: impl FnOnce(Vec<usize>) -> H,
+    move_to: impl FnOnce(&mut H, Vec<usize>),
+) -> Result<H> {
+    check_layers(layers, n_layer)?;
+    match (shipped, layers.is_empty()) {
+        (Some(hp), true) => Ok(hp),
+        (Some(mut hp), false) => {
+            move_to(&mut hp, layers.to_vec());
+            Ok(hp)
+        }
+        (None, false) => Ok(paper(layers.to_vec())),
+        (None, true) => Err(LociError::input(format!(
+            "Loci has no default {what} layers for this model; pass --layers"
+        ))),
+    }
+}
+
 /// Layers out of range for a model of `n` layers, as an error naming the first.
 pub(crate) fn check_layers(layers: &[usize], n: usize) -> Result<()> {
     match layers.iter().find(|&&l| l >= n) {

@@ -5,7 +5,7 @@
 
 use std::fmt::Write;
 
-use loci_core::plot::kind_colour;
+use loci_core::plot::{display_token, kind_colour};
 use loci_core::trace::{TraceKind, TraceResult};
 
 /// A cell: (token, layer).
@@ -36,12 +36,7 @@ pub fn esc(s: &str) -> String {
 
 /// A token as a label: newlines shown, blanks quoted, long ones cut.
 pub fn token_label(t: &str) -> String {
-    let t = t.replace('\n', "\\n");
-    let t = if t.trim().is_empty() {
-        format!("{t:?}")
-    } else {
-        t
-    };
+    let t = display_token(t);
     if t.chars().count() > 18 {
         format!("{}…", t.chars().take(17).collect::<String>())
     } else {

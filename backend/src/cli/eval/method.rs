@@ -38,35 +38,35 @@ impl Method {
     /// The method `--method` names, with the hyper-parameters and statistics the other
     /// arguments give; arguments of another method are an error.
     pub(super) fn from_args(a: &EvalArgs, lm: &LoadedModel) -> Result<Self> {
-        Ok(match a.method {
+        Ok(match a.edit.method {
             EditMethod::Rome => {
-                if !a.layers.is_empty() || a.batch != 1 {
+                if !a.edit.layers.is_empty() || a.batch != 1 {
                     bail!("--layers and --batch are for --method memit");
                 }
-                let mut hp = rome_hparams(lm, a.layer)?;
-                if let Some(s) = a.v_steps {
+                let mut hp = rome_hparams(lm, a.edit.layer)?;
+                if let Some(s) = a.edit.v_steps {
                     hp.v_num_grad_steps = s;
                 }
-                hp.key_mode = crate::workspace::key_mode(&a.key_mode)?;
-                let stats = a.stats.ensure(lm, hp.layer)?;
+                hp.key_mode = crate::workspace::key_mode(&a.edit.key_mode)?;
+                let stats = a.edit.stats.ensure(lm, hp.layer)?;
                 Method::Rome(hp, stats)
             }
             EditMethod::Memit => {
-                if a.layer.is_some() {
+                if a.edit.layer.is_some() {
                     bail!("--layer is for ROME; MEMIT edits --layers L1,L2,...");
                 }
-                let mut hp = memit_hparams(lm, &a.layers)?;
-                if let Some(s) = a.v_steps {
+                let mut hp = memit_hparams(lm, &a.edit.layers)?;
+                if let Some(s) = a.edit.v_steps {
                     hp.v_num_grad_steps = s;
                 }
-                let stats = a.stats.ensure_layers(lm, &hp.layers)?;
+                let stats = a.edit.stats.ensure_layers(lm, &hp.layers)?;
                 Method::Memit(hp, stats)
             }
             EditMethod::Ft => {
-                if a.layer.is_some() || a.batch != 1 {
+                if a.edit.layer.is_some() || a.batch != 1 {
                     bail!("--layer is for ROME and --batch for MEMIT; fine-tuning trains --layers");
                 }
-                Method::Ft(ft_hparams(lm, &a.layers, &a.ft)?)
+                Method::Ft(ft_hparams(lm, &a.edit.layers, &a.edit.ft)?)
             }
         })
     }

@@ -12,7 +12,6 @@ mod zsre;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use loci_core::edit::EditMethod;
 use loci_core::eval::zsre::ZsreTarget;
 use loci_core::eval::{parse_dataset, AttributeSnippets, Consistency, CounterFactCase, Dataset};
 use loci_core::LoadedModel;
@@ -21,8 +20,8 @@ use self::counterfact::CounterFact;
 use self::method::{bits, Method};
 use self::run::run;
 use self::zsre::Zsre;
-use super::ModelArgs;
-use crate::workspace::{FtSettings, StatsSource};
+use super::{MethodArgs, ModelArgs};
+use crate::workspace::StatsSource;
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
@@ -36,18 +35,8 @@ pub struct EvalArgs {
     /// EasyEdit's).
     #[arg(long, default_value = "answer")]
     pub zsre_target: ZsreTarget,
-    /// Editing method: rome or ft (one case at a time) or memit (`--batch` cases per edit).
-    #[arg(long, default_value = "rome")]
-    pub method: EditMethod,
-    /// ROME's edited layer (default: Loci's shipped hyper-parameters for this model).
-    #[arg(long)]
-    pub layer: Option<usize>,
-    /// MEMIT's or fine-tuning's layers, e.g. 3,4,5,6,7,8 (default: the shipped
-    /// hyper-parameters).
-    #[arg(long, value_delimiter = ',')]
-    pub layers: Vec<usize>,
     #[command(flatten)]
-    pub ft: FtSettings,
+    pub edit: MethodArgs,
     /// MEMIT: cases written by one edit (each batch is applied, scored and undone, or kept with
     /// --sequential).
     #[arg(long, default_value_t = 1)]
@@ -62,8 +51,6 @@ pub struct EvalArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub summary: bool,
-    #[command(flatten)]
-    pub stats: StatsSource,
     /// Sequential editing: keep every edit (each computed on the model the earlier ones left) and
     /// score each case right after its own edit and again after the last one; all are undone
     /// at the end.
@@ -79,14 +66,6 @@ pub struct EvalArgs {
     /// Skip the generation (fluency) test, the slow part.
     #[arg(long)]
     pub no_generation: bool,
-    /// ROME / MEMIT: v* optimisation steps (default: the model's settings).
-    #[arg(long)]
-    pub v_steps: Option<usize>,
-    /// ROME's key in the update's denominator: `rrome` (the template-averaged key, r-ROME's
-    /// fix) or `original` (the bare prompt's, as the paper's code; collapses in long
-    /// sequences).
-    #[arg(long, default_value = "rrome")]
-    pub key_mode: String,
     /// ROME's attribute_snippets.json: adds generation consistency (TF-IDF similarity of the
     /// generations to Wikipedia texts about the new target; IDF fitted on --corpus).
     #[arg(long)]
@@ -191,7 +170,7 @@ fn run_dataset(
     match dataset {
         Dataset::CounterFact(cases) => {
             let consistency = match &a.snippets {
-                Some(p) if !a.no_generation => Some(consistency(p, &a.stats)?),
+                Some(p) if !a.no_generation => Some(consistency(p, &a.edit.stats)?),
                 Some(_) => bail!("--snippets scores generations: drop --no-generation"),
                 None => None,
             };

@@ -112,7 +112,7 @@ impl LoadedModel {
         hp: &RomeHparams,
         templates: &[String],
     ) -> Result<Tensor> {
-        let noise = hp.value_spec().subject_noise;
+        let noise = hp.goal.noise(hp.seed);
         Ok(self
             .subject_states_noised(req, &[Site::MlpKey(hp.layer)], templates, noise)?
             .remove(0))
