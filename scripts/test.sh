@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test of Loci on a fresh machine: installs tools, fetches the real test
-# model, then formatting, lints, native tests, the wasm32 build of the core and the web app.
+# model, then formatting, lints, native tests, the study's Slurm array job on a real one-node
+# Slurm, the wasm32 build of the core and the web app.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -22,6 +23,8 @@ step "clippy (wasm32)"
 cargo clippy --release -p loci-core -p loci-frontend --target wasm32-unknown-unknown -- -D warnings
 step "tests (and the core examples' build)"
 cargo test --release --workspace
+step "study on a real one-node Slurm (array job, a task requeued mid-way)"
+"$root/scripts/slurm-test.sh"
 step "core API docs (missing docs denied, warnings denied)"
 RUSTDOCFLAGS="-D warnings" cargo doc --release -p loci-core --no-deps
 step "web app (trunk)"

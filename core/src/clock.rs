@@ -16,6 +16,7 @@ pub fn now_seconds() -> f64 {
 }
 
 /// Seconds per phase of a computation, measured as it goes.
+#[derive(Clone, Debug)]
 pub struct Laps {
     /// Seconds each named phase took.
     pub seconds: std::collections::BTreeMap<String, f64>,

@@ -130,7 +130,11 @@ impl Command {
                 | Command::Edit(_)
                 | Command::Eval(_)
                 | Command::Study(study::StudyCmd::Run(_))
-                | Command::Bench(bench::BenchCmd::Trace { .. } | bench::BenchCmd::Edit(_))
+                | Command::Bench(
+                    bench::BenchCmd::Trace { .. }
+                        | bench::BenchCmd::Edit(_)
+                        | bench::BenchCmd::Study(_)
+                )
         )
     }
 }

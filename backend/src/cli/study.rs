@@ -47,8 +47,8 @@ pub struct StudyRunArgs {
     #[arg(long)]
     pub shard: Option<Shard>,
     /// Results (JSONL). Cases already in it are skipped, so an interrupted run continues.
-    #[arg(long)]
-    pub out: PathBuf,
+    #[arg(long, required_unless_present = "stats_only")]
+    pub out: Option<PathBuf>,
     /// Editing methods: rome, memit, ft-1, ft-5 (comma-separated, or all).
     #[arg(long, default_value = "rome")]
     pub methods: String,
@@ -90,6 +90,15 @@ pub struct StudyRunArgs {
     pub ft: FtSettings,
     #[command(flatten)]
     pub stats: StatsSource,
+    /// Cases edited together: each ROME and MEMIT cell's v* of this many cases optimise in one
+    /// batch (the same results; on a GPU many times the edits per hour). A batch's lines are
+    /// written when all its cases are done.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub batch: u32,
+    /// Only compute the key statistics the run needs (every layer its ROME and MEMIT edits
+    /// touch) into --stats, then stop: the step an array job runs once before its tasks.
+    #[arg(long)]
+    pub stats_only: bool,
     /// When done, write the analysis chart here (.svg or .png).
     #[arg(long)]
     pub plot: Option<PathBuf>,
@@ -167,23 +176,30 @@ fn run(a: StudyRunArgs) -> Result<()> {
     let cases = a.shard.unwrap_or(Shard::WHOLE).of(&all);
     let cfg = config(&a, &lm, n_layer)?;
 
+    if a.stats_only {
+        prepare_stats(&a, &lm, &cfg, n_layer, true)?;
+        eprintln!("study: key statistics ready; no case studied");
+        return Ok(());
+    }
+    let out = a.out.clone().expect("clap: --out unless --stats-only");
     // Each case line names the run that made it, so a continuation with other settings is
     // refused instead of mixing results.
     let run = serde_json::json!({ "model": lm.name, "config": cfg });
-    let done = done_cases(&a.out, &run)?;
+    let done = done_cases(&out, &run)?;
     let todo: Vec<_> = cases
         .iter()
         .copied()
         .filter(|c| !done.contains(&c.case_id))
         .collect();
-    print_plan(&a.out, &cfg, cases.len(), todo.len());
+    print_plan(&out, &cfg, cases.len(), todo.len());
     let stats = prepare_stats(&a, &lm, &cfg, n_layer, !todo.is_empty())?;
-    let (kept, skipped) = study_cases(&mut lm, &todo, &cfg, &stats, &run, &a.out)?;
+    let batch = a.batch as usize;
+    let (kept, skipped) = study_cases(&mut lm, &todo, &cfg, (&stats, batch), &run, &out)?;
     eprintln!(
         "study: {kept} cases studied, {skipped} left out; results in {}",
-        a.out.display()
+        out.display()
     );
-    let lines = read_results(std::slice::from_ref(&a.out))?;
+    let lines = read_results(std::slice::from_ref(&out))?;
     report(&analyze(&lines), a.plot.as_deref(), a.json)
 }
 
@@ -280,13 +296,13 @@ fn prepare_stats(
     Ok(stats)
 }
 
-/// Studies each case under a progress bar, appending its lines to `out_path`; returns how many
-/// cases were studied and how many left out.
+/// Studies the cases `batch` at a time under a progress bar, appending each case's lines to
+/// `out_path`; returns how many cases were studied and how many left out.
 fn study_cases(
     lm: &mut LoadedModel,
     todo: &[&CounterFactCase],
     cfg: &StudyConfig,
-    stats: &StatsCache,
+    (stats, batch): (&StatsCache, usize),
     run: &serde_json::Value,
     out_path: &Path,
 ) -> Result<(usize, usize)> {
@@ -299,10 +315,11 @@ fn study_cases(
         .expect("template"),
     );
     let (mut kept, mut skipped) = (0, 0);
-    for &case in todo {
-        pb.set_message(format!("case {}", case.case_id));
-        let result = lm.study_case(
-            case,
+    for chunk in todo.chunks(batch) {
+        let ids: Vec<String> = chunk.iter().map(|c| c.case_id.to_string()).collect();
+        pb.set_message(format!("cases {}", ids.join(",")));
+        let results = lm.study_cases(
+            chunk,
             cfg,
             &mut |lm, layers| {
                 stats
@@ -311,15 +328,17 @@ fn study_cases(
             },
             &mut Progress(&pb),
         )?;
-        if result.case.skipped.is_some() {
-            skipped += 1;
-            pb.inc(cfg.cells().len() as u64);
-        } else {
-            kept += 1;
+        for result in results {
+            if result.case.skipped.is_some() {
+                skipped += 1;
+                pb.inc(cfg.cells().len() as u64);
+            } else {
+                kept += 1;
+            }
+            // A case's lines are written together, so a resumed run never sees half a case.
+            let lines = case_lines(result, run)?;
+            super::results::append_lines(&mut out, &lines)?;
         }
-        // A case's lines are written together, so a resumed run never sees half a case.
-        let lines = case_lines(result, run)?;
-        super::results::append_lines(&mut out, &lines)?;
     }
     pb.finish_and_clear();
     Ok((kept, skipped))

@@ -74,7 +74,8 @@ pub fn corpus_texts(path: &Path) -> Result<impl Iterator<Item = Result<String>>>
 }
 
 /// Feeds corpus texts to `acc`, one per worker thread at a time, until it has seen `tokens`
-/// tokens (the texts computed alongside the one that crosses the mark count too).
+/// tokens: up to the text that crosses the mark, whatever the thread count (so statistics do
+/// not depend on the machine that computed them).
 pub fn feed(
     acc: &mut StatsAccumulator,
     lm: &LoadedModel,
@@ -84,10 +85,14 @@ pub fn feed(
 ) -> Result<()> {
     let mut texts = corpus_texts(corpus)?;
     while acc.tokens() < tokens {
-        let chunk: Vec<String> = texts
-            .by_ref()
-            .take(loci_core::threads::workers())
-            .collect::<Result<_>>()?;
+        let mut chunk = vec![];
+        let mut planned = acc.tokens();
+        while chunk.len() < loci_core::threads::workers() && planned < tokens {
+            let Some(text) = texts.next() else { break };
+            let text = text?;
+            planned += acc.text_tokens(lm, &text)? as u64;
+            chunk.push(text);
+        }
         if chunk.is_empty() {
             break;
         }
@@ -143,7 +148,12 @@ pub fn collect(
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     for s in acc.finish(lm, &corpus.display().to_string())? {
         let f = stats_file(dir, s.provenance.layer);
-        std::fs::write(&f, s.to_bytes()?).with_context(|| format!("writing {}", f.display()))?;
+        // Written aside, then renamed: a reader sharing the folder (another task of an array
+        // job) sees the whole file or none.
+        let part = f.with_extension(format!("part{}", std::process::id()));
+        std::fs::write(&part, s.to_bytes()?)
+            .and_then(|_| std::fs::rename(&part, &f))
+            .with_context(|| format!("writing {}", f.display()))?;
         eprintln!(
             "layer {}: {} tokens → {}",
             s.provenance.layer,

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::delta::{AppliedEdit, LayerDelta, WeightChange};
 use super::linalg;
-use super::rome::ValueSpec;
+use super::rome::{ValueCase, ValueOut, ValueSpec};
 use super::stats::KeyStats;
 use crate::clock::Laps;
 use crate::error::{LociError, Result};
@@ -363,31 +363,109 @@ impl LoadedModel {
         let spec = hp.check(reqs, stats, self.model.n_layer())?;
         let targets = self.memit_targets(reqs)?;
         let mut laps = Laps::start();
+        let factors = self.memit_factors(hp, stats)?;
+        laps.lap("covariance_factor");
+        let templates = memit_context_templates(self, hp)?;
+        laps.lap("templates");
+        // Every request's z optimises in one batch, each with its own δ and stop.
+        progress(&format!("targets z of {} requests", reqs.len()));
+        let cases: Vec<ValueCase> = reqs
+            .iter()
+            .zip(&targets)
+            .map(|(req, t)| ValueCase { req, target: t })
+            .collect();
+        let zs = self
+            .compute_values(&cases, &spec, &templates)?
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
+        laps.lap("targets");
+        let plan = (&spec, &factors[..], &templates[..]);
+        self.memit_from_targets(reqs, zs, hp, plan, laps, progress)
+    }
+
+    /// Independent one-request MEMIT edits of many requests, each the edit `memit` makes of it
+    /// alone (within float rounding), their targets z optimised together: one batched pass per
+    /// step. One result per request, in order (a request MEMIT refuses fails alone); the outer
+    /// error is the batch's (layers, statistics).
+    pub fn memit_batch(
+        &mut self,
+        reqs: &[RewriteRequest],
+        hp: &MemitHparams,
+        stats: &[KeyStats],
+    ) -> Result<Vec<Result<MemitEdit>>> {
+        let spec = hp.check(reqs, stats, self.model.n_layer())?;
+        let mut laps = Laps::start();
+        let factors = self.memit_factors(hp, stats)?;
+        laps.lap("covariance_factor");
+        let templates = memit_context_templates(self, hp)?;
+        laps.lap("templates");
+        let targets: Vec<Result<Vec<u32>>> = reqs
+            .iter()
+            .map(|r| Ok(self.memit_targets(std::slice::from_ref(r))?.remove(0)))
+            .collect();
+        let cases: Vec<ValueCase> = reqs
+            .iter()
+            .zip(&targets)
+            .filter_map(|(req, t)| {
+                Some(ValueCase {
+                    req,
+                    target: t.as_ref().ok()?,
+                })
+            })
+            .collect();
+        let mut zs = self.compute_values(&cases, &spec, &templates)?.into_iter();
+        laps.lap("targets");
+        let plan = (&spec, &factors[..], &templates[..]);
+        let mut out = vec![];
+        for (req, target) in reqs.iter().zip(targets) {
+            out.push(match target {
+                Err(e) => Err(e),
+                Ok(_) => zs.next().expect("a z per target").and_then(|z| {
+                    let one = std::slice::from_ref(req);
+                    self.memit_from_targets(one, vec![z], hp, plan, laps.clone(), &mut |_| {})
+                }),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The key statistics' factors of `hp.layers`, each checked against the model.
+    fn memit_factors<'s>(
+        &self,
+        hp: &MemitHparams,
+        stats: &'s [KeyStats],
+    ) -> Result<Vec<&'s linalg::CholeskyFactor>> {
         let mut factors = vec![];
         for (s, &l) in stats.iter().zip(&hp.layers) {
             s.check_fits(self, l)?;
             factors.push(s.factor(&self.model.device)?);
         }
-        laps.lap("covariance_factor");
-        let templates = memit_context_templates(self, hp)?;
-        laps.lap("templates");
-        let mut zs = vec![];
-        let mut z_losses = vec![];
-        for (i, (r, t)) in reqs.iter().zip(&targets).enumerate() {
-            progress(&format!("target z for request {}/{}", i + 1, reqs.len()));
-            let (z, losses, _) = self.compute_v(r, &spec, &templates, t)?;
-            zs.push(to_f64(&z)?);
-            z_losses.push(losses);
-        }
-        laps.lap("targets");
+        Ok(factors)
+    }
+
+    /// The edit from the requests' optimised targets: the spread over the layers.
+    fn memit_from_targets(
+        &mut self,
+        reqs: &[RewriteRequest],
+        zs: Vec<ValueOut>,
+        hp: &MemitHparams,
+        (spec, factors, templates): (&ValueSpec, &[&linalg::CholeskyFactor], &[String]),
+        mut laps: Laps,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<MemitEdit> {
+        let z_losses = zs.iter().map(|z| z.losses.clone()).collect();
+        let zs = zs
+            .iter()
+            .map(|z| to_f64(&z.value))
+            .collect::<Result<Vec<_>>>()?;
         let plan = Spread {
             reqs,
             zs: &zs,
-            templates: &templates,
-            spec: &spec,
+            templates,
+            spec,
         };
         let mut changed = AppliedEdit { originals: vec![] };
-        let result = self.memit_spread(hp, &plan, &factors, &mut changed, progress);
+        let result = self.memit_spread(hp, &plan, factors, &mut changed, progress);
         self.undo_edit(changed)?;
         let (layers, z_gap) = result?;
         laps.lap("spread");
@@ -399,7 +477,7 @@ impl LoadedModel {
                     .collect(),
                 z_losses,
                 z_gap,
-                templates,
+                templates: templates.to_vec(),
                 seconds: laps.seconds,
             },
             layers,

@@ -3,6 +3,8 @@
 pub mod delta;
 mod file;
 pub mod ft;
+mod ft_train;
+pub mod hooked;
 pub mod linalg;
 pub mod memit;
 pub mod method;
@@ -13,6 +15,7 @@ pub mod stats;
 
 pub use delta::{delta_norm, AppliedEdit, LayerDelta, WeightChange};
 pub use ft::{FtEdit, FtHparams, FtLayer, FtObjective, FtStats};
+pub use hooked::RowEdits;
 pub use memit::{MemitEdit, MemitHparams, MemitLayer, MemitStats};
 pub use method::EditMethod;
 pub use saved::Edit;

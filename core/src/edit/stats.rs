@@ -114,6 +114,11 @@ impl StatsAccumulator {
         Ok(added)
     }
 
+    /// The tokens `text` adds (its tokens, cut to the maximum length).
+    pub fn text_tokens(&self, lm: &LoadedModel, text: &str) -> Result<usize> {
+        Ok(lm.tokenizer.encode(text)?.len().min(self.max_len))
+    }
+
     /// A text's token count and Σ k kᵀ per layer (f32, on the device), or None for an empty text.
     fn moments(&self, lm: &LoadedModel, text: &str) -> Result<Option<(usize, Vec<Tensor>)>> {
         let mut ids = lm.tokenizer.encode(text)?;

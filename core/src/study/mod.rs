@@ -11,7 +11,7 @@ pub mod sweep;
 
 pub use analysis::{analyze, analyze_window, Condition, LayerMeans, Metric, StudyAnalysis};
 pub use problem::{EditProblem, ProblemCase, SubjectNoise};
-pub use score::{hase_scores, HaseScores, NoisedScoring, ProblemProbs};
+pub use score::{hase_scores, HaseScores, NoisedScoring, ProblemProbs, Scored};
 pub use shard::Shard;
 pub use sweep::{
     default_layers, CaseLine, CaseResult, CaseTrace, EditLine, Quietly, StudyConfig, StudyLine,

@@ -6,9 +6,11 @@ use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::problem::SubjectNoise;
-use crate::edit::Direction;
+use crate::edit::{Direction, Edit, RowEdits};
 use crate::error::{LociError, Result};
 use crate::eval::CounterFactCase;
+use crate::hooks::noise::subject_noise;
+use crate::hooks::{Chain, Patch, Site};
 use crate::loader::LoadedModel;
 use crate::model::LogitsAt;
 use crate::predict::Sampling;
@@ -35,6 +37,19 @@ pub struct NoisedScoring {
     pub samples: usize,
 }
 
+/// The rows `problem_probs` scores for one case: `(prompt, target)` pairs, the subject's span in
+/// the rows that are noised, how many rows (noise draws) each prompt has, and which prompts.
+struct ScoredRows {
+    pairs: Vec<(String, String)>,
+    spans: Vec<(usize, usize, usize)>,
+    groups: Vec<usize>,
+    paraphrase: bool,
+    neighborhood: bool,
+}
+
+/// A case to score, the target scored, and the edit its rows see (hooked), if any.
+pub type Scored<'a> = (&'a CounterFactCase, &'a str, Option<&'a Edit>);
+
 impl LoadedModel {
     /// The probabilities Hase et al. score, as the model is now. With `noised`, prompts that
     /// contain the subject are scored with it corrupted (its span found in each prompt, not
@@ -47,6 +62,70 @@ impl LoadedModel {
         target: &str,
         noised: Option<NoisedScoring>,
     ) -> Result<ProblemProbs> {
+        Ok(self
+            .problem_probs_batch(&[(case, target, None)], noised)?
+            .remove(0))
+    }
+
+    /// [`problem_probs`](Self::problem_probs) of several cases in one batch, each case's rows
+    /// seeing its own edit when it has one, as a hook ([`RowEdits`]: ROME's and MEMIT's edits;
+    /// a dense edit is refused). Each case draws its noise as it would alone.
+    pub fn problem_probs_batch(
+        &self,
+        items: &[Scored],
+        noised: Option<NoisedScoring>,
+    ) -> Result<Vec<ProblemProbs>> {
+        let mut pairs = vec![];
+        let mut noise = Patch::empty(Site::Embed);
+        noise.add = true;
+        let mut row_edit = vec![];
+        let mut edits = vec![];
+        let mut per_case = vec![];
+        for &(case, target, edit) in items {
+            let rows = self.scored_rows(case, target, noised)?;
+            let at = pairs.len();
+            let spans: Vec<_> = rows.spans.iter().map(|&(r, a, b)| (at + r, a, b)).collect();
+            let one = subject_noise(
+                &spans,
+                noised.map(|n| n.noise),
+                self.model.width_on_device(),
+            )?;
+            noise.cells.extend(one.cells);
+            let e = edit.map(|e| {
+                edits.push(e);
+                edits.len() - 1
+            });
+            row_edit.extend(std::iter::repeat_n(e, rows.pairs.len()));
+            pairs.extend(rows.pairs.iter().cloned());
+            per_case.push(rows);
+        }
+        let mut hooked = RowEdits::new(&edits, &row_edit, &self.model.device)?;
+        let scores = self.score_targets_with(&pairs, &mut Chain(vec![&mut noise, &mut hooked]))?;
+        let mut at = 0;
+        let mut out = vec![];
+        for rows in per_case {
+            let mut probs = rows.groups.iter().map(|&g| {
+                let p = scores[at..at + g].iter().map(|s| s.prob).sum::<f32>() / g as f32;
+                at += g;
+                p
+            });
+            let rewrite = probs.next().expect("the rewrite prompt is scored");
+            out.push(ProblemProbs {
+                rewrite,
+                paraphrase: rows.paraphrase.then(|| probs.next()).flatten(),
+                neighborhood: rows.neighborhood.then(|| probs.next()).flatten(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// One case's scored rows.
+    fn scored_rows(
+        &self,
+        case: &CounterFactCase,
+        target: &str,
+        noised: Option<NoisedScoring>,
+    ) -> Result<ScoredRows> {
         let rw = &case.requested_rewrite;
         let mut prompts = vec![(rw.filled(), true)];
         let para = case
@@ -83,23 +162,12 @@ impl LoadedModel {
             }
             groups.push(copies);
         }
-        let mut hook = crate::hooks::noise::subject_noise(
-            &spans,
-            noised.map(|n| n.noise),
-            self.model.width_on_device(),
-        )?;
-        let scores = self.score_targets_with(&pairs, &mut hook)?;
-        let mut at = 0;
-        let mut probs = groups.iter().map(|&g| {
-            let p = scores[at..at + g].iter().map(|s| s.prob).sum::<f32>() / g as f32;
-            at += g;
-            p
-        });
-        let rewrite = probs.next().expect("the rewrite prompt is scored");
-        Ok(ProblemProbs {
-            rewrite,
-            paraphrase: para.and_then(|_| probs.next()),
-            neighborhood: neigh.and_then(|_| probs.next()),
+        Ok(ScoredRows {
+            pairs,
+            spans,
+            groups,
+            paraphrase: para.is_some(),
+            neighborhood: neigh.is_some(),
         })
     }
 
@@ -129,20 +197,38 @@ impl LoadedModel {
 
     /// The mean over `texts` of each one's perplexity (its first `max_len` tokens).
     pub fn perplexity(&self, texts: &[String], max_len: usize) -> Result<f32> {
-        if texts.is_empty() {
-            return Err(LociError::input("no texts to score"));
-        }
-        let mut rows: Vec<Vec<u32>> = texts
-            .iter()
-            .map(|t| {
+        Ok(self.perplexity_batch(&[(texts, None)], max_len)?.remove(0))
+    }
+
+    /// [`perplexity`](Self::perplexity) of several sets of texts in one batch, each set's rows
+    /// seeing its own edit when it has one (hooked, as in
+    /// [`problem_probs_batch`](Self::problem_probs_batch)).
+    pub fn perplexity_batch(
+        &self,
+        sets: &[(&[String], Option<&Edit>)],
+        max_len: usize,
+    ) -> Result<Vec<f32>> {
+        let mut rows: Vec<Vec<u32>> = vec![];
+        let mut row_edit = vec![];
+        let mut edits = vec![];
+        for &(texts, edit) in sets {
+            if texts.is_empty() {
+                return Err(LociError::input("no texts to score"));
+            }
+            let e = edit.map(|e| {
+                edits.push(e);
+                edits.len() - 1
+            });
+            for t in texts {
                 let mut ids = self.tokenizer.encode(t)?;
                 ids.truncate(max_len.min(self.model.cfg.max_positions).max(2));
                 if ids.len() < 2 {
                     return Err(LociError::input(format!("{t:?} is too short to score")));
                 }
-                Ok(ids)
-            })
-            .collect::<Result<_>>()?;
+                rows.push(ids);
+                row_edit.push(e);
+            }
+        }
         let lens: Vec<usize> = rows.iter().map(Vec::len).collect();
         let t = *lens.iter().max().expect("texts");
         let pad = self.tokenizer.eos.unwrap_or(0);
@@ -153,11 +239,12 @@ impl LoadedModel {
             next.push(pad);
             r.resize(t, pad);
         }
+        let mut hooked = RowEdits::new(&edits, &row_edit, &self.model.device)?;
         let logits = self
             .model
             .run(
                 &self.model.ids_tensor(&rows)?,
-                &mut crate::hooks::NoHook,
+                &mut hooked,
                 None,
                 LogitsAt::All,
             )?
@@ -165,17 +252,22 @@ impl LoadedModel {
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let next = Tensor::from_vec(next, (rows.len(), t, 1), logp.device())?;
         let picked = logp.gather(&next, 2)?.squeeze(2)?.to_vec2::<f32>()?;
-        let mut total = 0.0;
-        for (row, &n) in picked.iter().zip(&lens) {
-            let nll = -row[..n - 1].iter().map(|&x| x as f64).sum::<f64>() / (n - 1) as f64;
-            if !nll.is_finite() {
-                return Err(LociError::model(
-                    "the model produced NaN or infinite values",
-                ));
+        let mut out = vec![];
+        let mut row = picked.iter().zip(&lens);
+        for &(texts, _) in sets {
+            let mut total = 0.0;
+            for (r, &n) in row.by_ref().take(texts.len()) {
+                let nll = -r[..n - 1].iter().map(|&x| x as f64).sum::<f64>() / (n - 1) as f64;
+                if !nll.is_finite() {
+                    return Err(LociError::model(
+                        "the model produced NaN or infinite values",
+                    ));
+                }
+                total += nll.exp();
             }
-            total += nll.exp();
+            out.push((total / texts.len() as f64) as f32);
         }
-        Ok((total / texts.len() as f64) as f32)
+        Ok(out)
     }
 }
 

@@ -5,8 +5,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::problem::{EditProblem, ProblemCase, SubjectNoise};
-use super::score::{essence_score, hase_scores, HaseScores, NoisedScoring, ProblemProbs};
-use crate::edit::{Edit, FtHparams, KeyStats, MemitHparams, RomeHparams};
+use super::score::{essence_score, hase_scores, HaseScores, NoisedScoring, ProblemProbs, Scored};
+use crate::edit::{Edit, FtHparams, KeyStats, MemitHparams, RomeHparams, RowEdits};
 use crate::error::{LociError, Result};
 use crate::eval::CounterFactCase;
 use crate::loader::LoadedModel;
@@ -175,17 +175,18 @@ impl StudyConfig {
         out
     }
 
-    /// The edit computed for `method` at `central` for `problem` (the overrides of
-    /// docs/study.md#methods-and-the-layer-sweep).
-    fn edit(
+    /// The edits computed for `method` at `central` for `problem` of each request (the
+    /// overrides of docs/study.md#methods-and-the-layer-sweep), all the requests at once: ROME's
+    /// v* and MEMIT's z optimised in one batch, fine-tuning's steps trained in one batch. One
+    /// result per request; the outer error is the batch's.
+    pub fn edits(
         &self,
         lm: &mut LoadedModel,
-        method: StudyMethod,
-        problem: EditProblem,
+        (method, problem): (StudyMethod, EditProblem),
         layers: &[usize],
-        request: &crate::edit::RewriteRequest,
+        requests: &[crate::edit::RewriteRequest],
         stats: &[KeyStats],
-    ) -> Result<Edit> {
+    ) -> Result<Vec<Result<Edit>>> {
         let goal = problem.goal(self.noise);
         Ok(match method {
             StudyMethod::Rome => {
@@ -196,14 +197,14 @@ impl StudyConfig {
                     hp.v_num_grad_steps = 25;
                 }
                 hp.goal = goal;
-                Edit::Rome(lm.rome(request, &hp, stats.first())?)
+                into_edits(lm.rome_batch(requests, &hp, stats.first())?, Edit::Rome)
             }
             StudyMethod::Memit => {
                 let mut hp = self.memit.clone();
                 hp.layers = layers.to_vec();
                 hp.v_lr = 0.5;
                 hp.goal = goal;
-                Edit::Memit(lm.memit(std::slice::from_ref(request), &hp, stats, &mut |_| {})?)
+                into_edits(lm.memit_batch(requests, &hp, stats)?, Edit::Memit)
             }
             StudyMethod::Ft1 | StudyMethod::Ft5 => {
                 let mut hp = self.ft.clone();
@@ -212,10 +213,32 @@ impl StudyConfig {
                 if problem.noised() {
                     hp.steps = 50;
                 }
-                Edit::Ft(lm.finetune(request, &hp)?)
+                into_edits(lm.finetune_batch(requests, &hp)?, Edit::Ft)
             }
         })
     }
+}
+
+/// Notes an edit's probabilities after it, its scores and its essence drift in `e`.
+fn note_scores(
+    run: &CaseRun,
+    pre: &ProblemProbs,
+    post: ProblemProbs,
+    ppl: Option<f32>,
+    e: &mut EditLine,
+) {
+    e.scores = hase_scores(pre, &post, e.problem.direction());
+    e.post = post;
+    e.essence_ppl_post = ppl;
+    e.essence_score = run
+        .essence
+        .zip(ppl)
+        .map(|((_, before), after)| essence_score(*before, after));
+}
+
+/// Each method's results as edits.
+fn into_edits<T>(made: Vec<Result<T>>, edit: fn(T) -> Edit) -> Vec<Result<Edit>> {
+    made.into_iter().map(|e| e.map(edit)).collect()
 }
 
 /// A case's per-layer tracing effects at one window.
@@ -461,14 +484,73 @@ impl LoadedModel {
         stats: &mut StatsFor,
         obs: &mut dyn StudyObserver,
     ) -> Result<CaseResult> {
+        Ok(self.study_cases(&[case], cfg, stats, obs)?.remove(0))
+    }
+
+    /// [`study_case`](Self::study_case) of several cases at once, with the same results (within
+    /// float rounding): each (method, problem, layer) cell's ROME and MEMIT edits of all the
+    /// cases are computed together, their v* optimised in one batch, then each is applied,
+    /// scored and undone. A case's edits run in the order `study_case` runs them; `obs` sees
+    /// the cases as they are traced, then the edits cell by cell.
+    pub fn study_cases(
+        &mut self,
+        cases: &[&CounterFactCase],
+        cfg: &StudyConfig,
+        stats: &mut StatsFor,
+        obs: &mut dyn StudyObserver,
+    ) -> Result<Vec<CaseResult>> {
         cfg.validate(self.model.n_layer())?;
+        let mut lines = vec![];
+        let mut kept = vec![];
+        for &case in cases {
+            let (line, prepared) = self.prepare_case(case, cfg)?;
+            obs.on_case(&line);
+            if let Some((trace, essence)) = prepared {
+                kept.push((lines.len(), case, trace, essence));
+            }
+            lines.push(line);
+        }
+        let runs: Vec<CaseRun> = kept
+            .iter()
+            .map(|(_, case, trace, essence)| CaseRun {
+                case,
+                cfg,
+                trace,
+                essence: essence.as_ref(),
+                noise: SubjectNoise {
+                    sigma: cfg.noise,
+                    seed: cfg.seed,
+                },
+            })
+            .collect();
+        let mut edits: Vec<Vec<EditLine>> = vec![vec![]; runs.len()];
+        if !runs.is_empty() {
+            for &problem in &cfg.problems {
+                self.problem_edits(&runs, problem, stats, obs, &mut edits)?;
+            }
+        }
+        let mut edits_of: Vec<Vec<EditLine>> = vec![vec![]; lines.len()];
+        for ((i, ..), e) in kept.iter().zip(edits) {
+            edits_of[*i] = e;
+        }
+        Ok(lines
+            .into_iter()
+            .zip(edits_of)
+            .map(|(case, edits)| CaseResult { case, edits })
+            .collect())
+    }
+
+    /// A case's line, and unless it is skipped, its trace and its essence texts with their
+    /// perplexity (when measured).
+    #[allow(clippy::type_complexity)]
+    fn prepare_case(
+        &self,
+        case: &CounterFactCase,
+        cfg: &StudyConfig,
+    ) -> Result<(CaseLine, Option<(CaseTrace, Option<(Vec<String>, f32)>)>)> {
         let mut line = self.case_line(case, cfg)?;
         if line.skipped.is_some() {
-            obs.on_case(&line);
-            return Ok(CaseResult {
-                case: line,
-                edits: vec![],
-            });
+            return Ok((line, None));
         }
         let trace = self.case_trace(case, &line.target_true, cfg)?;
         let essence = if cfg.essence {
@@ -481,22 +563,7 @@ impl LoadedModel {
             None
         };
         line.trace = Some(trace.clone());
-        obs.on_case(&line);
-        let run = CaseRun {
-            case,
-            cfg,
-            trace: &trace,
-            essence: essence.as_ref(),
-            noise: SubjectNoise {
-                sigma: cfg.noise,
-                seed: cfg.seed,
-            },
-        };
-        let mut edits = vec![];
-        for &problem in &cfg.problems {
-            self.problem_edits(&run, problem, stats, obs, &mut edits)?;
-        }
-        Ok(CaseResult { case: line, edits })
+        Ok((line, Some((trace, essence))))
     }
 
     /// The case's line before tracing: the true object's probability, whether the model's
@@ -571,87 +638,198 @@ impl LoadedModel {
         Ok(trace)
     }
 
-    /// Every (method, layer) edit of one problem, appended to `edits` as `obs` sees them. A case
-    /// this problem cannot pose (the noised model says nothing, a prompt without room for the
-    /// target…) gets its edits' lines with the reason, not the run's end.
+    /// Every (method, layer) edit of one problem for every case (at least one), appended to each case's
+    /// `edits` as `obs` sees them. A case this problem cannot pose (the noised model says
+    /// nothing, a prompt without room for the target…) gets its edits' lines with the reason,
+    /// not the run's end.
     fn problem_edits(
         &mut self,
-        run: &CaseRun,
+        runs: &[CaseRun],
         problem: EditProblem,
         stats: &mut StatsFor,
         obs: &mut dyn StudyObserver,
-        edits: &mut Vec<EditLine>,
+        edits: &mut [Vec<EditLine>],
     ) -> Result<()> {
-        let (case, cfg) = (run.case, run.cfg);
-        let n_layer = self.model.n_layer();
-        let scoring = run.scoring(problem);
-        let posed = self.problem_case(case, problem, run.noise).and_then(|pc| {
-            let pre = self.problem_probs(case, pc.target(), scoring)?;
-            Ok((pc, pre))
-        });
-        let posed = match posed {
-            Err(LociError::Cancelled) => return Err(LociError::Cancelled),
-            other => other,
-        };
-        for &method in &cfg.methods {
-            for &central in &cfg.layers {
-                let mut e = EditLine::unscored(case.case_id, method, problem, central, n_layer);
-                e.note_trace(run.trace);
-                match &posed {
-                    Ok((pc, pre)) => self.edit_and_score(run, pc, pre, stats, &mut e)?,
-                    Err(err) => e.error = Some(err.to_string()),
+        let mut posed = vec![];
+        for run in runs {
+            let p = self
+                .problem_case(run.case, problem, run.noise)
+                .and_then(|pc| {
+                    let pre = self.problem_probs(run.case, pc.target(), run.scoring(problem))?;
+                    Ok((pc, pre))
+                });
+            if let Err(LociError::Cancelled) = p {
+                return Err(LociError::Cancelled);
+            }
+            posed.push(p);
+        }
+        for &method in &runs[0].cfg.methods {
+            for &central in &runs[0].cfg.layers {
+                let cell = Cell {
+                    method,
+                    problem,
+                    central,
+                };
+                let lines = self.cell_edits(runs, &posed, cell, stats)?;
+                for (e, case_edits) in lines.into_iter().zip(edits.iter_mut()) {
+                    if !obs.on_edit(&e) {
+                        return Err(LociError::Cancelled);
+                    }
+                    case_edits.push(e);
                 }
-                if !obs.on_edit(&e) {
-                    return Err(LociError::Cancelled);
-                }
-                edits.push(e);
             }
         }
         Ok(())
     }
 
-    /// One edit of the sweep: made at `e`'s method and layer, applied, scored and undone. An
-    /// edit that cannot be made (a diverged optimisation, a request this method refuses) is a
-    /// result of the sweep, noted in `e`, not its end.
-    fn edit_and_score(
+    /// One cell of the sweep for every case: the edits made together, then each applied,
+    /// scored and undone. An edit that cannot be made (a diverged optimisation, a request this
+    /// method refuses) is a result of the sweep, noted in its line, not its end. Each line's
+    /// seconds are its share of the batch's computation plus its own scoring.
+    fn cell_edits(
         &mut self,
-        run: &CaseRun,
-        pc: &ProblemCase,
-        pre: &ProblemProbs,
+        runs: &[CaseRun],
+        posed: &[Result<(ProblemCase, ProblemProbs)>],
+        cell: Cell,
         stats: &mut StatsFor,
-        e: &mut EditLine,
-    ) -> Result<()> {
+    ) -> Result<Vec<EditLine>> {
+        let n_layer = self.model.n_layer();
+        let Cell {
+            method,
+            problem,
+            central,
+        } = cell;
+        let mut lines: Vec<EditLine> = runs
+            .iter()
+            .map(|run| {
+                let mut e = EditLine::unscored(run.case.case_id, method, problem, central, n_layer);
+                e.note_trace(run.trace);
+                e
+            })
+            .collect();
+        let ok: Vec<usize> = (0..runs.len()).filter(|&i| posed[i].is_ok()).collect();
+        for (e, p) in lines.iter_mut().zip(posed) {
+            match p {
+                Ok((pc, pre)) => {
+                    e.target = pc.target().to_string();
+                    e.pre = pre.clone();
+                }
+                Err(err) => e.error = Some(err.to_string()),
+            }
+        }
+        if ok.is_empty() {
+            return Ok(lines);
+        }
         let started = crate::clock::now_seconds();
-        let (method, problem) = (e.method, e.problem);
-        let layers = method.layers(e.layer, self.model.n_layer());
-        let st = if method.needs_stats() {
+        let made = self.cell_batch(runs[0].cfg, cell, &ok, posed, stats);
+        let share = (crate::clock::now_seconds() - started) / ok.len() as f64;
+        let made = match made {
+            Err(LociError::Cancelled) => return Err(LociError::Cancelled),
+            Err(err) => ok.iter().map(|_| Err(err.to_string())).collect(),
+            Ok(v) => v
+                .into_iter()
+                .map(|r| r.map_err(|e| e.to_string()))
+                .collect::<Vec<_>>(),
+        };
+        // ROME's and MEMIT's edits are scored together, each as a hook on its own rows; the
+        // others (fine-tuning's dense changes) applied, scored and undone one by one.
+        let mut hooked = vec![];
+        for (&i, edit) in ok.iter().zip(made) {
+            match edit {
+                Err(err) => lines[i].error = Some(err),
+                Ok(edit) if RowEdits::can_hook(&edit) => hooked.push((i, edit)),
+                Ok(edit) => {
+                    let started = crate::clock::now_seconds();
+                    let (pc, pre) = posed[i].as_ref().expect("posed");
+                    self.score_edit(&runs[i], pc, pre, &edit, &mut lines[i])?;
+                    lines[i].seconds = share + crate::clock::now_seconds() - started;
+                }
+            }
+        }
+        if !hooked.is_empty() {
+            let started = crate::clock::now_seconds();
+            let scored = self.score_hooked(runs, posed, problem, &hooked)?;
+            let each = (crate::clock::now_seconds() - started) / hooked.len() as f64;
+            for ((i, _), (post, ppl)) in hooked.iter().zip(scored) {
+                let (_, pre) = posed[*i].as_ref().expect("posed");
+                note_scores(&runs[*i], pre, post, ppl, &mut lines[*i]);
+                lines[*i].seconds = share + each;
+            }
+        }
+        Ok(lines)
+    }
+
+    /// The probabilities (and essence perplexities) of hookable edits, each case's rows seeing
+    /// its own edit, in one batch.
+    fn score_hooked(
+        &self,
+        runs: &[CaseRun],
+        posed: &[Result<(ProblemCase, ProblemProbs)>],
+        problem: EditProblem,
+        hooked: &[(usize, Edit)],
+    ) -> Result<Vec<(ProblemProbs, Option<f32>)>> {
+        let items: Vec<Scored> = hooked
+            .iter()
+            .map(|(i, edit)| {
+                let (pc, _) = posed[*i].as_ref().expect("posed");
+                (runs[*i].case, pc.target(), Some(edit))
+            })
+            .collect();
+        let post = self.problem_probs_batch(&items, runs[0].scoring(problem))?;
+        let ppl: Vec<Option<f32>> = if runs[0].essence.is_some() {
+            let sets: Vec<(&[String], Option<&Edit>)> = hooked
+                .iter()
+                .map(|(i, edit)| {
+                    let (texts, _) = runs[*i].essence.expect("essence measured");
+                    (texts.as_slice(), Some(edit))
+                })
+                .collect();
+            self.perplexity_batch(&sets, ESSENCE_LEN)?
+                .into_iter()
+                .map(Some)
+                .collect()
+        } else {
+            vec![None; hooked.len()]
+        };
+        Ok(post.into_iter().zip(ppl).collect())
+    }
+
+    /// The edits of the cases `ok` (posed) at `cell`, computed together.
+    fn cell_batch(
+        &mut self,
+        cfg: &StudyConfig,
+        cell: Cell,
+        ok: &[usize],
+        posed: &[Result<(ProblemCase, ProblemProbs)>],
+        stats: &mut StatsFor,
+    ) -> Result<Vec<Result<Edit>>> {
+        let layers = cell.method.layers(cell.central, self.model.n_layer());
+        let st = if cell.method.needs_stats() {
             stats(self, &layers)?
         } else {
             vec![]
         };
-        e.target = pc.target().to_string();
-        e.pre = pre.clone();
-        match run
-            .cfg
-            .edit(self, method, problem, &layers, &pc.request, &st)
-        {
-            Err(LociError::Cancelled) => return Err(LociError::Cancelled),
-            Err(err) => e.error = Some(err.to_string()),
-            Ok(edit) => {
-                let applied = self.apply(&edit)?;
-                let scored = self.score_edited(run, pc, problem);
-                self.undo_edit(applied)?;
-                let (post, ppl) = scored?;
-                e.scores = hase_scores(pre, &post, problem.direction());
-                e.post = post;
-                e.essence_ppl_post = ppl;
-                e.essence_score = run
-                    .essence
-                    .zip(ppl)
-                    .map(|((_, before), after)| essence_score(*before, after));
-            }
-        }
-        e.seconds = crate::clock::now_seconds() - started;
+        let requests: Vec<_> = ok
+            .iter()
+            .map(|&i| posed[i].as_ref().expect("posed").0.request.clone())
+            .collect();
+        cfg.edits(self, (cell.method, cell.problem), &layers, &requests, &st)
+    }
+
+    /// Applies an edit, scores it and undoes it, noting the scores in `e`.
+    fn score_edit(
+        &mut self,
+        run: &CaseRun,
+        pc: &ProblemCase,
+        pre: &ProblemProbs,
+        edit: &Edit,
+        e: &mut EditLine,
+    ) -> Result<()> {
+        let applied = self.apply(edit)?;
+        let scored = self.score_edited(run, pc, e.problem);
+        self.undo_edit(applied)?;
+        let (post, ppl) = scored?;
+        note_scores(run, pre, post, ppl, e);
         Ok(())
     }
 
@@ -669,6 +847,14 @@ impl LoadedModel {
         };
         Ok((post, ppl))
     }
+}
+
+/// One cell of the sweep: a method at a central layer, for a problem.
+#[derive(Clone, Copy)]
+struct Cell {
+    method: StudyMethod,
+    problem: EditProblem,
+    central: usize,
 }
 
 /// What every edit of one case shares: the case, the settings, its trace, the essence texts and

@@ -8,6 +8,7 @@
 
 mod hparams;
 mod key;
+mod optimise;
 mod step;
 mod templates;
 mod update;
@@ -17,6 +18,7 @@ pub(crate) use hparams::ValueSpec;
 pub use hparams::{KeyMode, RomeHparams};
 pub use templates::context_templates;
 pub use update::{RomeEdit, RomeStats};
+pub(crate) use value::{ValueCase, ValueOut};
 
 use candle_core::{DType, Tensor};
 
@@ -29,6 +31,13 @@ use crate::hooks::Site;
 use crate::loader::LoadedModel;
 use crate::request::{spaced, RewriteRequest};
 
+/// A request's edit up to its value: its target's tokens, its key k* and its direction u.
+struct Keyed {
+    target: Vec<u32>,
+    k_star: Tensor,
+    u: Vec<f32>,
+}
+
 impl LoadedModel {
     /// Computes a ROME edit (does not apply it). `stats` is needed with `mom2_adjustment`.
     pub fn rome(
@@ -38,18 +47,25 @@ impl LoadedModel {
         stats: Option<&KeyStats>,
     ) -> Result<RomeEdit> {
         req.validate()?;
+        self.rome_batch(std::slice::from_ref(req), hp, stats)?
+            .remove(0)
+    }
+
+    /// ROME edits of many independent requests at `hp`'s layer, each the edit `rome` makes of
+    /// it alone (within float rounding), their v* optimised together: one batched pass per
+    /// step, each request with its own δ and its own stop. One result per request, in order (a
+    /// request ROME refuses fails alone); the outer error is the batch's (layer, statistics).
+    pub fn rome_batch(
+        &self,
+        reqs: &[RewriteRequest],
+        hp: &RomeHparams,
+        stats: Option<&KeyStats>,
+    ) -> Result<Vec<Result<RomeEdit>>> {
         let l = hp.layer;
         if l >= self.model.n_layer() {
             return Err(LociError::input(format!(
                 "layer {l} out of range (the model has {} layers)",
                 self.model.n_layer()
-            )));
-        }
-        let target_ids = self.tokenizer.encode_plain(&spaced(&req.target_new.str))?;
-        if target_ids.is_empty() {
-            return Err(LociError::input(format!(
-                "the target {:?} tokenizes to nothing",
-                req.target_new.str
             )));
         }
         let mut laps = Laps::start();
@@ -58,29 +74,89 @@ impl LoadedModel {
         laps.lap("covariance_factor");
         let templates = context_templates(self, hp)?;
         laps.lap("templates");
-        let k_star = self.rome_key(req, hp, &templates)?;
-        let u = update_direction(&k_star, factor)?;
+        let keyed: Vec<Result<Keyed>> = reqs
+            .iter()
+            .map(|r| self.rome_keyed(r, hp, &templates, factor))
+            .collect();
         laps.lap("key");
-        let (v_star, losses, delta_norm) =
-            self.compute_v(req, &hp.value_spec(), &templates, &target_ids)?;
+        let cases: Vec<(usize, ValueCase)> = keyed
+            .iter()
+            .enumerate()
+            .filter_map(|(i, k)| {
+                let k = k.as_ref().ok()?;
+                Some((
+                    i,
+                    ValueCase {
+                        req: &reqs[i],
+                        target: &k.target,
+                    },
+                ))
+            })
+            .collect();
+        let only: Vec<ValueCase> = cases.iter().map(|&(_, c)| c).collect();
+        let mut values = self
+            .compute_values(&only, &hp.value_spec(), &templates)?
+            .into_iter();
         laps.lap("value");
+        let mut out = vec![];
+        for (req, k) in reqs.iter().zip(keyed) {
+            out.push(k.and_then(|k| {
+                let v = values.next().expect("a value per keyed request")?;
+                self.rome_finish(req, hp, &templates, k, v, laps.clone())
+            }));
+        }
+        Ok(out)
+    }
+
+    /// A request's target tokens, key k* and direction u (refused: an invalid request, a target
+    /// that tokenizes to nothing).
+    fn rome_keyed(
+        &self,
+        req: &RewriteRequest,
+        hp: &RomeHparams,
+        templates: &[String],
+        factor: Option<&CholeskyFactor>,
+    ) -> Result<Keyed> {
+        req.validate()?;
+        let target = self.tokenizer.encode_plain(&spaced(&req.target_new.str))?;
+        if target.is_empty() {
+            return Err(LociError::input(format!(
+                "the target {:?} tokenizes to nothing",
+                req.target_new.str
+            )));
+        }
+        let k_star = self.rome_key(req, hp, templates)?;
+        let u = update_direction(&k_star, factor)?;
+        Ok(Keyed { target, k_star, u })
+    }
+
+    /// The edit from a request's key and optimised value: the rank-one update.
+    fn rome_finish(
+        &self,
+        req: &RewriteRequest,
+        hp: &RomeHparams,
+        templates: &[String],
+        k: Keyed,
+        v: ValueOut,
+        mut laps: Laps,
+    ) -> Result<RomeEdit> {
         let key = match hp.key_mode {
-            KeyMode::Rrome => k_star,
+            KeyMode::Rrome => k.k_star,
             KeyMode::Original => self.rome_key(req, hp, &["{}".to_string()])?,
         };
-        let target_value = v_star.to_vec1::<f32>()?;
-        let (right, division) = self.rank_one(l, &key, &u, v_star, &mut laps)?;
+        let target_value = v.value.to_vec1::<f32>()?;
+        let (right, division) = self.rank_one(hp.layer, &key, &k.u, v.value, &mut laps)?;
         Ok(RomeEdit {
-            layer: l,
-            left: u,
+            layer: hp.layer,
+            left: k.u,
             right,
             request: req.clone(),
             hparams: hp.clone(),
             stats: RomeStats {
-                losses,
-                delta_norm,
+                losses: v.losses,
+                delta_norm: v.delta_norm,
                 division_factor: division,
-                templates,
+                templates: templates.to_vec(),
                 target_value,
                 seconds: laps.seconds,
             },

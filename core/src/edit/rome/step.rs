@@ -1,69 +1,178 @@
 //! One step of the v* optimisation, for a group of rows: the forward pass from the edited layer
-//! up with δ added at each row's subject-last token, and the group's share of the loss.
+//! up with each request's δ added at its rows' subject-last tokens, and the group's share of
+//! every request's loss.
 
 use candle_core::{DType, IndexOp, Tensor, D};
 
 use super::key::gather;
+use super::value::{Prefix, ValueRows};
 use crate::error::{LociError, Result};
 use crate::hooks::{FnHook, Site};
 use crate::loader::LoadedModel;
 use crate::model::layers::LayerCache;
 
-/// The rows of v*'s batch that one thread runs: a contiguous slice of every per-row tensor.
+/// The rows of v*'s batch that one thread runs, taken from the rows of the requests still
+/// optimising. Requests are named by their place among those (`slot`), which is their row of
+/// the stacked δ.
 pub(super) struct ValueGroup {
-    pub(super) first_row: bool,
-    pub(super) resid_in: Tensor,
-    pub(super) caches: Vec<LayerCache>,
-    pub(super) mask: Tensor,
-    pub(super) labels: Tensor,
-    pub(super) n_labels: usize,
-    /// Label cells (row within the group, suffix position), then the KL cell when `kl`.
-    pub(super) cells: Vec<(usize, usize)>,
-    pub(super) kl: bool,
+    resid_in: Tensor,
+    caches: Vec<LayerCache>,
+    mask: Tensor,
+    /// Each row's slot, `[rows]`: picks its δ.
+    slot_of_row: Tensor,
+    /// `(row, slot)` of the rows whose value before δ is read (each request's first row).
+    first_rows: Vec<(usize, usize)>,
+    /// Label cells (group row, suffix position), then one KL cell per `kl_slots`.
+    cells: Vec<(usize, usize)>,
+    labels: Tensor,
+    /// Each label's slot.
+    pub(super) label_slots: Vec<usize>,
+    /// The slots whose KL row is in this group.
+    pub(super) kl_slots: Vec<usize>,
 }
 
-/// What one group's forward pass gives: its part of the loss (a graph to differentiate) and
+/// What one group's forward pass gives: its parts of the losses (graphs to differentiate) and
 /// the read-outs the optimisation keeps from the first step.
 pub(super) struct GroupOut {
-    /// The group's share of the mean NLL (a graph).
-    pub(super) nll: Tensor,
-    pub(super) nll_value: f32,
-    /// The KL term, scaled, when the group holds the KL row (a graph).
+    /// Each label's NLL, `[labels]` (a graph), when the group has labels.
+    pub(super) nll: Option<Tensor>,
+    pub(super) nll_values: Vec<f32>,
+    /// Σ p·(log p − log p₀) of each KL row, times the KL factor, `[kl rows]` (a graph).
     pub(super) kl: Option<Tensor>,
-    pub(super) kl_value: f32,
-    /// The optimised site's activation at row 0's subject-last token, before δ.
-    pub(super) value_at_row0: Option<Tensor>,
+    pub(super) kl_values: Vec<f32>,
+    /// The KL rows' log-probabilities, `[kl rows, vocab]`.
     pub(super) kl_logp: Option<Tensor>,
+    /// `(slot, the site's activation at the request's first row before δ)`, when asked.
+    pub(super) values_before: Vec<(usize, Tensor)>,
+}
+
+/// Splits the rows of the requests `active` (batch indices, in order; slot = place in it) into
+/// contiguous groups, one per worker thread (threaded kernels barely use two cores on matrices
+/// this small).
+pub(super) fn value_groups(
+    lm: &LoadedModel,
+    r: &ValueRows,
+    p: &Prefix,
+    active: &[usize],
+) -> Result<Vec<ValueGroup>> {
+    let mut slot_of_case = vec![None; r.cases()];
+    for (slot, &c) in active.iter().enumerate() {
+        slot_of_case[c] = Some(slot);
+    }
+    let rows: Vec<usize> = (0..r.rows())
+        .filter(|&i| slot_of_case[r.case_of_row[i]].is_some())
+        .collect();
+    let n_groups = crate::threads::workers().clamp(1, rows.len().max(1));
+    let per = rows.len().div_ceil(n_groups);
+    rows.chunks(per)
+        .map(|mine| group(lm, r, p, mine, &slot_of_case))
+        .collect()
+}
+
+/// The group of batch rows `mine`.
+fn group(
+    lm: &LoadedModel,
+    r: &ValueRows,
+    p: &Prefix,
+    mine: &[usize],
+    slot_of_case: &[Option<usize>],
+) -> Result<ValueGroup> {
+    let dev = &lm.model.device;
+    let local = |row: usize| mine.iter().position(|&x| x == row);
+    let slot = |row: usize| slot_of_case[r.case_of_row[row]].expect("an active row");
+    let idx = Tensor::new(
+        mine.iter()
+            .map(|&i| i as u32)
+            .collect::<Vec<_>>()
+            .as_slice(),
+        dev,
+    )?;
+    let pick = |x: &Option<Tensor>| -> Result<Option<Tensor>> {
+        Ok(match x {
+            Some(x) => Some(x.index_select(&idx, 0)?),
+            None => None,
+        })
+    };
+    let caches = p
+        .caches
+        .iter()
+        .map(|c| {
+            Ok(LayerCache {
+                k: pick(&c.k)?,
+                v: pick(&c.v)?,
+                row_starts: Some(mine.iter().map(|&i| r.starts[i]).collect()),
+                key_mask: pick(&c.key_mask)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut cells = vec![];
+    let mut labels = vec![];
+    let mut label_slots = vec![];
+    for ((&(row, pos), &lab), _) in r.cells.iter().zip(&r.labels).zip(&r.label_case) {
+        if let Some(g) = local(row) {
+            cells.push((g, pos));
+            labels.push(lab);
+            label_slots.push(slot(row));
+        }
+    }
+    let mut kl_slots = vec![];
+    for &row in r.kl_row.iter() {
+        if let (Some(g), true) = (local(row), slot_of_case[r.case_of_row[row]].is_some()) {
+            cells.push((g, 0));
+            kl_slots.push(slot(row));
+        }
+    }
+    let first_rows = r
+        .first_row
+        .iter()
+        .filter_map(|&row| Some((local(row)?, slot_of_case[r.case_of_row[row]]?)))
+        .collect();
+    let slots: Vec<u32> = mine.iter().map(|&i| slot(i) as u32).collect();
+    Ok(ValueGroup {
+        resid_in: p.resid_in.index_select(&idx, 0)?,
+        caches,
+        mask: p.mask.index_select(&idx, 0)?,
+        slot_of_row: Tensor::new(slots.as_slice(), dev)?,
+        first_rows,
+        cells,
+        labels: Tensor::new(labels.as_slice(), dev)?.unsqueeze(1)?,
+        label_slots,
+        kl_slots,
+    })
 }
 
 /// The state one v* step shares with every group.
 pub(super) struct ValueStep<'a> {
     pub(super) lm: &'a LoadedModel,
     pub(super) site: Site,
+    /// The active requests' δ, `[slots, d]`.
     pub(super) delta: &'a Tensor,
-    pub(super) n_labels_total: usize,
-    pub(super) kl_init: Option<&'a Tensor>,
+    /// Each slot's KL log-probabilities at the first step (`None` at the first step).
+    pub(super) kl_init: Option<&'a [Tensor]>,
     pub(super) kl_factor: f64,
+    /// Read each request's value before δ (the first step).
+    pub(super) read_values: bool,
 }
 
 impl ValueStep<'_> {
-    /// The group's rows from the site's layer up with δ added at the site at each row's
-    /// subject-last token: Σ NLL / (all labels) + the KL term when the group holds the KL row.
+    /// The group's rows from the site's layer up with each row's δ added at the site at its
+    /// subject-last token: each label's NLL and each KL row's term.
     pub(super) fn forward(&self, g: &ValueGroup) -> Result<GroupOut> {
         let m = &self.lm.model;
-        let (site, d) = (self.site, m.cfg.d_model);
+        let site = self.site;
         let l = site.layer().expect("v* sites are in a layer");
-        let mut value_at_row0: Option<Tensor> = None;
+        let mut values_before = vec![];
+        let row_deltas = self.delta.index_select(&g.slot_of_row, 0)?.unsqueeze(1)?;
         let mut hook = FnHook(|s: Site, x: &Tensor| -> Result<Option<Tensor>> {
             if s != site {
                 return Ok(None);
             }
-            if g.first_row && value_at_row0.is_none() {
-                value_at_row0 = Some(x.i((0, 0))?.to_dtype(DType::F32)?.detach());
+            if self.read_values && values_before.is_empty() {
+                for &(row, slot) in &g.first_rows {
+                    values_before.push((slot, x.i((row, 0))?.to_dtype(DType::F32)?.detach()));
+                }
             }
-            let add = g
-                .mask
-                .broadcast_mul(&self.delta.to_dtype(x.dtype())?.reshape((1, 1, d))?)?;
+            let add = g.mask.broadcast_mul(&row_deltas.to_dtype(x.dtype())?)?;
             Ok(Some((x + add)?))
         });
         let mut caches = g.caches.clone();
@@ -78,36 +187,44 @@ impl ValueStep<'_> {
             .ok_or_else(|| LociError::input("forward pass stopped early"))?;
         let logp =
             candle_nn::ops::log_softmax(&m.final_logits(&gather(&x, &g.cells)?)?, D::Minus1)?;
-        let nll = (logp
-            .narrow(0, 0, g.n_labels)?
-            .gather(&g.labels, 1)?
-            .neg()?
-            .sum_all()?
-            / self.n_labels_total as f64)?;
-        let mut kl_logp = None;
-        let mut kl = None;
-        if g.kl {
-            let cur = logp.narrow(0, g.n_labels, 1)?;
-            let init = self.kl_init.cloned().unwrap_or_else(|| cur.detach());
-            kl = Some(((cur.exp()? * (&cur - &init)?)?.sum_all()? * self.kl_factor)?);
+        let n_labels = g.label_slots.len();
+        let nll = match n_labels {
+            0 => None,
+            n => Some(
+                logp.narrow(0, 0, n)?
+                    .gather(&g.labels, 1)?
+                    .neg()?
+                    .squeeze(1)?,
+            ),
+        };
+        let (mut kl, mut kl_logp) = (None, None);
+        if !g.kl_slots.is_empty() {
+            let cur = logp.narrow(0, n_labels, g.kl_slots.len())?;
+            let init = match self.kl_init {
+                Some(all) => {
+                    let mine: Vec<Tensor> = g.kl_slots.iter().map(|&s| all[s].clone()).collect();
+                    Tensor::cat(&mine, 0)?
+                }
+                None => cur.detach(),
+            };
+            kl = Some(((cur.exp()? * (&cur - &init)?)?.sum(1)? * self.kl_factor)?);
             kl_logp = Some(cur.detach());
         }
         Ok(GroupOut {
-            nll_value: nll.to_scalar::<f32>()?,
+            nll_values: values(&nll)?,
             nll,
-            kl_value: match &kl {
-                Some(k) => k.to_scalar::<f32>()?,
-                None => 0.0,
-            },
+            kl_values: values(&kl)?,
             kl,
-            value_at_row0,
             kl_logp,
+            values_before,
         })
     }
 }
 
-/// Row groups for v*: one per worker thread, with at least two rows each (so the group that
-/// holds the KL row, the last, also holds a rewrite row and its labels).
-pub(super) fn value_groups(rows: usize) -> usize {
-    crate::threads::workers().clamp(1, (rows / 2).max(1))
+/// A graph's values, read back.
+fn values(x: &Option<Tensor>) -> Result<Vec<f32>> {
+    Ok(match x {
+        Some(x) => x.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        None => vec![],
+    })
 }

@@ -9,6 +9,8 @@ use serde::Serialize;
 
 use super::{print_json, ModelArgs};
 
+mod study;
+
 #[derive(Subcommand, Debug)]
 pub enum BenchCmd {
     /// Forward passes over N tokens: tokens per second and peak memory.
@@ -25,6 +27,9 @@ pub enum BenchCmd {
     },
     /// Key statistics and one ROME edit (Eiffel Tower → Rome): seconds per phase.
     Edit(EditBenchArgs),
+    /// The study's edits per hour on CounterFact cases, one at a time and batched (their v*
+    /// optimised together), in one run.
+    Study(Box<study::StudyBenchArgs>),
     /// Causal tracing on a ~10-token prompt, each kind alone and all three in one trace:
     /// seconds, and the work done against the reference algorithm's.
     Trace {
@@ -255,6 +260,7 @@ fn trace_bench(
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Edit(a) => edit_bench(a),
+        BenchCmd::Study(a) => study::study_bench(*a),
         BenchCmd::Trace {
             model,
             prompt,
