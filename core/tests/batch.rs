@@ -179,9 +179,13 @@ fn hooked_edits_score_as_applied_weights_each_row_its_own() {
     hp.v_num_grad_steps = 4;
     let mut mh = MemitHparams::at_layers(vec![0, 1]);
     mh.v_num_grad_steps = 4;
+    let mut ft = loci_core::edit::FtHparams::at_layers(vec![0, 1], Some(5e-3));
+    ft.lr = 1e-2;
+    ft.steps = 4;
     let edits = [
         Edit::Rome(lm.rome(&reqs[0], &hp, Some(&st[1])).unwrap()),
         Edit::Memit(lm.memit(&reqs[1..3], &mh, &st, &mut |_| {}).unwrap()),
+        Edit::Ft(lm.finetune(&reqs[3], &ft).unwrap()),
     ];
     assert!(edits.iter().all(RowEdits::can_hook));
     let cases: Vec<_> = reqs.iter().zip(1..).map(|(r, i)| case_of(r, i)).collect();
@@ -193,11 +197,12 @@ fn hooked_edits_score_as_applied_weights_each_row_its_own() {
         samples: 2,
     });
     for scoring in [None, noised] {
-        // Cases 0 and 1 under the two edits, case 2 unedited, in one batch.
+        // Cases 0, 1 and 3 under the three edits, case 2 unedited, in one batch.
         let items = [
             (&cases[0], "Rome", Some(&edits[0])),
             (&cases[1], "baseball", Some(&edits[1])),
             (&cases[2], "English", None),
+            (&cases[3], "Beijing", Some(&edits[2])),
         ];
         let batched = lm.problem_probs_batch(&items, scoring).unwrap();
         for ((case, target, edit), b) in items.iter().zip(&batched) {
@@ -226,21 +231,17 @@ fn hooked_edits_score_as_applied_weights_each_row_its_own() {
             }
         }
         // The edits did move their targets: hooked rows are not unedited rows.
-        let unedited = lm.problem_probs(&cases[0], "Rome", scoring).unwrap();
-        let moved = (batched[0].rewrite - unedited.rewrite).abs() / unedited.rewrite;
-        assert!(
-            moved > 1e-2,
-            "{} vs {}",
-            batched[0].rewrite,
-            unedited.rewrite
-        );
+        for (i, target) in [(0, "Rome"), (3, "Beijing")] {
+            let unedited = lm.problem_probs(&cases[i], target, scoring).unwrap();
+            let moved = (batched[i].rewrite - unedited.rewrite).abs() / unedited.rewrite;
+            assert!(
+                moved > 1e-2,
+                "{} vs {}",
+                batched[i].rewrite,
+                unedited.rewrite
+            );
+        }
     }
-    // A dense (fine-tuning) edit cannot be hooked.
-    let ft = loci_core::edit::FtHparams::at_layers(vec![1], Some(5e-4));
-    let dense = Edit::Ft(lm.finetune(&reqs[0], &ft).unwrap());
-    assert!(!RowEdits::can_hook(&dense));
-    let items = [(&cases[0], "Rome", Some(&dense))];
-    assert!(lm.problem_probs_batch(&items, None).is_err());
 }
 
 /// Fine-tuning's batch against each request alone, at `hp`.

@@ -1,9 +1,12 @@
-//! Edits as a hook instead of changed weights: each batch row sees its own low-rank edit of the
+//! Edits as a hook instead of changed weights: each batch row sees its own edit of the
 //! down-projections, so one forward pass scores many edits at once (the study's batched
-//! scoring). A low-rank change `ΔW = Σᵣ rightᵣ leftᵣᵀ` of a down-projection adds
-//! `Σᵣ rightᵣ (leftᵣ · k)` to its output for the key `k` it reads: the hook reads each row's
-//! keys at `MlpKey(l)` and adds its edit's terms at `Mlp(l)`. The same as applying the weights,
-//! up to float rounding.
+//! scoring). The hook reads each row's keys `k` at `MlpKey(l)` and adds its edit's change of
+//! the layer's output at `Mlp(l)` — the same as applying the weights, up to float rounding:
+//!
+//! - a low-rank change `ΔW = Σᵣ rightᵣ leftᵣᵀ` (ROME, MEMIT) adds `Σᵣ rightᵣ (leftᵣ · k)`; the
+//!   low-rank edits of a batch are stacked per row and computed in two batched products;
+//! - a dense change `ΔW`, `Δb` (fine-tuning) adds `ΔW k + Δb`, computed on its edit's rows only
+//!   (one product per edit: a dense difference per row would not fit a large model).
 
 use std::collections::BTreeMap;
 
@@ -14,16 +17,31 @@ use super::saved::Edit;
 use crate::error::{LociError, Result};
 use crate::hooks::{Hook, Site};
 
-/// One layer's per-row terms: `left` `[rows, rank, d_ff]` and `right` `[rows, rank, d_model]`,
-/// zero for rows without an edit there (and beyond a row's own rank).
-struct LayerTerms {
+/// The low-rank edits' per-row terms at one layer: `left` `[rows, rank, d_ff]` and `right`
+/// `[rows, rank, d_model]`, zero for rows without one there (and beyond a row's own rank).
+struct Stacked {
     left: Tensor,
     right: Tensor,
-    /// `(left · k)` of the pass under way, `[rows, t, rank]`, read at `MlpKey`.
-    coef: Option<Tensor>,
 }
 
-/// One edit's terms at one layer: its rank, `right` `[rank, d_model]`, `left` `[rank, d_ff]`.
+/// A dense edit at one layer: its rows (`[n]` u32), `ΔW` `[d_model, d_ff]` and `Δb`.
+struct Dense {
+    rows: Tensor,
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+/// Everything added at one layer, and the keys of the pass under way.
+#[derive(Default)]
+struct LayerTerms {
+    stacked: Option<Stacked>,
+    dense: Vec<Dense>,
+    /// The keys read at `MlpKey`, f32 `[rows, t, d_ff]`.
+    key: Option<Tensor>,
+}
+
+/// One low-rank edit's terms at one layer: its rank, `right` `[rank, d_model]`, `left`
+/// `[rank, d_ff]`.
 type Terms = (usize, Vec<f32>, Vec<f32>);
 
 /// A hook giving batch row `i` the edit `edits[row_edit[i]]` (none for `None`).
@@ -32,58 +50,99 @@ pub struct RowEdits {
 }
 
 impl RowEdits {
-    /// Whether every change of `edit` is low-rank with no bias change (ROME's and MEMIT's
-    /// are; fine-tuning's are dense), so that it can be hooked.
+    /// Whether `edit` can be hooked: every change is dense, or low-rank without a bias change
+    /// (ROME's, MEMIT's and fine-tuning's all are).
     pub fn can_hook(edit: &Edit) -> bool {
-        edit.deltas()
-            .iter()
-            .all(|d| d.bias.is_none() && matches!(d.weight, WeightChange::LowRank { .. }))
+        edit.deltas().iter().all(|d| match d.weight {
+            WeightChange::LowRank { .. } => d.bias.is_none(),
+            WeightChange::Dense(_) => true,
+        })
     }
 
-    /// The hook for rows whose edits `row_edit` names (indices into `edits`).
-    pub fn new(edits: &[&Edit], row_edit: &[Option<usize>], device: &Device) -> Result<Self> {
-        // Per layer, per edit: its terms there.
-        let mut per_layer: BTreeMap<usize, Vec<Option<Terms>>> = BTreeMap::new();
-        let (mut d_model, mut d_ff) = (0, 0);
+    /// The hook for rows whose edits `row_edit` names (indices into `edits`), in a model of
+    /// width `d_model`.
+    pub fn new(
+        edits: &[&Edit],
+        row_edit: &[Option<usize>],
+        (d_model, device): (usize, &Device),
+    ) -> Result<Self> {
+        let mut low_rank: BTreeMap<usize, Vec<Option<Terms>>> = BTreeMap::new();
+        let mut layers: BTreeMap<usize, LayerTerms> = BTreeMap::new();
         for (e, edit) in edits.iter().enumerate() {
+            let rows: Vec<u32> = (0..row_edit.len())
+                .filter(|&i| row_edit[i] == Some(e))
+                .map(|i| i as u32)
+                .collect();
             for d in edit.deltas() {
-                let WeightChange::LowRank { rank, right, left } = d.weight else {
-                    return Err(LociError::input("a dense edit cannot be hooked"));
-                };
-                if d.bias.is_some() {
-                    return Err(LociError::input("an edit of a bias cannot be hooked"));
+                match d.weight {
+                    WeightChange::LowRank { rank, right, left } => {
+                        if d.bias.is_some() {
+                            return Err(LociError::input(
+                                "a low-rank edit that changes a bias cannot be hooked",
+                            ));
+                        }
+                        let slot = low_rank
+                            .entry(d.layer)
+                            .or_insert_with(|| vec![None; edits.len()]);
+                        slot[e] = Some((rank, right.to_vec(), left.to_vec()));
+                    }
+                    WeightChange::Dense(w) if !rows.is_empty() => {
+                        let weight = dense_weight(w, d_model, d.layer, device)?;
+                        layers.entry(d.layer).or_default().dense.push(Dense {
+                            rows: Tensor::new(rows.as_slice(), device)?,
+                            weight,
+                            bias: d.bias.map(|b| Tensor::new(b, device)).transpose()?,
+                        });
+                    }
+                    WeightChange::Dense(_) => {}
                 }
-                (d_model, d_ff) = (right.len() / rank, left.len() / rank);
-                let slot = per_layer
-                    .entry(d.layer)
-                    .or_insert_with(|| vec![None; edits.len()]);
-                slot[e] = Some((rank, right.to_vec(), left.to_vec()));
             }
         }
-        let rows = row_edit.len();
-        let mut layers = BTreeMap::new();
-        for (l, terms) in per_layer {
-            let rank = terms.iter().flatten().map(|t| t.0).max().unwrap_or(1);
-            let mut left = vec![0f32; rows * rank * d_ff];
-            let mut right = vec![0f32; rows * rank * d_model];
-            for (i, e) in row_edit.iter().enumerate() {
-                let Some((r, rt, lt)) = e.and_then(|e| terms[e].as_ref()) else {
-                    continue;
-                };
-                left[i * rank * d_ff..][..r * d_ff].copy_from_slice(lt);
-                right[i * rank * d_model..][..r * d_model].copy_from_slice(rt);
-            }
-            layers.insert(
-                l,
-                LayerTerms {
-                    left: Tensor::from_vec(left, (rows, rank, d_ff), device)?,
-                    right: Tensor::from_vec(right, (rows, rank, d_model), device)?,
-                    coef: None,
-                },
-            );
+        for (l, terms) in low_rank {
+            layers.entry(l).or_default().stacked = Some(stack(&terms, row_edit, device)?);
         }
         Ok(Self { layers })
     }
+}
+
+/// A dense `ΔW` of a model of width `d_model`, as `[d_model, d_ff]`.
+fn dense_weight(w: &[f32], d_model: usize, layer: usize, device: &Device) -> Result<Tensor> {
+    if d_model == 0 || !w.len().is_multiple_of(d_model) {
+        return Err(LociError::input(format!(
+            "layer {layer}: a dense change of {} values does not fit a width of {d_model}",
+            w.len()
+        )));
+    }
+    Ok(Tensor::from_vec(
+        w.to_vec(),
+        (d_model, w.len() / d_model),
+        device,
+    )?)
+}
+
+/// The low-rank edits' terms of one layer, stacked per row.
+fn stack(terms: &[Option<Terms>], row_edit: &[Option<usize>], device: &Device) -> Result<Stacked> {
+    let rank = terms.iter().flatten().map(|t| t.0).max().unwrap_or(1);
+    let (d_model, d_ff) = terms
+        .iter()
+        .flatten()
+        .map(|(r, rt, lt)| (rt.len() / r, lt.len() / r))
+        .next()
+        .unwrap_or((1, 1));
+    let rows = row_edit.len();
+    let mut left = vec![0f32; rows * rank * d_ff];
+    let mut right = vec![0f32; rows * rank * d_model];
+    for (i, e) in row_edit.iter().enumerate() {
+        let Some((r, rt, lt)) = e.and_then(|e| terms[e].as_ref()) else {
+            continue;
+        };
+        left[i * rank * d_ff..][..r * d_ff].copy_from_slice(lt);
+        right[i * rank * d_model..][..r * d_model].copy_from_slice(rt);
+    }
+    Ok(Stacked {
+        left: Tensor::from_vec(left, (rows, rank, d_ff), device)?,
+        right: Tensor::from_vec(right, (rows, rank, d_model), device)?,
+    })
 }
 
 impl Hook for RowEdits {
@@ -95,9 +154,7 @@ impl Hook for RowEdits {
         match site {
             Site::MlpKey(l) => {
                 if let Some(t) = self.layers.get_mut(&l) {
-                    // [rows, t, d_ff] × [rows, d_ff, rank] → [rows, t, rank]
-                    let k = x.to_dtype(DType::F32)?;
-                    t.coef = Some(k.matmul(&t.left.transpose(1, 2)?.contiguous()?)?);
+                    t.key = Some(x.to_dtype(DType::F32)?);
                 }
                 Ok(None)
             }
@@ -105,12 +162,26 @@ impl Hook for RowEdits {
                 let Some(t) = self.layers.get_mut(&l) else {
                     return Ok(None);
                 };
-                let coef = t
-                    .coef
+                let k = t
+                    .key
                     .take()
                     .ok_or_else(|| LociError::model("an edited MLP's key was not read"))?;
-                let add = coef.matmul(&t.right)?.to_dtype(x.dtype())?;
-                Ok(Some((x + add)?))
+                let (rows, len, _) = k.dims3()?;
+                let mut add = Tensor::zeros((rows, len, x.dim(2)?), DType::F32, x.device())?;
+                if let Some(s) = &t.stacked {
+                    // [rows, t, d_ff] × [rows, d_ff, rank] × [rows, rank, d_model]
+                    let coef = k.matmul(&s.left.transpose(1, 2)?.contiguous()?)?;
+                    add = (add + coef.matmul(&s.right)?)?;
+                }
+                for d in &t.dense {
+                    let mine = k.index_select(&d.rows, 0)?;
+                    let mut part = mine.broadcast_matmul(&d.weight.t()?)?;
+                    if let Some(b) = &d.bias {
+                        part = part.broadcast_add(b)?;
+                    }
+                    add = add.index_add(&d.rows, &part, 0)?;
+                }
+                Ok(Some((x + add.to_dtype(x.dtype())?)?))
             }
             _ => Ok(None),
         }

@@ -68,8 +68,8 @@ impl LoadedModel {
     }
 
     /// [`problem_probs`](Self::problem_probs) of several cases in one batch, each case's rows
-    /// seeing its own edit when it has one, as a hook ([`RowEdits`]: ROME's and MEMIT's edits;
-    /// a dense edit is refused). Each case draws its noise as it would alone.
+    /// seeing its own edit when it has one, as a hook ([`RowEdits`]). Each case draws its noise
+    /// as it would alone.
     pub fn problem_probs_batch(
         &self,
         items: &[Scored],
@@ -99,7 +99,11 @@ impl LoadedModel {
             pairs.extend(rows.pairs.iter().cloned());
             per_case.push(rows);
         }
-        let mut hooked = RowEdits::new(&edits, &row_edit, &self.model.device)?;
+        let mut hooked = RowEdits::new(
+            &edits,
+            &row_edit,
+            (self.model.cfg.d_model, &self.model.device),
+        )?;
         let scores = self.score_targets_with(&pairs, &mut Chain(vec![&mut noise, &mut hooked]))?;
         let mut at = 0;
         let mut out = vec![];
@@ -239,7 +243,11 @@ impl LoadedModel {
             next.push(pad);
             r.resize(t, pad);
         }
-        let mut hooked = RowEdits::new(&edits, &row_edit, &self.model.device)?;
+        let mut hooked = RowEdits::new(
+            &edits,
+            &row_edit,
+            (self.model.cfg.d_model, &self.model.device),
+        )?;
         let logits = self
             .model
             .run(

@@ -488,10 +488,10 @@ impl LoadedModel {
     }
 
     /// [`study_case`](Self::study_case) of several cases at once, with the same results (within
-    /// float rounding): each (method, problem, layer) cell's ROME and MEMIT edits of all the
-    /// cases are computed together, their v* optimised in one batch, then each is applied,
-    /// scored and undone. A case's edits run in the order `study_case` runs them; `obs` sees
-    /// the cases as they are traced, then the edits cell by cell.
+    /// float rounding): each (method, problem, layer) cell's edits of all the cases are computed
+    /// together (ROME's v*, MEMIT's z and fine-tuning's steps in one batch) and scored together
+    /// (each edit a hook on its own rows, one pass for the batch). A case's edits keep the order `study_case` gives them; `obs` sees the
+    /// cases as they are traced, then the edits cell by cell.
     pub fn study_cases(
         &mut self,
         cases: &[&CounterFactCase],
@@ -638,8 +638,8 @@ impl LoadedModel {
         Ok(trace)
     }
 
-    /// Every (method, layer) edit of one problem for every case (at least one), appended to each case's
-    /// `edits` as `obs` sees them. A case this problem cannot pose (the noised model says
+    /// Every (method, layer) edit of one problem for every case (at least one), appended to
+    /// each case's `edits` as `obs` sees them. A case this problem cannot pose (the noised model says
     /// nothing, a prompt without room for the target…) gets its edits' lines with the reason,
     /// not the run's end.
     fn problem_edits(
@@ -682,10 +682,10 @@ impl LoadedModel {
         Ok(())
     }
 
-    /// One cell of the sweep for every case: the edits made together, then each applied,
-    /// scored and undone. An edit that cannot be made (a diverged optimisation, a request this
-    /// method refuses) is a result of the sweep, noted in its line, not its end. Each line's
-    /// seconds are its share of the batch's computation plus its own scoring.
+    /// One cell of the sweep for every case: the edits made together, then scored (together
+    /// where they can be hooked). An edit that cannot be made (a diverged optimisation, a
+    /// request this method refuses) is a result of the sweep, noted in its line, not its end.
+    /// Each line's seconds are its share of the batch's computation and scoring.
     fn cell_edits(
         &mut self,
         runs: &[CaseRun],
@@ -731,8 +731,9 @@ impl LoadedModel {
                 .map(|r| r.map_err(|e| e.to_string()))
                 .collect::<Vec<_>>(),
         };
-        // ROME's and MEMIT's edits are scored together, each as a hook on its own rows; the
-        // others (fine-tuning's dense changes) applied, scored and undone one by one.
+        // The edits are scored together, each as a hook on its own rows; one the hook cannot
+        // carry (a low-rank change of a bias: no method here makes one) is applied, scored and
+        // undone.
         let mut hooked = vec![];
         for (&i, edit) in ok.iter().zip(made) {
             match edit {
@@ -759,8 +760,8 @@ impl LoadedModel {
         Ok(lines)
     }
 
-    /// The probabilities (and essence perplexities) of hookable edits, each case's rows seeing
-    /// its own edit, in one batch.
+    /// The probabilities (and essence perplexities) of the edits, each case's rows seeing its
+    /// own edit as a hook, in one batch.
     fn score_hooked(
         &self,
         runs: &[CaseRun],

@@ -1,7 +1,7 @@
 //! `loci bench study`: the study's edits per hour, one at a time and batched, in one run. Each
 //! edit is computed as the sweep computes it (`StudyConfig::edits`) and scored as the sweep
-//! scores it (p(target) on the prompt, a paraphrase and a neighbour; ROME's and MEMIT's edits as
-//! hooks, a batch's in one pass); only the edits' work is timed (the key statistics are
+//! scores it (p(target) on the prompt, a paraphrase and a neighbour; each edit a hook on its own
+//! rows, a batch's in one pass); only the edits' work is timed (the key statistics are
 //! computed first, apart).
 
 use std::path::PathBuf;
@@ -239,8 +239,8 @@ impl Bench<'_> {
         })
     }
 
-    /// The edits of `cases` computed together and scored as the study scores them: ROME's and
-    /// MEMIT's in one batch (each as a hook on its own rows), others applied, scored and undone.
+    /// The edits of `cases` computed together and scored as the study scores them: in one
+    /// batch, each a hook on its own rows (one the hook cannot carry applied, scored, undone).
     /// Per case, its target's probabilities after the prompt, paraphrase and neighbour (`None`:
     /// refused).
     fn edit_and_score(
