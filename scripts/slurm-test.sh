@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The study's Slurm array job on a real (one-node, localhost) Slurm: the shipped
 # scripts/slurm/submit-study.sh and study.sbatch run a tiny study (tiny-gpt2, 30 cases) as a
-# statistics job and an array of 3 shards; one task is requeued in the middle of its shard (as
-# preemption would: SIGTERM, then it runs again) and must resume, not restart; and
+# statistics job and an array of 3 shards (submitted with `sbatch --wait`); one task is requeued
+# in the middle of its shard (as preemption would: SIGTERM, then it runs again) and must resume,
+# not restart; and
 # `loci study analyze` of the shard folder must equal, exactly, that of one unsharded run made
 # here without Slurm.
 #
 # Installs slurm-wlm and munge (apt, --no-install-recommends) when missing; needs root. The
 # cluster (scripts/slurm/local-cluster.sh) lives in a temporary folder, on free ports, and is
-# always stopped, even on failure or Ctrl-C. About 30 s on 2 cores (plus ~6 s to install once).
+# always stopped, even on failure or Ctrl-C. About 60 s on 2 cores (plus ~6 s to install once).
 # Uses $LOCI, else $CARGO_TARGET_DIR/release/loci, else `loci` on PATH; data from LOCI_DATA
 # (default ../shared/data). KEEP=1 keeps the temporary folder.
 set -euo pipefail
@@ -101,14 +102,14 @@ export LOCI_OUT="$out" LOCI_N="$n" LOCI_SHARDS="$shards" LOCI_MIN_PROB=0 LOCI_ST
 export LOCI_STUDY_ARGS="$study_args"
 t_submit=$EPOCHREALTIME
 # One CPU per task (so 2 of the 3 tasks run at once on 2 cores); the sbatch file's defaults
-# (4 CPUs, 16G) are for real runs.
-submitted=$("$root/scripts/slurm/submit-study.sh" --cpus-per-task=1 --mem=1G --time=10:00 2>"$work/submit.log") ||
-  { cat "$work/submit.log" >&2; fail "submit-study.sh failed"; }
-stats_job=$(sed -n 's/^stats_job=//p' <<<"$submitted")
-array_job=$(sed -n 's/^array_job=//p' <<<"$submitted")
-{ [ -n "$stats_job" ] && [ -n "$array_job" ]; } || fail "submit-study.sh printed no job IDs: $submitted"
-say "statistics job $stats_job, array job $array_job"
-
+# (4 CPUs, 16G) are for real runs. LOCI_WAIT=1: the array goes in with `sbatch --wait`, which
+# returns (in the background here) once every task has ended, requeued ones included.
+LOCI_WAIT=1 "$root/scripts/slurm/submit-study.sh" --cpus-per-task=1 --mem=1G --time=10:00 \
+  >"$work/submitted" 2>"$work/submit.log" &
+submit_pid=$!
+# The jobs' IDs, by name (ours are the only jobs of this cluster).
+job_id() { squeue -h -n "$1" -o %F 2>/dev/null | head -n 1; }
+submitted() { [ -n "$(job_id loci-study)" ]; }
 state() { squeue -h -j "$1" -o %T 2>/dev/null | head -n 1; }
 cases_in() { grep -c '"record":"case"' "$1" 2>/dev/null || true; }
 wait_until() { # seconds description command...
@@ -120,6 +121,12 @@ wait_until() { # seconds description command...
   done
   fail "waited ${limit}s for: $what"
 }
+
+wait_until 30 "the array job to be submitted" submitted
+array_job=$(job_id loci-study)
+stats_job=$(job_id loci-stats)
+[ -n "$stats_job" ] || stats_job=$array_job # the statistics job may already be done
+say "statistics job $stats_job, array job $array_job"
 
 # --- requeue task 1 in the middle of its shard ----------------------------------------------
 # Each shard has 10 cases of ~0.3 s: once the first is written, the task is surely mid-way.
@@ -145,9 +152,13 @@ wait_until 60 "task 1 to run again" running_again
 requeue_delay=$(since "$t_requeue")
 
 # --- all done -------------------------------------------------------------------------------
-all_gone() { [ -z "$(squeue -h -j "$stats_job,$array_job" 2>/dev/null)" ]; }
-wait_until 180 "the array to finish" all_gone
+submit_rc=0
+wait "$submit_pid" || submit_rc=$?
+[ "$submit_rc" = 0 ] || { cat "$work/submit.log" >&2; fail "sbatch --wait of the array returned $submit_rc"; }
 t_array=$(since "$t_submit")
+[ "$(sed -n 's/^array_job=//p' "$work/submitted")" = "$array_job" ] ||
+  fail "submit-study.sh printed another array job: $(cat "$work/submitted")"
+stats_job=$(sed -n 's/^stats_job=//p' "$work/submitted")
 show() { scontrol -o show job "$1"; }
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p"; }
 [ "$(show "$stats_job" | field JobState)" = COMPLETED ] || fail "the statistics job did not complete"

@@ -9,6 +9,8 @@
 # environment, with the paths made absolute here. Extra, for this script only:
 #   LOCI_SHARDS        number of shards = array tasks (default 8)
 #   LOCI_MAX_RUNNING   at most this many tasks at once (sbatch --array=1-N%M; default no limit)
+#   LOCI_WAIT=1        submit the array with `sbatch --wait`: return when every task has ended,
+#                      with the highest exit code of its tasks (requeued tasks are waited for)
 # Logs go to $LOCI_OUT/logs/ (stats-jobJOBID.out, shard-I-jobJOBID.out; each requeue appends).
 # Prints `stats_job=ID` and `array_job=ID` on stdout (for scripts: eval), the rest on stderr.
 set -euo pipefail
@@ -38,10 +40,15 @@ fi
 stats_job=$(sbatch --parsable --job-name=loci-stats --output="$LOCI_OUT/logs/stats-job%j.out" \
   "$@" "$sbatch_file" stats)
 stats_job=${stats_job%%;*} # --parsable prints ID[;CLUSTER]
-array_job=$(sbatch --parsable --job-name=loci-study --array="1-$shards${LOCI_MAX_RUNNING:+%$LOCI_MAX_RUNNING}" \
+wait_flag=()
+[ "${LOCI_WAIT:-}" != 1 ] || wait_flag=(--wait)
+rc=0
+array_job=$(sbatch --parsable "${wait_flag[@]}" --job-name=loci-study \
+  --array="1-$shards${LOCI_MAX_RUNNING:+%$LOCI_MAX_RUNNING}" \
   --dependency="afterok:$stats_job" --kill-on-invalid-dep=yes \
-  --output="$LOCI_OUT/logs/shard-%a-job%A.out" "$@" "$sbatch_file" shard)
+  --output="$LOCI_OUT/logs/shard-%a-job%A.out" "$@" "$sbatch_file" shard) || rc=$?
 array_job=${array_job%%;*}
+array_job=${array_job%%$'\n'*}
 
 cat >&2 <<EOF
 statistics job $stats_job, then array job $array_job (tasks 1-$shards) into $LOCI_OUT
@@ -53,3 +60,4 @@ statistics job $stats_job, then array job $array_job (tasks 1-$shards) into $LOC
 EOF
 echo "stats_job=$stats_job"
 echo "array_job=$array_job"
+exit "$rc"
