@@ -83,8 +83,7 @@ t_cluster=$(since "$t")
 
 # --- the reference: one process, no shards --------------------------------------------------
 # The study's settings, kept tiny; the same for the reference and the array. One thread
-# everywhere: the statistics pass reads the corpus in chunks of one text per thread, so the
-# thread count is part of what the statistics (and so the edits) are.
+# everywhere, as each task gets one CPU.
 model=$root/tests/fixtures/tiny-gpt2
 n=30
 shards=3

@@ -1,5 +1,6 @@
 //! How many threads Loci's own parallel loops use on native targets (v*'s row groups, key
-//! statistics over several texts). Loops like these beat threading inside each small matrix
+//! statistics over several texts), and how batches of independent work are cut to a memory
+//! budget. Loops like these beat threading inside each small matrix
 //! product, so a program that sets this above 1 should keep candle's kernels single-threaded
 //! (`RAYON_NUM_THREADS=1`), as the `loci` tool does. In the browser everything runs in one thread
 //! per worker.
@@ -41,4 +42,38 @@ pub fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> 
         });
     }
     items.iter().map(f).collect()
+}
+
+/// Splits items of the given costs, in order, into runs whose costs sum to at most `budget`
+/// (an item over the budget alone is a run of its own): the run lengths. Batches use it to
+/// bound their memory.
+pub fn chunks_within(costs: &[usize], budget: usize) -> Vec<usize> {
+    let mut runs = vec![];
+    let (mut n, mut sum) = (0, 0usize);
+    for &c in costs {
+        if n > 0 && sum.saturating_add(c) > budget {
+            runs.push(n);
+            (n, sum) = (0, 0);
+        }
+        n += 1;
+        sum = sum.saturating_add(c);
+    }
+    if n > 0 {
+        runs.push(n);
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunks_within;
+
+    #[test]
+    fn runs_stay_within_the_budget_and_keep_every_item() {
+        assert_eq!(chunks_within(&[3, 3, 3, 3], 6), vec![2, 2]);
+        assert_eq!(chunks_within(&[2, 4, 3], 6), vec![2, 1]);
+        // An item over the budget is a run of its own; nothing is dropped.
+        assert_eq!(chunks_within(&[9, 1, 9], 5), vec![1, 1, 1]);
+        assert_eq!(chunks_within(&[], 5), Vec::<usize>::new());
+    }
 }

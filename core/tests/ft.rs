@@ -42,6 +42,13 @@ fn the_constraint_holds_and_the_edit_undoes_exactly() {
     assert!(err(&mut lm, &empty, &hp).contains("empty"));
     assert_eq!(common::down_bits(&lm), bits0);
 
+    // Every loss is followed by its step, the last one included: one step changes the weights.
+    let mut one = hp.clone();
+    one.steps = 1;
+    let e1 = lm.finetune(&req, &one).unwrap();
+    assert_eq!(e1.stats.losses.len(), 1);
+    assert!(e1.stats.max_abs_change > 0.0, "one step trains");
+
     let e = lm.finetune(&req, &hp).unwrap();
     assert_eq!(
         common::down_bits(&lm),

@@ -43,7 +43,7 @@ stats_job=${stats_job%%;*} # --parsable prints ID[;CLUSTER]
 wait_flag=()
 [ "${LOCI_WAIT:-}" != 1 ] || wait_flag=(--wait)
 rc=0
-array_job=$(sbatch --parsable "${wait_flag[@]}" --job-name=loci-study \
+array_job=$(sbatch --parsable ${wait_flag[@]+"${wait_flag[@]}"} --job-name=loci-study \
   --array="1-$shards${LOCI_MAX_RUNNING:+%$LOCI_MAX_RUNNING}" \
   --dependency="afterok:$stats_job" --kill-on-invalid-dep=yes \
   --output="$LOCI_OUT/logs/shard-%a-job%A.out" "$@" "$sbatch_file" shard) || rc=$?

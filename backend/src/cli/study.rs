@@ -90,9 +90,9 @@ pub struct StudyRunArgs {
     pub ft: FtSettings,
     #[command(flatten)]
     pub stats: StatsSource,
-    /// Cases edited together: each ROME and MEMIT cell's v* of this many cases optimise in one
-    /// batch (the same results; on a GPU many times the edits per hour). A batch's lines are
-    /// written when all its cases are done.
+    /// Cases edited together: each cell's edits of this many cases are computed in one batch
+    /// (ROME's v*, MEMIT's z, fine-tuning's steps) and scored in one pass; the same results,
+    /// meant for GPUs. A batch's lines are written when all its cases are done.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub batch: u32,
     /// Only compute the key statistics the run needs (every layer its ROME and MEMIT edits

@@ -150,10 +150,15 @@ pub fn collect(
         let f = stats_file(dir, s.provenance.layer);
         // Written aside, then renamed: a reader sharing the folder (another task of an array
         // job) sees the whole file or none.
-        let part = f.with_extension(format!("part{}", std::process::id()));
-        std::fs::write(&part, s.to_bytes()?)
-            .and_then(|_| std::fs::rename(&part, &f))
-            .with_context(|| format!("writing {}", f.display()))?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let part = f.with_extension(format!("part{}-{nanos}", std::process::id()));
+        let written = std::fs::write(&part, s.to_bytes()?).and_then(|_| std::fs::rename(&part, &f));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&part);
+        }
+        written.with_context(|| format!("writing {}", f.display()))?;
         eprintln!(
             "layer {}: {} tokens → {}",
             s.provenance.layer,

@@ -106,9 +106,9 @@ pub struct FtLayer {
 pub struct FtStats {
     /// The loss after each step.
     pub losses: Vec<f32>,
-    /// Largest |Δw| over the trained weights (≤ ε when constrained).
+    /// Largest |Δ| over the trained weights and biases (≤ ε when constrained).
     pub max_abs_change: f32,
-    /// Wall-clock seconds it took.
+    /// Wall-clock seconds it took (trained in a batch: the batch's).
     pub seconds: f64,
 }
 

@@ -213,7 +213,9 @@ impl LoadedModel {
                     continue;
                 }
                 losses[c].push(value);
-                if (hp.goal.direction.is_raise() && value < 1e-2) || step + 1 == hp.steps {
+                // A small loss stops before the step; otherwise every loss is followed by its
+                // step, the last one included (as ROME's and Hase et al.'s fine-tuning do).
+                if hp.goal.direction.is_raise() && value < 1e-2 {
                     out[c] = Some(
                         self.ft_changes(&params, slot)
                             .map(|l| (l, losses[c].clone())),
@@ -227,6 +229,16 @@ impl LoadedModel {
             }
             let grads = loss.backward()?;
             adam_step(hp, step + 1, &mut params, &grads)?;
+            if step + 1 == hp.steps {
+                for &slot in &going {
+                    let c = active[slot];
+                    out[c] = Some(
+                        self.ft_changes(&params, slot)
+                            .map(|l| (l, losses[c].clone())),
+                    );
+                }
+                break;
+            }
             if going.len() < active.len() {
                 keep_slots(&mut params, &going)?;
                 active = going.iter().map(|&s| active[s]).collect();
@@ -335,17 +347,22 @@ impl LoadedModel {
         let nll_cells = logp
             .gather(&Tensor::new(labels.as_slice(), dev)?.unsqueeze(1)?, 1)?
             .neg()?;
-        // Row r's NLL: its cells' mean (last token) or sum (sequence).
-        let mut to_rows = vec![0f32; n_rows * cells.len()];
-        for (j, &r) in cell_row.iter().enumerate() {
-            let n = rows[active[r / per]].target.len();
-            to_rows[r * cells.len() + j] = match hp.objective {
-                FtObjective::LastToken => 1.0 / n as f32,
+        // Row r's NLL: its cells' mean (last token) or sum (sequence), summed row by row so a
+        // row's non-finite value stays in its own request.
+        let weights: Vec<f32> = cell_row
+            .iter()
+            .map(|&r| match hp.objective {
+                FtObjective::LastToken => 1.0 / rows[active[r / per]].target.len() as f32,
                 FtObjective::Sequence => 1.0,
-            };
-        }
-        let to_rows = Tensor::from_vec(to_rows, (n_rows, cells.len()), dev)?;
-        let nll_rows = to_rows.matmul(&nll_cells)?.squeeze(1)?;
+            })
+            .collect();
+        let weighted = (nll_cells.squeeze(1)? * Tensor::new(weights.as_slice(), dev)?)?;
+        let cell_rows: Vec<u32> = cell_row.iter().map(|&r| r as u32).collect();
+        let nll_rows = Tensor::zeros(n_rows, DType::F32, dev)?.index_add(
+            &Tensor::new(cell_rows.as_slice(), dev)?,
+            &weighted,
+            0,
+        )?;
         let per_row = if hp.goal.direction.is_raise() {
             nll_rows
         } else {

@@ -47,6 +47,23 @@ struct ScoredRows {
     neighborhood: bool,
 }
 
+/// The most memory one scoring pass takes for its logits and its edits' dense changes
+/// (estimated); more cases are scored in several passes.
+const SCORE_BATCH_BYTES: usize = 1 << 30;
+
+/// The bytes of an edit's dense changes (fine-tuning's), which its hook holds.
+fn dense_bytes(edit: Option<&Edit>) -> usize {
+    edit.map_or(0, |e| {
+        e.deltas()
+            .iter()
+            .map(|d| match d.weight {
+                crate::edit::WeightChange::Dense(w) => w.len() * 4,
+                crate::edit::WeightChange::LowRank { .. } => 0,
+            })
+            .sum()
+    })
+}
+
 /// A case to score, the target scored, and the edit its rows see (hooked), if any.
 pub type Scored<'a> = (&'a CounterFactCase, &'a str, Option<&'a Edit>);
 
@@ -75,14 +92,43 @@ impl LoadedModel {
         items: &[Scored],
         noised: Option<NoisedScoring>,
     ) -> Result<Vec<ProblemProbs>> {
+        let rows = items
+            .iter()
+            .map(|&(case, target, _)| self.scored_rows(case, target, noised))
+            .collect::<Result<Vec<_>>>()?;
+        let costs: Vec<usize> = items
+            .iter()
+            .zip(&rows)
+            .map(|(&(_, _, e), r)| r.pairs.len() * self.score_row_bytes(64) + dense_bytes(e))
+            .collect();
+        let mut out = vec![];
+        let mut at = 0;
+        for n in crate::threads::chunks_within(&costs, SCORE_BATCH_BYTES) {
+            let part = items[at..at + n].iter().zip(&rows[at..at + n]);
+            out.extend(self.score_batch(part, noised)?);
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// The logits' bytes of one scored row of `len` tokens.
+    fn score_row_bytes(&self, len: usize) -> usize {
+        len * self.model.cfg.vocab_size * 4
+    }
+
+    /// One pass over the rows of `items`.
+    fn score_batch<'a>(
+        &self,
+        items: impl Iterator<Item = (&'a Scored<'a>, &'a ScoredRows)>,
+        noised: Option<NoisedScoring>,
+    ) -> Result<Vec<ProblemProbs>> {
         let mut pairs = vec![];
         let mut noise = Patch::empty(Site::Embed);
         noise.add = true;
         let mut row_edit = vec![];
         let mut edits = vec![];
         let mut per_case = vec![];
-        for &(case, target, edit) in items {
-            let rows = self.scored_rows(case, target, noised)?;
+        for (&(_, _, edit), rows) in items {
             let at = pairs.len();
             let spans: Vec<_> = rows.spans.iter().map(|&(r, a, b)| (at + r, a, b)).collect();
             let one = subject_noise(
@@ -208,6 +254,25 @@ impl LoadedModel {
     /// seeing its own edit when it has one (hooked, as in
     /// [`problem_probs_batch`](Self::problem_probs_batch)).
     pub fn perplexity_batch(
+        &self,
+        sets: &[(&[String], Option<&Edit>)],
+        max_len: usize,
+    ) -> Result<Vec<f32>> {
+        let costs: Vec<usize> = sets
+            .iter()
+            .map(|&(texts, e)| texts.len() * self.score_row_bytes(max_len) + dense_bytes(e))
+            .collect();
+        let mut out = vec![];
+        let mut at = 0;
+        for n in crate::threads::chunks_within(&costs, SCORE_BATCH_BYTES) {
+            out.extend(self.perplexity_pass(&sets[at..at + n], max_len)?);
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// One pass over the texts of `sets`.
+    fn perplexity_pass(
         &self,
         sets: &[(&[String], Option<&Edit>)],
         max_len: usize,

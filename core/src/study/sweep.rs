@@ -721,7 +721,15 @@ impl LoadedModel {
             return Ok(lines);
         }
         let started = crate::clock::now_seconds();
-        let made = self.cell_batch(runs[0].cfg, cell, &ok, posed, stats);
+        // Statistics that cannot be had end the run (a resumed run then redoes the case); an
+        // edit that cannot be made is a result.
+        let layers = cell.method.layers(cell.central, self.model.n_layer());
+        let st = if cell.method.needs_stats() {
+            stats(self, &layers)?
+        } else {
+            vec![]
+        };
+        let made = self.cell_batch(runs[0].cfg, cell, &ok, posed, &st);
         let share = (crate::clock::now_seconds() - started) / ok.len() as f64;
         let made = match made {
             Err(LociError::Cancelled) => return Err(LociError::Cancelled),
@@ -795,26 +803,22 @@ impl LoadedModel {
         Ok(post.into_iter().zip(ppl).collect())
     }
 
-    /// The edits of the cases `ok` (posed) at `cell`, computed together.
+    /// The edits of the cases `ok` (posed) at `cell`, computed together with the statistics
+    /// `st` of its layers.
     fn cell_batch(
         &mut self,
         cfg: &StudyConfig,
         cell: Cell,
         ok: &[usize],
         posed: &[Result<(ProblemCase, ProblemProbs)>],
-        stats: &mut StatsFor,
+        st: &[KeyStats],
     ) -> Result<Vec<Result<Edit>>> {
         let layers = cell.method.layers(cell.central, self.model.n_layer());
-        let st = if cell.method.needs_stats() {
-            stats(self, &layers)?
-        } else {
-            vec![]
-        };
         let requests: Vec<_> = ok
             .iter()
             .map(|&i| posed[i].as_ref().expect("posed").0.request.clone())
             .collect();
-        cfg.edits(self, (cell.method, cell.problem), &layers, &requests, &st)
+        cfg.edits(self, (cell.method, cell.problem), &layers, &requests, st)
     }
 
     /// Applies an edit, scores it and undoes it, noting the scores in `e`.

@@ -78,7 +78,12 @@ fn group(
     slot_of_case: &[Option<usize>],
 ) -> Result<ValueGroup> {
     let dev = &lm.model.device;
-    let local = |row: usize| mine.iter().position(|&x| x == row);
+    // Each batch row's place in this group, if it is in it.
+    let mut place = vec![None; r.rows()];
+    for (g, &row) in mine.iter().enumerate() {
+        place[row] = Some(g);
+    }
+    let local = |row: usize| place[row];
     let slot = |row: usize| slot_of_case[r.case_of_row[row]].expect("an active row");
     let idx = Tensor::new(
         mine.iter()

@@ -21,6 +21,10 @@ use crate::model::layers::LayerCache;
 use crate::model::{KvCache, LogitsAt};
 use crate::request::RewriteRequest;
 
+/// The most memory one batch of v* optimisations takes for its rows' cached keys and values,
+/// activations and gradients (estimated); more requests optimise in several batches.
+const VALUE_BATCH_BYTES: usize = 4 << 30;
+
 /// One v* to optimise: the request and its new target's tokens.
 #[derive(Clone, Copy)]
 pub(crate) struct ValueCase<'a> {
@@ -128,11 +132,21 @@ impl LoadedModel {
                 Err(e) => results.push(Some(Err(e))),
             }
         }
-        if !built.is_empty() {
-            let rows = self.value_rows(built)?;
+        // Requests optimise together as far as their rows' keys, values and activations fit
+        // in the budget; more go in several batches.
+        let m = &self.model;
+        let per_token = m.n_layer() * m.cfg.d_model * 4 * 4;
+        let costs: Vec<usize> = built
+            .iter()
+            .map(|r| r.ids.iter().map(Vec::len).sum::<usize>() * per_token)
+            .collect();
+        let mut built = built.into_iter();
+        let mut index = batch_index.into_iter();
+        for n in crate::threads::chunks_within(&costs, VALUE_BATCH_BYTES) {
+            let rows = self.value_rows(built.by_ref().take(n).collect())?;
             let prefix = self.value_prefix(&rows, spec, l)?;
             let outs = self.optimise_deltas(spec, &rows, &prefix)?;
-            for (i, out) in batch_index.into_iter().zip(outs) {
+            for (i, out) in index.by_ref().take(n).zip(outs) {
                 results[i] = Some(out);
             }
         }
