@@ -8,6 +8,19 @@ use crate::error::{LociError, Result};
 use crate::loader::LoadedModel;
 use crate::tokenizer::Tokenizer;
 
+/// The request's new target as the edit methods read it: its tokens after a leading space,
+/// refused when it tokenizes to nothing.
+pub fn target_ids(lm: &LoadedModel, req: &RewriteRequest) -> Result<Vec<u32>> {
+    let ids = lm.tokenizer.encode_plain(&spaced(&req.target_new.str))?;
+    if ids.is_empty() {
+        return Err(LociError::input(format!(
+            "the target {:?} tokenizes to nothing",
+            req.target_new.str
+        )));
+    }
+    Ok(ids)
+}
+
 /// An answer of a rewrite request (the new or the true target), as text and, from
 /// CounterFact, its Wikidata id.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

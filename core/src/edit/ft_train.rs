@@ -13,10 +13,11 @@ use candle_core::{DType, Tensor, Var, D};
 
 use super::ft::{FtEdit, FtHparams, FtLayer, FtObjective, FtStats};
 use crate::error::{LociError, Result};
-use crate::hooks::{Chain, Hook, Patch, Site};
+use crate::hooks::noise::subject_noise_each;
+use crate::hooks::{Chain, Hook, Site};
 use crate::loader::LoadedModel;
 use crate::model::LogitsAt;
-use crate::request::{spaced, RewriteRequest};
+use crate::request::{target_ids, RewriteRequest};
 
 const BETA1: f64 = 0.9;
 const BETA2: f64 = 0.999;
@@ -152,13 +153,7 @@ impl LoadedModel {
     /// A request's training row: teacher forcing feeds the target but its last token; the
     /// last-token objective reads the prompt's last position only.
     fn ft_row(&self, req: &RewriteRequest, hp: &FtHparams) -> Result<FtRow> {
-        let target = self.tokenizer.encode_plain(&spaced(&req.target_new.str))?;
-        if target.is_empty() {
-            return Err(LociError::input(format!(
-                "the target {:?} tokenizes to nothing",
-                req.target_new.str
-            )));
-        }
+        let target = target_ids(self, req)?;
         let prompt = self.encode_prompt(&req.filled())?;
         let (ids, positions) = match hp.objective {
             FtObjective::LastToken => (prompt.clone(), vec![prompt.len() - 1; target.len()]),
@@ -290,8 +285,7 @@ impl LoadedModel {
         let t = active.iter().map(|&c| rows[c].ids.len()).max().unwrap_or(1);
         let pad = self.tokenizer.eos.unwrap_or(0);
         let mut ids = vec![];
-        let mut noise = Patch::empty(Site::Embed);
-        noise.add = true;
+        let mut spans = vec![];
         let mut cells = vec![];
         let mut labels = vec![];
         // Each cell's row, and the weight of its NLL in the row's.
@@ -299,15 +293,11 @@ impl LoadedModel {
         for (slot, &c) in active.iter().enumerate() {
             let r = &rows[c];
             let first = slot * per;
-            let spans: Vec<_> = (first..first + per)
-                .map(|i| (i, r.subject.0, r.subject.1))
-                .collect();
-            let one = crate::hooks::noise::subject_noise(
-                &spans,
-                hp.goal.noise(step as u64 + 1),
-                m.width_on_device(),
-            )?;
-            noise.cells.extend(one.cells);
+            spans.push(
+                (first..first + per)
+                    .map(|i| (i, r.subject.0, r.subject.1))
+                    .collect(),
+            );
             for row in first..first + per {
                 let mut padded = r.ids.clone();
                 padded.resize(t, pad);
@@ -319,6 +309,8 @@ impl LoadedModel {
                 }
             }
         }
+        let mut noise =
+            subject_noise_each(&spans, hp.goal.noise(step as u64 + 1), m.width_on_device())?;
         let n_rows = ids.len();
         let mut hook = FtHook {
             layers: params,

@@ -20,7 +20,7 @@ use crate::error::{LociError, Result};
 use crate::hooks::Site;
 use crate::loader::LoadedModel;
 use crate::predict::Sampling;
-use crate::request::{spaced, RewriteRequest};
+use crate::request::{target_ids, RewriteRequest};
 
 /// MEMIT's settings (docs/memit.md#hyper-parameters).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -491,14 +491,7 @@ impl LoadedModel {
         reqs.iter()
             .map(|r| {
                 r.validate()?;
-                let t = self.tokenizer.encode_plain(&spaced(&r.target_new.str))?;
-                if t.is_empty() {
-                    return Err(LociError::input(format!(
-                        "the target {:?} tokenizes to nothing",
-                        r.target_new.str
-                    )));
-                }
-                Ok(t)
+                target_ids(self, r)
             })
             .collect()
     }

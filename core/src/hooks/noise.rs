@@ -47,6 +47,21 @@ pub fn subject_noise(
     })
 }
 
+/// [`subject_noise`] of several independent requests sharing a batch, in one patch: each
+/// request's spans (`(row, first, end)`, rows of the batch) get the draw they would get alone.
+pub fn subject_noise_each(
+    requests: &[Vec<(usize, usize, usize)>],
+    noise: Option<SubjectNoise>,
+    width: (usize, &candle_core::Device),
+) -> Result<Patch> {
+    let mut all = Patch::empty(Site::Embed);
+    all.add = true;
+    for spans in requests {
+        all.cells.extend(subject_noise(spans, noise, width)?.cells);
+    }
+    Ok(all)
+}
+
 /// Adds `noise` (`[samples, end − first, d]`) to the embeddings of tokens `range` in batch rows
 /// `first_row..` (one noise sample per row): tracing's corrupted runs.
 pub fn embed_noise(noise: &Tensor, range: (usize, usize), first_row: usize) -> impl Hook + '_ {

@@ -9,8 +9,8 @@ use super::problem::SubjectNoise;
 use crate::edit::{Direction, Edit, RowEdits};
 use crate::error::{LociError, Result};
 use crate::eval::CounterFactCase;
-use crate::hooks::noise::subject_noise;
-use crate::hooks::{Chain, Patch, Site};
+use crate::hooks::noise::subject_noise_each;
+use crate::hooks::Chain;
 use crate::loader::LoadedModel;
 use crate::model::LogitsAt;
 use crate::predict::Sampling;
@@ -123,20 +123,13 @@ impl LoadedModel {
         noised: Option<NoisedScoring>,
     ) -> Result<Vec<ProblemProbs>> {
         let mut pairs = vec![];
-        let mut noise = Patch::empty(Site::Embed);
-        noise.add = true;
+        let mut spans = vec![];
         let mut row_edit = vec![];
         let mut edits = vec![];
         let mut per_case = vec![];
         for (&(_, _, edit), rows) in items {
             let at = pairs.len();
-            let spans: Vec<_> = rows.spans.iter().map(|&(r, a, b)| (at + r, a, b)).collect();
-            let one = subject_noise(
-                &spans,
-                noised.map(|n| n.noise),
-                self.model.width_on_device(),
-            )?;
-            noise.cells.extend(one.cells);
+            spans.push(rows.spans.iter().map(|&(r, a, b)| (at + r, a, b)).collect());
             let e = edit.map(|e| {
                 edits.push(e);
                 edits.len() - 1
@@ -145,6 +138,8 @@ impl LoadedModel {
             pairs.extend(rows.pairs.iter().cloned());
             per_case.push(rows);
         }
+        let width = self.model.width_on_device();
+        let mut noise = subject_noise_each(&spans, noised.map(|n| n.noise), width)?;
         let mut hooked = RowEdits::new(
             &edits,
             &row_edit,

@@ -29,7 +29,7 @@ use crate::clock::Laps;
 use crate::error::{LociError, Result};
 use crate::hooks::Site;
 use crate::loader::LoadedModel;
-use crate::request::{spaced, RewriteRequest};
+use crate::request::{target_ids, RewriteRequest};
 
 /// A request's edit up to its value: its target's tokens, its key k* and its direction u.
 struct Keyed {
@@ -118,13 +118,7 @@ impl LoadedModel {
         factor: Option<&CholeskyFactor>,
     ) -> Result<Keyed> {
         req.validate()?;
-        let target = self.tokenizer.encode_plain(&spaced(&req.target_new.str))?;
-        if target.is_empty() {
-            return Err(LociError::input(format!(
-                "the target {:?} tokenizes to nothing",
-                req.target_new.str
-            )));
-        }
+        let target = target_ids(self, req)?;
         let k_star = self.rome_key(req, hp, templates)?;
         let u = update_direction(&k_star, factor)?;
         Ok(Keyed { target, k_star, u })

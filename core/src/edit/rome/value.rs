@@ -14,8 +14,8 @@ use candle_core::Tensor;
 use super::hparams::ValueSpec;
 use super::key::{gather, pad_rows, texts};
 use crate::error::{LociError, Result};
-use crate::hooks::noise::subject_noise;
-use crate::hooks::{Capture, Chain, Patch, Site};
+use crate::hooks::noise::subject_noise_each;
+use crate::hooks::{Capture, Chain, Site};
 use crate::loader::LoadedModel;
 use crate::model::layers::LayerCache;
 use crate::model::{KvCache, LogitsAt};
@@ -257,12 +257,8 @@ impl LoadedModel {
         };
         let mut cap = Capture::new([entry]);
         let mut kv = KvCache::default();
-        let mut noise = Patch::empty(Site::Embed);
-        noise.add = true;
-        for spans in &r.noise_spans {
-            let one = subject_noise(spans, spec.subject_noise, m.width_on_device())?;
-            noise.cells.extend(one.cells);
-        }
+        let mut noise =
+            subject_noise_each(&r.noise_spans, spec.subject_noise, m.width_on_device())?;
         let mut hook = Chain(vec![&mut noise, &mut cap]);
         m.run(&r.ids, &mut hook, Some(&mut kv), LogitsAt::Last)?;
         let mut resid = cap.get(entry)?.clone();
