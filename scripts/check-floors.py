@@ -9,7 +9,7 @@ import re
 import sys
 
 FLOORS = [
-    ["error", "clock", "rng", "threads", "tfidf"],
+    ["error", "clock", "progress", "rng", "threads", "tfidf"],
     ["config", "tokenizer", "hooks"],
     ["model"],
     ["loader"],

@@ -15,6 +15,7 @@ pub mod model;
 pub mod plot;
 pub mod predict;
 pub mod presets;
+pub mod progress;
 pub mod request;
 pub mod rng;
 pub mod study;

@@ -123,14 +123,11 @@ impl LoadedModel {
         device: &Device,
     ) -> Result<Self> {
         let cfg = ModelConfig::from_hf_json(&String::from_utf8_lossy(config_json))?;
-        let mut h = Sha256::new();
-        h.update(config_json);
-        for s in &safetensors {
-            // The header names every tensor with its offsets; hashing it and the length is cheap
-            // and changes whenever the weights file does in practice.
-            h.update(&s[..s.len().min(1 << 16)]);
-            h.update(s.len().to_le_bytes());
-        }
+        let heads: Vec<(&[u8], u64)> = safetensors
+            .iter()
+            .map(|s| (safetensors_head(s), s.len() as u64))
+            .collect();
+        let fingerprint = hf_fingerprint(config_json, &heads);
         let src = WeightSource::from_buffers(safetensors)?;
         let model = Model::from_source(&cfg, &src, dtype, device)?;
         let tok = Tokenizer::from_json(tokenizer_json, cfg.eos_token_id)?;
@@ -139,7 +136,7 @@ impl LoadedModel {
             "safetensors",
             model,
             tok,
-            short_hash(h),
+            fingerprint,
         ))
     }
 
@@ -178,10 +175,9 @@ impl LoadedModel {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let mut h = Sha256::new();
-        h.update(&bytes[..bytes.len().min(1 << 20)]);
-        h.update(bytes.len().to_le_bytes());
-        Self::from_gguf_reader(name, &mut Cursor::new(bytes), dtype, device, short_hash(h))
+        let head = &bytes[..bytes.len().min(GGUF_HEAD)];
+        let fingerprint = gguf_fingerprint(head, bytes.len() as u64);
+        Self::from_gguf_reader(name, &mut Cursor::new(bytes), dtype, device, fingerprint)
     }
 
     fn from_gguf_reader<R: std::io::Read + std::io::Seek>(
@@ -196,6 +192,39 @@ impl LoadedModel {
         let model = Model::from_source(&g.cfg, &WeightSource::Tensors(g.tensors), dtype, device)?;
         Ok(Self::new(name.into(), "gguf", model, tok, fingerprint))
     }
+}
+
+/// Bytes of a GGUF file's start that its fingerprint covers (metadata and tensor index).
+const GGUF_HEAD: usize = 1 << 20;
+
+/// The start of a safetensors file its fingerprint covers: the length word and the JSON header,
+/// which names every tensor with its dtype, shape and offsets.
+fn safetensors_head(bytes: &[u8]) -> &[u8] {
+    let n = bytes
+        .get(..8)
+        .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    &bytes[..bytes.len().min(8 + n.min(1 << 27) as usize)]
+}
+
+/// A Hugging Face model's fingerprint: its config, and each weights file's header and length.
+/// The same from files on disk and from bytes in a browser tab, so statistics made by one fit
+/// the other; cheap (no weight is read) and different whenever the files differ in practice.
+fn hf_fingerprint(config: &[u8], heads: &[(&[u8], u64)]) -> String {
+    let mut h = Sha256::new();
+    h.update(config);
+    for (head, len) in heads {
+        h.update(head);
+        h.update(len.to_le_bytes());
+    }
+    short_hash(h)
+}
+
+/// A GGUF model's fingerprint: its first megabyte and its length (on disk or in memory alike).
+fn gguf_fingerprint(head: &[u8], len: u64) -> String {
+    let mut h = Sha256::new();
+    h.update(head);
+    h.update(len.to_le_bytes());
+    short_hash(h)
 }
 
 fn short_hash(h: Sha256) -> String {
@@ -214,6 +243,17 @@ mod fs {
 
     fn read(p: &Path) -> Result<Vec<u8>> {
         std::fs::read(p).map_err(|e| LociError::io(p, e))
+    }
+
+    /// The next `n` bytes of `r` (fewer at the end of the file).
+    fn read_next<R: std::io::Read>(r: &mut R, p: &Path, n: usize) -> Result<Vec<u8>> {
+        use std::io::Read;
+        let mut buf = vec![];
+        r.by_ref()
+            .take(n as u64)
+            .read_to_end(&mut buf)
+            .map_err(|e| LociError::io(p, e))?;
+        Ok(buf)
     }
 
     /// The `.gguf` file a path names: the file itself, or the only one in a folder without config.
@@ -289,12 +329,12 @@ mod fs {
                 .unwrap_or_else(|| "model".into());
             if let Some(g) = gguf_path(path) {
                 let file = std::fs::File::open(&g).map_err(|e| LociError::io(&g, e))?;
-                let meta = file.metadata().map_err(|e| LociError::io(&g, e))?;
-                let mut h = Sha256::new();
-                h.update(g.file_name().unwrap_or_default().as_encoded_bytes());
-                h.update(meta.len().to_le_bytes());
+                let len = file.metadata().map_err(|e| LociError::io(&g, e))?.len();
                 let mut reader = std::io::BufReader::new(file);
-                return Self::from_gguf_reader(&name, &mut reader, dtype, device, short_hash(h));
+                let head = read_next(&mut reader, &g, GGUF_HEAD)?;
+                std::io::Seek::rewind(&mut reader).map_err(|e| LociError::io(&g, e))?;
+                let fingerprint = gguf_fingerprint(&head, len);
+                return Self::from_gguf_reader(&name, &mut reader, dtype, device, fingerprint);
             }
             if !path.is_dir() {
                 return Err(LociError::input(format!(
@@ -305,17 +345,24 @@ mod fs {
             let config = read(&path.join("config.json"))?;
             let cfg = ModelConfig::from_hf_json(&String::from_utf8_lossy(&config))?;
             let files = safetensors_files(path)?;
-            let mut h = Sha256::new();
-            h.update(&config);
+            let mut heads = vec![];
             for f in &files {
-                let len = std::fs::metadata(f).map_err(|e| LociError::io(f, e))?.len();
-                h.update(f.file_name().unwrap_or_default().as_encoded_bytes());
-                h.update(len.to_le_bytes());
+                let mut file = std::fs::File::open(f).map_err(|e| LociError::io(f, e))?;
+                let len = file.metadata().map_err(|e| LociError::io(f, e))?.len();
+                let word = read_next(&mut file, f, 8)?;
+                let n = word.get(..8).map_or(0, |b| {
+                    u64::from_le_bytes(b.try_into().expect("8 bytes")).min(1 << 27)
+                });
+                let mut head = word;
+                head.extend(read_next(&mut file, f, n as usize)?);
+                heads.push((head, len));
             }
+            let heads: Vec<(&[u8], u64)> = heads.iter().map(|(h, l)| (&h[..], *l)).collect();
+            let fingerprint = hf_fingerprint(&config, &heads);
             let src = WeightSource::mmap(&files)?;
             let model = Model::from_source(&cfg, &src, dtype, device)?;
             let tok = Tokenizer::from_json(&read(&path.join("tokenizer.json"))?, cfg.eos_token_id)?;
-            Ok(Self::new(name, "safetensors", model, tok, short_hash(h)))
+            Ok(Self::new(name, "safetensors", model, tok, fingerprint))
         }
 
         /// Writes the model (as it is now, edits included) as a Hugging Face folder.

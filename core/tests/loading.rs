@@ -85,6 +85,14 @@ fn models_load_from_bytes_as_in_the_browser() {
         last_logits(&from_files, PROMPT),
         last_logits(&from_bytes, PROMPT)
     );
+    // The same fingerprint either way: statistics `loci stats` makes fit the tab's copy.
+    assert_eq!(from_files.info.fingerprint, from_bytes.info.fingerprint);
+    let other = LoadedModel::load(
+        &common::fixtures().join("tiny-gpt2"),
+        DType::F32,
+        &Device::Cpu,
+    );
+    assert_ne!(other.unwrap().info.fingerprint, from_files.info.fingerprint);
     let e = LoadedModel::from_hf_bytes(
         "x",
         &read("config.json"),
@@ -99,6 +107,8 @@ fn models_load_from_bytes_as_in_the_browser() {
         let bytes = std::fs::read(&gguf).unwrap();
         let lm = LoadedModel::from_gguf_bytes("smollm2", &bytes, DType::F32, &Device::Cpu).unwrap();
         assert_eq!(lm.predict(PROMPT, 1).unwrap().top[0].token, " Paris");
+        let on_disk = LoadedModel::load(&gguf, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(lm.info.fingerprint, on_disk.info.fingerprint);
     }
 }
 

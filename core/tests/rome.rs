@@ -79,6 +79,34 @@ fn tiny() -> LoadedModel {
     common::tiny("tiny-gpt2")
 }
 
+/// The tab's workers each collect a share of the corpus; merged, the parts equal one pass over
+/// all of it, and parts of different layers do not merge.
+#[test]
+fn statistics_collected_in_parts_merge_to_the_whole() {
+    let lm = tiny();
+    let texts = common::wiki_texts(9);
+    let collect = |part: &[String], layers: &[usize]| {
+        let mut acc = StatsAccumulator::new(&lm, layers, 64).unwrap();
+        acc.add_texts(&lm, part).unwrap();
+        acc.finish(&lm, "wiki").unwrap().remove(0)
+    };
+    let whole = collect(&texts, &[2]);
+    let (a, b) = texts.split_at(4);
+    let merged = KeyStats::merge(&[collect(a, &[2]), collect(b, &[2])]).unwrap();
+    assert_eq!(merged.provenance, whole.provenance);
+    let (m, w) = (
+        merged.mom2.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        whole.mom2.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+    );
+    let scale = w.iter().fold(0f32, |x, v| x.max(v.abs()));
+    for (x, y) in m.iter().zip(&w) {
+        assert!((x - y).abs() <= 1e-5 * scale, "{x} vs {y}");
+    }
+    let err = KeyStats::merge(&[collect(a, &[2]), collect(b, &[1])]).unwrap_err();
+    assert!(err.to_string().contains("cannot merge"), "{err}");
+    assert!(KeyStats::merge(&[]).is_err());
+}
+
 #[test]
 fn statistics_equal_a_naive_sum_and_refuse_other_layers() {
     let lm = tiny();

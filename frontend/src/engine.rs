@@ -20,7 +20,10 @@ use crate::protocol::FileRef;
 pub const TAB_BUDGET_BYTES: u64 = 2_500_000_000;
 pub const TAB_MODEL_LIMIT_BYTES: u64 = 1_500_000_000;
 pub const HF_GPT2: &str = "https://huggingface.co/openai-community/gpt2/resolve/main";
-pub const SUBJECTS_URL: &str = "/static/data/known_1000.json";
+/// Relative, so a static build works at any path of its host.
+pub const SUBJECTS_URL: &str = "static/data/known_1000.json";
+/// The static build's list of the models it ships (`scripts/build-static.sh`).
+pub const STATIC_MODELS_URL: &str = "models.json";
 
 #[derive(Clone, Debug, Deserialize)]
 pub struct ServerFile {
@@ -34,6 +37,16 @@ pub struct ModelListing {
     pub size_bytes: u64,
     #[serde(default)]
     pub files: Vec<ServerFile>,
+    /// Key statistics shipped beside a static build's model.
+    #[serde(default)]
+    pub stats: Vec<ShippedStats>,
+}
+
+/// A statistics file shipped with a static build, relative to its model's folder.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct ShippedStats {
+    pub layer: usize,
+    pub file: String,
 }
 
 /// A model the picker offers, and where it can run.
@@ -46,18 +59,78 @@ pub struct Choice {
     pub files: Vec<FileRef>,
     /// Its weights in f32, the tab's working precision.
     pub f32_bytes: u64,
+    /// Key statistics files that come with it, by layer (a static build's).
+    pub stats: Vec<(usize, String)>,
+}
+
+/// f32 bytes of a model from its listed size (GGUF files are 4-bit: about 7x once dequantised).
+fn f32_size(m: &ModelListing) -> u64 {
+    if m.format == "gguf" {
+        m.size_bytes * 7
+    } else {
+        m.size_bytes
+    }
+}
+
+/// The models a static build ships (its `models.json`): files beside the page, tab only.
+pub fn static_choices(list: &[ModelListing]) -> Vec<Choice> {
+    let mut v: Vec<Choice> = list
+        .iter()
+        .map(|m| {
+            let base = format!("models/{}", url_part(&m.name));
+            Choice {
+                name: m.name.clone(),
+                label: format!(
+                    "{} ({}, {:.0} MB, shipped with this page)",
+                    m.name,
+                    m.format,
+                    m.size_bytes as f64 / 1e6
+                ),
+                on_server: false,
+                files: m
+                    .files
+                    .iter()
+                    .map(|f| FileRef {
+                        name: f.name.clone(),
+                        url: format!("{base}/{}", url_part(&f.name)),
+                    })
+                    .collect(),
+                f32_bytes: f32_size(m),
+                stats: m
+                    .stats
+                    .iter()
+                    .map(|s| (s.layer, format!("{base}/{}", s.file)))
+                    .collect(),
+            }
+        })
+        .collect();
+    v.push(hub_gpt2());
+    v
+}
+
+/// GPT-2 small from the Hugging Face hub (the tab fetches these three files when online).
+fn hub_gpt2() -> Choice {
+    Choice {
+        name: "gpt2".into(),
+        label: "gpt2 (Hugging Face hub, 548 MB, this tab only, needs internet)".into(),
+        on_server: false,
+        files: ["config.json", "tokenizer.json", "model.safetensors"]
+            .iter()
+            .map(|f| FileRef {
+                name: f.to_string(),
+                url: format!("{HF_GPT2}/{f}"),
+            })
+            .collect(),
+        f32_bytes: 548_000_000,
+        stats: vec![],
+    }
 }
 
 pub fn choices(list: &[ModelListing]) -> Vec<Choice> {
     let mut v: Vec<Choice> = list
         .iter()
         .map(|m| {
-            // GGUF files are 4-bit: about 7x bigger once dequantised.
-            let f32_bytes = if m.format == "gguf" {
-                m.size_bytes * 7
-            } else {
-                m.size_bytes
-            };
+            let f32_bytes = f32_size(m);
             Choice {
                 name: m.name.clone(),
                 label: format!(
@@ -80,23 +153,12 @@ pub fn choices(list: &[ModelListing]) -> Vec<Choice> {
                     })
                     .collect(),
                 f32_bytes,
+                stats: vec![],
             }
         })
         .collect();
     if v.iter().all(|c| c.name != "gpt2") {
-        v.push(Choice {
-            name: "gpt2".into(),
-            label: "gpt2 (Hugging Face hub, 548 MB, this tab only, needs internet)".into(),
-            on_server: false,
-            files: ["config.json", "tokenizer.json", "model.safetensors"]
-                .iter()
-                .map(|f| FileRef {
-                    name: f.to_string(),
-                    url: format!("{HF_GPT2}/{f}"),
-                })
-                .collect(),
-            f32_bytes: 548_000_000,
-        });
+        v.push(hub_gpt2());
     }
     v
 }
@@ -128,9 +190,41 @@ pub fn pick_engine(c: &Choice, mode: Mode) -> Result<Engine, String> {
     }
 }
 
+/// Where an edit of `c` runs under `mode`, and why: on the server when it has the model (its
+/// key statistics are there, and its edits are every visitor's), unless the user picks this
+/// tab; in the tab for a model only the tab has.
+pub fn edit_engine(c: &Choice, mode: Mode) -> Result<(Engine, String), String> {
+    match mode {
+        Mode::Server if c.on_server => Ok((Engine::Server, "you chose the server".into())),
+        Mode::Server => Err(format!(
+            "{} is not on this server; run it in the tab",
+            c.name
+        )),
+        Mode::Tab if !c.files.is_empty() => Ok((
+            Engine::Tab,
+            "you chose this tab: its statistics and edits are this tab's own".into(),
+        )),
+        Mode::Tab => Err(format!("{} can only run on the server", c.name)),
+        Mode::Auto if c.on_server => Ok((
+            Engine::Server,
+            "the server has this model and its key statistics; choose \"this tab\" to edit here"
+                .into(),
+        )),
+        Mode::Auto if !c.files.is_empty() => Ok((
+            Engine::Tab,
+            format!(
+                "{} runs only in this tab: statistics and edits are made here",
+                c.name
+            ),
+        )),
+        Mode::Auto => Err(format!("{} has no files for the tab", c.name)),
+    }
+}
+
 /// The tab's loaded model: a pool of workers, each with a copy.
 pub struct TabModel {
     pub name: String,
+    pub info: loci_core::ModelInfo,
     pub pool: Rc<Pool>,
     /// The server's edits the tab's copies carry, oldest first.
     pub edits: Rc<RefCell<Vec<u64>>>,
@@ -148,16 +242,19 @@ pub type Download = WriteSignal<Option<(u64, u64)>>;
 pub async fn tab_pool(
     slot: &Rc<RefCell<Option<TabModel>>>,
     c: &Choice,
+    mode: Mode,
     status: Status,
     download: Download,
 ) -> Result<Rc<Pool>, String> {
+    // Chosen explicitly, the tab's copy keeps its own edits; else it follows the server's.
+    let follow = c.on_server && mode != Mode::Tab;
     let reused = slot
         .borrow()
         .as_ref()
         .filter(|t| t.name == c.name)
         .map(|t| (t.pool.clone(), t.edits.clone()));
     if let Some((pool, edits)) = reused {
-        if c.on_server {
+        if follow {
             sync_edits(&pool, &edits, &c.name).await?;
         }
         return Ok(pool);
@@ -201,13 +298,14 @@ pub async fn tab_pool(
         format!("Loading {} into {n} workers of this tab…", c.name),
     );
     let pool = Pool::new(n);
-    pool.load(&c.name, c.files.clone(), SUBJECTS_URL).await?;
+    let info = pool.load(&c.name, c.files.clone(), SUBJECTS_URL).await?;
     let edits = Rc::new(RefCell::new(vec![]));
-    if c.on_server {
+    if follow {
         sync_edits(&pool, &edits, &c.name).await?;
     }
     *slot.borrow_mut() = Some(TabModel {
         name: c.name.clone(),
+        info,
         pool: pool.clone(),
         edits,
     });
@@ -225,10 +323,12 @@ pub async fn sync_edits(pool: &Pool, have: &RefCell<Vec<u64>>, model: &str) -> R
             .map(|e| e.id)
             .collect();
     let mine = have.borrow().clone();
-    if server == mine {
+    // Edits the tab made itself are not the server's: following the server drops them.
+    let own = pool.edit_files().len() != mine.len();
+    if server == mine && !own {
         return Ok(());
     }
-    let keep = if server.starts_with(&mine) {
+    let keep = if server.starts_with(&mine) && !own {
         mine.len()
     } else {
         pool.undo_edit(true).await?;
@@ -259,7 +359,7 @@ impl Runner {
         download: Download,
     ) -> Result<Self, String> {
         Ok(match pick_engine(c, mode)? {
-            Engine::Tab => Runner::Tab(tab_pool(slot, c, status, download).await?),
+            Engine::Tab => Runner::Tab(tab_pool(slot, c, mode, status, download).await?),
             Engine::Server => Runner::Server,
         })
     }
@@ -343,7 +443,44 @@ mod tests {
             files: vec![ServerFile {
                 name: format!("{name}.{format}"),
             }],
+            stats: vec![],
         }
+    }
+
+    #[test]
+    fn a_static_build_ships_its_models_and_statistics_for_the_tab() {
+        let mut smol = listing("smol", "gguf", 98_000_000);
+        smol.stats.push(ShippedStats {
+            layer: 4,
+            file: "stats/layer4.safetensors".into(),
+        });
+        let c = static_choices(&[smol]);
+        assert_eq!(c.len(), 2, "GPT-2 from the hub too");
+        let smol = &c[0];
+        assert!(!smol.on_server);
+        // Relative URLs: the build works at any path of its host.
+        assert_eq!(smol.files[0].url, "models/smol/smol.gguf");
+        assert_eq!(
+            smol.stats,
+            vec![(4, "models/smol/stats/layer4.safetensors".to_string())]
+        );
+        assert_eq!(pick_engine(smol, Mode::Auto), Ok(Engine::Tab));
+        let (engine, why) = edit_engine(smol, Mode::Auto).unwrap();
+        assert_eq!(engine, Engine::Tab);
+        assert!(why.contains("only in this tab"), "{why}");
+        assert!(edit_engine(smol, Mode::Server).is_err());
+    }
+
+    #[test]
+    fn edits_of_a_server_model_run_on_the_server_unless_the_tab_is_chosen() {
+        let c = choices(&[listing("smol", "gguf", 98_000_000)]);
+        assert_eq!(edit_engine(&c[0], Mode::Auto).unwrap().0, Engine::Server);
+        assert_eq!(edit_engine(&c[0], Mode::Tab).unwrap().0, Engine::Tab);
+        assert_eq!(
+            edit_engine(&c[1], Mode::Auto).unwrap().0,
+            Engine::Tab,
+            "the hub's GPT-2"
+        );
     }
 
     #[test]

@@ -131,6 +131,27 @@ pub async fn bytes(url: &str) -> Result<Vec<u8>, String> {
     Ok(Uint8Array::new(&buf).to_vec())
 }
 
+/// The bytes kept in the cache under `key` (a URL of this site's), if any.
+pub async fn from_cache(key: &str) -> Option<Vec<u8>> {
+    let r = cached(key).await?;
+    let buf = JsFuture::from(r.array_buffer().ok()?).await.ok()?;
+    Some(Uint8Array::new(&buf).to_vec())
+}
+
+/// Keeps `bytes` in the cache under `key`, for the next visit (nothing where there is no
+/// Cache API).
+pub async fn keep(key: &str, bytes: &[u8]) -> Result<(), String> {
+    let Some(c) = cache().await else {
+        return Ok(());
+    };
+    let arr = Uint8Array::from(bytes);
+    let resp = Response::new_with_opt_buffer_source(Some(&arr)).map_err(err)?;
+    JsFuture::from(c.put_with_str(key, &resp))
+        .await
+        .map_err(|e| format!("cannot store {key} in the browser cache: {}", err(e)))?;
+    Ok(())
+}
+
 /// Milliseconds since an arbitrary origin, in the page and in workers.
 pub fn now_ms() -> f64 {
     js_sys::Date::now()

@@ -4,6 +4,7 @@
 //! engine `loci_frontend::engine` picks: this tab's workers or the server.
 
 mod components;
+mod link;
 mod nav;
 mod screens;
 mod state;
@@ -27,8 +28,10 @@ fn App() -> impl IntoView {
     let s = Shared::new();
     provide_context(s);
     s.load();
-    provide_context(TraceState::new());
-    provide_context(EditState::new());
+    let (trace, edit) = (TraceState::new(), EditState::new());
+    provide_context(trace);
+    provide_context(edit);
+    link::follow(s, trace, edit);
     provide_context(StudyState::new());
     provide_context(EvalState::new());
     provide_context(BenchState::new());
@@ -37,7 +40,7 @@ fn App() -> impl IntoView {
             <Header />
             <main id="main">
                 <Routes fallback=|| view! { <p class="card">"No such page. " <a href=Screen::Trace.href()>"Go to Trace"</a></p> }>
-                    <Route path=path!("/") view=Screens />
+                    <Route path=path!("/*any") view=Screens />
                 </Routes>
             </main>
         </Router>

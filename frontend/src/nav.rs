@@ -49,7 +49,8 @@ impl Screen {
     }
 
     pub fn href(self) -> String {
-        format!("/?screen={}", self.slug())
+        // Query only: the page keeps its path, so a static build works at any path of its host.
+        format!("?screen={}", self.slug())
     }
 }
 

@@ -1,24 +1,93 @@
-//! The in-tab engine: a pool of model workers, one model copy each. Jobs go to the first
-//! worker; a trace's rows are handed out one at a time to whichever worker is free, so all cores
-//! work without SharedArrayBuffer and a cancel takes effect at the next row.
+//! The in-tab engine: a pool of model workers, one model copy each. A trace's rows and the
+//! statistics' texts are handed out a few at a time to whichever worker is free, so all cores
+//! work without SharedArrayBuffer and a cancel takes effect at the next row. An edit is computed
+//! by one worker, its steps streamed, and its file then applied by the others.
+//!
+//! A worker that stops (out of memory, or any uncaught error) is terminated and replaced: the
+//! pool keeps what brings a fresh worker to the others' state (the model, its statistics, its
+//! edits, in order) and replays it before the next job. Cancelling an edit terminates its worker
+//! the same way, so the other copies never see the edit.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-use futures_channel::mpsc::{unbounded, UnboundedReceiver};
+use futures_channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 use futures_util::lock::Mutex;
 use futures_util::StreamExt;
-use gloo_worker::{Spawnable, WorkerBridge};
+use loci_core::edit::{EditReport, MemitReport, StatsProvenance};
 use loci_core::trace::{TraceHeader, TraceKind, TraceRequest};
 use loci_core::{ModelInfo, Prediction};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen::JsCast;
+use web_sys::{ErrorEvent, MessageEvent, Worker};
 
-use crate::protocol::{FileRef, FromWorker, Json, ToWorker};
-use crate::worker::ModelWorker;
+use crate::protocol::{decode, encode, Bytes, EditJob, FileRef, FromWorker, StudyJob, ToWorker};
+use loci_core::study::StudyLine;
+
+/// Texts per statistics message: about a second of work, so progress and cancel are prompt.
+const STATS_TEXTS_PER_MESSAGE: usize = 4;
+
+/// One worker: its messages wait until its code runs.
+struct Slot {
+    worker: Worker,
+    ready: Rc<Cell<bool>>,
+    waiting: Rc<RefCell<Vec<String>>>,
+    _on_message: Closure<dyn FnMut(MessageEvent)>,
+    _on_error: Closure<dyn FnMut(ErrorEvent)>,
+}
+
+impl Slot {
+    fn send(&self, msg: &ToWorker) {
+        let text = encode(msg);
+        if self.ready.get() {
+            let _ = self.worker.post_message(&JsValue::from_str(&text));
+        } else {
+            self.waiting.borrow_mut().push(text);
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.worker.terminate();
+    }
+}
+
+/// What brings a new worker to the state of the others, in order.
+#[derive(Default)]
+struct Setup {
+    load: Option<ToWorker>,
+    stats: Vec<Bytes>,
+    edits: Vec<Bytes>,
+}
+
+type Inbox = (usize, u64, FromWorker);
 
 pub struct Pool {
-    bridges: Vec<WorkerBridge<ModelWorker>>,
-    inbox: Mutex<UnboundedReceiver<(usize, FromWorker)>>,
+    /// None: a stopped worker, replaced before the next job.
+    slots: RefCell<Vec<Option<Slot>>>,
+    /// Each slot's generation: messages of a terminated worker are dropped.
+    generation: RefCell<Vec<u64>>,
+    tx: UnboundedSender<Inbox>,
+    inbox: Mutex<UnboundedReceiver<Inbox>>,
     next_job: Cell<u64>,
+    setup: RefCell<Setup>,
+    /// A worker's out-of-memory report, kept for the message when it stops.
+    oom: RefCell<Vec<Option<(u64, u64)>>>,
+}
+
+/// An edit made in the tab: its file and read-out.
+pub struct TabEdit {
+    pub file: Vec<u8>,
+    pub report: Option<EditReport>,
+    pub memit: Option<MemitReport>,
+}
+
+/// What an edit job ended with.
+pub enum EditOutcome {
+    Done(Box<TabEdit>),
+    /// Nothing was changed: these layers' key statistics are needed first.
+    NeedsStats(Vec<usize>),
 }
 
 /// Workers for a model of `model_bytes` (its f32 size): one per core, while the copies fit in
@@ -36,81 +105,235 @@ pub fn cores() -> usize {
         .max(1)
 }
 
+fn gb(bytes: u64) -> String {
+    format!("{:.2} GB", bytes as f64 / 1e9)
+}
+
 impl Pool {
     pub fn new(workers: usize) -> Rc<Self> {
         let (tx, rx) = unbounded();
-        let bridges = (0..workers.max(1))
-            .map(|i| {
-                let tx = tx.clone();
-                ModelWorker::spawner()
-                    .callback(move |out| {
-                        let _ = tx.unbounded_send((i, out));
-                    })
-                    .encoding::<Json>()
-                    .as_module(false)
-                    .with_loader(true)
-                    .spawn("./worker_loader.js")
-            })
-            .collect();
-        Rc::new(Self {
-            bridges,
+        let n = workers.max(1);
+        let pool = Rc::new(Self {
+            slots: RefCell::new((0..n).map(|_| None).collect()),
+            generation: RefCell::new(vec![0; n]),
+            tx,
             inbox: Mutex::new(rx),
             next_job: Cell::new(1),
-        })
+            setup: RefCell::new(Setup::default()),
+            oom: RefCell::new(vec![None; n]),
+        });
+        for i in 0..n {
+            pool.spawn(i);
+        }
+        pool
+    }
+
+    /// Starts worker `i` (a new generation of it).
+    fn spawn(&self, i: usize) {
+        let gen = {
+            let mut g = self.generation.borrow_mut();
+            g[i] += 1;
+            g[i]
+        };
+        let worker = Worker::new("./worker_loader.js").expect("the browser starts workers");
+        let ready = Rc::new(Cell::new(false));
+        let waiting: Rc<RefCell<Vec<String>>> = Rc::default();
+        let tx = self.tx.clone();
+        let (w, r, q) = (worker.clone(), ready.clone(), waiting.clone());
+        let on_message = Closure::<dyn FnMut(MessageEvent)>::new(move |e: MessageEvent| {
+            let text = e.data().as_string().unwrap_or_default();
+            let msg =
+                decode::<FromWorker>(&text).unwrap_or_else(|message| FromWorker::Error { message });
+            if let FromWorker::Ready = msg {
+                r.set(true);
+                for t in q.borrow_mut().drain(..) {
+                    let _ = w.post_message(&JsValue::from_str(&t));
+                }
+                return;
+            }
+            let _ = tx.unbounded_send((i, gen, msg));
+        });
+        let tx = self.tx.clone();
+        let on_error = Closure::<dyn FnMut(ErrorEvent)>::new(move |e: ErrorEvent| {
+            e.prevent_default();
+            let message = e.message();
+            let _ = tx.unbounded_send((i, gen, FromWorker::Crashed { message }));
+        });
+        worker.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+        worker.set_onerror(Some(on_error.as_ref().unchecked_ref()));
+        self.oom.borrow_mut()[i] = None;
+        self.slots.borrow_mut()[i] = Some(Slot {
+            worker,
+            ready,
+            waiting,
+            _on_message: on_message,
+            _on_error: on_error,
+        });
     }
 
     pub fn workers(&self) -> usize {
-        self.bridges.len()
+        self.slots.borrow().iter().filter(|s| s.is_some()).count()
     }
 
+    fn alive(&self) -> Vec<usize> {
+        let slots = self.slots.borrow();
+        (0..slots.len()).filter(|&i| slots[i].is_some()).collect()
+    }
+
+    fn send(&self, i: usize, msg: &ToWorker) {
+        if let Some(s) = &self.slots.borrow()[i] {
+            s.send(msg);
+        }
+    }
+
+    /// Stops worker `i` now (its job's work is lost; the others are untouched).
+    fn stop(&self, i: usize) {
+        self.slots.borrow_mut()[i] = None;
+        self.generation.borrow_mut()[i] += 1;
+    }
+
+    /// The next message of a live worker. A worker that stopped is terminated and its message
+    /// says why, naming the memory limit when that was it.
     async fn recv(&self) -> Result<(usize, FromWorker), String> {
         let mut inbox = self
             .inbox
             .try_lock()
             .ok_or_else(|| "the tab engine is busy with another job".to_string())?;
-        inbox
-            .next()
-            .await
-            .ok_or_else(|| "the model workers stopped".to_string())
+        loop {
+            let (i, gen, msg) = inbox
+                .next()
+                .await
+                .ok_or_else(|| "the model workers stopped".to_string())?;
+            if self.generation.borrow()[i] != gen {
+                continue; // a terminated worker's late message
+            }
+            match msg {
+                FromWorker::OutOfMemory { bytes, heap } => {
+                    self.oom.borrow_mut()[i] = Some((bytes, heap));
+                }
+                FromWorker::Crashed { message } => {
+                    let why = match self.oom.borrow()[i] {
+                        Some((bytes, heap)) => format!(
+                            "worker {} ran out of memory: it asked for {} more with {} in use, and \
+                             a tab's worker can use at most 4 GiB (WebAssembly's 32-bit memory) or \
+                             what the browser allows. The pool replaces it; the other workers go on",
+                            i + 1,
+                            gb(bytes),
+                            gb(heap)
+                        ),
+                        None => format!(
+                            "worker {} stopped ({message}); the pool replaces it",
+                            i + 1
+                        ),
+                    };
+                    self.stop(i);
+                    return Ok((i, FromWorker::Crashed { message: why }));
+                }
+                other => return Ok((i, other)),
+            }
+        }
+    }
+
+    /// Replaces stopped workers: each loads the model and takes the statistics and edits the
+    /// others have, in order, before the job goes on.
+    async fn ensure(&self) -> Result<(), String> {
+        let dead: Vec<usize> = {
+            let slots = self.slots.borrow();
+            (0..slots.len()).filter(|&i| slots[i].is_none()).collect()
+        };
+        for i in dead {
+            self.spawn(i);
+            let mut msgs = vec![];
+            {
+                let setup = self.setup.borrow();
+                msgs.extend(setup.load.clone());
+                if !setup.stats.is_empty() {
+                    msgs.push(ToWorker::UseStats {
+                        files: setup.stats.clone(),
+                    });
+                }
+                msgs.extend(
+                    setup
+                        .edits
+                        .iter()
+                        .map(|b| ToWorker::ApplyEdit { bytes: b.clone() }),
+                );
+            }
+            for m in msgs {
+                self.send(i, &m);
+                loop {
+                    match self.recv().await? {
+                        (j, FromWorker::Error { message } | FromWorker::Crashed { message })
+                            if j == i =>
+                        {
+                            self.stop(i);
+                            return Err(format!("a replacement worker failed: {message}"));
+                        }
+                        (j, _) if j == i => break,
+                        _ => {} // a cancelled job's late rows
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Sends `msg` to every worker and waits for each one's answer (`pick` turns it into a value;
     /// other messages are a cancelled job's late rows). The first error wins, but only once
     /// every worker has answered, so no reply is left over for the next job.
-    async fn ask_all<T>(
+    async fn ask(
         &self,
+        to: &[usize],
         msg: ToWorker,
-        pick: impl Fn(FromWorker) -> Option<T>,
-    ) -> Result<T, String> {
-        for b in &self.bridges {
-            b.send(msg.clone());
+        pick: impl Fn(FromWorker) -> Option<FromWorker>,
+    ) -> Result<Vec<FromWorker>, String> {
+        for &i in to {
+            self.send(i, &msg);
         }
-        let (mut value, mut failed, mut replies) = (None, None, 0);
-        while replies < self.bridges.len() {
-            match self.recv().await?.1 {
-                FromWorker::Error { message } => {
+        let (mut values, mut failed, mut waiting) = (vec![], None, to.to_vec());
+        while !waiting.is_empty() {
+            let (i, m) = self.recv().await?;
+            if !waiting.contains(&i) {
+                continue;
+            }
+            match m {
+                FromWorker::Error { message } | FromWorker::Crashed { message } => {
                     failed.get_or_insert(message);
                 }
                 other => match pick(other) {
-                    Some(v) => value = Some(v),
+                    Some(v) => values.push(v),
                     None => continue,
                 },
             }
-            replies += 1;
+            waiting.retain(|&j| j != i);
         }
-        match (failed, value) {
-            (Some(e), _) => Err(e),
-            (None, Some(v)) => Ok(v),
-            (None, None) => Err("no worker answered".into()),
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(values),
         }
     }
 
+    async fn ask_all(
+        &self,
+        msg: ToWorker,
+        pick: impl Fn(FromWorker) -> Option<FromWorker>,
+    ) -> Result<Vec<FromWorker>, String> {
+        self.ensure().await?;
+        self.ask(&self.alive(), msg, pick).await
+    }
+
     async fn load_all(&self, msg: ToWorker) -> Result<ModelInfo, String> {
-        self.ask_all(msg, |m| match m {
-            FromWorker::Loaded { info, .. } => Some(info),
-            _ => None,
-        })
-        .await
+        *self.setup.borrow_mut() = Setup {
+            load: Some(msg.clone()),
+            ..Default::default()
+        };
+        let mut out = self
+            .ask_all(msg, |m| matches!(m, FromWorker::Loaded { .. }).then_some(m))
+            .await?;
+        match out.pop() {
+            Some(FromWorker::Loaded { info, .. }) => Ok(info),
+            _ => Err("no worker answered".into()),
+        }
     }
 
     pub async fn load(
@@ -134,65 +357,360 @@ impl Pool {
         .await
     }
 
+    /// One worker's answer to `msg` (`pick` keeps the expected kind).
+    async fn ask_one(
+        &self,
+        msg: ToWorker,
+        pick: impl Fn(&FromWorker) -> bool,
+    ) -> Result<FromWorker, String> {
+        self.ensure().await?;
+        let w = *self.alive().first().ok_or("no model worker is running")?;
+        let mut out = self.ask(&[w], msg, |m| pick(&m).then_some(m)).await?;
+        out.pop().ok_or_else(|| "no worker answered".into())
+    }
+
     pub async fn predict(&self, prompt: &str, top: usize) -> Result<Prediction, String> {
-        self.bridges[0].send(ToWorker::Predict {
+        let msg = ToWorker::Predict {
             prompt: prompt.to_string(),
             top,
-        });
-        loop {
-            match self.recv().await?.1 {
-                FromWorker::Prediction(p) => return Ok(p),
-                FromWorker::Error { message } => return Err(message),
-                _ => {} // late rows of a cancelled trace
+        };
+        match self
+            .ask_one(msg, |m| matches!(m, FromWorker::Prediction(_)))
+            .await?
+        {
+            FromWorker::Prediction(p) => Ok(p),
+            _ => unreachable!("picked"),
+        }
+    }
+
+    /// A digest of the weights edits change, the same in every worker (else an error).
+    pub async fn digest(&self) -> Result<String, String> {
+        let all = self
+            .ask_all(ToWorker::Digest, |m| {
+                matches!(m, FromWorker::Digest { .. }).then_some(m)
+            })
+            .await?;
+        let digests: Vec<String> = all
+            .into_iter()
+            .filter_map(|m| match m {
+                FromWorker::Digest { digest } => Some(digest),
+                _ => None,
+            })
+            .collect();
+        match &digests[..] {
+            [first, rest @ ..] if rest.iter().all(|d| d == first) => Ok(first.clone()),
+            _ => Err(format!("the workers' weights differ: {digests:?}")),
+        }
+    }
+
+    async fn edits_reply(&self, to: &[usize], msg: ToWorker) -> Result<usize, String> {
+        let out = self
+            .ask(to, msg, |m| {
+                matches!(m, FromWorker::Edits { .. }).then_some(m)
+            })
+            .await?;
+        match out.first() {
+            Some(FromWorker::Edits { count }) => Ok(*count),
+            _ => Ok(0),
+        }
+    }
+
+    /// Applies an edit file in every worker; returns the number of edits applied. Any worker
+    /// that fails is replaced, so all copies end equal.
+    pub async fn apply_edit(&self, bytes: Vec<u8>) -> Result<usize, String> {
+        self.ensure().await?;
+        let to = self.alive();
+        let bytes = Bytes(bytes);
+        let msg = ToWorker::ApplyEdit {
+            bytes: bytes.clone(),
+        };
+        match self.edits_reply(&to, msg).await {
+            Ok(n) => {
+                self.setup.borrow_mut().edits.push(bytes);
+                Ok(n)
+            }
+            Err(e) => {
+                // A bad file fails in every worker and changes none; anything else leaves
+                // copies that differ, so all are rebuilt from the edits they share.
+                self.rebuild_if_split(&to).await;
+                Err(e)
             }
         }
     }
 
-    /// Sends an edit or undo to every worker; returns the edits now applied.
-    async fn edit_all(&self, msg: ToWorker) -> Result<usize, String> {
-        self.ask_all(msg, |m| match m {
-            FromWorker::Edits { count } => Some(count),
-            _ => None,
-        })
-        .await
-    }
-
-    /// Applies an edit file in every worker; returns the number of edits applied.
-    pub async fn apply_edit(&self, bytes: Vec<u8>) -> Result<usize, String> {
-        self.edit_all(ToWorker::ApplyEdit { bytes }).await
+    /// After a failed edit: when the copies may differ, stop them all (replaced next job).
+    async fn rebuild_if_split(&self, to: &[usize]) {
+        if self.digest().await.is_err() {
+            for &i in to {
+                self.stop(i);
+            }
+        }
     }
 
     pub async fn undo_edit(&self, all: bool) -> Result<usize, String> {
-        self.edit_all(ToWorker::UndoEdit { all }).await
+        self.ensure().await?;
+        let n = self
+            .edits_reply(&self.alive(), ToWorker::UndoEdit { all })
+            .await?;
+        let mut setup = self.setup.borrow_mut();
+        if all {
+            setup.edits.clear();
+        } else {
+            setup.edits.pop();
+        }
+        Ok(n)
     }
 
-    /// Runs a trace over the pool. `on_row` returning false cancels it.
+    /// Edits now applied (the files, oldest first).
+    pub fn edit_files(&self) -> Vec<Vec<u8>> {
+        self.setup
+            .borrow()
+            .edits
+            .iter()
+            .map(|b| b.0.clone())
+            .collect()
+    }
+
+    /// Gives every worker these statistics files (each checked against the model first).
+    pub async fn use_stats(&self, files: Vec<Vec<u8>>) -> Result<Vec<StatsProvenance>, String> {
+        let files: Vec<Bytes> = files.into_iter().map(Bytes).collect();
+        let out = self
+            .ask_all(
+                ToWorker::UseStats {
+                    files: files.clone(),
+                },
+                |m| matches!(m, FromWorker::StatsHeld { .. }).then_some(m),
+            )
+            .await?;
+        self.setup.borrow_mut().stats.extend(files);
+        match out.into_iter().next() {
+            Some(FromWorker::StatsHeld { held }) => Ok(held),
+            _ => Ok(vec![]),
+        }
+    }
+
+    /// Collects key statistics of `layers` over `texts` (in order, until `goal` tokens), spread
+    /// over the workers; returns each worker's share per layer (to merge). `on_tokens` hears
+    /// the tokens so far; false cancels.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn collect_stats(
+        &self,
+        layers: &[usize],
+        max_len: usize,
+        texts: &[String],
+        corpus: &str,
+        goal: u64,
+        mut on_tokens: impl FnMut(u64) -> bool,
+    ) -> Result<Vec<Vec<Vec<u8>>>, String> {
+        self.ensure().await?;
+        let to = self.alive();
+        let begin = ToWorker::StatsBegin {
+            layers: layers.to_vec(),
+            max_len,
+        };
+        self.ask(&to, begin, Some).await?;
+        let mut chunks: Vec<Vec<String>> = texts
+            .chunks(STATS_TEXTS_PER_MESSAGE)
+            .map(<[String]>::to_vec)
+            .rev()
+            .collect();
+        let mut seen = vec![0u64; self.slots.borrow().len()];
+        let mut busy = 0;
+        for &i in &to {
+            if let Some(c) = chunks.pop() {
+                self.send(i, &ToWorker::StatsTexts { texts: c });
+                busy += 1;
+            }
+        }
+        while busy > 0 {
+            let (i, m) = self.recv().await?;
+            match m {
+                FromWorker::StatsTokens { tokens } => {
+                    busy -= 1;
+                    seen[i] = tokens;
+                    let total: u64 = seen.iter().sum();
+                    if !on_tokens(total) {
+                        self.drain(busy).await;
+                        return Err("cancelled".into());
+                    }
+                    if total >= goal {
+                        chunks.clear();
+                    }
+                    if let Some(c) = chunks.pop() {
+                        self.send(i, &ToWorker::StatsTexts { texts: c });
+                        busy += 1;
+                    }
+                }
+                FromWorker::Error { message } | FromWorker::Crashed { message } => {
+                    self.drain(busy - 1).await;
+                    return Err(message);
+                }
+                _ => {} // late rows of a cancelled trace
+            }
+        }
+        let finish = ToWorker::StatsFinish {
+            corpus: corpus.to_string(),
+        };
+        let parts = self
+            .ask(&to, finish, |m| {
+                matches!(m, FromWorker::StatsParts { .. }).then_some(m)
+            })
+            .await?;
+        Ok(parts
+            .into_iter()
+            .filter_map(|m| match m {
+                FromWorker::StatsParts { files } => Some(files.into_iter().map(|b| b.0).collect()),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Waits for `n` outstanding answers, so none is left for the next job.
+    async fn drain(&self, n: usize) {
+        for _ in 0..n {
+            if self.recv().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Runs `msg` in one worker, handing its progress messages to `on_progress` (false cancels:
+    /// that worker is stopped and replaced, the others never see its work); returns the
+    /// worker's last answer.
+    async fn run_one(
+        &self,
+        msg: ToWorker,
+        mut on_progress: impl FnMut(FromWorker) -> bool,
+    ) -> Result<(usize, FromWorker), String> {
+        self.ensure().await?;
+        let w = *self.alive().first().ok_or("no model worker is running")?;
+        self.send(w, &msg);
+        loop {
+            let (i, m) = self.recv().await?;
+            if i != w {
+                continue; // late rows of a cancelled trace
+            }
+            match m {
+                FromWorker::EditStep { .. } | FromWorker::StudyLine(_) => {
+                    if !on_progress(m) {
+                        self.stop(w);
+                        return Err("cancelled".into());
+                    }
+                }
+                FromWorker::Error { message } | FromWorker::Crashed { message } => {
+                    return Err(message)
+                }
+                last => return Ok((w, last)),
+            }
+        }
+    }
+
+    /// Computes an edit in one worker (its steps to `on_step`, which returns false to cancel:
+    /// that worker is stopped and replaced, the others never see the edit), then applies its
+    /// file in every other worker.
+    pub async fn edit(
+        &self,
+        job: EditJob,
+        mut on_step: impl FnMut(&str, usize, usize, f32) -> bool,
+    ) -> Result<EditOutcome, String> {
+        let on_progress = |m: FromWorker| match m {
+            FromWorker::EditStep {
+                phase,
+                step,
+                steps,
+                loss,
+            } => on_step(&phase, step, steps, loss),
+            _ => true,
+        };
+        let edited = match self.run_one(ToWorker::Edit(job), on_progress).await? {
+            (_, FromWorker::NeedsStats { layers }) => return Ok(EditOutcome::NeedsStats(layers)),
+            (
+                editor,
+                FromWorker::Edited {
+                    file,
+                    report,
+                    memit,
+                    ..
+                },
+            ) => (
+                editor,
+                TabEdit {
+                    file: file.0,
+                    report,
+                    memit,
+                },
+            ),
+            (_, other) => return Err(format!("an unexpected answer to an edit: {other:?}")),
+        };
+        let (editor, edited) = edited;
+        let others: Vec<usize> = self.alive().into_iter().filter(|&i| i != editor).collect();
+        let bytes = Bytes(edited.file.clone());
+        let applied = ToWorker::ApplyEdit {
+            bytes: bytes.clone(),
+        };
+        let result = self.edits_reply(&others, applied).await;
+        self.setup.borrow_mut().edits.push(bytes);
+        if result.is_err() {
+            // Copies that could not take it are rebuilt with it from the setup.
+            self.rebuild_if_split(&others).await;
+        }
+        Ok(EditOutcome::Done(Box::new(edited)))
+    }
+
+    /// Runs a study in one worker, each line to `on_line` (false cancels); None when it is
+    /// over, else the layers whose statistics it needs first.
+    pub async fn study(
+        &self,
+        job: StudyJob,
+        mut on_line: impl FnMut(StudyLine) -> bool,
+    ) -> Result<Option<Vec<usize>>, String> {
+        let on_progress = |m: FromWorker| match m {
+            FromWorker::StudyLine(l) => on_line(l),
+            _ => true,
+        };
+        match self.run_one(ToWorker::Study(job), on_progress).await? {
+            (_, FromWorker::StudyDone) => Ok(None),
+            (_, FromWorker::NeedsStats { layers }) => Ok(Some(layers)),
+            (_, other) => Err(format!("an unexpected answer to a study: {other:?}")),
+        }
+    }
+
+    /// Runs a trace over the pool. `on_row` returning false cancels it. A worker that stops
+    /// mid-trace loses only its row, which another worker runs.
     pub async fn trace(
         &self,
         request: &TraceRequest,
         mut on_header: impl FnMut(&TraceHeader),
         mut on_row: impl FnMut(TraceKind, usize, Vec<f32>) -> bool,
     ) -> Result<(), String> {
+        self.ensure().await?;
         let job = self.next_job.get();
         self.next_job.set(job + 1);
-        for b in &self.bridges {
-            b.send(ToWorker::TracePlan {
-                job,
-                request: request.clone(),
-            });
+        let to = self.alive();
+        for &i in &to {
+            self.send(
+                i,
+                &ToWorker::TracePlan {
+                    job,
+                    request: request.clone(),
+                },
+            );
         }
         let drop_all = || {
-            for b in &self.bridges {
-                b.send(ToWorker::TraceDrop { job });
+            for &i in &to {
+                self.send(i, &ToWorker::TraceDrop { job });
             }
         };
         let mut queue: Vec<(TraceKind, usize)> = vec![];
+        let mut running: Vec<Option<(TraceKind, usize)>> = vec![None; self.slots.borrow().len()];
         let (mut total, mut done) = (None::<usize>, 0usize);
-        let give = |w: usize, queue: &mut Vec<(TraceKind, usize)>| {
-            if let Some((kind, token)) = queue.pop() {
-                self.bridges[w].send(ToWorker::TraceRow { job, kind, token });
+        let give = |w: usize, queue: &mut Vec<(TraceKind, usize)>, running: &mut Vec<_>| {
+            running[w] = queue.pop();
+            if let Some((kind, token)) = running[w] {
+                self.send(w, &ToWorker::TraceRow { job, kind, token });
             }
         };
+        let mut planned = vec![];
         loop {
             let (w, msg) = self.recv().await?;
             match msg {
@@ -211,7 +729,8 @@ impl Pool {
                         total = Some(header.total_rows);
                         on_header(&header);
                     }
-                    give(w, &mut queue);
+                    planned.push(w);
+                    give(w, &mut queue, &mut running);
                 }
                 FromWorker::TraceRow {
                     job: j,
@@ -229,7 +748,20 @@ impl Pool {
                         drop_all();
                         return Ok(());
                     }
-                    give(w, &mut queue);
+                    give(w, &mut queue, &mut running);
+                }
+                FromWorker::Crashed { message } => {
+                    // Its row goes back to the queue; an idle planned worker takes it.
+                    if let Some(row) = running[w].take() {
+                        queue.push(row);
+                    }
+                    planned.retain(|&p| p != w);
+                    if self.alive().is_empty() {
+                        return Err(message);
+                    }
+                    if let Some(&idle) = planned.iter().find(|&&p| running[p].is_none()) {
+                        give(idle, &mut queue, &mut running);
+                    }
                 }
                 FromWorker::Error { message } => {
                     drop_all();

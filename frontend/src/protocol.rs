@@ -1,17 +1,64 @@
-//! Messages between the page and a model worker. JSON on the wire: the core's types use serde
-//! defaults and tagged enums that a binary codec would not keep.
+//! Messages between the page and a model worker: JSON text on the wire (the core's types use
+//! serde defaults and tagged enums that a binary codec would not keep), file bytes inside as
+//! base64 (a JSON array of numbers would be four times bigger and slower to parse).
 
-use gloo_worker::Codec;
+use loci_core::edit::{EditMethod, EditReport, MemitReport, Probes, StatsProvenance};
+use loci_core::eval::CounterFactCase;
+use loci_core::study::{EditProblem, StudyLine, StudyMethod};
 use loci_core::trace::{TraceHeader, TraceKind, TraceRequest};
-use loci_core::{ModelInfo, Prediction};
+use loci_core::{ModelInfo, Prediction, RewriteRequest};
 use serde::{Deserialize, Serialize};
-use wasm_bindgen::JsValue;
 
 /// A file of a model, where the worker finds it (the Cache API first, then the network).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FileRef {
     pub name: String,
     pub url: String,
+}
+
+/// File bytes (an edit, key statistics) carried as base64 inside a message.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Bytes(pub Vec<u8>);
+
+impl Serialize for Bytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine;
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use base64::Engine;
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map(Bytes)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// An edit the worker computes: the method, its facts (one for ROME and FT), the layers (empty:
+/// the model's defaults) and the prompts read before and after.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EditJob {
+    pub method: EditMethod,
+    pub requests: Vec<RewriteRequest>,
+    pub layers: Vec<usize>,
+    pub probes: Probes,
+}
+
+/// Hase et al.'s study of one fact (the server's `/api/study` in the tab): each cell's edit
+/// made, scored and undone.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StudyJob {
+    pub case: CounterFactCase,
+    pub methods: Vec<StudyMethod>,
+    pub problems: Vec<EditProblem>,
+    /// Central layers (empty: the study's defaults).
+    pub layers: Vec<usize>,
+    /// Study the fact even when the model does not know it.
+    pub all_cases: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -44,18 +91,43 @@ pub enum ToWorker {
     TraceDrop {
         job: u64,
     },
+    /// Start collecting key statistics of `layers` (texts cut to `max_len` tokens).
+    StatsBegin {
+        layers: Vec<usize>,
+        max_len: usize,
+    },
+    /// Add texts to the statistics being collected.
+    StatsTexts {
+        texts: Vec<String>,
+    },
+    /// End the collection: this worker's share as statistics files, one per layer.
+    StatsFinish {
+        corpus: String,
+    },
+    /// Use these statistics files for edits (each checked against the model and its layer).
+    UseStats {
+        files: Vec<Bytes>,
+    },
+    /// Compute an edit, apply it and read the probes (steps stream as `EditStep`).
+    Edit(EditJob),
+    /// Run a study (its lines stream as `StudyLine`).
+    Study(StudyJob),
     /// Apply a saved edit (the bytes of an edit file) on top of the model's edits.
     ApplyEdit {
-        bytes: Vec<u8>,
+        bytes: Bytes,
     },
     /// Undo the newest edit (`all`: every edit).
     UndoEdit {
         all: bool,
     },
+    /// A digest of the weights an edit can change (every layer's down-projection).
+    Digest,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum FromWorker {
+    /// The worker's code is running and takes messages.
+    Ready,
     Loaded {
         info: ModelInfo,
         seconds: f64,
@@ -72,24 +144,64 @@ pub enum FromWorker {
         scores: Vec<f32>,
         seconds: f64,
     },
+    /// Tokens the worker's statistics have seen so far.
+    StatsTokens {
+        tokens: u64,
+    },
+    StatsParts {
+        files: Vec<Bytes>,
+    },
+    /// The statistics the worker now holds, one per layer.
+    StatsHeld {
+        held: Vec<StatsProvenance>,
+    },
+    /// A step of an edit's optimisation.
+    EditStep {
+        phase: String,
+        step: usize,
+        steps: usize,
+        loss: f32,
+    },
+    /// An edit made and applied: its file, and the read-out (ROME and FT, or MEMIT).
+    Edited {
+        file: Bytes,
+        report: Option<EditReport>,
+        memit: Option<MemitReport>,
+        count: usize,
+    },
+    /// A study's line (the case traced, or an edit scored and undone).
+    StudyLine(StudyLine),
+    /// The study is over; every edit it made is undone.
+    StudyDone,
+    /// The edit or study needs key statistics of these layers first.
+    NeedsStats {
+        layers: Vec<usize>,
+    },
     /// Edits now applied in this worker.
     Edits {
         count: usize,
+    },
+    Digest {
+        digest: String,
+    },
+    /// The worker's memory could not grow: it asked for `bytes` with `heap` in use.
+    OutOfMemory {
+        bytes: u64,
+        heap: u64,
+    },
+    /// The worker stopped with an uncaught error (the page's pool sends this for it).
+    Crashed {
+        message: String,
     },
     Error {
         message: String,
     },
 }
 
-pub struct Json;
+pub fn encode<T: Serialize>(msg: &T) -> String {
+    serde_json::to_string(msg).expect("worker messages serialise")
+}
 
-impl Codec for Json {
-    fn encode<I: Serialize>(input: I) -> JsValue {
-        JsValue::from_str(&serde_json::to_string(&input).expect("worker messages serialise"))
-    }
-
-    fn decode<O: for<'de> Deserialize<'de>>(input: JsValue) -> O {
-        let text = input.as_string().unwrap_or_default();
-        serde_json::from_str(&text).expect("worker messages deserialise")
-    }
+pub fn decode<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, String> {
+    serde_json::from_str(text).map_err(|e| format!("a garbled worker message: {e}"))
 }

@@ -11,10 +11,11 @@ use leptos::prelude::*;
 use leptos::task::spawn_local;
 use loci_core::eval::CounterFactCase;
 use loci_frontend::engine::{
-    choices, say, sync_edits, Choice, EditListing, Mode, ModelListing, Runner, TabModel,
-    SUBJECTS_URL,
+    choices, say, static_choices, sync_edits, tab_pool, Choice, EditListing, Mode, ModelListing,
+    Runner, TabModel, STATIC_MODELS_URL, SUBJECTS_URL,
 };
 use loci_frontend::http::{get, url_part};
+use loci_frontend::pool::Pool;
 use serde::Deserialize;
 
 /// One of `known_1000.json`'s facts.
@@ -24,7 +25,7 @@ pub struct Fact {
     pub prompt: String,
 }
 
-pub const CASES_URL: &str = "/static/data/counterfact_50.json";
+pub const CASES_URL: &str = "static/data/counterfact_50.json";
 
 #[derive(Clone, Copy)]
 pub struct Shared {
@@ -35,6 +36,9 @@ pub struct Shared {
     pub status: ReadSignal<(String, String)>,
     set_status: WriteSignal<(String, String)>,
     pub busy: RwSignal<bool>,
+    /// Whether a Loci server answers (None: not known yet). Without one, the page is a static
+    /// build and every job runs in this tab.
+    pub server: RwSignal<Option<bool>>,
     /// Bytes downloaded and expected while a model file downloads into the tab.
     pub download: ReadSignal<Option<(u64, u64)>>,
     set_download: WriteSignal<Option<(u64, u64)>>,
@@ -57,6 +61,7 @@ impl Shared {
             status,
             set_status,
             busy: RwSignal::new(false),
+            server: RwSignal::new(None),
             download,
             set_download,
             edits: RwSignal::new(vec![]),
@@ -71,16 +76,32 @@ impl Shared {
     /// server's edits of the picked model current (they survive page reloads).
     pub fn load(self) {
         spawn_local(async move {
-            match get::<Vec<ModelListing>>("/api/models").await {
+            let listed = match get::<Vec<ModelListing>>("/api/models").await {
                 Ok(m) => {
-                    let c = choices(&m);
-                    if let Some(first) = c.first() {
+                    self.server.set(Some(true));
+                    Ok((choices(&m), "Ready."))
+                }
+                Err(server) => match get::<Vec<ModelListing>>(STATIC_MODELS_URL).await {
+                    Ok(m) => {
+                        self.server.set(Some(false));
+                        Ok((
+                            static_choices(&m),
+                            "Ready. No Loci server here: everything runs in this tab.",
+                        ))
+                    }
+                    Err(_) => Err(format!("The server did not answer: {server}")),
+                },
+            };
+            match listed {
+                Ok((c, ready)) => {
+                    let wanted = self.model.get_untracked();
+                    if let Some(first) = c.iter().find(|m| m.name == wanted).or(c.first()) {
                         self.model.set(first.name.clone());
                     }
                     self.models.set(c);
-                    self.say("ready", "Ready.");
+                    self.say("ready", ready);
                 }
-                Err(e) => self.say("error", format!("The server did not answer: {e}")),
+                Err(e) => self.say("error", e),
             }
             if let Ok(f) = get::<Vec<Fact>>(SUBJECTS_URL).await {
                 self.facts.set(f);
@@ -162,6 +183,29 @@ impl Shared {
         let tab = self.tab.get_value();
         let mode = self.mode.get_untracked();
         Runner::open(&tab, c, mode, self.set_status, self.set_download).await
+    }
+
+    /// This tab's copy of `c`, loaded if needed (whatever the engine mode says: the caller has
+    /// decided the job runs here).
+    pub async fn tab(&self, c: &Choice) -> Result<(Rc<Pool>, loci_core::ModelInfo), String> {
+        let tab = self.tab.get_value();
+        let mode = self.mode.get_untracked();
+        let pool = tab_pool(&tab, c, mode, self.set_status, self.set_download).await?;
+        let info = tab
+            .borrow()
+            .as_ref()
+            .map(|t| t.info.clone())
+            .ok_or("the tab's model is gone")?;
+        Ok((pool, info))
+    }
+
+    /// The tab's pool when it holds model `name`.
+    pub fn tab_pool_of(&self, name: &str) -> Option<Rc<Pool>> {
+        let tab = self.tab.get_value();
+        let t = tab.borrow();
+        t.as_ref()
+            .filter(|t| t.name == name)
+            .map(|t| t.pool.clone())
     }
 
     /// The engine's status and download signals, for jobs that report on their own.

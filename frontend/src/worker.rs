@@ -1,16 +1,23 @@
-//! A model worker: holds one model and runs jobs on it off the page's thread. Trace rows come one
-//! per request so the page can spread them over several workers and cancel between rows.
+//! A model worker: holds one model copy and runs jobs on it off the page's thread. Every message
+//! gets one answer (an edit's steps stream before it). Trace rows and statistics texts come a
+//! few at a time, so the page spreads them over the pool and can stop between them.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
-use gloo_worker::{HandlerId, Worker, WorkerScope};
-use loci_core::edit::{AppliedEdit, Edit};
+use loci_core::edit::{AppliedEdit, Edit, EditMethod, FtHparams, KeyStats, MemitHparams};
+use loci_core::edit::{RomeHparams, StatsAccumulator};
+use loci_core::study::{StudyConfig, StudyLine, StudyObserver};
 use loci_core::trace::TracePlan;
 use loci_core::{DType, Device, LoadedModel};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen::JsCast;
+use web_sys::{DedicatedWorkerGlobalScope, MessageEvent};
 
 use crate::files::{bytes, now_ms};
-use crate::protocol::{FileRef, FromWorker, ToWorker};
+use crate::protocol::{decode, encode, Bytes, EditJob, FileRef, FromWorker, StudyJob, ToWorker};
 
+#[derive(Default)]
 pub struct ModelWorker {
     model: Option<LoadedModel>,
     /// Spread of subject-token embeddings (relative trace noise), made at load.
@@ -18,14 +25,76 @@ pub struct ModelWorker {
     plans: HashMap<u64, TracePlan>,
     /// Applied edits, newest last; each undo restores the weights it replaced.
     edits: Vec<AppliedEdit>,
+    /// Key statistics per layer, for ROME and MEMIT.
+    stats: HashMap<usize, KeyStats>,
+    /// Statistics being collected.
+    collecting: Option<StatsAccumulator>,
 }
 
-pub enum Loaded {
-    Done {
-        id: HandlerId,
-        result: Result<(LoadedModel, Option<f64>), String>,
-        started: f64,
-    },
+thread_local! {
+    static WORKER: RefCell<ModelWorker> = RefCell::new(ModelWorker::default());
+}
+
+fn scope() -> DedicatedWorkerGlobalScope {
+    js_sys::global().unchecked_into()
+}
+
+/// Posts a message to the page (also in the middle of a job: an edit's steps).
+pub fn post(msg: &FromWorker) {
+    let _ = scope().post_message(&JsValue::from_str(&encode(msg)));
+}
+
+/// Starts taking the page's messages and tells the page so.
+pub fn start() {
+    let on_message = Closure::<dyn FnMut(MessageEvent)>::new(|e: MessageEvent| {
+        let text = e.data().as_string().unwrap_or_default();
+        match decode::<ToWorker>(&text) {
+            Ok(msg) => received(msg),
+            Err(message) => post(&FromWorker::Error { message }),
+        }
+    });
+    scope().set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+    on_message.forget();
+    post(&FromWorker::Ready);
+}
+
+fn received(msg: ToWorker) {
+    if let ToWorker::Load {
+        name,
+        files,
+        subjects_url,
+    } = msg
+    {
+        // Free the old model before the new one's bytes arrive.
+        WORKER.with(|w| *w.borrow_mut() = ModelWorker::default());
+        let started = now_ms();
+        wasm_bindgen_futures::spawn_local(async move {
+            let out = match load(name, files, subjects_url).await {
+                Ok((m, std)) => {
+                    let info = m.info.clone();
+                    WORKER.with(|w| {
+                        let mut w = w.borrow_mut();
+                        w.model = Some(m);
+                        w.embedding_std = std;
+                    });
+                    FromWorker::Loaded {
+                        info,
+                        seconds: (now_ms() - started) / 1e3,
+                    }
+                }
+                Err(message) => FromWorker::Error { message },
+            };
+            post(&out);
+        });
+        return;
+    }
+    if let ToWorker::TraceDrop { job } = msg {
+        // Nothing to answer: the page has stopped listening to this trace.
+        WORKER.with(|w| w.borrow_mut().plans.remove(&job));
+        return;
+    }
+    let out = WORKER.with(|w| w.borrow_mut().run(msg));
+    post(&out.unwrap_or_else(|message| FromWorker::Error { message }));
 }
 
 async fn load(
@@ -68,38 +137,41 @@ async fn load(
     Ok((lm, std))
 }
 
+fn text<E: ToString>(e: E) -> String {
+    e.to_string()
+}
+
 impl ModelWorker {
-    fn run(&mut self, msg: ToWorker) -> Result<FromWorker, String> {
-        let lm = self
-            .model
+    fn model(&self) -> Result<&LoadedModel, String> {
+        self.model
             .as_ref()
-            .ok_or_else(|| "no model is loaded in this worker".to_string());
+            .ok_or_else(|| "no model is loaded in this worker".to_string())
+    }
+
+    fn run(&mut self, msg: ToWorker) -> Result<FromWorker, String> {
         match msg {
             ToWorker::Load { .. } | ToWorker::TraceDrop { .. } => {
                 unreachable!("handled in `received`")
             }
             ToWorker::Random { preset } => {
                 let started = now_ms();
-                self.model = None;
-                self.plans.clear();
-                self.edits.clear();
+                *self = ModelWorker::default();
                 let m = loci_core::presets::random_model(&preset, DType::F32, &Device::Cpu)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(text)?;
                 let info = m.info.clone();
                 self.model = Some(m);
-                self.embedding_std = None;
                 Ok(FromWorker::Loaded {
                     info,
                     seconds: (now_ms() - started) / 1e3,
                 })
             }
             ToWorker::Predict { prompt, top } => Ok(FromWorker::Prediction(
-                lm?.predict(&prompt, top).map_err(|e| e.to_string())?,
+                self.model()?.predict(&prompt, top).map_err(text)?,
             )),
             ToWorker::TracePlan { job, request } => {
-                let plan = lm?
+                let plan = (self.model()?)
                     .trace_plan(&request, self.embedding_std)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(text)?;
                 let header = plan.header.clone();
                 self.plans.insert(job, plan);
                 Ok(FromWorker::TraceHeader { job, header })
@@ -110,9 +182,7 @@ impl ModelWorker {
                     .plans
                     .get(&job)
                     .ok_or_else(|| format!("trace {job} was not planned in this worker"))?;
-                let scores = lm?
-                    .trace_row(plan, kind, token)
-                    .map_err(|e| e.to_string())?;
+                let scores = self.model()?.trace_row(plan, kind, token).map_err(text)?;
                 Ok(FromWorker::TraceRow {
                     job,
                     kind,
@@ -121,13 +191,36 @@ impl ModelWorker {
                     seconds: (now_ms() - started) / 1e3,
                 })
             }
+            ToWorker::StatsBegin { layers, max_len } => {
+                let acc = StatsAccumulator::new(self.model()?, &layers, max_len).map_err(text)?;
+                self.collecting = Some(acc);
+                Ok(FromWorker::StatsTokens { tokens: 0 })
+            }
+            ToWorker::StatsTexts { texts } => {
+                let lm = self.model.as_ref().ok_or("no model is loaded")?;
+                let acc = self.collecting.as_mut().ok_or("no statistics are begun")?;
+                acc.add_texts(lm, &texts).map_err(text)?;
+                Ok(FromWorker::StatsTokens {
+                    tokens: acc.tokens(),
+                })
+            }
+            ToWorker::StatsFinish { corpus } => {
+                let acc = self.collecting.take().ok_or("no statistics are begun")?;
+                let stats = acc.finish(self.model()?, &corpus).map_err(text)?;
+                let files = stats
+                    .iter()
+                    .map(|s| s.to_bytes().map(Bytes))
+                    .collect::<Result<_, _>>()
+                    .map_err(text)?;
+                Ok(FromWorker::StatsParts { files })
+            }
+            ToWorker::UseStats { files } => self.use_stats(files),
+            ToWorker::Edit(job) => self.edit(job),
+            ToWorker::Study(job) => self.study(job),
             ToWorker::ApplyEdit { bytes } => {
-                let e = Edit::from_bytes(&bytes).map_err(|e| e.to_string())?;
-                let m = self
-                    .model
-                    .as_mut()
-                    .ok_or("no model is loaded in this worker")?;
-                let applied = m.apply(&e).map_err(|e| e.to_string())?;
+                let e = Edit::from_bytes(&bytes.0).map_err(text)?;
+                let m = self.model.as_mut().ok_or("no model is loaded")?;
+                let applied = m.apply(&e).map_err(text)?;
                 self.edits.push(applied);
                 self.plans.clear();
                 Ok(FromWorker::Edits {
@@ -135,12 +228,9 @@ impl ModelWorker {
                 })
             }
             ToWorker::UndoEdit { all } => {
-                let m = self
-                    .model
-                    .as_mut()
-                    .ok_or("no model is loaded in this worker")?;
+                let m = self.model.as_mut().ok_or("no model is loaded")?;
                 while let Some(a) = self.edits.pop() {
-                    m.undo_edit(a).map_err(|e| e.to_string())?;
+                    m.undo_edit(a).map_err(text)?;
                     if !all {
                         break;
                     }
@@ -150,74 +240,189 @@ impl ModelWorker {
                     count: self.edits.len(),
                 })
             }
+            ToWorker::Digest => Ok(FromWorker::Digest {
+                digest: weights_digest(self.model()?)?,
+            }),
         }
+    }
+
+    /// Takes statistics files: all are read and checked before any replaces what is held.
+    fn use_stats(&mut self, files: Vec<Bytes>) -> Result<FromWorker, String> {
+        let lm = self.model()?;
+        let mut read = vec![];
+        for f in &files {
+            let s = KeyStats::from_bytes(&f.0).map_err(text)?;
+            s.check_fits(lm, s.provenance.layer).map_err(text)?;
+            read.push(s);
+        }
+        for s in read {
+            self.stats.insert(s.provenance.layer, s);
+        }
+        let mut held: Vec<_> = self.stats.values().map(|s| s.provenance.clone()).collect();
+        held.sort_by_key(|p| p.layer);
+        Ok(FromWorker::StatsHeld { held })
+    }
+
+    /// The statistics of `layers`, or the layers missing (the page offers to get them).
+    fn stats_of(&self, layers: &[usize]) -> Result<Vec<KeyStats>, Vec<usize>> {
+        let missing: Vec<usize> = layers
+            .iter()
+            .copied()
+            .filter(|l| !self.stats.contains_key(l))
+            .collect();
+        if !missing.is_empty() {
+            return Err(missing);
+        }
+        Ok(layers.iter().map(|l| self.stats[l].clone()).collect())
+    }
+
+    /// Computes the edit with its steps streamed to the page, applies it and reads the probes.
+    fn edit(&mut self, job: EditJob) -> Result<FromWorker, String> {
+        let lm = self.model()?;
+        let cfg = &lm.model.cfg;
+        let (reqs, probes) = (job.requests, job.probes);
+        let (edit, applied, report, memit) = match job.method {
+            EditMethod::Rome => {
+                let hp = RomeHparams::defaults(cfg, job.layers.first().copied()).map_err(text)?;
+                let stats = match self.stats_of(&[hp.layer]) {
+                    Ok(mut s) => s.remove(0),
+                    Err(layers) => return Ok(FromWorker::NeedsStats { layers }),
+                };
+                let req = one(reqs)?;
+                let lm = self.model.as_mut().expect("checked above");
+                let (e, applied, r) =
+                    streamed(|| lm.rome_with_report(req, &hp, Some(&stats), &probes))?;
+                (Edit::Rome(e), applied, Some(r), None)
+            }
+            EditMethod::Memit => {
+                let hp = MemitHparams::defaults(cfg, &job.layers).map_err(text)?;
+                let stats = match self.stats_of(&hp.layers) {
+                    Ok(s) => s,
+                    Err(layers) => return Ok(FromWorker::NeedsStats { layers }),
+                };
+                let lm = self.model.as_mut().expect("checked above");
+                let (e, applied, r) =
+                    streamed(|| lm.memit_with_report(reqs, &hp, &stats, &probes, &mut |_| {}))?;
+                (Edit::Memit(e), applied, None, Some(r))
+            }
+            EditMethod::Ft => {
+                let hp = FtHparams::defaults(cfg, &job.layers).map_err(text)?;
+                let req = one(reqs)?;
+                let lm = self.model.as_mut().expect("checked above");
+                let (e, applied, r) = streamed(|| lm.ft_with_report(req, &hp, &probes))?;
+                (Edit::Ft(e), applied, Some(r), None)
+            }
+        };
+        self.edits.push(applied);
+        self.plans.clear();
+        Ok(FromWorker::Edited {
+            file: Bytes(edit.to_bytes().map_err(text)?),
+            report,
+            memit,
+            count: self.edits.len(),
+        })
+    }
+
+    /// Hase et al.'s study of one fact with the server's settings (noise 3σ of the subjects'
+    /// embeddings, no essence drift); lines stream to the page; the model ends as it began.
+    fn study(&mut self, job: StudyJob) -> Result<FromWorker, String> {
+        let lm = self.model()?;
+        let std = self
+            .embedding_std
+            .ok_or("the study's noise needs known_1000.json's subjects, which did not load")?;
+        let mut cfg = StudyConfig::defaults(lm, job.methods, job.problems, &job.layers, 3.0 * std)
+            .map_err(text)?;
+        cfg.correct_only = !job.all_cases;
+        if job.all_cases {
+            cfg.min_prob = 0.0;
+        }
+        cfg.essence = false;
+        if cfg.cells().len() > MAX_STUDY_EDITS {
+            return Err(format!(
+                "a study here makes at most {MAX_STUDY_EDITS} edits; these choices make {}: name fewer layers",
+                cfg.cells().len()
+            ));
+        }
+        let stats = match self.stats_of(&cfg.stats_layers(lm.model.n_layer())) {
+            Ok(s) => s,
+            Err(layers) => return Ok(FromWorker::NeedsStats { layers }),
+        };
+        let lm = self.model.as_mut().expect("checked above");
+        let mut stats_for = |_: &LoadedModel, layers: &[usize]| {
+            layers
+                .iter()
+                .map(|l| {
+                    stats
+                        .iter()
+                        .find(|s| s.provenance.layer == *l)
+                        .cloned()
+                        .ok_or_else(|| {
+                            loci_core::LociError::input(format!("no key statistics for layer {l}"))
+                        })
+                })
+                .collect()
+        };
+        lm.study_case(&job.case, &cfg, &mut stats_for, &mut Posting)
+            .map_err(text)?;
+        self.plans.clear();
+        Ok(FromWorker::StudyDone)
     }
 }
 
-impl Worker for ModelWorker {
-    type Message = Loaded;
-    type Input = ToWorker;
-    type Output = FromWorker;
+/// Edits one study may make (each a full edit, scored and undone), as on the server.
+const MAX_STUDY_EDITS: usize = 48;
 
-    fn create(_scope: &WorkerScope<Self>) -> Self {
-        Self {
-            model: None,
-            embedding_std: None,
-            plans: HashMap::new(),
-            edits: vec![],
-        }
+/// Posts each study line to the page as it comes.
+struct Posting;
+
+impl StudyObserver for Posting {
+    fn on_case(&mut self, case: &loci_core::study::CaseLine) {
+        post(&FromWorker::StudyLine(StudyLine::Case(case.clone())));
     }
+    fn on_edit(&mut self, edit: &loci_core::study::EditLine) -> bool {
+        post(&FromWorker::StudyLine(StudyLine::Edit(edit.clone())));
+        true
+    }
+}
 
-    fn update(&mut self, scope: &WorkerScope<Self>, msg: Self::Message) {
-        let Loaded::Done {
-            id,
-            result,
-            started,
-        } = msg;
-        let out = match result {
-            Ok((m, std)) => {
-                let info = m.info.clone();
-                self.model = Some(m);
-                self.embedding_std = std;
-                FromWorker::Loaded {
-                    info,
-                    seconds: (now_ms() - started) / 1e3,
+fn one(reqs: Vec<loci_core::RewriteRequest>) -> Result<loci_core::RewriteRequest, String> {
+    match <[_; 1]>::try_from(reqs) {
+        Ok([r]) => Ok(r),
+        Err(v) => Err(format!("this method edits one fact, not {}", v.len())),
+    }
+}
+
+/// Runs an edit with each optimisation step posted to the page as it ends.
+fn streamed<T>(work: impl FnOnce() -> loci_core::Result<T>) -> Result<T, String> {
+    let listener = |s: &loci_core::progress::Step| {
+        post(&FromWorker::EditStep {
+            phase: s.phase.to_string(),
+            step: s.step,
+            steps: s.steps,
+            loss: s.loss,
+        })
+    };
+    loci_core::progress::listen(listener, work).map_err(text)
+}
+
+/// FNV-1a over the bits of every layer's down-projection (weights and bias): equal digests
+/// mean the weights an edit touches are equal bit for bit.
+fn weights_digest(lm: &LoadedModel) -> Result<String, String> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for l in 0..lm.model.n_layer() {
+        let d = lm.model.down_proj(l).map_err(text)?;
+        for t in std::iter::once(&d.weight).chain(d.bias.as_ref()) {
+            let v = t
+                .to_dtype(DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(text)?;
+            for x in v {
+                for b in x.to_bits().to_le_bytes() {
+                    h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
                 }
             }
-            Err(message) => FromWorker::Error { message },
-        };
-        scope.respond(id, out);
-    }
-
-    fn received(&mut self, scope: &WorkerScope<Self>, msg: Self::Input, id: HandlerId) {
-        if let ToWorker::Load {
-            name,
-            files,
-            subjects_url,
-        } = msg
-        {
-            // Free the old model before the new one's bytes arrive.
-            self.model = None;
-            self.plans.clear();
-            self.edits.clear();
-            let started = now_ms();
-            scope.send_future(async move {
-                Loaded::Done {
-                    id,
-                    result: load(name, files, subjects_url).await,
-                    started,
-                }
-            });
-            return;
-        }
-        if let ToWorker::TraceDrop { job } = msg {
-            // Nothing to answer: the page has stopped listening to this trace.
-            self.plans.remove(&job);
-            return;
-        }
-        match self.run(msg) {
-            Ok(out) => scope.respond(id, out),
-            Err(message) => scope.respond(id, FromWorker::Error { message }),
         }
     }
+    Ok(format!("{h:016x}"))
 }

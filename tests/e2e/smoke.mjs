@@ -137,6 +137,9 @@ try {
   out.shots.push(join(shots, 'trace-dark-desktop.png'));
   await page.setViewportSize({ width: 1400, height: 1600 });
   await page.emulateMedia({ colorScheme: 'light' });
+  // Automatic placement: predictions in the tab, edits of the server's model on the server
+  // (the tab's copies follow them).
+  await page.selectOption('#engine', 'auto');
   await go('edit');
   out.edit_badge = await page.getAttribute('.badge', 'data-engine');
   await page.fill('#edit-layer', '2');
@@ -240,7 +243,7 @@ try {
   await second.goto(url);
   await second.waitForSelector('#status[data-status="ready"]', { timeout: 20000 });
   await second.selectOption('#model', model);
-  await second.selectOption('#engine', 'tab');
+  await second.selectOption('#engine', 'auto');
   await second.click('#predict');
   await second.waitForSelector('#prediction td.tok', { timeout: 60000 });
   out.second_visit_files_fetched = fetched.length;

@@ -18,8 +18,9 @@ use crate::workspace::{
 pub struct StatsArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Layers, comma-separated.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Layers, comma-separated (default: the layers ROME and MEMIT edit by default for this
+    /// model).
+    #[arg(long, value_delimiter = ',')]
     pub layers: Vec<usize>,
     /// JSONL with a "text" field per line, or a plain text file (one text per paragraph).
     #[arg(long)]
@@ -42,7 +43,23 @@ pub fn stats(a: StatsArgs) -> Result<()> {
         None => default_corpus()?,
     };
     let dir = stats_dir(&lm, a.out.as_deref());
-    collect(&lm, &a.layers, &corpus, a.tokens, a.max_len, &dir)
+    let layers = if a.layers.is_empty() {
+        default_edit_layers(&lm)?
+    } else {
+        a.layers
+    };
+    collect(&lm, &layers, &corpus, a.tokens, a.max_len, &dir)
+}
+
+/// ROME's default layer and MEMIT's default layers (where the model has MEMIT defaults).
+fn default_edit_layers(lm: &loci_core::LoadedModel) -> Result<Vec<usize>> {
+    let mut layers = vec![crate::workspace::rome_hparams(lm, None)?.layer];
+    if let Ok(hp) = crate::workspace::memit_hparams(lm, &[]) {
+        layers.extend(hp.layers);
+    }
+    layers.sort_unstable();
+    layers.dedup();
+    Ok(layers)
 }
 
 #[derive(clap::Args, Debug)]

@@ -325,6 +325,39 @@ pub async fn edit_file(
     }
 }
 
+/// `GET /api/models/{name}/stats/{layer}`: a layer's key statistics as the file `loci stats`
+/// writes (computed once from the server's corpus when missing), for a tab that edits itself.
+pub async fn stats_file(
+    State(st): State<Arc<AppState>>,
+    axum::extract::Path((name, layer)): axum::extract::Path<(String, usize)>,
+) -> Response {
+    let bytes = run_job(st, move |st| -> Result<Vec<u8>, ApiError> {
+        let m = model(st, &name)?;
+        let state = read(&m);
+        if layer >= state.lm.model.n_layer() {
+            return Err(bad(format!(
+                "layer {layer} out of range (the model has {} layers)",
+                state.lm.model.n_layer()
+            )));
+        }
+        Ok(layers_stats(st, &state.lm, &[layer])?
+            .remove(0)
+            .to_bytes()?)
+    })
+    .await;
+    match bytes {
+        Ok(b) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/octet-stream".to_string(),
+            )],
+            b,
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 /// Applies an edit file (the raw bytes of a saved edit) on top of the model's edits.
 pub async fn upload_edit(
     State(st): State<Arc<AppState>>,

@@ -78,6 +78,7 @@ pub fn router(state: Arc<AppState>, dist: PathBuf, static_dir: PathBuf) -> Route
         .route("/api/eval", post(study::eval_case))
         .route("/api/study", post(study::study).get(study::study_get))
         .route("/api/models/{name}/files/{file}", get(files::model_file))
+        .route("/api/models/{name}/stats/{layer}", get(edit::stats_file))
         .route("/api/openapi.json", get(files::openapi))
         .layer(DefaultBodyLimit::max(64 * 1024))
         .route(

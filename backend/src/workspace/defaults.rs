@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Result};
 use loci_core::edit::{FtHparams, FtObjective, KeyMode, MemitHparams, RomeHparams};
-use loci_core::study::{default_layers, EditProblem, StudyConfig, StudyMethod};
+use loci_core::study::{EditProblem, StudyConfig, StudyMethod};
 use loci_core::trace::NoiseSpec;
 use loci_core::LoadedModel;
 
@@ -73,41 +73,19 @@ pub fn study_config(
     noise: NoiseSpec,
     ft: &FtSettings,
 ) -> Result<StudyConfig> {
-    let n_layer = lm.model.n_layer();
-    let rome = rome_hparams(lm, None).or_else(|_| rome_hparams(lm, Some(n_layer / 2)))?;
-    let memit = memit_hparams(lm, &[])
-        .or_else(|_| memit_hparams(lm, &StudyMethod::Memit.layers(rome.layer, n_layer)))?;
-    let mut ft_hp = ft_hparams(lm, &[rome.layer], ft)?;
-    if ft.ft_objective.is_none() {
-        // Hase et al.'s FT: the target sequence's NLL, teacher-forced.
-        ft_hp.objective = loci_core::edit::FtObjective::Sequence;
-    }
     let noise = match noise {
         NoiseSpec::Relative(f) => f * super::known::cached_embedding_std(lm, None)?,
         NoiseSpec::Fixed(s) => s,
         NoiseSpec::Uniform(_) => bail!("the study's noise is Gaussian: 3x or a σ"),
     };
-    let layers = if layers.is_empty() {
-        default_layers(n_layer, rome.layer)
-    } else {
-        layers.to_vec()
-    };
-    let cfg = StudyConfig {
-        methods,
-        problems,
-        layers,
-        noise,
-        trace_samples: 10,
-        trace_windows: vec![5],
-        min_prob: 0.02,
-        correct_only: true,
-        essence: true,
-        noised_samples: 10,
-        seed: 1,
-        rome,
-        memit,
-        ft: ft_hp,
-    };
-    cfg.validate(n_layer)?;
+    let mut cfg = StudyConfig::defaults(lm, methods, problems, layers, noise)?;
+    if ft.norm_constraint.is_some() || ft.ft_objective.is_some() {
+        let objective = cfg.ft.objective;
+        cfg.ft = ft_hparams(lm, &[cfg.rome.layer], ft)?;
+        if ft.ft_objective.is_none() {
+            // Hase et al.'s FT: the target sequence's NLL, teacher-forced.
+            cfg.ft.objective = objective;
+        }
+    }
     Ok(cfg)
 }

@@ -194,6 +194,44 @@ impl KeyStats {
         Ok(self.factor.get().expect("just set"))
     }
 
+    /// Statistics of one corpus collected in parts (the tab's workers each take a share of the
+    /// texts): C of the whole is the token-weighted mean of the parts' C. Parts of another
+    /// model, layer, width, corpus or truncation are refused.
+    pub fn merge(parts: &[KeyStats]) -> Result<KeyStats> {
+        let first = parts
+            .first()
+            .ok_or_else(|| LociError::input("no statistics to merge"))?;
+        let p0 = &first.provenance;
+        let same = |p: &StatsProvenance| {
+            (&p.fingerprint, p.layer, p.d_ff, &p.corpus, p.max_len)
+                == (&p0.fingerprint, p0.layer, p0.d_ff, &p0.corpus, p0.max_len)
+        };
+        if let Some(p) = parts.iter().map(|s| &s.provenance).find(|p| !same(p)) {
+            return Err(LociError::input(format!(
+                "cannot merge statistics of {} layer {} ({}) with {} layer {} ({})",
+                p0.model, p0.layer, p0.corpus, p.model, p.layer, p.corpus
+            )));
+        }
+        let tokens: u64 = parts.iter().map(|s| s.provenance.tokens).sum();
+        if tokens == 0 {
+            return Err(LociError::input("no tokens were seen: the corpus is empty"));
+        }
+        let mut sum = Tensor::zeros(first.mom2.dims(), DType::F64, &Device::Cpu)?;
+        for s in parts {
+            let w = s.provenance.tokens as f64 / tokens as f64;
+            sum = (sum + (s.mom2.to_device(&Device::Cpu)?.to_dtype(DType::F64)? * w)?)?;
+        }
+        Ok(KeyStats {
+            provenance: StatsProvenance {
+                tokens,
+                texts: parts.iter().map(|s| s.provenance.texts).sum(),
+                ..p0.clone()
+            },
+            mom2: sum.to_dtype(DType::F32)?,
+            factor: Default::default(),
+        })
+    }
+
     /// Refuses statistics made for another model, layer or width.
     pub fn check_fits(&self, lm: &LoadedModel, layer: usize) -> Result<()> {
         let p = &self.provenance;

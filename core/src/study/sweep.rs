@@ -135,6 +135,64 @@ pub struct StudyConfig {
 }
 
 impl StudyConfig {
+    /// Hase et al.'s study of `lm`: each method's shipped settings for the model (ROME's layer,
+    /// or the middle one, and MEMIT's window around it where Loci has none), fine-tuning with
+    /// the `sequence` objective, `layers` (default: every fourth, ROME's and the last), noise σ
+    /// `noise`, 10 trace samples and window 5, the 0.02 and correctness filters, essence drift.
+    pub fn defaults(
+        lm: &LoadedModel,
+        methods: Vec<StudyMethod>,
+        problems: Vec<EditProblem>,
+        layers: &[usize],
+        noise: f64,
+    ) -> Result<Self> {
+        let cfg = &lm.model.cfg;
+        let n_layer = lm.model.n_layer();
+        let rome = RomeHparams::defaults(cfg, None)
+            .or_else(|_| RomeHparams::defaults(cfg, Some(n_layer / 2)))?;
+        let memit = MemitHparams::defaults(cfg, &[]).or_else(|_| {
+            MemitHparams::defaults(cfg, &StudyMethod::Memit.layers(rome.layer, n_layer))
+        })?;
+        let mut ft = FtHparams::defaults(cfg, &[rome.layer])?;
+        ft.objective = crate::edit::FtObjective::Sequence;
+        let layers = if layers.is_empty() {
+            super::default_layers(n_layer, rome.layer)
+        } else {
+            layers.to_vec()
+        };
+        let out = StudyConfig {
+            methods,
+            problems,
+            layers,
+            noise,
+            trace_samples: 10,
+            trace_windows: vec![5],
+            min_prob: 0.02,
+            correct_only: true,
+            essence: true,
+            noised_samples: 10,
+            seed: 1,
+            rome,
+            memit,
+            ft,
+        };
+        out.validate(n_layer)?;
+        Ok(out)
+    }
+
+    /// The layers whose key statistics the study's edits need (ROME's and MEMIT's), sorted.
+    pub fn stats_layers(&self, n_layer: usize) -> Vec<usize> {
+        let mut out: Vec<usize> = self
+            .cells()
+            .into_iter()
+            .filter(|(m, _, _)| m.needs_stats())
+            .flat_map(|(m, _, l)| m.layers(l, n_layer))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// Refuses a configuration a model of `n_layer` layers cannot run: no method, problem or
     /// layer, a layer out of range, a non-positive σ, an empty or zero window, zero samples.
     pub fn validate(&self, n_layer: usize) -> Result<()> {

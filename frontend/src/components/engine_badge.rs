@@ -3,7 +3,7 @@
 
 use leptos::prelude::*;
 use loci_frontend::engine::{
-    pick_engine, Choice, Engine, Mode, TAB_BUDGET_BYTES, TAB_MODEL_LIMIT_BYTES,
+    edit_engine, pick_engine, Choice, Engine, Mode, TAB_BUDGET_BYTES, TAB_MODEL_LIMIT_BYTES,
 };
 use loci_frontend::pool::{cores, pool_size};
 
@@ -13,9 +13,15 @@ use crate::state::shared;
 /// (where: "tab", "server" or "none"; the badge's text; why).
 pub fn placement(c: &Choice, mode: Mode, screen: Screen) -> (&'static str, String, String) {
     let mb = |b: u64| format!("{:.0} MB", b as f64 / 1e6);
+    let workers = || pool_size(cores(), c.f32_bytes, TAB_BUDGET_BYTES);
+    if matches!(screen, Screen::Edit | Screen::Study) {
+        return match edit_engine(c, mode) {
+            Ok((Engine::Tab, why)) => ("tab", format!("in this tab · {} workers", workers()), why),
+            Ok((Engine::Server, why)) => ("server", "on the server".into(), why),
+            Err(e) => ("none", "cannot run".into(), e),
+        };
+    }
     let server_job = match screen {
-        Screen::Edit => Some("edits need the layers' key statistics, which the server keeps"),
-        Screen::Study => Some("each edit is made, scored and undone on the server"),
         Screen::Evaluate => Some("the case is edited with ROME, scored and undone on the server"),
         _ => None,
     };
@@ -30,7 +36,6 @@ pub fn placement(c: &Choice, mode: Mode, screen: Screen) -> (&'static str, Strin
             )
         };
     }
-    let workers = || pool_size(cores(), c.f32_bytes, TAB_BUDGET_BYTES);
     if screen == Screen::Bench {
         let why = "measures this tab's workers on a random GPT-2-small";
         return (

@@ -28,7 +28,7 @@ pub fn ModelPicker() -> impl IntoView {
             <select id="engine" on:change=set_mode>
                 <option value="auto">"automatic"</option>
                 <option value="tab">"in this tab"</option>
-                <option value="server">"on the server"</option>
+                <option value="server" disabled=move || s.server.get() == Some(false)>"on the server"</option>
             </select>
         </div>
     }

@@ -18,8 +18,10 @@ pub fn prob(x: f32) -> String {
 /// The top next tokens, with bars.
 #[component]
 pub fn PredictionTable(p: Prediction) -> impl IntoView {
+    // The exact probabilities, for comparisons with other engines (the table rounds them).
+    let exact = serde_json::to_string(&p.top).unwrap_or_default();
     view! {
-        <section id="prediction" class="card" aria-label="Prediction">
+        <section id="prediction" class="card" aria-label="Prediction" data-top=exact>
             <h3>"Next token after " <q>{p.prompt.clone()}</q></h3>
             <table>
                 {p.top.iter().map(|t| {

@@ -14,6 +14,18 @@ fn save_url(url: &str, name: &str) -> Result<(), JsValue> {
     Ok(())
 }
 
+/// Saves `bytes` as a file named `name`.
+pub fn save_bytes(name: &str, bytes: &[u8]) {
+    let parts = js_sys::Array::of1(&js_sys::Uint8Array::from(bytes));
+    let Ok(blob) = web_sys::Blob::new_with_u8_array_sequence(&parts) else {
+        return;
+    };
+    // The URL is not revoked: the download may still be reading it after the click.
+    if let Ok(url) = web_sys::Url::create_object_url_with_blob(&blob) {
+        let _ = save_url(&url, name);
+    }
+}
+
 fn svg_data_url(svg: &str) -> String {
     format!(
         "data:image/svg+xml;charset=utf-8,{}",

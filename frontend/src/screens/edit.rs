@@ -1,16 +1,21 @@
-//! The Edit screen: rewrite a fact with ROME, MEMIT or constrained fine-tuning on the server,
-//! see the before → after probabilities and generations, list, download, undo and upload the
-//! model's edits (the tab's model copies follow). The last trace's tracing effect helps to
-//! choose the layer.
+//! The Edit screen: rewrite a fact with ROME, MEMIT or constrained fine-tuning, on the server
+//! or in this tab (with the key statistics the tab holds), see the before → after
+//! probabilities and generations, list, download, undo and upload the model's edits. The last
+//! trace's tracing effect helps to choose the layer.
 
 use leptos::prelude::*;
 use loci_core::edit::{EditMethod, EditReport, MemitReport};
 
-use super::edit_actions::{edit, undo, upload};
+use super::edit_actions::{edit, picked_file, undo, upload};
+use super::edit_tab::{self, HeldStats, StatsFrom};
 use super::trace::TraceState;
 use crate::components::chart::Chart;
 use crate::components::probs::edit_table;
+use crate::components::progress::Progress;
+use crate::components::save::save_bytes;
+use crate::link::{edit_link, ShareLink};
 use crate::state::shared;
+use loci_frontend::engine::{edit_engine, Engine};
 use loci_frontend::http::url_part;
 
 /// The Edit screen's state; the Study screen studies this fact.
@@ -30,6 +35,21 @@ pub struct EditState {
     pub more: RwSignal<String>,
     pub report: RwSignal<Option<EditReport>>,
     pub memit: RwSignal<Option<MemitReport>>,
+    /// A tab edit's optimisation: the step done and the most steps, and each step's loss.
+    pub steps: RwSignal<(usize, usize)>,
+    pub losses: RwSignal<Vec<f32>>,
+    /// Layers whose statistics the last tab edit asked for.
+    pub needed: RwSignal<Vec<usize>>,
+    /// Statistics the tab holds.
+    pub stats: RwSignal<Vec<HeldStats>>,
+    /// The statistics panel's layers, token goal and URL.
+    pub stats_layers: RwSignal<String>,
+    pub stats_tokens: RwSignal<String>,
+    pub stats_url: RwSignal<String>,
+    /// Tokens seen and wanted while the tab computes statistics.
+    pub stats_progress: RwSignal<(usize, usize)>,
+    /// Digest of the tab's edited weights (every layer's down-projection), after each change.
+    pub digest: RwSignal<String>,
 }
 
 impl EditState {
@@ -49,6 +69,15 @@ impl EditState {
             more: RwSignal::new("The capital of Germany is the city of | Germany | Madrid".into()),
             report: RwSignal::new(None),
             memit: RwSignal::new(None),
+            steps: RwSignal::new((0, 0)),
+            losses: RwSignal::new(vec![]),
+            needed: RwSignal::new(vec![]),
+            stats: RwSignal::new(vec![]),
+            stats_layers: RwSignal::new(String::new()),
+            stats_tokens: RwSignal::new("20000".into()),
+            stats_url: RwSignal::new(String::new()),
+            stats_progress: RwSignal::new((0, 0)),
+            digest: RwSignal::new(String::new()),
         }
     }
 
@@ -117,11 +146,28 @@ pub fn EditScreen() -> impl IntoView {
     let st = expect_context::<EditState>();
     let curves = expect_context::<TraceState>().curves;
     let memit = move || st.method.get() == EditMethod::Memit;
+    // Where edits of the picked model run, and why (the tab's need its statistics panel).
+    let place = Memo::new(move |_| {
+        s.current()
+            .map(|c| edit_engine(&c, s.mode.get()).map(|(e, why)| (e == Engine::Tab, why)))
+    });
+    let in_tab = move || matches!(place.get(), Some(Ok((true, _))));
+    let hint = move || match place.get() {
+        Some(Ok((true, why))) => {
+            format!("Edits run in this tab: {why}. Every worker's copy gets the same edit.")
+        }
+        Some(Ok((false, why))) => {
+            format!("Edits run on the server: {why}. The tab's model copies get the same edit.")
+        }
+        Some(Err(e)) => e,
+        None => String::new(),
+    };
+    let editing = move || s.busy.get() && st.steps.get().1 > 0;
     view! {
         <div class="screen">
             <section class="form card" aria-labelledby="edit-h">
                 <h2 id="edit-h">"Edit a fact"</h2>
-                <p class="hint">"Edits run on the server (they need the layers' key statistics); the tab's model copies get the same edit."</p>
+                <p class="hint" id="edit-where">{hint}</p>
                 <div class="fields">
                     <CasePicker id="case" on_pick=move |i| st.pick_case(i) />
                     {text_field("edit-prompt", "Prompt", st.prompt)}
@@ -145,13 +191,21 @@ pub fn EditScreen() -> impl IntoView {
                 </div>
                 <div class="buttons">
                     <button id="edit" class="primary" on:click=move |_| edit(s, st) prop:disabled=s.busy>"Edit"</button>
+                    <ShareLink link=Signal::derive(move || edit_link(s, st)) />
                     <button id="undo" on:click=move |_| undo(s, st) prop:disabled=move || s.busy.get() || s.edits.with(Vec::is_empty)>"Undo"</button>
                 </div>
+                <Show when=in_tab>
+                    <Progress done=st.steps running=Signal::derive(editing) id="edit-cancel" unit="steps" />
+                    <p class="hint" id="edit-loss">{move || st.losses.with(|l| l.last().map(|x| format!("loss {x:.4} at step {}", l.len())).unwrap_or_default())}</p>
+                </Show>
                 <label for="upload-edit" class="upload">"Upload an edit (.safetensors)"</label>
-                <input id="upload-edit" type="file" accept=".safetensors" on:change=move |ev| upload(s, ev) />
+                <input id="upload-edit" type="file" accept=".safetensors" on:change=move |ev| upload(s, st, ev) />
             </section>
+            <Show when=in_tab>
+                <StatsPanel />
+            </Show>
             <div class="results">
-                <EditList />
+                <EditList in_tab=Signal::derive(in_tab) />
                 {move || st.report.get().map(|r| view! { <RomeReport r=r /> })}
                 {move || st.memit.get().map(|r| view! { <MemitReportView r=r /> })}
                 <Show when=move || curves.with(Option::is_some)>
@@ -165,10 +219,82 @@ pub fn EditScreen() -> impl IntoView {
     }
 }
 
-/// The server's edits of the model, newest last, each downloadable.
+/// The key statistics this tab holds, and the ways to get more: computed here from the
+/// bundled Wikipedia slice (progress, Cancel, kept in the browser), a file, or a URL.
 #[component]
-fn EditList() -> impl IntoView {
+fn StatsPanel() -> impl IntoView {
     let s = shared();
+    let st = expect_context::<EditState>();
+    let computing = move || s.busy.get() && st.stats_progress.get().1 > 0 && st.steps.get().1 == 0;
+    let with_choice = move |f: Box<dyn FnOnce(loci_frontend::engine::Choice)>| {
+        if let Some(c) = s.choice() {
+            f(c)
+        }
+    };
+    view! {
+        <section class="form card" aria-labelledby="stats-h" id="stats-panel">
+            <h3 id="stats-h">"Key statistics in this tab"</h3>
+            <ul id="stats-held" data-count=move || st.stats.get().len().to_string()>
+                {move || st.stats.get().into_iter().map(|h| {
+                    let p = h.provenance;
+                    view! { <li>{format!("layer {}: {} tokens of {} ({} texts), {}", p.layer, p.tokens, p.corpus, p.texts, h.source)}</li> }
+                }).collect_view()}
+            </ul>
+            <p class="hint">{move || {
+                let n = st.needed.get();
+                if n.is_empty() {
+                    "ROME and MEMIT whiten their update with C = E[k kᵀ] of a layer's MLP keys; fine-tuning needs none.".to_string()
+                } else {
+                    format!("The last edit needs layer {}.", n.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", "))
+                }
+            }}</p>
+            <div class="fields">
+                <label for="stats-layers">"Layers"</label>
+                <input id="stats-layers" placeholder="what the edit needs" prop:value=st.stats_layers on:input=move |ev| st.stats_layers.set(event_target_value(&ev)) />
+                <label for="stats-tokens">"Tokens"</label>
+                <input id="stats-tokens" inputmode="numeric" prop:value=st.stats_tokens on:input=move |ev| st.stats_tokens.set(event_target_value(&ev)) />
+            </div>
+            <div class="buttons">
+                <button id="stats-compute" on:click=move |_| with_choice(Box::new(move |c| edit_tab::compute_stats(s, st, c))) prop:disabled=s.busy>"Compute in this tab"</button>
+            </div>
+            <Progress done=st.stats_progress running=Signal::derive(computing) id="stats-cancel" unit="tokens" />
+            <label for="stats-file" class="upload">"Load a statistics file (.safetensors from loci stats)"</label>
+            <input id="stats-file" type="file" accept=".safetensors" on:change=move |ev| {
+                leptos::task::spawn_local(async move {
+                    match picked_file(&ev).await {
+                        Some(Ok(b)) => with_choice(Box::new(move |c| edit_tab::load_stats(s, st, c, StatsFrom::File(b)))),
+                        Some(Err(e)) => s.say("error", e),
+                        None => {}
+                    }
+                });
+            } />
+            <div class="fields">
+                <label for="stats-url">"Or download from a URL"</label>
+                <input id="stats-url" type="url" placeholder="https://…/layer6.safetensors" prop:value=st.stats_url on:input=move |ev| st.stats_url.set(event_target_value(&ev)) />
+            </div>
+            <div class="buttons">
+                <button id="stats-fetch" on:click=move |_| {
+                    let url = st.stats_url.get_untracked();
+                    with_choice(Box::new(move |c| edit_tab::load_stats(s, st, c, StatsFrom::Url(url))))
+                } prop:disabled=move || s.busy.get() || st.stats_url.with(|u| u.trim().is_empty())>"Download"</button>
+            </div>
+        </section>
+    }
+}
+
+/// The model's edits (the server's, or this tab's own), newest last, each downloadable.
+#[component]
+fn EditList(in_tab: Signal<bool>) -> impl IntoView {
+    let s = shared();
+    let st = expect_context::<EditState>();
+    let save_tab_edit = move |i: usize| {
+        let files = s
+            .tab_pool_of(&s.model.get_untracked())
+            .map(|p| p.edit_files());
+        if let Some(f) = files.and_then(|f| f.get(i).cloned()) {
+            save_bytes(&format!("loci-edit-{}.safetensors", i + 1), &f);
+        }
+    };
     view! {
         <section class="card" aria-labelledby="edits-h">
             <h3 id="edits-h">"Edits of this model"</h3>
@@ -187,10 +313,19 @@ fn EditList() -> impl IntoView {
                             ls => format!("layers {}", ls.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(",")),
                         };
                         let label = format!("#{} {} {layers}: {}", e.id, e.method.name().to_uppercase(), facts.join("; "));
-                        view! { <p class="edit-item">{label}" " <a href=href download="" aria-label=format!("download edit #{}", e.id)>"download"</a></p> }
+                        let id = e.id;
+                        let link = if in_tab.get() {
+                            view! { <button type="button" class="link" aria-label=format!("download edit #{id}") on:click=move |_| save_tab_edit(id as usize - 1)>"download"</button> }.into_any()
+                        } else {
+                            view! { <a href=href download="" aria-label=format!("download edit #{id}")>"download"</a> }.into_any()
+                        };
+                        view! { <p class="edit-item">{label}" " {link}</p> }
                     }).collect_view().into_any()
                 }}
             </div>
+            <p class="hint" id="weights-digest" class:hidden=move || !in_tab.get() || st.digest.with(String::is_empty)>
+                {move || format!("Digest of the edited weights: {} (equal digests: equal bits)", st.digest.get())}
+            </p>
         </section>
     }
 }
@@ -213,7 +348,7 @@ fn RomeReport(r: EditReport) -> impl IntoView {
         r.seconds
     );
     view! {
-        <section id="edit-result" class="card" aria-label="Edit result" data-p-new-after=r.after.rewrite.target_new.to_string()>
+        <section id="edit-result" class="card" aria-label="Edit result" data-p-new-before=r.before.rewrite.target_new.to_string() data-p-new-after=r.after.rewrite.target_new.to_string()>
             <h3>{title}</h3>
             {edit_table(&r.request, &r.before, &r.after)}
             <h4>"Generations"</h4>

@@ -1,15 +1,17 @@
-//! The Edit screen's jobs on the server: an edit (ROME, MEMIT or FT) from the form, undoing
-//! the last edit, and uploading an edit file; after each, the tab's model copies follow.
+//! The Edit screen's jobs: an edit (ROME, MEMIT or FT) from the form, undoing the last edit, and
+//! uploading an edit file, each where `edit_engine` puts the model's edits. Here the server's
+//! (after each, the tab's model copies follow); the tab's own are in `edit_tab`.
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
 use loci_core::edit::{EditMethod, EditReport, MemitReport, RewriteRequest};
-use loci_frontend::engine::EditListing;
+use loci_frontend::engine::{edit_engine, Choice, EditListing, Engine};
 use loci_frontend::http::{answer, post, url_part};
 use serde::Deserialize;
 use wasm_bindgen::JsCast;
 
 use super::edit::EditState;
+use super::edit_tab;
 use crate::state::{layer_list, lines, Shared};
 
 #[derive(Deserialize)]
@@ -37,6 +39,33 @@ fn more_facts(text: &str) -> Result<Vec<RewriteRequest>, String> {
             },
         )
         .collect()
+}
+
+/// The form's facts: the one above, and for MEMIT the further ones.
+pub fn requests(st: &EditState) -> Result<Vec<RewriteRequest>, String> {
+    let first = RewriteRequest::from_prompt(
+        &st.prompt.get_untracked(),
+        &st.subject.get_untracked(),
+        &st.target.get_untracked(),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut all = vec![first];
+    if st.method.get_untracked() == EditMethod::Memit {
+        all.extend(more_facts(&st.more.get_untracked())?);
+    }
+    Ok(all)
+}
+
+/// The picked model and where its edits run; says why not when they cannot.
+fn placed(s: Shared) -> Option<(Choice, Engine)> {
+    let c = s.choice()?;
+    match edit_engine(&c, s.mode.get_untracked()) {
+        Ok((e, _)) => Some((c, e)),
+        Err(e) => {
+            s.say("error", e);
+            None
+        }
+    }
 }
 
 /// The `/api/edit` body the form describes.
@@ -81,9 +110,10 @@ async fn follow(s: Shared, name: String, kind: &str, done: String) {
 }
 
 pub fn edit(s: Shared, st: EditState) {
-    let Some(c) = s.server_choice("Edits need the server's key statistics") else {
-        return;
-    };
+    let Some((c, engine)) = placed(s) else { return };
+    if engine == Engine::Tab {
+        return edit_tab::edit(s, st, c);
+    }
     let body = match edit_body(&c.name, &st) {
         Ok(b) => b,
         Err(e) => return s.say("error", e),
@@ -118,7 +148,10 @@ pub fn edit(s: Shared, st: EditState) {
 }
 
 pub fn undo(s: Shared, st: EditState) {
-    let Some(c) = s.choice() else { return };
+    let Some((c, engine)) = placed(s) else { return };
+    if engine == Engine::Tab {
+        return edit_tab::undo(s, st, c);
+    }
     s.set_running(true);
     spawn_local(async move {
         let body = serde_json::json!({ "model": c.name });
@@ -136,19 +169,32 @@ pub fn undo(s: Shared, st: EditState) {
     });
 }
 
-pub fn upload(s: Shared, ev: leptos::ev::Event) {
-    let Some(c) = s.choice() else { return };
-    let input: web_sys::HtmlInputElement = ev.target().expect("an event target").unchecked_into();
-    let Some(file) = input.files().and_then(|f| f.get(0)) else {
-        return;
-    };
-    s.set_running(true);
+/// The bytes of the file an `<input type=file>` event picked.
+pub async fn picked_file(ev: &leptos::ev::Event) -> Option<Result<Vec<u8>, String>> {
+    let input: web_sys::HtmlInputElement = ev.target()?.unchecked_into();
+    let file = input.files().and_then(|f| f.get(0))?;
+    // The same file may be picked again later (after an undo, say).
+    input.set_value("");
+    let read = wasm_bindgen_futures::JsFuture::from(file.array_buffer()).await;
+    Some(
+        read.map(|buf| js_sys::Uint8Array::new(&buf).to_vec())
+            .map_err(|_| "cannot read the file".to_string()),
+    )
+}
+
+pub fn upload(s: Shared, st: EditState, ev: leptos::ev::Event) {
+    let Some((c, engine)) = placed(s) else { return };
     spawn_local(async move {
+        let bytes = match picked_file(&ev).await {
+            Some(Ok(b)) => b,
+            Some(Err(e)) => return s.say("error", e),
+            None => return,
+        };
+        if engine == Engine::Tab {
+            return edit_tab::upload(s, st, c, bytes);
+        }
+        s.set_running(true);
         let sent = async {
-            let buf = wasm_bindgen_futures::JsFuture::from(file.array_buffer())
-                .await
-                .map_err(|_| "cannot read the file".to_string())?;
-            let bytes = js_sys::Uint8Array::new(&buf).to_vec();
             let url = format!("/api/edits/upload?model={}", url_part(&c.name));
             let r = gloo_net::http::Request::post(&url)
                 .header("content-type", "application/octet-stream")

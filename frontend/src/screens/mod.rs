@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod edit;
 pub mod edit_actions;
+pub mod edit_tab;
 pub mod evaluate;
 pub mod study;
 pub mod trace;

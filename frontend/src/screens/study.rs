@@ -1,16 +1,20 @@
 //! The Study screen: does localization inform editing? (Hase et al. 2023). The Edit screen's
-//! fact is traced on the server (its true object's probability, MLP window 5), then edited at
-//! every chosen layer by every chosen method for every problem, each edit scored and undone;
-//! the edits stream into a table and the summary chart.
+//! fact is traced (its true object's probability, MLP window 5), then edited at every chosen
+//! layer by every chosen method for every problem, each edit scored and undone; the edits
+//! stream into a table and the summary chart. It runs where the model's edits run: on the
+//! server, or in one of this tab's workers (with the tab's key statistics).
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
 use loci_core::edit::{RewriteRequest, TargetStr};
 use loci_core::plot;
 use loci_core::study::{analyze, StudyLine};
+use loci_frontend::engine::{edit_engine, Choice, Engine};
 use loci_frontend::http::server_study;
+use loci_frontend::protocol::StudyJob;
 
 use super::edit::EditState;
+use super::edit_tab::{after_change, ensure_stats, on_tab};
 use crate::components::chart::Chart;
 use crate::components::progress::Progress;
 use crate::state::{layer_list, lines, shared, Shared};
@@ -109,10 +113,33 @@ fn line_status(line: &StudyLine) -> String {
     }
 }
 
+impl StudyState {
+    /// The study the form describes, for the tab's worker (the same fields `/api/study` takes).
+    fn job(&self, e: &EditState) -> Result<StudyJob, String> {
+        fn parse<T: serde::de::DeserializeOwned>(
+            b: &serde_json::Value,
+            k: &str,
+        ) -> Result<T, String> {
+            serde_json::from_value(b[k].clone()).map_err(|x| format!("{k}: {x}"))
+        }
+        let b = self.body("", e)?;
+        Ok(StudyJob {
+            case: parse(&b, "case")?,
+            methods: parse(&b, "methods")?,
+            problems: parse(&b, "problems")?,
+            layers: parse(&b, "layers")?,
+            all_cases: self.all.get_untracked(),
+        })
+    }
+}
+
 fn run(s: Shared, st: StudyState, e: EditState) {
-    let Some(c) = s.server_choice("The study edits with the server's key statistics") else {
-        return;
-    };
+    let Some(c) = s.choice() else { return };
+    match edit_engine(&c, s.mode.get_untracked()) {
+        Ok((Engine::Tab, _)) => return run_in_tab(s, st, e, c),
+        Ok(_) => {}
+        Err(x) => return s.say("error", x),
+    }
     let body = match st.body(&c.name, &e) {
         Ok(b) => b,
         Err(x) => return s.say("error", x),
@@ -150,6 +177,58 @@ fn run(s: Shared, st: StudyState, e: EditState) {
         st.running.set(false);
         s.set_running(false);
     });
+}
+
+/// The study in one of this tab's workers; the key statistics it needs are found or computed
+/// first.
+fn run_in_tab(s: Shared, st: StudyState, e: EditState, c: Choice) {
+    let job = match st.job(&e) {
+        Ok(j) => j,
+        Err(x) => return s.say("error", x),
+    };
+    st.lines.set(vec![]);
+    st.running.set(true);
+    let cancel = s.cancel_flag();
+    on_tab(s, c.clone(), move |pool, info| async move {
+        let mut outcome = Ok(Some(vec![]));
+        for _ in 0..2 {
+            s.say("running", "Studying in this tab: tracing the true object…");
+            outcome = pool
+                .study(job.clone(), |line| {
+                    s.say("running", line_status(&line));
+                    st.lines.update(|l| l.push(line));
+                    !cancel.get()
+                })
+                .await;
+            match &outcome {
+                Ok(Some(layers)) if ensure_stats(s, e, &c, &pool, &info, layers).await? => {}
+                _ => break,
+            }
+        }
+        st.running.set(false);
+        // The digest shows the study left the weights as they were.
+        after_change(s, e, &pool).await;
+        let skipped = st.lines.with_untracked(|l| {
+            l.iter().find_map(|x| match x {
+                StudyLine::Case(c) => c.skipped.clone(),
+                _ => None,
+            })
+        });
+        match (outcome, skipped) {
+            (Ok(None), Some(why)) => s.say(
+                "done",
+                format!("Left out of the study: {why} (tick \"study it anyway\")."),
+            ),
+            (Ok(None), None) => s.say("done", "Study done in this tab; every edit was undone."),
+            (Ok(Some(_)), _) => s.say(
+                "ready",
+                "Study stopped: its key statistics were not computed.",
+            ),
+            (Err(x), _) if x == "cancelled" => s.say("ready", "Study stopped."),
+            (Err(x), _) => s.say("error", x),
+        }
+        Ok(())
+    })
 }
 
 fn checks<const N: usize>(
@@ -190,7 +269,7 @@ pub fn StudyScreen() -> impl IntoView {
         <div class="screen">
             <section class="form card" aria-labelledby="study-h">
                 <h2 id="study-h">"Study a fact"</h2>
-                <p class="hint">"Does localization inform editing? (Hase et al. 2023). The Edit screen's fact is traced (its true object's whole probability, MLP window 5), then edited at every chosen layer by every method for every problem; each edit is scored and undone on the server."</p>
+                <p class="hint">"Does localization inform editing? (Hase et al. 2023). The Edit screen's fact is traced (its true object's whole probability, MLP window 5), then edited at every chosen layer by every method for every problem; each edit is scored and undone, where the model's edits run (the header says where)."</p>
                 <p class="fact"><span class="hint">"Fact: "</span>{fact}</p>
                 <div class="fields">
                     <label for="study-true">"True object"</label>

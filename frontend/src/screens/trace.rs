@@ -13,6 +13,7 @@ use crate::components::chart::Chart;
 use crate::components::heatmap::Heatmaps;
 use crate::components::probs::PredictionTable;
 use crate::components::progress::Progress;
+use crate::link::{trace_link, ShareLink};
 use crate::state::{shared, Shared};
 
 /// The Trace screen's state; kept while other screens show (the Edit screen draws its curves).
@@ -92,7 +93,8 @@ fn predict(s: Shared, st: TraceState) {
     });
 }
 
-fn trace(s: Shared, st: TraceState) {
+/// Traces the form's fact on the engine the header shows.
+pub fn run_trace(s: Shared, st: TraceState) {
     let Some(c) = s.choice() else { return };
     let req = match st.request() {
         Ok(r) => r,
@@ -158,7 +160,8 @@ pub fn TraceScreen() -> impl IntoView {
                 <TraceForm st=st />
                 <div class="buttons">
                     <button id="predict" on:click=move |_| predict(s, st) prop:disabled=s.busy>"Predict"</button>
-                    <button id="trace" class="primary" on:click=move |_| trace(s, st) prop:disabled=s.busy>"Trace"</button>
+                    <button id="trace" class="primary" on:click=move |_| run_trace(s, st) prop:disabled=s.busy>"Trace"</button>
+                    <ShareLink link=Signal::derive(move || trace_link(s, st)) />
                 </div>
                 <Progress done=st.progress running=st.tracing id="cancel" unit="rows" />
             </section>

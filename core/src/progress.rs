@@ -1,0 +1,87 @@
+//! Step-by-step progress of the long optimisations (ROME's v*, MEMIT's targets, fine-tuning),
+//! heard by whoever runs them: the tab's worker streams each step's loss to the page while the
+//! edit runs. A listener is scoped to one call on one thread, so the edit functions keep their
+//! signatures and a run with no listener pays nothing.
+
+use std::cell::RefCell;
+
+/// One optimisation step, as it ends.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Step {
+    /// What is being optimised: "value" (ROME's v*, MEMIT's z) or "fine-tuning".
+    pub phase: &'static str,
+    /// The step just taken, from 1.
+    pub step: usize,
+    /// The most steps the optimisation may take.
+    pub steps: usize,
+    /// The loss at this step (the mean over the requests still optimising).
+    pub loss: f32,
+}
+
+type Listener = Box<dyn FnMut(&Step)>;
+
+thread_local! {
+    static LISTENER: RefCell<Option<Listener>> = const { RefCell::new(None) };
+}
+
+/// Runs `work` with `listener` hearing every optimisation step `work` takes on this thread;
+/// the previous listener (if any) is back afterwards.
+pub fn listen<T>(listener: impl FnMut(&Step) + 'static, work: impl FnOnce() -> T) -> T {
+    let before = LISTENER.with(|l| l.borrow_mut().replace(Box::new(listener)));
+    let out = work();
+    LISTENER.with(|l| *l.borrow_mut() = before);
+    out
+}
+
+/// Tells this thread's listener (if any) about a step.
+pub(crate) fn report(phase: &'static str, step: usize, steps: usize, losses: &[f32]) {
+    let finite: Vec<f32> = losses.iter().copied().filter(|l| l.is_finite()).collect();
+    let loss = if finite.is_empty() {
+        f32::NAN
+    } else {
+        finite.iter().sum::<f32>() / finite.len() as f32
+    };
+    LISTENER.with(|l| {
+        if let Some(f) = l.borrow_mut().as_mut() {
+            f(&Step {
+                phase,
+                step,
+                steps,
+                loss,
+            });
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::rc::Rc;
+
+    #[test]
+    fn a_listener_hears_the_steps_of_its_call_only() {
+        report("value", 1, 3, &[1.0]); // no listener: nothing happens
+        let heard = Rc::new(RefCell::new(vec![]));
+        let h = heard.clone();
+        let out = listen(
+            move |s| h.borrow_mut().push(s.clone()),
+            || {
+                report("value", 1, 3, &[1.0, 3.0, f32::NAN]);
+                report("fine-tuning", 2, 3, &[0.5]);
+                7
+            },
+        );
+        assert_eq!(out, 7);
+        report("value", 3, 3, &[9.0]); // after the call: not heard
+        let heard = heard.borrow();
+        assert_eq!(heard.len(), 2);
+        assert_eq!(
+            (heard[0].phase, heard[0].step, heard[0].loss),
+            ("value", 1, 2.0)
+        );
+        assert_eq!(
+            (heard[1].phase, heard[1].step, heard[1].loss),
+            ("fine-tuning", 2, 0.5)
+        );
+    }
+}
