@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The static build end to end: scripts/build-static.sh makes a folder with the tiny GPT-J test
-# model (no statistics shipped), `python3 -m http.server` serves it — no `loci` process — and
-# headless Chromium (tests/e2e/static.mjs) computes key statistics in the tab, edits with ROME,
-# MEMIT and fine-tuning, undoes bit for bit, refuses bad files and requests, applies an edit
-# made natively and follows a shareable link. The tab's edit file is then applied natively by
-# `loci predict --apply-edit`: the same top token and probabilities within 1e-4. Needs dist/
+# model (layer 1's statistics shipped), `python3 -m http.server` serves it — no `loci` process —
+# and headless Chromium (tests/e2e/static.mjs) computes key statistics in the tab, edits with
+# ROME, MEMIT and fine-tuning, undoes bit for bit, refuses bad files and requests, applies an
+# edit made natively, runs the study and follows shareable links. The tab's edit file is then
+# applied natively by `loci predict --apply-edit`: the same top token and probabilities within
+# 1e-4. A second build with the real SmolLM2-135M (tests/e2e/static-real.mjs) cancels an edit
+# mid-way and runs out of a worker's memory on purpose (GPT-2 XL). Needs dist/
 # and the release `loci` (scripts/test.sh builds both), Chromium and tests/e2e's node modules
 # (scripts/e2e.sh installs them), and ../shared/data for the native statistics.
 set -euo pipefail
@@ -44,13 +46,22 @@ PY
 out="$(node tests/e2e/static.mjs "http://127.0.0.1:$port/" tiny-gptj "$work" \
   "$work/native.safetensors" "$work/other/layer2.safetensors")"
 echo "$out"
+# The real model: a cancelled edit, and a shape too big for a worker.
+LOCI_SKIP_BUILD=1 LOCI_STATS_TOKENS=0 scripts/build-static.sh "$work/real" "$(scripts/fetch-model.sh)" >/dev/null 2>&1
+rport="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+python3 -m http.server --bind 127.0.0.1 --directory "$work/real" "$rport" >/dev/null 2>&1 &
+real_server=$!
+sleep 1
+real="$(node tests/e2e/static-real.mjs "http://127.0.0.1:$rport/" smollm2-135m)"
+kill "$real_server" 2>/dev/null || true
+echo "$real"
 native="{}"
 if [ -s "$work/tab-edit.safetensors" ]; then
   native="$("$loci" predict --model "$model" --prompt "$prompt" --top 10 --json --apply-edit "$work/tab-edit.safetensors")"
 fi
-python3 - "$out" "$native" <<'PY'
+python3 - "$out" "$native" "$real" <<'PY'
 import json, sys
-r, native = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+r, native, real = (json.loads(a) for a in sys.argv[1:])
 top = lambda p: p[0]["token"] if p else None
 st = lambda k: r.get(k, {}).get("kind")
 txt = lambda k: r.get(k, {}).get("text", "")
@@ -107,6 +118,14 @@ checks = {
         top(native.get("top")) == top(r.get("edited"))
         and bool(tab_edited) and all(abs(p - native_top[i]) < 1e-4 for i, p in tab_edited.items() if i in native_top)
         and len(set(tab_edited) & set(native_top)) >= 5,
+    "SmolLM2: an edit cancelled after its first step leaves every copy as it was, bit for bit":
+        not real["errors"] and "loss" in real.get("steps_seen", "")
+        and real.get("cancelled") == "Edit cancelled: the model is unchanged."
+        and real.get("listed") == 0 and "Digest" in real.get("digest", "")
+        and real.get("after") == real.get("before") and top(real.get("before")) == " Paris",
+    "a model too big for a worker: the page names the memory limit, and the model's workers go on":
+        "ran out of memory" in real.get("oom", "") and "4 GiB" in real.get("oom", "")
+        and real.get("after_oom") == real.get("before"),
 }
 for name, ok in checks.items():
     print(("ok   " if ok else "FAIL ") + name)

@@ -6,7 +6,8 @@
 # prediction changes), undo (it returns), upload of the downloaded edit (it changes again), a
 # MEMIT edit of two facts and a fine-tuning edit made from the page (listed, then undone
 # exactly), a study of the fact (its edits streamed and charted, the model unchanged after), a
-# CounterFact case evaluated on the server (its metrics shown, the model unchanged after), the
+# CounterFact case evaluated on the server (its metrics shown, the model unchanged after), a
+# ROME edit the tab makes itself with the server's key statistics (engine: in this tab), the
 # in-tab benchmark, the screens as URL routes (back, forward, a deep link), axe-core on every
 # screen (no serious or critical violation), no console error, and screenshots of every screen
 # at 1440×900 and 390×844 into docs/screenshots/ (LOCI_SHOTS overrides). Needs the release
@@ -79,6 +80,11 @@ checks = {
     "a CounterFact case is evaluated on the server: metrics shown, the model left as it was":
         r.get("eval_status", "").startswith("Evaluated") and r.get("eval_metrics") == 11
         and r.get("eval_prompts", 0) >= 3 and r.get("eval_after_top") == r.get("uploaded_top"),
+    "the tab edits a server model itself when asked, with the server's key statistics, and undoes":
+        r.get("tab_edit_badge") == "tab" and r.get("tab_edit_status", "").startswith("Edited in this tab")
+        and "from the server" in r.get("tab_edit_stats", "")
+        and r.get("tab_undo_status", "").startswith("Undone in this tab")
+        and r.get("after_tab_edit_top") == r.get("uploaded_top"),
     "the in-tab benchmark runs from its screen": r.get("bench_status") == "Benchmark done."
         and r.get("bench_kinds") == 3,
     "screens are routes: back, forward and a deep link work": r.get("back_screen") == "nav-trace"

@@ -6,14 +6,15 @@ Usage: make-wiki-slice.py CORPUS OUT [CHARS]
 CORPUS is a JSONL file with a "text" field per line (WikiExtractor output). OUT gets a JSON
 array of the first non-empty texts, in file order, until their total length reaches CHARS
 characters (default 120000, about 25-30k GPT-2 tokens). Each article is cut at paragraph ends
-into pieces of at most PIECE characters (about 800 tokens): key statistics truncate every text
-to the model's context, so whole articles would waste most of their tokens. Standard library
-only.
+into pieces of at most PIECE characters (about 450 GPT-2 tokens): key statistics truncate every
+text to the model's context, so whole articles would waste most of their tokens, and a short
+text is a few seconds of a browser worker, so the tab's progress and Cancel stay prompt.
+Standard library only.
 """
 import json
 import sys
 
-PIECE = 3500
+PIECE = 2000
 
 
 def pieces(text):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of Loci on a fresh machine: installs tools, fetches the real test
 # model, then formatting, lints, native tests, the study's Slurm array job on a real one-node
-# Slurm, the wasm32 build of the core and the web app.
+# Slurm, the wasm32 build of the core and the web app, and the browser end-to-end runs (served
+# by `loci serve`, and as a static build with no server).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -32,6 +33,8 @@ trunk build
 test -s dist/index.html && ls dist/*.wasm >/dev/null
 step "browser end-to-end"
 "$root/scripts/e2e.sh"
+step "static build end-to-end (no server: the tab computes statistics and edits)"
+"$root/scripts/e2e-static.sh"
 step "cuda feature (type-check; no GPU here)"
 "$root/scripts/build-cuda.sh" --check
 step "done"

@@ -753,3 +753,39 @@ fn a_study_streams_its_case_and_edits_and_leaves_the_model_as_it_was() {
     assert!(v["error"].as_str().unwrap().contains("out of range"), "{v}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A tab that edits itself downloads a layer's key statistics: the file `loci stats` writes,
+/// fitting the model as the tab loads it (from bytes); bad layers and models are refused.
+#[test]
+fn a_tab_downloads_a_layers_key_statistics_from_the_server() {
+    let (s, dir) = serve_editing("stats-file");
+    let mut r = agent()
+        .get(&format!("{}/api/models/tiny-gpt2/stats/2", s.base))
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let bytes = r.body_mut().read_to_vec().unwrap();
+    let stats = loci_core::edit::KeyStats::from_bytes(&bytes).unwrap();
+    let src = root().join("tests/fixtures/tiny-gpt2");
+    let read = |f: &str| std::fs::read(src.join(f)).unwrap();
+    let in_tab = loci_core::LoadedModel::from_hf_bytes(
+        "tiny-gpt2",
+        &read("config.json"),
+        &read("tokenizer.json"),
+        vec![read("model.safetensors")],
+        loci_core::DType::F32,
+        &loci_core::Device::Cpu,
+    )
+    .unwrap();
+    stats.check_fits(&in_tab, 2).unwrap();
+    assert!(stats.provenance.tokens >= 2000, "{:?}", stats.provenance);
+    let (st, v) = get_json(&s.base, "/api/models/tiny-gpt2/stats/99");
+    assert_eq!(st, 400);
+    assert!(v["error"].as_str().unwrap().contains("out of range"), "{v}");
+    let (st, _) = get_json(&s.base, "/api/models/no-such-model/stats/2");
+    assert_eq!(st, 404);
+    let (_, spec) = get_json(&s.base, "/api/openapi.json");
+    assert!(spec["paths"]["/api/models/{name}/stats/{layer}"].is_object());
+    drop(s);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,6 +1,7 @@
-//! Wall-clock seconds where the platform has a clock (the browser measures its own jobs).
+//! Wall-clock seconds, natively and in the browser.
 
-/// Seconds since the Unix epoch natively; 0 on wasm32, where `SystemTime` is unavailable.
+/// Seconds since the Unix epoch (on wasm32 from the browser's `Date.now()`: `SystemTime` is
+/// unavailable there).
 pub fn now_seconds() -> f64 {
     #[cfg(not(target_arch = "wasm32"))]
     {
@@ -11,7 +12,7 @@ pub fn now_seconds() -> f64 {
     }
     #[cfg(target_arch = "wasm32")]
     {
-        0.0
+        js_sys::Date::now() / 1e3
     }
 }
 

@@ -1,5 +1,6 @@
 //! Shapes of well-known models (their Hugging Face configs), for random-weight benchmarks of models
-//! whose weights are not at hand: GPT-2 small (the browser's model) and GPT-J-6B (the GPU's).
+//! whose weights are not at hand: GPT-2 small (the browser's model), GPT-2 XL (1.5B: more than a
+//! browser worker's 4 GiB holds in f32) and GPT-J-6B (the GPU's).
 
 use candle_core::{DType, Device};
 
@@ -9,8 +10,9 @@ use crate::loader::LoadedModel;
 use crate::tokenizer::Tokenizer;
 
 /// `(name, config.json)` of each preset.
-pub const PRESETS: [(&str, &str); 2] = [
+pub const PRESETS: [(&str, &str); 3] = [
     ("gpt2", include_str!("../presets/gpt2.json")),
+    ("gpt2-xl", include_str!("../presets/gpt2-xl.json")),
     ("gptj-6b", include_str!("../presets/gptj-6b.json")),
 ];
 

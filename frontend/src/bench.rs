@@ -9,18 +9,19 @@ use crate::engine::{say, Status};
 use crate::files;
 use crate::pool::{cores, Pool};
 
-/// In-tab tracing speed: a GPT-2-small-shaped model (random weights) in a pool of one worker
-/// per core; all three kinds on a 10-token prompt, 10 samples, window 10. Returns JSON.
-pub async fn tab_benchmark(status: Status) -> Result<String, String> {
+/// In-tab tracing speed: a model of `preset`'s shape (random weights; "gpt2" by default) in a
+/// pool of one worker per core; all three kinds on a 10-token prompt, 10 samples, window 10.
+/// Returns JSON. A shape bigger than a worker's memory ends in the pool's out-of-memory error.
+pub async fn tab_benchmark(status: Status, preset: &str) -> Result<String, String> {
     let workers = cores();
     say(
         status,
         "running",
-        format!("Benchmark: making a random GPT-2-small model in {workers} workers…"),
+        format!("Benchmark: making a random {preset} model in {workers} workers…"),
     );
     let pool = Pool::new(workers);
     let t0 = files::now_ms();
-    pool.load_random("gpt2").await?;
+    let info = pool.load_random(preset).await?;
     let load_seconds = (files::now_ms() - t0) / 1e3;
     let tok = loci_core::Tokenizer::from_json(loci_core::presets::BENCH_TOKENIZER, None)
         .map_err(|e| e.to_string())?;
@@ -64,9 +65,99 @@ pub async fn tab_benchmark(status: Status) -> Result<String, String> {
         );
     }
     let r = serde_json::json!({
-        "bench": "tab-trace", "model": "random-gpt2 (12 layers, d 768)", "workers": workers,
+        "bench": "tab-trace", "model": format!("{} ({} layers, d {})", info.name, info.n_layer, info.d_model),
+        "workers": workers,
         "tokens": 10, "samples": 10, "window": 10, "load_seconds": load_seconds,
         "kinds": per_kind, "seconds_all_kinds": total,
+    });
+    Ok(serde_json::to_string_pretty(&r).expect("json"))
+}
+
+/// In-tab editing speed: a GPT-2-small-shaped model (random weights) in `workers` workers; key
+/// statistics of `layer` over `tokens` tokens of the bundled Wikipedia slice (spread over the
+/// workers, merged, given to every worker), then one ROME edit at `layer` with them (v* in one
+/// worker, its file applied in the others). The same work as `loci bench edit --random gpt2`.
+/// Returns JSON.
+pub async fn tab_edit_benchmark(
+    status: Status,
+    workers: usize,
+    layer: usize,
+    tokens: u64,
+    slice_url: &str,
+) -> Result<String, String> {
+    use loci_core::edit::{EditMethod, KeyStats, Probes, RewriteRequest};
+    say(
+        status,
+        "running",
+        format!("Edit benchmark: making a random GPT-2-small model in {workers} workers…"),
+    );
+    let pool = Pool::new(workers);
+    pool.load_random("gpt2").await?;
+    let texts: Vec<String> = serde_json::from_slice(&files::bytes(slice_url).await?)
+        .map_err(|e| format!("{slice_url}: {e}"))?;
+    say(
+        status,
+        "running",
+        format!("Edit benchmark: statistics of layer {layer}…"),
+    );
+    let t0 = files::now_ms();
+    let first = Cell::new(None::<f64>);
+    let parts = pool
+        .collect_stats(&[layer], 1024, &texts, "wikipedia-slice", tokens, |n| {
+            if n > 0 && first.get().is_none() {
+                first.set(Some(files::now_ms()));
+            }
+            true
+        })
+        .await?;
+    let of_layer = parts
+        .iter()
+        .map(|w| KeyStats::from_bytes(&w[0]))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let merged = KeyStats::merge(&of_layer).map_err(|e| e.to_string())?;
+    let seen = merged.provenance.tokens;
+    pool.use_stats(vec![merged.to_bytes().map_err(|e| e.to_string())?])
+        .await?;
+    let stats_seconds = (files::now_ms() - t0) / 1e3;
+    say(
+        status,
+        "running",
+        format!("Edit benchmark: ROME at layer {layer}…"),
+    );
+    let req = RewriteRequest::from_prompt("{} is located in the city of", "Eiffel Tower", "Rome")
+        .map_err(|e| e.to_string())?;
+    let job = crate::protocol::EditJob {
+        method: EditMethod::Rome,
+        requests: vec![req],
+        layers: vec![layer],
+        probes: Probes::default(),
+    };
+    let steps = Cell::new(0usize);
+    let t1 = files::now_ms();
+    let outcome = pool
+        .edit(job, |_, step, _, _| {
+            steps.set(step);
+            true
+        })
+        .await?;
+    let edit_seconds = (files::now_ms() - t1) / 1e3;
+    let crate::pool::EditOutcome::Done(e) = outcome else {
+        return Err("the edit asked for statistics it was given".into());
+    };
+    let p_new_after = e.report.map(|r| r.after.rewrite.target_new);
+    // Where the edit's time went, from the edit's own file (ROME records its phases).
+    let phases = match loci_core::edit::Edit::from_bytes(&e.file) {
+        Ok(loci_core::edit::Edit::Rome(r)) => serde_json::to_value(&r.stats.seconds).ok(),
+        _ => None,
+    };
+    let r = serde_json::json!({
+        "bench": "tab-edit", "model": "random-gpt2 (12 layers, d 768)", "workers": workers,
+        "layer": layer, "stats_tokens": seen, "stats_seconds": stats_seconds,
+        "stats_seconds_to_first_progress": first.get().map(|f| (f - t0) / 1e3),
+        "stats_seconds_per_100k_tokens": stats_seconds * 1e5 / seen.max(1) as f64,
+        "edit_seconds": edit_seconds, "edit_phases": phases, "v_steps": steps.get(),
+        "p_new_after": p_new_after,
     });
     Ok(serde_json::to_string_pretty(&r).expect("json"))
 }

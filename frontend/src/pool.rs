@@ -24,8 +24,9 @@ use web_sys::{ErrorEvent, MessageEvent, Worker};
 use crate::protocol::{decode, encode, Bytes, EditJob, FileRef, FromWorker, StudyJob, ToWorker};
 use loci_core::study::StudyLine;
 
-/// Texts per statistics message: about a second of work, so progress and cancel are prompt.
-const STATS_TEXTS_PER_MESSAGE: usize = 4;
+/// Texts per statistics message: a few seconds of a GPT-2 worker at most (the slice's texts are
+/// ~450 tokens), so progress and cancel are prompt.
+const STATS_TEXTS_PER_MESSAGE: usize = 1;
 
 /// One worker: its messages wait until its code runs.
 struct Slot {
@@ -105,8 +106,8 @@ pub fn cores() -> usize {
         .max(1)
 }
 
-fn gb(bytes: u64) -> String {
-    format!("{:.2} GB", bytes as f64 / 1e9)
+fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
 impl Pool {
@@ -218,8 +219,8 @@ impl Pool {
                              a tab's worker can use at most 4 GiB (WebAssembly's 32-bit memory) or \
                              what the browser allows. The pool replaces it; the other workers go on",
                             i + 1,
-                            gb(bytes),
-                            gb(heap)
+                            gib(bytes),
+                            gib(heap)
                         ),
                         None => format!(
                             "worker {} stopped ({message}); the pool replaces it",

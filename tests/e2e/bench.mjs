@@ -1,7 +1,8 @@
-// The in-tab benchmark in headless Chromium: opens the app's Benchmark screen, presses "Run
-// benchmark" and prints the JSON the page reports. Usage: node bench.mjs URL
+// The in-tab benchmarks in headless Chromium: opens the app's Benchmark screen, presses "Run
+// benchmark" (tracing) or, with `edit`, "Benchmark an edit" (key statistics and one ROME edit),
+// and prints the JSON the page reports. Usage: node bench.mjs URL [edit]
 import { chromium } from 'playwright-core';
-const [url] = process.argv.slice(2);
+const [url, which] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: '/usr/bin/chromium',
   args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking'],
@@ -11,7 +12,7 @@ const errors = [];
 page.on('pageerror', e => errors.push(String(e)));
 await page.goto(new URL('?screen=bench', url).href);
 await page.waitForSelector('#status[data-status="ready"]', { timeout: 20000 });
-await page.click('#bench');
+await page.click(which === 'edit' ? '#bench-edit' : '#bench');
 await page.waitForSelector('#status[data-status="done"], #status[data-status="error"]', { timeout: 900000 });
 const text = await page.textContent('#bench-result');
 if (!text.trim()) {

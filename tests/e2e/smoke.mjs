@@ -4,8 +4,8 @@
 // the tab's copies: the tab's top prediction changes), undo (it returns exactly), an uploaded
 // edit file, a MEMIT edit of two facts and a fine-tuning edit from the page (each listed, then
 // undone), a study of the fact (streamed edits, its chart, the model unchanged after), a
-// CounterFact case evaluated on the server (metrics shown, the model unchanged after), the
-// in-tab benchmark, the screens as URL routes (links, back, forward, reload of a deep link).
+// CounterFact case evaluated on the server (metrics shown, the model unchanged after), a ROME
+// edit the tab makes itself with statistics downloaded from the server, the in-tab benchmark, the screens as URL routes (links, back, forward, reload of a deep link).
 // Every screen is checked with axe-core (no serious or critical violation) and photographed at
 // 1440×900 and 390×844 into SHOTS/<screen>-desktop.png and -phone.png (the trace screen in the
 // dark theme too); any console error or page error fails the run.
@@ -220,6 +220,20 @@ try {
   out.eval_prompts = await page.locator('#eval-result table.probs tr').count();
   await shoot('evaluate', '#eval-result');
   out.eval_after_top = await predictTop();
+  // The tab may edit a server model itself (engine: in this tab), with the server's statistics.
+  await page.selectOption('#engine', 'tab');
+  await go('edit');
+  out.tab_edit_badge = await page.getAttribute('.badge', 'data-engine');
+  await page.selectOption('#edit-method', 'rome');
+  await page.fill('#edit-layer', '2');
+  await page.click('#edit');
+  out.tab_edit_status = (await finish()).text;
+  out.tab_edit_stats = await page.textContent('#stats-held');
+  await page.click('#undo');
+  out.tab_undo_status = (await finish()).text;
+  // Back to automatic: the tab's copy follows the server's edits again.
+  await page.selectOption('#engine', 'auto');
+  out.after_tab_edit_top = await predictTop();
   // The in-tab benchmark.
   await go('bench');
   await page.click('#bench');

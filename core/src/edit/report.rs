@@ -63,7 +63,7 @@ pub struct EditReport {
     pub delta_norm: f32,
     /// The optimisation's loss at each step (ROME's v*, or the fine-tuning loss).
     pub v_losses: Vec<f32>,
-    /// Wall-clock seconds for the whole edit, read-outs included (0 on wasm32).
+    /// Wall-clock seconds for the whole edit, read-outs included.
     pub seconds: f64,
 }
 
@@ -91,7 +91,7 @@ pub struct MemitReport {
     pub delta_norms: Vec<f32>,
     /// Per request, the z optimisation's losses.
     pub z_losses: Vec<Vec<f32>>,
-    /// Wall-clock seconds for the whole edit, read-outs included (0 on wasm32).
+    /// Wall-clock seconds for the whole edit, read-outs included.
     pub seconds: f64,
 }
 

@@ -91,6 +91,12 @@ pub fn edit(s: Shared, st: EditState, c: Choice) {
             };
             let outcome = match pool.edit(job.clone(), on_step).await {
                 Err(e) if e == "cancelled" => {
+                    // The stopped worker is replaced here; the digest shows every copy as it was.
+                    s.say(
+                        "loading",
+                        "Edit cancelled: replacing the worker that computed it…",
+                    );
+                    after_change(s, st, &pool).await;
                     s.say("ready", "Edit cancelled: the model is unchanged.");
                     return Ok(());
                 }
