@@ -29,6 +29,9 @@ LOCI_SKIP_BUILD=1 LOCI_STATS_TOKENS=2000 LOCI_STATS_LAYERS=1 LOCI_CORPUS="$corpu
 "$loci" edit --model "$model" --prompt "$prompt" --subject "Eiffel Tower" --target Rome --layer 2 \
   --stats "$work/stats" --corpus "$corpus" --stats-tokens 2000 --save-edit "$work/native.safetensors" >/dev/null 2>&1
 "$loci" stats --model "$other" --layers 2 --tokens 500 --corpus "$corpus" --out "$work/other" >/dev/null 2>&1
+# An edit of the other tiny model: the same shapes, so only its recorded model tells them apart.
+"$loci" edit --model "$other" --prompt "$prompt" --subject "Eiffel Tower" --target Rome --layer 2 \
+  --stats "$work/other" --corpus "$corpus" --stats-tokens 500 --save-edit "$work/other-edit.safetensors" >/dev/null 2>&1
 
 port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 python3 -m http.server --bind 127.0.0.1 --directory "$work/site" "$port" >/dev/null 2>&1 &
@@ -44,7 +47,7 @@ for _ in range(100):
 sys.exit("the static file server did not start")
 PY
 out="$(node tests/e2e/static.mjs "http://127.0.0.1:$port/" tiny-gptj "$work" \
-  "$work/native.safetensors" "$work/other/layer2.safetensors")"
+  "$work/native.safetensors" "$work/other/layer2.safetensors" "$work/other-edit.safetensors")"
 echo "$out"
 # The real model: a cancelled edit, and a shape too big for a worker.
 LOCI_SKIP_BUILD=1 LOCI_STATS_TOKENS=0 scripts/build-static.sh "$work/real" "$(scripts/fetch-model.sh)" >/dev/null 2>&1
@@ -91,7 +94,9 @@ checks = {
     "the tab's edit downloads as an edit file": r.get("download_name", "").endswith(".safetensors"),
     "undo restores the weights bit for bit": st("undo") == "undone"
         and r.get("digest_undone") == d0 and r.get("undone") == r.get("before"),
-    "a garbage edit file is refused": st("bad_edit") == "error",
+    "a garbage edit file, and another model's of the same shape, are refused":
+        st("bad_edit") == "error" and st("other_edit") == "error"
+        and "made for model tiny-gpt2" in txt("other_edit") and r.get("other_edit_listed") == 0,
     "an edit made by `loci edit --save-edit` applies in the tab":
         st("native") == "edited" and r.get("native_listed") == 1
         and top(r.get("native_top")) == top(r.get("edited")),

@@ -131,3 +131,33 @@ fn smollm2_learns_the_new_city_and_keeps_the_louvre() {
         " Paris"
     );
 }
+
+/// An edit file records the model it was made for: applying it to another model — even one of
+/// the very same shape — is refused and changes nothing; on its own model it applies.
+#[test]
+fn an_edit_file_applies_only_to_its_own_model() {
+    let mut lm = common::tiny("tiny-gpt2");
+    let mut twin = common::tiny("tiny-gptj");
+    assert_eq!(lm.model.cfg.d_ff, twin.model.cfg.d_ff, "the same shapes");
+    let req = common::request(
+        "{} is located in the city of",
+        "Eiffel Tower",
+        "Rome",
+        "Paris",
+    );
+    let mut hp = FtHparams::at_layers(vec![1], Some(5e-3));
+    hp.steps = 2;
+    let edit = Edit::Ft(lm.finetune(&req, &hp).unwrap());
+    let file = edit.to_file(&lm).unwrap();
+    let made_for = Edit::made_for(&file).unwrap().unwrap();
+    assert_eq!(made_for.fingerprint, lm.info.fingerprint);
+    let bits0 = common::down_bits(&twin);
+    let e = twin.apply_file(&file).unwrap_err().to_string();
+    assert!(e.contains("made for model tiny-gpt2"), "{e}");
+    assert_eq!(common::down_bits(&twin), bits0, "nothing changed");
+    let (_, applied) = lm.apply_file(&file).unwrap();
+    lm.undo_edit(applied).unwrap();
+    // A file without the mark (older files) is checked by shape only.
+    assert!(Edit::made_for(&edit.to_bytes().unwrap()).unwrap().is_none());
+    twin.apply_file(&edit.to_bytes().unwrap()).unwrap();
+}

@@ -637,8 +637,8 @@ impl Pool {
                 editor,
                 TabEdit {
                     file: file.0,
-                    report,
-                    memit,
+                    report: report.map(|r| *r),
+                    memit: memit.map(|m| *m),
                 },
             ),
             (_, other) => return Err(format!("an unexpected answer to an edit: {other:?}")),
@@ -669,7 +669,10 @@ impl Pool {
             FromWorker::StudyLine(l) => on_line(l),
             _ => true,
         };
-        match self.run_one(ToWorker::Study(job), on_progress).await? {
+        match self
+            .run_one(ToWorker::Study(Box::new(job)), on_progress)
+            .await?
+        {
             (_, FromWorker::StudyDone) => Ok(None),
             (_, FromWorker::NeedsStats { layers }) => Ok(Some(layers)),
             (_, other) => Err(format!("an unexpected answer to a study: {other:?}")),

@@ -111,7 +111,7 @@ pub enum ToWorker {
     /// Compute an edit, apply it and read the probes (steps stream as `EditStep`).
     Edit(EditJob),
     /// Run a study (its lines stream as `StudyLine`).
-    Study(StudyJob),
+    Study(Box<StudyJob>),
     /// Apply a saved edit (the bytes of an edit file) on top of the model's edits.
     ApplyEdit {
         bytes: Bytes,
@@ -165,8 +165,8 @@ pub enum FromWorker {
     /// An edit made and applied: its file, and the read-out (ROME and FT, or MEMIT).
     Edited {
         file: Bytes,
-        report: Option<EditReport>,
-        memit: Option<MemitReport>,
+        report: Option<Box<EditReport>>,
+        memit: Option<Box<MemitReport>>,
         count: usize,
     },
     /// A study's line (the case traced, or an edit scored and undone).

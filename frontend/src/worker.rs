@@ -216,11 +216,10 @@ impl ModelWorker {
             }
             ToWorker::UseStats { files } => self.use_stats(files),
             ToWorker::Edit(job) => self.edit(job),
-            ToWorker::Study(job) => self.study(job),
+            ToWorker::Study(job) => self.study(*job),
             ToWorker::ApplyEdit { bytes } => {
-                let e = Edit::from_bytes(&bytes.0).map_err(text)?;
                 let m = self.model.as_mut().ok_or("no model is loaded")?;
-                let applied = m.apply(&e).map_err(text)?;
+                let (_, applied) = m.apply_file(&bytes.0).map_err(text)?;
                 self.edits.push(applied);
                 self.plans.clear();
                 Ok(FromWorker::Edits {
@@ -292,7 +291,7 @@ impl ModelWorker {
                 let lm = self.model.as_mut().expect("checked above");
                 let (e, applied, r) =
                     streamed(|| lm.rome_with_report(req, &hp, Some(&stats), &probes))?;
-                (Edit::Rome(e), applied, Some(r), None)
+                (Edit::Rome(e), applied, Some(Box::new(r)), None)
             }
             EditMethod::Memit => {
                 let hp = MemitHparams::defaults(cfg, &job.layers).map_err(text)?;
@@ -303,20 +302,20 @@ impl ModelWorker {
                 let lm = self.model.as_mut().expect("checked above");
                 let (e, applied, r) =
                     streamed(|| lm.memit_with_report(reqs, &hp, &stats, &probes, &mut |_| {}))?;
-                (Edit::Memit(e), applied, None, Some(r))
+                (Edit::Memit(e), applied, None, Some(Box::new(r)))
             }
             EditMethod::Ft => {
                 let hp = FtHparams::defaults(cfg, &job.layers).map_err(text)?;
                 let req = one(reqs)?;
                 let lm = self.model.as_mut().expect("checked above");
                 let (e, applied, r) = streamed(|| lm.ft_with_report(req, &hp, &probes))?;
-                (Edit::Ft(e), applied, Some(r), None)
+                (Edit::Ft(e), applied, Some(Box::new(r)), None)
             }
         };
         self.edits.push(applied);
         self.plans.clear();
         Ok(FromWorker::Edited {
-            file: Bytes(edit.to_bytes().map_err(text)?),
+            file: Bytes(edit.to_file(self.model()?).map_err(text)?),
             report,
             memit,
             count: self.edits.len(),

@@ -5,12 +5,12 @@
 // made by `loci edit --save-edit` applied, MEMIT of two facts and fine-tuning (each undone
 // exactly), the statistics kept for a second visit, and a shareable link reproducing the edit
 // form and a trace in another tab.
-// Usage: node static.mjs URL MODEL OUT_DIR NATIVE_EDIT OTHER_STATS — prints one JSON object;
+// Usage: node static.mjs URL MODEL OUT_DIR NATIVE_EDIT OTHER_STATS OTHER_EDIT — prints one JSON object;
 // the downloaded edit file is OUT_DIR/tab-edit.safetensors.
 import { chromium } from 'playwright-core';
 import { copyFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-const [url, model, outDir, nativeEdit, otherStats] = process.argv.slice(2);
+const [url, model, outDir, nativeEdit, otherStats, otherEdit] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: '/usr/bin/chromium',
   args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
@@ -105,6 +105,8 @@ try {
   out.undone = await predict();
   // A garbage edit file, then the file `loci edit --save-edit` made natively.
   out.bad_edit = await upload('#upload-edit', garbage);
+  out.other_edit = await upload('#upload-edit', otherEdit);
+  out.other_edit_listed = await listed();
   out.native = await upload('#upload-edit', nativeEdit);
   out.native_listed = await listed();
   out.native_top = await predict();

@@ -303,7 +303,7 @@ pub async fn edit_file(
             .iter()
             .find(|e| e.id == id)
             .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no edit {id}")))?;
-        Ok(e.edit.to_bytes()?)
+        Ok(e.edit.to_file(&state.lm)?)
     })
     .await;
     match bytes {
@@ -369,10 +369,10 @@ pub async fn upload_edit(
         Err(e) => return e.into_response(),
     };
     job(st, move |st| {
-        let e = Edit::from_bytes(&bytes)?;
         let m = model(st, &name)?;
         let mut state = write(&m);
-        let id = state.push(e)?;
+        let (e, applied) = state.lm.apply_file(&bytes)?;
+        let id = state.record(e, applied);
         Ok(serde_json::json!({ "id": id, "edits": state.listing() }))
     })
     .await

@@ -48,12 +48,6 @@ pub struct EditListing {
 }
 
 impl ModelState {
-    /// Applies `edit` on top of the others; returns its id.
-    pub fn push(&mut self, edit: Edit) -> loci_core::Result<u64> {
-        let applied = self.lm.apply(&edit)?;
-        Ok(self.record(edit, applied))
-    }
-
     /// Records an edit already applied to the weights.
     pub fn record(&mut self, edit: Edit, applied: AppliedEdit) -> u64 {
         self.next_id += 1;

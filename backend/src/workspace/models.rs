@@ -19,8 +19,7 @@ pub fn open_model(
         .with_context(|| format!("loading {}", path.display()))?;
     for f in edits {
         let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-        let edit = loci_core::edit::Edit::from_bytes(&bytes)?;
-        lm.apply(&edit)
+        lm.apply_file(&bytes)
             .with_context(|| format!("applying {}", f.display()))?;
     }
     Ok(lm)

@@ -84,6 +84,35 @@ impl<B: Fn(String) -> LociError> Read<'_, B> {
     }
 }
 
+/// `data` (a safetensors file) with `value` as JSON under `key` in its metadata too.
+pub fn with_metadata(data: &[u8], key: &str, value: &impl Serialize) -> Result<Vec<u8>> {
+    let failed =
+        |e: safetensors::SafeTensorError| LociError::model(format!("rewriting a file: {e}"));
+    let (_, header) = SafeTensors::read_metadata(data).map_err(failed)?;
+    let mut meta = header.metadata().clone().unwrap_or_default();
+    meta.insert(
+        key.to_string(),
+        serde_json::to_string(value).expect("metadata serialises"),
+    );
+    let st = SafeTensors::deserialize(data).map_err(failed)?;
+    let views: Vec<(String, TensorView)> = st.tensors();
+    safetensors::serialize(views, Some(meta)).map_err(failed)
+}
+
+/// The JSON under `key` in `data`'s metadata, if it has one (a file that is not safetensors
+/// has none).
+pub fn metadata<M: DeserializeOwned>(data: &[u8], key: &str) -> Result<Option<M>> {
+    let Ok((_, header)) = SafeTensors::read_metadata(data) else {
+        return Ok(None);
+    };
+    match header.metadata().as_ref().and_then(|m| m.get(key)) {
+        Some(text) => serde_json::from_str(text)
+            .map(Some)
+            .map_err(|e| LociError::model(format!("bad {key} metadata: {e}"))),
+        None => Ok(None),
+    }
+}
+
 /// Whether `data` is a safetensors file with `key` in its metadata.
 pub fn has_key(data: &[u8], key: &str) -> bool {
     SafeTensors::read_metadata(data)

@@ -18,7 +18,7 @@ pub use ft::{FtEdit, FtHparams, FtLayer, FtObjective, FtStats};
 pub use hooked::RowEdits;
 pub use memit::{MemitEdit, MemitHparams, MemitLayer, MemitStats};
 pub use method::EditMethod;
-pub use saved::Edit;
+pub use saved::{Edit, MadeFor};
 
 pub use crate::request::{RewriteRequest, TargetStr};
 pub use report::{

@@ -5,9 +5,22 @@ use super::delta::{delta_norm, AppliedEdit, LayerDelta};
 use super::ft::FtEdit;
 use super::memit::MemitEdit;
 use super::rome::RomeEdit;
-use crate::error::Result;
+use crate::error::{LociError, Result};
 use crate::loader::LoadedModel;
 use crate::request::RewriteRequest;
+
+/// The metadata key naming the model an edit file was made for.
+const MADE_FOR: &str = "loci_model";
+
+/// The model an edit was computed on, as its file records it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct MadeFor {
+    /// The model's name (for messages).
+    pub name: String,
+    /// Its [`ModelInfo::fingerprint`](crate::loader::ModelInfo::fingerprint): what applying
+    /// the file compares.
+    pub fingerprint: String,
+}
 
 /// A computed edit of any method: what can be saved, loaded, applied and listed.
 #[derive(Clone, Debug)]
@@ -39,6 +52,21 @@ impl Edit {
             Edit::Memit(e) => e.to_bytes(),
             Edit::Ft(e) => e.to_bytes(),
         }
+    }
+
+    /// The edit's file, marked with the model `lm` it was made for: [`LoadedModel::apply_file`]
+    /// refuses it on another model, even one of the same shape.
+    pub fn to_file(&self, lm: &LoadedModel) -> Result<Vec<u8>> {
+        let made_for = MadeFor {
+            name: lm.name.clone(),
+            fingerprint: lm.info.fingerprint.clone(),
+        };
+        super::file::with_metadata(&self.to_bytes()?, MADE_FOR, &made_for)
+    }
+
+    /// The model an edit file says it was made for (None for files that do not say).
+    pub fn made_for(data: &[u8]) -> Result<Option<MadeFor>> {
+        super::file::metadata(data, MADE_FOR)
     }
 
     /// The per-layer weight changes, borrowing the edit's vectors.
@@ -83,5 +111,21 @@ impl LoadedModel {
     /// Applies an edit of any method; keep the result to undo it exactly.
     pub fn apply(&mut self, e: &Edit) -> Result<AppliedEdit> {
         self.apply_deltas(&e.deltas())
+    }
+
+    /// Reads an edit file and applies it. A file made for another model is refused (its
+    /// fingerprint differs), as is one that does not fit; either way nothing changes.
+    pub fn apply_file(&mut self, data: &[u8]) -> Result<(Edit, AppliedEdit)> {
+        if let Some(m) = Edit::made_for(data)? {
+            if m.fingerprint != self.info.fingerprint {
+                return Err(LociError::input(format!(
+                    "this edit was made for model {} ({}), not {} ({})",
+                    m.name, m.fingerprint, self.name, self.info.fingerprint
+                )));
+            }
+        }
+        let e = Edit::from_bytes(data)?;
+        let applied = self.apply(&e)?;
+        Ok((e, applied))
     }
 }
