@@ -110,6 +110,7 @@ pub async fn tab_edit_benchmark(
             true
         })
         .await?;
+    let collect_seconds = (files::now_ms() - t0) / 1e3;
     let of_layer = parts
         .iter()
         .map(|w| KeyStats::from_bytes(&w[0]))
@@ -155,6 +156,7 @@ pub async fn tab_edit_benchmark(
         "bench": "tab-edit", "model": "random-gpt2 (12 layers, d 768)", "workers": workers,
         "layer": layer, "stats_tokens": seen, "stats_seconds": stats_seconds,
         "stats_seconds_to_first_progress": first.get().map(|f| (f - t0) / 1e3),
+        "stats_collect_seconds": collect_seconds,
         "stats_seconds_per_100k_tokens": stats_seconds * 1e5 / seen.max(1) as f64,
         "edit_seconds": edit_seconds, "edit_phases": phases, "v_steps": steps.get(),
         "p_new_after": p_new_after,

@@ -1,7 +1,8 @@
-//! Where a job runs. The app offers the server's models (and GPT-2 from the Hugging Face hub);
-//! a model small enough runs in this tab's worker pool, else on the server, unless the user
-//! says otherwise. `Runner` is the one interface both engines implement, with the core's
-//! request and result types. The tab's model copies follow the server's edits.
+//! Where a job runs. The app offers the server's models, or a static build's (`models.json`),
+//! and GPT-2 from the Hugging Face hub; a model small enough runs in this tab's worker pool,
+//! else on the server, unless the user says otherwise. `Runner` is the one interface both
+//! engines implement, with the core's request and result types. Edits follow `edit_engine`:
+//! a server model's on the server (the tab's copies follow them), a tab-only model's in the tab.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -104,7 +105,9 @@ pub fn static_choices(list: &[ModelListing]) -> Vec<Choice> {
             }
         })
         .collect();
-    v.push(hub_gpt2());
+    if v.iter().all(|c| c.name != "gpt2") {
+        v.push(hub_gpt2());
+    }
     v
 }
 
