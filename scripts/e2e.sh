@@ -92,6 +92,8 @@ checks = {
     "axe-core: no serious or critical violation on any screen (desktop, phone, dark theme)":
         len(r.get("axe", {})) == 11 and not any(r["axe"].values()),
     "screenshots of the five screens on a desktop and a phone": len(r.get("shots", [])) == 11,
+    "a link to a server edit fills the form and waits for a click":
+        r.get("server_link", {}).get("target") == "Berlin" and r["server_link"].get("edits") == 1,
     "a second visit loads the model from the browser cache": r.get("second_visit_files_fetched") == 0
         and r.get("second_visit_status") == "Done.",
     "a new page's tab copy carries the server's edits": r.get("second_visit_top") == r.get("uploaded_top"),

@@ -113,6 +113,7 @@ pub async fn tab_edit_benchmark(
     let collect_seconds = (files::now_ms() - t0) / 1e3;
     let of_layer = parts
         .iter()
+        .filter(|w| !w.is_empty())
         .map(|w| KeyStats::from_bytes(&w[0]))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;

@@ -326,8 +326,8 @@ pub async fn sync_edits(pool: &Pool, have: &RefCell<Vec<u64>>, model: &str) -> R
             .map(|e| e.id)
             .collect();
     let mine = have.borrow().clone();
-    // Edits the tab made itself are not the server's: following the server drops them.
-    let own = pool.edit_files().len() != mine.len();
+    // Edits the tab made (or undid) itself are not the server's: following it drops them.
+    let own = pool.own_edits();
     if server == mine && !own {
         return Ok(());
     }
@@ -335,6 +335,7 @@ pub async fn sync_edits(pool: &Pool, have: &RefCell<Vec<u64>>, model: &str) -> R
         mine.len()
     } else {
         pool.undo_edit(true).await?;
+        pool.set_own_edits(false);
         have.borrow_mut().clear();
         0
     };

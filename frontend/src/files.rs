@@ -152,6 +152,13 @@ pub async fn keep(key: &str, bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// Removes `key` from the cache (nothing where there is no Cache API).
+pub async fn forget(key: &str) {
+    if let Some(c) = cache().await {
+        let _ = JsFuture::from(c.delete_with_str(key)).await;
+    }
+}
+
 /// Milliseconds since an arbitrary origin, in the page and in workers.
 pub fn now_ms() -> f64 {
     js_sys::Date::now()

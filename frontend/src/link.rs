@@ -1,10 +1,12 @@
 //! Shareable links: the page's state in the URL — the screen, model and engine, the trace's
-//! prompt, subject and kinds, the edit's request, method and layer — so a link opens another
-//! tab on the same trace or edit; with `run=1` it runs it there once the model list is in.
+//! prompt, subject and kinds, the edit's request, method, layer, MEMIT's further facts and the
+//! probes — so a link opens another tab on the same trace or edit; with `run=1` it runs it
+//! there once the model list is in: a trace, or an edit made in that tab. An edit that would
+//! change a server's shared model, or a link whose model is not offered, waits for a click.
 
 use leptos::prelude::*;
 use loci_core::edit::EditMethod;
-use loci_frontend::engine::Mode;
+use loci_frontend::engine::{edit_engine, Engine, Mode};
 
 use crate::nav::Screen;
 use crate::screens::edit::EditState;
@@ -24,8 +26,9 @@ fn query() -> Option<web_sys::UrlSearchParams> {
 pub fn follow(s: Shared, trace: TraceState, edit: EditState) {
     let Some(q) = query() else { return };
     let text = |key: &str| q.get(key);
-    if let Some(m) = text("model") {
-        s.model.set(m);
+    let linked_model = text("model");
+    if let Some(m) = &linked_model {
+        s.model.set(m.clone());
     }
     match text("engine").as_deref() {
         Some("tab") => s.mode.set(Mode::Tab),
@@ -56,6 +59,15 @@ pub fn follow(s: Shared, trace: TraceState, edit: EditState) {
     if let Some(l) = text("layer") {
         edit.layer.set(l);
     }
+    for (key, sig) in [
+        ("more", edit.more),
+        ("paraphrase", edit.paraphrase),
+        ("neighborhood", edit.neighborhood),
+    ] {
+        if let Some(v) = text(key) {
+            sig.set(v);
+        }
+    }
     if text("run").as_deref() != Some("1") {
         return;
     }
@@ -65,12 +77,29 @@ pub fn follow(s: Shared, trace: TraceState, edit: EditState) {
         if !listed || s.busy.get() {
             return;
         }
-        match pending.get_value() {
-            Some(Screen::Edit) => crate::screens::edit_actions::edit(s, edit),
+        let job = pending.get_value();
+        pending.set_value(Some(Screen::Bench)); // decided once: nothing more to do
+        let Some(c) = s.choice() else { return };
+        if linked_model.as_ref().is_some_and(|m| *m != c.name) {
+            return s.say(
+                "error",
+                format!(
+                    "The link's model {:?} is not offered here.",
+                    linked_model.clone().unwrap_or_default()
+                ),
+            );
+        }
+        match job {
+            Some(Screen::Edit) => match edit_engine(&c, s.mode.get_untracked()) {
+                Ok((Engine::Tab, _)) => crate::screens::edit_actions::edit(s, edit),
+                _ => s.say(
+                    "ready",
+                    "The link's edit is in the form: press Edit to make it on the server.",
+                ),
+            },
             Some(Screen::Trace) | None => crate::screens::trace::run_trace(s, trace),
             _ => {}
         }
-        pending.set_value(Some(Screen::Bench)); // ran: nothing more to do
     });
 }
 
@@ -127,6 +156,9 @@ pub fn edit_link(s: Shared, st: EditState) -> String {
             ("target", st.target.get()),
             ("method", st.method.get().name().to_string()),
             ("layer", st.layer.get()),
+            ("more", st.more.get()),
+            ("paraphrase", st.paraphrase.get()),
+            ("neighborhood", st.neighborhood.get()),
         ],
     )
 }

@@ -14,7 +14,7 @@ use std::rc::Rc;
 use futures_channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 use futures_util::lock::Mutex;
 use futures_util::StreamExt;
-use loci_core::edit::{EditReport, MemitReport, StatsProvenance};
+use loci_core::edit::{EditReport, KeyStats, MemitReport, StatsProvenance};
 use loci_core::trace::{TraceHeader, TraceKind, TraceRequest};
 use loci_core::{ModelInfo, Prediction};
 use wasm_bindgen::prelude::*;
@@ -58,7 +58,8 @@ impl Drop for Slot {
 #[derive(Default)]
 struct Setup {
     load: Option<ToWorker>,
-    stats: Vec<Bytes>,
+    /// The statistics files the workers hold, by layer (a newer one replaces its layer's).
+    stats: Vec<(usize, Bytes)>,
     edits: Vec<Bytes>,
 }
 
@@ -75,6 +76,8 @@ pub struct Pool {
     setup: RefCell<Setup>,
     /// A worker's out-of-memory report, kept for the message when it stops.
     oom: RefCell<Vec<Option<(u64, u64)>>>,
+    /// Whether the tab changed the copies' edits itself (so they no longer follow a server).
+    own_edits: Cell<bool>,
 }
 
 /// An edit made in the tab: its file and read-out.
@@ -122,6 +125,7 @@ impl Pool {
             next_job: Cell::new(1),
             setup: RefCell::new(Setup::default()),
             oom: RefCell::new(vec![None; n]),
+            own_edits: Cell::new(false),
         });
         for i in 0..n {
             pool.spawn(i);
@@ -170,6 +174,16 @@ impl Pool {
             _on_message: on_message,
             _on_error: on_error,
         });
+    }
+
+    /// Marks (or clears) that the tab edited, undid or uploaded edits of these copies itself.
+    pub fn set_own_edits(&self, own: bool) {
+        self.own_edits.set(own);
+    }
+
+    /// Whether the copies carry edits the tab made itself (see `set_own_edits`).
+    pub fn own_edits(&self) -> bool {
+        self.own_edits.get()
     }
 
     pub fn workers(&self) -> usize {
@@ -244,35 +258,44 @@ impl Pool {
         };
         for i in dead {
             self.spawn(i);
-            let mut msgs = vec![];
-            {
-                let setup = self.setup.borrow();
-                msgs.extend(setup.load.clone());
-                if !setup.stats.is_empty() {
-                    msgs.push(ToWorker::UseStats {
-                        files: setup.stats.clone(),
-                    });
-                }
-                msgs.extend(
-                    setup
-                        .edits
-                        .iter()
-                        .map(|b| ToWorker::ApplyEdit { bytes: b.clone() }),
-                );
+            if let Err(e) = self.replay(i).await {
+                // A half-set-up worker must not count as one of the copies.
+                self.stop(i);
+                return Err(e);
             }
-            for m in msgs {
-                self.send(i, &m);
-                loop {
-                    match self.recv().await? {
-                        (j, FromWorker::Error { message } | FromWorker::Crashed { message })
-                            if j == i =>
-                        {
-                            self.stop(i);
-                            return Err(format!("a replacement worker failed: {message}"));
-                        }
-                        (j, _) if j == i => break,
-                        _ => {} // a cancelled job's late rows
+        }
+        Ok(())
+    }
+
+    /// Brings the new worker `i` to the others' state: the model, statistics and edits.
+    async fn replay(&self, i: usize) -> Result<(), String> {
+        let mut msgs = vec![];
+        {
+            let setup = self.setup.borrow();
+            msgs.extend(setup.load.clone());
+            if !setup.stats.is_empty() {
+                msgs.push(ToWorker::UseStats {
+                    files: setup.stats.iter().map(|(_, b)| b.clone()).collect(),
+                });
+            }
+            msgs.extend(
+                setup
+                    .edits
+                    .iter()
+                    .map(|b| ToWorker::ApplyEdit { bytes: b.clone() }),
+            );
+        }
+        for m in msgs {
+            self.send(i, &m);
+            loop {
+                match self.recv().await? {
+                    (j, FromWorker::Error { message } | FromWorker::Crashed { message })
+                        if j == i =>
+                    {
+                        return Err(format!("a replacement worker failed: {message}"));
                     }
+                    (j, _) if j == i => break,
+                    _ => {} // a cancelled job's late rows
                 }
             }
         }
@@ -439,9 +462,21 @@ impl Pool {
         }
     }
 
-    /// After a failed edit: when the copies may differ, stop them all (replaced next job).
+    /// After a failed edit: when the copies' weights differ, stop them all; the next job
+    /// rebuilds them from the setup.
     async fn rebuild_if_split(&self, to: &[usize]) {
-        if self.digest().await.is_err() {
+        let all = self
+            .ask(to, ToWorker::Digest, |m| {
+                matches!(m, FromWorker::Digest { .. }).then_some(m)
+            })
+            .await;
+        let split = match all {
+            Ok(d) => d.windows(2).any(|w| {
+                !matches!((&w[0], &w[1]), (FromWorker::Digest { digest: a }, FromWorker::Digest { digest: b }) if a == b)
+            }),
+            Err(_) => false,
+        };
+        if split {
             for &i in to {
                 self.stop(i);
             }
@@ -450,16 +485,24 @@ impl Pool {
 
     pub async fn undo_edit(&self, all: bool) -> Result<usize, String> {
         self.ensure().await?;
-        let n = self
-            .edits_reply(&self.alive(), ToWorker::UndoEdit { all })
-            .await?;
-        let mut setup = self.setup.borrow_mut();
-        if all {
-            setup.edits.clear();
-        } else {
-            setup.edits.pop();
+        let to = self.alive();
+        let result = self.edits_reply(&to, ToWorker::UndoEdit { all }).await;
+        {
+            let mut setup = self.setup.borrow_mut();
+            if all {
+                setup.edits.clear();
+            } else {
+                setup.edits.pop();
+            }
         }
-        Ok(n)
+        if result.is_err() {
+            // Some copies may not have undone: rebuild them all from the setup (the undo's
+            // intended state).
+            for &i in &to {
+                self.stop(i);
+            }
+        }
+        result
     }
 
     /// Edits now applied (the files, oldest first).
@@ -474,6 +517,11 @@ impl Pool {
 
     /// Gives every worker these statistics files (each checked against the model first).
     pub async fn use_stats(&self, files: Vec<Vec<u8>>) -> Result<Vec<StatsProvenance>, String> {
+        let layers: Vec<usize> = files
+            .iter()
+            .map(|f| KeyStats::from_bytes(f).map(|s| s.provenance.layer))
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
         let files: Vec<Bytes> = files.into_iter().map(Bytes).collect();
         let out = self
             .ask_all(
@@ -483,7 +531,12 @@ impl Pool {
                 |m| matches!(m, FromWorker::StatsHeld { .. }).then_some(m),
             )
             .await?;
-        self.setup.borrow_mut().stats.extend(files);
+        let mut setup = self.setup.borrow_mut();
+        for (layer, f) in layers.into_iter().zip(files) {
+            setup.stats.retain(|(l, _)| *l != layer);
+            setup.stats.push((layer, f));
+        }
+        drop(setup);
         match out.into_iter().next() {
             Some(FromWorker::StatsHeld { held }) => Ok(held),
             _ => Ok(vec![]),
@@ -491,8 +544,8 @@ impl Pool {
     }
 
     /// Collects key statistics of `layers` over `texts` (in order, until `goal` tokens), spread
-    /// over the workers; returns each worker's share per layer (to merge). `on_tokens` hears
-    /// the tokens so far; false cancels.
+    /// over the workers; returns each worker's share per layer (to merge; empty for a worker
+    /// that got no text). `on_tokens` hears the tokens so far; false cancels.
     #[allow(clippy::too_many_arguments)]
     pub async fn collect_stats(
         &self,
@@ -509,41 +562,47 @@ impl Pool {
             layers: layers.to_vec(),
             max_len,
         };
-        self.ask(&to, begin, Some).await?;
+        let begun = |m: FromWorker| matches!(m, FromWorker::StatsTokens { .. }).then_some(m);
+        self.ask(&to, begin, begun).await?;
         let mut chunks: Vec<Vec<String>> = texts
             .chunks(STATS_TEXTS_PER_MESSAGE)
             .map(<[String]>::to_vec)
             .rev()
             .collect();
-        let mut seen = vec![0u64; self.slots.borrow().len()];
-        let mut busy = 0;
-        for &i in &to {
+        let n = self.slots.borrow().len();
+        let (mut seen, mut busy) = (vec![0u64; n], vec![false; n]);
+        let give = |i: usize, chunks: &mut Vec<Vec<String>>, busy: &mut Vec<bool>| {
             if let Some(c) = chunks.pop() {
                 self.send(i, &ToWorker::StatsTexts { texts: c });
-                busy += 1;
+                busy[i] = true;
             }
+        };
+        for &i in &to {
+            give(i, &mut chunks, &mut busy);
         }
-        while busy > 0 {
+        while busy.contains(&true) {
             let (i, m) = self.recv().await?;
             match m {
-                FromWorker::StatsTokens { tokens } => {
-                    busy -= 1;
+                FromWorker::StatsTokens { tokens } if busy[i] => {
+                    busy[i] = false;
                     seen[i] = tokens;
                     let total: u64 = seen.iter().sum();
                     if !on_tokens(total) {
-                        self.drain(busy).await;
+                        self.drain(&mut busy).await;
                         return Err("cancelled".into());
                     }
                     if total >= goal {
                         chunks.clear();
                     }
-                    if let Some(c) = chunks.pop() {
-                        self.send(i, &ToWorker::StatsTexts { texts: c });
-                        busy += 1;
-                    }
+                    give(i, &mut chunks, &mut busy);
                 }
-                FromWorker::Error { message } | FromWorker::Crashed { message } => {
-                    self.drain(busy - 1).await;
+                FromWorker::Error { message } | FromWorker::Crashed { message } if busy[i] => {
+                    busy[i] = false;
+                    self.drain(&mut busy).await;
+                    return Err(message);
+                }
+                FromWorker::Crashed { message } => {
+                    self.drain(&mut busy).await;
                     return Err(message);
                 }
                 _ => {} // late rows of a cancelled trace
@@ -566,11 +625,18 @@ impl Pool {
             .collect())
     }
 
-    /// Waits for `n` outstanding answers, so none is left for the next job.
-    async fn drain(&self, n: usize) {
-        for _ in 0..n {
-            if self.recv().await.is_err() {
-                return;
+    /// Waits for the answers of the workers still `busy`, so none is left for the next job.
+    async fn drain(&self, busy: &mut [bool]) {
+        while busy.contains(&true) {
+            match self.recv().await {
+                Ok((
+                    i,
+                    FromWorker::StatsTokens { .. }
+                    | FromWorker::Error { .. }
+                    | FromWorker::Crashed { .. },
+                )) => busy[i] = false,
+                Ok(_) => {}
+                Err(_) => return,
             }
         }
     }
@@ -591,17 +657,21 @@ impl Pool {
             if i != w {
                 continue; // late rows of a cancelled trace
             }
-            match m {
-                FromWorker::EditStep { .. } | FromWorker::StudyLine(_) => {
-                    if !on_progress(m) {
-                        self.stop(w);
-                        return Err("cancelled".into());
-                    }
+            if matches!(m, FromWorker::EditStep { .. } | FromWorker::StudyLine(_)) {
+                if !on_progress(m) {
+                    self.stop(w);
+                    return Err("cancelled".into());
                 }
+                continue;
+            }
+            match m {
                 FromWorker::Error { message } | FromWorker::Crashed { message } => {
                     return Err(message)
                 }
-                last => return Ok((w, last)),
+                last @ (FromWorker::Edited { .. }
+                | FromWorker::NeedsStats { .. }
+                | FromWorker::StudyDone) => return Ok((w, last)),
+                _ => {} // a cancelled trace's late rows
             }
         }
     }

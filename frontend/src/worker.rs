@@ -111,8 +111,23 @@ async fn load(
             return Err("the model has no config.json and tokenizer.json".into());
         };
         let (cfg, tok) = (bytes(&cfg.url).await?, bytes(&tok.url).await?);
+        // The shards the disk loader reads: model.safetensors alone when there is one, else
+        // every shard in name order (so the fingerprint is the one `loci` computes).
+        let single: Vec<&FileRef> = files
+            .iter()
+            .filter(|f| f.name == "model.safetensors")
+            .collect();
+        let mut names: Vec<&FileRef> = if single.is_empty() {
+            files
+                .iter()
+                .filter(|f| f.name.ends_with(".safetensors"))
+                .collect()
+        } else {
+            single
+        };
+        names.sort_by(|a, b| a.name.cmp(&b.name));
         let mut shards = vec![];
-        for f in files.iter().filter(|f| f.name.ends_with(".safetensors")) {
+        for f in names {
             shards.push(bytes(&f.url).await?);
         }
         LoadedModel::from_hf_bytes(&name, &cfg, &tok, shards, DType::F32, &Device::Cpu)
@@ -206,6 +221,10 @@ impl ModelWorker {
             }
             ToWorker::StatsFinish { corpus } => {
                 let acc = self.collecting.take().ok_or("no statistics are begun")?;
+                if acc.tokens() == 0 {
+                    // Fewer texts than workers: this one's share is empty.
+                    return Ok(FromWorker::StatsParts { files: vec![] });
+                }
                 let stats = acc.finish(self.model()?, &corpus).map_err(text)?;
                 let files = stats
                     .iter()
@@ -312,10 +331,18 @@ impl ModelWorker {
                 (Edit::Ft(e), applied, Some(Box::new(r)), None)
             }
         };
+        let file = match edit.to_file(self.model()?) {
+            Ok(f) => f,
+            Err(e) => {
+                let m = self.model.as_mut().expect("checked above");
+                m.undo_edit(applied).map_err(text)?;
+                return Err(e.to_string());
+            }
+        };
         self.edits.push(applied);
         self.plans.clear();
         Ok(FromWorker::Edited {
-            file: Bytes(edit.to_file(self.model()?).map_err(text)?),
+            file: Bytes(file),
             report,
             memit,
             count: self.edits.len(),

@@ -250,6 +250,16 @@ try {
   await page.waitForSelector('#status[data-status="ready"]', { timeout: 20000 });
   out.deep_link = (await page.locator('#eval-case').count()) === 1
     && (await page.getAttribute('nav.screens a[aria-current="page"]', 'id')) === 'nav-evaluate';
+  // A link to an edit of the server's model fills the form but waits for a click: opening a
+  // link must not change a model every visitor shares.
+  const linked = watch(await context.newPage(), 'edit link');
+  await linked.goto(url + `?screen=edit&model=${model}&prompt=The+Eiffel+Tower+is+located+in+the+city+of&subject=Eiffel+Tower&target=Berlin&method=rome&layer=2&run=1`);
+  await linked.waitForFunction(() => document.querySelector('#status')?.textContent.includes('press Edit'), null, { timeout: 20000 });
+  out.server_link = {
+    target: await linked.inputValue('#edit-target'),
+    edits: Number(await linked.getAttribute('#edits', 'data-count')),
+  };
+  await linked.close();
   // A second visit runs in the tab from the browser's cache: no model file is fetched again.
   const second = watch(await context.newPage(), 'second page');
   const fetched = [];

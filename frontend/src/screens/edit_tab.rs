@@ -7,7 +7,7 @@ use leptos::prelude::*;
 use leptos::task::spawn_local;
 use loci_core::edit::{Edit, EditMethod, KeyStats, Probes, StatsProvenance};
 use loci_frontend::engine::{Choice, EditListing};
-use loci_frontend::files::{bytes, from_cache, keep, now_ms};
+use loci_frontend::files::{bytes, forget, from_cache, keep, now_ms};
 use loci_frontend::http::url_part;
 use loci_frontend::pool::{EditOutcome, Pool};
 use loci_frontend::protocol::EditJob;
@@ -114,6 +114,7 @@ pub fn edit(s: Shared, st: EditState, c: Choice) {
                     }
                     st.report.set(e.report);
                     st.memit.set(e.memit);
+                    owned(&pool);
                     after_change(s, st, &pool).await;
                     s.say("edited", format!("Edited in this tab in {secs:.1} s."));
                     return Ok(());
@@ -168,6 +169,11 @@ fn edit_job(st: &EditState) -> Result<EditJob, String> {
     })
 }
 
+/// The tab changed its copies' edits itself: they no longer follow a server's.
+fn owned(pool: &Pool) {
+    pool.set_own_edits(true);
+}
+
 /// After an edit, undo or upload: the list, and the digest of the weights edits touch.
 pub async fn after_change(s: Shared, st: EditState, pool: &Pool) {
     s.edits.set(listing(pool));
@@ -180,6 +186,7 @@ pub async fn after_change(s: Shared, st: EditState, pool: &Pool) {
 pub fn undo(s: Shared, st: EditState, c: Choice) {
     on_tab(s, c, move |pool, _| async move {
         pool.undo_edit(false).await?;
+        owned(&pool);
         st.report.set(None);
         st.memit.set(None);
         after_change(s, st, &pool).await;
@@ -194,6 +201,7 @@ pub fn undo(s: Shared, st: EditState, c: Choice) {
 pub fn upload(s: Shared, st: EditState, c: Choice, bytes: Vec<u8>) {
     on_tab(s, c, move |pool, _| async move {
         pool.apply_edit(bytes).await?;
+        owned(&pool);
         after_change(s, st, &pool).await;
         s.say("edited", "The uploaded edit is applied in this tab.");
         Ok(())
@@ -217,8 +225,18 @@ async fn find_stats(
             .iter()
             .find(|(sl, _)| *sl == l)
             .map(|(_, u)| u.clone());
-        let found = if let Some(b) = from_cache(&cache_key(&info.fingerprint, l)).await {
-            Some((b, "kept in this browser"))
+        let kept = cache_key(&info.fingerprint, l);
+        let found = if let Some(b) = from_cache(&kept).await {
+            // A kept file that no longer reads is dropped, so it is not offered again.
+            if let Err(e) = take(st, pool, vec![b], KEPT).await {
+                forget(&kept).await;
+                s.say(
+                    "loading",
+                    format!("Dropped unreadable kept statistics: {e}"),
+                );
+                return Ok(false);
+            }
+            continue;
         } else if let Some(url) = shipped {
             s.say(
                 "loading",
@@ -248,6 +266,9 @@ async fn find_stats(
     }
     Ok(true)
 }
+
+/// Where statistics kept in the browser's cache came from, in the panel's list.
+const KEPT: &str = "kept in this browser";
 
 /// Gives the workers statistics files and lists them as held.
 async fn take(st: EditState, pool: &Pool, files: Vec<Vec<u8>>, source: &str) -> Result<(), String> {
@@ -354,6 +375,7 @@ pub async fn compute(
     for (i, &layer) in layers.iter().enumerate() {
         let of_layer = parts
             .iter()
+            .filter(|w| !w.is_empty())
             .map(|w| KeyStats::from_bytes(&w[i]))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;

@@ -200,9 +200,14 @@ fn run_in_tab(s: Shared, st: StudyState, e: EditState, c: Choice) {
                     !cancel.get()
                 })
                 .await;
-            match &outcome {
-                Ok(Some(layers)) if ensure_stats(s, e, &c, &pool, &info, layers).await? => {}
-                _ => break,
+            let Ok(Some(layers)) = &outcome else { break };
+            match ensure_stats(s, e, &c, &pool, &info, layers).await {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(x) => {
+                    outcome = Err(x);
+                    break;
+                }
             }
         }
         st.running.set(false);
