@@ -47,7 +47,8 @@ for _ in range(100):
 sys.exit("the static file server did not start")
 PY
 out="$(node tests/e2e/static.mjs "http://127.0.0.1:$port/" tiny-gptj "$work" \
-  "$work/native.safetensors" "$work/other/layer2.safetensors" "$work/other-edit.safetensors")"
+  "$work/native.safetensors" "$work/other/layer2.safetensors" "$work/other-edit.safetensors" \
+  "${LOCI_SHOTS:-$root/docs/screenshots}")"
 echo "$out"
 # The real model: a cancelled edit, and a shape too big for a worker.
 LOCI_SKIP_BUILD=1 LOCI_STATS_TOKENS=0 scripts/build-static.sh "$work/real" "$(scripts/fetch-model.sh)" >/dev/null 2>&1

@@ -5,15 +5,19 @@ use std::rc::Rc;
 
 use loci_core::trace::{NoiseSpec, TraceKind, TraceRequest};
 
-use crate::engine::{say, Status};
+use crate::engine::{say, Status, TAB_BUDGET_BYTES};
 use crate::files;
-use crate::pool::{cores, Pool};
+use crate::pool::{cores, pool_size, Pool};
 
 /// In-tab tracing speed: a model of `preset`'s shape (random weights; "gpt2" by default) in a
 /// pool of one worker per core; all three kinds on a 10-token prompt, 10 samples, window 10.
 /// Returns JSON. A shape bigger than a worker's memory ends in the pool's out-of-memory error.
 pub async fn tab_benchmark(status: Status, preset: &str) -> Result<String, String> {
-    let workers = cores();
+    // One worker per core while the copies fit the tab's budget (a model bigger than it gets
+    // one worker, which then meets the memory limit alone).
+    let cfg = loci_core::presets::preset_config(preset).map_err(|e| e.to_string())?;
+    let weights = cfg.n_layer * cfg.block_weights().total() + cfg.vocab_size * cfg.d_model;
+    let workers = pool_size(cores(), 4 * weights as u64, TAB_BUDGET_BYTES);
     say(
         status,
         "running",

@@ -210,7 +210,7 @@ pub fn edit_engine(c: &Choice, mode: Mode) -> Result<(Engine, String), String> {
         Mode::Tab => Err(format!("{} can only run on the server", c.name)),
         Mode::Auto if c.on_server => Ok((
             Engine::Server,
-            "the server has this model and its key statistics; choose \"this tab\" to edit here"
+            "the server has this model and its key statistics; choose the engine \"in this tab\" to edit here"
                 .into(),
         )),
         Mode::Auto if !c.files.is_empty() => Ok((

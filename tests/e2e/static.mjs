@@ -5,12 +5,13 @@
 // made by `loci edit --save-edit` applied, MEMIT of two facts and fine-tuning (each undone
 // exactly), the statistics kept for a second visit, and a shareable link reproducing the edit
 // form and a trace in another tab.
-// Usage: node static.mjs URL MODEL OUT_DIR NATIVE_EDIT OTHER_STATS OTHER_EDIT — prints one JSON object;
-// the downloaded edit file is OUT_DIR/tab-edit.safetensors.
+// Usage: node static.mjs URL MODEL OUT_DIR NATIVE_EDIT OTHER_STATS OTHER_EDIT SHOTS — prints one JSON
+// object; the downloaded edit file is OUT_DIR/tab-edit.safetensors, the Edit screen after the
+// ROME edit SHOTS/edit-tab-desktop.png.
 import { chromium } from 'playwright-core';
 import { copyFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-const [url, model, outDir, nativeEdit, otherStats, otherEdit] = process.argv.slice(2);
+const [url, model, outDir, nativeEdit, otherStats, otherEdit, shots] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: '/usr/bin/chromium',
   args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
@@ -95,6 +96,9 @@ try {
   out.rome_listed = await listed();
   out.rome_p_new = [Number(await page.getAttribute('#edit-result', 'data-p-new-before')), Number(await page.getAttribute('#edit-result', 'data-p-new-after'))];
   out.digest_edited = await digest();
+  await page.setViewportSize({ width: 1440, height: 900 });
+  await page.screenshot({ path: join(shots, 'edit-tab-desktop.png') });
+  await page.setViewportSize({ width: 1400, height: 1600 });
   out.edited = await predict();
   await go('edit');
   const [dl] = await Promise.all([page.waitForEvent('download'), page.click('#edits button')]);

@@ -201,13 +201,13 @@ pub fn EditScreen() -> impl IntoView {
                 <label for="upload-edit" class="upload">"Upload an edit (.safetensors)"</label>
                 <input id="upload-edit" type="file" accept=".safetensors" on:change=move |ev| upload(s, st, ev) />
             </section>
-            <Show when=in_tab>
-                <StatsPanel />
-            </Show>
             <div class="results">
                 <EditList in_tab=Signal::derive(in_tab) />
                 {move || st.report.get().map(|r| view! { <RomeReport r=r /> })}
                 {move || st.memit.get().map(|r| view! { <MemitReportView r=r /> })}
+                <Show when=in_tab>
+                    <StatsPanel />
+                </Show>
                 <Show when=move || curves.with(Option::is_some)>
                     <section class="card" aria-labelledby="curves-h">
                         <h3 id="curves-h">"The last trace, to choose the layer"</h3>
