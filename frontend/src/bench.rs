@@ -89,7 +89,7 @@ pub async fn tab_edit_benchmark(
     tokens: u64,
     slice_url: &str,
 ) -> Result<String, String> {
-    use loci_core::edit::{EditMethod, KeyStats, Probes, RewriteRequest};
+    use loci_core::edit::{EditMethod, Probes, RewriteRequest};
     say(
         status,
         "running",
@@ -106,7 +106,7 @@ pub async fn tab_edit_benchmark(
     );
     let t0 = files::now_ms();
     let first = Cell::new(None::<f64>);
-    let parts = pool
+    let mut merged = pool
         .collect_stats(&[layer], 1024, &texts, "wikipedia-slice", tokens, |n| {
             if n > 0 && first.get().is_none() {
                 first.set(Some(files::now_ms()));
@@ -114,14 +114,9 @@ pub async fn tab_edit_benchmark(
             true
         })
         .await?;
+    // Collected and merged; giving them to the workers follows.
     let collect_seconds = (files::now_ms() - t0) / 1e3;
-    let of_layer = parts
-        .iter()
-        .filter(|w| !w.is_empty())
-        .map(|w| KeyStats::from_bytes(&w[0]))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
-    let merged = KeyStats::merge(&of_layer).map_err(|e| e.to_string())?;
+    let merged = merged.remove(0);
     let seen = merged.provenance.tokens;
     pool.use_stats(vec![merged.to_bytes().map_err(|e| e.to_string())?])
         .await?;

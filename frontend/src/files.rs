@@ -125,17 +125,20 @@ pub async fn bytes(url: &str) -> Result<Vec<u8>, String> {
         Some(r) => r,
         None => fetch(url).await?,
     };
-    let buf = JsFuture::from(r.array_buffer().map_err(err)?)
-        .await
-        .map_err(err)?;
-    Ok(Uint8Array::new(&buf).to_vec())
+    body(r).await
 }
 
 /// The bytes kept in the cache under `key` (a URL of this site's), if any.
 pub async fn from_cache(key: &str) -> Option<Vec<u8>> {
-    let r = cached(key).await?;
-    let buf = JsFuture::from(r.array_buffer().ok()?).await.ok()?;
-    Some(Uint8Array::new(&buf).to_vec())
+    body(cached(key).await?).await.ok()
+}
+
+/// A response's whole body.
+async fn body(r: Response) -> Result<Vec<u8>, String> {
+    let buf = JsFuture::from(r.array_buffer().map_err(err)?)
+        .await
+        .map_err(err)?;
+    Ok(Uint8Array::new(&buf).to_vec())
 }
 
 /// Keeps `bytes` in the cache under `key`, for the next visit (nothing where there is no

@@ -305,12 +305,12 @@ impl Pool {
     /// Sends `msg` to every worker and waits for each one's answer (`pick` turns it into a value;
     /// other messages are a cancelled job's late rows). The first error wins, but only once
     /// every worker has answered, so no reply is left over for the next job.
-    async fn ask(
+    async fn ask<T>(
         &self,
         to: &[usize],
         msg: ToWorker,
-        pick: impl Fn(FromWorker) -> Option<FromWorker>,
-    ) -> Result<Vec<FromWorker>, String> {
+        pick: impl Fn(FromWorker) -> Option<T>,
+    ) -> Result<Vec<T>, String> {
         for &i in to {
             self.send(i, &msg);
         }
@@ -337,11 +337,11 @@ impl Pool {
         }
     }
 
-    async fn ask_all(
+    async fn ask_all<T>(
         &self,
         msg: ToWorker,
-        pick: impl Fn(FromWorker) -> Option<FromWorker>,
-    ) -> Result<Vec<FromWorker>, String> {
+        pick: impl Fn(FromWorker) -> Option<T>,
+    ) -> Result<Vec<T>, String> {
         self.ensure().await?;
         self.ask(&self.alive(), msg, pick).await
     }
@@ -351,13 +351,12 @@ impl Pool {
             load: Some(msg.clone()),
             ..Default::default()
         };
-        let mut out = self
-            .ask_all(msg, |m| matches!(m, FromWorker::Loaded { .. }).then_some(m))
-            .await?;
-        match out.pop() {
-            Some(FromWorker::Loaded { info, .. }) => Ok(info),
-            _ => Err("no worker answered".into()),
-        }
+        let loaded = |m| match m {
+            FromWorker::Loaded { info, .. } => Some(info),
+            _ => None,
+        };
+        let mut out = self.ask_all(msg, loaded).await?;
+        out.pop().ok_or_else(|| "no worker answered".into())
     }
 
     pub async fn load(
@@ -381,46 +380,34 @@ impl Pool {
         .await
     }
 
-    /// One worker's answer to `msg` (`pick` keeps the expected kind).
-    async fn ask_one(
-        &self,
-        msg: ToWorker,
-        pick: impl Fn(&FromWorker) -> bool,
-    ) -> Result<FromWorker, String> {
+    pub async fn predict(&self, prompt: &str, top: usize) -> Result<Prediction, String> {
         self.ensure().await?;
         let w = *self.alive().first().ok_or("no model worker is running")?;
-        let mut out = self.ask(&[w], msg, |m| pick(&m).then_some(m)).await?;
-        out.pop().ok_or_else(|| "no worker answered".into())
-    }
-
-    pub async fn predict(&self, prompt: &str, top: usize) -> Result<Prediction, String> {
         let msg = ToWorker::Predict {
             prompt: prompt.to_string(),
             top,
         };
-        match self
-            .ask_one(msg, |m| matches!(m, FromWorker::Prediction(_)))
-            .await?
-        {
-            FromWorker::Prediction(p) => Ok(p),
-            _ => unreachable!("picked"),
-        }
+        let predicted = |m| match m {
+            FromWorker::Prediction(p) => Some(p),
+            _ => None,
+        };
+        let mut out = self.ask(&[w], msg, predicted).await?;
+        out.pop().ok_or_else(|| "no worker answered".into())
+    }
+
+    /// Each of workers `to`'s digest of the weights edits change.
+    async fn digests(&self, to: &[usize]) -> Result<Vec<String>, String> {
+        let digest = |m| match m {
+            FromWorker::Digest { digest } => Some(digest),
+            _ => None,
+        };
+        self.ask(to, ToWorker::Digest, digest).await
     }
 
     /// A digest of the weights edits change, the same in every worker (else an error).
     pub async fn digest(&self) -> Result<String, String> {
-        let all = self
-            .ask_all(ToWorker::Digest, |m| {
-                matches!(m, FromWorker::Digest { .. }).then_some(m)
-            })
-            .await?;
-        let digests: Vec<String> = all
-            .into_iter()
-            .filter_map(|m| match m {
-                FromWorker::Digest { digest } => Some(digest),
-                _ => None,
-            })
-            .collect();
+        self.ensure().await?;
+        let digests = self.digests(&self.alive()).await?;
         match &digests[..] {
             [first, rest @ ..] if rest.iter().all(|d| d == first) => Ok(first.clone()),
             _ => Err(format!("the workers' weights differ: {digests:?}")),
@@ -428,15 +415,12 @@ impl Pool {
     }
 
     async fn edits_reply(&self, to: &[usize], msg: ToWorker) -> Result<usize, String> {
-        let out = self
-            .ask(to, msg, |m| {
-                matches!(m, FromWorker::Edits { .. }).then_some(m)
-            })
-            .await?;
-        match out.first() {
-            Some(FromWorker::Edits { count }) => Ok(*count),
-            _ => Ok(0),
-        }
+        let count = |m| match m {
+            FromWorker::Edits { count } => Some(count),
+            _ => None,
+        };
+        let out = self.ask(to, msg, count).await?;
+        Ok(out.first().copied().unwrap_or(0))
     }
 
     /// Applies an edit file in every worker; returns the number of edits applied. Any worker
@@ -465,15 +449,8 @@ impl Pool {
     /// After a failed edit: when the copies' weights differ, stop them all; the next job
     /// rebuilds them from the setup.
     async fn rebuild_if_split(&self, to: &[usize]) {
-        let all = self
-            .ask(to, ToWorker::Digest, |m| {
-                matches!(m, FromWorker::Digest { .. }).then_some(m)
-            })
-            .await;
-        let split = match all {
-            Ok(d) => d.windows(2).any(|w| {
-                !matches!((&w[0], &w[1]), (FromWorker::Digest { digest: a }, FromWorker::Digest { digest: b }) if a == b)
-            }),
+        let split = match self.digests(to).await {
+            Ok(d) => d.windows(2).any(|w| w[0] != w[1]),
             Err(_) => false,
         };
         if split {
@@ -515,37 +492,34 @@ impl Pool {
             .collect()
     }
 
-    /// Gives every worker these statistics files (each checked against the model first).
+    /// Gives every worker these statistics files (each checked against the model first);
+    /// returns their provenance, in the files' order.
     pub async fn use_stats(&self, files: Vec<Vec<u8>>) -> Result<Vec<StatsProvenance>, String> {
-        let layers: Vec<usize> = files
+        let given: Vec<StatsProvenance> = files
             .iter()
-            .map(|f| KeyStats::from_bytes(f).map(|s| s.provenance.layer))
+            .map(|f| KeyStats::from_bytes(f).map(|s| s.provenance))
             .collect::<Result<_, _>>()
             .map_err(|e| e.to_string())?;
         let files: Vec<Bytes> = files.into_iter().map(Bytes).collect();
-        let out = self
-            .ask_all(
-                ToWorker::UseStats {
-                    files: files.clone(),
-                },
-                |m| matches!(m, FromWorker::StatsHeld { .. }).then_some(m),
-            )
-            .await?;
+        let held = |m| matches!(m, FromWorker::StatsHeld { .. }).then_some(());
+        self.ask_all(
+            ToWorker::UseStats {
+                files: files.clone(),
+            },
+            held,
+        )
+        .await?;
         let mut setup = self.setup.borrow_mut();
-        for (layer, f) in layers.into_iter().zip(files) {
-            setup.stats.retain(|(l, _)| *l != layer);
-            setup.stats.push((layer, f));
+        for (p, f) in given.iter().zip(files) {
+            setup.stats.retain(|(l, _)| *l != p.layer);
+            setup.stats.push((p.layer, f));
         }
-        drop(setup);
-        match out.into_iter().next() {
-            Some(FromWorker::StatsHeld { held }) => Ok(held),
-            _ => Ok(vec![]),
-        }
+        Ok(given)
     }
 
     /// Collects key statistics of `layers` over `texts` (in order, until `goal` tokens), spread
-    /// over the workers; returns each worker's share per layer (to merge; empty for a worker
-    /// that got no text). `on_tokens` hears the tokens so far; false cancels.
+    /// over the workers, and merges the workers' shares (`KeyStats::merge`): one per layer, in
+    /// `layers`' order. `on_tokens` hears the tokens so far; false cancels.
     #[allow(clippy::too_many_arguments)]
     pub async fn collect_stats(
         &self,
@@ -555,14 +529,14 @@ impl Pool {
         corpus: &str,
         goal: u64,
         mut on_tokens: impl FnMut(u64) -> bool,
-    ) -> Result<Vec<Vec<Vec<u8>>>, String> {
+    ) -> Result<Vec<KeyStats>, String> {
         self.ensure().await?;
         let to = self.alive();
         let begin = ToWorker::StatsBegin {
             layers: layers.to_vec(),
             max_len,
         };
-        let begun = |m: FromWorker| matches!(m, FromWorker::StatsTokens { .. }).then_some(m);
+        let begun = |m| matches!(m, FromWorker::StatsTokens { .. }).then_some(());
         self.ask(&to, begin, begun).await?;
         let mut chunks: Vec<Vec<String>> = texts
             .chunks(STATS_TEXTS_PER_MESSAGE)
@@ -611,18 +585,23 @@ impl Pool {
         let finish = ToWorker::StatsFinish {
             corpus: corpus.to_string(),
         };
-        let parts = self
-            .ask(&to, finish, |m| {
-                matches!(m, FromWorker::StatsParts { .. }).then_some(m)
+        let share = |m| match m {
+            FromWorker::StatsParts { files } => Some(files),
+            _ => None,
+        };
+        // A worker that got no text has an empty share.
+        let shares: Vec<Vec<Bytes>> = self.ask(&to, finish, share).await?;
+        (0..layers.len())
+            .map(|l| {
+                let parts = shares
+                    .iter()
+                    .filter(|w| !w.is_empty())
+                    .map(|w| KeyStats::from_bytes(&w[l].0))
+                    .collect::<Result<Vec<_>, _>>()?;
+                KeyStats::merge(&parts)
             })
-            .await?;
-        Ok(parts
-            .into_iter()
-            .filter_map(|m| match m {
-                FromWorker::StatsParts { files } => Some(files.into_iter().map(|b| b.0).collect()),
-                _ => None,
-            })
-            .collect())
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())
     }
 
     /// Waits for the answers of the workers still `busy`, so none is left for the next job.

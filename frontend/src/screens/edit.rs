@@ -226,11 +226,7 @@ fn StatsPanel() -> impl IntoView {
     let s = shared();
     let st = expect_context::<EditState>();
     let computing = move || s.busy.get() && st.stats_progress.get().1 > 0 && st.steps.get().1 == 0;
-    let with_choice = move |f: Box<dyn FnOnce(loci_frontend::engine::Choice)>| {
-        if let Some(c) = s.choice() {
-            f(c)
-        }
-    };
+
     view! {
         <section class="form card" aria-labelledby="stats-h" id="stats-panel">
             <h3 id="stats-h">"Key statistics in this tab"</h3>
@@ -255,14 +251,14 @@ fn StatsPanel() -> impl IntoView {
                 <input id="stats-tokens" inputmode="numeric" prop:value=st.stats_tokens on:input=move |ev| st.stats_tokens.set(event_target_value(&ev)) />
             </div>
             <div class="buttons">
-                <button id="stats-compute" on:click=move |_| with_choice(Box::new(move |c| edit_tab::compute_stats(s, st, c))) prop:disabled=s.busy>"Compute in this tab"</button>
+                <button id="stats-compute" on:click=move |_| if let Some(c) = s.choice() { edit_tab::compute_stats(s, st, c) } prop:disabled=s.busy>"Compute in this tab"</button>
             </div>
             <Progress done=st.stats_progress running=Signal::derive(computing) id="stats-cancel" unit="tokens" />
             <label for="stats-file" class="upload">"Load a statistics file (.safetensors from loci stats)"</label>
             <input id="stats-file" type="file" accept=".safetensors" on:change=move |ev| {
                 leptos::task::spawn_local(async move {
                     match picked_file(&ev).await {
-                        Some(Ok(b)) => with_choice(Box::new(move |c| edit_tab::load_stats(s, st, c, StatsFrom::File(b)))),
+                        Some(Ok(b)) => if let Some(c) = s.choice() { edit_tab::load_stats(s, st, c, StatsFrom::File(b)) },
                         Some(Err(e)) => s.say("error", e),
                         None => {}
                     }
@@ -275,7 +271,7 @@ fn StatsPanel() -> impl IntoView {
             <div class="buttons">
                 <button id="stats-fetch" on:click=move |_| {
                     let url = st.stats_url.get_untracked();
-                    with_choice(Box::new(move |c| edit_tab::load_stats(s, st, c, StatsFrom::Url(url))))
+                    if let Some(c) = s.choice() { edit_tab::load_stats(s, st, c, StatsFrom::Url(url)) }
                 } prop:disabled=move || s.busy.get() || st.stats_url.with(|u| u.trim().is_empty())>"Download"</button>
             </div>
         </section>

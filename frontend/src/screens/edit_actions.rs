@@ -56,8 +56,8 @@ pub fn requests(st: &EditState) -> Result<Vec<RewriteRequest>, String> {
     Ok(all)
 }
 
-/// The picked model and where its edits run; says why not when they cannot.
-fn placed(s: Shared) -> Option<(Choice, Engine)> {
+/// The picked model and where its edits (and the study) run; says why not when they cannot.
+pub fn placed(s: Shared) -> Option<(Choice, Engine)> {
     let c = s.choice()?;
     match edit_engine(&c, s.mode.get_untracked()) {
         Ok((e, _)) => Some((c, e)),

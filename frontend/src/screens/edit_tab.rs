@@ -5,7 +5,7 @@
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
-use loci_core::edit::{Edit, EditMethod, KeyStats, Probes, StatsProvenance};
+use loci_core::edit::{Edit, EditMethod, Probes, StatsProvenance};
 use loci_frontend::engine::{Choice, EditListing};
 use loci_frontend::files::{bytes, forget, from_cache, keep, now_ms};
 use loci_frontend::http::url_part;
@@ -272,20 +272,14 @@ const KEPT: &str = "kept in this browser";
 
 /// Gives the workers statistics files and lists them as held.
 async fn take(st: EditState, pool: &Pool, files: Vec<Vec<u8>>, source: &str) -> Result<(), String> {
-    let held = pool.use_stats(files.clone()).await?;
-    let layers: Vec<usize> = files
-        .iter()
-        .filter_map(|f| KeyStats::from_bytes(f).ok().map(|s| s.provenance.layer))
-        .collect();
+    let taken = pool.use_stats(files).await?;
     st.stats.update(|list| {
-        for p in held {
-            if layers.contains(&p.layer) {
-                list.retain(|h| h.provenance.layer != p.layer);
-                list.push(HeldStats {
-                    provenance: p,
-                    source: source.to_string(),
-                });
-            }
+        for p in taken {
+            list.retain(|h| h.provenance.layer != p.layer);
+            list.push(HeldStats {
+                provenance: p,
+                source: source.to_string(),
+            });
         }
         list.sort_by_key(|h| h.provenance.layer);
     });
@@ -357,13 +351,13 @@ pub async fn compute(
             pool.workers()
         ),
     );
-    let parts = pool
+    let merged = pool
         .collect_stats(layers, STATS_MAX_LEN, &texts, WIKI_CORPUS, goal, |tokens| {
             st.stats_progress.set((tokens as usize, goal as usize));
             !cancel.get()
         })
         .await;
-    let parts = match parts {
+    let merged = match merged {
         Err(e) if e == "cancelled" => {
             st.stats_progress.set((0, 0));
             s.say("ready", "Statistics cancelled: nothing was kept.");
@@ -371,24 +365,19 @@ pub async fn compute(
         }
         other => other?,
     };
+    let tokens = merged
+        .iter()
+        .map(|k| k.provenance.tokens)
+        .max()
+        .unwrap_or(0);
     let mut files = vec![];
-    for (i, &layer) in layers.iter().enumerate() {
-        let of_layer = parts
-            .iter()
-            .filter(|w| !w.is_empty())
-            .map(|w| KeyStats::from_bytes(&w[i]))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-        let merged = KeyStats::merge(&of_layer).map_err(|e| e.to_string())?;
-        let b = merged.to_bytes().map_err(|e| e.to_string())?;
-        keep(&cache_key(&info.fingerprint, layer), &b).await?;
+    for k in &merged {
+        let b = k.to_bytes().map_err(|e| e.to_string())?;
+        keep(&cache_key(&info.fingerprint, k.provenance.layer), &b).await?;
         files.push(b);
     }
     take(st, pool, files, "computed in this tab").await?;
     after_change(s, st, pool).await;
-    let tokens = st
-        .stats
-        .with_untracked(|h| h.iter().map(|x| x.provenance.tokens).max().unwrap_or(0));
     s.say(
         "done",
         format!(

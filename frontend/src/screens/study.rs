@@ -9,11 +9,12 @@ use leptos::task::spawn_local;
 use loci_core::edit::{RewriteRequest, TargetStr};
 use loci_core::plot;
 use loci_core::study::{analyze, StudyLine};
-use loci_frontend::engine::{edit_engine, Choice, Engine};
+use loci_frontend::engine::{Choice, Engine};
 use loci_frontend::http::server_study;
 use loci_frontend::protocol::StudyJob;
 
 use super::edit::EditState;
+use super::edit_actions::placed;
 use super::edit_tab::{after_change, ensure_stats, on_tab};
 use crate::components::chart::Chart;
 use crate::components::progress::Progress;
@@ -134,11 +135,9 @@ impl StudyState {
 }
 
 fn run(s: Shared, st: StudyState, e: EditState) {
-    let Some(c) = s.choice() else { return };
-    match edit_engine(&c, s.mode.get_untracked()) {
-        Ok((Engine::Tab, _)) => return run_in_tab(s, st, e, c),
-        Ok(_) => {}
-        Err(x) => return s.say("error", x),
+    let Some((c, engine)) = placed(s) else { return };
+    if engine == Engine::Tab {
+        return run_in_tab(s, st, e, c);
     }
     let body = match st.body(&c.name, &e) {
         Ok(b) => b,
