@@ -1,92 +1,11 @@
 //! The HTTP API end to end: a real `loci serve` process on a loopback port.
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(extra: &[&str]) -> Server {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(env!("CARGO_BIN_EXE_loci"))
-        .args(["serve", "--addr", &format!("127.0.0.1:{port}"), "--models"])
-        .arg(root().join("tests/fixtures"))
-        .args(extra)
-        .current_dir(root())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let start = Instant::now();
-    while ureq::get(&format!("{base}/api/models")).call().is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Server { child, base }
-}
-
-/// A server that can edit: key statistics from 2000 tokens of the Wikipedia sample, kept in a
-/// fresh temporary folder (returned, for the test to remove).
-fn serve_editing(name: &str) -> (Server, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("loci-api-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let corpus = root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
-    let stats = dir.join("stats");
-    let s = serve(&[
-        "--corpus",
-        corpus.to_str().unwrap(),
-        "--stats",
-        stats.to_str().unwrap(),
-        "--stats-tokens",
-        "2000",
-    ]);
-    (s, dir)
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
-}
-
-fn post(base: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-    let mut r = agent()
-        .post(&format!("{base}{path}"))
-        .header("content-type", "application/json")
-        .send(body)
-        .unwrap();
-    let status = r.status().as_u16();
-    let v = r.body_mut().read_json().unwrap_or(serde_json::Value::Null);
-    (status, v)
-}
+use common::*;
 
 #[test]
 fn endpoints_answer_and_refuse_bad_requests() {
@@ -223,29 +142,6 @@ fn endpoints_answer_and_refuse_bad_requests() {
     }
 }
 
-/// Reads SSE events until `stop` says so; returns (event, data) pairs.
-fn read_events(
-    r: impl std::io::Read,
-    mut stop: impl FnMut(&str, &serde_json::Value) -> bool,
-) -> Vec<(String, serde_json::Value)> {
-    let mut out = Vec::new();
-    let mut event = String::new();
-    for line in BufReader::new(r).lines() {
-        let line = line.unwrap();
-        if let Some(e) = line.strip_prefix("event: ") {
-            event = e.to_string();
-        } else if let Some(d) = line.strip_prefix("data: ") {
-            let v: serde_json::Value = serde_json::from_str(d).unwrap();
-            let done = stop(&event, &v);
-            out.push((event.clone(), v));
-            if done {
-                break;
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn traces_stream_rows_then_the_same_result_as_the_core() {
     let s = serve(&[]);
@@ -325,6 +221,18 @@ fn a_full_queue_answers_503_and_a_dropped_stream_cancels_its_trace() {
     );
     assert_eq!(st, 503, "{v}");
     assert!(v["error"].as_str().unwrap().contains("busy"));
+    let r = agent()
+        .post(&format!("{}/api/predict", s.base))
+        .header("content-type", "application/json")
+        .send(r#"{"model":"tiny-gpt2","prompt":"Hi"}"#)
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1, "come back in {retry} s");
     // Leaving cancels the trace (long before its ~40 s), and the slot frees.
     drop(reader);
     let start = Instant::now();
@@ -343,28 +251,6 @@ fn a_full_queue_answers_503_and_a_dropped_stream_cancels_its_trace() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-fn get_json(base: &str, path: &str) -> (u16, serde_json::Value) {
-    let mut r = agent().get(&format!("{base}{path}")).call().unwrap();
-    let status = r.status().as_u16();
-    (
-        status,
-        r.body_mut().read_json().unwrap_or(serde_json::Value::Null),
-    )
-}
-
-fn top_prob(base: &str, prompt: &str) -> (u64, f64) {
-    let (st, v) = post(
-        base,
-        "/api/predict",
-        &serde_json::json!({"model": "tiny-gpt2", "prompt": prompt, "top": 1}).to_string(),
-    );
-    assert_eq!(st, 200, "{v}");
-    (
-        v["top"][0]["id"].as_u64().unwrap(),
-        v["top"][0]["prob"].as_f64().unwrap(),
-    )
 }
 
 #[test]

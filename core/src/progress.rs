@@ -1,7 +1,8 @@
 //! Step-by-step progress of the long optimisations (ROME's v*, MEMIT's targets, fine-tuning),
 //! heard by whoever runs them: the tab's worker streams each step's loss to the page while the
-//! edit runs. A listener is scoped to one call on one thread, so the edit functions keep their
-//! signatures and a run with no listener pays nothing.
+//! edit runs, the server stops an edit whose client left or whose time is up. A listener is
+//! scoped to one call on one thread, so the edit functions keep their signatures and a run with
+//! no listener pays nothing.
 
 use std::cell::RefCell;
 
@@ -18,39 +19,50 @@ pub struct Step {
     pub loss: f32,
 }
 
-type Listener = Box<dyn FnMut(&Step)>;
+/// Hears a step; `false` stops the optimisation (it ends with
+/// [`LociError::Cancelled`](crate::LociError::Cancelled)).
+type Listener = Box<dyn FnMut(&Step) -> bool>;
 
 thread_local! {
     static LISTENER: RefCell<Option<Listener>> = const { RefCell::new(None) };
 }
 
-/// Runs `work` with `listener` hearing every optimisation step `work` takes on this thread;
-/// the previous listener (if any) is back afterwards.
-pub fn listen<T>(listener: impl FnMut(&Step) + 'static, work: impl FnOnce() -> T) -> T {
+/// Runs `work` with `listener` hearing every optimisation step `work` takes on this thread (and
+/// stopping it by returning `false`); the previous listener (if any) is back afterwards.
+pub fn listen<T>(listener: impl FnMut(&Step) -> bool + 'static, work: impl FnOnce() -> T) -> T {
     let before = LISTENER.with(|l| l.borrow_mut().replace(Box::new(listener)));
     let out = work();
     LISTENER.with(|l| *l.borrow_mut() = before);
     out
 }
 
-/// Tells this thread's listener (if any) about a step.
-pub(crate) fn report(phase: &'static str, step: usize, steps: usize, losses: &[f32]) {
+/// Tells this thread's listener (if any) about a step; an error when it says stop.
+pub(crate) fn report(
+    phase: &'static str,
+    step: usize,
+    steps: usize,
+    losses: &[f32],
+) -> crate::Result<()> {
     let finite: Vec<f32> = losses.iter().copied().filter(|l| l.is_finite()).collect();
     let loss = if finite.is_empty() {
         f32::NAN
     } else {
         finite.iter().sum::<f32>() / finite.len() as f32
     };
-    LISTENER.with(|l| {
-        if let Some(f) = l.borrow_mut().as_mut() {
-            f(&Step {
-                phase,
-                step,
-                steps,
-                loss,
-            });
-        }
+    let going = LISTENER.with(|l| match l.borrow_mut().as_mut() {
+        Some(f) => f(&Step {
+            phase,
+            step,
+            steps,
+            loss,
+        }),
+        None => true,
     });
+    if going {
+        Ok(())
+    } else {
+        Err(crate::LociError::Cancelled)
+    }
 }
 
 #[cfg(test)]
@@ -60,19 +72,22 @@ mod tests {
 
     #[test]
     fn a_listener_hears_the_steps_of_its_call_only() {
-        report("value", 1, 3, &[1.0]); // no listener: nothing happens
+        report("value", 1, 3, &[1.0]).unwrap(); // no listener: nothing happens
         let heard = Rc::new(RefCell::new(vec![]));
         let h = heard.clone();
         let out = listen(
-            move |s| h.borrow_mut().push(s.clone()),
+            move |s| {
+                h.borrow_mut().push(s.clone());
+                true
+            },
             || {
-                report("value", 1, 3, &[1.0, 3.0, f32::NAN]);
-                report("fine-tuning", 2, 3, &[0.5]);
+                report("value", 1, 3, &[1.0, 3.0, f32::NAN]).unwrap();
+                report("fine-tuning", 2, 3, &[0.5]).unwrap();
                 7
             },
         );
         assert_eq!(out, 7);
-        report("value", 3, 3, &[9.0]); // after the call: not heard
+        report("value", 3, 3, &[9.0]).unwrap(); // after the call: not heard
         let heard = heard.borrow();
         assert_eq!(heard.len(), 2);
         assert_eq!(
@@ -83,5 +98,18 @@ mod tests {
             (heard[1].phase, heard[1].step, heard[1].loss),
             ("fine-tuning", 2, 0.5)
         );
+    }
+
+    #[test]
+    fn a_listener_that_says_stop_cancels() {
+        let stopped = listen(
+            |s| s.step < 2,
+            || {
+                report("value", 1, 3, &[1.0])?;
+                report("value", 2, 3, &[1.0])?;
+                Ok::<_, crate::LociError>(())
+            },
+        );
+        assert!(matches!(stopped, Err(crate::LociError::Cancelled)));
     }
 }

@@ -194,7 +194,7 @@ pub fn pick_engine(c: &Choice, mode: Mode) -> Result<Engine, String> {
 }
 
 /// Where an edit of `c` runs under `mode`, and why: on the server when it has the model (its
-/// key statistics are there, and its edits are every visitor's), unless the user picks this
+/// key statistics are there, and its edits are this visitor's own session's), unless the user picks this
 /// tab; in the tab for a model only the tab has.
 pub fn edit_engine(c: &Choice, mode: Mode) -> Result<(Engine, String), String> {
     match mode {

@@ -426,7 +426,9 @@ fn streamed<T>(work: impl FnOnce() -> loci_core::Result<T>) -> Result<T, String>
             step: s.step,
             steps: s.steps,
             loss: s.loss,
-        })
+        });
+        // The page cancels by ending the worker, not through the listener.
+        true
     };
     loci_core::progress::listen(listener, work).map_err(text)
 }

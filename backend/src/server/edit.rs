@@ -1,5 +1,6 @@
-//! `POST /api/edit`, `GET /api/edits`, `POST /api/undo`, edit files (download and upload): edits
-//! of the served model, each undone exactly.
+//! `POST /api/edit`, `GET /api/edits`, `POST /api/undo`, edit files (download and upload) and
+//! session files: each visitor's edits of the served models (the operator's: of the shared
+//! model), each undone exactly.
 
 use std::sync::Arc;
 
@@ -7,11 +8,16 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
-use loci_core::edit::{Edit, EditMethod, KeyMode, KeyStats, Probes, RewriteRequest};
+use loci_core::edit::overlay::view_bytes;
+use loci_core::edit::{Edit, EditMethod, KeyMode, Probes, RewriteRequest};
+use loci_core::LoadedModel;
 use serde::{Deserialize, Serialize};
 
 use super::jobs::*;
+use super::models::{listing, EditListing};
+use super::sessions::gone;
 use super::AppState;
 
 /// Edit files are small (two vectors per fact and layer); a GPT-J ROME edit is about 100 KB.
@@ -68,60 +74,165 @@ struct EditResponse {
     /// …or MEMIT's, one per fact.
     #[serde(skip_serializing_if = "Option::is_none")]
     memit: Option<loci_core::edit::MemitReport>,
-    edits: Vec<super::models::EditListing>,
+    edits: Vec<EditListing>,
 }
 
-/// Computes a ROME, MEMIT or fine-tuning edit, applies it on top of the model's other edits and
-/// reports before/after.
+/// A computed edit and its read-out.
+struct Made {
+    edit: Edit,
+    report: Option<loci_core::edit::EditReport>,
+    memit: Option<loci_core::edit::MemitReport>,
+}
+
+/// Computes a ROME, MEMIT or fine-tuning edit on top of the visitor's other edits and reports
+/// before/after. It applies to the visitor's own requests; with the operator's token, to the
+/// shared model that everyone sees.
 pub async fn edit(
     State(st): State<Arc<AppState>>,
+    Extension(v): Extension<Visitor>,
     b: Result<Json<EditBody>, JsonRejection>,
 ) -> Response {
     json_job(st, b, move |st, b| {
         let (method, reqs) = edit_requests(&b)?;
-        let m = model(st, &b.model)?;
-        let mut guard = write(&m);
-        let state = &mut *guard;
-        let probes = Probes {
-            paraphrase: b.paraphrase.clone(),
-            neighborhood: b.neighborhood.clone(),
-            generate_tokens: b.generate_tokens.min(50),
-        };
-        let (edit, applied, report, memit) = match method {
-            EditMethod::Ft => {
-                let hp = crate::workspace::ft_hparams(&state.lm, &b.layers, &Default::default())
-                    .map_err(|e| bad(format!("{e:#}")))?;
-                let req = reqs.into_iter().next().expect("one request");
-                let (e, applied, report) = state.lm.ft_with_report(req, &hp, &probes)?;
-                (Edit::Ft(e), applied, Some(report), None)
-            }
-            EditMethod::Memit => {
-                let hp = crate::workspace::memit_hparams(&state.lm, &b.layers)
-                    .map_err(|e| bad(format!("{e:#}")))?;
-                let stats = layers_stats(st, &state.lm, &hp.layers)?;
-                let (e, applied, report) =
-                    (state.lm).memit_with_report(reqs, &hp, &stats, &probes, &mut |_| {})?;
-                (Edit::Memit(e), applied, None, Some(report))
-            }
-            EditMethod::Rome => {
-                let mut hp = edit_hparams(&state.lm, b.layer)?;
-                hp.key_mode = key_mode(b.key_mode.as_deref())?;
-                let stats = layers_stats(st, &state.lm, &[hp.layer])?.remove(0);
-                let req = reqs.into_iter().next().expect("one request");
-                let (e, applied, report) =
-                    (state.lm).rome_with_report(req, &hp, Some(&stats), &probes)?;
-                (Edit::Rome(e), applied, Some(report), None)
-            }
-        };
-        let id = state.record(edit, applied);
+        // Computed on a private copy: other requests go on meanwhile.
+        let (mut copy, version) = private_copy(st, &v, &b.model)?;
+        let made = compute_edit(st, &b, &mut copy, method, reqs)?;
+        let (ids, edits) = keep(st, &v, &b.model, vec![made.edit], version)?;
         Ok(EditResponse {
-            id,
-            report,
-            memit,
-            edits: state.listing(),
+            id: ids[0],
+            report: made.report,
+            memit: made.memit,
+            edits,
         })
     })
     .await
+}
+
+/// The edit `b` asks for, computed on `lm` (which it changes).
+fn compute_edit(
+    st: &AppState,
+    b: &EditBody,
+    lm: &mut LoadedModel,
+    method: EditMethod,
+    reqs: Vec<RewriteRequest>,
+) -> Result<Made, ApiError> {
+    let probes = Probes {
+        paraphrase: b.paraphrase.clone(),
+        neighborhood: b.neighborhood.clone(),
+        generate_tokens: b.generate_tokens.min(50),
+    };
+    let req = reqs.first().cloned();
+    Ok(match method {
+        EditMethod::Ft => {
+            let hp = crate::workspace::ft_hparams(lm, &b.layers, &Default::default())
+                .map_err(|e| bad(format!("{e:#}")))?;
+            let (e, _, report) = lm.ft_with_report(req.expect("one request"), &hp, &probes)?;
+            Made {
+                edit: Edit::Ft(e),
+                report: Some(report),
+                memit: None,
+            }
+        }
+        EditMethod::Memit => {
+            let hp = crate::workspace::memit_hparams(lm, &b.layers)
+                .map_err(|e| bad(format!("{e:#}")))?;
+            let stats = shared_stats(st, &b.model, &hp.layers)?;
+            let (e, _, report) = lm.memit_with_report(reqs, &hp, &stats, &probes, &mut |_| {})?;
+            Made {
+                edit: Edit::Memit(e),
+                report: None,
+                memit: Some(report),
+            }
+        }
+        EditMethod::Rome => {
+            let mut hp = edit_hparams(lm, b.layer)?;
+            hp.key_mode = key_mode(b.key_mode.as_deref())?;
+            let stats = shared_stats(st, &b.model, &[hp.layer])?.remove(0);
+            let req = req.expect("one request");
+            let (e, _, report) = lm.rome_with_report(req, &hp, Some(&stats), &probes)?;
+            Made {
+                edit: Edit::Rome(e),
+                report: Some(report),
+                memit: None,
+            }
+        }
+    })
+}
+
+/// Keeps edits computed on a copy made at the shared model's `version`: on the visitor's stack,
+/// or (the operator's) applied to the shared model, refused when it changed meanwhile. Their
+/// ids, and the edits the visitor now has.
+fn keep(
+    st: &AppState,
+    v: &Visitor,
+    name: &str,
+    edits: Vec<Edit>,
+    version: u64,
+) -> Result<(Vec<u64>, Vec<EditListing>), ApiError> {
+    let m = model(st, name)?;
+    if !v.admin {
+        let layer_bytes = layer_bytes(&read(&m).lm);
+        let sized = edits
+            .into_iter()
+            .map(|e| {
+                let bytes = view_bytes(&e, layer_bytes);
+                (e, bytes)
+            })
+            .collect();
+        let ids = st.sessions.push(&v.session, name, sized)?;
+        return Ok((ids, session_listing(st, v, name)?));
+    }
+    let mut state = write(&m);
+    if state.version != version {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "the shared model changed while the edit was computed; repeat the request",
+        ));
+    }
+    let mut ids = vec![];
+    for e in edits {
+        let applied = state.lm.apply(&e)?;
+        ids.push(state.record(e, applied));
+    }
+    Ok((ids, state.listing()))
+}
+
+/// The bytes of one down-projection (what a view copies for a dense change).
+fn layer_bytes(lm: &LoadedModel) -> usize {
+    let c = &lm.model.cfg;
+    (c.d_model * c.d_ff + c.d_model) * lm.model.dtype.size_in_bytes()
+}
+
+/// The visitor's edits of `name` as a client sees them (410 when the session is gone).
+fn session_listing(st: &AppState, v: &Visitor, name: &str) -> Result<Vec<EditListing>, ApiError> {
+    st.sessions
+        .with_stack(&v.session, name, |s| {
+            listing(s.iter().map(|e| (e.id, e.edit.as_ref())))
+        })
+        .ok_or_else(gone)
+}
+
+/// The edits `v` has made on `name` (the operator: the shared model's), oldest first.
+fn visitor_edits(
+    st: &AppState,
+    v: &Visitor,
+    name: &str,
+) -> Result<Vec<(u64, Arc<Edit>)>, ApiError> {
+    if v.admin {
+        let m = model(st, name)?;
+        let state = read(&m);
+        return Ok(state
+            .edits
+            .iter()
+            .map(|e| (e.id, Arc::new(e.edit.clone())))
+            .collect());
+    }
+    model(st, name)?;
+    st.sessions
+        .with_stack(&v.session, name, |s| {
+            s.iter().map(|e| (e.id, e.edit.clone())).collect()
+        })
+        .ok_or_else(gone)
 }
 
 /// The method and the facts of an edit request, checked against what the method takes and
@@ -197,16 +308,6 @@ pub(super) fn edit_hparams(
     Ok(hp)
 }
 
-/// Layers' key statistics from the shared cache (computed in one pass over the corpus when
-/// their files are missing).
-pub(super) fn layers_stats(
-    st: &AppState,
-    lm: &loci_core::LoadedModel,
-    layers: &[usize],
-) -> Result<Vec<KeyStats>, ApiError> {
-    Ok(st.stats.get(lm, layers)?)
-}
-
 #[derive(Deserialize)]
 pub struct ModelQuery {
     model: String,
@@ -221,16 +322,19 @@ fn model_query(q: ModelQueryArg) -> Result<String, ApiError> {
         .map_err(|_| bad("add ?model=NAME"))
 }
 
-/// The edits applied to a model, oldest first.
-pub async fn edits(State(st): State<Arc<AppState>>, q: ModelQueryArg) -> Response {
+/// The visitor's edits of a model (the operator's: the shared model's), oldest first.
+pub async fn edits(
+    State(st): State<Arc<AppState>>,
+    Extension(v): Extension<Visitor>,
+    q: ModelQueryArg,
+) -> Response {
     let name = match model_query(q) {
         Ok(n) => n,
         Err(e) => return e.into_response(),
     };
     job(st, move |st| {
-        let m = model(st, &name)?;
-        let list = read(&m).listing();
-        Ok(list)
+        let list = visitor_edits(st, &v, &name)?;
+        Ok(listing(list.iter().map(|(id, e)| (*id, e.as_ref()))))
     })
     .await
 }
@@ -246,48 +350,81 @@ pub struct UndoBody {
     all: bool,
 }
 
-/// Undoes the model's last edit, or the one named, with every edit made after it, restoring the
-/// weights bit for bit.
+/// Undoes the visitor's last edit, or the one named, with every edit made after it (the
+/// operator: the shared model's, restoring its weights bit for bit).
 pub async fn undo(
     State(st): State<Arc<AppState>>,
+    Extension(v): Extension<Visitor>,
     b: Result<Json<UndoBody>, JsonRejection>,
 ) -> Response {
     json_job(st, b, move |st, b| {
         let m = model(st, &b.model)?;
-        let mut state = write(&m);
-        if state.edits.is_empty() {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "the model has no edits to undo",
-            ));
-        }
-        if let Some(id) = b.id {
-            let newest = state.edits.last().map(|e| e.id);
-            if newest != Some(id) {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    format!(
-                        "edit {id} is not the newest edit ({newest:?}); undo newer edits first"
-                    ),
-                ));
+        if v.admin {
+            let mut state = write(&m);
+            let ids: Vec<u64> = state.edits.iter().map(|e| e.id).collect();
+            let n = undo_count(&ids, &b)?;
+            let mut undone = vec![];
+            for _ in 0..n {
+                undone.extend(state.pop()?);
             }
+            return Ok(serde_json::json!({ "undone": undone, "edits": state.listing() }));
         }
-        let mut undone = vec![];
-        while let Some(id) = state.pop()? {
-            undone.push(id);
-            if !b.all {
-                break;
-            }
-        }
-        Ok(serde_json::json!({ "undone": undone, "edits": state.listing() }))
+        let undone = st
+            .sessions
+            .with_stack(&v.session, &b.model, |s| {
+                let ids: Vec<u64> = s.iter().map(|e| e.id).collect();
+                let n = undo_count(&ids, &b)?;
+                Ok::<_, ApiError>(
+                    s.drain(s.len() - n..)
+                        .rev()
+                        .map(|e| e.id)
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .ok_or_else(gone)??;
+        let edits = session_listing(st, &v, &b.model)?;
+        Ok(serde_json::json!({ "undone": undone, "edits": edits }))
     })
     .await
 }
 
-/// Downloads an applied edit as a small safetensors file (re-apply it with `--apply-edit` or
-/// `/api/edits/upload`).
+/// How many of the edits `ids` (oldest first) an undo request takes off, or why none.
+fn undo_count(ids: &[u64], b: &UndoBody) -> Result<usize, ApiError> {
+    let Some(&newest) = ids.last() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "the model has no edits of yours to undo",
+        ));
+    };
+    if let Some(id) = b.id.filter(|&id| id != newest) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("edit {id} is not the newest edit ({newest}); undo newer edits first"),
+        ));
+    }
+    Ok(if b.all { ids.len() } else { 1 })
+}
+
+/// A download's headers: binary, saved under `filename`.
+fn attachment(bytes: Vec<u8>, filename: &str, content_type: &str) -> Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, content_type.to_string()),
+            (
+                axum::http::header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{filename}\""),
+            ),
+        ],
+        bytes,
+    )
+        .into_response()
+}
+
+/// Downloads one of the visitor's edits as a small safetensors file (re-apply it with
+/// `--apply-edit` or `/api/edits/upload`).
 pub async fn edit_file(
     State(st): State<Arc<AppState>>,
+    Extension(v): Extension<Visitor>,
     axum::extract::Path(id): axum::extract::Path<u64>,
     q: ModelQueryArg,
 ) -> Response {
@@ -296,31 +433,22 @@ pub async fn edit_file(
         Err(e) => return e.into_response(),
     };
     let bytes = run_job(st, move |st| -> Result<Vec<u8>, ApiError> {
-        let m = model(st, &name)?;
-        let state = read(&m);
-        let e = state
-            .edits
+        let edits = visitor_edits(st, &v, &name)?;
+        let (_, e) = edits
             .iter()
-            .find(|e| e.id == id)
+            .find(|(i, _)| *i == id)
             .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no edit {id}")))?;
-        Ok(e.edit.to_file(&state.lm)?)
+        let m = model(st, &name)?;
+        let file = e.to_file(&read(&m).lm)?;
+        Ok(file)
     })
     .await;
     match bytes {
-        Ok(b) => (
-            [
-                (
-                    axum::http::header::CONTENT_TYPE,
-                    "application/octet-stream".to_string(),
-                ),
-                (
-                    axum::http::header::CONTENT_DISPOSITION,
-                    format!("attachment; filename=\"loci-edit-{id}.safetensors\""),
-                ),
-            ],
+        Ok(b) => attachment(
             b,
-        )
-            .into_response(),
+            &format!("loci-edit-{id}.safetensors"),
+            "application/octet-stream",
+        ),
         Err(e) => e.into_response(),
     }
 }
@@ -340,9 +468,7 @@ pub async fn stats_file(
                 state.lm.model.n_layer()
             )));
         }
-        Ok(layers_stats(st, &state.lm, &[layer])?
-            .remove(0)
-            .to_bytes()?)
+        Ok(st.stats.get(&state.lm, &[layer])?.remove(0).to_bytes()?)
     })
     .await;
     match bytes {
@@ -358,9 +484,10 @@ pub async fn stats_file(
     }
 }
 
-/// Applies an edit file (the raw bytes of a saved edit) on top of the model's edits.
+/// Applies an edit file (the raw bytes of a saved edit) on top of the visitor's edits.
 pub async fn upload_edit(
     State(st): State<Arc<AppState>>,
+    Extension(v): Extension<Visitor>,
     q: ModelQueryArg,
     bytes: axum::body::Bytes,
 ) -> Response {
@@ -369,11 +496,91 @@ pub async fn upload_edit(
         Err(e) => return e.into_response(),
     };
     job(st, move |st| {
+        // Checked on a copy (the model it was made for, its shapes), kept only when it applies.
+        let (mut copy, version) = private_copy(st, &v, &name)?;
+        let (e, _) = copy.apply_file(&bytes)?;
+        let (ids, edits) = keep(st, &v, &name, vec![e], version)?;
+        Ok(serde_json::json!({ "id": ids[0], "edits": edits }))
+    })
+    .await
+}
+
+/// A session's edits in one file: each edit's own file, base64, oldest first.
+#[derive(Serialize, Deserialize)]
+pub struct SessionFile {
+    /// Always `"loci-session"`.
+    format: String,
+    /// The model they were made on (for messages; each edit file names its model itself).
+    model: String,
+    edits: Vec<String>,
+}
+
+const SESSION_FORMAT: &str = "loci-session";
+
+/// `GET /api/session/export?model=NAME`: the visitor's edits of a model as one file.
+pub async fn export_session(
+    State(st): State<Arc<AppState>>,
+    Extension(v): Extension<Visitor>,
+    q: ModelQueryArg,
+) -> Response {
+    use base64::Engine;
+    let name = match model_query(q) {
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
+    };
+    let file = run_job(st, move |st| -> Result<Vec<u8>, ApiError> {
+        let edits = visitor_edits(st, &v, &name)?;
         let m = model(st, &name)?;
-        let mut state = write(&m);
-        let (e, applied) = state.lm.apply_file(&bytes)?;
-        let id = state.record(e, applied);
-        Ok(serde_json::json!({ "id": id, "edits": state.listing() }))
+        let lm = &read(&m).lm;
+        let files = edits
+            .iter()
+            .map(|(_, e)| Ok(base64::engine::general_purpose::STANDARD.encode(e.to_file(lm)?)))
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        let f = SessionFile {
+            format: SESSION_FORMAT.into(),
+            model: name,
+            edits: files,
+        };
+        Ok(serde_json::to_vec(&f).map_err(anyhow::Error::from)?)
+    })
+    .await;
+    match file {
+        Ok(b) => attachment(b, "loci-session.json", "application/json"),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /api/session/import?model=NAME`: stacks a session file's edits on the visitor's, all
+/// or none.
+pub async fn import_session(
+    State(st): State<Arc<AppState>>,
+    Extension(v): Extension<Visitor>,
+    q: ModelQueryArg,
+    bytes: axum::body::Bytes,
+) -> Response {
+    use base64::Engine;
+    let name = match model_query(q) {
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
+    };
+    job(st, move |st| {
+        let f: SessionFile = serde_json::from_slice(&bytes)
+            .ok()
+            .filter(|f: &SessionFile| f.format == SESSION_FORMAT)
+            .ok_or_else(|| bad("not a Loci session file"))?;
+        let (mut copy, version) = private_copy(st, &v, &name)?;
+        let mut edits = vec![];
+        for (i, b64) in f.edits.iter().enumerate() {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|_| bad(format!("edit {} of the session file is not base64", i + 1)))?;
+            let (e, _) = copy
+                .apply_file(&raw)
+                .map_err(|e| bad(format!("edit {} of the session file: {e}", i + 1)))?;
+            edits.push(e);
+        }
+        let (ids, edits) = keep(st, &v, &name, edits, version)?;
+        Ok(serde_json::json!({ "ids": ids, "edits": edits }))
     })
     .await
 }

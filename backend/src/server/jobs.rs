@@ -2,7 +2,10 @@
 //! bodies, the bounded job queue (admission, running permits, blocking threads, panics as 500s)
 //! and server-sent event streams.
 
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
@@ -12,7 +15,11 @@ use axum::Json;
 use loci_core::LociError;
 use serde::Serialize;
 
+use loci_core::edit::{Edit, KeyStats};
+use loci_core::LoadedModel;
+
 use super::models::{ModelState, ServedModel};
+pub(super) use super::sessions::Visitor;
 use super::AppState;
 
 /// The model for reading (a poisoned lock is still the model: a panic never half-changes it).
@@ -28,10 +35,12 @@ pub(super) fn write(m: &ServedModel) -> std::sync::RwLockWriteGuard<'_, ModelSta
 
 pub(super) const MAX_PROMPT_CHARS: usize = 2000;
 
-/// An error as the client sees it: a status and `{"error": message}`.
+/// An error as the client sees it: a status and `{"error": message}` (and for a busy server,
+/// when to come back).
 pub struct ApiError {
     pub(super) status: StatusCode,
     pub(super) message: String,
+    pub(super) retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -39,17 +48,23 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            retry_after: None,
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut r = (
             self.status,
             Json(serde_json::json!({ "error": self.message })),
         )
-            .into_response()
+            .into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        r
     }
 }
 
@@ -102,35 +117,155 @@ pub(super) fn model(st: &AppState, name: &str) -> Result<Arc<ServedModel>, ApiEr
     })
 }
 
-/// The 503 of a full queue.
-pub(super) fn busy() -> ApiError {
-    ApiError::new(
+/// The model as `v` sees it: the shared model with the visitor's own edits added as a view (the
+/// weights are shared, not copied). An operator's requests see the shared model.
+pub(super) fn view(st: &AppState, v: &Visitor, name: &str) -> Result<LoadedModel, ApiError> {
+    let m = model(st, name)?;
+    let edits = visitor_edits(st, v, name);
+    let refs: Vec<&Edit> = edits.iter().map(|e| e.as_ref()).collect();
+    let view = read(&m).lm.with_edits(&refs)?;
+    Ok(view)
+}
+
+/// A private copy of the model as `v` sees it, the visitor's edits applied to its own copies of
+/// the layers they touch: for work that changes weights (an edit computed on top of earlier
+/// ones, the study's edits and undos) while everyone else goes on reading the shared model. With
+/// it, the shared model's version (see [`ModelState::version`]).
+pub(super) fn private_copy(
+    st: &AppState,
+    v: &Visitor,
+    name: &str,
+) -> Result<(LoadedModel, u64), ApiError> {
+    let m = model(st, name)?;
+    let edits = visitor_edits(st, v, name);
+    let refs: Vec<&Edit> = edits.iter().map(|e| e.as_ref()).collect();
+    let state = read(&m);
+    Ok((state.lm.with_edits_applied(&refs)?, state.version))
+}
+
+fn visitor_edits(st: &AppState, v: &Visitor, name: &str) -> Vec<Arc<Edit>> {
+    if v.admin {
+        vec![]
+    } else {
+        st.sessions.edits(&v.session, name)
+    }
+}
+
+/// Key statistics of `layers`, computed (when missing) on the shared model, never on a
+/// visitor's edited copy.
+pub(super) fn shared_stats(
+    st: &AppState,
+    name: &str,
+    layers: &[usize],
+) -> Result<Vec<KeyStats>, ApiError> {
+    let m = model(st, name)?;
+    let state = read(&m);
+    Ok(st.stats.get(&state.lm, layers)?)
+}
+
+/// The 503 of a full queue, with a `Retry-After` of the queue's expected wait.
+pub(super) fn busy(st: &AppState) -> ApiError {
+    let mut e = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "the server is busy (its job queue is full); try again shortly",
-    )
+    );
+    e.retry_after = Some(st.expected_wait_seconds());
+    e
+}
+
+/// What stops a job before its end: its client leaving, or its time running out.
+#[derive(Clone)]
+pub(super) struct Stop {
+    deadline: Instant,
+    left: Arc<AtomicBool>,
+}
+
+thread_local! {
+    /// The stop of the job running on this thread.
+    static STOP: RefCell<Option<Stop>> = const { RefCell::new(None) };
+}
+
+impl Stop {
+    fn new(st: &AppState) -> Self {
+        Self {
+            deadline: Instant::now() + st.job_limit,
+            left: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Runs the job `f` on this thread under this stop: optimisation steps, trace rows and
+    /// study edits ask [`should_stop`] and end early when it says so.
+    fn run<T>(&self, f: impl FnOnce() -> T) -> T {
+        STOP.with(|s| *s.borrow_mut() = Some(self.clone()));
+        let out = loci_core::progress::listen(|_| !should_stop(), f);
+        STOP.with(|s| *s.borrow_mut() = None);
+        out
+    }
+
+    /// The job's result, a stop for lack of time said as such.
+    fn outcome<T>(&self, r: Result<T, ApiError>, st: &AppState) -> Result<T, ApiError> {
+        match r {
+            Err(_) if Instant::now() >= self.deadline => Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "the job ran past the server's limit of {} s and was stopped",
+                    st.job_limit.as_secs_f64()
+                ),
+            )),
+            r => r,
+        }
+    }
+}
+
+/// Whether the job on this thread should stop now: its client left or its time is up.
+pub(super) fn should_stop() -> bool {
+    STOP.with(|s| {
+        s.borrow()
+            .as_ref()
+            .is_some_and(|s| s.left.load(Ordering::Relaxed) || Instant::now() >= s.deadline)
+    })
+}
+
+/// Marks the job's client as gone when dropped: axum drops a handler's future when its client
+/// disconnects, and with it this guard.
+struct LeftOnDrop(Arc<AtomicBool>);
+
+impl Drop for LeftOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Runs `f` on a blocking thread behind the queue; a panic becomes a 500, not a dead server.
+/// The job stops at its next step when the client disconnects or its time runs out.
 pub(super) async fn run_job<T, F>(st: Arc<AppState>, f: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
     F: FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
 {
     let Ok(_queued) = st.admission.clone().try_acquire_owned() else {
-        return Err(busy());
+        return Err(busy(&st));
     };
     let Ok(_running) = st.running.clone().acquire_owned().await else {
-        return Err(busy());
+        return Err(busy(&st));
     };
+    let stop = Stop::new(&st);
+    let _left = LeftOnDrop(stop.left.clone());
     let st2 = st.clone();
-    tokio::task::spawn_blocking(move || f(&st2))
-        .await
-        .unwrap_or_else(|_| {
-            Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal error: the job failed",
-            ))
-        })
+    let started = Instant::now();
+    let out = tokio::task::spawn_blocking(move || {
+        let r = stop.run(|| f(&st2));
+        stop.outcome(r, &st2)
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error: the job failed",
+        ))
+    });
+    st.job_took(started.elapsed());
+    out
 }
 
 /// A job whose answer is JSON.
@@ -183,7 +318,7 @@ where
     F: FnOnce(&AppState, &tokio::sync::mpsc::Sender<Event>) -> Result<T, ApiError> + Send + 'static,
 {
     let Ok(queued) = st.admission.clone().try_acquire_owned() else {
-        return busy().into_response();
+        return busy(&st).into_response();
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(256);
     tokio::spawn(async move {
@@ -193,7 +328,14 @@ where
         };
         let tx2 = tx.clone();
         let st2 = st.clone();
-        let outcome = tokio::task::spawn_blocking(move || f(&st2, &tx2)).await;
+        let stop = Stop::new(&st);
+        let started = Instant::now();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let r = stop.run(|| f(&st2, &tx2));
+            stop.outcome(r, &st2)
+        })
+        .await;
+        st.job_took(started.elapsed());
         let event = match outcome {
             Ok(Ok(r)) => Event::default().event("result").json_data(&r),
             Ok(Err(e)) => Event::default()

@@ -26,6 +26,9 @@ pub struct ModelState {
     pub lm: LoadedModel,
     pub edits: Vec<ServedEdit>,
     next_id: u64,
+    /// Counts the changes of the weights: an edit computed on a copy is applied only if no
+    /// other change came first.
+    pub version: u64,
 }
 
 /// An applied edit: its id, the edit (for its file and listing) and what undoes it.
@@ -51,6 +54,7 @@ impl ModelState {
     /// Records an edit already applied to the weights.
     pub fn record(&mut self, edit: Edit, applied: AppliedEdit) -> u64 {
         self.next_id += 1;
+        self.version += 1;
         self.edits.push(ServedEdit {
             id: self.next_id,
             edit,
@@ -64,22 +68,27 @@ impl ModelState {
         let Some(e) = self.edits.pop() else {
             return Ok(None);
         };
+        self.version += 1;
         self.lm.undo_edit(e.applied)?;
         Ok(Some(e.id))
     }
 
     pub fn listing(&self) -> Vec<EditListing> {
-        self.edits
-            .iter()
-            .map(|e| EditListing {
-                id: e.id,
-                method: e.edit.method(),
-                layers: e.edit.layers(),
-                requests: e.edit.requests().into_iter().cloned().collect(),
-                delta_norms: e.edit.delta_norms(),
-            })
-            .collect()
+        listing(self.edits.iter().map(|e| (e.id, &e.edit)))
     }
+}
+
+/// What a client sees of edits `(id, edit)`.
+pub fn listing<'a>(edits: impl Iterator<Item = (u64, &'a Edit)>) -> Vec<EditListing> {
+    edits
+        .map(|(id, e)| EditListing {
+            id,
+            method: e.method(),
+            layers: e.layers(),
+            requests: e.requests().into_iter().cloned().collect(),
+            delta_norms: e.delta_norms(),
+        })
+        .collect()
 }
 
 /// The models the server names, each loaded on first use; requests name models, never paths.
@@ -99,7 +108,7 @@ pub struct ModelListing {
     pub dtype: String,
     pub loaded: bool,
     pub info: Option<ModelInfo>,
-    /// Edits applied on the server (0 when not loaded).
+    /// Edits applied to the shared model, which every visitor sees (0 when not loaded).
     pub edits: usize,
     /// The files a browser downloads to run the model itself, from `/api/models/{name}/files/`.
     pub files: Vec<ModelFile>,
@@ -111,8 +120,25 @@ pub struct ModelFile {
     pub size_bytes: u64,
 }
 
+/// Where a model folder's files may really lie: the folder itself, and for a folder of a Hugging
+/// Face cache (`…/snapshots/REV/`), its repository's `blobs/`, where the cache's links point.
+fn allowed_roots(dir: &Path) -> Vec<PathBuf> {
+    let Ok(dir) = dir.canonicalize() else {
+        return vec![];
+    };
+    let mut roots = vec![dir.clone()];
+    if let Some(repo) = dir
+        .parent()
+        .filter(|s| s.file_name().is_some_and(|n| n == "snapshots"))
+        .and_then(Path::parent)
+    {
+        roots.extend(repo.join("blobs").canonicalize());
+    }
+    roots
+}
+
 /// The files of a model a client may fetch: the .gguf itself, or a folder's config, tokenizer,
-/// safetensors and shard index. Nothing else is ever served.
+/// safetensors and shard index. Nothing else is ever served, and no link out of the folder.
 fn model_files(p: &Path) -> Vec<(String, PathBuf, u64)> {
     let entry = |q: PathBuf| {
         let name = q.file_name()?.to_str()?.to_string();
@@ -122,6 +148,11 @@ fn model_files(p: &Path) -> Vec<(String, PathBuf, u64)> {
     if p.is_file() {
         return entry(p.to_path_buf()).into_iter().collect();
     }
+    let roots = allowed_roots(p);
+    let inside = |q: &PathBuf| {
+        q.canonicalize()
+            .is_ok_and(|c| roots.iter().any(|r| c.starts_with(r)))
+    };
     let mut v: Vec<_> = std::fs::read_dir(p)
         .map(|d| {
             d.filter_map(|e| e.ok())
@@ -134,6 +165,7 @@ fn model_files(p: &Path) -> Vec<(String, PathBuf, u64)> {
                         || n == "model.safetensors.index.json"
                         || n.ends_with(".safetensors")
                 })
+                .filter(inside)
                 .filter_map(entry)
                 .collect()
         })
@@ -270,6 +302,7 @@ impl Registry {
                 lm,
                 edits: vec![],
                 next_id: 0,
+                version: 0,
             }),
         });
         *slot = Some(m.clone());

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use loci_core::Sampling;
 use serde::Deserialize;
 
@@ -32,13 +32,13 @@ pub struct PredictBody {
 /// The most likely next tokens after a prompt.
 pub async fn predict(
     State(st): State<Arc<AppState>>,
+    Extension(v): Extension<Visitor>,
     b: Result<Json<PredictBody>, JsonRejection>,
 ) -> Response {
     json_job(st, b, move |st, b| {
         check_prompt(&b.prompt)?;
-        let m = model(st, &b.model)?;
-        let p = read(&m).lm.predict(&b.prompt, b.top.min(100))?;
-        Ok(p)
+        let lm = view(st, &v, &b.model)?;
+        Ok(lm.predict(&b.prompt, b.top.min(100))?)
     })
     .await
 }
@@ -60,13 +60,13 @@ pub struct GenerateBody {
 /// A continuation of a prompt (greedy or top-k sampled).
 pub async fn generate(
     State(st): State<Arc<AppState>>,
+    Extension(v): Extension<Visitor>,
     b: Result<Json<GenerateBody>, JsonRejection>,
 ) -> Response {
     json_job(st, b, move |st, b| {
         check_prompt(&b.prompt)?;
         let sampling = b.sampling.unwrap_or(Sampling::Greedy);
-        let m = model(st, &b.model)?;
-        let lm = &read(&m).lm;
+        let lm = view(st, &v, &b.model)?;
         Ok(lm.generate(&b.prompt, b.max_new_tokens.min(200), sampling)?)
     })
     .await

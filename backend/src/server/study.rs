@@ -8,13 +8,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use loci_core::eval::CounterFactCase;
 use loci_core::study::{EditProblem, StudyMethod, StudyObserver};
 use loci_core::LociError;
 use serde::{Deserialize, Serialize};
 
-use super::edit::layers_stats;
 use super::edit::{edit_hparams, MAX_PROBES};
 use super::jobs::*;
 use super::trace::TraceQuery;
@@ -34,6 +33,7 @@ pub struct EvalBody {
 /// Scores a CounterFact case before and after its ROME edit; the edit is undone afterwards.
 pub async fn eval_case(
     State(st): State<Arc<AppState>>,
+    Extension(v): Extension<Visitor>,
     b: Result<Json<EvalBody>, JsonRejection>,
 ) -> Response {
     json_job(st, b, move |st, b| {
@@ -50,13 +50,11 @@ pub async fn eval_case(
         {
             check_prompt(p)?;
         }
-        let m = model(st, &b.model)?;
-        let mut state = write(&m);
-        let hp = edit_hparams(&state.lm, b.layer)?;
-        let stats = layers_stats(st, &state.lm, &[hp.layer])?.remove(0);
-        Ok(state
-            .lm
-            .eval_case(c, &hp, Some(&stats), b.generation, None)?)
+        // On the visitor's private copy: the edit and its undo touch no one else's model.
+        let (mut lm, _) = private_copy(st, &v, &b.model)?;
+        let hp = edit_hparams(&lm, b.layer)?;
+        let stats = shared_stats(st, &b.model, &[hp.layer])?.remove(0);
+        Ok(lm.eval_case(c, &hp, Some(&stats), b.generation, None)?)
     })
     .await
 }
@@ -115,17 +113,18 @@ impl StudyObserver for SseStudy {
         send_event(&self.tx, "case", case);
     }
     fn on_edit(&mut self, edit: &loci_core::study::EditLine) -> bool {
-        send_event(&self.tx, "edit", edit)
+        !should_stop() && send_event(&self.tx, "edit", edit)
     }
 }
 
 /// The study's GET form (the request JSON in `q`), for browsers' EventSource.
 pub async fn study_get(
     State(st): State<Arc<AppState>>,
+    Extension(v): Extension<Visitor>,
     query: axum::extract::Query<TraceQuery>,
 ) -> Response {
     match serde_json::from_str::<StudyBody>(&query.q) {
-        Ok(b) => study_stream(st, b).await,
+        Ok(b) => study_stream(st, v, b).await,
         Err(e) => bad(format!("bad request: {e}")).into_response(),
     }
 }
@@ -135,28 +134,31 @@ pub async fn study_get(
 /// `error`. Every edit is undone; closing the stream stops the sweep after the current edit.
 pub async fn study(
     State(st): State<Arc<AppState>>,
+    Extension(v): Extension<Visitor>,
     b: Result<Json<StudyBody>, JsonRejection>,
 ) -> Response {
     match body(b) {
-        Ok(b) => study_stream(st, b).await,
+        Ok(b) => study_stream(st, v, b).await,
         Err(e) => e.into_response(),
     }
 }
 
-async fn study_stream(st: Arc<AppState>, b: StudyBody) -> Response {
+async fn study_stream(st: Arc<AppState>, v: Visitor, b: StudyBody) -> Response {
     if let Some(e) = study_refusal(&st, &b) {
         return e.into_response();
     }
     sse_job(st, move |st, tx| {
-        let m = model(st, &b.model)?;
-        // The sweep applies and undoes edits: no one else may see the model meanwhile.
-        let mut state = write(&m);
-        let cfg = study_settings(&state.lm, &b)?;
+        // The sweep applies and undoes edits on the visitor's private copy: no one else sees
+        // them, and no one waits for them.
+        let (mut lm, _) = private_copy(st, &v, &b.model)?;
+        let cfg = study_settings(&lm, &b)?;
         let mut obs = SseStudy { tx: tx.clone() };
-        let result = state.lm.study_case(
+        let result = lm.study_case(
             &b.case,
             &cfg,
-            &mut |lm, layers| layers_stats(st, lm, layers).map_err(|e| LociError::input(e.message)),
+            &mut |_, layers| {
+                shared_stats(st, &b.model, layers).map_err(|e| LociError::input(e.message))
+            },
             &mut obs,
         )?;
         let lines = [loci_core::study::StudyLine::Case(result.case.clone())]

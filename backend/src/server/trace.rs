@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use loci_core::trace::{TraceKind, TraceObserver, TraceRequest};
 use serde::{Deserialize, Serialize};
 
@@ -30,10 +30,11 @@ pub struct TraceQuery {
 /// The trace's GET form (the request JSON in `q`), for browsers' EventSource.
 pub async fn trace_get(
     State(st): State<Arc<AppState>>,
+    Extension(v): Extension<Visitor>,
     query: axum::extract::Query<TraceQuery>,
 ) -> Response {
     match serde_json::from_str::<TraceBody>(&query.q) {
-        Ok(b) => trace_stream(st, b).await,
+        Ok(b) => trace_stream(st, v, b).await,
         Err(e) => {
             ApiError::new(StatusCode::BAD_REQUEST, format!("bad request: {e}")).into_response()
         }
@@ -45,15 +46,16 @@ pub async fn trace_get(
 /// `error`. Closing the stream cancels the trace.
 pub async fn trace(
     State(st): State<Arc<AppState>>,
+    Extension(v): Extension<Visitor>,
     b: Result<Json<TraceBody>, JsonRejection>,
 ) -> Response {
     match body(b) {
-        Ok(b) => trace_stream(st, b).await,
+        Ok(b) => trace_stream(st, v, b).await,
         Err(e) => e.into_response(),
     }
 }
 
-async fn trace_stream(st: Arc<AppState>, b: TraceBody) -> Response {
+async fn trace_stream(st: Arc<AppState>, v: Visitor, b: TraceBody) -> Response {
     if let Err(e) = check_prompt(&b.request.prompt) {
         return e.into_response();
     }
@@ -81,9 +83,9 @@ async fn trace_stream(st: Arc<AppState>, b: TraceBody) -> Response {
         .into_response();
     }
     sse_job(st, move |st, tx| {
-        let m = model(st, &b.model)?;
-        let guard = read(&m);
-        let lm = &guard.lm;
+        // The visitor's own view: one consistent model for the whole trace, whatever others
+        // edit meanwhile.
+        let lm = &view(st, &v, &b.model)?;
         let std = match b.request.noise {
             loci_core::trace::NoiseSpec::Relative(_) => {
                 Some(crate::workspace::cached_embedding_std(lm, None)?)
@@ -115,14 +117,15 @@ impl TraceObserver for SseObserver {
             scores: &'a [f32],
         }
         // Serialised as f32, exactly as the final result's grid.
-        send_event(
-            &self.tx,
-            "row",
-            &Row {
-                kind,
-                token,
-                scores,
-            },
-        )
+        !should_stop()
+            && send_event(
+                &self.tx,
+                "row",
+                &Row {
+                    kind,
+                    token,
+                    scores,
+                },
+            )
     }
 }

@@ -57,7 +57,7 @@ impl AppliedEdit {
 }
 
 impl LayerDelta<'_> {
-    fn check(&self, lm: &LoadedModel) -> Result<()> {
+    pub(crate) fn check(&self, lm: &LoadedModel) -> Result<()> {
         let (dm, dff) = (lm.model.cfg.d_model, lm.model.cfg.d_ff);
         let down = lm.model.down_proj(self.layer).map_err(|_| {
             LociError::input(format!(
@@ -141,7 +141,10 @@ impl LoadedModel {
             (Some(b), Some(db)) => Some(add_f32(b, &Tensor::from_slice(db, dm, &m.device)?)?),
             (b, _) => b.clone(),
         };
-        m.set_down_proj(d.layer, Linear::new(weight, bias))?;
+        let mut changed = Linear::new(weight, bias);
+        // A view's low-rank changes stay on the layer.
+        changed.low_rank = original.low_rank.clone();
+        m.set_down_proj(d.layer, changed)?;
         Ok(original)
     }
 

@@ -219,7 +219,7 @@ impl LoadedModel {
                     going.push(slot);
                 }
             }
-            crate::progress::report("fine-tuning", step + 1, hp.steps, &values);
+            crate::progress::report("fine-tuning", step + 1, hp.steps, &values)?;
             if going.is_empty() {
                 break;
             }

@@ -8,6 +8,7 @@ pub mod hooked;
 pub mod linalg;
 pub mod memit;
 pub mod method;
+pub mod overlay;
 pub mod report;
 pub mod rome;
 pub mod saved;

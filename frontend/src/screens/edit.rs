@@ -157,7 +157,10 @@ pub fn EditScreen() -> impl IntoView {
             format!("Edits run in this tab: {why}. Every worker's copy gets the same edit.")
         }
         Some(Ok((false, why))) => {
-            format!("Edits run on the server: {why}. The tab's model copies get the same edit.")
+            format!(
+                "Edits run on the server: {why}. They are yours alone (other visitors see the model \
+                 unedited) and the tab's model copies get the same edit."
+            )
         }
         Some(Err(e)) => e,
         None => String::new(),

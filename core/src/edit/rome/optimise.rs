@@ -87,7 +87,7 @@ impl LoadedModel {
                     going.push(slot);
                 }
             }
-            crate::progress::report("value", it + 1, spec.steps, &step.losses);
+            crate::progress::report("value", it + 1, spec.steps, &step.losses)?;
             if going.is_empty() {
                 break;
             }

@@ -1,6 +1,8 @@
 //! The linear map `y = x Wᵀ + b`, with a frozen-weights product for autograd, and how it loads.
+//! A map may also carry a low-rank change added at forward time (a visitor's edits over a shared
+//! model, without a copy of the weights).
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::error::Result;
 use crate::model::load::Weights;
@@ -12,12 +14,46 @@ pub struct Linear {
     pub weight: Tensor,
     /// `b`, `[out]`, when the map has one.
     pub bias: Option<Tensor>,
+    /// `Σᵣ rightᵣ leftᵣᵀ` added to `W` at forward time, never stored into it.
+    pub low_rank: Option<LowRankAdd>,
+}
+
+/// A low-rank change of a map's weight, kept as its factors and applied to each input: `x` maps
+/// to `x Wᵀ + (x leftᵀ) right` instead of `x (W + rightᵀ left)ᵀ`, which is the same map up to
+/// float rounding and costs `rank × (in + out)` per row instead of a `[out, in]` copy.
+#[derive(Clone, Debug)]
+pub struct LowRankAdd {
+    /// `[rank, in]` f32: the key-side vectors.
+    pub left: Tensor,
+    /// `[rank, out]` f32: the output-side vectors.
+    pub right: Tensor,
+}
+
+impl LowRankAdd {
+    /// `(x leftᵀ) right` for inputs `[rows, in]`, computed in f32, in `x`'s dtype.
+    fn output(&self, x: &Tensor) -> Result<Tensor> {
+        let x32 = x.to_dtype(DType::F32)?;
+        let coef = x32.matmul(&self.left.t()?)?;
+        Ok(coef.matmul(&self.right)?.to_dtype(x.dtype())?)
+    }
+
+    /// This change followed by `more` (the ranks add up).
+    pub fn and(&self, more: &LowRankAdd) -> Result<LowRankAdd> {
+        Ok(LowRankAdd {
+            left: Tensor::cat(&[&self.left, &more.left], 0)?,
+            right: Tensor::cat(&[&self.right, &more.right], 0)?,
+        })
+    }
 }
 
 impl Linear {
     /// A map from its weight `[out, in]` and optional bias `[out]`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            low_rank: None,
+        }
     }
 
     /// The output width: the weight's rows.
@@ -42,6 +78,10 @@ impl Linear {
             })?
         } else {
             x2.matmul(&self.weight.t()?)?
+        };
+        let y = match &self.low_rank {
+            Some(a) => (y + a.output(&x2)?)?,
+            None => y,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,

@@ -8,7 +8,7 @@ mod norm;
 mod rotary;
 
 pub use attention::{softmax_last, Attention, CausalMasks, LayerCache};
-pub use linear::Linear;
+pub use linear::{Linear, LowRankAdd};
 pub use mlp::Mlp;
 pub use norm::Norm;
 #[cfg(test)]
