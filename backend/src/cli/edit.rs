@@ -158,7 +158,7 @@ fn probes(a: &EditArgs) -> Probes {
 /// Writes the edit (`--save-edit`) and the edited model (`--save-model`) where asked.
 fn save(a: &EditArgs, lm: &LoadedModel, e: &Edit) -> Result<()> {
     if let Some(p) = &a.save_edit {
-        std::fs::write(p, e.to_file(lm)?).with_context(|| format!("writing {}", p.display()))?;
+        crate::workspace::write_atomic(p, &e.to_file(lm)?)?;
     }
     if let Some(dir) = &a.save_model {
         lm.save_hf_folder(dir)?;

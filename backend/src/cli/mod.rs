@@ -12,7 +12,7 @@ pub mod trace;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Subcommand;
 use loci_core::LoadedModel;
 
@@ -90,8 +90,7 @@ pub fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 }
 
 pub fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<()> {
-    std::fs::write(path, serde_json::to_string_pretty(v)?)
-        .with_context(|| format!("writing {}", path.display()))
+    crate::workspace::write_atomic(path, serde_json::to_string_pretty(v)?.as_bytes())
 }
 
 #[derive(Subcommand, Debug)]

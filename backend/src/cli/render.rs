@@ -11,11 +11,8 @@ pub fn save_plot(path: &Path, svg: &str) -> Result<()> {
         .unwrap_or("")
         .to_ascii_lowercase();
     match ext.as_str() {
-        "svg" => std::fs::write(path, svg).with_context(|| format!("writing {}", path.display())),
-        "png" => {
-            let png = svg_to_png(svg, 2.0)?;
-            std::fs::write(path, png).with_context(|| format!("writing {}", path.display()))
-        }
+        "svg" => crate::workspace::write_atomic(path, svg.as_bytes()),
+        "png" => crate::workspace::write_atomic(path, &svg_to_png(svg, 2.0)?),
         _ => bail!("plot file {} must end in .svg or .png", path.display()),
     }
 }

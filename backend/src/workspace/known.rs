@@ -84,7 +84,7 @@ pub fn cached_embedding_std(lm: &LoadedModel, known: Option<&Path>) -> Result<f6
             subjects_file: name,
             embedding_std: std,
         };
-        let _ = std::fs::write(&file, serde_json::to_string(&cache)?);
+        let _ = super::write_atomic(&file, serde_json::to_string(&cache)?.as_bytes());
     }
     Ok(std)
 }

@@ -3,11 +3,13 @@
 //! bundled known facts and the noise estimate, and each method's and the study's defaults.
 //! The CLI is argument parsing and printing over this; the server is routing and JSON over it.
 
+mod atomic;
 mod defaults;
 mod known;
 mod models;
 mod stats;
 
+pub use atomic::write_atomic;
 pub use defaults::{ft_hparams, key_mode, memit_hparams, rome_hparams, study_config, FtSettings};
 pub use known::{bundled_fact_texts, cached_embedding_std, read_facts};
 pub use models::{default_model, device, open_model, trace_workers, workers, Precision, WORKERS};

@@ -148,17 +148,9 @@ pub fn collect(
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     for s in acc.finish(lm, &corpus.display().to_string())? {
         let f = stats_file(dir, s.provenance.layer);
-        // Written aside, then renamed: a reader sharing the folder (another task of an array
-        // job) sees the whole file or none.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let part = f.with_extension(format!("part{}-{nanos}", std::process::id()));
-        let written = std::fs::write(&part, s.to_bytes()?).and_then(|_| std::fs::rename(&part, &f));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&part);
-        }
-        written.with_context(|| format!("writing {}", f.display()))?;
+        // Whole or not at all: a reader sharing the folder (another task of an array job) or
+        // a rerun after a kill never sees half a file.
+        super::write_atomic(&f, &s.to_bytes()?)?;
         eprintln!(
             "layer {}: {} tokens → {}",
             s.provenance.layer,

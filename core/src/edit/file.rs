@@ -1,5 +1,8 @@
 //! Loci's small files (an edit's two vectors, a layer's key statistics): safetensors holding f32
-//! tensors, with one JSON document under a key of the header's metadata.
+//! tensors, with one JSON document under a key of the header's metadata, and the SHA-256 of the
+//! tensors' bytes under `loci_digest`: a file cut short or changed on disk is refused on read,
+//! never taken for a valid one. (Files written before the digest existed have none and are read
+//! as they are.)
 
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -7,6 +10,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{LociError, Result};
+
+/// The metadata key holding the digest of a file's tensor bytes.
+const DIGEST: &str = "loci_digest";
 
 /// The file's bytes: `meta` as JSON under `key`, then the tensors `(name, shape, values)`.
 pub fn write(
@@ -33,7 +39,24 @@ pub fn write(
             ))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, Some(meta)).map_err(failed)
+    let plain = safetensors::serialize(views, Some(meta)).map_err(failed)?;
+    // The digest goes in the header, which the digested bytes do not include.
+    let digest = tensor_digest(&plain)?;
+    with_metadata(&plain, DIGEST, &digest)
+}
+
+/// The hex SHA-256 of a safetensors file's bytes after its header.
+fn tensor_digest(data: &[u8]) -> Result<String> {
+    use sha2::Digest;
+    let cut = || LociError::model("the file is cut short");
+    let n = u64::from_le_bytes(data.get(..8).ok_or_else(cut)?.try_into().expect("8 bytes"));
+    let start = usize::try_from(n)
+        .ok()
+        .and_then(|n| n.checked_add(8))
+        .filter(|&s| s <= data.len())
+        .ok_or_else(cut)?;
+    let d = sha2::Sha256::digest(&data[start..]);
+    Ok(d.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// A file read back: its metadata and tensors, every failure worded by `bad`.
@@ -57,6 +80,15 @@ pub fn read<'a, M: DeserializeOwned, B: Fn(String) -> LociError>(
         .ok_or_else(|| bad(missing.to_string()))?;
     let meta = serde_json::from_str(meta).map_err(|e| bad(e.to_string()))?;
     let st = SafeTensors::deserialize(data).map_err(|e| bad(e.to_string()))?;
+    let recorded = header.metadata().as_ref().and_then(|m| m.get(DIGEST));
+    if let Some(recorded) = recorded {
+        let found = tensor_digest(data).map_err(|e| bad(e.to_string()))?;
+        if serde_json::from_str::<String>(recorded).ok().as_deref() != Some(found.as_str()) {
+            return Err(bad(
+                "its tensors do not match its digest (a corrupt or partly written file)".into(),
+            ));
+        }
+    }
     Ok((meta, Read { st, bad }))
 }
 
@@ -119,4 +151,38 @@ pub fn has_key(data: &[u8], key: &str) -> bool {
         .ok()
         .and_then(|(_, h)| h.metadata().as_ref().map(|m| m.contains_key(key)))
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bad(m: String) -> LociError {
+        LociError::model(m)
+    }
+
+    #[test]
+    fn a_file_whose_tensors_changed_is_refused_and_a_whole_one_read() {
+        let values = [1.0f32, 2.0, 3.0];
+        let data = write("k", &7u32, &[("t".into(), vec![3], &values[..])]).unwrap();
+        let (m, r) = read::<u32, _>(&data, "k", "none", bad).unwrap();
+        assert_eq!((m, r.f32("t").unwrap().0), (7, values.to_vec()));
+        // Any flipped bit of the tensors, and a file cut short, fail.
+        let body = data.len() - 12;
+        for i in body..data.len() {
+            let mut flipped = data.clone();
+            flipped[i] ^= 0x10;
+            let err = read::<u32, _>(&flipped, "k", "none", bad).err().unwrap();
+            assert!(err.to_string().contains("digest"), "{err}");
+        }
+        for n in 0..data.len() {
+            assert!(
+                read::<u32, _>(&data[..n], "k", "none", bad).is_err(),
+                "cut at {n}"
+            );
+        }
+        // Metadata added later keeps the digest valid.
+        let more = with_metadata(&data, "extra", &"x").unwrap();
+        assert!(read::<u32, _>(&more, "k", "none", bad).is_ok());
+    }
 }
