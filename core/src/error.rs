@@ -18,7 +18,7 @@ pub enum LociError {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     /// A candle tensor operation failed (shape mismatch, device error, ...).
-    #[error("tensor computation failed: {0}")]
+    #[error("tensor computation failed: {}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
@@ -63,3 +63,13 @@ impl LociError {
 
 /// `std::result::Result` with [`LociError`] as the default error.
 pub type Result<T, E = LociError> = std::result::Result<T, E>;
+
+/// A candle error's message without the backtrace candle attaches when `RUST_BACKTRACE` is set:
+/// messages reach users (and the server's clients), and resolving a backtrace's symbols costs
+/// megabytes.
+pub fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        other => other.to_string(),
+    }
+}

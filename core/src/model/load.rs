@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::layers::check_shape;
 use crate::config::{Family, ModelConfig};
-use crate::error::{LociError, Result};
+use crate::error::{candle_message, LociError, Result};
 
 /// Where weights come from; all lookups use Hugging Face tensor names.
 pub enum WeightSource {
@@ -151,7 +151,7 @@ fn meta_u(md: &HashMap<String, gguf_file::Value>, key: &str) -> Result<usize> {
         .or_else(|_| v.to_u32().map(u64::from))
         .or_else(|_| v.to_i32().map(|x| x.max(0) as u64))
         .map(|x| x as usize)
-        .map_err(|e| LociError::model(format!("GGUF metadata {key}: {e}")))
+        .map_err(|e| LociError::model(format!("GGUF metadata {key}: {}", candle_message(&e))))
 }
 
 fn meta_f(md: &HashMap<String, gguf_file::Value>, key: &str) -> Option<f64> {
@@ -173,8 +173,9 @@ fn unpermute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
 impl GgufModel {
     /// Reads a LLaMA-architecture GGUF file, dequantising every tensor to f32.
     pub fn read<R: Read + Seek>(reader: &mut R) -> Result<Self> {
-        let content = gguf_file::Content::read(reader)
-            .map_err(|e| LociError::model(format!("not a readable GGUF file: {e}")))?;
+        let content = gguf_file::Content::read(reader).map_err(|e| {
+            LociError::model(format!("not a readable GGUF file: {}", candle_message(&e)))
+        })?;
         let md = &content.metadata;
         let arch = md
             .get("general.architecture")
@@ -215,15 +216,19 @@ impl GgufModel {
         }
         .with_full_rotary();
         cfg.validate()?;
+        let file_size = reader
+            .seek(std::io::SeekFrom::End(0))
+            .map_err(|e| LociError::model(format!("GGUF file: {e}")))?;
+        check_tensor_infos(&content, file_size)?;
         let mut tensors = HashMap::new();
         for name in content.tensor_infos.keys() {
             let Some(hf) = hf_name(name) else { continue };
-            let q = content
-                .tensor(reader, name, &Device::Cpu)
-                .map_err(|e| LociError::model(format!("GGUF tensor {name}: {e}")))?;
-            let mut t = q
-                .dequantize(&Device::Cpu)
-                .map_err(|e| LociError::model(format!("GGUF tensor {name}: {e}")))?;
+            let q = content.tensor(reader, name, &Device::Cpu).map_err(|e| {
+                LociError::model(format!("GGUF tensor {name}: {}", candle_message(&e)))
+            })?;
+            let mut t = q.dequantize(&Device::Cpu).map_err(|e| {
+                LociError::model(format!("GGUF tensor {name}: {}", candle_message(&e)))
+            })?;
             if name.ends_with("attn_q.weight") {
                 t = unpermute_qk(&t, cfg.n_head)?;
             } else if name.ends_with("attn_k.weight") {
@@ -237,6 +242,41 @@ impl GgufModel {
             metadata: content.metadata,
         })
     }
+}
+
+/// Refuses tensor infos whose shapes overflow or whose data lies outside the file, before a
+/// tensor is read: dequantising a tensor allocates what its shape claims, so a claim the file
+/// cannot back would allocate without bound (or overflow the element count).
+fn check_tensor_infos(content: &gguf_file::Content, file_size: u64) -> Result<()> {
+    for (name, t) in &content.tensor_infos {
+        let bad = |why: String| LociError::model(format!("GGUF tensor {name}: {why}"));
+        let elems = t
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| bad(format!("its shape {:?} overflows", t.shape.dims())))?;
+        let block = t.ggml_dtype.block_size();
+        if !elems.is_multiple_of(block) {
+            return Err(bad(format!(
+                "{elems} elements are not a whole number of blocks of {block}"
+            )));
+        }
+        let bytes = (elems / block)
+            .checked_mul(t.ggml_dtype.type_size())
+            .ok_or_else(|| bad("its size overflows".into()))?;
+        let end = content
+            .tensor_data_offset
+            .checked_add(t.offset)
+            .and_then(|s| s.checked_add(bytes as u64));
+        if end.is_none_or(|e| e > file_size) {
+            return Err(bad(format!(
+                "its {bytes} bytes at offset {} lie outside the file of {file_size} bytes",
+                t.offset
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn hf_name(gguf: &str) -> Option<String> {
