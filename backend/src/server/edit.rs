@@ -498,7 +498,8 @@ pub async fn upload_edit(
     job(st, move |st| {
         // Checked on a copy (the model it was made for, its shapes), kept only when it applies.
         let (mut copy, version) = private_copy(st, &v, &name)?;
-        let (e, _) = copy.apply_file(&bytes)?;
+        // Whatever is wrong with an uploaded file is the client's to fix.
+        let (e, _) = copy.apply_file(&bytes).map_err(|e| bad(e.to_string()))?;
         let (ids, edits) = keep(st, &v, &name, vec![e], version)?;
         Ok(serde_json::json!({ "id": ids[0], "edits": edits }))
     })

@@ -29,6 +29,15 @@ impl Drop for Server {
 }
 
 pub fn serve(extra: &[&str]) -> Server {
+    serve_logging(extra, None)
+}
+
+/// [`serve`] with the server's log (stderr) written to `log`.
+pub fn serve_logging(extra: &[&str], log: Option<&std::path::Path>) -> Server {
+    let stderr = match log {
+        Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
+        None => Stdio::null(),
+    };
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -40,7 +49,7 @@ pub fn serve(extra: &[&str]) -> Server {
         .args(extra)
         .current_dir(root())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
