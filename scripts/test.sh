@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test of Loci on a fresh machine: installs tools, fetches the real test
 # model, then formatting, lints, native tests, the study's Slurm array job on a real one-node
-# Slurm, the wasm32 build of the core and the web app, and the browser end-to-end runs (served
-# by `loci serve`, and as a static build with no server).
+# Slurm, the wasm32 build of the core and the web app, the browser end-to-end runs (served by
+# `loci serve`, and as a static build with no server), and a short run of the server's load test.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -35,6 +35,8 @@ step "browser end-to-end"
 "$root/scripts/e2e.sh"
 step "static build end-to-end (no server: the tab computes statistics and edits)"
 "$root/scripts/e2e-static.sh"
+step "load test, short (10 visitors, 1 minute; the full run: scripts/load-test.sh)"
+"$root/scripts/load-test.sh" --users 10 --minutes 1 --out "$CARGO_TARGET_DIR/load-smoke.json"
 step "cuda feature (type-check; no GPU here)"
 "$root/scripts/build-cuda.sh" --check
 step "done"

@@ -139,6 +139,7 @@ fn killed_statistics_leave_whole_files_or_none() {
     let t = whole(&mut stats(&reference));
     let out = dir.join("killed");
     let killed = kill_repeatedly(|| stats(&out), || t, 6, 1, || valid_stats(&out));
+    eprintln!("loci stats: {killed} of 6 runs killed mid-way");
     assert!(killed >= 3, "only {killed} runs were killed");
     whole(&mut stats(&out));
     valid_stats(&out);
@@ -205,6 +206,7 @@ fn a_killed_saved_edit_is_whole_or_absent() {
         }
     };
     let killed = kill_repeatedly(edit, || t, 6, 2, check);
+    eprintln!("loci edit --save-edit: {killed} of 6 runs killed mid-way");
     assert!(killed >= 3, "only {killed} runs were killed");
     whole(&mut edit());
     // The same edit (its header's order and timings aside): the same vectors, bit for bit.
@@ -269,6 +271,7 @@ fn resumes_exactly(name: &str, run: impl Fn(&Path, &Path) -> Command, seed: u64)
             seen = lines();
         },
     );
+    eprintln!("{name}: {killed} of 6 runs killed mid-way");
     assert!(killed >= 3, "only {killed} runs were killed");
     whole(&mut run(&out, &stats));
     let (got, want) = (records(&out), records(&reference));

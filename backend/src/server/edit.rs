@@ -170,6 +170,14 @@ fn keep(
     version: u64,
 ) -> Result<(Vec<u64>, Vec<EditListing>), ApiError> {
     let m = model(st, name)?;
+    if should_stop() {
+        // The client left (or the time ran out) while the edit was computed: it never learns
+        // the edit's id, so the edit is not kept.
+        return Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the request ended before its edit was ready; the edit is not kept",
+        ));
+    }
     if !v.admin {
         let layer_bytes = layer_bytes(&read(&m).lm);
         let sized = edits
@@ -332,11 +340,15 @@ pub async fn edits(
         Ok(n) => n,
         Err(e) => return e.into_response(),
     };
-    job(st, move |st| {
+    let list = quick(st, move |st| {
         let list = visitor_edits(st, &v, &name)?;
         Ok(listing(list.iter().map(|(id, e)| (*id, e.as_ref()))))
     })
-    .await
+    .await;
+    match list {
+        Ok(l) => Json(l).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 #[derive(Deserialize)]
@@ -357,7 +369,11 @@ pub async fn undo(
     Extension(v): Extension<Visitor>,
     b: Result<Json<UndoBody>, JsonRejection>,
 ) -> Response {
-    json_job(st, b, move |st, b| {
+    let b = match body(b) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let undone = quick(st, move |st| {
         let m = model(st, &b.model)?;
         if v.admin {
             let mut state = write(&m);
@@ -385,7 +401,11 @@ pub async fn undo(
         let edits = session_listing(st, &v, &b.model)?;
         Ok(serde_json::json!({ "undone": undone, "edits": edits }))
     })
-    .await
+    .await;
+    match undone {
+        Ok(u) => Json(u).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 /// How many of the edits `ids` (oldest first) an undo request takes off, or why none.
@@ -432,7 +452,7 @@ pub async fn edit_file(
         Ok(n) => n,
         Err(e) => return e.into_response(),
     };
-    let bytes = run_job(st, move |st| -> Result<Vec<u8>, ApiError> {
+    let bytes = quick(st, move |st| -> Result<Vec<u8>, ApiError> {
         let edits = visitor_edits(st, &v, &name)?;
         let (_, e) = edits
             .iter()
@@ -529,7 +549,7 @@ pub async fn export_session(
         Ok(n) => n,
         Err(e) => return e.into_response(),
     };
-    let file = run_job(st, move |st| -> Result<Vec<u8>, ApiError> {
+    let file = quick(st, move |st| -> Result<Vec<u8>, ApiError> {
         let edits = visitor_edits(st, &v, &name)?;
         let m = model(st, &name)?;
         let lm = &read(&m).lm;

@@ -268,6 +268,24 @@ where
     out
 }
 
+/// A cheap job that computes nothing with a model (a session's listing, an undo, a download):
+/// it runs at once on a blocking thread, never waits in the queue nor is refused as busy, so a
+/// visitor can always see and undo their edits.
+pub(super) async fn quick<T, F>(st: Arc<AppState>, f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(move || f(&st))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error: the job failed",
+            ))
+        })
+}
+
 /// A job whose answer is JSON.
 pub(super) async fn job<T, F>(st: Arc<AppState>, f: F) -> Response
 where
