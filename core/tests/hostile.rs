@@ -64,12 +64,15 @@ fn cases() -> u32 {
         .unwrap_or(200)
 }
 
+/// A parse of outside bytes: whether it accepted them.
+type Parse = Box<dyn Fn(&[u8]) -> bool>;
+
 /// A parser under test: its name, the most a single allocation may take for an input of `n`
 /// bytes, and the parse (whether it accepted the input).
 struct Parser {
     name: &'static str,
     budget: fn(usize) -> usize,
-    parse: Box<dyn Fn(&[u8]) -> bool>,
+    parse: Parse,
 }
 
 impl Parser {
