@@ -12,11 +12,9 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use loci_core::LociError;
-use serde::Serialize;
-
 use loci_core::edit::{Edit, KeyStats};
-use loci_core::LoadedModel;
+use loci_core::{LoadedModel, LociError};
+use serde::Serialize;
 
 use super::models::{ModelState, ServedModel};
 pub(super) use super::sessions::Visitor;
@@ -121,7 +119,7 @@ pub(super) fn model(st: &AppState, name: &str) -> Result<Arc<ServedModel>, ApiEr
 /// weights are shared, not copied). An operator's requests see the shared model.
 pub(super) fn view(st: &AppState, v: &Visitor, name: &str) -> Result<LoadedModel, ApiError> {
     let m = model(st, name)?;
-    let edits = visitor_edits(st, v, name);
+    let edits = session_edits(st, v, name);
     let refs: Vec<&Edit> = edits.iter().map(|e| e.as_ref()).collect();
     let view = read(&m).lm.with_edits(&refs)?;
     Ok(view)
@@ -137,13 +135,14 @@ pub(super) fn private_copy(
     name: &str,
 ) -> Result<(LoadedModel, u64), ApiError> {
     let m = model(st, name)?;
-    let edits = visitor_edits(st, v, name);
+    let edits = session_edits(st, v, name);
     let refs: Vec<&Edit> = edits.iter().map(|e| e.as_ref()).collect();
     let state = read(&m);
     Ok((state.lm.with_edits_applied(&refs)?, state.version))
 }
 
-fn visitor_edits(st: &AppState, v: &Visitor, name: &str) -> Vec<Arc<Edit>> {
+/// The visitor's own edits of `name` (none for the operator, who sees the shared model).
+fn session_edits(st: &AppState, v: &Visitor, name: &str) -> Vec<Arc<Edit>> {
     if v.admin {
         vec![]
     } else {
@@ -159,8 +158,9 @@ pub(super) fn shared_stats(
     layers: &[usize],
 ) -> Result<Vec<KeyStats>, ApiError> {
     let m = model(st, name)?;
-    let state = read(&m);
-    Ok(st.stats.get(&state.lm, layers)?)
+    // A clone (its tensors shared): computing missing statistics holds no lock.
+    let lm = read(&m).lm.clone();
+    Ok(st.stats.get(&lm, layers)?)
 }
 
 /// The 503 of a full queue, with a `Retry-After` of the queue's expected wait.
