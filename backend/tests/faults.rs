@@ -243,7 +243,22 @@ fn strip_timings(v: &mut serde_json::Value) {
 
 /// Kills a resumable run (`--out FILE`) at random points, resuming each time, then lets it end:
 /// its records are the uninterrupted run's, in order, each once.
-fn resumes_exactly(name: &str, run: impl Fn(&Path, &Path) -> Command, seed: u64) {
+fn resumes_exactly(name: &str, args: &[&str], seed: u64) {
+    // The command, on tiny GPT-2 and CounterFact, writing to `out` with statistics in `stats`.
+    let run = |out: &Path, stats: &Path| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_loci"));
+        c.args(args)
+            .args(["--model", &tiny(), "--stats-tokens", "2000"])
+            .arg("--dataset")
+            .arg(counterfact())
+            .arg("--corpus")
+            .arg(corpus())
+            .arg("--stats")
+            .arg(stats)
+            .arg("--out")
+            .arg(out);
+        c
+    };
     let dir = fresh(name);
     let stats = dir.join("stats");
     let reference = dir.join("reference.jsonl");
@@ -283,68 +298,38 @@ fn resumes_exactly(name: &str, run: impl Fn(&Path, &Path) -> Command, seed: u64)
 
 #[test]
 fn a_killed_evaluation_resumes_with_every_case_once() {
-    let run = |out: &Path, stats: &Path| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_loci"));
-        c.args(["eval", "--model", &tiny(), "--layer", "1", "--n", "8"])
-            .args([
-                "--v-steps",
-                "3",
-                "--stats-tokens",
-                "2000",
-                "--no-generation",
-            ])
-            .arg("--dataset")
-            .arg(counterfact())
-            .arg("--corpus")
-            .arg(corpus())
-            .arg("--stats")
-            .arg(stats)
-            .arg("--out")
-            .arg(out);
-        c
-    };
-    resumes_exactly("eval", run, 3);
+    let args = [
+        "eval",
+        "--layer",
+        "1",
+        "--n",
+        "8",
+        "--v-steps",
+        "3",
+        "--no-generation",
+    ];
+    resumes_exactly("eval", &args, 3);
 }
 
 #[test]
 fn a_killed_study_resumes_with_every_record_once() {
-    let run = |out: &Path, stats: &Path| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_loci"));
-        c.args([
-            "study",
-            "run",
-            "--model",
-            &tiny(),
-            "--n",
-            "3",
-            "--layers",
-            "0,2",
-        ])
-        .args([
-            "--all-cases",
-            "--min-prob",
-            "0",
-            "--samples",
-            "3",
-            "--no-essence",
-        ])
-        .args([
-            "--v-steps",
-            "2",
-            "--stats-tokens",
-            "2000",
-            "--trace-windows",
-            "3",
-        ])
-        .arg("--dataset")
-        .arg(counterfact())
-        .arg("--corpus")
-        .arg(corpus())
-        .arg("--stats")
-        .arg(stats)
-        .arg("--out")
-        .arg(out);
-        c
-    };
-    resumes_exactly("study", run, 4);
+    let args = [
+        "study",
+        "run",
+        "--n",
+        "3",
+        "--layers",
+        "0,2",
+        "--all-cases",
+        "--min-prob",
+        "0",
+        "--samples",
+        "3",
+        "--no-essence",
+        "--v-steps",
+        "2",
+        "--trace-windows",
+        "3",
+    ];
+    resumes_exactly("study", &args, 4);
 }

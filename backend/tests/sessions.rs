@@ -361,29 +361,8 @@ fn no_model_file_is_served_through_a_link_out_of_its_folder() {
         model.join("model.safetensors"),
     )
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_loci"))
-        .args(["serve", "--addr", &format!("127.0.0.1:{port}"), "--models"])
-        .arg(dir.join("models"))
-        .current_dir(root())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let s = Server {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    };
+    let s = serve_models(&dir.join("models"), &[], None);
     let a = new_agent();
-    let started = std::time::Instant::now();
-    while a.get(&format!("{}/api/models", s.base)).call().is_err() {
-        assert!(started.elapsed() < Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(100));
-    }
     let (_, models, _) = call(&a, "GET", &format!("{}/api/models", s.base), None, None);
     let files: Vec<&str> = models[0]["files"]
         .as_array()

@@ -340,15 +340,13 @@ pub async fn edits(
         Ok(n) => n,
         Err(e) => return e.into_response(),
     };
-    let list = quick(st, move |st| {
-        let list = visitor_edits(st, &v, &name)?;
-        Ok(listing(list.iter().map(|(id, e)| (*id, e.as_ref()))))
-    })
-    .await;
-    match list {
-        Ok(l) => Json(l).into_response(),
-        Err(e) => e.into_response(),
-    }
+    respond(
+        quick(st, move |st| {
+            let list = visitor_edits(st, &v, &name)?;
+            Ok(listing(list.iter().map(|(id, e)| (*id, e.as_ref()))))
+        })
+        .await,
+    )
 }
 
 #[derive(Deserialize)]
@@ -402,10 +400,7 @@ pub async fn undo(
         Ok(serde_json::json!({ "undone": undone, "edits": edits }))
     })
     .await;
-    match undone {
-        Ok(u) => Json(u).into_response(),
-        Err(e) => e.into_response(),
-    }
+    respond(undone)
 }
 
 /// How many of the edits `ids` (oldest first) an undo request takes off, or why none.

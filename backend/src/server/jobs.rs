@@ -251,21 +251,38 @@ where
     };
     let stop = Stop::new(&st);
     let _left = LeftOnDrop(stop.left.clone());
-    let st2 = st.clone();
+    stoppable(st, stop, f).await
+}
+
+/// Runs `f` on a blocking thread under `stop`, noting its time for `Retry-After`.
+async fn stoppable<T, F>(st: Arc<AppState>, stop: Stop, f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
+{
     let started = Instant::now();
-    let out = tokio::task::spawn_blocking(move || {
+    let st2 = st.clone();
+    let out = blocking(move || {
         let r = stop.run(|| f(&st2));
         stop.outcome(r, &st2)
     })
-    .await
-    .unwrap_or_else(|_| {
+    .await;
+    st.job_took(started.elapsed());
+    out
+}
+
+/// Runs `f` on a blocking thread; a panic becomes a 500, not a dead server.
+async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|_| {
         Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal error: the job failed",
         ))
-    });
-    st.job_took(started.elapsed());
-    out
+    })
 }
 
 /// A cheap job that computes nothing with a model (a session's listing, an undo, a download):
@@ -276,14 +293,15 @@ where
     T: Send + 'static,
     F: FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
 {
-    tokio::task::spawn_blocking(move || f(&st))
-        .await
-        .unwrap_or_else(|_| {
-            Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal error: the job failed",
-            ))
-        })
+    blocking(move || f(&st)).await
+}
+
+/// A result as the client sees it: the value as JSON, or the error.
+pub(super) fn respond<T: Serialize>(r: Result<T, ApiError>) -> Response {
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 /// A job whose answer is JSON.
@@ -292,10 +310,7 @@ where
     T: Serialize + Send + 'static,
     F: FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
 {
-    match run_job(st, f).await {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
+    respond(run_job(st, f).await)
 }
 
 /// A JSON job on a JSON request body (a bad body is answered before anything is queued).
@@ -345,23 +360,12 @@ where
             return;
         };
         let tx2 = tx.clone();
-        let st2 = st.clone();
         let stop = Stop::new(&st);
-        let started = Instant::now();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let r = stop.run(|| f(&st2, &tx2));
-            stop.outcome(r, &st2)
-        })
-        .await;
-        st.job_took(started.elapsed());
-        let event = match outcome {
-            Ok(Ok(r)) => Event::default().event("result").json_data(&r),
-            Ok(Err(e)) => Event::default()
+        let event = match stoppable(st, stop, move |st| f(st, &tx2)).await {
+            Ok(r) => Event::default().event("result").json_data(&r),
+            Err(e) => Event::default()
                 .event("error")
                 .json_data(serde_json::json!({ "error": e.message })),
-            Err(_) => Event::default()
-                .event("error")
-                .json_data(serde_json::json!({ "error": "internal error: the job failed" })),
         };
         if let Ok(ev) = event {
             let _ = tx.send(ev).await;

@@ -34,6 +34,15 @@ pub fn serve(extra: &[&str]) -> Server {
 
 /// [`serve`] with the server's log (stderr) written to `log`.
 pub fn serve_logging(extra: &[&str], log: Option<&std::path::Path>) -> Server {
+    serve_models(&root().join("tests/fixtures"), extra, log)
+}
+
+/// A server of the models in `models`, its log (stderr) written to `log`.
+pub fn serve_models(
+    models: &std::path::Path,
+    extra: &[&str],
+    log: Option<&std::path::Path>,
+) -> Server {
     let stderr = match log {
         Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
         None => Stdio::null(),
@@ -45,7 +54,7 @@ pub fn serve_logging(extra: &[&str], log: Option<&std::path::Path>) -> Server {
         .port();
     let child = Command::new(env!("CARGO_BIN_EXE_loci"))
         .args(["serve", "--addr", &format!("127.0.0.1:{port}"), "--models"])
-        .arg(root().join("tests/fixtures"))
+        .arg(models)
         .args(extra)
         .current_dir(root())
         .stdout(Stdio::null())
