@@ -13,10 +13,11 @@ use tokenizers::{AddedToken, PreTokenizerWrapper};
 
 use crate::error::{LociError, Result};
 
-/// A Hugging Face `tokenizers` tokenizer plus the model's end-of-text id.
+/// A Hugging Face `tokenizers` tokenizer plus the model's end-of-text id. Clones share the
+/// tokenizer (it never changes once built): a view of a model costs no copy of its vocabulary.
 #[derive(Clone)]
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: std::sync::Arc<tokenizers::Tokenizer>,
     /// The end-of-text token id, where the model has one: generation stops on it.
     pub eos: Option<u32>,
 }
@@ -154,7 +155,10 @@ impl Tokenizer {
     /// From `tokenizer.json` bytes; its own post-processor decides about special tokens.
     pub fn from_json(bytes: &[u8], eos: Option<u32>) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(tok_err)?;
-        Ok(Self { inner, eos })
+        Ok(Self {
+            inner: inner.into(),
+            eos,
+        })
     }
 
     /// Rebuilds the model's byte-level BPE tokenizer from GGUF `tokenizer.ggml.*` metadata.
@@ -173,7 +177,7 @@ impl Tokenizer {
             inner.with_post_processor(Some(tp));
         }
         Ok(Self {
-            inner,
+            inner: inner.into(),
             eos: gguf_id(md, "tokenizer.ggml.eos_token_id"),
         })
     }
