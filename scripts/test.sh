@@ -35,8 +35,10 @@ step "browser end-to-end"
 "$root/scripts/e2e.sh"
 step "static build end-to-end (no server: the tab computes statistics and edits)"
 "$root/scripts/e2e-static.sh"
-step "load test, short (10 visitors, 1 minute; the full run: scripts/load-test.sh)"
+step "load tests, short (10 visitors, 1 minute each; the full runs: scripts/load-test.sh)"
 "$root/scripts/load-test.sh" --users 10 --minutes 1 --out "$CARGO_TARGET_DIR/load-smoke.json"
+"$root/scripts/load-test.sh" --scenario many --users 10 --minutes 1 \
+  --out "$CARGO_TARGET_DIR/load-smoke-many.json"
 step "cuda feature (type-check; no GPU here)"
 "$root/scripts/build-cuda.sh" --check
 step "done"

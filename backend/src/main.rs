@@ -31,6 +31,14 @@ enum Command {
     #[command(flatten)]
     Tool(cli::Command),
     /// Serve the web app and the JSON API.
+    ///
+    /// Capacity, measured by `scripts/load-test.sh --compare` (SmolLM2-135M in f32 on a 2-core
+    /// AMD EPYC that also runs the load generator; 100 visitors asking about different known
+    /// facts with 1 s of think time while one client traces and another edits): about 31
+    /// predictions per second (p50 2.2 s, p99 3.6 s, none refused; 25x the one-lane server),
+    /// beside one trace of 3 kinds x 3 samples every ~55 s and one ROME edit every ~48 s. On an
+    /// idle machine a prediction takes ~0.07 s, a trace of 3 kinds x 10 samples ~40 s, an edit
+    /// ~15 s. `GET /api/capacity` gives this machine's live estimates for each kind.
     Serve(Box<server::ServeArgs>),
 }
 

@@ -30,7 +30,7 @@ pub use error::{LociError, Result};
 pub use hooks::{Capture, Hook, NoHook, Site};
 pub use loader::{LoadedModel, ModelInfo};
 pub use model::{KvCache, LogitsAt, Model};
-pub use predict::{Generation, Prediction, Sampling, TokenProb};
+pub use predict::{DecodeBatch, Generation, GenerationStart, Prediction, Sampling, TokenProb};
 pub use request::{RewriteRequest, TargetStr};
 pub use tokenizer::Tokenizer;
 pub use trace::{TraceKind, TraceRequest, TraceResult};

@@ -5,7 +5,7 @@
 
 mod common;
 
-use loci_core::edit::{Edit, FtHparams, MemitHparams, RomeHparams};
+use loci_core::edit::Edit;
 use loci_core::trace::{NoiseSpec, Quiet, TraceKind, TraceRequest};
 use loci_core::LoadedModel;
 
@@ -31,49 +31,11 @@ fn assert_close(a: &[f32], b: &[f32], what: &str) {
     assert!(worst <= 1e-5, "{what}: off by {worst}");
 }
 
-/// Three edits made one after another, each computed on the model with the earlier ones.
-fn sequential_edits(lm: &mut LoadedModel) -> Vec<Edit> {
-    let st = common::key_stats(lm, &[0, 1], 30, 64);
-    let mut rome = RomeHparams::at_layer(1);
-    rome.v_num_grad_steps = 5;
-    let mut memit = MemitHparams::at_layers(vec![0, 1]);
-    memit.v_num_grad_steps = 5;
-    let mut ft = FtHparams::at_layers(vec![0], Some(5e-3));
-    ft.steps = 3;
-    let eiffel = common::request(
-        "{} is located in the city of",
-        "Eiffel Tower",
-        "Rome",
-        "Paris",
-    );
-    let jordan = common::request(
-        "{} plays the sport of",
-        "Michael Jordan",
-        "golf",
-        "basketball",
-    );
-    let japan = common::request("{}, whose capital is", "Japan", "Beijing", "Tokyo");
-    let mut edits = vec![];
-    let mut applied = vec![];
-    let e = Edit::Rome(lm.rome(&eiffel, &rome, Some(&st[1])).unwrap());
-    applied.push(lm.apply(&e).unwrap());
-    edits.push(e);
-    let e = Edit::Memit(lm.memit(&[jordan], &memit, &st, &mut |_| {}).unwrap());
-    applied.push(lm.apply(&e).unwrap());
-    edits.push(e);
-    let e = Edit::Ft(lm.finetune(&japan, &ft).unwrap());
-    edits.push(e);
-    for a in applied.into_iter().rev() {
-        lm.undo_edit(a).unwrap();
-    }
-    edits
-}
-
 #[test]
 fn a_view_scores_and_traces_as_the_edits_applied_and_leaves_the_model_alone() {
     for name in ["tiny-gpt2", "tiny-llama"] {
         let mut lm = common::tiny(name);
-        let edits = sequential_edits(&mut lm);
+        let edits = common::sequential_edits(&mut lm);
         let refs: Vec<&Edit> = edits.iter().collect();
         let original = common::down_bits(&lm);
         let view = lm.with_edits(&refs).unwrap();
@@ -140,7 +102,7 @@ fn a_view_scores_and_traces_as_the_edits_applied_and_leaves_the_model_alone() {
 fn a_bad_edit_makes_no_view() {
     let lm = common::tiny("tiny-gpt2");
     let mut other = common::tiny("tiny-llama");
-    let edits = sequential_edits(&mut other);
+    let edits = common::sequential_edits(&mut other);
     // Edits of another shape are refused whole.
     let Err(err) = lm.with_edits(&[&edits[0]]) else {
         panic!("an edit of another shape made a view")

@@ -2,7 +2,7 @@
 report: latency per endpoint (p50, p99), throughput, the share of 503s, 5xx other than 503,
 panics, the server's resident memory over time (and whether it plateaus after warm-up), and the
 session checks. Usage: summarize.py STATS_CSV FAILURES_CSV RSS_CSV SERVER_LOG CHECKS_JSONL
-TIMES_JSON SECONDS USERS OUT_JSON."""
+TIMES_JSON SECONDS USERS OUT_JSON [SCENARIO SCHEDULE]."""
 
 import csv
 import json
@@ -12,6 +12,8 @@ import sys
 stats_csv, failures_csv, rss_csv, log_path, checks_path, times_path, seconds, users, out = \
     sys.argv[1:10]
 seconds, users = float(seconds), int(users)
+scenario = sys.argv[10] if len(sys.argv) > 10 else "visitors"
+schedule = sys.argv[11] if len(sys.argv) > 11 else "lanes"
 checks = [json.loads(l) for l in open(checks_path)] if os.path.exists(checks_path) else []
 
 def percentile(v, q):
@@ -55,8 +57,18 @@ total = sum(e["requests"] for e in endpoints.values())
 refused = sum(s.get("503", 0) for s in statuses.values())
 server_errors = sum(v for s in statuses.values() for c, v in s.items() if c in ("500", "502"))
 endpoints.pop("session check", None)
+answered = times.get("/api/predict 200", [])
 report = {
+    "scenario": scenario,
+    "schedule": schedule,
     "seconds": seconds,
+    "predictions": {
+        "answered": len(answered),
+        "answered_per_second": len(answered) / seconds,
+        "refused_503": len(times.get("/api/predict 503", [])),
+        "p50_ms": percentile(answered, 0.5),
+        "p99_ms": percentile(answered, 0.99),
+    },
     "endpoints": endpoints,
     "failures_by_status": statuses,
     "by_endpoint_and_status": by_status,

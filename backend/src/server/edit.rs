@@ -92,7 +92,21 @@ pub async fn edit(
     Extension(v): Extension<Visitor>,
     b: Result<Json<EditBody>, JsonRejection>,
 ) -> Response {
-    json_job(st, b, move |st, b| {
+    let work = |st: &AppState, b: &EditBody| {
+        let prompt = b
+            .prompt
+            .as_deref()
+            .or(b.request.as_ref().map(|r| r.prompt.as_str()));
+        let tokens = prompt.map_or(16, units::tokens_of);
+        Work::new(
+            &v,
+            Kind::Edit,
+            units::edit(tokens, layers(st, &b.model), 20),
+        )
+    };
+    let who = v.clone();
+    json_job(st, b, work, move |st, b| {
+        let v = who;
         let (method, reqs) = edit_requests(&b)?;
         // Computed on a private copy: other requests go on meanwhile.
         let (mut copy, version) = private_copy(st, &v, &b.model)?;
@@ -474,7 +488,8 @@ pub async fn stats_file(
     State(st): State<Arc<AppState>>,
     axum::extract::Path((name, layer)): axum::extract::Path<(String, usize)>,
 ) -> Response {
-    let bytes = run_job(st, move |st| -> Result<Vec<u8>, ApiError> {
+    let work = Work::unowned(Kind::Other, 1.0);
+    let bytes = run_job(st, work, move |st| -> Result<Vec<u8>, ApiError> {
         let m = model(st, &name)?;
         let state = read(&m);
         if layer >= state.lm.model.n_layer() {
@@ -510,7 +525,8 @@ pub async fn upload_edit(
         Ok(n) => n,
         Err(e) => return e.into_response(),
     };
-    job(st, move |st| {
+    let work = Work::new(&v, Kind::Other, 1.0);
+    job(st, work, move |st| {
         // Checked on a copy (the model it was made for, its shapes), kept only when it applies.
         let (mut copy, version) = private_copy(st, &v, &name)?;
         // Whatever is wrong with an uploaded file is the client's to fix.
@@ -579,7 +595,8 @@ pub async fn import_session(
         Ok(n) => n,
         Err(e) => return e.into_response(),
     };
-    job(st, move |st| {
+    let work = Work::new(&v, Kind::Other, 1.0);
+    job(st, work, move |st| {
         let f: SessionFile = serde_json::from_slice(&bytes)
             .ok()
             .filter(|f: &SessionFile| f.format == SESSION_FORMAT)

@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
@@ -17,8 +17,10 @@ use loci_core::{LoadedModel, LociError};
 use serde::Serialize;
 
 use super::models::{ModelState, ServedModel};
+use super::sched::{low_priority, Cost, HeavyTicket};
+pub(super) use super::sched::{units, Kind};
 pub(super) use super::sessions::Visitor;
-use super::AppState;
+use super::{AppState, Schedule};
 
 /// The model for reading (a poisoned lock is still the model: a panic never half-changes it).
 pub(super) fn read(m: &ServedModel) -> std::sync::RwLockReadGuard<'_, ModelState> {
@@ -35,6 +37,7 @@ pub(super) const MAX_PROMPT_CHARS: usize = 2000;
 
 /// An error as the client sees it: a status and `{"error": message}` (and for a busy server,
 /// when to come back).
+#[derive(Debug)]
 pub struct ApiError {
     pub(super) status: StatusCode,
     pub(super) message: String,
@@ -142,7 +145,7 @@ pub(super) fn private_copy(
 }
 
 /// The visitor's own edits of `name` (none for the operator, who sees the shared model).
-fn session_edits(st: &AppState, v: &Visitor, name: &str) -> Vec<Arc<Edit>> {
+pub(super) fn session_edits(st: &AppState, v: &Visitor, name: &str) -> Vec<Arc<Edit>> {
     if v.admin {
         vec![]
     } else {
@@ -186,9 +189,18 @@ thread_local! {
 }
 
 impl Stop {
-    fn new(st: &AppState) -> Self {
+    /// A job's stop: the server's limit, and with scheduling by cost, its step bound — eight
+    /// times its estimate, at least two minutes — so a job whose estimate was wrong does not
+    /// hold its lane for long.
+    fn new(st: &AppState, work: &Work) -> Self {
+        let limit = match st.schedule {
+            Schedule::OneLane => st.job_limit,
+            Schedule::Lanes => st.job_limit.min(Duration::from_secs_f64(
+                (8.0 * st.sched.seconds(work.cost)).max(120.0),
+            )),
+        };
         Self {
-            deadline: Instant::now() + st.job_limit,
+            deadline: Instant::now() + limit,
             left: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -203,13 +215,13 @@ impl Stop {
     }
 
     /// The job's result, a stop for lack of time said as such.
-    fn outcome<T>(&self, r: Result<T, ApiError>, st: &AppState) -> Result<T, ApiError> {
+    fn outcome<T>(&self, r: Result<T, ApiError>, started: Instant) -> Result<T, ApiError> {
         match r {
             Err(_) if Instant::now() >= self.deadline => Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!(
-                    "the job ran past the server's limit of {} s and was stopped",
-                    st.job_limit.as_secs_f64()
+                    "the job ran past its bound of {:.0} s and was stopped",
+                    (self.deadline - started).as_secs_f64()
                 ),
             )),
             r => r,
@@ -236,38 +248,133 @@ impl Drop for LeftOnDrop {
     }
 }
 
-/// Runs `f` on a blocking thread behind the queue; a panic becomes a 500, not a dead server.
-/// The job stops at its next step when the client disconnects or its time runs out.
-pub(super) async fn run_job<T, F>(st: Arc<AppState>, f: F) -> Result<T, ApiError>
+/// The layer count of model `name` for estimates (24 until it is loaded).
+pub(super) fn layers(st: &AppState, name: &str) -> usize {
+    st.registry.layers_if_loaded(name).unwrap_or(24)
+}
+
+/// A heavy job's owner and estimated cost: its place and share in the heavy lane.
+pub(super) struct Work {
+    pub session: String,
+    pub cost: Cost,
+}
+
+impl Work {
+    pub fn new(v: &Visitor, kind: Kind, units: f64) -> Self {
+        Self {
+            session: v.session.clone(),
+            cost: Cost::new(kind, units),
+        }
+    }
+
+    /// Work no session asked for (served files computed on the way).
+    pub fn unowned(kind: Kind, units: f64) -> Self {
+        Self {
+            session: String::new(),
+            cost: Cost::new(kind, units),
+        }
+    }
+}
+
+/// A job's place: the one lane's two permits, or a ticket of the heavy lane.
+enum Place {
+    OneLane {
+        _queued: tokio::sync::OwnedSemaphorePermit,
+        running: Option<tokio::sync::OwnedSemaphorePermit>,
+    },
+    Heavy {
+        _ticket: HeavyTicket,
+    },
+}
+
+/// A place in line for `work`, or the 503 of a server too busy for it; with the turn to await
+/// before it may run.
+fn enqueue(st: &Arc<AppState>, work: &Work) -> Result<(Place, Option<Turn>), ApiError> {
+    match st.schedule {
+        Schedule::OneLane => {
+            let queued = st
+                .admission
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| busy(st))?;
+            let place = Place::OneLane {
+                _queued: queued,
+                running: None,
+            };
+            Ok((place, Some(Turn::Permit(st.running.clone()))))
+        }
+        Schedule::Lanes => {
+            let (ticket, turn) = st.sched.enqueue(&work.session, work.cost)?;
+            Ok((Place::Heavy { _ticket: ticket }, turn.map(Turn::Slot)))
+        }
+    }
+}
+
+/// What a queued job awaits before it runs.
+enum Turn {
+    Permit(Arc<tokio::sync::Semaphore>),
+    Slot(tokio::sync::oneshot::Receiver<()>),
+}
+
+impl Place {
+    /// Waits for `turn`; the place then holds the job's running slot.
+    async fn wait(&mut self, turn: Option<Turn>) -> Result<(), ApiError> {
+        match turn {
+            None => Ok(()),
+            Some(Turn::Slot(rx)) => rx.await.map_err(|_| {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the job lost its place")
+            }),
+            Some(Turn::Permit(sem)) => {
+                let permit = sem.acquire_owned().await.map_err(|_| {
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the server is stopping")
+                })?;
+                if let Place::OneLane { running, .. } = self {
+                    *running = Some(permit);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Runs `f` behind the queue (a heavy job; its place by its cost); a panic becomes a 500, not
+/// a dead server. The job stops at its next step when the client disconnects or its time runs
+/// out.
+pub(super) async fn run_job<T, F>(st: Arc<AppState>, work: Work, f: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
     F: FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
 {
-    let Ok(_queued) = st.admission.clone().try_acquire_owned() else {
-        return Err(busy(&st));
-    };
-    let Ok(_running) = st.running.clone().acquire_owned().await else {
-        return Err(busy(&st));
-    };
-    let stop = Stop::new(&st);
+    let (mut place, turn) = enqueue(&st, &work)?;
+    place.wait(turn).await?;
+    let stop = Stop::new(&st, &work);
     let _left = LeftOnDrop(stop.left.clone());
-    stoppable(st, stop, f).await
+    let out = stoppable(st, stop, work.cost, f).await;
+    drop(place);
+    out
 }
 
-/// Runs `f` on a blocking thread under `stop`, noting its time for `Retry-After`.
-async fn stoppable<T, F>(st: Arc<AppState>, stop: Stop, f: F) -> Result<T, ApiError>
+/// Runs `f` under `stop` (on a low-priority thread when scheduling by cost), noting its time
+/// for the estimates and `Retry-After`.
+async fn stoppable<T, F>(st: Arc<AppState>, stop: Stop, cost: Cost, f: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
     F: FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
 {
     let started = Instant::now();
     let st2 = st.clone();
-    let out = blocking(move || {
+    let job = move || {
         let r = stop.run(|| f(&st2));
-        stop.outcome(r, &st2)
-    })
-    .await;
+        stop.outcome(r, started)
+    };
+    let out = match st.schedule {
+        Schedule::OneLane => blocking(job).await,
+        Schedule::Lanes => low_priority(job).await,
+    };
     st.job_took(started.elapsed());
+    if out.is_ok() && st.schedule == Schedule::Lanes {
+        st.sched.took(cost, started.elapsed());
+    }
     out
 }
 
@@ -305,18 +412,20 @@ pub(super) fn respond<T: Serialize>(r: Result<T, ApiError>) -> Response {
 }
 
 /// A job whose answer is JSON.
-pub(super) async fn job<T, F>(st: Arc<AppState>, f: F) -> Response
+pub(super) async fn job<T, F>(st: Arc<AppState>, work: Work, f: F) -> Response
 where
     T: Serialize + Send + 'static,
     F: FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
 {
-    respond(run_job(st, f).await)
+    respond(run_job(st, work, f).await)
 }
 
-/// A JSON job on a JSON request body (a bad body is answered before anything is queued).
+/// A JSON job on a JSON request body (a bad body is answered before anything is queued); `work`
+/// says what the body costs.
 pub(super) async fn json_job<B, T, F>(
     st: Arc<AppState>,
     b: Result<Json<B>, JsonRejection>,
+    work: impl FnOnce(&AppState, &B) -> Work,
     f: F,
 ) -> Response
 where
@@ -325,7 +434,10 @@ where
     F: FnOnce(&AppState, B) -> Result<T, ApiError> + Send + 'static,
 {
     match body(b) {
-        Ok(b) => job(st, move |st| f(st, b)).await,
+        Ok(b) => {
+            let w = work(&st, &b);
+            job(st, w, move |st| f(st, b)).await
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -345,28 +457,31 @@ pub(super) fn send_event<T: Serialize>(
 /// A streamed job: `f` runs behind the queue on a blocking thread and sends its progress events;
 /// its value becomes the final `result` event, its error an `error` event. A client that closes
 /// the stream makes the next send fail, which is how `f` learns to stop.
-pub(super) async fn sse_job<T, F>(st: Arc<AppState>, f: F) -> Response
+pub(super) async fn sse_job<T, F>(st: Arc<AppState>, work: Work, f: F) -> Response
 where
     T: Serialize + Send + 'static,
     F: FnOnce(&AppState, &tokio::sync::mpsc::Sender<Event>) -> Result<T, ApiError> + Send + 'static,
 {
-    let Ok(queued) = st.admission.clone().try_acquire_owned() else {
-        return busy(&st).into_response();
+    let (mut place, turn) = match enqueue(&st, &work) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(256);
     tokio::spawn(async move {
-        let _queued = queued;
-        let Ok(_running) = st.running.clone().acquire_owned().await else {
-            return;
-        };
+        // A client that leaves while the job waits gives its place up at once.
+        tokio::select! {
+            r = place.wait(turn) => if r.is_err() { return },
+            _ = tx.closed() => return,
+        }
         let tx2 = tx.clone();
-        let stop = Stop::new(&st);
-        let event = match stoppable(st, stop, move |st| f(st, &tx2)).await {
+        let stop = Stop::new(&st, &work);
+        let event = match stoppable(st, stop, work.cost, move |st| f(st, &tx2)).await {
             Ok(r) => Event::default().event("result").json_data(&r),
             Err(e) => Event::default()
                 .event("error")
                 .json_data(serde_json::json!({ "error": e.message })),
         };
+        drop(place);
         if let Ok(ev) = event {
             let _ = tx.send(ev).await;
         }

@@ -1,15 +1,19 @@
 //! `loci serve`: the web app and a JSON API over the same core functions the CLI uses.
 //!
 //! Models are named by the server (never by paths from requests), loaded lazily and shared; each
-//! visitor's edits apply to their own requests only (see `sessions`); work runs on blocking
-//! threads behind a bounded queue; a panic in one request becomes a 500.
+//! visitor's edits apply to their own requests only (see `sessions`); work is scheduled by its
+//! estimated cost: predictions and generations batched across requests in a quick lane
+//! (`batcher`), heavy jobs at a lower CPU priority in theirs (`sched`); a panic in one request
+//! becomes a 500.
 
+mod batcher;
 mod edit;
 mod files;
 mod jobs;
 mod models;
 mod ops;
 mod predict;
+mod sched;
 mod sessions;
 mod study;
 mod trace;
@@ -42,12 +46,27 @@ pub struct ServeArgs {
     /// Shared assets.
     #[arg(long, default_value = "static")]
     pub static_dir: PathBuf,
-    /// Jobs computed at once; more wait in the queue.
+    /// Heavy jobs (traces, edits, evaluations, studies) computed at once; each gets the cores
+    /// divided by this. Predictions and generations have their own lane.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
-    /// Jobs that may wait; beyond that requests get 503.
-    #[arg(long, default_value_t = 8)]
+    /// Heavy jobs that may wait whatever their estimates (a bound on memory); with
+    /// `--schedule one-lane`, every job that may wait.
+    #[arg(long, default_value_t = 64)]
     pub queue: usize,
+    /// How jobs share the machine: `lanes` (by cost: predictions and generations batched across
+    /// requests in a quick lane, heavy jobs at a lower CPU priority in theirs, admission by
+    /// expected wait) or `one-lane` (every job in one first-come queue of `--workers` slots and
+    /// `--queue` waiting: the earlier server, kept to measure against).
+    #[arg(long, value_enum, default_value_t = Schedule::Lanes)]
+    pub schedule: Schedule,
+    /// The longest expected wait a request is admitted with, in seconds; beyond it, 503 with a
+    /// `Retry-After` of the estimate.
+    #[arg(long, default_value_t = 120.0)]
+    pub max_wait: f64,
+    /// Milliseconds a prediction waits for others to share its pass.
+    #[arg(long, default_value_t = 3)]
+    pub batch_window_ms: u64,
     /// Seconds one job may run; a longer one stops at its next step (504).
     #[arg(long, default_value_t = 600.0)]
     pub job_seconds: f64,
@@ -70,11 +89,24 @@ pub struct ServeArgs {
     pub exposure: ops::Exposure,
 }
 
-/// What every request shares: the models, the job queue's permits, the threads a trace may use
+/// How jobs share the machine (see `--schedule`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Schedule {
+    Lanes,
+    OneLane,
+}
+
+/// What every request shares: the models, the lanes and queues, the threads a trace may use
 /// and the key statistics.
 pub struct AppState {
+    /// How jobs share the machine.
+    pub schedule: Schedule,
+    /// The estimates and the heavy lane.
+    pub sched: Arc<sched::Scheduler>,
+    /// The quick lanes (batched predictions and generations) of each model.
+    pub batchers: batcher::Batchers,
     pub registry: Registry,
-    /// Permits for running and waiting jobs together.
+    /// With `--schedule one-lane`: permits for running and waiting jobs together.
     pub admission: Arc<tokio::sync::Semaphore>,
     /// Permits for running jobs.
     pub running: Arc<tokio::sync::Semaphore>,
@@ -125,6 +157,7 @@ impl AppState {
 pub fn router(state: Arc<AppState>, dist: PathBuf, static_dir: PathBuf) -> Result<Router> {
     let api = Router::new()
         .route("/api/models", get(predict::models))
+        .route("/api/capacity", get(ops::capacity))
         .route("/api/predict", post(predict::predict))
         .route("/api/generate", post(predict::generate))
         .route("/api/trace", post(trace::trace).get(trace::trace_get))
@@ -219,7 +252,14 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let registry = Registry::discover(&paths, a.dtype.dtype(), device)?;
     let capacity = a.workers.max(1) + a.queue;
     ops::install_logs();
+    let max_wait = std::time::Duration::from_secs_f64(a.max_wait.clamp(0.0, 1e7));
     let state = Arc::new(AppState {
+        schedule: a.schedule,
+        sched: Arc::new(sched::Scheduler::new(a.workers, max_wait, a.queue)),
+        batchers: batcher::Batchers::new(
+            crate::workspace::workers(),
+            std::time::Duration::from_millis(a.batch_window_ms.min(1000)),
+        ),
         registry,
         admission: Arc::new(tokio::sync::Semaphore::new(capacity)),
         running: Arc::new(tokio::sync::Semaphore::new(a.workers.max(1))),

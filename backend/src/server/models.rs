@@ -278,6 +278,25 @@ impl Registry {
             .collect()
     }
 
+    /// The loaded models' names and layer counts (without waiting for one being loaded).
+    pub fn loaded_layers(&self) -> Vec<(String, usize)> {
+        self.models
+            .iter()
+            .filter_map(|(name, e)| {
+                let m = e.loaded.try_lock().ok()?.clone()?;
+                let layers = m.state.read().ok()?.lm.model.n_layer();
+                Some((name.clone(), layers))
+            })
+            .collect()
+    }
+
+    /// The layer count of model `name` if it is loaded (without waiting for one being loaded).
+    pub fn layers_if_loaded(&self, name: &str) -> Option<usize> {
+        let m = self.models.get(name)?.loaded.try_lock().ok()?.clone()?;
+        let layers = m.state.read().ok()?.lm.model.n_layer();
+        Some(layers)
+    }
+
     /// The path of a model's downloadable file, if `file` is one of them.
     pub fn file_path(&self, name: &str, file: &str) -> Option<PathBuf> {
         let e = self.models.get(name)?;

@@ -51,8 +51,11 @@ pub fn install_logs() {
 
 /// `GET /metrics`: requests and latency per endpoint, the queue, rejections, sessions, memory.
 pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
-    let queued = st.capacity.saturating_sub(st.admission.available_permits());
-    metrics::gauge!("loci_jobs_admitted").set(queued as f64);
+    let admitted = match st.schedule {
+        super::Schedule::OneLane => st.capacity.saturating_sub(st.admission.available_permits()),
+        super::Schedule::Lanes => st.sched.heavy_jobs(),
+    };
+    metrics::gauge!("loci_jobs_admitted").set(admitted as f64);
     metrics::gauge!("loci_sessions_live").set(st.sessions.len() as f64);
     metrics::gauge!("loci_session_edit_bytes").set(st.sessions.bytes() as f64);
     if let Some(rss) = resident_bytes() {
@@ -68,6 +71,52 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// `GET /api/capacity`: how the server shares its machine, each kind's measured seconds per
+/// unit of work, the heavy lane's expected wait now, and for each loaded model the requests per
+/// second each kind of typical request can be served at (a 12-token prompt; a 30-token
+/// generation; a trace of 3 kinds × 10 samples; a 20-step edit).
+pub async fn capacity(State(st): State<Arc<AppState>>) -> Response {
+    use super::sched::{units, Cost, Kind};
+    let rates: serde_json::Map<String, serde_json::Value> = st
+        .sched
+        .rates()
+        .into_iter()
+        .map(|(k, r)| (k.to_string(), r.into()))
+        .collect();
+    let per_second =
+        |kind: Kind, u: f64, lanes: usize| lanes as f64 / st.sched.seconds(Cost::new(kind, u));
+    let models: Vec<serde_json::Value> = st
+        .registry
+        .loaded_layers()
+        .into_iter()
+        .map(|(name, l)| {
+            let quick = st.batchers.runners;
+            let heavy = st.sched.heavy_slots;
+            serde_json::json!({
+                "name": name,
+                "layers": l,
+                "requests_per_second": {
+                    "predict": per_second(Kind::Predict, units::predict(12, l), quick),
+                    "generate": per_second(Kind::Generate, units::generate(12, 30, l), 1),
+                    "trace": per_second(Kind::Trace, units::trace(12, l, 3, 10), heavy),
+                    "edit": per_second(Kind::Edit, units::edit(12, l, 20), heavy),
+                },
+            })
+        })
+        .collect();
+    axum::Json(serde_json::json!({
+        "schedule": format!("{:?}", st.schedule).to_lowercase(),
+        "max_wait_seconds": st.sched.max_wait.as_secs_f64(),
+        "heavy_slots": st.sched.heavy_slots,
+        "prediction_runners": st.batchers.runners,
+        "heavy_wait_seconds": st.sched.heavy_wait_now(),
+        "heavy_waiting": st.sched.heavy_waiting(),
+        "seconds_per_unit": rates,
+        "models": models,
+    }))
+    .into_response()
+}
+
 /// The process's resident memory (Linux), in bytes.
 pub fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
@@ -80,9 +129,17 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-/// `GET /readyz`: ready for work (the queue has room); 503 when it is full.
+/// `GET /readyz`: ready for work (a heavy job would be admitted; with one lane, the queue has
+/// room); 503 when not.
 pub async fn readyz(State(st): State<Arc<AppState>>) -> Response {
-    if st.admission.available_permits() > 0 {
+    let ready = match st.schedule {
+        super::Schedule::OneLane => st.admission.available_permits() > 0,
+        super::Schedule::Lanes => {
+            st.sched.heavy_wait_now() <= st.sched.max_wait.as_secs_f64()
+                && st.sched.heavy_waiting() < st.sched.max_waiting
+        }
+    };
+    if ready {
         "ready".into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "busy").into_response()

@@ -36,7 +36,17 @@ pub async fn eval_case(
     Extension(v): Extension<Visitor>,
     b: Result<Json<EvalBody>, JsonRejection>,
 ) -> Response {
-    json_job(st, b, move |st, b| {
+    let work = |st: &AppState, b: &EvalBody| {
+        let tokens = units::tokens_of(&b.case.requested_rewrite.prompt) + 4;
+        Work::new(
+            &v,
+            Kind::Eval,
+            units::edit(tokens, layers(st, &b.model), 20),
+        )
+    };
+    let who = v.clone();
+    json_job(st, b, work, move |st, b| {
+        let v = who;
         let c = &b.case;
         if c.paraphrase_prompts.len() + c.neighborhood_prompts.len() + c.generation_prompts.len()
             > 3 * MAX_PROBES
@@ -147,7 +157,10 @@ async fn study_stream(st: Arc<AppState>, v: Visitor, b: StudyBody) -> Response {
     if let Some(e) = study_refusal(&st, &b) {
         return e.into_response();
     }
-    sse_job(st, move |st, tx| {
+    let tokens = units::tokens_of(&b.case.requested_rewrite.prompt) + 4;
+    let l = layers(&st, &b.model);
+    let work = Work::new(&v, Kind::Study, units::study(tokens, l, l, 20));
+    sse_job(st, work, move |st, tx| {
         // The sweep applies and undoes edits on the visitor's private copy: no one else sees
         // them, and no one waits for them.
         let (mut lm, _) = private_copy(st, &v, &b.model)?;

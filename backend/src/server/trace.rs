@@ -82,7 +82,18 @@ async fn trace_stream(st: Arc<AppState>, v: Visitor, b: TraceBody) -> Response {
         )
         .into_response();
     }
-    sse_job(st, move |st, tx| {
+    let r = &b.request;
+    let work = Work::new(
+        &v,
+        Kind::Trace,
+        units::trace(
+            units::tokens_of(&r.prompt),
+            layers(&st, &b.model),
+            r.kinds.len(),
+            r.samples,
+        ),
+    );
+    sse_job(st, work, move |st, tx| {
         // The visitor's own view: one consistent model for the whole trace, whatever others
         // edit meanwhile.
         let lm = &view(st, &v, &b.model)?;

@@ -44,7 +44,7 @@ struct LayerTerms {
 /// `[rank, d_ff]`.
 type Terms = (usize, Vec<f32>, Vec<f32>);
 
-/// A hook giving batch row `i` the edit `edits[row_edit[i]]` (none for `None`).
+/// A hook giving each batch row its own edits (see [`RowEdits::new`], [`RowEdits::per_row`]).
 pub struct RowEdits {
     layers: BTreeMap<usize, LayerTerms>,
 }
@@ -66,11 +66,26 @@ impl RowEdits {
         row_edit: &[Option<usize>],
         (d_model, device): (usize, &Device),
     ) -> Result<Self> {
+        let rows: Vec<Vec<usize>> = row_edit
+            .iter()
+            .map(|e| e.iter().copied().collect())
+            .collect();
+        Self::per_row(edits, &rows, (d_model, device))
+    }
+
+    /// The hook giving batch row `i` all the edits `row_edits[i]` names (indices into `edits`;
+    /// a visitor's stack of edits), in a model of width `d_model`. The changes add up as the
+    /// weights would: `W + ΔW₁ + ΔW₂ + …`.
+    pub fn per_row(
+        edits: &[&Edit],
+        row_edits: &[Vec<usize>],
+        (d_model, device): (usize, &Device),
+    ) -> Result<Self> {
         let mut low_rank: BTreeMap<usize, Vec<Option<Terms>>> = BTreeMap::new();
         let mut layers: BTreeMap<usize, LayerTerms> = BTreeMap::new();
         for (e, edit) in edits.iter().enumerate() {
-            let rows: Vec<u32> = (0..row_edit.len())
-                .filter(|&i| row_edit[i] == Some(e))
+            let rows: Vec<u32> = (0..row_edits.len())
+                .filter(|&i| row_edits[i].contains(&e))
                 .map(|i| i as u32)
                 .collect();
             for d in edit.deltas() {
@@ -99,7 +114,13 @@ impl RowEdits {
             }
         }
         for (l, terms) in low_rank {
-            layers.entry(l).or_default().stacked = Some(stack(&terms, row_edit, device)?);
+            if row_edits
+                .iter()
+                .flatten()
+                .any(|&e| terms.get(e).is_some_and(Option::is_some))
+            {
+                layers.entry(l).or_default().stacked = Some(stack(&terms, row_edits, device)?);
+            }
         }
         Ok(Self { layers })
     }
@@ -120,24 +141,34 @@ fn dense_weight(w: &[f32], d_model: usize, layer: usize, device: &Device) -> Res
     )?)
 }
 
-/// The low-rank edits' terms of one layer, stacked per row.
-fn stack(terms: &[Option<Terms>], row_edit: &[Option<usize>], device: &Device) -> Result<Stacked> {
-    let rank = terms.iter().flatten().map(|t| t.0).max().unwrap_or(1);
+/// The low-rank edits' terms of one layer, stacked per row: a row with several edits there
+/// holds their ranks one after the other.
+fn stack(terms: &[Option<Terms>], row_edits: &[Vec<usize>], device: &Device) -> Result<Stacked> {
+    let mine = |row: &[usize]| -> Vec<&Terms> {
+        row.iter().filter_map(|&e| terms.get(e)?.as_ref()).collect()
+    };
+    let rank = row_edits
+        .iter()
+        .map(|r| mine(r).iter().map(|t| t.0).sum::<usize>())
+        .max()
+        .unwrap_or(0)
+        .max(1);
     let (d_model, d_ff) = terms
         .iter()
         .flatten()
         .map(|(r, rt, lt)| (rt.len() / r, lt.len() / r))
         .next()
         .unwrap_or((1, 1));
-    let rows = row_edit.len();
+    let rows = row_edits.len();
     let mut left = vec![0f32; rows * rank * d_ff];
     let mut right = vec![0f32; rows * rank * d_model];
-    for (i, e) in row_edit.iter().enumerate() {
-        let Some((r, rt, lt)) = e.and_then(|e| terms[e].as_ref()) else {
-            continue;
-        };
-        left[i * rank * d_ff..][..r * d_ff].copy_from_slice(lt);
-        right[i * rank * d_model..][..r * d_model].copy_from_slice(rt);
+    for (i, row) in row_edits.iter().enumerate() {
+        let mut at = 0;
+        for (r, rt, lt) in mine(row) {
+            left[(i * rank + at) * d_ff..][..r * d_ff].copy_from_slice(lt);
+            right[(i * rank + at) * d_model..][..r * d_model].copy_from_slice(rt);
+            at += r;
+        }
     }
     Ok(Stacked {
         left: Tensor::from_vec(left, (rows, rank, d_ff), device)?,

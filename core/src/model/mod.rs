@@ -274,6 +274,36 @@ impl Model {
         Ok(Some(x))
     }
 
+    /// The embeddings of one token per row, row `i` the token `ids[i]` at its own position
+    /// `pos[i]` (`[b, 1, d]`): the input of a decode step whose rows are at different lengths.
+    pub fn embed_rows(&self, ids: &[u32], pos: &[usize]) -> Result<Tensor> {
+        if ids.len() != pos.len() || ids.is_empty() {
+            return Err(LociError::input("one position per token, and at least one"));
+        }
+        if let Some(&p) = pos.iter().find(|&&p| p >= self.cfg.max_positions) {
+            return Err(LociError::input(format!(
+                "position {p} is beyond the model's context of {}",
+                self.cfg.max_positions
+            )));
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab_size) {
+            return Err(LociError::input(format!(
+                "token id {id} outside the vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        let b = ids.len();
+        let emb = self.wte.index_select(&Tensor::new(ids, &self.device)?, 0)?;
+        let emb = match &self.wpe {
+            Some(wpe) => {
+                let p: Vec<u32> = pos.iter().map(|&p| p as u32).collect();
+                (emb + wpe.index_select(&Tensor::new(p.as_slice(), &self.device)?, 0)?)?
+            }
+            None => emb,
+        };
+        Ok(emb.reshape((b, 1, self.cfg.d_model))?)
+    }
+
     /// The unembedding of residual states `[.., d]`: final norm, then the head; f32 logits.
     pub fn final_logits(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self

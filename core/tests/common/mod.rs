@@ -120,3 +120,42 @@ pub fn request(
     r.target_true = Some(loci_core::edit::TargetStr::new(old));
     r
 }
+
+/// Three edits made one after another, each computed on the model with the earlier ones.
+pub fn sequential_edits(lm: &mut loci_core::LoadedModel) -> Vec<loci_core::edit::Edit> {
+    use loci_core::edit::{Edit, FtHparams, MemitHparams, RomeHparams};
+    let st = key_stats(lm, &[0, 1], 30, 64);
+    let mut rome = RomeHparams::at_layer(1);
+    rome.v_num_grad_steps = 5;
+    let mut memit = MemitHparams::at_layers(vec![0, 1]);
+    memit.v_num_grad_steps = 5;
+    let mut ft = FtHparams::at_layers(vec![0], Some(5e-3));
+    ft.steps = 3;
+    let eiffel = request(
+        "{} is located in the city of",
+        "Eiffel Tower",
+        "Rome",
+        "Paris",
+    );
+    let jordan = request(
+        "{} plays the sport of",
+        "Michael Jordan",
+        "golf",
+        "basketball",
+    );
+    let japan = request("{}, whose capital is", "Japan", "Beijing", "Tokyo");
+    let mut edits = vec![];
+    let mut applied = vec![];
+    let e = Edit::Rome(lm.rome(&eiffel, &rome, Some(&st[1])).unwrap());
+    applied.push(lm.apply(&e).unwrap());
+    edits.push(e);
+    let e = Edit::Memit(lm.memit(&[jordan], &memit, &st, &mut |_| {}).unwrap());
+    applied.push(lm.apply(&e).unwrap());
+    edits.push(e);
+    let e = Edit::Ft(lm.finetune(&japan, &ft).unwrap());
+    edits.push(e);
+    for a in applied.into_iter().rev() {
+        lm.undo_edit(a).unwrap();
+    }
+    edits
+}

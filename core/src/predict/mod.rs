@@ -1,4 +1,8 @@
-//! Next-token prediction and generation.
+//! Next-token prediction and generation, one prompt at a time or many in one pass (`batch`).
+
+mod batch;
+
+pub use batch::{DecodeBatch, GenerationStart};
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -85,7 +89,19 @@ impl LoadedModel {
     pub fn predict(&self, prompt: &str, k: usize) -> Result<Prediction> {
         let ids = self.encode_prompt(prompt)?;
         let probs = self.next_probs(&ids)?;
-        let top = top_k(&probs, k)
+        self.prediction(prompt, &ids, &probs, k)
+    }
+
+    /// The prediction after `prompt` (token ids `ids`) whose next-token probabilities are
+    /// `probs`: its `k` most likely tokens, decoded.
+    pub fn prediction(
+        &self,
+        prompt: &str,
+        ids: &[u32],
+        probs: &[f32],
+        k: usize,
+    ) -> Result<Prediction> {
+        let top = top_k(probs, k)
             .into_iter()
             .map(|(id, prob)| {
                 Ok(TokenProb {
@@ -98,7 +114,7 @@ impl LoadedModel {
         Ok(Prediction {
             model: self.name.clone(),
             prompt: prompt.into(),
-            tokens: self.tokenizer.token_strings(&ids)?,
+            tokens: self.tokenizer.token_strings(ids)?,
             top,
         })
     }
