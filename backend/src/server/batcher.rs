@@ -405,47 +405,19 @@ fn predict_together(lm: &LoadedModel, jobs: Vec<Queued<PredictJob>>) {
 }
 
 /// Next-token probabilities of `rows` (row `i` with `edits[i]`), in passes of rows of similar
-/// lengths: a row padded to a pass's longest costs as much as the longest, so rows are sorted by
-/// length and a pass ends where padding would pass a fifth of its tokens.
+/// lengths (`LoadedModel::next_probs_by_length`), each pass with its rows' edits as hooks.
 fn rows_by_length(
     lm: &LoadedModel,
     rows: &[Vec<u32>],
     edits: &[&[Arc<Edit>]],
 ) -> loci_core::Result<Vec<Vec<f32>>> {
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.sort_by_key(|&i| rows[i].len());
-    let mut probs = vec![vec![]; rows.len()];
-    for pass in similar_lengths(&order, |i| rows[i].len()) {
-        let r: Vec<Vec<u32>> = pass.iter().map(|&i| rows[i].clone()).collect();
+    lm.next_probs_by_length(rows, &mut |pass| {
         let e: Vec<&[Arc<Edit>]> = pass.iter().map(|&i| edits[i]).collect();
-        let p = match row_hook(lm, &e)? {
-            Some(mut h) => lm.next_probs_rows(&r, &mut h)?,
-            None => lm.next_probs_rows(&r, &mut NoHook)?,
-        };
-        for (&i, p) in pass.iter().zip(p) {
-            probs[i] = p;
-        }
-    }
-    Ok(probs)
-}
-
-/// Cuts `order` (sorted by `len`, shortest first) into passes whose padding to their longest
-/// row stays within a fifth of their tokens.
-fn similar_lengths(order: &[usize], len: impl Fn(usize) -> usize) -> Vec<&[usize]> {
-    let mut passes = vec![];
-    let (mut start, mut tokens) = (0, 0);
-    for (k, &i) in order.iter().enumerate() {
-        let padded = len(i) * (k + 1 - start);
-        if k > start && 5 * padded > 6 * (tokens + len(i)) {
-            passes.push(&order[start..k]);
-            (start, tokens) = (k, 0);
-        }
-        tokens += len(i);
-    }
-    if start < order.len() {
-        passes.push(&order[start..]);
-    }
-    passes
+        Ok(match row_hook(lm, &e)? {
+            Some(h) => Box::new(h),
+            None => Box::new(NoHook),
+        })
+    })
 }
 
 /// Whether two predictions ask the same: the same tokens under the same edits.
@@ -567,25 +539,5 @@ fn admit(
 fn answer(batch: &mut DecodeBatch<Decoding>) {
     for (d, r) in batch.take_finished() {
         let _ = d.reply.send(r.map_err(ApiError::from));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::similar_lengths;
-
-    #[test]
-    fn passes_keep_padding_within_a_fifth_and_every_row() {
-        let lens = [4, 4, 5, 5, 9, 10, 10, 20];
-        let order: Vec<usize> = (0..lens.len()).collect();
-        let passes = similar_lengths(&order, |i| lens[i]);
-        let flat: Vec<usize> = passes.iter().flat_map(|p| p.iter().copied()).collect();
-        assert_eq!(flat, order);
-        for p in &passes {
-            let tokens: usize = p.iter().map(|&i| lens[i]).sum();
-            let padded = lens[*p.last().unwrap()] * p.len();
-            assert!(5 * padded <= 6 * tokens, "{p:?}");
-        }
-        assert_eq!(passes.len(), 3, "{passes:?}");
     }
 }

@@ -180,6 +180,8 @@ pub(super) fn busy(st: &AppState) -> ApiError {
 #[derive(Clone)]
 pub(super) struct Stop {
     deadline: Instant,
+    /// How long the job may run.
+    limit: Duration,
     left: Arc<AtomicBool>,
 }
 
@@ -201,6 +203,7 @@ impl Stop {
         };
         Self {
             deadline: Instant::now() + limit,
+            limit,
             left: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -215,13 +218,13 @@ impl Stop {
     }
 
     /// The job's result, a stop for lack of time said as such.
-    fn outcome<T>(&self, r: Result<T, ApiError>, started: Instant) -> Result<T, ApiError> {
+    fn outcome<T>(&self, r: Result<T, ApiError>) -> Result<T, ApiError> {
         match r {
             Err(_) if Instant::now() >= self.deadline => Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!(
-                    "the job ran past its bound of {:.0} s and was stopped",
-                    (self.deadline - started).as_secs_f64()
+                    "the job ran past its limit of {:.1} s and was stopped",
+                    self.limit.as_secs_f64()
                 ),
             )),
             r => r,
@@ -365,7 +368,7 @@ where
     let st2 = st.clone();
     let job = move || {
         let r = stop.run(|| f(&st2));
-        stop.outcome(r, started)
+        stop.outcome(r)
     };
     let out = match st.schedule {
         Schedule::OneLane => blocking(job).await,

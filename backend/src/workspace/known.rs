@@ -45,6 +45,14 @@ pub fn bundled_fact_texts() -> Vec<String> {
         .collect()
 }
 
+/// The bundled facts' prompts ("Vinson Massif is located in the continent of"): requests that
+/// differ, as strangers' would.
+pub fn bundled_fact_prompts() -> Vec<String> {
+    let facts: Vec<KnownFact> =
+        serde_json::from_str(KNOWN_1000).expect("bundled known_1000.json parses");
+    facts.into_iter().map(|f| f.prompt).collect()
+}
+
 /// The facts of a known_1000-style JSON file.
 pub fn read_facts(path: &Path) -> Result<Vec<KnownFact>> {
     let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;

@@ -3,7 +3,8 @@
 //!
 //! - **Predictions**: the rows are right-padded to the longest and run as one batch. Attention
 //!   is causal, so a row's real tokens never see the padding after them; each row's
-//!   probabilities are read at its own last token.
+//!   probabilities are read at its own last token. Rows of very different lengths go in
+//!   separate passes of similar lengths, so padding stays a small share of the work.
 //! - **Generations** (continuous batching): a [`DecodeBatch`] holds every generation under way in
 //!   one key/value cache. Newcomers are prefilled together (right-padded) and join between
 //!   decode steps; each step feeds one token per row at that row's own position, a key mask
@@ -35,6 +36,29 @@ impl LoadedModel {
         let probs = probs.to_vec2::<f32>()?;
         for p in &probs {
             check_finite(p)?;
+        }
+        Ok(probs)
+    }
+
+    /// Next-token probabilities after each row of token ids, in passes of rows of similar
+    /// lengths: a row padded to its pass's longest costs as much as the longest, so the rows are
+    /// sorted by length and a pass ends where its padding would pass a fifth of its tokens.
+    /// `hook_for(pass)` gives the hook of the pass over rows `pass` (indices into `rows`, in the
+    /// pass's row order).
+    pub fn next_probs_by_length(
+        &self,
+        rows: &[Vec<u32>],
+        hook_for: &mut PassHook<'_>,
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_by_key(|&i| rows[i].len());
+        let mut probs = vec![vec![]; rows.len()];
+        for pass in similar_lengths(&order, |i| rows[i].len()) {
+            let mine: Vec<Vec<u32>> = pass.iter().map(|&i| rows[i].clone()).collect();
+            let mut hook = hook_for(pass)?;
+            for (&i, p) in pass.iter().zip(self.next_probs_rows(&mine, hook.as_mut())?) {
+                probs[i] = p;
+            }
         }
         Ok(probs)
     }
@@ -76,6 +100,28 @@ impl LoadedModel {
             .reshape((rows.len() * t, d))?
             .index_select(&Tensor::new(at.as_slice(), hidden.device())?, 0)?)
     }
+}
+
+/// What gives each pass of [`LoadedModel::next_probs_by_length`] its hook, from the pass's rows.
+pub type PassHook<'a> = dyn FnMut(&[usize]) -> Result<Box<dyn Hook>> + 'a;
+
+/// Cuts `order` (sorted by `len`, shortest first) into passes whose padding to their longest
+/// row stays within a fifth of their tokens.
+fn similar_lengths(order: &[usize], len: impl Fn(usize) -> usize) -> Vec<&[usize]> {
+    let mut passes = vec![];
+    let (mut start, mut tokens) = (0, 0);
+    for (k, &i) in order.iter().enumerate() {
+        let padded = len(i) * (k + 1 - start);
+        if k > start && 5 * padded > 6 * (tokens + len(i)) {
+            passes.push(&order[start..k]);
+            (start, tokens) = (k, 0);
+        }
+        tokens += len(i);
+    }
+    if start < order.len() {
+        passes.push(&order[start..]);
+    }
+    passes
 }
 
 /// A generation to start in a [`DecodeBatch`]: `tag` names it to the caller.
@@ -470,5 +516,25 @@ impl<T> Row<T> {
             text: lm.tokenizer.decode(&all)?,
             new_ids: self.new_ids.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::similar_lengths;
+
+    #[test]
+    fn passes_keep_padding_within_a_fifth_and_every_row() {
+        let lens = [4, 4, 5, 5, 9, 10, 10, 20];
+        let order: Vec<usize> = (0..lens.len()).collect();
+        let passes = similar_lengths(&order, |i| lens[i]);
+        let flat: Vec<usize> = passes.iter().flat_map(|p| p.iter().copied()).collect();
+        assert_eq!(flat, order);
+        for p in &passes {
+            let tokens: usize = p.iter().map(|&i| lens[i]).sum();
+            let padded = lens[*p.last().unwrap()] * p.len();
+            assert!(5 * padded <= 6 * tokens, "{p:?}");
+        }
+        assert_eq!(passes.len(), 3, "{passes:?}");
     }
 }

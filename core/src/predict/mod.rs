@@ -2,7 +2,7 @@
 
 mod batch;
 
-pub use batch::{DecodeBatch, GenerationStart};
+pub use batch::{DecodeBatch, GenerationStart, PassHook};
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};

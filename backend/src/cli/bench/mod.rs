@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::{print_json, ModelArgs};
 
+mod batch;
 mod study;
 
 #[derive(Subcommand, Debug)]
@@ -30,6 +31,10 @@ pub enum BenchCmd {
     /// The study's edits per hour on CounterFact cases, one at a time and batched (their v*
     /// optimised together), in one run.
     Study(Box<study::StudyBenchArgs>),
+    /// The same requests (different known facts) one at a time and batched as the server
+    /// batches them (predictions in one pass, generations decoded together), in one run:
+    /// requests per second each way and the ratio.
+    Batch(batch::BatchBenchArgs),
     /// Causal tracing on a ~10-token prompt, each kind alone and all three in one trace:
     /// seconds, and the work done against the reference algorithm's.
     Trace {
@@ -261,6 +266,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Edit(a) => edit_bench(a),
         BenchCmd::Study(a) => study::study_bench(*a),
+        BenchCmd::Batch(a) => batch::batch_bench(a),
         BenchCmd::Trace {
             model,
             prompt,
