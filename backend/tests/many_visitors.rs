@@ -226,7 +226,13 @@ fn heavy_work_never_holds_up_cheap_requests_and_a_leaver_frees_its_place() {
     for path in ["/api/models", "/healthz", "/readyz", "/api/capacity"] {
         let t = Instant::now();
         let r = agent().get(&format!("{}{path}", s.base)).call().unwrap();
-        assert_eq!(r.status().as_u16(), 200, "{path}");
+        // Readiness may say busy (a heavy job would wait too long): said at once all the same.
+        let ok: &[u16] = if path == "/readyz" {
+            &[200, 503]
+        } else {
+            &[200]
+        };
+        assert!(ok.contains(&r.status().as_u16()), "{path}: {}", r.status());
         assert!(
             t.elapsed() < Duration::from_secs(1),
             "{path}: {:?}",

@@ -1,7 +1,8 @@
 //! Many visitors in one pass: predictions of prompts of different lengths right-padded into one
 //! batch, and generations decoded together (some joining between steps), each row with its own
 //! stack of edits as a hook, give each row what it gets alone on a view with its edits —
-//! probabilities within 1e-5, the same tokens — on the tiny models and on SmolLM2.
+//! probabilities within 1e-5, the same tokens — on the tiny models and on SmolLM2; a start with
+//! no room for a token ends in its prefill without shifting the other rows' edits.
 
 mod common;
 
@@ -95,11 +96,16 @@ fn generations_match(name: &str, lm: &LoadedModel, edits: &[Edit]) {
         sampling: sampling(i),
     };
     let mut batch = DecodeBatch::default();
+    // A start with no room for a token rides in the first prefill between edited rows, and
+    // ends there with none (its row must not shift the others' edits).
+    let mut none = start(3);
+    none.tag = 9;
+    none.max_new = 0;
     batch
         .admit(
             lm,
-            vec![start(0), start(1)],
-            &mut hook_for(lm, edits, &[0, 1]),
+            vec![start(0), none, start(1)],
+            &mut hook_for(lm, edits, &[0, 3, 1]),
         )
         .unwrap();
     let step = |batch: &mut DecodeBatch<usize>| {
@@ -122,6 +128,12 @@ fn generations_match(name: &str, lm: &LoadedModel, edits: &[Edit]) {
         finished.extend(batch.take_finished());
     }
     finished.sort_by_key(|f| f.0);
+    let (i, nothing) = finished.pop().unwrap();
+    assert_eq!(i, 9);
+    let nothing = nothing.unwrap();
+    assert!(nothing.new_ids.is_empty(), "{name}: {nothing:?}");
+    let prompt_ids = lm.encode_prompt(PROMPTS[3]).unwrap();
+    assert_eq!(nothing.text, lm.tokenizer.decode(&prompt_ids).unwrap());
     assert_eq!(finished.len(), 4, "{name}: every generation ends");
     for ((i, got), view) in finished.into_iter().zip(views(lm, edits)) {
         let alone = view.generate(PROMPTS[i], max_new[i], sampling(i)).unwrap();

@@ -110,7 +110,12 @@ impl<J> Queue<J> {
             }
         }
         let n = share(q.len()).clamp(1, q.len());
-        round_robin(&mut q, n)
+        let taken = round_robin(&mut q, n);
+        if !q.is_empty() {
+            // Others may take what is left at once.
+            self.ready.notify_one();
+        }
+        taken
     }
 
     fn remove(&self, id: u64) {
@@ -196,19 +201,25 @@ impl Batchers {
             predictions: Queue::default(),
             generations: Queue::default(),
         });
+        // A panic in a pass fails the jobs it held (their answers are dropped: a 500) and the
+        // thread goes on with the next.
         for i in 0..self.runners {
             let (lane, sched, window, runners) =
                 (lane.clone(), sched.clone(), self.window, self.runners);
             let _ = std::thread::Builder::new()
                 .name(format!("loci-predict-{i}"))
                 .spawn(move || loop {
-                    predict_batch(&lane, &sched, window, runners)
+                    surviving("a prediction pass", || {
+                        predict_batch(&lane, &sched, window, runners)
+                    })
                 });
         }
         let (l2, sched) = (lane.clone(), sched.clone());
         let _ = std::thread::Builder::new()
             .name("loci-generate".into())
-            .spawn(move || decode_loop(&l2, &sched));
+            .spawn(move || loop {
+                surviving("the decode loop", || decode_loop(&l2, &sched))
+            });
         lanes.insert(name.to_string(), lane.clone());
         lane
     }
@@ -221,7 +232,7 @@ impl Batchers {
         session: &str,
         job: PredictJob,
     ) -> Result<Place<PredictJob>, ApiError> {
-        let cost = Cost::new(Kind::Predict, units::predict(job.ids.len(), layers(lane)));
+        let cost = Cost::new(Kind::Predict, units::predict(job.ids.len(), shape(lane)));
         let wait = (lane.predictions.units() * sched.rate(Kind::Predict)) / self.runners as f64;
         if wait > sched.max_wait.as_secs_f64() {
             return Err(sched.refuse(wait, "quick"));
@@ -245,7 +256,7 @@ impl Batchers {
         job: GenerateJob,
     ) -> Result<Place<GenerateJob>, ApiError> {
         let (tokens, new) = (job.start.ids.len(), job.start.max_new);
-        let cost = Cost::new(Kind::Generate, units::generate(tokens, new, layers(lane)));
+        let cost = Cost::new(Kind::Generate, units::generate(tokens, new, shape(lane)));
         let wait = lane.generations.units() * sched.rate(Kind::Generate);
         if wait > sched.max_wait.as_secs_f64() {
             return Err(sched.refuse(wait, "quick"));
@@ -288,8 +299,15 @@ impl Batchers {
     }
 }
 
-fn layers(lane: &ModelLane) -> usize {
-    read(&lane.model).lm.model.n_layer()
+/// Runs `f`, logging a panic instead of ending the thread.
+fn surviving(what: &str, f: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+        tracing::error!("{what} panicked; its jobs failed, and the lane goes on");
+    }
+}
+
+fn shape(lane: &ModelLane) -> units::Shape {
+    super::models::shape_of(&read(&lane.model).lm)
 }
 
 /// The hook giving each row its own edits (`None` when no row has any).
@@ -340,6 +358,7 @@ fn predict_batch(lane: &ModelLane, sched: &Scheduler, window: Duration, runners:
     {
         let back = batch.pop().expect("non-empty");
         lane.predictions.lock().push_front(back);
+        lane.predictions.ready.notify_one();
     }
     if batch.is_empty() {
         return;
@@ -457,7 +476,11 @@ fn decode_loop(lane: &ModelLane, sched: &Scheduler) {
         let Some((lm, _)) = current.as_ref() else {
             continue;
         };
-        let _ = batch.retain(|d| !d.reply.is_closed());
+        if let Err(e) = batch.retain(|d| !d.reply.is_closed()) {
+            for d in batch.clear() {
+                let _ = d.reply.send(Err(failed(&e)));
+            }
+        }
         if batch.is_empty() {
             continue;
         }

@@ -101,7 +101,7 @@ pub async fn edit(
         Work::new(
             &v,
             Kind::Edit,
-            units::edit(tokens, layers(st, &b.model), 20),
+            units::edit(tokens, shape(st, &b.model), 20, b.requests.len()),
         )
     };
     let who = v.clone();

@@ -251,9 +251,11 @@ impl Drop for LeftOnDrop {
     }
 }
 
-/// The layer count of model `name` for estimates (24 until it is loaded).
-pub(super) fn layers(st: &AppState, name: &str) -> usize {
-    st.registry.layers_if_loaded(name).unwrap_or(24)
+/// Model `name`'s shape for estimates (a guess until it is loaded).
+pub(super) fn shape(st: &AppState, name: &str) -> units::Shape {
+    st.registry
+        .shape_if_loaded(name)
+        .unwrap_or(units::Shape::GUESS)
 }
 
 /// A heavy job's owner and estimated cost: its place and share in the heavy lane.
@@ -375,7 +377,10 @@ where
         Schedule::Lanes => low_priority(job).await,
     };
     st.job_took(started.elapsed());
-    if out.is_ok() && st.schedule == Schedule::Lanes {
+    // A job stopped for time took at least this long: a lower bound that corrects a low
+    // estimate (else every later job of its kind would be stopped too).
+    let timed_out = matches!(&out, Err(e) if e.status == StatusCode::GATEWAY_TIMEOUT);
+    if (out.is_ok() || timed_out) && st.schedule == Schedule::Lanes {
         st.sched.took(cost, started.elapsed());
     }
     out

@@ -46,8 +46,8 @@ pub struct ServeArgs {
     /// Shared assets.
     #[arg(long, default_value = "static")]
     pub static_dir: PathBuf,
-    /// Heavy jobs (traces, edits, evaluations, studies) computed at once; each gets the cores
-    /// divided by this. Predictions and generations have their own lane.
+    /// Heavy jobs (traces, edits, evaluations, studies) computed at once; a trace spreads over
+    /// the cores divided by this. Predictions and generations have their own lane.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
     /// Heavy jobs that may wait whatever their estimates (a bound on memory); with
@@ -247,6 +247,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     } else {
         a.models.clone()
     };
+    // candle's norms and softmaxes run on rayon's global pool, whose threads would take the CPU
+    // priority of whichever thread first used it: start it here, at normal priority, before a
+    // low-priority heavy job can.
+    rayon::current_num_threads();
     let device = crate::workspace::device()?;
     let trace_workers = (crate::workspace::trace_workers(&device) / a.workers.max(1)).max(1);
     let registry = Registry::discover(&paths, a.dtype.dtype(), device)?;

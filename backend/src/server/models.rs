@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
+use super::sched::units::Shape;
 use anyhow::{bail, Result};
 use loci_core::edit::{AppliedEdit, Edit};
 use loci_core::{DType, Device, LoadedModel, ModelInfo};
@@ -193,6 +194,14 @@ fn size_of(p: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// A loaded model's shape, for estimates.
+pub fn shape_of(lm: &LoadedModel) -> Shape {
+    Shape {
+        layers: lm.model.n_layer(),
+        d_model: lm.model.cfg.d_model,
+    }
+}
+
 impl Registry {
     /// Each path is a model, or a folder whose entries are models.
     pub fn discover(paths: &[PathBuf], dtype: DType, device: Device) -> Result<Self> {
@@ -278,23 +287,19 @@ impl Registry {
             .collect()
     }
 
-    /// The loaded models' names and layer counts (without waiting for one being loaded).
-    pub fn loaded_layers(&self) -> Vec<(String, usize)> {
+    /// The loaded models' names and shapes (without waiting for one being loaded).
+    pub fn loaded_shapes(&self) -> Vec<(String, Shape)> {
         self.models
-            .iter()
-            .filter_map(|(name, e)| {
-                let m = e.loaded.try_lock().ok()?.clone()?;
-                let layers = m.state.read().ok()?.lm.model.n_layer();
-                Some((name.clone(), layers))
-            })
+            .keys()
+            .filter_map(|name| Some((name.clone(), self.shape_if_loaded(name)?)))
             .collect()
     }
 
-    /// The layer count of model `name` if it is loaded (without waiting for one being loaded).
-    pub fn layers_if_loaded(&self, name: &str) -> Option<usize> {
+    /// The shape of model `name` if it is loaded (without waiting for one being loaded).
+    pub fn shape_if_loaded(&self, name: &str) -> Option<Shape> {
         let m = self.models.get(name)?.loaded.try_lock().ok()?.clone()?;
-        let layers = m.state.read().ok()?.lm.model.n_layer();
-        Some(layers)
+        let state = m.state.read().ok()?;
+        Some(shape_of(&state.lm))
     }
 
     /// The path of a model's downloadable file, if `file` is one of them.

@@ -87,19 +87,20 @@ pub async fn capacity(State(st): State<Arc<AppState>>) -> Response {
         |kind: Kind, u: f64, lanes: usize| lanes as f64 / st.sched.seconds(Cost::new(kind, u));
     let models: Vec<serde_json::Value> = st
         .registry
-        .loaded_layers()
+        .loaded_shapes()
         .into_iter()
         .map(|(name, l)| {
             let quick = st.batchers.runners;
             let heavy = st.sched.heavy_slots;
             serde_json::json!({
                 "name": name,
-                "layers": l,
+                "layers": l.layers,
+                "d_model": l.d_model,
                 "requests_per_second": {
                     "predict": per_second(Kind::Predict, units::predict(12, l), quick),
                     "generate": per_second(Kind::Generate, units::generate(12, 30, l), 1),
                     "trace": per_second(Kind::Trace, units::trace(12, l, 3, 10), heavy),
-                    "edit": per_second(Kind::Edit, units::edit(12, l, 20), heavy),
+                    "edit": per_second(Kind::Edit, units::edit(12, l, 20, 1), heavy),
                 },
             })
         })

@@ -73,7 +73,7 @@ async fn batched_prediction(
         reply: tx,
     };
     let _place = st.batchers.predict(&lane, &st.sched, &v.session, job)?;
-    rx.await.unwrap_or_else(|_| Err(lost()))
+    answer(&st, rx).await
 }
 
 /// What a quick-lane job needs before it is queued: the model's lane, the prompt's tokens and
@@ -158,5 +158,22 @@ async fn batched_generation(
         reply: tx,
     };
     let _place = st.batchers.generate(&lane, &st.sched, &v.session, job)?;
-    rx.await.unwrap_or_else(|_| Err(lost()))
+    answer(&st, rx).await
+}
+
+/// A quick-lane job's answer, or a 504 when none came within the server's job limit.
+async fn answer<T>(
+    st: &AppState,
+    rx: tokio::sync::oneshot::Receiver<Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(st.job_limit, rx).await {
+        Ok(r) => r.unwrap_or_else(|_| Err(lost())),
+        Err(_) => Err(ApiError::new(
+            axum::http::StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "no answer within the server's limit of {:.1} s",
+                st.job_limit.as_secs_f64()
+            ),
+        )),
+    }
 }

@@ -85,39 +85,60 @@ impl Cost {
     }
 }
 
-/// Each kind's work in token·layer passes, from what a request asks (tokens estimated from
-/// characters where the prompt is not yet tokenized: about four to a token).
+/// Each kind's work in token·layer passes of a 576-wide model (a layer's matrix work grows with
+/// the square of its width), from what a request asks (tokens estimated from characters where
+/// the prompt is not yet tokenized: about four to a token).
 pub mod units {
+    /// A model's shape, as far as estimates go.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Shape {
+        pub layers: usize,
+        pub d_model: usize,
+    }
+
+    impl Shape {
+        /// The guess for a model not loaded yet.
+        pub const GUESS: Shape = Shape {
+            layers: 24,
+            d_model: 1024,
+        };
+
+        /// One token through every layer, in token·layers of a 576-wide model.
+        fn pass(self) -> f64 {
+            self.layers as f64 * (self.d_model as f64 / 576.0).powi(2)
+        }
+    }
+
     /// Tokens in a text, roughly, before it is tokenized.
     pub fn tokens_of(text: &str) -> usize {
         text.len() / 4 + 1
     }
 
     /// One pass over the prompt.
-    pub fn predict(tokens: usize, layers: usize) -> f64 {
-        (tokens * layers) as f64
+    pub fn predict(tokens: usize, m: Shape) -> f64 {
+        tokens as f64 * m.pass()
     }
 
     /// The prompt's pass and one step per new token.
-    pub fn generate(tokens: usize, new: usize, layers: usize) -> f64 {
-        ((tokens + new) * layers) as f64
+    pub fn generate(tokens: usize, new: usize, m: Shape) -> f64 {
+        (tokens + new) as f64 * m.pass()
     }
 
     /// A trace: each of `kinds × tokens × layers` cells restores one state in `samples` noisy
     /// passes over (on average) half the layers.
-    pub fn trace(tokens: usize, layers: usize, kinds: usize, samples: usize) -> f64 {
-        (kinds * tokens * layers * samples * tokens * layers) as f64 / 2.0
+    pub fn trace(tokens: usize, m: Shape, kinds: usize, samples: usize) -> f64 {
+        (kinds * tokens * m.layers * samples * tokens) as f64 * m.pass() / 2.0
     }
 
-    /// An edit: `steps` forward and backward passes (three passes' work) over the prompt and
-    /// its ten context prefixes.
-    pub fn edit(tokens: usize, layers: usize, steps: usize) -> f64 {
-        (3 * steps * 11 * tokens * layers) as f64
+    /// An edit of `facts` facts: `steps` forward and backward passes (three passes' work) over
+    /// each prompt and its ten context prefixes.
+    pub fn edit(tokens: usize, m: Shape, steps: usize, facts: usize) -> f64 {
+        (3 * steps * 11 * tokens * facts.max(1)) as f64 * m.pass()
     }
 
     /// A study: one edit per layer swept, and a trace.
-    pub fn study(tokens: usize, layers: usize, swept: usize, steps: usize) -> f64 {
-        swept as f64 * edit(tokens, layers, steps) + trace(tokens, layers, 1, 10)
+    pub fn study(tokens: usize, m: Shape, swept: usize, steps: usize) -> f64 {
+        swept as f64 * edit(tokens, m, steps, 1) + trace(tokens, m, 1, 10)
     }
 }
 

@@ -41,7 +41,7 @@ pub async fn eval_case(
         Work::new(
             &v,
             Kind::Eval,
-            units::edit(tokens, layers(st, &b.model), 20),
+            units::edit(tokens, shape(st, &b.model), 20, 1),
         )
     };
     let who = v.clone();
@@ -158,8 +158,8 @@ async fn study_stream(st: Arc<AppState>, v: Visitor, b: StudyBody) -> Response {
         return e.into_response();
     }
     let tokens = units::tokens_of(&b.case.requested_rewrite.prompt) + 4;
-    let l = layers(&st, &b.model);
-    let work = Work::new(&v, Kind::Study, units::study(tokens, l, l, 20));
+    let m = shape(&st, &b.model);
+    let work = Work::new(&v, Kind::Study, units::study(tokens, m, m.layers, 20));
     sse_job(st, work, move |st, tx| {
         // The sweep applies and undoes edits on the visitor's private copy: no one else sees
         // them, and no one waits for them.

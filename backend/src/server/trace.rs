@@ -88,7 +88,7 @@ async fn trace_stream(st: Arc<AppState>, v: Visitor, b: TraceBody) -> Response {
         Kind::Trace,
         units::trace(
             units::tokens_of(&r.prompt),
-            layers(&st, &b.model),
+            shape(&st, &b.model),
             r.kinds.len(),
             r.samples,
         ),

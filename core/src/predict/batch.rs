@@ -26,18 +26,16 @@ use crate::rng::SplitMix64;
 impl LoadedModel {
     /// Next-token probabilities after each row of token ids (rows of any lengths), in one pass:
     /// the same as [`LoadedModel::next_probs`] row by row, up to float rounding. `hook` sees the
-    /// right-padded batch, row `i` being `rows[i]`.
+    /// right-padded batch, row `i` being `rows[i]`. Rows are not checked for non-finite values
+    /// here, so that one bad row (one visitor's broken edit) fails only itself: use each row
+    /// through [`LoadedModel::prediction`], which checks it.
     pub fn next_probs_rows(&self, rows: &[Vec<u32>], hook: &mut dyn Hook) -> Result<Vec<Vec<f32>>> {
         if rows.is_empty() {
             return Ok(vec![]);
         }
         let last = self.last_hidden(rows, hook, None)?;
         let probs = candle_nn::ops::softmax_last_dim(&self.model.final_logits(&last)?)?;
-        let probs = probs.to_vec2::<f32>()?;
-        for p in &probs {
-            check_finite(p)?;
-        }
-        Ok(probs)
+        Ok(probs.to_vec2::<f32>()?)
     }
 
     /// Next-token probabilities after each row of token ids, in passes of rows of similar
@@ -209,19 +207,10 @@ impl<T> DecodeBatch<T> {
         starts: Vec<GenerationStart<T>>,
         hook: &mut dyn Hook,
     ) -> Result<()> {
+        // Every start is in the pass (the hook's rows are `starts`' rows); one with no room for
+        // a new token ends right after it, with none.
         let ctx = lm.model.cfg.max_positions;
-        let (run, none): (Vec<_>, Vec<_>) = starts
-            .into_iter()
-            .partition(|s| s.max_new.min(ctx.saturating_sub(s.ids.len())) > 0);
-        for s in none {
-            let text = lm.tokenizer.decode(&s.ids);
-            let g = text.map(|text| Generation {
-                prompt: s.prompt,
-                text,
-                new_ids: vec![],
-            });
-            self.done.push((s.tag, g));
-        }
+        let run = starts;
         if run.is_empty() {
             return Ok(());
         }
@@ -233,7 +222,7 @@ impl<T> DecodeBatch<T> {
         let mut rows: Vec<Row<T>> = run
             .into_iter()
             .map(|s| Row {
-                max_new: s.max_new.min(ctx - s.ids.len()),
+                max_new: s.max_new.min(ctx.saturating_sub(s.ids.len())),
                 rng: SplitMix64::new(match s.sampling {
                     Sampling::TopK { seed, .. } => seed,
                     Sampling::Greedy => 0,
@@ -488,8 +477,11 @@ fn widen(x: &Tensor, width: usize) -> Result<Tensor> {
 
 impl<T> Row<T> {
     /// Picks the next token from `probs` as `generate` does; `Finished` at the end-of-text
-    /// token or the length bound.
+    /// token or the length bound (at once for a row with no room for a token).
     fn pick(&mut self, probs: &[f32], lm: &LoadedModel) -> Result<Next> {
+        if self.max_new == 0 {
+            return Ok(Next::Finished);
+        }
         check_finite(probs)?;
         let next = match self.sampling {
             Sampling::Greedy => top_k(probs, 1)[0].0,
