@@ -21,16 +21,6 @@ fn predict_body(model: &str, prompt: &str) -> String {
     serde_json::json!({ "model": model, "prompt": prompt, "top": 3 }).to_string()
 }
 
-fn post_as(a: &ureq::Agent, base: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-    let mut r = a
-        .post(&format!("{base}{path}"))
-        .header("content-type", "application/json")
-        .send(body)
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.body_mut().read_json().unwrap_or_default())
-}
-
 fn probs(v: &serde_json::Value) -> Vec<f64> {
     v["top"]
         .as_array()

@@ -162,6 +162,9 @@ pub struct Batchers {
     pub window: Duration,
 }
 
+/// A model's queue of one kind (picked from its lane) and how many threads serve it.
+type QueueAt<J> = (fn(&ModelLane) -> &Queue<J>, usize);
+
 /// A job's place in a queue: dropping it (the client left) takes the job out.
 pub struct Place<J> {
     lane: Arc<ModelLane>,
@@ -233,18 +236,9 @@ impl Batchers {
         job: PredictJob,
     ) -> Result<Place<PredictJob>, ApiError> {
         let cost = Cost::new(Kind::Predict, units::predict(job.ids.len(), shape(lane)));
-        let wait = (lane.predictions.units() * sched.rate(Kind::Predict)) / self.runners as f64;
-        if wait > sched.max_wait.as_secs_f64() {
-            return Err(sched.refuse(wait, "quick"));
-        }
-        Ok(self.queue(
-            lane,
-            &lane.predictions,
-            |l| &l.predictions,
-            session,
-            cost,
-            job,
-        ))
+        // The runners share the waiting predictions.
+        let at: QueueAt<_> = (|l| &l.predictions, self.runners);
+        self.queue(lane, at, sched, session, cost, job)
     }
 
     /// Queues a generation, or refuses it when its expected wait passes the bound.
@@ -257,29 +251,27 @@ impl Batchers {
     ) -> Result<Place<GenerateJob>, ApiError> {
         let (tokens, new) = (job.start.ids.len(), job.start.max_new);
         let cost = Cost::new(Kind::Generate, units::generate(tokens, new, shape(lane)));
-        let wait = lane.generations.units() * sched.rate(Kind::Generate);
-        if wait > sched.max_wait.as_secs_f64() {
-            return Err(sched.refuse(wait, "quick"));
-        }
-        Ok(self.queue(
-            lane,
-            &lane.generations,
-            |l| &l.generations,
-            session,
-            cost,
-            job,
-        ))
+        // One decode loop takes them all.
+        let at: QueueAt<_> = (|l| &l.generations, 1);
+        self.queue(lane, at, sched, session, cost, job)
     }
 
+    /// Queues `job` in the queue `pick` names, served by `servers` threads at once, unless its
+    /// expected wait (the work queued there ahead of it) passes the bound.
     fn queue<J>(
         &self,
         lane: &Arc<ModelLane>,
-        queue: &Queue<J>,
-        pick: fn(&ModelLane) -> &Queue<J>,
+        (pick, servers): QueueAt<J>,
+        sched: &Scheduler,
         session: &str,
         cost: Cost,
         job: J,
-    ) -> Place<J> {
+    ) -> Result<Place<J>, ApiError> {
+        let queue = pick(lane);
+        let wait = queue.units() * sched.rate(cost.kind) / servers as f64;
+        if wait > sched.max_wait.as_secs_f64() {
+            return Err(sched.refuse(wait, "quick"));
+        }
         let id = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -291,11 +283,11 @@ impl Batchers {
             job,
         });
         queue.ready.notify_one();
-        Place {
+        Ok(Place {
             lane: lane.clone(),
             id,
             pick,
-        }
+        })
     }
 }
 

@@ -59,11 +59,7 @@ async fn batched_prediction(
     v: Visitor,
     b: PredictBody,
 ) -> Result<Prediction, ApiError> {
-    check_prompt(&b.prompt)?;
-    let (lane, ids, edits) = {
-        let (v, model, prompt) = (v.clone(), b.model.clone(), b.prompt.clone());
-        quick(st.clone(), move |st| prepare(st, &v, &model, &prompt)).await?
-    };
+    let (lane, ids, edits) = prepare(&st, &v, &b.model, &b.prompt).await?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job = PredictJob {
         prompt: b.prompt,
@@ -80,13 +76,23 @@ async fn batched_prediction(
 /// the visitor's edits.
 type Prepared = (Arc<ModelLane>, Vec<u32>, Vec<Arc<Edit>>);
 
-/// A quick-lane job's [`Prepared`] (computed on a blocking thread: the first request loads the
-/// model).
-fn prepare(st: &AppState, v: &Visitor, name: &str, prompt: &str) -> Result<Prepared, ApiError> {
-    let m = model(st, name)?;
-    let ids = read(&m).lm.encode_prompt(prompt)?;
-    let edits = session_edits(st, v, name);
-    Ok((st.batchers.lane(name, m, &st.sched), ids, edits))
+/// A quick-lane job's [`Prepared`], its prompt checked (the model's lookup and the tokenizer
+/// run on a blocking thread: the first request loads the model).
+async fn prepare(
+    st: &Arc<AppState>,
+    v: &Visitor,
+    name: &str,
+    prompt: &str,
+) -> Result<Prepared, ApiError> {
+    check_prompt(prompt)?;
+    let (v, name, prompt) = (v.clone(), name.to_string(), prompt.to_string());
+    quick(st.clone(), move |st| {
+        let m = model(st, &name)?;
+        let ids = read(&m).lm.encode_prompt(&prompt)?;
+        let edits = session_edits(st, &v, &name);
+        Ok((st.batchers.lane(&name, m, &st.sched), ids, edits))
+    })
+    .await
 }
 
 /// The answer of a job whose batched pass failed before it could answer.
@@ -140,11 +146,7 @@ async fn batched_generation(
     v: Visitor,
     b: GenerateBody,
 ) -> Result<Generation, ApiError> {
-    check_prompt(&b.prompt)?;
-    let (lane, ids, edits) = {
-        let (v, model, prompt) = (v.clone(), b.model.clone(), b.prompt.clone());
-        quick(st.clone(), move |st| prepare(st, &v, &model, &prompt)).await?
-    };
+    let (lane, ids, edits) = prepare(&st, &v, &b.model, &b.prompt).await?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job = GenerateJob {
         start: GenerationStart {

@@ -116,7 +116,12 @@ pub fn agent() -> ureq::Agent {
 }
 
 pub fn post(base: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
-    let mut r = agent()
+    post_as(&agent(), base, path, body)
+}
+
+/// [`post`] as visitor `a`.
+pub fn post_as(a: &ureq::Agent, base: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let mut r = a
         .post(&format!("{base}{path}"))
         .header("content-type", "application/json")
         .send(body)

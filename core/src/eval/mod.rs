@@ -10,9 +10,7 @@ pub use counterfact::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LociError, Result};
-use crate::hooks::{Capture, Site};
 use crate::loader::LoadedModel;
-use crate::model::LogitsAt;
 use crate::request::{spaced, RewriteRequest};
 
 /// A benchmark file's cases.
@@ -193,22 +191,9 @@ impl LoadedModel {
                 "prompt and target exceed the model's context",
             ));
         }
-        let pad = self.tokenizer.eos.unwrap_or(0);
-        for r in rows.iter_mut() {
-            r.resize(t, pad);
-        }
         // Logits only where a target token is predicted: the head is a large share of a pass
         // (and [rows, t, vocab] floats of memory) when computed at every position.
-        let last = Site::Block(self.model.n_layer() - 1);
-        let mut cap = Capture::new([last]).stopping_after(last);
-        self.model.run(
-            &self.model.ids_tensor(&rows)?,
-            &mut crate::hooks::Chain(vec![hook, &mut cap]),
-            None,
-            LogitsAt::All,
-        )?;
-        let hidden = cap.get(last)?;
-        let d = self.model.cfg.d_model;
+        let (hidden, t) = self.padded_hidden(&rows, hook, None)?;
         let idx: Vec<u32> = spans
             .iter()
             .enumerate()
@@ -217,7 +202,7 @@ impl LoadedModel {
             })
             .collect();
         let idx = candle_core::Tensor::new(idx.as_slice(), hidden.device())?;
-        let at = hidden.reshape((rows.len() * t, d))?.index_select(&idx, 0)?;
+        let at = hidden.index_select(&idx, 0)?;
         let logp =
             candle_nn::ops::log_softmax(&self.model.final_logits(&at)?, candle_core::D::Minus1)?;
         Ok(Some((logp, spans.into_iter().map(|(_, t)| t).collect())))

@@ -61,19 +61,12 @@ impl LoadedModel {
         Ok(probs)
     }
 
-    /// The last block's output at each row's last token (`[rows, d]`), the rows right-padded
-    /// into one pass; `cache` (when given) receives every position's keys and values.
-    fn last_hidden(
-        &self,
-        rows: &[Vec<u32>],
-        hook: &mut dyn Hook,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        let t = rows.iter().map(Vec::len).max().unwrap_or(0);
-        if rows.iter().any(Vec::is_empty) {
-            return Err(LociError::input("empty input"));
-        }
+    /// Token rows right-padded (with the end-of-text token, else 0) to one length, at least
+    /// `min_len`, as ids `[rows, t]`: causal attention never looks right, so the real positions
+    /// are unaffected.
+    pub fn padded_ids(&self, rows: &[Vec<u32>], min_len: usize) -> Result<Tensor> {
         let pad = self.tokenizer.eos.unwrap_or(0);
+        let t = rows.iter().map(Vec::len).max().unwrap_or(0).max(min_len);
         let padded: Vec<Vec<u32>> = rows
             .iter()
             .map(|r| {
@@ -82,21 +75,47 @@ impl LoadedModel {
                 r
             })
             .collect();
+        self.model.ids_tensor(&padded)
+    }
+
+    /// The last block's output at every position of `rows`, right-padded into one pass (`hook`
+    /// sees it, row `i` being `rows[i]`): `[rows × t, d]`, row `i`'s position `p` at `i·t + p`,
+    /// and `t`. The head is left out (it is a large share of a pass when computed at every
+    /// position); `cache` (when given) receives every position's keys and values.
+    pub fn padded_hidden(
+        &self,
+        rows: &[Vec<u32>],
+        hook: &mut dyn Hook,
+        cache: Option<&mut KvCache>,
+    ) -> Result<(Tensor, usize)> {
+        if rows.iter().any(Vec::is_empty) {
+            return Err(LociError::input("empty input"));
+        }
+        let ids = self.padded_ids(rows, 0)?;
+        let t = ids.dim(1)?;
         let end = Site::Block(self.model.n_layer() - 1);
         let mut cap = Capture::new([end]).stopping_after(end);
-        let ids = self.model.ids_tensor(&padded)?;
         self.model
             .run(&ids, &mut Chain(vec![hook, &mut cap]), cache, LogitsAt::All)?;
         let hidden = cap.get(end)?;
+        Ok((hidden.reshape((rows.len() * t, self.model.cfg.d_model))?, t))
+    }
+
+    /// The last block's output at each row's last token (`[rows, d]`), the rows right-padded
+    /// into one pass; `cache` (when given) receives every position's keys and values.
+    fn last_hidden(
+        &self,
+        rows: &[Vec<u32>],
+        hook: &mut dyn Hook,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (hidden, t) = self.padded_hidden(rows, hook, cache)?;
         let at: Vec<u32> = rows
             .iter()
             .enumerate()
             .map(|(i, r)| (i * t + r.len() - 1) as u32)
             .collect();
-        let d = self.model.cfg.d_model;
-        Ok(hidden
-            .reshape((rows.len() * t, d))?
-            .index_select(&Tensor::new(at.as_slice(), hidden.device())?, 0)?)
+        Ok(hidden.index_select(&Tensor::new(at.as_slice(), hidden.device())?, 0)?)
     }
 }
 
@@ -395,34 +414,11 @@ fn select_rows(cache: KvCache, keep: &[usize]) -> Result<KvCache> {
     if keep.len() == n {
         return Ok(cache);
     }
-    let Some(device) = cache
-        .layers
-        .first()
-        .and_then(|c| c.k.as_ref())
-        .map(|k| k.device().clone())
-    else {
-        return Ok(cache);
-    };
+    if keep.is_empty() {
+        return Ok(KvCache::default());
+    }
     let idx: Vec<u32> = keep.iter().map(|&i| i as u32).collect();
-    let idx = Tensor::new(idx.as_slice(), &device)?;
-    let pick = |x: Option<Tensor>| -> Result<Option<Tensor>> {
-        Ok(match x {
-            Some(x) if !keep.is_empty() => Some(x.contiguous()?.index_select(&idx, 0)?),
-            _ => None,
-        })
-    };
-    let layers = cache
-        .layers
-        .into_iter()
-        .map(|c| {
-            Ok(crate::model::layers::LayerCache {
-                k: pick(c.k)?,
-                v: pick(c.v)?,
-                ..Default::default()
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(KvCache { layers })
+    index_cache(cache, &idx, 0)
 }
 
 /// The cache without the slots no row reads (rows that left, padding no one shares).
@@ -438,6 +434,11 @@ fn compact<T>(cache: KvCache, rows: &mut [Row<T>]) -> Result<KvCache> {
     for r in rows.iter_mut() {
         r.slots = used.iter().map(|&s| r.slots[s as usize]).collect();
     }
+    index_cache(cache, &used, 2)
+}
+
+/// Every layer's keys and values at indices `idx` of dimension `dim` (0: rows, 2: slots).
+fn index_cache(cache: KvCache, idx: &[u32], dim: usize) -> Result<KvCache> {
     let Some(device) = cache
         .layers
         .first()
@@ -446,9 +447,9 @@ fn compact<T>(cache: KvCache, rows: &mut [Row<T>]) -> Result<KvCache> {
     else {
         return Ok(cache);
     };
-    let idx = Tensor::new(used.as_slice(), &device)?;
+    let idx = Tensor::new(idx, &device)?;
     let pick = |x: Option<Tensor>| -> Result<Option<Tensor>> {
-        x.map(|x| Ok(x.contiguous()?.index_select(&idx, 2)?))
+        x.map(|x| Ok(x.contiguous()?.index_select(&idx, dim)?))
             .transpose()
     };
     let layers = cache

@@ -11,22 +11,6 @@ use crate::loader::LoadedModel;
 use crate::model::LogitsAt;
 use crate::request::{subject_span, RewriteRequest};
 
-/// Right-pads token rows to one length, at least `min_len` (causal attention never looks right,
-/// so real positions are unaffected).
-pub(super) fn pad_rows(lm: &LoadedModel, rows: &[Vec<u32>], min_len: usize) -> Result<Tensor> {
-    let pad = lm.tokenizer.eos.unwrap_or(0);
-    let t = rows.iter().map(Vec::len).max().unwrap_or(0).max(min_len);
-    let padded: Vec<Vec<u32>> = rows
-        .iter()
-        .map(|r| {
-            let mut r = r.clone();
-            r.resize(t, pad);
-            r
-        })
-        .collect();
-    lm.model.ids_tensor(&padded)
-}
-
 /// Rows `(batch, position)` of a `[b, t, w]` activation, as `[n, w]`.
 pub(super) fn gather(x: &Tensor, cells: &[(usize, usize)]) -> Result<Tensor> {
     let (_, t, w) = x.dims3()?;
@@ -117,7 +101,7 @@ impl LoadedModel {
         let mut cap = Capture::new(sites.iter().copied()).stopping_after(last);
         let mut noise = subject_noise(&rows_spans(&tx.spans), noise, self.model.width_on_device())?;
         self.model.run(
-            &pad_rows(self, &tx.ids, 0)?,
+            &self.padded_ids(&tx.ids, 0)?,
             &mut Chain(vec![&mut noise, &mut cap]),
             None,
             LogitsAt::Last,

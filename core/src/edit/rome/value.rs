@@ -12,7 +12,7 @@
 use candle_core::Tensor;
 
 use super::hparams::ValueSpec;
-use super::key::{gather, pad_rows, texts};
+use super::key::{gather, texts};
 use crate::error::{LociError, Result};
 use crate::hooks::noise::subject_noise_each;
 use crate::hooks::{Capture, Chain, Site};
@@ -230,7 +230,7 @@ impl LoadedModel {
             .unwrap_or(1);
         let t = starts.iter().map(|s| s + suffix).max().unwrap_or(suffix);
         Ok(ValueRows {
-            ids: pad_rows(self, &ids, t)?,
+            ids: self.padded_ids(&ids, t)?,
             starts,
             suffix,
             case_of_row,
