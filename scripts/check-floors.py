@@ -10,7 +10,7 @@ import sys
 
 FLOORS = [
     ["error", "clock", "progress", "rng", "threads", "tfidf"],
-    ["config", "tokenizer", "hooks"],
+    ["config", "tokenizer", "hooks", "flops", "kernels", "blas"],
     ["model"],
     ["loader"],
     ["predict", "presets", "request"],

@@ -19,3 +19,9 @@ wbg="$(grep -A1 '^name = "wasm-bindgen"$' "$root/Cargo.lock" | sed -n 's/^versio
 if ! need_version wasm-bindgen "wasm-bindgen $wbg"; then
   cargo install wasm-bindgen-cli --version "$wbg"
 fi
+# OpenBLAS: not linked, but opened at run time when present (core/src/blas.rs). The benchmarks
+# measure the machine's peak with it, and the kernel test checks it against candle's product.
+if ! ldconfig -p 2>/dev/null | grep 'libopenblas\.so\.0' >/dev/null && command -v apt-get >/dev/null; then
+  apt_blas() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libopenblas0-pthread >/dev/null; }
+  apt_blas || { apt-get update -qq && apt_blas; } || echo "OpenBLAS not installed: benchmarks measure the peak with candle's kernel only" >&2
+fi

@@ -4,12 +4,16 @@
 
 #![deny(missing_docs)]
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod blas;
 pub mod clock;
 pub mod config;
 pub mod edit;
 pub mod error;
 pub mod eval;
+pub mod flops;
 pub mod hooks;
+pub mod kernels;
 pub mod loader;
 pub mod model;
 pub mod plot;

@@ -98,9 +98,13 @@ fn noised_scoring_corrupts_the_subject_prompts_only() {
     let case = eiffel();
     let clean = lm.problem_probs(&case, "Paris", None).unwrap();
     let rw = &case.requested_rewrite;
-    assert_eq!(
-        clean.rewrite,
-        lm.target_prob(&rw.filled(), "Paris").unwrap()
+    // The case's rows are scored in one right-padded batch: its matrix products have other
+    // shapes than the prompt's alone, so the two agree to f32 rounding, not bit for bit.
+    let alone = lm.target_prob(&rw.filled(), "Paris").unwrap();
+    assert!(
+        (clean.rewrite - alone).abs() <= 1e-5 * alone,
+        "{} vs {alone}",
+        clean.rewrite
     );
     let noised = NoisedScoring {
         noise: SubjectNoise {

@@ -346,6 +346,27 @@ impl Pool {
         self.ask(&self.alive(), msg, pick).await
     }
 
+    /// Every worker's matrix-product FLOPs so far, summed, and the largest worker memory.
+    pub async fn work(&self) -> Result<(u64, u64), String> {
+        let work = |m| match m {
+            FromWorker::Work { flops, heap_bytes } => Some((flops, heap_bytes)),
+            _ => None,
+        };
+        let all = self.ask_all(ToWorker::Work, work).await?;
+        let flops = all.iter().map(|w| w.0).sum();
+        Ok((flops, all.iter().map(|w| w.1).max().unwrap_or(0)))
+    }
+
+    /// The best matrix-product speed of all workers at once (each on its own thread), summed:
+    /// the tab's peak in GFLOP/s.
+    pub async fn peak(&self) -> Result<f64, String> {
+        let peak = |m| match m {
+            FromWorker::Peak { gflops } => Some(gflops),
+            _ => None,
+        };
+        Ok(self.ask_all(ToWorker::Peak, peak).await?.iter().sum())
+    }
+
     async fn load_all(&self, msg: ToWorker) -> Result<ModelInfo, String> {
         *self.setup.borrow_mut() = Setup {
             load: Some(msg.clone()),

@@ -122,6 +122,10 @@ pub enum ToWorker {
     },
     /// A digest of the weights an edit can change (every layer's down-projection).
     Digest,
+    /// The work done so far (the benchmark's FLOP count) and the worker's memory.
+    Work,
+    /// Time this worker's best matrix product (the benchmark's peak).
+    Peak,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -183,6 +187,15 @@ pub enum FromWorker {
     },
     Digest {
         digest: String,
+    },
+    Work {
+        /// Floating-point operations of the matrix products done since the worker started.
+        flops: u64,
+        /// The worker's WebAssembly memory (it only grows: its peak).
+        heap_bytes: u64,
+    },
+    Peak {
+        gflops: f64,
     },
     /// The worker's memory could not grow: it asked for `bytes` with `heap` in use.
     OutOfMemory {

@@ -261,6 +261,14 @@ impl ModelWorker {
             ToWorker::Digest => Ok(FromWorker::Digest {
                 digest: weights_digest(self.model()?)?,
             }),
+            ToWorker::Work => Ok(FromWorker::Work {
+                flops: loci_core::flops::total(),
+                heap_bytes: heap_bytes(),
+            }),
+            ToWorker::Peak => Ok(FromWorker::Peak {
+                gflops: loci_core::kernels::product_gflops(&Device::Cpu, DType::F32, 1024, 1.0)
+                    .map_err(text)?,
+            }),
         }
     }
 
@@ -431,6 +439,18 @@ fn streamed<T>(work: impl FnOnce() -> loci_core::Result<T>) -> Result<T, String>
         true
     };
     loci_core::progress::listen(listener, work).map_err(text)
+}
+
+/// The worker's WebAssembly memory in bytes (0 off the browser).
+fn heap_bytes() -> u64 {
+    #[cfg(target_arch = "wasm32")]
+    {
+        core::arch::wasm32::memory_size(0) as u64 * 65_536
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        0
+    }
 }
 
 /// FNV-1a over the bits of every layer's down-projection (weights and bias): equal digests

@@ -10,8 +10,9 @@
 # 4. benchmarks on a full-size GPT-J-6B with random weights made on the GPU (f16): one 12-token
 # forward pass, a trace of all kinds (12 tokens, 10 samples, window 10), one ROME edit at layer 5
 # (statistics timed apart), and 64 predictions and generations one at a time vs batched as the
-# server batches them (`loci bench batch`). Every result is one JSON line on stdout and in
-# $OUT/gpu-results.jsonl, with the GPU's peak memory during each step.
+# server batches them (`loci bench batch`), and GPT-J's products one by one (`loci bench matmul`);
+# each states its FLOPs and its fraction of cuBLAS's peak measured in the same run. Every result
+# is one JSON line on stdout and in $OUT/gpu-results.jsonl, with the GPU's peak memory during each step.
 set -uo pipefail
 bundle=${1:-gpu-bundle}
 OUT=${OUT:-/tmp/loci-gpu}
@@ -111,7 +112,7 @@ serve_step() {
 
 # STEPS picks some of them (e.g. STEPS="check-device serve" when a second call brings SmolLM2's
 # other part).
-steps=" ${STEPS:-check-device serve forward trace edit batch} "
+steps=" ${STEPS:-check-device serve matmul forward trace edit batch} "
 want() { [[ "$steps" == *" $1 "* ]]; }
 corpus="$bundle/data/wiki-slice.jsonl"
 rc=0
@@ -124,6 +125,7 @@ if want serve; then
   fi
 fi
 [ -n "${gguf:-}" ] && rm -rf "$(dirname "$gguf")"
+want matmul && { step matmul bench matmul --random gptj-6b --dtype f16 --rows 12 --json || rc=1; }
 want forward && { step forward bench forward --random gptj-6b --dtype f16 --tokens 12 --reps 20 --json || rc=1; }
 want trace && { step trace bench trace --random gptj-6b --dtype f16 --prompt-tokens 12 --samples 10 --window 10 --json || rc=1; }
 want edit && { step edit bench edit --random gptj-6b --dtype f16 --layer 5 --stats-tokens 20000 --corpus "$corpus" --json || rc=1; }

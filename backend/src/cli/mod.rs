@@ -132,6 +132,7 @@ impl Command {
                 | Command::Bench(
                     bench::BenchCmd::Trace { .. }
                         | bench::BenchCmd::Edit(_)
+                        | bench::BenchCmd::Stats(_)
                         | bench::BenchCmd::Study(_)
                 )
         )

@@ -74,6 +74,10 @@ impl Hook for FtHook<'_> {
                 // [slots, rows_per·t, d_ff] × [slots, d_ff, d_model]
                 let k = k.reshape((slots, self.rows_per * t, d_ff))?;
                 let mut add = k.matmul(&p.w.as_tensor().transpose(1, 2)?)?;
+                // Forward, and the trained weights' gradient in the backward pass.
+                for _ in 0..2 {
+                    crate::flops::matmul(rows * t, p.w.dim(1)?, d_ff);
+                }
                 if let Some(b) = &p.b {
                     add = add.broadcast_add(&b.as_tensor().unsqueeze(1)?)?;
                 }

@@ -202,11 +202,16 @@ impl Hook for RowEdits {
                 if let Some(s) = &t.stacked {
                     // [rows, t, d_ff] × [rows, d_ff, rank] × [rows, rank, d_model]
                     let coef = k.matmul(&s.left.transpose(1, 2)?.contiguous()?)?;
+                    let rank = s.left.dim(1)?;
+                    crate::flops::matmul(rows * len, rank, k.dim(2)?);
+                    crate::flops::matmul(rows * len, x.dim(2)?, rank);
                     add = (add + coef.matmul(&s.right)?)?;
                 }
                 for d in &t.dense {
                     let mine = k.index_select(&d.rows, 0)?;
                     let mut part = mine.broadcast_matmul(&d.weight.t()?)?;
+                    let (d_out, d_in) = d.weight.dims2()?;
+                    crate::flops::matmul(mine.elem_count() / d_in, d_out, d_in);
                     if let Some(b) = &d.bias {
                         part = part.broadcast_add(b)?;
                     }

@@ -141,6 +141,9 @@ impl CholeskyFactor {
         }
         let flat: Vec<f64> = bs.iter().flatten().copied().collect();
         let b = Tensor::from_vec(flat, (r, self.n), self.inv.device())?.t()?;
+        for _ in 0..2 {
+            crate::flops::matmul(self.n, r, self.n);
+        }
         let x = self.inv.t()?.matmul(&self.inv.matmul(&b)?)?;
         let x: Vec<f64> = x.t()?.contiguous()?.flatten_all()?.to_vec1()?;
         Ok(x.chunks_exact(self.n).map(<[f64]>::to_vec).collect())
@@ -154,6 +157,8 @@ fn factor_inverse(a: &Tensor, offset: usize) -> Result<Tensor> {
     let dev = a.device();
     if n <= LEAF {
         let host: Vec<f64> = a.flatten_all()?.to_vec1()?;
+        // The factor and the triangle's inverse: n³/3 multiply-adds each.
+        crate::flops::add(4 * (n as u64).pow(3) / 3);
         let l = cholesky_block(&host, n, offset)?;
         return Ok(Tensor::from_vec(invert_lower(&l, n), (n, n), dev)?);
     }
@@ -164,6 +169,11 @@ fn factor_inverse(a: &Tensor, offset: usize) -> Result<Tensor> {
         Ok(a.narrow(0, r, rows)?.narrow(1, c, cols)?.contiguous()?)
     };
     let i11 = factor_inverse(&block(0, 0, h, h)?, offset)?;
+    // l21, its Gram matrix, then l21·i11 and i22 times that.
+    crate::flops::matmul(m, h, h);
+    crate::flops::matmul(m, m, h);
+    crate::flops::matmul(m, h, h);
+    crate::flops::matmul(m, h, m);
     let l21 = block(h, 0, m, h)?.matmul(&i11.t()?)?;
     let schur = (block(h, h, m, m)? - l21.matmul(&l21.t()?)?)?;
     let i22 = factor_inverse(&schur, offset + h)?;

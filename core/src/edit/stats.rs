@@ -139,6 +139,8 @@ impl StatsAccumulator {
         for &l in &self.layers {
             let k = cap.get(Site::MlpKey(l))?.squeeze(0)?.to_dtype(DType::F32)?;
             let kk = k.t()?.matmul(&k)?;
+            let (n, d) = k.dims2()?;
+            crate::flops::matmul(d, d, n);
             // Any NaN or infinity makes the sum one.
             if !kk.sum_all()?.to_scalar::<f32>()?.is_finite() {
                 return Err(LociError::model(

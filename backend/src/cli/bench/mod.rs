@@ -10,7 +10,11 @@ use serde::Serialize;
 use super::{print_json, ModelArgs};
 
 mod batch;
+mod kernels;
+mod peak;
 mod study;
+
+use peak::{counted, Peak, Speed};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCmd {
@@ -23,11 +27,19 @@ pub enum BenchCmd {
         /// Timed repetitions (after one warm-up).
         #[arg(long, default_value_t = 5)]
         reps: usize,
+        /// Run on candle's reference kernels, then on Loci's, and print the ratio.
+        #[arg(long)]
+        compare: bool,
         #[arg(long)]
         json: bool,
     },
     /// Key statistics and one ROME edit (Eiffel Tower → Rome): seconds per phase.
     Edit(EditBenchArgs),
+    /// Key statistics over N tokens of the corpus at one layer.
+    Stats(kernels::StatsBenchArgs),
+    /// The model's matrix products at one batch size, with candle's kernel and the system BLAS,
+    /// against this machine's peak.
+    Matmul(kernels::MatmulBenchArgs),
     /// The study's edits per hour on CounterFact cases, one at a time and batched (their v*
     /// optimised together), in one run.
     Study(Box<study::StudyBenchArgs>),
@@ -51,6 +63,9 @@ pub enum BenchCmd {
         /// With --random: a prompt of this many tokens.
         #[arg(long, default_value_t = 10)]
         prompt_tokens: usize,
+        /// Run on candle's reference kernels, then on Loci's, and print the ratio.
+        #[arg(long)]
+        compare: bool,
         #[arg(long)]
         json: bool,
     },
@@ -69,6 +84,12 @@ struct EditBench {
     edit_phases: std::collections::BTreeMap<String, f64>,
     v_steps: usize,
     p_new_after: f32,
+    /// The edit's work against the peak.
+    #[serde(flatten)]
+    speed: Speed,
+    /// The statistics' work against the peak.
+    stats_speed: Speed,
+    peak: Peak,
     peak_rss_mib: Option<f64>,
 }
 
@@ -91,6 +112,11 @@ struct TraceBench {
     naive_gflop: f64,
     work_ratio: f64,
     gflop_per_second: f64,
+    /// All kinds' trace against the peak (FLOPs counted from the shapes computed, attention
+    /// and the vocabulary head included).
+    #[serde(flatten)]
+    speed: Speed,
+    peak: Peak,
     peak_rss_mib: Option<f64>,
 }
 
@@ -105,33 +131,51 @@ pub struct EditBenchArgs {
     stats_tokens: u64,
     #[arg(long)]
     corpus: Option<std::path::PathBuf>,
+    /// Run on candle's reference kernels, then on Loci's, and print the ratio.
+    #[arg(long)]
+    compare: bool,
     #[arg(long)]
     json: bool,
 }
 
 fn edit_bench(a: EditBenchArgs) -> Result<()> {
+    let json = a.json;
+    compare_or_once(
+        a.compare,
+        json,
+        |r: &EditBench| r.edit_seconds,
+        || edit_once(&a),
+    )
+}
+
+fn edit_once(a: &EditBenchArgs) -> Result<EditBench> {
     use loci_core::edit::{RewriteRequest, RomeHparams, StatsAccumulator, TargetStr};
     // The corpus is checked before the (possibly 6B-parameter) model is made.
-    let corpus = match a.corpus {
+    let corpus = match a.corpus.clone() {
         Some(c) if c.is_file() => c,
         Some(c) => anyhow::bail!("no corpus file at {}", c.display()),
         None => crate::workspace::default_corpus()?,
     };
     let mut lm = a.model.load()?;
-    let s = Instant::now();
-    let mut acc = StatsAccumulator::new(&lm, &[a.layer], 1024)?;
-    crate::workspace::feed(&mut acc, &lm, &corpus, a.stats_tokens, |_| {})?;
-    let tokens = acc.tokens();
-    let stats = acc.finish(&lm, &corpus.display().to_string())?.remove(0);
-    let stats_seconds = s.elapsed().as_secs_f64();
+    let peak = peak::measure(&lm.model.device, lm.model.dtype, threads())?;
+    let ((stats, tokens), stats_flops, stats_seconds) = counted(|| {
+        let mut acc = StatsAccumulator::new(&lm, &[a.layer], 1024)?;
+        crate::workspace::feed(&mut acc, &lm, &corpus, a.stats_tokens, |_| {})?;
+        let tokens = acc.tokens();
+        Ok((
+            acc.finish(&lm, &corpus.display().to_string())?.remove(0),
+            tokens,
+        ))
+    })?;
     let mut req =
         RewriteRequest::from_prompt("{} is located in the city of", "Eiffel Tower", "Rome")?;
     req.target_true = Some(TargetStr::new("Paris"));
     let hp = RomeHparams::at_layer(a.layer);
-    let s = Instant::now();
-    let edit = lm.rome(&req, &hp, Some(&stats))?;
-    lm.apply_edit(&edit)?;
-    let edit_seconds = s.elapsed().as_secs_f64();
+    let (edit, flops, edit_seconds) = counted(|| {
+        let edit = lm.rome(&req, &hp, Some(&stats))?;
+        lm.apply_edit(&edit)?;
+        Ok(edit)
+    })?;
     let r = EditBench {
         bench: "edit",
         model: lm.name.clone(),
@@ -144,16 +188,68 @@ fn edit_bench(a: EditBenchArgs) -> Result<()> {
         edit_phases: edit.stats.seconds.clone(),
         v_steps: edit.stats.losses.len(),
         p_new_after: lm.target_prob(&req.filled(), "Rome")?,
+        speed: peak.speed(flops, edit_seconds),
+        stats_speed: peak.speed(stats_flops, stats_seconds),
+        peak,
         peak_rss_mib: peak_rss_mib(),
     };
-    if a.json {
-        return print_json(&r);
+    if !a.json {
+        println!(
+            "{}: statistics {:.1} s per 100k tokens ({:.0}% of peak); one ROME edit {:.1} s {:?} ({:.0} GFLOP/s, {:.0}% of {:.0} by {}); p(Rome) after = {:.3}",
+            r.model,
+            r.stats_seconds_per_100k_tokens,
+            100.0 * r.stats_speed.fraction_of_peak,
+            r.edit_seconds,
+            r.edit_phases,
+            r.speed.achieved_gflops,
+            100.0 * r.speed.fraction_of_peak,
+            r.speed.peak_gflops,
+            r.speed.peak_kernel,
+            r.p_new_after
+        );
     }
-    println!(
-        "{}: statistics {:.1} s per 100k tokens; one ROME edit {:.1} s {:?}; p(Rome) after = {:.3}",
-        r.model, r.stats_seconds_per_100k_tokens, r.edit_seconds, r.edit_phases, r.p_new_after
-    );
-    Ok(())
+    Ok(r)
+}
+
+/// Runs `once` and prints its result; with `compare`, runs it on candle's reference kernels,
+/// then on Loci's, and prints both with the speed-up (`seconds` of the reference over Loci's).
+fn compare_or_once<R: Serialize>(
+    compare: bool,
+    json: bool,
+    seconds: impl Fn(&R) -> f64,
+    mut once: impl FnMut() -> Result<R>,
+) -> Result<()> {
+    if !compare {
+        let r = once()?;
+        return if json { print_json(&r) } else { Ok(()) };
+    }
+    #[derive(Serialize)]
+    struct Compared<R> {
+        compare: &'static str,
+        reference: R,
+        fast: R,
+        speedup: f64,
+    }
+    loci_core::kernels::set_fast(false);
+    let reference = once();
+    loci_core::kernels::set_fast(true);
+    let reference = reference?;
+    let fast = once()?;
+    let speedup = seconds(&reference) / seconds(&fast);
+    if !json {
+        println!("Loci's kernels over candle's reference operations: {speedup:.2}x");
+    }
+    let r = Compared {
+        compare: "candle's operations (reference) vs Loci's kernels (fast), same work",
+        reference,
+        fast,
+        speedup,
+    };
+    if json {
+        print_json(&r)
+    } else {
+        Ok(())
+    }
 }
 
 #[derive(Serialize)]
@@ -169,6 +265,10 @@ struct ForwardBench {
     best_seconds: f64,
     tokens_per_second: f64,
     load_seconds: f64,
+    /// The mean forward pass against the peak.
+    #[serde(flatten)]
+    speed: Speed,
+    peak: Peak,
     peak_rss_mib: Option<f64>,
 }
 
@@ -184,12 +284,14 @@ pub fn threads() -> usize {
     crate::workspace::workers()
 }
 
-/// FLOPs of one token through one block (2 per weight of the attention and MLP matrices).
+/// FLOPs of one token through one block (2 per weight of the attention and MLP matrices): the
+/// trace's work in the reference algorithm's units.
 fn flops_per_token_layer(cfg: &loci_core::ModelConfig) -> f64 {
     2.0 * cfg.block_weights().total() as f64
 }
 
-fn trace_bench(
+/// What `loci bench trace` traces.
+struct TraceBenchArgs {
     model: ModelArgs,
     prompt: String,
     subject: String,
@@ -197,8 +299,19 @@ fn trace_bench(
     window: usize,
     prompt_tokens: usize,
     json: bool,
-) -> Result<()> {
+}
+
+fn trace_bench(a: TraceBenchArgs) -> Result<TraceBench> {
     use loci_core::trace::{NoiseSpec, Quiet, TraceKind, TraceRequest};
+    let TraceBenchArgs {
+        model,
+        prompt,
+        subject,
+        samples,
+        window,
+        prompt_tokens,
+        json,
+    } = a;
     let lm = model.load()?;
     let (prompt, subject) = if model.random.is_some() {
         loci_core::presets::bench_prompt(&lm.tokenizer, prompt_tokens)?
@@ -225,9 +338,8 @@ fn trace_bench(
         seconds.insert(kind.name().to_string(), s.elapsed().as_secs_f64());
     }
     req.kinds = TraceKind::ALL.to_vec();
-    let s = Instant::now();
-    let r = lm.trace(&req, None, &mut Quiet, workers)?;
-    let total = s.elapsed().as_secs_f64();
+    let peak = peak::measure(&lm.model.device, lm.model.dtype, workers)?;
+    let (r, flops, total) = counted(|| Ok(lm.trace(&req, None, &mut Quiet, workers)?))?;
     let (work, naive, tokens) = (
         r.work.token_layers,
         r.work.naive_token_layers,
@@ -250,21 +362,33 @@ fn trace_bench(
         naive_gflop: naive as f64 * f / 1e9,
         work_ratio: naive as f64 / work as f64,
         gflop_per_second: work as f64 * f / 1e9 / total,
+        speed: peak.speed(flops, total),
+        peak,
         peak_rss_mib: peak_rss_mib(),
     };
-    if json {
-        return print_json(&r);
+    if !json {
+        println!(
+            "{}: all kinds in {:.1} s ({:?}); {:.0} GFLOP vs {:.0} for the reference algorithm ({:.1}x less); {:.0} GFLOP/s counted, {:.0}% of {:.0} by {}",
+            r.model,
+            total,
+            r.seconds,
+            r.gflop,
+            r.naive_gflop,
+            r.work_ratio,
+            r.speed.achieved_gflops,
+            100.0 * r.speed.fraction_of_peak,
+            r.speed.peak_gflops,
+            r.speed.peak_kernel
+        );
     }
-    println!(
-        "{}: all kinds in {:.1} s ({:?}); {:.0} GFLOP vs {:.0} for the reference algorithm ({:.1}x less), {:.0} GFLOP/s",
-        r.model, total, r.seconds, r.gflop, r.naive_gflop, r.work_ratio, r.gflop_per_second
-    );
-    Ok(())
+    Ok(r)
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Edit(a) => edit_bench(a),
+        BenchCmd::Stats(a) => kernels::stats_bench(a),
+        BenchCmd::Matmul(a) => kernels::matmul_bench(a),
         BenchCmd::Study(a) => study::study_bench(*a),
         BenchCmd::Batch(a) => batch::batch_bench(a),
         BenchCmd::Trace {
@@ -274,65 +398,105 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             samples,
             window,
             prompt_tokens,
+            compare,
             json,
-        } => trace_bench(model, prompt, subject, samples, window, prompt_tokens, json),
+        } => compare_or_once(
+            compare,
+            json,
+            |r: &TraceBench| r.seconds_all_kinds,
+            || {
+                trace_bench(TraceBenchArgs {
+                    model: model.clone(),
+                    prompt: prompt.clone(),
+                    subject: subject.clone(),
+                    samples,
+                    window,
+                    prompt_tokens,
+                    json,
+                })
+            },
+        ),
         BenchCmd::Forward {
             model,
             tokens,
             reps,
+            compare,
             json,
         } => {
             if tokens == 0 || reps == 0 {
                 bail!("--tokens and --reps must be positive");
             }
-            let t0 = Instant::now();
-            let lm = model.load()?;
-            let load_seconds = t0.elapsed().as_secs_f64();
-            let text = "The Eiffel Tower is located in the city of Paris, which is the capital of France. ";
-            let base = lm.tokenizer.encode_plain(text)?;
-            let ids: Vec<u32> = base.iter().copied().cycle().take(tokens).collect();
-            let t = lm.model.ids_tensor(&[ids])?;
-            lm.model
-                .run(&t, &mut NoHook, None, loci_core::LogitsAt::All)?;
-            lm.model.device.synchronize()?;
-            let mut times = Vec::with_capacity(reps);
-            for _ in 0..reps {
-                let s = Instant::now();
-                lm.model
-                    .run(&t, &mut NoHook, None, loci_core::LogitsAt::All)?;
-                // GPU kernels run asynchronously: time them to the end.
-                lm.model.device.synchronize()?;
-                times.push(s.elapsed().as_secs_f64());
-            }
-            let mean = times.iter().sum::<f64>() / reps as f64;
-            let r = ForwardBench {
-                bench: "forward",
-                model: lm.name.clone(),
-                dtype: lm.info.dtype.clone(),
-                device: lm.info.device.clone(),
-                threads: threads(),
-                tokens,
-                reps,
-                seconds_per_forward: mean,
-                best_seconds: times.iter().copied().fold(f64::INFINITY, f64::min),
-                tokens_per_second: tokens as f64 / mean,
-                load_seconds,
-                peak_rss_mib: peak_rss_mib(),
-            };
-            if json {
-                print_json(&r)
-            } else {
-                println!(
-                    "{}: {} tokens in {:.1} ms ({:.0} tokens/s, {} threads, peak {:.0} MiB)",
-                    r.model,
-                    tokens,
-                    mean * 1e3,
-                    r.tokens_per_second,
-                    r.threads,
-                    r.peak_rss_mib.unwrap_or(0.0)
-                );
-                Ok(())
-            }
+            compare_or_once(
+                compare,
+                json,
+                |r: &ForwardBench| r.seconds_per_forward,
+                || forward_bench(&model, tokens, reps, json),
+            )
         }
     }
+}
+
+fn forward_bench(
+    model: &ModelArgs,
+    tokens: usize,
+    reps: usize,
+    json: bool,
+) -> Result<ForwardBench> {
+    let t0 = Instant::now();
+    let lm = model.load()?;
+    let load_seconds = t0.elapsed().as_secs_f64();
+    let text = "The Eiffel Tower is located in the city of Paris, which is the capital of France. ";
+    let base = lm.tokenizer.encode_plain(text)?;
+    let ids: Vec<u32> = base.iter().copied().cycle().take(tokens).collect();
+    let t = lm.model.ids_tensor(&[ids])?;
+    lm.model
+        .run(&t, &mut NoHook, None, loci_core::LogitsAt::All)?;
+    lm.model.device.synchronize()?;
+    let peak = peak::measure(&lm.model.device, lm.model.dtype, threads())?;
+    let mut times = Vec::with_capacity(reps);
+    let mut flops = 0;
+    for _ in 0..reps {
+        let ((), f, seconds) = counted(|| {
+            lm.model
+                .run(&t, &mut NoHook, None, loci_core::LogitsAt::All)?;
+            // GPU kernels run asynchronously: time them to the end.
+            lm.model.device.synchronize()?;
+            Ok(())
+        })?;
+        times.push(seconds);
+        flops = f;
+    }
+    let mean = times.iter().sum::<f64>() / reps as f64;
+    let r = ForwardBench {
+        bench: "forward",
+        model: lm.name.clone(),
+        dtype: lm.info.dtype.clone(),
+        device: lm.info.device.clone(),
+        threads: threads(),
+        tokens,
+        reps,
+        seconds_per_forward: mean,
+        best_seconds: times.iter().copied().fold(f64::INFINITY, f64::min),
+        tokens_per_second: tokens as f64 / mean,
+        load_seconds,
+        speed: peak.speed(flops, mean),
+        peak,
+        peak_rss_mib: peak_rss_mib(),
+    };
+    if !json {
+        println!(
+            "{}: {} tokens in {:.1} ms ({:.0} tokens/s, {} threads, {:.0} GFLOP/s = {:.0}% of {:.0} by {}, peak {:.0} MiB)",
+            r.model,
+            tokens,
+            mean * 1e3,
+            r.tokens_per_second,
+            r.threads,
+            r.speed.achieved_gflops,
+            100.0 * r.speed.fraction_of_peak,
+            r.speed.peak_gflops,
+            r.speed.peak_kernel,
+            r.peak_rss_mib.unwrap_or(0.0)
+        );
+    }
+    Ok(r)
 }

@@ -2,7 +2,7 @@
 //! A map may also carry a low-rank change added at forward time (a visitor's edits over a shared
 //! model, without a copy of the weights).
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, D};
 
 use crate::error::Result;
 use crate::model::load::Weights;
@@ -33,6 +33,12 @@ impl LowRankAdd {
     /// `(x leftᵀ) right` for inputs `[rows, in]`, computed in f32, in `x`'s dtype.
     fn output(&self, x: &Tensor) -> Result<Tensor> {
         let x32 = x.to_dtype(DType::F32)?;
+        let (rows, rank) = (x.elem_count() / x.dim(D::Minus1)?, self.left.dim(0)?);
+        // Two products forward; under autograd, two more for the input's gradient.
+        for _ in 0..if x.track_op() { 2 } else { 1 } {
+            crate::flops::matmul(rows, rank, self.left.dim(1)?);
+            crate::flops::matmul(rows, self.right.dim(1)?, rank);
+        }
         let coef = x32.matmul(&self.left.t()?)?;
         Ok(coef.matmul(&self.right)?.to_dtype(x.dtype())?)
     }
@@ -70,7 +76,19 @@ impl Linear {
         let x2 = x.reshape((rows, d_in))?;
         let backend = x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda());
         let frozen = !self.weight.track_op();
-        let y = if x.track_op() && frozen && backend && self.weight.dtype() == x.dtype() {
+        let frozen_path = x.track_op() && frozen && backend && self.weight.dtype() == x.dtype();
+        // The forward product, and under autograd candle's backward ones (with tracked weights
+        // it computes both gradients); the frozen-weight product counts its backward when it
+        // runs.
+        let backward = match (frozen_path, frozen, x.track_op()) {
+            (true, ..) => 0,
+            (false, false, _) => 2,
+            (false, true, tracked) => tracked as usize,
+        };
+        for _ in 0..1 + backward {
+            crate::flops::matmul(rows, self.out_dim(), d_in);
+        }
+        let y = if frozen_path {
             // Under autograd, frozen weights need no gradient: skip candle's (as large as the
             // weights, allocated on every step) and backpropagate to the input only.
             x2.contiguous()?.apply_op1(FrozenMatmul {
@@ -192,6 +210,8 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
+        let (d_out, d_in) = self.w.dims2()?;
+        crate::flops::matmul(grad.elem_count() / d_out.max(1), d_in, d_out);
         Ok(Some(grad.matmul(&self.w)?))
     }
 }

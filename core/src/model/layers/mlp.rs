@@ -29,9 +29,18 @@ impl Mlp {
     /// ROME's key: the down-projection's input.
     pub fn key(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Mlp::Gelu { fc, .. } => Ok(fc.forward(x)?.gelu()?),
+            Mlp::Gelu { fc, .. } => {
+                let h = fc.forward(x)?;
+                match crate::kernels::gelu_tanh(&h)? {
+                    Some(key) => Ok(key),
+                    None => Ok(h.gelu()?),
+                }
+            }
             Mlp::SwiGlu { gate_up, .. } => {
                 let gu = gate_up.forward(x)?;
+                if let Some(key) = crate::kernels::silu_mul(&gu)? {
+                    return Ok(key);
+                }
                 let d_ff = gate_up.out_dim() / 2;
                 let gate = gu.narrow(D::Minus1, 0, d_ff)?;
                 let up = gu.narrow(D::Minus1, d_ff, d_ff)?;

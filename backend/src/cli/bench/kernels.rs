@@ -1,0 +1,207 @@
+//! `loci bench stats` (key statistics, the longest contexts Loci runs) and `loci bench matmul`
+//! (the model's products one by one, each kernel against the peak).
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+use super::peak::{self, counted, Peak, Speed};
+use super::{compare_or_once, peak_rss_mib, print_json, threads, ModelArgs};
+
+#[derive(clap::Args, Debug)]
+pub struct StatsBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 6)]
+    layer: usize,
+    /// Tokens of the corpus to read (texts of up to 1024 tokens, as ROME's statistics).
+    #[arg(long, default_value_t = 20_000)]
+    tokens: u64,
+    #[arg(long)]
+    corpus: Option<std::path::PathBuf>,
+    /// Run on candle's reference kernels, then on Loci's, and print the ratio.
+    #[arg(long)]
+    compare: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct StatsBench {
+    bench: &'static str,
+    model: String,
+    threads: usize,
+    layer: usize,
+    tokens: u64,
+    seconds: f64,
+    seconds_per_100k_tokens: f64,
+    #[serde(flatten)]
+    speed: Speed,
+    peak: Peak,
+    peak_rss_mib: Option<f64>,
+}
+
+pub fn stats_bench(a: StatsBenchArgs) -> Result<()> {
+    if a.tokens == 0 {
+        bail!("--tokens must be positive");
+    }
+    let corpus = match a.corpus.clone() {
+        Some(c) if c.is_file() => c,
+        Some(c) => bail!("no corpus file at {}", c.display()),
+        None => crate::workspace::default_corpus()?,
+    };
+    let lm = a.model.load()?;
+    let once = || -> Result<StatsBench> {
+        let peak = peak::measure(&lm.model.device, lm.model.dtype, threads())?;
+        let (tokens, flops, seconds) = counted(|| {
+            let mut acc = loci_core::edit::StatsAccumulator::new(&lm, &[a.layer], 1024)?;
+            crate::workspace::feed(&mut acc, &lm, &corpus, a.tokens, |_| {})?;
+            Ok(acc.tokens())
+        })?;
+        let r = StatsBench {
+            bench: "stats",
+            model: lm.name.clone(),
+            threads: threads(),
+            layer: a.layer,
+            tokens,
+            seconds,
+            seconds_per_100k_tokens: seconds * 100_000.0 / tokens.max(1) as f64,
+            speed: peak.speed(flops, seconds),
+            peak,
+            peak_rss_mib: peak_rss_mib(),
+        };
+        if !a.json {
+            println!(
+                "{}: {} tokens at layer {} in {:.1} s ({:.1} s per 100k), {:.0} GFLOP/s = {:.0}% of {:.0} by {}",
+                r.model,
+                r.tokens,
+                r.layer,
+                r.seconds,
+                r.seconds_per_100k_tokens,
+                r.speed.achieved_gflops,
+                100.0 * r.speed.fraction_of_peak,
+                r.speed.peak_gflops,
+                r.speed.peak_kernel
+            );
+        }
+        Ok(r)
+    };
+    compare_or_once(a.compare, a.json, |r: &StatsBench| r.seconds, once)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MatmulBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Rows of each product (tokens × batch).
+    #[arg(long, default_value_t = 256)]
+    rows: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct ProductSpeed {
+    name: &'static str,
+    /// `[rows, in] · [in, out]`.
+    shape: [usize; 3],
+    candle_gflops: f64,
+    blas_gflops: Option<f64>,
+    fraction_of_peak: f64,
+}
+
+#[derive(Serialize)]
+struct MatmulBench {
+    bench: &'static str,
+    model: String,
+    threads: usize,
+    products: Vec<ProductSpeed>,
+    peak: Peak,
+}
+
+/// The model's block maps and vocabulary head at `--rows` rows, timed with candle's kernel and
+/// (for f32 on the CPU) the system BLAS with the same threads.
+pub fn matmul_bench(a: MatmulBenchArgs) -> Result<()> {
+    if a.rows == 0 {
+        bail!("--rows must be positive");
+    }
+    let lm = a.model.load()?;
+    let (c, dev, dtype) = (&lm.model.cfg, &lm.model.device, lm.model.dtype);
+    let (d, q, kv) = (c.d_model, c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
+    let up = if c.family == loci_core::Family::Llama {
+        2 * c.d_ff
+    } else {
+        c.d_ff
+    };
+    let shapes = [
+        ("qkv", d, q + 2 * kv),
+        ("attn_out", q, d),
+        ("mlp_up", d, up),
+        ("mlp_down", c.d_ff, d),
+        ("vocab_head", d, c.vocab_size),
+    ];
+    let peak = peak::measure(dev, dtype, threads())?;
+    let blas = loci_core::blas::system().filter(|_| dev.is_cpu() && dtype == loci_core::DType::F32);
+    if let Some(b) = blas {
+        b.set_threads(threads());
+    }
+    let mut products = vec![];
+    for (name, d_in, d_out) in shapes {
+        let x = loci_core::Tensor::randn(0f32, 1.0, (a.rows, d_in), dev)?.to_dtype(dtype)?;
+        let w = loci_core::Tensor::randn(0f32, 0.05, (d_out, d_in), dev)?.to_dtype(dtype)?;
+        let flops = 2.0 * (a.rows * d_in * d_out) as f64;
+        let candle = peak::best_of(flops, || {
+            x.matmul(&w.t()?)?;
+            dev.synchronize()?;
+            Ok(())
+        })?;
+        let blas_gflops = match blas {
+            Some(b) => {
+                let flat = |t: &loci_core::Tensor| t.flatten_all()?.to_vec1::<f32>();
+                let (xs, ws) = (flat(&x)?, flat(&w)?);
+                let mut out = vec![0f32; a.rows * d_out];
+                Some(peak::best_of(flops, || {
+                    b.matmul_bt(&xs, &ws, &mut out, a.rows, d_out, d_in);
+                    Ok(())
+                })?)
+            }
+            None => None,
+        };
+        products.push(ProductSpeed {
+            name,
+            shape: [a.rows, d_in, d_out],
+            candle_gflops: candle,
+            blas_gflops,
+            fraction_of_peak: candle / peak.peak_gflops,
+        });
+    }
+    if let Some(b) = blas {
+        b.set_threads(1);
+    }
+    let r = MatmulBench {
+        bench: "matmul",
+        model: lm.name.clone(),
+        threads: threads(),
+        products,
+        peak,
+    };
+    if a.json {
+        return print_json(&r);
+    }
+    println!(
+        "{}: peak {:.0} GFLOP/s by {} ({} threads)",
+        r.model, r.peak.peak_gflops, r.peak.peak_kernel, r.threads
+    );
+    for p in &r.products {
+        println!(
+            "  {:<10} {:?}: candle {:.0} GFLOP/s ({:.0}% of peak){}",
+            p.name,
+            p.shape,
+            p.candle_gflops,
+            100.0 * p.fraction_of_peak,
+            p.blas_gflops
+                .map(|g| format!(", BLAS {g:.0}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
