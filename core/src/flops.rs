@@ -10,6 +10,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use serde::{Deserialize, Serialize};
+
 static FLOPS: AtomicU64 = AtomicU64::new(0);
 
 /// Adds one product of `[m, k]` by `[k, n]`: `2·m·n·k` operations.
@@ -25,4 +27,34 @@ pub fn add(n: u64) {
 /// The operations counted since the process started.
 pub fn total() -> u64 {
     FLOPS.load(Ordering::Relaxed)
+}
+
+/// A piece of work's speed against a peak, as every benchmark reports it (natively and in the
+/// browser's workers).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Speed {
+    /// Floating-point operations of the matrix products done (this module's count).
+    pub flops: u64,
+    /// `flops` over the work's seconds, in GFLOP/s.
+    pub achieved_gflops: f64,
+    /// The best matrix product the machine does, in GFLOP/s, measured in the same run.
+    pub peak_gflops: f64,
+    /// Which kernel reached the peak.
+    pub peak_kernel: String,
+    /// `achieved_gflops / peak_gflops`.
+    pub fraction_of_peak: f64,
+}
+
+impl Speed {
+    /// The speed of `flops` operations done in `seconds`, against `peak_gflops` by `peak_kernel`.
+    pub fn new(flops: u64, seconds: f64, peak_gflops: f64, peak_kernel: String) -> Speed {
+        let achieved = flops as f64 / seconds.max(1e-12) / 1e9;
+        Speed {
+            flops,
+            achieved_gflops: achieved,
+            peak_gflops,
+            peak_kernel,
+            fraction_of_peak: achieved / peak_gflops.max(1e-9),
+        }
+    }
 }

@@ -152,19 +152,27 @@ pub fn causal_softmax(
 pub fn product_gflops(device: &Device, dtype: DType, side: usize, seconds: f64) -> Result<f64> {
     let a = Tensor::randn(0f32, 1.0, (side, side), device)?.to_dtype(dtype)?;
     let b = Tensor::randn(0f32, 1.0, (side, side), device)?.to_dtype(dtype)?;
-    let time = || -> Result<f64> {
-        let start = crate::clock::now_seconds();
-        let c = a.matmul(&b)?;
-        device.synchronize()?;
-        drop(c);
-        Ok(crate::clock::now_seconds() - start)
-    };
-    time()?;
+    best_gflops(2.0 * (side as f64).powi(3), seconds, || -> Result<()> {
+        drop(a.matmul(&b)?);
+        Ok(device.synchronize()?)
+    })
+}
+
+/// The best speed, in GFLOP/s, of `run` (work of `flops` operations, finished when it returns)
+/// over about `seconds` of repetitions after one warm-up.
+pub fn best_gflops<E>(
+    flops: f64,
+    seconds: f64,
+    mut run: impl FnMut() -> std::result::Result<(), E>,
+) -> std::result::Result<f64, E> {
+    run()?;
     let (start, mut best) = (crate::clock::now_seconds(), f64::INFINITY);
     while crate::clock::now_seconds() - start < seconds {
-        best = best.min(time()?);
+        let t0 = crate::clock::now_seconds();
+        run()?;
+        best = best.min(crate::clock::now_seconds() - t0);
     }
-    Ok(2.0 * (side as f64).powi(3) / best.max(1e-9) / 1e9)
+    Ok(flops / best.max(1e-9) / 1e9)
 }
 
 /// Threads candle's CPU kernels use inside each operation (its `RAYON_NUM_THREADS`; 1 in the

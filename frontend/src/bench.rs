@@ -90,12 +90,8 @@ pub async fn tab_benchmark(status: Status, preset: &str) -> Result<String, Strin
 /// Work against the tab's peak, as `loci bench` reports it natively: the FLOPs of the matrix
 /// products the workers did, and the workers' best product speed all at once.
 fn speed(flops: u64, seconds: f64, peak: f64, workers: usize) -> serde_json::Value {
-    let achieved = flops as f64 / seconds.max(1e-9) / 1e9;
-    serde_json::json!({
-        "flops": flops, "achieved_gflops": achieved, "peak_gflops": peak,
-        "peak_kernel": format!("candle gemm (WebAssembly SIMD128), {workers} workers at once"),
-        "fraction_of_peak": achieved / peak.max(1e-9),
-    })
+    let kernel = format!("candle gemm (WebAssembly SIMD128), {workers} workers at once");
+    serde_json::to_value(loci_core::flops::Speed::new(flops, seconds, peak, kernel)).expect("json")
 }
 
 /// In-tab editing speed: a GPT-2-small-shaped model (random weights) in `workers` workers; key

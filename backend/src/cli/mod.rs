@@ -130,7 +130,7 @@ impl Command {
                 | Command::Eval(_)
                 | Command::Study(study::StudyCmd::Run(_))
                 | Command::Bench(
-                    bench::BenchCmd::Trace { .. }
+                    bench::BenchCmd::Trace(_)
                         | bench::BenchCmd::Edit(_)
                         | bench::BenchCmd::Stats(_)
                         | bench::BenchCmd::Study(_)

@@ -13,6 +13,16 @@ use loci_core::LoadedModel;
 
 use super::known::cache_dir;
 
+/// The corpus a benchmark reads: `given`, which must be a file (checked before any model is
+/// made), or the Wikipedia sample.
+pub fn corpus_file(given: Option<&Path>) -> Result<PathBuf> {
+    match given {
+        Some(c) if c.is_file() => Ok(c.to_path_buf()),
+        Some(c) => anyhow::bail!("no corpus file at {}", c.display()),
+        None => default_corpus(),
+    }
+}
+
 /// The Wikipedia sample next to the project, when no corpus is named.
 pub fn default_corpus() -> Result<PathBuf> {
     let candidates = [

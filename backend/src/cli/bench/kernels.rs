@@ -44,19 +44,11 @@ pub fn stats_bench(a: StatsBenchArgs) -> Result<()> {
     if a.tokens == 0 {
         bail!("--tokens must be positive");
     }
-    let corpus = match a.corpus.clone() {
-        Some(c) if c.is_file() => c,
-        Some(c) => bail!("no corpus file at {}", c.display()),
-        None => crate::workspace::default_corpus()?,
-    };
+    let corpus = crate::workspace::corpus_file(a.corpus.as_deref())?;
     let lm = a.model.load()?;
     let once = || -> Result<StatsBench> {
         let peak = peak::measure(&lm.model.device, lm.model.dtype, threads())?;
-        let (tokens, flops, seconds) = counted(|| {
-            let mut acc = loci_core::edit::StatsAccumulator::new(&lm, &[a.layer], 1024)?;
-            crate::workspace::feed(&mut acc, &lm, &corpus, a.tokens, |_| {})?;
-            Ok(acc.tokens())
-        })?;
+        let ((_, tokens), flops, seconds) = counted(|| key_stats(&lm, a.layer, &corpus, a.tokens))?;
         let r = StatsBench {
             bench: "stats",
             model: lm.name.clone(),
@@ -86,6 +78,21 @@ pub fn stats_bench(a: StatsBenchArgs) -> Result<()> {
         Ok(r)
     };
     compare_or_once(a.compare, a.json, |r: &StatsBench| r.seconds, once)
+}
+
+/// Key statistics of `layer` over `tokens` of `corpus` (texts of up to 1024 tokens), and the
+/// tokens they saw: the work `bench stats` times, and `bench edit` before its edit.
+pub fn key_stats(
+    lm: &loci_core::LoadedModel,
+    layer: usize,
+    corpus: &std::path::Path,
+    tokens: u64,
+) -> Result<(loci_core::edit::KeyStats, u64)> {
+    let mut acc = loci_core::edit::StatsAccumulator::new(lm, &[layer], 1024)?;
+    crate::workspace::feed(&mut acc, lm, corpus, tokens, |_| {})?;
+    let seen = acc.tokens();
+    let stats = acc.finish(lm, &corpus.display().to_string())?.remove(0);
+    Ok((stats, seen))
 }
 
 #[derive(clap::Args, Debug)]
@@ -149,7 +156,7 @@ pub fn matmul_bench(a: MatmulBenchArgs) -> Result<()> {
         let x = loci_core::Tensor::randn(0f32, 1.0, (a.rows, d_in), dev)?.to_dtype(dtype)?;
         let w = loci_core::Tensor::randn(0f32, 0.05, (d_out, d_in), dev)?.to_dtype(dtype)?;
         let flops = 2.0 * (a.rows * d_in * d_out) as f64;
-        let candle = peak::best_of(flops, || {
+        let candle = loci_core::kernels::best_gflops(flops, 0.5, || -> Result<()> {
             x.matmul(&w.t()?)?;
             dev.synchronize()?;
             Ok(())
@@ -159,10 +166,14 @@ pub fn matmul_bench(a: MatmulBenchArgs) -> Result<()> {
                 let flat = |t: &loci_core::Tensor| t.flatten_all()?.to_vec1::<f32>();
                 let (xs, ws) = (flat(&x)?, flat(&w)?);
                 let mut out = vec![0f32; a.rows * d_out];
-                Some(peak::best_of(flops, || {
-                    b.matmul_bt(&xs, &ws, &mut out, a.rows, d_out, d_in);
-                    Ok(())
-                })?)
+                Some(loci_core::kernels::best_gflops(
+                    flops,
+                    0.5,
+                    || -> Result<()> {
+                        b.matmul_bt(&xs, &ws, &mut out, a.rows, d_out, d_in);
+                        Ok(())
+                    },
+                )?)
             }
             None => None,
         };

@@ -49,26 +49,30 @@ pub enum BenchCmd {
     Batch(batch::BatchBenchArgs),
     /// Causal tracing on a ~10-token prompt, each kind alone and all three in one trace:
     /// seconds, and the work done against the reference algorithm's.
-    Trace {
-        #[command(flatten)]
-        model: ModelArgs,
-        #[arg(long, default_value = "The Eiffel Tower is located in the city of")]
-        prompt: String,
-        #[arg(long, default_value = "Eiffel Tower")]
-        subject: String,
-        #[arg(long, default_value_t = 10)]
-        samples: usize,
-        #[arg(long, default_value_t = 10)]
-        window: usize,
-        /// With --random: a prompt of this many tokens.
-        #[arg(long, default_value_t = 10)]
-        prompt_tokens: usize,
-        /// Run on candle's reference kernels, then on Loci's, and print the ratio.
-        #[arg(long)]
-        compare: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Trace(TraceBenchArgs),
+}
+
+/// What `loci bench trace` traces.
+#[derive(clap::Args, Debug)]
+pub struct TraceBenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value = "The Eiffel Tower is located in the city of")]
+    prompt: String,
+    #[arg(long, default_value = "Eiffel Tower")]
+    subject: String,
+    #[arg(long, default_value_t = 10)]
+    samples: usize,
+    #[arg(long, default_value_t = 10)]
+    window: usize,
+    /// With --random: a prompt of this many tokens.
+    #[arg(long, default_value_t = 10)]
+    prompt_tokens: usize,
+    /// Run on candle's reference kernels, then on Loci's, and print the ratio.
+    #[arg(long)]
+    compare: bool,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Serialize)]
@@ -149,24 +153,13 @@ fn edit_bench(a: EditBenchArgs) -> Result<()> {
 }
 
 fn edit_once(a: &EditBenchArgs) -> Result<EditBench> {
-    use loci_core::edit::{RewriteRequest, RomeHparams, StatsAccumulator, TargetStr};
+    use loci_core::edit::{RewriteRequest, RomeHparams, TargetStr};
     // The corpus is checked before the (possibly 6B-parameter) model is made.
-    let corpus = match a.corpus.clone() {
-        Some(c) if c.is_file() => c,
-        Some(c) => anyhow::bail!("no corpus file at {}", c.display()),
-        None => crate::workspace::default_corpus()?,
-    };
+    let corpus = crate::workspace::corpus_file(a.corpus.as_deref())?;
     let mut lm = a.model.load()?;
     let peak = peak::measure(&lm.model.device, lm.model.dtype, threads())?;
-    let ((stats, tokens), stats_flops, stats_seconds) = counted(|| {
-        let mut acc = StatsAccumulator::new(&lm, &[a.layer], 1024)?;
-        crate::workspace::feed(&mut acc, &lm, &corpus, a.stats_tokens, |_| {})?;
-        let tokens = acc.tokens();
-        Ok((
-            acc.finish(&lm, &corpus.display().to_string())?.remove(0),
-            tokens,
-        ))
-    })?;
+    let ((stats, tokens), stats_flops, stats_seconds) =
+        counted(|| kernels::key_stats(&lm, a.layer, &corpus, a.stats_tokens))?;
     let mut req =
         RewriteRequest::from_prompt("{} is located in the city of", "Eiffel Tower", "Rome")?;
     req.target_true = Some(TargetStr::new("Paris"));
@@ -290,33 +283,14 @@ fn flops_per_token_layer(cfg: &loci_core::ModelConfig) -> f64 {
     2.0 * cfg.block_weights().total() as f64
 }
 
-/// What `loci bench trace` traces.
-struct TraceBenchArgs {
-    model: ModelArgs,
-    prompt: String,
-    subject: String,
-    samples: usize,
-    window: usize,
-    prompt_tokens: usize,
-    json: bool,
-}
-
-fn trace_bench(a: TraceBenchArgs) -> Result<TraceBench> {
+fn trace_bench(a: &TraceBenchArgs) -> Result<TraceBench> {
     use loci_core::trace::{NoiseSpec, Quiet, TraceKind, TraceRequest};
-    let TraceBenchArgs {
-        model,
-        prompt,
-        subject,
-        samples,
-        window,
-        prompt_tokens,
-        json,
-    } = a;
-    let lm = model.load()?;
-    let (prompt, subject) = if model.random.is_some() {
-        loci_core::presets::bench_prompt(&lm.tokenizer, prompt_tokens)?
+    let (samples, window) = (a.samples, a.window);
+    let lm = a.model.load()?;
+    let (prompt, subject) = if a.model.random.is_some() {
+        loci_core::presets::bench_prompt(&lm.tokenizer, a.prompt_tokens)?
     } else {
-        (prompt, subject)
+        (a.prompt.clone(), a.subject.clone())
     };
     let mut req = TraceRequest::new(prompt, subject);
     req.samples = samples;
@@ -366,7 +340,7 @@ fn trace_bench(a: TraceBenchArgs) -> Result<TraceBench> {
         peak,
         peak_rss_mib: peak_rss_mib(),
     };
-    if !json {
+    if !a.json {
         println!(
             "{}: all kinds in {:.1} s ({:?}); {:.0} GFLOP vs {:.0} for the reference algorithm ({:.1}x less); {:.0} GFLOP/s counted, {:.0}% of {:.0} by {}",
             r.model,
@@ -391,30 +365,11 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Matmul(a) => kernels::matmul_bench(a),
         BenchCmd::Study(a) => study::study_bench(*a),
         BenchCmd::Batch(a) => batch::batch_bench(a),
-        BenchCmd::Trace {
-            model,
-            prompt,
-            subject,
-            samples,
-            window,
-            prompt_tokens,
-            compare,
-            json,
-        } => compare_or_once(
-            compare,
-            json,
+        BenchCmd::Trace(a) => compare_or_once(
+            a.compare,
+            a.json,
             |r: &TraceBench| r.seconds_all_kinds,
-            || {
-                trace_bench(TraceBenchArgs {
-                    model: model.clone(),
-                    prompt: prompt.clone(),
-                    subject: subject.clone(),
-                    samples,
-                    window,
-                    prompt_tokens,
-                    json,
-                })
-            },
+            || trace_bench(&a),
         ),
         BenchCmd::Forward {
             model,

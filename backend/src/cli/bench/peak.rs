@@ -26,28 +26,12 @@ pub struct Peak {
     pub kernels: Vec<KernelSpeed>,
 }
 
-/// A piece of work's speed against the peak.
-#[derive(Serialize, Clone, Debug)]
-pub struct Speed {
-    /// Floating-point operations of the matrix products done (`loci_core::flops`).
-    pub flops: u64,
-    pub achieved_gflops: f64,
-    pub peak_gflops: f64,
-    pub peak_kernel: String,
-    pub fraction_of_peak: f64,
-}
+pub use loci_core::flops::Speed;
 
 impl Peak {
     /// The speed of `flops` operations done in `seconds`, against this peak.
     pub fn speed(&self, flops: u64, seconds: f64) -> Speed {
-        let achieved = flops as f64 / seconds.max(1e-12) / 1e9;
-        Speed {
-            flops,
-            achieved_gflops: achieved,
-            peak_gflops: self.peak_gflops,
-            peak_kernel: self.peak_kernel.clone(),
-            fraction_of_peak: achieved / self.peak_gflops.max(1e-9),
-        }
+        Speed::new(flops, seconds, self.peak_gflops, self.peak_kernel.clone())
     }
 }
 
@@ -133,19 +117,6 @@ fn concurrent(copies: usize, one: impl Fn() -> Result<f64> + Sync) -> Result<f64
     speeds.into_iter().sum()
 }
 
-/// Repeats `f` for about half a second after one warm-up: the best GFLOP/s of a product of
-/// `flops`.
-pub fn best_of(flops: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    let (start, mut best) = (Instant::now(), f64::INFINITY);
-    while start.elapsed().as_secs_f64() < 0.5 {
-        let s = Instant::now();
-        f()?;
-        best = best.min(s.elapsed().as_secs_f64());
-    }
-    Ok(flops / best / 1e9)
-}
-
 fn candle_product(device: &Device, dtype: DType) -> Result<f64> {
     let side = if device.is_cpu() { SIDE } else { 4 * SIDE };
     Ok(loci_core::kernels::product_gflops(
@@ -157,7 +128,7 @@ fn blas_product(blas: &loci_core::blas::Blas) -> Result<f64> {
     let a: Vec<f32> = (0..SIDE * SIDE).map(|i| (i % 7) as f32 * 0.1).collect();
     let mut c = vec![0f32; SIDE * SIDE];
     let flops = 2.0 * (SIDE as f64).powi(3);
-    best_of(flops, || {
+    loci_core::kernels::best_gflops(flops, 0.5, || -> Result<()> {
         blas.matmul_bt(&a, &a, &mut c, SIDE, SIDE, SIDE);
         Ok(())
     })

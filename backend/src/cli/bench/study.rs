@@ -83,11 +83,7 @@ pub fn study_bench(a: StudyBenchArgs) -> Result<()> {
     if a.cases == 0 || a.batch == Some(0) {
         bail!("--cases and --batch must be positive");
     }
-    let corpus = match &a.corpus {
-        Some(c) if c.is_file() => c.clone(),
-        Some(c) => bail!("no corpus file at {}", c.display()),
-        None => crate::workspace::default_corpus()?,
-    };
+    let corpus = crate::workspace::corpus_file(a.corpus.as_deref())?;
     let dataset = match &a.dataset {
         Some(d) => d.clone(),
         None => default_dataset()?,
