@@ -106,6 +106,12 @@ checks = {
         and "shipped with this page" in r.get("memit_held", "")
         and r.get("memit_facts") == 2 and "MEMIT layers 1,2" in r.get("memit_label", "")
         and r.get("digest_memit_undone") == d0,
+    "AlphaEdit (two facts, null space 30% of the trace) then EMMET in the tab, undone exactly":
+        st("alphaedit") == "edited" and r.get("alphaedit_facts") == 2
+        and "ALPHAEDIT layers 1,2" in r.get("alphaedit_label", "")
+        and st("emmet") == "edited" and "EMMET layer 2" in r.get("emmet_label", "")
+        and r.get("emmet_title", "").startswith("EMMET: 2 facts")
+        and r.get("digest_family_undone") == d0,
     "statistics downloaded from a URL": st("url_stats") == "done"
         and "from models/tiny-gptj/stats/layer1.safetensors" in r.get("url_held", ""),
     "a study of the fact runs in the tab: 2 edits scored, the model left as it was":
@@ -114,6 +120,9 @@ checks = {
     "a shareable link reproduces a trace (MLP only) in a new tab":
         "kinds=mlp" in r.get("trace_link", "") and r.get("trace_linked", {}).get("panels") == 1
         and r["trace_linked"].get("engine", "").startswith("this tab"),
+    "attribution patching in the tab (the MLP grid, one backward pass)":
+        st("attribution") == "done" and "attribution patching" in txt("attribution")
+        and r.get("attribution_panels") == 1,
     "fine-tuning in the tab, undone exactly": st("ft") == "edited"
         and "FT layer 1" in r.get("ft_label", "") and r.get("digest_ft_undone") == d0,
     "a shareable link reproduces the edit in a new tab, statistics from the browser's cache":

@@ -188,6 +188,31 @@ fn traces_stream_rows_then_the_same_result_as_the_core() {
         want, result["scores"],
         "the server's grid is the core's, number for number"
     );
+
+    // Attribution patching: the same stream (header, rows, result), the core's estimate.
+    let atp_body = body.replace("{\"model\"", "{\"method\":\"attribution\",\"model\"");
+    let r = agent()
+        .post(&format!("{}/api/trace", s.base))
+        .header("content-type", "application/json")
+        .send(&atp_body)
+        .unwrap();
+    let events = read_events(r.into_body().into_reader(), |e, _| {
+        e == "result" || e == "error"
+    });
+    let (last, result) = events.last().unwrap();
+    assert_eq!(
+        (events[0].0.as_str(), last.as_str()),
+        ("start", "result"),
+        "{result}"
+    );
+    assert_eq!(events.iter().filter(|e| e.0 == "row").count(), 2 * n_tok);
+    assert_eq!(result["method"], "attribution");
+    let want = lm
+        .trace_attribution(&req, None, &mut loci_core::trace::Quiet)
+        .unwrap();
+    let want: serde_json::Value =
+        serde_json::from_str(&serde_json::to_string(&want.scores).unwrap()).unwrap();
+    assert_eq!(want, result["scores"]);
 }
 
 #[test]
@@ -469,9 +494,26 @@ fn edits_apply_list_download_undo_and_reapply() {
             serde_json::json!({"requests": vec![fact; 16]}),
             "at most 16",
         ),
-        (serde_json::json!({"method": "kn"}), "use rome, memit or ft"),
+        (
+            serde_json::json!({"method": "kn"}),
+            "use one of rome, memit, alphaedit, emmet, ft",
+        ),
         (serde_json::json!({"method": "rome"}), "one fact"),
         (serde_json::json!({"method": "ft"}), "one fact"),
+        (serde_json::json!({"emmet_lambda": 0.5}), "EMMET's setting"),
+        (serde_json::json!({"l2": 3.0}), "AlphaEdit's settings"),
+        (
+            serde_json::json!({"method": "alphaedit", "null_threshold": 1e-12}),
+            "leaves no null space",
+        ),
+        (
+            serde_json::json!({"method": "alphaedit", "null_threshold": 0.1, "null_energy": 0.1}),
+            "not both",
+        ),
+        (
+            serde_json::json!({"method": "ft", "l2": 3.0}),
+            "settings of the MEMIT family",
+        ),
     ] {
         let mut body = memit.clone();
         for (k, v) in patch.as_object().unwrap() {
@@ -481,6 +523,49 @@ fn edits_apply_list_download_undo_and_reapply() {
         assert_eq!(st, 400, "{patch}: {v}");
         assert!(v["error"].as_str().unwrap().contains(want), "{patch}: {v}");
     }
+    assert_eq!(top_prob(&s.base, prompt), before);
+
+    // AlphaEdit twice on the visitor's stack (the second computed with the first's keys kept;
+    // what that preserves is core/tests/memit_family.rs's business), then EMMET; each listed by
+    // its method, all undone exactly.
+    let one = |method: &str, subject: &str, fact_prompt: &str, target: &str| {
+        let mut b = serde_json::json!({
+            "model": "tiny-gpt2", "method": method, "layers": [1, 2],
+            "prompt": fact_prompt, "subject": subject, "target": target, "generate_tokens": 1,
+        });
+        if method == "alphaedit" {
+            b["null_energy"] = 0.3.into();
+            b["l2"] = 1.0.into();
+        } else {
+            b["layers"] = serde_json::json!([2]);
+        }
+        let (st, v) = post(&s.base, "/api/edit", &b.to_string());
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["memit"]["method"], method, "{v}");
+    };
+    one("alphaedit", "Eiffel Tower", prompt, "Rome");
+    one(
+        "alphaedit",
+        "Michael Jordan",
+        "Michael Jordan plays the sport of",
+        "soccer",
+    );
+    one(
+        "emmet",
+        "Louvre",
+        "The Louvre is located in the city of",
+        "Berlin",
+    );
+    let (_, list) = get_json(&s.base, "/api/edits?model=tiny-gpt2");
+    let methods: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(methods, ["alphaedit", "alphaedit", "emmet"]);
+    let (st, _) = post(&s.base, "/api/undo", r#"{"model":"tiny-gpt2","all":true}"#);
+    assert_eq!(st, 200);
     assert_eq!(top_prob(&s.base, prompt), before);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -505,6 +505,217 @@ fn top50(model: &str, prompt: &str, edits: &[&std::path::Path]) -> serde_json::V
 }
 
 #[test]
+fn attribution_patching_traces_from_the_command_line() {
+    let model = tiny("tiny-gpt2");
+    let run = |method: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_loci"))
+            .args(["trace", "--model", &model, "--method", method, "--json"])
+            .args(["--prompt", "The Eiffel Tower is located in the city of"])
+            .args([
+                "--subject",
+                "Eiffel Tower",
+                "--noise",
+                "0.1",
+                "--samples",
+                "2",
+            ])
+            .output()
+            .unwrap();
+        json(&out)
+    };
+    let (exact, atp) = (run("exact"), run("attribution"));
+    assert_eq!(atp["method"], "attribution");
+    assert!(
+        exact.get("method").is_none(),
+        "exact traces keep their format"
+    );
+    assert_eq!((&atp["high"], &atp["low"]), (&exact["high"], &exact["low"]));
+    for kind in ["hidden", "mlp", "attn"] {
+        assert_eq!(
+            atp["scores"][kind].as_array().unwrap().len(),
+            exact["scores"][kind].as_array().unwrap().len()
+        );
+    }
+}
+
+#[test]
+fn alphaedit_and_emmet_edit_in_sequence_from_the_command_line() {
+    let dir = std::env::temp_dir().join(format!("loci-alpha-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let corpus = root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
+    let model = tiny("tiny-gpt2");
+    let first = dir.join("first.safetensors");
+    let run = |fact: [&str; 3], extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_loci"))
+            .args(["edit", "--model", &model, "--v-steps", "4", "--json"])
+            .args([
+                "--prompt",
+                fact[0],
+                "--subject",
+                fact[1],
+                "--target",
+                fact[2],
+            ])
+            .args(extra)
+            .arg("--stats")
+            .arg(dir.join("stats"))
+            .arg("--corpus")
+            .arg(&corpus)
+            .args(["--stats-tokens", "2000"])
+            .output()
+            .unwrap()
+    };
+    let eiffel = [
+        "The Eiffel Tower is located in the city of",
+        "Eiffel Tower",
+        "Rome",
+    ];
+    let jordan = [
+        "Michael Jordan plays the sport of",
+        "Michael Jordan",
+        "soccer",
+    ];
+    let alpha = [
+        "--method",
+        "alphaedit",
+        "--layers",
+        "1,2",
+        "--null-energy",
+        "0.3",
+    ];
+    let v = json(&run(
+        eiffel,
+        &[&alpha[..], &["--save-edit", first.to_str().unwrap()]].concat(),
+    ));
+    assert_eq!(v["method"], "alphaedit");
+    // The second edit is computed with the first's keys kept (read from the file it applies).
+    let v = json(&run(
+        jordan,
+        &[&alpha[..], &["--apply-edit", first.to_str().unwrap()]].concat(),
+    ));
+    assert_eq!(v["method"], "alphaedit");
+    let p = |side: &str| {
+        v["requests"][0][side]["rewrite"]["target_new"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(p("after") > p("before"), "{v}");
+    let v = json(&run(jordan, &["--method", "emmet", "--layers", "2"]));
+    assert_eq!(
+        (v["method"].as_str(), v["layers"].clone()),
+        (Some("emmet"), serde_json::json!([2]))
+    );
+
+    // Settings of another method, and a null space that is empty, are refused.
+    let err = |extra: &[&str]| String::from_utf8_lossy(&run(jordan, extra).stderr).to_string();
+    assert!(err(&["--method", "memit", "--layers", "2", "--l2", "3"]).contains("AlphaEdit's"));
+    assert!(err(&[
+        "--method",
+        "alphaedit",
+        "--layers",
+        "2",
+        "--emmet-lambda",
+        "1"
+    ])
+    .contains("EMMET's"));
+    assert!(err(&[
+        "--method",
+        "alphaedit",
+        "--layers",
+        "2",
+        "--null-threshold",
+        "1e-12"
+    ])
+    .contains("leaves no null space"));
+
+    // A sequence of AlphaEdit edits in the evaluation.
+    let data = root().join("../shared/data/counterfact/counterfact_rome_format_sample500.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
+        .args([
+            "eval",
+            "--model",
+            &model,
+            "--method",
+            "alphaedit",
+            "--layers",
+            "1,2",
+        ])
+        .args(["--null-energy", "0.3", "--n", "2", "--v-steps", "2"])
+        .args(["--sequential", "--no-generation", "--summary", "--dataset"])
+        .arg(&data)
+        .arg("--stats")
+        .arg(dir.join("stats"))
+        .output()
+        .unwrap();
+    let s = json(&out);
+    assert_eq!(s["after_all_edits"]["cases"], 2, "{s}");
+
+    // `bench edit` alone times one ROME edit; with `--methods all` every method makes its
+    // sequence too, each timed and measured.
+    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
+        .args([
+            "bench",
+            "edit",
+            "--model",
+            &model,
+            "--layer",
+            "2",
+            "--stats-tokens",
+            "2000",
+        ])
+        .arg("--json")
+        .arg("--corpus")
+        .arg(&corpus)
+        .output()
+        .unwrap();
+    let b = json(&out);
+    assert!(
+        b["p_new_after"].is_number() && b.get("methods").is_none(),
+        "{b}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
+        .args([
+            "bench",
+            "edit",
+            "--model",
+            &model,
+            "--layer",
+            "2",
+            "--stats-tokens",
+            "2000",
+        ])
+        .args([
+            "--methods",
+            "all",
+            "--edits",
+            "2",
+            "--null-energy",
+            "0.3",
+            "--json",
+        ])
+        .arg("--corpus")
+        .arg(&corpus)
+        .output()
+        .unwrap();
+    let b = json(&out);
+    let methods = b["methods"].as_array().unwrap();
+    let names: Vec<&str> = methods
+        .iter()
+        .map(|m| m["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["rome", "memit", "alphaedit", "emmet", "ft"]);
+    for m in methods {
+        assert_eq!(m["edits"], 2, "{m}");
+        assert!(
+            m["error"].is_null() && m["edits_per_second"].as_f64().unwrap() > 0.0,
+            "{m}"
+        );
+        assert!(m["peak_rss_mib"].as_f64().unwrap() > 0.0, "{m}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn memit_edits_several_facts_at_once_and_its_file_reapplies() {
     let dir = std::env::temp_dir().join(format!("loci-memit-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -152,6 +152,7 @@ pub async fn tab_edit_benchmark(
         requests: vec![req],
         layers: vec![layer],
         probes: Probes::default(),
+        null_space: None,
     };
     let (flops1, _) = pool.work().await?;
     let steps = Cell::new(0usize);

@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use leptos::prelude::*;
-use loci_core::trace::{TraceHeader, TraceKind, TraceRequest, TraceResult};
+use loci_core::trace::{TraceHeader, TraceKind, TraceMethod, TraceRequest, TraceResult};
 use loci_core::Prediction;
 use serde::Deserialize;
 
@@ -390,16 +390,32 @@ impl Runner {
         }
     }
 
-    /// Streams rows to `on_row` (false cancels) and returns the whole result.
+    /// Streams rows to `on_row` (false cancels) and returns the whole result. Attribution
+    /// patching's rows all come at the end.
     pub async fn trace(
         &self,
-        model: &str,
+        (model, method): (&str, TraceMethod),
         req: &TraceRequest,
         mut on_header: impl FnMut(&TraceHeader),
         mut on_row: impl FnMut(TraceKind, usize, Vec<f32>) -> bool,
     ) -> Result<TraceResult, String> {
         match self {
-            Runner::Server => server_trace(model, req, on_header, on_row).await,
+            Runner::Server => server_trace((model, method), req, on_header, on_row).await,
+            Runner::Tab(pool) if method == TraceMethod::Attribution => {
+                let started = files::now_ms();
+                let mut r = pool.trace_attribution(req).await?;
+                r.model = model.to_string();
+                on_header(&r.header());
+                for (&kind, grid) in &r.scores {
+                    for (token, row) in grid.iter().enumerate() {
+                        if !on_row(kind, token, row.clone()) {
+                            return Err("cancelled".into());
+                        }
+                    }
+                }
+                r.seconds = (files::now_ms() - started) / 1e3;
+                Ok(r)
+            }
             Runner::Tab(pool) => {
                 // The tab lays the result out from the header and fills it row by row.
                 let result = RefCell::new(None::<TraceResult>);

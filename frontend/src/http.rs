@@ -4,7 +4,7 @@
 use futures_util::StreamExt;
 use gloo_net::eventsource::futures::EventSource;
 use loci_core::study::StudyLine;
-use loci_core::trace::{TraceHeader, TraceKind, TraceRequest, TraceResult};
+use loci_core::trace::{TraceHeader, TraceKind, TraceMethod, TraceRequest, TraceResult};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
@@ -122,13 +122,14 @@ async fn stream<T>(
 
 /// A trace on the server, streamed; `on_row` returning false cancels (closing the stream).
 pub async fn server_trace(
-    model: &str,
+    (model, method): (&str, TraceMethod),
     req: &TraceRequest,
     mut on_header: impl FnMut(&TraceHeader),
     mut on_row: impl FnMut(TraceKind, usize, Vec<f32>) -> bool,
 ) -> Result<TraceResult, String> {
     let mut body = serde_json::to_value(req).expect("request serialises");
     body["model"] = serde_json::json!(model);
+    body["method"] = serde_json::json!(method.name());
     stream(
         "/api/trace",
         &body,

@@ -1,6 +1,6 @@
 //! Shareable links: the page's state in the URL — the screen, model and engine, the trace's
-//! prompt, subject and kinds, the edit's request, method, layer, MEMIT's further facts and the
-//! probes — so a link opens another tab on the same trace or edit; with `run=1` it runs it
+//! prompt, subject, kinds and method, the edit's request, method, layer, the MEMIT family's
+//! further facts and the probes — so a link opens another tab on the same trace or edit; with `run=1` it runs it
 //! there once the model list is in: a trace, or an edit made in that tab. An edit that would
 //! change a server's shared model, or a link whose model is not offered, waits for a click.
 
@@ -49,6 +49,9 @@ pub fn follow(s: Shared, trace: TraceState, edit: EditState) {
     if let Some(k) = text("kinds") {
         let on: Vec<&str> = k.split(',').collect();
         trace.kinds.set(KINDS.map(|name| on.contains(&name)));
+    }
+    if let Some(m) = text("trace_method").and_then(|m| m.parse().ok()) {
+        trace.method.set(m);
     }
     if let Some(t) = text("target") {
         edit.target.set(t);
@@ -141,6 +144,7 @@ pub fn trace_link(s: Shared, st: TraceState) -> String {
             ("prompt", st.prompt.get()),
             ("subject", st.subject.get()),
             ("kinds", kinds.join(",")),
+            ("trace_method", st.method.get().name().to_string()),
         ],
     )
 }

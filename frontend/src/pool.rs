@@ -15,7 +15,7 @@ use futures_channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 use futures_util::lock::Mutex;
 use futures_util::StreamExt;
 use loci_core::edit::{EditReport, KeyStats, MemitReport, StatsProvenance};
-use loci_core::trace::{TraceHeader, TraceKind, TraceRequest};
+use loci_core::trace::{TraceHeader, TraceKind, TraceRequest, TraceResult};
 use loci_core::{ModelInfo, Prediction};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
@@ -413,6 +413,21 @@ impl Pool {
             _ => None,
         };
         let mut out = self.ask(&[w], msg, predicted).await?;
+        out.pop().ok_or_else(|| "no worker answered".into())
+    }
+
+    /// A whole trace by attribution patching, on one worker.
+    pub async fn trace_attribution(&self, request: &TraceRequest) -> Result<TraceResult, String> {
+        self.ensure().await?;
+        let w = *self.alive().first().ok_or("no model worker is running")?;
+        let msg = ToWorker::TraceAttribution {
+            request: request.clone(),
+        };
+        let traced = |m| match m {
+            FromWorker::Traced(r) => Some(*r),
+            _ => None,
+        };
+        let mut out = self.ask(&[w], msg, traced).await?;
         out.pop().ok_or_else(|| "no worker answered".into())
     }
 

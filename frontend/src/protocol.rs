@@ -2,10 +2,10 @@
 //! serde defaults and tagged enums that a binary codec would not keep), file bytes inside as
 //! base64 (a JSON array of numbers would be four times bigger and slower to parse).
 
-use loci_core::edit::{EditMethod, EditReport, MemitReport, Probes, StatsProvenance};
+use loci_core::edit::{EditMethod, EditReport, MemitReport, NullSpace, Probes, StatsProvenance};
 use loci_core::eval::CounterFactCase;
 use loci_core::study::{EditProblem, StudyLine, StudyMethod};
-use loci_core::trace::{TraceHeader, TraceKind, TraceRequest};
+use loci_core::trace::{TraceHeader, TraceKind, TraceRequest, TraceResult};
 use loci_core::{ModelInfo, Prediction, RewriteRequest};
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +46,9 @@ pub struct EditJob {
     pub requests: Vec<RewriteRequest>,
     pub layers: Vec<usize>,
     pub probes: Probes,
+    /// AlphaEdit's null space, when not the paper's (eigenvalues below 2e-2).
+    #[serde(default)]
+    pub null_space: Option<NullSpace>,
 }
 
 /// Hase et al.'s study of one fact (the server's `/api/study` in the tab): each cell's edit
@@ -90,6 +93,10 @@ pub enum ToWorker {
     },
     TraceDrop {
         job: u64,
+    },
+    /// A whole trace by attribution patching (one backward pass: no rows to share out).
+    TraceAttribution {
+        request: TraceRequest,
     },
     /// Start collecting key statistics of `layers` (texts cut to `max_len` tokens).
     StatsBegin {
@@ -137,6 +144,8 @@ pub enum FromWorker {
         seconds: f64,
     },
     Prediction(Prediction),
+    /// A finished trace (attribution patching's).
+    Traced(Box<TraceResult>),
     TraceHeader {
         job: u64,
         header: TraceHeader,

@@ -5,10 +5,12 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use loci_core::edit::{AppliedEdit, Edit, EditMethod, FtHparams, KeyStats, MemitHparams};
+use loci_core::edit::{
+    AppliedEdit, Edit, EditMethod, FtHparams, KeyStats, MemitHparams, Preserved, UpdateRule,
+};
 use loci_core::edit::{RomeHparams, StatsAccumulator};
 use loci_core::study::{StudyConfig, StudyLine, StudyObserver};
-use loci_core::trace::TracePlan;
+use loci_core::trace::{Quiet, TracePlan};
 use loci_core::{DType, Device, LoadedModel};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
@@ -23,8 +25,9 @@ pub struct ModelWorker {
     /// Spread of subject-token embeddings (relative trace noise), made at load.
     embedding_std: Option<f64>,
     plans: HashMap<u64, TracePlan>,
-    /// Applied edits, newest last; each undo restores the weights it replaced.
-    edits: Vec<AppliedEdit>,
+    /// Applied edits, newest last, with what undoes each (the weights it replaced); later
+    /// AlphaEdit edits keep the keys the earlier ones record.
+    edits: Vec<(Edit, AppliedEdit)>,
     /// Key statistics per layer, for ROME and MEMIT.
     stats: HashMap<usize, KeyStats>,
     /// Statistics being collected.
@@ -183,6 +186,11 @@ impl ModelWorker {
             ToWorker::Predict { prompt, top } => Ok(FromWorker::Prediction(
                 self.model()?.predict(&prompt, top).map_err(text)?,
             )),
+            ToWorker::TraceAttribution { request } => Ok(FromWorker::Traced(Box::new(
+                self.model()?
+                    .trace_attribution(&request, self.embedding_std, &mut Quiet)
+                    .map_err(text)?,
+            ))),
             ToWorker::TracePlan { job, request } => {
                 let plan = (self.model()?)
                     .trace_plan(&request, self.embedding_std)
@@ -238,7 +246,7 @@ impl ModelWorker {
             ToWorker::Study(job) => self.study(*job),
             ToWorker::ApplyEdit { bytes } => {
                 let m = self.model.as_mut().ok_or("no model is loaded")?;
-                let (_, applied) = m.apply_file(&bytes.0).map_err(text)?;
+                let applied = m.apply_file(&bytes.0).map_err(text)?;
                 self.edits.push(applied);
                 self.plans.clear();
                 Ok(FromWorker::Edits {
@@ -247,7 +255,7 @@ impl ModelWorker {
             }
             ToWorker::UndoEdit { all } => {
                 let m = self.model.as_mut().ok_or("no model is loaded")?;
-                while let Some(a) = self.edits.pop() {
+                while let Some((_, a)) = self.edits.pop() {
                     m.undo_edit(a).map_err(text)?;
                     if !all {
                         break;
@@ -320,15 +328,23 @@ impl ModelWorker {
                     streamed(|| lm.rome_with_report(req, &hp, Some(&stats), &probes))?;
                 (Edit::Rome(e), applied, Some(Box::new(r)), None)
             }
-            EditMethod::Memit => {
-                let hp = MemitHparams::defaults(cfg, &job.layers).map_err(text)?;
+            m @ (EditMethod::Memit | EditMethod::Alphaedit | EditMethod::Emmet) => {
+                let mut hp = MemitHparams::for_method(m, cfg, &job.layers).map_err(text)?;
+                if let (Some(ns), UpdateRule::NullSpace { null_space, .. }) =
+                    (job.null_space, &mut hp.update)
+                {
+                    *null_space = ns;
+                }
                 let stats = match self.stats_of(&hp.layers) {
                     Ok(s) => s,
                     Err(layers) => return Ok(FromWorker::NeedsStats { layers }),
                 };
                 let lm = self.model.as_mut().expect("checked above");
-                let (e, applied, r) =
-                    streamed(|| lm.memit_with_report(reqs, &hp, &stats, &probes, &mut |_| {}))?;
+                // AlphaEdit keeps the keys of the edits this tab made or loaded before.
+                let preserved = Preserved::of(self.edits.iter().map(|(e, _)| e));
+                let (e, applied, r) = streamed(|| {
+                    lm.memit_with_report(reqs, &hp, &stats, &preserved, &probes, &mut |_| {})
+                })?;
                 (Edit::Memit(e), applied, None, Some(Box::new(r)))
             }
             EditMethod::Ft => {
@@ -347,7 +363,7 @@ impl ModelWorker {
                 return Err(e.to_string());
             }
         };
-        self.edits.push(applied);
+        self.edits.push((edit, applied));
         self.plans.clear();
         Ok(FromWorker::Edited {
             file: Bytes(file),

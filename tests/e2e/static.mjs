@@ -126,6 +126,21 @@ try {
   out.memit_label = await page.textContent('#edits p:last-child');
   await click('#undo');
   out.digest_memit_undone = await digest();
+  // AlphaEdit of the same two facts (its null space as 30% of the trace: this random model's
+  // spectrum has almost nothing below the paper's 2e-2), then EMMET at layer 2; both undone.
+  await page.selectOption('#edit-method', 'alphaedit');
+  await page.fill('#edit-null', '30%');
+  out.alphaedit = await click('#edit');
+  out.alphaedit_facts = Number(await page.getAttribute('#memit-result', 'data-facts'));
+  out.alphaedit_label = await page.textContent('#edits p:last-child');
+  await page.selectOption('#edit-method', 'emmet');
+  await page.fill('#edit-layer', '2');
+  out.emmet = await click('#edit');
+  out.emmet_label = await page.textContent('#edits p:last-child');
+  out.emmet_title = await page.textContent('#memit-result h3');
+  await click('#undo');
+  await click('#undo');
+  out.digest_family_undone = await digest();
   // Constrained fine-tuning at layer 1 (no statistics needed), undone.
   await page.selectOption('#edit-method', 'ft');
   await page.fill('#edit-layer', '1');
@@ -160,6 +175,12 @@ try {
   out.trace_link = traceLink;
   out.trace_linked = { status: await tracePage.textContent('#status'), engine: await tracePage.getAttribute('#trace-result', 'data-engine'), panels: await tracePage.locator('.heatmap figure.panel').count() };
   await tracePage.close();
+  // Attribution patching in the tab: the whole grid from one backward pass.
+  await page.selectOption('#trace-method', 'attribution');
+  await page.click('#trace');
+  out.attribution = await finish();
+  out.attribution_panels = await page.locator('.heatmap figure.panel').count();
+  await page.selectOption('#trace-method', 'exact');
   await go('edit');
   // A shareable link of the edit form, opened in a new tab: the same request, made there; the
   // statistics come from the browser's cache this time.

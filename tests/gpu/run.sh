@@ -130,4 +130,7 @@ want forward && { step forward bench forward --random gptj-6b --dtype f16 --toke
 want trace && { step trace bench trace --random gptj-6b --dtype f16 --prompt-tokens 12 --samples 10 --window 10 --json || rc=1; }
 want edit && { step edit bench edit --random gptj-6b --dtype f16 --layer 5 --stats-tokens 20000 --corpus "$corpus" --json || rc=1; }
 want batch && { step batch bench batch --random gptj-6b --dtype f16 --rows 64 --new-tokens 16 --json || rc=1; }
+# Not in the default steps (STEPS="methods"): every editing method's sequence of 3 edits on a
+# GPT-2-small-shaped model (AlphaEdit's null space as 30% of the random model's trace).
+want methods && { step methods bench edit --random gpt2 --layer 6 --stats-tokens 20000 --corpus "$corpus" --methods all --edits 3 --null-energy 0.3 --json || rc=1; }
 exit $rc

@@ -5,7 +5,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
-use loci_core::edit::{Edit, EditMethod, EditReport, EditSide, Probes, RewriteRequest, TargetStr};
+use loci_core::edit::{
+    Edit, EditMethod, EditReport, EditSide, Preserved, Probes, RewriteRequest, TargetStr,
+};
 use loci_core::eval::parse_cases;
 use loci_core::LoadedModel;
 
@@ -54,7 +56,8 @@ pub fn stats(a: StatsArgs) -> Result<()> {
 /// ROME's default layer and MEMIT's default layers (where the model has MEMIT defaults).
 fn default_edit_layers(lm: &loci_core::LoadedModel) -> Result<Vec<usize>> {
     let mut layers = vec![crate::workspace::rome_hparams(lm, None)?.layer];
-    if let Ok(hp) = crate::workspace::memit_hparams(lm, &[]) {
+    let memit = crate::workspace::memit_hparams(lm, EditMethod::Memit, &[], &Default::default());
+    if let Ok(hp) = memit {
         layers.extend(hp.layers);
     }
     layers.sort_unstable();
@@ -140,9 +143,10 @@ fn requests(a: &EditArgs, lm: &LoadedModel) -> Result<Vec<RewriteRequest>> {
 }
 
 pub fn edit(a: EditArgs) -> Result<()> {
+    a.edit.rule.check_for(a.edit.method)?;
     match a.edit.method {
         EditMethod::Rome => rome(a),
-        EditMethod::Memit => memit(a),
+        EditMethod::Memit | EditMethod::Alphaedit | EditMethod::Emmet => memit(a),
         EditMethod::Ft => ft(a),
     }
 }
@@ -171,7 +175,8 @@ fn one_request(a: &EditArgs, lm: &LoadedModel) -> Result<RewriteRequest> {
     let mut reqs = requests(a, lm)?;
     if reqs.len() != 1 {
         bail!(
-            "{} edits one fact at a time ({} given); use --method memit to edit them together",
+            "{} edits one fact at a time ({} given); use --method memit, alphaedit or emmet \
+             to edit them together",
             a.edit.method.name().to_uppercase(),
             reqs.len()
         );
@@ -262,23 +267,35 @@ fn print_report(report: &EditReport, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The edits `--apply-edit` applies, read again: the keys earlier AlphaEdit edits keep.
+pub(crate) fn applied_edits(model: &super::ModelArgs) -> Result<Vec<Edit>> {
+    model
+        .apply_edit
+        .iter()
+        .map(|f| Ok(Edit::from_bytes(&std::fs::read(f)?)?))
+        .collect()
+}
+
 fn memit(a: EditArgs) -> Result<()> {
     let started = Instant::now();
+    let name = a.edit.method.label();
     if a.edit.layer.is_some() {
-        bail!("--layer is for ROME; MEMIT edits --layers L1,L2,...");
+        bail!("--layer is for ROME; {name} edits --layers L1,L2,...");
     }
     let mut lm = a.model.load()?;
     let reqs = requests(&a, &lm)?;
-    let mut hp = memit_hparams(&lm, &a.edit.layers)?;
+    let mut hp = memit_hparams(&lm, a.edit.method, &a.edit.layers, &a.edit.rule)?;
     if let Some(s) = a.edit.v_steps {
         hp.v_num_grad_steps = s;
     }
     let stats = a.edit.stats.ensure_layers(&lm, &hp.layers)?;
+    let earlier = applied_edits(&a.model)?;
     let pb = ProgressBar::new_spinner();
     pb.enable_steady_tick(std::time::Duration::from_millis(200));
+    let preserved = Preserved::of(&earlier);
     let (e, _applied, mut report) =
-        lm.memit_with_report(reqs, &hp, &stats, &probes(&a), &mut |m| {
-            pb.set_message(format!("MEMIT: {m}"))
+        lm.memit_with_report(reqs, &hp, &stats, &preserved, &probes(&a), &mut |m| {
+            pb.set_message(format!("{name}: {m}"))
         })?;
     pb.finish_and_clear();
     save(&a, &lm, &Edit::Memit(e))?;
@@ -287,7 +304,7 @@ fn memit(a: EditArgs) -> Result<()> {
         return print_json(&report);
     }
     println!(
-        "MEMIT: {} facts over layers {:?}",
+        "{name}: {} facts over layers {:?}",
         report.requests.len(),
         report.layers
     );

@@ -18,7 +18,9 @@ use loci_core::LoadedModel;
 
 use loci_core::edit::EditMethod;
 
-use crate::workspace::{default_model, device, open_model, FtSettings, Precision, StatsSource};
+use crate::workspace::{
+    default_model, device, open_model, FtSettings, Precision, RuleSettings, StatsSource,
+};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -41,8 +43,9 @@ pub struct ModelArgs {
 /// The editing method and its settings, as `edit` and `eval` take them.
 #[derive(clap::Args, Debug)]
 pub struct MethodArgs {
-    /// rome (one fact, one layer), memit (many facts over several layers; `eval` writes
-    /// `--batch` cases per edit) or ft (constrained fine-tuning of one fact at --layers).
+    /// rome (one fact, one layer); memit, alphaedit or emmet (many facts over several layers;
+    /// `eval` writes `--batch` cases per edit); or ft (constrained fine-tuning of one fact at
+    /// --layers).
     #[arg(long, default_value = "rome")]
     pub method: EditMethod,
     /// ROME's edited layer (default: Loci's shipped hyper-parameters for this model).
@@ -54,6 +57,8 @@ pub struct MethodArgs {
     pub layers: Vec<usize>,
     #[command(flatten)]
     pub ft: FtSettings,
+    #[command(flatten)]
+    pub rule: RuleSettings,
     #[command(flatten)]
     pub stats: StatsSource,
     /// ROME's key in the update's denominator: `rrome` (the template-averaged key, r-ROME's

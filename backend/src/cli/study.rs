@@ -49,7 +49,7 @@ pub struct StudyRunArgs {
     /// Results (JSONL). Cases already in it are skipped, so an interrupted run continues.
     #[arg(long, required_unless_present = "stats_only")]
     pub out: Option<PathBuf>,
-    /// Editing methods: rome, memit, ft-1, ft-5 (comma-separated, or all).
+    /// Editing methods: rome, memit, alphaedit, emmet, ft-1, ft-5 (comma-separated, or all).
     #[arg(long, default_value = "rome")]
     pub methods: String,
     /// Problems: error_injection, tracing_reversal, fact_erasure, fact_amplification,

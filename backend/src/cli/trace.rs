@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use loci_core::plot;
 use loci_core::trace::{
-    AggregateCurves, NoiseSpec, TraceKind, TraceObserver, TraceRequest, TraceResult,
+    AggregateCurves, NoiseSpec, TraceKind, TraceMethod, TraceObserver, TraceRequest, TraceResult,
 };
 use loci_core::LoadedModel;
 use serde::Serialize;
@@ -42,6 +42,10 @@ pub struct TraceArgs {
     pub full_answer: bool,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// `exact` (causal tracing: every cell run) or `attribution` (attribution patching: every
+    /// cell's first-order estimate from one backward pass).
+    #[arg(long, default_value = "exact")]
+    pub method: TraceMethod,
     /// Write JSON here (`-` or no value: standard output).
     #[arg(long, num_args = 0..=1, default_missing_value = "-")]
     pub json: Option<String>,
@@ -130,12 +134,7 @@ pub fn run(a: TraceArgs) -> Result<()> {
         a.subject.clone().unwrap_or_default(),
     )?;
     let mut obs = Bar(bar(0, "tracing"));
-    let r = lm.trace(
-        &req,
-        std,
-        &mut obs,
-        crate::workspace::trace_workers(&lm.model.device),
-    )?;
+    let r = traced(&lm, a.method, &req, std, &mut obs)?;
     obs.0.finish_and_clear();
     emit(&a.json, &r)?;
     if let Some(p) = &a.plot {
@@ -147,10 +146,39 @@ pub fn run(a: TraceArgs) -> Result<()> {
     Ok(())
 }
 
+/// The trace of `req` by `method` (exact tracing's rows go to `obs` as they finish).
+fn traced(
+    lm: &LoadedModel,
+    method: TraceMethod,
+    req: &TraceRequest,
+    std: Option<f64>,
+    obs: &mut dyn TraceObserver,
+) -> Result<TraceResult> {
+    Ok(match method {
+        TraceMethod::Exact => lm.trace(
+            req,
+            std,
+            obs,
+            crate::workspace::trace_workers(&lm.model.device),
+        )?,
+        TraceMethod::Attribution => lm.trace_attribution(req, std, obs)?,
+    })
+}
+
 fn summary(r: &TraceResult) {
     println!(
-        "{:?} → {:?}: clean p = {:.4}, corrupted p = {:.4} (noise σ {:.4}, {} samples) in {:.1} s",
-        r.prompt, r.answer.token, r.high, r.low, r.noise, r.samples, r.seconds
+        "{:?} → {:?}: clean p = {:.4}, corrupted p = {:.4} (noise σ {:.4}, {} samples) in {:.1} s{}",
+        r.prompt,
+        r.answer.token,
+        r.high,
+        r.low,
+        r.noise,
+        r.samples,
+        r.seconds,
+        match r.method {
+            TraceMethod::Exact => "",
+            TraceMethod::Attribution => " (attribution patching: first-order estimates)",
+        }
     );
     for (kind, eff) in &r.tracing_effect {
         let (best, v) = eff
@@ -168,6 +196,8 @@ fn summary(r: &TraceResult) {
 #[derive(Serialize)]
 struct FactsReport {
     model: String,
+    /// Exact tracing or attribution patching.
+    method: TraceMethod,
     facts_file: String,
     n_requested: usize,
     n_traced: usize,
@@ -194,12 +224,7 @@ fn run_facts(a: &TraceArgs, lm: &LoadedModel, path: &Path, std: Option<f64>) -> 
             continue;
         }
         let req = request(a, f.prompt.clone(), f.subject.clone())?;
-        match lm.trace(
-            &req,
-            std,
-            &mut loci_core::trace::Quiet,
-            crate::workspace::trace_workers(&lm.model.device),
-        ) {
+        match traced(lm, a.method, &req, std, &mut loci_core::trace::Quiet) {
             Ok(r) => traces.push(r),
             Err(e) => {
                 // Through `suspend`: `println` is silent when stderr is not a terminal.
@@ -214,6 +239,7 @@ fn run_facts(a: &TraceArgs, lm: &LoadedModel, path: &Path, std: Option<f64>) -> 
     let aggregate = AggregateCurves::from_traces(&traces);
     let report = FactsReport {
         model: lm.name.clone(),
+        method: a.method,
         facts_file: path.display().to_string(),
         n_requested: a.n,
         n_traced: traces.len(),
@@ -227,8 +253,11 @@ fn run_facts(a: &TraceArgs, lm: &LoadedModel, path: &Path, std: Option<f64>) -> 
     }
     if a.json.as_deref() != Some("-") {
         println!(
-            "traced {} facts ({} skipped); average total effect {:.3}",
-            report.n_traced, skipped, report.aggregate.average_total_effect
+            "traced {} facts ({} skipped, method {}); average total effect {:.3}",
+            report.n_traced,
+            skipped,
+            a.method.name(),
+            report.aggregate.average_total_effect
         );
         for (kind, curve) in &report.aggregate.last_subject_token {
             let fmt = |c: &[f32]| {

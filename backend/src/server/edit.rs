@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use axum::Json;
 use loci_core::edit::overlay::view_bytes;
-use loci_core::edit::{Edit, EditMethod, KeyMode, Probes, RewriteRequest};
+use loci_core::edit::{Edit, EditMethod, KeyMode, Preserved, Probes, RewriteRequest};
 use loci_core::LoadedModel;
 use serde::{Deserialize, Serialize};
 
@@ -43,11 +43,14 @@ pub struct EditBody {
     subject: Option<String>,
     #[serde(default)]
     target: Option<String>,
-    /// "rome" (default: one fact at `layer`), "memit" (all facts at once over `layers`) or "ft"
-    /// (constrained fine-tuning of one fact at `layers`).
+    /// "rome" (default: one fact at `layer`), "memit", "alphaedit" or "emmet" (all facts at
+    /// once over `layers`) or "ft" (constrained fine-tuning of one fact at `layers`).
     #[serde(default)]
     method: Option<String>,
-    /// MEMIT: more facts, written with the one above (if any).
+    /// AlphaEdit's null space and L2, EMMET's emmet_lambda, MEMIT's and EMMET's mom2 weight.
+    #[serde(flatten)]
+    rule: crate::workspace::RuleSettings,
+    /// The MEMIT family: more facts, written with the one above (if any).
     #[serde(default)]
     requests: Vec<RewriteRequest>,
     #[serde(default)]
@@ -110,7 +113,7 @@ pub async fn edit(
         let (method, reqs) = edit_requests(&b)?;
         // Computed on a private copy: other requests go on meanwhile.
         let (mut copy, version) = private_copy(st, &v, &b.model)?;
-        let made = compute_edit(st, &b, &mut copy, method, reqs)?;
+        let made = compute_edit(st, (&b, &v), &mut copy, method, reqs)?;
         let (ids, edits) = keep(st, &v, &b.model, vec![made.edit], version)?;
         Ok(EditResponse {
             id: ids[0],
@@ -122,10 +125,30 @@ pub async fn edit(
     .await
 }
 
-/// The edit `b` asks for, computed on `lm` (which it changes).
+/// The AlphaEdit edits a visitor's copy of `name` carries, oldest first: the shared model's,
+/// then the visitor's own (none for the operator, who edits the shared model). Their recorded
+/// keys are what a new AlphaEdit edit keeps.
+fn alphaedit_edits_under(
+    st: &AppState,
+    v: &Visitor,
+    name: &str,
+) -> Result<Vec<Arc<Edit>>, ApiError> {
+    let alpha = |e: &Edit| e.method() == EditMethod::Alphaedit;
+    let served = model(st, name)?;
+    let mut out: Vec<Arc<Edit>> = read(&served)
+        .edits
+        .iter()
+        .filter(|e| alpha(&e.edit))
+        .map(|e| Arc::new(e.edit.clone()))
+        .collect();
+    out.extend(session_edits(st, v, name).into_iter().filter(|e| alpha(e)));
+    Ok(out)
+}
+
+/// The edit `b` asks for, computed on `lm` (which it changes), a copy of `v`'s view.
 fn compute_edit(
     st: &AppState,
-    b: &EditBody,
+    (b, v): (&EditBody, &Visitor),
     lm: &mut LoadedModel,
     method: EditMethod,
     reqs: Vec<RewriteRequest>,
@@ -147,11 +170,17 @@ fn compute_edit(
                 memit: None,
             }
         }
-        EditMethod::Memit => {
-            let hp = crate::workspace::memit_hparams(lm, &b.layers)
+        EditMethod::Memit | EditMethod::Alphaedit | EditMethod::Emmet => {
+            let hp = crate::workspace::memit_hparams(lm, method, &b.layers, &b.rule)
                 .map_err(|e| bad(format!("{e:#}")))?;
             let stats = shared_stats(st, &b.model, &hp.layers)?;
-            let (e, _, report) = lm.memit_with_report(reqs, &hp, &stats, &probes, &mut |_| {})?;
+            let earlier = match method {
+                EditMethod::Alphaedit => alphaedit_edits_under(st, v, &b.model)?,
+                _ => vec![],
+            };
+            let preserved = Preserved::of(earlier.iter().map(|e| e.as_ref()));
+            let (e, _, report) =
+                lm.memit_with_report(reqs, &hp, &stats, &preserved, &probes, &mut |_| {})?;
             Made {
                 edit: Edit::Memit(e),
                 report: None,
@@ -269,6 +298,9 @@ fn edit_requests(b: &EditBody) -> Result<(EditMethod, Vec<RewriteRequest>), ApiE
         )),
     };
     let method: EditMethod = b.method.as_deref().unwrap_or("rome").parse()?;
+    b.rule
+        .check_for(method)
+        .map_err(|e| bad(format!("{e:#}")))?;
     let reqs: Vec<RewriteRequest> = single.into_iter().chain(b.requests.clone()).collect();
     let refusal = match method {
         EditMethod::Rome if reqs.len() != 1 || !b.layers.is_empty() => Some(
@@ -277,11 +309,13 @@ fn edit_requests(b: &EditBody) -> Result<(EditMethod, Vec<RewriteRequest>), ApiE
         EditMethod::Ft if reqs.len() != 1 || b.layer.is_some() => {
             Some("fine-tuning edits one fact at its \"layers\"".to_string())
         }
-        EditMethod::Memit if b.layer.is_some() => {
-            Some("MEMIT edits its \"layers\", not one \"layer\"".to_string())
-        }
-        EditMethod::Memit if reqs.len() > MAX_MEMIT_REQUESTS => Some(format!(
-            "MEMIT writes at most {MAX_MEMIT_REQUESTS} facts at once"
+        m if m.takes_many_facts() && b.layer.is_some() => Some(format!(
+            "{} edits its \"layers\", not one \"layer\"",
+            m.label()
+        )),
+        m if m.takes_many_facts() && reqs.len() > MAX_MEMIT_REQUESTS => Some(format!(
+            "{} writes at most {MAX_MEMIT_REQUESTS} facts at once",
+            m.label()
         )),
         _ => None,
     };

@@ -43,7 +43,7 @@ pub struct ServedEdit {
 #[derive(Serialize)]
 pub struct EditListing {
     pub id: u64,
-    /// The method that made the edit (`rome`, `memit` or `ft` in JSON).
+    /// The method that made the edit (`rome`, `memit`, `alphaedit`, `emmet` or `ft` in JSON).
     pub method: loci_core::edit::EditMethod,
     pub layers: Vec<usize>,
     pub requests: Vec<loci_core::edit::RewriteRequest>,

@@ -130,6 +130,12 @@ pub mod units {
         (kinds * tokens * m.layers * samples * tokens) as f64 * m.pass() / 2.0
     }
 
+    /// Attribution patching: the clean and corrupted runs, then a corrupted pass and its
+    /// backward pass (about four passes of the samples' rows in all).
+    pub fn trace_attribution(tokens: usize, m: Shape, samples: usize) -> f64 {
+        (4 * samples * tokens) as f64 * m.pass()
+    }
+
     /// An edit of `facts` facts: `steps` forward and backward passes (three passes' work) over
     /// each prompt and its ten context prefixes.
     pub fn edit(tokens: usize, m: Shape, steps: usize, facts: usize) -> f64 {

@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use loci_core::trace::{TraceKind, TraceObserver, TraceRequest};
+use loci_core::trace::{TraceKind, TraceMethod, TraceObserver, TraceRequest};
 use serde::{Deserialize, Serialize};
 
 use super::jobs::*;
@@ -17,6 +17,9 @@ use super::AppState;
 #[derive(Deserialize)]
 pub struct TraceBody {
     model: String,
+    /// `exact` (default) or `attribution` (attribution patching's estimate of every cell).
+    #[serde(default)]
+    method: TraceMethod,
     #[serde(flatten)]
     request: TraceRequest,
 }
@@ -83,16 +86,12 @@ async fn trace_stream(st: Arc<AppState>, v: Visitor, b: TraceBody) -> Response {
         .into_response();
     }
     let r = &b.request;
-    let work = Work::new(
-        &v,
-        Kind::Trace,
-        units::trace(
-            units::tokens_of(&r.prompt),
-            shape(&st, &b.model),
-            r.kinds.len(),
-            r.samples,
-        ),
-    );
+    let (tokens, m) = (units::tokens_of(&r.prompt), shape(&st, &b.model));
+    let cost = match b.method {
+        TraceMethod::Exact => units::trace(tokens, m, r.kinds.len(), r.samples),
+        TraceMethod::Attribution => units::trace_attribution(tokens, m, r.samples),
+    };
+    let work = Work::new(&v, Kind::Trace, cost);
     sse_job(st, work, move |st, tx| {
         // The visitor's own view: one consistent model for the whole trace, whatever others
         // edit meanwhile.
@@ -104,7 +103,10 @@ async fn trace_stream(st: Arc<AppState>, v: Visitor, b: TraceBody) -> Response {
             _ => None,
         };
         let mut obs = SseObserver { tx: tx.clone() };
-        Ok(lm.trace(&b.request, std, &mut obs, st.trace_workers)?)
+        Ok(match b.method {
+            TraceMethod::Exact => lm.trace(&b.request, std, &mut obs, st.trace_workers)?,
+            TraceMethod::Attribution => lm.trace_attribution(&b.request, std, &mut obs)?,
+        })
     })
     .await
 }

@@ -3,7 +3,9 @@
 //! the study's defaults.
 
 use anyhow::{bail, Result};
-use loci_core::edit::{FtHparams, FtObjective, KeyMode, MemitHparams, RomeHparams};
+use loci_core::edit::{
+    EditMethod, FtHparams, FtObjective, KeyMode, MemitHparams, NullSpace, RomeHparams, UpdateRule,
+};
 use loci_core::study::{EditProblem, StudyConfig, StudyMethod};
 use loci_core::trace::NoiseSpec;
 use loci_core::LoadedModel;
@@ -46,9 +48,105 @@ pub fn ft_hparams(lm: &LoadedModel, layers: &[usize], a: &FtSettings) -> Result<
     Ok(hp)
 }
 
-/// MEMIT's defaults for this model (core's: shipped, or the paper's), at `layers` when given.
-pub fn memit_hparams(lm: &LoadedModel, layers: &[usize]) -> Result<MemitHparams> {
-    Ok(MemitHparams::defaults(&lm.model.cfg, layers)?)
+/// The MEMIT family's settings beyond the layers (AlphaEdit's and EMMET's update rules).
+#[derive(clap::Args, Debug, Default, Clone, serde::Deserialize)]
+#[serde(default)]
+pub struct RuleSettings {
+    /// AlphaEdit: the null space is the key statistics' eigenvalues below this (paper: 2e-2).
+    #[arg(long, conflicts_with = "null_energy")]
+    pub null_threshold: Option<f64>,
+    /// AlphaEdit: the null space is the smallest eigen-directions holding at most this
+    /// fraction of the statistics' trace (scale-free; instead of --null-threshold).
+    #[arg(long)]
+    pub null_energy: Option<f64>,
+    /// AlphaEdit: the ridge L2 of the projected system (paper: 10).
+    #[arg(long)]
+    pub l2: Option<f64>,
+    /// EMMET: the batch's ridge μ, relative to λ (paper: 0.1).
+    #[arg(long)]
+    pub emmet_lambda: Option<f64>,
+    /// MEMIT and EMMET: λ, the weight of the corpus keys (default: the model's settings).
+    #[arg(long)]
+    pub mom2_weight: Option<f64>,
+}
+
+impl RuleSettings {
+    /// The settings that belong to `method` (for runs of several methods with one set).
+    pub fn of(&self, method: EditMethod) -> RuleSettings {
+        let alpha = method == EditMethod::Alphaedit;
+        RuleSettings {
+            null_threshold: self.null_threshold.filter(|_| alpha),
+            null_energy: self.null_energy.filter(|_| alpha),
+            l2: self.l2.filter(|_| alpha),
+            emmet_lambda: self.emmet_lambda.filter(|_| method == EditMethod::Emmet),
+            mom2_weight: self
+                .mom2_weight
+                .filter(|_| method.takes_many_facts() && !alpha),
+        }
+    }
+
+    /// Refuses settings given for a method that has none of them (ROME, fine-tuning).
+    pub fn check_for(&self, method: EditMethod) -> Result<()> {
+        let given = [
+            self.null_threshold,
+            self.null_energy,
+            self.l2,
+            self.emmet_lambda,
+            self.mom2_weight,
+        ];
+        if !method.takes_many_facts() && given.iter().any(Option::is_some) {
+            bail!(
+                "the null space, L2, emmet_lambda and mom2 weight are settings of the MEMIT \
+                 family (memit, alphaedit, emmet), not of {}",
+                method.label()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The defaults of a MEMIT-family `method` for this model (core's: shipped, or the paper's),
+/// at `layers` when given, with the command line's or request's rule settings; a setting of
+/// another method is refused.
+pub fn memit_hparams(
+    lm: &LoadedModel,
+    method: EditMethod,
+    layers: &[usize],
+    rule: &RuleSettings,
+) -> Result<MemitHparams> {
+    if rule.null_threshold.is_some() && rule.null_energy.is_some() {
+        bail!("give AlphaEdit's null space as a threshold or as an energy, not both");
+    }
+    let mut hp = MemitHparams::for_method(method, &lm.model.cfg, layers)?;
+    if let Some(w) = rule.mom2_weight {
+        if method == EditMethod::Alphaedit {
+            bail!("AlphaEdit does not weigh the corpus keys (mom2 weight); set its null space");
+        }
+        hp.mom2_update_weight = w;
+    }
+    match &mut hp.update {
+        UpdateRule::NullSpace { null_space, l2 } => {
+            if let Some(t) = rule.null_threshold {
+                *null_space = NullSpace::Below(t);
+            }
+            if let Some(f) = rule.null_energy {
+                *null_space = NullSpace::Energy(f);
+            }
+            *l2 = rule.l2.unwrap_or(*l2);
+        }
+        UpdateRule::Equality { emmet_lambda } => {
+            *emmet_lambda = rule.emmet_lambda.unwrap_or(*emmet_lambda)
+        }
+        UpdateRule::LeastSquares => {}
+    }
+    let alpha = [rule.null_threshold, rule.null_energy, rule.l2];
+    if method != EditMethod::Alphaedit && alpha.iter().any(Option::is_some) {
+        bail!("the null space and L2 are AlphaEdit's settings (--method alphaedit)");
+    }
+    if method != EditMethod::Emmet && rule.emmet_lambda.is_some() {
+        bail!("emmet_lambda is EMMET's setting (--method emmet)");
+    }
+    Ok(hp)
 }
 
 /// ROME's `--key-mode`.

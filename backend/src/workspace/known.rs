@@ -26,7 +26,7 @@ const KNOWN_1000: &str = include_str!("../../../static/data/known_1000.json");
 pub fn known_subjects(known: Option<&Path>) -> Result<(String, Vec<String>)> {
     let facts: Vec<KnownFact> = match known {
         Some(p) => read_facts(p)?,
-        None => serde_json::from_str(KNOWN_1000).expect("bundled known_1000.json parses"),
+        None => bundled_facts(),
     };
     let name = known.map_or_else(
         || "bundled known_1000.json".to_string(),
@@ -35,11 +35,14 @@ pub fn known_subjects(known: Option<&Path>) -> Result<(String, Vec<String>)> {
     Ok((name, facts.into_iter().map(|f| f.subject).collect()))
 }
 
+/// The bundled known facts.
+pub fn bundled_facts() -> Vec<KnownFact> {
+    serde_json::from_str(KNOWN_1000).expect("bundled known_1000.json parses")
+}
+
 /// The bundled facts as sentences ("prompt attribute"): a corpus that needs no data folder.
 pub fn bundled_fact_texts() -> Vec<String> {
-    let facts: Vec<KnownFact> =
-        serde_json::from_str(KNOWN_1000).expect("bundled known_1000.json parses");
-    facts
+    bundled_facts()
         .into_iter()
         .map(|f| format!("{}{}.", f.prompt, f.attribute))
         .collect()
@@ -48,9 +51,7 @@ pub fn bundled_fact_texts() -> Vec<String> {
 /// The bundled facts' prompts ("Vinson Massif is located in the continent of"): requests that
 /// differ, as strangers' would.
 pub fn bundled_fact_prompts() -> Vec<String> {
-    let facts: Vec<KnownFact> =
-        serde_json::from_str(KNOWN_1000).expect("bundled known_1000.json parses");
-    facts.into_iter().map(|f| f.prompt).collect()
+    bundled_facts().into_iter().map(|f| f.prompt).collect()
 }
 
 /// The facts of a known_1000-style JSON file.

@@ -10,8 +10,12 @@ mod models;
 mod stats;
 
 pub use atomic::write_atomic;
-pub use defaults::{ft_hparams, key_mode, memit_hparams, rome_hparams, study_config, FtSettings};
-pub use known::{bundled_fact_prompts, bundled_fact_texts, cached_embedding_std, read_facts};
+pub use defaults::{
+    ft_hparams, key_mode, memit_hparams, rome_hparams, study_config, FtSettings, RuleSettings,
+};
+pub use known::{
+    bundled_fact_prompts, bundled_fact_texts, bundled_facts, cached_embedding_std, read_facts,
+};
 pub use models::{default_model, device, open_model, trace_workers, workers, Precision, WORKERS};
 pub use stats::{
     collect, corpus_file, corpus_texts, default_corpus, feed, stats_dir, StatsCache, StatsSource,

@@ -1,4 +1,5 @@
-//! The little dense linear algebra ROME needs, in f64: Cholesky factor and solve. Small blocks
+//! The little dense linear algebra the editors need, in f64: Cholesky factor and solve, and a
+//! symmetric eigen-decomposition (AlphaEdit's null space). Small blocks
 //! are factored on the host; the big products of a recursive factorisation run on the device, so
 //! a GPT-J key covariance (16384²) factors in a fraction of a second on a GPU.
 
@@ -186,10 +187,74 @@ fn factor_inverse(a: &Tensor, offset: usize) -> Result<Tensor> {
     Ok(Tensor::cat(&[&top, &bottom], 0)?)
 }
 
+/// The eigen-decomposition of a symmetric matrix: `A = V diag(values) Vᵀ`.
+#[derive(Debug)]
+pub struct SymmetricEigen {
+    /// The eigenvalues, ascending.
+    pub values: Vec<f64>,
+    /// `[n, n]` row-major: column `j` is the unit eigenvector of `values[j]`.
+    pub vectors: Vec<f64>,
+}
+
+/// The eigen-decomposition of symmetric row-major `a` (n × n), by faer's Householder
+/// tridiagonalisation and divide and conquer (about 9n³ flops; 0.7 s at n = 1536 on one core).
+pub fn symmetric_eigen(a: &[f64], n: usize) -> Result<SymmetricEigen> {
+    if a.len() != n * n {
+        return Err(LociError::input("eigen-decomposition: matrix is not n × n"));
+    }
+    if a.iter().any(|x| !x.is_finite()) {
+        return Err(LociError::input(
+            "eigen-decomposition: the matrix has NaN or infinite entries",
+        ));
+    }
+    crate::flops::add(9 * (n as u64).pow(3));
+    // Only the lower triangle is read; averaging with the upper keeps a matrix that is
+    // symmetric up to rounding from depending on which half was rounded.
+    let m = faer::Mat::<f64>::from_fn(n, n, |i, j| 0.5 * (a[i * n + j] + a[j * n + i]));
+    let eig = m
+        .self_adjoint_eigen(faer::Side::Lower)
+        .map_err(|e| LociError::model(format!("eigen-decomposition failed: {e:?}")))?;
+    let (s, u) = (eig.S(), eig.U());
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&i, &j| s[i].total_cmp(&s[j]));
+    let values = order.iter().map(|&j| s[j]).collect();
+    let mut vectors = vec![0f64; n * n];
+    for (col, &j) in order.iter().enumerate() {
+        for i in 0..n {
+            vectors[i * n + col] = u[(i, j)];
+        }
+    }
+    Ok(SymmetricEigen { values, vectors })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn the_eigen_decomposition_reconstructs_the_matrix() {
+        let n = 40;
+        let mut rng = crate::rng::SplitMix64::new(9);
+        let b: Vec<f64> = (0..n * n).map(|_| rng.next_f64() - 0.5).collect();
+        let a: Vec<f64> = (0..n * n)
+            .map(|ij| {
+                let (i, j) = (ij / n, ij % n);
+                0.5 * (b[i * n + j] + b[j * n + i])
+            })
+            .collect();
+        let e = symmetric_eigen(&a, n).unwrap();
+        assert!(e.values.windows(2).all(|w| w[0] <= w[1]), "ascending");
+        for (j, &lambda) in e.values.iter().enumerate() {
+            let v: Vec<f64> = (0..n).map(|i| e.vectors[i * n + j]).collect();
+            assert!((dot(&v, &v) - 1.0).abs() < 1e-12, "unit length");
+            for i in 0..n {
+                let av = dot(&a[i * n..(i + 1) * n], &v);
+                assert!((av - lambda * v[i]).abs() < 1e-10, "A v = λ v, row {i}");
+            }
+        }
+        assert!(symmetric_eigen(&[1.0, f64::NAN, f64::NAN, 1.0], 2).is_err());
+    }
 
     #[test]
     fn the_recursive_factor_solves_like_the_plain_one() {

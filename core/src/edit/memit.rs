@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::delta::{AppliedEdit, LayerDelta, WeightChange};
 use super::linalg;
 use super::rome::{ValueCase, ValueOut, ValueSpec};
+use super::rules::{LayerSolver, NullSpace, Preserved, UpdateRule};
 use super::stats::KeyStats;
 use crate::clock::Laps;
 use crate::error::{LociError, Result};
@@ -49,6 +50,10 @@ pub struct MemitHparams {
     /// optimised and the keys are read.
     #[serde(flatten)]
     pub goal: super::EditGoal,
+    /// How each layer's update is solved: MEMIT's least squares (the default), EMMET's
+    /// equality constraints or AlphaEdit's null-space projection.
+    #[serde(default)]
+    pub update: UpdateRule,
 }
 
 /// Per-model defaults shipped with Loci (`core/hparams/memit/*.json`).
@@ -57,6 +62,22 @@ const HPARAM_FILES: [&str; 3] = [
     include_str!("../../hparams/memit/gpt-j-6b.json"),
     include_str!("../../hparams/memit/smollm2-135m.json"),
 ];
+
+/// EMMET's per-model defaults (`core/hparams/emmet/*.json`).
+const EMMET_FILES: [&str; 3] = [
+    include_str!("../../hparams/emmet/gpt2-xl.json"),
+    include_str!("../../hparams/emmet/gpt-j-6b.json"),
+    include_str!("../../hparams/emmet/smollm2-135m.json"),
+];
+
+/// AlphaEdit's paper settings: eigenvalues of C below 2e-2 are the null space; ridge L2 = 10.
+pub const ALPHAEDIT_RULE: UpdateRule = UpdateRule::NullSpace {
+    null_space: NullSpace::Below(2e-2),
+    l2: 10.0,
+};
+
+/// EMMET's paper setting: the batch's ridge is 0.1 λ.
+pub const EMMET_RULE: UpdateRule = UpdateRule::Equality { emmet_lambda: 0.1 };
 
 impl MemitHparams {
     /// The shipped hyper-parameters for a model of this shape, if Loci has them.
@@ -77,6 +98,48 @@ impl MemitHparams {
         )
     }
 
+    /// The defaults of a MEMIT-family `method` for this model, at `layers` when given.
+    /// AlphaEdit is MEMIT's settings (its authors ship MEMIT's per model) with the null-space
+    /// rule. EMMET's are shipped per model (one layer); elsewhere they are its authors' GPT-J
+    /// values (λ = 1) at `layers`, which must then be given. ROME and FT are refused.
+    pub fn for_method(
+        method: super::EditMethod,
+        cfg: &crate::config::ModelConfig,
+        layers: &[usize],
+    ) -> Result<Self> {
+        use super::EditMethod as M;
+        match method {
+            M::Memit => Self::defaults(cfg, layers),
+            M::Alphaedit => Ok(Self {
+                update: ALPHAEDIT_RULE,
+                ..Self::defaults(cfg, layers)?
+            }),
+            M::Emmet => {
+                let shipped = super::method::shipped_for::<Self>(&EMMET_FILES, cfg);
+                super::method::layered_defaults(
+                    shipped,
+                    layers,
+                    cfg.n_layer,
+                    "EMMET",
+                    |l| Self {
+                        mom2_update_weight: 1.0,
+                        update: EMMET_RULE,
+                        ..Self::at_layers(l)
+                    },
+                    |hp, l| hp.layers = l,
+                )
+            }
+            M::Rome | M::Ft => Err(LociError::input(format!(
+                "{method} is not a MEMIT-family method"
+            ))),
+        }
+    }
+
+    /// The method these settings make: MEMIT, EMMET or AlphaEdit, by the update rule.
+    pub fn method(&self) -> super::EditMethod {
+        self.update.method()
+    }
+
     /// GPT-J's official values at other layers.
     pub fn at_layers(layers: Vec<usize>) -> Self {
         Self {
@@ -93,14 +156,17 @@ impl MemitHparams {
             context_length: 10,
             seed: 1,
             goal: super::EditGoal::default(),
+            update: UpdateRule::LeastSquares,
         }
     }
 
     fn z_spec(&self) -> Result<ValueSpec> {
-        let z_layer = *self
-            .layers
-            .last()
-            .ok_or_else(|| LociError::input("MEMIT needs at least one layer"))?;
+        let z_layer = *self.layers.last().ok_or_else(|| {
+            LociError::input(format!(
+                "{} needs at least one layer",
+                self.method().label()
+            ))
+        })?;
         Ok(ValueSpec {
             site: Site::Block(z_layer),
             steps: self.v_num_grad_steps,
@@ -114,15 +180,18 @@ impl MemitHparams {
     }
 }
 
-/// One layer's share of a MEMIT edit: `ΔW = Σᵢ rightᵢ leftᵢᵀ`, one term per request.
+/// One layer's share of a MEMIT-family edit: `ΔW = Σᵢ rightᵢ leftᵢᵀ`, one term per request.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MemitLayer {
     /// The edited layer.
     pub layer: usize,
-    /// `[requests, d_ff]`: `(λC + K Kᵀ)⁻¹ kᵢ`.
+    /// `[requests, d_ff]`: the update rule's left vectors (MEMIT: `(λC + K Kᵀ)⁻¹ kᵢ`).
     pub left: Vec<f32>,
     /// `[requests, d_model]`: this layer's share of `zᵢ − hᵢ`.
     pub right: Vec<f32>,
+    /// `[requests, d_ff]`: the requests' keys as the edited model reads them, which later
+    /// AlphaEdit edits keep (AlphaEdit's `K_p`); empty for the other rules.
+    pub keys: Vec<f32>,
 }
 
 /// What the computation did, for reports.
@@ -193,6 +262,13 @@ impl MemitEdit {
             .layers
             .iter()
             .flat_map(|l| {
+                let keys = (!l.keys.is_empty()).then(|| {
+                    (
+                        format!("keys.{}", l.layer),
+                        vec![n, l.keys.len() / n],
+                        &l.keys[..],
+                    )
+                });
                 [
                     (
                         format!("left.{}", l.layer),
@@ -205,6 +281,8 @@ impl MemitEdit {
                         &l.right[..],
                     ),
                 ]
+                .into_iter()
+                .chain(keys)
             })
             .collect();
         super::file::write(FILE_KEY, &meta, &tensors)
@@ -229,10 +307,27 @@ impl MemitEdit {
             };
             let left = matrix(format!("left.{layer}"))?;
             let right = matrix(format!("right.{layer}"))?;
-            if left.iter().chain(&right).any(|x| !x.is_finite()) {
+            let keys = match meta.hparams.update {
+                UpdateRule::NullSpace { .. } => matrix(format!("keys.{layer}"))?,
+                _ => vec![],
+            };
+            if keys.len() != left.len() && !keys.is_empty() {
+                return Err(file.bad(format!("keys.{layer} is not as wide as left.{layer}")));
+            }
+            if left
+                .iter()
+                .chain(&right)
+                .chain(&keys)
+                .any(|x| !x.is_finite())
+            {
                 return Err(file.bad("NaN or infinite values".into()));
             }
-            layers.push(MemitLayer { layer, left, right });
+            layers.push(MemitLayer {
+                layer,
+                left,
+                right,
+                keys,
+            });
         }
         Ok(Self {
             layers,
@@ -312,14 +407,18 @@ impl MemitHparams {
         stats: &[KeyStats],
         n_layer: usize,
     ) -> Result<ValueSpec> {
+        let name = self.method().label();
         if reqs.is_empty() {
-            return Err(LociError::input("MEMIT needs at least one request"));
+            return Err(LociError::input(format!(
+                "{name} needs at least one request"
+            )));
         }
         if self.layers.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(LociError::input(
-                "MEMIT's layers must be ascending and distinct",
-            ));
+            return Err(LociError::input(format!(
+                "{name}'s layers must be ascending and distinct"
+            )));
         }
+        self.update.check()?;
         let spec = self.z_spec()?;
         super::method::check_layers(&self.layers, n_layer)?;
         if self.mom2_update_weight.is_nan() || self.mom2_update_weight <= 0.0 {
@@ -348,11 +447,20 @@ struct Spread<'a> {
     spec: &'a ValueSpec,
 }
 
+/// What every edit of a batch is computed with: z's settings, each layer's solver, the
+/// context templates.
+type Plan<'p, 's> = (&'p ValueSpec, &'p [LayerSolver<'s>], &'p [String]);
+
+/// Whether an AlphaEdit edit records its facts' keys for later edits to keep (not for the
+/// independent one-fact edits of `memit_batch`).
+#[derive(Clone, Copy)]
+struct RecordKeys(bool);
+
 impl LoadedModel {
-    /// Computes a MEMIT edit of all `reqs` at once (does not apply it); `stats[i]` are the key
-    /// statistics of `hp.layers[i]`. `progress` hears each phase. The weights are changed
-    /// while it runs (each layer's update shapes the next layer's keys) and restored after,
-    /// also on error.
+    /// Computes a MEMIT-family edit of all `reqs` at once (does not apply it); `stats[i]` are
+    /// the key statistics of `hp.layers[i]`. `progress` hears each phase. The weights are
+    /// changed while it runs (each layer's update shapes the next layer's keys) and restored
+    /// after, also on error.
     pub fn memit(
         &mut self,
         reqs: &[RewriteRequest],
@@ -360,10 +468,23 @@ impl LoadedModel {
         stats: &[KeyStats],
         progress: &mut dyn FnMut(&str),
     ) -> Result<MemitEdit> {
+        self.memit_preserving(reqs, hp, stats, &Preserved::default(), progress)
+    }
+
+    /// `memit` after earlier edits whose keys AlphaEdit keeps (`preserved`, e.g.
+    /// `Preserved::of(the edits applied so far)`); the other rules ignore them.
+    pub fn memit_preserving(
+        &mut self,
+        reqs: &[RewriteRequest],
+        hp: &MemitHparams,
+        stats: &[KeyStats],
+        preserved: &Preserved,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<MemitEdit> {
         let spec = hp.check(reqs, stats, self.model.n_layer())?;
         let targets = self.memit_targets(reqs)?;
         let mut laps = Laps::start();
-        let factors = self.memit_factors(hp, stats)?;
+        let solvers = self.memit_solvers(hp, stats, reqs.len(), preserved)?;
         laps.lap("covariance_factor");
         let templates = memit_context_templates(self, hp)?;
         laps.lap("templates");
@@ -379,8 +500,9 @@ impl LoadedModel {
             .into_iter()
             .collect::<Result<Vec<_>>>()?;
         laps.lap("targets");
-        let plan = (&spec, &factors[..], &templates[..]);
-        self.memit_from_targets(reqs, zs, hp, plan, laps, progress)
+        let plan = (&spec, &solvers[..], &templates[..]);
+        let record = RecordKeys(true);
+        self.memit_from_targets(reqs, zs, hp, (plan, record), laps, progress)
     }
 
     /// Independent one-request MEMIT edits of many requests, each the edit `memit` makes of it
@@ -395,7 +517,7 @@ impl LoadedModel {
     ) -> Result<Vec<Result<MemitEdit>>> {
         let spec = hp.check(reqs, stats, self.model.n_layer())?;
         let mut laps = Laps::start();
-        let factors = self.memit_factors(hp, stats)?;
+        let solvers = self.memit_solvers(hp, stats, 1, &Preserved::default())?;
         laps.lap("covariance_factor");
         let templates = memit_context_templates(self, hp)?;
         laps.lap("templates");
@@ -415,32 +537,41 @@ impl LoadedModel {
             .collect();
         let mut zs = self.compute_values(&cases, &spec, &templates)?.into_iter();
         laps.lap("targets");
-        let plan = (&spec, &factors[..], &templates[..]);
+        let plan = (&spec, &solvers[..], &templates[..]);
         let mut out = vec![];
         for (req, target) in reqs.iter().zip(targets) {
             out.push(match target {
                 Err(e) => Err(e),
                 Ok(_) => zs.next().expect("a z per target").and_then(|z| {
                     let one = std::slice::from_ref(req);
-                    self.memit_from_targets(one, vec![z], hp, plan, laps.clone(), &mut |_| {})
+                    // Independent edits, never kept in a sequence: no keys to record.
+                    let how = (plan, RecordKeys(false));
+                    self.memit_from_targets(one, vec![z], hp, how, laps.clone(), &mut |_| {})
                 }),
             });
         }
         Ok(out)
     }
 
-    /// The key statistics' factors of `hp.layers`, each checked against the model.
-    fn memit_factors<'s>(
+    /// The solvers of `hp.layers` for batches of `n` facts, each layer's statistics checked
+    /// against the model.
+    fn memit_solvers<'s>(
         &self,
         hp: &MemitHparams,
         stats: &'s [KeyStats],
-    ) -> Result<Vec<&'s linalg::CholeskyFactor>> {
-        let mut factors = vec![];
+        n: usize,
+        preserved: &Preserved,
+    ) -> Result<Vec<LayerSolver<'s>>> {
+        let mut solvers = vec![];
         for (s, &l) in stats.iter().zip(&hp.layers) {
             s.check_fits(self, l)?;
-            factors.push(s.factor(&self.model.device)?);
+            let at = (l, n);
+            let solver =
+                hp.update
+                    .solver(s, hp.mom2_update_weight, at, preserved, &self.model.device)?;
+            solvers.push(solver);
         }
-        Ok(factors)
+        Ok(solvers)
     }
 
     /// The edit from the requests' optimised targets: the spread over the layers.
@@ -449,7 +580,7 @@ impl LoadedModel {
         reqs: &[RewriteRequest],
         zs: Vec<ValueOut>,
         hp: &MemitHparams,
-        (spec, factors, templates): (&ValueSpec, &[&linalg::CholeskyFactor], &[String]),
+        ((spec, solvers, templates), record): (Plan, RecordKeys),
         mut laps: Laps,
         progress: &mut dyn FnMut(&str),
     ) -> Result<MemitEdit> {
@@ -465,7 +596,14 @@ impl LoadedModel {
             spec,
         };
         let mut changed = AppliedEdit { originals: vec![] };
-        let result = self.memit_spread(hp, &plan, factors, &mut changed, progress);
+        let result = self
+            .memit_spread(hp, &plan, solvers, &mut changed, progress)
+            .and_then(|(mut layers, gaps)| {
+                if record.0 && matches!(hp.update, UpdateRule::NullSpace { .. }) {
+                    self.record_edited_keys(&mut layers, &plan)?;
+                }
+                Ok((layers, gaps))
+            });
         self.undo_edit(changed)?;
         let (layers, z_gap) = result?;
         laps.lap("spread");
@@ -503,13 +641,13 @@ impl LoadedModel {
         &mut self,
         hp: &MemitHparams,
         plan: &Spread,
-        factors: &[&linalg::CholeskyFactor],
+        solvers: &[LayerSolver],
         changed: &mut AppliedEdit,
         progress: &mut dyn FnMut(&str),
     ) -> Result<(Vec<MemitLayer>, Vec<f32>)> {
         let mut z_gap = vec![];
         let mut layers = vec![];
-        for (i, (&l, factor)) in hp.layers.iter().zip(factors).enumerate() {
+        for (i, (&l, solver)) in hp.layers.iter().zip(solvers).enumerate() {
             progress(&format!("layer {l} ({}/{})", i + 1, hp.layers.len()));
             let share = (hp.layers.len() - i) as f64;
             let (keys, gaps) = self.memit_keys_gaps(l, plan)?;
@@ -523,13 +661,14 @@ impl LoadedModel {
                 .iter()
                 .map(|g| g.iter().map(|x| x / share).collect())
                 .collect();
-            let left = spread_keys(factor, &keys, hp.mom2_update_weight)?;
+            let left = solver.lefts(&keys, l)?;
             let flat =
                 |v: &[Vec<f64>]| -> Vec<f32> { v.iter().flatten().map(|&x| x as f32).collect() };
             let layer = MemitLayer {
                 layer: l,
                 left: flat(&left),
                 right: flat(&residuals),
+                keys: vec![],
             };
             if layer
                 .left
@@ -554,6 +693,16 @@ impl LoadedModel {
             layers.push(layer);
         }
         Ok((layers, z_gap))
+    }
+
+    /// Records each layer's keys of the requests as the edited model (every layer's update
+    /// applied) reads them: what later AlphaEdit edits keep.
+    fn record_edited_keys(&self, layers: &mut [MemitLayer], plan: &Spread) -> Result<()> {
+        for layer in layers {
+            let (keys, _) = self.memit_keys_gaps(layer.layer, plan)?;
+            layer.keys = keys.iter().flatten().map(|&x| x as f32).collect();
+        }
+        Ok(())
     }
 
     /// Per request at layer `l`: the key (half the bare prompt's, half the contexts' mean) and

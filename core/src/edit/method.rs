@@ -13,19 +13,33 @@ pub enum EditMethod {
     Rome,
     /// MEMIT (Meng et al. 2023): many facts, the update spread over several layers.
     Memit,
+    /// EMMET (Gupta et al. 2024): MEMIT's spread with each edited key's output set exactly.
+    Emmet,
+    /// AlphaEdit (Fang et al. 2025): MEMIT's spread confined to the null space of what the
+    /// model knows, earlier edits kept: thousands of edits in sequence without collapse.
+    Alphaedit,
     /// Constrained fine-tuning (Zhu et al. 2020, as ROME's FT-L baseline).
     Ft,
 }
 
 impl EditMethod {
     /// Every method, in the order menus list them.
-    pub const ALL: [EditMethod; 3] = [EditMethod::Rome, EditMethod::Memit, EditMethod::Ft];
+    pub const ALL: [EditMethod; 5] = [
+        EditMethod::Rome,
+        EditMethod::Memit,
+        EditMethod::Alphaedit,
+        EditMethod::Emmet,
+        EditMethod::Ft,
+    ];
 
-    /// The method's name on the command line and in the API: `rome`, `memit` or `ft`.
+    /// The method's name on the command line and in the API: `rome`, `memit`, `alphaedit`,
+    /// `emmet` or `ft`.
     pub fn name(self) -> &'static str {
         match self {
             EditMethod::Rome => "rome",
             EditMethod::Memit => "memit",
+            EditMethod::Emmet => "emmet",
+            EditMethod::Alphaedit => "alphaedit",
             EditMethod::Ft => "ft",
         }
     }
@@ -35,13 +49,19 @@ impl EditMethod {
         match self {
             EditMethod::Rome => "ROME",
             EditMethod::Memit => "MEMIT",
+            EditMethod::Emmet => "EMMET",
+            EditMethod::Alphaedit => "AlphaEdit",
             EditMethod::Ft => "fine-tuning",
         }
     }
 
-    /// Whether the method edits many facts in one update (the others take one fact).
+    /// Whether the method edits many facts in one update (the others take one fact): the
+    /// MEMIT family, which shares [`MemitHparams`](super::MemitHparams) and its edit files.
     pub fn takes_many_facts(self) -> bool {
-        self == EditMethod::Memit
+        matches!(
+            self,
+            EditMethod::Memit | EditMethod::Emmet | EditMethod::Alphaedit
+        )
     }
 }
 
@@ -57,7 +77,10 @@ impl std::str::FromStr for EditMethod {
         EditMethod::ALL
             .into_iter()
             .find(|m| m.name() == s)
-            .ok_or_else(|| LociError::input(format!("method {s:?}: use rome, memit or ft")))
+            .ok_or_else(|| {
+                let names: Vec<&str> = EditMethod::ALL.iter().map(|m| m.name()).collect();
+                LociError::input(format!("method {s:?}: use one of {}", names.join(", ")))
+            })
     }
 }
 

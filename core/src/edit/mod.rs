@@ -1,4 +1,5 @@
-//! Model editing: key statistics, ROME, MEMIT and constrained fine-tuning.
+//! Model editing: key statistics, ROME, the MEMIT family (MEMIT, EMMET, AlphaEdit) and
+//! constrained fine-tuning.
 
 pub mod delta;
 mod file;
@@ -11,6 +12,7 @@ pub mod method;
 pub mod overlay;
 pub mod report;
 pub mod rome;
+pub mod rules;
 pub mod saved;
 pub mod stats;
 
@@ -19,6 +21,7 @@ pub use ft::{FtEdit, FtHparams, FtLayer, FtObjective, FtStats};
 pub use hooked::RowEdits;
 pub use memit::{MemitEdit, MemitHparams, MemitLayer, MemitStats};
 pub use method::EditMethod;
+pub use rules::{NullSpace, Preserved, UpdateRule};
 pub use saved::{Edit, MadeFor};
 
 pub use crate::request::{RewriteRequest, TargetStr};

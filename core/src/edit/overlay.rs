@@ -63,9 +63,10 @@ impl LoadedModel {
 }
 
 /// The bytes a view holds of its own for `edit`: the factors of a low-rank change, a copy of the
-/// layer for a dense or bias change (`layer_bytes` each).
+/// layer for a dense or bias change (`layer_bytes` each), and the keys an AlphaEdit edit records.
 pub fn view_bytes(edit: &Edit, layer_bytes: usize) -> usize {
-    edit.deltas()
+    let changes: usize = edit
+        .deltas()
         .iter()
         .map(|d| match d.weight {
             WeightChange::LowRank { right, left, .. } if d.bias.is_none() => {
@@ -73,5 +74,10 @@ pub fn view_bytes(edit: &Edit, layer_bytes: usize) -> usize {
             }
             _ => layer_bytes,
         })
-        .sum()
+        .sum();
+    let keys: usize = match edit {
+        Edit::Memit(m) => m.layers.iter().map(|l| l.keys.len()).sum(),
+        _ => 0,
+    };
+    changes + keys * DType::F32.size_in_bytes()
 }

@@ -80,9 +80,11 @@ pub struct RequestReport {
     pub generations: Generations,
 }
 
-/// A MEMIT edit of several facts with each one's probes read before and after.
+/// A MEMIT-family edit of several facts with each one's probes read before and after.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct MemitReport {
+    /// MEMIT, EMMET or AlphaEdit.
+    pub method: super::EditMethod,
     /// The changed layers, in the edit's order.
     pub layers: Vec<usize>,
     /// One read-out per request, in request order.
@@ -298,24 +300,28 @@ impl LoadedModel {
         Ok((e, applied, reports))
     }
 
-    /// Computes a MEMIT edit of all `reqs`, applies it and reads each request's probes before
-    /// and after (`probes` are read for every request). On error the model is unchanged.
+    /// Computes a MEMIT-family edit of all `reqs` (after earlier edits whose keys AlphaEdit
+    /// keeps: `preserved`), applies it and reads each request's probes before and after
+    /// (`probes` are read for every request). On error the model is unchanged.
     pub fn memit_with_report(
         &mut self,
         reqs: Vec<RewriteRequest>,
         hp: &MemitHparams,
         stats: &[KeyStats],
+        preserved: &super::Preserved,
         probes: &Probes,
         progress: &mut dyn FnMut(&str),
     ) -> Result<(MemitEdit, AppliedEdit, MemitReport)> {
         let started = crate::clock::now_seconds();
         let (e, applied, requests) = self.read_around(reqs, probes, |lm, reqs| {
-            Ok(Edit::Memit(lm.memit(reqs, hp, stats, progress)?))
+            let e = lm.memit_preserving(reqs, hp, stats, preserved, progress)?;
+            Ok(Edit::Memit(e))
         })?;
         let Edit::Memit(e) = e else {
             unreachable!("memit() makes MEMIT edits")
         };
         let report = MemitReport {
+            method: hp.method(),
             layers: e.layers.iter().map(|l| l.layer).collect(),
             requests,
             delta_norms: e.deltas().iter().map(delta_norm).collect(),

@@ -27,7 +27,7 @@ pub struct MadeFor {
 pub enum Edit {
     /// A rank-one ROME edit of one fact at one layer.
     Rome(RomeEdit),
-    /// A MEMIT edit of several facts spread over several layers.
+    /// A MEMIT-family edit (MEMIT, EMMET, AlphaEdit) of several facts over several layers.
     Memit(MemitEdit),
     /// A (constrained) fine-tuning edit: dense changes to one or more layers.
     Ft(FtEdit),
@@ -91,7 +91,7 @@ impl Edit {
     pub fn method(&self) -> super::EditMethod {
         match self {
             Edit::Rome(_) => super::EditMethod::Rome,
-            Edit::Memit(_) => super::EditMethod::Memit,
+            Edit::Memit(e) => e.hparams.method(),
             Edit::Ft(_) => super::EditMethod::Ft,
         }
     }

@@ -42,6 +42,8 @@ pub struct KeyStats {
     /// C's Cholesky factor, made on first use and shared by clones: a second edit at the same
     /// layer does not factor again.
     factor: std::sync::Arc<std::sync::OnceLock<super::linalg::CholeskyFactor>>,
+    /// C's eigen-decomposition (AlphaEdit's null space), made on first use, shared by clones.
+    eigen: std::sync::Arc<std::sync::OnceLock<super::linalg::SymmetricEigen>>,
 }
 
 /// Accumulates Σ k kᵀ for several layers in one pass (f32 products per text, summed in f64 on
@@ -179,6 +181,7 @@ impl StatsAccumulator {
                     },
                     mom2: Tensor::from_vec(mean, (self.d_ff, self.d_ff), &Device::Cpu)?,
                     factor: Default::default(),
+                    eigen: Default::default(),
                 })
             })
             .collect()
@@ -194,6 +197,38 @@ impl KeyStats {
         let f = super::linalg::CholeskyFactor::new(&self.mom2.to_device(device)?)?;
         let _ = self.factor.set(f);
         Ok(self.factor.get().expect("just set"))
+    }
+
+    /// The eigen-decomposition of C (on the host, f64), computed the first time.
+    pub fn eigen(&self) -> Result<&super::linalg::SymmetricEigen> {
+        if let Some(e) = self.eigen.get() {
+            return Ok(e);
+        }
+        let d = self.provenance.d_ff;
+        let c: Vec<f64> = self.mom2.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        let _ = self.eigen.set(super::linalg::symmetric_eigen(&c, d)?);
+        Ok(self.eigen.get().expect("just set"))
+    }
+
+    /// Statistics with a made-up provenance around `mom2` (`[d_ff, d_ff]`), for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(mom2: Tensor) -> Self {
+        let d_ff = mom2.dim(0).expect("a matrix");
+        Self {
+            provenance: StatsProvenance {
+                model: "test".into(),
+                fingerprint: "test".into(),
+                layer: 0,
+                d_ff,
+                corpus: "test".into(),
+                tokens: 1,
+                texts: 1,
+                max_len: 1,
+            },
+            mom2,
+            factor: Default::default(),
+            eigen: Default::default(),
+        }
     }
 
     /// Statistics of one corpus collected in parts (the tab's workers each take a share of the
@@ -231,6 +266,7 @@ impl KeyStats {
             },
             mom2: sum.to_dtype(DType::F32)?,
             factor: Default::default(),
+            eigen: Default::default(),
         })
     }
 
@@ -280,6 +316,7 @@ impl KeyStats {
             provenance,
             mom2: Tensor::from_vec(data, (d, d), &Device::Cpu)?,
             factor: Default::default(),
+            eigen: Default::default(),
         })
     }
 }

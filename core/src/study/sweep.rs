@@ -13,7 +13,8 @@ use crate::loader::LoadedModel;
 use crate::predict::Sampling;
 use crate::trace::{window_layers, NoiseSpec, TraceKind, TraceRequest};
 
-/// An editing method of the sweep (serialised as `ft-1`, `ft-5`, `rome`, `memit`).
+/// An editing method of the sweep (serialised as `ft-1`, `ft-5`, `rome`, `memit`, `alphaedit`,
+/// `emmet`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum StudyMethod {
     /// Constrained fine-tuning of the central layer.
@@ -28,6 +29,12 @@ pub enum StudyMethod {
     /// MEMIT over the 5-layer window.
     #[serde(rename = "memit")]
     Memit,
+    /// AlphaEdit (MEMIT's settings, the null-space rule) over the 5-layer window.
+    #[serde(rename = "alphaedit")]
+    Alphaedit,
+    /// EMMET (MEMIT's settings, equality constraints, λ = 1) of the central layer.
+    #[serde(rename = "emmet")]
+    Emmet,
 }
 
 /// The window of the multi-layer methods (and of the trace the edits are compared with, unless
@@ -36,11 +43,13 @@ pub const STUDY_WINDOW: usize = 5;
 
 impl StudyMethod {
     /// Every method, in the order reports list them.
-    pub const ALL: [StudyMethod; 4] = [
+    pub const ALL: [StudyMethod; 6] = [
         StudyMethod::Ft1,
         StudyMethod::Ft5,
         StudyMethod::Rome,
         StudyMethod::Memit,
+        StudyMethod::Alphaedit,
+        StudyMethod::Emmet,
     ];
 
     /// The method's name, as serialised and as `FromStr` accepts it (`_` also allowed).
@@ -50,23 +59,25 @@ impl StudyMethod {
             StudyMethod::Ft5 => "ft-5",
             StudyMethod::Rome => "rome",
             StudyMethod::Memit => "memit",
+            StudyMethod::Alphaedit => "alphaedit",
+            StudyMethod::Emmet => "emmet",
         }
     }
 
     /// The layers edited around `central`: the layer, or the same window tracing restores.
     pub fn layers(self, central: usize, n_layer: usize) -> Vec<usize> {
         match self {
-            StudyMethod::Ft1 | StudyMethod::Rome => vec![central],
-            StudyMethod::Ft5 | StudyMethod::Memit => {
+            StudyMethod::Ft1 | StudyMethod::Rome | StudyMethod::Emmet => vec![central],
+            StudyMethod::Ft5 | StudyMethod::Memit | StudyMethod::Alphaedit => {
                 let (lo, hi) = window_layers(central, STUDY_WINDOW, n_layer);
                 (lo..hi).collect()
             }
         }
     }
 
-    /// ROME and MEMIT need key statistics of their layers.
+    /// Every method but fine-tuning needs key statistics of its layers.
     pub fn needs_stats(self) -> bool {
-        matches!(self, StudyMethod::Rome | StudyMethod::Memit)
+        !matches!(self, StudyMethod::Ft1 | StudyMethod::Ft5)
     }
 }
 
@@ -78,7 +89,8 @@ impl std::str::FromStr for StudyMethod {
             .into_iter()
             .find(|m| m.name() == s)
             .ok_or_else(|| {
-                LociError::input(format!("unknown method {s:?} (ft-1, ft-5, rome, memit)"))
+                let names: Vec<&str> = StudyMethod::ALL.iter().map(|m| m.name()).collect();
+                LociError::input(format!("unknown method {s:?} ({})", names.join(", ")))
             })
     }
 }
@@ -257,11 +269,19 @@ impl StudyConfig {
                 hp.goal = goal;
                 into_edits(lm.rome_batch(requests, &hp, stats.first())?, Edit::Rome)
             }
-            StudyMethod::Memit => {
+            StudyMethod::Memit | StudyMethod::Alphaedit | StudyMethod::Emmet => {
                 let mut hp = self.memit.clone();
                 hp.layers = layers.to_vec();
                 hp.v_lr = 0.5;
                 hp.goal = goal;
+                match method {
+                    StudyMethod::Alphaedit => hp.update = crate::edit::memit::ALPHAEDIT_RULE,
+                    StudyMethod::Emmet => {
+                        hp.update = crate::edit::memit::EMMET_RULE;
+                        hp.mom2_update_weight = 1.0;
+                    }
+                    _ => {}
+                }
                 into_edits(lm.memit_batch(requests, &hp, stats)?, Edit::Memit)
             }
             StudyMethod::Ft1 | StudyMethod::Ft5 => {

@@ -15,9 +15,11 @@
 //!
 //! One job per file: `types` (requests, results, the header, observers), `noise` (the noise's
 //! strength), `prepare` (the clean and corrupted runs every cell shares), `fast` (one token's
-//! cells in one batched pass), `naive` (the reference algorithm), `effect` (grids to per-layer
+//! cells in one batched pass), `naive` (the reference algorithm), `attribution` (attribution
+//! patching's estimate of every cell from one backward pass), `effect` (grids to per-layer
 //! effects); here, planning a trace and streaming its rows over worker threads.
 
+mod attribution;
 pub mod effect;
 mod fast;
 mod naive;
@@ -35,7 +37,8 @@ pub use noise::{embedding_std, NoiseSpec};
 pub use prepare::window_layers;
 use prepare::{finish, header, prepare, Prepared};
 pub use types::{
-    AnswerToken, Quiet, TraceHeader, TraceKind, TraceObserver, TraceRequest, TraceResult, TraceWork,
+    AnswerToken, Quiet, TraceHeader, TraceKind, TraceMethod, TraceObserver, TraceRequest,
+    TraceResult, TraceWork,
 };
 
 /// Computes trace rows unit by unit — a unit is some kinds at one token, computed in one pass —

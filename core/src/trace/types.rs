@@ -60,6 +60,44 @@ impl std::str::FromStr for TraceKind {
     }
 }
 
+/// How a trace's cells were found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TraceMethod {
+    /// Causal tracing: every cell restored and run (Meng et al.).
+    #[default]
+    Exact,
+    /// Attribution patching: every cell's first-order estimate from one backward pass.
+    Attribution,
+}
+
+impl TraceMethod {
+    /// `exact` or `attribution`, as the command line and the API spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TraceMethod::Exact => "exact",
+            TraceMethod::Attribution => "attribution",
+        }
+    }
+
+    fn is_exact(&self) -> bool {
+        *self == TraceMethod::Exact
+    }
+}
+
+impl std::str::FromStr for TraceMethod {
+    type Err = LociError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "exact" => Ok(TraceMethod::Exact),
+            "attribution" => Ok(TraceMethod::Attribution),
+            _ => Err(LociError::input(format!(
+                "unknown trace method {s:?} (exact, attribution)"
+            ))),
+        }
+    }
+}
+
 fn default_kinds() -> Vec<TraceKind> {
     TraceKind::ALL.to_vec()
 }
@@ -169,7 +207,8 @@ pub struct TraceResult {
     pub samples: usize,
     /// Layers restored together for the MLP and attention kinds.
     pub window: usize,
-    /// Per kind, `[tokens][layers]` probabilities of the answer with that state restored.
+    /// Per kind, `[tokens][layers]` probabilities of the answer with that state restored
+    /// (attribution patching's estimates of them can leave [0, 1]).
     pub scores: BTreeMap<TraceKind, Vec<Vec<f32>>>,
     /// Per kind, Hase et al.'s per-layer effect: max over tokens of the fraction restored.
     pub tracing_effect: BTreeMap<TraceKind, Vec<f32>>,
@@ -179,6 +218,9 @@ pub struct TraceResult {
     pub work: TraceWork,
     /// Wall-clock seconds the trace took.
     pub seconds: f64,
+    /// Exact causal tracing, or attribution patching's estimate of it.
+    #[serde(default, skip_serializing_if = "TraceMethod::is_exact")]
+    pub method: TraceMethod,
 }
 
 /// What is known once the clean and corrupted runs are done, before any row: enough for a UI
@@ -227,6 +269,28 @@ impl TraceResult {
             tracing_effect_subject_last: per_kind(vec![0.0; h.n_layer]),
             work: TraceWork::default(),
             seconds: 0.0,
+            method: TraceMethod::Exact,
+        }
+    }
+
+    /// The header a trace with this result began with (for UIs fed a finished result).
+    pub fn header(&self) -> TraceHeader {
+        let n_layer = self
+            .scores
+            .values()
+            .next()
+            .and_then(|g| g.first())
+            .map_or(0, Vec::len);
+        TraceHeader {
+            tokens: self.tokens.clone(),
+            subject_range: self.subject_range,
+            answer: self.answer.clone(),
+            high: self.high,
+            low: self.low,
+            noise: self.noise,
+            n_layer,
+            kinds: self.scores.keys().copied().collect(),
+            total_rows: self.scores.len() * self.tokens.len(),
         }
     }
 

@@ -29,8 +29,11 @@ pub struct EditState {
     pub layer: RwSignal<String>,
     pub paraphrase: RwSignal<String>,
     pub neighborhood: RwSignal<String>,
-    /// rome, memit or ft.
+    /// rome, memit, alphaedit, emmet or ft.
     pub method: RwSignal<EditMethod>,
+    /// AlphaEdit's null space: a threshold ("2e-2") or a share of the trace ("30%"); empty: the
+    /// paper's.
+    pub null_space: RwSignal<String>,
     /// MEMIT's further facts, one per line: prompt | subject | new target.
     pub more: RwSignal<String>,
     pub report: RwSignal<Option<EditReport>>,
@@ -66,6 +69,7 @@ impl EditState {
                     .into(),
             ),
             method: RwSignal::new(EditMethod::Rome),
+            null_space: RwSignal::new(String::new()),
             more: RwSignal::new("The capital of Germany is the city of | Germany | Madrid".into()),
             report: RwSignal::new(None),
             memit: RwSignal::new(None),
@@ -136,6 +140,8 @@ fn method_choice(m: EditMethod) -> &'static str {
     match m {
         EditMethod::Rome => "ROME (one fact, one layer)",
         EditMethod::Memit => "MEMIT (several facts and layers)",
+        EditMethod::Alphaedit => "AlphaEdit (MEMIT that keeps what is known and earlier edits)",
+        EditMethod::Emmet => "EMMET (several facts, each written exactly)",
         EditMethod::Ft => "FT (constrained fine-tuning)",
     }
 }
@@ -145,7 +151,7 @@ pub fn EditScreen() -> impl IntoView {
     let s = shared();
     let st = expect_context::<EditState>();
     let curves = expect_context::<TraceState>().curves;
-    let memit = move || st.method.get() == EditMethod::Memit;
+    let memit = move || st.method.get().takes_many_facts();
     // Where edits of the picked model run, and why (the tab's need its statistics panel).
     let place = Memo::new(move |_| {
         s.current()
@@ -187,7 +193,9 @@ pub fn EditScreen() -> impl IntoView {
                     </select>
                     <label for="edit-layer">{move || if st.method.get() == EditMethod::Rome { "Layer" } else { "Layers" }}</label>
                     <input id="edit-layer" placeholder="default" prop:value=st.layer on:input=move |ev| st.layer.set(event_target_value(&ev)) />
-                    <label for="edit-more" class:hidden=move || !memit()>"More facts for MEMIT (prompt | subject | new target, one per line)"</label>
+                    <label for="edit-null" class:hidden=move || st.method.get() != EditMethod::Alphaedit>"Null space (eigenvalues below, or % of the trace)"</label>
+                    <input id="edit-null" placeholder="2e-2" class:hidden=move || st.method.get() != EditMethod::Alphaedit prop:value=st.null_space on:input=move |ev| st.null_space.set(event_target_value(&ev)) />
+                    <label for="edit-more" class:hidden=move || !memit()>"More facts (prompt | subject | new target, one per line)"</label>
                     <textarea id="edit-more" rows="2" class:hidden=move || !memit() prop:value=st.more on:input=move |ev| st.more.set(event_target_value(&ev))></textarea>
                     {text_area("edit-paraphrase", "Paraphrases (one per line)", st.paraphrase)}
                     {text_area("edit-neighborhood", "Neighbourhood (should not change)", st.neighborhood)}
@@ -242,7 +250,7 @@ fn StatsPanel() -> impl IntoView {
             <p class="hint">{move || {
                 let n = st.needed.get();
                 if n.is_empty() {
-                    "ROME and MEMIT whiten their update with C = E[k kᵀ] of a layer's MLP keys; fine-tuning needs none.".to_string()
+                    "ROME, MEMIT and EMMET whiten their update with C = E[k kᵀ] of a layer's MLP keys, AlphaEdit writes into its null space; fine-tuning needs none.".to_string()
                 } else {
                     format!("The last edit needs layer {}.", n.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", "))
                 }
@@ -360,7 +368,8 @@ fn RomeReport(r: EditReport) -> impl IntoView {
 fn MemitReportView(r: MemitReport) -> impl IntoView {
     let norms: Vec<String> = r.delta_norms.iter().map(|n| format!("{n:.2}")).collect();
     let title = format!(
-        "MEMIT: {} facts at layers {:?} (‖ΔW‖ per layer {}, {:.1} s)",
+        "{}: {} facts at layers {:?} (‖ΔW‖ per layer {}, {:.1} s)",
+        r.method.label(),
         r.requests.len(),
         r.layers,
         norms.join(", "),
@@ -384,7 +393,7 @@ fn MemitReportView(r: MemitReport) -> impl IntoView {
         })
         .collect();
     view! {
-        <section id="memit-result" class="card" aria-label="MEMIT result" data-facts=r.requests.len().to_string()>
+        <section id="memit-result" class="card" aria-label="Many-fact edit result" data-facts=r.requests.len().to_string()>
             <h3>{title}</h3>
             {facts}
         </section>

@@ -4,7 +4,7 @@
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
-use loci_core::edit::{EditMethod, EditReport, MemitReport, RewriteRequest};
+use loci_core::edit::{EditMethod, EditReport, MemitReport, NullSpace, RewriteRequest};
 use loci_frontend::engine::{edit_engine, Choice, EditListing, Engine};
 use loci_frontend::http::{answer, post, url_part};
 use serde::Deserialize;
@@ -50,10 +50,34 @@ pub fn requests(st: &EditState) -> Result<Vec<RewriteRequest>, String> {
     )
     .map_err(|e| e.to_string())?;
     let mut all = vec![first];
-    if st.method.get_untracked() == EditMethod::Memit {
+    if st.method.get_untracked().takes_many_facts() {
         all.extend(more_facts(&st.more.get_untracked())?);
     }
     Ok(all)
+}
+
+/// AlphaEdit's null space as the form gives it (empty: the paper's), None for other methods.
+pub fn null_space(st: &EditState) -> Result<Option<NullSpace>, String> {
+    let text = st.null_space.get_untracked();
+    if st.method.get_untracked() != EditMethod::Alphaedit || text.trim().is_empty() {
+        return Ok(None);
+    }
+    text.parse()
+        .map(Some)
+        .map_err(|e: loci_core::LociError| e.to_string())
+}
+
+/// What a method does, as the status line says while it runs.
+pub fn method_steps(method: EditMethod) -> &'static str {
+    match method {
+        EditMethod::Rome => "ROME: k*, v*, rank-one update",
+        EditMethod::Memit => "MEMIT: a target per fact, then the update spread over the layers",
+        EditMethod::Alphaedit => {
+            "AlphaEdit: a target per fact, then updates confined to what the model does not use"
+        }
+        EditMethod::Emmet => "EMMET: a target per fact, then each key's output set exactly",
+        EditMethod::Ft => "fine-tuning within an L∞ bound",
+    }
 }
 
 /// The picked model and where its edits (and the study) run; says why not when they cannot.
@@ -79,11 +103,16 @@ fn edit_body(model: &str, st: &EditState) -> Result<serde_json::Value, String> {
     });
     let method = st.method.get_untracked();
     match method {
-        EditMethod::Memit => {
+        EditMethod::Memit | EditMethod::Alphaedit | EditMethod::Emmet => {
             let more = more_facts(&st.more.get_untracked())?;
             body["method"] = method.name().into();
             body["requests"] = serde_json::to_value(more).expect("requests serialise");
             body["layers"] = layers.into();
+            match null_space(st)? {
+                Some(NullSpace::Below(t)) => body["null_threshold"] = t.into(),
+                Some(NullSpace::Energy(f)) => body["null_energy"] = f.into(),
+                None => {}
+            }
         }
         EditMethod::Ft => {
             body["method"] = method.name().into();
@@ -92,7 +121,9 @@ fn edit_body(model: &str, st: &EditState) -> Result<serde_json::Value, String> {
         EditMethod::Rome => match layers[..] {
             [] => {}
             [l] => body["layer"] = l.into(),
-            _ => return Err("ROME edits one layer; MEMIT takes several".into()),
+            _ => {
+                return Err("ROME edits one layer; MEMIT, AlphaEdit and EMMET take several".into())
+            }
         },
     }
     Ok(body)
@@ -121,11 +152,10 @@ pub fn edit(s: Shared, st: EditState) {
     s.set_running(true);
     s.say(
         "running",
-        match st.method.get_untracked() {
-            EditMethod::Memit => "Editing on the server (MEMIT: a target per fact, then the update spread over the layers)…",
-            EditMethod::Ft => "Editing on the server (fine-tuning the layers within an L∞ bound)…",
-            EditMethod::Rome => "Editing on the server (ROME: k*, v*, rank-one update)…",
-        },
+        format!(
+            "Editing on the server ({})…",
+            method_steps(st.method.get_untracked())
+        ),
     );
     spawn_local(async move {
         match post::<EditResponse>("/api/edit", &body).await {

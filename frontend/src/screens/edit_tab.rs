@@ -133,11 +133,7 @@ pub fn edit(s: Shared, st: EditState, c: Choice) {
 }
 
 fn running_text(method: EditMethod, workers: usize) -> String {
-    let what = match method {
-        EditMethod::Rome => "ROME: k*, v*, rank-one update",
-        EditMethod::Memit => "MEMIT: a target per fact, then the update spread over the layers",
-        EditMethod::Ft => "fine-tuning within an L∞ bound",
-    };
+    let what = super::edit_actions::method_steps(method);
     format!("Editing in this tab ({what}; one worker computes, then all {workers} take it)…")
 }
 
@@ -155,7 +151,7 @@ fn edit_job(st: &EditState) -> Result<EditJob, String> {
     let method = st.method.get_untracked();
     let layers = layer_list(&st.layer.get_untracked())?;
     if method == EditMethod::Rome && layers.len() > 1 {
-        return Err("ROME edits one layer; MEMIT takes several".into());
+        return Err("ROME edits one layer; MEMIT, AlphaEdit and EMMET take several".into());
     }
     Ok(EditJob {
         method,
@@ -166,6 +162,7 @@ fn edit_job(st: &EditState) -> Result<EditJob, String> {
             neighborhood: lines(&st.neighborhood.get_untracked()),
             generate_tokens: 10,
         },
+        null_space: super::edit_actions::null_space(st)?,
     })
 }
 

@@ -21,9 +21,11 @@ use crate::components::progress::Progress;
 use crate::state::{layer_list, lines, shared, Shared};
 
 /// The study's methods and problems: API name, label.
-const METHODS: [(&str, &str); 4] = [
+const METHODS: [(&str, &str); 6] = [
     ("rome", "ROME"),
     ("memit", "MEMIT (window 5)"),
+    ("alphaedit", "AlphaEdit (window 5)"),
+    ("emmet", "EMMET"),
     ("ft-1", "FT-1"),
     ("ft-5", "FT-5"),
 ];
@@ -37,7 +39,7 @@ const PROBLEMS: [(&str, &str); 5] = [
 
 #[derive(Clone, Copy)]
 pub struct StudyState {
-    pub methods: RwSignal<[bool; 4]>,
+    pub methods: RwSignal<[bool; 6]>,
     pub problems: RwSignal<[bool; 5]>,
     pub layers: RwSignal<String>,
     /// Study the fact even when the model does not know it.
@@ -51,7 +53,7 @@ impl StudyState {
     pub fn new() -> Self {
         let lines = RwSignal::new(Vec::<StudyLine>::new());
         StudyState {
-            methods: RwSignal::new([true, false, false, false]),
+            methods: RwSignal::new([true, false, false, false, false, false]),
             problems: RwSignal::new([true, false, false, false, false]),
             layers: RwSignal::new(String::new()),
             all: RwSignal::new(false),

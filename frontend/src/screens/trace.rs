@@ -5,7 +5,7 @@
 use leptos::prelude::*;
 use leptos::task::spawn_local;
 use loci_core::plot;
-use loci_core::trace::{TraceHeader, TraceKind, TraceRequest, TraceResult};
+use loci_core::trace::{TraceHeader, TraceKind, TraceMethod, TraceRequest, TraceResult};
 use loci_core::Prediction;
 use loci_frontend::files;
 
@@ -25,6 +25,8 @@ pub struct TraceState {
     pub window: RwSignal<usize>,
     /// Restore the hidden state, MLP outputs, attention outputs.
     pub kinds: RwSignal<[bool; 3]>,
+    /// Exact causal tracing, or attribution patching's one-backward-pass estimate.
+    pub method: RwSignal<TraceMethod>,
     pub prediction: RwSignal<Option<Prediction>>,
     pub trace: RwSignal<Option<TraceResult>>,
     /// Where the last trace ran, in words.
@@ -45,6 +47,7 @@ impl TraceState {
             samples: RwSignal::new(10),
             window: RwSignal::new(10),
             kinds: RwSignal::new([true; 3]),
+            method: RwSignal::new(TraceMethod::Exact),
             prediction: RwSignal::new(None),
             trace,
             engine: RwSignal::new(String::new()),
@@ -127,14 +130,19 @@ pub fn run_trace(s: Shared, st: TraceState) {
             let engine = s.runner(&c).await?;
             st.engine.set(engine.describe());
             s.say("running", "Tracing: the clean and corrupted passes…");
-            engine.trace(&c.name, &req, on_header, on_row).await
+            let how = (c.name.as_str(), st.method.get_untracked());
+            engine.trace(how, &req, on_header, on_row).await
         }
         .await;
         match outcome {
             Ok(r) => {
                 let secs = (files::now_ms() - started) / 1e3;
+                let how = match r.method {
+                    TraceMethod::Exact => "Traced",
+                    TraceMethod::Attribution => "Estimated by attribution patching",
+                };
                 let msg = format!(
-                    "Traced: clean p = {:.3}, corrupted p = {:.3} ({secs:.1} s).",
+                    "{how}: clean p = {:.3}, corrupted p = {:.3} ({secs:.1} s).",
                     r.high, r.low
                 );
                 st.trace.set(Some(r));
@@ -212,6 +220,16 @@ fn TraceForm(st: TraceState) -> impl IntoView {
                 <label>"Window" <input id="window" type="number" min="1" max="40"
                     prop:value=move || st.window.get().to_string() on:input=number(st.window, 10) /></label>
             </div>
+            <label for="trace-method">"Method"</label>
+            <select id="trace-method" prop:value=move || st.method.get().name()
+                on:change=move |ev| {
+                    if let Ok(m) = event_target_value(&ev).parse() {
+                        st.method.set(m);
+                    }
+                }>
+                <option value="exact">"Causal tracing (every cell run)"</option>
+                <option value="attribution">"Attribution patching (first-order estimate, one backward pass)"</option>
+            </select>
             <fieldset class="checks">
                 <legend>"Restore"</legend>
                 {kind(0, "kind-hidden", "hidden")}

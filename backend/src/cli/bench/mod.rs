@@ -9,8 +9,10 @@ use serde::Serialize;
 
 use super::{print_json, ModelArgs};
 
+mod attribution;
 mod batch;
 mod kernels;
+mod methods;
 mod peak;
 mod study;
 
@@ -33,8 +35,9 @@ pub enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Key statistics and one ROME edit (Eiffel Tower → Rome): seconds per phase.
-    Edit(EditBenchArgs),
+    /// Key statistics and one ROME edit (Eiffel Tower → Rome): seconds per phase; with
+    /// --methods, every method's sequence of --edits edits too: edits per second and memory.
+    Edit(Box<EditBenchArgs>),
     /// Key statistics over N tokens of the corpus at one layer.
     Stats(kernels::StatsBenchArgs),
     /// The model's matrix products at one batch size, with candle's kernel and the system BLAS,
@@ -68,6 +71,10 @@ pub struct TraceBenchArgs {
     /// With --random: a prompt of this many tokens.
     #[arg(long, default_value_t = 10)]
     prompt_tokens: usize,
+    /// Also trace the first N bundled known facts the model predicts right both exactly and
+    /// by attribution patching: the speed-up, and Pearson's r of the grids per kind.
+    #[arg(long)]
+    attribution: Option<usize>,
     /// Run on candle's reference kernels, then on Loci's, and print the ratio.
     #[arg(long)]
     compare: bool,
@@ -95,6 +102,9 @@ struct EditBench {
     stats_speed: Speed,
     peak: Peak,
     peak_rss_mib: Option<f64>,
+    /// With --methods: each method's sequence of edits.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    methods: Vec<methods::MethodBench>,
 }
 
 #[derive(Serialize)]
@@ -122,6 +132,9 @@ struct TraceBench {
     speed: Speed,
     peak: Peak,
     peak_rss_mib: Option<f64>,
+    /// With --attribution N: exact tracing against attribution patching on N known facts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attribution: Option<attribution::AttributionBench>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -135,11 +148,29 @@ pub struct EditBenchArgs {
     stats_tokens: u64,
     #[arg(long)]
     corpus: Option<std::path::PathBuf>,
+    /// Also time each of these methods making --edits edits in sequence (comma-separated:
+    /// rome, memit, alphaedit, emmet, ft; or all), around --layer.
+    #[arg(long, value_delimiter = ',')]
+    methods: Vec<String>,
+    /// Edits in each method's sequence.
+    #[arg(long, default_value_t = 10)]
+    edits: usize,
+    /// The MEMIT family's settings, each given to the methods it belongs to.
+    #[command(flatten)]
+    rule: crate::workspace::RuleSettings,
     /// Run on candle's reference kernels, then on Loci's, and print the ratio.
     #[arg(long)]
     compare: bool,
     #[arg(long)]
     json: bool,
+}
+
+/// The methods `--methods` names (`all`: every one).
+fn edit_methods(names: &[String]) -> Result<Vec<loci_core::edit::EditMethod>> {
+    if names.iter().any(|n| n == "all") {
+        return Ok(loci_core::edit::EditMethod::ALL.to_vec());
+    }
+    names.iter().map(|n| Ok(n.parse()?)).collect()
 }
 
 fn edit_bench(a: EditBenchArgs) -> Result<()> {
@@ -156,6 +187,7 @@ fn edit_once(a: &EditBenchArgs) -> Result<EditBench> {
     use loci_core::edit::{RewriteRequest, RomeHparams, TargetStr};
     // The corpus is checked before the (possibly 6B-parameter) model is made.
     let corpus = crate::workspace::corpus_file(a.corpus.as_deref())?;
+    let methods = edit_methods(&a.methods)?;
     let mut lm = a.model.load()?;
     let peak = peak::measure(&lm.model.device, lm.model.dtype, threads())?;
     let ((stats, tokens), stats_flops, stats_seconds) =
@@ -164,11 +196,17 @@ fn edit_once(a: &EditBenchArgs) -> Result<EditBench> {
         RewriteRequest::from_prompt("{} is located in the city of", "Eiffel Tower", "Rome")?;
     req.target_true = Some(TargetStr::new("Paris"));
     let hp = RomeHparams::at_layer(a.layer);
-    let (edit, flops, edit_seconds) = counted(|| {
+    let ((edit, applied), flops, edit_seconds) = counted(|| {
         let edit = lm.rome(&req, &hp, Some(&stats))?;
-        lm.apply_edit(&edit)?;
-        Ok(edit)
+        let applied = lm.apply_edit(&edit)?;
+        Ok((edit, applied))
     })?;
+    let p_new_after = lm.target_prob(&req.filled(), "Rome")?;
+    lm.undo_edit(applied)?;
+    let peak_rss = peak_rss_mib();
+    let at = (a.edits, a.layer);
+    let which = (&methods[..], &a.rule);
+    let methods = methods::run(&mut lm, which, at, (&corpus, a.stats_tokens), &peak)?;
     let r = EditBench {
         bench: "edit",
         model: lm.name.clone(),
@@ -180,11 +218,12 @@ fn edit_once(a: &EditBenchArgs) -> Result<EditBench> {
         edit_seconds,
         edit_phases: edit.stats.seconds.clone(),
         v_steps: edit.stats.losses.len(),
-        p_new_after: lm.target_prob(&req.filled(), "Rome")?,
+        p_new_after,
         speed: peak.speed(flops, edit_seconds),
         stats_speed: peak.speed(stats_flops, stats_seconds),
         peak,
-        peak_rss_mib: peak_rss_mib(),
+        peak_rss_mib: peak_rss,
+        methods,
     };
     if !a.json {
         println!(
@@ -200,6 +239,9 @@ fn edit_once(a: &EditBenchArgs) -> Result<EditBench> {
             r.speed.peak_kernel,
             r.p_new_after
         );
+        for m in &r.methods {
+            println!("  {}", m.describe());
+        }
     }
     Ok(r)
 }
@@ -285,6 +327,9 @@ fn flops_per_token_layer(cfg: &loci_core::ModelConfig) -> f64 {
 
 fn trace_bench(a: &TraceBenchArgs) -> Result<TraceBench> {
     use loci_core::trace::{NoiseSpec, Quiet, TraceKind, TraceRequest};
+    if a.attribution.is_some() && a.model.random.is_some() {
+        bail!("--attribution traces known facts: a model with random weights knows none");
+    }
     let (samples, window) = (a.samples, a.window);
     let lm = a.model.load()?;
     let (prompt, subject) = if a.model.random.is_some() {
@@ -339,6 +384,10 @@ fn trace_bench(a: &TraceBenchArgs) -> Result<TraceBench> {
         speed: peak.speed(flops, total),
         peak,
         peak_rss_mib: peak_rss_mib(),
+        attribution: a
+            .attribution
+            .map(|n| attribution::run(&lm, &req, n, workers))
+            .transpose()?,
     };
     if !a.json {
         println!(
@@ -354,13 +403,16 @@ fn trace_bench(a: &TraceBenchArgs) -> Result<TraceBench> {
             r.speed.peak_gflops,
             r.speed.peak_kernel
         );
+        if let Some(at) = &r.attribution {
+            println!("  {}", at.describe());
+        }
     }
     Ok(r)
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
-        BenchCmd::Edit(a) => edit_bench(a),
+        BenchCmd::Edit(a) => edit_bench(*a),
         BenchCmd::Stats(a) => kernels::stats_bench(a),
         BenchCmd::Matmul(a) => kernels::matmul_bench(a),
         BenchCmd::Study(a) => study::study_bench(*a),

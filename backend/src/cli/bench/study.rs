@@ -34,7 +34,7 @@ pub struct StudyBenchArgs {
     /// The central layer (default: ROME's layer for this model).
     #[arg(long)]
     layer: Option<usize>,
-    /// Methods timed (comma-separated: rome, memit, ft-1, ft-5).
+    /// Methods timed (comma-separated: rome, memit, alphaedit, emmet, ft-1, ft-5).
     #[arg(long, default_value = "rome,memit")]
     methods: String,
     /// v* optimisation steps (default: the model's settings).

@@ -2,7 +2,9 @@
 //! arguments, the edit it makes, and the edited layers' weights (to check they are restored).
 
 use anyhow::{bail, Result};
-use loci_core::edit::{Edit, EditMethod, FtHparams, KeyStats, MemitHparams, RomeHparams};
+use loci_core::edit::{
+    Edit, EditMethod, FtHparams, KeyStats, MemitHparams, Preserved, RomeHparams,
+};
 use loci_core::LoadedModel;
 
 use super::EvalArgs;
@@ -38,10 +40,13 @@ impl Method {
     /// The method `--method` names, with the hyper-parameters and statistics the other
     /// arguments give; arguments of another method are an error.
     pub(super) fn from_args(a: &EvalArgs, lm: &LoadedModel) -> Result<Self> {
+        a.edit.rule.check_for(a.edit.method)?;
         Ok(match a.edit.method {
             EditMethod::Rome => {
                 if !a.edit.layers.is_empty() || a.batch != 1 {
-                    bail!("--layers and --batch are for --method memit");
+                    bail!(
+                        "--layers and --batch are for the MEMIT family (memit, alphaedit, emmet)"
+                    );
                 }
                 let mut hp = rome_hparams(lm, a.edit.layer)?;
                 if let Some(s) = a.edit.v_steps {
@@ -51,11 +56,14 @@ impl Method {
                 let stats = a.edit.stats.ensure(lm, hp.layer)?;
                 Method::Rome(hp, stats)
             }
-            EditMethod::Memit => {
+            m @ (EditMethod::Memit | EditMethod::Alphaedit | EditMethod::Emmet) => {
                 if a.edit.layer.is_some() {
-                    bail!("--layer is for ROME; MEMIT edits --layers L1,L2,...");
+                    bail!(
+                        "--layer is for ROME; {} edits --layers L1,L2,...",
+                        m.label()
+                    );
                 }
-                let mut hp = memit_hparams(lm, &a.edit.layers)?;
+                let mut hp = memit_hparams(lm, m, &a.edit.layers, &a.edit.rule)?;
                 if let Some(s) = a.edit.v_steps {
                     hp.v_num_grad_steps = s;
                 }
@@ -64,7 +72,10 @@ impl Method {
             }
             EditMethod::Ft => {
                 if a.edit.layer.is_some() || a.batch != 1 {
-                    bail!("--layer is for ROME and --batch for MEMIT; fine-tuning trains --layers");
+                    bail!(
+                        "--layer is for ROME and --batch for the MEMIT family; fine-tuning \
+                         trains --layers"
+                    );
                 }
                 Method::Ft(ft_hparams(lm, &a.edit.layers, &a.edit.ft)?)
             }
@@ -80,16 +91,20 @@ impl Method {
         }
     }
 
-    /// The edit of `reqs` (one request for ROME and fine-tuning).
+    /// The edit of `reqs` (one request for ROME and fine-tuning), after the edits whose keys
+    /// AlphaEdit keeps (`preserved`).
     pub(super) fn make(
         &self,
         lm: &mut loci_core::LoadedModel,
         reqs: &[loci_core::edit::RewriteRequest],
+        preserved: &Preserved,
         progress: &mut dyn FnMut(&str),
     ) -> loci_core::Result<Edit> {
         Ok(match self {
             Method::Rome(hp, stats) => Edit::Rome(lm.rome(&reqs[0], hp, Some(stats))?),
-            Method::Memit(hp, stats) => Edit::Memit(lm.memit(reqs, hp, stats, progress)?),
+            Method::Memit(hp, stats) => {
+                Edit::Memit(lm.memit_preserving(reqs, hp, stats, preserved, progress)?)
+            }
             Method::Ft(hp) => Edit::Ft(lm.finetune(&reqs[0], hp)?),
         })
     }
@@ -105,7 +120,7 @@ impl Method {
                 },
                 hp.layer
             ),
-            Method::Memit(hp, _) => format!("MEMIT at layers {:?}", hp.layers),
+            Method::Memit(hp, _) => format!("{} at layers {:?}", hp.method().label(), hp.layers),
             Method::Ft(hp) => format!(
                 "fine-tuning of layers {:?} (L∞ ε {}, {} objective)",
                 hp.layers,

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use loci_core::edit::RewriteRequest;
+use loci_core::edit::{Edit, EditMethod, RewriteRequest};
 use loci_core::eval::{SequenceOptions, SequenceRecord};
 use loci_core::LoadedModel;
 
@@ -80,8 +80,18 @@ fn edit_cases<B: Benchmark>(
     pb: &ProgressBar,
     sink: &mut Records<B::Record>,
 ) -> Result<Vec<(usize, Vec<B::Metrics>)>> {
+    // The AlphaEdit edits under the next one (`--apply-edit`'s, then, in a sequence, the
+    // run's own so far): their recorded keys are what AlphaEdit keeps.
+    let alpha = |e: &Edit| e.method() == EditMethod::Alphaedit;
+    let mut kept: Vec<Edit> = crate::cli::edit::applied_edits(&a.model)?;
+    kept.retain(alpha);
     let mut make = |lm: &mut LoadedModel, reqs: &[RewriteRequest]| {
-        method.make(lm, reqs, &mut |m| pb.set_message(m.to_string()))
+        let preserved = loci_core::edit::Preserved::of(&kept);
+        let e = method.make(lm, reqs, &preserved, &mut |m| pb.set_message(m.to_string()))?;
+        if a.sequential && alpha(&e) {
+            kept.push(e.clone());
+        }
+        Ok(e)
     };
     let mut checkpoints = vec![];
     if a.sequential {
