@@ -1236,6 +1236,66 @@ fn eval_scores_zsre_questions_by_token_accuracy() {
 }
 
 #[test]
+fn the_study_localises_by_attribution_patching_and_edits_with_the_new_methods() {
+    let dir = std::env::temp_dir().join(format!("loci-study-atp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = root().join("../shared/data/counterfact/counterfact_rome_format_sample500.json");
+    let corpus = root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
+    let study = dir.join("study.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
+        .args(["study", "run", "--model", &tiny("tiny-gpt2"), "--n", "1"])
+        .args([
+            "--methods",
+            "emmet,alphaedit",
+            "--problems",
+            "error_injection",
+        ])
+        .args([
+            "--layers",
+            "2",
+            "--all-cases",
+            "--min-prob",
+            "0",
+            "--samples",
+            "2",
+        ])
+        .args([
+            "--v-steps",
+            "2",
+            "--no-essence",
+            "--localization",
+            "attribution",
+        ])
+        .args(["--stats-tokens", "2000", "--json", "--dataset"])
+        .arg(&data)
+        .arg("--corpus")
+        .arg(&corpus)
+        .arg("--stats")
+        .arg(dir.join("stats"))
+        .arg("--out")
+        .arg(&study)
+        .output()
+        .unwrap();
+    json(&out);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&study)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let case = lines.iter().find(|l| l["record"] == "case").unwrap();
+    let effect = case["trace"]["max_fraction_restored"].as_array().unwrap();
+    assert_eq!(effect.len(), 4, "one per layer: {case}");
+    let edits: Vec<&serde_json::Value> = lines.iter().filter(|l| l["record"] == "edit").collect();
+    let methods: Vec<&str> = edits
+        .iter()
+        .map(|e| e["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(methods, ["emmet", "alphaedit"]);
+    assert!(edits[0]["error"].is_null(), "{}", edits[0]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn check_device_compares_every_test_model_and_dtype() {
     // Here the compute device is the CPU; on a GPU machine tests/gpu/run.sh runs the same command.
     let v = json(&loci(&["check-device"]));

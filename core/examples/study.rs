@@ -67,6 +67,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         noise: 3.0 * loci_core::trace::embedding_std(&lm, &subjects)?,
         trace_samples: 3,
         trace_windows: vec![3],
+        localization: loci_core::trace::TraceMethod::Exact,
         // A random model knows no fact; on a real one keep the known ones (0.02 and true).
         min_prob: 0.0,
         correct_only: false,

@@ -70,6 +70,10 @@ pub struct StudyRunArgs {
     /// Noise samples of the trace.
     #[arg(long, default_value_t = 10)]
     pub samples: usize,
+    /// How each case is localised: `exact` (Hase et al.'s causal tracing) or `attribution`
+    /// (attribution patching's estimate of the same trace).
+    #[arg(long, default_value = "exact")]
+    pub localization: loci_core::trace::TraceMethod,
     /// Leave out cases whose true object is less likely than this.
     #[arg(long, default_value_t = 0.02)]
     pub min_prob: f32,
@@ -220,6 +224,7 @@ fn config(a: &StudyRunArgs, lm: &LoadedModel, n_layer: usize) -> Result<StudyCon
     }
     cfg.trace_samples = a.samples;
     cfg.trace_windows = a.trace_windows.clone();
+    cfg.localization = a.localization;
     cfg.min_prob = a.min_prob;
     cfg.correct_only = !a.all_cases;
     cfg.essence = !a.no_essence;

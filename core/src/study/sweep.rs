@@ -127,6 +127,10 @@ pub struct StudyConfig {
     /// the others are kept for `analyze_window`.
     #[serde(default = "default_trace_windows")]
     pub trace_windows: Vec<usize>,
+    /// How the cases are localised: exact causal tracing (Hase et al.) or attribution
+    /// patching's estimate of the same grid.
+    #[serde(default)]
+    pub localization: crate::trace::TraceMethod,
     /// Cases whose true object has a lower probability are left out (the reference's 0.02).
     pub min_prob: f32,
     /// Keep only cases whose greedy continuation (36 tokens) contains the true object.
@@ -179,6 +183,7 @@ impl StudyConfig {
             noise,
             trace_samples: 10,
             trace_windows: vec![5],
+            localization: crate::trace::TraceMethod::Exact,
             min_prob: 0.02,
             correct_only: true,
             essence: true,
@@ -521,7 +526,7 @@ const ESSENCE_LEN: usize = 100;
 
 impl LoadedModel {
     /// Hase et al.'s trace of a case: the whole true answer's probability, MLP restored over
-    /// `window` layers.
+    /// `window` layers (or attribution patching's estimate of it).
     fn study_trace(
         &self,
         case: &CounterFactCase,
@@ -538,17 +543,21 @@ impl LoadedModel {
         req.samples = cfg.trace_samples;
         req.noise = NoiseSpec::Fixed(cfg.noise);
         req.seed = cfg.seed;
-        self.trace(
-            &req,
-            None,
-            &mut crate::trace::Quiet,
-            // Rows spread over threads on the CPU; a GPU runs each row's batch itself.
-            if self.model.device.is_cpu() {
-                crate::threads::workers()
-            } else {
-                1
-            },
-        )
+        let quiet = &mut crate::trace::Quiet;
+        match cfg.localization {
+            crate::trace::TraceMethod::Attribution => self.trace_attribution(&req, None, quiet),
+            crate::trace::TraceMethod::Exact => self.trace(
+                &req,
+                None,
+                quiet,
+                // Rows spread over threads on the CPU; a GPU runs each row's batch itself.
+                if self.model.device.is_cpu() {
+                    crate::threads::workers()
+                } else {
+                    1
+                },
+            ),
+        }
     }
 
     /// Runs the study on one case: filter, trace, then every (method, problem, layer) edit —
