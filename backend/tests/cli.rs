@@ -27,6 +27,15 @@ fn json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
 }
 
+/// The JSON lines of a file (results, study runs).
+fn jsonl(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 fn tiny(name: &str) -> String {
     root()
         .join("tests/fixtures")
@@ -965,11 +974,7 @@ fn eval_applies_and_undoes_every_case() {
         assert!((0.0..=100.0).contains(&v), "{k} = {v}");
     }
     assert!(s["fluency_post"].as_f64().unwrap() > 0.0);
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out_file)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = jsonl(&out_file);
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["request"]["relation_id"], "P30");
     assert!(lines[0]["metrics"]["consistency_post"].is_number());
@@ -1059,11 +1064,7 @@ fn eval_scores_zsre_questions_by_token_accuracy() {
         let v = s[k].as_f64().unwrap();
         assert!((0.0..=100.0).contains(&v), "{k} = {v}");
     }
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out_file)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = jsonl(&out_file);
     assert_eq!(lines.len(), 3);
     let first = &lines[0];
     assert_eq!(first["request"]["target_new"]["str"], "unmanned aircraft");
@@ -1149,11 +1150,7 @@ fn eval_scores_zsre_questions_by_token_accuracy() {
     let s = json(&out);
     assert_eq!(s["after_own_edit"]["cases"], 3);
     assert_eq!(s["after_all_edits"]["cases"], 3);
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out_file)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = jsonl(&out_file);
     assert_eq!(lines.len(), 3);
     assert!(lines
         .iter()
@@ -1212,11 +1209,7 @@ fn eval_scores_zsre_questions_by_token_accuracy() {
         .output()
         .unwrap();
     json(&out);
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&study)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = jsonl(&study);
     assert_eq!(lines.len(), 3, "the case's two edits, then the case");
     let case = &lines[2];
     assert_eq!(case["record"], "case");
@@ -1277,11 +1270,7 @@ fn the_study_localises_by_attribution_patching_and_edits_with_the_new_methods() 
         .output()
         .unwrap();
     json(&out);
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&study)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = jsonl(&study);
     let case = lines.iter().find(|l| l["record"] == "case").unwrap();
     let effect = case["trace"]["max_fraction_restored"].as_array().unwrap();
     assert_eq!(effect.len(), 4, "one per layer: {case}");
@@ -1672,11 +1661,7 @@ fn study_in_batches_equals_the_study_one_case_at_a_time() {
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        std::fs::read_to_string(out)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .collect::<Vec<_>>()
+        jsonl(out)
     };
     let alone = run(&dir.join("alone.jsonl"), "1");
     let batched = run(&dir.join("batched.jsonl"), "3");

@@ -5,6 +5,7 @@
 
 mod common;
 
+use loci_core::study::regress::pearson;
 use loci_core::trace::{NoiseSpec, Quiet, TraceKind, TraceMethod, TraceRequest, TraceResult};
 use loci_core::LoadedModel;
 
@@ -15,24 +16,6 @@ fn both(lm: &LoadedModel, req: &TraceRequest) -> (TraceResult, TraceResult) {
     assert_eq!(exact.method, TraceMethod::Exact);
     assert_eq!((atp.high, atp.low), (exact.high, exact.low));
     (exact, atp)
-}
-
-/// Each cell's change from `low`, flattened token by token.
-fn effects(r: &TraceResult, kind: TraceKind) -> Vec<f64> {
-    r.scores[&kind]
-        .iter()
-        .flatten()
-        .map(|&p| p as f64 - r.low as f64)
-        .collect()
-}
-
-fn pearson(x: &[f64], y: &[f64]) -> f64 {
-    let n = x.len() as f64;
-    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
-    let cov: f64 = x.iter().zip(y).map(|(a, b)| (a - mx) * (b - my)).sum();
-    let vx: f64 = x.iter().map(|a| (a - mx).powi(2)).sum();
-    let vy: f64 = y.iter().map(|b| (b - my).powi(2)).sum();
-    cov / (vx * vy).sqrt()
 }
 
 #[test]
@@ -47,7 +30,7 @@ fn with_a_small_corruption_the_estimate_is_the_exact_effect() {
         let (exact, atp) = both(&lm, &req);
         let mut err = 0f64;
         for kind in TraceKind::ALL {
-            let (e, a) = (effects(&exact, kind), effects(&atp, kind));
+            let (e, a) = (exact.cell_effects(kind), atp.cell_effects(kind));
             let biggest = e.iter().fold(0f64, |m, v| m.max(v.abs()));
             assert!(biggest > 1e-7, "{kind:?}: the corruption must matter");
             let off = e
@@ -81,7 +64,9 @@ fn on_smollm2_the_estimate_follows_exact_tracing() {
         (TraceKind::Mlp, 0.6),
         (TraceKind::Attn, 0.8),
     ] {
-        let r = pearson(&effects(&exact, kind), &effects(&atp, kind));
+        let r = pearson(&exact.cell_effects(kind), &atp.cell_effects(kind))
+            .expect("neither grid is constant")
+            .r;
         eprintln!("{kind:?}: Pearson {r:.3}");
         assert!(r > bound, "{kind:?}: Pearson {r:.3}");
     }

@@ -3,19 +3,9 @@
 
 mod common;
 
-use candle_core::DType;
 use loci_core::edit::{Edit, KeyStats, MemitHparams, RewriteRequest};
 use loci_core::hooks::Site;
 use loci_core::LoadedModel;
-
-fn f64s(t: &candle_core::Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
 
 #[test]
 fn the_update_is_the_regularised_least_squares_solution_and_undoes_exactly() {
@@ -83,12 +73,12 @@ fn the_update_is_the_regularised_least_squares_solution_and_undoes_exactly() {
     let keys: Vec<Vec<f64>> = reqs
         .iter()
         .map(|r| {
-            let bare = f64s(&lm.subject_key(r, 1, &["{}".to_string()]).unwrap());
-            let c = f64s(&lm.subject_key(r, 1, ctx).unwrap());
+            let bare = common::f64s(&lm.subject_key(r, 1, &["{}".to_string()]).unwrap());
+            let c = common::f64s(&lm.subject_key(r, 1, ctx).unwrap());
             bare.iter().zip(&c).map(|(a, b)| 0.5 * (a + b)).collect()
         })
         .collect();
-    let c = f64s(&st[0].mom2);
+    let c = common::f64s(&st[0].mom2);
     let first = &edit.layers[0];
     assert_eq!(first.layer, 1);
     for (j, key) in keys.iter().enumerate() {
@@ -106,7 +96,7 @@ fn the_update_is_the_regularised_least_squares_solution_and_undoes_exactly() {
                 key[row]
             );
         }
-        let h = f64s(
+        let h = common::f64s(
             &lm.subject_states(&reqs[j], &[Site::Block(2)], &["{}".to_string()])
                 .unwrap()[0],
         );
@@ -123,7 +113,7 @@ fn the_update_is_the_regularised_least_squares_solution_and_undoes_exactly() {
 
     // Applied, the residual after the last layer moves most of the way to z.
     let gap = |lm: &LoadedModel, j: usize| -> f64 {
-        let h = f64s(
+        let h = common::f64s(
             &lm.subject_states(&reqs[j], &[Site::Block(2)], &["{}".to_string()])
                 .unwrap()[0],
         );

@@ -5,22 +5,12 @@
 
 mod common;
 
-use candle_core::DType;
 use loci_core::edit::{
     Edit, EditMethod, KeyStats, MemitEdit, MemitHparams, NullSpace, Preserved, RewriteRequest,
     UpdateRule,
 };
 use loci_core::hooks::Site;
 use loci_core::LoadedModel;
-
-fn f64s(t: &candle_core::Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
 
 fn requests() -> Vec<RewriteRequest> {
     vec![
@@ -110,8 +100,8 @@ fn emmet_sets_each_edited_key_exactly() {
     let ctx = &edit.stats.templates[1..];
     let dff = lm.model.cfg.d_ff;
     for (j, r) in reqs.iter().enumerate() {
-        let bare = f64s(&lm.subject_key(r, 2, &["{}".to_string()]).unwrap());
-        let c = f64s(&lm.subject_key(r, 2, ctx).unwrap());
+        let bare = common::f64s(&lm.subject_key(r, 2, &["{}".to_string()]).unwrap());
+        let c = common::f64s(&lm.subject_key(r, 2, ctx).unwrap());
         let key: Vec<f64> = bare.iter().zip(&c).map(|(a, b)| 0.5 * (a + b)).collect();
         for i in 0..reqs.len() {
             let a = &edit.layers[0].left[i * dff..(i + 1) * dff];
@@ -171,7 +161,7 @@ fn alphaedit_leaves_what_is_known_and_earlier_edits_alone() {
     }
     // It writes the fact: the residual after the last layer moves towards z.
     let gap = |lm: &LoadedModel| -> f64 {
-        let h = f64s(
+        let h = common::f64s(
             &lm.subject_states(&reqs[0], &[Site::Block(2)], &["{}".to_string()])
                 .unwrap()[0],
         );

@@ -273,6 +273,17 @@ impl TraceResult {
         }
     }
 
+    /// Each cell's change of p(answer) from `low` for `kind`, token by token (what exact
+    /// tracing and attribution patching are compared on).
+    pub fn cell_effects(&self, kind: TraceKind) -> Vec<f64> {
+        let low = self.low as f64;
+        self.scores[&kind]
+            .iter()
+            .flatten()
+            .map(|&p| p as f64 - low)
+            .collect()
+    }
+
     /// The header a trace with this result began with (for UIs fed a finished result).
     pub fn header(&self) -> TraceHeader {
         let n_layer = self

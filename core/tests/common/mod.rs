@@ -109,6 +109,16 @@ pub fn key_stats(
     acc.finish(lm, "wikipedia sample").unwrap()
 }
 
+/// A tensor's values as f64, flattened.
+pub fn f64s(t: &candle_core::Tensor) -> Vec<f64> {
+    t.to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 /// A rewrite of `subject` in `prompt` to `new`, its old target given.
 pub fn request(
     prompt: &str,

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use loci_core::study::regress::pearson;
-use loci_core::trace::{NoiseSpec, Quiet, TraceKind, TraceRequest, TraceResult};
+use loci_core::trace::{NoiseSpec, Quiet, TraceKind, TraceRequest};
 use loci_core::LoadedModel;
 use serde::Serialize;
 
@@ -47,16 +47,6 @@ impl AttributionBench {
     }
 }
 
-/// Each cell's change from `low`.
-fn effects(r: &TraceResult, kind: TraceKind) -> Vec<f64> {
-    let low = r.low as f64;
-    r.scores[&kind]
-        .iter()
-        .flatten()
-        .map(|&p| p as f64 - low)
-        .collect()
-}
-
 /// Traces the first `n` bundled known facts `lm` predicts right both ways, with `base`'s
 /// settings (kinds, samples, window) and tracing's default noise.
 pub fn run(
@@ -92,7 +82,7 @@ pub fn run(
         let atp = lm.trace_attribution(&req, None, &mut Quiet)?;
         attribution_seconds += s.elapsed().as_secs_f64();
         for &kind in &req.kinds {
-            if let Some(c) = pearson(&effects(&exact, kind), &effects(&atp, kind)) {
+            if let Some(c) = pearson(&exact.cell_effects(kind), &atp.cell_effects(kind)) {
                 rs.entry(kind).or_default().push(c.r);
             }
         }
