@@ -15,7 +15,7 @@ source "${LOCI_CUDA_DIR:-$HOME/.cache/loci-cuda}/env.sh"
 # Its own target folder: the CUDA kernels take ~12 minutes to compile once and are kept.
 export CARGO_TARGET_DIR="${LOCI_CUDA_TARGET:-$HOME/.cache/loci-target-cuda}"
 if [ "${1:-}" = "--check" ]; then
-  cargo check --release -p loci-backend --features cuda
+  cargo check --release -p loci-backend -p loci-python --features loci-backend/cuda,loci-python/cuda
   exit 0
 fi
 cargo build --release -p loci-backend --features cuda

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every check and test of Loci on a fresh machine: installs tools, fetches the real test
-# model, then formatting, lints, native tests, the study's Slurm array job on a real one-node
-# Slurm, the wasm32 build of the core and the web app, the browser end-to-end runs (served by
-# `loci serve`, and as a static build with no server), and a short run of the server's load test.
+# model, then formatting, lints, native tests, the Python package's tests and notebook, the
+# study's Slurm array job on a real one-node Slurm, the wasm32 build of the core and the web
+# app, the browser end-to-end runs (served by `loci serve`, and as a static build with no
+# server), and a short run of the server's load test.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -24,6 +25,8 @@ step "clippy (wasm32)"
 cargo clippy --release -p loci-core -p loci-frontend --target wasm32-unknown-unknown -- -D warnings
 step "tests (and the core examples' build)"
 cargo test --release --workspace
+step "python package (pip install ./python, pytest, the example notebook executed)"
+"$root/scripts/python-test.sh"
 step "study on a real one-node Slurm (array job, a task requeued mid-way)"
 "$root/scripts/slurm-test.sh"
 step "core API docs (missing docs denied, warnings denied)"

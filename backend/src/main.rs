@@ -1,11 +1,8 @@
-//! `loci`: the command-line tool and the server over `loci-core`. Both stand on `workspace`
-//! (what they share); neither imports the other.
-
-mod cli;
-mod server;
-mod workspace;
+//! `loci`: the command-line tool and the server over `loci-core` (the library beside this file
+//! holds both; this is their arguments and the process's threads).
 
 use clap::{Parser, Subcommand};
+use loci_backend::{cli, server, workspace};
 
 // Tensors are allocated and freed by the thousand; glibc hands big blocks back to the kernel each
 // time (page faults, TLB shootdowns across threads), mimalloc keeps them for reuse.

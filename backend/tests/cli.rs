@@ -1725,3 +1725,52 @@ fn study_in_batches_equals_the_study_one_case_at_a_time() {
     assert_eq!(cases(&alone), cases(&batched));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn hparams_change_any_setting_and_unknown_ones_are_named() {
+    let dir = std::env::temp_dir().join(format!("loci-hparams-cli-{}", std::process::id()));
+    let corpus = root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
+    let model = tiny("tiny-gpt2");
+    let edit = |hparams: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_loci"));
+        c.args([
+            "edit",
+            "--model",
+            &model,
+            "--prompt",
+            "The Eiffel Tower is located in",
+        ])
+        .args([
+            "--subject",
+            "Eiffel Tower",
+            "--target",
+            "Rome",
+            "--layer",
+            "2",
+        ])
+        .args(["--json", "--stats-tokens", "2000", "--hparams", hparams])
+        .arg("--corpus")
+        .arg(&corpus)
+        .arg("--stats")
+        .arg(dir.join("stats"));
+        c.output().unwrap()
+    };
+    let out = edit(r#"{"v_num_grad_steps": 3, "kl_factor": 0.5}"#);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = json(&out);
+    assert_eq!(report["v_losses"].as_array().unwrap().len(), 3);
+    let out = edit(r#"{"v_learning_rate": 0.1}"#);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("has no setting \"v_learning_rate\""));
+    assert!(err.contains("v_lr") && err.contains("kl_factor"), "{err}");
+    let out = edit(r#"{"v_lr": "fast"}"#);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ROME's settings"));
+    let out = edit("[1]");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a JSON object"));
+    std::fs::remove_dir_all(&dir).ok();
+}

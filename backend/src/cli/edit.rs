@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use indicatif::ProgressBar;
 use loci_core::edit::{
     Edit, EditMethod, EditReport, EditSide, Preserved, Probes, RewriteRequest, TargetStr,
 };
@@ -54,7 +53,7 @@ pub fn stats(a: StatsArgs) -> Result<()> {
 }
 
 /// ROME's default layer and MEMIT's default layers (where the model has MEMIT defaults).
-fn default_edit_layers(lm: &loci_core::LoadedModel) -> Result<Vec<usize>> {
+pub fn default_edit_layers(lm: &loci_core::LoadedModel) -> Result<Vec<usize>> {
     let mut layers = vec![crate::workspace::rome_hparams(lm, None)?.layer];
     let memit = crate::workspace::memit_hparams(lm, EditMethod::Memit, &[], &Default::default());
     if let Ok(hp) = memit {
@@ -191,7 +190,9 @@ fn ft(a: EditArgs) -> Result<()> {
     }
     let mut lm = a.model.load()?;
     let req = one_request(&a, &lm)?;
-    let hp = ft_hparams(&lm, &a.edit.layers, &a.edit.ft)?;
+    let hp = a
+        .edit
+        .changed(ft_hparams(&lm, &a.edit.layers, &a.edit.ft)?)?;
     let (e, _applied, mut report) = lm.ft_with_report(req, &hp, &probes(&a))?;
     save(&a, &lm, &Edit::Ft(e))?;
     report.seconds = started.elapsed().as_secs_f64();
@@ -213,6 +214,7 @@ fn rome(a: EditArgs) -> Result<()> {
     if let Some(s) = a.edit.v_steps {
         hp.v_num_grad_steps = s;
     }
+    let hp = a.edit.changed(hp)?;
     let layer = hp.layer;
     if layer >= lm.model.n_layer() {
         bail!(
@@ -269,6 +271,9 @@ fn print_report(report: &EditReport, what: &str) -> Result<()> {
 
 /// The edits `--apply-edit` applies, read again: the keys earlier AlphaEdit edits keep.
 pub(crate) fn applied_edits(model: &super::ModelArgs) -> Result<Vec<Edit>> {
+    if let Some((_, edits)) = super::embedded::given() {
+        return Ok(edits);
+    }
     model
         .apply_edit
         .iter()
@@ -288,10 +293,10 @@ fn memit(a: EditArgs) -> Result<()> {
     if let Some(s) = a.edit.v_steps {
         hp.v_num_grad_steps = s;
     }
+    let hp = a.edit.changed(hp)?;
     let stats = a.edit.stats.ensure_layers(&lm, &hp.layers)?;
     let earlier = applied_edits(&a.model)?;
-    let pb = ProgressBar::new_spinner();
-    pb.enable_steady_tick(std::time::Duration::from_millis(200));
+    let pb = crate::workspace::spinner();
     let preserved = Preserved::of(&earlier);
     let (e, _applied, mut report) =
         lm.memit_with_report(reqs, &hp, &stats, &preserved, &probes(&a), &mut |m| {

@@ -3,6 +3,7 @@
 mod bench;
 mod device;
 pub mod edit;
+pub mod embedded;
 mod eval;
 mod predict;
 mod render;
@@ -69,11 +70,39 @@ pub struct MethodArgs {
     /// ROME / MEMIT: v* optimisation steps (default: the model's settings).
     #[arg(long)]
     pub v_steps: Option<usize>,
+    /// Any of the method's settings, as a JSON object (or a file holding one) changing the
+    /// shipped defaults: e.g. '{"v_lr": 0.5, "kl_factor": 0.0625}' (docs/rome.md and
+    /// docs/memit.md list them). Applied after the other flags.
+    #[arg(long)]
+    pub hparams: Option<String>,
+}
+
+impl MethodArgs {
+    /// `settings` with `--hparams`' changes (none without it).
+    pub fn changed<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &self,
+        settings: T,
+    ) -> Result<T> {
+        match &self.hparams {
+            None => Ok(settings),
+            Some(arg) => crate::workspace::with_changes(
+                settings,
+                &crate::workspace::read_changes(arg)?,
+                self.method.label(),
+            ),
+        }
+    }
 }
 
 impl ModelArgs {
     /// Opens the model these arguments name, with their edits applied.
     pub fn load(&self) -> Result<LoadedModel> {
+        if let Some((lm, _)) = embedded::given() {
+            if self.model.is_some() || self.random.is_some() || !self.apply_edit.is_empty() {
+                anyhow::bail!("--model, --random and --apply-edit: the held model is used");
+            }
+            return Ok(lm);
+        }
         if let Some(preset) = &self.random {
             return Ok(loci_core::presets::random_model(
                 preset,
@@ -89,8 +118,13 @@ impl ModelArgs {
     }
 }
 
+/// Prints `v` as one line of JSON (or hands it to the program running the command).
 pub fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
-    println!("{}", serde_json::to_string(v)?);
+    if embedded::capturing() {
+        embedded::keep(serde_json::to_string(v)?);
+    } else {
+        println!("{}", serde_json::to_string(v)?);
+    }
     Ok(())
 }
 

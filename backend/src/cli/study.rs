@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use loci_core::eval::CounterFactCase;
 use loci_core::study::{
     analyze, analyze_window, CaseResult, EditLine, EditProblem, Shard, StudyConfig, StudyLine,
@@ -312,12 +312,9 @@ fn study_cases(
     out_path: &Path,
 ) -> Result<(usize, usize)> {
     let mut out = super::results::open_for_append(out_path)?;
-    let pb = ProgressBar::new((todo.len() * cfg.cells().len()) as u64);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "edits {bar:40} {pos}/{len} [{elapsed_precise} < {eta}] {msg}",
-        )
-        .expect("template"),
+    let pb = crate::workspace::bar(
+        (todo.len() * cfg.cells().len()) as u64,
+        "edits {bar:40} {pos}/{len} [{elapsed_precise} < {eta}] {msg}",
     );
     let (mut kept, mut skipped) = (0, 0);
     for chunk in todo.chunks(batch) {

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use loci_core::plot;
 use loci_core::trace::{
     AggregateCurves, NoiseSpec, TraceKind, TraceMethod, TraceObserver, TraceRequest, TraceResult,
@@ -78,14 +78,10 @@ impl TraceObserver for Bar {
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {
-    let b = ProgressBar::new(len);
-    b.set_style(
-        ProgressStyle::with_template(&format!(
-            "{what} {{bar:40}} {{pos}}/{{len}} {{msg}} [{{elapsed_precise}} < {{eta}}]"
-        ))
-        .expect("valid template"),
-    );
-    b
+    crate::workspace::bar(
+        len,
+        &format!("{what} {{bar:40}} {{pos}}/{{len}} {{msg}} [{{elapsed_precise}} < {{eta}}]"),
+    )
 }
 
 pub fn request(a: &TraceArgs, prompt: String, subject: String) -> Result<TraceRequest> {

@@ -249,6 +249,10 @@ impl Registry {
         self.models.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.models.is_empty()
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.models.keys().cloned().collect()
     }

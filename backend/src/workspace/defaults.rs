@@ -187,3 +187,41 @@ pub fn study_config(
     }
     Ok(cfg)
 }
+
+/// A method's settings changed key by key (`--hparams`, Python's keyword arguments): each key
+/// must be one the settings have (an unknown one is refused, naming those there are), and each
+/// value of its type.
+pub fn with_changes<T: serde::Serialize + serde::de::DeserializeOwned>(
+    settings: T,
+    changes: &serde_json::Map<String, serde_json::Value>,
+    method: &str,
+) -> Result<T> {
+    let serde_json::Value::Object(mut all) = serde_json::to_value(settings)? else {
+        bail!("internal error: {method}'s settings are not an object");
+    };
+    for (k, v) in changes {
+        if !all.contains_key(k) {
+            let known: Vec<&str> = all.keys().map(String::as_str).collect();
+            bail!(
+                "{method} has no setting {k:?} (its settings: {})",
+                known.join(", ")
+            );
+        }
+        all.insert(k.clone(), v.clone());
+    }
+    serde_json::from_value(serde_json::Value::Object(all))
+        .map_err(|e| anyhow::anyhow!("{method}'s settings: {e}"))
+}
+
+/// `--hparams`: a JSON object, or a file holding one.
+pub fn read_changes(arg: &str) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let text = if std::path::Path::new(arg).is_file() {
+        std::fs::read_to_string(arg)?
+    } else {
+        arg.to_string()
+    };
+    match serde_json::from_str(&text) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        _ => bail!("--hparams: a JSON object of settings (or a file holding one), e.g. '{{\"v_lr\": 0.5}}'"),
+    }
+}

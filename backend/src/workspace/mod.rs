@@ -4,19 +4,23 @@
 //! The CLI is argument parsing and printing over this; the server is routing and JSON over it.
 
 mod atomic;
+mod bars;
 mod defaults;
 mod known;
 mod models;
 mod stats;
 
 pub use atomic::write_atomic;
+pub use bars::{bar, spinner, tell, with_hidden_bars, Heard};
 pub use defaults::{
-    ft_hparams, key_mode, memit_hparams, rome_hparams, study_config, FtSettings, RuleSettings,
+    ft_hparams, key_mode, memit_hparams, read_changes, rome_hparams, study_config, with_changes,
+    FtSettings, RuleSettings,
 };
 pub use known::{
     bundled_fact_prompts, bundled_fact_texts, bundled_facts, cached_embedding_std, read_facts,
 };
 pub use models::{default_model, device, open_model, trace_workers, workers, Precision, WORKERS};
 pub use stats::{
-    collect, corpus_file, corpus_texts, default_corpus, feed, stats_dir, StatsCache, StatsSource,
+    collect, collect_heard, corpus_file, corpus_texts, default_corpus, feed, stats_dir, StatsCache,
+    StatsSource,
 };

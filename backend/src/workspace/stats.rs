@@ -7,7 +7,6 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use loci_core::edit::{KeyStats, StatsAccumulator};
 use loci_core::LoadedModel;
 
@@ -85,13 +84,14 @@ pub fn corpus_texts(path: &Path) -> Result<impl Iterator<Item = Result<String>>>
 
 /// Feeds corpus texts to `acc`, one per worker thread at a time, until it has seen `tokens`
 /// tokens: up to the text that crosses the mark, whatever the thread count (so statistics do
-/// not depend on the machine that computed them).
+/// not depend on the machine that computed them). `progress` hears each pass's tokens; `false`
+/// from it stops the feeding there.
 pub fn feed(
     acc: &mut StatsAccumulator,
     lm: &LoadedModel,
     corpus: &Path,
     tokens: u64,
-    mut progress: impl FnMut(usize),
+    mut progress: impl FnMut(usize) -> bool,
 ) -> Result<()> {
     let mut texts = corpus_texts(corpus)?;
     while acc.tokens() < tokens {
@@ -106,7 +106,9 @@ pub fn feed(
         if chunk.is_empty() {
             break;
         }
-        progress(acc.add_texts(lm, &chunk)?);
+        if !progress(acc.add_texts(lm, &chunk)?) {
+            break;
+        }
     }
     Ok(())
 }
@@ -130,6 +132,29 @@ pub fn collect(
     max_len: usize,
     dir: &Path,
 ) -> Result<()> {
+    let pb = super::bar(
+        tokens,
+        "key statistics {bar:40} {pos}/{len} tokens ({per_sec}) [{elapsed_precise} < {eta}]",
+    );
+    let mut done = 0;
+    collect_heard(lm, layers, (corpus, tokens, max_len), dir, &mut |n| {
+        pb.inc(n);
+        done += n;
+        super::tell("key statistics", done, tokens)
+    })?;
+    pb.finish_and_clear();
+    Ok(())
+}
+
+/// [`collect`], telling `heard` the tokens of each pass as they are taken in; `false` from it
+/// stops the collection before any file is written.
+pub fn collect_heard(
+    lm: &LoadedModel,
+    layers: &[usize],
+    (corpus, tokens, max_len): (&Path, u64, usize),
+    dir: &Path,
+    heard: &mut dyn FnMut(u64) -> bool,
+) -> Result<()> {
     let missing: Vec<usize> = layers
         .iter()
         .copied()
@@ -146,15 +171,14 @@ pub fn collect(
         bail!("--tokens must be positive");
     }
     let mut acc = StatsAccumulator::new(lm, &missing, max_len)?;
-    let pb = ProgressBar::new(tokens);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "key statistics {bar:40} {pos}/{len} tokens ({per_sec}) [{elapsed_precise} < {eta}]",
-        )
-        .expect("template"),
-    );
-    feed(&mut acc, lm, corpus, tokens, |n| pb.inc(n as u64))?;
-    pb.finish_and_clear();
+    let mut going = true;
+    feed(&mut acc, lm, corpus, tokens, |n| {
+        going = going && heard(n as u64);
+        going
+    })?;
+    if !going {
+        bail!(loci_core::LociError::Cancelled);
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     for s in acc.finish(lm, &corpus.display().to_string())? {
         let f = stats_file(dir, s.provenance.layer);

@@ -89,7 +89,7 @@ pub fn key_stats(
     tokens: u64,
 ) -> Result<(loci_core::edit::KeyStats, u64)> {
     let mut acc = loci_core::edit::StatsAccumulator::new(lm, &[layer], 1024)?;
-    crate::workspace::feed(&mut acc, lm, corpus, tokens, |_| {})?;
+    crate::workspace::feed(&mut acc, lm, corpus, tokens, |_| true)?;
     let seen = acc.tokens();
     let stats = acc.finish(lm, &corpus.display().to_string())?.remove(0);
     Ok((stats, seen))

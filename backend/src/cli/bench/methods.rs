@@ -154,7 +154,7 @@ pub fn run(
     layers.sort_unstable();
     layers.dedup();
     let mut acc = StatsAccumulator::new(lm, &layers, 1024)?;
-    crate::workspace::feed(&mut acc, lm, corpus, stats_tokens, |_| {})?;
+    crate::workspace::feed(&mut acc, lm, corpus, stats_tokens, |_| true)?;
     let stats = acc.finish(lm, &corpus.display().to_string())?;
     let mut out = vec![];
     for (method, s) in settings {

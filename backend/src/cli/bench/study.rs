@@ -113,7 +113,7 @@ pub fn study_bench(a: StudyBenchArgs) -> Result<()> {
     let stat_layers: Vec<usize> = StudyMethod::Memit.layers(layer, n_layer);
     let s = Instant::now();
     let mut acc = loci_core::edit::StatsAccumulator::new(&lm, &stat_layers, 1024)?;
-    crate::workspace::feed(&mut acc, &lm, &corpus, a.stats_tokens, |_| {})?;
+    crate::workspace::feed(&mut acc, &lm, &corpus, a.stats_tokens, |_| true)?;
     let stats = acc
         .finish(&lm, &corpus.display().to_string())
         .context("key statistics for the benchmark")?;

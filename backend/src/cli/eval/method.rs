@@ -53,6 +53,7 @@ impl Method {
                     hp.v_num_grad_steps = s;
                 }
                 hp.key_mode = crate::workspace::key_mode(&a.edit.key_mode)?;
+                let hp = a.edit.changed(hp)?;
                 let stats = a.edit.stats.ensure(lm, hp.layer)?;
                 Method::Rome(hp, stats)
             }
@@ -67,6 +68,7 @@ impl Method {
                 if let Some(s) = a.edit.v_steps {
                     hp.v_num_grad_steps = s;
                 }
+                let hp = a.edit.changed(hp)?;
                 let stats = a.edit.stats.ensure_layers(lm, &hp.layers)?;
                 Method::Memit(hp, stats)
             }
@@ -77,7 +79,10 @@ impl Method {
                          trains --layers"
                     );
                 }
-                Method::Ft(ft_hparams(lm, &a.edit.layers, &a.edit.ft)?)
+                Method::Ft(
+                    a.edit
+                        .changed(ft_hparams(lm, &a.edit.layers, &a.edit.ft)?)?,
+                )
             }
         })
     }

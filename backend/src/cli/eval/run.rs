@@ -1,11 +1,11 @@
 //! `loci eval` on one benchmark: the cases not yet in `--out` edited under a progress bar
 //! (each edit undone, or all kept in sequence), then the summary printed or drawn.
 
-use anyhow::Result;
-use indicatif::{ProgressBar, ProgressStyle};
+use anyhow::{bail, Result};
+use indicatif::ProgressBar;
 use loci_core::edit::{Edit, EditMethod, RewriteRequest};
 use loci_core::eval::{SequenceOptions, SequenceRecord};
-use loci_core::LoadedModel;
+use loci_core::{LoadedModel, LociError};
 
 use super::benchmark::Benchmark;
 use super::method::Method;
@@ -59,14 +59,10 @@ fn batch_note(a: &EvalArgs, method: &Method) -> String {
 
 /// The progress bar over `len` cases.
 fn progress_bar(len: usize) -> ProgressBar {
-    let pb = ProgressBar::new(len as u64);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "cases {bar:40} {pos}/{len} [{elapsed_precise} < {eta}] {msg}",
-        )
-        .expect("template"),
-    );
-    pb
+    crate::workspace::bar(
+        len as u64,
+        "cases {bar:40} {pos}/{len} [{elapsed_precise} < {eta}] {msg}",
+    )
 }
 
 /// Edits `cases`, `--batch` per edit (all kept with `--sequential`, else each undone), handing
@@ -85,9 +81,17 @@ fn edit_cases<B: Benchmark>(
     let alpha = |e: &Edit| e.method() == EditMethod::Alphaedit;
     let mut kept: Vec<Edit> = crate::cli::edit::applied_edits(&a.model)?;
     kept.retain(alpha);
+    // A stop asked for (Ctrl-C in Python, a listener saying no) ends the run: no later case is
+    // prepared, and the cases after it get no record.
+    let cancelled = std::cell::Cell::new(false);
     let mut make = |lm: &mut LoadedModel, reqs: &[RewriteRequest]| {
+        if cancelled.get() {
+            return Err(LociError::Cancelled);
+        }
         let preserved = loci_core::edit::Preserved::of(&kept);
-        let e = method.make(lm, reqs, &preserved, &mut |m| pb.set_message(m.to_string()))?;
+        let made = method.make(lm, reqs, &preserved, &mut |m| pb.set_message(m.to_string()));
+        cancelled.set(matches!(made, Err(LociError::Cancelled)));
+        let e = made?;
         if a.sequential && alpha(&e) {
             kept.push(e.clone());
         }
@@ -102,12 +106,16 @@ fn edit_cases<B: Benchmark>(
         let seq = bench.in_sequence(lm, cases, opts, &mut make, &mut |done| {
             pb.set_position(done as u64)
         })?;
+        if cancelled.get() {
+            bail!(LociError::Cancelled);
+        }
         pb.suspend(|| sink.take_all(cases, seq.records, B::case_id))?;
         checkpoints = seq.checkpoints;
     } else {
         for chunk in cases.chunks(a.batch) {
             let records: Vec<SequenceRecord<B::Record>> = match bench.undone(lm, chunk, &mut make) {
                 Ok(records) => records.into_iter().map(Ok).collect(),
+                Err(LociError::Cancelled) => bail!(LociError::Cancelled),
                 Err(e) => chunk.iter().map(|_| Err(e.to_string())).collect(),
             };
             if let Some(Ok(r)) = records.last() {
