@@ -18,5 +18,19 @@ pip install "maturin>=1.7,<2" pytest nbclient nbformat ipykernel matplotlib tqdm
 pip install "$root/python"
 # The binary the tests compare with.
 cargo build --release -p loci-backend --bin loci
-cd "$root/python/tests"
-LOCI_BIN="$CARGO_TARGET_DIR/release/loci" MPLBACKEND=Agg "$venv/bin/python" -m pytest -q "$@"
+(cd "$root/python/tests" &&
+  LOCI_BIN="$CARGO_TARGET_DIR/release/loci" MPLBACKEND=Agg "$venv/bin/python" -m pytest -q "$@")
+# The other way in: the wheel itself (maturin's abi3 wheel), installed into a bare virtualenv
+# with nothing but its own dependencies, imports and predicts.
+wheels="$(mktemp -d)"
+trap 'rm -rf "$wheels"' EXIT
+"$venv/bin/maturin" build --release --quiet -m "$root/python/Cargo.toml" -o "$wheels/dist"
+python3 -m venv "$wheels/venv"
+"$wheels/venv/bin/python" -m pip --disable-pip-version-check -q install "$wheels"/dist/loci-*-abi3-*.whl
+(cd "$wheels" && "$wheels/venv/bin/python" -c "
+import loci, sys
+m = loci.load(sys.argv[1])
+top = m.predict('The Eiffel Tower is located in the city of', top=1)[0]['token']
+assert top == ' Paris', top
+print('wheel', loci.__version__, 'predicts', repr(top))
+" "${LOCI_TEST_MODEL:-$root/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf}")

@@ -1763,6 +1763,57 @@ fn hparams_change_any_setting_and_unknown_ones_are_named() {
     );
     let report = json(&out);
     assert_eq!(report["v_losses"].as_array().unwrap().len(), 3);
+    // Statistics computed with an edit applied are the unedited model's (they are cached under
+    // its fingerprint): layer 3 reads its keys through the edited layer 2.
+    let saved = dir.join("edit.safetensors");
+    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
+        .args([
+            "edit",
+            "--model",
+            &model,
+            "--prompt",
+            "The Eiffel Tower is located in",
+        ])
+        .args([
+            "--subject",
+            "Eiffel Tower",
+            "--target",
+            "Rome",
+            "--layer",
+            "2",
+        ])
+        .args(["--v-steps", "3"])
+        .arg("--stats")
+        .arg(dir.join("stats"))
+        .arg("--save-edit")
+        .arg(&saved)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats_of = |folder: &str, edits: &[&std::path::Path]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_loci"));
+        c.args([
+            "stats", "--model", &model, "--layers", "3", "--tokens", "1000",
+        ])
+        .arg("--corpus")
+        .arg(&corpus)
+        .arg("--out")
+        .arg(dir.join(folder));
+        for e in edits {
+            c.arg("--apply-edit").arg(e);
+        }
+        assert!(c.output().unwrap().status.success());
+        // The header as JSON (its metadata's order varies) and the data after it.
+        let bytes = std::fs::read(dir.join(folder).join("layer3.safetensors")).unwrap();
+        let n = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..n]).unwrap();
+        (header, bytes[n..].to_vec())
+    };
+    assert_eq!(stats_of("with-edit", &[&saved]), stats_of("without", &[]));
     let out = edit(r#"{"v_learning_rate": 0.1}"#);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("has no setting \"v_learning_rate\""));

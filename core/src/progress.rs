@@ -28,12 +28,17 @@ thread_local! {
 }
 
 /// Runs `work` with `listener` hearing every optimisation step `work` takes on this thread (and
-/// stopping it by returning `false`); the previous listener (if any) is back afterwards.
+/// stopping it by returning `false`); the previous listener (if any) is back afterwards, also
+/// when `work` panics.
 pub fn listen<T>(listener: impl FnMut(&Step) -> bool + 'static, work: impl FnOnce() -> T) -> T {
-    let before = LISTENER.with(|l| l.borrow_mut().replace(Box::new(listener)));
-    let out = work();
-    LISTENER.with(|l| *l.borrow_mut() = before);
-    out
+    struct Restore(Option<Listener>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            LISTENER.with(|l| *l.borrow_mut() = self.0.take());
+        }
+    }
+    let _before = Restore(LISTENER.with(|l| l.borrow_mut().replace(Box::new(listener))));
+    work()
 }
 
 /// Tells this thread's listener (if any) about a step; an error when it says stop.
@@ -49,15 +54,18 @@ pub(crate) fn report(
     } else {
         finite.iter().sum::<f32>() / finite.len() as f32
     };
-    let going = LISTENER.with(|l| match l.borrow_mut().as_mut() {
-        Some(f) => f(&Step {
-            phase,
-            step,
-            steps,
-            loss,
-        }),
-        None => true,
+    // Out of its cell while it runs: the listener may itself start work that listens (a
+    // Python callback editing another model).
+    let Some(mut listener) = LISTENER.with(|l| l.borrow_mut().take()) else {
+        return Ok(());
+    };
+    let going = listener(&Step {
+        phase,
+        step,
+        steps,
+        loss,
     });
+    LISTENER.with(|l| *l.borrow_mut() = Some(listener));
     if going {
         Ok(())
     } else {
@@ -98,6 +106,33 @@ mod tests {
             (heard[1].phase, heard[1].step, heard[1].loss),
             ("fine-tuning", 2, 0.5)
         );
+    }
+
+    #[test]
+    fn a_listener_may_start_work_that_listens() {
+        let inner_heard = Rc::new(RefCell::new(0));
+        let h = inner_heard.clone();
+        let outer = Rc::new(RefCell::new(0));
+        let o = outer.clone();
+        listen(
+            move |_| {
+                *o.borrow_mut() += 1;
+                let h = h.clone();
+                listen(
+                    move |_| {
+                        *h.borrow_mut() += 1;
+                        true
+                    },
+                    || report("value", 1, 1, &[1.0]),
+                )
+                .is_ok()
+            },
+            || {
+                report("value", 1, 2, &[1.0]).unwrap();
+                report("value", 2, 2, &[1.0]).unwrap();
+            },
+        );
+        assert_eq!((*outer.borrow(), *inner_heard.borrow()), (2, 2));
     }
 
     #[test]

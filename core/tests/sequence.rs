@@ -1,6 +1,6 @@
 //! Sequential editing: each edit is made on the model the earlier ones left and kept, every
 //! case is scored before, right after its edit and after the last, a failing edit is recorded
-//! and skipped, and the whole sequence is undone bit for bit.
+//! and skipped, a cancelled one ends the sequence, and the whole sequence is undone bit for bit.
 
 mod common;
 
@@ -123,4 +123,40 @@ fn chained_applied_edits_keep_one_original_per_layer() {
     assert_ne!(common::down_bits(&lm), original);
     lm.undo_edit(all).unwrap();
     assert_eq!(common::down_bits(&lm), original);
+}
+
+#[test]
+fn a_cancelled_edit_ends_the_sequence_undone() {
+    let mut lm = common::tiny("tiny-gpt2");
+    let original = common::down_bits(&lm);
+    let mut hp = RomeHparams::at_layer(1);
+    hp.mom2_adjustment = false;
+    hp.v_num_grad_steps = 4;
+    let req = |p: &str, s: &str, t: &str| RewriteRequest::from_prompt(p, s, t).unwrap();
+    let cases = vec![
+        req("{} is located in the city of", "Eiffel Tower", "Rome"),
+        req("The mother tongue of {} is", "Danielle Darrieux", "English"),
+        req("{} is a citizen of", "Toko Yasuda", "Canada"),
+    ];
+    let mut made = 0;
+    let out = lm.edit_in_sequence(
+        &cases,
+        SequenceOptions {
+            batch: 1,
+            checkpoint_every: 0,
+        },
+        |r| r,
+        p_new,
+        |lm, reqs| {
+            made += 1;
+            if made == 2 {
+                return Err(loci_core::LociError::Cancelled);
+            }
+            Ok(Edit::Rome(lm.rome(&reqs[0], &hp, None)?))
+        },
+        &mut |_, _| {},
+    );
+    assert!(matches!(out, Err(loci_core::LociError::Cancelled)));
+    assert_eq!(made, 2, "no edit is made after the stop");
+    assert_eq!(common::down_bits(&lm), original, "the first edit is undone");
 }

@@ -88,7 +88,8 @@ class Model:
 
     @property
     def info(self) -> Dict[str, Any]:
-        """Name, family, sizes, format and fingerprint."""
+        """``name``, ``n_layer``, ``d_model``, ``d_ff``, ``edits``, and under ``info`` the
+        family, parameters, dtype, device, format and fingerprint."""
         return json.loads(self._engine.info())
 
     @property

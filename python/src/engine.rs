@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use loci_backend::cli::{edit::default_edit_layers, embedded};
 use loci_backend::workspace::{
     cached_embedding_std, collect_heard, default_corpus, stats_dir, trace_workers,
-    with_hidden_bars, StatsSource,
+    with_hidden_bars, with_unedited, StatsSource,
 };
 use loci_core::edit::{
     AppliedEdit, Edit, EditMethod, EditReport, MemitReport, Preserved, Probes, RewriteRequest,
@@ -271,7 +271,8 @@ impl Engine {
     }
 
     /// Key statistics of `layers` from `corpus`, written to `out` (default: the model's cache,
-    /// where edits look); layers already there are kept. Returns the folder.
+    /// where edits look); layers already there are kept. Computed on the model as its files
+    /// hold it, whatever edits are applied. Returns the folder.
     #[pyo3(signature = (layers, corpus=None, tokens=100_000, max_len=1024, out=None, progress=None))]
     #[allow(clippy::too_many_arguments)]
     fn stats(
@@ -284,7 +285,7 @@ impl Engine {
         out: Option<PathBuf>,
         progress: Option<Py<PyAny>>,
     ) -> PyResult<String> {
-        let lm = &self.lm;
+        let lm = &self.unedited().or_py()?;
         py.detach(move || {
             let heed = Heed::new(progress);
             let out = (|| -> anyhow::Result<String> {
@@ -330,6 +331,7 @@ impl Engine {
         let probes: Probes = json(probes, "the probes")?;
         let hp = hparams(&self.lm, method, layer, &layers, settings).or_py()?;
         let reqs = self.requests(method, facts)?;
+        let unedited = self.unedited().or_py()?;
         let id = self.next_id;
         let Engine { lm, stack, .. } = self;
         let (report, file) = py.detach(|| {
@@ -337,7 +339,9 @@ impl Engine {
             let started = std::time::Instant::now();
             let out = hearing_steps(&heed, || {
                 with_hidden_bars(Some(as_heard(&heed)), || {
-                    edit_with(lm, stack, hp, reqs, &source, &probes)
+                    with_unedited(Some(unedited), || {
+                        edit_with(lm, stack, hp, reqs, &source, &probes)
+                    })
                 })
             });
             // Kept only whole: with its file made, and no Ctrl-C since the last step.
@@ -353,8 +357,16 @@ impl Engine {
                         return Err(err);
                     }
                 };
+                let report = report.json(started.elapsed().as_secs_f64());
+                let report = match report {
+                    Ok(report) => report,
+                    Err(err) => {
+                        lm.undo_edit(undo)?;
+                        return Err(err.into());
+                    }
+                };
                 stack.push(Applied { id, edit, undo });
-                Ok((report.json(started.elapsed().as_secs_f64())?, file))
+                Ok((report, file))
             });
             finish(&heed, out)
         })?;
@@ -381,8 +393,9 @@ impl Engine {
                 Some(_) => {}
             }
         }
-        let applied = self.stack.pop().expect("checked: not empty");
-        self.lm.undo_edit(applied.undo).or_py()?;
+        let newest = self.stack.last().expect("checked: not empty");
+        self.lm.undo_edit(newest.undo.clone()).or_py()?;
+        self.stack.pop();
         Ok(true)
     }
 
@@ -443,11 +456,22 @@ impl Engine {
             self.lm.clone(),
             self.stack.iter().map(|a| a.edit.clone()).collect(),
         );
-        run_heard(py, Some(held), argv, progress)
+        let unedited = self.unedited().or_py()?;
+        with_unedited(Some(unedited), || run_heard(py, Some(held), argv, progress))
     }
 }
 
 impl Engine {
+    /// The model without its edits (a copy: weights are shared, the edited matrices swapped
+    /// back), where key statistics are computed.
+    fn unedited(&self) -> anyhow::Result<LoadedModel> {
+        let mut lm = self.lm.clone();
+        for a in self.stack.iter().rev() {
+            lm.undo_edit(a.undo.clone())?;
+        }
+        Ok(lm)
+    }
+
     /// The facts as complete requests (the true target read off the model where not given);
     /// several only for the MEMIT family.
     fn requests(&self, method: EditMethod, facts: Vec<Fact>) -> PyResult<Vec<RewriteRequest>> {

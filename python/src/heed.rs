@@ -71,8 +71,8 @@ pub fn hearing_steps<T>(heed: &Rc<RefCell<Heed>>, work: impl FnOnce() -> T) -> T
     )
 }
 
-/// `heed` as the CLI's code hears steps (key statistics computed on the way, eval's and the
-/// study's own).
+/// `heed` as the CLI's code tells its steps (`workspace::tell`: key statistics computed on the
+/// way).
 pub fn as_heard(heed: &Rc<RefCell<Heed>>) -> loci_backend::workspace::Heard {
     let h = heed.clone();
     Box::new(move |what, done, total| h.borrow_mut().step(done, total, what, None))

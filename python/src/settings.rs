@@ -41,6 +41,9 @@ pub fn hparams(
         }
     }
     let rule: RuleSettings = serde_json::from_value(Value::Object(rule))?;
+    if method == EditMethod::Alphaedit && changes.contains_key("mom2_update_weight") {
+        bail!("AlphaEdit does not weigh the corpus keys (mom2_update_weight); set its null space");
+    }
     rule.check_for(method)?;
     let name = method.label();
     match method {

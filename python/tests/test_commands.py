@@ -152,8 +152,42 @@ def test_study_run_and_analysis_equal_the_clis(model, stats_dir, tmp_path):
         progress=False,
     )
     assert len(study.edits) == 2 and {e["layer"] for e in study.edits} == {2, LAYER}
-    cli = cli_json("study", "analyze", str(out), "--json")
-    assert without_timing(study.analysis.record) == without_timing(cli)
+    # The same study by the CLI: the same lines, the same analysis.
+    cli_out = tmp_path / "cli.jsonl"
+    cli_analysis = cli_json(
+        "study",
+        "run",
+        "--model",
+        str(MODEL),
+        "--dataset",
+        str(ROME_CASES),
+        "--out",
+        str(cli_out),
+        "--n",
+        "1",
+        "--layers",
+        f"2,{LAYER}",
+        "--samples",
+        "2",
+        "--trace-windows",
+        "3",
+        "--no-essence",
+        "--v-steps",
+        str(STEPS),
+        "--stats",
+        str(stats_dir),
+        "--corpus",
+        str(CORPUS),
+        "--stats-tokens",
+        "4000",
+        "--all-cases",
+        "--min-prob",
+        "0",
+        "--json",
+    )
+    cli_lines = [json.loads(line) for line in cli_out.read_text().splitlines()]
+    assert without_timing(study.records) == without_timing(cli_lines)
+    assert without_timing(study.analysis.record) == without_timing(cli_analysis)
     again = loci.study.analyze(out)
     assert again.record == study.analysis.record and "<svg" in again._repr_svg_()
     assert model.edits == 0

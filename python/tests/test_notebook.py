@@ -40,7 +40,7 @@ def test_the_eiffel_notebook_traces_edits_evaluates_and_undoes(tmp_path):
     ) or "' Paris'" not in text_of(edited)
     scores = next(c for c in code if "loci.eval.counterfact" in c.source)
     assert "efficacy_score" in text_of(scores)
-    undone = code[-1]
+    undone = next(c for c in code if "edit.undo()" in c.source)
     assert "| bit for bit back: True | edits applied: 0" in text_of(undone)
     assert text_of(undone).index("' Paris'") < text_of(undone).find(
         "' Rome'"

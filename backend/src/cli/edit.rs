@@ -49,6 +49,7 @@ pub fn stats(a: StatsArgs) -> Result<()> {
     } else {
         a.layers
     };
+    let lm = crate::workspace::statistics_model(&lm);
     collect(&lm, &layers, &corpus, a.tokens, a.max_len, &dir)
 }
 

@@ -114,7 +114,15 @@ impl ModelArgs {
             Some(p) => p.clone(),
             None => default_model()?,
         };
-        open_model(&path, self.dtype.dtype(), &device()?, &self.apply_edit)
+        let unedited = open_model(&path, self.dtype.dtype(), &device()?, &[])?;
+        if self.apply_edit.is_empty() {
+            return Ok(unedited);
+        }
+        // Key statistics computed on the way come from the model as its files hold it.
+        crate::workspace::keep_unedited(unedited.clone());
+        let mut lm = unedited;
+        crate::workspace::apply_edit_files(&mut lm, &self.apply_edit)?;
+        Ok(lm)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The progress bars of long commands, drawn on standard error — or, while a program that shows
-//! its own runs the command (the Python package), hidden, with the steps told to that program
-//! instead, which may stop them.
+//! its own runs the command (the Python package), hidden; the steps of work without an
+//! optimisation loop of its own (key statistics) are then told to that program, which may stop
+//! them.
 
 use std::cell::{Cell, RefCell};
 

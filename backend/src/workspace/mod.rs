@@ -19,8 +19,10 @@ pub use defaults::{
 pub use known::{
     bundled_fact_prompts, bundled_fact_texts, bundled_facts, cached_embedding_std, read_facts,
 };
-pub use models::{default_model, device, open_model, trace_workers, workers, Precision, WORKERS};
+pub use models::{
+    apply_edit_files, default_model, device, open_model, trace_workers, workers, Precision, WORKERS,
+};
 pub use stats::{
-    collect, collect_heard, corpus_file, corpus_texts, default_corpus, feed, stats_dir, StatsCache,
-    StatsSource,
+    collect, collect_heard, corpus_file, corpus_texts, default_corpus, feed, keep_unedited,
+    statistics_model, stats_dir, with_unedited, StatsCache, StatsSource,
 };

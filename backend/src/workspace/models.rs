@@ -17,12 +17,18 @@ pub fn open_model(
 ) -> Result<LoadedModel> {
     let mut lm = LoadedModel::load(path, dtype, device)
         .with_context(|| format!("loading {}", path.display()))?;
+    apply_edit_files(&mut lm, edits)?;
+    Ok(lm)
+}
+
+/// Applies saved edit files to `lm`, in order.
+pub fn apply_edit_files(lm: &mut LoadedModel, edits: &[PathBuf]) -> Result<()> {
     for f in edits {
         let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
         lm.apply_file(&bytes)
             .with_context(|| format!("applying {}", f.display()))?;
     }
-    Ok(lm)
+    Ok(())
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]

@@ -195,6 +195,39 @@ pub fn collect_heard(
     Ok(())
 }
 
+thread_local! {
+    static UNEDITED: std::cell::RefCell<Option<LoadedModel>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `work` with the key statistics it computes taken from `unedited`, the model before the
+/// edits applied to the one it works on (`--apply-edit`, a Python model's edits): statistics
+/// describe the model as its files hold it, and are cached under its fingerprint, so keys read
+/// through an edited layer would poison later edits. The previous model is back afterwards.
+pub fn with_unedited<T>(unedited: Option<LoadedModel>, work: impl FnOnce() -> T) -> T {
+    struct Restore(Option<LoadedModel>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            UNEDITED.with(|u| *u.borrow_mut() = self.0.take());
+        }
+    }
+    let _before = Restore(UNEDITED.with(|u| u.replace(unedited)));
+    work()
+}
+
+/// Keeps `unedited` as the model this thread's statistics are computed on, for the rest of a
+/// command (`--apply-edit`: the edits applied at load).
+pub fn keep_unedited(unedited: LoadedModel) {
+    UNEDITED.with(|u| *u.borrow_mut() = Some(unedited));
+}
+
+/// The model statistics of `lm` are computed on: its unedited self when one was given.
+pub fn statistics_model(lm: &LoadedModel) -> LoadedModel {
+    UNEDITED
+        .with(|u| u.borrow().clone())
+        .filter(|u| u.info.fingerprint == lm.info.fingerprint)
+        .unwrap_or_else(|| lm.clone())
+}
+
 /// Where an edit's key statistics come from: a folder, filled from a corpus when missing.
 #[derive(clap::Args, Debug, Clone)]
 pub struct StatsSource {
@@ -229,7 +262,8 @@ impl StatsSource {
                 Some(c) => c.clone(),
                 None => default_corpus()?,
             };
-            collect(lm, layers, &corpus, self.stats_tokens, 1024, &dir)?;
+            let lm = statistics_model(lm);
+            collect(&lm, layers, &corpus, self.stats_tokens, 1024, &dir)?;
         }
         Ok(dir)
     }

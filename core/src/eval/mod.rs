@@ -310,7 +310,8 @@ impl LoadedModel {
     /// its own and after the last (and every case edited so far at each checkpoint); then the
     /// whole sequence is undone (the model ends bit-identical to how it started, also on
     /// error). A case that cannot be scored or whose edit fails gets an `error` and the
-    /// sequence goes on without it. `progress` hears the cases done so far.
+    /// sequence goes on without it; a cancelled edit ends the sequence with
+    /// [`LociError::Cancelled`] (undone). `progress` hears the cases done so far.
     pub fn edit_in_sequence<C, S>(
         &mut self,
         cases: &[C],
@@ -347,6 +348,13 @@ impl LoadedModel {
             };
             let made =
                 self.sequence_batch(&cases[start..end], &mut out[start..end], &mut make, step);
+            let made = match made {
+                Ok(made) => made,
+                Err(stop) => {
+                    self.undo_edit(applied)?;
+                    return Err(stop);
+                }
+            };
             if let Some(a) = made {
                 applied = applied.then(a);
             }
@@ -383,14 +391,14 @@ impl LoadedModel {
 
     /// One batch of a sequence: the cases that could be scored are edited together and the
     /// edit kept (returned to be undone at the end); each is scored right after. A failed edit
-    /// is each case's error.
+    /// is each case's error; a cancelled one ends the sequence (the error).
     fn sequence_batch<C, S, R, F>(
         &mut self,
         chunk: &[C],
         results: &mut [InSequence<S>],
         make: &mut impl FnMut(&mut LoadedModel, &[RewriteRequest]) -> Result<crate::edit::Edit>,
         step: BatchStep<'_, R, F, S>,
-    ) -> Option<crate::edit::AppliedEdit>
+    ) -> Result<Option<crate::edit::AppliedEdit>>
     where
         R: Fn(&C) -> &RewriteRequest,
         F: Fn(&LoadedModel, &C) -> Result<S>,
@@ -404,11 +412,14 @@ impl LoadedModel {
             (step.progress)(*step.done, None);
         }
         if ok.is_empty() {
-            return None;
+            return Ok(None);
         }
         let started = crate::clock::now_seconds();
         let reqs: Vec<RewriteRequest> = ok.iter().map(|(c, _)| (step.request)(c).clone()).collect();
         let edited = make(self, &reqs).and_then(|e| self.apply(&e));
+        if let Err(LociError::Cancelled) = edited {
+            return Err(LociError::Cancelled);
+        }
         let seconds = (crate::clock::now_seconds() - started) / ok.len() as f64;
         for (c, r) in ok {
             r.edit_seconds = seconds;
@@ -422,7 +433,7 @@ impl LoadedModel {
             *step.done += 1;
             (step.progress)(*step.done, r.post.as_ref());
         }
-        edited.ok()
+        Ok(edited.ok())
     }
 }
 
