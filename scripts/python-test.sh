@@ -5,19 +5,13 @@
 # EasyEdit's files — and the example notebook executed in a real Jupyter kernel with its outputs
 # checked.
 set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$root"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/loci-target}"
-venv="${LOCI_VENV:-$CARGO_TARGET_DIR/python-venv}"
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-pip() { "$venv/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+# shellcheck source=python-env.sh
+source "$(dirname "$0")/python-env.sh"
 pip install "maturin>=1.7,<2" pytest nbclient nbformat ipykernel matplotlib tqdm pandas ruff mypy
 # The Python side's lints: ruff (style, imports, bugs) and mypy (types), as clippy for the Rust.
 (cd "$root/python" && "$venv/bin/ruff" format --check . && "$venv/bin/ruff" check . &&
   "$venv/bin/mypy" loci)
-pip install "$root/python"
-# The binary the tests compare with.
-cargo build --release -p loci-backend --bin loci
+install_loci
 (cd "$root/python/tests" &&
   LOCI_BIN="$CARGO_TARGET_DIR/release/loci" MPLBACKEND=Agg "$venv/bin/python" -m pytest -q "$@")
 # The other way in: the wheel itself (maturin's abi3 wheel), installed into a bare virtualenv

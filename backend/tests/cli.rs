@@ -1,14 +1,10 @@
 //! The `loci` binary end to end: real processes, real files, JSON out.
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::{Command, Output};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+use common::root;
 
 fn loci(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_loci"))
@@ -474,20 +470,7 @@ fn stats_then_edit_reports_before_and_after() {
     );
 
     // Stats made for another layer are refused.
-    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
-        .args([
-            "edit",
-            "--model",
-            &tiny("tiny-llama"),
-            "--prompt",
-            "The Eiffel Tower is located in",
-            "--subject",
-            "Eiffel Tower",
-            "--target",
-            "Rome",
-            "--layer",
-            "2",
-        ])
+    let out = common::eiffel_edit(&tiny("tiny-llama"), "2")
         .arg("--stats")
         .arg(&stats)
         .output()
@@ -1731,69 +1714,25 @@ fn hparams_change_any_setting_and_unknown_ones_are_named() {
     let dir = std::env::temp_dir().join(format!("loci-hparams-cli-{}", std::process::id()));
     let corpus = root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
     let model = tiny("tiny-gpt2");
-    let edit = |hparams: &str| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_loci"));
-        c.args([
-            "edit",
-            "--model",
-            &model,
-            "--prompt",
-            "The Eiffel Tower is located in",
-        ])
-        .args([
-            "--subject",
-            "Eiffel Tower",
-            "--target",
-            "Rome",
-            "--layer",
-            "2",
-        ])
-        .args(["--json", "--stats-tokens", "2000", "--hparams", hparams])
-        .arg("--corpus")
-        .arg(&corpus)
-        .arg("--stats")
-        .arg(dir.join("stats"));
+    let edit = |hparams: &str, save: Option<&std::path::Path>| {
+        let mut c = common::eiffel_edit(&model, "2");
+        c.args(["--json", "--stats-tokens", "2000", "--hparams", hparams])
+            .arg("--corpus")
+            .arg(&corpus)
+            .arg("--stats")
+            .arg(dir.join("stats"));
+        if let Some(file) = save {
+            c.arg("--save-edit").arg(file);
+        }
         c.output().unwrap()
     };
-    let out = edit(r#"{"v_num_grad_steps": 3, "kl_factor": 0.5}"#);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = edit(r#"{"v_num_grad_steps": 3, "kl_factor": 0.5}"#, None);
     let report = json(&out);
     assert_eq!(report["v_losses"].as_array().unwrap().len(), 3);
     // Statistics computed with an edit applied are the unedited model's (they are cached under
     // its fingerprint): layer 3 reads its keys through the edited layer 2.
     let saved = dir.join("edit.safetensors");
-    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
-        .args([
-            "edit",
-            "--model",
-            &model,
-            "--prompt",
-            "The Eiffel Tower is located in",
-        ])
-        .args([
-            "--subject",
-            "Eiffel Tower",
-            "--target",
-            "Rome",
-            "--layer",
-            "2",
-        ])
-        .args(["--v-steps", "3"])
-        .arg("--stats")
-        .arg(dir.join("stats"))
-        .arg("--save-edit")
-        .arg(&saved)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    json(&edit(r#"{"v_num_grad_steps": 3}"#, Some(&saved)));
     let stats_of = |folder: &str, edits: &[&std::path::Path]| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_loci"));
         c.args([
@@ -1814,14 +1753,14 @@ fn hparams_change_any_setting_and_unknown_ones_are_named() {
         (header, bytes[n..].to_vec())
     };
     assert_eq!(stats_of("with-edit", &[&saved]), stats_of("without", &[]));
-    let out = edit(r#"{"v_learning_rate": 0.1}"#);
+    let out = edit(r#"{"v_learning_rate": 0.1}"#, None);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("has no setting \"v_learning_rate\""));
     assert!(err.contains("v_lr") && err.contains("kl_factor"), "{err}");
-    let out = edit(r#"{"v_lr": "fast"}"#);
+    let out = edit(r#"{"v_lr": "fast"}"#, None);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("ROME's settings"));
-    let out = edit("[1]");
+    let out = edit("[1]", None);
     assert!(String::from_utf8_lossy(&out.stderr).contains("a JSON object"));
     std::fs::remove_dir_all(&dir).ok();
 }

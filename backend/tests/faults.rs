@@ -170,29 +170,14 @@ fn a_killed_saved_edit_is_whole_or_absent() {
     let stats = dir.join("stats");
     let file = dir.join("edit.safetensors");
     let edit = || {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_loci"));
-        c.args([
-            "edit",
-            "--model",
-            &tiny(),
-            "--prompt",
-            "The Eiffel Tower is located in",
-        ])
-        .args([
-            "--subject",
-            "Eiffel Tower",
-            "--target",
-            "Rome",
-            "--layer",
-            "1",
-        ])
-        .args(["--v-steps", "8", "--stats-tokens", "2000"])
-        .arg("--corpus")
-        .arg(corpus())
-        .arg("--stats")
-        .arg(&stats)
-        .arg("--save-edit")
-        .arg(&file);
+        let mut c = common::eiffel_edit(&tiny(), "1");
+        c.args(["--v-steps", "8", "--stats-tokens", "2000"])
+            .arg("--corpus")
+            .arg(corpus())
+            .arg("--stats")
+            .arg(&stats)
+            .arg("--save-edit")
+            .arg(&file);
         c
     };
     whole(&mut edit());

@@ -12,20 +12,7 @@ fn the_update_is_the_regularised_least_squares_solution_and_undoes_exactly() {
     let mut lm = common::tiny("tiny-gpt2");
     let layers = vec![1, 2];
     let st = common::key_stats(&lm, &layers, 40, 64);
-    let reqs = vec![
-        common::request(
-            "{} is located in the city of",
-            "Eiffel Tower",
-            "Rome",
-            "Paris",
-        ),
-        common::request(
-            "{} plays the sport of",
-            "Michael Jordan",
-            "soccer",
-            "basketball",
-        ),
-    ];
+    let reqs = common::two_facts();
     let mut hp = MemitHparams::at_layers(layers.clone());
     hp.v_num_grad_steps = 6;
     hp.mom2_update_weight = 50.0;

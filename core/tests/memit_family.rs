@@ -6,28 +6,10 @@
 mod common;
 
 use loci_core::edit::{
-    Edit, EditMethod, KeyStats, MemitEdit, MemitHparams, NullSpace, Preserved, RewriteRequest,
-    UpdateRule,
+    Edit, EditMethod, KeyStats, MemitEdit, MemitHparams, NullSpace, Preserved, UpdateRule,
 };
 use loci_core::hooks::Site;
 use loci_core::LoadedModel;
-
-fn requests() -> Vec<RewriteRequest> {
-    vec![
-        common::request(
-            "{} is located in the city of",
-            "Eiffel Tower",
-            "Rome",
-            "Paris",
-        ),
-        common::request(
-            "{} plays the sport of",
-            "Michael Jordan",
-            "soccer",
-            "basketball",
-        ),
-    ]
-}
 
 /// `ΔW v` of one layer of `e` (`Σᵢ rightᵢ (leftᵢ · v)`), and ‖ΔW‖_F.
 fn delta_times(e: &MemitEdit, layer: usize, v: &[f64]) -> (Vec<f64>, f64) {
@@ -78,7 +60,7 @@ fn check_undo_and_file(lm: &mut LoadedModel, edit: &MemitEdit, method: EditMetho
 fn emmet_sets_each_edited_key_exactly() {
     let mut lm = common::tiny("tiny-gpt2");
     let st = common::key_stats(&lm, &[2], 40, 64);
-    let reqs = requests();
+    let reqs = common::two_facts();
     let mut hp = MemitHparams::at_layers(vec![2]);
     hp.v_num_grad_steps = 6;
     hp.mom2_update_weight = 1.0;
@@ -124,7 +106,7 @@ fn alphaedit_leaves_what_is_known_and_earlier_edits_alone() {
     let mut lm = common::tiny("tiny-gpt2");
     let layers = vec![1, 2];
     let st = common::key_stats(&lm, &layers, 40, 64);
-    let reqs = requests();
+    let reqs = common::two_facts();
     let ns = NullSpace::Energy(0.2);
     let mut hp = MemitHparams::at_layers(layers.clone());
     hp.v_num_grad_steps = 6;

@@ -73,6 +73,10 @@ class Dataset:
             self.path = self._temp
             self.count = len(records)
 
+    def total(self, n: Optional[int]) -> Optional[int]:
+        """How many cases a run of the first ``n`` (default: all) takes, when known."""
+        return self.count if n is None else min(n, self.count or n)
+
     def close(self) -> None:
         if self._temp:
             os.unlink(self._temp)
@@ -104,35 +108,52 @@ class Output:
 
 class LineBar:
     """A tqdm bar of the lines (records) a command has appended to its output, advanced at
-    each optimisation step the core reports, so it moves while the command runs."""
+    each optimisation step the core reports, so it moves while the command runs. Only the bytes
+    appended since the last step are read."""
 
     def __init__(self, path: str, total: Optional[int], desc: str, count: Any = None) -> None:
         self.path = path
         self.count = count or (lambda line: True)
-        self.size = -1
+        self.read = 0
         self.bar = _tqdm()(total=total, desc=desc, leave=False)
 
     def __call__(self, done: int, total: int, what: str, loss: Optional[float]) -> None:
         try:
-            size = os.path.getsize(self.path)
+            with open(self.path, "rb") as f:
+                f.seek(self.read)
+                new = f.read()
         except OSError:
             return
-        if size != self.size:
-            self.size = size
-            with open(self.path) as f:
-                self.bar.n = sum(1 for line in f if self.count(line))
-            self.bar.refresh()
+        whole = new[: new.rfind(b"\n") + 1]  # lines are appended whole; a partial one waits
+        if whole:
+            self.read += len(whole)
+            lines = whole.decode().splitlines()
+            self.bar.update(sum(1 for line in lines if self.count(line)))
 
     def close(self) -> None:
         self.bar.close()
 
 
-def line_bar(
-    progress: ProgressArg, path: str, total: Optional[int], desc: str, count: Any = None
-) -> Any:
-    """The callback for ``progress``: the caller's, a :class:`LineBar`, or none."""
+def run(
+    model: Any,
+    argv: List[str],
+    progress: ProgressArg,
+    out: "Output",
+    total: Optional[int],
+    desc: str,
+    count: Any = None,
+) -> List[str]:
+    """Runs the command line ``argv`` on a copy of ``model``, heard by ``progress`` (the
+    caller's callable, or a :class:`LineBar` over ``out``'s lines that ``count``); returns the
+    JSON texts it printed."""
+    bar: Optional[LineBar] = None
+    callback: Any = None
     if callable(progress):
-        return progress
-    if progress and has_tqdm():
-        return LineBar(path, total, desc, count)
-    return None
+        callback = progress
+    elif progress and has_tqdm():
+        bar = callback = LineBar(out.path, total, desc, count)
+    try:
+        return model._engine.run_command(argv, callback)
+    finally:
+        if bar is not None:
+            bar.close()

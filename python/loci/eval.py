@@ -8,7 +8,7 @@ import json
 import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
-from ._commands import Dataset, Output, flag, line_bar, method_flags, switch
+from ._commands import Dataset, Output, flag, method_flags, run, switch
 from ._progress import ProgressArg
 from .model import Model
 
@@ -75,13 +75,7 @@ def _evaluate(
         argv += flag("snippets", options.pop("snippets", None))
         layers: Optional[Sequence[int]] = options.pop("layers", None)
         argv += method_flags(method, options.pop("layer", None), layers, options)
-        total = dataset.count if n is None else min(n, dataset.count or n)
-        cb = line_bar(progress, out.path, total, f"{method} cases")
-        try:
-            printed = model._engine.run_command(argv, cb)
-        finally:
-            if hasattr(cb, "close"):
-                cb.close()
+        printed = run(model, argv, progress, out, dataset.total(n), f"{method} cases")
         summary = json.loads(printed[-1]) if printed else {}
         return Evaluation(out.records(), summary)
     finally:

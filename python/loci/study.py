@@ -8,8 +8,8 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from . import _loci
-from ._commands import Dataset, Output, flag, line_bar, switch
+from . import _commands, _loci
+from ._commands import Dataset, Output, flag, switch
 from ._progress import ProgressArg
 from .eval import Cases
 from .model import Model
@@ -38,26 +38,28 @@ class Analysis:
         return f"<Analysis of {self.record.get('cases')} cases, {self.record.get('edits')} edits>"
 
 
-#: ``study.run``'s options → the CLI's flags (``loci study run --help``).
+#: ``study.run``'s options: the CLI's flags (``loci study run --help``) by their Python names.
 OPTIONS = {
-    "shard": "shard",
-    "noise": "noise",
-    "trace_windows": "trace_windows",
-    "samples": "samples",
-    "localization": "localization",
-    "min_prob": "min_prob",
-    "all_cases": "all_cases",
-    "no_essence": "no_essence",
-    "seed": "seed",
-    "v_steps": "v_steps",
-    "batch": "batch",
-    "stats_dir": "stats",
-    "corpus": "corpus",
-    "stats_tokens": "stats_tokens",
-    "stats_only": "stats_only",
-    "norm_constraint": "norm_constraint",
-    "ft_objective": "ft_objective",
+    "shard",
+    "noise",
+    "trace_windows",
+    "samples",
+    "localization",
+    "min_prob",
+    "all_cases",
+    "no_essence",
+    "seed",
+    "v_steps",
+    "batch",
+    "stats_dir",
+    "corpus",
+    "stats_tokens",
+    "stats_only",
+    "norm_constraint",
+    "ft_objective",
 }
+#: Options whose flag has another name.
+RENAMED = {"stats_dir": "stats"}
 
 
 class Study:
@@ -110,18 +112,14 @@ def run(
                 raise _loci.LociError(
                     f"study.run has no option {key!r} (its options: {', '.join(sorted(OPTIONS))})"
                 )
-            name = OPTIONS[key]
+            name = RENAMED.get(key, key)
             if type(value).__name__ in ("bool", "bool_"):
                 argv += switch(name, bool(value))
             else:
                 argv += flag(name, value)
-        total = data.count if n is None else min(n, data.count or n)
-        cb = line_bar(progress, output.path, total, "study cases", _is_case_line)
-        try:
-            printed = model._engine.run_command(argv, cb)
-        finally:
-            if hasattr(cb, "close"):
-                cb.close()
+        printed = _commands.run(
+            model, argv, progress, output, data.total(n), "study cases", _is_case_line
+        )
         analysis = Analysis(json.loads(printed[-1])) if printed else None
         return Study(output.records(), analysis)
     finally:

@@ -344,29 +344,26 @@ impl Engine {
                     })
                 })
             });
-            // Kept only whole: with its file made, and no Ctrl-C since the last step.
+            // Kept only whole: with its file and report made, and no Ctrl-C since the last
+            // step; else undone.
             let out = out.and_then(|(edit, undo, report)| {
-                let file = match edit.to_file(lm).map_err(anyhow::Error::from) {
-                    Ok(file) if !heed.borrow_mut().interrupted() => file,
-                    Ok(_) => {
-                        lm.undo_edit(undo)?;
-                        anyhow::bail!(loci_core::LociError::Cancelled)
+                let whole = (|| {
+                    let file = edit.to_file(lm)?;
+                    if heed.borrow_mut().interrupted() {
+                        anyhow::bail!(loci_core::LociError::Cancelled);
+                    }
+                    Ok((report.json(started.elapsed().as_secs_f64())?, file))
+                })();
+                match whole {
+                    Ok(kept) => {
+                        stack.push(Applied { id, edit, undo });
+                        Ok(kept)
                     }
                     Err(err) => {
                         lm.undo_edit(undo)?;
-                        return Err(err);
+                        Err(err)
                     }
-                };
-                let report = report.json(started.elapsed().as_secs_f64());
-                let report = match report {
-                    Ok(report) => report,
-                    Err(err) => {
-                        lm.undo_edit(undo)?;
-                        return Err(err.into());
-                    }
-                };
-                stack.push(Applied { id, edit, undo });
-                Ok((report, file))
+                }
             });
             finish(&heed, out)
         })?;

@@ -10,15 +10,6 @@ use loci_core::edit::{EditMethod, FtHparams, MemitHparams, RomeHparams};
 use loci_core::LoadedModel;
 use serde_json::{Map, Value};
 
-/// The MEMIT family's update-rule settings, taken by name before the rest.
-const RULE_KEYS: [&str; 5] = [
-    "null_threshold",
-    "null_energy",
-    "l2",
-    "emmet_lambda",
-    "mom2_weight",
-];
-
 /// A method's settings, ready to edit with.
 pub enum Hparams {
     Rome(RomeHparams),
@@ -35,7 +26,8 @@ pub fn hparams(
     mut changes: Map<String, Value>,
 ) -> Result<Hparams> {
     let mut rule = Map::new();
-    for k in RULE_KEYS {
+    // The MEMIT family's update-rule settings, taken by name before the rest.
+    for k in RuleSettings::KEYS {
         if let Some(v) = changes.remove(k) {
             rule.insert(k.to_string(), v);
         }

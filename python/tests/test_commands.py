@@ -60,7 +60,7 @@ def test_counterfact_eval_equals_the_clis(clean, stats_dir, tmp_path):
     assert len(frame) == 2
 
 
-def test_easyedit_records_and_hyper_parameters_carry_over(clean, stats_dir):
+def test_easyedit_records_and_hyper_parameters_carry_over(clean, stats_dir, capsys):
     model = clean
     records = json.loads(EASYEDIT_CASES.read_text())[:1]
     with warnings.catch_warnings():
@@ -103,8 +103,8 @@ def test_easyedit_records_and_hyper_parameters_carry_over(clean, stats_dir):
         n=1,
         v_num_grad_steps=STEPS,
         stats_dir=stats_dir,
-        progress=False,
     )
+    assert "rome cases" in capsys.readouterr().err  # the case bar (tqdm) was drawn
     assert (
         len(scored.records) == 1 and scored.summary["cases"] == 1 and "efficacy" in scored.summary
     )

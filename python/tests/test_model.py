@@ -160,10 +160,9 @@ def test_rome_report_equals_the_cli_and_files_go_both_ways(clean, stats_dir, tmp
     assert out["top"][0]["token"] == " Rome"
 
 
-def test_the_context_manager_undoes_bit_exactly_also_when_the_block_raises(clean, stats_dir):
-    model = clean
-    before = weights(model)
-    with model.edit(
+def eiffel_to_rome(model: loci.Model, stats_dir) -> loci.Edit:
+    """A quick ROME edit of the Eiffel Tower to Rome (few steps, no generations)."""
+    return model.edit(
         PROMPT,
         SUBJECT,
         "Rome",
@@ -171,20 +170,18 @@ def test_the_context_manager_undoes_bit_exactly_also_when_the_block_raises(clean
         stats_dir=stats_dir,
         generate_tokens=0,
         progress=False,
-    ) as e:
+    )
+
+
+def test_the_context_manager_undoes_bit_exactly_also_when_the_block_raises(clean, stats_dir):
+    model = clean
+    before = weights(model)
+    with eiffel_to_rome(model, stats_dir) as e:
         assert model.edits == 1 and not np.array_equal(weights(model), before)
         assert e.report["after"]["rewrite"]["target_new"] > 0.5
     assert model.edits == 0 and np.array_equal(weights(model), before)
     with pytest.raises(RuntimeError, match="inside"):
-        with model.edit(
-            PROMPT,
-            SUBJECT,
-            "Rome",
-            v_num_grad_steps=STEPS,
-            stats_dir=stats_dir,
-            generate_tokens=0,
-            progress=False,
-        ):
+        with eiffel_to_rome(model, stats_dir):
             raise RuntimeError("inside the block")
     assert model.edits == 0 and np.array_equal(weights(model), before)
 

@@ -71,6 +71,15 @@ pub struct RuleSettings {
 }
 
 impl RuleSettings {
+    /// The settings' names, as JSON and Python's keyword arguments spell them.
+    pub const KEYS: [&'static str; 5] = [
+        "null_threshold",
+        "null_energy",
+        "l2",
+        "emmet_lambda",
+        "mom2_weight",
+    ];
+
     /// The settings that belong to `method` (for runs of several methods with one set).
     pub fn of(&self, method: EditMethod) -> RuleSettings {
         let alpha = method == EditMethod::Alphaedit;

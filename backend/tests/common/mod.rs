@@ -1,5 +1,6 @@
-//! What the HTTP API tests share: a real `loci serve` process on a loopback port, visitors
-//! (HTTP agents with their own cookie jars) and server-sent events.
+//! What the integration tests share: a real `loci serve` process on a loopback port, visitors
+//! (HTTP agents with their own cookie jars) and server-sent events; and the command lines the
+//! CLI tests repeat.
 
 #![allow(dead_code)]
 
@@ -14,6 +15,23 @@ pub fn root() -> PathBuf {
         .parent()
         .unwrap()
         .to_path_buf()
+}
+
+/// `loci edit --model MODEL` moving the Eiffel Tower to Rome with ROME at `layer`; the caller
+/// adds the rest.
+pub fn eiffel_edit(model: &str, layer: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_loci"));
+    c.args(["edit", "--model", model])
+        .args(["--prompt", "The Eiffel Tower is located in"])
+        .args([
+            "--subject",
+            "Eiffel Tower",
+            "--target",
+            "Rome",
+            "--layer",
+            layer,
+        ]);
+    c
 }
 
 pub struct Server {

@@ -131,6 +131,25 @@ pub fn request(
     r
 }
 
+/// Two facts MEMIT-family tests write together: the Eiffel Tower to Rome, Michael Jordan to
+/// soccer.
+pub fn two_facts() -> Vec<loci_core::edit::RewriteRequest> {
+    vec![
+        request(
+            "{} is located in the city of",
+            "Eiffel Tower",
+            "Rome",
+            "Paris",
+        ),
+        request(
+            "{} plays the sport of",
+            "Michael Jordan",
+            "soccer",
+            "basketball",
+        ),
+    ]
+}
+
 /// Three edits made one after another, each computed on the model with the earlier ones.
 pub fn sequential_edits(lm: &mut loci_core::LoadedModel) -> Vec<loci_core::edit::Edit> {
     use loci_core::edit::{Edit, FtHparams, MemitHparams, RomeHparams};
