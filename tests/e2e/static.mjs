@@ -170,7 +170,9 @@ try {
   const traceLink = await page.getAttribute('#copy-link', 'data-link');
   const tracePage = watch(await context.newPage(), 'trace link');
   await tracePage.goto(traceLink);
-  await tracePage.waitForSelector('#trace-result', { timeout: 120000 });
+  // The result box stands empty while the model loads (the status is idle between loading
+  // steps): wait for a drawn panel, then for the page to settle.
+  await tracePage.waitForSelector('.heatmap figure.panel', { timeout: 120000 });
   await tracePage.waitForSelector('#status[data-busy="false"]', { timeout: 120000 });
   out.trace_link = traceLink;
   out.trace_linked = { status: await tracePage.textContent('#status'), engine: await tracePage.getAttribute('#trace-result', 'data-engine'), panels: await tracePage.locator('.heatmap figure.panel').count() };
