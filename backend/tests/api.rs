@@ -213,6 +213,29 @@ fn traces_stream_rows_then_the_same_result_as_the_core() {
     let want: serde_json::Value =
         serde_json::from_str(&serde_json::to_string(&want.scores).unwrap()).unwrap();
     assert_eq!(want, result["scores"]);
+
+    // Knowledge neurons: a row per token, the core's attributions and its neurons.
+    let kn_body = body
+        .replace("{\"model\"", "{\"method\":\"neurons\",\"model\"")
+        .replace(r#"["hidden","attn"]"#, r#"["mlp"]"#);
+    let r = agent()
+        .post(&format!("{}/api/trace", s.base))
+        .header("content-type", "application/json")
+        .send(&kn_body)
+        .unwrap();
+    let events = read_events(r.into_body().into_reader(), |e, _| {
+        e == "result" || e == "error"
+    });
+    let (last, result) = events.last().unwrap();
+    assert_eq!(last, "result", "{result}");
+    assert_eq!(events.iter().filter(|e| e.0 == "row").count(), n_tok);
+    let req: loci_core::TraceRequest = serde_json::from_str(&kn_body).unwrap();
+    let want = lm
+        .trace_neurons(&req, &mut loci_core::trace::Quiet)
+        .unwrap();
+    let want: serde_json::Value =
+        serde_json::from_str(&serde_json::to_string(&want.neurons).unwrap()).unwrap();
+    assert_eq!(want, result["neurons"]);
 }
 
 #[test]
@@ -485,6 +508,20 @@ fn edits_apply_list_download_undo_and_reapply() {
     let (st, _) = post(&s.base, "/api/undo", r#"{"model":"tiny-gpt2"}"#);
     assert_eq!(st, 200);
     assert_eq!(top_prob(&s.base, prompt), before);
+    // GRACE: a codebook entry at one layer, listed as "grace", undone exactly.
+    let grace = serde_json::json!({
+        "model": "tiny-gpt2", "method": "grace", "layer": 2,
+        "prompt": prompt, "subject": "Eiffel Tower", "target": "Rome",
+    });
+    let (st, v) = post(&s.base, "/api/edit", &grace.to_string());
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        (&v["report"]["layer"], &v["edits"][0]["method"]),
+        (&2.into(), &"grace".into())
+    );
+    let (st, _) = post(&s.base, "/api/undo", r#"{"model":"tiny-gpt2"}"#);
+    assert_eq!(st, 200);
+    assert_eq!(top_prob(&s.base, prompt), before);
     let fact = serde_json::json!({"prompt": "{} is in", "subject": "Rome", "target_new": {"str": "Paris"}});
     for (patch, want) in [
         (serde_json::json!({"layers": [1, 99]}), "out of range"),
@@ -500,6 +537,7 @@ fn edits_apply_list_download_undo_and_reapply() {
         ),
         (serde_json::json!({"method": "rome"}), "one fact"),
         (serde_json::json!({"method": "ft"}), "one fact"),
+        (serde_json::json!({"method": "grace"}), "one fact"),
         (serde_json::json!({"emmet_lambda": 0.5}), "EMMET's setting"),
         (serde_json::json!({"l2": 3.0}), "AlphaEdit's settings"),
         (

@@ -531,6 +531,117 @@ fn attribution_patching_traces_from_the_command_line() {
 }
 
 #[test]
+fn knowledge_neurons_localise_from_the_command_line_and_in_the_study() {
+    let model = tiny("tiny-gpt2");
+    let trace = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_loci"))
+            .args(["trace", "--model", &model, "--method", "neurons"])
+            .args(["--prompt", "The Eiffel Tower is located in the city of"])
+            .args(["--subject", "Eiffel Tower"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let kn = json(&trace(&["--json"]));
+    assert_eq!(kn["method"], "neurons");
+    assert_eq!(kn["samples"], 20, "Dai et al.'s 20 points by default");
+    let kinds: Vec<&String> = kn["scores"].as_object().unwrap().keys().collect();
+    assert_eq!(kinds, ["mlp"], "MLP neurons only by default");
+    let neurons = kn["neurons"].as_array().unwrap();
+    assert!(!neurons.is_empty() && neurons[0]["attribution"].as_f64().unwrap() > 0.0);
+    let wrong = trace(&["--kind", "hidden"]);
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("MLP neurons"));
+
+    let dir = std::env::temp_dir().join(format!("loci-study-kn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = root().join("../shared/data/counterfact/counterfact_rome_format_sample500.json");
+    let corpus = root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
+    let study_with = |windows: &str, how: &[&str], out: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_loci"))
+            .args([
+                "study",
+                "run",
+                "--model",
+                &model,
+                "--n",
+                "1",
+                "--methods",
+                "rome",
+            ])
+            .args(["--layers", "2", "--all-cases", "--min-prob", "0"])
+            .args(["--v-steps", "2", "--no-essence", "--trace-windows", windows])
+            .args(how)
+            .args(["--stats-tokens", "2000", "--json", "--dataset"])
+            .arg(&data)
+            .arg("--corpus")
+            .arg(&corpus)
+            .arg("--stats")
+            .arg(dir.join("stats"))
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let neurons = ["--localization", "neurons", "--samples", "4"];
+    let study = |windows: &str| study_with(windows, &neurons, &dir.join("study.jsonl"));
+    let two = study("5,10");
+    assert!(!two.status.success());
+    assert!(String::from_utf8_lossy(&two.stderr).contains("no window"));
+    json(&study("5"));
+    let lines = jsonl(&dir.join("study.jsonl"));
+    let case = lines.iter().find(|l| l["record"] == "case").unwrap();
+    let trace = &case["trace"];
+    assert_eq!(trace["low"], 0.0, "knowledge neurons' baseline: {case}");
+    let effect = trace["max_fraction_restored"].as_array().unwrap();
+    assert!(effect.iter().any(|e| e.as_f64().unwrap() > 0.0), "{case}");
+    let edit = lines.iter().find(|l| l["record"] == "edit").unwrap();
+    assert_eq!(
+        edit["tracing_effect"], effect[2],
+        "joined at the edited layer"
+    );
+
+    // The same edits, localised again by attribution patching: only the traces change, and
+    // the new file is that run's (resuming it with the new localization studies nothing).
+    let moved = dir.join("atp.jsonl");
+    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
+        .args([
+            "study",
+            "relocalize",
+            "--model",
+            &model,
+            "--localization",
+            "attribution",
+        ])
+        .arg(dir.join("study.jsonl"))
+        .arg("--out")
+        .arg(&moved)
+        .arg("--json")
+        .output()
+        .unwrap();
+    json(&out);
+    let again = jsonl(&moved);
+    assert_eq!(again.len(), lines.len());
+    let case = again.iter().find(|l| l["record"] == "case").unwrap();
+    assert_eq!(case["run"]["config"]["localization"], "attribution");
+    assert_ne!(case["trace"]["low"], 0.0, "a corrupted run's p: {case}");
+    let effect = case["trace"]["max_fraction_restored"].as_array().unwrap();
+    let moved_edit = again.iter().find(|l| l["record"] == "edit").unwrap();
+    assert_eq!(moved_edit["tracing_effect"], effect[2]);
+    for key in ["scores", "post", "pre", "layer", "target"] {
+        assert_eq!(moved_edit[key], edit[key], "{key}: the edit itself is kept");
+    }
+    let resumed = study_with("5", &["--localization", "attribution"], &moved);
+    json(&resumed);
+    assert_eq!(
+        jsonl(&moved).len(),
+        lines.len(),
+        "every case is already done"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn alphaedit_and_emmet_edit_in_sequence_from_the_command_line() {
     let dir = std::env::temp_dir().join(format!("loci-alpha-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -695,7 +806,10 @@ fn alphaedit_and_emmet_edit_in_sequence_from_the_command_line() {
         .iter()
         .map(|m| m["method"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["rome", "memit", "alphaedit", "emmet", "ft"]);
+    assert_eq!(
+        names,
+        ["rome", "memit", "alphaedit", "emmet", "ft", "grace"]
+    );
     for m in methods {
         assert_eq!(m["edits"], 2, "{m}");
         assert!(
@@ -882,6 +996,79 @@ fn fine_tuning_edits_one_fact_and_its_file_reapplies() {
     let data = root().join("../shared/data/counterfact/counterfact_rome_format_sample500.json");
     let out = Command::new(env!("CARGO_BIN_EXE_loci"))
         .args(["eval", "--model", &model, "--method", "ft", "--layers", "1"])
+        .args(["--n", "2", "--no-generation", "--summary", "--dataset"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(json(&out)["cases"], 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn grace_edits_without_changing_weights_and_its_file_reapplies() {
+    let dir = std::env::temp_dir().join(format!("loci-grace-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = tiny("tiny-llama");
+    // GRACE answers the prompt as the request fills it in.
+    let prompt = "Eiffel Tower is located in the city of";
+    let edit_file = dir.join("grace.safetensors");
+    let edit = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_loci"))
+            .args(["edit", "--model", &model, "--method", "grace"])
+            .args([
+                "--prompt",
+                prompt,
+                "--subject",
+                "Eiffel Tower",
+                "--target",
+                "Rome",
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let saved = [
+        "--layer",
+        "2",
+        "--json",
+        "--save-edit",
+        edit_file.to_str().unwrap(),
+    ];
+    let v = json(&edit(&saved));
+    assert_eq!(
+        (&v["layer"], &v["delta_norm"]),
+        (&2.into(), &0.0.into()),
+        "{v}"
+    );
+    let p = |side: &str| v[side]["rewrite"]["target_new"].as_f64().unwrap();
+    assert!(p("after") > 10.0 * p("before"), "{v}");
+    assert_eq!(
+        v["v_losses"].as_array().unwrap().len(),
+        100,
+        "the paper's 100 steps"
+    );
+    let top = |edits: &[&std::path::Path]| top50(&model, prompt, edits);
+    assert_ne!(top(&[&edit_file]), top(&[]));
+    let other = "Michael Jordan plays the sport of";
+    assert_eq!(
+        top50(&model, other, &[&edit_file]),
+        top50(&model, other, &[])
+    );
+    for (args, want) in [
+        (vec!["--layers", "1,2"], "one --layer"),
+        (vec!["--layer", "9"], "out of range"),
+        (vec!["--hparams", r#"{"eps": -1}"#], "must be positive"),
+    ] {
+        let out = edit(&args);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let data = root().join("../shared/data/counterfact/counterfact_rome_format_sample500.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
+        .args([
+            "eval", "--model", &model, "--method", "grace", "--layer", "2",
+        ])
         .args(["--n", "2", "--no-generation", "--summary", "--dataset"])
         .arg(&data)
         .output()

@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use crate::study::analysis::{Condition, Metric, StudyAnalysis};
-use crate::trace::{AggregateCurves, TraceKind, TraceResult};
+use crate::trace::{AggregateCurves, TraceKind, TraceMethod, TraceResult};
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
@@ -114,7 +114,13 @@ struct HeatmapPanel {
 impl HeatmapPanel {
     /// Writes the title, the token rows of cells, the layer axis and the colour bar.
     fn write(&self, s: &mut String, r: &TraceResult, lay: &HeatmapLayout, grid: &[Vec<f32>]) {
-        let (title, xlabel) = kind_title(self.kind, r.window);
+        let (title, xlabel) = match r.method {
+            TraceMethod::Neurons => (
+                "Knowledge neurons: p(answer) their attributions carry".into(),
+                "layer of the MLP neurons (integrated gradients)".into(),
+            ),
+            _ => kind_title(self.kind, r.window),
+        };
         let _ = write!(
             s,
             r#"<text x="{}" y="16" font-size="12" font-weight="bold">{}</text>"#,

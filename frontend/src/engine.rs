@@ -391,7 +391,7 @@ impl Runner {
     }
 
     /// Streams rows to `on_row` (false cancels) and returns the whole result. Attribution
-    /// patching's rows all come at the end.
+    /// patching's and knowledge neurons' rows all come at the end in the tab.
     pub async fn trace(
         &self,
         (model, method): (&str, TraceMethod),
@@ -401,9 +401,9 @@ impl Runner {
     ) -> Result<TraceResult, String> {
         match self {
             Runner::Server => server_trace((model, method), req, on_header, on_row).await,
-            Runner::Tab(pool) if method == TraceMethod::Attribution => {
+            Runner::Tab(pool) if method != TraceMethod::Exact => {
                 let started = files::now_ms();
-                let mut r = pool.trace_attribution(req).await?;
+                let mut r = pool.trace_whole(method, req).await?;
                 r.model = model.to_string();
                 on_header(&r.header());
                 for (&kind, grid) in &r.scores {

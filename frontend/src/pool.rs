@@ -15,7 +15,7 @@ use futures_channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 use futures_util::lock::Mutex;
 use futures_util::StreamExt;
 use loci_core::edit::{EditReport, KeyStats, MemitReport, StatsProvenance};
-use loci_core::trace::{TraceHeader, TraceKind, TraceRequest, TraceResult};
+use loci_core::trace::{TraceHeader, TraceKind, TraceMethod, TraceRequest, TraceResult};
 use loci_core::{ModelInfo, Prediction};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
@@ -416,11 +416,16 @@ impl Pool {
         out.pop().ok_or_else(|| "no worker answered".into())
     }
 
-    /// A whole trace by attribution patching, on one worker.
-    pub async fn trace_attribution(&self, request: &TraceRequest) -> Result<TraceResult, String> {
+    /// A whole trace by attribution patching or knowledge neurons, on one worker.
+    pub async fn trace_whole(
+        &self,
+        method: TraceMethod,
+        request: &TraceRequest,
+    ) -> Result<TraceResult, String> {
         self.ensure().await?;
         let w = *self.alive().first().ok_or("no model worker is running")?;
-        let msg = ToWorker::TraceAttribution {
+        let msg = ToWorker::TraceWhole {
+            method,
             request: request.clone(),
         };
         let traced = |m| match m {

@@ -5,7 +5,7 @@
 use loci_core::edit::{EditMethod, EditReport, MemitReport, NullSpace, Probes, StatsProvenance};
 use loci_core::eval::CounterFactCase;
 use loci_core::study::{EditProblem, StudyLine, StudyMethod};
-use loci_core::trace::{TraceHeader, TraceKind, TraceRequest, TraceResult};
+use loci_core::trace::{TraceHeader, TraceKind, TraceMethod, TraceRequest, TraceResult};
 use loci_core::{ModelInfo, Prediction, RewriteRequest};
 use serde::{Deserialize, Serialize};
 
@@ -94,8 +94,10 @@ pub enum ToWorker {
     TraceDrop {
         job: u64,
     },
-    /// A whole trace by attribution patching (one backward pass: no rows to share out).
-    TraceAttribution {
+    /// A whole trace by attribution patching or knowledge neurons (gradients: no rows to
+    /// share out).
+    TraceWhole {
+        method: TraceMethod,
         request: TraceRequest,
     },
     /// Start collecting key statistics of `layers` (texts cut to `max_len` tokens).
@@ -144,7 +146,7 @@ pub enum FromWorker {
         seconds: f64,
     },
     Prediction(Prediction),
-    /// A finished trace (attribution patching's).
+    /// A finished trace (attribution patching's or knowledge neurons').
     Traced(Box<TraceResult>),
     TraceHeader {
         job: u64,

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use loci_core::edit::{
     AppliedEdit, Edit, EditMethod, FtHparams, KeyStats, MemitHparams, Preserved, UpdateRule,
 };
-use loci_core::edit::{RomeHparams, StatsAccumulator};
+use loci_core::edit::{GraceHparams, RomeHparams, StatsAccumulator};
 use loci_core::study::{StudyConfig, StudyLine, StudyObserver};
 use loci_core::trace::{Quiet, TracePlan};
 use loci_core::{DType, Device, LoadedModel};
@@ -186,9 +186,9 @@ impl ModelWorker {
             ToWorker::Predict { prompt, top } => Ok(FromWorker::Prediction(
                 self.model()?.predict(&prompt, top).map_err(text)?,
             )),
-            ToWorker::TraceAttribution { request } => Ok(FromWorker::Traced(Box::new(
+            ToWorker::TraceWhole { method, request } => Ok(FromWorker::Traced(Box::new(
                 self.model()?
-                    .trace_attribution(&request, self.embedding_std, &mut Quiet)
+                    .trace_by(method, &request, self.embedding_std, &mut Quiet, 1)
                     .map_err(text)?,
             ))),
             ToWorker::TracePlan { job, request } => {
@@ -353,6 +353,13 @@ impl ModelWorker {
                 let lm = self.model.as_mut().expect("checked above");
                 let (e, applied, r) = streamed(|| lm.ft_with_report(req, &hp, &probes))?;
                 (Edit::Ft(e), applied, Some(Box::new(r)), None)
+            }
+            EditMethod::Grace => {
+                let hp = GraceHparams::defaults(cfg, job.layers.first().copied()).map_err(text)?;
+                let req = one(reqs)?;
+                let lm = self.model.as_mut().expect("checked above");
+                let (e, applied, r) = streamed(|| lm.grace_with_report(req, &hp, &probes))?;
+                (Edit::Grace(e), applied, Some(Box::new(r)), None)
             }
         };
         let file = match edit.to_file(self.model()?) {

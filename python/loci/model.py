@@ -17,7 +17,7 @@ from .trace import Trace
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: The editing methods, as ``method=`` names them.
-METHODS = ("rome", "memit", "alphaedit", "emmet", "ft")
+METHODS = ("rome", "memit", "alphaedit", "emmet", "ft", "grace")
 #: The kinds a trace restores.
 KINDS = ("hidden", "mlp", "attn")
 
@@ -139,8 +139,8 @@ class Model:
         self,
         prompt: str,
         subject: str,
-        kind: Union[str, Sequence[str]] = "all",
-        samples: int = 10,
+        kind: Union[str, Sequence[str], None] = None,
+        samples: Optional[int] = None,
         window: int = 10,
         noise: Union[str, float] = "3x",
         answer: Optional[str] = None,
@@ -151,9 +151,17 @@ class Model:
     ) -> Trace:
         """Causal tracing of ``subject`` in ``prompt`` (``loci trace``): the subject's
         embeddings noised (``3x`` their std, a σ, or ``u0.1`` uniform), each state restored in
-        turn. ``kind`` is ``hidden``, ``mlp``, ``attn``, ``all`` or a list; ``method`` is
-        ``exact`` or ``attribution`` (attribution patching's one-backward estimate)."""
+        turn. ``kind`` is ``hidden``, ``mlp``, ``attn``, ``all`` (the default) or a list;
+        ``method`` is ``exact``, ``attribution`` (attribution patching's one-backward estimate)
+        or ``neurons`` (knowledge neurons: integrated gradients over the MLP neurons at the
+        subject's last token and the last, ``samples`` points of the path, default 20; the
+        neurons past the threshold in ``Trace.neurons``)."""
+        neurons = method == "neurons"
+        if kind is None:
+            kind = "mlp" if neurons else "all"
         kinds = list(KINDS) if kind == "all" else [kind] if isinstance(kind, str) else list(kind)
+        if samples is None:
+            samples = 20 if neurons else 10
         with heard(progress, "tracing") as cb:
             text = self._engine.trace(
                 prompt,
@@ -222,6 +230,15 @@ class Model:
         """Constrained fine-tuning of ``layers``' MLP output matrices on one fact."""
         return self.edit(prompt, subject, target, method="ft", layers=layers, **settings)
 
+    def grace(
+        self, prompt: str, subject: str, target: str, layer: Optional[int] = None, **settings: Any
+    ) -> Edit:
+        """GRACE: a codebook entry at ``layer``'s MLP (the prompt's key there and the output it
+        gets instead); no weight changes, and only this prompt (within the radius ``eps``) is
+        answered differently. Settings: ``eps``, ``edit_lr``, ``n_iter``, ``init`` (``cold`` or
+        ``warm``), ``seed``."""
+        return self.edit(prompt, subject, target, method="grace", layer=layer, **settings)
+
     def edit(
         self,
         prompt: str,
@@ -233,7 +250,7 @@ class Model:
         target_true: Optional[str] = None,
         **settings: Any,
     ) -> Edit:
-        """Rewrites one fact by ``method`` (rome, memit, alphaedit, emmet, ft) and keeps the
+        """Rewrites one fact by ``method`` (rome, memit, alphaedit, emmet, ft, grace) and keeps the
         edit applied; returns it. Use it as ``with model.edit(...) as e:`` to undo it on exit,
         also when the block raises.
 

@@ -48,8 +48,15 @@ class Trace:
 
     @property
     def method(self) -> str:
-        """``exact`` (causal tracing) or ``attribution`` (attribution patching's estimate)."""
+        """``exact`` (causal tracing), ``attribution`` (attribution patching's estimate) or
+        ``neurons`` (knowledge neurons)."""
         return self.record.get("method", "exact")
+
+    @property
+    def neurons(self) -> List[Dict[str, Any]]:
+        """With ``method="neurons"``: the knowledge neurons (``{"token", "layer", "neuron",
+        "attribution"}``), largest attribution first; otherwise empty."""
+        return list(self.record.get("neurons", []))
 
     @property
     def seconds(self) -> float:

@@ -253,12 +253,8 @@ impl Engine {
                     total: 0,
                     done: 0,
                 };
-                let r = match method {
-                    TraceMethod::Exact => {
-                        lm.trace(&req, std, &mut rows, trace_workers(&lm.model.device))?
-                    }
-                    TraceMethod::Attribution => lm.trace_attribution(&req, std, &mut rows)?,
-                };
+                let workers = trace_workers(&lm.model.device);
+                let r = lm.trace_by(method, &req, std, &mut rows, workers)?;
                 Ok(serde_json::to_string(&r)?)
             })();
             finish(&heed, out)
@@ -558,6 +554,10 @@ fn edit_with(
         Hparams::Ft(hp) => {
             let (e, applied, r) = lm.ft_with_report(reqs.remove(0), &hp, probes)?;
             (Edit::Ft(e), applied, Report::One(Box::new(r)))
+        }
+        Hparams::Grace(hp) => {
+            let (e, applied, r) = lm.grace_with_report(reqs.remove(0), &hp, probes)?;
+            (Edit::Grace(e), applied, Report::One(Box::new(r)))
         }
         Hparams::Memit(hp) => {
             let stats = source.ensure_layers(lm, &hp.layers)?;

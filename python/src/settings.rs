@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use loci_backend::workspace::{
     ft_hparams, memit_hparams, rome_hparams, with_changes, RuleSettings,
 };
-use loci_core::edit::{EditMethod, FtHparams, MemitHparams, RomeHparams};
+use loci_core::edit::{EditMethod, FtHparams, GraceHparams, MemitHparams, RomeHparams};
 use loci_core::LoadedModel;
 use serde_json::{Map, Value};
 
@@ -15,6 +15,7 @@ pub enum Hparams {
     Rome(RomeHparams),
     Memit(MemitHparams),
     Ft(FtHparams),
+    Grace(GraceHparams),
 }
 
 /// The settings of `method` for `lm`: defaults at `layer`/`layers`, then `changes`.
@@ -46,6 +47,13 @@ pub fn hparams(
             let hp = rome_hparams(lm, layer)?;
             check_layer(lm, hp.layer)?;
             Ok(Hparams::Rome(with_changes(hp, &changes, name)?))
+        }
+        EditMethod::Grace => {
+            if !layers.is_empty() {
+                bail!("layers is for the MEMIT family and fine-tuning; GRACE edits one layer");
+            }
+            let hp = GraceHparams::defaults(&lm.model.cfg, layer)?;
+            Ok(Hparams::Grace(with_changes(hp, &changes, name)?))
         }
         EditMethod::Ft | EditMethod::Memit | EditMethod::Alphaedit | EditMethod::Emmet
             if layer.is_some() =>

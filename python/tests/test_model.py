@@ -221,6 +221,31 @@ def test_memit_family_and_finetuning_edit_and_undo(clean, stats_dir, tmp_path):
     assert safetensors_parts(plain) == safetensors_parts(edited)
 
 
+def test_grace_answers_its_prompt_without_changing_weights(clean):
+    model = clean
+    filled = PROMPT  # the subject written out: the prompt GRACE answers
+    other = "Michael Jordan plays the sport of"
+    before, other_before = model.predict(filled, top=1), model.predict(other, top=3)
+    w = weights(model)
+    with model.grace(filled, SUBJECT, "Rome", layer=20, generate_tokens=0, progress=False) as e:
+        assert e.report["delta_norm"] == 0.0 and e.report["layer"] == 20
+        assert model.predict(filled, top=1)[0]["token"] == " Rome"
+        assert model.predict(other, top=3) == other_before
+        assert np.array_equal(weights(model), w)
+    assert model.predict(filled, top=1) == before
+    with pytest.raises(loci.LociError, match="has no setting"):
+        model.grace(filled, SUBJECT, "Rome", v_lr=0.5, progress=False)
+
+
+def test_knowledge_neurons_localise_from_python(model):
+    t = model.trace(PROMPT, SUBJECT, method="neurons", samples=4, progress=False)
+    assert t.method == "neurons" and t.kinds == ["mlp"] and t.low == 0.0
+    assert t.scores.shape == (len(t.tokens), 30)
+    assert t.neurons and t.neurons[0]["attribution"] >= t.neurons[-1]["attribution"]
+    with pytest.raises(loci.LociError, match="MLP neurons"):
+        model.trace(PROMPT, SUBJECT, method="neurons", kind="hidden", progress=False)
+
+
 def interrupt_when(ready) -> threading.Thread:
     """A thread that sends the main thread Ctrl-C once `ready()` holds."""
 

@@ -1,4 +1,5 @@
-//! `loci stats` and `loci edit`: key statistics and ROME / MEMIT edits from the command line.
+//! `loci stats` and `loci edit`: key statistics and edits of every method from the command
+//! line.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -148,6 +149,7 @@ pub fn edit(a: EditArgs) -> Result<()> {
         EditMethod::Rome => rome(a),
         EditMethod::Memit | EditMethod::Alphaedit | EditMethod::Emmet => memit(a),
         EditMethod::Ft => ft(a),
+        EditMethod::Grace => grace(a),
     }
 }
 
@@ -201,6 +203,31 @@ fn ft(a: EditArgs) -> Result<()> {
         return print_json(&report);
     }
     print_report(&report, &format!("fine-tuned layers {:?}", hp.layers))
+}
+
+fn grace(a: EditArgs) -> Result<()> {
+    let started = Instant::now();
+    if !a.edit.layers.is_empty() {
+        bail!("--layers is for MEMIT and fine-tuning; GRACE's codebook sits at one --layer");
+    }
+    let mut lm = a.model.load()?;
+    let req = one_request(&a, &lm)?;
+    let hp = loci_core::edit::GraceHparams::defaults(&lm.model.cfg, a.edit.layer)?;
+    let hp = a.edit.changed(hp)?;
+    let (e, _applied, mut report) = lm.grace_with_report(req, &hp, &probes(&a))?;
+    let what = match e.stats.nearest_distance {
+        Some(d) => format!(
+            "GRACE at layer {}: entry {} (the nearest key was {d:.3} away)",
+            hp.layer, e.stats.action
+        ),
+        None => format!("GRACE at layer {}: the codebook's first entry", hp.layer),
+    };
+    save(&a, &lm, &Edit::Grace(e))?;
+    report.seconds = started.elapsed().as_secs_f64();
+    if a.json {
+        return print_json(&report);
+    }
+    print_report(&report, &what)
 }
 
 fn rome(a: EditArgs) -> Result<()> {

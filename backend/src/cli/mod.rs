@@ -45,11 +45,12 @@ pub struct ModelArgs {
 #[derive(clap::Args, Debug)]
 pub struct MethodArgs {
     /// rome (one fact, one layer); memit, alphaedit or emmet (many facts over several layers;
-    /// `eval` writes `--batch` cases per edit); or ft (constrained fine-tuning of one fact at
-    /// --layers).
+    /// `eval` writes `--batch` cases per edit); ft (constrained fine-tuning of one fact at
+    /// --layers); or grace (a codebook entry at one --layer, the weights untouched).
     #[arg(long, default_value = "rome")]
     pub method: EditMethod,
-    /// ROME's edited layer (default: Loci's shipped hyper-parameters for this model).
+    /// ROME's edited layer, or GRACE's (default: Loci's shipped hyper-parameters for this
+    /// model).
     #[arg(long)]
     pub layer: Option<usize>,
     /// MEMIT's or fine-tuning's layers, e.g. 3,4,5,6,7,8 (default: the shipped

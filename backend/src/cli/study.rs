@@ -1,6 +1,7 @@
-//! `loci study`: Hase et al.'s layer sweep on CounterFact (`run`, resumable JSONL) and its
-//! regressions and charts (`analyze`).
+//! `loci study`: Hase et al.'s layer sweep on CounterFact (`run`, resumable JSONL), its
+//! regressions and charts (`analyze`), and a run's cases localised another way (`relocalize`).
 
+mod relocalize;
 mod report;
 mod shards;
 
@@ -27,6 +28,9 @@ pub enum StudyCmd {
     Run(Box<StudyRunArgs>),
     /// Regressions and charts from the JSONL of one or more runs.
     Analyze(StudyAnalyzeArgs),
+    /// A run's cases localised again another way (exact, attribution, neurons), its edits kept:
+    /// a new JSONL and its analysis.
+    Relocalize(Box<relocalize::StudyRelocalizeArgs>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -67,11 +71,14 @@ pub struct StudyRunArgs {
     /// others are recorded for `study analyze --window`.
     #[arg(long, value_delimiter = ',', default_value = "5")]
     pub trace_windows: Vec<usize>,
-    /// Noise samples of the trace.
-    #[arg(long, default_value_t = 10)]
-    pub samples: usize,
-    /// How each case is localised: `exact` (Hase et al.'s causal tracing) or `attribution`
-    /// (attribution patching's estimate of the same trace).
+    /// Noise samples of the trace (default 10); with `--localization neurons`, the points of
+    /// the integrated-gradient path (default 20).
+    #[arg(long)]
+    pub samples: Option<usize>,
+    /// How each case is localised: `exact` (Hase et al.'s causal tracing), `attribution`
+    /// (attribution patching's estimate of the same trace) or `neurons` (knowledge neurons:
+    /// the probability integrated gradients give each layer's MLP neurons). `study relocalize`
+    /// localises a finished run's cases again, its edits kept.
     #[arg(long, default_value = "exact")]
     pub localization: loci_core::trace::TraceMethod,
     /// Leave out cases whose true object is less likely than this.
@@ -129,6 +136,7 @@ pub struct StudyAnalyzeArgs {
 pub fn study(cmd: StudyCmd) -> Result<()> {
     match cmd {
         StudyCmd::Run(a) => run(*a),
+        StudyCmd::Relocalize(a) => relocalize::relocalize(*a),
         StudyCmd::Analyze(a) => {
             let lines = read_results(&a.results)?;
             let an = match a.window {
@@ -222,7 +230,8 @@ fn config(a: &StudyRunArgs, lm: &LoadedModel, n_layer: usize) -> Result<StudyCon
         cfg.rome.v_num_grad_steps = s;
         cfg.memit.v_num_grad_steps = s;
     }
-    cfg.trace_samples = a.samples;
+    let neurons = a.localization == loci_core::trace::TraceMethod::Neurons;
+    cfg.trace_samples = a.samples.unwrap_or(if neurons { 20 } else { 10 });
     cfg.trace_windows = a.trace_windows.clone();
     cfg.localization = a.localization;
     cfg.min_prob = a.min_prob;

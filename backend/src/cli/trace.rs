@@ -24,11 +24,13 @@ pub struct TraceArgs {
     pub prompt: Option<String>,
     #[arg(long, required_unless_present = "facts")]
     pub subject: Option<String>,
-    /// hidden, mlp, attn or all.
-    #[arg(long, default_value = "all")]
-    pub kind: String,
-    #[arg(long, default_value_t = 10)]
-    pub samples: usize,
+    /// hidden, mlp, attn or all (default: all; mlp with --method neurons).
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Noise draws averaged per cell (default 10); with --method neurons, the points of the
+    /// integrated-gradient path (default 20, as Dai et al.).
+    #[arg(long)]
+    pub samples: Option<usize>,
     #[arg(long, default_value_t = 10)]
     pub window: usize,
     /// `3x` (3 × the subject-embedding std), a fixed σ such as `0.1`, or uniform `u0.1`.
@@ -42,8 +44,9 @@ pub struct TraceArgs {
     pub full_answer: bool,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// `exact` (causal tracing: every cell run) or `attribution` (attribution patching: every
-    /// cell's first-order estimate from one backward pass).
+    /// `exact` (causal tracing: every cell run), `attribution` (attribution patching: every
+    /// cell's first-order estimate from one backward pass) or `neurons` (knowledge neurons:
+    /// integrated gradients over the MLP neurons at the subject's last token and the last).
     #[arg(long, default_value = "exact")]
     pub method: TraceMethod,
     /// Write JSON here (`-` or no value: standard output).
@@ -85,20 +88,21 @@ fn bar(len: u64, what: &str) -> ProgressBar {
 }
 
 pub fn request(a: &TraceArgs, prompt: String, subject: String) -> Result<TraceRequest> {
-    let kinds = if a.kind == "all" {
-        TraceKind::ALL.to_vec()
-    } else {
-        a.kind
+    let neurons = a.method == TraceMethod::Neurons;
+    let kinds = match a.kind.as_deref() {
+        None if neurons => vec![TraceKind::Mlp],
+        None | Some("all") => TraceKind::ALL.to_vec(),
+        Some(k) => k
             .split(',')
             .map(|k| k.trim().parse())
-            .collect::<Result<Vec<TraceKind>, _>>()?
+            .collect::<Result<Vec<TraceKind>, _>>()?,
     };
     Ok(TraceRequest {
         prompt,
         subject,
         answer: a.answer.clone(),
         kinds,
-        samples: a.samples,
+        samples: a.samples.unwrap_or(if neurons { 20 } else { 10 }),
         window: a.window,
         noise: a.noise.parse::<NoiseSpec>()?,
         seed: a.seed,
@@ -150,18 +154,14 @@ fn traced(
     std: Option<f64>,
     obs: &mut dyn TraceObserver,
 ) -> Result<TraceResult> {
-    Ok(match method {
-        TraceMethod::Exact => lm.trace(
-            req,
-            std,
-            obs,
-            crate::workspace::trace_workers(&lm.model.device),
-        )?,
-        TraceMethod::Attribution => lm.trace_attribution(req, std, obs)?,
-    })
+    let workers = crate::workspace::trace_workers(&lm.model.device);
+    Ok(lm.trace_by(method, req, std, obs, workers)?)
 }
 
 fn summary(r: &TraceResult) {
+    if r.method == TraceMethod::Neurons {
+        return neuron_summary(r);
+    }
     println!(
         "{:?} → {:?}: clean p = {:.4}, corrupted p = {:.4} (noise σ {:.4}, {} samples) in {:.1} s{}",
         r.prompt,
@@ -172,8 +172,8 @@ fn summary(r: &TraceResult) {
         r.samples,
         r.seconds,
         match r.method {
-            TraceMethod::Exact => "",
             TraceMethod::Attribution => " (attribution patching: first-order estimates)",
+            _ => "",
         }
     );
     for (kind, eff) in &r.tracing_effect {
@@ -186,6 +186,40 @@ fn summary(r: &TraceResult) {
             kind.name(),
             v
         );
+    }
+}
+
+fn neuron_summary(r: &TraceResult) {
+    println!(
+        "{:?} → {:?}: clean p = {:.4}; {} knowledge neurons (integrated gradients, {} points) in {:.1} s",
+        r.prompt,
+        r.answer.token,
+        r.high,
+        r.neurons.len(),
+        r.samples,
+        r.seconds,
+    );
+    for n in r.neurons.iter().take(10) {
+        println!(
+            "  token {:>2} {:<14} layer {:>2} neuron {:>5}  {:+.4}",
+            n.token,
+            format!("{:?}", r.tokens[n.token]),
+            n.layer,
+            n.neuron,
+            n.attribution
+        );
+    }
+    for (token, name) in [
+        (r.subject_range[1] - 1, "subject's last"),
+        (r.tokens.len() - 1, "last"),
+    ] {
+        let row = &r.scores[&TraceKind::Mlp][token];
+        let (best, v) =
+            row.iter().enumerate().fold(
+                (0, f32::MIN),
+                |b, (l, v)| if *v > b.1 { (l, *v) } else { b },
+            );
+        println!("  at the {name} token the neurons of layer {best} carry the most: p {v:.4}");
     }
 }
 

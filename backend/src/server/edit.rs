@@ -160,6 +160,16 @@ fn compute_edit(
     };
     let req = reqs.first().cloned();
     Ok(match method {
+        EditMethod::Grace => {
+            let hp = loci_core::edit::GraceHparams::defaults(&lm.model.cfg, b.layer)?;
+            let req = req.expect("one request");
+            let (e, _, report) = lm.grace_with_report(req, &hp, &probes)?;
+            Made {
+                edit: Edit::Grace(e),
+                report: Some(report),
+                memit: None,
+            }
+        }
         EditMethod::Ft => {
             let hp = crate::workspace::ft_hparams(lm, &b.layers, &Default::default())
                 .map_err(|e| bad(format!("{e:#}")))?;
@@ -308,6 +318,9 @@ fn edit_requests(b: &EditBody) -> Result<(EditMethod, Vec<RewriteRequest>), ApiE
         ),
         EditMethod::Ft if reqs.len() != 1 || b.layer.is_some() => {
             Some("fine-tuning edits one fact at its \"layers\"".to_string())
+        }
+        EditMethod::Grace if reqs.len() != 1 || !b.layers.is_empty() => {
+            Some("GRACE edits one fact at one \"layer\"".to_string())
         }
         m if m.takes_many_facts() && b.layer.is_some() => Some(format!(
             "{} edits its \"layers\", not one \"layer\"",

@@ -136,6 +136,12 @@ pub mod units {
         (4 * samples * tokens) as f64 * m.pass()
     }
 
+    /// Knowledge neurons: at two tokens, one pass per layer of `samples` rows over at most the
+    /// prompt's tokens and (on average) half the layers, with its backward (three passes' work).
+    pub fn trace_neurons(tokens: usize, m: Shape, samples: usize) -> f64 {
+        (2 * 3 * m.layers * samples * tokens) as f64 * m.pass() / 2.0
+    }
+
     /// An edit of `facts` facts: `steps` forward and backward passes (three passes' work) over
     /// each prompt and its ten context prefixes.
     pub fn edit(tokens: usize, m: Shape, steps: usize, facts: usize) -> f64 {

@@ -90,6 +90,7 @@ async fn trace_stream(st: Arc<AppState>, v: Visitor, b: TraceBody) -> Response {
     let cost = match b.method {
         TraceMethod::Exact => units::trace(tokens, m, r.kinds.len(), r.samples),
         TraceMethod::Attribution => units::trace_attribution(tokens, m, r.samples),
+        TraceMethod::Neurons => units::trace_neurons(tokens, m, r.samples),
     };
     let work = Work::new(&v, Kind::Trace, cost);
     sse_job(st, work, move |st, tx| {
@@ -103,10 +104,7 @@ async fn trace_stream(st: Arc<AppState>, v: Visitor, b: TraceBody) -> Response {
             _ => None,
         };
         let mut obs = SseObserver { tx: tx.clone() };
-        Ok(match b.method {
-            TraceMethod::Exact => lm.trace(&b.request, std, &mut obs, st.trace_workers)?,
-            TraceMethod::Attribution => lm.trace_attribution(&b.request, std, &mut obs)?,
-        })
+        Ok(lm.trace_by(b.method, &b.request, std, &mut obs, st.trace_workers)?)
     })
     .await
 }

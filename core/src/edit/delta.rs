@@ -142,8 +142,9 @@ impl LoadedModel {
             (b, _) => b.clone(),
         };
         let mut changed = Linear::new(weight, bias);
-        // A view's low-rank changes stay on the layer.
+        // A view's low-rank changes and a GRACE codebook stay on the layer.
         changed.low_rank = original.low_rank.clone();
+        changed.codebook = original.codebook.clone();
         m.set_down_proj(d.layer, changed)?;
         Ok(original)
     }

@@ -51,12 +51,13 @@ pub struct RowEdits {
 
 impl RowEdits {
     /// Whether `edit` can be hooked: every change is dense, or low-rank without a bias change
-    /// (ROME's, MEMIT's and fine-tuning's all are).
+    /// (ROME's, MEMIT's and fine-tuning's all are; GRACE's codebook is not a weight change).
     pub fn can_hook(edit: &Edit) -> bool {
-        edit.deltas().iter().all(|d| match d.weight {
-            WeightChange::LowRank { .. } => d.bias.is_none(),
-            WeightChange::Dense(_) => true,
-        })
+        !matches!(edit, Edit::Grace(_))
+            && edit.deltas().iter().all(|d| match d.weight {
+                WeightChange::LowRank { .. } => d.bias.is_none(),
+                WeightChange::Dense(_) => true,
+            })
     }
 
     /// The hook for rows whose edits `row_edit` names (indices into `edits`), in a model of

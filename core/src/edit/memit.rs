@@ -101,7 +101,7 @@ impl MemitHparams {
     /// The defaults of a MEMIT-family `method` for this model, at `layers` when given.
     /// AlphaEdit is MEMIT's settings (its authors ship MEMIT's per model) with the null-space
     /// rule. EMMET's are shipped per model (one layer); elsewhere they are its authors' GPT-J
-    /// values (λ = 1) at `layers`, which must then be given. ROME and FT are refused.
+    /// values (λ = 1) at `layers`, which must then be given. ROME, FT and GRACE are refused.
     pub fn for_method(
         method: super::EditMethod,
         cfg: &crate::config::ModelConfig,
@@ -129,7 +129,7 @@ impl MemitHparams {
                     |hp, l| hp.layers = l,
                 )
             }
-            M::Rome | M::Ft => Err(LociError::input(format!(
+            M::Rome | M::Ft | M::Grace => Err(LociError::input(format!(
                 "{method} is not a MEMIT-family method"
             ))),
         }

@@ -20,20 +20,23 @@ pub enum EditMethod {
     Alphaedit,
     /// Constrained fine-tuning (Zhu et al. 2020, as ROME's FT-L baseline).
     Ft,
+    /// GRACE (Hartvigsen et al. 2023): a codebook on one layer, the weights untouched.
+    Grace,
 }
 
 impl EditMethod {
     /// Every method, in the order menus list them.
-    pub const ALL: [EditMethod; 5] = [
+    pub const ALL: [EditMethod; 6] = [
         EditMethod::Rome,
         EditMethod::Memit,
         EditMethod::Alphaedit,
         EditMethod::Emmet,
         EditMethod::Ft,
+        EditMethod::Grace,
     ];
 
     /// The method's name on the command line and in the API: `rome`, `memit`, `alphaedit`,
-    /// `emmet` or `ft`.
+    /// `emmet`, `ft` or `grace`.
     pub fn name(self) -> &'static str {
         match self {
             EditMethod::Rome => "rome",
@@ -41,6 +44,7 @@ impl EditMethod {
             EditMethod::Emmet => "emmet",
             EditMethod::Alphaedit => "alphaedit",
             EditMethod::Ft => "ft",
+            EditMethod::Grace => "grace",
         }
     }
 
@@ -52,6 +56,7 @@ impl EditMethod {
             EditMethod::Emmet => "EMMET",
             EditMethod::Alphaedit => "AlphaEdit",
             EditMethod::Ft => "fine-tuning",
+            EditMethod::Grace => "GRACE",
         }
     }
 

@@ -1,10 +1,11 @@
-//! Model editing: key statistics, ROME, the MEMIT family (MEMIT, EMMET, AlphaEdit) and
-//! constrained fine-tuning.
+//! Model editing: key statistics, ROME, the MEMIT family (MEMIT, EMMET, AlphaEdit),
+//! constrained fine-tuning and GRACE's codebook.
 
 pub mod delta;
 mod file;
 pub mod ft;
 mod ft_train;
+pub mod grace;
 pub mod hooked;
 pub mod linalg;
 pub mod memit;
@@ -18,6 +19,7 @@ pub mod stats;
 
 pub use delta::{delta_norm, AppliedEdit, LayerDelta, WeightChange};
 pub use ft::{FtEdit, FtHparams, FtLayer, FtObjective, FtStats};
+pub use grace::{GraceEdit, GraceHparams, GraceStats};
 pub use hooked::RowEdits;
 pub use memit::{MemitEdit, MemitHparams, MemitLayer, MemitStats};
 pub use method::EditMethod;

@@ -22,6 +22,11 @@ impl LoadedModel {
     pub fn with_edits(&self, edits: &[&Edit]) -> Result<LoadedModel> {
         let mut view = self.clone();
         for e in edits {
+            if let Edit::Grace(g) = e {
+                // The view's own copy of the layer gets the codebook.
+                view.apply_grace(g)?;
+                continue;
+            }
             for d in e.deltas() {
                 d.check(&view)?;
             }
@@ -63,7 +68,8 @@ impl LoadedModel {
 }
 
 /// The bytes a view holds of its own for `edit`: the factors of a low-rank change, a copy of the
-/// layer for a dense or bias change (`layer_bytes` each), and the keys an AlphaEdit edit records.
+/// layer for a dense or bias change (`layer_bytes` each), the keys an AlphaEdit edit records and
+/// a GRACE edit's entries.
 pub fn view_bytes(edit: &Edit, layer_bytes: usize) -> usize {
     let changes: usize = edit
         .deltas()
@@ -77,6 +83,10 @@ pub fn view_bytes(edit: &Edit, layer_bytes: usize) -> usize {
         .sum();
     let keys: usize = match edit {
         Edit::Memit(m) => m.layers.iter().map(|l| l.keys.len()).sum(),
+        Edit::Grace(g) => {
+            let entries = g.changed.iter().map(|(_, e)| e).chain(&g.added);
+            entries.map(|e| e.key.len() + e.value.len()).sum()
+        }
         _ => 0,
     };
     changes + keys * DType::F32.size_in_bytes()

@@ -225,6 +225,22 @@ impl LoadedModel {
         Ok((e, applied, report))
     }
 
+    /// Computes a GRACE edit, applies it and reads the probes before and after. On error the
+    /// model is unchanged.
+    pub fn grace_with_report(
+        &mut self,
+        req: RewriteRequest,
+        hp: &super::GraceHparams,
+        probes: &Probes,
+    ) -> Result<(super::GraceEdit, AppliedEdit, EditReport)> {
+        let (e, applied, report) =
+            self.one_fact_with_report(req, probes, |lm, r| Ok(Edit::Grace(lm.grace(r, hp)?)))?;
+        let Edit::Grace(e) = e else {
+            unreachable!("grace() makes GRACE edits")
+        };
+        Ok((e, applied, report))
+    }
+
     /// One fact's edit by `make`, applied, with the probes read before and after.
     fn one_fact_with_report(
         &mut self,
@@ -240,6 +256,7 @@ impl LoadedModel {
             Edit::Rome(r) => r.stats.losses.clone(),
             Edit::Ft(f) => f.stats.losses.clone(),
             Edit::Memit(m) => m.stats.z_losses.concat(),
+            Edit::Grace(g) => g.stats.losses.clone(),
         };
         let report = EditReport {
             request: r.request,

@@ -3,6 +3,7 @@
 
 use super::delta::{delta_norm, AppliedEdit, LayerDelta};
 use super::ft::FtEdit;
+use super::grace::GraceEdit;
 use super::memit::MemitEdit;
 use super::rome::RomeEdit;
 use crate::error::{LociError, Result};
@@ -31,6 +32,8 @@ pub enum Edit {
     Memit(MemitEdit),
     /// A (constrained) fine-tuning edit: dense changes to one or more layers.
     Ft(FtEdit),
+    /// A GRACE edit: codebook entries at one layer, the weights untouched.
+    Grace(GraceEdit),
 }
 
 impl Edit {
@@ -40,6 +43,8 @@ impl Edit {
             Ok(Edit::Memit(MemitEdit::from_bytes(data)?))
         } else if super::file::has_key(data, super::ft::FILE_KEY) {
             Ok(Edit::Ft(FtEdit::from_bytes(data)?))
+        } else if super::file::has_key(data, super::grace::FILE_KEY) {
+            Ok(Edit::Grace(GraceEdit::from_bytes(data)?))
         } else {
             Ok(Edit::Rome(RomeEdit::from_bytes(data)?))
         }
@@ -51,6 +56,7 @@ impl Edit {
             Edit::Rome(e) => e.to_bytes(),
             Edit::Memit(e) => e.to_bytes(),
             Edit::Ft(e) => e.to_bytes(),
+            Edit::Grace(e) => e.to_bytes(),
         }
     }
 
@@ -69,12 +75,13 @@ impl Edit {
         super::file::metadata(data, MADE_FOR)
     }
 
-    /// The per-layer weight changes, borrowing the edit's vectors.
+    /// The per-layer weight changes, borrowing the edit's vectors (none for GRACE).
     pub fn deltas(&self) -> Vec<LayerDelta<'_>> {
         match self {
             Edit::Rome(e) => vec![e.delta()],
             Edit::Memit(e) => e.deltas(),
             Edit::Ft(e) => e.deltas(),
+            Edit::Grace(_) => vec![],
         }
     }
 
@@ -84,6 +91,7 @@ impl Edit {
             Edit::Rome(e) => vec![&e.request],
             Edit::Memit(e) => e.requests.iter().collect(),
             Edit::Ft(e) => vec![&e.request],
+            Edit::Grace(e) => vec![&e.request],
         }
     }
 
@@ -93,24 +101,34 @@ impl Edit {
             Edit::Rome(_) => super::EditMethod::Rome,
             Edit::Memit(e) => e.hparams.method(),
             Edit::Ft(_) => super::EditMethod::Ft,
+            Edit::Grace(_) => super::EditMethod::Grace,
         }
     }
 
-    /// The changed layers, in the order their deltas are applied.
+    /// The changed layers, in the order their deltas are applied (GRACE's codebook layer).
     pub fn layers(&self) -> Vec<usize> {
-        self.deltas().iter().map(|d| d.layer).collect()
+        match self {
+            Edit::Grace(e) => vec![e.hparams.layer],
+            _ => self.deltas().iter().map(|d| d.layer).collect(),
+        }
     }
 
-    /// ‖ΔW‖ per changed layer.
+    /// ‖ΔW‖ per changed layer (0 for GRACE, which changes no weight).
     pub fn delta_norms(&self) -> Vec<f32> {
-        self.deltas().iter().map(delta_norm).collect()
+        match self {
+            Edit::Grace(_) => vec![0.0],
+            _ => self.deltas().iter().map(delta_norm).collect(),
+        }
     }
 }
 
 impl LoadedModel {
     /// Applies an edit of any method; keep the result to undo it exactly.
     pub fn apply(&mut self, e: &Edit) -> Result<AppliedEdit> {
-        self.apply_deltas(&e.deltas())
+        match e {
+            Edit::Grace(g) => self.apply_grace(g),
+            _ => self.apply_deltas(&e.deltas()),
+        }
     }
 
     /// Reads an edit file and applies it. A file made for another model is refused (its

@@ -8,6 +8,7 @@ pub mod layers;
 mod llama;
 pub mod load;
 pub mod save;
+pub mod split;
 
 use candle_core::{DType, Device, Tensor, D};
 

@@ -58,8 +58,16 @@ impl Out {
 }
 
 impl Model {
-    /// Every weight under its Hugging Face name and layout.
+    /// Every weight under its Hugging Face name and layout. A GRACE codebook is not weights:
+    /// a model that carries one is refused (save the edit's file instead).
     pub fn hf_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        if let Some(l) = (0..self.n_layer()).find(|&l| self.blocks[l].mlp.down().codebook.is_some())
+        {
+            return Err(crate::error::LociError::input(format!(
+                "layer {l} carries a GRACE codebook, which is not in the weights: save the edit \
+                 file (--save-edit) and apply it to the model instead"
+            )));
+        }
         let c = &self.cfg;
         let (q, kv) = (c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
         let mut o = Out(HashMap::new());

@@ -166,6 +166,32 @@ pub fn pearson(x: &[f64], y: &[f64]) -> Option<Correlation> {
     Some(Correlation { r, n, p })
 }
 
+/// Spearman's ρ: Pearson's r of the ranks, ties sharing their mean rank (the p-value is
+/// Pearson's t-test on the ranks, the usual large-sample approximation).
+pub fn spearman(x: &[f64], y: &[f64]) -> Option<Correlation> {
+    pearson(&ranks(x), &ranks(y))
+}
+
+/// Each value's rank (1 for the smallest), tied values their mean rank.
+fn ranks(v: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+    let mut out = vec![0.0; v.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && v[order[j + 1]] == v[order[i]] {
+            j += 1;
+        }
+        let mean_rank = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &order[i..=j] {
+            out[k] = mean_rank;
+        }
+        i = j + 1;
+    }
+    out
+}
+
 /// ln Γ(x) for x > 0 (Lanczos, g = 7, n = 9).
 fn ln_gamma(x: f64) -> f64 {
     const C: [f64; 9] = [
@@ -280,5 +306,14 @@ mod tests {
         assert_eq!(one.params, 1);
         assert!(f_test(&one, &one).is_none());
         assert!(pearson(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]).is_none());
+        // Spearman's ρ with ties (ranks 1, 2.5, 2.5, 5, 4, 6 and 2, 1, 3.5, 3.5, 5, 6), and a
+        // monotone but not linear relation ranked perfectly.
+        let rho = spearman(
+            &[1.0, 2.0, 2.0, 5.0, 3.0, 9.0],
+            &[2.0, 1.0, 4.0, 4.0, 6.0, 7.0],
+        );
+        assert!((rho.unwrap().r - 0.779_411_764_705_882_5).abs() < 1e-12);
+        let cubes = [1.0, 8.0, 27.0, 64.0];
+        assert!((spearman(&[1.0, 2.0, 3.0, 4.0], &cubes).unwrap().r - 1.0).abs() < 1e-12);
     }
 }

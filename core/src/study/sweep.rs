@@ -35,6 +35,9 @@ pub enum StudyMethod {
     /// EMMET (MEMIT's settings, equality constraints, λ = 1) of the central layer.
     #[serde(rename = "emmet")]
     Emmet,
+    /// GRACE's codebook at the central layer (the paper's settings).
+    #[serde(rename = "grace")]
+    Grace,
 }
 
 /// The window of the multi-layer methods (and of the trace the edits are compared with, unless
@@ -43,13 +46,14 @@ pub const STUDY_WINDOW: usize = 5;
 
 impl StudyMethod {
     /// Every method, in the order reports list them.
-    pub const ALL: [StudyMethod; 6] = [
+    pub const ALL: [StudyMethod; 7] = [
         StudyMethod::Ft1,
         StudyMethod::Ft5,
         StudyMethod::Rome,
         StudyMethod::Memit,
         StudyMethod::Alphaedit,
         StudyMethod::Emmet,
+        StudyMethod::Grace,
     ];
 
     /// The method's name, as serialised and as `FromStr` accepts it (`_` also allowed).
@@ -61,13 +65,16 @@ impl StudyMethod {
             StudyMethod::Memit => "memit",
             StudyMethod::Alphaedit => "alphaedit",
             StudyMethod::Emmet => "emmet",
+            StudyMethod::Grace => "grace",
         }
     }
 
     /// The layers edited around `central`: the layer, or the same window tracing restores.
     pub fn layers(self, central: usize, n_layer: usize) -> Vec<usize> {
         match self {
-            StudyMethod::Ft1 | StudyMethod::Rome | StudyMethod::Emmet => vec![central],
+            StudyMethod::Ft1 | StudyMethod::Rome | StudyMethod::Emmet | StudyMethod::Grace => {
+                vec![central]
+            }
             StudyMethod::Ft5 | StudyMethod::Memit | StudyMethod::Alphaedit => {
                 let (lo, hi) = window_layers(central, STUDY_WINDOW, n_layer);
                 (lo..hi).collect()
@@ -75,9 +82,12 @@ impl StudyMethod {
         }
     }
 
-    /// Every method but fine-tuning needs key statistics of its layers.
+    /// Every method but fine-tuning and GRACE needs key statistics of its layers.
     pub fn needs_stats(self) -> bool {
-        !matches!(self, StudyMethod::Ft1 | StudyMethod::Ft5)
+        !matches!(
+            self,
+            StudyMethod::Ft1 | StudyMethod::Ft5 | StudyMethod::Grace
+        )
     }
 }
 
@@ -127,8 +137,9 @@ pub struct StudyConfig {
     /// the others are kept for `analyze_window`.
     #[serde(default = "default_trace_windows")]
     pub trace_windows: Vec<usize>,
-    /// How the cases are localised: exact causal tracing (Hase et al.) or attribution
-    /// patching's estimate of the same grid.
+    /// How the cases are localised: exact causal tracing (Hase et al.), attribution patching's
+    /// estimate of the same grid, or knowledge neurons (the probability integrated gradients
+    /// give each layer's MLP neurons; `trace_samples` is then the path's points).
     #[serde(default)]
     pub localization: crate::trace::TraceMethod,
     /// Cases whose true object has a lower probability are left out (the reference's 0.02).
@@ -234,6 +245,11 @@ impl StudyConfig {
         if self.trace_samples == 0 || self.noised_samples == 0 {
             return Err(LociError::input("noise samples must be at least 1"));
         }
+        if self.localization == crate::trace::TraceMethod::Neurons && self.trace_windows.len() > 1 {
+            return Err(LociError::input(
+                "knowledge neurons have no window: give the study one trace window",
+            ));
+        }
         Ok(())
     }
 
@@ -297,6 +313,12 @@ impl StudyConfig {
                     hp.steps = 50;
                 }
                 into_edits(lm.finetune_batch(requests, &hp)?, Edit::Ft)
+            }
+            StudyMethod::Grace => {
+                let mut hp = crate::edit::GraceHparams::defaults(&lm.model.cfg, Some(layers[0]))?;
+                hp.goal = goal;
+                let made = requests.iter().map(|r| lm.grace(r, &hp));
+                made.map(|e| e.map(Edit::Grace)).collect()
             }
         })
     }
@@ -526,38 +548,35 @@ const ESSENCE_LEN: usize = 100;
 
 impl LoadedModel {
     /// Hase et al.'s trace of a case: the whole true answer's probability, MLP restored over
-    /// `window` layers (or attribution patching's estimate of it).
+    /// `window` layers (or attribution patching's estimate of it, or knowledge neurons').
     fn study_trace(
         &self,
-        case: &CounterFactCase,
-        truth: &str,
+        line: &CaseLine,
         window: usize,
         cfg: &StudyConfig,
     ) -> Result<crate::trace::TraceResult> {
-        let rw = &case.requested_rewrite;
-        let mut req = TraceRequest::new(rw.filled(), rw.subject.clone());
-        req.answer = Some(truth.to_string());
+        let prompt = line.prompt.replacen("{}", &line.subject, 1);
+        let mut req = TraceRequest::new(prompt, line.subject.clone());
+        req.answer = Some(line.target_true.clone());
         req.full_answer = true;
         req.kinds = vec![TraceKind::Mlp];
         req.window = window;
         req.samples = cfg.trace_samples;
         req.noise = NoiseSpec::Fixed(cfg.noise);
         req.seed = cfg.seed;
-        let quiet = &mut crate::trace::Quiet;
-        match cfg.localization {
-            crate::trace::TraceMethod::Attribution => self.trace_attribution(&req, None, quiet),
-            crate::trace::TraceMethod::Exact => self.trace(
-                &req,
-                None,
-                quiet,
-                // Rows spread over threads on the CPU; a GPU runs each row's batch itself.
-                if self.model.device.is_cpu() {
-                    crate::threads::workers()
-                } else {
-                    1
-                },
-            ),
-        }
+        // Rows spread over threads on the CPU; a GPU runs each row's batch itself.
+        let workers = if self.model.device.is_cpu() {
+            crate::threads::workers()
+        } else {
+            1
+        };
+        self.trace_by(
+            cfg.localization,
+            &req,
+            None,
+            &mut crate::trace::Quiet,
+            workers,
+        )
     }
 
     /// Runs the study on one case: filter, trace, then every (method, problem, layer) edit —
@@ -639,7 +658,7 @@ impl LoadedModel {
         if line.skipped.is_some() {
             return Ok((line, None));
         }
-        let trace = self.case_trace(case, &line.target_true, cfg)?;
+        let trace = self.case_trace(&line, cfg)?;
         let essence = if cfg.essence {
             let subject = &case.requested_rewrite.subject;
             let texts = self.essence_texts(subject, ESSENCE_TEXTS, ESSENCE_LEN, cfg.seed)?;
@@ -690,16 +709,12 @@ impl LoadedModel {
         })
     }
 
-    /// The case's whole-answer MLP trace at the first window, and the effects at the others.
-    fn case_trace(
-        &self,
-        case: &CounterFactCase,
-        truth: &str,
-        cfg: &StudyConfig,
-    ) -> Result<CaseTrace> {
+    /// The case's whole-answer MLP trace at the first window, and the effects at the others,
+    /// localised as `cfg` says (also a finished run's case localised again another way).
+    pub fn case_trace(&self, line: &CaseLine, cfg: &StudyConfig) -> Result<CaseTrace> {
         let mut windows = cfg.trace_windows.iter();
         let main = *windows.next().expect("validated: at least one window");
-        let tr = self.study_trace(case, truth, main, cfg)?;
+        let tr = self.study_trace(line, main, cfg)?;
         let mut trace = CaseTrace {
             window: main,
             tokens: tr.tokens.clone(),
@@ -715,7 +730,7 @@ impl LoadedModel {
             if trace.at_window(w).is_some() {
                 continue;
             }
-            let tr = self.study_trace(case, truth, w, cfg)?;
+            let tr = self.study_trace(line, w, cfg)?;
             trace.other_windows.push(WindowEffect {
                 window: w,
                 max_fraction_restored: tr.tracing_effect[&TraceKind::Mlp].clone(),

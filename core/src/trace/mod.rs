@@ -16,13 +16,15 @@
 //! One job per file: `types` (requests, results, the header, observers), `noise` (the noise's
 //! strength), `prepare` (the clean and corrupted runs every cell shares), `fast` (one token's
 //! cells in one batched pass), `naive` (the reference algorithm), `attribution` (attribution
-//! patching's estimate of every cell from one backward pass), `effect` (grids to per-layer
-//! effects); here, planning a trace and streaming its rows over worker threads.
+//! patching's estimate of every cell from one backward pass), `neurons` (knowledge neurons'
+//! integrated gradients), `effect` (grids to per-layer effects); here, planning a trace and
+//! streaming its rows over worker threads.
 
 mod attribution;
 pub mod effect;
 mod fast;
 mod naive;
+mod neurons;
 pub mod noise;
 mod prepare;
 pub mod types;
@@ -33,12 +35,13 @@ use crate::error::{LociError, Result};
 use crate::loader::LoadedModel;
 pub use effect::{tracing_effect, AggregateCurves};
 use fast::trace_token;
+pub use neurons::NEURON_THRESHOLD;
 pub use noise::{embedding_std, NoiseSpec};
 pub use prepare::window_layers;
 use prepare::{finish, header, prepare, Prepared};
 pub use types::{
-    AnswerToken, Quiet, TraceHeader, TraceKind, TraceMethod, TraceObserver, TraceRequest,
-    TraceResult, TraceWork,
+    AnswerToken, KnowledgeNeuron, Quiet, TraceHeader, TraceKind, TraceMethod, TraceObserver,
+    TraceRequest, TraceResult, TraceWork,
 };
 
 /// Computes trace rows unit by unit — a unit is some kinds at one token, computed in one pass —
@@ -165,6 +168,24 @@ impl LoadedModel {
         }
         let mut work = 0.0;
         Ok(trace_token(self, &plan.p, &[kind], token, plan.req.window, &mut work)?.remove(0))
+    }
+
+    /// The trace of `req` by `method`: exact causal tracing (its rows over `workers` threads),
+    /// attribution patching's estimate or knowledge neurons. `obs` hears the header, then the
+    /// rows (returning `false` cancels).
+    pub fn trace_by(
+        &self,
+        method: TraceMethod,
+        req: &TraceRequest,
+        embedding_std: Option<f64>,
+        obs: &mut dyn TraceObserver,
+        workers: usize,
+    ) -> Result<TraceResult> {
+        match method {
+            TraceMethod::Exact => self.trace(req, embedding_std, obs, workers),
+            TraceMethod::Attribution => self.trace_attribution(req, embedding_std, obs),
+            TraceMethod::Neurons => self.trace_neurons(req, obs),
+        }
     }
 
     /// Runs a causal trace (the fast path). `embedding_std` is needed for relative noise.

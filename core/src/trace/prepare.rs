@@ -68,18 +68,24 @@ fn validate(lm: &LoadedModel, req: &TraceRequest) -> Result<()> {
     Ok(())
 }
 
-/// The clean and corrupted runs of a trace: everything its cells share.
-pub(super) fn prepare(
-    lm: &LoadedModel,
-    req: &TraceRequest,
-    embedding_std: Option<f64>,
-) -> Result<Prepared> {
+/// The clean run of a trace and what it settles: the token ids (the prompt, then with
+/// `full_answer` the answer but its last token), the subject's span, the answer and `high`.
+pub(super) struct Clean {
+    pub(super) ids: Vec<u32>,
+    pub(super) prompt_len: usize,
+    pub(super) range: (usize, usize),
+    pub(super) answer: Vec<u32>,
+    pub(super) high: f32,
+    pub(super) states: Capture,
+}
+
+/// The checks and the clean run every trace method starts from.
+pub(super) fn clean(lm: &LoadedModel, req: &TraceRequest) -> Result<Clean> {
     validate(lm, req)?;
     let m = &lm.model;
     let mut ids = lm.encode_prompt(&req.prompt)?;
     let prompt_len = ids.len();
     let range = subject_range(&lm.tokenizer, &ids, &req.subject)?;
-    let scale = req.noise.scale(embedding_std)?;
     let answer_ids = answer_ids(lm, req)?;
     if req.full_answer {
         let a = answer_ids.as_ref().expect("validated");
@@ -95,7 +101,33 @@ pub(super) fn prepare(
         (Some(a), false) => vec![a[0]],
         (None, _) => vec![],
     };
-    let (clean, answer, high) = clean_run(lm, &ids, answer)?;
+    let (states, answer, high) = clean_run(lm, &ids, answer)?;
+    Ok(Clean {
+        ids,
+        prompt_len,
+        range,
+        answer,
+        high,
+        states,
+    })
+}
+
+/// The clean and corrupted runs of a trace: everything its cells share.
+pub(super) fn prepare(
+    lm: &LoadedModel,
+    req: &TraceRequest,
+    embedding_std: Option<f64>,
+) -> Result<Prepared> {
+    let m = &lm.model;
+    let scale = req.noise.scale(embedding_std)?;
+    let Clean {
+        ids,
+        prompt_len,
+        range,
+        answer,
+        high,
+        states: clean,
+    } = clean(lm, req)?;
     let d = m.cfg.d_model;
     let draw = req
         .noise
@@ -259,24 +291,39 @@ pub fn window_layers(l: usize, window: usize, n_layer: usize) -> (usize, usize) 
 
 /// What a UI needs before any row, from the clean and corrupted runs.
 pub(super) fn header(lm: &LoadedModel, req: &TraceRequest, p: &Prepared) -> Result<TraceHeader> {
+    let levels = (p.high, p.low, p.scale);
+    header_of(lm, req, &p.ids, p.prompt_len, p.range, &p.answer, levels)
+}
+
+/// The header of a trace of `ids` (the first `prompt_len` the prompt's) explaining `answer`,
+/// with `(high, low, noise)`.
+pub(super) fn header_of(
+    lm: &LoadedModel,
+    req: &TraceRequest,
+    ids: &[u32],
+    prompt_len: usize,
+    range: (usize, usize),
+    answer: &[u32],
+    (high, low, noise): (f32, f32, f64),
+) -> Result<TraceHeader> {
     Ok(TraceHeader {
-        tokens: lm.tokenizer.token_strings(&p.ids[..p.prompt_len])?,
-        subject_range: [p.range.0, p.range.1],
+        tokens: lm.tokenizer.token_strings(&ids[..prompt_len])?,
+        subject_range: [range.0, range.1],
         answer: AnswerToken {
-            id: p.answer[0],
-            token: lm.tokenizer.decode(&p.answer)?,
+            id: answer[0],
+            token: lm.tokenizer.decode(answer)?,
             ids: if req.full_answer {
-                p.answer.clone()
+                answer.to_vec()
             } else {
                 vec![]
             },
         },
-        high: p.high,
-        low: p.low,
-        noise: p.scale,
+        high,
+        low,
+        noise,
         n_layer: lm.model.n_layer(),
         kinds: req.kinds.clone(),
-        total_rows: req.kinds.len() * p.prompt_len,
+        total_rows: req.kinds.len() * prompt_len,
     })
 }
 

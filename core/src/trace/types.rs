@@ -69,14 +69,26 @@ pub enum TraceMethod {
     Exact,
     /// Attribution patching: every cell's first-order estimate from one backward pass.
     Attribution,
+    /// Knowledge neurons (Dai et al.): integrated gradients of p(answer) over the MLP neurons
+    /// at the subject's last token and the prompt's last; each cell the probability its
+    /// neurons carry.
+    Neurons,
 }
 
 impl TraceMethod {
-    /// `exact` or `attribution`, as the command line and the API spell it.
+    /// Every method, in the order menus list them.
+    pub const ALL: [TraceMethod; 3] = [
+        TraceMethod::Exact,
+        TraceMethod::Attribution,
+        TraceMethod::Neurons,
+    ];
+
+    /// `exact`, `attribution` or `neurons`, as the command line and the API spell it.
     pub fn name(self) -> &'static str {
         match self {
             TraceMethod::Exact => "exact",
             TraceMethod::Attribution => "attribution",
+            TraceMethod::Neurons => "neurons",
         }
     }
 
@@ -88,13 +100,14 @@ impl TraceMethod {
 impl std::str::FromStr for TraceMethod {
     type Err = LociError;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "exact" => Ok(TraceMethod::Exact),
-            "attribution" => Ok(TraceMethod::Attribution),
-            _ => Err(LociError::input(format!(
-                "unknown trace method {s:?} (exact, attribution)"
-            ))),
-        }
+        TraceMethod::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                LociError::input(format!(
+                    "unknown trace method {s:?} (exact, attribution, neurons)"
+                ))
+            })
     }
 }
 
@@ -125,7 +138,8 @@ pub struct TraceRequest {
     /// The kinds traced, each once (default: all three).
     #[serde(default = "default_kinds")]
     pub kinds: Vec<TraceKind>,
-    /// Corrupted runs (noise draws) averaged per cell, 1 to 64 (default 10).
+    /// Corrupted runs (noise draws) averaged per cell, 1 to 64 (default 10); with knowledge
+    /// neurons, the points of the integrated-gradient path (Dai et al. take 20).
     #[serde(default = "default_samples")]
     pub samples: usize,
     /// Layers restored together around each layer for the MLP and attention kinds (default 10).
@@ -218,9 +232,27 @@ pub struct TraceResult {
     pub work: TraceWork,
     /// Wall-clock seconds the trace took.
     pub seconds: f64,
-    /// Exact causal tracing, or attribution patching's estimate of it.
+    /// Exact causal tracing, attribution patching's estimate of it, or knowledge neurons.
     #[serde(default, skip_serializing_if = "TraceMethod::is_exact")]
     pub method: TraceMethod,
+    /// With knowledge neurons: the neurons whose attribution passes the coarse threshold (a
+    /// fifth of the largest at their token), largest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub neurons: Vec<KnowledgeNeuron>,
+}
+
+/// One knowledge neuron: an MLP neuron whose integrated-gradient attribution to p(answer) at a
+/// token passes the coarse threshold.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct KnowledgeNeuron {
+    /// The token (the grid's row) it was attributed at.
+    pub token: usize,
+    /// Its layer.
+    pub layer: usize,
+    /// Its index among the layer's `d_ff` neurons (the down-projection's input).
+    pub neuron: usize,
+    /// Its attribution: the part of p(answer) integrated gradients give it.
+    pub attribution: f32,
 }
 
 /// What is known once the clean and corrupted runs are done, before any row: enough for a UI
@@ -270,6 +302,7 @@ impl TraceResult {
             work: TraceWork::default(),
             seconds: 0.0,
             method: TraceMethod::Exact,
+            neurons: vec![],
         }
     }
 

@@ -29,7 +29,7 @@ pub struct EditState {
     pub layer: RwSignal<String>,
     pub paraphrase: RwSignal<String>,
     pub neighborhood: RwSignal<String>,
-    /// rome, memit, alphaedit, emmet or ft.
+    /// rome, memit, alphaedit, emmet, ft or grace.
     pub method: RwSignal<EditMethod>,
     /// AlphaEdit's null space: a threshold ("2e-2") or a share of the trace ("30%"); empty: the
     /// paper's.
@@ -143,6 +143,7 @@ fn method_choice(m: EditMethod) -> &'static str {
         EditMethod::Alphaedit => "AlphaEdit (MEMIT that keeps what is known and earlier edits)",
         EditMethod::Emmet => "EMMET (several facts, each written exactly)",
         EditMethod::Ft => "FT (constrained fine-tuning)",
+        EditMethod::Grace => "GRACE (a codebook entry, the weights untouched)",
     }
 }
 

@@ -77,6 +77,7 @@ pub fn method_steps(method: EditMethod) -> &'static str {
         }
         EditMethod::Emmet => "EMMET: a target per fact, then each key's output set exactly",
         EditMethod::Ft => "fine-tuning within an L∞ bound",
+        EditMethod::Grace => "GRACE: the prompt's key, then the value it gets, in a codebook",
     }
 }
 
@@ -118,13 +119,19 @@ fn edit_body(model: &str, st: &EditState) -> Result<serde_json::Value, String> {
             body["method"] = method.name().into();
             body["layers"] = layers.into();
         }
-        EditMethod::Rome => match layers[..] {
-            [] => {}
-            [l] => body["layer"] = l.into(),
-            _ => {
-                return Err("ROME edits one layer; MEMIT, AlphaEdit and EMMET take several".into())
+        EditMethod::Rome | EditMethod::Grace => {
+            body["method"] = method.name().into();
+            match layers[..] {
+                [] => {}
+                [l] => body["layer"] = l.into(),
+                _ => {
+                    return Err(format!(
+                        "{} edits one layer; MEMIT, AlphaEdit and EMMET take several",
+                        method.label()
+                    ))
+                }
             }
-        },
+        }
     }
     Ok(body)
 }

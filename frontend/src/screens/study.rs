@@ -21,13 +21,14 @@ use crate::components::progress::Progress;
 use crate::state::{layer_list, lines, shared, Shared};
 
 /// The study's methods and problems: API name, label.
-const METHODS: [(&str, &str); 6] = [
+const METHODS: [(&str, &str); 7] = [
     ("rome", "ROME"),
     ("memit", "MEMIT (window 5)"),
     ("alphaedit", "AlphaEdit (window 5)"),
     ("emmet", "EMMET"),
     ("ft-1", "FT-1"),
     ("ft-5", "FT-5"),
+    ("grace", "GRACE"),
 ];
 const PROBLEMS: [(&str, &str); 5] = [
     ("error_injection", "error injection"),
@@ -39,7 +40,7 @@ const PROBLEMS: [(&str, &str); 5] = [
 
 #[derive(Clone, Copy)]
 pub struct StudyState {
-    pub methods: RwSignal<[bool; 6]>,
+    pub methods: RwSignal<[bool; 7]>,
     pub problems: RwSignal<[bool; 5]>,
     pub layers: RwSignal<String>,
     /// Study the fact even when the model does not know it.
@@ -53,7 +54,7 @@ impl StudyState {
     pub fn new() -> Self {
         let lines = RwSignal::new(Vec::<StudyLine>::new());
         StudyState {
-            methods: RwSignal::new([true, false, false, false, false, false]),
+            methods: RwSignal::new([true, false, false, false, false, false, false]),
             problems: RwSignal::new([true, false, false, false, false]),
             layers: RwSignal::new(String::new()),
             all: RwSignal::new(false),

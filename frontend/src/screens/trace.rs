@@ -25,7 +25,8 @@ pub struct TraceState {
     pub window: RwSignal<usize>,
     /// Restore the hidden state, MLP outputs, attention outputs.
     pub kinds: RwSignal<[bool; 3]>,
-    /// Exact causal tracing, or attribution patching's one-backward-pass estimate.
+    /// Exact causal tracing, attribution patching's one-backward-pass estimate, or knowledge
+    /// neurons' integrated gradients.
     pub method: RwSignal<TraceMethod>,
     pub prediction: RwSignal<Option<Prediction>>,
     pub trace: RwSignal<Option<TraceResult>>,
@@ -67,6 +68,10 @@ impl TraceState {
             .filter(|(_, on)| *on)
             .map(|(k, _)| k)
             .collect();
+        if self.method.get_untracked() == TraceMethod::Neurons {
+            // Knowledge neurons are the MLP's: the other kinds have none.
+            req.kinds = vec![TraceKind::Mlp];
+        }
         if req.kinds.is_empty() {
             return Err("Pick at least one kind of state to restore.".into());
         }
@@ -140,11 +145,19 @@ pub fn run_trace(s: Shared, st: TraceState) {
                 let how = match r.method {
                     TraceMethod::Exact => "Traced",
                     TraceMethod::Attribution => "Estimated by attribution patching",
+                    TraceMethod::Neurons => "Attributed to knowledge neurons",
                 };
-                let msg = format!(
-                    "{how}: clean p = {:.3}, corrupted p = {:.3} ({secs:.1} s).",
-                    r.high, r.low
-                );
+                let msg = match r.method {
+                    TraceMethod::Neurons => format!(
+                        "{how}: clean p = {:.3}; {} neurons pass the threshold ({secs:.1} s).",
+                        r.high,
+                        r.neurons.len()
+                    ),
+                    _ => format!(
+                        "{how}: clean p = {:.3}, corrupted p = {:.3} ({secs:.1} s).",
+                        r.high, r.low
+                    ),
+                };
                 st.trace.set(Some(r));
                 s.say("done", msg);
             }
@@ -229,6 +242,7 @@ fn TraceForm(st: TraceState) -> impl IntoView {
                 }>
                 <option value="exact">"Causal tracing (every cell run)"</option>
                 <option value="attribution">"Attribution patching (first-order estimate, one backward pass)"</option>
+                <option value="neurons">"Knowledge neurons (integrated gradients over MLP neurons)"</option>
             </select>
             <fieldset class="checks">
                 <legend>"Restore"</legend>

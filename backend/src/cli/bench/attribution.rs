@@ -47,6 +47,27 @@ impl AttributionBench {
     }
 }
 
+/// Trace requests with `base`'s settings and a fixed noise σ for the bundled known facts `lm`
+/// predicts right, in the file's order (an error where a prediction fails).
+pub(super) fn known_requests<'a>(
+    lm: &'a LoadedModel,
+    base: &'a TraceRequest,
+    sigma: f64,
+) -> impl Iterator<Item = Result<TraceRequest>> + 'a {
+    crate::workspace::bundled_facts()
+        .into_iter()
+        .filter_map(move |f| match lm.predict(&f.prompt, 1) {
+            Ok(p) if p.top[0].token.trim() == f.attribute.trim() => Some(Ok(TraceRequest {
+                prompt: f.prompt,
+                subject: f.subject,
+                noise: NoiseSpec::Fixed(sigma),
+                ..base.clone()
+            })),
+            Ok(_) => None,
+            Err(e) => Some(Err(e.into())),
+        })
+}
+
 /// Traces the first `n` bundled known facts `lm` predicts right both ways, with `base`'s
 /// settings (kinds, samples, window) and tracing's default noise.
 pub fn run(
@@ -59,19 +80,11 @@ pub fn run(
     let mut rs: BTreeMap<TraceKind, Vec<f64>> = BTreeMap::new();
     let mut facts = 0;
     let noise_sigma = 3.0 * crate::workspace::cached_embedding_std(lm, None)?;
-    for f in crate::workspace::bundled_facts() {
+    for req in known_requests(lm, base, noise_sigma) {
         if facts == n {
             break;
         }
-        if lm.predict(&f.prompt, 1)?.top[0].token.trim() != f.attribute.trim() {
-            continue;
-        }
-        let req = TraceRequest {
-            prompt: f.prompt.clone(),
-            subject: f.subject.clone(),
-            noise: NoiseSpec::Fixed(noise_sigma),
-            ..base.clone()
-        };
+        let req = req?;
         // A fact tracing refuses (say, a subject the tokenizer splits oddly) is skipped.
         let s = Instant::now();
         let Ok(exact) = lm.trace(&req, None, &mut Quiet, workers) else {

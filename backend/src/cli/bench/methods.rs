@@ -6,8 +6,8 @@ use std::path::Path;
 
 use anyhow::Result;
 use loci_core::edit::{
-    Edit, EditMethod, FtHparams, KeyStats, MemitHparams, Preserved, RewriteRequest, RomeHparams,
-    StatsAccumulator,
+    Edit, EditMethod, FtHparams, GraceHparams, KeyStats, MemitHparams, Preserved, RewriteRequest,
+    RomeHparams, StatsAccumulator,
 };
 use loci_core::LoadedModel;
 use serde::Serialize;
@@ -74,12 +74,13 @@ fn request(i: usize) -> Result<RewriteRequest> {
     Ok(RewriteRequest::from_prompt(prompt, subject, target)?)
 }
 
-/// A method's settings around `layer`: one layer for ROME, EMMET and FT, the five-layer
-/// window for MEMIT and AlphaEdit (the model's shipped settings where it has them).
+/// A method's settings around `layer`: one layer for ROME, EMMET, FT and GRACE, the
+/// five-layer window for MEMIT and AlphaEdit (the model's shipped settings where it has them).
 enum Settings {
     Rome(RomeHparams),
     Family(MemitHparams),
     Ft(FtHparams),
+    Grace(GraceHparams),
 }
 
 impl Settings {
@@ -98,6 +99,7 @@ impl Settings {
         match method {
             EditMethod::Rome => Ok(Settings::Rome(RomeHparams::defaults(cfg, Some(layer))?)),
             EditMethod::Ft => Ok(Settings::Ft(FtHparams::defaults(cfg, &[layer])?)),
+            EditMethod::Grace => Ok(Settings::Grace(GraceHparams::defaults(cfg, Some(layer))?)),
             EditMethod::Emmet => family(&[layer]),
             _ => family(&(lo..hi).collect::<Vec<_>>()),
         }
@@ -108,6 +110,7 @@ impl Settings {
             Settings::Rome(hp) => vec![hp.layer],
             Settings::Family(hp) => hp.layers.clone(),
             Settings::Ft(hp) => hp.layers.clone(),
+            Settings::Grace(hp) => vec![hp.layer],
         }
     }
 
@@ -129,6 +132,7 @@ impl Settings {
                 Edit::Memit(lm.memit_preserving(one, hp, &st, &kept, &mut |_| {})?)
             }
             Settings::Ft(hp) => Edit::Ft(lm.finetune(req, hp)?),
+            Settings::Grace(hp) => Edit::Grace(lm.grace(req, hp)?),
         })
     }
 }

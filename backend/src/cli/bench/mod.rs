@@ -13,6 +13,7 @@ mod attribution;
 mod batch;
 mod kernels;
 mod methods;
+mod neurons;
 mod peak;
 mod study;
 
@@ -75,6 +76,13 @@ pub struct TraceBenchArgs {
     /// by attribution patching: the speed-up, and Pearson's r of the grids per kind.
     #[arg(long)]
     attribution: Option<usize>,
+    /// Also localise the first N bundled known facts the model predicts right by MLP tracing
+    /// and by knowledge neurons: their costs, and Spearman's ρ of the per-layer effects.
+    #[arg(long)]
+    neurons: Option<usize>,
+    /// Points of the integrated-gradient path with --neurons (Dai et al.'s 20).
+    #[arg(long, default_value_t = 20)]
+    neuron_steps: usize,
     /// Run on candle's reference kernels, then on Loci's, and print the ratio.
     #[arg(long)]
     compare: bool,
@@ -135,6 +143,9 @@ struct TraceBench {
     /// With --attribution N: exact tracing against attribution patching on N known facts.
     #[serde(skip_serializing_if = "Option::is_none")]
     attribution: Option<attribution::AttributionBench>,
+    /// With --neurons N: MLP tracing against knowledge neurons on N known facts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    neurons: Option<neurons::NeuronsBench>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -327,8 +338,10 @@ fn flops_per_token_layer(cfg: &loci_core::ModelConfig) -> f64 {
 
 fn trace_bench(a: &TraceBenchArgs) -> Result<TraceBench> {
     use loci_core::trace::{NoiseSpec, Quiet, TraceKind, TraceRequest};
-    if a.attribution.is_some() && a.model.random.is_some() {
-        bail!("--attribution traces known facts: a model with random weights knows none");
+    if (a.attribution.is_some() || a.neurons.is_some()) && a.model.random.is_some() {
+        bail!(
+            "--attribution and --neurons trace known facts: a model with random weights knows none"
+        );
     }
     let (samples, window) = (a.samples, a.window);
     let lm = a.model.load()?;
@@ -388,6 +401,10 @@ fn trace_bench(a: &TraceBenchArgs) -> Result<TraceBench> {
             .attribution
             .map(|n| attribution::run(&lm, &req, n, workers))
             .transpose()?,
+        neurons: a
+            .neurons
+            .map(|n| neurons::run(&lm, &req, (n, a.neuron_steps), workers))
+            .transpose()?,
     };
     if !a.json {
         println!(
@@ -405,6 +422,9 @@ fn trace_bench(a: &TraceBenchArgs) -> Result<TraceBench> {
         );
         if let Some(at) = &r.attribution {
             println!("  {}", at.describe());
+        }
+        if let Some(kn) = &r.neurons {
+            println!("  {}", kn.describe());
         }
     }
     Ok(r)

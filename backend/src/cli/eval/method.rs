@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 use loci_core::edit::{
-    Edit, EditMethod, FtHparams, KeyStats, MemitHparams, Preserved, RomeHparams,
+    Edit, EditMethod, FtHparams, GraceHparams, KeyStats, MemitHparams, Preserved, RomeHparams,
 };
 use loci_core::LoadedModel;
 
@@ -34,6 +34,7 @@ pub(super) enum Method {
     Rome(RomeHparams, KeyStats),
     Memit(MemitHparams, Vec<KeyStats>),
     Ft(FtHparams),
+    Grace(GraceHparams),
 }
 
 impl Method {
@@ -84,6 +85,13 @@ impl Method {
                         .changed(ft_hparams(lm, &a.edit.layers, &a.edit.ft)?)?,
                 )
             }
+            EditMethod::Grace => {
+                if !a.edit.layers.is_empty() || a.batch != 1 {
+                    bail!("GRACE edits one fact at a time at one --layer");
+                }
+                let hp = GraceHparams::defaults(&lm.model.cfg, a.edit.layer)?;
+                Method::Grace(a.edit.changed(hp)?)
+            }
         })
     }
 
@@ -93,6 +101,7 @@ impl Method {
             Method::Rome(hp, _) => vec![hp.layer],
             Method::Memit(hp, _) => hp.layers.clone(),
             Method::Ft(hp) => hp.layers.clone(),
+            Method::Grace(hp) => vec![hp.layer],
         }
     }
 
@@ -111,6 +120,7 @@ impl Method {
                 Edit::Memit(lm.memit_preserving(reqs, hp, stats, preserved, progress)?)
             }
             Method::Ft(hp) => Edit::Ft(lm.finetune(&reqs[0], hp)?),
+            Method::Grace(hp) => Edit::Grace(lm.grace(&reqs[0], hp)?),
         })
     }
 
@@ -136,6 +146,7 @@ impl Method {
                     .and_then(|v| v.as_str().map(String::from))
                     .unwrap_or_default()
             ),
+            Method::Grace(hp) => format!("GRACE at layer {} (ε {})", hp.layer, hp.eps),
         }
     }
 }

@@ -53,7 +53,7 @@ pub(super) fn run<B: Benchmark>(
 fn batch_note(a: &EvalArgs, method: &Method) -> String {
     match method {
         Method::Memit(..) => format!(", {} per edit", a.batch),
-        Method::Rome(..) | Method::Ft(..) => String::new(),
+        Method::Rome(..) | Method::Ft(..) | Method::Grace(..) => String::new(),
     }
 }
 

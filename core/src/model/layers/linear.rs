@@ -1,9 +1,11 @@
 //! The linear map `y = x Wᵀ + b`, with a frozen-weights product for autograd, and how it loads.
 //! A map may also carry a low-rank change added at forward time (a visitor's edits over a shared
-//! model, without a copy of the weights).
+//! model, without a copy of the weights) and a GRACE codebook that replaces the outputs of the
+//! inputs it knows.
 
 use candle_core::{DType, Tensor, D};
 
+use super::Codebook;
 use crate::error::Result;
 use crate::model::load::Weights;
 
@@ -16,6 +18,8 @@ pub struct Linear {
     pub bias: Option<Tensor>,
     /// `Σᵣ rightᵣ leftᵣᵀ` added to `W` at forward time, never stored into it.
     pub low_rank: Option<LowRankAdd>,
+    /// GRACE's codebook: outputs for the inputs it knows, replacing the map's.
+    pub codebook: Option<Codebook>,
 }
 
 /// A low-rank change of a map's weight, kept as its factors and applied to each input: `x` maps
@@ -59,6 +63,7 @@ impl Linear {
             weight,
             bias,
             low_rank: None,
+            codebook: None,
         }
     }
 
@@ -103,6 +108,10 @@ impl Linear {
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let y = match &self.codebook {
+            Some(c) => c.replace(&x2, &y)?,
             None => y,
         };
         let mut out = dims;

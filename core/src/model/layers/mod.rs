@@ -1,13 +1,15 @@
-//! The pieces of the transformer skeleton, one file each: linear maps, norms, rotary embeddings,
-//! attention and MLPs. Each loads itself from named weights beside its forward pass.
+//! The pieces of the transformer skeleton, one file each: linear maps (and GRACE's codebook on
+//! them), norms, rotary embeddings, attention and MLPs. Each loads itself from named weights beside its forward pass.
 
 mod attention;
+mod codebook;
 mod linear;
 mod mlp;
 mod norm;
 mod rotary;
 
 pub use attention::{softmax_last, Attention, CausalMasks, LayerCache};
+pub use codebook::{Codebook, CodebookEntry};
 pub use linear::{Linear, LowRankAdd};
 pub use mlp::Mlp;
 pub use norm::Norm;
