@@ -214,7 +214,15 @@ fn traces_stream_rows_then_the_same_result_as_the_core() {
         serde_json::from_str(&serde_json::to_string(&want.scores).unwrap()).unwrap();
     assert_eq!(want, result["scores"]);
 
-    // Knowledge neurons: a row per token, the core's attributions and its neurons.
+    // Knowledge neurons: refused before the stream with other kinds; then a row per token,
+    // the core's attributions and its neurons.
+    let all_kinds = body.replace("{\"model\"", "{\"method\":\"neurons\",\"model\"");
+    let r = agent()
+        .post(&format!("{}/api/trace", s.base))
+        .header("content-type", "application/json")
+        .send(&all_kinds)
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
     let kn_body = body
         .replace("{\"model\"", "{\"method\":\"neurons\",\"model\"")
         .replace(r#"["hidden","attn"]"#, r#"["mlp"]"#);

@@ -367,6 +367,8 @@ mod fs {
 
         /// Writes the model (as it is now, edits included) as a Hugging Face folder.
         pub fn save_hf_folder(&self, dir: &Path) -> Result<()> {
+            // Refused before anything is written (a model carrying a GRACE codebook).
+            let tensors = self.model.hf_tensors()?;
             std::fs::create_dir_all(dir).map_err(|e| LociError::io(dir, e))?;
             let write = |name: &str, text: String| {
                 let p = dir.join(name);
@@ -380,7 +382,7 @@ mod fs {
             )?;
             write("tokenizer.json", self.tokenizer.to_json()?)?;
             let p = dir.join("model.safetensors");
-            candle_core::safetensors::save(&self.model.hf_tensors()?, &p)
+            candle_core::safetensors::save(&tensors, &p)
                 .map_err(|e| LociError::model(format!("writing {}: {e}", p.display())))
         }
     }

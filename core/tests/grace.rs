@@ -1,6 +1,6 @@
 //! GRACE: an edit is a codebook entry at one layer; the weights never change, other prompts are
 //! answered exactly as before, undo restores the layer bit for bit, and an edit file applies
-//! only on top of the codebook it was made on.
+//! wherever the entries it changes are.
 
 mod common;
 
@@ -64,7 +64,7 @@ fn an_edit_rewrites_its_prompt_only_and_undoes_bit_for_bit() {
 }
 
 #[test]
-fn edits_share_the_layers_codebook_and_files_apply_on_top_of_the_one_they_were_made_on() {
+fn edits_share_the_layers_codebook_and_files_need_the_entries_they_change() {
     let mut lm = common::tiny("tiny-gpt2");
     let mut hp = GraceHparams::defaults(&lm.model.cfg, None).unwrap();
     hp.n_iter = 20;
@@ -88,7 +88,7 @@ fn edits_share_the_layers_codebook_and_files_apply_on_top_of_the_one_they_were_m
     let mut fresh = common::tiny("tiny-gpt2");
     let before = probs(&fresh, PROMPT);
     let err = fresh.apply_file(&second_file).unwrap_err().to_string();
-    assert!(err.contains("codebook of 1 entries"), "{err}");
+    assert!(err.contains("does not hold it"), "{err}");
     assert_eq!(probs(&fresh, PROMPT), before);
     fresh.apply_file(&first_file).unwrap();
     assert_eq!(probs(&fresh, PROMPT), rome, "the file is the edit");
@@ -100,7 +100,7 @@ fn edits_share_the_layers_codebook_and_files_apply_on_top_of_the_one_they_were_m
         .codebook
         .clone()
         .unwrap();
-    assert_eq!(cb.entries.len(), 2);
+    assert_eq!(cb.entries().len(), 2);
     fresh.undo_edit(on_top).unwrap();
     assert_eq!(
         probs(&fresh, PROMPT),
@@ -136,10 +136,21 @@ fn bad_settings_and_damaged_files_are_refused() {
     broken[at] ^= 0x40;
     assert!(lm.apply_file(&broken).is_err());
     assert!(lm.model.down_proj(hp.layer).unwrap().codebook.is_none());
-    // The edited model cannot be saved as weights: the codebook is not in them.
+    // A fine-tuning edit computed before can be hooked on its layer, until the layer carries
+    // a codebook (which replaces the outputs the hook would add to); then fine-tuning there
+    // is refused, and the edited model cannot be saved as weights: the codebook is not in them.
+    let ft = loci_core::edit::FtHparams::at_layers(vec![hp.layer], None);
+    let tuned = Edit::Ft(lm.finetune(&eiffel("Rome"), &ft).unwrap());
+    assert!(loci_core::edit::RowEdits::can_hook_on(&lm, &tuned));
     lm.apply_file(&file).unwrap();
+    assert!(!loci_core::edit::RowEdits::can_hook_on(&lm, &tuned));
+    let err = lm.finetune(&eiffel("Rome"), &ft).unwrap_err().to_string();
+    assert!(err.contains("GRACE codebook"), "{err}");
     let err = lm.model.hf_tensors().unwrap_err().to_string();
     assert!(err.contains("GRACE codebook"), "{err}");
+    let dir = std::env::temp_dir().join(format!("loci-grace-save-{}", std::process::id()));
+    assert!(lm.save_hf_folder(&dir).is_err());
+    assert!(!dir.exists(), "nothing is written");
 }
 
 #[test]

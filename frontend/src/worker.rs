@@ -476,12 +476,17 @@ fn heap_bytes() -> u64 {
     }
 }
 
-/// FNV-1a over the bits of every layer's down-projection (weights and bias): equal digests
-/// mean the weights an edit touches are equal bit for bit.
+/// FNV-1a over the bits of every layer's down-projection (weights, bias and GRACE codebook):
+/// equal digests mean the layers an edit touches are equal bit for bit.
 fn weights_digest(lm: &LoadedModel) -> Result<String, String> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for l in 0..lm.model.n_layer() {
         let d = lm.model.down_proj(l).map_err(text)?;
+        for x in d.codebook.as_ref().map(|c| c.bits()).unwrap_or_default() {
+            for b in x.to_le_bytes() {
+                h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
         for t in std::iter::once(&d.weight).chain(d.bias.as_ref()) {
             let v = t
                 .to_dtype(DType::F32)

@@ -210,6 +210,12 @@ fn grace(a: EditArgs) -> Result<()> {
     if !a.edit.layers.is_empty() {
         bail!("--layers is for MEMIT and fine-tuning; GRACE's codebook sits at one --layer");
     }
+    if a.save_model.is_some() {
+        bail!(
+            "a GRACE edit is not in the weights: --save-edit its file and apply it with \
+             --apply-edit instead of --save-model"
+        );
+    }
     let mut lm = a.model.load()?;
     let req = one_request(&a, &lm)?;
     let hp = loci_core::edit::GraceHparams::defaults(&lm.model.cfg, a.edit.layer)?;

@@ -331,9 +331,10 @@ fn row_hook(lm: &LoadedModel, rows: &[&[Arc<Edit>]]) -> loci_core::Result<Option
     )?))
 }
 
-/// Whether every edit can ride as a per-row hook (else the row runs alone on its view).
-fn hookable(edits: &[Arc<Edit>]) -> bool {
-    edits.iter().all(|e| RowEdits::can_hook(e))
+/// Whether every edit can ride as a per-row hook on `lm` (else the row runs alone on its
+/// view).
+fn hookable(lm: &LoadedModel, edits: &[Arc<Edit>]) -> bool {
+    edits.iter().all(|e| RowEdits::can_hook_on(lm, e))
 }
 
 fn failed(e: impl std::fmt::Display) -> ApiError {
@@ -359,7 +360,7 @@ fn predict_batch(lane: &ModelLane, sched: &Scheduler, window: Duration, runners:
     let units: f64 = batch.iter().map(|q| q.cost.units).sum();
     let lm = read(&lane.model).lm.clone();
     let (together, alone): (Vec<_>, Vec<_>) =
-        batch.into_iter().partition(|q| hookable(&q.job.edits));
+        batch.into_iter().partition(|q| hookable(&lm, &q.job.edits));
     predict_together(&lm, together);
     for q in alone {
         let j = q.job;
@@ -510,8 +511,9 @@ fn admit(
         .iter()
         .map(|q| (q.job.start.ids.len() * lm.model.n_layer()) as f64)
         .sum();
-    let (together, alone): (Vec<_>, Vec<_>) =
-        newcomers.into_iter().partition(|q| hookable(&q.job.edits));
+    let (together, alone): (Vec<_>, Vec<_>) = newcomers
+        .into_iter()
+        .partition(|q| hookable(lm, &q.job.edits));
     for q in alone {
         let j = q.job;
         let refs: Vec<&Edit> = j.edits.iter().map(|e| e.as_ref()).collect();

@@ -78,6 +78,13 @@ async fn trace_stream(st: Arc<AppState>, v: Visitor, b: TraceBody) -> Response {
         )
         .into_response();
     }
+    if b.method == TraceMethod::Neurons && r.kinds != [TraceKind::Mlp] {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "knowledge neurons are MLP neurons: trace them with \"kinds\": [\"mlp\"]",
+        )
+        .into_response();
+    }
     if st.registry.names().iter().all(|n| n != &b.model) {
         return ApiError::new(
             StatusCode::NOT_FOUND,

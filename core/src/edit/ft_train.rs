@@ -100,6 +100,16 @@ impl LoadedModel {
         hp: &FtHparams,
     ) -> Result<Vec<Result<FtEdit>>> {
         hp.validate(self.model.n_layer())?;
+        if let Some(l) = hp
+            .layers
+            .iter()
+            .find(|&&l| self.model.down_proj(l).is_ok_and(|d| d.codebook.is_some()))
+        {
+            return Err(LociError::input(format!(
+                "layer {l} carries a GRACE codebook, which overrides the outputs fine-tuning \
+                 would train: fine-tune other layers, or undo the GRACE edits first"
+            )));
+        }
         let started = crate::clock::now_seconds();
         let mut results: Vec<Option<Result<FtEdit>>> = vec![];
         let mut rows = vec![];

@@ -3,6 +3,8 @@
 //! and the weights never change (docs/grace.md). Sequential edits share the layer's codebook;
 //! undo restores the codebook as it was.
 
+use std::sync::Arc;
+
 use candle_core::{DType, IndexOp, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 
@@ -110,7 +112,8 @@ pub struct GraceEdit {
     pub request: RewriteRequest,
     /// The settings it was made with (its layer among them).
     pub hparams: GraceHparams,
-    /// How many entries the layer's codebook had before: it applies on top of exactly those.
+    /// How many entries the layer's codebook had when it was made (for reports: it applies
+    /// wherever the entries it changes are, found by their keys).
     pub base: usize,
     /// Existing entries it changes: their index and what they become.
     pub changed: Vec<(usize, CodebookEntry)>,
@@ -133,7 +136,7 @@ enum Placement {
 
 /// GRACE's rule for a query `q` of label `label` among `entries` (`eps` the new radius).
 fn place(
-    entries: &[CodebookEntry],
+    entries: &[Arc<CodebookEntry>],
     q: &[f32],
     label: &[u32],
     eps: f32,
@@ -231,7 +234,7 @@ impl LoadedModel {
         };
         let (query, output) = (read(Site::MlpKey(l))?, read(Site::Mlp(l))?);
         let entries = match &self.model.down_proj(l)?.codebook {
-            Some(c) => c.entries.clone(),
+            Some(c) => c.entries().to_vec(),
             None => vec![],
         };
         let (placement, nearest_distance) = place(&entries, &query, &target, hp.eps as f32);
@@ -253,7 +256,7 @@ impl LoadedModel {
         let (changed, added, action) = match placement {
             Placement::Add { radius, split } => {
                 let cut = split.map(|(j, r)| {
-                    let mut e = entries[j].clone();
+                    let mut e = (*entries[j]).clone();
                     e.radius = r;
                     (j, e)
                 });
@@ -329,34 +332,33 @@ impl LoadedModel {
         Ok((adam.param, losses))
     }
 
-    /// Adds a GRACE edit's entries to its layer's codebook; keep the result to undo it exactly.
-    /// Refused, changing nothing, when the codebook is not the one the edit was made on.
+    /// Adds a GRACE edit's entries to its layer's codebook and changes the entries it changes
+    /// (found by their keys: other entries may have come or gone since it was made); keep the
+    /// result to undo it exactly. Refused, changing nothing, when an entry it changes is not
+    /// there.
     pub(crate) fn apply_grace(&mut self, e: &GraceEdit) -> Result<AppliedEdit> {
         let l = e.hparams.layer;
-        let original = self.model.down_proj(l)?.clone();
-        let mut entries = match &original.codebook {
-            Some(c) => c.entries.clone(),
+        let current = self.model.down_proj(l)?.clone();
+        let mut entries = match &current.codebook {
+            Some(c) => c.entries().to_vec(),
             None => vec![],
         };
-        if entries.len() != e.base {
-            return Err(LociError::input(format!(
-                "this GRACE edit was made on a codebook of {} entries at layer {l}, and this \
-                 model's has {}: apply the edits made before it first",
-                e.base,
-                entries.len()
-            )));
-        }
         let (d_model, d_ff) = (self.model.cfg.d_model, self.model.cfg.d_ff);
         for (i, entry) in &e.changed {
-            if entries.get(*i).map(|x| &x.key) != Some(&entry.key) {
+            let at = match entries.get(*i) {
+                Some(x) if x.key == entry.key => Some(*i),
+                _ => entries.iter().position(|x| x.key == entry.key),
+            };
+            let Some(at) = at else {
                 return Err(LociError::input(format!(
-                    "this GRACE edit changes entry {i} of layer {l}'s codebook, which this \
-                     model holds otherwise"
+                    "this GRACE edit changes an entry an earlier edit made at layer {l}, and \
+                     this model's codebook there does not hold it: apply the edits made before \
+                     it first"
                 )));
-            }
-            entries[*i] = entry.clone();
+            };
+            entries[at] = Arc::new(entry.clone());
         }
-        entries.extend(e.added.clone());
+        entries.extend(e.added.clone().map(Arc::new));
         if entries
             .iter()
             .any(|x| x.key.len() != d_ff || x.value.len() != d_model)
@@ -366,9 +368,12 @@ impl LoadedModel {
                  d_model {d_model}"
             )));
         }
-        let mut changed = original.clone();
+        let mut changed = current.clone();
         changed.codebook = Some(Codebook::new(entries, &self.model.device)?);
         self.model.set_down_proj(l, changed)?;
+        // The undo record keeps the entries as pointers, not the lookup's tensors.
+        let mut original = current;
+        original.codebook = original.codebook.map(|c| c.detached());
         Ok(AppliedEdit {
             originals: vec![(l, original)],
         })

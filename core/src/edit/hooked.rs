@@ -50,6 +50,17 @@ pub struct RowEdits {
 }
 
 impl RowEdits {
+    /// Whether `edit` can be hooked on `lm`: it can be hooked at all, and no layer it changes
+    /// carries a GRACE codebook (which replaces that layer's outputs before the hook adds to
+    /// them).
+    pub fn can_hook_on(lm: &crate::loader::LoadedModel, edit: &Edit) -> bool {
+        Self::can_hook(edit)
+            && edit
+                .layers()
+                .iter()
+                .all(|&l| lm.model.down_proj(l).is_ok_and(|d| d.codebook.is_none()))
+    }
+
     /// Whether `edit` can be hooked: every change is dense, or low-rank without a bias change
     /// (ROME's, MEMIT's and fine-tuning's all are; GRACE's codebook is not a weight change).
     pub fn can_hook(edit: &Edit) -> bool {

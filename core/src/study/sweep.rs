@@ -848,7 +848,7 @@ impl LoadedModel {
         for (&i, edit) in ok.iter().zip(made) {
             match edit {
                 Err(err) => lines[i].error = Some(err),
-                Ok(edit) if RowEdits::can_hook(&edit) => hooked.push((i, edit)),
+                Ok(edit) if RowEdits::can_hook_on(self, &edit) => hooked.push((i, edit)),
                 Ok(edit) => {
                     let started = crate::clock::now_seconds();
                     let (pc, pre) = posed[i].as_ref().expect("posed");

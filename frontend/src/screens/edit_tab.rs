@@ -150,8 +150,11 @@ fn needs_text(layers: &[usize]) -> String {
 fn edit_job(st: &EditState) -> Result<EditJob, String> {
     let method = st.method.get_untracked();
     let layers = layer_list(&st.layer.get_untracked())?;
-    if method == EditMethod::Rome && layers.len() > 1 {
-        return Err("ROME edits one layer; MEMIT, AlphaEdit and EMMET take several".into());
+    if matches!(method, EditMethod::Rome | EditMethod::Grace) && layers.len() > 1 {
+        return Err(format!(
+            "{} edits one layer; MEMIT, AlphaEdit and EMMET take several",
+            method.label()
+        ));
     }
     Ok(EditJob {
         method,

@@ -252,7 +252,7 @@ impl Bench<'_> {
         let mut hooked = vec![];
         for (i, (case, edit)) in cases.iter().zip(edits).enumerate() {
             let Ok(edit) = edit else { continue };
-            if RowEdits::can_hook(&edit) {
+            if RowEdits::can_hook_on(lm, &edit) {
                 hooked.push((i, edit));
                 continue;
             }

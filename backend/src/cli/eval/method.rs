@@ -10,15 +10,13 @@ use loci_core::LoadedModel;
 use super::EvalArgs;
 use crate::workspace::{ft_hparams, memit_hparams, rome_hparams};
 
-/// The edited layers' weights, bit for bit.
+/// The edited layers' weights (and GRACE codebooks), bit for bit.
 pub(super) fn bits(lm: &loci_core::LoadedModel, layers: &[usize]) -> Result<Vec<u32>> {
     let mut out = vec![];
     for &layer in layers {
-        let w = lm
-            .model
-            .down_proj(layer)?
-            .weight
-            .to_dtype(loci_core::DType::F32)?;
+        let down = lm.model.down_proj(layer)?;
+        out.extend(down.codebook.as_ref().map(|c| c.bits()).unwrap_or_default());
+        let w = down.weight.to_dtype(loci_core::DType::F32)?;
         out.extend(
             w.flatten_all()?
                 .to_vec1::<f32>()?

@@ -140,9 +140,16 @@ fn relocalize_line(line: &mut Value, traces: &BTreeMap<u64, CaseTrace>, run: &Va
     if line["record"] == "case" {
         line["trace"] = serde_json::to_value(trace)?;
     } else if let Some(layer) = line["layer"].as_u64() {
-        let at = |v: &[f32]| v.get(layer as usize).copied().unwrap_or(f32::NAN);
-        line["tracing_effect"] = at(&trace.max_fraction_restored).into();
-        line["subject_last_effect"] = at(&trace.subject_last_fraction).into();
+        let at = |v: &[f32]| {
+            v.get(layer as usize).copied().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "an edit at layer {layer}, past the new trace's {} layers",
+                    v.len()
+                )
+            })
+        };
+        line["tracing_effect"] = at(&trace.max_fraction_restored)?.into();
+        line["subject_last_effect"] = at(&trace.subject_last_fraction)?.into();
     }
     Ok(())
 }
