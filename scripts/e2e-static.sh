@@ -125,6 +125,12 @@ checks = {
         and r.get("attribution_panels") == 1,
     "fine-tuning in the tab, undone exactly": st("ft") == "edited"
         and "FT layer 1" in r.get("ft_label", "") and r.get("digest_ft_undone") == d0,
+    "GRACE in the tab: a codebook entry at layer 2 (in the digest), undone exactly":
+        st("grace") == "edited" and "GRACE layer 2" in r.get("grace_label", "")
+        and r.get("digest_grace") != d0 and r.get("digest_grace_undone") == d0,
+    "knowledge neurons in the tab (the MLP grid, integrated gradients)":
+        st("neurons") == "done" and "knowledge neurons" in txt("neurons")
+        and r.get("neurons_panels") == 1,
     "a shareable link reproduces the edit in a new tab, statistics from the browser's cache":
         r.get("linked", {}).get("kind") == "edited"
         and r.get("linked_form") == ["The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "2"]

@@ -2,7 +2,7 @@
 // server (no `loci` process), every job in the tab's workers. Key statistics computed in the
 // tab, a ROME edit (the prediction changes), its file downloaded, undo (the weights' digest is
 // back bit for bit), bad statistics and edit files refused with the model unchanged, a file
-// made by `loci edit --save-edit` applied, MEMIT of two facts and fine-tuning (each undone
+// made by `loci edit --save-edit` applied, MEMIT of two facts, fine-tuning and GRACE (each undone
 // exactly), the statistics kept for a second visit, and a shareable link reproducing the edit
 // form and a trace in another tab.
 // Usage: node static.mjs URL MODEL OUT_DIR NATIVE_EDIT OTHER_STATS OTHER_EDIT SHOTS — prints one JSON
@@ -148,6 +148,14 @@ try {
   out.ft_label = await page.textContent('#edits p:last-child');
   await click('#undo');
   out.digest_ft_undone = await digest();
+  // GRACE at layer 2: a codebook entry (in the digest, though no weight changes), undone.
+  await page.selectOption('#edit-method', 'grace');
+  await page.fill('#edit-layer', '2');
+  out.grace = await click('#edit');
+  out.grace_label = await page.textContent('#edits p:last-child');
+  out.digest_grace = await digest();
+  await click('#undo');
+  out.digest_grace_undone = await digest();
   // Statistics from a URL (the build's own file, by its address).
   await page.fill('#stats-url', 'models/tiny-gptj/stats/layer1.safetensors');
   out.url_stats = await click('#stats-fetch');
@@ -182,6 +190,11 @@ try {
   await page.click('#trace');
   out.attribution = await finish();
   out.attribution_panels = await page.locator('.heatmap figure.panel').count();
+  // Knowledge neurons in the tab: integrated gradients over the MLP neurons.
+  await page.selectOption('#trace-method', 'neurons');
+  await page.click('#trace');
+  out.neurons = await finish();
+  out.neurons_panels = await page.locator('.heatmap figure.panel').count();
   await page.selectOption('#trace-method', 'exact');
   await go('edit');
   // A shareable link of the edit form, opened in a new tab: the same request, made there; the
