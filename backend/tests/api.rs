@@ -145,16 +145,22 @@ fn endpoints_answer_and_refuse_bad_requests() {
 #[test]
 fn traces_stream_rows_then_the_same_result_as_the_core() {
     let s = serve(&[]);
+    // A trace posted: its status, and its events up to the result (or error).
+    let post_trace = |body: &str| {
+        let r = agent()
+            .post(&format!("{}/api/trace", s.base))
+            .header("content-type", "application/json")
+            .send(body)
+            .unwrap();
+        let status = r.status().as_u16();
+        let events = read_events(r.into_body().into_reader(), |e, _| {
+            e == "result" || e == "error"
+        });
+        (status, events)
+    };
     let body = r#"{"model":"tiny-gptj","prompt":"The Eiffel Tower is located in","subject":"Eiffel Tower","samples":3,"kinds":["hidden","attn"],"noise":{"type":"fixed","value":0.5}}"#;
-    let r = agent()
-        .post(&format!("{}/api/trace", s.base))
-        .header("content-type", "application/json")
-        .send(body)
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    let events = read_events(r.into_body().into_reader(), |e, _| {
-        e == "result" || e == "error"
-    });
+    let (status, events) = post_trace(body);
+    assert_eq!(status, 200);
     assert_eq!(events[0].0, "start");
     let result = &events.last().unwrap().1;
     assert_eq!(events.last().unwrap().0, "result", "{result}");
@@ -191,14 +197,7 @@ fn traces_stream_rows_then_the_same_result_as_the_core() {
 
     // Attribution patching: the same stream (header, rows, result), the core's estimate.
     let atp_body = body.replace("{\"model\"", "{\"method\":\"attribution\",\"model\"");
-    let r = agent()
-        .post(&format!("{}/api/trace", s.base))
-        .header("content-type", "application/json")
-        .send(&atp_body)
-        .unwrap();
-    let events = read_events(r.into_body().into_reader(), |e, _| {
-        e == "result" || e == "error"
-    });
+    let (_, events) = post_trace(&atp_body);
     let (last, result) = events.last().unwrap();
     assert_eq!(
         (events[0].0.as_str(), last.as_str()),
@@ -217,23 +216,11 @@ fn traces_stream_rows_then_the_same_result_as_the_core() {
     // Knowledge neurons: refused before the stream with other kinds; then a row per token,
     // the core's attributions and its neurons.
     let all_kinds = body.replace("{\"model\"", "{\"method\":\"neurons\",\"model\"");
-    let r = agent()
-        .post(&format!("{}/api/trace", s.base))
-        .header("content-type", "application/json")
-        .send(&all_kinds)
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(post_trace(&all_kinds).0, 400);
     let kn_body = body
         .replace("{\"model\"", "{\"method\":\"neurons\",\"model\"")
         .replace(r#"["hidden","attn"]"#, r#"["mlp"]"#);
-    let r = agent()
-        .post(&format!("{}/api/trace", s.base))
-        .header("content-type", "application/json")
-        .send(&kn_body)
-        .unwrap();
-    let events = read_events(r.into_body().into_reader(), |e, _| {
-        e == "result" || e == "error"
-    });
+    let (_, events) = post_trace(&kn_body);
     let (last, result) = events.last().unwrap();
     assert_eq!(last, "result", "{result}");
     assert_eq!(events.iter().filter(|e| e.0 == "row").count(), n_tok);

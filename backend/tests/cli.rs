@@ -485,6 +485,45 @@ fn stats_then_edit_reports_before_and_after() {
 }
 
 /// `predict --top 50`'s list with the saved `edits` applied.
+/// Asserts a command failed, saying `want` on stderr.
+fn refused(out: &Output, want: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(want),
+        "want {want:?}: {err}"
+    );
+}
+
+/// `loci edit --method METHOD` of the Eiffel Tower to Rome on `model` at `prompt`, with `extra`.
+fn method_edit(model: &str, method: &str, prompt: &str, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_loci"))
+        .args(["edit", "--model", model, "--method", method])
+        .args([
+            "--prompt",
+            prompt,
+            "--subject",
+            "Eiffel Tower",
+            "--target",
+            "Rome",
+        ])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// `loci eval` of two CounterFact cases by the method `how` names: asserts both are scored.
+fn eval_two_cases(model: &str, how: &[&str]) {
+    let data = root().join("../shared/data/counterfact/counterfact_rome_format_sample500.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
+        .args(["eval", "--model", model])
+        .args(how)
+        .args(["--n", "2", "--no-generation", "--summary", "--dataset"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(json(&out)["cases"], 2);
+}
+
 fn top50(model: &str, prompt: &str, edits: &[&std::path::Path]) -> serde_json::Value {
     let mut c = Command::new(env!("CARGO_BIN_EXE_loci"));
     c.args([
@@ -549,9 +588,7 @@ fn knowledge_neurons_localise_from_the_command_line_and_in_the_study() {
     assert_eq!(kinds, ["mlp"], "MLP neurons only by default");
     let neurons = kn["neurons"].as_array().unwrap();
     assert!(!neurons.is_empty() && neurons[0]["attribution"].as_f64().unwrap() > 0.0);
-    let wrong = trace(&["--kind", "hidden"]);
-    assert!(!wrong.status.success());
-    assert!(String::from_utf8_lossy(&wrong.stderr).contains("MLP neurons"));
+    refused(&trace(&["--kind", "hidden"]), "MLP neurons");
 
     let dir = std::env::temp_dir().join(format!("loci-study-kn-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -585,9 +622,7 @@ fn knowledge_neurons_localise_from_the_command_line_and_in_the_study() {
     };
     let neurons = ["--localization", "neurons", "--samples", "4"];
     let study = |windows: &str| study_with(windows, &neurons, &dir.join("study.jsonl"));
-    let two = study("5,10");
-    assert!(!two.status.success());
-    assert!(String::from_utf8_lossy(&two.stderr).contains("no window"));
+    refused(&study("5,10"), "no window");
     json(&study("5"));
     let lines = jsonl(&dir.join("study.jsonl"));
     let case = lines.iter().find(|l| l["record"] == "case").unwrap();
@@ -945,16 +980,7 @@ fn fine_tuning_edits_one_fact_and_its_file_reapplies() {
     let model = tiny("tiny-gpt2");
     let prompt = "The Eiffel Tower is located in the city of";
     let edit_file = dir.join("ft.safetensors");
-    let edit = |extra: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_loci"))
-            .args([
-                "edit", "--model", &model, "--method", "ft", "--prompt", prompt,
-            ])
-            .args(["--subject", "Eiffel Tower", "--target", "Rome"])
-            .args(extra)
-            .output()
-            .unwrap()
-    };
+    let edit = |extra: &[&str]| method_edit(&model, "ft", prompt, extra);
     let v = json(&edit(&[
         "--layers",
         "1,2",
@@ -985,22 +1011,9 @@ fn fine_tuning_edits_one_fact_and_its_file_reapplies() {
             "last_token or sequence",
         ),
     ] {
-        let out = edit(&args);
-        assert!(!out.status.success());
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains(want),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        refused(&edit(&args), want);
     }
-    let data = root().join("../shared/data/counterfact/counterfact_rome_format_sample500.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
-        .args(["eval", "--model", &model, "--method", "ft", "--layers", "1"])
-        .args(["--n", "2", "--no-generation", "--summary", "--dataset"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert_eq!(json(&out)["cases"], 2);
+    eval_two_cases(&model, &["--method", "ft", "--layers", "1"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -1012,21 +1025,7 @@ fn grace_edits_without_changing_weights_and_its_file_reapplies() {
     // GRACE answers the prompt as the request fills it in.
     let prompt = "Eiffel Tower is located in the city of";
     let edit_file = dir.join("grace.safetensors");
-    let edit = |extra: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_loci"))
-            .args(["edit", "--model", &model, "--method", "grace"])
-            .args([
-                "--prompt",
-                prompt,
-                "--subject",
-                "Eiffel Tower",
-                "--target",
-                "Rome",
-            ])
-            .args(extra)
-            .output()
-            .unwrap()
-    };
+    let edit = |extra: &[&str]| method_edit(&model, "grace", prompt, extra);
     let saved = [
         "--layer",
         "2",
@@ -1059,21 +1058,9 @@ fn grace_edits_without_changing_weights_and_its_file_reapplies() {
         (vec!["--layer", "9"], "out of range"),
         (vec!["--hparams", r#"{"eps": -1}"#], "must be positive"),
     ] {
-        let out = edit(&args);
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(want), "{args:?}: {err}");
+        refused(&edit(&args), want);
     }
-    let data = root().join("../shared/data/counterfact/counterfact_rome_format_sample500.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_loci"))
-        .args([
-            "eval", "--model", &model, "--method", "grace", "--layer", "2",
-        ])
-        .args(["--n", "2", "--no-generation", "--summary", "--dataset"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert_eq!(json(&out)["cases"], 2);
+    eval_two_cases(&model, &["--method", "grace", "--layer", "2"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

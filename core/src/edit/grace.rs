@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::delta::AppliedEdit;
 use super::EditGoal;
 use crate::error::{LociError, Result};
-use crate::hooks::{Hook, Site};
+use crate::hooks::{SetFirst, Site};
 use crate::loader::LoadedModel;
 use crate::model::layers::{Codebook, CodebookEntry};
 use crate::model::split::SplitRun;
@@ -183,28 +183,6 @@ fn place(
     (placement, Some(d))
 }
 
-/// Replaces the MLP output of layer `layer` at the first position of a pass with `value`.
-struct SetValue {
-    layer: usize,
-    value: Tensor,
-}
-
-impl Hook for SetValue {
-    fn wants(&self, site: Site) -> bool {
-        site == Site::Mlp(self.layer)
-    }
-
-    fn at(&mut self, _site: Site, x: &Tensor) -> Result<Option<Tensor>> {
-        let v = self.value.to_dtype(x.dtype())?.reshape((1, 1, x.dim(2)?))?;
-        let len = x.dim(1)?;
-        Ok(Some(if len == 1 {
-            v
-        } else {
-            Tensor::cat(&[&v, &x.narrow(1, 1, len - 1)?], 1)?
-        }))
-    }
-}
-
 impl LoadedModel {
     /// A GRACE edit of `req` at `hp.layer`, on top of the layer's codebook as it is now (the
     /// model is not changed; apply the edit to change it).
@@ -302,9 +280,9 @@ impl LoadedModel {
         let mut losses = vec![];
         for it in 0..hp.n_iter {
             let v = Var::from_slice(&adam.param, adam.param.len(), dev)?;
-            let mut hook = SetValue {
-                layer: hp.layer,
-                value: v.as_tensor().clone(),
+            let mut hook = SetFirst {
+                site: Site::Mlp(hp.layer),
+                rows: v.as_tensor().unsqueeze(0)?,
             };
             let out = m.run_from_split(split, hp.layer, 1, &mut hook)?;
             let logp = candle_nn::ops::log_softmax(&m.final_logits(&out)?, D::Minus1)?;

@@ -161,6 +161,32 @@ impl Hook for Chain<'_> {
     }
 }
 
+/// Replaces the first position of every row at one site with that row's vector: how a pass
+/// that starts at a token sets one activation there (knowledge neurons' points of the path,
+/// GRACE's trained value).
+pub struct SetFirst {
+    /// The site whose activation is set.
+    pub site: Site,
+    /// `[rows, width]`: row `i`'s vector for its first position (autograd flows through it).
+    pub rows: Tensor,
+}
+
+impl Hook for SetFirst {
+    fn wants(&self, site: Site) -> bool {
+        site == self.site
+    }
+
+    fn at(&mut self, _site: Site, x: &Tensor) -> Result<Option<Tensor>> {
+        let first = self.rows.to_dtype(x.dtype())?.unsqueeze(1)?;
+        let len = x.dim(1)?;
+        Ok(Some(if len == 1 {
+            first
+        } else {
+            Tensor::cat(&[&first, &x.narrow(1, 1, len - 1)?], 1)?
+        }))
+    }
+}
+
 /// Replaces rows `(batch, position)` at one site with given vectors, or adds them as deltas.
 pub struct Patch {
     /// The site whose activation is patched.

@@ -69,7 +69,7 @@ impl LoadedModel {
         let head = header(self, req, &p)?;
         obs.on_start(&head);
         let estimates = self.attributions(req, &p)?;
-        let (n, big_t) = (self.model.n_layer(), p.prompt_len);
+        let (n, big_t) = (self.model.n_layer(), p.base.prompt_len);
         let mut grids = BTreeMap::new();
         for &kind in &req.kinds {
             let per_layer = &estimates[&kind];
@@ -93,11 +93,11 @@ impl LoadedModel {
             }
             grids.insert(kind, grid);
         }
-        let rows = (req.samples * p.ids.len() * n) as u64;
+        let rows = (req.samples * p.base.ids.len() * n) as u64;
         let work = TraceWork {
             // The clean and corrupted runs, then a corrupted pass and its backward (about two
             // passes' work).
-            token_layers: (p.ids.len() * n) as u64 + 4 * rows,
+            token_layers: (p.base.ids.len() * n) as u64 + 4 * rows,
             naive_token_layers: super::naive::naive_work(req, big_t, n),
         };
         let mut r = finish(self, req, &head, grids, work, started);
@@ -122,13 +122,19 @@ impl LoadedModel {
             vars: HashMap::new(),
             seen: HashMap::new(),
         };
-        let rows: Vec<Vec<u32>> = vec![p.ids.clone(); req.samples];
+        let rows: Vec<Vec<u32>> = vec![p.base.ids.clone(); req.samples];
         let logits = {
-            let mut noise = embed_noise(&p.noise, p.range, 0);
+            let mut noise = embed_noise(&p.noise, p.base.range, 0);
             let mut chain = Chain(vec![&mut noise, &mut attribute]);
-            readout_logits(m, &m.ids_tensor(&rows)?, &mut chain, None, p.answer.len())?
+            readout_logits(
+                m,
+                &m.ids_tensor(&rows)?,
+                &mut chain,
+                None,
+                p.base.answer.len(),
+            )?
         };
-        let metric = mean_answer_prob(&logits, &p.answer)?;
+        let metric = mean_answer_prob(&logits, &p.base.answer)?;
         let grads = metric.backward()?;
         let mut out = BTreeMap::new();
         for &kind in &req.kinds {
@@ -140,16 +146,16 @@ impl LoadedModel {
                     LociError::model(format!("no gradient reached {s:?} of the trace"))
                 })?;
                 let f32s = |t: &Tensor| t.to_dtype(DType::F32);
-                let clean = f32s(p.clean.get(s)?)?;
+                let clean = f32s(p.base.states.get(s)?)?;
                 let diff = clean.broadcast_sub(&f32s(&attribute.seen[&s])?)?;
                 let mut atp: Vec<f32> = (diff * f32s(grad)?)?
                     .sum(2)?
                     .sum(0)?
-                    .narrow(0, 0, p.prompt_len)?
+                    .narrow(0, 0, p.base.prompt_len)?
                     .to_vec1()?;
                 // Before the subject the clean and corrupted states are equal; the two passes
                 // (one row untracked, several tracked) may round them apart in half precision.
-                atp[..p.range.0].fill(0.0);
+                atp[..p.base.range.0].fill(0.0);
                 if atp.iter().any(|x| !x.is_finite()) {
                     return Err(LociError::model("NaN or infinite attributions"));
                 }

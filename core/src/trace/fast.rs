@@ -82,7 +82,7 @@ impl TokenPass<'_> {
     fn clean_at(&self, site: Site) -> Result<Tensor> {
         let d = self.lm.model.cfg.d_model;
         Ok(self
-            .at_t(self.p.clean.get(site)?)?
+            .at_t(self.p.base.states.get(site)?)?
             .broadcast_as((self.samples, 1, d))?
             .contiguous()?)
     }
@@ -156,7 +156,7 @@ impl TokenPass<'_> {
         let kv_only = kv_only_share(&m.cfg);
         *work += rows * (reads as f64 + (suffix - reads) as f64 * kv_only);
         let last = cur.narrow(1, suffix - reads, reads)?;
-        let pos0 = self.p.ids.len() - reads;
+        let pos0 = self.p.base.ids.len() - reads;
         m.run_layers(
             last,
             j..j + 1,
@@ -184,7 +184,7 @@ impl TokenPass<'_> {
                 .collect();
             if rows.iter().any(|r| *r) {
                 let site = kind.site(j);
-                let clean = self.at_t(self.p.clean.get(site)?)?;
+                let clean = self.at_t(self.p.base.states.get(site)?)?;
                 out.push(Restore { site, rows, clean });
             }
         }
@@ -267,7 +267,7 @@ pub(super) fn trace_token(
     work: &mut f64,
 ) -> Result<Vec<Vec<f32>>> {
     let n = lm.model.n_layer();
-    if t < p.range.0 {
+    if t < p.base.range.0 {
         // Before the subject the corrupted run equals the clean one: nothing to restore.
         return Ok(vec![vec![p.low; n]; kinds.len()]);
     }
@@ -277,8 +277,8 @@ pub(super) fn trace_token(
         kinds,
         t,
         samples: p.noise.dim(0)?,
-        suffix: p.ids.len() - t,
-        reads: p.answer.len(),
+        suffix: p.base.ids.len() - t,
+        reads: p.base.answer.len(),
         cells: cells(kinds, n, window),
     };
     let mut order: Vec<usize> = Vec::with_capacity(pass.cells.len());
@@ -311,7 +311,7 @@ impl TokenPass<'_> {
             order.push(order.len());
         }
         let last = Tensor::cat(&finals, 0)?;
-        let probs = answer_prob(&m.final_logits(&last)?, &self.p.answer, order.len())?;
+        let probs = answer_prob(&m.final_logits(&last)?, &self.p.base.answer, order.len())?;
         let mut scores = vec![vec![0f32; m.n_layer()]; self.kinds.len()];
         for (slot, &ci) in order.iter().enumerate() {
             let c = &self.cells[ci];

@@ -136,7 +136,7 @@ pub struct TracePlan {
 impl TracePlan {
     /// Every row of the trace, `(kind, token)`, kind by kind.
     pub fn rows(&self) -> Vec<(TraceKind, usize)> {
-        let big_t = self.p.prompt_len;
+        let big_t = self.p.base.prompt_len;
         self.req
             .kinds
             .iter()
@@ -160,7 +160,7 @@ impl LoadedModel {
 
     /// One row of a planned trace: the answer's probability per restored layer at `token`.
     pub fn trace_row(&self, plan: &TracePlan, kind: TraceKind, token: usize) -> Result<Vec<f32>> {
-        if token >= plan.p.prompt_len || !plan.req.kinds.contains(&kind) {
+        if token >= plan.p.base.prompt_len || !plan.req.kinds.contains(&kind) {
             return Err(LociError::input(format!(
                 "the trace has no {} row at token {token}",
                 kind.name()
@@ -204,7 +204,7 @@ impl LoadedModel {
         obs.on_start(&plan.header);
         let TracePlan { p, req, header } = plan;
         let req = &req;
-        let (n, big_t) = (self.model.n_layer(), p.prompt_len);
+        let (n, big_t) = (self.model.n_layer(), p.base.prompt_len);
         let mut grids: BTreeMap<TraceKind, Vec<Vec<f32>>> = req
             .kinds
             .iter()
@@ -240,7 +240,8 @@ impl LoadedModel {
             grids,
             TraceWork {
                 // The clean run and the corrupted run, then the cells.
-                token_layers: ((req.samples + 1) * p.ids.len() * n) as u64 + work.round() as u64,
+                token_layers: ((req.samples + 1) * p.base.ids.len() * n) as u64
+                    + work.round() as u64,
                 naive_token_layers: naive::naive_work(req, big_t, n),
             },
             started,

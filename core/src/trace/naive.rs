@@ -23,8 +23,8 @@ impl LoadedModel {
         let started = crate::clock::now_seconds();
         let p = prepare(self, req, embedding_std)?;
         let m = &self.model;
-        let (n, big_t) = (m.n_layer(), p.prompt_len);
-        let rows = m.ids_tensor(&vec![p.ids.clone(); req.samples + 1])?;
+        let (n, big_t) = (m.n_layer(), p.base.prompt_len);
+        let rows = m.ids_tensor(&vec![p.base.ids.clone(); req.samples + 1])?;
         let mut scores = BTreeMap::new();
         for &kind in &req.kinds {
             let mut grid = vec![vec![0f32; n]; big_t];
@@ -47,10 +47,10 @@ impl LoadedModel {
                             .collect();
                         Ok(Some(crate::hooks::patch_rows(x, &cells, false)?))
                     });
-                    let mut nh = embed_noise(&p.noise, p.range, 1);
+                    let mut nh = embed_noise(&p.noise, p.base.range, 1);
                     let mut chain = Chain(vec![&mut nh, &mut restore]);
-                    let logits = readout_logits(m, &rows, &mut chain, None, p.answer.len())?;
-                    *cell = answer_prob(&logits.narrow(0, 1, req.samples)?, &p.answer, 1)?[0];
+                    let logits = readout_logits(m, &rows, &mut chain, None, p.base.answer.len())?;
+                    *cell = answer_prob(&logits.narrow(0, 1, req.samples)?, &p.base.answer, 1)?[0];
                 }
             }
             scores.insert(kind, grid);

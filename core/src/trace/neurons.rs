@@ -21,36 +21,13 @@ use super::types::{
     KnowledgeNeuron, TraceKind, TraceMethod, TraceObserver, TraceRequest, TraceResult, TraceWork,
 };
 use crate::error::{LociError, Result};
-use crate::hooks::{Hook, Site};
+use crate::hooks::{SetFirst, Site};
 use crate::loader::LoadedModel;
 use crate::model::split::SplitRun;
 
 /// A knowledge neuron's attribution passes this fraction of the largest at its token (Dai et
 /// al.'s coarse threshold).
 pub const NEURON_THRESHOLD: f32 = 0.2;
-
-/// Replaces the MLP key of layer `layer` at the first position of a pass with `scaled`
-/// (`[rows, d_ff]`: one point of the integration path per row).
-struct ScaleKey {
-    layer: usize,
-    scaled: Tensor,
-}
-
-impl Hook for ScaleKey {
-    fn wants(&self, site: Site) -> bool {
-        site == Site::MlpKey(self.layer)
-    }
-
-    fn at(&mut self, _site: Site, x: &Tensor) -> Result<Option<Tensor>> {
-        let first = self.scaled.to_dtype(x.dtype())?.unsqueeze(1)?;
-        let len = x.dim(1)?;
-        Ok(Some(if len == 1 {
-            first
-        } else {
-            Tensor::cat(&[&first, &x.narrow(1, 1, len - 1)?], 1)?
-        }))
-    }
-}
 
 impl LoadedModel {
     /// Knowledge neurons' localization of the answer (MLP kind only): per layer, the
@@ -69,8 +46,7 @@ impl LoadedModel {
             ));
         }
         let c = clean(self, req)?;
-        let levels = (c.high, 0.0, 0.0);
-        let head = header_of(self, req, &c.ids, c.prompt_len, c.range, &c.answer, levels)?;
+        let head = header_of(self, req, &c, 0.0, 0.0)?;
         obs.on_start(&head);
         let n = self.model.n_layer();
         let mut sites = vec![c.range.1 - 1, c.prompt_len - 1];
@@ -142,9 +118,9 @@ impl LoadedModel {
         let alphas: Vec<f32> = (0..steps).map(|k| k as f32 / steps as f32).collect();
         let alphas = Tensor::new(alphas.as_slice(), dev)?.unsqueeze(1)?;
         let scaled = Var::from_tensor(&alphas.broadcast_mul(&w.unsqueeze(0)?)?)?;
-        let mut hook = ScaleKey {
-            layer: l,
-            scaled: scaled.as_tensor().clone(),
+        let mut hook = SetFirst {
+            site: Site::MlpKey(l),
+            rows: scaled.as_tensor().clone(),
         };
         let out = m.run_from_split(split, l, steps, &mut hook)?;
         let (len, reads) = (out.dim(1)?, answer.len());

@@ -16,19 +16,13 @@ use crate::loader::LoadedModel;
 use crate::model::{KvCache, LogitsAt};
 use crate::request::{spaced, subject_range};
 
-/// Everything the cells of one trace share: the clean states and the corrupted run.
+/// Everything the cells of one trace share: the clean run and the corrupted run.
 pub(super) struct Prepared {
-    /// The prompt, then (with `full_answer`) all answer tokens but the last.
-    pub(super) ids: Vec<u32>,
-    pub(super) prompt_len: usize,
-    pub(super) range: (usize, usize),
-    /// The explained tokens: read out at the last `answer.len()` positions.
-    pub(super) answer: Vec<u32>,
-    pub(super) high: f32,
+    /// The clean run: the ids, the subject's span, the answer, `high` and the clean states.
+    pub(super) base: Clean,
     pub(super) low: f32,
     pub(super) noise: Tensor,
     pub(super) scale: f64,
-    pub(super) clean: Capture,
     /// Attention and MLP outputs of the corrupted run.
     pub(super) corrupt: Capture,
     /// Residual input of each layer in the corrupted run, `[samples, T, d]`; index `n_layer` is
@@ -120,30 +114,16 @@ pub(super) fn prepare(
 ) -> Result<Prepared> {
     let m = &lm.model;
     let scale = req.noise.scale(embedding_std)?;
-    let Clean {
-        ids,
-        prompt_len,
-        range,
-        answer,
-        high,
-        states: clean,
-    } = clean(lm, req)?;
-    let d = m.cfg.d_model;
-    let draw = req
-        .noise
-        .draw(scale, req.samples, range.1 - range.0, d, req.seed);
-    let noise = Tensor::from_vec(draw, (req.samples, range.1 - range.0, d), &m.device)?;
-    let corrupted = corrupted_run(lm, &ids, &noise, range, &answer)?;
+    let base = clean(lm, req)?;
+    let (span, d) = (base.range.1 - base.range.0, m.cfg.d_model);
+    let draw = req.noise.draw(scale, req.samples, span, d, req.seed);
+    let noise = Tensor::from_vec(draw, (req.samples, span, d), &m.device)?;
+    let corrupted = corrupted_run(lm, &base.ids, &noise, base.range, &base.answer)?;
     Ok(Prepared {
-        ids,
-        prompt_len,
-        range,
-        answer,
-        high,
+        base,
         low: corrupted.low,
         noise,
         scale,
-        clean,
         corrupt: corrupted.states,
         resid_in: corrupted.resid_in,
         kv: corrupted.kv,
@@ -291,39 +271,35 @@ pub fn window_layers(l: usize, window: usize, n_layer: usize) -> (usize, usize) 
 
 /// What a UI needs before any row, from the clean and corrupted runs.
 pub(super) fn header(lm: &LoadedModel, req: &TraceRequest, p: &Prepared) -> Result<TraceHeader> {
-    let levels = (p.high, p.low, p.scale);
-    header_of(lm, req, &p.ids, p.prompt_len, p.range, &p.answer, levels)
+    header_of(lm, req, &p.base, p.low, p.scale)
 }
 
-/// The header of a trace of `ids` (the first `prompt_len` the prompt's) explaining `answer`,
-/// with `(high, low, noise)`.
+/// The header of a trace whose clean run is `c`, with `low` and the noise's scale.
 pub(super) fn header_of(
     lm: &LoadedModel,
     req: &TraceRequest,
-    ids: &[u32],
-    prompt_len: usize,
-    range: (usize, usize),
-    answer: &[u32],
-    (high, low, noise): (f32, f32, f64),
+    c: &Clean,
+    low: f32,
+    noise: f64,
 ) -> Result<TraceHeader> {
     Ok(TraceHeader {
-        tokens: lm.tokenizer.token_strings(&ids[..prompt_len])?,
-        subject_range: [range.0, range.1],
+        tokens: lm.tokenizer.token_strings(&c.ids[..c.prompt_len])?,
+        subject_range: [c.range.0, c.range.1],
         answer: AnswerToken {
-            id: answer[0],
-            token: lm.tokenizer.decode(answer)?,
+            id: c.answer[0],
+            token: lm.tokenizer.decode(&c.answer)?,
             ids: if req.full_answer {
-                answer.to_vec()
+                c.answer.clone()
             } else {
                 vec![]
             },
         },
-        high,
+        high: c.high,
         low,
         noise,
         n_layer: lm.model.n_layer(),
         kinds: req.kinds.clone(),
-        total_rows: req.kinds.len() * prompt_len,
+        total_rows: req.kinds.len() * c.prompt_len,
     })
 }
 

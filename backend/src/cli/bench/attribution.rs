@@ -3,13 +3,14 @@
 //! (per kind, Pearson's r between the two grids' cell effects, fact by fact).
 
 use std::collections::BTreeMap;
-use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use loci_core::study::regress::pearson;
-use loci_core::trace::{NoiseSpec, Quiet, TraceKind, TraceRequest};
+use loci_core::trace::{Quiet, TraceKind, TraceRequest};
 use loci_core::LoadedModel;
 use serde::Serialize;
+
+use super::known::both_ways;
 
 /// The comparison over the facts traced.
 #[derive(Serialize)]
@@ -47,27 +48,6 @@ impl AttributionBench {
     }
 }
 
-/// Trace requests with `base`'s settings and a fixed noise σ for the bundled known facts `lm`
-/// predicts right, in the file's order (an error where a prediction fails).
-pub(super) fn known_requests<'a>(
-    lm: &'a LoadedModel,
-    base: &'a TraceRequest,
-    sigma: f64,
-) -> impl Iterator<Item = Result<TraceRequest>> + 'a {
-    crate::workspace::bundled_facts()
-        .into_iter()
-        .filter_map(move |f| match lm.predict(&f.prompt, 1) {
-            Ok(p) if p.top[0].token.trim() == f.attribute.trim() => Some(Ok(TraceRequest {
-                prompt: f.prompt,
-                subject: f.subject,
-                noise: NoiseSpec::Fixed(sigma),
-                ..base.clone()
-            })),
-            Ok(_) => None,
-            Err(e) => Some(Err(e.into())),
-        })
-}
-
 /// Traces the first `n` bundled known facts `lm` predicts right both ways, with `base`'s
 /// settings (kinds, samples, window) and tracing's default noise.
 pub fn run(
@@ -76,33 +56,15 @@ pub fn run(
     n: usize,
     workers: usize,
 ) -> Result<AttributionBench> {
-    let (mut exact_seconds, mut attribution_seconds) = (0.0, 0.0);
+    let atp = |req: &TraceRequest| lm.trace_attribution(req, None, &mut Quiet);
+    let both = both_ways(lm, base, (n, workers), &atp)?;
     let mut rs: BTreeMap<TraceKind, Vec<f64>> = BTreeMap::new();
-    let mut facts = 0;
-    let noise_sigma = 3.0 * crate::workspace::cached_embedding_std(lm, None)?;
-    for req in known_requests(lm, base, noise_sigma) {
-        if facts == n {
-            break;
-        }
-        let req = req?;
-        // A fact tracing refuses (say, a subject the tokenizer splits oddly) is skipped.
-        let s = Instant::now();
-        let Ok(exact) = lm.trace(&req, None, &mut Quiet, workers) else {
-            continue;
-        };
-        exact_seconds += s.elapsed().as_secs_f64();
-        let s = Instant::now();
-        let atp = lm.trace_attribution(&req, None, &mut Quiet)?;
-        attribution_seconds += s.elapsed().as_secs_f64();
-        for &kind in &req.kinds {
+    for (exact, atp) in &both.facts {
+        for &kind in &base.kinds {
             if let Some(c) = pearson(&exact.cell_effects(kind), &atp.cell_effects(kind)) {
                 rs.entry(kind).or_default().push(c.r);
             }
         }
-        facts += 1;
-    }
-    if facts == 0 {
-        bail!("the model predicts none of the bundled known facts");
     }
     let by_kind = |f: fn(&[f64]) -> f64| -> BTreeMap<String, f64> {
         rs.iter()
@@ -110,11 +72,11 @@ pub fn run(
             .collect()
     };
     Ok(AttributionBench {
-        facts,
-        noise_sigma,
-        exact_seconds,
-        attribution_seconds,
-        speedup: exact_seconds / attribution_seconds.max(1e-9),
+        facts: both.facts.len(),
+        noise_sigma: both.noise_sigma,
+        exact_seconds: both.exact_seconds,
+        attribution_seconds: both.other_seconds,
+        speedup: both.exact_seconds / both.other_seconds.max(1e-9),
         pearson_mean: by_kind(|v| v.iter().sum::<f64>() / v.len() as f64),
         pearson_min: by_kind(|v| v.iter().copied().fold(f64::INFINITY, f64::min)),
     })

@@ -12,6 +12,7 @@ use super::{print_json, ModelArgs};
 mod attribution;
 mod batch;
 mod kernels;
+mod known;
 mod methods;
 mod neurons;
 mod peak;

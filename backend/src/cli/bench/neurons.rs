@@ -3,15 +3,13 @@
 //! effect follows tracing's (Spearman's ρ per fact, over layers, the way the study joins
 //! them: at the best token, and at the subject's last).
 
-use std::time::Instant;
-
-use anyhow::{bail, Result};
+use anyhow::Result;
 use loci_core::study::regress::spearman;
 use loci_core::trace::{Quiet, TraceKind, TraceMethod, TraceRequest, TraceResult};
 use loci_core::LoadedModel;
 use serde::Serialize;
 
-use super::attribution::known_requests;
+use super::known::both_ways;
 
 /// The comparison over the facts localised both ways.
 #[derive(Serialize)]
@@ -58,54 +56,42 @@ pub fn run(
     (n, steps): (usize, usize),
     workers: usize,
 ) -> Result<NeuronsBench> {
-    let noise_sigma = 3.0 * crate::workspace::cached_embedding_std(lm, None)?;
     let mut base = base.clone();
     base.kinds = vec![TraceKind::Mlp];
-    let (mut exact_seconds, mut neurons_seconds) = (0.0, 0.0);
-    let (mut rho, mut rho_last, mut neurons) = (vec![], vec![], 0);
-    for req in known_requests(lm, &base, noise_sigma) {
-        if rho.len() == n {
-            break;
-        }
-        let req = req?;
-        let s = Instant::now();
-        let Ok(exact) = lm.trace(&req, None, &mut Quiet, workers) else {
-            continue;
-        };
-        exact_seconds += s.elapsed().as_secs_f64();
-        let s = Instant::now();
-        let kn_req = TraceRequest {
+    let neurons = |req: &TraceRequest| {
+        let req = TraceRequest {
             samples: steps,
-            ..req
+            ..req.clone()
         };
-        let kn = lm.trace_by(TraceMethod::Neurons, &kn_req, None, &mut Quiet, 1)?;
-        neurons_seconds += s.elapsed().as_secs_f64();
-        let per_layer = |r: &TraceResult, last: bool| -> Vec<f64> {
-            let e = if last {
-                &r.tracing_effect_subject_last
-            } else {
-                &r.tracing_effect
-            };
-            e[&TraceKind::Mlp].iter().map(|&v| v as f64).collect()
+        lm.trace_by(TraceMethod::Neurons, &req, None, &mut Quiet, 1)
+    };
+    let both = both_ways(lm, &base, (n, workers), &neurons)?;
+    let per_layer = |r: &TraceResult, last: bool| -> Vec<f64> {
+        let e = if last {
+            &r.tracing_effect_subject_last
+        } else {
+            &r.tracing_effect
         };
-        let corr = |last| spearman(&per_layer(&exact, last), &per_layer(&kn, last));
-        rho.push(corr(false).map_or(0.0, |c| c.r));
-        rho_last.push(corr(true).map_or(0.0, |c| c.r));
-        neurons += kn.neurons.len();
-    }
-    if rho.is_empty() {
-        bail!("the model predicts none of the bundled known facts");
-    }
+        e[&TraceKind::Mlp].iter().map(|&v| v as f64).collect()
+    };
+    let rho = |last: bool| -> Vec<f64> {
+        let corr = |(exact, kn): &(TraceResult, TraceResult)| {
+            spearman(&per_layer(exact, last), &per_layer(kn, last)).map_or(0.0, |c| c.r)
+        };
+        both.facts.iter().map(corr).collect()
+    };
+    let (best, last) = (rho(false), rho(true));
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let found: usize = both.facts.iter().map(|(_, kn)| kn.neurons.len()).sum();
     Ok(NeuronsBench {
-        facts: rho.len(),
-        noise_sigma,
+        facts: both.facts.len(),
+        noise_sigma: both.noise_sigma,
         steps,
-        exact_seconds,
-        neurons_seconds,
-        spearman_mean: mean(&rho),
-        spearman_min: rho.iter().copied().fold(f64::INFINITY, f64::min),
-        spearman_subject_last_mean: mean(&rho_last),
-        neurons_per_fact: neurons as f64 / rho.len() as f64,
+        exact_seconds: both.exact_seconds,
+        neurons_seconds: both.other_seconds,
+        spearman_mean: mean(&best),
+        spearman_min: best.iter().copied().fold(f64::INFINITY, f64::min),
+        spearman_subject_last_mean: mean(&last),
+        neurons_per_fact: found as f64 / both.facts.len() as f64,
     })
 }
