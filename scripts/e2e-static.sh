@@ -3,7 +3,8 @@
 # model (layer 1's statistics shipped), `python3 -m http.server` serves it — no `loci` process —
 # and headless Chromium (tests/e2e/static.mjs) computes key statistics in the tab, edits with
 # ROME, MEMIT and fine-tuning, undoes bit for bit, refuses bad files and requests, applies an
-# edit made natively, runs the study and follows shareable links. The tab's edit file is then
+# edit made natively, runs the study, draws a sequential run's results file (made by `loci eval
+# --sequential` of two methods) and follows shareable links. The tab's edit file is then
 # applied natively by `loci predict --apply-edit`: the same top token and probabilities within
 # 1e-4. A second build with the real SmolLM2-135M (tests/e2e/static-real.mjs) cancels an edit
 # mid-way and runs out of a worker's memory on purpose (GPT-2 XL). Needs dist/
@@ -32,6 +33,11 @@ LOCI_SKIP_BUILD=1 LOCI_STATS_TOKENS=2000 LOCI_STATS_LAYERS=1 LOCI_CORPUS="$corpu
 # An edit of the other tiny model: the same shapes, so only its recorded model tells them apart.
 "$loci" edit --model "$other" --prompt "$prompt" --subject "Eiffel Tower" --target Rome --layer 2 \
   --stats "$work/other" --corpus "$corpus" --stats-tokens 500 --save-edit "$work/other-edit.safetensors" >/dev/null 2>&1
+# A sequential run of two methods on the other model, whose results file the page draws.
+"$loci" eval --model "$other" --n 3 --sequential --methods rome,grace --layer 2 --checkpoint-every 1 \
+  --no-generation --v-steps 2 --health-facts 20 --health-texts 4 --stats "$work/other" --corpus "$corpus" \
+  --dataset "${LOCI_DATA:-$root/../shared/data}/counterfact/counterfact_rome_format_sample500.json" \
+  --out "$work/sequence.jsonl" >/dev/null 2>&1
 
 port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 python3 -m http.server --bind 127.0.0.1 --directory "$work/site" "$port" >/dev/null 2>&1 &
@@ -48,7 +54,7 @@ sys.exit("the static file server did not start")
 PY
 out="$(node tests/e2e/static.mjs "http://127.0.0.1:$port/" tiny-gptj "$work" \
   "$work/native.safetensors" "$work/other/layer2.safetensors" "$work/other-edit.safetensors" \
-  "${LOCI_SHOTS:-$root/docs/screenshots}")"
+  "${LOCI_SHOTS:-$root/docs/screenshots}" "$work/sequence.jsonl")"
 echo "$out"
 # The real model: a cancelled edit, and a shape too big for a worker.
 LOCI_SKIP_BUILD=1 LOCI_STATS_TOKENS=0 scripts/build-static.sh "$work/real" "$(scripts/fetch-model.sh)" >/dev/null 2>&1
@@ -114,6 +120,9 @@ checks = {
         and r.get("digest_family_undone") == d0,
     "statistics downloaded from a URL": st("url_stats") == "done"
         and "from models/tiny-gptj/stats/layer1.safetensors" in r.get("url_held", ""),
+    "a sequential run's results file is drawn in the tab: one row per method, the health panels":
+        r.get("sequence_rows") == 2 and "perplexity change" in r.get("sequence_chart", "")
+        and "grace" in r.get("sequence_chart", ""),
     "a study of the fact runs in the tab: 2 edits scored, the model left as it was":
         r.get("study_badge") == "tab" and st("study") == "done" and r.get("study_edits") == 2
         and r.get("digest_study") == d0,

@@ -1282,55 +1282,78 @@ fn eval_scores_zsre_questions_by_token_accuracy() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("another run"));
     assert_eq!(std::fs::read_to_string(&out_file).unwrap(), again);
-    // A sequence cannot continue one: it starts from the unedited model.
+    // A sequence cannot continue a file of undone edits.
     let out = more("4", &["--layer", "1", "--sequential"], &out_file);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unedited model"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no saved sequence to continue"));
 
     // In sequence: every record is scored after its own edit and after the last, and every
-    // case edited so far after each checkpoint (the retention curve, drawn).
+    // case edited so far at each checkpoint (the retention curve), with the model's health at
+    // the start, each checkpoint and the end (all drawn).
     let out_file = dir.join("sequence.jsonl");
     let curve = dir.join("curve.svg");
-    let out = more(
-        "3",
-        &[
-            "--layer",
-            "1",
-            "--sequential",
-            "--checkpoint-every",
-            "1",
-            "--plot",
-            curve.to_str().unwrap(),
-        ],
-        &out_file,
-    );
-    let s = json(&out);
+    let corpus = corpus.to_str().unwrap();
+    let health = [
+        "--corpus",
+        corpus,
+        "--health-facts",
+        "20",
+        "--health-texts",
+        "4",
+    ];
+    let sequence = [
+        &["--layer", "1", "--sequential", "--checkpoint-every", "1"][..],
+        &["--plot", curve.to_str().unwrap()],
+        &health,
+    ]
+    .concat();
+    let s = json(&more("3", &sequence, &out_file));
+    assert_eq!(s["method"], "rome");
     assert_eq!(s["after_own_edit"]["cases"], 3);
     assert_eq!(s["after_all_edits"]["cases"], 3);
     let lines = jsonl(&out_file);
-    assert_eq!(lines.len(), 3);
-    assert!(lines
+    let kind = |k: &'static str| lines.iter().filter(move |l| l["kind"] == k);
+    let records: Vec<_> = kind("case").collect();
+    assert_eq!(records.len(), 3);
+    assert!(records
         .iter()
         .all(|l| l["last_metrics"]["locality"].is_number()));
     assert_eq!(
-        lines[2]["post"], lines[2]["last"],
+        records[2]["post"], records[2]["last"],
         "nothing after the last edit"
     );
-    let cps: Vec<(u64, u64)> = s["checkpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
+    let points: Vec<(u64, Option<u64>)> = kind("checkpoint")
         .map(|c| {
             (
                 c["cases_done"].as_u64().unwrap(),
-                c["summary"]["cases"].as_u64().unwrap(),
+                c["summary"]["cases"].as_u64(),
             )
         })
         .collect();
-    assert_eq!(cps, [(1, 1), (2, 2), (3, 3)]);
-    assert_eq!(s["checkpoints"][2]["summary"], s["after_all_edits"]);
+    assert_eq!(
+        points,
+        [(0, None), (1, Some(1)), (2, Some(2)), (3, Some(3))]
+    );
+    assert_eq!(s["checkpoints"][3]["summary"], s["after_all_edits"]);
+    let health = |i: usize| &s["checkpoints"][i]["health"];
+    let ppl = |i: usize| health(i)["perplexity"].as_f64().unwrap();
+    assert!(ppl(0) > 1.0 && ppl(3) > 1.0);
+    assert!((0.0..=100.0).contains(&health(3)["known_top1"].as_f64().unwrap()));
+    assert_eq!(health(0)["layers"][0]["growth"], 1.0, "no edit yet");
+    assert_ne!(
+        health(3)["layers"][0]["growth"],
+        1.0,
+        "ROME changed the layer"
+    );
     let svg = std::fs::read_to_string(&curve).unwrap();
-    assert!(svg.contains("cases edited") && svg.contains("locality"));
+    for panel in [
+        "cases edited",
+        "locality",
+        "perplexity change",
+        "weight norm growth",
+    ] {
+        assert!(svg.contains(panel), "{panel}");
+    }
     let out = more(
         "3",
         &["--layer", "1", "--checkpoint-every", "1"],
@@ -1937,4 +1960,160 @@ fn hparams_change_any_setting_and_unknown_ones_are_named() {
     let out = edit("[1]", None);
     assert!(String::from_utf8_lossy(&out.stderr).contains("a JSON object"));
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `loci eval --sequential --methods rome,memit,alphaedit,grace` on the tiny GPT-2's
+/// CounterFact cases, checkpointed after every case, with `extra` (the null-space flag goes to
+/// AlphaEdit alone); a `Command` to run or spawn.
+fn sequences(dir: &std::path::Path, n: &str, out: &std::path::Path, extra: &[&str]) -> Command {
+    let data = root().join("../shared/data/counterfact/counterfact_rome_format_sample500.json");
+    let corpus = root().join("../shared/data/wikipedia/enwiki_2015_wikiextractor_AA_00-19.jsonl");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_loci"));
+    c.args([
+        "eval",
+        "--model",
+        &tiny("tiny-gpt2"),
+        "--n",
+        n,
+        "--sequential",
+    ])
+    .args([
+        "--methods",
+        "rome,memit,alphaedit,grace",
+        "--layer",
+        "1",
+        "--layers",
+        "1,2",
+    ])
+    .args([
+        "--null-energy",
+        "0.3",
+        "--v-steps",
+        "2",
+        "--no-generation",
+        "--summary",
+    ])
+    .args([
+        "--checkpoint-every",
+        "1",
+        "--health-facts",
+        "20",
+        "--health-texts",
+        "4",
+    ])
+    .args(extra)
+    .arg("--dataset")
+    .arg(&data)
+    .arg("--corpus")
+    .arg(&corpus)
+    .arg("--stats")
+    .arg(dir.join("stats"))
+    .arg("--out")
+    .arg(out);
+    c
+}
+
+/// Each method's summaries after its own edit and after all, and its points (cases done,
+/// perplexity, largest norm growth), from `eval --summary`'s JSON.
+fn sequence_results(s: &serde_json::Value) -> Vec<serde_json::Value> {
+    s["methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let points: Vec<serde_json::Value> = m["checkpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    serde_json::json!([
+                        c["cases_done"],
+                        c["health"]["perplexity"],
+                        c["health"]["layers"]
+                    ])
+                })
+                .collect();
+            serde_json::json!([
+                m["method"],
+                m["after_own_edit"],
+                m["after_all_edits"],
+                points
+            ])
+        })
+        .collect()
+}
+
+#[test]
+fn a_sequence_of_several_methods_continues_after_a_stop_exactly_as_if_never_stopped() {
+    let dir = std::env::temp_dir().join(format!("loci-cli-sequences-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let whole = dir.join("whole.jsonl");
+    let s = json(&sequences(&dir, "5", &whole, &[]).output().unwrap());
+    let methods: Vec<&str> = s["methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(methods, ["rome", "memit", "alphaedit", "grace"]);
+    let grace = &s["methods"][3]["checkpoints"][5]["health"]["layers"][0];
+    assert_eq!(grace["growth"], 1.0, "GRACE leaves the weights: {grace}");
+    assert!(grace["codebook_entries"].as_u64().unwrap() >= 1);
+
+    // Stopped (killed) once its first checkpoint is saved, then run again: it continues from
+    // there and ends exactly as the run that was never stopped.
+    let stopped = dir.join("stopped.jsonl");
+    let state = dir.join("stopped.jsonl.state/rome.safetensors");
+    let mut child = sequences(&dir, "5", &stopped, &[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    while !state.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "it ran to the end");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let lines = jsonl(&stopped);
+    assert!(
+        lines.iter().all(|l| l["kind"] == "checkpoint"),
+        "no case records yet"
+    );
+    let out = sequences(&dir, "5", &stopped, &[]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rome: continuing after"));
+    assert_eq!(sequence_results(&json(&out)), sequence_results(&s));
+    let records = jsonl(&stopped);
+    let cases = records.iter().filter(|l| l["kind"] == "case");
+    assert_eq!(
+        cases.count(),
+        jsonl(&whole).iter().filter(|l| l["kind"] == "case").count()
+    );
+
+    // A finished sequence asked for fewer cases, or run with other settings, is refused by
+    // name and nothing changes; asked for more cases, it goes on from its end.
+    let before = std::fs::read_to_string(&stopped).unwrap();
+    let out = sequences(&dir, "4", &stopped, &[]).output().unwrap();
+    refused(&out, "more than this run's 4");
+    let out = sequences(&dir, "5", &stopped, &["--batch", "2"])
+        .output()
+        .unwrap();
+    refused(
+        &out,
+        "memit.safetensors holds a sequence run with --batch 1, not 2",
+    );
+    let out = sequences(&dir, "5", &stopped, &["--health-tokens", "16"])
+        .output()
+        .unwrap();
+    refused(&out, "with --health-tokens 256, not 16");
+    assert_eq!(std::fs::read_to_string(&stopped).unwrap(), before);
+    let six = dir.join("six.jsonl");
+    let once = json(&sequences(&dir, "6", &six, &[]).output().unwrap());
+    let out = sequences(&dir, "6", &stopped, &[]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("continuing after 5 of 6"));
+    let (a, b) = (sequence_results(&json(&out)), sequence_results(&once));
+    for (a, b) in a.iter().zip(&b) {
+        assert_eq!(a[2], b[2], "after all edits");
+    }
 }

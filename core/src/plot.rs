@@ -3,6 +3,7 @@
 
 use std::fmt::Write;
 
+use crate::eval::SequencePoint;
 use crate::study::analysis::{Condition, Metric, StudyAnalysis};
 use crate::trace::{AggregateCurves, TraceKind, TraceMethod, TraceResult};
 
@@ -269,8 +270,79 @@ fn axis_value(v: f32) -> String {
     }
 }
 
-/// The line colours of `curves_svg`, in series order (repeating past five).
-const CURVE_COLOURS: [&str; 5] = ["#54278f", "#006d2c", "#a50f15", "#08519c", "#d94801"];
+/// The line colours of `curves_svg`, in series order (repeating past seven).
+const CURVE_COLOURS: [&str; 7] = [
+    "#54278f", "#006d2c", "#a50f15", "#08519c", "#d94801", "#525252", "#c51b8a",
+];
+
+/// A long sequential run's chart: each headline score of the cases edited so far, the change of
+/// held-out perplexity and of the largest weight norm since the start (%), and the known facts
+/// answered top-1 (%), against the cases edited — one line per method, through its own points
+/// (methods with other batches check in at other numbers of cases); of points repeated (a
+/// continued run's), the last is drawn.
+pub fn sequence_svg(title: &str, points: &[SequencePoint]) -> String {
+    let mut methods: Vec<(&str, Vec<&SequencePoint>)> = vec![];
+    for p in points {
+        match methods.iter_mut().find(|m| m.0 == p.method) {
+            Some(m) => {
+                m.1.retain(|q| q.cases_done != p.cases_done);
+                m.1.push(p)
+            }
+            None => methods.push((&p.method, vec![p])),
+        }
+    }
+    for m in methods.iter_mut() {
+        m.1.sort_by_key(|p| p.cases_done);
+    }
+    let mut xs: Vec<usize> = points.iter().map(|p| p.cases_done).collect();
+    xs.sort_unstable();
+    xs.dedup();
+    let names: Vec<String> = points
+        .iter()
+        .find(|p| !p.headline.is_empty())
+        .map_or(vec![], |p| p.headline.iter().map(|h| h.0.clone()).collect());
+    // Each method's value at each x (NaN, left out of its line, where it has no point).
+    let panel = |name: String, f: &dyn Fn(&SequencePoint, &SequencePoint) -> f32| -> Panel {
+        let series = methods
+            .iter()
+            .map(|(m, ps)| {
+                let at = |x: usize| ps.iter().find(|p| p.cases_done == x);
+                let ys = xs.iter().map(|&x| at(x).map_or(f32::NAN, |p| f(ps[0], p)));
+                (m.to_string(), ys.collect())
+            })
+            .collect();
+        (name, series)
+    };
+    let mut panels: Vec<Panel> = names
+        .iter()
+        .map(|n| {
+            panel(format!("{n} (edited so far)"), &|_, p| {
+                p.headline
+                    .iter()
+                    .find(|h| &h.0 == n)
+                    .map_or(f32::NAN, |h| h.1)
+            })
+        })
+        .collect();
+    let change = |now: Option<f32>, start: Option<f32>| match (now, start) {
+        (Some(n), Some(s)) => 100.0 * (n / s - 1.0),
+        _ => f32::NAN,
+    };
+    if points.iter().any(|p| p.health.perplexity.is_some()) {
+        panels.push(panel("perplexity change (%)".into(), &|s, p| {
+            change(p.health.perplexity, s.health.perplexity)
+        }));
+    }
+    if points.iter().any(|p| p.health.known_top1.is_some()) {
+        panels.push(panel("known facts top-1 (%)".into(), &|_, p| {
+            p.health.known_top1.unwrap_or(f32::NAN)
+        }));
+    }
+    panels.push(panel("weight norm growth (%)".into(), &|_, p| {
+        100.0 * (p.health.max_growth() - 1.0)
+    }));
+    curves_svg(title, "cases edited", &xs, (xs.len() / 6).max(1), &panels)
+}
 
 /// Curves over `xs` (one value per x, labelled every `tick_step` points), one panel each.
 pub fn curves_svg(
@@ -416,6 +488,7 @@ impl<'a> CurvePanel<'a> {
             let pts: Vec<String> = ys
                 .iter()
                 .enumerate()
+                .filter(|(_, v)| v.is_finite())
                 .map(|(l, v)| format!("{:.1},{:.1}", self.px(l), self.py(*v)))
                 .collect();
             let _ = write!(

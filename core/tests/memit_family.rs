@@ -164,6 +164,19 @@ fn alphaedit_leaves_what_is_known_and_earlier_edits_alone() {
     let kept = lm
         .memit_preserving(&reqs[1..], &hp, &st, &Preserved::of(&earlier), &mut |_| {})
         .unwrap();
+    // A long sequence keeps the keys alone (gathered by layer), to the same edit.
+    let mut keys = std::collections::BTreeMap::new();
+    Preserved::gather(&mut keys, &earlier[0]);
+    let gathered = lm
+        .memit_preserving(
+            &reqs[1..],
+            &hp,
+            &st,
+            &Preserved::of_keys(&keys),
+            &mut |_| {},
+        )
+        .unwrap();
+    assert_eq!(gathered.layers, kept.layers);
     let blind = lm.memit(&reqs[1..], &hp, &st, &mut |_| {}).unwrap();
     for (i, layer) in layers.iter().enumerate() {
         let k: Vec<f64> = first.layers[i].keys.iter().map(|&x| x as f64).collect();

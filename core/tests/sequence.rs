@@ -33,6 +33,7 @@ fn edits_in_sequence_stay_applied_until_the_end_and_then_undo_exactly() {
     let opts = SequenceOptions {
         batch: 1,
         checkpoint_every: 2,
+        checkpoint_cases: 0,
     };
     let seq = lm
         .edit_in_sequence(
@@ -144,6 +145,7 @@ fn a_cancelled_edit_ends_the_sequence_undone() {
         SequenceOptions {
             batch: 1,
             checkpoint_every: 0,
+            checkpoint_cases: 0,
         },
         |r| r,
         p_new,

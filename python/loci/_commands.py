@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
@@ -84,7 +85,7 @@ class Dataset:
 
 class Output:
     """The command's JSON-lines output: the given file, or a temporary one read back and
-    removed."""
+    removed (with the states a sequence saves beside it, ``PATH.state``)."""
 
     def __init__(self, out: Optional[Union[str, "os.PathLike[str]"]]) -> None:
         self.keep = out is not None
@@ -102,8 +103,11 @@ class Output:
         return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
     def close(self) -> None:
-        if not self.keep and os.path.exists(self.path):
+        if self.keep:
+            return
+        if os.path.exists(self.path):
             os.unlink(self.path)
+        shutil.rmtree(self.path + ".state", ignore_errors=True)
 
 
 class LineBar:

@@ -42,9 +42,11 @@ def counterfact(model: Model, cases: Cases, method: str = "rome", **options: Any
     """Evaluates ``method`` on CounterFact cases: a file (ROME's format or EasyEdit's flattened
     records) or a list of records. Options (as ``loci eval``'s flags): ``n``, ``layer``,
     ``layers``, ``batch`` (facts per MEMIT-family edit), ``sequential``, ``checkpoint_every``,
-    ``generation`` (the fluency test; default off), ``snippets``, ``out`` (a JSON-lines file
-    to keep, and to continue a stopped run from), ``stats_dir``, ``corpus``, ``stats_tokens``,
-    ``progress``; any other keyword is a setting of the method (``v_lr=…``)."""
+    ``checkpoint_cases``, ``methods`` (with ``sequential``: each method's sequence in turn),
+    ``health_texts``, ``health_tokens``, ``health_facts``, ``known`` (a sequence's health
+    measures), ``generation`` (the fluency test; default off), ``snippets``, ``out`` (a
+    JSON-lines file to keep, and to continue a stopped run from), ``stats_dir``, ``corpus``,
+    ``stats_tokens``, ``progress``; any other keyword is a setting of the method (``v_lr=…``)."""
     return _evaluate(model, cases, method, None, options)
 
 
@@ -71,13 +73,31 @@ def _evaluate(
         argv += flag("zsre_target", zsre_target)
         argv += switch("sequential", options.pop("sequential", False))
         argv += flag("checkpoint_every", options.pop("checkpoint_every", None))
+        argv += flag("checkpoint_cases", options.pop("checkpoint_cases", None))
+        argv += flag("methods", options.pop("methods", None))
+        for health in ("health_texts", "health_tokens", "health_facts", "known"):
+            argv += flag(health, options.pop(health, None))
         argv += switch("no_generation", not options.pop("generation", False))
         argv += flag("snippets", options.pop("snippets", None))
         layers: Optional[Sequence[int]] = options.pop("layers", None)
         argv += method_flags(method, options.pop("layer", None), layers, options)
-        printed = run(model, argv, progress, out, dataset.total(n), f"{method} cases")
+        printed = run(model, argv, progress, out, dataset.total(n), f"{method} cases", _is_case)
         summary = json.loads(printed[-1]) if printed else {}
-        return Evaluation(out.records(), summary)
+        # A sequence's file holds its checkpoints too: the records are its cases (of a case
+        # written again by a sequence continued to more cases, the last).
+        records = _current([r for r in out.records() if r.get("kind", "case") == "case"])
+        return Evaluation(records, summary)
     finally:
         dataset.close()
         out.close()
+
+
+def _is_case(line: str) -> bool:
+    """Whether a line of the output is a case's record (a sequence's checkpoints are not)."""
+    return '"kind":"checkpoint"' not in line
+
+
+def _current(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The records, each method's last of a case kept, in the order of those kept."""
+    last = {(r.get("method"), r.get("case_id")): i for i, r in enumerate(records)}
+    return [r for i, r in enumerate(records) if last[(r.get("method"), r.get("case_id"))] == i]

@@ -5,7 +5,9 @@ hyper-parameters and datasets carry over."""
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,6 +60,34 @@ def test_counterfact_eval_equals_the_clis(clean, stats_dir, tmp_path):
     assert np.array_equal(model.down_proj(LAYER), before) and model.edits == 0
     frame = pytest.importorskip("pandas") and got.dataframe()
     assert len(frame) == 2
+
+
+def test_a_sequence_reports_its_health_and_leaves_no_saved_state(clean, stats_dir):
+    model = clean
+    before = model.down_proj(LAYER).copy()
+    kept = set(Path(tempfile.gettempdir()).glob("loci-out-*.state"))
+    got = loci.eval.counterfact(
+        model,
+        ROME_CASES,
+        n=2,
+        sequential=True,
+        checkpoint_every=1,
+        health_facts=20,
+        health_texts=2,
+        health_tokens=64,
+        corpus=CORPUS,
+        v_num_grad_steps=STEPS,
+        stats_dir=stats_dir,
+        progress=False,
+    )
+    assert [r["kind"] for r in got.records] == ["case", "case"]
+    points = got.summary["checkpoints"]
+    assert [p["cases_done"] for p in points] == [0, 1, 2]
+    assert points[0]["health"]["layers"][0]["growth"] == 1.0
+    assert points[2]["health"]["layers"][0]["growth"] > 1.0
+    assert points[2]["health"]["perplexity"] > 1.0
+    assert set(Path(tempfile.gettempdir()).glob("loci-out-*.state")) == kept
+    assert np.array_equal(model.down_proj(LAYER), before) and model.edits == 0
 
 
 def test_easyedit_records_and_hyper_parameters_carry_over(clean, stats_dir, capsys):

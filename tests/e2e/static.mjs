@@ -3,15 +3,15 @@
 // tab, a ROME edit (the prediction changes), its file downloaded, undo (the weights' digest is
 // back bit for bit), bad statistics and edit files refused with the model unchanged, a file
 // made by `loci edit --save-edit` applied, MEMIT of two facts, fine-tuning and GRACE (each undone
-// exactly), the statistics kept for a second visit, and a shareable link reproducing the edit
-// form and a trace in another tab.
-// Usage: node static.mjs URL MODEL OUT_DIR NATIVE_EDIT OTHER_STATS OTHER_EDIT SHOTS — prints one JSON
+// exactly), the statistics kept for a second visit, a sequential run's results file drawn, and a
+// shareable link reproducing the edit form and a trace in another tab.
+// Usage: node static.mjs URL MODEL OUT_DIR NATIVE_EDIT OTHER_STATS OTHER_EDIT SHOTS SEQUENCE — prints one JSON
 // object; the downloaded edit file is OUT_DIR/tab-edit.safetensors, the Edit screen after the
 // ROME edit SHOTS/edit-tab-desktop.png.
 import { chromium } from 'playwright-core';
 import { copyFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-const [url, model, outDir, nativeEdit, otherStats, otherEdit, shots] = process.argv.slice(2);
+const [url, model, outDir, nativeEdit, otherStats, otherEdit, shots, sequence] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: '/usr/bin/chromium',
   args: ['--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
@@ -171,6 +171,12 @@ try {
   out.study_edits = Number(await page.getAttribute('#study-result', 'data-edits'));
   await go('edit');
   out.digest_study = await digest();
+  // A sequential run's results file (from `loci eval --sequential`), read and drawn in the tab.
+  await go('evaluate');
+  await page.setInputFiles('#sequence-file', sequence);
+  await page.waitForSelector('#sequence-run figure.chart svg', { timeout: 10000 });
+  out.sequence_rows = await page.locator('#sequence-run tbody tr').count();
+  out.sequence_chart = await page.innerHTML('#sequence-run figure.chart');
   // A shareable link of a trace (MLP only), opened in a new tab: it runs there.
   await go('trace');
   await page.uncheck('#kind-hidden');

@@ -18,6 +18,7 @@ pub use defaults::{
 };
 pub use known::{
     bundled_fact_prompts, bundled_fact_texts, bundled_facts, cached_embedding_std, read_facts,
+    KnownFact,
 };
 pub use models::{
     apply_edit_files, default_model, device, open_model, trace_workers, workers, Precision, WORKERS,

@@ -20,6 +20,17 @@ pub fn write(
     meta: &impl Serialize,
     tensors: &[(String, Vec<usize>, &[f32])],
 ) -> Result<Vec<u8>> {
+    write_with_blobs(key, meta, tensors, &[])
+}
+
+/// [`write`], with byte strings too (`(name, bytes)`, stored as U8 tensors: covered by the
+/// digest, and free of the header's size limit).
+pub fn write_with_blobs(
+    key: &str,
+    meta: &impl Serialize,
+    tensors: &[(String, Vec<usize>, &[f32])],
+    blobs: &[(String, &[u8])],
+) -> Result<Vec<u8>> {
     let meta = std::collections::HashMap::from([(
         key.to_string(),
         serde_json::to_string(meta).expect("metadata serialises"),
@@ -29,7 +40,7 @@ pub fn write(
         .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
         .collect();
     let failed = |e: safetensors::SafeTensorError| LociError::model(format!("writing {key}: {e}"));
-    let views = tensors
+    let mut views = tensors
         .iter()
         .zip(&bytes)
         .map(|((name, shape, _), b)| {
@@ -39,6 +50,12 @@ pub fn write(
             ))
         })
         .collect::<Result<Vec<_>>>()?;
+    for (name, b) in blobs {
+        views.push((
+            name.as_str(),
+            TensorView::new(Dtype::U8, vec![b.len()], b).map_err(failed)?,
+        ));
+    }
     let plain = safetensors::serialize(views, Some(meta)).map_err(failed)?;
     // The digest goes in the header, which the digested bytes do not include.
     let digest = tensor_digest(&plain)?;
@@ -108,6 +125,18 @@ impl<B: Fn(String) -> LociError> Read<'_, B> {
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         Ok((values, t.shape().to_vec()))
+    }
+
+    /// The bytes of U8 tensor `name` (written by [`write_with_blobs`]).
+    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+        let t = self
+            .st
+            .tensor(name)
+            .map_err(|e| (self.bad)(e.to_string()))?;
+        if t.dtype() != Dtype::U8 {
+            return Err((self.bad)(format!("{name} is {:?}, not U8", t.dtype())));
+        }
+        Ok(t.data())
     }
 
     /// The error for anything else wrong in the file.

@@ -15,6 +15,7 @@ pub mod report;
 pub mod rome;
 pub mod rules;
 pub mod saved;
+pub mod snapshot;
 pub mod stats;
 
 pub use delta::{delta_norm, AppliedEdit, LayerDelta, WeightChange};
@@ -25,6 +26,7 @@ pub use memit::{MemitEdit, MemitHparams, MemitLayer, MemitStats};
 pub use method::EditMethod;
 pub use rules::{NullSpace, Preserved, UpdateRule};
 pub use saved::{Edit, MadeFor};
+pub use snapshot::{LayerState, Snapshot};
 
 pub use crate::request::{RewriteRequest, TargetStr};
 pub use report::{

@@ -319,6 +319,22 @@ impl<'a> Preserved<'a> {
         Self { by_layer }
     }
 
+    /// Keys gathered by layer (flat `[keys, d_ff]`; see [`Preserved::gather`]), as a long
+    /// sequence keeps them instead of every edit.
+    pub fn of_keys(keys: &'a BTreeMap<usize, Vec<f32>>) -> Self {
+        let by_layer = keys.iter().map(|(l, k)| (*l, vec![k.as_slice()])).collect();
+        Self { by_layer }
+    }
+
+    /// Appends the keys `edit` records (an AlphaEdit edit's; none for others) to `keys`.
+    pub fn gather(keys: &mut BTreeMap<usize, Vec<f32>>, edit: &Edit) {
+        if let Edit::Memit(m) = edit {
+            for l in m.layers.iter().filter(|l| !l.keys.is_empty()) {
+                keys.entry(l.layer).or_default().extend_from_slice(&l.keys);
+            }
+        }
+    }
+
     /// How many keys are kept at `layer`, for keys `d_ff` wide.
     pub fn count(&self, layer: usize, d_ff: usize) -> usize {
         self.by_layer

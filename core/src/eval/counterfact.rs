@@ -548,17 +548,27 @@ impl LoadedModel {
             make,
             progress,
         )?;
-        Ok(seq.evaluate(
-            cases,
-            |case, pre, post, last, seconds| {
-                let mut r = record(case, pre, post, seconds, consistency);
-                r.last_metrics = Some(metrics_of(case, &r.pre, &last, consistency));
-                r.last = Some(last);
-                r
-            },
-            |case, pre, s| metrics_of(case, pre, s, consistency),
-        ))
+        Ok(sequence_records(cases, seq, consistency))
     }
+}
+
+/// The records of a finished CounterFact sequence: `post` right after each case's own edit,
+/// `last` after the whole sequence, and each checkpoint's metrics.
+pub fn sequence_records(
+    cases: &[CounterFactCase],
+    seq: super::Sequence<CaseScores>,
+    consistency: Option<&Consistency>,
+) -> super::SequenceEval<CaseRecord, CaseMetrics> {
+    seq.evaluate(
+        cases,
+        |case, pre, post, last, seconds| {
+            let mut r = record(case, pre, post, seconds, consistency);
+            r.last_metrics = Some(metrics_of(case, &r.pre, &last, consistency));
+            r.last = Some(last);
+            r
+        },
+        |case, pre, s| metrics_of(case, pre, s, consistency),
+    )
 }
 
 /// A case's record from its scores before and after.
@@ -582,7 +592,8 @@ fn record(
     }
 }
 
-fn metrics_of(
+/// A case's metrics from its scores before and now (consistency too, given its snippets).
+pub fn metrics_of(
     case: &CounterFactCase,
     pre: &CaseScores,
     post: &CaseScores,

@@ -373,17 +373,26 @@ impl LoadedModel {
             make,
             progress,
         )?;
-        Ok(seq.evaluate(
-            cases,
-            |case, pre, post, last, seconds| {
-                let mut r = record(case, pre, post, seconds);
-                r.last_metrics = Some(zsre_metrics(&r.pre, &last));
-                r.last = Some(last);
-                r
-            },
-            |_, pre, s| zsre_metrics(pre, s),
-        ))
+        Ok(zsre_sequence_records(cases, seq))
     }
+}
+
+/// The records of a finished zsRE sequence: `post` right after each case's own edit, `last`
+/// after the whole sequence, and each checkpoint's metrics.
+pub fn zsre_sequence_records(
+    cases: &[ZsreCase],
+    seq: super::Sequence<ZsreScores>,
+) -> super::SequenceEval<ZsreCaseRecord, ZsreMetrics> {
+    seq.evaluate(
+        cases,
+        |case, pre, post, last, seconds| {
+            let mut r = record(case, pre, post, seconds);
+            r.last_metrics = Some(zsre_metrics(&r.pre, &last));
+            r.last = Some(last);
+            r
+        },
+        |_, pre, s| zsre_metrics(pre, s),
+    )
 }
 
 /// A case's record from its scores before and after its edit.

@@ -8,6 +8,7 @@ use loci_core::eval::{CaseMetrics, CaseRecord, CaseScores, PromptScores};
 use loci_frontend::http::post;
 
 use super::edit::CasePicker;
+use super::sequence_view::SequenceView;
 use crate::components::probs::{prob, prob_header, prob_row};
 use crate::state::{layer_list, shared, Shared};
 
@@ -18,6 +19,8 @@ pub struct EvalState {
     pub layer: RwSignal<String>,
     pub generate: RwSignal<bool>,
     pub record: RwSignal<Option<CaseRecord>>,
+    /// The points of the sequential run's results file opened here.
+    pub sequence: RwSignal<Vec<loci_core::eval::SequencePoint>>,
 }
 
 impl EvalState {
@@ -27,6 +30,7 @@ impl EvalState {
             layer: RwSignal::new(String::new()),
             generate: RwSignal::new(false),
             record: RwSignal::new(None),
+            sequence: RwSignal::new(vec![]),
         }
     }
 }
@@ -119,6 +123,7 @@ pub fn EvaluateScreen() -> impl IntoView {
                     Some(r) => view! { <EvalResult r=r /> }.into_any(),
                     None => view! { <section class="card"><h3>"Metrics"</h3><p class="hint">"No evaluation yet: pick a case and press Evaluate."</p></section> }.into_any(),
                 }}
+                <SequenceView points=st.sequence />
             </div>
         </div>
     }

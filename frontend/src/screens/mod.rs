@@ -6,5 +6,6 @@ pub mod edit;
 pub mod edit_actions;
 pub mod edit_tab;
 pub mod evaluate;
+pub mod sequence_view;
 pub mod study;
 pub mod trace;

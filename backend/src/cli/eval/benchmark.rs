@@ -2,7 +2,7 @@
 //! an edit, and how its records are summarised and printed.
 
 use loci_core::edit::{Edit, RewriteRequest};
-use loci_core::eval::{SequenceEval, SequenceOptions};
+use loci_core::eval::{Sequence, SequenceEval};
 use loci_core::LoadedModel;
 
 /// Makes the edit of the requests on the model (the method, with its progress reports).
@@ -16,6 +16,8 @@ pub(super) trait Benchmark {
     type Record: serde::Serialize + serde::de::DeserializeOwned;
     type Metrics: Clone;
     type Summary: serde::Serialize + Clone;
+    /// A case's scores on the model as it is.
+    type Scores: Clone + serde::Serialize + serde::de::DeserializeOwned;
     /// What a record is, for messages.
     const RECORD: &'static str;
     /// Settings of the benchmark itself that a record depends on (for `run`).
@@ -39,13 +41,17 @@ pub(super) trait Benchmark {
         cases: &[Self::Case],
         make: &mut Make,
     ) -> loci_core::Result<Vec<Self::Record>>;
-    /// Edits kept in sequence (`edit_in_sequence`).
-    fn in_sequence(
+    /// A case's rewrite.
+    fn request(c: &Self::Case) -> &RewriteRequest;
+    /// A case's scores on the model as it is.
+    fn score(&self, lm: &LoadedModel, c: &Self::Case) -> loci_core::Result<Self::Scores>;
+    /// A case's metrics from its scores before any edit and now.
+    fn case_metrics(&self, c: &Self::Case, pre: &Self::Scores, now: &Self::Scores)
+        -> Self::Metrics;
+    /// The records of a finished sequence, and its checkpoints' metrics.
+    fn records(
         &self,
-        lm: &mut LoadedModel,
         cases: &[Self::Case],
-        opts: SequenceOptions,
-        make: &mut Make,
-        progress: &mut dyn FnMut(usize),
-    ) -> loci_core::Result<SequenceEval<Self::Record, Self::Metrics>>;
+        seq: Sequence<Self::Scores>,
+    ) -> SequenceEval<Self::Record, Self::Metrics>;
 }

@@ -1,8 +1,9 @@
 //! CounterFact in `loci eval`: ROME's and Hase's metrics per case, and their summary table.
 
+use loci_core::edit::RewriteRequest;
 use loci_core::eval::{
-    summarize, CaseMetrics, CaseRecord, Consistency, CounterFactCase, SequenceEval,
-    SequenceOptions, Summary,
+    metrics_of, sequence_records, summarize, CaseMetrics, CaseRecord, CaseScores, Consistency,
+    CounterFactCase, Sequence, SequenceEval, Summary,
 };
 use loci_core::LoadedModel;
 
@@ -19,6 +20,7 @@ impl Benchmark for CounterFact {
     type Record = CaseRecord;
     type Metrics = CaseMetrics;
     type Summary = Summary;
+    type Scores = CaseScores;
     const RECORD: &'static str = "a CounterFact record";
 
     fn case_id(c: &CounterFactCase) -> u64 {
@@ -65,22 +67,21 @@ impl Benchmark for CounterFact {
             ("neighborhood score", s.neighborhood_score),
         ]
     }
-    fn in_sequence(
+    fn request(c: &CounterFactCase) -> &RewriteRequest {
+        &c.requested_rewrite
+    }
+    fn score(&self, lm: &LoadedModel, c: &CounterFactCase) -> loci_core::Result<CaseScores> {
+        lm.score_case(c, self.generate)
+    }
+    fn case_metrics(&self, c: &CounterFactCase, pre: &CaseScores, now: &CaseScores) -> CaseMetrics {
+        metrics_of(c, pre, now, self.consistency.as_ref())
+    }
+    fn records(
         &self,
-        lm: &mut LoadedModel,
         cases: &[CounterFactCase],
-        opts: SequenceOptions,
-        make: &mut Make,
-        progress: &mut dyn FnMut(usize),
-    ) -> loci_core::Result<SequenceEval<CaseRecord, CaseMetrics>> {
-        lm.eval_sequence(
-            cases,
-            opts,
-            self.generate,
-            self.consistency.as_ref(),
-            make,
-            &mut |done, _| progress(done),
-        )
+        seq: Sequence<CaseScores>,
+    ) -> SequenceEval<CaseRecord, CaseMetrics> {
+        sequence_records(cases, seq, self.consistency.as_ref())
     }
 }
 

@@ -30,24 +30,49 @@ pub(super) fn bits(lm: &loci_core::LoadedModel, layers: &[usize]) -> Result<Vec<
 /// The configured method with its hyper-parameters and statistics.
 pub(super) enum Method {
     Rome(RomeHparams, KeyStats),
-    Memit(MemitHparams, Vec<KeyStats>),
+    /// The MEMIT family, with its cases per edit (`--batch`).
+    Memit(MemitHparams, Vec<KeyStats>, usize),
     Ft(FtHparams),
     Grace(GraceHparams),
 }
 
 impl Method {
-    /// The method `--method` names, with the hyper-parameters and statistics the other
-    /// arguments give; arguments of another method are an error.
-    pub(super) fn from_args(a: &EvalArgs, lm: &LoadedModel) -> Result<Self> {
-        a.edit.rule.check_for(a.edit.method)?;
-        Ok(match a.edit.method {
+    /// The methods the run edits with: `--methods` (a sequence of each in turn), else
+    /// `--method`; each with its hyper-parameters and statistics.
+    pub(super) fn all_from_args(a: &EvalArgs, lm: &LoadedModel) -> Result<Vec<Self>> {
+        if a.methods.is_empty() {
+            return Ok(vec![Self::from_args(a, lm, a.edit.method, true)?]);
+        }
+        if a.edit.hparams.is_some() {
+            bail!("--hparams changes one method's settings: give it with --method, not --methods");
+        }
+        for (i, m) in a.methods.iter().enumerate() {
+            if a.methods[..i].contains(m) {
+                bail!("--methods names {} twice", m.label());
+            }
+        }
+        a.methods
+            .iter()
+            .map(|&m| Self::from_args(a, lm, m, false))
+            .collect()
+    }
+
+    /// Method `m` with the hyper-parameters and statistics the arguments give. `alone`: the
+    /// run's only method, and arguments of another method are an error; else each argument
+    /// goes to the methods it belongs to (`--layer` to ROME and GRACE, `--layers` to the MEMIT
+    /// family and fine-tuning, `--batch` to the MEMIT family).
+    fn from_args(a: &EvalArgs, lm: &LoadedModel, m: EditMethod, alone: bool) -> Result<Self> {
+        if alone {
+            a.edit.rule.check_for(m)?;
+            check_flags_for(a, m)?;
+        }
+        let (layer, layers) = match m {
+            EditMethod::Rome | EditMethod::Grace => (a.edit.layer, &[][..]),
+            _ => (None, &a.edit.layers[..]),
+        };
+        Ok(match m {
             EditMethod::Rome => {
-                if !a.edit.layers.is_empty() || a.batch != 1 {
-                    bail!(
-                        "--layers and --batch are for the MEMIT family (memit, alphaedit, emmet)"
-                    );
-                }
-                let mut hp = rome_hparams(lm, a.edit.layer)?;
+                let mut hp = rome_hparams(lm, layer)?;
                 if let Some(s) = a.edit.v_steps {
                     hp.v_num_grad_steps = s;
                 }
@@ -56,48 +81,66 @@ impl Method {
                 let stats = a.edit.stats.ensure(lm, hp.layer)?;
                 Method::Rome(hp, stats)
             }
-            m @ (EditMethod::Memit | EditMethod::Alphaedit | EditMethod::Emmet) => {
-                if a.edit.layer.is_some() {
-                    bail!(
-                        "--layer is for ROME; {} edits --layers L1,L2,...",
-                        m.label()
-                    );
-                }
-                let mut hp = memit_hparams(lm, m, &a.edit.layers, &a.edit.rule)?;
+            _ if m.takes_many_facts() => {
+                let mut hp = memit_hparams(lm, m, layers, &a.edit.rule.of(m))?;
                 if let Some(s) = a.edit.v_steps {
                     hp.v_num_grad_steps = s;
                 }
                 let hp = a.edit.changed(hp)?;
                 let stats = a.edit.stats.ensure_layers(lm, &hp.layers)?;
-                Method::Memit(hp, stats)
+                Method::Memit(hp, stats, a.batch)
             }
-            EditMethod::Ft => {
-                if a.edit.layer.is_some() || a.batch != 1 {
-                    bail!(
-                        "--layer is for ROME and --batch for the MEMIT family; fine-tuning \
-                         trains --layers"
-                    );
-                }
-                Method::Ft(
-                    a.edit
-                        .changed(ft_hparams(lm, &a.edit.layers, &a.edit.ft)?)?,
-                )
-            }
-            EditMethod::Grace => {
-                if !a.edit.layers.is_empty() || a.batch != 1 {
-                    bail!("GRACE edits one fact at a time at one --layer");
-                }
-                let hp = GraceHparams::defaults(&lm.model.cfg, a.edit.layer)?;
+            EditMethod::Ft => Method::Ft(a.edit.changed(ft_hparams(lm, layers, &a.edit.ft)?)?),
+            _ => {
+                let hp = GraceHparams::defaults(&lm.model.cfg, layer)?;
                 Method::Grace(a.edit.changed(hp)?)
             }
         })
+    }
+
+    /// Cases written by one edit: `--batch` for the MEMIT family, else one.
+    pub(super) fn batch(&self) -> usize {
+        match self {
+            Method::Memit(.., batch) => *batch,
+            _ => 1,
+        }
+    }
+
+    /// The method's name (`rome`, `memit`, …).
+    pub(super) fn name(&self) -> &'static str {
+        self.kind().name()
+    }
+
+    /// Which method this is.
+    fn kind(&self) -> EditMethod {
+        match self {
+            Method::Rome(..) => EditMethod::Rome,
+            Method::Memit(hp, ..) => hp.method(),
+            Method::Ft(_) => EditMethod::Ft,
+            Method::Grace(_) => EditMethod::Grace,
+        }
+    }
+
+    /// Every hyper-parameter and where the key statistics came from, as JSON: what a
+    /// continued run must share with the one it continues.
+    pub(super) fn settings(&self) -> String {
+        let from = |s: &KeyStats| serde_json::to_value(&s.provenance).unwrap_or_default();
+        let v = match self {
+            Method::Rome(hp, s) => serde_json::json!({"hparams": hp, "stats": [from(s)]}),
+            Method::Memit(hp, s, _) => {
+                serde_json::json!({"hparams": hp, "stats": s.iter().map(from).collect::<Vec<_>>()})
+            }
+            Method::Ft(hp) => serde_json::json!({ "hparams": hp }),
+            Method::Grace(hp) => serde_json::json!({ "hparams": hp }),
+        };
+        v.to_string()
     }
 
     /// The layers the method edits.
     pub(super) fn layers(&self) -> Vec<usize> {
         match self {
             Method::Rome(hp, _) => vec![hp.layer],
-            Method::Memit(hp, _) => hp.layers.clone(),
+            Method::Memit(hp, ..) => hp.layers.clone(),
             Method::Ft(hp) => hp.layers.clone(),
             Method::Grace(hp) => vec![hp.layer],
         }
@@ -114,7 +157,7 @@ impl Method {
     ) -> loci_core::Result<Edit> {
         Ok(match self {
             Method::Rome(hp, stats) => Edit::Rome(lm.rome(&reqs[0], hp, Some(stats))?),
-            Method::Memit(hp, stats) => {
+            Method::Memit(hp, stats, _) => {
                 Edit::Memit(lm.memit_preserving(reqs, hp, stats, preserved, progress)?)
             }
             Method::Ft(hp) => Edit::Ft(lm.finetune(&reqs[0], hp)?),
@@ -133,7 +176,7 @@ impl Method {
                 },
                 hp.layer
             ),
-            Method::Memit(hp, _) => format!("{} at layers {:?}", hp.method().label(), hp.layers),
+            Method::Memit(hp, ..) => format!("{} at layers {:?}", hp.method().label(), hp.layers),
             Method::Ft(hp) => format!(
                 "fine-tuning of layers {:?} (L∞ ε {}, {} objective)",
                 hp.layers,
@@ -146,5 +189,26 @@ impl Method {
             ),
             Method::Grace(hp) => format!("GRACE at layer {} (ε {})", hp.layer, hp.eps),
         }
+    }
+}
+
+/// Refuses the arguments that belong to other methods than `m`, the run's only one.
+fn check_flags_for(a: &EvalArgs, m: EditMethod) -> Result<()> {
+    let one = !a.edit.layers.is_empty() || a.batch != 1;
+    match m {
+        EditMethod::Rome if one => {
+            bail!("--layers and --batch are for the MEMIT family (memit, alphaedit, emmet)")
+        }
+        EditMethod::Memit | EditMethod::Alphaedit | EditMethod::Emmet if a.edit.layer.is_some() => {
+            bail!(
+                "--layer is for ROME; {} edits --layers L1,L2,...",
+                m.label()
+            )
+        }
+        EditMethod::Ft if a.edit.layer.is_some() || a.batch != 1 => bail!(
+            "--layer is for ROME and --batch for the MEMIT family; fine-tuning trains --layers"
+        ),
+        EditMethod::Grace if one => bail!("GRACE edits one fact at a time at one --layer"),
+        _ => Ok(()),
     }
 }

@@ -7,11 +7,14 @@ mod counterfact;
 mod method;
 mod records;
 mod run;
+mod sequence;
+mod state;
 mod zsre;
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use loci_core::edit::EditMethod;
 use loci_core::eval::zsre::ZsreTarget;
 use loci_core::eval::{parse_dataset, AttributeSnippets, Consistency, CounterFactCase, Dataset};
 use loci_core::LoadedModel;
@@ -52,17 +55,42 @@ pub struct EvalArgs {
     #[arg(long)]
     pub summary: bool,
     /// Sequential editing: keep every edit (each computed on the model the earlier ones left) and
-    /// score each case right after its own edit and again after the last one; all are undone
-    /// at the end.
+    /// score each case right after its own edit and after the last one, with the model's health
+    /// (held-out perplexity, known facts, edited weights' norms) at the start and the end; all
+    /// are undone at the end. With --out, each checkpoint is saved beside it (OUT.state/) and a
+    /// stopped run continues from the last one.
     #[arg(long)]
     pub sequential: bool,
+    /// With --sequential: the sequence of each of these methods in turn, in one run
+    /// (comma-separated; each flag goes to the methods it belongs to). Default: --method.
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Vec<EditMethod>,
     /// With --sequential: every K cases, score every case edited so far again (the retention
-    /// curve: how earlier edits hold up as later ones arrive).
+    /// curve: how earlier edits hold up as later ones arrive), measure the model's health, and
+    /// save the sequence to continue from.
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
-    /// With --checkpoint-every: draw the retention curve here (.svg or .png).
+    /// With --checkpoint-every: rescore at most this many of the cases edited so far, spread
+    /// evenly (default: every one; a long sequence's checkpoints then cost the same however far
+    /// it has got).
+    #[arg(long)]
+    pub checkpoint_cases: Option<usize>,
+    /// With --sequential: draw every number against the cases edited, one line per method
+    /// (.svg or .png).
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// With --sequential: perplexity on this many held-out texts (the corpus's last; 0: none).
+    #[arg(long, default_value_t = 32)]
+    pub health_texts: usize,
+    /// Each held-out text's first N tokens.
+    #[arg(long, default_value_t = 256)]
+    pub health_tokens: usize,
+    /// With --sequential: top-1 accuracy on this many known facts (0: none).
+    #[arg(long, default_value_t = 1000)]
+    pub health_facts: usize,
+    /// The known facts (known_1000.json format); default: the bundled copy.
+    #[arg(long)]
+    pub known: Option<PathBuf>,
     /// Skip the generation (fluency) test, the slow part.
     #[arg(long)]
     pub no_generation: bool,
@@ -131,31 +159,43 @@ fn read_dataset(path: &std::path::Path, n: Option<usize>, target: ZsreTarget) ->
     Ok(cases)
 }
 
-/// Evaluates the method on the dataset, then checks that every edit was undone.
+/// Evaluates the method (or, in sequence, each of `--methods`) on the dataset, then checks that
+/// every edit was undone.
 pub fn eval(a: EvalArgs) -> Result<()> {
     check_flags(&a)?;
     let mut lm = a.model.load()?;
     let dataset = read_dataset(&a.dataset, a.n, a.zsre_target)?;
-    let method = Method::from_args(&a, &lm)?;
-    let layers = method.layers();
+    let methods = Method::all_from_args(&a, &lm)?;
+    let mut layers: Vec<usize> = methods.iter().flat_map(Method::layers).collect();
+    layers.sort_unstable();
+    layers.dedup();
     let original = bits(&lm, &layers)?;
-    run_dataset(&dataset, &mut lm, &a, &method)?;
+    run_dataset(&dataset, &mut lm, &a, &methods)?;
     if bits(&lm, &layers)? != original {
         bail!("internal error: the model differs from the original after the evaluation");
     }
     Ok(())
 }
 
-/// Refuses `--batch 0` and `--checkpoint-every` or `--plot` without what they need.
+/// Refuses `--batch 0`, and the flags of a sequence without `--sequential`.
 fn check_flags(a: &EvalArgs) -> Result<()> {
     if a.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    match (a.checkpoint_every, a.sequential, &a.plot) {
-        (Some(0), ..) => bail!("--checkpoint-every must be at least 1"),
-        (Some(_), false, _) => bail!("--checkpoint-every is for --sequential"),
-        (None, _, Some(_)) => bail!("--plot draws the checkpoints: add --checkpoint-every"),
-        _ => {}
+    if a.checkpoint_every == Some(0) {
+        bail!("--checkpoint-every must be at least 1");
+    }
+    let sequence_only = [
+        ("--checkpoint-every", a.checkpoint_every.is_some()),
+        ("--checkpoint-cases", a.checkpoint_cases.is_some()),
+        ("--plot", a.plot.is_some()),
+        ("--methods", !a.methods.is_empty()),
+    ];
+    if let Some((flag, _)) = sequence_only.iter().find(|f| f.1 && !a.sequential) {
+        bail!("{flag} is for --sequential");
+    }
+    if a.checkpoint_cases.is_some() && a.checkpoint_every.is_none() {
+        bail!("--checkpoint-cases samples the checkpoints: add --checkpoint-every");
     }
     Ok(())
 }
@@ -165,7 +205,7 @@ fn run_dataset(
     dataset: &Dataset,
     lm: &mut LoadedModel,
     a: &EvalArgs,
-    method: &Method,
+    methods: &[Method],
 ) -> Result<()> {
     match dataset {
         Dataset::CounterFact(cases) => {
@@ -178,7 +218,7 @@ fn run_dataset(
                 generate: !a.no_generation,
                 consistency,
             };
-            run(&bench, lm, cases, a, method)?;
+            bench_run(&bench, lm, cases, a, methods)?;
         }
         Dataset::Zsre(set) => {
             if a.snippets.is_some() {
@@ -194,8 +234,24 @@ fn run_dataset(
             let bench = Zsre {
                 target: a.zsre_target,
             };
-            run(&bench, lm, &set.cases, a, method)?;
+            bench_run(&bench, lm, &set.cases, a, methods)?;
         }
     }
     Ok(())
+}
+
+/// The benchmark's cases edited in sequence by each method, or by the one method each edit
+/// undone.
+fn bench_run<B: benchmark::Benchmark>(
+    bench: &B,
+    lm: &mut LoadedModel,
+    cases: &[B::Case],
+    a: &EvalArgs,
+    methods: &[Method],
+) -> Result<()> {
+    if a.sequential {
+        sequence::run(bench, lm, cases, a, methods)
+    } else {
+        run(bench, lm, cases, a, &methods[0])
+    }
 }

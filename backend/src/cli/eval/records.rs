@@ -54,8 +54,7 @@ impl<R: serde::Serialize> Records<R> {
 }
 
 /// The records already in `--out`: a stopped evaluation continues after them, if they were
-/// made by the same model and settings (`run`; a sequence of edits cannot continue: it starts
-/// from the unedited model).
+/// made by the same model and settings (`run`).
 pub(super) fn previous<R: serde::de::DeserializeOwned>(
     a: &EvalArgs,
     what: &str,
@@ -67,13 +66,6 @@ pub(super) fn previous<R: serde::de::DeserializeOwned>(
     let lines: Vec<serde_json::Value> = results::read_records(p, what)?;
     if lines.is_empty() {
         return Ok(vec![]);
-    }
-    if a.sequential {
-        bail!(
-            "{} already holds results, and a sequence of edits starts from the unedited model: \
-             remove it or choose another --out",
-            p.display()
-        );
     }
     if let Some(other) = lines
         .iter()

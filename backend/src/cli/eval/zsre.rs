@@ -1,9 +1,11 @@
 //! zsRE in `loci eval`: token accuracy per question, and its summary table.
 
+use loci_core::edit::RewriteRequest;
 use loci_core::eval::zsre::{
-    summarize_zsre, ZsreCase, ZsreCaseRecord, ZsreMetrics, ZsreSummary, ZsreTarget,
+    summarize_zsre, zsre_metrics, zsre_sequence_records, ZsreCase, ZsreCaseRecord, ZsreMetrics,
+    ZsreScores, ZsreSummary, ZsreTarget,
 };
-use loci_core::eval::{SequenceEval, SequenceOptions};
+use loci_core::eval::{Sequence, SequenceEval};
 use loci_core::LoadedModel;
 
 use super::benchmark::{Benchmark, Make};
@@ -18,6 +20,7 @@ impl Benchmark for Zsre {
     type Record = ZsreCaseRecord;
     type Metrics = ZsreMetrics;
     type Summary = ZsreSummary;
+    type Scores = ZsreScores;
     const RECORD: &'static str = "a zsRE record";
 
     fn settings(&self) -> String {
@@ -66,15 +69,21 @@ impl Benchmark for Zsre {
             ("locality", s.locality),
         ]
     }
-    fn in_sequence(
+    fn request(c: &ZsreCase) -> &RewriteRequest {
+        &c.requested_rewrite
+    }
+    fn score(&self, lm: &LoadedModel, c: &ZsreCase) -> loci_core::Result<ZsreScores> {
+        lm.score_zsre(c)
+    }
+    fn case_metrics(&self, _: &ZsreCase, pre: &ZsreScores, now: &ZsreScores) -> ZsreMetrics {
+        zsre_metrics(pre, now)
+    }
+    fn records(
         &self,
-        lm: &mut LoadedModel,
         cases: &[ZsreCase],
-        opts: SequenceOptions,
-        make: &mut Make,
-        progress: &mut dyn FnMut(usize),
-    ) -> loci_core::Result<SequenceEval<ZsreCaseRecord, ZsreMetrics>> {
-        lm.eval_zsre_sequence(cases, opts, make, &mut |done, _| progress(done))
+        seq: Sequence<ZsreScores>,
+    ) -> SequenceEval<ZsreCaseRecord, ZsreMetrics> {
+        zsre_sequence_records(cases, seq)
     }
 }
 
