@@ -35,10 +35,13 @@ fn open(s: Shared, points: RwSignal<Vec<SequencePoint>>, ev: leptos::ev::Event) 
 /// Each method's last point: cases edited, headline scores, perplexity and known facts (start
 /// → end), and the largest norm growth.
 fn last_rows(points: &[SequencePoint]) -> Vec<AnyView> {
-    let mut methods: Vec<&str> = points.iter().map(|p| p.method.as_str()).collect();
-    methods.dedup();
-    methods.sort_unstable();
-    methods.dedup();
+    // The methods in the order the run made them.
+    let mut methods: Vec<&str> = vec![];
+    for p in points {
+        if !methods.contains(&p.method.as_str()) {
+            methods.push(&p.method);
+        }
+    }
     let opt = |v: Option<f32>| v.map_or("—".to_string(), |v| format!("{v:.2}"));
     methods
         .into_iter()
