@@ -575,19 +575,31 @@ fn report<B: Benchmark>(done: &[Finished<B>], a: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
+impl<B: Benchmark> Finished<B> {
+    /// The summaries of the records after each case's own edit and after the last edit.
+    fn summaries(&self) -> (B::Summary, B::Summary) {
+        let post: Vec<B::Metrics> = self
+            .records
+            .iter()
+            .map(|r| B::metrics(r).0.clone())
+            .collect();
+        let last: Vec<B::Metrics> = self
+            .records
+            .iter()
+            .filter_map(|r| B::metrics(r).1.cloned())
+            .collect();
+        (B::summarize(&post), B::summarize(&last))
+    }
+}
+
 /// One method's summary as JSON: after each case's own edit, after all, and the checkpoints.
 fn method_json<B: Benchmark>(f: &Finished<B>) -> serde_json::Value {
-    let post: Vec<B::Metrics> = f.records.iter().map(|r| B::metrics(r).0.clone()).collect();
-    let last: Vec<B::Metrics> = f
-        .records
-        .iter()
-        .filter_map(|r| B::metrics(r).1.cloned())
-        .collect();
+    let (post, last) = f.summaries();
     serde_json::json!({
         "method": f.name,
         "label": f.label,
-        "after_own_edit": B::summarize(&post),
-        "after_all_edits": B::summarize(&last),
+        "after_own_edit": post,
+        "after_all_edits": last,
         "checkpoints": f.lines.iter().map(|l| serde_json::json!({
             "cases_done": l.point.cases_done,
             "summary": l.summary,
@@ -599,19 +611,14 @@ fn method_json<B: Benchmark>(f: &Finished<B>) -> serde_json::Value {
 
 /// One method's summary tables: the benchmark's, then its points.
 fn print_method<B: Benchmark>(f: &Finished<B>, a: &EvalArgs) {
-    let post: Vec<B::Metrics> = f.records.iter().map(|r| B::metrics(r).0.clone()).collect();
-    let last: Vec<B::Metrics> = f
-        .records
-        .iter()
-        .filter_map(|r| B::metrics(r).1.cloned())
-        .collect();
+    let (post, last) = f.summaries();
     let title = format!(
         "{} on {} cases of {} (in sequence: each edit kept, scored after its own and after the last)",
         f.label,
         f.records.len(),
         a.dataset.display()
     );
-    B::print(&title, &B::summarize(&post), Some(&B::summarize(&last)));
+    B::print(&title, &post, Some(&last));
     let names = headline_names(&f.lines);
     println!(
         "\nCases edited so far, after N cases (×100), and the model's health:\n| N | {} | perplexity | known facts top-1 | norm growth | seconds |\n|---|{}---|---|---|---|",
