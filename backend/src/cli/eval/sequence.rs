@@ -223,7 +223,7 @@ impl<B: Benchmark> Run<'_, B> {
             });
         };
         let path = path.expect("read from it");
-        let mut st: RunState<B::Scores> = serde_json::from_value(snap.meta.clone())?;
+        let mut st: RunState<B::Scores> = serde_json::from_value(snap.meta)?;
         st.check(&settings, &ids, &path)?;
         let had = st.sequence.cases.len();
         st.sequence
