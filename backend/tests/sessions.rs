@@ -388,7 +388,8 @@ fn a_job_past_the_servers_time_limit_is_stopped() {
     let s = serve(&["--job-seconds", "0.2"]);
     let a = new_agent();
     let started = Instant::now();
-    let body = r#"{"model":"tiny-gpt2","prompt":"The Eiffel Tower is located in the city of","subject":"Eiffel Tower","samples":64,"kinds":["hidden","mlp","attn"],"noise":{"type":"fixed","value":0.5}}"#;
+    // 48 tokens: seconds of work on this machine, far past the limit on any machine.
+    let body = r#"{"model":"tiny-gpt2","prompt":"The Eiffel Tower, built by Gustave Eiffel's company for the World's Fair, is located in the city of","subject":"Eiffel Tower","samples":64,"kinds":["hidden","mlp","attn"],"noise":{"type":"fixed","value":0.5}}"#;
     let r = a
         .post(&format!("{}/api/trace", s.base))
         .header("content-type", "application/json")
