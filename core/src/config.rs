@@ -15,6 +15,9 @@ pub enum Family {
     Gptj,
     /// LLaMA-style: RMSNorm, SwiGLU, rotary (rotate-half), grouped-query attention.
     Llama,
+    /// GPT-NeoX (Pythia): partial rotary on halves, fused head-interleaved q/k/v, LayerNorms with
+    /// biases, exact GELU, and (usually) attention and MLP in parallel off two norms.
+    Neox,
 }
 
 impl Family {
@@ -24,6 +27,7 @@ impl Family {
             Family::Gpt2 => "gpt2",
             Family::Gptj => "gptj",
             Family::Llama => "llama",
+            Family::Neox => "neox",
         }
     }
 }
@@ -83,6 +87,74 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// The end-of-sequence token, if any (the first when several are listed).
     pub eos_token_id: Option<u32>,
+    /// How the rotary frequencies are rescaled for a longer context than trained on; `None`:
+    /// as trained.
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    /// Sliding-window attention: a query sees only the last `w` positions, itself included.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Which layers attend through the window (empty: all of them, as Mistral's).
+    #[serde(default)]
+    pub sliding_layers: Vec<bool>,
+    /// Attention and MLP both read the block's input, each through its own norm, and add to
+    /// the residual together (GPT-NeoX's `use_parallel_residual`).
+    #[serde(default)]
+    pub parallel_residual: bool,
+    /// The MLP's GELU is the exact (erf) one rather than the tanh approximation.
+    #[serde(default)]
+    pub gelu_exact: bool,
+    /// A bias on the attention's output projection too (LLaMA's `attention_bias`; Qwen2 biases
+    /// q/k/v only).
+    #[serde(default)]
+    pub attn_out_bias: bool,
+}
+
+/// A rotary scaling for contexts longer than the model was trained on, as transformers' `rope_type`s
+/// define it; the frequencies themselves are computed beside the rotary tables.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// Every frequency divided by `factor` (positions interpolated).
+    Linear {
+        /// The context's stretch.
+        factor: f64,
+    },
+    /// Dynamic NTK scaling: a larger base once a sequence passes `max_position_embeddings`,
+    /// which is the longest Loci runs, so the frequencies stay as trained (kept to be saved).
+    Dynamic {
+        /// The context's stretch past the trained length.
+        factor: f64,
+    },
+    /// Llama 3's: wavelengths longer than `original / low_freq_factor` divided by `factor`, shorter
+    /// than `original / high_freq_factor` kept, and a smooth blend between.
+    Llama3 {
+        /// The stretch of the low frequencies.
+        factor: f64,
+        /// Bounds the low-frequency band.
+        low_freq_factor: f64,
+        /// Bounds the high-frequency band.
+        high_freq_factor: f64,
+        /// The context the model was pre-trained on.
+        original_max_positions: usize,
+    },
+    /// YaRN: frequencies ramp from extrapolated (fast) to interpolated (slow) between the
+    /// dimensions that turn `beta_fast` and `beta_slow` times over the original context; cos and
+    /// sin scaled by `attention_factor`.
+    Yarn {
+        /// The context's stretch.
+        factor: f64,
+        /// The context the model was pre-trained on.
+        original_max_positions: usize,
+        /// Rotations that mark the extrapolated end of the ramp.
+        beta_fast: f64,
+        /// Rotations that mark the interpolated end of the ramp.
+        beta_slow: f64,
+        /// Scales cos and sin (so attention scores by its square).
+        attention_factor: f64,
+        /// Whether the ramp's ends are rounded to whole dimensions.
+        truncate: bool,
+    },
 }
 
 fn get_usize(v: &Value, keys: &[&str]) -> Option<usize> {
@@ -110,7 +182,173 @@ fn need(v: &Value, keys: &[&str]) -> Result<usize> {
         .ok_or_else(|| LociError::model(format!("config.json lacks \"{}\"", keys.join("\" or \""))))
 }
 
+/// A config's rotary parameters: transformers 5 writes them in `rope_parameters`, 4 in
+/// `rope_scaling` beside a top-level base (which wins, as in transformers, when both are there).
+struct Rope {
+    theta: f64,
+    /// The share of each head that turns, where the family reads one.
+    partial: Option<f64>,
+    scaling: Option<RopeScaling>,
+}
+
+/// Where a family keeps its rotary base and turning share outside `rope_parameters`: LLaMA,
+/// Mistral and Qwen2 turn whole heads whatever a config says.
+struct RopeKeys {
+    theta: &'static str,
+    partial: Option<&'static str>,
+}
+
+const LLAMA_ROPE: RopeKeys = RopeKeys {
+    theta: "rope_theta",
+    partial: None,
+};
+
+impl Rope {
+    fn of(v: &Value, keys: RopeKeys, max_positions: usize) -> Result<Self> {
+        let object = |k: &str| v.get(k).filter(|p| p.is_object());
+        let params = object("rope_scaling").or_else(|| object("rope_parameters"));
+        let get = |k: &str| params.and_then(|p| p.get(k));
+        if params.is_some_and(|p| p.as_object().unwrap().values().any(Value::is_object)) {
+            return Err(LociError::Unsupported(
+                "rotary parameters per layer type".into(),
+            ));
+        }
+        let f = |k: &str| get(k).and_then(Value::as_f64);
+        let kind = get("rope_type")
+            .or_else(|| get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let need_f = |k: &str| {
+            f(k).ok_or_else(|| LociError::model(format!("rope type {kind:?} needs {k:?}")))
+        };
+        let original = get_usize(v, &["original_max_position_embeddings"])
+            .or_else(|| {
+                get("original_max_position_embeddings")
+                    .and_then(Value::as_u64)
+                    .map(|x| x as usize)
+            })
+            .unwrap_or(max_positions);
+        let scaling = match kind {
+            "default" => None,
+            "dynamic" => Some(RopeScaling::Dynamic {
+                factor: need_f("factor")?,
+            }),
+            "linear" => Some(RopeScaling::Linear {
+                factor: need_f("factor")?,
+            }),
+            "llama3" => Some(RopeScaling::Llama3 {
+                factor: need_f("factor")?,
+                low_freq_factor: need_f("low_freq_factor")?,
+                high_freq_factor: need_f("high_freq_factor")?,
+                original_max_positions: original,
+            }),
+            "yarn" => {
+                let factor = f("factor").unwrap_or(max_positions as f64 / original as f64);
+                let mscale = |scale: f64, m: f64| {
+                    if scale <= 1.0 {
+                        1.0
+                    } else {
+                        0.1 * m * scale.ln() + 1.0
+                    }
+                };
+                let attention_factor =
+                    match (f("attention_factor"), f("mscale"), f("mscale_all_dim")) {
+                        (Some(a), _, _) => a,
+                        (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                            mscale(factor, m) / mscale(factor, all)
+                        }
+                        _ => mscale(factor, 1.0),
+                    };
+                let nonzero = |k: &str, d: f64| f(k).filter(|x| *x != 0.0).unwrap_or(d);
+                Some(RopeScaling::Yarn {
+                    factor,
+                    original_max_positions: original,
+                    beta_fast: nonzero("beta_fast", 32.0),
+                    beta_slow: nonzero("beta_slow", 1.0),
+                    attention_factor,
+                    truncate: get("truncate").and_then(Value::as_bool).unwrap_or(true),
+                })
+            }
+            other => {
+                return Err(LociError::Unsupported(format!(
+                    "rope type {other:?} (supported: default, linear, dynamic, llama3, yarn)"
+                )))
+            }
+        };
+        let in_parameters = |k: &str| {
+            object("rope_parameters")
+                .and_then(|p| p.get(k))
+                .and_then(Value::as_f64)
+        };
+        Ok(Rope {
+            theta: get_f64(v, &[keys.theta])
+                .or_else(|| in_parameters("rope_theta"))
+                .unwrap_or(10000.0),
+            partial: keys
+                .partial
+                .and_then(|k| get_f64(v, &[k]).or_else(|| in_parameters("partial_rotary_factor"))),
+            scaling,
+        })
+    }
+}
+
+/// Sliding-window attention as transformers applies it: the window and which layers use it
+/// (empty: all). Mistral windows every layer (4096 positions when the config names none, none
+/// when it says `null`); Qwen2 only with `use_sliding_window`, in the layers `layer_types` lists
+/// or else from `max_window_layers` (28) on; LLaMA never.
+fn sliding_of(v: &Value, model_type: &str, n_layer: usize) -> Result<(Option<usize>, Vec<bool>)> {
+    let window = |default: Option<usize>| match v.get("sliding_window") {
+        None => Ok(default),
+        Some(Value::Null) => Ok(None),
+        Some(w) => w
+            .as_u64()
+            .map(|w| Some(w as usize))
+            .ok_or_else(|| LociError::model(format!("sliding_window {w} is not a count"))),
+    };
+    match model_type {
+        "mistral" => Ok((window(Some(4096))?, vec![])),
+        "qwen2" if v.get("use_sliding_window").and_then(Value::as_bool) == Some(true) => {
+            let Some(w) = window(Some(4096))? else {
+                return Ok((None, vec![]));
+            };
+            let layers = match v.get("layer_types").and_then(Value::as_array) {
+                Some(types) => types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        Some("sliding_attention") => Ok(true),
+                        Some("full_attention") => Ok(false),
+                        other => Err(LociError::Unsupported(format!("layer type {other:?}"))),
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+                None => {
+                    let from = get_usize(v, &["max_window_layers"]).unwrap_or(28);
+                    (0..n_layer).map(|l| l >= from).collect()
+                }
+            };
+            if layers.len() != n_layer {
+                return Err(LociError::model(format!(
+                    "layer_types lists {} layers, the model has {n_layer}",
+                    layers.len()
+                )));
+            }
+            Ok(match layers.iter().filter(|&&s| s).count() {
+                0 => (None, vec![]),
+                // Every layer windowed is written as no list, however the config said it.
+                n if n == n_layer => (Some(w), vec![]),
+                _ => (Some(w), layers),
+            })
+        }
+        _ => Ok((None, vec![])),
+    }
+}
+
 impl ModelConfig {
+    /// Whether layer `l` attends through a sliding window, and how wide.
+    pub fn window_of(&self, l: usize) -> Option<usize> {
+        let on = self.sliding_layers.is_empty() || self.sliding_layers.get(l) == Some(&true);
+        self.sliding_window.filter(|_| on)
+    }
+
     /// Parses a Hugging Face `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self> {
         let v: Value = serde_json::from_str(text).map_err(|source| LociError::Json {
@@ -124,9 +362,10 @@ impl ModelConfig {
         let cfg = match model_type {
             "gpt2" | "gptj" => Self::gpt_from_hf(&v, model_type)?,
             "llama" | "mistral" | "qwen2" => Self::llama_from_hf(&v, model_type)?,
+            "gpt_neox" => Self::neox_from_hf(&v)?,
             other => {
                 return Err(LociError::Unsupported(format!(
-                    "model_type {other:?} (supported: gpt2, gptj, llama)"
+                    "model_type {other:?} (supported: gpt2, gptj, llama, mistral, qwen2, gpt_neox)"
                 )))
             }
         };
@@ -173,6 +412,64 @@ impl ModelConfig {
             attn_bias: family == Family::Gpt2,
             bos_token_id: token_id(v, "bos_token_id"),
             eos_token_id: token_id(v, "eos_token_id"),
+            rope_scaling: None,
+            sliding_window: None,
+            sliding_layers: vec![],
+            parallel_residual: family == Family::Gptj,
+            gelu_exact: false,
+            attn_out_bias: family == Family::Gpt2,
+        })
+    }
+
+    /// The GPT-NeoX (`gpt_neox`, Pythia) fields of a parsed `config.json`, not yet validated.
+    fn neox_from_hf(v: &Value) -> Result<Self> {
+        let d_model = need(v, &["hidden_size"])?;
+        let n_head = need(v, &["num_attention_heads"])?;
+        let head_dim = d_model / n_head.max(1);
+        let gelu_exact = match v
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("gelu")
+        {
+            "gelu" => true,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => false,
+            other => {
+                return Err(LociError::Unsupported(format!(
+                    "hidden_act {other:?} (GPT-NeoX: gelu, gelu_new, gelu_fast)"
+                )))
+            }
+        };
+        let max_positions = need(v, &["max_position_embeddings"])?;
+        let keys = RopeKeys {
+            theta: "rotary_emb_base",
+            partial: Some("rotary_pct"),
+        };
+        let rope = Rope::of(v, keys, max_positions)?;
+        let flag = |k: &str, default: bool| v.get(k).and_then(Value::as_bool).unwrap_or(default);
+        Ok(ModelConfig {
+            family: Family::Neox,
+            n_layer: need(v, &["num_hidden_layers"])?,
+            d_model,
+            n_head,
+            n_kv_head: n_head,
+            head_dim,
+            d_ff: need(v, &["intermediate_size"])?,
+            vocab_size: need(v, &["vocab_size"])?,
+            max_positions,
+            norm_eps: get_f64(v, &["layer_norm_eps"]).unwrap_or(1e-5),
+            // transformers' int(): the rotary part is truncated to whole dimensions.
+            rotary_dim: (head_dim as f64 * rope.partial.unwrap_or(0.25)) as usize,
+            rope_theta: rope.theta,
+            tie_embeddings: flag("tie_word_embeddings", false),
+            attn_bias: flag("attention_bias", true),
+            bos_token_id: token_id(v, "bos_token_id"),
+            eos_token_id: token_id(v, "eos_token_id"),
+            rope_scaling: rope.scaling,
+            sliding_window: None,
+            sliding_layers: vec![],
+            parallel_residual: flag("use_parallel_residual", true),
+            gelu_exact,
+            attn_out_bias: flag("attention_bias", true),
         })
     }
 
@@ -181,32 +478,39 @@ impl ModelConfig {
     fn llama_from_hf(v: &Value, model_type: &str) -> Result<Self> {
         let d_model = need(v, &["hidden_size"])?;
         let n_head = need(v, &["num_attention_heads"])?;
-        if v.get("rope_scaling").is_some_and(|r| !r.is_null()) {
-            return Err(LociError::Unsupported("rope_scaling".into()));
-        }
+        let n_layer = need(v, &["num_hidden_layers"])?;
+        let max_positions = need(v, &["max_position_embeddings"])?;
+        let rope = Rope::of(v, LLAMA_ROPE, max_positions)?;
+        let (sliding_window, sliding_layers) = sliding_of(v, model_type, n_layer)?;
+        let head_dim = get_usize(v, &["head_dim"]).unwrap_or(d_model / n_head.max(1));
+        let attention_bias = v.get("attention_bias").and_then(Value::as_bool) == Some(true);
         Ok(ModelConfig {
             family: Family::Llama,
-            n_layer: need(v, &["num_hidden_layers"])?,
+            n_layer,
             d_model,
             n_head,
             n_kv_head: get_usize(v, &["num_key_value_heads"]).unwrap_or(n_head),
-            head_dim: get_usize(v, &["head_dim"]).unwrap_or(d_model / n_head.max(1)),
+            head_dim,
             d_ff: need(v, &["intermediate_size"])?,
             vocab_size: need(v, &["vocab_size"])?,
-            max_positions: need(v, &["max_position_embeddings"])?,
+            max_positions,
             norm_eps: get_f64(v, &["rms_norm_eps"]).unwrap_or(1e-6),
-            rotary_dim: 0,
-            rope_theta: get_f64(v, &["rope_theta"]).unwrap_or(10000.0),
+            rotary_dim: head_dim,
+            rope_theta: rope.theta,
             tie_embeddings: v
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
-            attn_bias: model_type == "qwen2"
-                || v.get("attention_bias").and_then(Value::as_bool) == Some(true),
+            attn_bias: model_type == "qwen2" || attention_bias,
+            attn_out_bias: model_type == "llama" && attention_bias,
             bos_token_id: token_id(v, "bos_token_id"),
             eos_token_id: token_id(v, "eos_token_id"),
-        }
-        .with_full_rotary())
+            rope_scaling: rope.scaling,
+            sliding_window,
+            sliding_layers,
+            parallel_residual: false,
+            gelu_exact: false,
+        })
     }
 
     pub(crate) fn with_full_rotary(mut self) -> Self {
@@ -232,6 +536,19 @@ impl ModelConfig {
                 self.d_model, self.n_head
             ));
         }
+        if self.sliding_window == Some(0) {
+            return bad("a sliding window of 0 positions".into());
+        }
+        let factor = match &self.rope_scaling {
+            Some(RopeScaling::Linear { factor })
+            | Some(RopeScaling::Dynamic { factor })
+            | Some(RopeScaling::Llama3 { factor, .. })
+            | Some(RopeScaling::Yarn { factor, .. }) => *factor,
+            None => 1.0,
+        };
+        if !(factor.is_finite() && factor > 0.0) {
+            return bad(format!("rope scaling factor {factor} is not positive"));
+        }
         if self.rotary_dim > self.head_dim || !self.rotary_dim.is_multiple_of(2) {
             return bad(format!(
                 "rotary_dim {} does not fit head_dim {}",
@@ -254,7 +571,7 @@ impl ModelConfig {
             out: q * d,
             mlp: match self.family {
                 Family::Llama => 3 * d * self.d_ff,
-                _ => 2 * d * self.d_ff,
+                Family::Gpt2 | Family::Gptj | Family::Neox => 2 * d * self.d_ff,
             },
         }
     }
@@ -299,5 +616,108 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("key/value heads"), "{e}");
+    }
+
+    const LLAMA: &str = r#""hidden_size":64,"num_attention_heads":4,"num_hidden_layers":3,"intermediate_size":128,"vocab_size":100,"max_position_embeddings":64"#;
+
+    fn llama(model_type: &str, extra: &str) -> Result<ModelConfig> {
+        ModelConfig::from_hf_json(&format!(
+            r#"{{"model_type":"{model_type}",{LLAMA}{extra}}}"#
+        ))
+    }
+
+    #[test]
+    fn rope_types_are_read_in_both_layouts_and_unknown_ones_refused_by_name() {
+        // transformers 4's rope_scaling beside rope_theta, and 5's rope_parameters.
+        let v4 = llama(
+            "llama",
+            r#","rope_theta":5e5,"rope_scaling":{"type":"linear","factor":2.0}"#,
+        )
+        .unwrap();
+        let v5 = llama(
+            "llama",
+            r#","rope_parameters":{"rope_type":"linear","factor":2.0,"rope_theta":5e5}"#,
+        )
+        .unwrap();
+        assert_eq!(v4, v5);
+        assert_eq!(v4.rope_scaling, Some(RopeScaling::Linear { factor: 2.0 }));
+        assert_eq!(v4.rope_theta, 5e5);
+        let dynamic = llama(
+            "llama",
+            r#","rope_scaling":{"rope_type":"dynamic","factor":2.0}"#,
+        );
+        assert_eq!(
+            dynamic.unwrap().rope_scaling,
+            Some(RopeScaling::Dynamic { factor: 2.0 })
+        );
+        // LLaMA-style models turn whole heads whatever the config says, as transformers does.
+        let partial = llama("llama", r#","partial_rotary_factor":0.5"#).unwrap();
+        assert_eq!(partial.rotary_dim, partial.head_dim);
+        for (extra, named) in [
+            (
+                r#","rope_scaling":{"rope_type":"longrope","factor":2.0}"#,
+                "longrope",
+            ),
+            (
+                r#","rope_scaling":{"rope_type":"llama3","factor":8.0}"#,
+                "low_freq_factor",
+            ),
+            (
+                r#","rope_parameters":{"full_attention":{"rope_type":"default"}}"#,
+                "per layer",
+            ),
+            (
+                r#","rope_scaling":{"rope_type":"linear","factor":-1.0}"#,
+                "not positive",
+            ),
+            (r#","sliding_window":0"#, "sliding window"),
+        ] {
+            let e = llama("mistral", extra).unwrap_err().to_string();
+            assert!(e.contains(named), "{extra}: {e}");
+        }
+        let e = ModelConfig::from_hf_json(r#"{"model_type":"gpt_neox","hidden_size":64,"num_attention_heads":4,"num_hidden_layers":2,"intermediate_size":128,"vocab_size":100,"max_position_embeddings":64,"hidden_act":"relu"}"#).unwrap_err();
+        assert!(e.to_string().contains("relu"), "{e}");
+    }
+
+    #[test]
+    fn sliding_windows_cover_the_layers_each_family_says() {
+        let windows = |c: &ModelConfig| (0..3).map(|l| c.window_of(l)).collect::<Vec<_>>();
+        assert_eq!(
+            windows(&llama("llama", r#","sliding_window":8"#).unwrap()),
+            [None; 3]
+        );
+        assert_eq!(windows(&llama("mistral", "").unwrap()), [Some(4096); 3]);
+        assert_eq!(
+            windows(&llama("mistral", r#","sliding_window":null"#).unwrap()),
+            [None; 3]
+        );
+        let mistral = llama("mistral", r#","sliding_window":8"#).unwrap();
+        assert_eq!(
+            (0..3).map(|l| mistral.window_of(l)).collect::<Vec<_>>(),
+            [Some(8); 3]
+        );
+        // Qwen2 windows only with use_sliding_window, from max_window_layers on.
+        let off = llama("qwen2", r#","sliding_window":8"#).unwrap();
+        assert_eq!(off.sliding_window, None);
+        assert!(off.attn_bias && !off.attn_out_bias);
+        let qwen = llama(
+            "qwen2",
+            r#","sliding_window":8,"use_sliding_window":true,"max_window_layers":2"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (0..3).map(|l| qwen.window_of(l)).collect::<Vec<_>>(),
+            [None, None, Some(8)]
+        );
+        let listed = llama("qwen2", r#","sliding_window":8,"use_sliding_window":true,"layer_types":["full_attention","sliding_attention","full_attention"]"#).unwrap();
+        assert_eq!(
+            (0..3).map(|l| listed.window_of(l)).collect::<Vec<_>>(),
+            [None, Some(8), None]
+        );
+        let short = llama(
+            "qwen2",
+            r#","sliding_window":8,"use_sliding_window":true,"layer_types":["full_attention"]"#,
+        );
+        assert!(short.unwrap_err().to_string().contains("1 layers"));
     }
 }

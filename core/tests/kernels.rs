@@ -86,7 +86,7 @@ fn fast_kernels_equal_the_reference_path() {
     let scores = Tensor::randn(0f32, 4.0, (2, 3, rep * t, t_all), &dev).unwrap();
     let fast = kernels::causal_softmax(&scores, t, None).unwrap().unwrap();
     let mask = loci_core::model::layers::CausalMasks::default()
-        .get(t, t_all, rep, &dev)
+        .get(t, t_all, rep, None, &dev)
         .unwrap();
     let reference =
         candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();

@@ -41,7 +41,8 @@ fn check_tiny(name: &str) {
             "{name}: tokenization of {prompt:?}"
         );
         let t = lm.model.ids_tensor(std::slice::from_ref(&ids)).unwrap();
-        let mut cap = Capture::new([Site::Block(0), Site::MlpKey(1)]);
+        let blocks = (0..lm.model.n_layer()).map(Site::Block);
+        let mut cap = Capture::new(blocks.chain([Site::MlpKey(1)]));
         let logits = lm
             .model
             .run(&t, &mut cap, None, LogitsAt::All)
@@ -53,8 +54,36 @@ fn check_tiny(name: &str) {
             err < 1e-4,
             "{name} prompt {i}: logits differ from transformers by {err}"
         );
+        if let Some(top) = rec.get("top_ids") {
+            let last = logits.get(0).unwrap().get(ids.len() - 1).unwrap();
+            let mut order: Vec<(usize, f32)> = last
+                .to_vec1::<f32>()
+                .unwrap()
+                .into_iter()
+                .enumerate()
+                .collect();
+            order.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let want: Vec<usize> = top
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as usize)
+                .collect();
+            let got: Vec<usize> = order.iter().take(5).map(|x| x.0).collect();
+            assert_eq!(got, want, "{name} prompt {i}: top-5");
+        }
         if i == 0 {
-            for (site, key) in [(Site::Block(0), "block0"), (Site::MlpKey(1), "mlp_key1")] {
+            let mut sites = vec![
+                (Site::Block(0), "block0".to_string()),
+                (Site::MlpKey(1), "mlp_key1".into()),
+            ];
+            // Newer fixtures record every block's output.
+            let every = rec
+                .get("blocks")
+                .and_then(|b| b.as_array())
+                .map_or(0, Vec::len);
+            sites.extend((0..every).map(|l| (Site::Block(l), format!("blocks.{l}"))));
+            for (site, key) in sites {
                 let got = cap
                     .get(site)
                     .unwrap()
@@ -62,7 +91,11 @@ fn check_tiny(name: &str) {
                     .unwrap()
                     .to_vec1::<f32>()
                     .unwrap();
-                let err = max_rel_err(&got, &floats(&rec[key]));
+                let want = match key.split_once('.') {
+                    Some((_, l)) => floats(&rec["blocks"][l.parse::<usize>().unwrap()]),
+                    None => floats(&rec[key.as_str()]),
+                };
+                let err = max_rel_err(&got, &want);
                 assert!(err < 1e-4, "{name}: {key} differs by {err}");
             }
         }
@@ -82,6 +115,31 @@ fn tiny_gptj_matches_transformers() {
 #[test]
 fn tiny_llama_matches_transformers() {
     check_tiny("tiny-llama");
+}
+
+#[test]
+fn tiny_neox_parallel_and_partial_rotary_matches_transformers() {
+    check_tiny("tiny-neox");
+}
+
+#[test]
+fn tiny_neox_sequential_matches_transformers() {
+    check_tiny("tiny-neox-sequential");
+}
+
+#[test]
+fn tiny_llama3_rope_scaling_matches_transformers() {
+    check_tiny("tiny-llama3");
+}
+
+#[test]
+fn tiny_qwen2_biases_yarn_and_upper_layer_window_match_transformers() {
+    check_tiny("tiny-qwen2");
+}
+
+#[test]
+fn tiny_mistral_sliding_window_and_linear_rope_match_transformers() {
+    check_tiny("tiny-mistral");
 }
 
 #[test]

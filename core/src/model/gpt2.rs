@@ -14,6 +14,7 @@ fn block(w: &Weights, cfg: &ModelConfig, l: usize, masks: &CausalMasks) -> Resul
     Ok(Block {
         ln1: Norm::load_layer(w, &format!("{p}.ln_1"), d, eps)?,
         ln2: Some(Norm::load_layer(w, &format!("{p}.ln_2"), d, eps)?),
+        parallel: false,
         attn: Attention {
             qkv: Linear::load_conv1d(w, &format!("{p}.attn.c_attn"), d, 3 * d)?,
             out: Linear::load_conv1d(w, &format!("{p}.attn.c_proj"), d, d)?,
@@ -22,10 +23,12 @@ fn block(w: &Weights, cfg: &ModelConfig, l: usize, masks: &CausalMasks) -> Resul
             head_dim: cfg.head_dim,
             rotary: None,
             masks: masks.clone(),
+            window: None,
         },
         mlp: Mlp::Gelu {
             fc: Linear::load_conv1d(w, &format!("{p}.mlp.c_fc"), d, ff)?,
             proj: Linear::load_conv1d(w, &format!("{p}.mlp.c_proj"), ff, d)?,
+            exact: false,
         },
     })
 }

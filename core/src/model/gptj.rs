@@ -21,6 +21,7 @@ fn block(
     Ok(Block {
         ln1: Norm::load_layer(w, &format!("{p}.ln_1"), d, cfg.norm_eps)?,
         ln2: None,
+        parallel: true,
         attn: Attention {
             qkv: Linear::cat(&[proj("q_proj")?, proj("k_proj")?, proj("v_proj")?])?,
             out: proj("out_proj")?,
@@ -29,10 +30,12 @@ fn block(
             head_dim: cfg.head_dim,
             rotary: Some(shared.0.clone()),
             masks: shared.1.clone(),
+            window: None,
         },
         mlp: Mlp::Gelu {
             fc: Linear::load(w, &format!("{p}.mlp.fc_in"), ff, d, true)?,
             proj: Linear::load(w, &format!("{p}.mlp.fc_out"), d, ff, true)?,
+            exact: false,
         },
     })
 }
@@ -44,7 +47,7 @@ pub(super) fn load(w: &Weights, cfg: &ModelConfig) -> Result<Model> {
         cfg.rotary_dim,
         cfg.head_dim,
         true,
-        cfg.rope_theta,
+        (cfg.rope_theta, cfg.rope_scaling.as_ref()),
         cfg.max_positions,
         w.device,
     )?;

@@ -1,6 +1,7 @@
-//! LLaMA and the families that share its layout (SmolLM2, and `mistral`/`qwen2` configs):
-//! rotary embeddings on halves, RMSNorm, grouped-query attention (optional q/k/v biases), a
-//! SwiGLU MLP, and a head tied to the embeddings where the config says so.
+//! LLaMA and the families that share its layout (SmolLM2, Llama 3, Mistral, Qwen2): rotary
+//! embeddings on halves (scaled for long contexts where the config says), RMSNorm,
+//! grouped-query attention (optional q/k/v biases, an optional sliding window), a SwiGLU MLP,
+//! and a head tied to the embeddings where the config says so.
 
 use super::layers::{Attention, CausalMasks, Linear, Mlp, Norm, Rotary};
 use super::load::Weights;
@@ -32,18 +33,20 @@ fn block(
             d,
             eps,
         )?),
+        parallel: false,
         attn: Attention {
             qkv: Linear::cat(&[
                 a("q_proj", nh * hd, d, ab)?,
                 a("k_proj", nkv * hd, d, ab)?,
                 a("v_proj", nkv * hd, d, ab)?,
             ])?,
-            out: a("o_proj", d, nh * hd, false)?,
+            out: a("o_proj", d, nh * hd, cfg.attn_out_bias)?,
             n_head: nh,
             n_kv_head: nkv,
             head_dim: hd,
             rotary: Some(shared.0.clone()),
             masks: shared.1.clone(),
+            window: cfg.window_of(l),
         },
         mlp: Mlp::SwiGlu {
             gate_up: Linear::cat(&[m("gate_proj", ff, d)?, m("up_proj", ff, d)?])?,
@@ -56,7 +59,8 @@ fn block(
 pub(super) fn load(w: &Weights, cfg: &ModelConfig) -> Result<Model> {
     let d = cfg.d_model;
     let hd = cfg.head_dim;
-    let rotary = Rotary::new(hd, hd, false, cfg.rope_theta, cfg.max_positions, w.device)?;
+    let rope = (cfg.rope_theta, cfg.rope_scaling.as_ref());
+    let rotary = Rotary::new(cfg.rotary_dim, hd, false, rope, cfg.max_positions, w.device)?;
     let shared = (rotary, CausalMasks::default());
     let wte = w.get("model.embed_tokens.weight", &[cfg.vocab_size, d])?;
     let blocks = (0..cfg.n_layer)

@@ -213,6 +213,12 @@ impl GgufModel {
             attn_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
             bos_token_id: tid("tokenizer.ggml.bos_token_id"),
             eos_token_id: tid("tokenizer.ggml.eos_token_id"),
+            rope_scaling: None,
+            sliding_window: None,
+            sliding_layers: vec![],
+            parallel_residual: false,
+            gelu_exact: false,
+            attn_out_bias: false,
         }
         .with_full_rotary();
         cfg.validate()?;

@@ -7,6 +7,7 @@ mod gptj;
 pub mod layers;
 mod llama;
 pub mod load;
+mod neox;
 pub mod save;
 pub mod split;
 
@@ -24,8 +25,11 @@ use load::{WeightSource, Weights};
 pub struct Block {
     /// The norm before attention (in GPT-J, before the MLP too).
     pub ln1: Norm,
-    /// `None` for GPT-J, whose attention and MLP both read `ln1`'s output (parallel block).
+    /// The norm before the MLP; `None` for GPT-J, whose MLP reads `ln1`'s output.
     pub ln2: Option<Norm>,
+    /// Attention and MLP both read the block's input and add to the residual together (GPT-J,
+    /// GPT-NeoX); else the MLP reads the residual after attention (GPT-2, LLaMA).
+    pub parallel: bool,
     /// Self-attention.
     pub attn: Attention,
     /// The MLP; its down-projection is what edits rewrite.
@@ -113,11 +117,22 @@ fn visit(hook: &mut dyn Hook, site: Site, x: Tensor) -> Result<Tensor> {
 impl Block {
     /// The block's output from its input `x`, attention output `a` and MLP output `m`.
     pub fn combine(&self, x: &Tensor, a: &Tensor, m: &Tensor) -> Result<Tensor> {
-        Ok(match &self.ln2 {
-            Some(_) => ((x + a)? + m)?,
-            // GPT-J adds in transformers' order: (attn + mlp) + residual.
-            None => ((a + m)? + x)?,
+        Ok(if self.parallel {
+            // In transformers' order: (attn + mlp) + residual.
+            ((a + m)? + x)?
+        } else {
+            ((x + a)? + m)?
         })
+    }
+
+    /// The MLP's input: the block input `x` or the residual after attention (`x + a`), normed;
+    /// `n1` is `ln1(x)`, which GPT-J's MLP reads too.
+    fn mlp_input(&self, x: &Tensor, a: &Tensor, n1: Tensor) -> Result<Tensor> {
+        match (&self.ln2, self.parallel) {
+            (Some(ln2), true) => ln2.forward(x),
+            (Some(ln2), false) => ln2.forward(&(x + a)?),
+            (None, _) => Ok(n1),
+        }
     }
 
     /// Keys and values this block's attention makes of block input `x` at positions `pos0..`
@@ -128,10 +143,11 @@ impl Block {
 
     /// The MLP's output for block input `x` and attention output `a` (no hooks).
     pub fn mlp_output(&self, x: &Tensor, a: &Tensor) -> Result<Tensor> {
-        let mlp_in = match &self.ln2 {
-            Some(ln2) => ln2.forward(&(x + a)?)?,
+        let n1 = match &self.ln2 {
+            Some(_) => x.clone(),
             None => self.ln1.forward(x)?,
         };
+        let mlp_in = self.mlp_input(x, a, n1)?;
         self.mlp.down().forward(&self.mlp.key(&mlp_in)?)
     }
 
@@ -148,10 +164,7 @@ impl Block {
         let n1 = self.ln1.forward(x)?;
         let a = self.attn.forward(&n1, pos0, cache)?;
         let a = visit!(hook, Site::Attn(l), a);
-        let mlp_in = match &self.ln2 {
-            Some(ln2) => ln2.forward(&(x + &a)?)?,
-            None => n1,
-        };
+        let mlp_in = self.mlp_input(x, &a, n1)?;
         let k = self.mlp.key(&mlp_in)?;
         let k = visit!(hook, Site::MlpKey(l), k);
         let m = self.mlp.down().forward(&k)?;
@@ -397,7 +410,7 @@ pub fn argmax(v: &Tensor) -> Result<u32> {
 
 impl Model {
     /// Builds the model from Hugging Face-named tensors, checking every shape against `cfg`:
-    /// each family's file (`gpt2.rs`, `gptj.rs`, `llama.rs`) names its weights and assembles
+    /// each family's file (`gpt2.rs`, `gptj.rs`, `llama.rs`, `neox.rs`) names its weights and assembles
     /// its blocks.
     pub fn from_source(
         cfg: &ModelConfig,
@@ -411,6 +424,7 @@ impl Model {
             Family::Gpt2 => gpt2::load(&w, cfg),
             Family::Gptj => gptj::load(&w, cfg),
             Family::Llama => llama::load(&w, cfg),
+            Family::Neox => neox::load(&w, cfg),
         }
     }
 }

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::layers::{Linear, Mlp, Norm};
 use super::Model;
-use crate::config::Family;
+use crate::config::{Family, RopeScaling};
 use crate::error::Result;
 
 fn split_rows(l: &Linear, sizes: &[usize]) -> Result<Vec<Linear>> {
@@ -85,7 +85,7 @@ impl Model {
                     }
                     o.conv1d(&format!("{p}.attn.c_attn"), &b.attn.qkv)?;
                     o.conv1d(&format!("{p}.attn.c_proj"), &b.attn.out)?;
-                    if let Mlp::Gelu { fc, proj } = &b.mlp {
+                    if let Mlp::Gelu { fc, proj, .. } = &b.mlp {
                         o.conv1d(&format!("{p}.mlp.c_fc"), fc)?;
                         o.conv1d(&format!("{p}.mlp.c_proj"), proj)?;
                     }
@@ -102,7 +102,7 @@ impl Model {
                         o.linear(&format!("{p}.attn.{n}"), part)?;
                     }
                     o.linear(&format!("{p}.attn.out_proj"), &b.attn.out)?;
-                    if let Mlp::Gelu { fc, proj } = &b.mlp {
+                    if let Mlp::Gelu { fc, proj, .. } = &b.mlp {
                         o.linear(&format!("{p}.mlp.fc_in"), fc)?;
                         o.linear(&format!("{p}.mlp.fc_out"), proj)?;
                     }
@@ -135,6 +135,31 @@ impl Model {
                     o.linear("lm_head", &self.lm_head)?;
                 }
             }
+            Family::Neox => {
+                o.put("gpt_neox.embed_in.weight".into(), &self.wte)?;
+                for (l, b) in self.blocks.iter().enumerate() {
+                    let p = format!("gpt_neox.layers.{l}");
+                    o.norm(&format!("{p}.input_layernorm"), &b.ln1)?;
+                    if let Some(ln2) = &b.ln2 {
+                        o.norm(&format!("{p}.post_attention_layernorm"), ln2)?;
+                    }
+                    let heads = |t: &Tensor| super::neox::qkv_to_heads(t, c.n_head);
+                    let qkv = Linear::new(
+                        heads(&b.attn.qkv.weight)?,
+                        b.attn.qkv.bias.as_ref().map(heads).transpose()?,
+                    );
+                    o.linear(&format!("{p}.attention.query_key_value"), &qkv)?;
+                    o.linear(&format!("{p}.attention.dense"), &b.attn.out)?;
+                    if let Mlp::Gelu { fc, proj, .. } = &b.mlp {
+                        o.linear(&format!("{p}.mlp.dense_h_to_4h"), fc)?;
+                        o.linear(&format!("{p}.mlp.dense_4h_to_h"), proj)?;
+                    }
+                }
+                o.norm("gpt_neox.final_layer_norm", &self.ln_f)?;
+                if !c.tie_embeddings {
+                    o.linear("embed_out", &self.lm_head)?;
+                }
+            }
         }
         Ok(o.0)
     }
@@ -163,15 +188,90 @@ impl Model {
                 "tie_word_embeddings": false,
                 "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": dtype,
             }),
-            Family::Llama => json!({
-                "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+            Family::Llama => {
+                // LLaMA's attention biases include the output's and it has no sliding window;
+                // Qwen2 biases q/k/v only; Mistral has no biases and a window.
+                let (model_type, arch) = if c.attn_out_bias {
+                    ("llama", "LlamaForCausalLM")
+                } else if c.attn_bias {
+                    ("qwen2", "Qwen2ForCausalLM")
+                } else if c.sliding_window.is_some() {
+                    ("mistral", "MistralForCausalLM")
+                } else {
+                    ("llama", "LlamaForCausalLM")
+                };
+                let mut v = json!({
+                    "model_type": model_type, "architectures": [arch],
+                    "hidden_size": c.d_model, "intermediate_size": c.d_ff, "num_hidden_layers": c.n_layer,
+                    "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
+                    "max_position_embeddings": c.max_positions, "vocab_size": c.vocab_size,
+                    "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "hidden_act": "silu",
+                    "tie_word_embeddings": c.tie_embeddings, "attention_bias": c.attn_out_bias,
+                    "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": dtype,
+                    "rope_scaling": rope_scaling_json(c.rope_scaling.as_ref()),
+                });
+                if let Some(w) = c.sliding_window {
+                    let layers: Vec<&str> = (0..c.n_layer)
+                        .map(|l| match c.window_of(l) {
+                            Some(_) => "sliding_attention",
+                            None => "full_attention",
+                        })
+                        .collect();
+                    v["sliding_window"] = json!(w);
+                    v["use_sliding_window"] = json!(true);
+                    // Qwen2 reads its windowed layers from the list; Mistral windows them all.
+                    if model_type == "qwen2" || !c.sliding_layers.is_empty() {
+                        v["layer_types"] = json!(layers);
+                    }
+                }
+                v
+            }
+            Family::Neox => json!({
+                "model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"],
                 "hidden_size": c.d_model, "intermediate_size": c.d_ff, "num_hidden_layers": c.n_layer,
-                "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
-                "max_position_embeddings": c.max_positions, "vocab_size": c.vocab_size,
-                "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "hidden_act": "silu",
-                "tie_word_embeddings": c.tie_embeddings, "attention_bias": c.attn_bias,
+                "num_attention_heads": c.n_head, "max_position_embeddings": c.max_positions,
+                "vocab_size": c.vocab_size, "layer_norm_eps": c.norm_eps,
+                // Read back as int(head_dim · pct): half a dimension over keeps it exact.
+                "rotary_pct": (c.rotary_dim as f64 + 0.5) / c.head_dim as f64,
+                "rotary_emb_base": c.rope_theta,
+                "hidden_act": if c.gelu_exact { "gelu" } else { "gelu_new" },
+                "use_parallel_residual": c.parallel_residual, "attention_bias": c.attn_bias,
+                "tie_word_embeddings": c.tie_embeddings,
+                "rope_scaling": rope_scaling_json(c.rope_scaling.as_ref()),
                 "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": dtype,
             }),
         }
+    }
+}
+
+/// A rotary scaling as transformers' `rope_scaling` names it (`null` for none).
+fn rope_scaling_json(s: Option<&RopeScaling>) -> serde_json::Value {
+    match s {
+        None => serde_json::Value::Null,
+        Some(RopeScaling::Linear { factor }) => json!({"rope_type": "linear", "factor": factor}),
+        Some(RopeScaling::Dynamic { factor }) => json!({"rope_type": "dynamic", "factor": factor}),
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_positions,
+        }) => json!({
+            "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": original_max_positions,
+        }),
+        Some(RopeScaling::Yarn {
+            factor,
+            original_max_positions,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+            truncate,
+        }) => json!({
+            "rope_type": "yarn", "factor": factor,
+            "original_max_position_embeddings": original_max_positions,
+            "beta_fast": beta_fast, "beta_slow": beta_slow,
+            "attention_factor": attention_factor, "truncate": truncate,
+        }),
     }
 }

@@ -38,6 +38,9 @@ pub struct Attention {
     pub rotary: Option<Rotary>,
     /// Causal masks, shared by all layers of the model.
     pub masks: CausalMasks,
+    /// Sliding-window attention: each query sees only the last `w` positions, itself included
+    /// (Mistral; some of Qwen2's layers).
+    pub window: Option<usize>,
 }
 
 impl Attention {
@@ -109,12 +112,24 @@ impl Attention {
             c.k = Some(k.clone());
             c.v = Some(v.clone());
         }
+        // A window narrower than the keys hides the oldest ones; wider, it changes nothing.
+        let window = self
+            .window
+            .filter(|&w| k.dim(2).is_ok_and(|t_all| t_all > w));
         // Grouped-query attention without copying keys: the `rep` query heads that share a key
         // head are stacked along the query axis, [b, nkv, rep·t, hd].
         let rep = nh / nkv;
         let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
         let v = v.contiguous()?;
         let y = match key_mask {
+            // Rows at their own positions: the window counts each row's positions, not indices.
+            key_mask if window.is_some() && row_starts.is_some() => {
+                let starts = row_starts.as_deref().unwrap_or_default();
+                let (t_all, w) = (k.dim(2)?, window.unwrap_or(usize::MAX));
+                let mask = window_by_rows(key_mask.as_ref(), starts, (t, rep, t_all), w)?;
+                self.mixed(&q, &k, &v, t, Some(mask.to_device(q.device())?), None)?
+            }
+            _ if window.is_some() => self.mixed(&q, &k, &v, t, key_mask, window)?,
             None if t >= Self::CAUSAL_BLOCK
                 && q.device().is_cpu()
                 && !q.track_op()
@@ -122,7 +137,7 @@ impl Attention {
             {
                 self.causal_blocks(&q, &k, &v, t)?
             }
-            key_mask => self.mixed(&q, &k, &v, t, key_mask)?,
+            key_mask => self.mixed(&q, &k, &v, t, key_mask, None)?,
         }
         .reshape((b, nh, t, hd))?;
         let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
@@ -135,7 +150,8 @@ impl Attention {
 
     /// Attention of the stacked queries `[b, nkv, rep·t, hd]` over keys and values `[b, nkv,
     /// t_all, hd]`: scores (f32), masks (causal and `key_mask`), softmax, then the probabilities,
-    /// cast to the values' dtype, times the values: `[b, nkv, rep·t, hd]`.
+    /// cast to the values' dtype, times the values: `[b, nkv, rep·t, hd]`. `window`: the
+    /// sliding window, where it hides keys.
     fn mixed(
         &self,
         q: &Tensor,
@@ -143,18 +159,27 @@ impl Attention {
         v: &Tensor,
         t: usize,
         key_mask: Option<Tensor>,
+        window: Option<usize>,
     ) -> Result<Tensor> {
         let (b, nkv, rows, hd) = q.dims4()?;
         let t_all = k.dim(2)?;
         let scores = q.matmul(&k.contiguous()?.t()?)?;
         count_products(q, b * nkv * rows, t_all, hd);
-        let fast = crate::kernels::causal_softmax(&scores, t, key_mask.as_ref())?;
+        // The fused kernel knows causal masks and one key mask per row only.
+        let per_query = key_mask
+            .as_ref()
+            .is_some_and(|m| m.dim(2).is_ok_and(|n| n > 1));
+        let fast = match window {
+            None if !per_query => crate::kernels::causal_softmax(&scores, t, key_mask.as_ref())?,
+            _ => None,
+        };
         let probs = match fast {
             Some(p) => p,
             None => {
-                let scores = if t > 1 {
+                let scores = if t > 1 || window.is_some() {
                     let rep = rows / t;
-                    scores.broadcast_add(&self.masks.get(t, t_all, rep, q.device())?)?
+                    let mask = self.masks.get(t, t_all, rep, window, q.device())?;
+                    scores.broadcast_add(&mask)?
                 } else {
                     scores
                 };
@@ -185,11 +210,57 @@ impl Attention {
             let qb = q.narrow(3, start, len)?.contiguous()?;
             let qb = qb.reshape((b, nkv, rep * len, hd))?;
             let (kb, vb) = (k.narrow(2, 0, seen)?, v.narrow(2, 0, seen)?.contiguous()?);
-            let y = self.mixed(&qb, &kb, &vb, len, None)?;
+            let y = self.mixed(&qb, &kb, &vb, len, None, None)?;
             blocks.push(y.reshape((b, nkv, rep, len, hd))?);
         }
         Ok(Tensor::cat(&blocks, 3)?.reshape((b, nkv, rows, hd))?)
     }
+}
+
+/// The mask `[b, 1, rep·t, t_all]` of rows that sit at their own positions, through a sliding
+/// window `w`: a key's position is the count of unmasked keys before it in its row (the
+/// `key_mask`, `[b, 1, 1, t_all]`, hides padding), row `r`'s queries sit at `starts[r]..`; a
+/// query sees the unmasked keys at its position and the `w − 1` before.
+fn window_by_rows(
+    key_mask: Option<&Tensor>,
+    starts: &[usize],
+    (t, rep, t_all): (usize, usize, usize),
+    w: usize,
+) -> Result<Tensor> {
+    let b = starts.len();
+    let hidden: Vec<bool> = match key_mask {
+        Some(m) => m
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|x| x.is_infinite())
+            .collect(),
+        None => vec![false; b * t_all],
+    };
+    let mut mask = Vec::with_capacity(b * rep * t * t_all);
+    for (r, &start) in starts.iter().enumerate() {
+        let mut seen = 0;
+        let positions: Vec<Option<usize>> = hidden[r * t_all..(r + 1) * t_all]
+            .iter()
+            .map(|&h| {
+                (!h).then(|| {
+                    seen += 1;
+                    seen - 1
+                })
+            })
+            .collect();
+        for _ in 0..rep {
+            for at in start..start + t {
+                mask.extend(positions.iter().map(|p| match p {
+                    Some(p) if *p <= at && at - p < w => 0.0,
+                    _ => f32::NEG_INFINITY,
+                }));
+            }
+        }
+    }
+    let mask = Tensor::from_vec(mask, (b, 1, rep * t, t_all), &Device::Cpu)?;
+    Ok(mask)
 }
 
 /// Counts one of attention's products, `[m, k]·[k, n]`, with its backward's two when `q` is
@@ -202,24 +273,32 @@ fn count_products(q: &Tensor, m: usize, n: usize, k: usize) {
 }
 
 /// Additive causal masks, `[rep·t, t_all]` (0 or −∞): query i, at absolute position
-/// t_all − t + i, sees keys up to itself. Made once per shape and shared by all layers of a
-/// model (a GPU pass would otherwise upload one per layer).
+/// t_all − t + i, sees keys up to itself (within a sliding window, only the last `w` of them).
+/// Made once per shape and shared by all layers of a model (a GPU pass would otherwise upload
+/// one per layer).
 #[derive(Clone, Debug, Default)]
 pub struct CausalMasks {
     made: std::sync::Arc<std::sync::Mutex<Vec<(MaskShape, Tensor)>>>,
 }
 
-/// `(t, t_all, rep)`.
-type MaskShape = (usize, usize, usize);
+/// `(t, t_all, rep, window)`.
+type MaskShape = (usize, usize, usize, Option<usize>);
 
 impl CausalMasks {
     /// Shapes kept; the oldest goes first (a trace uses a dozen, an edit two).
     const KEEP: usize = 64;
 
     /// The mask of `t` new queries (each repeated `rep` times) over `t_all` keys, `[rep·t, t_all]`,
-    /// made once per shape and device.
-    pub fn get(&self, t: usize, t_all: usize, rep: usize, device: &Device) -> Result<Tensor> {
-        let key = (t, t_all, rep);
+    /// within a sliding `window` if any; made once per shape and device.
+    pub fn get(
+        &self,
+        t: usize,
+        t_all: usize,
+        rep: usize,
+        window: Option<usize>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let key = (t, t_all, rep, window);
         let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, m)) = made
             .iter()
@@ -230,7 +309,8 @@ impl CausalMasks {
         let offset = t_all - t;
         let row = |i: usize| {
             (0..t_all).map(move |j| {
-                if j > i + offset {
+                let at = i + offset;
+                if j > at || window.is_some_and(|w| at - j >= w) {
                     f32::NEG_INFINITY
                 } else {
                     0.0

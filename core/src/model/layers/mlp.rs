@@ -9,12 +9,14 @@ use crate::error::Result;
 /// The MLP, split into the key computation and the down-projection that ROME edits.
 #[derive(Clone, Debug)]
 pub enum Mlp {
-    /// GPT-2 / GPT-J: `proj(gelu_tanh(fc(x)))`.
+    /// GPT-2 / GPT-J: `proj(gelu_tanh(fc(x)))`; GPT-NeoX: `proj(gelu(fc(x)))` (exact, erf).
     Gelu {
         /// The up-projection, `[d_ff, d]`.
         fc: Linear,
         /// The down-projection, `[d, d_ff]`.
         proj: Linear,
+        /// The exact GELU rather than its tanh approximation.
+        exact: bool,
     },
     /// LLaMA: `down(silu(gate(x)) * up(x))`, gate and up fused into one `[2 d_ff, d]` map.
     SwiGlu {
@@ -29,8 +31,11 @@ impl Mlp {
     /// ROME's key: the down-projection's input.
     pub fn key(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Mlp::Gelu { fc, .. } => {
+            Mlp::Gelu { fc, exact, .. } => {
                 let h = fc.forward(x)?;
+                if *exact {
+                    return Ok(h.gelu_erf()?);
+                }
                 match crate::kernels::gelu_tanh(&h)? {
                     Some(key) => Ok(key),
                     None => Ok(h.gelu()?),

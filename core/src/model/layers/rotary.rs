@@ -3,6 +3,7 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use super::super::fused;
+use crate::config::RopeScaling;
 use crate::error::{LociError, Result};
 
 /// Rotary position embedding on the first `dim` dimensions of each head, in f32 (as GPT-J's
@@ -42,27 +43,36 @@ pub enum Positions<'a> {
 }
 
 impl Rotary {
-    /// Tables turning the first `dim` of each head's `head_dim` dimensions, with base `theta`,
-    /// for `positions` positions on `device`; `interleaved`: GPT-J's pairs, else LLaMA's halves.
+    /// Tables turning the first `dim` of each head's `head_dim` dimensions, with base `theta`
+    /// and a long-context `scaling` if any, for `positions` positions on `device`;
+    /// `interleaved`: GPT-J's pairs, else LLaMA's halves.
     pub fn new(
         dim: usize,
         head_dim: usize,
         interleaved: bool,
-        theta: f64,
+        (theta, scaling): (f64, Option<&RopeScaling>),
         positions: usize,
         device: &Device,
     ) -> Result<Self> {
         let span = if interleaved { head_dim } else { dim };
-        // Same float32 formula as transformers: inv_freq in f32, then the f32 product.
-        let inv: Vec<f32> = (0..dim / 2)
-            .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / dim as f32))
+        let (inv, scale) = frequencies(dim, theta, scaling);
+        let inv: Vec<f32> = inv
+            .into_iter()
             .chain(std::iter::repeat_n(0.0, (span - dim) / 2))
             .collect();
         let angles: Vec<f32> = (0..positions)
             .flat_map(|p| inv.iter().map(move |f| p as f32 * f))
             .collect();
+        // The attention factor scales the turning pairs only: past `dim`, GPT-J's pairs stay put.
+        let pair_scale: Vec<f32> = (0..span / 2)
+            .map(|j| if j < dim / 2 { scale } else { 1.0 })
+            .collect();
         let table = |f: fn(f32) -> f32| -> Result<Tensor> {
-            let v: Vec<f32> = angles.iter().map(|&a| f(a)).collect();
+            let v: Vec<f32> = angles
+                .iter()
+                .zip(pair_scale.iter().cycle())
+                .map(|(&a, s)| f(a) * s)
+                .collect();
             Ok(Tensor::from_vec(v, (positions, span / 2), device)?)
         };
         let (cos, sin) = (table(f32::cos)?, table(f32::sin)?);
@@ -189,6 +199,73 @@ impl Rotary {
             (self.rotate(q, &cos, &sin)? * self.q_scale)?
         };
         Ok((q, k))
+    }
+}
+
+/// The inverse frequencies of the `dim / 2` rotary pairs with base `theta`, and the factor that
+/// scales cos and sin (YaRN's attention factor; else 1): in f32, by transformers' formulas.
+pub fn frequencies(dim: usize, theta: f64, scaling: Option<&RopeScaling>) -> (Vec<f32>, f32) {
+    // theta^(2i/dim) per pair, each pair's wavelength in positions over 2π.
+    let period: Vec<f32> = (0..dim / 2)
+        .map(|i| (theta as f32).powf((2 * i) as f32 / dim as f32))
+        .collect();
+    let plain = || period.iter().map(|p| 1.0 / p).collect::<Vec<f32>>();
+    match scaling {
+        None | Some(RopeScaling::Dynamic { .. }) => (plain(), 1.0),
+        Some(RopeScaling::Linear { factor }) => {
+            (plain().iter().map(|f| f / *factor as f32).collect(), 1.0)
+        }
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor: low,
+            high_freq_factor: high,
+            original_max_positions,
+        }) => {
+            let (factor, low, high) = (*factor as f32, *low as f32, *high as f32);
+            let old = *original_max_positions as f32;
+            let inv = plain().into_iter().map(|f| {
+                let wavelen = 2.0 * std::f32::consts::PI / f;
+                if wavelen < old / high {
+                    f
+                } else if wavelen > old / low {
+                    f / factor
+                } else {
+                    let smooth = (old / wavelen - low) / (high - low);
+                    (1.0 - smooth) * f / factor + smooth * f
+                }
+            });
+            (inv.collect(), 1.0)
+        }
+        Some(RopeScaling::Yarn {
+            factor,
+            original_max_positions,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+            truncate,
+        }) => {
+            let d = dim as f64;
+            // The dimension that turns `rotations` times over the original context.
+            let at = |rotations: f64| {
+                let turns =
+                    *original_max_positions as f64 / (rotations * 2.0 * std::f64::consts::PI);
+                d * turns.ln() / (2.0 * theta.ln())
+            };
+            let (mut low, mut high) = (at(*beta_fast), at(*beta_slow));
+            if *truncate {
+                (low, high) = (low.floor(), high.ceil());
+            }
+            let (low, mut high) = (low.max(0.0), high.min(d - 1.0));
+            if low == high {
+                high += 0.001;
+            }
+            let inv = period.iter().enumerate().map(|(i, p)| {
+                let ramp = ((i as f32 - low as f32) / (high - low) as f32).clamp(0.0, 1.0);
+                let fast = 1.0 - ramp;
+                (1.0 / (*factor as f32 * p)) * (1.0 - fast) + (1.0 / p) * fast
+            });
+            (inv.collect(), *attention_factor as f32)
+        }
     }
 }
 
