@@ -18,6 +18,13 @@ pub enum Family {
     /// GPT-NeoX (Pythia): partial rotary on halves, fused head-interleaved q/k/v, LayerNorms with
     /// biases, exact GELU, and (usually) attention and MLP in parallel off two norms.
     Neox,
+    /// Phi-3: LLaMA's layout with q/k/v and gate/up each stored as one matrix, and partial
+    /// rotary where the config says.
+    Phi3,
+    /// Gemma and Gemma-2: LLaMA's layout with `(1 + w)` RMSNorms, GeGLU, embeddings scaled by
+    /// √d_model; Gemma-2 adds norms on the attention's and MLP's outputs, soft-capped scores
+    /// and logits, its own score scale and a sliding window on alternate layers.
+    Gemma,
 }
 
 impl Family {
@@ -28,6 +35,8 @@ impl Family {
             Family::Gptj => "gptj",
             Family::Llama => "llama",
             Family::Neox => "neox",
+            Family::Phi3 => "phi3",
+            Family::Gemma => "gemma",
         }
     }
 }
@@ -97,17 +106,36 @@ pub struct ModelConfig {
     /// Which layers attend through the window (empty: all of them, as Mistral's).
     #[serde(default)]
     pub sliding_layers: Vec<bool>,
-    /// Attention and MLP both read the block's input, each through its own norm, and add to
-    /// the residual together (GPT-NeoX's `use_parallel_residual`).
+    /// The smaller ways a family's pieces differ, all off by default.
     #[serde(default)]
+    pub quirks: Quirks,
+}
+
+/// The smaller ways families differ from the plain pieces of their layout.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Quirks {
+    /// Attention and MLP both read the block's input and add to the residual together (GPT-J;
+    /// GPT-NeoX's `use_parallel_residual`, each through its own norm).
     pub parallel_residual: bool,
     /// The MLP's GELU is the exact (erf) one rather than the tanh approximation.
-    #[serde(default)]
     pub gelu_exact: bool,
     /// A bias on the attention's output projection too (LLaMA's `attention_bias`; Qwen2 biases
     /// q/k/v only).
-    #[serde(default)]
     pub attn_out_bias: bool,
+    /// The gated MLP's gate goes through GELU (tanh), not SiLU: GeGLU (Gemma).
+    pub glu_gelu: bool,
+    /// Token embeddings scaled by this as they enter the residual stream (Gemma: √d_model).
+    pub embed_scale: Option<f64>,
+    /// Attention scores scaled by this to the −½ rather than by 1/√head_dim (Gemma-2's
+    /// `query_pre_attn_scalar`).
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Attention scores soft-capped, `c·tanh(s/c)`, before the mask (Gemma-2).
+    pub attn_softcap: Option<f64>,
+    /// Logits soft-capped the same way (Gemma-2).
+    pub final_softcap: Option<f64>,
+    /// Norms on the attention's and the MLP's outputs too, before each joins the residual
+    /// (Gemma-2's "sandwich").
+    pub sandwich_norms: bool,
 }
 
 /// A rotary scaling for contexts longer than the model was trained on, as transformers' `rope_type`s
@@ -294,7 +322,7 @@ impl Rope {
 
 /// Sliding-window attention as transformers applies it: the window and which layers use it
 /// (empty: all). Mistral windows every layer (4096 positions when the config names none, none
-/// when it says `null`); Qwen2 only with `use_sliding_window`, in the layers `layer_types` lists
+/// when it says `null`), Phi-3 every layer when it names one; Qwen2 only with `use_sliding_window`, in the layers `layer_types` lists
 /// or else from `max_window_layers` (28) on; LLaMA never.
 fn sliding_of(v: &Value, model_type: &str, n_layer: usize) -> Result<(Option<usize>, Vec<bool>)> {
     let window = |default: Option<usize>| match v.get("sliding_window") {
@@ -307,6 +335,7 @@ fn sliding_of(v: &Value, model_type: &str, n_layer: usize) -> Result<(Option<usi
     };
     match model_type {
         "mistral" => Ok((window(Some(4096))?, vec![])),
+        "phi3" => Ok((window(None)?, vec![])),
         "qwen2" if v.get("use_sliding_window").and_then(Value::as_bool) == Some(true) => {
             let Some(w) = window(Some(4096))? else {
                 return Ok((None, vec![]));
@@ -342,6 +371,32 @@ fn sliding_of(v: &Value, model_type: &str, n_layer: usize) -> Result<(Option<usi
     }
 }
 
+/// Gemma-2's windows: 4096 positions (or its `sliding_window`) in the layers `layer_types`
+/// names, else in every other layer from the first.
+fn gemma2_windows(v: &Value, n_layer: usize) -> Result<(Option<usize>, Vec<bool>)> {
+    let window = match v.get("sliding_window") {
+        None => Some(4096),
+        Some(w) => w.as_u64().map(|w| w as usize),
+    };
+    let layers: Vec<bool> = match v.get("layer_types").and_then(Value::as_array) {
+        Some(types) => types
+            .iter()
+            .map(|t| t.as_str() == Some("sliding_attention"))
+            .collect(),
+        None => (0..n_layer).map(|l| l % 2 == 0).collect(),
+    };
+    if layers.len() != n_layer {
+        return Err(LociError::model(format!(
+            "layer_types lists {} layers, the model has {n_layer}",
+            layers.len()
+        )));
+    }
+    Ok(match window {
+        Some(w) if layers.contains(&true) => (Some(w), layers),
+        _ => (None, vec![]),
+    })
+}
+
 impl ModelConfig {
     /// Whether layer `l` attends through a sliding window, and how wide.
     pub fn window_of(&self, l: usize) -> Option<usize> {
@@ -363,9 +418,12 @@ impl ModelConfig {
             "gpt2" | "gptj" => Self::gpt_from_hf(&v, model_type)?,
             "llama" | "mistral" | "qwen2" => Self::llama_from_hf(&v, model_type)?,
             "gpt_neox" => Self::neox_from_hf(&v)?,
+            "phi3" => Self::llama_from_hf(&v, model_type)?,
+            "gemma" | "gemma2" => Self::gemma_from_hf(&v, model_type)?,
             other => {
                 return Err(LociError::Unsupported(format!(
-                    "model_type {other:?} (supported: gpt2, gptj, llama, mistral, qwen2, gpt_neox)"
+                    "model_type {other:?} (supported: gpt2, gptj, llama, mistral, qwen2, phi3, \
+                     gemma, gemma2, gpt_neox)"
                 )))
             }
         };
@@ -415,9 +473,10 @@ impl ModelConfig {
             rope_scaling: None,
             sliding_window: None,
             sliding_layers: vec![],
-            parallel_residual: family == Family::Gptj,
-            gelu_exact: false,
-            attn_out_bias: family == Family::Gpt2,
+            quirks: Quirks {
+                parallel_residual: family == Family::Gptj,
+                ..Quirks::default()
+            },
         })
     }
 
@@ -467,25 +526,45 @@ impl ModelConfig {
             rope_scaling: rope.scaling,
             sliding_window: None,
             sliding_layers: vec![],
-            parallel_residual: flag("use_parallel_residual", true),
-            gelu_exact,
-            attn_out_bias: flag("attention_bias", true),
+            quirks: Quirks {
+                parallel_residual: flag("use_parallel_residual", true),
+                gelu_exact,
+                ..Quirks::default()
+            },
         })
     }
 
-    /// The LLaMA-style (`llama`, `mistral`, `qwen2`) fields of a parsed `config.json`, not yet
-    /// validated.
+    /// The LLaMA-style (`llama`, `mistral`, `qwen2`, `phi3`) fields of a parsed `config.json`,
+    /// not yet validated.
     fn llama_from_hf(v: &Value, model_type: &str) -> Result<Self> {
         let d_model = need(v, &["hidden_size"])?;
         let n_head = need(v, &["num_attention_heads"])?;
         let n_layer = need(v, &["num_hidden_layers"])?;
         let max_positions = need(v, &["max_position_embeddings"])?;
-        let rope = Rope::of(v, LLAMA_ROPE, max_positions)?;
+        let phi3 = model_type == "phi3";
+        let keys = if phi3 {
+            RopeKeys {
+                theta: "rope_theta",
+                partial: Some("partial_rotary_factor"),
+            }
+        } else {
+            LLAMA_ROPE
+        };
+        let rope = Rope::of(v, keys, max_positions)?;
+        if let Some(act) = v
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .filter(|a| *a != "silu")
+        {
+            return Err(LociError::Unsupported(format!(
+                "hidden_act {act:?} (only silu)"
+            )));
+        }
         let (sliding_window, sliding_layers) = sliding_of(v, model_type, n_layer)?;
         let head_dim = get_usize(v, &["head_dim"]).unwrap_or(d_model / n_head.max(1));
         let attention_bias = v.get("attention_bias").and_then(Value::as_bool) == Some(true);
         Ok(ModelConfig {
-            family: Family::Llama,
+            family: if phi3 { Family::Phi3 } else { Family::Llama },
             n_layer,
             d_model,
             n_head,
@@ -495,22 +574,63 @@ impl ModelConfig {
             vocab_size: need(v, &["vocab_size"])?,
             max_positions,
             norm_eps: get_f64(v, &["rms_norm_eps"]).unwrap_or(1e-6),
-            rotary_dim: head_dim,
+            rotary_dim: (head_dim as f64 * rope.partial.unwrap_or(1.0)) as usize,
             rope_theta: rope.theta,
             tie_embeddings: v
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
             attn_bias: model_type == "qwen2" || attention_bias,
-            attn_out_bias: model_type == "llama" && attention_bias,
             bos_token_id: token_id(v, "bos_token_id"),
             eos_token_id: token_id(v, "eos_token_id"),
             rope_scaling: rope.scaling,
             sliding_window,
             sliding_layers,
-            parallel_residual: false,
-            gelu_exact: false,
+            quirks: Quirks {
+                attn_out_bias: model_type == "llama" && attention_bias,
+                ..Quirks::default()
+            },
         })
+    }
+
+    /// The Gemma and Gemma-2 fields of a parsed `config.json`, not yet validated: a LLaMA-style
+    /// config (tied head, no biases) with Gemma's pieces in `quirks`.
+    fn gemma_from_hf(v: &Value, model_type: &str) -> Result<Self> {
+        let two = model_type == "gemma2";
+        let mut plain = v.clone();
+        let act = ["hidden_activation", "hidden_act"]
+            .iter()
+            .find_map(|k| v.get(*k).and_then(Value::as_str))
+            .unwrap_or("gelu_pytorch_tanh");
+        // transformers reads a legacy "gelu" as the tanh approximation, Gemma's own.
+        if !matches!(act, "gelu_pytorch_tanh" | "gelu_new" | "gelu") {
+            return Err(LociError::Unsupported(format!(
+                "Gemma activation {act:?} (gelu_pytorch_tanh)"
+            )));
+        }
+        plain["hidden_act"] = "silu".into();
+        let mut cfg = Self::llama_from_hf(&plain, "llama")?;
+        cfg.family = Family::Gemma;
+        cfg.tie_embeddings = v
+            .get("tie_word_embeddings")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
+        // A Gemma-2 default is dropped by an explicit null.
+        let or_default = |k: &str, d: f64| match v.get(k) {
+            None => Some(d),
+            Some(x) => x.as_f64(),
+        };
+        cfg.quirks.glu_gelu = true;
+        cfg.quirks.embed_scale = Some((cfg.d_model as f64).sqrt());
+        if two {
+            let scalar = get_f64(v, &["query_pre_attn_scalar"]).unwrap_or(256.0);
+            cfg.quirks.query_pre_attn_scalar = Some(scalar);
+            cfg.quirks.attn_softcap = or_default("attn_logit_softcapping", 50.0);
+            cfg.quirks.final_softcap = or_default("final_logit_softcapping", 30.0);
+            cfg.quirks.sandwich_norms = true;
+            (cfg.sliding_window, cfg.sliding_layers) = gemma2_windows(v, cfg.n_layer)?;
+        }
+        Ok(cfg)
     }
 
     pub(crate) fn with_full_rotary(mut self) -> Self {
@@ -530,7 +650,8 @@ impl ModelConfig {
                 self.n_head, self.n_kv_head
             ));
         }
-        if self.family != Family::Llama && self.head_dim * self.n_head != self.d_model {
+        let free_heads = matches!(self.family, Family::Llama | Family::Phi3 | Family::Gemma);
+        if !free_heads && self.head_dim * self.n_head != self.d_model {
             return bad(format!(
                 "d_model {} is not divisible by {} heads",
                 self.d_model, self.n_head
@@ -570,7 +691,7 @@ impl ModelConfig {
             kv: 2 * d * kv,
             out: q * d,
             mlp: match self.family {
-                Family::Llama => 3 * d * self.d_ff,
+                Family::Llama | Family::Phi3 | Family::Gemma => 3 * d * self.d_ff,
                 Family::Gpt2 | Family::Gptj | Family::Neox => 2 * d * self.d_ff,
             },
         }
@@ -699,7 +820,7 @@ mod tests {
         // Qwen2 windows only with use_sliding_window, from max_window_layers on.
         let off = llama("qwen2", r#","sliding_window":8"#).unwrap();
         assert_eq!(off.sliding_window, None);
-        assert!(off.attn_bias && !off.attn_out_bias);
+        assert!(off.attn_bias && !off.quirks.attn_out_bias);
         let qwen = llama(
             "qwen2",
             r#","sliding_window":8,"use_sliding_window":true,"max_window_layers":2"#,
@@ -714,6 +835,24 @@ mod tests {
             (0..3).map(|l| listed.window_of(l)).collect::<Vec<_>>(),
             [None, Some(8), None]
         );
+        // Phi-3 windows every layer when its config names a window.
+        assert_eq!(
+            windows(&llama("phi3", r#","sliding_window":8"#).unwrap()),
+            [Some(8); 3]
+        );
+        assert_eq!(windows(&llama("phi3", "").unwrap()), [None; 3]);
+        // Gemma-2: every other layer from the first by default, its defaults dropped by null.
+        let gemma2 = llama("gemma2", r#","head_dim":16"#).unwrap();
+        assert_eq!(windows(&gemma2), [Some(4096), None, Some(4096)]);
+        let q = &gemma2.quirks;
+        assert_eq!((q.attn_softcap, q.final_softcap), (Some(50.0), Some(30.0)));
+        assert_eq!(q.query_pre_attn_scalar, Some(256.0));
+        assert_eq!(q.embed_scale, Some(8.0));
+        let uncapped = llama("gemma2", r#","final_logit_softcapping":null"#).unwrap();
+        assert_eq!(uncapped.quirks.final_softcap, None);
+        let gemma = llama("gemma", "").unwrap();
+        assert!(gemma.tie_embeddings && gemma.quirks.glu_gelu && !gemma.quirks.sandwich_norms);
+        assert_eq!(windows(&gemma), [None; 3]);
         let short = llama(
             "qwen2",
             r#","sliding_window":8,"use_sliding_window":true,"layer_types":["full_attention"]"#,

@@ -150,6 +150,7 @@ fn batched_passes_equal_each_row_alone_on_the_tiny_models() {
         "tiny-neox",
         "tiny-mistral",
         "tiny-qwen2",
+        "tiny-gemma2",
     ] {
         let mut lm = common::tiny(name);
         // The tiny GPT-J's few keys make MEMIT's covariance singular: its rows go unedited

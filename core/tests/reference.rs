@@ -143,6 +143,21 @@ fn tiny_mistral_sliding_window_and_linear_rope_match_transformers() {
 }
 
 #[test]
+fn tiny_phi3_fused_matrices_partial_rotary_and_window_match_transformers() {
+    check_tiny("tiny-phi3");
+}
+
+#[test]
+fn tiny_gemma_norms_geglu_and_scaled_embeddings_match_transformers() {
+    check_tiny("tiny-gemma");
+}
+
+#[test]
+fn tiny_gemma2_sandwich_norms_softcaps_and_alternating_windows_match_transformers() {
+    check_tiny("tiny-gemma2");
+}
+
+#[test]
 fn batched_rows_equal_single_runs_and_cache_equals_full_pass() {
     let lm = LoadedModel::load(
         &common::fixtures().join("tiny-gptj"),

@@ -20,6 +20,9 @@ fn fast_path_equals_naive_path_for_every_kind_and_family() {
         "tiny-llama3",
         "tiny-qwen2",
         "tiny-mistral",
+        "tiny-phi3",
+        "tiny-gemma",
+        "tiny-gemma2",
     ] {
         let lm = tiny(name);
         for window in [1, 3, 10] {

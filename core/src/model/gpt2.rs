@@ -15,6 +15,8 @@ fn block(w: &Weights, cfg: &ModelConfig, l: usize, masks: &CausalMasks) -> Resul
         ln1: Norm::load_layer(w, &format!("{p}.ln_1"), d, eps)?,
         ln2: Some(Norm::load_layer(w, &format!("{p}.ln_2"), d, eps)?),
         parallel: false,
+        post_attn: None,
+        post_mlp: None,
         attn: Attention {
             qkv: Linear::load_conv1d(w, &format!("{p}.attn.c_attn"), d, 3 * d)?,
             out: Linear::load_conv1d(w, &format!("{p}.attn.c_proj"), d, d)?,
@@ -24,6 +26,7 @@ fn block(w: &Weights, cfg: &ModelConfig, l: usize, masks: &CausalMasks) -> Resul
             rotary: None,
             masks: masks.clone(),
             window: None,
+            softcap: None,
         },
         mlp: Mlp::Gelu {
             fc: Linear::load_conv1d(w, &format!("{p}.mlp.c_fc"), d, ff)?,

@@ -22,6 +22,8 @@ fn block(
         ln1: Norm::load_layer(w, &format!("{p}.ln_1"), d, cfg.norm_eps)?,
         ln2: None,
         parallel: true,
+        post_attn: None,
+        post_mlp: None,
         attn: Attention {
             qkv: Linear::cat(&[proj("q_proj")?, proj("k_proj")?, proj("v_proj")?])?,
             out: proj("out_proj")?,
@@ -31,6 +33,7 @@ fn block(
             rotary: Some(shared.0.clone()),
             masks: shared.1.clone(),
             window: None,
+            softcap: None,
         },
         mlp: Mlp::Gelu {
             fc: Linear::load(w, &format!("{p}.mlp.fc_in"), ff, d, true)?,

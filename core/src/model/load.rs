@@ -9,7 +9,7 @@ use candle_core::safetensors::BufferedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use super::layers::check_shape;
-use crate::config::{Family, ModelConfig};
+use crate::config::{Family, ModelConfig, Quirks};
 use crate::error::{candle_message, LociError, Result};
 
 /// Where weights come from; all lookups use Hugging Face tensor names.
@@ -216,9 +216,7 @@ impl GgufModel {
             rope_scaling: None,
             sliding_window: None,
             sliding_layers: vec![],
-            parallel_residual: false,
-            gelu_exact: false,
-            attn_out_bias: false,
+            quirks: Quirks::default(),
         }
         .with_full_rotary();
         cfg.validate()?;

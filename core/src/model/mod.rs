@@ -30,6 +30,12 @@ pub struct Block {
     /// Attention and MLP both read the block's input and add to the residual together (GPT-J,
     /// GPT-NeoX); else the MLP reads the residual after attention (GPT-2, LLaMA).
     pub parallel: bool,
+    /// A norm on the attention's output before it joins the residual (Gemma-2); the `Attn`
+    /// site sees the output before it.
+    pub post_attn: Option<Norm>,
+    /// A norm on the MLP's output before it joins the residual (Gemma-2); the `Mlp` site sees
+    /// the down-projection's output before it, so edits still solve for that output.
+    pub post_mlp: Option<Norm>,
     /// Self-attention.
     pub attn: Attention,
     /// The MLP; its down-projection is what edits rewrite.
@@ -99,6 +105,14 @@ macro_rules! visit {
     }};
 }
 
+/// `x` through an output norm, if the block has one.
+fn post(norm: &Option<Norm>, x: &Tensor) -> Result<Tensor> {
+    match norm {
+        Some(n) => n.forward(x),
+        None => Ok(x.clone()),
+    }
+}
+
 fn visit(hook: &mut dyn Hook, site: Site, x: Tensor) -> Result<Tensor> {
     if !hook.wants(site) {
         return Ok(x);
@@ -117,6 +131,7 @@ fn visit(hook: &mut dyn Hook, site: Site, x: Tensor) -> Result<Tensor> {
 impl Block {
     /// The block's output from its input `x`, attention output `a` and MLP output `m`.
     pub fn combine(&self, x: &Tensor, a: &Tensor, m: &Tensor) -> Result<Tensor> {
+        let (a, m) = (&self.attn_residual(a)?, &post(&self.post_mlp, m)?);
         Ok(if self.parallel {
             // In transformers' order: (attn + mlp) + residual.
             ((a + m)? + x)?
@@ -130,9 +145,14 @@ impl Block {
     fn mlp_input(&self, x: &Tensor, a: &Tensor, n1: Tensor) -> Result<Tensor> {
         match (&self.ln2, self.parallel) {
             (Some(ln2), true) => ln2.forward(x),
-            (Some(ln2), false) => ln2.forward(&(x + a)?),
+            (Some(ln2), false) => ln2.forward(&(x + self.attn_residual(a)?)?),
             (None, _) => Ok(n1),
         }
+    }
+
+    /// What the attention output `a` adds to the residual stream.
+    fn attn_residual(&self, a: &Tensor) -> Result<Tensor> {
+        post(&self.post_attn, a)
     }
 
     /// Keys and values this block's attention makes of block input `x` at positions `pos0..`
@@ -230,10 +250,7 @@ impl Model {
         if hook.stop_after() == Some(Site::Embed) {
             return Ok(None);
         }
-        let x = match &self.wpe {
-            Some(wpe) => emb.broadcast_add(&wpe.narrow(0, pos0, t)?)?,
-            None => emb,
-        };
+        let x = self.stream_in(emb, pos0)?;
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(self.n_layer(), LayerCache::default);
         }
@@ -313,17 +330,44 @@ impl Model {
                 let p: Vec<u32> = pos.iter().map(|&p| p as u32).collect();
                 (emb + wpe.index_select(&Tensor::new(p.as_slice(), &self.device)?, 0)?)?
             }
-            None => emb,
+            None => self.scaled(emb)?,
         };
         Ok(emb.reshape((b, 1, self.cfg.d_model))?)
     }
 
     /// The unembedding of residual states `[.., d]`: final norm, then the head; f32 logits.
     pub fn final_logits(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self
+        let logits = self
             .lm_head
             .forward(&self.ln_f.forward(x)?)?
-            .to_dtype(DType::F32)?)
+            .to_dtype(DType::F32)?;
+        match self.cfg.quirks.final_softcap {
+            Some(c) => Ok(((logits / c)?.tanh()? * c)?),
+            None => Ok(logits),
+        }
+    }
+
+    /// The residual stream entering the first block from the `Embed` site's output `emb`
+    /// (`[b, t, d]` at positions `pos0..`): learned positions added (GPT-2), or scaled (Gemma).
+    /// Every pass that starts from captured embeddings goes through here.
+    pub fn stream_in(&self, emb: Tensor, pos0: usize) -> Result<Tensor> {
+        match &self.wpe {
+            Some(wpe) => Ok(emb.broadcast_add(&wpe.narrow(0, pos0, emb.dim(1)?)?)?),
+            None => self.scaled(emb),
+        }
+    }
+
+    /// Token embeddings as they enter the residual stream: scaled where the family says
+    /// (Gemma: by √d_model, rounded to the model's dtype as transformers does).
+    fn scaled(&self, emb: Tensor) -> Result<Tensor> {
+        match self.cfg.quirks.embed_scale {
+            Some(s) => {
+                let s = Tensor::new(s as f32, &Device::Cpu)?.to_dtype(self.dtype)?;
+                let s = s.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                Ok((emb * s)?)
+            }
+            None => Ok(emb),
+        }
     }
 
     /// Logits at every position, no hooks.
@@ -423,8 +467,8 @@ impl Model {
         match cfg.family {
             Family::Gpt2 => gpt2::load(&w, cfg),
             Family::Gptj => gptj::load(&w, cfg),
-            Family::Llama => llama::load(&w, cfg),
             Family::Neox => neox::load(&w, cfg),
+            Family::Llama | Family::Phi3 | Family::Gemma => llama::load(&w, cfg),
         }
     }
 }

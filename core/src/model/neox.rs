@@ -63,7 +63,9 @@ fn block(
             d,
             eps,
         )?),
-        parallel: cfg.parallel_residual,
+        parallel: cfg.quirks.parallel_residual,
+        post_attn: None,
+        post_mlp: None,
         attn: Attention {
             qkv,
             out: lin("attention.dense", d, d, cfg.attn_bias)?,
@@ -73,11 +75,12 @@ fn block(
             rotary: Some(shared.0.clone()),
             masks: shared.1.clone(),
             window: None,
+            softcap: None,
         },
         mlp: Mlp::Gelu {
             fc: lin("mlp.dense_h_to_4h", ff, d, true)?,
             proj: lin("mlp.dense_4h_to_h", d, ff, true)?,
-            exact: cfg.gelu_exact,
+            exact: cfg.quirks.gelu_exact,
         },
     })
 }

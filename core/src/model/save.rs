@@ -110,31 +110,7 @@ impl Model {
                 o.norm("transformer.ln_f", &self.ln_f)?;
                 o.linear("lm_head", &self.lm_head)?;
             }
-            Family::Llama => {
-                o.put("model.embed_tokens.weight".into(), &self.wte)?;
-                for (l, b) in self.blocks.iter().enumerate() {
-                    let p = format!("model.layers.{l}");
-                    o.norm(&format!("{p}.input_layernorm"), &b.ln1)?;
-                    if let Some(ln2) = &b.ln2 {
-                        o.norm(&format!("{p}.post_attention_layernorm"), ln2)?;
-                    }
-                    let parts = split_rows(&b.attn.qkv, &[q, kv, kv])?;
-                    for (n, part) in ["q_proj", "k_proj", "v_proj"].iter().zip(&parts) {
-                        o.linear(&format!("{p}.self_attn.{n}"), part)?;
-                    }
-                    o.linear(&format!("{p}.self_attn.o_proj"), &b.attn.out)?;
-                    if let Mlp::SwiGlu { gate_up, down } = &b.mlp {
-                        let gu = split_rows(gate_up, &[c.d_ff, c.d_ff])?;
-                        o.linear(&format!("{p}.mlp.gate_proj"), &gu[0])?;
-                        o.linear(&format!("{p}.mlp.up_proj"), &gu[1])?;
-                        o.linear(&format!("{p}.mlp.down_proj"), down)?;
-                    }
-                }
-                o.norm("model.norm", &self.ln_f)?;
-                if !c.tie_embeddings {
-                    o.linear("lm_head", &self.lm_head)?;
-                }
-            }
+            Family::Llama | Family::Phi3 | Family::Gemma => self.llama_layout(&mut o)?,
             Family::Neox => {
                 o.put("gpt_neox.embed_in.weight".into(), &self.wte)?;
                 for (l, b) in self.blocks.iter().enumerate() {
@@ -164,6 +140,62 @@ impl Model {
         Ok(o.0)
     }
 
+    /// The LLaMA layout's tensors (LLaMA, Mistral, Qwen2; Phi-3 fused; Gemma's norms less one).
+    fn llama_layout(&self, o: &mut Out) -> Result<()> {
+        let c = &self.cfg;
+        let (q, kv) = (c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
+        let (phi3, gemma) = (c.family == Family::Phi3, c.family == Family::Gemma);
+        let norm = |o: &mut Out, name: String, n: &Norm| match (gemma, n) {
+            (true, Norm::Rms { w, .. }) => {
+                let less_one = (w.to_dtype(candle_core::DType::F32)? - 1.0)?;
+                o.put(name + ".weight", &less_one.to_dtype(w.dtype())?)
+            }
+            _ => o.norm(&name, n),
+        };
+        o.put("model.embed_tokens.weight".into(), &self.wte)?;
+        for (l, b) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            norm(o, format!("{p}.input_layernorm"), &b.ln1)?;
+            let before_mlp = match &b.post_attn {
+                Some(n) => {
+                    norm(o, format!("{p}.post_attention_layernorm"), n)?;
+                    "pre_feedforward_layernorm"
+                }
+                None => "post_attention_layernorm",
+            };
+            if let Some(ln2) = &b.ln2 {
+                norm(o, format!("{p}.{before_mlp}"), ln2)?;
+            }
+            if let Some(n) = &b.post_mlp {
+                norm(o, format!("{p}.post_feedforward_layernorm"), n)?;
+            }
+            if phi3 {
+                o.linear(&format!("{p}.self_attn.qkv_proj"), &b.attn.qkv)?;
+            } else {
+                let parts = split_rows(&b.attn.qkv, &[q, kv, kv])?;
+                for (n, part) in ["q_proj", "k_proj", "v_proj"].iter().zip(&parts) {
+                    o.linear(&format!("{p}.self_attn.{n}"), part)?;
+                }
+            }
+            o.linear(&format!("{p}.self_attn.o_proj"), &b.attn.out)?;
+            if let Mlp::SwiGlu { gate_up, down, .. } = &b.mlp {
+                if phi3 {
+                    o.linear(&format!("{p}.mlp.gate_up_proj"), gate_up)?;
+                } else {
+                    let gu = split_rows(gate_up, &[c.d_ff, c.d_ff])?;
+                    o.linear(&format!("{p}.mlp.gate_proj"), &gu[0])?;
+                    o.linear(&format!("{p}.mlp.up_proj"), &gu[1])?;
+                }
+                o.linear(&format!("{p}.mlp.down_proj"), down)?;
+            }
+        }
+        norm(o, "model.norm".into(), &self.ln_f)?;
+        if !c.tie_embeddings {
+            o.linear("lm_head", &self.lm_head)?;
+        }
+        Ok(())
+    }
+
     /// A `config.json` that transformers and Loci both read back to this architecture.
     pub fn hf_config(&self) -> serde_json::Value {
         let c = &self.cfg;
@@ -191,7 +223,7 @@ impl Model {
             Family::Llama => {
                 // LLaMA's attention biases include the output's and it has no sliding window;
                 // Qwen2 biases q/k/v only; Mistral has no biases and a window.
-                let (model_type, arch) = if c.attn_out_bias {
+                let (model_type, arch) = if c.quirks.attn_out_bias {
                     ("llama", "LlamaForCausalLM")
                 } else if c.attn_bias {
                     ("qwen2", "Qwen2ForCausalLM")
@@ -206,7 +238,7 @@ impl Model {
                     "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
                     "max_position_embeddings": c.max_positions, "vocab_size": c.vocab_size,
                     "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "hidden_act": "silu",
-                    "tie_word_embeddings": c.tie_embeddings, "attention_bias": c.attn_out_bias,
+                    "tie_word_embeddings": c.tie_embeddings, "attention_bias": c.quirks.attn_out_bias,
                     "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": dtype,
                     "rope_scaling": rope_scaling_json(c.rope_scaling.as_ref()),
                 });
@@ -226,6 +258,63 @@ impl Model {
                 }
                 v
             }
+            Family::Phi3 => {
+                let original = match &c.rope_scaling {
+                    Some(RopeScaling::Llama3 {
+                        original_max_positions,
+                        ..
+                    })
+                    | Some(RopeScaling::Yarn {
+                        original_max_positions,
+                        ..
+                    }) => *original_max_positions,
+                    _ => c.max_positions,
+                };
+                json!({
+                    "model_type": "phi3", "architectures": ["Phi3ForCausalLM"],
+                    "hidden_size": c.d_model, "intermediate_size": c.d_ff, "num_hidden_layers": c.n_layer,
+                    "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head,
+                    "max_position_embeddings": c.max_positions, "vocab_size": c.vocab_size,
+                    "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "hidden_act": "silu",
+                    // Read back as int(head_dim · factor): half a dimension over keeps it exact.
+                    "partial_rotary_factor": (c.rotary_dim as f64 + 0.5) / c.head_dim as f64,
+                    // Phi-3's top-level value overrides the one in rope_scaling.
+                    "original_max_position_embeddings": original,
+                    "sliding_window": c.sliding_window, "tie_word_embeddings": c.tie_embeddings,
+                    "rope_scaling": rope_scaling_json(c.rope_scaling.as_ref()),
+                    "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": dtype,
+                })
+            }
+            Family::Gemma => {
+                let q = &c.quirks;
+                let two = q.sandwich_norms;
+                let mut v = json!({
+                    "model_type": if two { "gemma2" } else { "gemma" },
+                    "architectures": [if two { "Gemma2ForCausalLM" } else { "GemmaForCausalLM" }],
+                    "hidden_size": c.d_model, "intermediate_size": c.d_ff, "num_hidden_layers": c.n_layer,
+                    "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
+                    "max_position_embeddings": c.max_positions, "vocab_size": c.vocab_size,
+                    "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+                    "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": c.tie_embeddings,
+                    "attention_bias": c.attn_bias,
+                    "rope_scaling": rope_scaling_json(c.rope_scaling.as_ref()),
+                    "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": dtype,
+                });
+                if two {
+                    v["query_pre_attn_scalar"] = json!(q.query_pre_attn_scalar);
+                    v["attn_logit_softcapping"] = json!(q.attn_softcap);
+                    v["final_logit_softcapping"] = json!(q.final_softcap);
+                    v["sliding_window"] = json!(c.sliding_window);
+                    let layers: Vec<&str> = (0..c.n_layer)
+                        .map(|l| match c.window_of(l) {
+                            Some(_) => "sliding_attention",
+                            None => "full_attention",
+                        })
+                        .collect();
+                    v["layer_types"] = json!(layers);
+                }
+                v
+            }
             Family::Neox => json!({
                 "model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"],
                 "hidden_size": c.d_model, "intermediate_size": c.d_ff, "num_hidden_layers": c.n_layer,
@@ -234,8 +323,8 @@ impl Model {
                 // Read back as int(head_dim · pct): half a dimension over keeps it exact.
                 "rotary_pct": (c.rotary_dim as f64 + 0.5) / c.head_dim as f64,
                 "rotary_emb_base": c.rope_theta,
-                "hidden_act": if c.gelu_exact { "gelu" } else { "gelu_new" },
-                "use_parallel_residual": c.parallel_residual, "attention_bias": c.attn_bias,
+                "hidden_act": if c.quirks.gelu_exact { "gelu" } else { "gelu_new" },
+                "use_parallel_residual": c.quirks.parallel_residual, "attention_bias": c.attn_bias,
                 "tie_word_embeddings": c.tie_embeddings,
                 "rope_scaling": rope_scaling_json(c.rope_scaling.as_ref()),
                 "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": dtype,

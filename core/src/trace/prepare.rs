@@ -201,10 +201,7 @@ fn corrupted_run(
     let low = answer_prob(&low_logits, answer, 1)?[0];
     let mut resid_in = Vec::with_capacity(n + 1);
     let emb = embed_cap.get(Site::Embed)?.clone();
-    resid_in.push(match &m.wpe {
-        Some(wpe) => emb.broadcast_add(&wpe.narrow(0, 0, ids.len())?)?,
-        None => emb,
-    });
+    resid_in.push(m.stream_in(emb, 0)?);
     for l in 0..n {
         resid_in.push(states.get(Site::Block(l))?.clone());
     }

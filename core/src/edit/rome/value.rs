@@ -262,8 +262,8 @@ impl LoadedModel {
         let mut hook = Chain(vec![&mut noise, &mut cap]);
         m.run(&r.ids, &mut hook, Some(&mut kv), LogitsAt::Last)?;
         let mut resid = cap.get(entry)?.clone();
-        if let (0, Some(wpe)) = (l, &m.wpe) {
-            resid = resid.broadcast_add(&wpe.narrow(0, 0, r.ids.dim(1)?)?)?;
+        if l == 0 {
+            resid = m.stream_in(resid, 0)?;
         }
         let suffix_cells: Vec<(usize, usize)> = (0..rows)
             .flat_map(|i| (0..suffix).map(move |s| (i, s)))

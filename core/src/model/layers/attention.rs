@@ -41,6 +41,8 @@ pub struct Attention {
     /// Sliding-window attention: each query sees only the last `w` positions, itself included
     /// (Mistral; some of Qwen2's layers).
     pub window: Option<usize>,
+    /// Scores soft-capped to `c·tanh(s/c)` before the mask (Gemma-2).
+    pub softcap: Option<f64>,
 }
 
 impl Attention {
@@ -165,6 +167,10 @@ impl Attention {
         let t_all = k.dim(2)?;
         let scores = q.matmul(&k.contiguous()?.t()?)?;
         count_products(q, b * nkv * rows, t_all, hd);
+        let scores = match self.softcap {
+            Some(c) => ((scores / c)?.tanh()? * c)?,
+            None => scores,
+        };
         // The fused kernel knows causal masks and one key mask per row only.
         let per_query = key_mask
             .as_ref()

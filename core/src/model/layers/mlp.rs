@@ -18,12 +18,15 @@ pub enum Mlp {
         /// The exact GELU rather than its tanh approximation.
         exact: bool,
     },
-    /// LLaMA: `down(silu(gate(x)) * up(x))`, gate and up fused into one `[2 d_ff, d]` map.
+    /// LLaMA: `down(silu(gate(x)) * up(x))`, gate and up fused into one `[2 d_ff, d]` map;
+    /// Gemma's GeGLU: `down(gelu_tanh(gate(x)) * up(x))`.
     SwiGlu {
         /// Gate and up projections stacked, `[2 d_ff, d]`.
         gate_up: Linear,
         /// The down-projection, `[d, d_ff]`.
         down: Linear,
+        /// The gate goes through GELU (tanh), not SiLU.
+        gelu: bool,
     },
 }
 
@@ -41,15 +44,18 @@ impl Mlp {
                     None => Ok(h.gelu()?),
                 }
             }
-            Mlp::SwiGlu { gate_up, .. } => {
+            Mlp::SwiGlu { gate_up, gelu, .. } => {
                 let gu = gate_up.forward(x)?;
-                if let Some(key) = crate::kernels::silu_mul(&gu)? {
-                    return Ok(key);
+                if !gelu {
+                    if let Some(key) = crate::kernels::silu_mul(&gu)? {
+                        return Ok(key);
+                    }
                 }
                 let d_ff = gate_up.out_dim() / 2;
                 let gate = gu.narrow(D::Minus1, 0, d_ff)?;
                 let up = gu.narrow(D::Minus1, d_ff, d_ff)?;
-                Ok((gate.silu()? * up)?)
+                let gate = if *gelu { gate.gelu()? } else { gate.silu()? };
+                Ok((gate * up)?)
             }
         }
     }

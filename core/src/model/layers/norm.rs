@@ -47,6 +47,16 @@ impl Norm {
         })
     }
 
+    /// Loads Gemma's RMSNorm, which scales by `1 + w`: the one is added here, in f32.
+    pub fn load_rms_plus_one(w: &Weights, prefix: &str, d: usize, eps: f64) -> Result<Self> {
+        let g = w.get(&format!("{prefix}.weight"), &[d])?;
+        let dtype = g.dtype();
+        Ok(Norm::Rms {
+            w: (g.to_dtype(DType::F32)? + 1.0)?.to_dtype(dtype)?,
+            eps: eps as f32,
+        })
+    }
+
     /// Normalises `x` over its last axis; under autograd in f32, with the input's gradient.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;

@@ -89,6 +89,15 @@ impl Rotary {
         })
     }
 
+    /// The same tables with queries scaled by `s` rather than 1/√head_dim (Gemma-2's
+    /// `query_pre_attn_scalar`).
+    pub fn with_query_scale(mut self, s: f64) -> Result<Self> {
+        self.cos_q = (&self.cos * s)?;
+        self.sin_q = (&self.sin * s)?;
+        self.q_scale = s;
+        Ok(self)
+    }
+
     /// Gatherings kept; the oldest goes first.
     const KEEP: usize = 8;
 
