@@ -179,6 +179,45 @@ fn bench_forward_prints_json() {
 }
 
 #[test]
+fn info_describes_a_model_from_its_headers() {
+    let v = json(&loci(&["info", &tiny("tiny-gemma2"), "--json"]));
+    assert_eq!(v["format"], "safetensors");
+    assert_eq!(v["config"]["family"], "gemma");
+    assert_eq!(
+        v["config"]["sliding_layers"],
+        serde_json::json!([true, false, true])
+    );
+    assert_eq!(v["config"]["quirks"]["attn_softcap"], 5.0);
+    assert_eq!(v["edit_site"]["matrix"], "model.layers.{l}.mlp.down_proj");
+    assert_eq!(v["stored"]["F32"]["tensors"], 35);
+    let params = v["params"].as_u64().unwrap();
+    assert_eq!(v["memory"]["cpu_f32"].as_u64().unwrap(), 4 * params);
+    assert_eq!(v["memory"]["fits_tab"], true);
+    let lines = String::from_utf8(loci(&["info", &tiny("tiny-neox")]).stdout).unwrap();
+    assert!(lines.contains("family neox"), "{lines}");
+    assert!(lines.contains("attention and MLP in parallel"), "{lines}");
+    assert!(
+        lines.contains("gpt_neox.layers.{l}.mlp.dense_4h_to_h, with its bias"),
+        "{lines}"
+    );
+    if let Some(gguf) = smollm2() {
+        let v = json(&loci(&["info", &gguf, "--json"]));
+        assert_eq!(v["format"], "gguf");
+        assert!(
+            v["stored"]["Q4_1"]["tensors"].as_u64().unwrap() > 200,
+            "{v}"
+        );
+        assert!(v["on_load"]
+            .as_str()
+            .unwrap()
+            .contains("dequantised to f32"));
+    }
+    let out = loci(&["info", "no/such/model"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("config.json"));
+}
+
+#[test]
 fn bad_input_exits_nonzero_with_a_message() {
     let out = loci(&["predict", "--model", "/no/such/model", "--prompt", "x"]);
     assert!(!out.status.success());

@@ -110,7 +110,7 @@ fn tensor_type(name: &str, q: &QTensor, ft: &FileType) -> GgmlDType {
     let finer = name.contains("attn_v") || name.contains("ffn_down");
     let t = if finer { ft.finer } else { ft.main };
     let cols = q.shape().dims()[q.rank() - 1];
-    if cols % t.block_size() == 0 {
+    if cols.is_multiple_of(t.block_size()) {
         t
     } else {
         fallback(t)

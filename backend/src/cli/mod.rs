@@ -5,6 +5,7 @@ mod device;
 pub mod edit;
 pub mod embedded;
 mod eval;
+mod info;
 mod predict;
 mod render;
 mod results;
@@ -164,6 +165,9 @@ pub enum Command {
     Bench(bench::BenchCmd),
     /// Compare the compute device (the GPU in a cuda build) with the CPU on the test models.
     CheckDevice(device::CheckDeviceArgs),
+    /// What a model is, from its headers: family, shapes, stored types and quantisation, the
+    /// edited matrix, and the memory it needs on the CPU, a GPU and in a tab.
+    Info(info::InfoArgs),
 }
 
 impl Command {
@@ -199,5 +203,6 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Study(s) => study::study(s),
         Command::Bench(b) => bench::run(b),
         Command::CheckDevice(a) => device::run(a),
+        Command::Info(a) => info::run(a),
     }
 }

@@ -9,7 +9,7 @@ use candle_core::safetensors::BufferedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use super::layers::check_shape;
-use crate::config::{Family, ModelConfig, Quirks};
+use crate::config::{Family, ModelConfig, Quirks, RopeScaling};
 use crate::error::{candle_message, LociError, Result};
 
 /// Where weights come from; all lookups use Hugging Face tensor names.
@@ -170,56 +170,104 @@ fn unpermute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
         .contiguous()?)
 }
 
+/// The architecture a LLaMA-architecture GGUF file's metadata describes, validated; read
+/// before any tensor is.
+pub fn gguf_config(content: &gguf_file::Content) -> Result<ModelConfig> {
+    let md = &content.metadata;
+    let arch = md
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
+    if arch != "llama" {
+        return Err(LociError::Unsupported(format!(
+            "GGUF architecture {arch:?} (supported: llama)"
+        )));
+    }
+    let k = |s: &str| format!("llama.{s}");
+    let d_model = meta_u(md, &k("embedding_length"))?;
+    let n_head = meta_u(md, &k("attention.head_count"))?;
+    let n_kv_head = meta_u(md, &k("attention.head_count_kv")).unwrap_or(n_head);
+    let n_vocab = match md.get("tokenizer.ggml.tokens").map(|v| v.to_vec()) {
+        Some(Ok(v)) => v.len(),
+        _ => meta_u(md, &k("vocab_size"))?,
+    };
+    let tid = |key: &str| meta_u(md, key).ok().map(|x| x as u32);
+    let scaling = match md
+        .get(&k("rope.scaling.type"))
+        .and_then(|v| v.to_string().ok())
+    {
+        None => None,
+        Some(t) if t == "none" => None,
+        Some(t) if t == "linear" => Some(RopeScaling::Linear {
+            factor: meta_f(md, &k("rope.scaling.factor")).unwrap_or(1.0),
+        }),
+        Some(t) => {
+            return Err(LociError::Unsupported(format!("GGUF rope scaling {t:?}")));
+        }
+    };
+    // Llama 3.1's scaled frequencies come as a tensor of per-pair factors.
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        return Err(LociError::Unsupported(
+            "GGUF rotary frequency factors (rope_freqs, Llama 3.1's scaling): load the \
+             Hugging Face folder instead"
+                .into(),
+        ));
+    }
+    let cfg = ModelConfig {
+        family: Family::Llama,
+        n_layer: meta_u(md, &k("block_count"))?,
+        d_model,
+        n_head,
+        n_kv_head,
+        head_dim: meta_u(md, &k("attention.key_length")).unwrap_or(d_model / n_head.max(1)),
+        d_ff: meta_u(md, &k("feed_forward_length"))?,
+        vocab_size: n_vocab,
+        max_positions: meta_u(md, &k("context_length"))?,
+        norm_eps: meta_f(md, &k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        rotary_dim: 0,
+        rope_theta: meta_f(md, &k("rope.freq_base")).unwrap_or(10000.0),
+        tie_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        attn_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        bos_token_id: tid("tokenizer.ggml.bos_token_id"),
+        eos_token_id: tid("tokenizer.ggml.eos_token_id"),
+        rope_scaling: scaling,
+        sliding_window: None,
+        sliding_layers: vec![],
+        quirks: Quirks::default(),
+    }
+    .with_full_rotary();
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// A GGUF file's architecture and each tensor's stored type and bytes (`("Q4K", 1234)`), from
+/// its header alone.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn gguf_header(path: &std::path::Path) -> Result<(ModelConfig, Vec<(String, u64)>)> {
+    let mut f = std::fs::File::open(path).map_err(|e| LociError::io(path, e))?;
+    let content = gguf_file::Content::read(&mut f).map_err(|e| {
+        LociError::model(format!("not a readable GGUF file: {}", candle_message(&e)))
+    })?;
+    let types = content
+        .tensor_infos
+        .values()
+        .map(|t| {
+            let blocks = t.shape.elem_count() / t.ggml_dtype.block_size();
+            let bytes = (blocks * t.ggml_dtype.type_size()) as u64;
+            (format!("{:?}", t.ggml_dtype), bytes)
+        })
+        .collect();
+    Ok((gguf_config(&content)?, types))
+}
+
 impl GgufModel {
     /// Reads a LLaMA-architecture GGUF file, dequantising every tensor to f32.
     pub fn read<R: Read + Seek>(reader: &mut R) -> Result<Self> {
         let content = gguf_file::Content::read(reader).map_err(|e| {
             LociError::model(format!("not a readable GGUF file: {}", candle_message(&e)))
         })?;
-        let md = &content.metadata;
-        let arch = md
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
-        if arch != "llama" {
-            return Err(LociError::Unsupported(format!(
-                "GGUF architecture {arch:?} (supported: llama)"
-            )));
-        }
-        let k = |s: &str| format!("llama.{s}");
-        let d_model = meta_u(md, &k("embedding_length"))?;
-        let n_head = meta_u(md, &k("attention.head_count"))?;
-        let n_kv_head = meta_u(md, &k("attention.head_count_kv")).unwrap_or(n_head);
-        let n_vocab = match md.get("tokenizer.ggml.tokens").map(|v| v.to_vec()) {
-            Some(Ok(v)) => v.len(),
-            _ => meta_u(md, &k("vocab_size"))?,
-        };
-        let tid = |key: &str| meta_u(md, key).ok().map(|x| x as u32);
-        let cfg = ModelConfig {
-            family: Family::Llama,
-            n_layer: meta_u(md, &k("block_count"))?,
-            d_model,
-            n_head,
-            n_kv_head,
-            head_dim: meta_u(md, &k("attention.key_length")).unwrap_or(d_model / n_head.max(1)),
-            d_ff: meta_u(md, &k("feed_forward_length"))?,
-            vocab_size: n_vocab,
-            max_positions: meta_u(md, &k("context_length"))?,
-            norm_eps: meta_f(md, &k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
-            rotary_dim: 0,
-            rope_theta: meta_f(md, &k("rope.freq_base")).unwrap_or(10000.0),
-            tie_embeddings: !content.tensor_infos.contains_key("output.weight"),
-            attn_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
-            bos_token_id: tid("tokenizer.ggml.bos_token_id"),
-            eos_token_id: tid("tokenizer.ggml.eos_token_id"),
-            rope_scaling: None,
-            sliding_window: None,
-            sliding_layers: vec![],
-            quirks: Quirks::default(),
-        }
-        .with_full_rotary();
-        cfg.validate()?;
+        let cfg = gguf_config(&content)?;
         let file_size = reader
             .seek(std::io::SeekFrom::End(0))
             .map_err(|e| LociError::model(format!("GGUF file: {e}")))?;

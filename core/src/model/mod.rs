@@ -1,6 +1,7 @@
 //! One transformer skeleton for every family: embed → blocks (with hook sites) → final norm →
 //! logits.
 
+pub mod describe;
 pub mod fused;
 mod gpt2;
 mod gptj;
