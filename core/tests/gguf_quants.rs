@@ -5,7 +5,8 @@
 //! for bit, to the written blocks' values, and answers with top-5 probabilities within the
 //! type's measured error of the source file's (the source is itself Q4_1, so these are errors
 //! of a second quantisation). All but Q4_0 keep every prompt's answer; Q4_0 over Q4_1 loses
-//! "Rome" (0.73 → 0.13): that is quantisation, not loading.
+//! "Rome" (0.73 → 0.13): that is quantisation, not loading. A file whose metadata disagrees with
+//! its tensors is refused, the misfit tensor named.
 
 mod common;
 
@@ -209,5 +210,24 @@ fn every_common_quantisation_loads_and_answers_within_its_error() {
         assert!(worst <= ft.error, "{}: {worst} > {}", ft.name, ft.error);
         std::fs::remove_file(&out).ok();
     }
+    // Metadata that disagrees with the tensors is named, and nothing loads.
+    let mut wrong = content.metadata.clone();
+    wrong.insert(
+        "llama.feed_forward_length".into(),
+        gguf_file::Value::U32(1024),
+    );
+    let metadata: Vec<(&str, &gguf_file::Value)> =
+        wrong.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let same: Vec<(&str, QTensor)> = weights
+        .iter()
+        .map(|(n, w)| (n.as_str(), QTensor::quantize(w, GgmlDType::F32).unwrap()))
+        .collect();
+    let refs: Vec<(&str, &QTensor)> = same.iter().map(|(n, q)| (*n, q)).collect();
+    let out = dir.join("smollm2-wrong.gguf");
+    gguf_file::write(&mut File::create(&out).unwrap(), &metadata, &refs).unwrap();
+    let e = LoadedModel::load(&out, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("mlp") && e.contains("shape"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -55,6 +55,16 @@ fn a_sharded_checkpoint_loads_like_a_single_file() {
     let sharded = LoadedModel::load(&dir, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(last_logits(&whole, PROMPT), last_logits(&sharded, PROMPT));
 
+    // A missing shard is named, and nothing loads.
+    let second = dir.join("model-00002-of-00002.safetensors");
+    let kept = std::fs::read(&second).unwrap();
+    std::fs::remove_file(&second).unwrap();
+    let e = LoadedModel::load(&dir, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
+    std::fs::write(&second, kept).unwrap();
+
     // An index that points outside the folder is refused.
     std::fs::write(
         dir.join("model.safetensors.index.json"),
