@@ -788,3 +788,36 @@ fn a_tab_downloads_a_layers_key_statistics_from_the_server() {
     drop(s);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn the_other_families_are_served_like_the_first() {
+    let s = serve_models(&root().join("tests/fixtures/families"), &[], None);
+    let (_, models) = get_json(&s.base, "/api/models");
+    let names: Vec<&str> = models
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 8, "{names:?}");
+    for name in &names {
+        let body = format!(r#"{{"model":"{name}","prompt":"The Eiffel Tower is","top":3}}"#);
+        let (st, v) = post(&s.base, "/api/predict", &body);
+        assert_eq!(st, 200, "{name}: {v}");
+        // The same answer as the core gives.
+        let lm = loci_core::LoadedModel::load(
+            &root().join("tests/fixtures/families").join(name),
+            loci_core::DType::F32,
+            &loci_core::Device::Cpu,
+        )
+        .unwrap();
+        let core = lm.predict("The Eiffel Tower is", 3).unwrap();
+        assert_eq!(v["top"][0]["id"], core.top[0].id, "{name}");
+    }
+    let (st, v) = post(
+        &s.base,
+        "/api/trace",
+        r#"{"model":"tiny-gemma2","prompt":"The Eiffel Tower is located in","subject":"Eiffel Tower","samples":2}"#,
+    );
+    assert_eq!(st, 200, "{v}");
+}

@@ -180,7 +180,7 @@ fn bench_forward_prints_json() {
 
 #[test]
 fn info_describes_a_model_from_its_headers() {
-    let v = json(&loci(&["info", &tiny("tiny-gemma2"), "--json"]));
+    let v = json(&loci(&["info", &tiny("families/tiny-gemma2"), "--json"]));
     assert_eq!(v["format"], "safetensors");
     assert_eq!(v["config"]["family"], "gemma");
     assert_eq!(
@@ -193,7 +193,7 @@ fn info_describes_a_model_from_its_headers() {
     let params = v["params"].as_u64().unwrap();
     assert_eq!(v["memory"]["cpu_f32"].as_u64().unwrap(), 4 * params);
     assert_eq!(v["memory"]["fits_tab"], true);
-    let lines = String::from_utf8(loci(&["info", &tiny("tiny-neox")]).stdout).unwrap();
+    let lines = String::from_utf8(loci(&["info", &tiny("families/tiny-neox")]).stdout).unwrap();
     assert!(lines.contains("family neox"), "{lines}");
     assert!(lines.contains("attention and MLP in parallel"), "{lines}");
     assert!(

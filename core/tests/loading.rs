@@ -81,7 +81,7 @@ fn a_sharded_checkpoint_loads_like_a_single_file() {
 #[test]
 fn every_family_loads_from_bytes_as_in_the_browser() {
     for name in ["tiny-neox", "tiny-qwen2", "tiny-phi3", "tiny-gemma2"] {
-        let src = common::fixtures().join(name);
+        let src = common::fixture(name);
         let read = |f: &str| std::fs::read(src.join(f)).unwrap();
         let from_bytes = LoadedModel::from_hf_bytes(
             name,
@@ -161,7 +161,7 @@ fn half_precision_stays_close_to_f32() {
         "tiny-gemma",
         "tiny-gemma2",
     ] {
-        let src = common::fixtures().join(name);
+        let src = common::fixture(name);
         let full = last_logits(
             &LoadedModel::load(&src, DType::F32, &Device::Cpu).unwrap(),
             PROMPT,

@@ -23,9 +23,9 @@ fn floats(v: &serde_json::Value) -> Vec<f32> {
 }
 
 fn check_tiny(name: &str) {
-    let dir = common::fixtures().join(name);
+    let dir = common::fixture(name);
     let lm = LoadedModel::load(&dir, DType::F32, &Device::Cpu).unwrap();
-    let exp = common::read_json(&common::fixtures().join(format!("{name}.expected.json")));
+    let exp = common::read_json(&dir.with_file_name(format!("{name}.expected.json")));
     assert_eq!(exp["family"], lm.model.cfg.family.name());
     for (i, rec) in exp["prompts"].as_array().unwrap().iter().enumerate() {
         let prompt = rec["prompt"].as_str().unwrap();

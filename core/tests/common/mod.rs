@@ -13,10 +13,21 @@ pub fn fixtures() -> PathBuf {
     root().join("tests/fixtures")
 }
 
-/// A test model of `tests/fixtures` (`tiny-gpt2`, `tiny-gptj`, `tiny-llama`), f32 on the CPU.
+/// A test model's folder: `tests/fixtures/NAME` (`tiny-gpt2`, `tiny-gptj`, `tiny-llama`: the
+/// ones the server tests serve), else `tests/fixtures/families/NAME` (the other families').
+pub fn fixture(name: &str) -> PathBuf {
+    let top = fixtures().join(name);
+    if top.exists() {
+        top
+    } else {
+        fixtures().join("families").join(name)
+    }
+}
+
+/// A test model (see [`fixture`]), f32 on the CPU.
 pub fn tiny(name: &str) -> loci_core::LoadedModel {
     loci_core::LoadedModel::load(
-        &fixtures().join(name),
+        &fixture(name),
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
     )
