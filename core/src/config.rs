@@ -551,6 +551,12 @@ impl ModelConfig {
             LLAMA_ROPE
         };
         let rope = Rope::of(v, keys, max_positions)?;
+        // transformers' Phi-3 reads every scaled rope type as LongRoPE, which Loci lacks.
+        if let (true, Some(s)) = (phi3, &rope.scaling) {
+            return Err(LociError::Unsupported(format!(
+                "Phi-3 rope scaling {s:?} (transformers applies LongRoPE, not implemented)"
+            )));
+        }
         if let Some(act) = v
             .get("hidden_act")
             .and_then(Value::as_str)
@@ -580,7 +586,8 @@ impl ModelConfig {
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
-            attn_bias: model_type == "qwen2" || attention_bias,
+            // Phi-3's fused projection has no bias whatever the config says.
+            attn_bias: model_type == "qwen2" || (attention_bias && !phi3),
             bos_token_id: token_id(v, "bos_token_id"),
             eos_token_id: token_id(v, "eos_token_id"),
             rope_scaling: rope.scaling,
@@ -602,13 +609,25 @@ impl ModelConfig {
             .iter()
             .find_map(|k| v.get(*k).and_then(Value::as_str))
             .unwrap_or("gelu_pytorch_tanh");
-        // transformers reads a legacy "gelu" as the tanh approximation, Gemma's own.
-        if !matches!(act, "gelu_pytorch_tanh" | "gelu_new" | "gelu") {
+        // transformers reads Gemma's legacy "gelu" as the tanh approximation (Gemma-2's not).
+        if !(matches!(act, "gelu_pytorch_tanh" | "gelu_new") || (act == "gelu" && !two)) {
             return Err(LociError::Unsupported(format!(
-                "Gemma activation {act:?} (gelu_pytorch_tanh)"
+                "{model_type} activation {act:?} (gelu_pytorch_tanh)"
             )));
         }
+        if v.get("use_bidirectional_attention")
+            .and_then(Value::as_bool)
+            == Some(true)
+        {
+            return Err(LociError::Unsupported(
+                "use_bidirectional_attention (Loci's models are causal)".into(),
+            ));
+        }
         plain["hidden_act"] = "silu".into();
+        // Gemma's heads are 256 wide unless the config says.
+        if plain.get("head_dim").is_none_or(Value::is_null) {
+            plain["head_dim"] = 256.into();
+        }
         let mut cfg = Self::llama_from_hf(&plain, "llama")?;
         cfg.family = Family::Gemma;
         cfg.tie_embeddings = v
@@ -851,6 +870,7 @@ mod tests {
         let uncapped = llama("gemma2", r#","final_logit_softcapping":null"#).unwrap();
         assert_eq!(uncapped.quirks.final_softcap, None);
         let gemma = llama("gemma", "").unwrap();
+        assert_eq!(gemma.head_dim, 256, "Gemma's default head width");
         assert!(gemma.tie_embeddings && gemma.quirks.glu_gelu && !gemma.quirks.sandwich_norms);
         assert_eq!(windows(&gemma), [None; 3]);
         let short = llama(

@@ -89,41 +89,31 @@ fn rome_memit_and_fine_tuning_edit_every_family_and_undo_exactly() {
         let e = lm.rome(&req, &rome, Some(&st[0])).unwrap();
         let target = e.stats.target_value.clone();
         let gap = distance_to_value(&lm, &target);
-        eprintln!(
-            "{name} before {:?} losses {:?}",
-            lm.predict(EDITED, 4)
-                .unwrap()
-                .top
-                .iter()
-                .map(|t| (t.id, t.prob))
-                .collect::<Vec<_>>(),
-            e.stats.losses.iter().step_by(8).collect::<Vec<_>>()
-        );
         let mut memit = MemitHparams::at_layers(vec![0, 1]);
         (memit.v_num_grad_steps, memit.v_lr) = (40, 1.0);
         (memit.mom2_update_weight, memit.clamp_norm_factor) = (50.0, 4.0);
-        let m = lm
-            .memit(std::slice::from_ref(&req), &memit, &st[..2], &mut |_| {})
-            .unwrap();
+        let m = lm.memit(std::slice::from_ref(&req), &memit, &st[..2], &mut |_| {});
+        // Gemma-2 norms the MLP's output before the residual: MEMIT's spread is refused there.
+        let m = match (name, m) {
+            ("tiny-gemma2", Err(e)) => {
+                assert!(e.to_string().contains("norms"), "{e}");
+                None
+            }
+            (_, m) => Some(m.unwrap()),
+        };
         let mut ft = FtHparams::at_layers(vec![1, 2], None);
         (ft.lr, ft.steps) = (5e-2, 20);
         let f = lm.finetune(&req, &ft).unwrap();
-        let z = &m.stats.z_losses[0];
-        let z_fell = z.last().unwrap() < &z[0];
+        let z_fell = m.as_ref().is_none_or(|m| {
+            let z = &m.stats.z_losses[0];
+            z.last().unwrap() < &z[0]
+        });
         assert_eq!(common::down_bits(&lm), bits, "{name}: computing edits");
 
-        for edit in [Edit::Rome(e), Edit::Memit(m), Edit::Ft(f)] {
+        let edits = [Some(Edit::Rome(e)), m.map(Edit::Memit), Some(Edit::Ft(f))];
+        for edit in edits.into_iter().flatten() {
             let applied = lm.apply(&edit).unwrap();
             let method = edit.method();
-            eprintln!(
-                "{name} {method}: {:?}",
-                lm.predict(EDITED, 4)
-                    .unwrap()
-                    .top
-                    .iter()
-                    .map(|t| (t.id, t.prob))
-                    .collect::<Vec<_>>()
-            );
             if method == EditMethod::Memit {
                 // Spread over two of three random layers, MEMIT's residual targets are
                 // approached (their loss falls) but do not reliably decide the answer: its

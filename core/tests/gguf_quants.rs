@@ -6,7 +6,8 @@
 //! type's measured error of the source file's (the source is itself Q4_1, so these are errors
 //! of a second quantisation). All but Q4_0 keep every prompt's answer; Q4_0 over Q4_1 loses
 //! "Rome" (0.73 → 0.13): that is quantisation, not loading. A file whose metadata disagrees with
-//! its tensors is refused, the misfit tensor named.
+//! its tensors is refused, the misfit tensor named; llama.cpp's rope scaling metadata is read
+//! (linear) or refused by name (frequency factors).
 
 mod common;
 
@@ -229,5 +230,36 @@ fn every_common_quantisation_loads_and_answers_within_its_error() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("mlp") && e.contains("shape"), "{e}");
+
+    // Rope scaling as llama.cpp writes it: a factor alone is linear; frequency factors (Llama
+    // 3.1's) are refused by name.
+    let mut scaled = content.metadata.clone();
+    scaled.insert(
+        "llama.rope.scaling.factor".into(),
+        gguf_file::Value::F32(2.0),
+    );
+    let metadata: Vec<(&str, &gguf_file::Value)> =
+        scaled.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut File::create(&out).unwrap(), &metadata, &refs).unwrap();
+    let lm = LoadedModel::load(&out, DType::F32, &Device::Cpu).unwrap();
+    let linear = loci_core::config::RopeScaling::Linear { factor: 2.0 };
+    assert_eq!(lm.model.cfg.rope_scaling, Some(linear));
+    let freqs = QTensor::quantize(
+        &candle_core::Tensor::ones(32, DType::F32, &Device::Cpu).unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
+    let mut with_freqs = refs.clone();
+    with_freqs.push(("rope_freqs.weight", &freqs));
+    let metadata: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    gguf_file::write(&mut File::create(&out).unwrap(), &metadata, &with_freqs).unwrap();
+    let e = LoadedModel::load(&out, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rope_freqs"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -130,7 +130,11 @@ fn safetensors_types(file: &Path) -> Result<Vec<(String, usize, u64)>> {
         }
         let dtype = t["dtype"].as_str().unwrap_or("?").to_string();
         let offsets = &t["data_offsets"];
-        let bytes = offsets[1].as_u64().unwrap_or(0) - offsets[0].as_u64().unwrap_or(0);
+        let (start, end) = (offsets[0].as_u64(), offsets[1].as_u64());
+        let bytes = match (start, end) {
+            (Some(s), Some(e)) if e >= s => e - s,
+            _ => anyhow::bail!("{}: tensor {name} has bad data offsets", file.display()),
+        };
         let e = by.entry(dtype).or_default();
         e.0 += 1;
         e.1 += bytes;

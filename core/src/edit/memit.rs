@@ -405,9 +405,22 @@ impl MemitHparams {
         &self,
         reqs: &[RewriteRequest],
         stats: &[KeyStats],
-        n_layer: usize,
+        model: &crate::model::Model,
     ) -> Result<ValueSpec> {
         let name = self.method().label();
+        let n_layer = model.n_layer();
+        // The spread writes residual gaps as down-projection outputs: a norm between them
+        // (Gemma-2's) would rescale each layer's share.
+        if let Some(l) = self
+            .layers
+            .iter()
+            .find(|&&l| model.blocks.get(l).is_some_and(|b| b.post_mlp.is_some()))
+        {
+            return Err(LociError::input(format!(
+                "{name} spreads residual changes over MLP outputs, which layer {l} norms before \
+                 they join the residual (Gemma-2): use ROME or fine-tuning"
+            )));
+        }
         if reqs.is_empty() {
             return Err(LociError::input(format!(
                 "{name} needs at least one request"
@@ -481,7 +494,7 @@ impl LoadedModel {
         preserved: &Preserved,
         progress: &mut dyn FnMut(&str),
     ) -> Result<MemitEdit> {
-        let spec = hp.check(reqs, stats, self.model.n_layer())?;
+        let spec = hp.check(reqs, stats, &self.model)?;
         let targets = self.memit_targets(reqs)?;
         let mut laps = Laps::start();
         let solvers = self.memit_solvers(hp, stats, reqs.len(), preserved)?;
@@ -515,7 +528,7 @@ impl LoadedModel {
         hp: &MemitHparams,
         stats: &[KeyStats],
     ) -> Result<Vec<Result<MemitEdit>>> {
-        let spec = hp.check(reqs, stats, self.model.n_layer())?;
+        let spec = hp.check(reqs, stats, &self.model)?;
         let mut laps = Laps::start();
         let solvers = self.memit_solvers(hp, stats, 1, &Preserved::default())?;
         laps.lap("covariance_factor");

@@ -193,16 +193,19 @@ pub fn gguf_config(content: &gguf_file::Content) -> Result<ModelConfig> {
         _ => meta_u(md, &k("vocab_size"))?,
     };
     let tid = |key: &str| meta_u(md, key).ok().map(|x| x as u32);
-    let scaling = match md
+    // As llama.cpp reads it: linear unless a type says otherwise, the factor from
+    // `rope.scaling.factor` (or the older `rope.scale_linear`), 0 and 1 meaning none.
+    let factor = meta_f(md, &k("rope.scaling.factor"))
+        .or_else(|| meta_f(md, &k("rope.scale_linear")))
+        .filter(|f| *f != 0.0 && *f != 1.0);
+    let kind = md
         .get(&k("rope.scaling.type"))
         .and_then(|v| v.to_string().ok())
-    {
-        None => None,
-        Some(t) if t == "none" => None,
-        Some(t) if t == "linear" => Some(RopeScaling::Linear {
-            factor: meta_f(md, &k("rope.scaling.factor")).unwrap_or(1.0),
-        }),
-        Some(t) => {
+        .map_or("linear", |t| t.as_str());
+    let scaling = match (kind, factor) {
+        ("none", _) | (_, None) => None,
+        ("linear", Some(factor)) => Some(RopeScaling::Linear { factor }),
+        (t, Some(_)) => {
             return Err(LociError::Unsupported(format!("GGUF rope scaling {t:?}")));
         }
     };

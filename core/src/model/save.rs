@@ -148,7 +148,7 @@ impl Model {
         let norm = |o: &mut Out, name: String, n: &Norm| match (gemma, n) {
             (true, Norm::Rms { w, .. }) => {
                 let less_one = (w.to_dtype(candle_core::DType::F32)? - 1.0)?;
-                o.put(name + ".weight", &less_one.to_dtype(w.dtype())?)
+                o.put(name + ".weight", &less_one.to_dtype(self.dtype)?)
             }
             _ => o.norm(&name, n),
         };
@@ -274,8 +274,11 @@ impl Model {
                     "model_type": "phi3", "architectures": ["Phi3ForCausalLM"],
                     "hidden_size": c.d_model, "intermediate_size": c.d_ff, "num_hidden_layers": c.n_layer,
                     "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head,
-                    "max_position_embeddings": c.max_positions, "vocab_size": c.vocab_size,
-                    "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "hidden_act": "silu",
+                    "head_dim": c.head_dim, "max_position_embeddings": c.max_positions,
+                    "vocab_size": c.vocab_size, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+                    "hidden_act": "silu",
+                    // Phi-3's default padding id (32000) lies outside smaller vocabularies.
+                    "pad_token_id": c.eos_token_id,
                     // Read back as int(head_dim · factor): half a dimension over keeps it exact.
                     "partial_rotary_factor": (c.rotary_dim as f64 + 0.5) / c.head_dim as f64,
                     // Phi-3's top-level value overrides the one in rope_scaling.
@@ -301,7 +304,11 @@ impl Model {
                     "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "torch_dtype": dtype,
                 });
                 if two {
-                    v["query_pre_attn_scalar"] = json!(q.query_pre_attn_scalar);
+                    // transformers wants an integer where the scalar is whole (it always is).
+                    v["query_pre_attn_scalar"] = match q.query_pre_attn_scalar {
+                        Some(s) if s.fract() == 0.0 => json!(s as i64),
+                        s => json!(s),
+                    };
                     v["attn_logit_softcapping"] = json!(q.attn_softcap);
                     v["final_logit_softcapping"] = json!(q.final_softcap);
                     v["sliding_window"] = json!(c.sliding_window);

@@ -134,7 +134,8 @@ pub fn matmul_bench(a: MatmulBenchArgs) -> Result<()> {
     let lm = a.model.load()?;
     let (c, dev, dtype) = (&lm.model.cfg, &lm.model.device, lm.model.dtype);
     let (d, q, kv) = (c.d_model, c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
-    let up = if c.family == loci_core::Family::Llama {
+    use loci_core::Family;
+    let up = if matches!(c.family, Family::Llama | Family::Phi3 | Family::Gemma) {
         2 * c.d_ff
     } else {
         c.d_ff

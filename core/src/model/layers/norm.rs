@@ -47,12 +47,12 @@ impl Norm {
         })
     }
 
-    /// Loads Gemma's RMSNorm, which scales by `1 + w`: the one is added here, in f32.
+    /// Loads Gemma's RMSNorm, which scales by `1 + w`: the one is added here and the gain kept
+    /// in f32, as transformers applies it (in f32, then casts) whatever the model's dtype.
     pub fn load_rms_plus_one(w: &Weights, prefix: &str, d: usize, eps: f64) -> Result<Self> {
         let g = w.get(&format!("{prefix}.weight"), &[d])?;
-        let dtype = g.dtype();
         Ok(Norm::Rms {
-            w: (g.to_dtype(DType::F32)? + 1.0)?.to_dtype(dtype)?,
+            w: (g.to_dtype(DType::F32)? + 1.0)?,
             eps: eps as f32,
         })
     }
@@ -65,6 +65,11 @@ impl Norm {
             return Ok(match self {
                 Norm::Layer { w, b, eps } => {
                     candle_nn::ops::layer_norm(&x, &like(w)?, &like(b)?, *eps)?
+                }
+                // An f32 gain over half-precision activations (Gemma's) scales in f32.
+                Norm::Rms { w, eps } if w.dtype() == DType::F32 && x.dtype() != DType::F32 => {
+                    let xf = x.to_dtype(DType::F32)?;
+                    candle_nn::ops::rms_norm(&xf, w, *eps)?.to_dtype(x.dtype())?
                 }
                 Norm::Rms { w, eps } => candle_nn::ops::rms_norm(&x, &like(w)?, *eps)?,
             });
