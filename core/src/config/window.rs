@@ -8,8 +8,9 @@ use crate::error::{LociError, Result};
 
 /// Sliding-window attention as transformers applies it: the window and which layers use it
 /// (empty: all). Mistral windows every layer (4096 positions when the config names none, none
-/// when it says `null`), Phi-3 every layer when it names one; Qwen2 only with `use_sliding_window`, in the layers `layer_types` lists
-/// or else from `max_window_layers` (28) on; LLaMA never.
+/// when it says `null`), Phi-3 every layer when it names one; Qwen2 only with
+/// `use_sliding_window`, in the layers `layer_types` lists or else from `max_window_layers` (28)
+/// on; LLaMA never.
 pub(super) fn sliding_of(
     v: &Value,
     model_type: &str,
