@@ -12,16 +12,7 @@ use loci_core::edit::{Edit, EditMethod, FtHparams, MemitHparams, RomeHparams};
 use loci_core::hooks::Capture;
 use loci_core::{KvCache, LoadedModel, LogitsAt, NoHook, Site};
 
-const FAMILIES: [&str; 8] = [
-    "tiny-neox",
-    "tiny-neox-sequential",
-    "tiny-llama3",
-    "tiny-qwen2",
-    "tiny-mistral",
-    "tiny-phi3",
-    "tiny-gemma",
-    "tiny-gemma2",
-];
+use common::OTHER_FAMILIES as FAMILIES;
 
 const PROMPT: &str = "The Eiffel Tower is located in the city of";
 

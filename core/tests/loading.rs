@@ -148,19 +148,7 @@ fn models_load_from_bytes_as_in_the_browser() {
 
 #[test]
 fn half_precision_stays_close_to_f32() {
-    for name in [
-        "tiny-gpt2",
-        "tiny-gptj",
-        "tiny-llama",
-        "tiny-neox",
-        "tiny-neox-sequential",
-        "tiny-llama3",
-        "tiny-qwen2",
-        "tiny-mistral",
-        "tiny-phi3",
-        "tiny-gemma",
-        "tiny-gemma2",
-    ] {
+    for name in common::every_family() {
         let src = common::fixture(name);
         let full = last_logits(
             &LoadedModel::load(&src, DType::F32, &Device::Cpu).unwrap(),

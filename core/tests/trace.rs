@@ -11,19 +11,7 @@ use common::tiny;
 
 #[test]
 fn fast_path_equals_naive_path_for_every_kind_and_family() {
-    for name in [
-        "tiny-gpt2",
-        "tiny-gptj",
-        "tiny-llama",
-        "tiny-neox",
-        "tiny-neox-sequential",
-        "tiny-llama3",
-        "tiny-qwen2",
-        "tiny-mistral",
-        "tiny-phi3",
-        "tiny-gemma",
-        "tiny-gemma2",
-    ] {
+    for name in common::every_family() {
         let lm = tiny(name);
         for window in [1, 3, 10] {
             let mut req =

@@ -105,11 +105,7 @@ pub(super) fn load(w: &Weights, cfg: &ModelConfig) -> Result<Model> {
     let blocks = (0..cfg.n_layer)
         .map(|l| block(w, cfg, l, &shared))
         .collect::<Result<Vec<_>>>()?;
-    let lm_head = if cfg.tie_embeddings && !w.contains("lm_head.weight") {
-        Linear::new(wte.clone(), None)
-    } else {
-        Linear::load(w, "lm_head", cfg.vocab_size, d, false)?
-    };
+    let lm_head = super::load_head(w, cfg, &wte, "lm_head")?;
     Ok(Model {
         cfg: cfg.clone(),
         wte,

@@ -453,6 +453,16 @@ pub fn argmax(v: &Tensor) -> Result<u32> {
     Ok(v.argmax(D::Minus1)?.to_scalar::<u32>()?)
 }
 
+/// The unembedding `{name}` (`[vocab, d]`, no bias), or the token embeddings `wte` where the
+/// config ties them and the file holds no separate head.
+fn load_head(w: &Weights, cfg: &ModelConfig, wte: &Tensor, name: &str) -> Result<Linear> {
+    if cfg.tie_embeddings && !w.contains(&format!("{name}.weight")) {
+        Ok(Linear::new(wte.clone(), None))
+    } else {
+        Linear::load(w, name, cfg.vocab_size, cfg.d_model, false)
+    }
+}
+
 impl Model {
     /// Builds the model from Hugging Face-named tensors, checking every shape against `cfg`:
     /// each family's file (`gpt2.rs`, `gptj.rs`, `llama.rs`, `neox.rs`) names its weights and assembles

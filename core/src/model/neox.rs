@@ -102,11 +102,7 @@ pub(super) fn load(w: &Weights, cfg: &ModelConfig) -> Result<Model> {
     let blocks = (0..cfg.n_layer)
         .map(|l| block(w, cfg, l, &shared))
         .collect::<Result<Vec<_>>>()?;
-    let lm_head = if cfg.tie_embeddings && !w.contains("embed_out.weight") {
-        Linear::new(wte.clone(), None)
-    } else {
-        Linear::load(w, "embed_out", cfg.vocab_size, d, false)?
-    };
+    let lm_head = super::load_head(w, cfg, &wte, "embed_out")?;
     Ok(Model {
         cfg: cfg.clone(),
         wte,

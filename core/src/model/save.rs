@@ -243,17 +243,11 @@ impl Model {
                     "rope_scaling": rope_scaling_json(c.rope_scaling.as_ref()),
                 });
                 if let Some(w) = c.sliding_window {
-                    let layers: Vec<&str> = (0..c.n_layer)
-                        .map(|l| match c.window_of(l) {
-                            Some(_) => "sliding_attention",
-                            None => "full_attention",
-                        })
-                        .collect();
                     v["sliding_window"] = json!(w);
                     v["use_sliding_window"] = json!(true);
                     // Qwen2 reads its windowed layers from the list; Mistral windows them all.
                     if model_type == "qwen2" || !c.sliding_layers.is_empty() {
-                        v["layer_types"] = json!(layers);
+                        v["layer_types"] = json!(layer_types(c));
                     }
                 }
                 v
@@ -312,13 +306,7 @@ impl Model {
                     v["attn_logit_softcapping"] = json!(q.attn_softcap);
                     v["final_logit_softcapping"] = json!(q.final_softcap);
                     v["sliding_window"] = json!(c.sliding_window);
-                    let layers: Vec<&str> = (0..c.n_layer)
-                        .map(|l| match c.window_of(l) {
-                            Some(_) => "sliding_attention",
-                            None => "full_attention",
-                        })
-                        .collect();
-                    v["layer_types"] = json!(layers);
+                    v["layer_types"] = json!(layer_types(c));
                 }
                 v
             }
@@ -338,6 +326,16 @@ impl Model {
             }),
         }
     }
+}
+
+/// Each layer's attention as transformers' `layer_types` names it.
+fn layer_types(c: &crate::config::ModelConfig) -> Vec<&'static str> {
+    (0..c.n_layer)
+        .map(|l| match c.window_of(l) {
+            Some(_) => "sliding_attention",
+            None => "full_attention",
+        })
+        .collect()
 }
 
 /// A rotary scaling as transformers' `rope_scaling` names it (`null` for none).

@@ -24,6 +24,26 @@ pub fn fixture(name: &str) -> PathBuf {
     }
 }
 
+/// The first three test models, in `tests/fixtures`.
+pub const FIRST_FAMILIES: [&str; 3] = ["tiny-gpt2", "tiny-gptj", "tiny-llama"];
+
+/// The other families' test models, in `tests/fixtures/families`: each family's quirks on.
+pub const OTHER_FAMILIES: [&str; 8] = [
+    "tiny-neox",
+    "tiny-neox-sequential",
+    "tiny-llama3",
+    "tiny-qwen2",
+    "tiny-mistral",
+    "tiny-phi3",
+    "tiny-gemma",
+    "tiny-gemma2",
+];
+
+/// Every test model, the first three first.
+pub fn every_family() -> impl Iterator<Item = &'static str> {
+    FIRST_FAMILIES.into_iter().chain(OTHER_FAMILIES)
+}
+
 /// A test model (see [`fixture`]), f32 on the CPU.
 pub fn tiny(name: &str) -> loci_core::LoadedModel {
     loci_core::LoadedModel::load(
