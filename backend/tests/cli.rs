@@ -426,6 +426,10 @@ fn stats_then_edit_reports_before_and_after() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stats.join("layer1.safetensors").exists() && stats.join("layer2.safetensors").exists());
+    // Exactly the budget: the text that crosses it is cut there.
+    let layer1 = std::fs::read(stats.join("layer1.safetensors")).unwrap();
+    let held = loci_core::edit::KeyStats::from_bytes(&layer1).unwrap();
+    assert_eq!(held.provenance.tokens, 2000);
     let edit_file = dir.join("edit.safetensors");
     let out = Command::new(env!("CARGO_BIN_EXE_loci"))
         .args([

@@ -6,7 +6,10 @@ mod common;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use loci_core::edit::{KeyStats, RewriteRequest, RomeHparams, StatsAccumulator, TargetStr};
+use loci_core::edit::{
+    KeyStats, RewriteRequest, RomeHparams, RomeRun, Share, StatsAccumulator, TargetStr, ValueGrad,
+    ValueParts,
+};
 use loci_core::LoadedModel;
 
 /// The down-projection of `layer`, bit for bit.
@@ -105,6 +108,34 @@ fn statistics_collected_in_parts_merge_to_the_whole() {
     let err = KeyStats::merge(&[collect(a, &[2]), collect(b, &[1])]).unwrap_err();
     assert!(err.to_string().contains("cannot merge"), "{err}");
     assert!(KeyStats::merge(&[]).is_err());
+}
+
+#[test]
+fn a_text_with_nan_keys_at_any_layer_adds_nothing_to_any() {
+    // NaN down-projection weights at layer 1: its keys stay finite, layer 2's turn NaN. The
+    // text is refused at every layer, and the sums hold only the text before it.
+    let lm = tiny();
+    let mut poisoned = lm.clone();
+    let w = &lm.model.down_proj(1).unwrap().weight;
+    let nan = (w.ones_like().unwrap() * f64::NAN).unwrap();
+    poisoned.model.set_down_proj_weight(1, nan).unwrap();
+    let texts = common::wiki_texts(2);
+    let mut acc = StatsAccumulator::new(&lm, &[1, 2], 64).unwrap();
+    acc.add_text(&lm, &texts[0]).unwrap();
+    let err = acc.add_text(&poisoned, &texts[1]).unwrap_err();
+    assert!(err.to_string().contains("NaN"), "{err}");
+    let after = acc.finish(&lm, "test").unwrap();
+    let mut alone = StatsAccumulator::new(&lm, &[1, 2], 64).unwrap();
+    alone.add_text(&lm, &texts[0]).unwrap();
+    let alone = alone.finish(&lm, "test").unwrap();
+    let bits = |s: &KeyStats| -> Vec<u32> {
+        let v = s.mom2.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    };
+    for (a, b) in after.iter().zip(&alone) {
+        assert_eq!(a.provenance, b.provenance);
+        assert_eq!(bits(a), bits(b));
+    }
 }
 
 #[test]
@@ -422,4 +453,117 @@ fn worker_threads_give_the_same_statistics_and_edit() {
     for (a, b) in e1.right.iter().zip(&e3.right) {
         assert!((a - b).abs() < 1e-3 * a.abs().max(1e-2), "{a} vs {b}");
     }
+}
+
+/// A value through JSON, as the page and its workers pass it.
+fn via_json<T: serde::Serialize + serde::de::DeserializeOwned>(x: T) -> T {
+    serde_json::from_str(&serde_json::to_string(&x).unwrap()).unwrap()
+}
+
+/// Steps runs that share one v* as the tab's workers do: every run's parts, then every run's
+/// gradient, handed to all of them each step (through JSON, as between the page and its
+/// workers).
+fn step_together(lm: &LoadedModel, runs: &mut [RomeRun]) {
+    let forward = |runs: &mut [RomeRun]| -> Vec<ValueParts> {
+        runs.iter_mut()
+            .map(|r| via_json(r.value().forward(lm).unwrap()))
+            .collect()
+    };
+    let mut parts = forward(runs);
+    loop {
+        for r in runs.iter_mut() {
+            r.value().losses(&parts).unwrap();
+        }
+        if runs[0].value().done() {
+            assert!(runs.iter_mut().all(|r| r.value().done()));
+            return;
+        }
+        let grads: Vec<ValueGrad> = runs
+            .iter_mut()
+            .map(|r| via_json(r.value().backward().unwrap()))
+            .collect();
+        for r in runs.iter_mut() {
+            r.value().advance(lm, &grads).unwrap();
+        }
+        parts = forward(runs);
+    }
+}
+
+/// The tiny model, layer 2's statistics, the Eiffel Tower edit and 6 steps of v*.
+fn shared_edit() -> (LoadedModel, KeyStats, RewriteRequest, RomeHparams) {
+    let lm = tiny();
+    let st = stats(&lm, 2, 7);
+    let req = common::request(
+        "{} is located in the city of",
+        "Eiffel Tower",
+        "Rome",
+        "Paris",
+    );
+    let mut hp = RomeHparams::at_layer(2);
+    hp.v_num_grad_steps = 6;
+    (lm, st, req, hp)
+}
+
+#[test]
+fn a_rome_edit_shared_by_workers_equals_the_one_process_edit() {
+    // The tab splits v*'s rows over its workers: each holds the same run, computes its share
+    // and takes every share's parts and gradients (through JSON). The edit equals, bit for
+    // bit, the one a single process makes with as many row groups (what the native loop does
+    // with as many threads).
+    let (lm, st, req, hp) = shared_edit();
+    let of = 2;
+    let begin = |share: Share| lm.rome_run(&req, &hp, Some(&st), share).unwrap();
+    let mut one = [begin(Share {
+        part: 0,
+        of,
+        all: true,
+    })];
+    step_together(&lm, &mut one);
+    let [one] = one;
+    let one = one.finish(&lm).unwrap();
+    let mut shared: Vec<RomeRun> = (0..of)
+        .map(|p| begin(Share::part(p, of).unwrap()))
+        .collect();
+    step_together(&lm, &mut shared);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for e in shared.into_iter().map(|r| r.finish(&lm).unwrap()) {
+        assert_eq!(bits(&e.right), bits(&one.right));
+        assert_eq!(bits(&e.stats.target_value), bits(&one.stats.target_value));
+        assert_eq!(bits(&e.stats.losses), bits(&one.stats.losses));
+    }
+    assert_eq!(one.stats.losses.len(), 6);
+    // The same edit as `rome` makes in one call (its own row groups: within rounding).
+    let plain = lm.rome(&req, &hp, Some(&st)).unwrap();
+    for (a, b) in plain.right.iter().zip(&one.right) {
+        assert!((a - b).abs() < 1e-3 * a.abs().max(1e-2), "{a} vs {b}");
+    }
+}
+
+#[test]
+fn a_shared_run_refuses_steps_out_of_order_and_incomplete_shares() {
+    let (lm, st, req, hp) = shared_edit();
+    let begin = |part| lm.rome_run(&req, &hp, Some(&st), Share::part(part, 2).unwrap());
+    let (mut a, mut b) = (begin(0).unwrap(), begin(1).unwrap());
+    let (va, vb) = (a.value(), b.value());
+    // Before a forward pass: no losses, gradient, step or result.
+    assert!(va.losses(&[]).is_err());
+    assert!(va.backward().is_err());
+    assert!(va.advance(&lm, &[]).is_err());
+    let pa = va.forward(&lm).unwrap();
+    let pb = vb.forward(&lm).unwrap();
+    // Twice forward, a step before the losses, and one share's parts alone.
+    assert!(va.forward(&lm).is_err());
+    assert!(va.advance(&lm, &[]).is_err());
+    assert!(va.losses(std::slice::from_ref(&pa)).is_err());
+    assert!(va.losses(&[pa.clone(), pa.clone()]).is_err());
+    va.losses(&[pa.clone(), pb.clone()]).unwrap();
+    vb.losses(&[pa.clone(), pb]).unwrap();
+    // The losses once per step; a step needs every group's gradient.
+    assert!(va.losses(&[pa]).is_err());
+    let (ga, gb) = (va.backward().unwrap(), vb.backward().unwrap());
+    assert!(va.advance(&lm, std::slice::from_ref(&ga)).is_err());
+    va.advance(&lm, &[ga.clone(), gb.clone()]).unwrap();
+    vb.advance(&lm, &[ga, gb]).unwrap();
+    assert!(a.finish(&lm).is_err());
+    assert!(Share::part(2, 2).is_err() && Share::part(0, 0).is_err());
 }

@@ -96,9 +96,9 @@ fn speed(flops: u64, seconds: f64, peak: f64, workers: usize) -> serde_json::Val
 
 /// In-tab editing speed: a GPT-2-small-shaped model (random weights) in `workers` workers; key
 /// statistics of `layer` over `tokens` tokens of the bundled Wikipedia slice (spread over the
-/// workers, merged, given to every worker), then one ROME edit at `layer` with them (v* in one
-/// worker, its file applied in the others). The same work as `loci bench edit --random gpt2`.
-/// Returns JSON.
+/// workers, merged, given to every worker), then one ROME edit at `layer` with them (v*'s rows
+/// shared by the workers, each step's parts and gradients exchanged). The same work as `loci
+/// bench edit --random gpt2`. Returns JSON.
 pub async fn tab_edit_benchmark(
     status: Status,
     workers: usize,

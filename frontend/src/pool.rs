@@ -14,7 +14,9 @@ use std::rc::Rc;
 use futures_channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 use futures_util::lock::Mutex;
 use futures_util::StreamExt;
-use loci_core::edit::{EditReport, KeyStats, MemitReport, StatsProvenance};
+use loci_core::edit::{
+    EditMethod, EditReport, KeyStats, MemitReport, Share, StatsProvenance, TokenBudget, ValueGrad,
+};
 use loci_core::trace::{TraceHeader, TraceKind, TraceMethod, TraceRequest, TraceResult};
 use loci_core::{ModelInfo, Prediction};
 use wasm_bindgen::prelude::*;
@@ -311,21 +313,39 @@ impl Pool {
         msg: ToWorker,
         pick: impl Fn(FromWorker) -> Option<T>,
     ) -> Result<Vec<T>, String> {
-        for &i in to {
-            self.send(i, &msg);
+        self.ask_each(to, vec![msg; to.len()], pick).await
+    }
+
+    /// Sends each worker of `to` its own message and waits for every answer `pick` takes: the
+    /// values in `to`'s order, or the first error.
+    async fn ask_each<T>(
+        &self,
+        to: &[usize],
+        msgs: Vec<ToWorker>,
+        pick: impl Fn(FromWorker) -> Option<T>,
+    ) -> Result<Vec<T>, String> {
+        // A worker stopped since `to` was taken (it crashed between two asks) would never
+        // answer.
+        if to.iter().any(|&i| self.slots.borrow()[i].is_none()) {
+            return Err("a model worker stopped during the job: run it again".into());
         }
-        let (mut values, mut failed, mut waiting) = (vec![], None, to.to_vec());
+        for (&i, msg) in to.iter().zip(&msgs) {
+            self.send(i, msg);
+        }
+        let mut values: Vec<Option<T>> = to.iter().map(|_| None).collect();
+        let (mut failed, mut waiting) = (None, to.to_vec());
         while !waiting.is_empty() {
             let (i, m) = self.recv().await?;
             if !waiting.contains(&i) {
                 continue;
             }
+            let place = to.iter().position(|&j| j == i).expect("a worker asked");
             match m {
                 FromWorker::Error { message } | FromWorker::Crashed { message } => {
                     failed.get_or_insert(message);
                 }
                 other => match pick(other) {
-                    Some(v) => values.push(v),
+                    Some(v) => values[place] = Some(v),
                     None => continue,
                 },
             }
@@ -333,7 +353,7 @@ impl Pool {
         }
         match failed {
             Some(e) => Err(e),
-            None => Ok(values),
+            None => Ok(values.into_iter().flatten().collect()),
         }
     }
 
@@ -558,9 +578,10 @@ impl Pool {
         Ok(given)
     }
 
-    /// Collects key statistics of `layers` over `texts` (in order, until `goal` tokens), spread
-    /// over the workers, and merges the workers' shares (`KeyStats::merge`): one per layer, in
-    /// `layers`' order. `on_tokens` hears the tokens so far; false cancels.
+    /// Collects key statistics of `layers` over `texts` (in order, exactly `goal` tokens: the
+    /// text that crosses the mark is cut there), spread over the workers, and merges the
+    /// workers' shares (`KeyStats::merge`): one per layer, in `layers`' order. `on_tokens`
+    /// hears the tokens so far; false cancels.
     #[allow(clippy::too_many_arguments)]
     pub async fn collect_stats(
         &self,
@@ -579,14 +600,37 @@ impl Pool {
         };
         let begun = |m| matches!(m, FromWorker::StatsTokens { .. }).then_some(());
         self.ask(&to, begin, begun).await?;
-        let mut chunks: Vec<Vec<String>> = texts
+        // One worker counts the texts' tokens; the plan cuts them to the budget.
+        let count = ToWorker::StatsCount {
+            texts: texts.to_vec(),
+        };
+        let counted = |m| match m {
+            FromWorker::StatsCounts { tokens } => Some(tokens),
+            _ => None,
+        };
+        let first = [*to.first().ok_or("no model worker is running")?];
+        let counts = self.ask(&first, count, counted).await?.remove(0);
+        let mut planned: Vec<(String, usize)> = texts
+            .iter()
+            .cloned()
+            .zip(TokenBudget::new(goal).plan(&counts))
+            .filter(|&(_, n)| n > 0)
+            .collect();
+        // The shortest texts go first, one per worker, so progress shows within a second; the
+        // rest longest first, so the workers finish together. (The sum is the same set of
+        // texts: only its rounding depends on the order.)
+        planned.sort_by_key(|(_, n)| *n);
+        let quick: Vec<(String, usize)> = planned.drain(..to.len().min(planned.len())).collect();
+        planned.reverse();
+        let planned: Vec<(String, usize)> = quick.into_iter().chain(planned).collect();
+        let mut chunks: Vec<Vec<(String, usize)>> = planned
             .chunks(STATS_TEXTS_PER_MESSAGE)
-            .map(<[String]>::to_vec)
+            .map(<[(String, usize)]>::to_vec)
             .rev()
             .collect();
         let n = self.slots.borrow().len();
         let (mut seen, mut busy) = (vec![0u64; n], vec![false; n]);
-        let give = |i: usize, chunks: &mut Vec<Vec<String>>, busy: &mut Vec<bool>| {
+        let give = |i: usize, chunks: &mut Vec<Vec<(String, usize)>>, busy: &mut Vec<bool>| {
             if let Some(c) = chunks.pop() {
                 self.send(i, &ToWorker::StatsTexts { texts: c });
                 busy[i] = true;
@@ -696,14 +740,19 @@ impl Pool {
         }
     }
 
-    /// Computes an edit in one worker (its steps to `on_step`, which returns false to cancel:
-    /// that worker is stopped and replaced, the others never see the edit), then applies its
-    /// file in every other worker.
+    /// Computes an edit — ROME shared by every worker ([`Self::rome_shared`]), any other in one
+    /// worker — with its steps to `on_step`, which returns false to cancel (a shared edit
+    /// stops between two steps; a one-worker edit's worker is stopped and replaced; either way
+    /// no copy has changed); then applies its file in every other worker.
     pub async fn edit(
         &self,
         job: EditJob,
         mut on_step: impl FnMut(&str, usize, usize, f32) -> bool,
     ) -> Result<EditOutcome, String> {
+        self.ensure().await?;
+        if job.method == EditMethod::Rome && self.alive().len() > 1 {
+            return self.rome_shared(job, on_step).await;
+        }
         let on_progress = |m: FromWorker| match m {
             FromWorker::EditStep {
                 phase,
@@ -734,6 +783,94 @@ impl Pool {
             (_, other) => return Err(format!("an unexpected answer to an edit: {other:?}")),
         };
         let (editor, edited) = edited;
+        self.spread(editor, edited).await
+    }
+
+    /// A ROME edit whose v* every worker shares: each holds the same run and computes its share
+    /// of the rows; each step the page hands every worker all the parts, then all the
+    /// gradients, so all take the same step. The first worker finishes the edit and the others
+    /// take its file. `on_step` returning false cancels between steps: nothing was applied, and
+    /// the runs end with the workers' next job.
+    async fn rome_shared(
+        &self,
+        job: EditJob,
+        mut on_step: impl FnMut(&str, usize, usize, f32) -> bool,
+    ) -> Result<EditOutcome, String> {
+        let to = self.alive();
+        let begin = (0..to.len())
+            .map(|part| {
+                let share = Share::part(part, to.len()).map_err(|e| e.to_string())?;
+                let job = job.clone();
+                Ok(ToWorker::RomeBegin { job, share })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let begun = |m| match m {
+            FromWorker::ValueParts { parts } => Some(Ok(parts)),
+            FromWorker::NeedsStats { layers } => Some(Err(layers)),
+            _ => None,
+        };
+        let mut parts = vec![];
+        for b in self.ask_each(&to, begin, begun).await? {
+            match b {
+                Ok(p) => parts.push(p),
+                Err(layers) => return Ok(EditOutcome::NeedsStats(layers)),
+            }
+        }
+        loop {
+            let stepped = |m| match m {
+                FromWorker::ValueGrad {
+                    losses,
+                    step,
+                    steps,
+                    grad,
+                } => Some((losses, step, steps, Some(grad))),
+                FromWorker::ValueDone {
+                    losses,
+                    step,
+                    steps,
+                } => Some((losses, step, steps, None)),
+                _ => None,
+            };
+            let answers = self
+                .ask(&to, ToWorker::ValueLosses { parts }, stepped)
+                .await?;
+            let (losses, step, steps, _) = &answers[0];
+            // The mean over the finite losses, as a worker's own steps report it.
+            let finite: Vec<f32> = losses.0.iter().copied().filter(|l| l.is_finite()).collect();
+            let mean = finite.iter().sum::<f32>() / finite.len() as f32;
+            if !on_step("value", *step, *steps, mean) {
+                return Err("cancelled".into());
+            }
+            let grads: Option<Vec<ValueGrad>> = answers.into_iter().map(|a| a.3).collect();
+            let Some(grads) = grads else { break };
+            let next = |m| match m {
+                FromWorker::ValueParts { parts } => Some(parts),
+                _ => None,
+            };
+            parts = self
+                .ask(&to, ToWorker::ValueAdvance { grads }, next)
+                .await?;
+        }
+        let finished = |m| match m {
+            FromWorker::Edited {
+                file,
+                report,
+                memit,
+                ..
+            } => Some(TabEdit {
+                file: file.0,
+                report: report.map(|r| *r),
+                memit: memit.map(|m| *m),
+            }),
+            _ => None,
+        };
+        let edited = self.ask(&to[..1], ToWorker::RomeFinish, finished).await?;
+        let edited = edited.into_iter().next().ok_or("no edit came back")?;
+        self.spread(to[0], edited).await
+    }
+
+    /// Applies the edit `editor` made in every other worker and keeps it in the setup.
+    async fn spread(&self, editor: usize, edited: TabEdit) -> Result<EditOutcome, String> {
         let others: Vec<usize> = self.alive().into_iter().filter(|&i| i != editor).collect();
         let bytes = Bytes(edited.file.clone());
         let applied = ToWorker::ApplyEdit {

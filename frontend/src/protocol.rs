@@ -2,7 +2,10 @@
 //! serde defaults and tagged enums that a binary codec would not keep), file bytes inside as
 //! base64 (a JSON array of numbers would be four times bigger and slower to parse).
 
-use loci_core::edit::{EditMethod, EditReport, MemitReport, NullSpace, Probes, StatsProvenance};
+use loci_core::edit::{
+    EditMethod, EditReport, Floats, MemitReport, NullSpace, Probes, Share, StatsProvenance,
+    ValueGrad, ValueParts,
+};
 use loci_core::eval::CounterFactCase;
 use loci_core::study::{EditProblem, StudyLine, StudyMethod};
 use loci_core::trace::{TraceHeader, TraceKind, TraceMethod, TraceRequest, TraceResult};
@@ -105,9 +108,14 @@ pub enum ToWorker {
         layers: Vec<usize>,
         max_len: usize,
     },
-    /// Add texts to the statistics being collected.
-    StatsTexts {
+    /// Count each text's tokens as the statistics being collected would take them (cut to
+    /// their maximum length), so the page can plan an exact token budget.
+    StatsCount {
         texts: Vec<String>,
+    },
+    /// Add texts to the statistics being collected, each cut to its number of tokens.
+    StatsTexts {
+        texts: Vec<(String, usize)>,
     },
     /// End the collection: this worker's share as statistics files, one per layer.
     StatsFinish {
@@ -119,6 +127,25 @@ pub enum ToWorker {
     },
     /// Compute an edit, apply it and read the probes (steps stream as `EditStep`).
     Edit(EditJob),
+    /// Begin a ROME edit (the job's one request) whose v* this worker computes `share` of, every
+    /// worker holding the same run: answers the first step's `ValueParts` (or `NeedsStats`).
+    /// The run is dropped by any message but the three that step or finish it.
+    RomeBegin {
+        job: EditJob,
+        share: Share,
+    },
+    /// Every worker's parts of this step, in share order: the losses, then this worker's
+    /// gradient (`ValueGrad`), or `ValueDone` once the optimisation has stopped.
+    ValueLosses {
+        parts: Vec<ValueParts>,
+    },
+    /// Every worker's gradient, in share order: the optimiser's step, then the next step's
+    /// forward pass (`ValueParts`).
+    ValueAdvance {
+        grads: Vec<ValueGrad>,
+    },
+    /// Finish the shared ROME edit in this worker: apply it and read the probes (`Edited`).
+    RomeFinish,
     /// Run a study (its lines stream as `StudyLine`).
     Study(Box<StudyJob>),
     /// Apply a saved edit (the bytes of an edit file) on top of the model's edits.
@@ -163,6 +190,10 @@ pub enum FromWorker {
     StatsTokens {
         tokens: u64,
     },
+    /// Each text's tokens, as counted for `StatsCount`.
+    StatsCounts {
+        tokens: Vec<usize>,
+    },
     StatsParts {
         files: Vec<Bytes>,
     },
@@ -176,6 +207,24 @@ pub enum FromWorker {
         step: usize,
         steps: usize,
         loss: f32,
+    },
+    /// This worker's parts of a shared v* step's forward pass.
+    ValueParts {
+        parts: ValueParts,
+    },
+    /// A shared v* step's losses (one per request), the step (from 1) of the most, and this
+    /// worker's gradient.
+    ValueGrad {
+        losses: Floats,
+        step: usize,
+        steps: usize,
+        grad: ValueGrad,
+    },
+    /// A shared v* optimisation stopped, with its last step's losses.
+    ValueDone {
+        losses: Floats,
+        step: usize,
+        steps: usize,
     },
     /// An edit made and applied: its file, and the read-out (ROME and FT, or MEMIT).
     Edited {

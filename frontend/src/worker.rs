@@ -6,9 +6,10 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use loci_core::edit::{
-    AppliedEdit, Edit, EditMethod, FtHparams, KeyStats, MemitHparams, Preserved, UpdateRule,
+    AppliedEdit, Edit, EditMethod, EditReport, Floats, FtHparams, GraceHparams, KeyStats,
+    MemitHparams, MemitReport, Preserved, Probes, RomeHparams, RomeRun, Share, StatsAccumulator,
+    UpdateRule,
 };
-use loci_core::edit::{GraceHparams, RomeHparams, StatsAccumulator};
 use loci_core::study::{StudyConfig, StudyLine, StudyObserver};
 use loci_core::trace::{Quiet, TracePlan};
 use loci_core::{DType, Device, LoadedModel};
@@ -32,6 +33,8 @@ pub struct ModelWorker {
     stats: HashMap<usize, KeyStats>,
     /// Statistics being collected.
     collecting: Option<StatsAccumulator>,
+    /// A ROME edit whose v* the workers share, and its probes, between the page's steps.
+    rome_run: Option<(RomeRun, Probes)>,
 }
 
 thread_local! {
@@ -167,6 +170,14 @@ impl ModelWorker {
     }
 
     fn run(&mut self, msg: ToWorker) -> Result<FromWorker, String> {
+        let steps_the_run = matches!(
+            msg,
+            ToWorker::ValueLosses { .. } | ToWorker::ValueAdvance { .. } | ToWorker::RomeFinish
+        );
+        if !steps_the_run {
+            // Another job (or a cancelled edit's next one): the shared run is over.
+            self.rome_run = None;
+        }
         match msg {
             ToWorker::Load { .. } | ToWorker::TraceDrop { .. } => {
                 unreachable!("handled in `received`")
@@ -219,10 +230,21 @@ impl ModelWorker {
                 self.collecting = Some(acc);
                 Ok(FromWorker::StatsTokens { tokens: 0 })
             }
+            ToWorker::StatsCount { texts } => {
+                let lm = self.model.as_ref().ok_or("no model is loaded")?;
+                let acc = self.collecting.as_ref().ok_or("no statistics are begun")?;
+                let tokens = texts
+                    .iter()
+                    .map(|t| acc.text_tokens(lm, t))
+                    .collect::<Result<_, _>>()
+                    .map_err(text)?;
+                Ok(FromWorker::StatsCounts { tokens })
+            }
             ToWorker::StatsTexts { texts } => {
                 let lm = self.model.as_ref().ok_or("no model is loaded")?;
                 let acc = self.collecting.as_mut().ok_or("no statistics are begun")?;
-                acc.add_texts(lm, &texts).map_err(text)?;
+                let cut: Vec<(&str, usize)> = texts.iter().map(|(t, n)| (t.as_str(), *n)).collect();
+                acc.add_texts_cut(lm, &cut).map_err(text)?;
                 Ok(FromWorker::StatsTokens {
                     tokens: acc.tokens(),
                 })
@@ -243,6 +265,40 @@ impl ModelWorker {
             }
             ToWorker::UseStats { files } => self.use_stats(files),
             ToWorker::Edit(job) => self.edit(job),
+            ToWorker::RomeBegin { job, share } => self.rome_begin(job, share),
+            ToWorker::ValueLosses { parts } => {
+                let (run, _) = self.rome_run.as_mut().ok_or(NO_RUN)?;
+                let (step, steps) = run.value().progress();
+                let losses = Floats(run.value().losses(&parts).map_err(text)?);
+                let step = step + 1;
+                if run.value().done() {
+                    return Ok(FromWorker::ValueDone {
+                        losses,
+                        step,
+                        steps,
+                    });
+                }
+                let grad = run.value().backward().map_err(text)?;
+                Ok(FromWorker::ValueGrad {
+                    losses,
+                    step,
+                    steps,
+                    grad,
+                })
+            }
+            ToWorker::ValueAdvance { grads } => {
+                let lm = self.model.as_ref().ok_or("no model is loaded")?;
+                let (run, _) = self.rome_run.as_mut().ok_or(NO_RUN)?;
+                run.value().advance(lm, &grads).map_err(text)?;
+                let parts = run.value().forward(lm).map_err(text)?;
+                Ok(FromWorker::ValueParts { parts })
+            }
+            ToWorker::RomeFinish => {
+                let (run, probes) = self.rome_run.take().ok_or(NO_RUN)?;
+                let lm = self.model.as_mut().ok_or("no model is loaded")?;
+                let (e, applied, r) = lm.rome_run_with_report(run, &probes).map_err(text)?;
+                self.record(Edit::Rome(e), applied, Some(Box::new(r)), None)
+            }
             ToWorker::Study(job) => self.study(*job),
             ToWorker::ApplyEdit { bytes } => {
                 let m = self.model.as_mut().ok_or("no model is loaded")?;
@@ -362,10 +418,21 @@ impl ModelWorker {
                 (Edit::Grace(e), applied, Some(Box::new(r)), None)
             }
         };
+        self.record(edit, applied, report, memit)
+    }
+
+    /// Keeps an edit just applied, with its file for the page (undone if it cannot be written).
+    fn record(
+        &mut self,
+        edit: Edit,
+        applied: AppliedEdit,
+        report: Option<Box<EditReport>>,
+        memit: Option<Box<MemitReport>>,
+    ) -> Result<FromWorker, String> {
         let file = match edit.to_file(self.model()?) {
             Ok(f) => f,
             Err(e) => {
-                let m = self.model.as_mut().expect("checked above");
+                let m = self.model.as_mut().ok_or("no model is loaded")?;
                 m.undo_edit(applied).map_err(text)?;
                 return Err(e.to_string());
             }
@@ -378,6 +445,22 @@ impl ModelWorker {
             memit,
             count: self.edits.len(),
         })
+    }
+
+    /// Begins a ROME edit shared with the other workers: up to v*, then its first forward
+    /// pass.
+    fn rome_begin(&mut self, job: EditJob, share: Share) -> Result<FromWorker, String> {
+        let lm = self.model()?;
+        let hp = RomeHparams::defaults(&lm.model.cfg, job.layers.first().copied()).map_err(text)?;
+        let stats = match self.stats_of(&[hp.layer]) {
+            Ok(mut s) => s.remove(0),
+            Err(layers) => return Ok(FromWorker::NeedsStats { layers }),
+        };
+        let req = lm.complete_request(one(job.requests)?).map_err(text)?;
+        let mut run = lm.rome_run(&req, &hp, Some(&stats), share).map_err(text)?;
+        let parts = run.value().forward(lm).map_err(text)?;
+        self.rome_run = Some((run, job.probes));
+        Ok(FromWorker::ValueParts { parts })
     }
 
     /// Hase et al.'s study of one fact with the server's settings (noise 3σ of the subjects'
@@ -428,6 +511,10 @@ impl ModelWorker {
 
 /// Edits one study may make (each a full edit, scored and undone), as on the server.
 const MAX_STUDY_EDITS: usize = 48;
+
+/// The answer to a step of a shared edit that is not running (cancelled, or replaced by
+/// another job).
+const NO_RUN: &str = "no shared edit is running in this worker";
 
 /// Posts each study line to the page as it comes.
 struct Posting;

@@ -7,7 +7,7 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use loci_core::edit::{KeyStats, StatsAccumulator};
+use loci_core::edit::{KeyStats, StatsAccumulator, TokenBudget};
 use loci_core::LoadedModel;
 
 use super::known::cache_dir;
@@ -82,10 +82,10 @@ pub fn corpus_texts(path: &Path) -> Result<impl Iterator<Item = Result<String>>>
     }))
 }
 
-/// Feeds corpus texts to `acc`, one per worker thread at a time, until it has seen `tokens`
-/// tokens: up to the text that crosses the mark, whatever the thread count (so statistics do
-/// not depend on the machine that computed them). `progress` hears each pass's tokens; `false`
-/// from it stops the feeding there.
+/// Feeds corpus texts to `acc`, one per worker thread at a time, until it has seen exactly
+/// `tokens` tokens (the text that crosses the mark is cut there), whatever the thread count (so
+/// statistics do not depend on the machine that computed them). `progress` hears each pass's
+/// tokens; `false` from it stops the feeding there.
 pub fn feed(
     acc: &mut StatsAccumulator,
     lm: &LoadedModel,
@@ -94,19 +94,20 @@ pub fn feed(
     mut progress: impl FnMut(usize) -> bool,
 ) -> Result<()> {
     let mut texts = corpus_texts(corpus)?;
-    while acc.tokens() < tokens {
+    let mut budget = TokenBudget::new(tokens.saturating_sub(acc.tokens()));
+    while !budget.spent() {
         let mut chunk = vec![];
-        let mut planned = acc.tokens();
-        while chunk.len() < loci_core::threads::workers() && planned < tokens {
+        while chunk.len() < loci_core::threads::workers() && !budget.spent() {
             let Some(text) = texts.next() else { break };
             let text = text?;
-            planned += acc.text_tokens(lm, &text)? as u64;
-            chunk.push(text);
+            let cut = budget.take(acc.text_tokens(lm, &text)?);
+            chunk.push((text, cut));
         }
         if chunk.is_empty() {
             break;
         }
-        if !progress(acc.add_texts(lm, &chunk)?) {
+        let cut: Vec<(&str, usize)> = chunk.iter().map(|(t, n)| (t.as_str(), *n)).collect();
+        if !progress(acc.add_texts_cut(lm, &cut)?) {
             break;
         }
     }

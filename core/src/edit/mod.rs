@@ -6,6 +6,7 @@ mod file;
 pub mod ft;
 mod ft_train;
 pub mod grace;
+mod gram;
 pub mod hooked;
 pub mod linalg;
 pub mod memit;
@@ -32,8 +33,10 @@ pub use crate::request::{RewriteRequest, TargetStr};
 pub use report::{
     EditReport, EditSide, Generations, MemitReport, Probes, PromptProbs, RequestReport,
 };
-pub use rome::{KeyMode, RomeEdit, RomeHparams};
-pub use stats::{KeyStats, StatsAccumulator, StatsProvenance};
+pub use rome::{
+    Floats, KeyMode, RomeEdit, RomeHparams, RomeRun, Share, ValueGrad, ValueParts, ValueRun,
+};
+pub use stats::{KeyStats, StatsAccumulator, StatsProvenance, TokenBudget};
 
 use serde::{Deserialize, Serialize};
 

@@ -201,9 +201,30 @@ impl LoadedModel {
         probes: &Probes,
     ) -> Result<(RomeEdit, AppliedEdit, EditReport)> {
         let (e, applied, report) =
-            self.one_fact_with_report(req, probes, |lm, r| Ok(Edit::Rome(lm.rome(r, hp, stats)?)))?;
+            self.one_fact_with_report(req, probes, crate::clock::now_seconds(), |lm, r| {
+                Ok(Edit::Rome(lm.rome(r, hp, stats)?))
+            })?;
         let Edit::Rome(e) = e else {
             unreachable!("rome() makes ROME edits")
+        };
+        Ok((e, applied, report))
+    }
+
+    /// Finishes a ROME edit whose v* was stepped from outside ([`RomeRun`](super::RomeRun)),
+    /// applies it and reads the probes before and after, as
+    /// [`rome_with_report`](Self::rome_with_report) does. Begin the run with a request that
+    /// [`complete_request`](Self::complete_request) filled in. On error the model is unchanged.
+    pub fn rome_run_with_report(
+        &mut self,
+        run: super::RomeRun,
+        probes: &Probes,
+    ) -> Result<(RomeEdit, AppliedEdit, EditReport)> {
+        let (req, started) = (run.request().clone(), run.started());
+        let (e, applied, report) = self.one_fact_with_report(req, probes, started, |lm, _| {
+            Ok(Edit::Rome(run.finish(lm)?))
+        })?;
+        let Edit::Rome(e) = e else {
+            unreachable!("a ROME run makes a ROME edit")
         };
         Ok((e, applied, report))
     }
@@ -218,7 +239,9 @@ impl LoadedModel {
         probes: &Probes,
     ) -> Result<(FtEdit, AppliedEdit, EditReport)> {
         let (e, applied, report) =
-            self.one_fact_with_report(req, probes, |lm, r| Ok(Edit::Ft(lm.finetune(r, hp)?)))?;
+            self.one_fact_with_report(req, probes, crate::clock::now_seconds(), |lm, r| {
+                Ok(Edit::Ft(lm.finetune(r, hp)?))
+            })?;
         let Edit::Ft(e) = e else {
             unreachable!("finetune() makes fine-tuning edits")
         };
@@ -234,21 +257,24 @@ impl LoadedModel {
         probes: &Probes,
     ) -> Result<(super::GraceEdit, AppliedEdit, EditReport)> {
         let (e, applied, report) =
-            self.one_fact_with_report(req, probes, |lm, r| Ok(Edit::Grace(lm.grace(r, hp)?)))?;
+            self.one_fact_with_report(req, probes, crate::clock::now_seconds(), |lm, r| {
+                Ok(Edit::Grace(lm.grace(r, hp)?))
+            })?;
         let Edit::Grace(e) = e else {
             unreachable!("grace() makes GRACE edits")
         };
         Ok((e, applied, report))
     }
 
-    /// One fact's edit by `make`, applied, with the probes read before and after.
+    /// One fact's edit by `make`, applied, with the probes read before and after; the report's
+    /// seconds count from `started`.
     fn one_fact_with_report(
         &mut self,
         req: RewriteRequest,
         probes: &Probes,
+        started: f64,
         make: impl FnOnce(&mut LoadedModel, &RewriteRequest) -> Result<Edit>,
     ) -> Result<(Edit, AppliedEdit, EditReport)> {
-        let started = crate::clock::now_seconds();
         let (e, applied, mut read) =
             self.read_around(vec![req], probes, |lm, reqs| make(lm, &reqs[0]))?;
         let r = read.remove(0);

@@ -5,6 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::gram::{gram, Gram, GramSum};
 use crate::error::{LociError, Result};
 use crate::hooks::{Capture, Site};
 use crate::loader::LoadedModel;
@@ -46,13 +47,13 @@ pub struct KeyStats {
     eigen: std::sync::Arc<std::sync::OnceLock<super::linalg::SymmetricEigen>>,
 }
 
-/// Accumulates Σ k kᵀ for several layers in one pass (f32 products per text, summed in f64 on
-/// the model's device: a GPU never ships a 16384² matrix to the host per text).
+/// Accumulates Σ k kᵀ for several layers in one pass: each text's product in f32, summed in f64
+/// (on the CPU only the blocks on and above the diagonal, added in place into a host sum; on a
+/// GPU on the device).
 pub struct StatsAccumulator {
     layers: Vec<usize>,
     d_ff: usize,
-    /// `[d_ff, d_ff]` f64 on the model's device.
-    sums: Vec<Tensor>,
+    sums: Vec<GramSum>,
     tokens: u64,
     texts: u64,
     max_len: usize,
@@ -75,8 +76,8 @@ impl StatsAccumulator {
             layers: layers.to_vec(),
             d_ff,
             sums: (0..layers.len())
-                .map(|_| Tensor::zeros((d_ff, d_ff), DType::F64, &lm.model.device))
-                .collect::<candle_core::Result<_>>()?,
+                .map(|_| GramSum::new(d_ff, &lm.model.device))
+                .collect::<Result<_>>()?,
             tokens: 0,
             texts: 0,
             max_len: max_len.clamp(1, lm.model.cfg.max_positions),
@@ -100,13 +101,29 @@ impl StatsAccumulator {
         lm: &LoadedModel,
         texts: &[S],
     ) -> Result<usize> {
+        let whole: Vec<(&str, usize)> = texts.iter().map(|t| (t.as_ref(), usize::MAX)).collect();
+        self.add_texts_cut(lm, &whole)
+    }
+
+    /// Adds several texts, each cut to at most its number of tokens (besides the maximum
+    /// length), so a corpus can be read to an exact token budget ([`TokenBudget`]). Returns
+    /// their tokens.
+    pub fn add_texts_cut(&mut self, lm: &LoadedModel, texts: &[(&str, usize)]) -> Result<usize> {
         let mut added = 0;
         for chunk in texts.chunks(crate::threads::workers()) {
-            let moments = crate::threads::map(chunk, |t| self.moments(lm, t.as_ref()));
+            let moments = crate::threads::map(chunk, |&(t, cut)| self.moments(lm, t, cut));
             for m in moments {
-                let Some((n, kks)) = m? else { continue };
-                for (sum, kk) in self.sums.iter_mut().zip(kks) {
-                    *sum = (&*sum + kk.to_dtype(DType::F64)?)?;
+                let Some((n, grams)) = m? else { continue };
+                // All layers or none: a NaN or an infinity in any refuses the text.
+                for g in &grams {
+                    if !g.is_finite()? {
+                        return Err(LociError::model(
+                            "NaN or infinite keys while collecting statistics",
+                        ));
+                    }
+                }
+                for (sum, g) in self.sums.iter_mut().zip(&grams) {
+                    sum.add(g)?;
                 }
                 self.tokens += n as u64;
                 self.texts += 1;
@@ -121,10 +138,16 @@ impl StatsAccumulator {
         Ok(lm.tokenizer.encode(text)?.len().min(self.max_len))
     }
 
-    /// A text's token count and Σ k kᵀ per layer (f32, on the device), or None for an empty text.
-    fn moments(&self, lm: &LoadedModel, text: &str) -> Result<Option<(usize, Vec<Tensor>)>> {
+    /// A text's token count (cut to `cut` tokens) and its kᵀk per layer, or None for an empty
+    /// text.
+    fn moments(
+        &self,
+        lm: &LoadedModel,
+        text: &str,
+        cut: usize,
+    ) -> Result<Option<(usize, Vec<Gram>)>> {
         let mut ids = lm.tokenizer.encode(text)?;
-        ids.truncate(self.max_len);
+        ids.truncate(self.max_len.min(cut));
         if ids.is_empty() {
             return Ok(None);
         }
@@ -140,16 +163,7 @@ impl StatsAccumulator {
         let mut out = Vec::with_capacity(self.layers.len());
         for &l in &self.layers {
             let k = cap.get(Site::MlpKey(l))?.squeeze(0)?.to_dtype(DType::F32)?;
-            let kk = k.t()?.matmul(&k)?;
-            let (n, d) = k.dims2()?;
-            crate::flops::matmul(d, d, n);
-            // Any NaN or infinity makes the sum one.
-            if !kk.sum_all()?.to_scalar::<f32>()?.is_finite() {
-                return Err(LociError::model(
-                    "NaN or infinite keys while collecting statistics",
-                ));
-            }
-            out.push(kk);
+            out.push(gram(&k)?);
         }
         Ok(Some((ids.len(), out)))
     }
@@ -159,15 +173,11 @@ impl StatsAccumulator {
         if self.tokens == 0 {
             return Err(LociError::input("no tokens were seen: the corpus is empty"));
         }
-        let inv = 1.0 / self.tokens as f64;
         self.layers
             .iter()
             .zip(self.sums)
             .map(|(&layer, sum)| {
-                let mean: Vec<f32> = (sum * inv)?
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1()?;
+                let mean = sum.mean(self.tokens)?;
                 Ok(KeyStats {
                     provenance: StatsProvenance {
                         model: lm.name.clone(),
@@ -185,6 +195,39 @@ impl StatsAccumulator {
                 })
             })
             .collect()
+    }
+}
+
+/// An exact token budget for statistics: texts, in order, each take their tokens until the
+/// budget is spent, the last one cut to what is left (so "20,000 tokens" means 20,000 whether
+/// the texts are read by one process or spread over a tab's workers).
+#[derive(Clone, Copy, Debug)]
+pub struct TokenBudget {
+    left: u64,
+}
+
+impl TokenBudget {
+    /// A budget of `tokens`.
+    pub fn new(tokens: u64) -> Self {
+        Self { left: tokens }
+    }
+
+    /// Whether the budget is spent.
+    pub fn spent(&self) -> bool {
+        self.left == 0
+    }
+
+    /// How many of a text's `tokens` (already cut to the maximum length) it may add: all of
+    /// them, what is left, or 0 once the budget is spent.
+    pub fn take(&mut self, tokens: usize) -> usize {
+        let n = (tokens as u64).min(self.left);
+        self.left -= n;
+        n as usize
+    }
+
+    /// Each text's share of the budget, for texts of these token counts.
+    pub fn plan(mut self, counts: &[usize]) -> Vec<usize> {
+        counts.iter().map(|&n| self.take(n)).collect()
     }
 }
 
@@ -318,5 +361,21 @@ impl KeyStats {
             factor: Default::default(),
             eigen: Default::default(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TokenBudget;
+
+    #[test]
+    fn a_budget_takes_texts_in_order_and_cuts_the_one_that_crosses_it() {
+        assert_eq!(TokenBudget::new(10).plan(&[4, 4, 4, 4]), vec![4, 4, 2, 0]);
+        assert_eq!(TokenBudget::new(100).plan(&[4, 0, 5]), vec![4, 0, 5]);
+        let mut b = TokenBudget::new(3);
+        assert!(!b.spent());
+        assert_eq!(b.take(5), 3);
+        assert!(b.spent());
+        assert_eq!(b.take(5), 0);
     }
 }

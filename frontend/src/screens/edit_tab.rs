@@ -91,11 +91,8 @@ pub fn edit(s: Shared, st: EditState, c: Choice) {
             };
             let outcome = match pool.edit(job.clone(), on_step).await {
                 Err(e) if e == "cancelled" => {
-                    // The stopped worker is replaced here; the digest shows every copy as it was.
-                    s.say(
-                        "loading",
-                        "Edit cancelled: replacing the worker that computed it…",
-                    );
+                    // A stopped worker is replaced here; the digest shows every copy as it was.
+                    s.say("loading", "Edit cancelled: checking every copy…");
                     after_change(s, st, &pool).await;
                     s.say("ready", "Edit cancelled: the model is unchanged.");
                     return Ok(());
@@ -134,7 +131,12 @@ pub fn edit(s: Shared, st: EditState, c: Choice) {
 
 fn running_text(method: EditMethod, workers: usize) -> String {
     let what = super::edit_actions::method_steps(method);
-    format!("Editing in this tab ({what}; one worker computes, then all {workers} take it)…")
+    let how = if method == EditMethod::Rome && workers > 1 {
+        format!("all {workers} workers share its steps")
+    } else {
+        format!("one worker computes, then all {workers} take it")
+    };
+    format!("Editing in this tab ({what}; {how})…")
 }
 
 fn needs_text(layers: &[usize]) -> String {

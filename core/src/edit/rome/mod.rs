@@ -16,6 +16,7 @@ mod value;
 
 pub(crate) use hparams::ValueSpec;
 pub use hparams::{KeyMode, RomeHparams};
+pub use optimise::{Floats, Share, ValueGrad, ValueParts, ValueRun};
 pub use templates::context_templates;
 pub use update::{RomeEdit, RomeStats};
 pub(crate) use value::{ValueCase, ValueOut};
@@ -36,6 +37,52 @@ struct Keyed {
     target: Vec<u32>,
     k_star: Tensor,
     u: Vec<f32>,
+}
+
+/// A ROME edit of one request whose v* optimisation is stepped from outside ([`ValueRun`]):
+/// processes that each hold the same model make the same run, each computing its share of v*'s
+/// rows and exchanging each step's parts and gradients; any of them then finishes the edit
+/// (the tab's workers split an edit this way). [`LoadedModel::rome`] is the same edit made in
+/// one process.
+pub struct RomeRun {
+    req: RewriteRequest,
+    hp: RomeHparams,
+    templates: Vec<String>,
+    keyed: Keyed,
+    value: ValueRun,
+    laps: Laps,
+    started: f64,
+}
+
+impl RomeRun {
+    /// The request being edited.
+    pub fn request(&self) -> &RewriteRequest {
+        &self.req
+    }
+
+    /// When the run began ([`crate::clock::now_seconds`]).
+    pub fn started(&self) -> f64 {
+        self.started
+    }
+
+    /// The v* optimisation to step.
+    pub fn value(&mut self) -> &mut ValueRun {
+        &mut self.value
+    }
+
+    /// The edit, once v* has stopped (does not apply it).
+    pub fn finish(mut self, lm: &LoadedModel) -> Result<RomeEdit> {
+        self.laps.lap("value");
+        let v = self.value.finish()?.remove(0)?;
+        lm.rome_finish(
+            &self.req,
+            &self.hp,
+            &self.templates,
+            self.keyed,
+            v,
+            self.laps,
+        )
+    }
 }
 
 impl LoadedModel {
@@ -61,13 +108,7 @@ impl LoadedModel {
         hp: &RomeHparams,
         stats: Option<&KeyStats>,
     ) -> Result<Vec<Result<RomeEdit>>> {
-        let l = hp.layer;
-        if l >= self.model.n_layer() {
-            return Err(LociError::input(format!(
-                "layer {l} out of range (the model has {} layers)",
-                self.model.n_layer()
-            )));
-        }
+        self.check_layer(hp.layer)?;
         let mut laps = Laps::start();
         // Fail on bad statistics before any expensive work.
         let factor = self.covariance_factor(hp, stats)?;
@@ -106,6 +147,51 @@ impl LoadedModel {
             }));
         }
         Ok(out)
+    }
+
+    /// ROME's edit of `req` up to its v* optimisation, this process computing `share` of v*'s
+    /// rows: what [`rome`](Self::rome) does before optimising, with the same checks.
+    pub fn rome_run(
+        &self,
+        req: &RewriteRequest,
+        hp: &RomeHparams,
+        stats: Option<&KeyStats>,
+        share: Share,
+    ) -> Result<RomeRun> {
+        req.validate()?;
+        self.check_layer(hp.layer)?;
+        let started = crate::clock::now_seconds();
+        let mut laps = Laps::start();
+        let factor = self.covariance_factor(hp, stats)?;
+        laps.lap("covariance_factor");
+        let templates = context_templates(self, hp)?;
+        laps.lap("templates");
+        let keyed = self.rome_keyed(req, hp, &templates, factor)?;
+        laps.lap("key");
+        let case = ValueCase {
+            req,
+            target: &keyed.target,
+        };
+        let value = self.value_run(&case, &hp.value_spec(), &templates, share)?;
+        Ok(RomeRun {
+            req: req.clone(),
+            hp: hp.clone(),
+            templates,
+            keyed,
+            value,
+            laps,
+            started,
+        })
+    }
+
+    fn check_layer(&self, l: usize) -> Result<()> {
+        if l >= self.model.n_layer() {
+            return Err(LociError::input(format!(
+                "layer {l} out of range (the model has {} layers)",
+                self.model.n_layer()
+            )));
+        }
+        Ok(())
     }
 
     /// A request's target tokens, key k* and direction u (refused: an invalid request, a target

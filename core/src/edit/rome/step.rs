@@ -47,13 +47,14 @@ pub(super) struct GroupOut {
 }
 
 /// Splits the rows of the requests `active` (batch indices, in order; slot = place in it) into
-/// contiguous groups, one per worker thread (threaded kernels barely use two cores on matrices
-/// this small).
+/// `n` contiguous groups (fewer when there are fewer rows): one per worker thread, or per tab
+/// worker (threaded kernels barely use two cores on matrices this small).
 pub(super) fn value_groups(
     lm: &LoadedModel,
     r: &ValueRows,
     p: &Prefix,
     active: &[usize],
+    n: usize,
 ) -> Result<Vec<ValueGroup>> {
     let mut slot_of_case = vec![None; r.cases()];
     for (slot, &c) in active.iter().enumerate() {
@@ -62,7 +63,7 @@ pub(super) fn value_groups(
     let rows: Vec<usize> = (0..r.rows())
         .filter(|&i| slot_of_case[r.case_of_row[i]].is_some())
         .collect();
-    let n_groups = crate::threads::workers().clamp(1, rows.len().max(1));
+    let n_groups = n.clamp(1, rows.len().max(1));
     let per = rows.len().div_ceil(n_groups);
     rows.chunks(per)
         .map(|mine| group(lm, r, p, mine, &slot_of_case))
@@ -152,8 +153,9 @@ pub(super) struct ValueStep<'a> {
     pub(super) site: Site,
     /// The active requests' δ, `[slots, d]`.
     pub(super) delta: &'a Tensor,
-    /// Each slot's KL log-probabilities at the first step (`None` at the first step).
-    pub(super) kl_init: Option<&'a [Tensor]>,
+    /// Each slot's KL log-probabilities at the first step, where this process holds its KL row
+    /// (`None` at the first step).
+    pub(super) kl_init: Option<&'a [Option<Tensor>]>,
     pub(super) kl_factor: f64,
     /// Read each request's value before δ (the first step).
     pub(super) read_values: bool,
@@ -207,7 +209,12 @@ impl ValueStep<'_> {
             let cur = logp.narrow(0, n_labels, g.kl_slots.len())?;
             let init = match self.kl_init {
                 Some(all) => {
-                    let mine: Vec<Tensor> = g.kl_slots.iter().map(|&s| all[s].clone()).collect();
+                    let mine = g
+                        .kl_slots
+                        .iter()
+                        .map(|&s| all[s].clone())
+                        .collect::<Option<Vec<Tensor>>>()
+                        .ok_or_else(|| LociError::model("a KL row without its first step"))?;
                     Tensor::cat(&mine, 0)?
                 }
                 None => cur.detach(),

@@ -13,6 +13,7 @@ use candle_core::Tensor;
 
 use super::hparams::ValueSpec;
 use super::key::{gather, texts};
+use super::optimise::{Share, ValueRun};
 use crate::error::{LociError, Result};
 use crate::hooks::noise::subject_noise_each;
 use crate::hooks::{Capture, Chain, Site};
@@ -112,13 +113,7 @@ impl LoadedModel {
         spec: &ValueSpec,
         templates: &[String],
     ) -> Result<Vec<Result<ValueOut>>> {
-        let l = spec
-            .site
-            .layer()
-            .filter(|&l| l < self.model.n_layer())
-            .ok_or_else(|| {
-                LociError::input(format!("v* cannot be optimised at {:?}", spec.site))
-            })?;
+        let l = self.value_layer(spec)?;
         let mut results: Vec<Option<Result<ValueOut>>> = Vec::with_capacity(cases.len());
         let mut built = vec![];
         let mut batch_index = vec![];
@@ -145,7 +140,7 @@ impl LoadedModel {
         for n in crate::threads::chunks_within(&costs, VALUE_BATCH_BYTES) {
             let rows = self.value_rows(built.by_ref().take(n).collect())?;
             let prefix = self.value_prefix(&rows, spec, l)?;
-            let outs = self.optimise_deltas(spec, &rows, &prefix)?;
+            let outs = self.optimise_deltas(spec, rows, prefix)?;
             for (i, out) in index.by_ref().take(n).zip(outs) {
                 results[i] = Some(out);
             }
@@ -154,6 +149,29 @@ impl LoadedModel {
             .into_iter()
             .map(|r| r.expect("every request has its result"))
             .collect())
+    }
+
+    /// v* of one request as a run to step from outside, this process computing `share` of its
+    /// rows (the tab's workers each hold one).
+    pub(crate) fn value_run(
+        &self,
+        case: &ValueCase,
+        spec: &ValueSpec,
+        templates: &[String],
+        share: Share,
+    ) -> Result<ValueRun> {
+        let l = self.value_layer(spec)?;
+        let rows = self.value_rows(vec![self.case_rows(case, templates)?])?;
+        let prefix = self.value_prefix(&rows, spec, l)?;
+        ValueRun::new(self, spec, rows, prefix, share)
+    }
+
+    /// The layer of v*'s site (refused: a site v* cannot be optimised at).
+    fn value_layer(&self, spec: &ValueSpec) -> Result<usize> {
+        spec.site
+            .layer()
+            .filter(|&l| l < self.model.n_layer())
+            .ok_or_else(|| LociError::input(format!("v* cannot be optimised at {:?}", spec.site)))
     }
 
     /// One request's rows and label cells.
