@@ -7,17 +7,18 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// The `key` string of every object in the JSON array `list`.
+fn strings<'a>(list: &'a serde_json::Value, key: &str) -> Vec<&'a str> {
+    let items = list.as_array().expect("a JSON array");
+    items.iter().map(|x| x[key].as_str().unwrap()).collect()
+}
+
 #[test]
 fn endpoints_answer_and_refuse_bad_requests() {
     let s = serve(&[]);
     let (status, models) = get_json(&s.base, "/api/models");
     assert_eq!(status, 200);
-    let names: Vec<&str> = models
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["name"].as_str().unwrap())
-        .collect();
+    let names = strings(&models, "name");
     assert_eq!(names, ["tiny-gpt2", "tiny-gptj", "tiny-llama"]);
     assert_eq!(
         (models[0]["device"].as_str(), models[0]["dtype"].as_str()),
@@ -590,12 +591,7 @@ fn edits_apply_list_download_undo_and_reapply() {
         "Berlin",
     );
     let (_, list) = get_json(&s.base, "/api/edits?model=tiny-gpt2");
-    let methods: Vec<&str> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["method"].as_str().unwrap())
-        .collect();
+    let methods = strings(&list, "method");
     assert_eq!(methods, ["alphaedit", "alphaedit", "emmet"]);
     let (st, _) = post(&s.base, "/api/undo", r#"{"model":"tiny-gpt2","all":true}"#);
     assert_eq!(st, 200);
@@ -607,12 +603,7 @@ fn edits_apply_list_download_undo_and_reapply() {
 fn model_files_are_served_with_ranges_and_nothing_else() {
     let s = serve(&[]);
     let (_, models) = get_json(&s.base, "/api/models");
-    let files: Vec<&str> = models[0]["files"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["name"].as_str().unwrap())
-        .collect();
+    let files = strings(&models[0]["files"], "name");
     assert_eq!(
         files,
         ["config.json", "model.safetensors", "tokenizer.json"]
@@ -793,12 +784,7 @@ fn a_tab_downloads_a_layers_key_statistics_from_the_server() {
 fn the_other_families_are_served_like_the_first() {
     let s = serve_models(&root().join("tests/fixtures/families"), &[], None);
     let (_, models) = get_json(&s.base, "/api/models");
-    let names: Vec<&str> = models
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["name"].as_str().unwrap())
-        .collect();
+    let names = strings(&models, "name");
     assert_eq!(names.len(), 8, "{names:?}");
     for name in &names {
         let body = format!(r#"{{"model":"{name}","prompt":"The Eiffel Tower is","top":3}}"#);

@@ -41,6 +41,17 @@ pub fn listen<T>(listener: impl FnMut(&Step) -> bool + 'static, work: impl FnOnc
     work()
 }
 
+/// The loss a step reports: the mean of the finite losses of the requests still optimising
+/// (NaN when none is finite). A page stepping a shared optimisation reports the same.
+pub fn step_loss(losses: &[f32]) -> f32 {
+    let finite: Vec<f32> = losses.iter().copied().filter(|l| l.is_finite()).collect();
+    if finite.is_empty() {
+        f32::NAN
+    } else {
+        finite.iter().sum::<f32>() / finite.len() as f32
+    }
+}
+
 /// Tells this thread's listener (if any) about a step; an error when it says stop.
 pub(crate) fn report(
     phase: &'static str,
@@ -48,12 +59,7 @@ pub(crate) fn report(
     steps: usize,
     losses: &[f32],
 ) -> crate::Result<()> {
-    let finite: Vec<f32> = losses.iter().copied().filter(|l| l.is_finite()).collect();
-    let loss = if finite.is_empty() {
-        f32::NAN
-    } else {
-        finite.iter().sum::<f32>() / finite.len() as f32
-    };
+    let loss = step_loss(losses);
     // Out of its cell while it runs: the listener may itself start work that listens (a
     // Python callback editing another model).
     let Some(mut listener) = LISTENER.with(|l| l.borrow_mut().take()) else {

@@ -77,21 +77,26 @@ fn a_sharded_checkpoint_loads_like_a_single_file() {
     assert!(e.contains("bad shard name"), "{e}");
 }
 
+/// The model in folder `src` loaded from its files' bytes, as a browser tab loads it.
+fn from_bytes(src: &std::path::Path, name: &str) -> LoadedModel {
+    let read = |f: &str| std::fs::read(src.join(f)).unwrap();
+    LoadedModel::from_hf_bytes(
+        name,
+        &read("config.json"),
+        &read("tokenizer.json"),
+        vec![read("model.safetensors")],
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
 /// Every family loads from bytes (the tab's way) as from its files.
 #[test]
 fn every_family_loads_from_bytes_as_in_the_browser() {
     for name in ["tiny-neox", "tiny-qwen2", "tiny-phi3", "tiny-gemma2"] {
         let src = common::fixture(name);
-        let read = |f: &str| std::fs::read(src.join(f)).unwrap();
-        let from_bytes = LoadedModel::from_hf_bytes(
-            name,
-            &read("config.json"),
-            &read("tokenizer.json"),
-            vec![read("model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let from_bytes = from_bytes(&src, name);
         let from_files = LoadedModel::load(&src, DType::F32, &Device::Cpu).unwrap();
         let (a, b) = (
             last_logits(&from_files, PROMPT),
@@ -106,15 +111,7 @@ fn models_load_from_bytes_as_in_the_browser() {
     let src = common::fixtures().join("tiny-llama");
     let read = |f: &str| std::fs::read(src.join(f)).unwrap();
     let from_files = LoadedModel::load(&src, DType::F32, &Device::Cpu).unwrap();
-    let from_bytes = LoadedModel::from_hf_bytes(
-        "tiny-llama",
-        &read("config.json"),
-        &read("tokenizer.json"),
-        vec![read("model.safetensors")],
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let from_bytes = from_bytes(&src, "tiny-llama");
     assert_eq!(
         last_logits(&from_files, PROMPT),
         last_logits(&from_bytes, PROMPT)

@@ -835,10 +835,8 @@ impl Pool {
                 .ask(&to, ToWorker::ValueLosses { parts }, stepped)
                 .await?;
             let (losses, step, steps, _) = &answers[0];
-            // The mean over the finite losses, as a worker's own steps report it.
-            let finite: Vec<f32> = losses.0.iter().copied().filter(|l| l.is_finite()).collect();
-            let mean = finite.iter().sum::<f32>() / finite.len() as f32;
-            if !on_step("value", *step, *steps, mean) {
+            let loss = loci_core::progress::step_loss(&losses.0);
+            if !on_step("value", *step, *steps, loss) {
                 return Err("cancelled".into());
             }
             let grads: Option<Vec<ValueGrad>> = answers.into_iter().map(|a| a.3).collect();

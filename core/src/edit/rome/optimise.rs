@@ -195,15 +195,11 @@ impl ValueRun {
         Ok(run)
     }
 
-    /// This process's groups of the active requests' rows.
+    /// This process's groups of the active requests' rows (a share builds only its own).
     fn regroup(&mut self, lm: &LoadedModel) -> Result<()> {
-        let mut all = value_groups(lm, &self.rows, &self.prefix, &self.active, self.share.of)?;
-        self.all_groups = all.len();
-        self.groups = match self.share.all {
-            true => all,
-            false if self.share.part < all.len() => vec![all.swap_remove(self.share.part)],
-            false => vec![],
-        };
+        let only = (!self.share.all).then_some(self.share.part);
+        let (r, p, active) = (&self.rows, &self.prefix, &self.active);
+        (self.groups, self.all_groups) = value_groups(lm, r, p, active, self.share.of, only)?;
         Ok(())
     }
 

@@ -48,14 +48,16 @@ pub(super) struct GroupOut {
 
 /// Splits the rows of the requests `active` (batch indices, in order; slot = place in it) into
 /// `n` contiguous groups (fewer when there are fewer rows): one per worker thread, or per tab
-/// worker (threaded kernels barely use two cores on matrices this small).
+/// worker (threaded kernels barely use two cores on matrices this small). Builds the groups
+/// `only` names (all of them with `None`) and returns them with the number of groups in all.
 pub(super) fn value_groups(
     lm: &LoadedModel,
     r: &ValueRows,
     p: &Prefix,
     active: &[usize],
     n: usize,
-) -> Result<Vec<ValueGroup>> {
+    only: Option<usize>,
+) -> Result<(Vec<ValueGroup>, usize)> {
     let mut slot_of_case = vec![None; r.cases()];
     for (slot, &c) in active.iter().enumerate() {
         slot_of_case[c] = Some(slot);
@@ -64,10 +66,15 @@ pub(super) fn value_groups(
         .filter(|&i| slot_of_case[r.case_of_row[i]].is_some())
         .collect();
     let n_groups = n.clamp(1, rows.len().max(1));
-    let per = rows.len().div_ceil(n_groups);
-    rows.chunks(per)
-        .map(|mine| group(lm, r, p, mine, &slot_of_case))
-        .collect()
+    let per = rows.len().div_ceil(n_groups).max(1);
+    let chunks: Vec<&[usize]> = rows.chunks(per).collect();
+    let built = chunks
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| only.is_none_or(|o| o == i))
+        .map(|(_, mine)| group(lm, r, p, mine, &slot_of_case))
+        .collect::<Result<_>>()?;
+    Ok((built, chunks.len()))
 }
 
 /// The group of batch rows `mine`.
