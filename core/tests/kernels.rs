@@ -255,3 +255,60 @@ fn long_prompts_attend_in_blocks_as_in_one_pass() {
         "after a cached continuation, logits differ by {d}"
     );
 }
+
+/// A linear map's product, forward and (frozen weights, under autograd) backward, runs on
+/// Loci's AVX-512 kernel where the processor has one — bit for bit the kernel's own product —
+/// and equals candle's within rounding.
+#[test]
+fn linear_maps_run_on_locis_kernel_and_equal_candles() {
+    use loci_core::kernels::gemm::{self, Lhs, Rhs};
+    use loci_core::model::layers::Linear;
+    let _turn = turn();
+    let (rows, d_in, d_out) = (20, 300, 70);
+    let x = Tensor::randn(0f32, 1.0, (rows, d_in), &Device::Cpu).unwrap();
+    let w = Tensor::randn(0f32, 0.1, (d_out, d_in), &Device::Cpu).unwrap();
+    let map = Linear::new(w.clone(), None);
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    // Forward, outside autograd.
+    let y = map.forward(&x).unwrap();
+    let want = x.matmul(&w.t().unwrap()).unwrap();
+    assert!(max_abs_diff(&y, &want) < 1e-5);
+    // Under autograd: the input's gradient of Σ y·g.
+    let var = candle_core::Var::from_tensor(&x).unwrap();
+    let g = Tensor::randn(0f32, 1.0, (rows, d_out), &Device::Cpu).unwrap();
+    let loss = (map.forward(var.as_tensor()).unwrap() * &g)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grad = loss
+        .backward()
+        .unwrap()
+        .get(var.as_tensor())
+        .unwrap()
+        .clone();
+    assert!(max_abs_diff(&grad, &g.matmul(&w).unwrap()) < 1e-5);
+    if !gemm::available() {
+        eprintln!("no AVX-512 here: candle's product ran");
+        return;
+    }
+    let (xs, ws) = (flat(&x), flat(&w));
+    let mine = gemm::product(Lhs::Plain(&xs), rows, d_in, Rhs::Transposed(&ws), d_out, 1).unwrap();
+    assert_eq!(flat(&y), mine, "the forward ran on Loci's kernel");
+    let back = gemm::product(Lhs::Plain(&flat(&g)), rows, d_out, Rhs::Plain(&ws), d_in, 1).unwrap();
+    assert_eq!(flat(&grad), back, "the backward ran on Loci's kernel");
+    // Switched off, candle's product runs again, under autograd too.
+    kernels::set_fast(false);
+    let reference = map.forward(&x).unwrap();
+    let tracked = map.forward(var.as_tensor()).unwrap();
+    let loss = (&tracked * &g).unwrap().sum_all().unwrap();
+    let reference_grad = loss
+        .backward()
+        .unwrap()
+        .get(var.as_tensor())
+        .unwrap()
+        .clone();
+    kernels::set_fast(true);
+    assert_eq!(flat(&reference), flat(&want));
+    assert_eq!(flat(&tracked), flat(&want));
+    assert_eq!(flat(&reference_grad), flat(&g.matmul(&w).unwrap()));
+}

@@ -60,13 +60,36 @@ pub(super) fn gram(k: &Tensor) -> Result<Gram> {
         .collect::<candle_core::Result<_>>()?;
     let mut upper = Vec::with_capacity(cols.len() * (cols.len() + 1) / 2);
     for (i, ci) in cols.iter().enumerate() {
-        let ci_t = ci.t()?;
         for cj in &cols[i..] {
             crate::flops::matmul(ci.dim(1)?, cj.dim(1)?, n);
-            upper.push(ci_t.matmul(cj)?);
+            upper.push(match block_product(ci, cj)? {
+                Some(b) => b,
+                None => ci.t()?.matmul(cj)?,
+            });
         }
     }
     Ok(Gram::Upper(upper))
+}
+
+/// `ciᵀ cj` of two contiguous f32 column blocks `[n, ·]` by Loci's CPU kernel, or `None` where
+/// it does not run (the caller then uses candle's product).
+fn block_product(ci: &Tensor, cj: &Tensor) -> Result<Option<Tensor>> {
+    use crate::kernels::gemm::{self, Lhs, Rhs};
+    let ((n, wi), (_, wj)) = (ci.dims2()?, cj.dims2()?);
+    let plain = |t: &Tensor| t.dtype() == DType::F32 && !t.track_op();
+    if !gemm::available() || !plain(ci) || !plain(cj) {
+        return Ok(None);
+    }
+    let threads = crate::kernels::kernel_threads();
+    let product = gemm::with_slice(ci, |a| {
+        gemm::with_slice(cj, |b| {
+            gemm::product(Lhs::Transposed(a), wi, n, Rhs::Plain(b), wj, threads)
+        })
+    });
+    match product.flatten().flatten() {
+        Some(v) => Ok(Some(Tensor::from_vec(v, (wi, wj), ci.device())?)),
+        None => Ok(None),
+    }
 }
 
 /// Σ kᵀk over texts, in f64.

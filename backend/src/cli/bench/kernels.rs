@@ -113,6 +113,9 @@ struct ProductSpeed {
     shape: [usize; 3],
     candle_gflops: f64,
     blas_gflops: Option<f64>,
+    /// Loci's AVX-512 kernel (`loci_core::kernels::gemm`), where the processor has it.
+    loci_gflops: Option<f64>,
+    /// The kernel the passes use (Loci's where it runs, else candle's) against the peak.
     fraction_of_peak: f64,
 }
 
@@ -162,9 +165,13 @@ pub fn matmul_bench(a: MatmulBenchArgs) -> Result<()> {
             dev.synchronize()?;
             Ok(())
         })?;
+        let flat = |t: &loci_core::Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let loci_gflops = match dtype == loci_core::DType::F32 && dev.is_cpu() {
+            true => loci_product(&flat(&x)?, &flat(&w)?, [a.rows, d_in, d_out])?,
+            false => None,
+        };
         let blas_gflops = match blas {
             Some(b) => {
-                let flat = |t: &loci_core::Tensor| t.flatten_all()?.to_vec1::<f32>();
                 let (xs, ws) = (flat(&x)?, flat(&w)?);
                 let mut out = vec![0f32; a.rows * d_out];
                 Some(loci_core::kernels::best_gflops(
@@ -183,7 +190,12 @@ pub fn matmul_bench(a: MatmulBenchArgs) -> Result<()> {
             shape: [a.rows, d_in, d_out],
             candle_gflops: candle,
             blas_gflops,
-            fraction_of_peak: candle / peak.peak_gflops,
+            loci_gflops,
+            // The kernel the passes use at these rows.
+            fraction_of_peak: match a.rows >= loci_core::kernels::gemm::MIN_ROWS {
+                true => loci_gflops.unwrap_or(candle),
+                false => candle,
+            } / peak.peak_gflops,
         });
     }
     if let Some(b) = blas {
@@ -205,15 +217,41 @@ pub fn matmul_bench(a: MatmulBenchArgs) -> Result<()> {
     );
     for p in &r.products {
         println!(
-            "  {:<10} {:?}: candle {:.0} GFLOP/s ({:.0}% of peak){}",
+            "  {:<10} {:?}: candle {:.0} GFLOP/s{}{} ({:.0}% of peak)",
             p.name,
             p.shape,
             p.candle_gflops,
-            100.0 * p.fraction_of_peak,
+            p.loci_gflops
+                .map(|g| format!(", Loci {g:.0}"))
+                .unwrap_or_default(),
             p.blas_gflops
                 .map(|g| format!(", BLAS {g:.0}"))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            100.0 * p.fraction_of_peak,
         );
     }
     Ok(())
+}
+
+/// The best speed of Loci's own kernel on `x · wᵀ` of `[rows, in, out]` on the process's
+/// threads, when it runs here.
+fn loci_product(x: &[f32], w: &[f32], [rows, d_in, d_out]: [usize; 3]) -> Result<Option<f64>> {
+    use loci_core::kernels::gemm::{name, product, Lhs, Rhs};
+    if name().is_none() {
+        return Ok(None);
+    }
+    let threads = loci_core::kernels::kernel_threads();
+    let flops = 2.0 * (rows * d_in * d_out) as f64;
+    let gflops = loci_core::kernels::best_gflops(flops, 0.5, || -> Result<()> {
+        drop(product(
+            Lhs::Plain(x),
+            rows,
+            d_in,
+            Rhs::Transposed(w),
+            d_out,
+            threads,
+        ));
+        Ok(())
+    })?;
+    Ok(Some(gflops))
 }

@@ -1,6 +1,7 @@
 //! The hardware's limit, measured in the same run as the work it judges: the best matrix product
 //! this machine does in the model's dtype, over the threads the work uses, with the fastest
-//! kernel found (candle's `gemm`, a system BLAS opened at run time, cuBLAS on a GPU). Every
+//! kernel found (candle's `gemm`, Loci's own AVX-512 kernel, a system BLAS opened at run time,
+//! cuBLAS on a GPU). Every
 //! benchmark states its work in FLOPs counted from the shapes it computed and its fraction of
 //! this peak.
 
@@ -63,6 +64,12 @@ pub fn measure(device: &Device, dtype: DType, threads: usize) -> Result<Peak> {
             kernel: format!("candle gemm ({isa}, {dtype:?})"),
             gflops: candle,
         });
+        if let Some(name) = loci_core::kernels::gemm::name().filter(|_| dtype == DType::F32) {
+            kernels.push(KernelSpeed {
+                kernel: format!("{name} (f32)"),
+                gflops: concurrent(copies, || loci_product(per_call))?,
+            });
+        }
         if dtype == DType::F32 {
             if let Some(blas) = loci_core::blas::system() {
                 blas.set_threads(1);
@@ -122,6 +129,24 @@ fn candle_product(device: &Device, dtype: DType) -> Result<f64> {
     Ok(loci_core::kernels::product_gflops(
         device, dtype, side, 0.5,
     )?)
+}
+
+/// Loci's kernel at its best: the square product, and a batch of 384 rows through a 1536²
+/// map (its blocking favours a model's shapes over the square's long sums), the faster.
+fn loci_product(threads: usize) -> Result<f64> {
+    use loci_core::kernels::gemm::{product, Lhs, Rhs};
+    let a: Vec<f32> = (0..SIDE * SIDE).map(|i| (i % 7) as f32 * 0.1).collect();
+    let mut best = 0f64;
+    for rows in [SIDE, 384] {
+        let flops = 2.0 * (rows * SIDE * SIDE) as f64;
+        let (lhs, rhs) = (Lhs::Plain(&a[..rows * SIDE]), Rhs::Transposed(&a));
+        let gflops = loci_core::kernels::best_gflops(flops, 0.5, || -> Result<()> {
+            drop(product(lhs, rows, SIDE, rhs, SIDE, threads));
+            Ok(())
+        })?;
+        best = best.max(gflops);
+    }
+    Ok(best)
 }
 
 fn blas_product(blas: &loci_core::blas::Blas) -> Result<f64> {

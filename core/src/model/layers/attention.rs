@@ -165,7 +165,10 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, nkv, rows, hd) = q.dims4()?;
         let t_all = k.dim(2)?;
-        let scores = q.matmul(&k.contiguous()?.t()?)?;
+        let scores = match crate::kernels::gemm::batched(q, k, true)? {
+            Some(s) => s,
+            None => q.matmul(&k.contiguous()?.t()?)?,
+        };
         count_products(q, b * nkv * rows, t_all, hd);
         let scores = match self.softcap {
             Some(c) => ((scores / c)?.tanh()? * c)?,
@@ -197,7 +200,10 @@ impl Attention {
             }
         }
         .to_dtype(v.dtype())?;
-        let y = probs.matmul(v)?;
+        let y = match crate::kernels::gemm::batched(&probs, v, false)? {
+            Some(y) => y,
+            None => probs.matmul(v)?,
+        };
         count_products(q, b * nkv * rows, hd, t_all);
         Ok(y)
     }

@@ -99,6 +99,8 @@ impl Linear {
             x2.contiguous()?.apply_op1(FrozenMatmul {
                 w: self.weight.clone(),
             })?
+        } else if let Some(y) = crate::kernels::gemm::linear(&x2, &self.weight)? {
+            y
         } else {
             x2.matmul(&self.weight.t()?)?
         };
@@ -183,6 +185,41 @@ impl FrozenMatmul {
     }
 }
 
+impl FrozenMatmul {
+    /// The forward product by Loci's CPU kernel (f32, enough rows, contiguous operands), or
+    /// `None` for candle's.
+    fn loci_product(
+        &self,
+        x: &candle_core::CpuStorage,
+        x_layout: &candle_core::Layout,
+    ) -> candle_core::Result<Option<(candle_core::CpuStorage, candle_core::Shape)>> {
+        let (rows, d_in) = x_layout.shape().dims2()?;
+        let (d_out, w_in) = self.w.dims2()?;
+        let candle_core::CpuStorage::F32(xs) = x else {
+            return Ok(None);
+        };
+        let Some((start, end)) = x_layout.contiguous_offsets() else {
+            return Ok(None);
+        };
+        let gemm = crate::kernels::gemm::available();
+        if !gemm
+            || rows < crate::kernels::gemm::MIN_ROWS
+            || w_in != d_in
+            || self.w.dtype() != DType::F32
+        {
+            return Ok(None);
+        }
+        let threads = crate::kernels::kernel_threads();
+        let y = crate::kernels::gemm::with_slice(&self.w, |ws| {
+            let lhs = crate::kernels::gemm::Lhs::Plain(&xs[start..end]);
+            let rhs = crate::kernels::gemm::Rhs::Transposed(ws);
+            crate::kernels::gemm::product(lhs, rows, d_in, rhs, d_out, threads)
+        });
+        Ok(y.flatten()
+            .map(|y| (candle_core::CpuStorage::F32(y), (rows, d_out).into())))
+    }
+}
+
 impl candle_core::CustomOp1 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-matmul"
@@ -193,6 +230,9 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        if let Some(y) = self.loci_product(storage, layout)? {
+            return Ok(y);
+        }
         let (w, w_layout) = self.w.storage_and_layout();
         match &*w {
             candle_core::Storage::Cpu(w) => self.product(storage, layout, w, w_layout),
@@ -221,6 +261,9 @@ impl candle_core::CustomOp1 for FrozenMatmul {
     ) -> candle_core::Result<Option<Tensor>> {
         let (d_out, d_in) = self.w.dims2()?;
         crate::flops::matmul(grad.elem_count() / d_out.max(1), d_in, d_out);
-        Ok(Some(grad.matmul(&self.w)?))
+        match crate::kernels::gemm::times(grad, &self.w).map_err(candle_core::Error::wrap)? {
+            Some(g) => Ok(Some(g)),
+            None => Ok(Some(grad.matmul(&self.w)?)),
+        }
     }
 }

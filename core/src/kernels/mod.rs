@@ -1,11 +1,14 @@
-//! Loci's own CPU kernels for the elementwise work around the matrix products, where candle's
-//! generic operations make several passes and buffers (and call a scalar `exp` or `tanh` per
-//! element): SwiGLU's `silu(gate) · up` in one pass, GPT-2's tanh-form GELU, and the causal
-//! softmax that skips the masked keys instead of adding a −∞ mask first (a padding mask, where a
-//! batch has one, it adds as the reference does, so padded and unpadded rows share the kernel).
-//! Each
-//! takes an exponential by Cephes' polynomial (within 2 ulp of `f32::exp` over the range used),
-//! vectorised for AVX2 where the processor has it (and for SIMD128 in the browser's build).
+//! Loci's own CPU kernels, where candle's generic operations leave speed behind:
+//!
+//! - **the matrix product** ([`gemm`]): a blocked f32 kernel in AVX-512 registers for the
+//!   linear maps, which candle's `gemm` crate runs in 256-bit AVX2 on a stable compiler;
+//! - **the elementwise work around the products**, where candle makes several passes and
+//!   buffers (and calls a scalar `exp` or `tanh` per element): SwiGLU's `silu(gate) · up` in one
+//!   pass, GPT-2's tanh-form GELU, and the causal softmax that skips the masked keys instead of
+//!   adding a −∞ mask first (a padding mask, where a batch has one, it adds as the reference
+//!   does, so padded and unpadded rows share the kernel). Each takes an exponential by Cephes'
+//!   polynomial (within 2 ulp of `f32::exp` over the range used), vectorised for AVX2 where the
+//!   processor has it (and for SIMD128 in the browser's build).
 //!
 //! One difference from the reference, on purpose: the causal softmax never reads a query's
 //! future keys, so a NaN there no longer spreads to the earlier positions' rows (through
@@ -14,6 +17,8 @@
 //! [`set_fast`]`(false)` sends every caller back to candle's operations — the reference path that
 //! tests and `loci bench … --compare` measure the kernels against. The kernels serve f32 tensors
 //! on the CPU outside autograd; anything else takes the reference path.
+
+pub mod gemm;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
