@@ -19,6 +19,11 @@ struct Loci {
     /// CPU threads for tensor kernels (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// The linear maps' products on the CPU: f32, or bf16 (operands rounded to bf16, sums in
+    /// f32, twice the rate; needs AVX-512 with bf16 dot products). Attention and key statistics
+    /// stay f32.
+    #[arg(long, global = true, default_value = "f32")]
+    products: Products,
     #[command(subcommand)]
     cmd: Command,
 }
@@ -50,8 +55,19 @@ impl Command {
     }
 }
 
+/// `--products`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Products {
+    F32,
+    Bf16,
+}
+
 fn main() {
     let args = Loci::parse();
+    if let Err(e) = loci_core::kernels::gemm::set_maps_in_bf16(args.products == Products::Bf16) {
+        eprintln!("error: --products bf16: {e}");
+        std::process::exit(2);
+    }
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));

@@ -101,6 +101,28 @@ fn smollm2_knows_where_the_eiffel_tower_is() {
     let p = v["top"][0]["prob"].as_f64().unwrap();
     assert!((p - 0.7015).abs() < 1e-3, "p(Paris) = {p}");
 
+    // The linear maps in bf16: the same answer within the stated tolerance, or a clear refusal
+    // where the processor has no bf16 dot products.
+    let prompt = "The Eiffel Tower is located in the city of";
+    let args = [
+        "--products",
+        "bf16",
+        "predict",
+        "--model",
+        &model,
+        "--prompt",
+        prompt,
+        "--json",
+    ];
+    if loci_core::kernels::gemm::bf16_detected() {
+        let v = json(&loci(&args));
+        assert_eq!(v["top"][0]["token"], " Paris");
+        let q = v["top"][0]["prob"].as_f64().unwrap();
+        assert!((q - p).abs() < 0.02, "p(Paris) in bf16 = {q}, in f32 {p}");
+    } else {
+        refused(&loci(&args), "bf16 dot products");
+    }
+
     let g = json(&loci(&[
         "generate",
         "--model",

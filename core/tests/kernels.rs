@@ -312,3 +312,52 @@ fn linear_maps_run_on_locis_kernel_and_equal_candles() {
     assert_eq!(flat(&tracked), flat(&want));
     assert_eq!(flat(&reference_grad), flat(&g.matmul(&w).unwrap()));
 }
+
+/// The stated tolerance of bf16 products (`--products bf16`): SmolLM2's trace of the Eiffel Tower
+/// prompt (all kinds, 3 samples) keeps its answer, and every cell, the clean and the corrupted
+/// probability stay within 0.02 of the f32 trace's.
+#[test]
+fn bf16_maps_keep_smollm2s_trace_within_its_tolerance() {
+    use loci_core::kernels::gemm;
+    use loci_core::trace::{NoiseSpec, Quiet, TraceKind, TraceRequest};
+    let _turn = turn();
+    let Some(lm) = common::smol() else { return };
+    if !gemm::bf16_detected() {
+        assert!(
+            gemm::set_maps_in_bf16(true).is_err(),
+            "refused without VDPBF16PS"
+        );
+        return;
+    }
+    let mut req = TraceRequest::new("The Eiffel Tower is located in the city of", "Eiffel Tower");
+    req.samples = 3;
+    req.noise = NoiseSpec::Fixed(0.35);
+    let f32_trace = lm.trace(&req, None, &mut Quiet, 2).unwrap();
+    /// Turns the maps back to f32 however the test ends, so that no later test sees bf16.
+    struct BackToF32;
+    impl Drop for BackToF32 {
+        fn drop(&mut self) {
+            gemm::set_maps_in_bf16(false).unwrap();
+        }
+    }
+    let bf16_trace = {
+        let _back = BackToF32;
+        gemm::set_maps_in_bf16(true).unwrap();
+        lm.trace(&req, None, &mut Quiet, 2).unwrap()
+    };
+    assert_eq!(bf16_trace.answer.token, f32_trace.answer.token);
+    let mut worst = (bf16_trace.high - f32_trace.high).abs();
+    worst = worst.max((bf16_trace.low - f32_trace.low).abs());
+    for kind in [TraceKind::Hidden, TraceKind::Mlp, TraceKind::Attn] {
+        let (a, b) = (&bf16_trace.scores[&kind], &f32_trace.scores[&kind]);
+        for (ra, rb) in a.iter().zip(b) {
+            for (x, y) in ra.iter().zip(rb) {
+                worst = worst.max((x - y).abs());
+            }
+        }
+    }
+    eprintln!("bf16 against f32: largest difference {worst}");
+    assert!(worst < 0.02, "bf16 against f32: {worst}");
+    // The switch is off again: products are f32's.
+    assert_eq!(gemm::maps_precision(), gemm::Precision::F32);
+}

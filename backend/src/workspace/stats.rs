@@ -120,8 +120,15 @@ pub fn stats_dir(lm: &LoadedModel, out: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| cache_dir(lm).join("stats"))
 }
 
+/// A layer's statistics file; those collected with the maps in bf16 (`--products bf16`: the
+/// keys from bf16 products) are kept apart from f32's.
 fn stats_file(dir: &Path, layer: usize) -> PathBuf {
-    dir.join(format!("layer{layer}.safetensors"))
+    match loci_core::kernels::gemm::maps_precision() {
+        loci_core::kernels::gemm::Precision::F32 => dir.join(format!("layer{layer}.safetensors")),
+        loci_core::kernels::gemm::Precision::Bf16 => {
+            dir.join(format!("layer{layer}.bf16-maps.safetensors"))
+        }
+    }
 }
 
 /// Collects statistics for `layers`, writing one file per layer; layers already there are kept.

@@ -2,6 +2,7 @@
 //! (the model's products one by one, each kernel against the peak).
 
 use anyhow::{bail, Result};
+use loci_core::kernels::gemm::Precision;
 use serde::Serialize;
 
 use super::peak::{self, counted, Peak, Speed};
@@ -115,6 +116,8 @@ struct ProductSpeed {
     blas_gflops: Option<f64>,
     /// Loci's AVX-512 kernel (`loci_core::kernels::gemm`), where the processor has it.
     loci_gflops: Option<f64>,
+    /// The same in bf16 (`--products bf16`), where the processor has bf16 dot products.
+    loci_bf16_gflops: Option<f64>,
     /// The kernel the passes use (Loci's where it runs, else candle's) against the peak.
     fraction_of_peak: f64,
 }
@@ -166,9 +169,15 @@ pub fn matmul_bench(a: MatmulBenchArgs) -> Result<()> {
             Ok(())
         })?;
         let flat = |t: &loci_core::Tensor| t.flatten_all()?.to_vec1::<f32>();
-        let loci_gflops = match dtype == loci_core::DType::F32 && dev.is_cpu() {
-            true => loci_product(&flat(&x)?, &flat(&w)?, [a.rows, d_in, d_out])?,
-            false => None,
+        let (loci_gflops, loci_bf16_gflops) = match dtype == loci_core::DType::F32 && dev.is_cpu() {
+            true => {
+                let (xs, ws, shape) = (flat(&x)?, flat(&w)?, [a.rows, d_in, d_out]);
+                (
+                    loci_product(&xs, &ws, shape, Precision::F32)?,
+                    loci_product(&xs, &ws, shape, Precision::Bf16)?,
+                )
+            }
+            false => (None, None),
         };
         let blas_gflops = match blas {
             Some(b) => {
@@ -191,9 +200,13 @@ pub fn matmul_bench(a: MatmulBenchArgs) -> Result<()> {
             candle_gflops: candle,
             blas_gflops,
             loci_gflops,
-            // The kernel the passes use at these rows.
+            loci_bf16_gflops,
+            // The kernel the passes use at these rows, in their precision.
             fraction_of_peak: match a.rows >= loci_core::kernels::gemm::MIN_ROWS {
-                true => loci_gflops.unwrap_or(candle),
+                true => match loci_core::kernels::gemm::maps_precision() {
+                    Precision::Bf16 => loci_bf16_gflops.or(loci_gflops).unwrap_or(candle),
+                    Precision::F32 => loci_gflops.unwrap_or(candle),
+                },
                 false => candle,
             } / peak.peak_gflops,
         });
@@ -217,12 +230,15 @@ pub fn matmul_bench(a: MatmulBenchArgs) -> Result<()> {
     );
     for p in &r.products {
         println!(
-            "  {:<10} {:?}: candle {:.0} GFLOP/s{}{} ({:.0}% of peak)",
+            "  {:<10} {:?}: candle {:.0} GFLOP/s{}{}{} ({:.0}% of peak)",
             p.name,
             p.shape,
             p.candle_gflops,
             p.loci_gflops
                 .map(|g| format!(", Loci {g:.0}"))
+                .unwrap_or_default(),
+            p.loci_bf16_gflops
+                .map(|g| format!(", Loci bf16 {g:.0}"))
                 .unwrap_or_default(),
             p.blas_gflops
                 .map(|g| format!(", BLAS {g:.0}"))
@@ -233,24 +249,23 @@ pub fn matmul_bench(a: MatmulBenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The best speed of Loci's own kernel on `x · wᵀ` of `[rows, in, out]` on the process's
-/// threads, when it runs here.
-fn loci_product(x: &[f32], w: &[f32], [rows, d_in, d_out]: [usize; 3]) -> Result<Option<f64>> {
-    use loci_core::kernels::gemm::{name, product, Lhs, Rhs};
-    if name().is_none() {
+/// The best speed of Loci's own kernel on `x · wᵀ` of `[rows, in, out]` in `precision` on the
+/// process's threads, when it runs here.
+fn loci_product(
+    x: &[f32],
+    w: &[f32],
+    [rows, d_in, d_out]: [usize; 3],
+    precision: Precision,
+) -> Result<Option<f64>> {
+    use loci_core::kernels::gemm::{product_in, Lhs, Rhs};
+    let (lhs, rhs) = (Lhs::Plain(x), Rhs::Transposed(w));
+    let threads = loci_core::kernels::kernel_threads();
+    if product_in(precision, lhs, 1, 0, rhs, 0, 1).is_none() {
         return Ok(None);
     }
-    let threads = loci_core::kernels::kernel_threads();
     let flops = 2.0 * (rows * d_in * d_out) as f64;
     let gflops = loci_core::kernels::best_gflops(flops, 0.5, || -> Result<()> {
-        drop(product(
-            Lhs::Plain(x),
-            rows,
-            d_in,
-            Rhs::Transposed(w),
-            d_out,
-            threads,
-        ));
+        drop(product_in(precision, lhs, rows, d_in, rhs, d_out, threads));
         Ok(())
     })?;
     Ok(Some(gflops))

@@ -8,6 +8,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
+use loci_core::kernels::gemm::Precision;
 use loci_core::{DType, Device};
 use serde::Serialize;
 
@@ -67,8 +68,15 @@ pub fn measure(device: &Device, dtype: DType, threads: usize) -> Result<Peak> {
         if let Some(name) = loci_core::kernels::gemm::name().filter(|_| dtype == DType::F32) {
             kernels.push(KernelSpeed {
                 kernel: format!("{name} (f32)"),
-                gflops: concurrent(copies, || loci_product(per_call))?,
+                gflops: concurrent(copies, || loci_product(per_call, Precision::F32))?,
             });
+            // With the maps in bf16, the limit is bf16's.
+            if loci_core::kernels::gemm::maps_precision() == Precision::Bf16 {
+                kernels.push(KernelSpeed {
+                    kernel: format!("{name} (bf16 dot products, f32 sums)"),
+                    gflops: concurrent(copies, || loci_product(per_call, Precision::Bf16))?,
+                });
+            }
         }
         if dtype == DType::F32 {
             if let Some(blas) = loci_core::blas::system() {
@@ -133,15 +141,15 @@ fn candle_product(device: &Device, dtype: DType) -> Result<f64> {
 
 /// Loci's kernel at its best: the square product, and a batch of 384 rows through a 1536²
 /// map (its blocking favours a model's shapes over the square's long sums), the faster.
-fn loci_product(threads: usize) -> Result<f64> {
-    use loci_core::kernels::gemm::{product, Lhs, Rhs};
+fn loci_product(threads: usize, precision: Precision) -> Result<f64> {
+    use loci_core::kernels::gemm::{product_in, Lhs, Rhs};
     let a: Vec<f32> = (0..SIDE * SIDE).map(|i| (i % 7) as f32 * 0.1).collect();
     let mut best = 0f64;
     for rows in [SIDE, 384] {
         let flops = 2.0 * (rows * SIDE * SIDE) as f64;
         let (lhs, rhs) = (Lhs::Plain(&a[..rows * SIDE]), Rhs::Transposed(&a));
         let gflops = loci_core::kernels::best_gflops(flops, 0.5, || -> Result<()> {
-            drop(product(lhs, rows, SIDE, rhs, SIDE, threads));
+            drop(product_in(precision, lhs, rows, SIDE, rhs, SIDE, threads));
             Ok(())
         })?;
         best = best.max(gflops);

@@ -5,7 +5,7 @@ use std::arch::x86_64::*;
 
 use std::ops::Range;
 
-use super::{Lhs, Rhs};
+use super::{Lhs, Precision, Rhs};
 
 /// Rows of a left-hand panel (broadcast one value at a time).
 pub const MR: usize = 12;
@@ -31,10 +31,14 @@ const MC: usize = 96;
 /// every output summed over `k` in blocks of [`block_terms`], each in order (the module's
 /// promise).
 ///
+/// With [`Precision::Bf16`] the panels are rounded to bf16 and each pair of terms is taken by
+/// one `VDPBF16PS` (two products summed into the f32 sums).
+///
 /// # Safety
-/// The processor must support AVX-512F, the slices must hold their shapes, and `c` must be
-/// valid for writing the rows' outputs (it may be uninitialised: the first block of terms stores
-/// every output before any is read).
+/// The processor must support AVX-512F (and AVX512-BF16 for bf16), the slices must hold their
+/// shapes, and `c` must be valid for writing the rows' outputs (it may be uninitialised: the
+/// first block of terms stores every output before any is read).
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
 pub unsafe fn product(
     lhs: Lhs,
@@ -44,14 +48,19 @@ pub unsafe fn product(
     rhs: Rhs,
     n: usize,
     c: *mut f32,
+    precision: Precision,
 ) {
     SCRATCH.with_borrow_mut(|scratch| {
         let kc = block_terms(k);
-        let b_len = kc * NC.min(n.next_multiple_of(NR));
-        let a_len = kc * rows.len().next_multiple_of(MR);
-        let (b_panels, a_panels) = scratch.panels(b_len, a_len);
+        let pairs = precision == Precision::Bf16;
+        let depth = if pairs { kc.div_ceil(2) } else { 0 };
+        let (cols, rows_all) = (
+            NC.min(n.next_multiple_of(NR)),
+            rows.len().next_multiple_of(MR),
+        );
+        let p = scratch.panels([kc * cols, kc * rows_all, depth * cols, depth * rows_all]);
         let lhs = Left { lhs, m, rows };
-        blocks(lhs, k, rhs, n, c, b_panels, a_panels)
+        blocks(lhs, k, rhs, n, c, p, pairs)
     })
 }
 
@@ -66,14 +75,22 @@ thread_local! {
     /// Each thread's panel buffers, kept between products (a fresh buffer per product costs
     /// the kernel's page clearing).
     static SCRATCH: std::cell::RefCell<Scratch> = const {
-        std::cell::RefCell::new(Scratch { b: Vec::new(), a: Vec::new() })
+        std::cell::RefCell::new(Scratch { bufs: [Vec::new(), Vec::new(), Vec::new(), Vec::new()] })
     };
 }
 
-/// Buffers for the right- and left-hand panels.
+/// Buffers for the right- and left-hand panels, then their bf16 pairs (bit patterns held as
+/// f32s).
 struct Scratch {
-    b: Vec<f32>,
-    a: Vec<f32>,
+    bufs: [Vec<f32>; 4],
+}
+
+/// The four panel buffers of one product.
+struct Panels<'a> {
+    b: &'a mut [f32],
+    a: &'a mut [f32],
+    b_pairs: &'a mut [f32],
+    a_pairs: &'a mut [f32],
 }
 
 /// Left-hand panels larger than this are not kept after the product (the rows of a long
@@ -83,50 +100,60 @@ const KEEP_FLOATS: usize = 1 << 21;
 impl Scratch {
     /// Buffers of at least these lengths (their contents are stale: packing writes every value
     /// the tiles read).
-    fn panels(&mut self, b_len: usize, a_len: usize) -> (&mut [f32], &mut [f32]) {
-        for (buf, len) in [(&mut self.b, b_len), (&mut self.a, a_len)] {
+    fn panels(&mut self, lens: [usize; 4]) -> Panels<'_> {
+        for (buf, &len) in self.bufs.iter_mut().zip(&lens) {
             // Too short, or a long product's buffer that a short one should not keep.
             if buf.len() < len || (buf.len() > KEEP_FLOATS && len <= KEEP_FLOATS) {
                 *buf = vec![0f32; len];
             }
         }
-        (&mut self.b[..b_len], &mut self.a[..a_len])
+        let [b, a, b_pairs, a_pairs] = &mut self.bufs;
+        Panels {
+            b: &mut b[..lens[0]],
+            a: &mut a[..lens[1]],
+            b_pairs: &mut b_pairs[..lens[2]],
+            a_pairs: &mut a_pairs[..lens[3]],
+        }
     }
 }
 
-/// The blocked loops of [`product`] over given panel buffers.
-#[allow(clippy::too_many_arguments)]
+/// The blocked loops of [`product`] over given panel buffers (`pairs`: in bf16).
 #[target_feature(enable = "avx512f")]
-unsafe fn blocks(
-    lhs: Left,
-    k: usize,
-    rhs: Rhs,
-    n: usize,
-    c: *mut f32,
-    b_panels: &mut [f32],
-    a_panels: &mut [f32],
-) {
+unsafe fn blocks(lhs: Left, k: usize, rhs: Rhs, n: usize, c: *mut f32, p: Panels, pairs: bool) {
     let m = lhs.rows.len();
     let terms = block_terms(k);
     for p0 in (0..k).step_by(terms) {
         let kc = terms.min(k - p0);
         // Every row's terms of this block, once: the left-hand side is copied k values per row
         // in all, the right-hand side k per column.
-        pack_lhs(&lhs, k, p0, kc, a_panels);
+        pack_lhs(&lhs, k, p0, kc, p.a);
+        // A tile's depth: its terms, or their pairs.
+        let depth = if pairs { kc.div_ceil(2) } else { kc };
+        if pairs {
+            pair_panels(p.a, kc, m.div_ceil(MR), p.a_pairs);
+        }
         for j0 in (0..n).step_by(NC) {
             let nc = NC.min(n - j0);
-            pack_rhs(rhs, k, n, p0, kc, j0, nc, b_panels);
+            pack_rhs(rhs, k, n, p0, kc, j0, nc, p.b);
+            if pairs {
+                pair_rhs(p.b, kc, nc.div_ceil(NR), p.b_pairs);
+            }
+            let (a_all, b_all) = if pairs {
+                (&*p.a_pairs, &*p.b_pairs)
+            } else {
+                (&*p.a, &*p.b)
+            };
             for i0 in (0..m).step_by(MC) {
                 let mc = MC.min(m - i0);
-                let block = &a_panels[i0 * kc..];
-                for (jp, panel) in b_panels.chunks(kc * NR).take(nc.div_ceil(NR)).enumerate() {
+                let block = &a_all[i0 * depth..];
+                for (jp, panel) in b_all.chunks(depth * NR).take(nc.div_ceil(NR)).enumerate() {
                     let cols = NR.min(nc - jp * NR);
                     let masks = [column_mask(cols), column_mask(cols.saturating_sub(16))];
-                    for (ip, lhs) in block.chunks(kc * MR).take(mc.div_ceil(MR)).enumerate() {
+                    for (ip, lhs) in block.chunks(depth * MR).take(mc.div_ceil(MR)).enumerate() {
                         let (i, rows) = (i0 + ip * MR, MR.min(mc - ip * MR));
                         let out = c.add(i * n + j0 + jp * NR);
                         let t = Tile {
-                            kc,
+                            depth,
                             a: lhs.as_ptr(),
                             b: panel.as_ptr(),
                             c: out,
@@ -134,9 +161,79 @@ unsafe fn blocks(
                             masks,
                             first: p0 == 0,
                         };
-                        t.run(rows);
+                        if pairs {
+                            t.run_bf16(rows);
+                        } else {
+                            t.run(rows);
+                        }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// bf16 pairs of `panels` left-hand panels `[kc, MR]` (f32): `[⌈kc/2⌉, MR]`, value `(q, r)`
+/// holding terms `2q` (low half) and `2q + 1` (high half, zero past `kc`) of row `r`, rounded to
+/// nearest even — the layout `VDPBF16PS` multiplies lane by lane.
+///
+/// # Safety
+/// AVX-512F and AVX512-BF16.
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pair_panels(src: &[f32], kc: usize, panels: usize, dst: &mut [f32]) {
+    let depth = kc.div_ceil(2);
+    for panel in 0..panels {
+        let (from, to) = (
+            src[panel * kc * MR..].as_ptr(),
+            dst[panel * depth * MR..].as_mut_ptr(),
+        );
+        for q in 0..depth {
+            let second = (2 * q + 1 < kc).then(|| from.add((2 * q + 1) * MR));
+            let pair = pair_of(from.add(2 * q * MR), second, column_mask(MR));
+            _mm512_mask_storeu_epi32(to.add(q * MR).cast(), column_mask(MR), pair);
+        }
+    }
+}
+
+/// The `mask`ed lanes of `lo` and `hi` (zero without one) rounded to bf16 (nearest, ties to
+/// even; NaN stays NaN) and packed in pairs: lane `c` holds `lo[c]` in its low half, `hi[c]` in
+/// its high half.
+///
+/// # Safety
+/// AVX-512F and AVX512-BF16; the pointers valid for the masked lanes.
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[inline]
+unsafe fn pair_of(lo: *const f32, hi: Option<*const f32>, mask: __mmask16) -> __m512i {
+    let widen = |x: __m512| {
+        let bf = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(x));
+        _mm512_cvtepu16_epi32(bf)
+    };
+    let lo = widen(_mm512_maskz_loadu_ps(mask, lo));
+    let hi = match hi {
+        Some(hi) => widen(_mm512_maskz_loadu_ps(mask, hi)),
+        None => _mm512_setzero_si512(),
+    };
+    _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi))
+}
+
+/// [`pair_panels`] for `panels` right-hand panels `[kc, NR]`.
+///
+/// # Safety
+/// AVX-512F and AVX512-BF16.
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pair_rhs(src: &[f32], kc: usize, panels: usize, dst: &mut [f32]) {
+    let depth = kc.div_ceil(2);
+    for panel in 0..panels {
+        let (from, to) = (
+            src[panel * kc * NR..].as_ptr(),
+            dst[panel * depth * NR..].as_mut_ptr(),
+        );
+        for q in 0..depth {
+            for half in 0..2 {
+                let first = from.add(2 * q * NR + 16 * half);
+                let second = (2 * q + 1 < kc).then(|| first.add(NR));
+                let pair = pair_of(first, second, 0xffff);
+                _mm512_storeu_epi32(to.add(q * NR + 16 * half).cast(), pair);
             }
         }
     }
@@ -184,7 +281,7 @@ unsafe fn pack_rhs(
                     for p in (0..kc).step_by(16) {
                         let terms = 16.min(kc - p);
                         let out = panel.as_mut_ptr().add(p * NR + 16 * half);
-                        transpose16(first.add(p), k, rows, terms, out, NR);
+                        transpose16(first.add(p), k, rows, terms, (out, NR, 16));
                     }
                 }
             }
@@ -203,19 +300,19 @@ unsafe fn pack_rhs(
 
 /// Writes the transpose of a 16 × 16 block: source row `r` (`src + r·ld`, its first `terms`
 /// values; rows from `rows` on read as zero) becomes column `r` of the `terms` rows at
-/// `dst + t·ld_dst`.
+/// `dst + t·ld_dst`, of which the first `width` columns are written.
 ///
 /// # Safety
-/// AVX-512F; the source rows valid for `terms` values, the destination rows for 16.
+/// AVX-512F; the source rows valid for `terms` values, the destination rows for `width`.
 #[target_feature(enable = "avx512f")]
 unsafe fn transpose16(
     src: *const f32,
     ld: usize,
     rows: usize,
     terms: usize,
-    dst: *mut f32,
-    ld_dst: usize,
+    (dst, ld_dst, width): (*mut f32, usize, usize),
 ) {
+    let width = column_mask(width);
     let mask = column_mask(terms);
     let row = |r: usize| {
         if r < rows {
@@ -250,7 +347,7 @@ unsafe fn transpose16(
         ];
         for (t, v) in terms_out {
             if t < terms {
-                _mm512_storeu_ps(dst.add(t * ld_dst), v);
+                _mm512_mask_storeu_ps(dst.add(t * ld_dst), width, v);
             }
         }
     }
@@ -258,24 +355,29 @@ unsafe fn transpose16(
 
 /// Copies `a[rows, p0..p0 + kc]` into `MR`-row panels, each `[kc, MR]` (a column of the panel
 /// per term), the rows past the last zero.
-fn pack_lhs(left: &Left, k: usize, p0: usize, kc: usize, dst: &mut [f32]) {
+///
+/// # Safety
+/// AVX-512F; the left-hand side holds its shape.
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_lhs(left: &Left, k: usize, p0: usize, kc: usize, dst: &mut [f32]) {
     let m = left.rows.len();
     for (ip, panel) in dst.chunks_mut(kc * MR).take(m.div_ceil(MR)).enumerate() {
         let (first, rows) = (left.rows.start + ip * MR, MR.min(m - ip * MR));
-        if rows < MR {
-            panel.fill(0.0);
-        }
         match left.lhs {
+            // Each row's next 16 terms turned in registers, as the weights are.
             Lhs::Plain(a) => {
-                for r in 0..rows {
-                    let src = &a[(first + r) * k + p0..][..kc];
-                    for (p, &v) in src.iter().enumerate() {
-                        panel[p * MR + r] = v;
-                    }
+                let src = a[first * k + p0..].as_ptr();
+                for p in (0..kc).step_by(16) {
+                    let terms = 16.min(kc - p);
+                    let out = (panel.as_mut_ptr().add(p * MR), MR, MR);
+                    transpose16(src.add(p), k, rows, terms, out);
                 }
             }
             // Stored term by term: each term's values for the panel's rows lie together.
             Lhs::Transposed(s) => {
+                if rows < MR {
+                    panel.fill(0.0);
+                }
                 for p in 0..kc {
                     let src = &s[(p0 + p) * left.m + first..][..rows];
                     panel[p * MR..][..rows].copy_from_slice(src);
@@ -285,10 +387,10 @@ fn pack_lhs(left: &Left, k: usize, p0: usize, kc: usize, dst: &mut [f32]) {
     }
 }
 
-/// One tile's operands: a left panel `[kc, MR]`, a right panel `[kc, NR]`, and where its
-/// outputs go.
+/// One tile's operands: a left panel `[depth, MR]`, a right panel `[depth, NR]` (terms, or bf16
+/// pairs of terms), and where its outputs go.
 struct Tile {
-    kc: usize,
+    depth: usize,
     a: *const f32,
     b: *const f32,
     c: *mut f32,
@@ -296,6 +398,28 @@ struct Tile {
     masks: [__mmask16; 2],
     /// The first block of terms: store the sums rather than add them to the output.
     first: bool,
+}
+
+/// `tile.method::<R>()` for the `rows` a panel has (one code path per row count, so that a short
+/// last panel does no wasted work).
+macro_rules! by_rows {
+    ($tile:expr, $rows:expr, $method:ident) => {
+        match $rows {
+            12 => $tile.$method::<12>(),
+            11 => $tile.$method::<11>(),
+            10 => $tile.$method::<10>(),
+            9 => $tile.$method::<9>(),
+            8 => $tile.$method::<8>(),
+            7 => $tile.$method::<7>(),
+            6 => $tile.$method::<6>(),
+            5 => $tile.$method::<5>(),
+            4 => $tile.$method::<4>(),
+            3 => $tile.$method::<3>(),
+            2 => $tile.$method::<2>(),
+            1 => $tile.$method::<1>(),
+            _ => unreachable!("a panel has 1 to {MR} rows"),
+        }
+    };
 }
 
 impl Tile {
@@ -306,21 +430,16 @@ impl Tile {
     /// AVX-512F, and pointers valid for the tile's panels and its `rows` × masked columns.
     #[target_feature(enable = "avx512f")]
     unsafe fn run(&self, rows: usize) {
-        match rows {
-            12 => self.rows::<12>(),
-            11 => self.rows::<11>(),
-            10 => self.rows::<10>(),
-            9 => self.rows::<9>(),
-            8 => self.rows::<8>(),
-            7 => self.rows::<7>(),
-            6 => self.rows::<6>(),
-            5 => self.rows::<5>(),
-            4 => self.rows::<4>(),
-            3 => self.rows::<3>(),
-            2 => self.rows::<2>(),
-            1 => self.rows::<1>(),
-            _ => unreachable!("a panel has 1 to {MR} rows"),
-        }
+        by_rows!(self, rows, rows)
+    }
+
+    /// [`run`](Self::run) on bf16 pairs.
+    ///
+    /// # Safety
+    /// As `run`, and AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn run_bf16(&self, rows: usize) {
+        by_rows!(self, rows, rows_bf16)
     }
 
     /// `R` rows: `2R` registers of sums, one multiply-add per register per term.
@@ -328,7 +447,7 @@ impl Tile {
     #[inline]
     unsafe fn rows<const R: usize>(&self) {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        for p in 0..self.kc {
+        for p in 0..self.depth {
             let b0 = _mm512_loadu_ps(self.b.add(p * NR));
             let b1 = _mm512_loadu_ps(self.b.add(p * NR + 16));
             let a = self.a.add(p * MR);
@@ -338,6 +457,33 @@ impl Tile {
                 acc[1] = _mm512_fmadd_ps(x, b1, acc[1]);
             }
         }
+        self.store(&acc);
+    }
+
+    /// `R` rows on bf16 pairs: one `VDPBF16PS` per register per pair of terms.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[inline]
+    unsafe fn rows_bf16<const R: usize>(&self) {
+        use std::mem::transmute;
+        let (a, b) = (self.a.cast::<i32>(), self.b.cast::<i32>());
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        for q in 0..self.depth {
+            let b0 = transmute::<__m512i, __m512bh>(_mm512_loadu_epi32(b.add(q * NR)));
+            let b1 = transmute::<__m512i, __m512bh>(_mm512_loadu_epi32(b.add(q * NR + 16)));
+            let a = a.add(q * MR);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let x = transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*a.add(r)));
+                acc[0] = _mm512_dpbf16_ps(acc[0], x, b0);
+                acc[1] = _mm512_dpbf16_ps(acc[1], x, b1);
+            }
+        }
+        self.store(&acc);
+    }
+
+    /// Stores (first block) or adds the sums of a tile's rows to the output's masked columns.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn store(&self, acc: &[[__m512; 2]]) {
         for (r, acc) in acc.iter().enumerate() {
             let row = self.c.add(r * self.ldc);
             for (half, &sum) in acc.iter().enumerate() {

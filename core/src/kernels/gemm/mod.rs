@@ -1,4 +1,5 @@
-//! Loci's own f32 matrix product, for x86-64 processors with AVX-512.
+//! Loci's own matrix product for x86-64 processors with AVX-512: f32, and bf16 operands with
+//! f32 sums where the processor has bf16 dot products ([`Precision`]).
 //!
 //! candle's CPU kernel (the `gemm` crate) uses AVX-512 only when built with a nightly compiler;
 //! on stable Rust it runs 256-bit AVX2 code, which leaves half of a processor with two 512-bit
@@ -41,6 +42,17 @@ pub enum Lhs<'a> {
     Transposed(&'a [f32]),
 }
 
+/// The arithmetic of a product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 operands, f32 sums (every product's default).
+    F32,
+    /// Operands rounded to bf16 (nearest, ties to even; an 8-bit significand, 2–3 significant
+    /// digits), each pair of terms multiplied and added to f32 sums by `VDPBF16PS`: twice the f32
+    /// instruction's work.
+    Bf16,
+}
+
 /// The right-hand side `b` of a product `a · b`.
 #[derive(Clone, Copy, Debug)]
 pub enum Rhs<'a> {
@@ -62,6 +74,44 @@ pub fn available() -> bool {
 /// The kernel's name as benchmarks report it, when it runs here.
 pub fn name() -> Option<&'static str> {
     detected().then_some("loci gemm (AVX-512)")
+}
+
+/// Whether the processor also has AVX512-BF16's dot products (`VDPBF16PS`).
+pub fn bf16_detected() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        return detected() && std::is_x86_feature_detected!("avx512bf16");
+        #[cfg(not(target_arch = "x86_64"))]
+        return false;
+    })
+}
+
+static MAPS_IN_BF16: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Runs the linear maps' products in bf16 (`true`) or f32 (the default), process-wide, on the
+/// CPU; attention's products and the statistics' `kᵀk` stay f32 (their keys come from the maps,
+/// so statistics collected this way differ from f32's). Products of fewer than [`MIN_ROWS`]
+/// rows (a decoding step) stay on candle's f32 path. Refused where the processor lacks
+/// `VDPBF16PS`.
+pub fn set_maps_in_bf16(on: bool) -> Result<()> {
+    if on && !bf16_detected() {
+        return Err(crate::error::LociError::Input(
+            "bf16 products need Loci's AVX-512 kernel with bf16 dot products (VDPBF16PS): this \
+             processor lacks them, or LOCI_GEMM=off turned the kernel off"
+                .into(),
+        ));
+    }
+    MAPS_IN_BF16.store(on, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// The linear maps' precision ([`set_maps_in_bf16`]).
+pub fn maps_precision() -> Precision {
+    match MAPS_IN_BF16.load(std::sync::atomic::Ordering::Relaxed) {
+        true => Precision::Bf16,
+        false => Precision::F32,
+    }
 }
 
 fn detected() -> bool {
@@ -93,16 +143,25 @@ pub fn product(
     n: usize,
     threads: usize,
 ) -> Option<Vec<f32>> {
+    product_in(Precision::F32, lhs, m, k, rhs, n, threads)
+}
+
+/// [`product`] in `precision` (`None` also where bf16 is asked of a processor without it).
+pub fn product_in(
+    precision: Precision,
+    lhs: Lhs,
+    m: usize,
+    k: usize,
+    rhs: Rhs,
+    n: usize,
+    threads: usize,
+) -> Option<Vec<f32>> {
+    if precision == Precision::Bf16 && !bf16_detected() {
+        return None;
+    }
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    product_into(
-        lhs,
-        m,
-        k,
-        rhs,
-        n,
-        threads,
-        &mut c.spare_capacity_mut()[..m * n],
-    )?;
+    let out = &mut c.spare_capacity_mut()[..m * n];
+    product_into(precision, lhs, m, k, rhs, n, threads, out)?;
     // SAFETY: the product wrote all m × n outputs.
     unsafe { c.set_len(m * n) };
     Some(c)
@@ -110,7 +169,9 @@ pub fn product(
 
 /// [`product`] written into `out` (`m × n` floats, which may be uninitialised); `None`, with
 /// nothing written, where the processor cannot run the kernel.
+#[allow(clippy::too_many_arguments)]
 fn product_into(
+    precision: Precision,
     lhs: Lhs,
     m: usize,
     k: usize,
@@ -137,12 +198,14 @@ fn product_into(
         out.fill(MaybeUninit::new(0.0));
         return Some(());
     }
-    blocked(lhs, m, k, rhs, n, threads, out)
+    blocked(precision, lhs, m, k, rhs, n, threads, out)
 }
 
 /// [`product_into`] of non-empty operands on AVX-512.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 fn blocked(
+    precision: Precision,
     lhs: Lhs,
     m: usize,
     k: usize,
@@ -165,7 +228,7 @@ fn blocked(
         let rows = part * per..part * per + out.len() / n;
         // SAFETY: AVX-512F was detected, the operands hold their shapes (checked by
         // `product_into`), and `out` holds these rows' outputs.
-        unsafe { avx512::product(lhs, m, rows, k, rhs, n, out.as_mut_ptr().cast()) }
+        unsafe { avx512::product(lhs, m, rows, k, rhs, n, out.as_mut_ptr().cast(), precision) }
     };
     if parts.len() == 1 {
         parts.into_iter().for_each(run);
@@ -180,7 +243,9 @@ fn blocked(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
 fn blocked(
+    _: Precision,
     _: Lhs,
     _: usize,
     _: usize,
@@ -225,7 +290,8 @@ fn by_weight(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Option<Tensor>>
             } else {
                 Rhs::Plain(ws)
             };
-            product(Lhs::Plain(xs), rows, k, rhs, n, super::kernel_threads())
+            let threads = super::kernel_threads();
+            product_in(maps_precision(), Lhs::Plain(xs), rows, k, rhs, n, threads)
         })
     });
     match out.flatten().flatten() {
@@ -266,7 +332,7 @@ pub fn batched(a: &Tensor, b: &Tensor, b_transposed: bool) -> Result<Option<Tens
                     true => Rhs::Transposed(&bv[b_at[i]..]),
                     false => Rhs::Plain(&bv[b_at[i]..]),
                 };
-                product_into(lhs, m, k, rhs, n, 1, out)
+                product_into(Precision::F32, lhs, m, k, rhs, n, 1, out)
             };
             let mut parts: Vec<_> = out.chunks_mut(m * n).enumerate().collect();
             let threads = super::kernel_threads().min(parts.len());

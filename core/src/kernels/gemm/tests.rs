@@ -211,3 +211,62 @@ fn batched_products_equal_each_matrix_product_and_read_narrowed_keys() {
     let turned = q.transpose(2, 3).unwrap();
     assert!(super::batched(&turned, &q, false).unwrap().is_none());
 }
+
+/// bf16 products: the operands rounded to bf16 and multiplied exactly, summed in f32 — within
+/// f32 rounding of the same sum in f64, on every edge shape; NaN still reaches its outputs.
+#[test]
+fn bf16_products_sum_the_rounded_operands() {
+    use super::{bf16_detected, product_in, Precision};
+    if !bf16_detected() {
+        eprintln!("no AVX512-BF16 here: nothing to test");
+        return;
+    }
+    let round = |x: f32| half::bf16::from_f32(x).to_f32();
+    let mut rng = Rng::new(13);
+    for (m, k, n) in SHAPES {
+        let a = values(&mut rng, m * k);
+        let b = values(&mut rng, k * n);
+        for transposed in [true, false] {
+            let rhs = if transposed {
+                Rhs::Transposed(&b)
+            } else {
+                Rhs::Plain(&b)
+            };
+            let b_at = |p: usize, j: usize| {
+                if transposed {
+                    b[j * k + p]
+                } else {
+                    b[p * n + j]
+                }
+            };
+            let got = product_in(Precision::Bf16, Lhs::Plain(&a), m, k, rhs, n, 2).unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let terms =
+                        (0..k).map(|p| round(a[i * k + p]) as f64 * round(b_at(p, j)) as f64);
+                    let (exact, size) = terms.fold((0f64, 0f64), |(s, z), t| (s + t, z + t.abs()));
+                    let err = (got[i * n + j] as f64 - exact).abs();
+                    assert!(
+                        err <= 1e-6 * size + 1e-30,
+                        "[{m}, {k}, {n}] ({i}, {j}): {err}"
+                    );
+                }
+            }
+        }
+    }
+    let mut a = vec![1f32; 3 * 4];
+    a[4] = f32::NAN;
+    let c = product_in(
+        Precision::Bf16,
+        Lhs::Plain(&a),
+        3,
+        4,
+        Rhs::Plain(&[1.0; 8]),
+        2,
+        1,
+    )
+    .unwrap();
+    assert_eq!(&c[..2], &[4.0, 4.0]);
+    assert!(c[2].is_nan() && c[3].is_nan());
+    assert_eq!(&c[4..], &[4.0, 4.0]);
+}

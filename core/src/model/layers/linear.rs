@@ -213,7 +213,8 @@ impl FrozenMatmul {
         let y = crate::kernels::gemm::with_slice(&self.w, |ws| {
             let lhs = crate::kernels::gemm::Lhs::Plain(&xs[start..end]);
             let rhs = crate::kernels::gemm::Rhs::Transposed(ws);
-            crate::kernels::gemm::product(lhs, rows, d_in, rhs, d_out, threads)
+            let precision = crate::kernels::gemm::maps_precision();
+            crate::kernels::gemm::product_in(precision, lhs, rows, d_in, rhs, d_out, threads)
         });
         Ok(y.flatten()
             .map(|y| (candle_core::CpuStorage::F32(y), (rows, d_out).into())))
