@@ -625,7 +625,15 @@ fn attribution_patching_traces_from_the_command_line() {
         exact.get("method").is_none(),
         "exact traces keep their format"
     );
-    assert_eq!((&atp["high"], &atp["low"]), (&exact["high"], &exact["low"]));
+    assert_eq!(atp["high"], exact["high"]);
+    // `low` from attribution's own corrupted pass: the exact run's, within rounding.
+    let low = |t: &serde_json::Value| t["low"].as_f64().unwrap();
+    assert!(
+        (low(&atp) - low(&exact)).abs() < 1e-6,
+        "{} vs {}",
+        low(&atp),
+        low(&exact)
+    );
     for kind in ["hidden", "mlp", "attn"] {
         assert_eq!(
             atp["scores"][kind].as_array().unwrap().len(),

@@ -14,7 +14,15 @@ fn both(lm: &LoadedModel, req: &TraceRequest) -> (TraceResult, TraceResult) {
     let atp = lm.trace_attribution(req, None, &mut Quiet).unwrap();
     assert_eq!(atp.method, TraceMethod::Attribution);
     assert_eq!(exact.method, TraceMethod::Exact);
-    assert_eq!((atp.high, atp.low), (exact.high, exact.low));
+    assert_eq!(atp.high, exact.high);
+    // `low` comes from attribution's own corrupted pass, under autograd: the same run as the
+    // exact trace's, rounded apart by its operations.
+    assert!(
+        (atp.low - exact.low).abs() < 1e-6,
+        "low {} against {}",
+        atp.low,
+        exact.low
+    );
     (exact, atp)
 }
 

@@ -130,10 +130,10 @@ pub mod units {
         (kinds * tokens * m.layers * samples * tokens) as f64 * m.pass() / 2.0
     }
 
-    /// Attribution patching: the clean and corrupted runs, then a corrupted pass and its
-    /// backward pass (about four passes of the samples' rows in all).
+    /// Attribution patching: the clean run, then one corrupted pass and its backward pass
+    /// (about three passes of the samples' rows in all).
     pub fn trace_attribution(tokens: usize, m: Shape, samples: usize) -> f64 {
-        (4 * samples * tokens) as f64 * m.pass()
+        (3 * samples * tokens) as f64 * m.pass()
     }
 
     /// Knowledge neurons: at two tokens, one pass per layer of `samples` rows over at most the

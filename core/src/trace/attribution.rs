@@ -13,7 +13,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Tensor, Var, D};
 
-use super::prepare::{finish, header, prepare, readout_logits, window_layers, Prepared};
+use super::prepare::{
+    answer_prob, clean_and_noise, finish, header_of, readout_logits, window_layers, Clean,
+};
 use super::types::{TraceKind, TraceMethod, TraceObserver, TraceRequest, TraceResult, TraceWork};
 use crate::error::{LociError, Result};
 use crate::hooks::noise::embed_noise;
@@ -55,9 +57,9 @@ fn mean_answer_prob(logits: &Tensor, answer: &[u32]) -> Result<Tensor> {
 
 impl LoadedModel {
     /// A causal trace estimated by attribution patching: the same grid as
-    /// [`LoadedModel::trace`] (`low` plus each cell's estimated change), from the clean run, the
-    /// corrupted run and one more corrupted pass with its backward. `obs` hears the header, then
-    /// every row at the end (returning `false` cancels).
+    /// [`LoadedModel::trace`] (`low` plus each cell's estimated change), from the clean run and
+    /// one corrupted pass with its backward (which also gives `low`). `obs` hears the header,
+    /// then every row, at the end (returning `false` cancels).
     pub fn trace_attribution(
         &self,
         req: &TraceRequest,
@@ -65,11 +67,11 @@ impl LoadedModel {
         obs: &mut dyn TraceObserver,
     ) -> Result<TraceResult> {
         let started = crate::clock::now_seconds();
-        let p = prepare(self, req, embedding_std)?;
-        let head = header(self, req, &p)?;
+        let (base, noise, scale) = clean_and_noise(self, req, embedding_std)?;
+        let (low, estimates) = self.attributions(req, &base, &noise)?;
+        let head = header_of(self, req, &base, low, scale)?;
         obs.on_start(&head);
-        let estimates = self.attributions(req, &p)?;
-        let (n, big_t) = (self.model.n_layer(), p.base.prompt_len);
+        let (n, big_t) = (self.model.n_layer(), base.prompt_len);
         let mut grids = BTreeMap::new();
         for &kind in &req.kinds {
             let per_layer = &estimates[&kind];
@@ -81,7 +83,7 @@ impl LoadedModel {
                                 TraceKind::Hidden => (l, l + 1),
                                 _ => window_layers(l, req.window, n),
                             };
-                            p.low + (lo..hi).map(|j| per_layer[j][t]).sum::<f32>()
+                            low + (lo..hi).map(|j| per_layer[j][t]).sum::<f32>()
                         })
                         .collect()
                 })
@@ -93,11 +95,10 @@ impl LoadedModel {
             }
             grids.insert(kind, grid);
         }
-        let rows = (req.samples * p.base.ids.len() * n) as u64;
+        let rows = (req.samples * base.ids.len() * n) as u64;
         let work = TraceWork {
-            // The clean and corrupted runs, then a corrupted pass and its backward (about two
-            // passes' work).
-            token_layers: (p.base.ids.len() * n) as u64 + 4 * rows,
+            // The clean run, then the corrupted pass and its backward (about two passes' work).
+            token_layers: (base.ids.len() * n) as u64 + 3 * rows,
             naive_token_layers: super::naive::naive_work(req, big_t, n),
         };
         let mut r = finish(self, req, &head, grids, work, started);
@@ -105,12 +106,15 @@ impl LoadedModel {
         Ok(r)
     }
 
-    /// Per kind, per layer, per prompt token: Σ_rows (a_clean − a_row) · ∂m/∂a_row.
+    /// The corrupted answer probability `low` (m itself), and per kind, per layer, per prompt
+    /// token: Σ_rows (a_clean − a_row) · ∂m/∂a_row.
+    #[allow(clippy::type_complexity)]
     fn attributions(
         &self,
         req: &TraceRequest,
-        p: &Prepared,
-    ) -> Result<BTreeMap<TraceKind, Vec<Vec<f32>>>> {
+        base: &Clean,
+        noise: &Tensor,
+    ) -> Result<(f32, BTreeMap<TraceKind, Vec<Vec<f32>>>)> {
         let m = &self.model;
         let n = m.n_layer();
         let mut attribute = Attribute {
@@ -122,19 +126,16 @@ impl LoadedModel {
             vars: HashMap::new(),
             seen: HashMap::new(),
         };
-        let rows: Vec<Vec<u32>> = vec![p.base.ids.clone(); req.samples];
+        let rows: Vec<Vec<u32>> = vec![base.ids.clone(); req.samples];
         let logits = {
-            let mut noise = embed_noise(&p.noise, p.base.range, 0);
+            let mut noise = embed_noise(noise, base.range, 0);
             let mut chain = Chain(vec![&mut noise, &mut attribute]);
-            readout_logits(
-                m,
-                &m.ids_tensor(&rows)?,
-                &mut chain,
-                None,
-                p.base.answer.len(),
-            )?
+            let ids = m.ids_tensor(&rows)?;
+            readout_logits(m, &ids, &mut chain, None, base.answer.len())?
         };
-        let metric = mean_answer_prob(&logits, &p.base.answer)?;
+        // The corrupted run's answer probability, as the exact trace reads it.
+        let low = answer_prob(&logits.detach(), &base.answer, 1)?[0];
+        let metric = mean_answer_prob(&logits, &base.answer)?;
         let grads = metric.backward()?;
         let mut out = BTreeMap::new();
         for &kind in &req.kinds {
@@ -146,16 +147,16 @@ impl LoadedModel {
                     LociError::model(format!("no gradient reached {s:?} of the trace"))
                 })?;
                 let f32s = |t: &Tensor| t.to_dtype(DType::F32);
-                let clean = f32s(p.base.states.get(s)?)?;
+                let clean = f32s(base.states.get(s)?)?;
                 let diff = clean.broadcast_sub(&f32s(&attribute.seen[&s])?)?;
                 let mut atp: Vec<f32> = (diff * f32s(grad)?)?
                     .sum(2)?
                     .sum(0)?
-                    .narrow(0, 0, p.base.prompt_len)?
+                    .narrow(0, 0, base.prompt_len)?
                     .to_vec1()?;
                 // Before the subject the clean and corrupted states are equal; the two passes
                 // (one row untracked, several tracked) may round them apart in half precision.
-                atp[..p.base.range.0].fill(0.0);
+                atp[..base.range.0].fill(0.0);
                 if atp.iter().any(|x| !x.is_finite()) {
                     return Err(LociError::model("NaN or infinite attributions"));
                 }
@@ -163,6 +164,6 @@ impl LoadedModel {
             }
             out.insert(kind, per_layer);
         }
-        Ok(out)
+        Ok((low, out))
     }
 }

@@ -112,12 +112,7 @@ pub(super) fn prepare(
     req: &TraceRequest,
     embedding_std: Option<f64>,
 ) -> Result<Prepared> {
-    let m = &lm.model;
-    let scale = req.noise.scale(embedding_std)?;
-    let base = clean(lm, req)?;
-    let (span, d) = (base.range.1 - base.range.0, m.cfg.d_model);
-    let draw = req.noise.draw(scale, req.samples, span, d, req.seed);
-    let noise = Tensor::from_vec(draw, (req.samples, span, d), &m.device)?;
+    let (base, noise, scale) = clean_and_noise(lm, req, embedding_std)?;
     let corrupted = corrupted_run(lm, &base.ids, &noise, base.range, &base.answer)?;
     Ok(Prepared {
         base,
@@ -128,6 +123,22 @@ pub(super) fn prepare(
         resid_in: corrupted.resid_in,
         kv: corrupted.kv,
     })
+}
+
+/// The clean run and the noise drawn for the subject, `[samples, span, d]`, with its scale: all
+/// a trace needs before any corrupted pass.
+pub(super) fn clean_and_noise(
+    lm: &LoadedModel,
+    req: &TraceRequest,
+    embedding_std: Option<f64>,
+) -> Result<(Clean, Tensor, f64)> {
+    let m = &lm.model;
+    let scale = req.noise.scale(embedding_std)?;
+    let base = clean(lm, req)?;
+    let (span, d) = (base.range.1 - base.range.0, m.cfg.d_model);
+    let draw = req.noise.draw(scale, req.samples, span, d, req.seed);
+    let noise = Tensor::from_vec(draw, (req.samples, span, d), &m.device)?;
+    Ok((base, noise, scale))
 }
 
 /// The requested answer's tokens, with the leading space targets get (none: the clean top-1).
