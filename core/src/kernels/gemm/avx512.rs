@@ -2,7 +2,6 @@
 //! left-hand side into 12-row panels, and the 12 × 32 register tile that multiplies them.
 
 use std::arch::x86_64::*;
-
 use std::ops::Range;
 
 use super::{Lhs, Precision, Rhs};
@@ -20,10 +19,11 @@ const KC: usize = 512;
 pub fn block_terms(k: usize) -> usize {
     k.div_ceil(k.div_ceil(KC).max(1)).max(1)
 }
-/// Columns copied per block (512 KiB of panels at `KC` rows: the L2 cache).
+
+/// Columns copied per block (up to 1 MiB of panels at 512 terms: the L2 cache of the processors
+/// measured; a right-hand panel of 32 columns, up to 64 KiB, meets every row block in turn).
 const NC: usize = 512;
-/// Rows per block of left-hand panels that meet each right-hand panel in turn (96 KiB at
-/// `KC`, in the L2 cache beside the right-hand block).
+/// Rows per block of left-hand panels that meet each right-hand panel in turn (up to 192 KiB).
 const MC: usize = 96;
 
 /// `c = a[rows] · b`, `a` `[m, k]` as `lhs` stores it, `b` `[k, n]` as `rhs` stores it, `c` the

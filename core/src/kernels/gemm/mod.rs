@@ -6,22 +6,23 @@
 //! multiply-add pipes (Zen 5, Sapphire Rapids and later) idle. This kernel is BLIS's classic
 //! design in 512-bit registers:
 //!
-//! - the right-hand side is copied, a block of `KC` rows × `NC` columns at a time, into panels
-//!   `NR` = 32 columns wide (two registers), each small enough to stay in the L1 cache while
-//!   every row of the left-hand side passes over it;
-//! - the left-hand side is copied into panels of `MR` = 12 rows, read one value at a time and
+//! - the right-hand side is copied, up to 512 columns at a time, into panels 32 columns wide (two
+//!   registers), a map's weight read transposed by 16 × 16 turns in registers;
+//! - the left-hand side is copied into panels of 12 rows, read one value at a time and
 //!   broadcast;
-//! - a tile of up to 12 × 32 outputs lives in 24 registers while `KC` multiply-adds accumulate
-//!   into it, then is added to the output.
+//! - a tile of up to 12 × 32 outputs lives in 24 registers while a block of terms accumulates
+//!   into it by fused multiply-adds, then is added to the output; the sum over `k` is split
+//!   evenly into as few blocks of at most 512 terms as it takes.
 //!
 //! **Every output's sum runs in the same order** whatever the number of rows, the row's place in
-//! its panel, the column's place or the thread: block by block of `KC` terms, each block's terms
-//! in order. So a row's result does not depend on the batch it is in, and padded and unpadded
-//! batches agree bit for bit, as the model's batched paths need.
+//! its panel, the column's place or the thread: block by block, each block's terms in order. So
+//! a row's result does not depend on the batch it is in, and padded and unpadded batches agree
+//! bit for bit, as the model's batched paths need (for batches of at least [`MIN_ROWS`] rows).
 //!
-//! [`linear`] and [`times`] serve f32 tensors on the CPU outside autograd with at least
-//! [`MIN_ROWS`] rows; anything else, a processor without AVX-512, wasm32, `LOCI_GEMM=off` or
-//! [`set_fast`](super::set_fast)`(false)` falls back to candle's product.
+//! [`linear`], [`times`] and [`batched`] serve f32 tensors on the CPU outside autograd with at
+//! least [`MIN_ROWS`] rows; anything else, a processor without AVX-512, wasm32, `LOCI_GEMM=off`
+//! or [`set_fast`](super::set_fast)`(false)` falls back to candle's product. The linear maps may
+//! run in bf16 instead ([`set_maps_in_bf16`]).
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -130,8 +131,9 @@ fn detected() -> bool {
 
 /// `a · b` for `a` `[m, k]` row-major and `b` `[k, n]` (as `rhs` stores it), split by rows over
 /// up to `threads` threads: `[m, n]` row-major, or `None` where the processor cannot run the
-/// kernel. (The switch back to candle, [`set_fast`](super::set_fast), acts in [`linear`] and
-/// [`times`]; benchmarks call this directly to measure the peak.)
+/// kernel. (The switch back to candle, [`set_fast`](super::set_fast), acts in the tensor entry
+/// points, [`linear`], [`times`] and [`batched`]; benchmarks call this directly to measure the
+/// peak.)
 ///
 /// # Panics
 /// When a slice is shorter than its shape.

@@ -7,6 +7,7 @@ use candle_core::{DType, Tensor, D};
 
 use super::Codebook;
 use crate::error::Result;
+use crate::kernels::gemm::{self, Lhs, Rhs};
 use crate::model::load::Weights;
 
 /// `y = x Wᵀ + b` with `W` stored `[out, in]` (GPT-2's Conv1D weights are transposed at load).
@@ -99,7 +100,7 @@ impl Linear {
             x2.contiguous()?.apply_op1(FrozenMatmul {
                 w: self.weight.clone(),
             })?
-        } else if let Some(y) = crate::kernels::gemm::linear(&x2, &self.weight)? {
+        } else if let Some(y) = gemm::linear(&x2, &self.weight)? {
             y
         } else {
             x2.matmul(&self.weight.t()?)?
@@ -201,20 +202,17 @@ impl FrozenMatmul {
         let Some((start, end)) = x_layout.contiguous_offsets() else {
             return Ok(None);
         };
-        let gemm = crate::kernels::gemm::available();
-        if !gemm
-            || rows < crate::kernels::gemm::MIN_ROWS
+        if !gemm::available()
+            || rows < gemm::MIN_ROWS
             || w_in != d_in
             || self.w.dtype() != DType::F32
         {
             return Ok(None);
         }
-        let threads = crate::kernels::kernel_threads();
-        let y = crate::kernels::gemm::with_slice(&self.w, |ws| {
-            let lhs = crate::kernels::gemm::Lhs::Plain(&xs[start..end]);
-            let rhs = crate::kernels::gemm::Rhs::Transposed(ws);
-            let precision = crate::kernels::gemm::maps_precision();
-            crate::kernels::gemm::product_in(precision, lhs, rows, d_in, rhs, d_out, threads)
+        let (threads, precision) = (crate::kernels::kernel_threads(), gemm::maps_precision());
+        let y = gemm::with_slice(&self.w, |ws| {
+            let (lhs, rhs) = (Lhs::Plain(&xs[start..end]), Rhs::Transposed(ws));
+            gemm::product_in(precision, lhs, rows, d_in, rhs, d_out, threads)
         });
         Ok(y.flatten()
             .map(|y| (candle_core::CpuStorage::F32(y), (rows, d_out).into())))
@@ -262,7 +260,7 @@ impl candle_core::CustomOp1 for FrozenMatmul {
     ) -> candle_core::Result<Option<Tensor>> {
         let (d_out, d_in) = self.w.dims2()?;
         crate::flops::matmul(grad.elem_count() / d_out.max(1), d_in, d_out);
-        match crate::kernels::gemm::times(grad, &self.w).map_err(candle_core::Error::wrap)? {
+        match gemm::times(grad, &self.w).map_err(candle_core::Error::wrap)? {
             Some(g) => Ok(Some(g)),
             None => Ok(Some(grad.matmul(&self.w)?)),
         }
