@@ -23,13 +23,18 @@ pub fn workers() -> usize {
     }
 }
 
-/// `f` over every item, each on its own scoped thread when there are several (native).
-pub fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+/// `f` over every item (borrowed, or owned such as a disjoint piece of an output), each on its
+/// own scoped thread when there are several (native).
+pub fn map<T: Send, R: Send>(
+    items: impl IntoIterator<Item = T>,
+    f: impl Fn(T) -> R + Sync,
+) -> Vec<R> {
+    let items: Vec<T> = items.into_iter().collect();
     #[cfg(not(target_arch = "wasm32"))]
     if items.len() > 1 {
         return std::thread::scope(|scope| {
             let handles: Vec<_> = items
-                .iter()
+                .into_iter()
                 .map(|it| {
                     let f = &f;
                     scope.spawn(move || f(it))
@@ -41,7 +46,7 @@ pub fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> 
                 .collect()
         });
     }
-    items.iter().map(f).collect()
+    items.into_iter().map(f).collect()
 }
 
 /// Splits items of the given costs, in order, into runs whose costs sum to at most `budget`

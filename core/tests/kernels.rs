@@ -273,19 +273,16 @@ fn linear_maps_run_on_locis_kernel_and_equal_candles() {
     let y = map.forward(&x).unwrap();
     let want = x.matmul(&w.t().unwrap()).unwrap();
     assert!(max_abs_diff(&y, &want) < 1e-5);
-    // Under autograd: the input's gradient of Σ y·g.
+    // Under autograd: the tracked output, and the input's gradient of Σ y·g.
     let var = candle_core::Var::from_tensor(&x).unwrap();
     let g = Tensor::randn(0f32, 1.0, (rows, d_out), &Device::Cpu).unwrap();
-    let loss = (map.forward(var.as_tensor()).unwrap() * &g)
-        .unwrap()
-        .sum_all()
-        .unwrap();
-    let grad = loss
-        .backward()
-        .unwrap()
-        .get(var.as_tensor())
-        .unwrap()
-        .clone();
+    let tracked_and_grad = || {
+        let tracked = map.forward(var.as_tensor()).unwrap();
+        let loss = (&tracked * &g).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        (tracked, grads.get(var.as_tensor()).unwrap().clone())
+    };
+    let (_, grad) = tracked_and_grad();
     assert!(max_abs_diff(&grad, &g.matmul(&w).unwrap()) < 1e-5);
     if !gemm::available() {
         eprintln!("no AVX-512 here: candle's product ran");
@@ -299,14 +296,7 @@ fn linear_maps_run_on_locis_kernel_and_equal_candles() {
     // Switched off, candle's product runs again, under autograd too.
     kernels::set_fast(false);
     let reference = map.forward(&x).unwrap();
-    let tracked = map.forward(var.as_tensor()).unwrap();
-    let loss = (&tracked * &g).unwrap().sum_all().unwrap();
-    let reference_grad = loss
-        .backward()
-        .unwrap()
-        .get(var.as_tensor())
-        .unwrap()
-        .clone();
+    let (tracked, reference_grad) = tracked_and_grad();
     kernels::set_fast(true);
     assert_eq!(flat(&reference), flat(&want));
     assert_eq!(flat(&tracked), flat(&want));

@@ -75,14 +75,11 @@ pub(super) fn gram(k: &Tensor) -> Result<Gram> {
 /// it does not run (the caller then uses candle's product).
 fn block_product(ci: &Tensor, cj: &Tensor) -> Result<Option<Tensor>> {
     use crate::kernels::gemm::{self, Lhs, Rhs};
+    use crate::kernels::with_cpu_f32;
     let ((n, wi), (_, wj)) = (ci.dims2()?, cj.dims2()?);
-    let plain = |t: &Tensor| t.dtype() == DType::F32 && !t.track_op();
-    if !gemm::available() || !plain(ci) || !plain(cj) {
-        return Ok(None);
-    }
     let threads = crate::kernels::kernel_threads();
-    let product = gemm::with_slice(ci, |a| {
-        gemm::with_slice(cj, |b| {
+    let product = with_cpu_f32(ci, |a| {
+        with_cpu_f32(cj, |b| {
             gemm::product(Lhs::Transposed(a), wi, n, Rhs::Plain(b), wj, threads)
         })
     });

@@ -38,10 +38,15 @@ pub fn fast() -> bool {
     FAST.load(Ordering::Relaxed)
 }
 
+/// Whether Loci's kernels serve `x`: on, and `x` an f32 CPU tensor outside autograd.
+fn served(x: &Tensor) -> bool {
+    fast() && !x.track_op() && x.dtype() == DType::F32 && x.device().is_cpu()
+}
+
 /// `f` over the contiguous f32 values of a CPU tensor outside autograd; `None` when the fast
 /// path does not apply.
-fn with_cpu_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    if !fast() || x.track_op() || x.dtype() != DType::F32 || !x.device().is_cpu() {
+pub(crate) fn with_cpu_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if !served(x) {
         return None;
     }
     let (storage, layout) = x.storage_and_layout();

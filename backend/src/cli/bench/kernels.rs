@@ -257,12 +257,12 @@ fn loci_product(
     [rows, d_in, d_out]: [usize; 3],
     precision: Precision,
 ) -> Result<Option<f64>> {
-    use loci_core::kernels::gemm::{product_in, Lhs, Rhs};
-    let (lhs, rhs) = (Lhs::Plain(x), Rhs::Transposed(w));
-    let threads = loci_core::kernels::kernel_threads();
-    if product_in(precision, lhs, 1, 0, rhs, 0, 1).is_none() {
+    use loci_core::kernels::gemm::{product_in, runs_in, Lhs, Rhs};
+    if !runs_in(precision) {
         return Ok(None);
     }
+    let (lhs, rhs) = (Lhs::Plain(x), Rhs::Transposed(w));
+    let threads = loci_core::kernels::kernel_threads();
     let flops = 2.0 * (rows * d_in * d_out) as f64;
     let gflops = loci_core::kernels::best_gflops(flops, 0.5, || -> Result<()> {
         drop(product_in(precision, lhs, rows, d_in, rhs, d_out, threads));

@@ -4,7 +4,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{Lhs, Precision, Rhs};
+use super::{Lhs, Operands, Precision, Rhs};
 
 /// Rows of a left-hand panel (broadcast one value at a time).
 pub const MR: usize = 12;
@@ -26,8 +26,7 @@ const NC: usize = 512;
 /// Rows per block of left-hand panels that meet each right-hand panel in turn (up to 192 KiB).
 const MC: usize = 96;
 
-/// `c = a[rows] · b`, `a` `[m, k]` as `lhs` stores it, `b` `[k, n]` as `rhs` stores it, `c` the
-/// rows' `[rows, n]` outputs, row-major;
+/// `c = a[rows] · b` for the operands `ops`, `c` the rows' `[rows, n]` outputs, row-major;
 /// every output summed over `k` in blocks of [`block_terms`], each in order (the module's
 /// promise).
 ///
@@ -38,37 +37,19 @@ const MC: usize = 96;
 /// The processor must support AVX-512F (and AVX512-BF16 for bf16), the slices must hold their
 /// shapes, and `c` must be valid for writing the rows' outputs (it may be uninitialised: the
 /// first block of terms stores every output before any is read).
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-pub unsafe fn product(
-    lhs: Lhs,
-    m: usize,
-    rows: Range<usize>,
-    k: usize,
-    rhs: Rhs,
-    n: usize,
-    c: *mut f32,
-    precision: Precision,
-) {
+pub unsafe fn product(ops: &Operands, rows: Range<usize>, c: *mut f32, precision: Precision) {
     SCRATCH.with_borrow_mut(|scratch| {
-        let kc = block_terms(k);
+        let kc = block_terms(ops.k);
         let pairs = precision == Precision::Bf16;
         let depth = if pairs { kc.div_ceil(2) } else { 0 };
         let (cols, rows_all) = (
-            NC.min(n.next_multiple_of(NR)),
+            NC.min(ops.n.next_multiple_of(NR)),
             rows.len().next_multiple_of(MR),
         );
         let p = scratch.panels([kc * cols, kc * rows_all, depth * cols, depth * rows_all]);
-        let lhs = Left { lhs, m, rows };
-        blocks(lhs, k, rhs, n, c, p, pairs)
+        blocks(ops, rows, c, p, pairs)
     })
-}
-
-/// The rows `rows` of a left-hand side of `m` rows.
-struct Left<'a> {
-    lhs: Lhs<'a>,
-    m: usize,
-    rows: Range<usize>,
 }
 
 thread_local! {
@@ -119,24 +100,24 @@ impl Scratch {
 
 /// The blocked loops of [`product`] over given panel buffers (`pairs`: in bf16).
 #[target_feature(enable = "avx512f")]
-unsafe fn blocks(lhs: Left, k: usize, rhs: Rhs, n: usize, c: *mut f32, p: Panels, pairs: bool) {
-    let m = lhs.rows.len();
+unsafe fn blocks(ops: &Operands, rows: Range<usize>, c: *mut f32, p: Panels, pairs: bool) {
+    let (k, n, m) = (ops.k, ops.n, rows.len());
     let terms = block_terms(k);
     for p0 in (0..k).step_by(terms) {
         let kc = terms.min(k - p0);
         // Every row's terms of this block, once: the left-hand side is copied k values per row
         // in all, the right-hand side k per column.
-        pack_lhs(&lhs, k, p0, kc, p.a);
+        pack_lhs(ops, &rows, p0, kc, p.a);
         // A tile's depth: its terms, or their pairs.
         let depth = if pairs { kc.div_ceil(2) } else { kc };
         if pairs {
-            pair_panels(p.a, kc, m.div_ceil(MR), p.a_pairs);
+            pair_panels(p.a, kc, MR, m.div_ceil(MR), p.a_pairs);
         }
         for j0 in (0..n).step_by(NC) {
             let nc = NC.min(n - j0);
-            pack_rhs(rhs, k, n, p0, kc, j0, nc, p.b);
+            pack_rhs(ops, p0, kc, j0, nc, p.b);
             if pairs {
-                pair_rhs(p.b, kc, nc.div_ceil(NR), p.b_pairs);
+                pair_panels(p.b, kc, NR, nc.div_ceil(NR), p.b_pairs);
             }
             let (a_all, b_all) = if pairs {
                 (&*p.a_pairs, &*p.b_pairs)
@@ -173,24 +154,26 @@ unsafe fn blocks(lhs: Left, k: usize, rhs: Rhs, n: usize, c: *mut f32, p: Panels
     }
 }
 
-/// bf16 pairs of `panels` left-hand panels `[kc, MR]` (f32): `[⌈kc/2⌉, MR]`, value `(q, r)`
-/// holding terms `2q` (low half) and `2q + 1` (high half, zero past `kc`) of row `r`, rounded to
-/// nearest even — the layout `VDPBF16PS` multiplies lane by lane.
+/// bf16 pairs of `panels` panels `[kc, width]` (f32; `width` is `MR` or `NR`): `[⌈kc/2⌉,
+/// width]`, value `(q, c)` holding terms `2q` (low half) and `2q + 1` (high half, zero past
+/// `kc`) of column `c`, rounded to nearest even — the layout `VDPBF16PS` multiplies lane by lane.
 ///
 /// # Safety
 /// AVX-512F and AVX512-BF16.
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn pair_panels(src: &[f32], kc: usize, panels: usize, dst: &mut [f32]) {
+unsafe fn pair_panels(src: &[f32], kc: usize, width: usize, panels: usize, dst: &mut [f32]) {
     let depth = kc.div_ceil(2);
     for panel in 0..panels {
-        let (from, to) = (
-            src[panel * kc * MR..].as_ptr(),
-            dst[panel * depth * MR..].as_mut_ptr(),
-        );
+        let from = src[panel * kc * width..].as_ptr();
+        let to = dst[panel * depth * width..].as_mut_ptr();
         for q in 0..depth {
-            let second = (2 * q + 1 < kc).then(|| from.add((2 * q + 1) * MR));
-            let pair = pair_of(from.add(2 * q * MR), second, column_mask(MR));
-            _mm512_mask_storeu_epi32(to.add(q * MR).cast(), column_mask(MR), pair);
+            for lane in (0..width).step_by(16) {
+                let mask = column_mask(width - lane);
+                let first = from.add(2 * q * width + lane);
+                let second = (2 * q + 1 < kc).then(|| first.add(width));
+                let pair = pair_of(first, second, mask);
+                _mm512_mask_storeu_epi32(to.add(q * width + lane).cast(), mask, pair);
+            }
         }
     }
 }
@@ -216,29 +199,6 @@ unsafe fn pair_of(lo: *const f32, hi: Option<*const f32>, mask: __mmask16) -> __
     _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi))
 }
 
-/// [`pair_panels`] for `panels` right-hand panels `[kc, NR]`.
-///
-/// # Safety
-/// AVX-512F and AVX512-BF16.
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn pair_rhs(src: &[f32], kc: usize, panels: usize, dst: &mut [f32]) {
-    let depth = kc.div_ceil(2);
-    for panel in 0..panels {
-        let (from, to) = (
-            src[panel * kc * NR..].as_ptr(),
-            dst[panel * depth * NR..].as_mut_ptr(),
-        );
-        for q in 0..depth {
-            for half in 0..2 {
-                let first = from.add(2 * q * NR + 16 * half);
-                let second = (2 * q + 1 < kc).then(|| first.add(NR));
-                let pair = pair_of(first, second, 0xffff);
-                _mm512_storeu_epi32(to.add(q * NR + 16 * half).cast(), pair);
-            }
-        }
-    }
-}
-
 /// The lanes of a 16-wide register holding the first `cols` columns.
 fn column_mask(cols: usize) -> __mmask16 {
     if cols >= 16 {
@@ -250,21 +210,12 @@ fn column_mask(cols: usize) -> __mmask16 {
 
 /// Copies `b[p0..p0 + kc, j0..j0 + nc]` into `NR`-wide panels, each `[kc, NR]` row-major, the
 /// columns past `nc` zero.
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-unsafe fn pack_rhs(
-    rhs: Rhs,
-    k: usize,
-    n: usize,
-    p0: usize,
-    kc: usize,
-    j0: usize,
-    nc: usize,
-    dst: &mut [f32],
-) {
+unsafe fn pack_rhs(ops: &Operands, p0: usize, kc: usize, j0: usize, nc: usize, dst: &mut [f32]) {
+    let (k, n) = (ops.k, ops.n);
     for (jp, panel) in dst.chunks_mut(kc * NR).take(nc.div_ceil(NR)).enumerate() {
         let (j, cols) = (j0 + jp * NR, NR.min(nc - jp * NR));
-        match rhs {
+        match ops.rhs {
             // Each weight row is one output column: 16 rows' next 16 terms are turned
             // together in registers, each of 16 panel rows getting 16 columns.
             Rhs::Transposed(w) => {
@@ -359,11 +310,11 @@ unsafe fn transpose16(
 /// # Safety
 /// AVX-512F; the left-hand side holds its shape.
 #[target_feature(enable = "avx512f")]
-unsafe fn pack_lhs(left: &Left, k: usize, p0: usize, kc: usize, dst: &mut [f32]) {
-    let m = left.rows.len();
+unsafe fn pack_lhs(ops: &Operands, of: &Range<usize>, p0: usize, kc: usize, dst: &mut [f32]) {
+    let (k, m) = (ops.k, of.len());
     for (ip, panel) in dst.chunks_mut(kc * MR).take(m.div_ceil(MR)).enumerate() {
-        let (first, rows) = (left.rows.start + ip * MR, MR.min(m - ip * MR));
-        match left.lhs {
+        let (first, rows) = (of.start + ip * MR, MR.min(m - ip * MR));
+        match ops.lhs {
             // Each row's next 16 terms turned in registers, as the weights are.
             Lhs::Plain(a) => {
                 let src = a[first * k + p0..].as_ptr();
@@ -379,7 +330,7 @@ unsafe fn pack_lhs(left: &Left, k: usize, p0: usize, kc: usize, dst: &mut [f32])
                     panel.fill(0.0);
                 }
                 for p in 0..kc {
-                    let src = &s[(p0 + p) * left.m + first..][..rows];
+                    let src = &s[(p0 + p) * ops.m + first..][..rows];
                     panel[p * MR..][..rows].copy_from_slice(src);
                 }
             }

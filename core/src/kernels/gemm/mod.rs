@@ -30,7 +30,7 @@ mod avx512;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
-use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
+use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
 use crate::error::Result;
 
@@ -75,6 +75,14 @@ pub fn available() -> bool {
 /// The kernel's name as benchmarks report it, when it runs here.
 pub fn name() -> Option<&'static str> {
     detected().then_some("loci gemm (AVX-512)")
+}
+
+/// Whether the kernel runs here in `precision`.
+pub fn runs_in(precision: Precision) -> bool {
+    match precision {
+        Precision::F32 => detected(),
+        Precision::Bf16 => bf16_detected(),
+    }
 }
 
 /// Whether the processor also has AVX512-BF16's dot products (`VDPBF16PS`).
@@ -158,33 +166,44 @@ pub fn product_in(
     n: usize,
     threads: usize,
 ) -> Option<Vec<f32>> {
-    if precision == Precision::Bf16 && !bf16_detected() {
+    if !runs_in(precision) {
         return None;
     }
+    let ops = Operands { lhs, rhs, m, k, n };
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    let out = &mut c.spare_capacity_mut()[..m * n];
-    product_into(precision, lhs, m, k, rhs, n, threads, out)?;
+    product_into(
+        precision,
+        &ops,
+        threads,
+        &mut c.spare_capacity_mut()[..m * n],
+    )?;
     // SAFETY: the product wrote all m × n outputs.
     unsafe { c.set_len(m * n) };
     Some(c)
 }
 
-/// [`product`] written into `out` (`m × n` floats, which may be uninitialised); `None`, with
-/// nothing written, where the processor cannot run the kernel.
-#[allow(clippy::too_many_arguments)]
-fn product_into(
-    precision: Precision,
-    lhs: Lhs,
+/// The operands of one product `a · b`: `a` `[m, k]` and `b` `[k, n]`, as stored.
+#[derive(Clone, Copy, Debug)]
+struct Operands<'a> {
+    lhs: Lhs<'a>,
+    rhs: Rhs<'a>,
     m: usize,
     k: usize,
-    rhs: Rhs,
     n: usize,
+}
+
+/// [`product`] written into `out` (`m × n` floats, which may be uninitialised); `None`, with
+/// nothing written, where the processor cannot run the kernel.
+fn product_into(
+    precision: Precision,
+    ops: &Operands,
     threads: usize,
     out: &mut [MaybeUninit<f32>],
 ) -> Option<()> {
     if !detected() {
         return None;
     }
+    let Operands { lhs, rhs, m, k, n } = *ops;
     let (Lhs::Plain(a) | Lhs::Transposed(a)) = lhs;
     let (Rhs::Plain(b) | Rhs::Transposed(b)) = rhs;
     assert!(
@@ -200,22 +219,18 @@ fn product_into(
         out.fill(MaybeUninit::new(0.0));
         return Some(());
     }
-    blocked(precision, lhs, m, k, rhs, n, threads, out)
+    blocked(precision, ops, threads, out)
 }
 
 /// [`product_into`] of non-empty operands on AVX-512.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 fn blocked(
     precision: Precision,
-    lhs: Lhs,
-    m: usize,
-    k: usize,
-    rhs: Rhs,
-    n: usize,
+    ops: &Operands,
     threads: usize,
     out: &mut [MaybeUninit<f32>],
 ) -> Option<()> {
+    let Operands { m, k, n, .. } = *ops;
     // Rows split evenly by whole panels; below a few million operations a thread costs more than
     // it saves.
     let big = 2 * m * n * k >= 1 << 22;
@@ -225,37 +240,17 @@ fn blocked(
         1
     };
     let per = m.div_ceil(threads).div_ceil(avx512::MR) * avx512::MR;
-    let parts: Vec<_> = out.chunks_mut(per * n).enumerate().collect();
-    let run = |(part, out): (usize, &mut [MaybeUninit<f32>])| {
+    crate::threads::map(out.chunks_mut(per * n).enumerate(), |(part, out)| {
         let rows = part * per..part * per + out.len() / n;
         // SAFETY: AVX-512F was detected, the operands hold their shapes (checked by
         // `product_into`), and `out` holds these rows' outputs.
-        unsafe { avx512::product(lhs, m, rows, k, rhs, n, out.as_mut_ptr().cast(), precision) }
-    };
-    if parts.len() == 1 {
-        parts.into_iter().for_each(run);
-    } else {
-        std::thread::scope(|s| {
-            for part in parts {
-                s.spawn(move || run(part));
-            }
-        });
-    }
+        unsafe { avx512::product(ops, rows, out.as_mut_ptr().cast(), precision) }
+    });
     Some(())
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-fn blocked(
-    _: Precision,
-    _: Lhs,
-    _: usize,
-    _: usize,
-    _: Rhs,
-    _: usize,
-    _: usize,
-    _: &mut [MaybeUninit<f32>],
-) -> Option<()> {
+fn blocked(_: Precision, _: &Operands, _: usize, _: &mut [MaybeUninit<f32>]) -> Option<()> {
     None
 }
 
@@ -282,11 +277,11 @@ fn by_weight(x: &Tensor, w: &Tensor, transposed: bool) -> Result<Option<Tensor>>
     } else {
         (w_cols, w_rows)
     };
-    if rows < MIN_ROWS || w_k != k || !plain_f32(x) || !plain_f32(w) {
+    if rows < MIN_ROWS || w_k != k || !detected() {
         return Ok(None);
     }
-    let out = with_slice(x, |xs| {
-        with_slice(w, |ws| {
+    let out = super::with_cpu_f32(x, |xs| {
+        super::with_cpu_f32(w, |ws| {
             let rhs = if transposed {
                 Rhs::Transposed(ws)
             } else {
@@ -318,7 +313,7 @@ pub fn batched(a: &Tensor, b: &Tensor, b_transposed: bool) -> Result<Option<Tens
         true => (bd[rank - 2], bd[rank - 1]),
         false => (bd[rank - 1], bd[rank - 2]),
     };
-    if m < MIN_ROWS || n == 0 || b_k != k || !plain_f32(a) || !plain_f32(b) {
+    if m < MIN_ROWS || n == 0 || b_k != k || !detected() || !super::served(a) || !super::served(b) {
         return Ok(None);
     }
     let (Some(a_at), Some(b_at)) = (matrix_offsets(a.layout()), matrix_offsets(b.layout())) else {
@@ -328,37 +323,29 @@ pub fn batched(a: &Tensor, b: &Tensor, b_transposed: bool) -> Result<Option<Tens
     let out = &mut c.spare_capacity_mut()[..a_at.len() * m * n];
     let done = with_storage(a, |av| {
         with_storage(b, |bv| {
-            let one = |(i, out): (usize, &mut [MaybeUninit<f32>])| {
+            let one = |i: usize, out: &mut [MaybeUninit<f32>]| {
                 let lhs = Lhs::Plain(&av[a_at[i]..]);
                 let rhs = match b_transposed {
                     true => Rhs::Transposed(&bv[b_at[i]..]),
                     false => Rhs::Plain(&bv[b_at[i]..]),
                 };
-                product_into(Precision::F32, lhs, m, k, rhs, n, 1, out)
+                product_into(Precision::F32, &Operands { lhs, rhs, m, k, n }, 1, out).is_some()
             };
-            let mut parts: Vec<_> = out.chunks_mut(m * n).enumerate().collect();
-            let threads = super::kernel_threads().min(parts.len());
-            if threads <= 1 {
-                return parts.into_iter().map(one).collect::<Option<Vec<()>>>();
-            }
-            let per = parts.len().div_ceil(threads);
-            std::thread::scope(|s| {
-                let mut handles = vec![];
-                while !parts.is_empty() {
-                    let mine: Vec<_> = parts.drain(..per.min(parts.len())).collect();
-                    handles.push(
-                        s.spawn(move || mine.into_iter().map(one).collect::<Option<Vec<()>>>()),
-                    );
-                }
-                handles
-                    .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                    .collect::<Option<Vec<Vec<()>>>>()
-                    .map(|_| vec![])
+            // Whole matrices per thread, in contiguous runs of the output.
+            let per = a_at
+                .len()
+                .div_ceil(super::kernel_threads().clamp(1, a_at.len()));
+            let runs = out.chunks_mut(per * m * n).enumerate();
+            crate::threads::map(runs, |(run, out)| {
+                let mut matrices = out.chunks_mut(m * n).enumerate();
+                matrices.all(|(j, out)| one(run * per + j, out))
             })
         })
     });
-    if done.flatten().flatten().is_none() {
+    if !done
+        .flatten()
+        .is_some_and(|runs| runs.into_iter().all(|ok| ok))
+    {
         return Ok(None);
     }
     // SAFETY: every matrix's outputs were written.
@@ -394,21 +381,6 @@ fn with_storage<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     let (storage, _) = t.storage_and_layout();
     match &*storage {
         Storage::Cpu(CpuStorage::F32(v)) => Some(f(v)),
-        _ => None,
-    }
-}
-
-/// An f32 CPU tensor outside autograd, when the kernel runs.
-fn plain_f32(t: &Tensor) -> bool {
-    available() && !t.track_op() && t.dtype() == DType::F32 && t.device().is_cpu()
-}
-
-/// `f` over a CPU f32 tensor's values in row-major order, when they lie contiguously.
-pub(crate) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let (start, end) = layout.contiguous_offsets()?;
-    match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => Some(f(&v[start..end])),
         _ => None,
     }
 }

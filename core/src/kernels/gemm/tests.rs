@@ -1,32 +1,77 @@
 use super::{available, product, Lhs, Rhs};
 use crate::rng::SplitMix64 as Rng;
 
-/// The module's promised order, written out: each output summed a block of terms at a time by fused
-/// multiply-adds from zero, each block's sum added to the output.
-fn blocked(a: &[f32], m: usize, k: usize, b: &[f32], transposed: bool, n: usize) -> Vec<f32> {
-    let terms = super::avx512::block_terms(k);
-    let b_at = |p: usize, j: usize| {
-        if transposed {
-            b[j * k + p]
-        } else {
-            b[p * n + j]
+/// A random product around one edge shape: `a` `[m, k]` and `b` `[k, n]`, stored transposed
+/// (`[n, k]`, as a map's weight) or not.
+struct Case {
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    transposed: bool,
+}
+
+impl Case {
+    /// One case per shape of [`SHAPES`] and right-hand layout, each shape's values drawn once.
+    fn all(seed: u64) -> Vec<Case> {
+        let mut rng = Rng::new(seed);
+        let mut cases = vec![];
+        for (m, k, n) in SHAPES {
+            let (a, b) = (values(&mut rng, m * k), values(&mut rng, k * n));
+            for transposed in [true, false] {
+                let (a, b) = (a.clone(), b.clone());
+                cases.push(Case {
+                    m,
+                    k,
+                    n,
+                    a,
+                    b,
+                    transposed,
+                });
+            }
         }
-    };
-    let mut c = vec![0f32; m * n];
+        cases
+    }
+
+    fn rhs(&self) -> Rhs<'_> {
+        if self.transposed {
+            Rhs::Transposed(&self.b)
+        } else {
+            Rhs::Plain(&self.b)
+        }
+    }
+
+    /// `b[p, j]`.
+    fn b_at(&self, p: usize, j: usize) -> f32 {
+        if self.transposed {
+            self.b[j * self.k + p]
+        } else {
+            self.b[p * self.n + j]
+        }
+    }
+}
+
+/// The module's promised order, written out: each output summed a block of terms at a time by
+/// fused multiply-adds from zero, each block's sum added to the output.
+fn blocked(c: &Case) -> Vec<f32> {
+    let (m, k, n) = (c.m, c.k, c.n);
+    let terms = super::avx512::block_terms(k);
+    let mut out = vec![0f32; m * n];
     for i in 0..m {
         for j in 0..n {
-            let mut out = 0f32;
+            let mut total = 0f32;
             for p0 in (0..k).step_by(terms) {
                 let mut sum = 0f32;
                 for p in p0..(p0 + terms).min(k) {
-                    sum = a[i * k + p].mul_add(b_at(p, j), sum);
+                    sum = c.a[i * k + p].mul_add(c.b_at(p, j), sum);
                 }
-                out = if p0 == 0 { sum } else { out + sum };
+                total = if p0 == 0 { sum } else { total + sum };
             }
-            c[i * n + j] = out;
+            out[i * n + j] = total;
         }
     }
-    c
+    out
 }
 
 fn values(rng: &mut Rng, len: usize) -> Vec<f32> {
@@ -54,24 +99,15 @@ fn products_follow_the_promised_order_bit_for_bit() {
         eprintln!("no AVX-512 here: the kernel never runs, nothing to test");
         return;
     }
-    let mut rng = Rng::new(7);
-    for (m, k, n) in SHAPES {
-        let a = values(&mut rng, m * k);
-        let b = values(&mut rng, k * n);
-        for transposed in [true, false] {
-            let rhs = if transposed {
-                Rhs::Transposed(&b)
-            } else {
-                Rhs::Plain(&b)
-            };
-            for threads in [1, 3] {
-                let got = product(Lhs::Plain(&a), m, k, rhs, n, threads).expect("available");
-                let want = blocked(&a, m, k, &b, transposed, n);
-                assert_eq!(
-                    got, want,
-                    "[{m}, {k}] · [{k}, {n}], transposed {transposed}"
-                );
-            }
+    for c in Case::all(7) {
+        let (m, k, n, transposed) = (c.m, c.k, c.n, c.transposed);
+        for threads in [1, 3] {
+            let got = product(Lhs::Plain(&c.a), m, k, c.rhs(), n, threads).expect("available");
+            let want = blocked(&c);
+            assert_eq!(
+                got, want,
+                "[{m}, {k}] · [{k}, {n}], transposed {transposed}"
+            );
         }
     }
 }
@@ -81,14 +117,12 @@ fn a_left_side_stored_transposed_gives_the_same_bits() {
     if !available() {
         return;
     }
-    let mut rng = Rng::new(5);
-    for (m, k, n) in SHAPES {
-        let a = values(&mut rng, m * k);
-        let b = values(&mut rng, k * n);
+    for c in Case::all(5).into_iter().filter(|c| !c.transposed) {
+        let (m, k, n, a, b) = (c.m, c.k, c.n, &c.a, &c.b);
         let stored: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
         for threads in [1, 2] {
-            let plain = product(Lhs::Plain(&a), m, k, Rhs::Plain(&b), n, threads);
-            let turned = product(Lhs::Transposed(&stored), m, k, Rhs::Plain(&b), n, threads);
+            let plain = product(Lhs::Plain(a), m, k, Rhs::Plain(b), n, threads);
+            let turned = product(Lhs::Transposed(&stored), m, k, Rhs::Plain(b), n, threads);
             assert_eq!(plain, turned, "[{m}, {k}] · [{k}, {n}]");
         }
     }
@@ -222,35 +256,19 @@ fn bf16_products_sum_the_rounded_operands() {
         return;
     }
     let round = |x: f32| half::bf16::from_f32(x).to_f32();
-    let mut rng = Rng::new(13);
-    for (m, k, n) in SHAPES {
-        let a = values(&mut rng, m * k);
-        let b = values(&mut rng, k * n);
-        for transposed in [true, false] {
-            let rhs = if transposed {
-                Rhs::Transposed(&b)
-            } else {
-                Rhs::Plain(&b)
-            };
-            let b_at = |p: usize, j: usize| {
-                if transposed {
-                    b[j * k + p]
-                } else {
-                    b[p * n + j]
-                }
-            };
-            let got = product_in(Precision::Bf16, Lhs::Plain(&a), m, k, rhs, n, 2).unwrap();
-            for i in 0..m {
-                for j in 0..n {
-                    let terms =
-                        (0..k).map(|p| round(a[i * k + p]) as f64 * round(b_at(p, j)) as f64);
-                    let (exact, size) = terms.fold((0f64, 0f64), |(s, z), t| (s + t, z + t.abs()));
-                    let err = (got[i * n + j] as f64 - exact).abs();
-                    assert!(
-                        err <= 1e-6 * size + 1e-30,
-                        "[{m}, {k}, {n}] ({i}, {j}): {err}"
-                    );
-                }
+    for c in Case::all(13) {
+        let (m, k, n) = (c.m, c.k, c.n);
+        let got = product_in(Precision::Bf16, Lhs::Plain(&c.a), m, k, c.rhs(), n, 2).unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let terms =
+                    (0..k).map(|p| round(c.a[i * k + p]) as f64 * round(c.b_at(p, j)) as f64);
+                let (exact, size) = terms.fold((0f64, 0f64), |(s, z), t| (s + t, z + t.abs()));
+                let err = (got[i * n + j] as f64 - exact).abs();
+                assert!(
+                    err <= 1e-6 * size + 1e-30,
+                    "[{m}, {k}, {n}] ({i}, {j}): {err}"
+                );
             }
         }
     }

@@ -202,15 +202,12 @@ impl FrozenMatmul {
         let Some((start, end)) = x_layout.contiguous_offsets() else {
             return Ok(None);
         };
-        if !gemm::available()
-            || rows < gemm::MIN_ROWS
-            || w_in != d_in
-            || self.w.dtype() != DType::F32
-        {
+        if rows < gemm::MIN_ROWS || w_in != d_in {
             return Ok(None);
         }
         let (threads, precision) = (crate::kernels::kernel_threads(), gemm::maps_precision());
-        let y = gemm::with_slice(&self.w, |ws| {
+        // The weights' values when Loci's kernels serve them (on, f32, CPU, frozen).
+        let y = crate::kernels::with_cpu_f32(&self.w, |ws| {
             let (lhs, rhs) = (Lhs::Plain(&xs[start..end]), Rhs::Transposed(ws));
             gemm::product_in(precision, lhs, rows, d_in, rhs, d_out, threads)
         });
